@@ -1,0 +1,108 @@
+"""Layer base class and the registry that maps Caffe type names to layer classes.
+
+The net knows no particular layer: it builds each one from its ``LayerParameter`` through
+``create_layer`` and calls ``setup -> reshape -> forward -> backward``.
+"""
+import difflib
+
+from .. import backend
+from ..errors import NetError
+
+_REGISTRY = {}
+
+
+def register(*type_names):
+    """Class decorator: register a layer under one or more Caffe type names."""
+    def deco(cls):
+        for name in type_names:
+            if name in _REGISTRY and _REGISTRY[name] is not cls:
+                raise RuntimeError(f"layer type {name} registered twice")
+            _REGISTRY[name] = cls
+        if cls.type is None:
+            cls.type = type_names[0]
+        return cls
+    return deco
+
+
+def layer_type_list():
+    return sorted(_REGISTRY)
+
+
+def create_layer(param, phase):
+    """Instantiate the registered class for ``param.type``; unknown types name near matches."""
+    cls = _REGISTRY.get(param.type)
+    if cls is None:
+        near = difflib.get_close_matches(param.type, _REGISTRY, n=3, cutoff=0.5)
+        near += [t for t in _REGISTRY if t.lower() == param.type.lower() and t not in near]
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        raise NetError(f"unknown layer type '{param.type}'{hint}", layer=param.name)
+    return cls(param, phase)
+
+
+class Layer:
+    """Caffe's four steps: ``setup`` once, ``reshape`` before every forward, ``forward``, ``backward``.
+
+    Subclasses read their ``*_param`` from ``self.param`` (a ``caffe_pb2.LayerParameter``), keep their
+    learnable blobs in ``self.blobs`` (created in ``setup`` unless weights were loaded), write tops with
+    ``top[i].xdata = ...`` and bottom gradients with ``bottom[i].xdiff = ...`` (overwrite), and
+    ACCUMULATE parameter gradients (``self.blobs[k].xdiff += ...``) so ``iter_size`` and shared
+    parameters work. Arrays come from ``self.xp`` (NumPy or CuPy).
+    """
+
+    type = None
+    # bottom/top counts: None means "any"
+    exact_num_bottom = None
+    min_num_bottom = None
+    max_num_bottom = None
+    exact_num_top = None
+    min_num_top = None
+    max_num_top = None
+    is_loss = False          # loss layers get loss_weight 1 on top[0] by default
+    allow_force_backward_all = True
+
+    def __init__(self, param, phase):
+        self.param = param
+        self.phase = phase
+        self.name = param.name
+        self.blobs = []
+        # one flag per learnable blob: compute its gradient? (set by the net from lr_mult)
+        self.param_propagate_down = []
+
+    @property
+    def xp(self):
+        return backend.xp()
+
+    # --- the four steps ---------------------------------------------------------------------
+    def setup(self, bottom, top):
+        """Read parameters and create learnable blobs; called once."""
+
+    def reshape(self, bottom, top):
+        raise NotImplementedError
+
+    def forward(self, bottom, top):
+        raise NotImplementedError
+
+    def backward(self, top, propagate_down, bottom):
+        """Default: a layer with no gradient. Layers that have one override this."""
+
+    # --- helpers ---------------------------------------------------------------------------
+    def allow_force_backward(self, bottom_index):
+        return self.allow_force_backward_all
+
+    def check_blob_counts(self, bottom, top):
+        def check(what, n, exact, lo, hi):
+            if exact is not None and n != exact:
+                raise NetError(f"takes exactly {exact} {what} blob(s), got {n}", self.name, self.type)
+            if lo is not None and n < lo:
+                raise NetError(f"takes at least {lo} {what} blob(s), got {n}", self.name, self.type)
+            if hi is not None and n > hi:
+                raise NetError(f"takes at most {hi} {what} blob(s), got {n}", self.name, self.type)
+        check("bottom", len(bottom), self.exact_num_bottom, self.min_num_bottom, self.max_num_bottom)
+        check("top", len(top), self.exact_num_top, self.min_num_top, self.max_num_top)
+
+    def error(self, message, cls=NetError):
+        """An error naming this layer, for use as ``raise self.error(...)``."""
+        return cls(message, self.name, self.type)
+
+    def need_param_grad(self, k):
+        return k < len(self.param_propagate_down) and self.param_propagate_down[k]

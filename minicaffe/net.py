@@ -1,0 +1,578 @@
+"""Net: builds layers from a NetParameter, wires blobs, and runs forward/backward as Caffe's Net does.
+
+Build order follows Caffe: upgrade the definition, filter layers by NetState, insert Split layers
+where one top feeds several bottoms, then set up each layer, share parameters by ``param { name }``,
+and work out which layers need backward. The net knows no particular layer type.
+"""
+import collections
+import os
+import time
+
+import numpy as np
+
+from . import backend
+from .blob import Blob
+from .errors import MinicaffeError, NetError, ShapeError, WeightsError
+from .fileio import atomic_write
+from .layers import create_layer
+from .proto import caffe_pb2
+from .prototxt import filter_net, load_net_param, make_state, parse_binary, upgrade_net
+
+TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
+
+# --- automatic splits (Caffe's InsertSplits, with its naming) -----------------------------------
+
+def split_layer_name(blob, layer, top_index):
+    return f"{blob}_{layer}_{top_index}_split"
+
+
+def split_blob_name(blob, layer, top_index, split_index):
+    return f"{split_layer_name(blob, layer, top_index)}_{split_index}"
+
+
+def insert_splits(param):
+    """Return a copy of ``param`` with a Split layer after every top that feeds several bottoms.
+
+    A top that is also a weighted loss output counts as one more consumer, as in Caffe.
+    """
+    producer = {}          # blob name -> (layer index, top index) of its newest version
+    consumers = collections.Counter()
+    bottom_source = {}     # (layer index, bottom index) -> (producer layer, top index)
+    loss_weight = {}
+    for i, layer in enumerate(param.layer):
+        for j, name in enumerate(layer.bottom):
+            if name not in producer:
+                raise NetError(f"bottom '{name}' is not produced by any earlier layer", layer.name, layer.type)
+            src = producer[name]
+            bottom_source[(i, j)] = src
+            consumers[src] += 1
+        for j, name in enumerate(layer.top):
+            producer[name] = (i, j)
+            if j < len(layer.loss_weight) and layer.loss_weight[j]:
+                loss_weight[(i, j)] = layer.loss_weight[j]
+    for key in loss_weight:
+        consumers[key] += 1
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    split_used = collections.Counter()
+    for i, layer in enumerate(param.layer):
+        new = out.layer.add()
+        new.CopyFrom(layer)
+        for j, name in enumerate(layer.bottom):
+            src = bottom_source[(i, j)]
+            if consumers[src] > 1:
+                src_layer = param.layer[src[0]].name
+                new.bottom[j] = split_blob_name(name, src_layer, src[1], split_used[src])
+                split_used[src] += 1
+        for j, name in enumerate(layer.top):
+            if consumers[(i, j)] > 1:
+                split = out.layer.add()
+                split.name = split_layer_name(name, layer.name, j)
+                split.type = "Split"
+                split.bottom.append(name)
+                for k in range(consumers[(i, j)]):
+                    split.top.append(split_blob_name(name, layer.name, j, k))
+                if (i, j) in loss_weight:
+                    # the loss weight moves to the split's first output, which nothing else reads
+                    split.loss_weight.append(loss_weight[(i, j)])
+                    for k in range(1, consumers[(i, j)]):
+                        split.loss_weight.append(0)
+                    new.loss_weight[j] = 0
+                    split_used[(i, j)] = 1
+    return out
+
+
+class Net:
+    """pycaffe's ``caffe.Net``: ``Net(proto, phase)``, ``Net(proto, weights, phase)``,
+    ``Net(proto, phase, weights=..., level=..., stages=[...])``; ``proto`` may also be a NetParameter."""
+
+    def __init__(self, network, *args, weights=None, phase=None, level=0, stages=None):
+        args = list(args)
+        if args and isinstance(args[0], (str, os.PathLike)):
+            weights = args.pop(0)
+        if args:
+            phase = args.pop(0)
+        if args:
+            raise TypeError("Net(network, [weights,] phase, weights=None, level=0, stages=None)")
+        if phase is None:
+            raise TypeError("Net needs a phase: caffe.TRAIN or caffe.TEST")
+        self.source = os.fspath(network) if isinstance(network, (str, os.PathLike)) and \
+            os.path.exists(network) else None
+        param = load_net_param(network)
+        state = make_state(phase, level, stages or (), base=param.state)
+        state.phase = phase
+        self.phase = phase
+        self._build(param, state)
+        if weights is not None:
+            self.copy_from(weights)
+
+    # --- construction --------------------------------------------------------------------
+    def _build(self, param, state):
+        self.name = param.name
+        filtered = filter_net(param, state)
+        filtered.state.CopyFrom(state)
+        self.param = insert_splits(filtered)
+        self.force_backward = param.force_backward
+        self.layers = []
+        self._layer_names = []
+        self.blobs = collections.OrderedDict()
+        self.top_names = collections.OrderedDict()
+        self.bottom_names = collections.OrderedDict()
+        self._bottom = []
+        self._top = []
+        self._loss_weights = []
+        self._bottom_need_backward = []
+        self._layer_need_backward = []
+        self.inputs = []
+        blob_need_backward = {}
+        param_owner = {}           # param name -> (layer index, blob index)
+        self._learnable = []       # unique learnable Blobs, in order
+        self._lr_mult = []
+        self._decay_mult = []
+        self._learnable_names = []
+        consumed = set()
+        seen_layers = set()
+
+        for li, lp in enumerate(self.param.layer):
+            if lp.name in seen_layers:
+                raise NetError("duplicate layer name", lp.name, lp.type)
+            seen_layers.add(lp.name)
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise NetError(f"propagate_down has {len(lp.propagate_down)} entries for "
+                               f"{len(lp.bottom)} bottoms", lp.name, lp.type)
+            layer = create_layer(lp, state.phase)
+            bottoms, need_bw_bottom = [], []
+            need_backward = False
+            for j, name in enumerate(lp.bottom):
+                if name not in self.blobs:
+                    raise NetError(f"bottom '{name}' is not produced by any earlier layer", lp.name, lp.type)
+                bottoms.append(self.blobs[name])
+                consumed.add(name)
+                nb = blob_need_backward.get(name, False)
+                if len(lp.propagate_down):
+                    nb = bool(lp.propagate_down[j])
+                need_bw_bottom.append(nb)
+                need_backward |= blob_need_backward.get(name, False)
+            tops = []
+            for j, name in enumerate(lp.top):
+                if j < len(lp.bottom) and lp.bottom[j] == name:
+                    tops.append(self.blobs[name])          # in place
+                    continue
+                if name in self.blobs:
+                    raise NetError(f"top '{name}' is produced by more than one layer", lp.name, lp.type)
+                blob = Blob(name=name)
+                self.blobs[name] = blob
+                tops.append(blob)
+            layer.check_blob_counts(bottoms, tops)
+            try:
+                layer.setup(bottoms, tops)
+                layer.reshape(bottoms, tops)
+            except MinicaffeError:
+                raise
+            except (ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
+                raise NetError(f"cannot set up: {exc}", lp.name, lp.type) from exc
+            if lp.type == "Input":
+                self.inputs.extend(lp.top)
+
+            # loss weights: explicit, or 1 on the first top of a loss layer
+            if len(lp.loss_weight):
+                if len(lp.loss_weight) != len(tops):
+                    raise NetError(f"{len(lp.loss_weight)} loss_weight values for {len(tops)} tops",
+                                   lp.name, lp.type)
+                weights = list(lp.loss_weight)
+            else:
+                weights = [1.0 if (layer.is_loss and j == 0) else 0.0 for j in range(len(tops))]
+
+            # parameters: sharing, lr_mult, decay_mult
+            fixed = getattr(layer, "fixed_params", False)
+            layer.param_propagate_down = []
+            for k in range(len(layer.blobs)):
+                spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
+                lr = 0.0 if fixed else (spec.lr_mult if spec.HasField("lr_mult") else 1.0)
+                decay = spec.decay_mult if spec.HasField("decay_mult") else 1.0
+                layer.param_propagate_down.append(lr != 0)
+                need_backward |= lr != 0
+                layer.blobs[k].name = f"{lp.name}[{k}]"
+                pname = spec.name
+                if pname and pname in param_owner:
+                    oi, ok = param_owner[pname]
+                    owner = self.layers[oi].blobs[ok]
+                    mine = layer.blobs[k]
+                    strict = spec.share_mode != caffe_pb2.ParamSpec.PERMISSIVE
+                    if (strict and owner.shape != mine.shape) or owner.count != mine.count:
+                        raise ShapeError(f"shared param '{pname}' has shape {mine.shape} here but "
+                                         f"{owner.shape} in layer '{self.layers[oi].name}'", lp.name, lp.type)
+                    if mine.shape != owner.shape:
+                        mine.data[...] = owner.data.reshape(mine.shape)
+                    else:
+                        layer.blobs[k] = owner
+                    continue
+                if pname:
+                    param_owner[pname] = (li, k)
+                self._learnable.append(layer.blobs[k])
+                self._lr_mult.append(lr)
+                self._decay_mult.append(decay)
+                self._learnable_names.append((lp.name, k))
+
+            for name in lp.top:
+                blob_need_backward[name] = need_backward
+            self.layers.append(layer)
+            self._layer_names.append(lp.name)
+            self._bottom.append(bottoms)
+            self._top.append(tops)
+            self._loss_weights.append(weights)
+            self._bottom_need_backward.append(need_bw_bottom)
+            self._layer_need_backward.append(need_backward)
+            self.top_names[lp.name] = list(lp.top)
+            self.bottom_names[lp.name] = list(lp.bottom)
+
+        self.outputs = [name for name in self.blobs if name not in consumed]
+        self._prune_backward(blob_need_backward)
+        self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+
+    def _prune_backward(self, blob_need_backward):
+        """Skip backward for layers that feed no loss; honour force_backward (Caffe's Net::Init)."""
+        under_loss = set()
+        skip_bottom = set()
+        for li in reversed(range(len(self.layers))):
+            lp = self.param.layer[li]
+            contributes = any(self._loss_weights[li]) or any(t in under_loss for t in lp.top)
+            if not contributes:
+                self._layer_need_backward[li] = False
+            if self._layer_need_backward[li]:
+                for j, name in enumerate(lp.bottom):
+                    if self._bottom_need_backward[li][j]:
+                        under_loss.add(name)
+            else:
+                self._bottom_need_backward[li] = [False] * len(lp.bottom)
+            if contributes:
+                for name in lp.bottom:
+                    under_loss.add(name)
+            del skip_bottom
+            skip_bottom = set()
+        if self.force_backward:
+            for li, layer in enumerate(self.layers):
+                self._layer_need_backward[li] = True
+                self._bottom_need_backward[li] = [
+                    nb or layer.allow_force_backward(j) for j, nb in enumerate(self._bottom_need_backward[li])]
+
+    # --- pycaffe-shaped views ------------------------------------------------------------
+    @property
+    def params(self):
+        """Layer name → list of its learnable blobs (layers without blobs left out), as pycaffe."""
+        return collections.OrderedDict((n, list(l.blobs)) for n, l in zip(self._layer_names, self.layers)
+                                       if l.blobs)
+
+    @property
+    def learnable_params(self):
+        return list(self._learnable)
+
+    @property
+    def params_lr(self):
+        return list(self._lr_mult)
+
+    @property
+    def params_weight_decay(self):
+        return list(self._decay_mult)
+
+    @property
+    def _blob_names(self):
+        return list(self.blobs)
+
+    def _layer_index(self, name, default):
+        if name is None:
+            return default
+        if name not in self.layer_dict:
+            raise NetError(f"no layer named '{name}' in net '{self.name}'")
+        return self._layer_names.index(name)
+
+    # --- running -------------------------------------------------------------------------
+    def reshape(self):
+        for layer, bottom, top in zip(self.layers, self._bottom, self._top):
+            layer.reshape(bottom, top)
+
+    def forward_from_to(self, start=0, end=None, timings=None):
+        """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
+        end = len(self.layers) - 1 if end is None else end
+        loss = 0.0
+        for li in range(start, end + 1):
+            layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
+            t0 = time.perf_counter() if timings is not None else None
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            if timings is not None:
+                _sync()
+                timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+            for w, blob in zip(self._loss_weights[li], top):
+                if w:
+                    loss += w * float(blob.xdata.sum())
+        return loss
+
+    def backward_from_to(self, start=None, end=0, timings=None):
+        start = len(self.layers) - 1 if start is None else start
+        for li in range(start, end - 1, -1):
+            if not self._layer_need_backward[li]:
+                continue
+            layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
+            for w, blob in zip(self._loss_weights[li], top):
+                if w:
+                    blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
+            t0 = time.perf_counter() if timings is not None else None
+            layer.backward(top, self._bottom_need_backward[li], bottom)
+            if timings is not None:
+                _sync()
+                timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's forward: set inputs from keywords, run, return {output name: array}."""
+        for name, arr in kwargs.items():
+            if name not in self.blobs:
+                raise NetError(f"forward(): no blob named '{name}' (inputs: {', '.join(self.inputs)})")
+            blob = self.blobs[name]
+            arr = np.asarray(arr)
+            if arr.shape != blob.shape:
+                if arr.ndim and blob.shape and arr.shape[0] != blob.shape[0]:
+                    raise ShapeError(f"forward(): input '{name}' has batch {arr.shape[0]}, the net expects "
+                                     f"{blob.shape[0]} (reshape the blob first)")
+                raise ShapeError(f"forward(): input '{name}' has shape {arr.shape}, blob is {blob.shape}")
+            blob.data[...] = arr
+        si = self._layer_index(start, 0)
+        ei = self._layer_index(end, len(self.layers) - 1)
+        self.forward_from_to(si, ei)
+        outs = set(self.outputs if end is None else self.top_names[self._layer_names[ei]]) | set(blobs or ())
+        return {name: self.blobs[name].data for name in self.blobs if name in outs}
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe's backward: set top diffs from keywords, run, return {input name: diff}."""
+        for name, arr in kwargs.items():
+            if name not in self.blobs:
+                raise NetError(f"backward(): no blob named '{name}'")
+            self.blobs[name].diff[...] = arr
+        si = self._layer_index(start, len(self.layers) - 1)
+        ei = self._layer_index(end, 0)
+        self.backward_from_to(si, ei)
+        outs = set(self.inputs if end is None else self.bottom_names[self._layer_names[ei]]) | set(diffs or ())
+        return {name: self.blobs[name].diff for name in self.blobs if name in outs}
+
+    def forward_backward(self):
+        loss = self.forward_from_to()
+        self.backward_from_to()
+        return loss
+
+    def forward_all(self, blobs=None, **kwargs):
+        """Run whole batches over inputs of any length; returns concatenated outputs (pycaffe)."""
+        outs = {name: [] for name in set(self.outputs) | set(blobs or ())}
+        batch = self._batches(kwargs)
+        n_total = len(next(iter(kwargs.values()))) if kwargs else None
+        for chunk in batch:
+            res = self.forward(blobs=blobs, **chunk)
+            for name in outs:
+                outs[name].append(res[name].copy())
+        return {name: self._trim(vals, n_total) for name, vals in outs.items()}
+
+    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+        in_keys = [k for k in kwargs if k in self.inputs]
+        fwd_in = {k: kwargs[k] for k in in_keys}
+        bwd_in = {k: v for k, v in kwargs.items() if k not in in_keys}
+        outs = {name: [] for name in set(self.outputs) | set(blobs or ())}
+        douts = {name: [] for name in set(self.inputs) | set(diffs or ())}
+        n_total = len(next(iter(kwargs.values()))) if kwargs else None
+        for fchunk, bchunk in zip(self._batches(fwd_in), self._batches(bwd_in)):
+            res = self.forward(blobs=blobs, **fchunk)
+            dres = self.backward(diffs=diffs, **bchunk)
+            for name in outs:
+                outs[name].append(res[name].copy())
+            for name in douts:
+                douts[name].append(dres[name].copy())
+        return ({n: self._trim(v, n_total) for n, v in outs.items()},
+                {n: self._trim(v, n_total) for n, v in douts.items()})
+
+    def _batches(self, arrays):
+        if not arrays:
+            yield {}
+            return
+        batch_size = self.blobs[next(iter(arrays))].shape[0]
+        total = len(next(iter(arrays.values())))
+        for i in range(0, total, batch_size):
+            chunk = {}
+            for name, arr in arrays.items():
+                part = np.asarray(arr[i:i + batch_size])
+                if len(part) < batch_size:   # pad the last batch, as pycaffe does
+                    pad = np.zeros((batch_size - len(part),) + part.shape[1:], dtype=part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            yield chunk
+
+    @staticmethod
+    def _trim(vals, n_total):
+        arr = np.concatenate(vals) if vals and np.ndim(vals[0]) else np.asarray(vals)
+        return arr[:n_total] if n_total is not None and arr.ndim else arr
+
+    def clear_param_diffs(self):
+        for blob in self._learnable:
+            blob.xdiff = backend.xp().zeros(blob.shape, dtype=blob.dtype)
+
+    # --- weights -------------------------------------------------------------------------
+    def to_proto(self, write_diff=False):
+        """The net definition with every layer's blobs, as Caffe writes a .caffemodel."""
+        out = caffe_pb2.NetParameter()
+        out.name = self.param.name
+        for lp, layer in zip(self.param.layer, self.layers):
+            if lp.type == "Split" and lp.name.endswith("_split"):
+                continue
+            new = out.layer.add()
+            new.CopyFrom(lp)
+            del new.blobs[:]
+            for blob in layer.blobs:
+                bp = new.blobs.add()
+                bp.shape.dim.extend(blob.shape)
+                bp.data.extend(blob.data.astype(np.float32).ravel().tolist())
+                if write_diff:
+                    bp.diff.extend(blob.diff.astype(np.float32).ravel().tolist())
+        return out
+
+    def save(self, path):
+        """Write a binary .caffemodel (atomically)."""
+        atomic_write(path, self.to_proto().SerializeToString())
+
+    def copy_from(self, path):
+        """Load weights by layer name from a .caffemodel (current or V1) or a Caffe HDF5 file."""
+        path = os.fspath(path)
+        if path.endswith((".h5", ".hdf5")):
+            return self.load_hdf5(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise WeightsError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
+        source = parse_binary(data, caffe_pb2.NetParameter(), path)
+        if not len(source.layer) and not len(source.layers):
+            raise WeightsError(f"{path}: holds no layers (not a .caffemodel?)")
+        upgrade_net(source, path)
+        self.copy_from_proto(source, path)
+
+    def copy_from_proto(self, source, path="<weights>"):
+        for sl in source.layer:
+            if sl.name not in self.layer_dict or not len(sl.blobs):
+                continue
+            layer = self.layer_dict[sl.name]
+            if len(layer.blobs) != len(sl.blobs):
+                raise WeightsError(f"{path}: layer '{sl.name}' has {len(sl.blobs)} blobs in the file but "
+                                   f"{len(layer.blobs)} in the net")
+            for k, (target, bp) in enumerate(zip(layer.blobs, sl.blobs)):
+                arr = blobproto_to_array(bp)
+                if not shape_matches(bp, target.shape):
+                    raise WeightsError(f"{path}: cannot copy param {k} of layer '{sl.name}': shape "
+                                       f"{tuple(arr.shape)} in the file, {target.shape} in the net")
+                target.data[...] = arr.reshape(target.shape)
+
+    def share_with(self, other):
+        """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        for name, layer in zip(self._layer_names, self.layers):
+            src = other.layer_dict.get(name)
+            if src is None or not layer.blobs:
+                continue
+            if len(src.blobs) != len(layer.blobs):
+                raise WeightsError(f"cannot share layer '{name}': {len(src.blobs)} vs {len(layer.blobs)} blobs")
+            for k, blob in enumerate(src.blobs):
+                if blob.shape != layer.blobs[k].shape:
+                    raise WeightsError(f"cannot share param {k} of layer '{name}': {blob.shape} vs "
+                                       f"{layer.blobs[k].shape}")
+                layer.blobs[k] = blob
+
+    def save_hdf5(self, path):
+        """Caffe's HDF5 weights layout: /data/<layer>/<k>; needs h5py."""
+        h5py = _h5py()
+        from .fileio import atomic_open
+        with atomic_open(path, "wb") as f:
+            with h5py.File(f, "w") as h5:
+                data = h5.create_group("data")
+                for name, layer in zip(self._layer_names, self.layers):
+                    if layer.blobs:
+                        group = data.create_group(name)
+                        for k, blob in enumerate(layer.blobs):
+                            group.create_dataset(str(k), data=blob.data.astype(np.float32))
+
+    def load_hdf5(self, path):
+        h5py = _h5py()
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError as exc:
+            raise WeightsError(f"{path}: cannot read HDF5 weights: {exc}") from None
+        with h5:
+            data = h5["data"]
+            for name in data:
+                if name not in self.layer_dict:
+                    continue
+                layer = self.layer_dict[name]
+                group = data[name]
+                if len(group) != len(layer.blobs):
+                    raise WeightsError(f"{path}: layer '{name}' has {len(group)} blobs in the file but "
+                                       f"{len(layer.blobs)} in the net")
+                for k, blob in enumerate(layer.blobs):
+                    arr = np.asarray(group[str(k)])
+                    if arr.size != blob.count:
+                        raise WeightsError(f"{path}: cannot copy param {k} of layer '{name}': shape "
+                                           f"{arr.shape} in the file, {blob.shape} in the net")
+                    blob.data[...] = arr.reshape(blob.shape)
+
+
+# --- blob protos ----------------------------------------------------------------------------
+
+def blobproto_to_array(bp, return_diff=False):
+    """A NumPy array from a BlobProto, using ``shape`` or the legacy num/channels/height/width."""
+    if return_diff:
+        values = bp.double_diff if len(bp.double_diff) else bp.diff
+    else:
+        values = bp.double_data if len(bp.double_data) else bp.data
+    arr = np.asarray(values, dtype=np.float64 if (len(bp.double_data) and not return_diff) else np.float32)
+    shape = blobproto_shape(bp)
+    if int(np.prod(shape)) != arr.size:
+        raise WeightsError(f"BlobProto has {arr.size} values for shape {shape}")
+    return arr.reshape(shape)
+
+
+def blobproto_shape(bp):
+    if bp.HasField("shape"):
+        return tuple(bp.shape.dim)
+    if any(bp.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (bp.num, bp.channels, bp.height, bp.width)
+    n = len(bp.double_data) or len(bp.data)
+    return (n,) if n else (0,)
+
+
+def shape_matches(bp, shape):
+    """Caffe's Blob::ShapeEquals: legacy 4-D blobs match shapes padded with leading ones."""
+    if bp.HasField("shape"):
+        return tuple(bp.shape.dim) == tuple(shape)
+    legacy = (bp.num, bp.channels, bp.height, bp.width)
+    if len(shape) > 4:
+        return False
+    padded = (1,) * (4 - len(shape)) + tuple(shape)
+    return legacy == padded
+
+
+def array_to_blobproto(arr, diff=None):
+    bp = caffe_pb2.BlobProto()
+    arr = np.asarray(arr)
+    bp.shape.dim.extend(arr.shape)
+    bp.data.extend(arr.astype(np.float32).ravel().tolist())
+    if diff is not None:
+        bp.diff.extend(np.asarray(diff, np.float32).ravel().tolist())
+    return bp
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise MinicaffeError("HDF5 weights need h5py: pip install h5py") from None
+    return h5py
+
+
+def _sync():
+    if backend.is_gpu():
+        backend.xp().cuda.Device().synchronize()

@@ -1,0 +1,251 @@
+"""Reading Caffe's text and binary definitions: located parse errors, V1 → current upgrade, NetState rules.
+
+Everything here turns user files into ``caffe_pb2`` messages in the current format, the way Caffe's
+``upgrade_proto.cpp`` and ``Net::FilterNet`` do, so the rest of minicaffe sees one format only.
+"""
+import os
+import re
+
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from .errors import MinicaffeError, NetError, ParseError
+from .proto import caffe_pb2
+
+# V1LayerParameter.LayerType enum name → current type string (Caffe's UpgradeV1LayerType)
+V1_TYPE_NAMES = {
+    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
+    "DECONVOLUTION": "Deconvolution", "DATA": "Data", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct",
+    "LRN": "LRN", "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
+    "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+_LOCATED = re.compile(r"^(\d+):(\d+)\s*:\s*(.*)$", re.S)
+
+
+def parse_text(text, message, path=None):
+    """Merge prototxt ``text`` into ``message``; errors become ``ParseError(file:line:col: ...)``."""
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as exc:
+        msg = str(exc)
+        m = _LOCATED.match(msg)
+        if m:
+            raise ParseError(m.group(3).strip(), path, int(m.group(1)), int(m.group(2))) from None
+        raise ParseError(msg, path) from None
+    return message
+
+
+def read_text_file(path, message):
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ParseError("no such file", path) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ParseError(f"cannot read: {exc.__class__.__name__}: {exc}", path) from None
+    return parse_text(text, message, path)
+
+
+def read_binary_file(path, message):
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ParseError("no such file", path) from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ParseError(f"cannot read: {exc}", path) from None
+    return parse_binary(data, message, path)
+
+
+def parse_binary(data, message, path=None):
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        what = type(message).DESCRIPTOR.name
+        raise ParseError(f"not a valid binary {what} (truncated or another kind of file): {exc}",
+                         path) from None
+    return message
+
+
+# --- nets ------------------------------------------------------------------------------------
+
+def load_net_param(source, path=None):
+    """A NetParameter (current format) from a prototxt path, prototxt text or a NetParameter."""
+    if isinstance(source, caffe_pb2.NetParameter):
+        param = caffe_pb2.NetParameter()
+        param.CopyFrom(source)
+    elif isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or "{" not in str(source)):
+        path = os.fspath(source)
+        param = read_text_file(path, caffe_pb2.NetParameter())
+    else:
+        param = parse_text(str(source), caffe_pb2.NetParameter(), path)
+    return upgrade_net(param, path)
+
+
+def upgrade_net(param, path=None):
+    """Bring a NetParameter to the current format in place (V1 layers, net inputs, data transforms)."""
+    if len(param.layers) and len(param.layer):
+        raise ParseError("net mixes V1 'layers' and current 'layer' entries; use one format", path)
+    if len(param.layers):
+        if any(l.HasField("layer") for l in param.layers):
+            raise ParseError("V0 nets (layers { layer { ... } }) are not supported; upgrade them with "
+                             "Caffe's upgrade_net_proto_text first", path)
+        v1 = list(param.layers)
+        del param.layers[:]
+        for old in v1:
+            _upgrade_v1_layer(old, param.layer.add(), path)
+    _upgrade_data_transform(param)
+    _upgrade_input_fields(param, path)
+    return param
+
+
+def _upgrade_v1_layer(old, new, path):
+    if old.bottom:
+        new.bottom.extend(old.bottom)
+    if old.top:
+        new.top.extend(old.top)
+    if old.HasField("name"):
+        new.name = old.name
+    for rule in old.include:
+        new.include.add().CopyFrom(rule)
+    for rule in old.exclude:
+        new.exclude.add().CopyFrom(rule)
+    if old.HasField("type"):
+        enum_name = caffe_pb2.V1LayerParameter.LayerType.Name(old.type)
+        new.type = V1_TYPE_NAMES.get(enum_name, enum_name)
+    for blob in old.blobs:
+        new.blobs.add().CopyFrom(blob)
+
+    def spec(i):
+        while len(new.param) <= i:
+            new.param.add()
+        return new.param[i]
+
+    for i, name in enumerate(old.param):
+        spec(i).name = name
+    for i, mode in enumerate(old.blob_share_mode):
+        spec(i).share_mode = mode  # STRICT/PERMISSIVE share numbers in both enums
+    for i, lr in enumerate(old.blobs_lr):
+        spec(i).lr_mult = lr
+    for i, decay in enumerate(old.weight_decay):
+        spec(i).decay_mult = decay
+    new.loss_weight.extend(old.loss_weight)
+    # every *_param the V1 layer has is the same message in LayerParameter
+    for field, value in old.ListFields():
+        if field.name.endswith("_param") and field.name in new.DESCRIPTOR.fields_by_name:
+            getattr(new, field.name).CopyFrom(value)
+
+
+def _upgrade_data_transform(param):
+    """Old data layers kept scale/mean_file/crop_size/mirror in their own param: move to transform_param."""
+    for layer in param.layer:
+        for src_name in ("data_param", "image_data_param", "window_data_param"):
+            if not layer.HasField(src_name):
+                continue
+            src = getattr(layer, src_name)
+            for f in ("scale", "mean_file", "crop_size", "mirror"):
+                if f in src.DESCRIPTOR.fields_by_name and src.HasField(f):
+                    setattr(layer.transform_param, f, getattr(src, f))
+                    src.ClearField(f)
+
+
+def _upgrade_input_fields(param, path):
+    """``input:`` with ``input_dim``/``input_shape`` at the top becomes an Input layer, as Caffe does."""
+    if not len(param.input):
+        if len(param.input_dim) or len(param.input_shape):
+            raise ParseError("input_dim/input_shape given without 'input:' names", path)
+        return
+    n = len(param.input)
+    layer = caffe_pb2.LayerParameter(name="input", type="Input")
+    layer.top.extend(param.input)
+    if len(param.input_shape):
+        if len(param.input_shape) not in (1, n):
+            raise ParseError(f"{n} inputs but {len(param.input_shape)} input_shape entries", path)
+        for shape in param.input_shape:
+            layer.input_param.shape.add().CopyFrom(shape)
+    elif len(param.input_dim):
+        if len(param.input_dim) != 4 * n:
+            raise ParseError(f"{n} inputs need {4 * n} input_dim values, got {len(param.input_dim)}", path)
+        for i in range(n):
+            layer.input_param.shape.add().dim.extend(param.input_dim[4 * i:4 * i + 4])
+    else:
+        raise ParseError("'input:' given without input_dim or input_shape", path)
+    layers = [layer] + list(param.layer)
+    del param.layer[:]
+    param.layer.extend(layers)
+    param.ClearField("input")
+    param.ClearField("input_dim")
+    param.ClearField("input_shape")
+
+
+# --- NetState rules ----------------------------------------------------------------------------
+
+def state_meets_rule(state, rule):
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    if any(s in stages for s in rule.not_stage):
+        return False
+    return True
+
+
+def filter_net(param, state):
+    """The layers of ``param`` that ``state`` includes (Caffe's FilterNet); returns a new NetParameter."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    for layer in param.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise NetError("specify either include or exclude rules, not both", layer.name, layer.type)
+        if len(layer.include):
+            keep = any(state_meets_rule(state, r) for r in layer.include)
+        else:
+            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
+        if keep:
+            out.layer.add().CopyFrom(layer)
+    return out
+
+
+def make_state(phase, level=0, stages=(), base=None):
+    state = caffe_pb2.NetState()
+    if base is not None:
+        state.CopyFrom(base)
+    if phase is not None:
+        state.phase = phase
+    if level:
+        state.level = level
+    if stages:
+        state.stage.extend(stages)
+    return state
+
+
+def load_solver_param(source):
+    """A SolverParameter from a path or text (V1 ``solver_type`` kept; the solver reads both)."""
+    if isinstance(source, caffe_pb2.SolverParameter):
+        return source
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+        return read_text_file(source, caffe_pb2.SolverParameter())
+    if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) and ":" not in str(source):
+        raise ParseError("no such file", os.fspath(source))
+    return parse_text(str(source), caffe_pb2.SolverParameter())
+
+
+__all__ = ["parse_text", "read_text_file", "read_binary_file", "parse_binary", "load_net_param",
+           "upgrade_net", "filter_net", "state_meets_rule", "make_state", "load_solver_param",
+           "MinicaffeError"]

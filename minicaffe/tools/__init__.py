@@ -1,0 +1,1 @@
+"""Command entry points: one module a command, each a thin shell over library functions."""

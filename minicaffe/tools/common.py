@@ -1,0 +1,108 @@
+"""What every command shares: one-line errors, Caffe-style log lines, a terminal progress bar."""
+import functools
+import logging
+import os
+import sys
+import time
+
+from ..errors import MinicaffeError
+
+
+def debug_enabled(argv=None):
+    return os.environ.get("MINICAFFE_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv)
+
+
+def run_main(fn):
+    """Decorate ``main(argv=None)``: user errors print ``error: ...`` on one line and return 1."""
+    @functools.wraps(fn)
+    def wrapper(argv=None):
+        if argv is not None:
+            argv = list(argv)
+        try:
+            code = fn([a for a in argv if a != "--debug"] if argv is not None else None)
+            return 0 if code is None else code
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except (MinicaffeError, OSError) as exc:
+            if debug_enabled(argv):
+                raise
+            msg = str(exc)
+            if isinstance(exc, OSError) and exc.filename:
+                msg = f"{exc.filename}: {exc.strerror or exc}"
+            print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+            return 1
+    return wrapper
+
+
+def strip_debug_flag(argv):
+    return [a for a in (sys.argv[1:] if argv is None else argv) if a != "--debug"]
+
+
+_LOGGER = None
+
+
+def get_logger():
+    """The 'minicaffe' logger writing Caffe's glog-like lines to stderr (``I1125 10:47:54.123 file] msg``)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = logging.getLogger("minicaffe")
+        if not _LOGGER.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(_GlogFormatter())
+            _LOGGER.addHandler(handler)
+        _LOGGER.setLevel(logging.INFO)
+        _LOGGER.propagate = False
+    return _LOGGER
+
+
+class _GlogFormatter(logging.Formatter):
+    """Lines shaped like Caffe's glog output, so Caffe's parse_log and our parse_log both read them."""
+
+    def format(self, record):
+        t = time.localtime(record.created)
+        usec = int((record.created % 1) * 1e6)
+        stamp = time.strftime("%m%d %H:%M:%S", t)
+        return f"{record.levelname[0]}{stamp}.{usec:06d} {record.process} {record.filename}:{record.lineno}] " \
+               f"{record.getMessage()}"
+
+
+class ProgressBar:
+    """count/total, rate and ETA on one refreshed terminal line; silent when stderr is not a terminal."""
+
+    def __init__(self, total=None, unit="it", stream=None, enabled=None, min_interval=0.2):
+        self.total, self.unit = total, unit
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.count = 0
+        self.start = time.perf_counter()
+        self._last = 0.0
+        self.min_interval = min_interval
+
+    def update(self, n=1):
+        self.count += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.min_interval or self.count == self.total):
+            self._last = now
+            self.stream.write("\r" + self.text(now))
+            self.stream.flush()
+
+    def text(self, now=None):
+        elapsed = (now or time.perf_counter()) - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
+            return f"{self.count}/{self.total} {rate:.1f} {self.unit}/s ETA {eta_s}"
+        return f"{self.count} {rate:.1f} {self.unit}/s"
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

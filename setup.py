@@ -1,0 +1,44 @@
+"""minicaffe: a Caffe-compatible deep learning engine in Python (NumPy on CPU, CuPy on GPU)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="minicaffe",
+    version="0.1.0",
+    description="Caffe-compatible deep learning engine: prototxt, caffemodel, LMDB, pycaffe API, in Python",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minicaffe", "minicaffe.*"]),
+    package_data={"minicaffe": ["proto/*.py"]},
+    install_requires=[
+        "numpy>=1.23",
+        # the committed caffe_pb2.py is protoc 35.1 gencode, which needs runtime >= 7.35.1
+        "protobuf>=7.35.1,<8",
+        "lmdb>=1.4",
+        "opencv-python-headless>=4.8",
+    ],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13"],
+        "hdf5": ["h5py>=3.8"],
+        "draw": ["pydot>=2"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=7", "hypothesis>=6", "h5py>=3.8", "pydot>=2", "grpcio-tools>=1.85",
+                 "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "bench": ["torch==2.13.0", "opencv-python-headless==4.12.0.88"],
+    },
+    entry_points={
+        "console_scripts": [
+            "minicaffe=minicaffe.tools.cli:main",
+            "convert_imageset=minicaffe.tools.convert_imageset:main",
+            "compute_image_mean=minicaffe.tools.compute_image_mean:main",
+            "upgrade_net_proto_text=minicaffe.tools.upgrade:main_net_text",
+            "upgrade_net_proto_binary=minicaffe.tools.upgrade:main_net_binary",
+            "upgrade_solver_proto_text=minicaffe.tools.upgrade:main_solver_text",
+            "extract_features=minicaffe.tools.extract_features:main",
+            "draw_net=minicaffe.tools.draw_net:main",
+            "parse_log=minicaffe.tools.parse_log:main",
+            "plot_training_log=minicaffe.tools.plot_training_log:main",
+            "classify=minicaffe.tools.classify:main",
+        ],
+    },
+)
