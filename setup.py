@@ -24,6 +24,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=7", "hypothesis>=6", "h5py>=3.8", "pydot>=2", "grpcio-tools>=1.85",
                  "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "examples": ["scikit-learn>=1.3"],
         "bench": ["torch==2.13.0", "opencv-python-headless==4.12.0.88"],
     },
     entry_points={

@@ -230,29 +230,22 @@ class Net:
             self.bottom_names[lp.name] = list(lp.bottom)
 
         self.outputs = [name for name in self.blobs if name not in consumed]
-        self._prune_backward(blob_need_backward)
+        self._prune_backward()
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
 
-    def _prune_backward(self, blob_need_backward):
+    def _prune_backward(self):
         """Skip backward for layers that feed no loss; honour force_backward (Caffe's Net::Init)."""
         under_loss = set()
-        skip_bottom = set()
         for li in reversed(range(len(self.layers))):
             lp = self.param.layer[li]
             contributes = any(self._loss_weights[li]) or any(t in under_loss for t in lp.top)
             if not contributes:
                 self._layer_need_backward[li] = False
-            if self._layer_need_backward[li]:
-                for j, name in enumerate(lp.bottom):
-                    if self._bottom_need_backward[li][j]:
-                        under_loss.add(name)
-            else:
                 self._bottom_need_backward[li] = [False] * len(lp.bottom)
-            if contributes:
-                for name in lp.bottom:
-                    under_loss.add(name)
-            del skip_bottom
-            skip_bottom = set()
+            else:
+                under_loss.update(lp.bottom)
+            if not self._layer_need_backward[li]:
+                self._bottom_need_backward[li] = [False] * len(lp.bottom)
         if self.force_backward:
             for li, layer in enumerate(self.layers):
                 self._layer_need_backward[li] = True
