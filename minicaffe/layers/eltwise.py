@@ -1,0 +1,99 @@
+"""Eltwise: element-wise PROD, SUM (with per-bottom coefficients) or MAX of bottoms of one shape."""
+from ..errors import ShapeError
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+_Op = caffe_pb2.EltwiseParameter
+
+
+@register("Eltwise")
+class Eltwise(Layer):
+    """PROD, SUM (default; ``coeff`` per bottom) or MAX.
+
+    MAX sends the gradient to the bottom that won, with Caffe's tie rule: between bottom 0 and
+    bottom 1 a tie goes to bottom 1 (its test is ``a > b``), and a later bottom takes over only when
+    strictly larger. PROD's gradient is the product of the other bottoms with ``stable_prod_grad``
+    (default), else top / bottom as Caffe's fast path (wrong where a bottom is 0)."""
+
+    min_num_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.eltwise_param
+        self.op = p.operation
+        if self.op not in (_Op.PROD, _Op.SUM, _Op.MAX):
+            raise self.error(f"unknown eltwise operation {self.op}")
+        if len(p.coeff) not in (0, len(bottom)):
+            raise self.error(f"eltwise_param gives {len(p.coeff)} coeff(s) for {len(bottom)} bottoms: "
+                             f"give one per bottom or none")
+        if self.op == _Op.PROD and len(p.coeff):
+            raise self.error("eltwise_param.coeff is only for operation SUM, not PROD")
+        self.coeffs = [float(c) for c in p.coeff] or [1.0] * len(bottom)
+        self.stable_prod_grad = bool(p.stable_prod_grad)
+        self.mask = None
+
+    def reshape(self, bottom, top):
+        first = bottom[0].shape
+        for i, b in enumerate(bottom[1:], 1):
+            if b.shape != first:
+                raise self.error(f"bottom[{i}] shape {b.shape} differs from bottom[0] shape {first}",
+                                 ShapeError)
+        top[0].reshape(first)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        xs = [b.xdata for b in bottom]
+        # in place, bottom[0]'s values are replaced by the output: PROD's gradient still needs them
+        # (the old array survives because the top gets a new array below)
+        self.saved0 = xs[0] if top[0] is bottom[0] and self.op == _Op.PROD else None
+        if self.op == _Op.PROD:
+            out = xs[0] * xs[1]
+            for x in xs[2:]:
+                out *= x
+        elif self.op == _Op.SUM:
+            out = xs[0] * self.coeffs[0] if self.coeffs[0] != 1.0 else xs[0].copy()
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                if c == 1.0:
+                    out += x
+                else:
+                    out += c * x
+        else:
+            a, b = xs[0], xs[1]
+            take_a = a > b
+            out = xp.where(take_a, a, b)
+            mask = xp.where(take_a, 0, 1).astype(xp.int32)
+            for k, x in enumerate(xs[2:], 2):
+                better = x > out
+                out = xp.where(better, x, out)
+                mask[better] = k
+            self.mask = mask
+        # a new array, so in place (top is bottom[0]) still reads the bottoms above intact
+        top[0].xdata = out
+
+    def backward(self, top, propagate_down, bottom):
+        xp = self.xp
+        dy = top[0].xdiff
+        y = top[0].xdata
+        grads = {}
+        for i, b in enumerate(bottom):
+            if not propagate_down[i]:
+                continue
+            if self.op == _Op.PROD:
+                xs = [b.xdata for b in bottom]
+                if self.saved0 is not None:
+                    xs[0] = self.saved0
+                if self.stable_prod_grad:
+                    others = [xs[j] for j in range(len(bottom)) if j != i]
+                    g = others[0] * dy
+                    for o in others[1:]:
+                        g *= o
+                else:
+                    g = y / xs[i] * dy
+            elif self.op == _Op.SUM:
+                g = dy * self.coeffs[i] if self.coeffs[i] != 1.0 else dy.copy()
+            else:
+                g = xp.where(self.mask == i, dy, xp.zeros((), dtype=dy.dtype))
+            grads[i] = g
+        # assign after all are computed: in place, bottom[0]'s diff is the top's diff
+        for i, g in grads.items():
+            bottom[i].xdiff = g

@@ -1,0 +1,497 @@
+"""Softmax, the loss layers and Accuracy.
+
+A loss layer's top is a scalar blob (shape ``()``, Caffe's 0-axis blob). Backward scales the
+gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bottom gets
+``loss_weight * d(loss)/d(bottom)`` as in Caffe. Labels are never back-propagated.
+"""
+import numpy as np
+
+from ..errors import ShapeError
+from ..proto import caffe_pb2
+from .base import Layer, register
+from .shape import canonical_axis
+
+_Norm = caffe_pb2.LossParameter
+FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe clamps probabilities at FLT_MIN before log
+LOG_THRESHOLD = 1e-20                        # Caffe's kLOG_THRESHOLD (Infogain, MultinomialLogistic)
+
+
+def softmax(xp, x, axis, out):
+    """Numerically stable softmax of ``x`` along ``axis`` written into ``out`` (may be ``x``)."""
+    m = x.max(axis=axis, keepdims=True)
+    xp.subtract(x, m, out=out)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=axis, keepdims=True)
+    return out
+
+
+def normalizer(mode, outer, inner, valid_count):
+    """Caffe's get_normalizer, including its max(1, ·) guard (a batch of only ignored labels
+    gives loss 0, not a division by zero)."""
+    if mode == _Norm.FULL:
+        n = outer * inner
+    elif mode == _Norm.VALID:
+        n = outer * inner if valid_count is None else valid_count
+    elif mode == _Norm.BATCH_SIZE:
+        n = outer
+    elif mode == _Norm.NONE:
+        n = 1
+    else:
+        raise ValueError(f"unknown normalization mode {mode}")
+    return float(max(1, n))
+
+
+def _prod(dims):
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _ignore_label(param):
+    return int(param.ignore_label) if param.HasField("ignore_label") else None
+
+
+def read_labels(layer, blob, shape, num_classes, ignore):
+    """Integer labels of ``blob`` (truncated like Caffe's static_cast) viewed as ``shape``.
+
+    Returns ``(safe, valid)``: ``safe`` has ignored entries replaced by 0 so it can index,
+    ``valid`` is the mask of counted entries (None when there is no ignore_label). A label outside
+    [0, num_classes) that is not the ignore_label is an error naming it."""
+    xp = layer.xp
+    lab = blob.xdata.reshape(shape).astype(xp.int64)
+    bad = (lab < 0) | (lab >= num_classes)
+    valid = None
+    if ignore is not None:
+        valid = lab != ignore
+        bad &= valid
+    if bool(bad.any()):
+        first = int(lab[bad].ravel()[0])
+        hint = f" and is not the ignore_label {ignore}" if ignore is not None else ""
+        raise layer.error(f"label {first} is out of range [0, {num_classes}){hint}")
+    safe = lab if valid is None else xp.where(valid, lab, 0)
+    return safe, valid
+
+
+class LossLayer(Layer):
+    """Two bottoms (predictions, labels/targets), a scalar top; labels get no gradient."""
+
+    exact_num_bottom = 2
+    exact_num_top = 1
+    is_loss = True
+    auto_top_blobs = True    # Caffe's AutoTopBlobs: the net may add the top when none is named
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index != 1
+
+    def reshape(self, bottom, top):
+        a, b = bottom[0].shape, bottom[1].shape
+        if (a[:1] or (1,)) != (b[:1] or (1,)):
+            raise self.error(f"the predictions {a} and the labels {b} must have the same first "
+                             f"dimension", ShapeError)
+        top[0].reshape(())
+
+    def no_label_grad(self, propagate_down, label_bottoms=(1,)):
+        for i in label_bottoms:
+            if i < len(propagate_down) and propagate_down[i]:
+                raise self.error(f"cannot back-propagate to bottom[{i}] (the labels)")
+
+
+@register("Softmax")
+class Softmax(Layer):
+    """exp(x - max) / sum along ``softmax_param.axis`` (default 1); usable in place."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def reshape(self, bottom, top):
+        self.axis = canonical_axis(self, self.param.softmax_param.axis, len(bottom[0].shape))
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        softmax(self.xp, bottom[0].xdata, self.axis, top[0].xdata)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        y, dy = top[0].xdata, top[0].xdiff
+        dot = (dy * y).sum(axis=self.axis, keepdims=True)
+        bottom[0].xdiff = (dy - dot) * y
+
+
+class _SoftmaxLoss(LossLayer):
+    """Shared by SoftmaxWithLoss and InfogainLoss: the probabilities and the label layout."""
+
+    min_num_top = 1
+    max_num_top = 2
+    exact_num_top = None
+
+    def softmax_axis(self):
+        return self.param.softmax_param.axis
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        shape = bottom[0].shape
+        self.axis = canonical_axis(self, self.softmax_axis(), len(shape))
+        self.outer = _prod(shape[:self.axis])
+        self.inner = _prod(shape[self.axis + 1:])
+        self.classes = shape[self.axis]
+        if bottom[1].count != self.outer * self.inner:
+            raise self.error(f"{bottom[1].count} labels {bottom[1].shape} for predictions {shape}: with "
+                             f"axis {self.axis} there must be {self.outer * self.inner} "
+                             f"(every axis but the class axis)", ShapeError)
+        if len(top) > 1:
+            top[1].reshape(shape)
+
+    def probabilities(self, bottom, top):
+        x = bottom[0].xdata
+        self.prob = softmax(self.xp, x, self.axis, self.xp.empty_like(x))
+        if len(top) > 1:
+            top[1].xdata = self.prob
+        return self.prob.reshape(self.outer, self.classes, self.inner)
+
+
+@register("SoftmaxWithLoss")
+class SoftmaxWithLoss(_SoftmaxLoss):
+    """Multinomial logistic loss of the softmax of bottom[0] for integer labels bottom[1].
+
+    ``loss_param``: ``ignore_label`` (those entries add nothing and are not counted) and
+    ``normalization`` VALID (default: divide by the counted labels) / FULL / BATCH_SIZE / NONE; the
+    legacy ``normalize: false`` means BATCH_SIZE. Optional top[1]: the probabilities."""
+
+    def setup(self, bottom, top):
+        lp = self.param.loss_param
+        self.ignore = _ignore_label(lp)
+        if not lp.HasField("normalization") and lp.HasField("normalize"):
+            self.norm_mode = _Norm.VALID if lp.normalize else _Norm.BATCH_SIZE
+        else:
+            self.norm_mode = lp.normalization
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        prob = self.probabilities(bottom, top)
+        safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
+        p = xp.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
+        logp = xp.log(xp.maximum(p, FLT_MIN))
+        if valid is not None:
+            logp *= valid
+            count = int(valid.sum())
+        else:
+            count = None
+        self.labels, self.valid = safe, valid
+        self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
+        top[0].xdata[...] = -logp.sum() / self.norm
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down)
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        grad = self.prob.reshape(self.outer, self.classes, self.inner).copy()
+        rows = xp.arange(self.outer)[:, None]
+        cols = xp.arange(self.inner)[None, :]
+        grad[rows, self.labels, cols] -= 1
+        if self.valid is not None:
+            grad *= self.valid[:, None, :]
+        grad *= top[0].xdiff / self.norm
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)
+
+
+@register("InfogainLoss")
+class InfogainLoss(_SoftmaxLoss):
+    """SoftmaxWithLoss generalised by an infogain matrix H (C x C): loss = -sum_l H[label, l] log p_l.
+
+    H comes from bottom[2] or from ``infogain_loss_param.source`` (a binary BlobProto);
+    ``infogain_loss_param.axis`` is the class axis; ``loss_param`` as SoftmaxWithLoss (except the
+    deprecated ``normalize``, which Caffe rejects here)."""
+
+    exact_num_bottom = None
+    min_num_bottom = 2
+    max_num_bottom = 3
+
+    def softmax_axis(self):
+        return self.param.infogain_loss_param.axis
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index == 0
+
+    def setup(self, bottom, top):
+        lp = self.param.loss_param
+        self.ignore = _ignore_label(lp)
+        if lp.HasField("normalize"):
+            raise self.error("loss_param.normalize is deprecated for InfogainLoss: use normalization")
+        self.norm_mode = lp.normalization
+        self.H_source = None
+        if len(bottom) < 3:
+            ip = self.param.infogain_loss_param
+            if not ip.HasField("source"):
+                raise self.error("needs the infogain matrix: a third bottom or infogain_loss_param.source")
+            self.H_source = _read_blob_proto(self, ip.source)
+
+    def _matrix(self, bottom):
+        H = bottom[2].xdata if len(bottom) > 2 else self.xp.asarray(self.H_source)
+        return H.reshape(self.classes, self.classes).astype(bottom[0].xdata.dtype, copy=False)
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        H = bottom[2] if len(bottom) > 2 else self.H_source
+        size = H.count if len(bottom) > 2 else H.size
+        if size != self.classes * self.classes:
+            raise self.error(f"the infogain matrix has {size} values; {self.classes} classes need "
+                             f"{self.classes}x{self.classes}", ShapeError)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        prob = self.probabilities(bottom, top)
+        safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
+        H = self._matrix(bottom)
+        rows = H[safe]                                         # outer x inner x C
+        logp = xp.log(xp.maximum(prob, LOG_THRESHOLD))          # outer x C x inner
+        per = (rows.transpose(0, 2, 1) * logp).sum(axis=1)    # outer x inner
+        if valid is not None:
+            per *= valid
+            count = int(valid.sum())
+        else:
+            count = None
+        self.labels, self.valid = safe, valid
+        self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
+        top[0].xdata[...] = -per.sum() / self.norm
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down, (1, 2))
+        if not propagate_down[0]:
+            return
+        H = self._matrix(bottom)
+        prob = self.prob.reshape(self.outer, self.classes, self.inner)
+        row_sums = H.sum(axis=1)[self.labels]                   # outer x inner
+        grad = prob * row_sums[:, None, :] - H[self.labels].transpose(0, 2, 1)
+        if self.valid is not None:
+            grad *= self.valid[:, None, :]
+        grad *= top[0].xdiff / self.norm
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)
+
+
+def _read_blob_proto(layer, path):
+    """A host array from a binary BlobProto file (shape, or legacy num/channels/height/width)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise layer.error(f"cannot read the infogain matrix '{path}': {exc.strerror or exc}") from None
+    proto = caffe_pb2.BlobProto()
+    try:
+        proto.ParseFromString(raw)
+    except Exception as exc:
+        raise layer.error(f"'{path}' is not a binary BlobProto: {exc}") from None
+    values = proto.double_data if len(proto.double_data) else proto.data
+    return np.asarray(values, dtype=np.float64)
+
+
+@register("EuclideanLoss")
+class EuclideanLoss(LossLayer):
+    """sum((a - b)^2) / (2 N); gradients go to both bottoms (either may be learned)."""
+
+    def allow_force_backward(self, bottom_index):
+        return True
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        if bottom[0].count_from(1) != bottom[1].count_from(1):
+            raise self.error(f"bottoms {bottom[0].shape} and {bottom[1].shape} must have the same "
+                             f"size per example", ShapeError)
+
+    def forward(self, bottom, top):
+        self.diff = bottom[0].xdata - bottom[1].xdata.reshape(bottom[0].shape)
+        num = bottom[0].shape[0] if bottom[0].shape else 1
+        top[0].xdata[...] = (self.diff * self.diff).sum() / num / 2.0
+
+    def backward(self, top, propagate_down, bottom):
+        grads = {}
+        for i, sign in ((0, 1.0), (1, -1.0)):
+            if propagate_down[i]:
+                num = bottom[i].shape[0] if bottom[i].shape else 1
+                grads[i] = self.diff * (top[0].xdiff * (sign / num))
+        for i, g in grads.items():
+            bottom[i].xdiff = g.reshape(bottom[i].shape)
+
+
+@register("SigmoidCrossEntropyLoss")
+class SigmoidCrossEntropyLoss(LossLayer):
+    """Cross-entropy of sigmoid(bottom[0]) against targets bottom[1] in [0, 1], computed stably.
+
+    ``loss_param``: ``ignore_label`` (targets equal to it after int truncation are skipped) and
+    ``normalization``; when neither ``normalization`` nor ``normalize`` is given Caffe divides by
+    the batch size here (BATCH_SIZE), not by the valid count."""
+
+    def setup(self, bottom, top):
+        lp = self.param.loss_param
+        self.ignore = _ignore_label(lp)
+        if lp.HasField("normalization"):
+            self.norm_mode = lp.normalization
+        elif lp.HasField("normalize"):
+            self.norm_mode = _Norm.VALID if lp.normalize else _Norm.BATCH_SIZE
+        else:
+            self.norm_mode = _Norm.BATCH_SIZE
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        if bottom[0].count != bottom[1].count:
+            raise self.error(f"predictions {bottom[0].shape} and targets {bottom[1].shape} must have "
+                             f"the same count", ShapeError)
+        self.outer = bottom[0].shape[0] if bottom[0].shape else 1
+        self.inner = bottom[0].count_from(1)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata
+        t = bottom[1].xdata.reshape(x.shape)
+        pos = (x >= 0).astype(x.dtype)
+        # -[x (t - [x>=0]) - log(1 + exp(x - 2 x [x>=0]))], i.e. log(1 + e^-|x|) with the sign split
+        loss = xp.log1p(xp.exp(-xp.abs(x))) - x * (t - pos)
+        self.valid = None
+        count = None
+        if self.ignore is not None:
+            self.valid = t.astype(xp.int64) != self.ignore
+            loss *= self.valid
+            count = int(self.valid.sum())
+        self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
+        top[0].xdata[...] = loss.sum() / self.norm
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down)
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        x = bottom[0].xdata
+        sig = xp.tanh(x * 0.5) * 0.5 + 0.5    # sigmoid without overflow
+        grad = sig - bottom[1].xdata.reshape(x.shape)
+        if self.valid is not None:
+            grad *= self.valid
+        grad *= top[0].xdiff / self.norm
+        bottom[0].xdiff = grad
+
+
+@register("HingeLoss")
+class HingeLoss(LossLayer):
+    """One-vs-all hinge: sum over classes of max(0, 1 - s_j x_j) with s_j = +1 for the true class,
+    -1 otherwise, summed (L1) or squared and summed (L2), divided by N."""
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        self.num = bottom[0].shape[0] if bottom[0].shape else 1
+        self.dim = bottom[0].count // max(self.num, 1)
+        if bottom[1].count != self.num:
+            raise self.error(f"needs one label per example: {bottom[1].count} labels {bottom[1].shape} "
+                             f"for {self.num} examples", ShapeError)
+        self.l2 = self.param.hinge_loss_param.norm == caffe_pb2.HingeLossParameter.L2
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        labels, _ = read_labels(self, bottom[1], (self.num,), self.dim, None)
+        margin = bottom[0].xdata.reshape(self.num, self.dim).copy()
+        rows = xp.arange(self.num)
+        margin[rows, labels] *= -1
+        margin += 1
+        xp.maximum(margin, 0, out=margin)
+        # the gradient's sign pattern: the true class enters with -x
+        margin[rows, labels] *= -1
+        self.signed = margin
+        total = (margin * margin).sum() if self.l2 else xp.abs(margin).sum()
+        top[0].xdata[...] = total / self.num
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down)
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        if self.l2:
+            grad = self.signed * (top[0].xdiff * (2.0 / self.num))
+        else:
+            grad = xp.sign(self.signed) * (top[0].xdiff / self.num)
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)
+
+
+@register("MultinomialLogisticLoss")
+class MultinomialLogisticLoss(LossLayer):
+    """-log p[label] / N for probabilities p given directly (p clamped at 1e-20 as Caffe)."""
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        lb = bottom[1]
+        if (lb.channels, lb.height, lb.width) != (1, 1, 1):
+            raise self.error(f"the labels must be N x 1 x 1 x 1, got {lb.shape}", ShapeError)
+        self.num = bottom[0].shape[0] if bottom[0].shape else 1
+        self.dim = bottom[0].count // max(self.num, 1)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        labels, _ = read_labels(self, bottom[1], (self.num,), self.dim, None)
+        p = bottom[0].xdata.reshape(self.num, self.dim)[xp.arange(self.num), labels]
+        self.labels, self.p = labels, xp.maximum(p, LOG_THRESHOLD)
+        top[0].xdata[...] = -xp.log(self.p).sum() / self.num
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down)
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        grad = xp.zeros((self.num, self.dim), dtype=bottom[0].xdata.dtype)
+        grad[xp.arange(self.num), self.labels] = -(top[0].xdiff / self.num) / self.p
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)
+
+
+@register("Accuracy")
+class Accuracy(Layer):
+    """Top-k accuracy along ``accuracy_param.axis``; optional top[1]: accuracy per class.
+
+    Ties count as Caffe counts them: the true class is within the top k when fewer than k other
+    classes score greater than OR EQUAL to it (Caffe's ``>=`` test), so a tie with the true class
+    counts against it."""
+
+    exact_num_bottom = 2
+    min_num_top = 1
+    max_num_top = 2
+
+    def setup(self, bottom, top):
+        ap = self.param.accuracy_param
+        self.top_k = int(ap.top_k)
+        self.ignore = _ignore_label(ap)
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        self.axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
+        self.outer = _prod(shape[:self.axis])
+        self.inner = _prod(shape[self.axis + 1:])
+        self.classes = shape[self.axis]
+        if bottom[1].count != self.outer * self.inner:
+            raise self.error(f"{bottom[1].count} labels {bottom[1].shape} for predictions {shape}: with "
+                             f"axis {self.axis} there must be {self.outer * self.inner}", ShapeError)
+        if self.top_k > self.classes:
+            raise self.error(f"top_k {self.top_k} is larger than the number of classes {self.classes}")
+        top[0].reshape(())
+        if len(top) > 1:
+            top[1].reshape((self.classes,))
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        scores = bottom[0].xdata.reshape(self.outer, self.classes, self.inner)
+        safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
+        true = xp.take_along_axis(scores, safe[:, None, :], axis=1)
+        better = (scores >= true).sum(axis=1) - 1       # other classes scoring >= the true one
+        correct = better < self.top_k
+        if valid is not None:
+            correct &= valid
+            count = valid.sum()
+        else:
+            count = self.outer * self.inner
+        top[0].xdata[...] = correct.sum() / xp.maximum(count, 1)
+        if len(top) > 1:
+            flat = safe.ravel()
+            weights = None if valid is None else valid.ravel().astype(xp.float64)
+            seen = xp.bincount(flat, weights=weights, minlength=self.classes)
+            hit = xp.bincount(flat, weights=correct.ravel().astype(xp.float64), minlength=self.classes)
+            top[1].xdata[...] = xp.where(seen > 0, hit / xp.maximum(seen, 1), 0)
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("Accuracy has no gradient: it cannot back-propagate")

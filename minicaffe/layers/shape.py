@@ -1,0 +1,495 @@
+"""Layers that move data without arithmetic on it: Split, Concat, Slice, Flatten, Reshape, Silence,
+Crop, ArgMax, Tile, Reduction.
+
+Split, Flatten and Reshape share the bottom's array with the top (as Caffe's ShareData does): no
+copy, and the top sees later in-place writes to the bottom. Layers that produce new values write
+into the top's own buffer so storage is reused between iterations.
+"""
+import numpy as np
+
+from ..errors import ShapeError
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+
+def canonical_axis(layer, axis, num_axes, what="axis"):
+    """Caffe's CanonicalAxisIndex: -1 is the last axis; anything outside [-n, n) is an error."""
+    axis = int(axis)
+    if not -num_axes <= axis < num_axes:
+        raise layer.error(f"{what} {axis} is out of range for a {num_axes}-D blob "
+                          f"(valid: {-num_axes} to {num_axes - 1})")
+    return axis + num_axes if axis < 0 else axis
+
+
+def _prod(dims):
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def stable_argsort(xp, a, axis):
+    """Stable argsort on either module (CuPy's sort is always stable and takes no ``kind``)."""
+    if xp is np:
+        return np.argsort(a, axis=axis, kind="stable")
+    return xp.argsort(a, axis=axis)
+
+
+def _no_in_place(layer, bottom, top):
+    for t in top:
+        if any(t is b for b in bottom):
+            raise layer.error("does not allow in-place computation (top and bottom are the same blob)")
+
+
+@register("Split")
+class Split(Layer):
+    """One bottom shown as several tops (the net inserts it where a blob feeds several layers).
+
+    Tops share the bottom's data; backward sums the tops' diffs into the bottom's diff."""
+
+    exact_num_bottom = 1
+    min_num_top = 1
+
+    def reshape(self, bottom, top):
+        _no_in_place(self, bottom, top)
+        for t in top:
+            t.reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata
+        for t in top:
+            t.xdata = x
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        grad = top[0].xdiff.copy()
+        for t in top[1:]:
+            grad += t.xdiff
+        bottom[0].xdiff = grad
+
+
+@register("Concat")
+class Concat(Layer):
+    """Joins bottoms along ``concat_param.axis`` (or legacy ``concat_dim``); other axes must match."""
+
+    min_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.concat_param
+        if p.HasField("axis") and p.HasField("concat_dim"):
+            raise self.error("concat_param: give either axis or concat_dim, not both")
+
+    def _axis(self, num_axes):
+        p = self.param.concat_param
+        if p.HasField("concat_dim"):
+            # concat_dim is unsigned and legacy: no negative indexing
+            if p.concat_dim >= num_axes:
+                raise self.error(f"concat_dim {p.concat_dim} is out of range for a {num_axes}-D blob")
+            return int(p.concat_dim)
+        return canonical_axis(self, p.axis, num_axes)
+
+    def reshape(self, bottom, top):
+        first = bottom[0].shape
+        self.axis = axis = self._axis(len(first))
+        out = list(first)
+        for i, b in enumerate(bottom[1:], 1):
+            s = b.shape
+            if len(s) != len(first) or any(s[j] != first[j] for j in range(len(s)) if j != axis):
+                raise self.error(f"bottom[{i}] shape {s} does not match bottom[0] shape {first} "
+                                 f"on the axes other than the concat axis {axis}", ShapeError)
+            out[axis] += s[axis]
+        top[0].reshape(out)
+
+    def forward(self, bottom, top):
+        if len(bottom) == 1:
+            top[0].xdata = bottom[0].xdata
+            return
+        out = top[0].xdata
+        lead = (slice(None),) * self.axis
+        start = 0
+        for b in bottom:
+            n = b.shape[self.axis]
+            out[lead + (slice(start, start + n),)] = b.xdata
+            start += n
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].xdiff
+        lead = (slice(None),) * self.axis
+        start = 0
+        for i, b in enumerate(bottom):
+            n = b.shape[self.axis]
+            if propagate_down[i]:
+                b.xdiff = self.xp.ascontiguousarray(dy[lead + (slice(start, start + n),)])
+            start += n
+
+
+@register("Slice")
+class Slice(Layer):
+    """Cuts the bottom along ``slice_param.axis`` (or legacy ``slice_dim``) at ``slice_point``s,
+    or into equal parts when no points are given."""
+
+    exact_num_bottom = 1
+    min_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.slice_param
+        if p.HasField("axis") and p.HasField("slice_dim"):
+            raise self.error("slice_param: give either axis or slice_dim, not both")
+        self.points = [int(s) for s in p.slice_point]
+        if self.points and len(self.points) != len(top) - 1:
+            raise self.error(f"{len(self.points)} slice_point(s) given for {len(top)} tops: "
+                             f"need exactly one fewer than the number of tops")
+
+    def reshape(self, bottom, top):
+        p = self.param.slice_param
+        shape = bottom[0].shape
+        if p.HasField("slice_dim"):
+            if p.slice_dim >= len(shape):
+                raise self.error(f"slice_dim {p.slice_dim} is out of range for a {len(shape)}-D blob")
+            axis = int(p.slice_dim)
+        else:
+            axis = canonical_axis(self, p.axis, len(shape))
+        self.axis = axis
+        size = shape[axis]
+        if self.points:
+            bounds = [0] + self.points + [size]
+            sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            if any(s <= 0 for s in sizes):
+                raise self.error(f"slice points {self.points} must increase strictly and stay inside "
+                                 f"(0, {size}) on axis {axis} of bottom shape {shape}", ShapeError)
+        else:
+            if size % len(top):
+                raise self.error(f"{len(top)} tops do not evenly divide axis {axis} (size {size}) of "
+                                 f"bottom shape {shape}", ShapeError)
+            sizes = [size // len(top)] * len(top)
+        self.sizes = sizes
+        for t, s in zip(top, sizes):
+            t.reshape(shape[:axis] + (s,) + shape[axis + 1:])
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata
+        if len(top) == 1:
+            top[0].xdata = x
+            return
+        lead = (slice(None),) * self.axis
+        start = 0
+        for t, n in zip(top, self.sizes):
+            # a copy, not a view: a layer working in place on one top must not change the bottom
+            t.xdata[...] = x[lead + (slice(start, start + n),)]
+            start += n
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        if len(top) == 1:
+            bottom[0].xdiff = top[0].xdiff.copy()
+            return
+        bottom[0].xdiff = self.xp.concatenate([t.xdiff for t in top], axis=self.axis)
+
+
+@register("Flatten")
+class Flatten(Layer):
+    """Merges axes ``axis``..``end_axis`` into one; the top shares the bottom's data."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def reshape(self, bottom, top):
+        _no_in_place(self, bottom, top)
+        p = self.param.flatten_param
+        shape = bottom[0].shape
+        start = canonical_axis(self, p.axis, len(shape))
+        end = canonical_axis(self, p.end_axis, len(shape), "end_axis")
+        if end < start:
+            raise self.error(f"end_axis {p.end_axis} comes before axis {p.axis} for bottom shape {shape}")
+        top[0].reshape(shape[:start] + (_prod(shape[start:end + 1]),) + shape[end + 1:])
+
+    def forward(self, bottom, top):
+        top[0].xdata = bottom[0].xdata.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].xdiff = top[0].xdiff.reshape(bottom[0].shape)
+
+
+@register("Reshape")
+class Reshape(Layer):
+    """Caffe's reshape rules: in ``reshape_param.shape`` a 0 copies the bottom's axis at that place and
+    a single -1 is inferred; ``axis``/``num_axes`` select the range of bottom axes replaced."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        _no_in_place(self, bottom, top)
+        p = self.param.reshape_param
+        self.dims = [int(d) for d in p.shape.dim]
+        self.copy_axes = [i for i, d in enumerate(self.dims) if d == 0]
+        inferred = [i for i, d in enumerate(self.dims) if d == -1]
+        if len(inferred) > 1:
+            raise self.error(f"new shape {self.dims} contains more than one -1; at most one dimension "
+                             f"can be inferred")
+        bad = [d for d in self.dims if d < -1]
+        if bad:
+            raise self.error(f"new shape {self.dims} contains {bad[0]}: dimensions must be >= -1")
+        self.inferred_axis = inferred[0] if inferred else None
+        if p.num_axes < -1:
+            raise self.error(f"num_axes must be >= 0, or -1 for all, got {p.num_axes}")
+
+    def reshape(self, bottom, top):
+        p = self.param.reshape_param
+        shape = bottom[0].shape
+        n = len(shape)
+        start = p.axis if p.axis >= 0 else n + p.axis + 1
+        if not 0 <= start <= n:
+            raise self.error(f"axis {p.axis} is out of range for a {n}-D bottom {shape}")
+        end = n if p.num_axes == -1 else start + p.num_axes
+        if end > n:
+            raise self.error(f"axis + num_axes = {end} is out of range for a {n}-D bottom {shape}")
+        new = list(shape[:start]) + list(self.dims) + list(shape[end:])
+        for i in self.copy_axes:
+            if start + i >= n:
+                raise self.error(f"new shape {self.dims} has a 0 at position {i} but bottom {shape} "
+                                 f"has no axis {start + i} to copy")
+            new[start + i] = shape[start + i]
+        count = _prod(shape)
+        if self.inferred_axis is not None:
+            known = _prod(d for j, d in enumerate(new) if j != start + self.inferred_axis)
+            if known == 0 or count % known:
+                raise self.error(f"bottom count {count} (shape {shape}) is not divisible by the "
+                                 f"product {known} of the given dimensions {self.dims}", ShapeError)
+            new[start + self.inferred_axis] = count // known
+        if _prod(new) != count:
+            raise self.error(f"top shape {tuple(new)} has {_prod(new)} elements but bottom shape "
+                             f"{shape} has {count}", ShapeError)
+        top[0].reshape(new)
+
+    def forward(self, bottom, top):
+        top[0].xdata = bottom[0].xdata.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].xdiff = top[0].xdiff.reshape(bottom[0].shape)
+
+
+@register("Silence")
+class Silence(Layer):
+    """Swallows its bottoms (so they are not reported as net outputs); gradient zero."""
+
+    min_num_bottom = 1
+    exact_num_top = 0
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        pass
+
+    def backward(self, top, propagate_down, bottom):
+        for b, down in zip(bottom, propagate_down):
+            if down:
+                b.xdiff = self.xp.zeros(b.shape, dtype=b.xdata.dtype)
+
+
+@register("Crop")
+class Crop(Layer):
+    """Crops bottom[0] to the size of bottom[1] on the axes from ``crop_param.axis`` on, starting at
+    ``offset`` (one for all those axes, or one per axis; default 0)."""
+
+    exact_num_bottom = 2
+    exact_num_top = 1
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index == 0   # bottom[1] only gives a size
+
+    def setup(self, bottom, top):
+        p = self.param.crop_param
+        n = len(bottom[0].shape)
+        self.start_axis = canonical_axis(self, p.axis, n)
+        self.offsets = [int(o) for o in p.offset]
+        if len(self.offsets) > 1 and self.start_axis + len(self.offsets) != n:
+            raise self.error(f"{len(self.offsets)} offsets given but {n - self.start_axis} axes are "
+                             f"cropped (axis {self.start_axis} onward of a {n}-D blob)")
+
+    def reshape(self, bottom, top):
+        big, ref = bottom[0].shape, bottom[1].shape
+        if len(ref) < len(big):
+            raise self.error(f"bottom[1] shape {ref} has fewer axes than bottom[0] shape {big}",
+                             ShapeError)
+        new, index = list(big), []
+        for i in range(len(big)):
+            if i < self.start_axis:
+                index.append(slice(None))
+                continue
+            off = self.offsets[0] if len(self.offsets) == 1 else (
+                self.offsets[i - self.start_axis] if self.offsets else 0)
+            if off + ref[i] > big[i]:
+                raise self.error(f"crop on axis {i} does not fit: size {ref[i]} at offset {off} exceeds "
+                                 f"{big[i]} (bottom[0] shape {big}, bottom[1] shape {ref})",
+                                 ShapeError)
+            new[i] = ref[i]
+            index.append(slice(off, off + ref[i]))
+        self.index = tuple(index)
+        top[0].reshape(new)
+
+    def forward(self, bottom, top):
+        top[0].xdata[...] = bottom[0].xdata[self.index]
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        grad = self.xp.zeros(bottom[0].shape, dtype=top[0].xdiff.dtype)
+        grad[self.index] = top[0].xdiff
+        bottom[0].xdiff = grad
+
+
+@register("ArgMax")
+class ArgMax(Layer):
+    """Indices (and/or values) of the ``top_k`` largest entries per instance, or along ``axis``.
+
+    Order as Caffe's partial_sort of (value, index) pairs with std::greater: larger values first,
+    and among equal values the larger index first. Without ``axis`` the top is N x 1 x K (indices)
+    or N x 2 x K (indices then values) padded to at least 3 axes; with ``axis`` it is the bottom's
+    shape with that axis set to K, holding values if ``out_max_val`` else indices."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.argmax_param
+        self.out_max_val = bool(p.out_max_val)
+        self.top_k = int(p.top_k)
+        if self.top_k < 1:
+            raise self.error("top_k must be at least 1")
+        self.axis = None
+        shape = bottom[0].shape
+        if p.HasField("axis"):
+            self.axis = canonical_axis(self, p.axis, len(shape))
+            if self.top_k > shape[self.axis]:
+                raise self.error(f"top_k {self.top_k} is larger than axis {self.axis} (size "
+                                 f"{shape[self.axis]}) of bottom shape {shape}")
+        elif self.top_k > bottom[0].count_from(1):
+            raise self.error(f"top_k {self.top_k} is larger than the {bottom[0].count_from(1)} values "
+                             f"per instance of bottom shape {shape}")
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if self.axis is not None:
+            out = list(shape)
+            out[self.axis] = self.top_k
+        else:
+            out = [1] * max(len(shape), 3)
+            out[0] = shape[0]
+            out[1] = 2 if self.out_max_val else 1
+            out[2] = self.top_k
+        top[0].reshape(out)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata
+        axis = self.axis if self.axis is not None else 1
+        if self.axis is None:
+            x = x.reshape(x.shape[0], -1)
+        n = x.shape[axis]
+        # larger index first among ties: sort the reversed axis stably on -value, map back
+        order = stable_argsort(xp, -xp.flip(x, axis=axis), axis)
+        idx = (n - 1) - xp.take(order, xp.arange(self.top_k), axis=axis)
+        if self.axis is not None:
+            top[0].xdata[...] = xp.take_along_axis(x, idx, axis=axis) if self.out_max_val else idx
+            return
+        out = top[0].xdata.reshape(x.shape[0], -1, self.top_k)
+        out[:, 0, :] = idx
+        if self.out_max_val:
+            out[:, 1, :] = xp.take_along_axis(x, idx, axis=1)
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("ArgMax has no gradient: it cannot back-propagate")
+
+
+@register("Tile")
+class Tile(Layer):
+    """Repeats the bottom ``tiles`` times along ``axis`` (each block from ``axis`` on repeated whole)."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.tile_param
+        if not p.HasField("tiles"):
+            raise self.error("tile_param.tiles must be given")
+        if p.tiles <= 0:
+            raise self.error(f"tile_param.tiles must be positive, got {p.tiles}")
+        self.tiles = int(p.tiles)
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        self.axis = canonical_axis(self, self.param.tile_param.axis, len(shape))
+        out = list(shape)
+        out[self.axis] *= self.tiles
+        self.outer = _prod(shape[:self.axis])
+        self.inner = _prod(shape[self.axis:])
+        top[0].reshape(out)
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata.reshape(self.outer, 1, self.inner)
+        top[0].xdata.reshape(self.outer, self.tiles, self.inner)[...] = x
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            dy = top[0].xdiff.reshape(self.outer, self.tiles, self.inner)
+            bottom[0].xdiff = dy.sum(axis=1)
+
+
+@register("Reduction")
+class Reduction(Layer):
+    """SUM, ASUM (sum of |x|), SUMSQ or MEAN over all axes from ``axis`` on, times ``coeff``;
+    the top keeps the axes before ``axis`` (axis 0 gives a scalar)."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    _ops = caffe_pb2.ReductionParameter
+
+    def setup(self, bottom, top):
+        self.op = self.param.reduction_param.operation
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        self.axis = canonical_axis(self, self.param.reduction_param.axis, len(shape))
+        self.num = _prod(shape[:self.axis])
+        self.dim = _prod(shape[self.axis:])
+        self.coeff = float(self.param.reduction_param.coeff)
+        if self.op == self._ops.MEAN:
+            self.coeff /= self.dim if self.dim else 1
+        top[0].reshape(shape[:self.axis])
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata.reshape(self.num, self.dim)
+        if self.op in (self._ops.SUM, self._ops.MEAN):
+            r = x.sum(axis=1)
+        elif self.op == self._ops.ASUM:
+            r = xp.abs(x).sum(axis=1)
+        elif self.op == self._ops.SUMSQ:
+            r = (x * x).sum(axis=1)
+        else:
+            raise self.error(f"unknown reduction operation {self.op}")
+        if self.coeff != 1.0:
+            r *= self.coeff
+        top[0].xdata[...] = r.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        dy = top[0].xdiff.reshape(self.num, 1) * self.coeff
+        if self.op in (self._ops.SUM, self._ops.MEAN):
+            x = bottom[0].xdata
+            grad = xp.broadcast_to(dy, (self.num, self.dim)).astype(x.dtype)
+        elif self.op == self._ops.ASUM:
+            grad = xp.sign(bottom[0].xdata.reshape(self.num, self.dim)) * dy
+        else:
+            grad = bottom[0].xdata.reshape(self.num, self.dim) * (2 * dy)
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)
