@@ -144,6 +144,9 @@ class Blob:
             arr = arr.reshape(self._shape)
         if arr.dtype != self.dtype:
             arr = arr.astype(self.dtype)
+        if not arr.flags.c_contiguous:
+            # layers write through reshaped views of their tops: those must not be silent copies
+            arr = backend.get_array_module(arr).ascontiguousarray(arr)
         synced.set(arr)
 
     def __repr__(self):

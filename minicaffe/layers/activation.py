@@ -1,0 +1,376 @@
+"""Element-wise ("neuron") layers: one bottom, one top of the same shape, all usable in place.
+
+Forward writes into the top's own buffer (``out=``), so a blob keeps its storage between
+iterations. When top is bottom, the input is gone after forward; a layer whose gradient needs the
+input (and cannot recover it from the output) keeps a copy of it, as Caffe's PReLU does.
+"""
+import math
+
+from .. import fillers
+from ..blob import Blob
+from .base import Layer, register
+
+
+def _leaky(xp, x, slope, y):
+    """y = max(x, 0) + slope·min(x, 0), Caffe's formula (exact; much faster than ``where``)."""
+    neg = xp.minimum(x, 0)
+    neg *= slope
+    xp.maximum(x, 0, out=y)
+    y += neg
+
+
+def _leaky_grad(xp, x, slope, dy, dx):
+    """dx = dy·((x > 0) + slope·(x <= 0)); the factor is exactly 1 or the slope."""
+    factor = xp.multiply(x <= 0, slope, dtype=dy.dtype)
+    factor += x > 0
+    xp.multiply(dy, factor, out=dx)
+
+
+class NeuronLayer(Layer):
+    """Shared plumbing: shape, the in-place input copy, and the propagate_down check."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def backward_needs_input(self):
+        """True when backward must read the bottom data (so an in-place forward keeps a copy)."""
+        return False
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata
+        self._saved_input = None
+        if top[0] is bottom[0] and self.backward_needs_input():
+            self._saved_input = x.copy()
+        self.compute(x, top[0].xdata)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        self.gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
+
+    def input_data(self, bottom):
+        saved = getattr(self, "_saved_input", None)
+        return saved if saved is not None else bottom[0].xdata
+
+    # subclasses: y[...] = f(x); dx[...] = dy * f'(x). `dx` may be `dy` itself (in place) and
+    # `y` may be `x`: read everything needed before writing.
+    def compute(self, x, y):
+        raise NotImplementedError
+
+    def gradient(self, x, y, dy, dx):
+        raise NotImplementedError
+
+
+@register("ReLU")
+class ReLU(NeuronLayer):
+    """max(x, 0) + negative_slope * min(x, 0); the gradient at 0 is the negative slope (Caffe)."""
+
+    def setup(self, bottom, top):
+        self.slope = float(self.param.relu_param.negative_slope)
+
+    def backward_needs_input(self):
+        # with slope >= 0, y > 0 exactly where x > 0, so the output tells the sign
+        return self.slope < 0
+
+    def compute(self, x, y):
+        if self.slope == 0:
+            self.xp.maximum(x, 0, out=y)
+        else:
+            _leaky(self.xp, x, self.slope, y)
+
+    def gradient(self, x, y, dy, dx):
+        # in place with slope >= 0, x here is the output, whose sign is the input's
+        if self.slope == 0:
+            self.xp.multiply(dy, x > 0, out=dx)
+        else:
+            _leaky_grad(self.xp, x, self.slope, dy, dx)
+
+
+@register("PReLU")
+class PReLU(NeuronLayer):
+    """ReLU with a learned negative slope per channel (axis 1) or one shared by all channels."""
+
+    def setup(self, bottom, top):
+        p = self.param.prelu_param
+        if len(bottom[0].shape) < 2:
+            raise self.error(f"bottom must have at least 2 axes, got shape {bottom[0].shape}")
+        self.channel_shared = bool(p.channel_shared)
+        channels = bottom[0].shape[1]
+        shape = () if self.channel_shared else (channels,)
+        if not self.blobs:
+            if p.HasField("filler"):
+                filler = p.filler
+            else:
+                filler = type(p.filler)(type="constant", value=0.25)
+            blob = Blob(shape, name=f"{self.name}.slope")
+            blob.data[...] = fillers.fill(filler, shape, dtype=blob.dtype, layer=self.name)
+            self.blobs = [blob]
+        count = self.blobs[0].count
+        if self.channel_shared and count != 1:
+            raise self.error(f"slope blob has {count} values but channel_shared needs 1")
+        if not self.channel_shared and count != channels:
+            raise self.error(f"slope blob has {count} values but bottom has {channels} channels")
+
+    def reshape(self, bottom, top):
+        if len(bottom[0].shape) < 2:
+            raise self.error(f"bottom must have at least 2 axes, got shape {bottom[0].shape}")
+        super().reshape(bottom, top)
+
+    def backward_needs_input(self):
+        return True
+
+    def _slope(self, x):
+        # broadcastable against x: (1, C, 1, ...) or a scalar
+        s = self.blobs[0].xdata
+        if self.channel_shared:
+            return s.reshape(())
+        return s.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+    def compute(self, x, y):
+        _leaky(self.xp, x, self._slope(x), y)
+
+    def backward(self, top, propagate_down, bottom):
+        x = self.input_data(bottom)
+        dy = top[0].xdiff
+        # the slope gradient first: in place, writing dx overwrites dy
+        if self.need_param_grad(0):
+            neg = self.xp.minimum(x, 0) * dy
+            if self.channel_shared:
+                g = neg.sum()
+            else:
+                g = neg.reshape(x.shape[0], x.shape[1], -1).sum(axis=(0, 2))
+            self.blobs[0].xdiff += g.reshape(self.blobs[0].shape)
+        if propagate_down[0]:
+            _leaky_grad(self.xp, x, self._slope(x), dy, bottom[0].xdiff)
+
+
+@register("Sigmoid")
+class Sigmoid(NeuronLayer):
+    """1 / (1 + e^-x), computed as 0.5·tanh(x/2) + 0.5 (Caffe's form: no overflow)."""
+
+    def compute(self, x, y):
+        xp = self.xp
+        xp.multiply(x, 0.5, out=y)
+        xp.tanh(y, out=y)
+        y *= 0.5
+        y += 0.5
+
+    def gradient(self, x, y, dy, dx):
+        dx[...] = dy * y * (1 - y)
+
+
+@register("TanH")
+class TanH(NeuronLayer):
+    def compute(self, x, y):
+        self.xp.tanh(x, out=y)
+
+    def gradient(self, x, y, dy, dx):
+        dx[...] = dy * (1 - y * y)
+
+
+@register("AbsVal")
+class AbsVal(NeuronLayer):
+    """|x|; gradient sign(x) (0 at 0). Caffe forbids in place; here in place keeps a copy."""
+
+    def backward_needs_input(self):
+        return True
+
+    def compute(self, x, y):
+        self.xp.abs(x, out=y)
+
+    def gradient(self, x, y, dy, dx):
+        dx[...] = dy * self.xp.sign(x)
+
+
+@register("BNLL")
+class BNLL(NeuronLayer):
+    """log(1 + e^x) (softplus), as max(x, 0) + log1p(e^−|x|): no overflow, exact for large |x|.
+
+    The gradient is the sigmoid, e/(1 + e) with e = exp(min(x, 50)) as Caffe has it (relatively
+    exact far into the negative side, where 1 − e^−y computed from the output is not)."""
+
+    def backward_needs_input(self):
+        return True
+
+    def compute(self, x, y):
+        xp = self.xp
+        t = xp.abs(x)
+        t *= -1
+        xp.exp(t, out=t)
+        xp.log1p(t, out=t)
+        xp.maximum(x, 0, out=y)
+        y += t
+
+    def gradient(self, x, y, dy, dx):
+        xp = self.xp
+        e = xp.minimum(x, 50.0)
+        xp.exp(e, out=e)
+        d = e + 1
+        e /= d
+        xp.multiply(dy, e, out=dx)
+
+
+@register("ELU")
+class ELU(NeuronLayer):
+    """max(x, 0) + alpha·(e^min(x, 0) − 1); gradient alpha + y on the negative side (Caffe)."""
+
+    def setup(self, bottom, top):
+        self.alpha = float(self.param.elu_param.alpha)
+
+    def backward_needs_input(self):
+        # with alpha >= 0 the output is > 0 exactly where x > 0
+        return self.alpha < 0
+
+    def compute(self, x, y):
+        # Caffe's form, exp(min(x, 0)) − 1: expm1 would be a little more exact near 0 but is
+        # several times slower in NumPy
+        xp = self.xp
+        neg = xp.minimum(x, 0)
+        xp.exp(neg, out=neg)
+        neg -= 1
+        neg *= self.alpha
+        xp.maximum(x, 0, out=y)
+        y += neg
+
+    def gradient(self, x, y, dy, dx):
+        # dy·((x > 0) + (alpha + y)·(x <= 0)); in place with alpha >= 0, x here is the output,
+        # whose sign is the input's
+        xp = self.xp
+        factor = y + self.alpha
+        factor *= x <= 0
+        factor += x > 0
+        xp.multiply(dy, factor, out=dx)
+
+
+@register("Power")
+class Power(NeuronLayer):
+    """(shift + scale·x)^power with Caffe's special cases: power·scale == 0 gives the constant
+    1 (power 0) or shift^power and a zero gradient; power 1 is affine."""
+
+    def setup(self, bottom, top):
+        p = self.param.power_param
+        self.power, self.scale, self.shift = float(p.power), float(p.scale), float(p.shift)
+        self.diff_scale = self.power * self.scale
+
+    def backward_needs_input(self):
+        return self.diff_scale != 0 and self.power != 1
+
+    def _base(self, x, out=None):
+        xp = self.xp
+        if self.scale != 1:
+            out = xp.multiply(x, self.scale, out=out)
+        elif out is None:
+            out = x.copy()
+        elif out is not x:
+            out[...] = x
+        if self.shift != 0:
+            out += self.shift
+        return out
+
+    def compute(self, x, y):
+        if self.diff_scale == 0:
+            y[...] = 1.0 if self.power == 0 else _real_pow(self.shift, self.power)
+            return
+        self._base(x, out=y)
+        if self.power == 2:
+            y *= y
+        elif self.power != 1:
+            self.xp.power(y, self.power, out=y)
+
+    def gradient(self, x, y, dy, dx):
+        if self.diff_scale == 0:
+            dx[...] = 0
+            return
+        if self.power == 1:
+            self.xp.multiply(dy, self.diff_scale, out=dx)
+            return
+        base = self._base(x)
+        if self.power != 2:
+            # the derivative itself rather than Caffe's y / base, which is 0/0 where base is 0
+            self.xp.power(base, self.power - 1, out=base)
+        base *= self.diff_scale
+        self.xp.multiply(dy, base, out=dx)
+
+
+def _real_pow(a, b):
+    """a**b as C's pow gives it: NaN for a negative base with a fractional power, inf for 0**-b."""
+    try:
+        r = a ** b
+    except ZeroDivisionError:
+        return math.inf
+    return math.nan if isinstance(r, complex) else float(r)
+
+
+def _log_base(layer, base):
+    """ln(base), with Caffe's convention that base -1 means e; other bases must be > 0 and != 1."""
+    if base == -1:
+        return 1.0
+    if base <= 0:
+        raise layer.error(f"base must be strictly positive (or -1 for e), got {base}")
+    return math.log(base)
+
+
+@register("Exp")
+class Exp(NeuronLayer):
+    """base^(shift + scale·x), computed as e^(shift·ln base) · e^(scale·ln base · x)."""
+
+    def setup(self, bottom, top):
+        p = self.param.exp_param
+        log_base = _log_base(self, float(p.base))
+        self.inner_scale = log_base * float(p.scale)
+        self.outer_scale = math.exp(float(p.shift) * log_base)
+
+    def compute(self, x, y):
+        xp = self.xp
+        if self.inner_scale == 1:
+            xp.exp(x, out=y)
+        else:
+            xp.multiply(x, self.inner_scale, out=y)
+            xp.exp(y, out=y)
+        if self.outer_scale != 1:
+            y *= self.outer_scale
+
+    def gradient(self, x, y, dy, dx):
+        if self.inner_scale == 1:
+            self.xp.multiply(dy, y, out=dx)
+        else:
+            dx[...] = dy * y * self.inner_scale
+
+
+@register("Log")
+class Log(NeuronLayer):
+    """log_base(shift + scale·x); base -1 means e."""
+
+    def setup(self, bottom, top):
+        p = self.param.log_param
+        log_base = _log_base(self, float(p.base))
+        if log_base == 0:
+            raise self.error("base 1 has no logarithm (1/ln(1) is infinite)")
+        self.base_scale = 1.0 / log_base
+        self.scale, self.shift = float(p.scale), float(p.shift)
+        self.backward_num_scale = self.scale / log_base
+
+    def backward_needs_input(self):
+        return True
+
+    def _inner(self, x, out):
+        xp = self.xp
+        if self.scale != 1:
+            xp.multiply(x, self.scale, out=out)
+        elif out is not x:
+            out[...] = x
+        if self.shift != 0:
+            out += self.shift
+        return out
+
+    def compute(self, x, y):
+        self.xp.log(self._inner(x, y), out=y)
+        if self.base_scale != 1:
+            y *= self.base_scale
+
+    def gradient(self, x, y, dy, dx):
+        inner = self._inner(x, self.xp.empty_like(x))
+        dx[...] = dy * self.backward_num_scale / inner

@@ -1,0 +1,65 @@
+"""Dropout: "inverted" dropout as Caffe does it, so nothing changes between TRAIN and TEST nets."""
+import numpy as np
+
+from .. import backend
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+
+@register("Dropout")
+class Dropout(Layer):
+    """TRAIN: keep each unit with probability 1 − p and scale kept units by 1/(1 − p);
+    TEST: the identity. The mask (already scaled) is kept for backward, so in place works."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        self.ratio = float(self.param.dropout_param.dropout_ratio)
+        if not 0.0 <= self.ratio < 1.0:
+            raise self.error(f"dropout_ratio must be in [0, 1), got {self.ratio}")
+        self.scale = 1.0 / (1.0 - self.ratio)
+        self.mask = None
+
+    def reshape(self, bottom, top):
+        top[0].reshape(bottom[0].shape)
+
+    def _train(self):
+        return self.phase != caffe_pb2.TEST
+
+    def _draw_mask(self, shape, dtype):
+        """The scaled mask: 1/(1 − p) where a unit is kept (probability 1 − p), else 0."""
+        xp = self.xp
+        if backend.is_gpu():
+            keep = xp.random.random_sample(shape, dtype=dtype) >= self.ratio
+        else:
+            # Caffe's test on 32 random bits, u >= p·2³²: three times faster than drawing floats
+            count = 1
+            for d in shape:
+                count *= d
+            bits = backend.rng().bit_generator.random_raw((count + 1) // 2).view(np.uint32)[:count]
+            keep = (bits >= np.uint32(min(int(self.ratio * 2.0 ** 32), 2 ** 32 - 1))).reshape(shape)
+        mask = self.mask
+        if mask is None or mask.shape != tuple(shape) or mask.dtype != dtype or \
+                not isinstance(mask, type(keep)):
+            mask = xp.empty(shape, dtype=dtype)
+        return xp.multiply(keep, self.scale, out=mask, dtype=dtype)
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata
+        if not self._train():
+            if top[0] is not bottom[0]:
+                top[0].xdata[...] = x
+            return
+        self.mask = self._draw_mask(x.shape, x.dtype)
+        self.xp.multiply(x, self.mask, out=top[0].xdata)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].xdiff
+        if not self._train():
+            if top[0] is not bottom[0]:
+                bottom[0].xdiff[...] = dy
+            return
+        self.xp.multiply(dy, self.mask, out=bottom[0].xdiff)

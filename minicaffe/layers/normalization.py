@@ -1,0 +1,302 @@
+"""BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it."""
+from .. import backend, fillers
+from ..blob import Blob
+from ..errors import ShapeError
+from ..proto import caffe_pb2
+from .base import Layer, register
+
+
+def _channels_shape(shape, channels):
+    """(N, C, spatial): Caffe's BatchNorm treats axis 1 as channels (1 for a 1-axis blob)."""
+    n = shape[0]
+    rest = 1
+    for d in shape:
+        rest *= d
+    return (n, channels, rest // max(n * channels, 1))
+
+
+def _out_view(blob, which, shape):
+    """The blob's data or diff reshaped to ``shape`` as a view, so writes land in the blob.
+
+    Another layer may have stored a non-contiguous array there (reshaping that would copy and
+    lose the writes): then the blob gets a contiguous copy first.
+    """
+    arr = getattr(blob, which)
+    if not arr.flags.c_contiguous:
+        arr = backend.xp().ascontiguousarray(arr)
+        setattr(blob, which, arr)
+    return arr.reshape(shape)
+
+
+@register("BatchNorm")
+class BatchNorm(Layer):
+    """y = (x − mean) / sqrt(var + eps) per channel (axis 1), no learned scale or shift.
+
+    Blobs exactly as Caffe stores them: [0] running sum of means, [1] running sum of (unbiased)
+    variances, [2] the 1-element sum of weights; the estimates are blob / factor. They are written
+    in forward, never by the solver (``fixed_params``; Caffe forces lr_mult 0 on them).
+    Normalising uses the biased batch variance; the running variance adds it times m/(m−1).
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+    fixed_params = True
+
+    def setup(self, bottom, top):
+        p = self.param.batch_norm_param
+        self.moving_average_fraction = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+        self.use_global_stats = (p.use_global_stats if p.HasField("use_global_stats")
+                                 else self.phase == caffe_pb2.TEST)
+        shape = bottom[0].shape
+        if len(shape) < 1:
+            raise self.error("bottom must have at least 1 axis", ShapeError)
+        self.channels = shape[1] if len(shape) > 1 else 1
+        if not self.blobs:
+            self.blobs = [Blob((self.channels,), name=f"{self.name}.mean"),
+                          Blob((self.channels,), name=f"{self.name}.variance"),
+                          Blob((1,), name=f"{self.name}.scale_factor")]
+        # counts, not shapes: old caffemodels store these as 1x1x1xC
+        counts = [b.count for b in self.blobs]
+        if counts != [self.channels, self.channels, 1]:
+            raise self.error(f"needs 3 blobs (mean, variance, factor) of {self.channels}, "
+                             f"{self.channels} and 1 values, got {counts}", ShapeError)
+        # Caffe pins the statistics' learning rate at 0 and rejects any other setting.
+        for i in range(3):
+            if i < len(self.param.param):
+                if self.param.param[i].lr_mult != 0:
+                    raise self.error(f"param {{ lr_mult: {self.param.param[i].lr_mult:g} }}: the "
+                                     "batch statistics are not learnable; lr_mult must be 0")
+            else:
+                self.param.param.add().lr_mult = 0.0
+        self._x_norm = None
+        self._inv_std = None
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        channels = shape[1] if len(shape) > 1 else 1
+        if channels != self.channels:
+            raise self.error(f"bottom has {channels} channels but the layer was set up with "
+                             f"{self.channels}", ShapeError)
+        top[0].reshape(shape)
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata
+        c = self.channels
+        shape3 = _channels_shape(x.shape, c)
+        x3 = x.reshape(shape3)
+        if self.use_global_stats:
+            f = float(self.blobs[2].xdata.reshape(-1)[0])
+            f = 0.0 if f == 0 else 1.0 / f
+            mean = self.blobs[0].xdata * f
+            var = self.blobs[1].xdata * f
+        else:
+            m = x3.shape[0] * x3.shape[2]
+            mean = x3.mean(axis=(0, 2))
+        # x − mean into a buffer kept between iterations (it becomes the normalised output)
+        buf = self._x_norm
+        if buf is None or buf.shape != x3.shape or buf.dtype != x.dtype or \
+                not isinstance(buf, type(x)):
+            buf = xp.empty_like(x3)
+        xp.subtract(x3, mean.reshape(1, c, 1), out=buf)
+        if not self.use_global_stats:
+            var = (buf * buf).mean(axis=(0, 2))
+            maf = self.moving_average_fraction
+            stats = self.blobs
+            stats[2].xdata = stats[2].xdata * maf + 1
+            stats[0].xdata = stats[0].xdata * maf + mean
+            correction = m / (m - 1) if m > 1 else 1.0
+            stats[1].xdata = stats[1].xdata * maf + var * correction
+        inv_std = xp.sqrt(var + self.eps)
+        xp.reciprocal(inv_std, out=inv_std)
+        buf *= inv_std.reshape(1, c, 1)
+        self._x_norm, self._inv_std = buf, inv_std
+        # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
+        _out_view(top[0], "xdata", shape3)[...] = buf
+
+    def backward(self, top, propagate_down, bottom):
+        """Global stats: dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        c = self.channels
+        shape3 = _channels_shape(top[0].shape, c)
+        dy = top[0].xdiff.reshape(shape3)
+        inv_std = self._inv_std.reshape(1, c, 1)
+        dx = _out_view(bottom[0], "xdiff", shape3)
+        if self.use_global_stats:
+            xp.multiply(dy, inv_std, out=dx)
+            return
+        y = self._x_norm
+        mean_dy = dy.mean(axis=(0, 2)).reshape(1, c, 1)
+        mean_dy_y = (dy * y).mean(axis=(0, 2)).reshape(1, c, 1)
+        t = y * mean_dy_y
+        t += mean_dy
+        xp.subtract(dy, t, out=dx)
+        dx *= inv_std
+
+
+def _canonical_axis(layer, axis, ndim):
+    if not -ndim <= axis < ndim:
+        raise layer.error(f"axis {axis} is out of range for a bottom with {ndim} axes", ShapeError)
+    return axis + ndim if axis < 0 else axis
+
+
+def _param_shape(layer, what, bottom_shape, axis, num_axes):
+    """The learned blob's shape: ``num_axes`` axes of bottom[0] from ``axis`` (−1: to the end)."""
+    ndim = len(bottom_shape)
+    axis = _canonical_axis(layer, axis, ndim)
+    if num_axes < -1:
+        raise layer.error(f"num_axes must be non-negative, or -1 to extend to the end of bottom[0]; "
+                          f"got {num_axes}")
+    if num_axes >= 0 and axis + num_axes > ndim:
+        raise layer.error(f"{what} blob's shape extends past bottom[0]'s shape {bottom_shape} "
+                          f"(axis {axis} + num_axes {num_axes} > {ndim} axes)", ShapeError)
+    end = ndim if num_axes == -1 else axis + num_axes
+    return tuple(bottom_shape[axis:end])
+
+
+def _broadcast_dims(layer, what, bottom_shape, operand_shape, axis):
+    """(outer, dim, inner) so that bottom reshaped to them meets the operand as (1, dim, 1)."""
+    ndim = len(bottom_shape)
+    k = len(operand_shape)
+    axis = 0 if k == 0 else _canonical_axis(layer, axis, ndim)
+    if axis + k > ndim or tuple(bottom_shape[axis:axis + k]) != tuple(operand_shape):
+        raise layer.error(f"{what} shape {tuple(operand_shape)} does not match bottom[0] shape "
+                          f"{tuple(bottom_shape)} from axis {axis}", ShapeError)
+    outer = 1
+    for s in bottom_shape[:axis]:
+        outer *= s
+    dim = 1
+    for s in operand_shape:
+        dim *= s
+    inner = 1
+    for s in bottom_shape[axis + k:]:
+        inner *= s
+    return outer, dim, inner
+
+
+def _make_blob(layer, name, shape, filler):
+    blob = Blob(shape, name=f"{layer.name}.{name}")
+    blob.data[...] = fillers.fill(filler, shape, dtype=blob.dtype, layer=layer.name)
+    return blob
+
+
+@register("Bias")
+class Bias(Layer):
+    """y = x + b, b broadcast along ``axis`` (a learned blob, or bottom[1])."""
+
+    min_num_bottom = 1
+    max_num_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.bias_param
+        if len(bottom) == 1 and not self.blobs:
+            shape = _param_shape(self, "bias", bottom[0].shape, p.axis, p.num_axes)
+            self.blobs = [_make_blob(self, "bias", shape, p.filler)]
+
+    def reshape(self, bottom, top):
+        b = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self.dims = _broadcast_dims(self, "bias", bottom[0].shape, b.shape,
+                                    self.param.bias_param.axis)
+        top[0].reshape(bottom[0].shape)
+
+    def forward(self, bottom, top):
+        b = (bottom[1] if len(bottom) > 1 else self.blobs[0]).xdata
+        outer, dim, inner = self.dims
+        x = bottom[0].xdata.reshape(outer, dim, inner)
+        self.xp.add(x, b.reshape(1, dim, 1), out=_out_view(top[0], "xdata", (outer, dim, inner)))
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].xdiff
+        outer, dim, inner = self.dims
+        if len(bottom) > 1:
+            if propagate_down[1]:
+                bottom[1].xdiff = dy.reshape(outer, dim, inner).sum(axis=(0, 2))
+        elif self.need_param_grad(0):
+            self.blobs[0].xdiff += dy.reshape(outer, dim, inner).sum(axis=(0, 2)).reshape(
+                self.blobs[0].shape)
+        if propagate_down[0] and top[0] is not bottom[0]:
+            bottom[0].xdiff[...] = dy
+
+
+@register("Scale")
+class Scale(Layer):
+    """y = x · s (+ b with ``bias_term``), s broadcast along ``axis``: a learned blob (filler
+    default 1) or bottom[1]. In place, the input is copied for the gradient of s."""
+
+    min_num_bottom = 1
+    max_num_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.scale_param
+        if len(bottom) == 1 and not self.blobs:
+            shape = _param_shape(self, "scale", bottom[0].shape, p.axis, p.num_axes)
+            filler = p.filler if p.HasField("filler") else caffe_pb2.FillerParameter(
+                type="constant", value=1.0)
+            self.blobs.append(_make_blob(self, "scale", shape, filler))
+        want = (1 if len(bottom) == 1 else 0) + (1 if p.bias_term else 0)
+        if p.bias_term and len(self.blobs) == want - 1:
+            # Caffe's rule: the bias takes bottom[1]'s axes when the scale is a bottom
+            num_axes = len(bottom[1].shape) if len(bottom) > 1 else p.num_axes
+            shape = _param_shape(self, "bias", bottom[0].shape, p.axis, num_axes)
+            self.blobs.append(_make_blob(self, "bias", shape, p.bias_filler))
+        if len(self.blobs) != want:
+            raise self.error(f"expects {want} parameter blob(s) with {len(bottom)} bottom(s) and "
+                             f"bias_term {str(p.bias_term).lower()}, got {len(self.blobs)}")
+        self.bias_index = len(self.blobs) - 1 if p.bias_term else None
+        self._saved_input = None
+
+    def reshape(self, bottom, top):
+        p = self.param.scale_param
+        s = bottom[1] if len(bottom) > 1 else self.blobs[0]
+        self.dims = _broadcast_dims(self, "scale", bottom[0].shape, s.shape, p.axis)
+        if self.bias_index is not None:
+            bias = self.blobs[self.bias_index]
+            if _broadcast_dims(self, "bias", bottom[0].shape, bias.shape, p.axis) != self.dims:
+                raise self.error(f"bias shape {bias.shape} does not match scale shape {s.shape}",
+                                 ShapeError)
+        top[0].reshape(bottom[0].shape)
+
+    def _scale_blob(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        outer, dim, inner = self.dims
+        x = bottom[0].xdata
+        self._saved_input = None
+        if top[0] is bottom[0] and (len(bottom) > 1 or self.need_param_grad(0)):
+            self._saved_input = x.copy()
+        y = _out_view(top[0], "xdata", (outer, dim, inner))
+        xp.multiply(x.reshape(outer, dim, inner), self._scale_blob(bottom).xdata.reshape(1, dim, 1),
+                    out=y)
+        if self.bias_index is not None:
+            y += self.blobs[self.bias_index].xdata.reshape(1, dim, 1)
+
+    def backward(self, top, propagate_down, bottom):
+        outer, dim, inner = self.dims
+        dy = top[0].xdiff.reshape(outer, dim, inner)
+        if self.bias_index is not None and self.need_param_grad(self.bias_index):
+            bias = self.blobs[self.bias_index]
+            bias.xdiff += dy.sum(axis=(0, 2)).reshape(bias.shape)
+        scale = self._scale_blob(bottom)
+        as_bottom = len(bottom) > 1
+        if (as_bottom and propagate_down[1]) or (not as_bottom and self.need_param_grad(0)):
+            x = self._saved_input
+            if x is None:
+                if top[0] is bottom[0]:
+                    raise self.error("in place: the input was not kept in forward because no "
+                                     "gradient for the scale was asked for then")
+                x = bottom[0].xdata
+            g = (dy * x.reshape(outer, dim, inner)).sum(axis=(0, 2)).reshape(scale.shape)
+            if as_bottom:
+                scale.xdiff = g
+            else:
+                scale.xdiff += g
+        if propagate_down[0]:
+            self.xp.multiply(dy, scale.xdata.reshape(1, dim, 1),
+                             out=_out_view(bottom[0], "xdiff", (outer, dim, inner)))
