@@ -436,7 +436,8 @@ def test_bias_default_filler_is_zero():
 
 @pytest.mark.parametrize("kind", ["Scale", "Bias"])
 def test_writes_land_in_a_non_contiguous_top(kind):
-    # another layer may leave a transposed (non-contiguous) array in a blob we then write in place
+    # another layer may hand a transposed (non-contiguous) array to a blob we then write in place:
+    # the blob stores it contiguous, so writes through reshaped views land
     x = np.random.RandomState(9).randn(3, 2)
     p = "scale_param" if kind == "Scale" else "bias_param"
     layer, bottom, top = make_layer(f'type: "{kind}" {p} {{ filler {{ type: "gaussian" }} }}', [x],
@@ -445,7 +446,7 @@ def test_writes_land_in_a_non_contiguous_top(kind):
     ref_layer.blobs[0].data[...] = layer.blobs[0].data
     ref_layer.forward(rb, rt)
     bottom[0].xdata = np.ascontiguousarray(x.T.astype(np.float32)).T
-    assert not bottom[0].xdata.flags.c_contiguous
+    assert bottom[0].xdata.flags.c_contiguous
     layer.forward(bottom, top)
     np.testing.assert_array_equal(top[0].data, rt[0].data)
 
