@@ -179,7 +179,9 @@ def _upgrade_input_fields(param, path):
         for i in range(n):
             layer.input_param.shape.add().dim.extend(param.input_dim[4 * i:4 * i + 4])
     else:
-        raise ParseError("'input:' given without input_dim or input_shape", path)
+        # caffemodels written before late 2015 list bare input names; Caffe drops them
+        param.ClearField("input")
+        return
     layers = [layer] + list(param.layer)
     del param.layer[:]
     param.layer.extend(layers)

@@ -1,0 +1,232 @@
+"""Caffe's extract_features: run a trained net in TEST phase and store blobs as Datum features in LMDBs.
+
+    extract_features WEIGHTS MODEL BLOB[,BLOB...] DB[,DB...] NUM_BATCHES lmdb [CPU|GPU [DEVICE]] [--gpu N]
+
+Every forward pass (the net's own data layer supplies the images) adds one Datum per image and
+blob to that blob's database, keyed ``%010d`` from 0 in extraction order, exactly as Caffe writes
+them: ``float_data`` holds the image's values and channels/height/width are the blob's legacy
+shape (an N×D blob gives D×1×1). Each database is built under a hidden temporary name beside its
+target and renamed once complete, so an interrupted run leaves no half-written database; an
+existing database is never overwritten. Only LMDB is supported (no LevelDB).
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from .. import backend
+from ..data.datum import array_to_datum
+from ..errors import DataError, MinicaffeError, NetError
+from .common import ProgressBar, get_logger, run_main
+
+COMMIT_EVERY = 1000                 # records per transaction, as Caffe
+_COMMIT_BYTES = 64 << 20            # ... or fewer when records are large
+_INITIAL_MAP_SIZE = 64 << 20        # grows by doubling; LMDB needs a map size up front
+
+
+def legacy_shape(shape):
+    """Caffe's num/channels/height/width of a blob shape (missing axes count as 1; at most 4 axes)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) > 4:
+        raise ValueError(f"{len(shape)} axes")
+    return shape + (1,) * (4 - len(shape))
+
+
+def feature_datums(blob_data):
+    """One serialized Datum per image of a blob's N×... array, shaped as Caffe's extract_features."""
+    arr = np.asarray(blob_data, dtype=np.float32)
+    num, c, h, w = legacy_shape(arr.shape)
+    per_image = arr.reshape(num, c, h, w)
+    return [array_to_datum(per_image[n]).SerializeToString() for n in range(num)]
+
+
+class LmdbBuilder:
+    """Writes a new LMDB under a temporary name next to ``path``; ``finish()`` renames it into place."""
+
+    def __init__(self, path):
+        try:
+            import lmdb
+        except ImportError:
+            raise DataError("writing LMDB databases needs the lmdb package: pip install lmdb") from None
+        self.lmdb = lmdb
+        self.path = os.fspath(path)
+        if os.path.lexists(self.path):
+            raise DataError(f"{self.path}: already exists; extract_features writes new databases only "
+                            "(remove it or choose another name)")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise DataError(f"{self.path}: the directory {parent} does not exist")
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=parent)
+        self.map_size = _INITIAL_MAP_SIZE
+        self.env = lmdb.open(self.tmp, map_size=self.map_size, subdir=True, meminit=False)
+        self.pending = []
+        self.pending_bytes = 0
+        self.count = 0
+
+    def put(self, key, value):
+        self.pending.append((key, value))
+        self.pending_bytes += len(key) + len(value)
+        self.count += 1
+        if len(self.pending) >= COMMIT_EVERY or self.pending_bytes >= _COMMIT_BYTES:
+            self.commit()
+
+    def commit(self):
+        if not self.pending:
+            return
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for key, value in self.pending:
+                        txn.put(key, value)
+                break
+            except self.lmdb.MapFullError:        # the transaction was aborted: grow and redo it
+                self.map_size *= 2
+                self.env.set_mapsize(self.map_size)
+        self.pending, self.pending_bytes = [], 0
+
+    def finish(self):
+        self.commit()
+        self.env.sync(True)
+        self.env.close()
+        self.env = None
+        if os.path.lexists(self.path):
+            raise DataError(f"{self.path}: appeared while extracting; the features are left in {self.tmp}")
+        os.rename(self.tmp, self.path)
+        self.tmp = None
+
+    def abort(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=False):
+    """Run ``net`` forward ``num_batches`` times; store each blob's per-image features in its LMDB.
+
+    Returns the number of records written to each database.
+    """
+    if len(blob_names) != len(db_paths):
+        raise DataError(f"{len(blob_names)} feature blob name(s) but {len(db_paths)} dataset name(s); "
+                        "the numbers must be equal")
+    if len(set(os.path.abspath(p) for p in db_paths)) != len(db_paths):
+        raise DataError(f"the dataset names must differ: {', '.join(db_paths)}")
+    end = -1
+    for name in blob_names:
+        if name not in net.blobs:
+            raise NetError(f"unknown feature blob name '{name}' in the network (blobs: {', '.join(net.blobs)})")
+        if len(net.blobs[name].shape) > 4:
+            raise NetError(f"feature blob '{name}' has shape {net.blobs[name].shape}; a Datum holds at most "
+                           "N×C×H×W")
+        # the last layer that writes the blob (in-place layers such as ReLU included), as after a full pass
+        end = max(end, max(i for i, lname in enumerate(net._layer_names) if name in net.top_names[lname]))
+    builders = []
+    try:
+        for path in db_paths:
+            if log:
+                log.info("Opening dataset %s", path)
+            builders.append(LmdbBuilder(path))
+        if log:
+            log.info("Extracting Features")
+        bar = ProgressBar(num_batches, unit="batch", enabled=None if progress else False)
+        for _ in range(num_batches):
+            net.forward_from_to(0, end)
+            for name, builder in zip(blob_names, builders):
+                for value in feature_datums(net.blobs[name].data):
+                    builder.put(b"%010d" % builder.count, value)
+                    if log and builder.count % COMMIT_EVERY == 0:
+                        log.info("Extracted features of %d query images for feature blob %s", builder.count, name)
+            bar.update()
+        bar.close()
+        for name, builder in zip(blob_names, builders):
+            builder.finish()
+            if log:
+                log.info("Extracted features of %d query images for feature blob %s", builder.count, name)
+        return [b.count for b in builders]
+    except BaseException:
+        for builder in builders:
+            builder.abort()
+        raise
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="extract_features",
+        description="Extract features of the input data produced by a trained net (TEST phase) into "
+                    "LMDBs of Datums, one database per blob. Several blobs are extracted in one pass by "
+                    "giving comma-separated blob and dataset names.",
+        epilog="Caffe's trailing 'GPU [DEVICE_ID]' (or 'CPU') is accepted as well as --gpu.")
+    parser.add_argument("weights", metavar="WEIGHTS", help="pretrained .caffemodel (or .h5)")
+    parser.add_argument("model", metavar="MODEL", help="net prototxt with a data layer")
+    parser.add_argument("blobs", metavar="BLOB[,BLOB...]")
+    parser.add_argument("dbs", metavar="DB[,DB...]")
+    parser.add_argument("num_batches", metavar="NUM_BATCHES")
+    parser.add_argument("db_type", metavar="DB_TYPE", help="lmdb")
+    parser.add_argument("device", nargs="*", metavar="CPU|GPU [DEVICE_ID]")
+    parser.add_argument("--gpu", type=int, default=None, metavar="N", help="run on GPU N")
+    args = parser.parse_args(argv)
+    gpu = args.gpu
+    extra = list(args.device)
+    if extra:
+        mode = extra.pop(0).upper()
+        if mode == "GPU":
+            gpu = 0
+            if extra:
+                try:
+                    gpu = int(extra.pop(0))
+                except ValueError:
+                    raise DataError(f"device id must be an integer, got {args.device[1]!r}") from None
+        elif mode != "CPU":
+            raise DataError(f"expected CPU or GPU after DB_TYPE, got {args.device[0]!r}")
+        if extra:
+            raise DataError(f"unexpected arguments: {' '.join(extra)}")
+    if gpu is not None and gpu < 0:
+        raise DataError(f"device id must be >= 0, got {gpu}")
+    try:
+        args.num_batches = int(args.num_batches)
+    except ValueError:
+        raise DataError(f"NUM_BATCHES must be an integer, got {args.num_batches!r}") from None
+    if args.num_batches < 1:
+        raise DataError(f"NUM_BATCHES must be at least 1, got {args.num_batches}")
+    if args.db_type.lower() != "lmdb":
+        raise DataError(f"db_type '{args.db_type}' is not supported; use lmdb")
+    args.gpu = gpu
+    return args
+
+
+@run_main
+def main(argv=None):
+    args = _parse_args(argv)
+    log = get_logger()
+    blob_names = args.blobs.split(",")
+    db_paths = args.dbs.split(",")
+    if len(blob_names) != len(db_paths):
+        raise DataError(f"{len(blob_names)} feature blob name(s) but {len(db_paths)} dataset name(s); "
+                        "the numbers must be equal")
+    for path in db_paths:
+        if os.path.lexists(path):
+            raise DataError(f"{path}: already exists; extract_features writes new databases only")
+    if args.gpu is not None:
+        log.info("Using GPU, device_id=%d", args.gpu)
+        backend.set_device(args.gpu)
+        backend.set_mode_gpu()
+    else:
+        log.info("Using CPU")
+        backend.set_mode_cpu()
+    from ..net import TEST, Net
+    net = Net(args.model, args.weights, TEST)
+    try:
+        extract_features(net, blob_names, db_paths, args.num_batches, log=log, progress=True)
+    except NetError as exc:
+        raise MinicaffeError(f"{args.model}: {exc}") from None
+    log.info("Successfully extracted the features!")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
