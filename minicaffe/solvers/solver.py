@@ -1,0 +1,743 @@
+"""The training loop: Caffe's ``Solver``/``SGDSolver`` (src/caffe/solver.cpp, solvers/sgd_solver.cpp).
+
+A solver reads a SolverParameter, builds the train net and the test nets (which share the train
+net's weights), and runs Caffe's ``Step``: forward/backward ``iter_size`` times, log, update with the
+solver type's rule (``updates.py``) at the rate of the ``lr_policy`` (``lr_policy.py``), test every
+``test_interval``, snapshot every ``snapshot`` iterations. The log lines are worded as Caffe's, so
+Caffe's and minicaffe's log parsers read them.
+
+Beyond Caffe: snapshots are written atomically; resuming is bit-exact (the host random generator's
+state goes to a ``.solverstate.rng`` sidecar, and data layers with a ``restore_position(n)`` method
+are told how many records the train/test nets had read); a NaN or infinite loss stops training with a
+``NumericalError`` naming the iteration and the first layer holding a non-finite value, after a
+snapshot of the last good weights.
+"""
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+from .. import backend
+from ..blob import Blob
+from ..errors import NumericalError, SolverError
+from ..fileio import atomic_open, atomic_write
+from ..net import Net, blobproto_to_array, blobproto_shape
+from ..proto import caffe_pb2
+from ..prototxt import load_net_param, load_solver_param, read_binary_file
+from ..wire import _field, blobproto_bytes
+from . import updates
+from .lr_policy import learning_rate
+
+NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+SIGNAL_EFFECTS = (STOP, SNAPSHOT, NONE)
+
+_ENUM_TYPES = {
+    caffe_pb2.SolverParameter.SGD: "SGD", caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad", caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta", caffe_pb2.SolverParameter.ADAM: "Adam",
+}
+
+
+def _log():
+    from ..tools.common import get_logger
+    return get_logger()
+
+
+def _fmt(x):
+    """A number as C++'s default ostream prints it (6 significant digits, %g style)."""
+    return f"{float(x):.6g}"
+
+
+# --- reading solver definitions ------------------------------------------------------------------
+
+def read_solver_param(source):
+    """A SolverParameter from a path, prototxt text or a message, upgraded as Caffe's
+    ``ReadSolverParamsFromTextFileOrDie``: the old ``solver_type`` enum becomes ``type``; a missing
+    ``snapshot_prefix`` becomes the solver file's path without extension, a directory gets the file's
+    stem appended. Returns ``(param, solver_file or None)``."""
+    path = None
+    if isinstance(source, caffe_pb2.SolverParameter):
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(source)
+    else:
+        if isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or "\n" not in str(source)
+                                                       and ":" not in str(source) and "{" not in str(source)):
+            path = os.fspath(source)
+        param = caffe_pb2.SolverParameter()
+        param.CopyFrom(load_solver_param(source))
+    upgrade_solver_param(param, path)
+    return param, path
+
+
+def upgrade_solver_param(param, path=None):
+    """Caffe's solver upgrades, in place (see ``read_solver_param``)."""
+    if param.HasField("solver_type"):
+        if param.HasField("type"):
+            raise SolverError(f"{path or '<solver>'}: give either the old 'solver_type' (enum) or 'type' "
+                              f"(string), not both")
+        param.type = _ENUM_TYPES.get(param.solver_type, str(param.solver_type))
+        param.ClearField("solver_type")
+    if path is not None:
+        if not param.HasField("snapshot_prefix"):
+            param.snapshot_prefix = os.path.splitext(path)[0]
+        elif os.path.isdir(param.snapshot_prefix):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            param.snapshot_prefix = os.path.join(param.snapshot_prefix, stem)
+    return param
+
+
+def solver_class(type_name, where="<solver>"):
+    """The Solver subclass for a solver ``type`` string (Caffe's names, case as Caffe spells them)."""
+    cls = SOLVER_CLASSES.get(type_name)
+    if cls is None:
+        known = ", ".join(SOLVER_CLASSES)
+        raise SolverError(f"{where}: unknown solver type '{type_name}'; known types: {known}")
+    return cls
+
+
+def get_solver(source, solver_file=None):
+    """pycaffe's ``caffe.get_solver``: the solver class that the file's ``type`` (or ``solver_type``) names."""
+    param, path = read_solver_param(source)
+    cls = solver_class(param.type, path or "<solver>")
+    return cls(param, solver_file=solver_file or path)
+
+
+# --- signals (Caffe's SignalHandler) ---------------------------------------------------------------
+
+class SignalHandler:
+    """SIGINT/SIGHUP only set flags; the solver asks ``check()`` once per iteration and acts on the
+    configured effect (``stop``, ``snapshot`` or ``none``), as Caffe's SignalHandler/ActionCallback.
+
+    Use as a context manager around training; the previous handlers come back on exit.
+    """
+
+    def __init__(self, sigint_effect=STOP, sighup_effect=SNAPSHOT):
+        for name, value in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
+            if value not in SIGNAL_EFFECTS:
+                raise SolverError(f"invalid signal effect '{value}' for {name} (use stop, snapshot or none)")
+        self.sigint_effect, self.sighup_effect = sigint_effect, sighup_effect
+        self._got = {"INT": False, "HUP": False}
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self._got["INT"] = True
+        elif hasattr(signal, "SIGHUP") and signum == signal.SIGHUP:
+            self._got["HUP"] = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            sigs = [signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+            for s in sigs:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def check(self):
+        """The requested action since the last call (SIGHUP first, as Caffe), then forget the signal."""
+        if self._got["HUP"]:
+            self._got["HUP"] = False
+            return self.sighup_effect
+        if self._got["INT"]:
+            self._got["INT"] = False
+            return self.sigint_effect
+        return NONE
+
+    __call__ = check
+
+
+# --- snapshots: fast BlobProto encoding ---------------------------------------------------------
+
+def solverstate_bytes(iteration, learned_net, current_step, histories):
+    """A serialized SolverState (Caffe's field numbers: iter 1, learned_net 2, history 3, current_step 4),
+    byte-identical to protobuf's own serialization of the same message."""
+    head = caffe_pb2.SolverState(iter=int(iteration), learned_net=learned_net).SerializeToString()
+    tail = caffe_pb2.SolverState(current_step=int(current_step)).SerializeToString()
+    return head + b"".join(_field(3, blobproto_bytes(h)) for h in histories) + tail
+
+
+# --- the solver -------------------------------------------------------------------------------------
+
+class Solver:
+    """Caffe's Solver with pycaffe's surface: ``net``, ``test_nets``, ``iter``, ``param``, ``step(n)``,
+    ``solve(resume_file=None)``, ``snapshot()``, ``restore(path)``, ``apply_update()``,
+    ``add_callback(on_start, on_gradients)``.
+
+    ``Solver(path_or_param)`` picks the subclass from the solver's ``type``; the subclasses
+    (``SGDSolver``...) use their own rule whatever the file says, as pycaffe's do.
+    """
+
+    rule_class = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Solver:
+            source = args[0] if args else kwargs.get("param_or_path")
+            param, path = read_solver_param(source)
+            cls = solver_class(param.type, path or "<solver>")
+        return super().__new__(cls)
+
+    def __init__(self, param_or_path, solver_file=None):
+        param, path = read_solver_param(param_or_path)
+        self.solver_file = os.fspath(solver_file) if solver_file is not None else path
+        self.param = param
+        self.log = _log()
+        self.log.info("Initializing solver from parameters: \n%s", str(param).rstrip())
+        self._check_param()
+        if param.type != self.type and param.HasField("type"):
+            self.log.warning("%s: the solver says type '%s', but %s was asked for: using %s updates",
+                             self._where(), param.type, type(self).__name__, self.type)
+        self.rule = self.rule_class(param)
+        if param.random_seed >= 0:
+            backend.set_random_seed(param.random_seed)
+        self._init_train_net()
+        self._init_test_nets()
+        self.log.info("Solver scaffolding done.")
+        self.iter = 0
+        self.current_step = 0
+        self._callbacks = []
+        self._action_function = None
+        self._requested_early_exit = False
+        self._losses, self.smoothed_loss = [], 0.0
+        self.test_scores = {}
+        self._scratch = {}
+        self._progress = None
+        self.history = [Blob(p.shape, name=f"history[{k}][{i}]")
+                        for k in range(self.rule.history_sets)
+                        for i, p in enumerate(self.net.learnable_params)]
+
+    # --- set-up ---------------------------------------------------------------------------------
+    @property
+    def type(self):
+        return self.rule_class.type
+
+    def _where(self):
+        return self.solver_file or "<solver>"
+
+    def _check_param(self):
+        p = self.param
+        where = self._where()
+        if p.average_loss < 1:
+            raise SolverError(f"{where}: average_loss should be >= 1 (got {p.average_loss})")
+        if p.iter_size < 1:
+            raise SolverError(f"{where}: iter_size should be >= 1 (got {p.iter_size})")
+        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (use L2 or L1)")
+        if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            try:
+                import h5py  # noqa: F401
+            except ImportError:
+                raise SolverError(f"{where}: snapshot_format HDF5 needs h5py (pip install h5py), or use "
+                                  f"BINARYPROTO") from None
+        if p.snapshot:
+            if not p.HasField("snapshot_prefix"):
+                raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
+            directory = os.path.dirname(p.snapshot_prefix) or "."
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                raise SolverError(f"{where}: cannot write to snapshot prefix '{p.snapshot_prefix}'; make sure "
+                                  f"that the directory '{directory}' exists and is writable")
+
+    def _resolve(self, field, value):
+        """A path from the solver: as given (relative to the working directory, as Caffe), else relative
+        to the solver file's directory; SolverError naming the field and the paths tried."""
+        tried = [value]
+        if os.path.exists(value):
+            return value
+        if self.solver_file and not os.path.isabs(value):
+            alt = os.path.join(os.path.dirname(os.path.abspath(self.solver_file)), value)
+            tried.append(alt)
+            if os.path.exists(alt):
+                self.log.info("%s '%s' is not in the working directory; using %s (beside the solver file)",
+                              field, value, alt)
+                return alt
+        raise SolverError(f"{self._where()}: {field} '{value}' not found (tried {', '.join(tried)})")
+
+    def _read_net(self, field, value):
+        return load_net_param(self._resolve(field, value))
+
+    def _init_train_net(self):
+        p = self.param
+        fields = ("net", "net_param", "train_net", "train_net_param")
+        given = [f for f in fields if p.HasField(f)]
+        if not given:
+            raise SolverError(f"{self._where()}: the solver must name a train net with one of: "
+                              f"{', '.join(fields)}")
+        if len(given) > 1:
+            raise SolverError(f"{self._where()}: give only one of {', '.join(fields)} for the train net "
+                              f"(found {', '.join(given)})")
+        field = given[0]
+        if field.endswith("_param"):
+            self.log.info("Creating training net specified in %s.", field)
+            net_param = load_net_param(getattr(p, field))
+        else:
+            self.log.info("Creating training net from %s file: %s", field, getattr(p, field))
+            net_param = self._read_net(field, getattr(p, field))
+        state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN)
+        state.MergeFrom(net_param.state)
+        state.MergeFrom(p.train_state)
+        net_param.state.CopyFrom(state)
+        self.net = Net(net_param, state.phase)
+        self._load_weights(self.net)
+
+    def _init_test_nets(self):
+        p = self.param
+        where = self._where()
+        if p.HasField("net") and p.HasField("net_param"):
+            raise SolverError(f"{where}: give either net or net_param, not both")
+        generic = p.HasField("net") or p.HasField("net_param")
+        specific = len(p.test_net_param) + len(p.test_net)
+        n_iter = len(p.test_iter)
+        if generic and n_iter < specific or not generic and n_iter != specific:
+            raise SolverError(f"{where}: test_iter must be given for each test net ({specific} test "
+                              f"net(s), {n_iter} test_iter value(s))")
+        count = specific + (n_iter - specific)
+        if len(p.test_state) and len(p.test_state) != count:
+            raise SolverError(f"{where}: test_state must be left out or given once per test net "
+                              f"({count} test nets, {len(p.test_state)} test_state entries)")
+        if count and p.test_interval <= 0:
+            raise SolverError(f"{where}: {count} test net(s) but test_interval is {p.test_interval}; "
+                              f"set test_interval > 0 (or drop test_iter)")
+        sources = []
+        for tp in p.test_net_param:
+            sources.append(("test_net_param", load_net_param(tp)))
+        for name in p.test_net:
+            sources.append((f"test_net file: {name}", self._read_net("test_net", name)))
+        for _ in range(count - len(sources)):
+            if p.HasField("net_param"):
+                sources.append(("net_param", load_net_param(p.net_param)))
+            else:
+                sources.append((f"net file: {p.net}", self._read_net("net", p.net)))
+        self.test_nets = []
+        for i, (desc, net_param) in enumerate(sources):
+            state = caffe_pb2.NetState(phase=caffe_pb2.TEST)
+            state.MergeFrom(net_param.state)
+            if len(p.test_state):
+                state.MergeFrom(p.test_state[i])
+            net_param.state.CopyFrom(state)
+            self.log.info("Creating test net (#%d) specified by %s", i, desc)
+            net = Net(net_param, state.phase)
+            self._load_weights(net)
+            net.share_with(self.net)
+            self.test_nets.append(net)
+
+    def _load_weights(self, net):
+        for entry in self.param.weights:
+            for name in entry.split(","):
+                name = name.strip()
+                if name:
+                    self.log.info("Finetuning from %s", name)
+                    net.copy_from(self._resolve("weights", name))
+
+    # --- pycaffe surface ----------------------------------------------------------------------
+    def add_callback(self, on_start, on_gradients):
+        """Call ``on_start()`` before each iteration's forward/backward and ``on_gradients()`` before its
+        update (pycaffe's ``Solver.add_callback``)."""
+        self._callbacks.append((on_start, on_gradients))
+
+    def set_action_function(self, fn):
+        """``fn()`` → 'none' | 'stop' | 'snapshot', asked once per iteration (e.g. a SignalHandler)."""
+        self._action_function = fn
+
+    def _requested_action(self):
+        if self._action_function is None:
+            return NONE
+        action = self._action_function()
+        return action if action in (STOP, SNAPSHOT) else NONE
+
+    @property
+    def lr(self):
+        """The learning rate the next update will use (pycaffe's ``SGDSolver.lr``)."""
+        return learning_rate(self.param, self.iter, self.current_step)[0]
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def solve(self, resume_file=None):
+        """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate."""
+        p = self.param
+        self.log.info("Solving %s", self.net.name)
+        self.log.info("Learning Rate Policy: %s", p.lr_policy)
+        self._requested_early_exit = False
+        if resume_file:
+            self.log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self._requested_early_exit:
+            self.log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0:
+            loss = self.net.forward_from_to()
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        self.log.info("Optimization Done.")
+
+    def step(self, iters):
+        """Run ``iters`` iterations (Caffe's Solver::Step)."""
+        p = self.param
+        start_iter, stop_iter = self.iter, self.iter + int(iters)
+        self._losses, self.smoothed_loss = [], 0.0
+        last_time, last_iter = time.perf_counter(), self.iter
+        from ..tools.common import ProgressBar
+        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter")
+        try:
+            while self.iter < stop_iter:
+                self.net.clear_param_diffs()
+                if p.test_interval and self.iter % p.test_interval == 0 and \
+                        (self.iter > 0 or p.test_initialization):
+                    self.test_all()
+                    if self._requested_early_exit:
+                        break
+                for on_start, _ in self._callbacks:
+                    on_start()
+                display = p.display and self.iter % p.display == 0
+                loss = 0.0
+                for _ in range(p.iter_size):
+                    part = self.net.forward_backward()
+                    if not math.isfinite(part):
+                        self._numerical_failure(part)
+                    loss += part
+                loss /= p.iter_size
+                self._update_smoothed_loss(loss, start_iter, p.average_loss)
+                if display:
+                    now = time.perf_counter()
+                    lapse = now - last_time
+                    per_s = (self.iter - last_iter) / (lapse if lapse else 1)
+                    self._info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, _fmt(per_s),
+                               _fmt(lapse), p.display, _fmt(self.smoothed_loss))
+                    last_time, last_iter = now, self.iter
+                    for line in self._output_lines(self.net, "Train"):
+                        self._info("%s", line)
+                for _, on_gradients in self._callbacks:
+                    on_gradients()
+                self.apply_update()
+                request = self._requested_action()
+                if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                    self.snapshot()
+                self._progress.update()
+                if request == STOP:
+                    self._requested_early_exit = True
+                    break
+        finally:
+            self._progress.close()
+            self._progress = None
+
+    def _info(self, fmt, *args):
+        """A log line that does not land in the middle of the progress bar's line."""
+        if self._progress is not None and self._progress.enabled:
+            self._progress.stream.write("\r\x1b[K")
+        self.log.info(fmt, *args, stacklevel=2)
+
+    def _update_smoothed_loss(self, loss, start_iter, average_loss):
+        """The mean of the last ``average_loss`` losses, updated as Caffe's UpdateSmoothedLoss."""
+        if len(self._losses) < average_loss:
+            self._losses.append(loss)
+            size = len(self._losses)
+            self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
+        else:
+            idx = (self.iter - start_iter) % average_loss
+            self.smoothed_loss += (loss - self._losses[idx]) / average_loss
+            self._losses[idx] = loss
+
+    @staticmethod
+    def _blob_loss_weights(net):
+        weights = {}
+        for lp, ws in zip(net.param.layer, net._loss_weights):
+            for name, w in zip(lp.top, ws):
+                if w:
+                    weights[name] = w
+        return weights
+
+    def _output_lines(self, net, kind, values=None):
+        """Caffe's ``    Train net output #k: name = v (* w = v·w loss)`` lines (one per output element)."""
+        weights = self._blob_loss_weights(net)
+        lines, k = [], 0
+        for name in sorted(net.outputs):      # Caffe's net outputs come from a std::set: sorted by name
+            vals = np.ravel(values[name] if values is not None else net.blobs[name].data)
+            w = weights.get(name, 0.0)
+            for v in vals:
+                extra = f" (* {_fmt(w)} = {_fmt(w * v)} loss)" if w else ""
+                lines.append(f"    {kind} net output #{k}: {name} = {_fmt(v)}{extra}")
+                k += 1
+        return lines
+
+    def apply_update(self):
+        """One update from the accumulated gradients (SGDSolver::ApplyUpdate); advances ``iter``."""
+        p = self.param
+        before = self.current_step
+        rate, self.current_step = learning_rate(p, self.iter, self.current_step)
+        if p.lr_policy == "multistep" and self.current_step != before:
+            self._info("MultiStep Status: Iteration %d, step = %d", self.iter, self.current_step)
+        if p.display and self.iter % p.display == 0:
+            self._info("Iteration %d, lr = %s", self.iter, _fmt(rate))
+        params = self.net.learnable_params
+        diffs = [b.xdiff for b in params]
+        clipped = updates.clip_gradients(diffs, p.clip_gradients)
+        if clipped:
+            self._info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale factor %s",
+                       _fmt(clipped[0]), _fmt(p.clip_gradients), _fmt(clipped[1]))
+        n = len(params)
+        lr_mults, decay_mults = self.net.params_lr, self.net.params_weight_decay
+        weight_decay = updates.f32(p.weight_decay)
+        for i, blob in enumerate(params):
+            g = diffs[i]
+            scratch = self._scratch_for(i, g)
+            updates.normalize(g, p.iter_size)
+            local_decay = updates.f32(weight_decay * updates.f32(decay_mults[i]))
+            if local_decay:
+                updates.regularize(blob.xdata, g, local_decay, p.regularization_type, scratch[0])
+            local_rate = updates.f32(rate * updates.f32(lr_mults[i]))
+            hist = [self.history[k * n + i].xdata for k in range(self.rule.history_sets)]
+            self.rule.compute(g, hist, scratch[1:], local_rate, self.iter)
+            w = blob.xdata
+            w -= g
+        self.iter += 1
+
+    def _scratch_for(self, i, g):
+        """Temporaries for parameter ``i`` (regularisation + the rule's), kept between iterations."""
+        need = 1 + self.rule.scratch
+        xp = backend.get_array_module(g)
+        have = self._scratch.get(i)
+        if have is None or have[0].shape != g.shape or have[0].dtype != g.dtype or \
+                backend.get_array_module(have[0]) is not xp:
+            have = [xp.empty_like(g) for _ in range(need)]
+            self._scratch[i] = have
+        return have
+
+    # --- testing ---------------------------------------------------------------------------------
+    def test_all(self):
+        for i in range(len(self.test_nets)):
+            if self._requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, test_net_id=0):
+        """Run test net ``test_net_id`` for its ``test_iter`` batches and log the mean outputs
+        (Caffe's Solver::Test); the means are kept in ``self.test_scores[test_net_id]``."""
+        p = self.param
+        self._info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        net = self.test_nets[test_net_id]
+        net.share_with(self.net)
+        n = p.test_iter[test_net_id]
+        sums, loss = None, 0.0
+        for _ in range(n):
+            request = self._requested_action()
+            while request != NONE:
+                if request == SNAPSHOT:
+                    self.snapshot()
+                elif request == STOP:
+                    self._requested_early_exit = True
+                request = self._requested_action()
+            if self._requested_early_exit:
+                break
+            iter_loss = net.forward_from_to()
+            if p.test_compute_loss:
+                loss += iter_loss
+            # accumulate on the device; one copy to the host at the end
+            if sums is None:
+                sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
+            else:
+                for name in net.outputs:
+                    sums[name] += net.blobs[name].xdata
+        if self._requested_early_exit:
+            self._info("Test interrupted.")
+            return None
+        if p.test_compute_loss and n:
+            self._info("Test loss: %s", _fmt(loss / n))
+        means = {name: backend.to_host(s) / n for name, s in (sums or {}).items()}
+        for line in self._output_lines(net, "Test", means):
+            self._info("%s", line)
+        self.test_scores[test_net_id] = {name: (float(m) if np.size(m) == 1 else m) for name, m in means.items()}
+        return self.test_scores[test_net_id]
+
+    # --- NaN / Inf --------------------------------------------------------------------------------
+    def _numerical_failure(self, loss):
+        where = first_non_finite(self.net)
+        files = self.snapshot()
+        raise NumericalError(
+            f"iteration {self.iter}: the loss is {loss}; first non-finite values in {where or 'no layer (?)'}; "
+            f"the last good weights were saved to {files[0]} (try a lower base_lr or clip_gradients)")
+
+    # --- snapshots --------------------------------------------------------------------------------
+    def snapshot_filename(self, extension):
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
+
+    def snapshot(self):
+        """Write ``<prefix>_iter_N.caffemodel`` (or ``.caffemodel.h5``) and ``.solverstate`` (``.h5``),
+        each atomically, plus the ``.rng`` sidecar that makes resuming bit-exact. Returns the paths."""
+        hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        if hdf5:
+            model = self.snapshot_filename(".caffemodel.h5")
+            self._info("Snapshotting to HDF5 file %s", model)
+            self.net.save_hdf5(model)
+            state = self.snapshot_filename(".solverstate.h5")
+            self._info("Snapshotting solver state to HDF5 file %s", state)
+            self._write_state_hdf5(state, model)
+        else:
+            model = self.snapshot_filename(".caffemodel")
+            self._info("Snapshotting to binary proto file %s", model)
+            self.net.save(model)
+            state = self.snapshot_filename(".solverstate")
+            self._info("Snapshotting solver state to binary proto file %s", state)
+            atomic_write(state, solverstate_bytes(self.iter, model, self.current_step,
+                                                  [h.data for h in self.history]))
+        atomic_write(state + ".rng", json.dumps(self._rng_state(), sort_keys=True))
+        return model, state
+
+    def _rng_state(self):
+        return {"format": "minicaffe solver RNG state 1", "iter": self.iter,
+                "host": backend.rng().bit_generator.state}
+
+    def _write_state_hdf5(self, path, model):
+        import h5py
+        with atomic_open(path, "wb") as f:
+            with h5py.File(f, "w") as h5:
+                h5.create_dataset("iter", data=np.array([self.iter], dtype=np.int32))
+                h5.create_dataset("learned_net", data=np.bytes_(model.encode()))
+                h5.create_dataset("current_step", data=np.array([self.current_step], dtype=np.int32))
+                group = h5.create_group("history")
+                for i, h in enumerate(self.history):
+                    group.create_dataset(str(i), data=h.data)
+
+    def restore(self, path):
+        """Load a ``.solverstate`` (or ``.solverstate.h5``): iteration, weights, history, current_step;
+        then the RNG sidecar and the data layers' read positions, so training continues exactly."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise SolverError(f"{path}: no such solver state file")
+        if path.endswith(".h5"):
+            it, learned, step, hist = self._read_state_hdf5(path)
+        else:
+            state = read_binary_file(path, caffe_pb2.SolverState())
+            it, step = state.iter, state.current_step
+            learned = state.learned_net if state.HasField("learned_net") else None
+            hist = [(blobproto_shape(bp), blobproto_to_array(bp)) for bp in state.history]
+        if learned:
+            self.net.copy_from(self._find_learned_net(learned, path))
+        if len(hist) != len(self.history):
+            raise SolverError(f"{path}: holds {len(hist)} history blobs, but the {self.type} solver keeps "
+                              f"{len(self.history)} for this net (another solver type or net?)")
+        for i, ((_, arr), blob) in enumerate(zip(hist, self.history)):
+            if arr.size != blob.count:
+                raise SolverError(f"{path}: history blob {i} has shape {tuple(arr.shape)}, the net's "
+                                  f"parameter has {blob.shape}")
+            blob.data[...] = arr.reshape(blob.shape)
+        self.iter, self.current_step = int(it), int(step)
+        self._restore_rng(path)
+        self._restore_data_positions()
+        self.log.info("%s solver: restored iteration %d from %s", self.type, self.iter, path)
+
+    def _read_state_hdf5(self, path):
+        try:
+            import h5py
+        except ImportError:
+            raise SolverError(f"{path}: reading an HDF5 solver state needs h5py (pip install h5py)") from None
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError as exc:
+            raise SolverError(f"{path}: cannot read HDF5 solver state: {exc}") from None
+        with h5:
+            try:
+                it = int(np.asarray(h5["iter"]).ravel()[0])
+                learned = None
+                if "learned_net" in h5:
+                    raw = np.asarray(h5["learned_net"]).item()
+                    learned = (raw.decode() if isinstance(raw, bytes) else str(raw)).rstrip("\0")
+                step = int(np.asarray(h5["current_step"]).ravel()[0]) if "current_step" in h5 else 0
+                group = h5["history"]
+                hist = [(group[str(i)].shape, np.asarray(group[str(i)])) for i in range(len(group))]
+            except KeyError as exc:
+                raise SolverError(f"{path}: not a solver state: missing {exc}") from None
+        return it, learned, step, hist
+
+    def _find_learned_net(self, learned, state_path):
+        if os.path.exists(learned):
+            return learned
+        alt = os.path.join(os.path.dirname(os.path.abspath(state_path)), os.path.basename(learned))
+        if os.path.exists(alt):
+            self.log.info("learned_net %s not found; using %s (beside the solver state)", learned, alt)
+            return alt
+        raise SolverError(f"{state_path}: learned_net '{learned}' not found (tried {learned}, {alt})")
+
+    def _restore_rng(self, path):
+        side = path + ".rng"
+        if not os.path.exists(side):
+            self.log.warning("%s: no RNG state (%s); random layers will not replay the interrupted run "
+                             "exactly", path, side)
+            return
+        try:
+            with open(side, encoding="utf-8") as f:
+                data = json.load(f)
+            backend.rng().bit_generator.state = data["host"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
+
+    def _restore_data_positions(self):
+        """Tell layers with ``restore_position(n)`` how many records their net has read so far."""
+        p = self.param
+        _tell_positions(self.net, self.iter * p.iter_size)
+        if p.test_interval > 0 and self.iter > 0:
+            tests = -(-self.iter // p.test_interval) - (0 if p.test_initialization else 1)
+        else:
+            tests = 0
+        for i, net in enumerate(self.test_nets):
+            _tell_positions(net, tests * p.test_iter[i])
+
+
+def _tell_positions(net, forward_passes):
+    for layer, tops in zip(net.layers, net._top):
+        hook = getattr(layer, "restore_position", None)
+        if callable(hook) and tops:
+            batch = tops[0].shape[0] if tops[0].shape else 1
+            hook(int(forward_passes) * int(batch))
+
+
+def first_non_finite(net):
+    """'layer 'x' (Type) top 'b'' (or 'parameter k') for the first layer in forward order whose
+    parameters or tops hold a NaN or an infinity; None if all are finite."""
+    for name, layer, tops in zip(net._layer_names, net.layers, net._top):
+        xp = backend.xp()
+        for k, blob in enumerate(layer.blobs):
+            if not bool(xp.isfinite(blob.xdata).all()):
+                return f"layer '{name}' ({layer.type}) parameter {k}"
+        for blob in tops:
+            if not bool(xp.isfinite(blob.xdata).all()):
+                return f"layer '{name}' ({layer.type}) top '{blob.name}'"
+    return None
+
+
+class SGDSolver(Solver):
+    rule_class = updates.SGD
+
+
+class NesterovSolver(Solver):
+    rule_class = updates.Nesterov
+
+
+class AdaGradSolver(Solver):
+    rule_class = updates.AdaGrad
+
+
+class RMSPropSolver(Solver):
+    rule_class = updates.RMSProp
+
+
+class AdaDeltaSolver(Solver):
+    rule_class = updates.AdaDelta
+
+
+class AdamSolver(Solver):
+    rule_class = updates.Adam
+
+
+SOLVER_CLASSES = {cls.rule_class.type: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver,
+                                                       RMSPropSolver, AdaDeltaSolver, AdamSolver)}

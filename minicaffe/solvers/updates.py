@@ -1,0 +1,237 @@
+"""Caffe's parameter update rules (``src/caffe/solvers/*.cpp``), written once for NumPy and CuPy.
+
+Every function works in place on arrays of the current array module (``blob.xdiff``/``blob.xdata``)
+and never copies to the host, except ``global_l2_norm``, which returns one float (Caffe logs it).
+The gradient array ``g`` goes in and comes out holding the *update value*; the solver then applies
+``w -= g``, as Caffe's ``Net::Update``. Scratch arrays are passed in so a step allocates nothing.
+
+Scalars are kept as Python floats rounded to float32, so float32 arrays stay float32 (NumPy's and
+CuPy's "weak" Python scalars) and the arithmetic matches Caffe's ``Dtype`` arithmetic.
+"""
+import math
+
+import numpy as np
+
+from .. import backend
+from ..errors import SolverError
+
+
+def f32(x):
+    """``x`` rounded to float32, as a Python float (a weak scalar that keeps float32 arrays float32)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+# --- gradient preparation (SGDSolver::Normalize, Regularize, ClipGradients) ----------------------
+
+def normalize(g, iter_size):
+    """Average gradients accumulated over ``iter_size`` forward/backward passes."""
+    if iter_size != 1:
+        g *= f32(1.0 / iter_size)
+
+
+def regularize(w, g, local_decay, regularization_type, scratch):
+    """Add the weight-decay gradient: L2 ``decay·w``, L1 ``decay·sign(w)``."""
+    if not local_decay:
+        return
+    xp = backend.get_array_module(g)
+    if regularization_type == "L2":
+        xp.multiply(w, local_decay, out=scratch)
+    elif regularization_type == "L1":
+        xp.sign(w, out=scratch)
+        scratch *= local_decay
+    else:
+        raise SolverError(f"unknown regularization_type '{regularization_type}' (use L2 or L1)")
+    g += scratch
+
+
+def global_l2_norm(diffs):
+    """The L2 norm of all arrays together, as one host float (one device sync)."""
+    if not diffs:
+        return 0.0
+    xp = backend.get_array_module(diffs[0])
+    total = None
+    for g in diffs:
+        flat = g.ravel()
+        part = xp.dot(flat, flat)
+        total = part if total is None else total + part
+    return math.sqrt(float(total))
+
+
+def clip_gradients(diffs, clip):
+    """Scale every gradient by ``clip / norm`` when the global norm exceeds ``clip`` (``clip < 0``: off).
+
+    Returns ``(norm, scale)`` when clipping happened, else None.
+    """
+    if clip < 0:
+        return None
+    norm = f32(global_l2_norm(diffs))
+    if norm > clip:
+        scale = f32(clip / norm)
+        for g in diffs:
+            g *= scale
+        return norm, scale
+    return None
+
+
+# --- the update rules (ComputeUpdateValue) -----------------------------------------------------
+
+class UpdateRule:
+    """One solver type's ComputeUpdateValue. ``history_sets``: history blobs per parameter (Caffe keeps
+    set k of parameter i at ``history[k * num_params + i]``); ``scratch``: temporaries per parameter."""
+
+    type = None
+    history_sets = 1
+    scratch = 1
+
+    def __init__(self, param):
+        self.momentum = f32(param.momentum)
+        self.momentum2 = f32(param.momentum2)
+        self.delta = f32(param.delta)
+        self.rms_decay = f32(param.rms_decay)
+        self.check(param)
+
+    def check(self, param):
+        """Caffe's constructor sanity checks for this solver type."""
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        """Turn the gradient ``g`` into the update value in place; ``hist``/``tmp``: this parameter's
+        history and scratch arrays; ``it``: the iteration (before its increment)."""
+        raise NotImplementedError
+
+
+class SGD(UpdateRule):
+    """``v = momentum·v + lr·g``; the update is ``v``."""
+
+    type = "SGD"
+    scratch = 0
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        h = hist[0]
+        h *= self.momentum
+        g *= local_rate
+        h += g
+        xp.copyto(g, h)
+
+
+class Nesterov(UpdateRule):
+    """``v' = momentum·v + lr·g``; the update is ``(1+momentum)·v' − momentum·v``."""
+
+    type = "Nesterov"
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        h, old = hist[0], tmp[0]
+        m = self.momentum
+        xp.copyto(old, h)
+        h *= m
+        g *= local_rate
+        h += g
+        xp.multiply(old, -m, out=old)
+        xp.multiply(h, f32(1.0 + m), out=g)
+        g += old
+
+
+class AdaGrad(UpdateRule):
+    """``h += g²``; the update is ``lr·g / (√h + delta)``."""
+
+    type = "AdaGrad"
+
+    def check(self, param):
+        if param.momentum != 0:
+            raise SolverError("momentum cannot be used with AdaGrad (set momentum: 0)")
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        h, t = hist[0], tmp[0]
+        xp.multiply(g, g, out=t)
+        h += t
+        xp.sqrt(h, out=t)
+        t += self.delta
+        xp.divide(g, t, out=g)
+        g *= local_rate
+
+
+class RMSProp(UpdateRule):
+    """``h = rms_decay·h + (1−rms_decay)·g²``; the update is ``lr·g / (√h + delta)``."""
+
+    type = "RMSProp"
+
+    def check(self, param):
+        if param.momentum != 0:
+            raise SolverError("momentum cannot be used with RMSProp (set momentum: 0)")
+        if not 0 <= param.rms_decay < 1:
+            raise SolverError(f"rms_decay should lie between 0 and 1 (got {param.rms_decay:g})")
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        h, t = hist[0], tmp[0]
+        xp.multiply(g, g, out=t)
+        t *= f32(1.0 - self.rms_decay)
+        h *= self.rms_decay
+        h += t
+        xp.sqrt(h, out=t)
+        t += self.delta
+        xp.divide(g, t, out=g)
+        g *= local_rate
+
+
+class AdaDelta(UpdateRule):
+    """Zeiler's AdaDelta as Caffe has it: ``h1 = m·h1 + (1−m)·g²``,
+    ``u = g·√((h2 + delta)/(h1 + delta))``, ``h2 = m·h2 + (1−m)·u²``; the update is ``lr·u``
+    (Caffe multiplies by the solver's learning rate too, so base_lr: 1 gives the paper's rule)."""
+
+    type = "AdaDelta"
+    history_sets = 2
+    scratch = 2
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        h1, h2 = hist
+        u, t = tmp
+        m, one_m = self.momentum, f32(1.0 - self.momentum)
+        xp.multiply(g, g, out=u)
+        u *= one_m
+        h1 *= m
+        h1 += u
+        xp.add(h2, self.delta, out=u)
+        xp.add(h1, self.delta, out=t)
+        xp.divide(u, t, out=u)
+        xp.sqrt(u, out=u)
+        g *= u
+        xp.multiply(g, g, out=u)
+        u *= one_m
+        h2 *= m
+        h2 += u
+        g *= local_rate
+
+
+class Adam(UpdateRule):
+    """Kingma & Ba's Adam as Caffe has it: ``m = β1·m + (1−β1)·g``, ``v = β2·v + (1−β2)·g²``; the update
+    is ``lr·√(1−β2^t)/(1−β1^t) · m / (√v + delta)`` with ``t = iter + 1``."""
+
+    type = "Adam"
+    history_sets = 2
+
+    def compute(self, g, hist, tmp, local_rate, it):
+        xp = backend.get_array_module(g)
+        m, v = hist
+        t = tmp[0]
+        b1, b2 = self.momentum, self.momentum2
+        step = it + 1
+        correction = f32(math.sqrt(1.0 - math.pow(b2, step)) / (1.0 - math.pow(b1, step)))
+        m *= b1
+        xp.multiply(g, f32(1.0 - b1), out=t)
+        m += t
+        xp.multiply(g, g, out=t)
+        t *= f32(1.0 - b2)
+        v *= b2
+        v += t
+        xp.sqrt(v, out=t)
+        t += self.delta
+        xp.divide(m, t, out=g)
+        g *= f32(local_rate * correction)
+
+
+RULES = {cls.type: cls for cls in (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)}

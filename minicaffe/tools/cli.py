@@ -1,0 +1,344 @@
+"""``minicaffe <command> <flags>``: Caffe's ``caffe`` tool (train, test, time, device_query).
+
+Flags are spelled as Caffe's gflags (``--solver=x``, ``--solver x`` and ``-solver x`` all work) and
+the log lines are worded as Caffe's. Each command is a thin shell over library calls: the same work
+can be done from Python with ``minicaffe.get_solver``/``Net``.
+"""
+import argparse
+import sys
+import time as _time
+
+import numpy as np
+
+from .. import backend
+from ..errors import MinicaffeError
+from ..proto import caffe_pb2
+from .common import get_logger, run_main
+
+COMMANDS = ("train", "test", "device_query", "time")
+FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
+         "sigint_effect", "sighup_effect", "debug")
+
+USAGE = """minicaffe <command> <args>
+
+commands:
+  train           train or finetune a model
+  test            score a model
+  device_query    show GPU diagnostic information
+  time            benchmark model execution time"""
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="minicaffe", usage=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", help="train | test | device_query | time")
+    p.add_argument("--gpu", default="",
+                   help="run in GPU mode on the given device IDs separated by ','; 'all' for every device")
+    p.add_argument("--solver", default="", help="the solver definition protocol buffer text file")
+    p.add_argument("--model", default="", help="the model definition protocol buffer text file")
+    p.add_argument("--phase", default="", help="network phase (TRAIN or TEST); for 'time' and 'test'")
+    p.add_argument("--level", type=int, default=0, help="network level")
+    p.add_argument("--stage", default="", help="network stages, separated by ','")
+    p.add_argument("--snapshot", default="", help="the solver state (.solverstate) to resume training from")
+    p.add_argument("--weights", default="",
+                   help="pretrained weights to initialise finetuning (or to score), separated by ','")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="iterations to run (test/time; default 50); for train, overrides max_iter")
+    p.add_argument("--sigint_effect", default="stop", help="action on SIGINT: snapshot, stop or none")
+    p.add_argument("--sighup_effect", default="snapshot", help="action on SIGHUP: snapshot, stop or none")
+    return p
+
+
+def _gflags_style(argv):
+    """``-solver x`` (gflags' single dash) → ``--solver x``."""
+    out = []
+    for a in argv:
+        if a.startswith("-") and not a.startswith("--") and a[1:].split("=", 1)[0] in FLAGS:
+            a = "-" + a
+        out.append(a)
+    return out
+
+
+def _stages(flag):
+    return [s for s in flag.split(",") if s]
+
+
+def _phase(flag, default):
+    if not flag:
+        return default
+    if flag == "TRAIN":
+        return caffe_pb2.TRAIN
+    if flag == "TEST":
+        return caffe_pb2.TEST
+    raise MinicaffeError(f'--phase must be "TRAIN" or "TEST" (got "{flag}")')
+
+
+def _gpus(flag):
+    """Device ids from ``--gpu`` ('' → none, 'all', or '0,1'); a one-line error when CUDA is missing."""
+    if not flag:
+        return []
+    if not backend.gpu_available():
+        raise MinicaffeError(f"--gpu {flag}: no CUDA device is visible (CuPy is not installed or there is "
+                             f"no GPU); leave out --gpu to run on the CPU")
+    count = backend._import_cupy().cuda.runtime.getDeviceCount()
+    if flag == "all":
+        return list(range(count))
+    try:
+        ids = [int(s) for s in flag.split(",")]
+    except ValueError:
+        raise MinicaffeError(f"--gpu {flag}: give device ids separated by ',' or 'all'") from None
+    for i in ids:
+        if not 0 <= i < count:
+            raise MinicaffeError(f"--gpu {flag}: no CUDA device {i} ({count} visible)")
+    return ids
+
+
+def _device_name(i):
+    props = backend._import_cupy().cuda.runtime.getDeviceProperties(i)
+    name = props.get("name", b"")
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _use(gpus, log):
+    if gpus:
+        backend.set_device(gpus[0])
+        backend.set_mode_gpu()
+    else:
+        log.info("Use CPU.")
+        backend.set_mode_cpu()
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+def train(args):
+    """Train or finetune (Caffe's ``caffe train``)."""
+    from ..solvers.solver import SignalHandler, read_solver_param, solver_class
+    log = get_logger()
+    if not args.solver:
+        raise MinicaffeError("train: need a solver definition (--solver)")
+    if args.snapshot and args.weights:
+        raise MinicaffeError("train: give a snapshot to resume training or weights to finetune, but not both")
+    handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
+    param, path = read_solver_param(args.solver)
+    param.train_state.level = args.level
+    param.train_state.stage.extend(_stages(args.stage))
+    gpu_flag = args.gpu
+    if not gpu_flag and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU:
+        if backend.gpu_available():
+            gpu_flag = str(param.device_id)
+        else:
+            log.warning("%s asks for solver_mode: GPU, but no CUDA device is visible; using the CPU", path)
+    gpus = _gpus(gpu_flag)
+    if len(gpus) > 1:
+        raise MinicaffeError(f"--gpu {gpu_flag}: training on several GPUs is not supported yet; give one "
+                             f"device id")
+    if gpus:
+        log.info("Using GPUs %s", ", ".join(map(str, gpus)))
+        for g in gpus:
+            log.info("GPU %d: %s", g, _device_name(g))
+        param.device_id = gpus[0]
+    _use(gpus, log)
+    if args.snapshot:
+        param.ClearField("weights")
+    elif args.weights:
+        param.ClearField("weights")
+        param.weights.append(args.weights)
+    if args.iterations is not None:
+        param.max_iter = args.iterations
+    with handler:
+        solver = solver_class(param.type, path)(param, solver_file=path)
+        solver.set_action_function(handler.check)
+        if args.snapshot:
+            log.info("Resuming from %s", args.snapshot)
+            solver.restore(args.snapshot)
+        log.info("Starting Optimization")
+        solver.solve()
+    log.info("Optimization Done.")
+    return 0
+
+
+def _net(args, default_phase, weights=None):
+    from ..net import Net
+    return Net(args.model, _phase(args.phase, default_phase), weights=weights, level=args.level,
+               stages=_stages(args.stage))
+
+
+def _loss_weights(net):
+    weights = {}
+    for lp, ws in zip(net.param.layer, net._loss_weights):
+        for name, w in zip(lp.top, ws):
+            if w:
+                weights[name] = w
+    return weights
+
+
+def _g(x):
+    return f"{float(x):.6g}"
+
+
+def test(args):
+    """Score a model: mean of each output over ``--iterations`` batches (Caffe's ``caffe test``)."""
+    log = get_logger()
+    if not args.model:
+        raise MinicaffeError("test: need a model definition to score (--model)")
+    if not args.weights:
+        raise MinicaffeError("test: need model weights to score (--weights)")
+    gpus = _gpus(args.gpu)
+    if gpus:
+        log.info("Use GPU with device ID %d", gpus[0])
+        log.info("GPU device name: %s", _device_name(gpus[0]))
+    _use(gpus, log)
+    net = _net(args, caffe_pb2.TEST)
+    for w in (s.strip() for s in args.weights.split(",")):
+        if w:
+            net.copy_from(w)
+    iterations = 50 if args.iterations is None else args.iterations
+    log.info("Running for %d iterations.", iterations)
+    sums, names, loss = [], [], 0.0
+    for i in range(iterations):
+        loss += net.forward_from_to()
+        idx = 0
+        for name in sorted(net.outputs):      # Caffe's output order: sorted by name
+            for v in np.ravel(net.blobs[name].data):
+                if i == 0:
+                    sums.append(0.0)
+                    names.append(name)
+                sums[idx] += float(v)
+                idx += 1
+                log.info("Batch %d, %s = %s", i, name, _g(v))
+    loss /= max(iterations, 1)
+    log.info("Loss: %s", _g(loss))
+    weights = _loss_weights(net)
+    for name, total in zip(names, sums):
+        mean = total / iterations
+        w = weights.get(name, 0.0)
+        extra = f" (* {_g(w)} = {_g(w * mean)} loss)" if w else ""
+        log.info("%s = %s%s", name, _g(mean), extra)
+    return 0
+
+
+def time(args):
+    """Per-layer forward/backward timings (Caffe's ``caffe time``) plus a table on stdout."""
+    log = get_logger()
+    if not args.model:
+        raise MinicaffeError("time: need a model definition to time (--model)")
+    gpus = _gpus(args.gpu)
+    if gpus:
+        log.info("Use GPU with device ID %d", gpus[0])
+    _use(gpus, log)
+    net = _net(args, caffe_pb2.TRAIN)
+    iterations = 50 if args.iterations is None else args.iterations
+    if iterations < 1:
+        raise MinicaffeError(f"time: --iterations must be at least 1 (got {iterations})")
+    log.info("Performing Forward")
+    log.info("Initial loss: %s", _g(net.forward_from_to()))
+    log.info("Performing Backward")
+    net.backward_from_to()
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", iterations)
+    fwd, bwd = {}, {}
+    fwd_total = bwd_total = 0.0
+    start = _time.perf_counter()
+    for j in range(iterations):
+        t0 = _time.perf_counter()
+        net.forward_from_to(timings=fwd)
+        t1 = _time.perf_counter()
+        net.backward_from_to(timings=bwd)
+        t2 = _time.perf_counter()
+        fwd_total += t1 - t0
+        bwd_total += t2 - t1
+        log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _g((t2 - t0) * 1e3))
+    total = _time.perf_counter() - start
+    log.info("Average time per layer: ")
+    rows = []
+    for li, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
+        f = fwd.get(li, 0.0) * 1e3 / iterations
+        b = bwd.get(li, 0.0) * 1e3 / iterations
+        log.info("%10s\tforward: %s ms.", name, _g(f))
+        log.info("%10s\tbackward: %s ms.", name, _g(b))
+        rows.append((name, layer.type, f, b))
+    log.info("Average Forward pass: %s ms.", _g(fwd_total * 1e3 / iterations))
+    log.info("Average Backward pass: %s ms.", _g(bwd_total * 1e3 / iterations))
+    log.info("Average Forward-Backward: %s ms.", _g(total * 1e3 / iterations))
+    log.info("Total Time: %s ms.", _g(total * 1e3))
+    log.info("*** Benchmark ends ***")
+    _print_table(rows, total * 1e3 / iterations)
+    return 0
+
+
+def _print_table(rows, per_iter_ms):
+    """Layers in net order with their mean forward/backward ms and share of the iteration."""
+    wn = max([len("layer")] + [len(r[0]) for r in rows])
+    wt = max([len("type")] + [len(r[1]) for r in rows])
+    out = sys.stdout
+    out.write(f"{'layer':<{wn}}  {'type':<{wt}}  {'forward ms':>11}  {'backward ms':>11}  {'share':>6}\n")
+    for name, kind, f, b in rows:
+        share = 100.0 * (f + b) / per_iter_ms if per_iter_ms > 0 else 0.0
+        out.write(f"{name:<{wn}}  {kind:<{wt}}  {f:11.3f}  {b:11.3f}  {share:5.1f}%\n")
+    fsum, bsum = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    out.write(f"{'total':<{wn}}  {'':<{wt}}  {fsum:11.3f}  {bsum:11.3f}\n")
+    out.flush()
+
+
+_PROPS = (
+    ("Major revision number:         ", "major"),
+    ("Minor revision number:         ", "minor"),
+    ("Name:                          ", "name"),
+    ("Total global memory:           ", "totalGlobalMem"),
+    ("Total shared memory per block: ", "sharedMemPerBlock"),
+    ("Total registers per block:     ", "regsPerBlock"),
+    ("Warp size:                     ", "warpSize"),
+    ("Maximum memory pitch:          ", "memPitch"),
+    ("Maximum threads per block:     ", "maxThreadsPerBlock"),
+    ("Maximum dimension of block:    ", "maxThreadsDim"),
+    ("Maximum dimension of grid:     ", "maxGridSize"),
+    ("Clock rate:                    ", "clockRate"),
+    ("Total constant memory:         ", "totalConstMem"),
+    ("Texture alignment:             ", "textureAlignment"),
+    ("Concurrent copy and execution: ", "deviceOverlap"),
+    ("Number of multiprocessors:     ", "multiProcessorCount"),
+    ("Kernel execution timeout:      ", "kernelExecTimeoutEnabled"),
+)
+
+
+def device_query(args):
+    """CUDA device properties, as Caffe's ``caffe device_query`` (every device when --gpu is left out)."""
+    log = get_logger()
+    if not backend.gpu_available():
+        raise MinicaffeError("device_query: no CUDA device is visible (CuPy is not installed or there is no GPU)")
+    gpus = _gpus(args.gpu or "all")
+    log.info("Querying GPUs %s", args.gpu or "all")
+    runtime = backend._import_cupy().cuda.runtime
+    for i in gpus:
+        props = runtime.getDeviceProperties(i)
+        log.info("Device id:                     %d", i)
+        for label, key in _PROPS:
+            value = props.get(key, "?")
+            if isinstance(value, bytes):
+                value = value.decode(errors="replace")
+            if key in ("deviceOverlap", "kernelExecTimeoutEnabled"):
+                value = "Yes" if value else "No"
+            elif isinstance(value, (tuple, list)):
+                value = ", ".join(str(v) for v in value)
+            log.info("%s%s", label, value)
+    return 0
+
+
+_COMMAND_FUNCS = {"train": train, "test": test, "device_query": device_query, "time": time}
+
+
+@run_main
+def main(argv=None):
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--debug", "-debug")]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _parser().print_help(sys.stderr)
+        return 0 if argv else 1
+    args = _parser().parse_args(_gflags_style(argv))
+    fn = _COMMAND_FUNCS.get(args.command)
+    if fn is None:
+        raise MinicaffeError(f"unknown command '{args.command}'; commands: {', '.join(COMMANDS)}")
+    return fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
