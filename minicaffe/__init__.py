@@ -6,6 +6,7 @@ from .blob import Blob
 from .errors import MinicaffeError
 from .layers.base import Layer, layer_type_list
 from .net import Net
+from .net_spec import NetSpec, layers, params, to_proto  # noqa: F401  (pycaffe's caffe.layers is NetSpec's)
 from .proto import caffe_pb2
 from .proto.caffe_pb2 import TEST, TRAIN
 
@@ -21,10 +22,6 @@ def __getattr__(name):
     }
     if name in lazy:
         return importlib.import_module(lazy[name], __name__)
-    if name in ("NetSpec", "layers", "params", "to_proto"):
-        from . import net_spec
-        return {"NetSpec": net_spec.NetSpec, "layers": net_spec.layers, "params": net_spec.params,
-                "to_proto": net_spec.to_proto}[name]
     if name == "Classifier":
         from .classifier import Classifier
         return Classifier

@@ -15,6 +15,7 @@ def atomic_open(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask like open() does
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -31,3 +32,9 @@ def atomic_write(path, data):
             f.write(data)
     except OSError as exc:
         raise MinicaffeError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

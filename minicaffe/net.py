@@ -16,6 +16,7 @@ from .errors import MinicaffeError, NetError, ShapeError, WeightsError
 from .fileio import atomic_write
 from .layers import create_layer
 from .proto import caffe_pb2
+from .wire import blobproto_bytes
 from .prototxt import filter_net, load_net_param, make_state, parse_binary, upgrade_net
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -133,7 +134,7 @@ class Net:
         self._lr_mult = []
         self._decay_mult = []
         self._learnable_names = []
-        consumed = set()
+        available = []          # blobs produced and not yet consumed: the net's outputs at the end
         seen_layers = set()
 
         for li, lp in enumerate(self.param.layer):
@@ -150,7 +151,8 @@ class Net:
                 if name not in self.blobs:
                     raise NetError(f"bottom '{name}' is not produced by any earlier layer", lp.name, lp.type)
                 bottoms.append(self.blobs[name])
-                consumed.add(name)
+                if name in available:
+                    available.remove(name)
                 nb = blob_need_backward.get(name, False)
                 if len(lp.propagate_down):
                     nb = bool(lp.propagate_down[j])
@@ -219,6 +221,8 @@ class Net:
 
             for name in lp.top:
                 blob_need_backward[name] = need_backward
+                if name not in available:
+                    available.append(name)
             self.layers.append(layer)
             self._layer_names.append(lp.name)
             self._bottom.append(bottoms)
@@ -229,23 +233,29 @@ class Net:
             self.top_names[lp.name] = list(lp.top)
             self.bottom_names[lp.name] = list(lp.bottom)
 
-        self.outputs = [name for name in self.blobs if name not in consumed]
+        self.outputs = sorted(available)   # Caffe keeps them in a std::set: sorted by name
         self._prune_backward()
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
 
     def _prune_backward(self):
-        """Skip backward for layers that feed no loss; honour force_backward (Caffe's Net::Init)."""
-        under_loss = set()
+        """Skip backward for layers that feed no loss or whose every top is cut off by
+        ``propagate_down: false``; honour force_backward (Caffe's Net::Init, backward pass)."""
+        under_loss, skip_backprop = set(), set()
         for li in reversed(range(len(self.layers))):
             lp = self.param.layer[li]
-            contributes = any(self._loss_weights[li]) or any(t in under_loss for t in lp.top)
-            if not contributes:
+            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], lp.top))
+            skip = all(name in skip_backprop for name in lp.top)
+            if skip:
+                self._bottom_need_backward[li] = [False] * len(lp.bottom)
+            if skip or not contributes:
                 self._layer_need_backward[li] = False
-                self._bottom_need_backward[li] = [False] * len(lp.bottom)
-            else:
-                under_loss.update(lp.bottom)
-            if not self._layer_need_backward[li]:
-                self._bottom_need_backward[li] = [False] * len(lp.bottom)
+            for j, name in enumerate(lp.bottom):
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self._bottom_need_backward[li][j] = False
+                if not self._bottom_need_backward[li][j]:
+                    skip_backprop.add(name)
         if self.force_backward:
             for li, layer in enumerate(self.layers):
                 self._layer_need_backward[li] = True
@@ -406,7 +416,7 @@ class Net:
 
     def clear_param_diffs(self):
         for blob in self._learnable:
-            blob.xdiff = backend.xp().zeros(blob.shape, dtype=blob.dtype)
+            blob.xdiff.fill(0)
 
     # --- weights -------------------------------------------------------------------------
     def to_proto(self, write_diff=False):
@@ -421,8 +431,7 @@ class Net:
             del new.blobs[:]
             for blob in layer.blobs:
                 bp = new.blobs.add()
-                bp.shape.dim.extend(blob.shape)
-                bp.data.extend(blob.data.astype(np.float32).ravel().tolist())
+                bp.MergeFromString(blobproto_bytes(blob.data.astype(np.float32, copy=False)))
                 if write_diff:
                     bp.diff.extend(blob.diff.astype(np.float32).ravel().tolist())
         return out
