@@ -1,0 +1,146 @@
+"""pycaffe's ``caffe.Classifier``: a Net that classifies images by resizing, cropping (centre or
+10 crops) and averaging the output over the crops.
+
+Crops come from ``crops(image, crop_dims, scheme)``, a small registry of schemes ("10": pycaffe's
+corners + centre + mirrors, "center": one centre crop); further multi-crop schemes register
+themselves with ``register_crop_scheme`` and ``predict(..., scheme=name)`` uses them.
+"""
+import os
+
+import numpy as np
+
+from . import io as caffe_io
+from .errors import DataError, MinicaffeError
+from .net import Net
+from .proto import caffe_pb2
+
+# --- crop schemes -----------------------------------------------------------------------------
+# A scheme maps an N×H×W×K float32 batch and (h, w) to an N×n×h×w×K array: n crops per image.
+
+
+def _ten_crops(batch, crop_dims):
+    n = batch.shape[0]
+    crops = caffe_io.oversample(batch, crop_dims)
+    return crops.reshape((n, 10) + crops.shape[1:])
+
+
+def _center_crop(batch, crop_dims):
+    H, W = batch.shape[1:3]
+    ch, cw = (int(d) for d in crop_dims)
+    if ch > H or cw > W:
+        raise DataError(f"centre crop {ch}×{cw} does not fit in images of {H}×{W}")
+    y, x = caffe_io.center_crop_box((H, W), (ch, cw))
+    return batch[:, np.newaxis, y:y + ch, x:x + cw, :]
+
+
+CROP_SCHEMES = {"10": _ten_crops, "center": _center_crop}
+
+
+def register_crop_scheme(name, fn):
+    """Add a crop scheme: ``fn(batch N×H×W×K, (h, w)) -> N×n×h×w×K``."""
+    CROP_SCHEMES[str(name)] = fn
+
+
+def crops(image, crop_dims, scheme="10"):
+    """The crops of one H×W×K image (→ n×h×w×K) or of an N×H×W×K batch (→ (N·n)×h×w×K, image 0's
+    crops first), by the named scheme."""
+    if scheme not in CROP_SCHEMES:
+        raise MinicaffeError(f"unknown crop scheme '{scheme}' (known: {', '.join(sorted(CROP_SCHEMES))})")
+    arr = np.asarray(image, dtype=np.float32)
+    single = arr.ndim == 3
+    batch = arr[np.newaxis] if single else arr
+    if batch.ndim != 4:
+        raise DataError(f"crops: need an H×W×K image or an N×H×W×K batch, got shape {arr.shape}")
+    out = CROP_SCHEMES[scheme](batch, crop_dims)
+    return out[0] if single else out.reshape((-1,) + out.shape[2:])
+
+
+class Classifier(Net):
+    """A TEST-phase Net with pre-processing for its first input.
+
+    ``image_dims`` is the size images are resized to before cropping (default: the input size, i.e.
+    one whole-image crop); ``mean``, ``input_scale``, ``raw_scale`` and ``channel_swap`` configure the
+    ``Transformer`` as in pycaffe (transpose H×W×K → K×H×W is always set).
+    """
+
+    def __init__(self, model_file, pretrained_file, image_dims=None, mean=None, input_scale=None,
+                 raw_scale=None, channel_swap=None):
+        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
+        if not self.inputs:
+            raise MinicaffeError(f"Classifier: net '{self.name}' has no Input layer to feed images to")
+        in_ = self.inputs[0]
+        shape = self.blobs[in_].data.shape
+        if len(shape) != 4:
+            raise MinicaffeError(f"Classifier: input '{in_}' has shape {shape}; images need N×C×H×W")
+        self.transformer = caffe_io.Transformer({in_: shape})
+        self.transformer.set_transpose(in_, (2, 0, 1))
+        if mean is not None:
+            self.transformer.set_mean(in_, mean)
+        if input_scale is not None:
+            self.transformer.set_input_scale(in_, input_scale)
+        if raw_scale is not None:
+            self.transformer.set_raw_scale(in_, raw_scale)
+        if channel_swap is not None:
+            self.transformer.set_channel_swap(in_, channel_swap)
+        self.crop_dims = np.array(shape[2:])
+        if image_dims is None or len(image_dims) == 0:
+            image_dims = self.crop_dims
+        self.image_dims = np.array([int(d) for d in image_dims])
+        if (self.image_dims < self.crop_dims).any():
+            raise MinicaffeError(f"Classifier: image_dims {tuple(self.image_dims.tolist())} are smaller "
+                                 f"than the net's input {tuple(self.crop_dims.tolist())}")
+
+    def predict(self, inputs, oversample=True, scheme=None):
+        """Class scores for each H×W×K image: N×classes (averaged over crops).
+
+        ``oversample=True`` averages pycaffe's 10 crops, ``False`` takes the centre crop;
+        ``scheme`` names any registered crop scheme instead.
+        """
+        if len(inputs) == 0:
+            raise DataError("Classifier.predict: no images given")
+        channels = {np.shape(im)[2] if np.ndim(im) == 3 else None for im in inputs}
+        if len(channels) != 1 or None in channels:
+            raise DataError("Classifier.predict: images must be H×W×K arrays with one number of channels")
+        k = channels.pop()
+        h, w = (int(d) for d in self.image_dims)
+        batch = np.empty((len(inputs), h, w, k), dtype=np.float32)
+        for ix, im in enumerate(inputs):
+            batch[ix] = caffe_io.resize_image(im, (h, w))
+        scheme = scheme or ("10" if oversample else "center")
+        cropped = crops(batch, self.crop_dims, scheme)
+        in_ = self.inputs[0]
+        caffe_in = self.transformer.preprocess_batch(in_, cropped)
+        predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
+        per_image = len(predictions) // len(inputs)
+        if per_image > 1:
+            predictions = predictions.reshape((len(inputs), per_image, -1)).mean(1)
+        return predictions
+
+
+# --- labels and top-k, for the classify tool and scripts ---------------------------------------
+
+def load_labels(path):
+    """One label per line (e.g. synset_words.txt: 'n01440764 tench, Tinca tinca'); blank lines kept
+    out only at the end, so line i is class i."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read labels: {exc.strerror or exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: the labels file is empty")
+    return lines
+
+
+def top_k(predictions, k=5):
+    """Indices and scores of the ``k`` best classes per row, best first: (N×k ints, N×k scores)."""
+    scores = np.asarray(predictions).reshape(len(predictions), -1)
+    k = max(1, min(int(k), scores.shape[1]))
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(scores, idx, axis=1)
+
+
+__all__ = ["Classifier", "crops", "register_crop_scheme", "CROP_SCHEMES", "load_labels", "top_k"]

@@ -1,0 +1,156 @@
+"""draw / draw_net: DOT text without Graphviz, PNG through `dot` when installed, clear errors otherwise."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import minicaffe as caffe
+from minicaffe import draw
+from minicaffe.proto import caffe_pb2
+from minicaffe.prototxt import parse_text
+from minicaffe.tools import draw_net as draw_net_tool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_DOT = shutil.which("dot") is not None
+
+NET = """
+name: "tiny"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        param { lr_mult: 1 } param { lr_mult: 2 }
+        convolution_param { num_output: 16 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool1" top: "ip" inner_product_param { num_output: 10 } }
+layer { name: "drop" type: "Dropout" bottom: "ip" top: "ip" include { phase: TRAIN } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" exclude { phase: TRAIN } }
+"""
+
+
+def net_param():
+    return parse_text(NET, caffe_pb2.NetParameter())
+
+
+def test_dot_text_has_layers_blobs_labels_and_styles():
+    dot = draw.to_dot(net_param(), "LR")
+    assert dot.startswith('digraph "tiny" {') and 'rankdir="LR"' in dot
+    assert '"conv1_Convolution" [shape="record", fillcolor="#FF5050", style="filled", ' \
+           'label="conv1\\n(Convolution)\\nkernel size: 3\\nstride: 2\\npad: 1"]' in dot
+    assert 'label="pool1\\n(Pooling AVE)\\nkernel size: 2\\nstride: 2\\npad: 0"' in dot
+    assert '"relu1_ReLU" [shape="record", fillcolor="#90EE90"' in dot          # in place: green
+    assert '"ip_InnerProduct" [shape="record", fillcolor="#CC33FF"' in dot
+    assert '"conv1_blob" [shape="octagon", fillcolor="#E0E0E0", style="filled", label="conv1"]' in dot
+    assert '"conv1_Convolution" -> "conv1_blob" [label="16"];' in dot
+    assert '"ip_InnerProduct" -> "ip_blob" [label="10"];' in dot
+    assert '"data_blob" -> "conv1_Convolution";' in dot
+    # vertical layouts separate with spaces
+    assert 'label="conv1 (Convolution) kernel size: 3 stride: 2 pad: 1"' in draw.to_dot(net_param(), "TB")
+    # learning-rate multipliers on request
+    assert "lr mult: 1.0, 2.0" in draw.to_dot(net_param(), "LR", display_lrm=True)
+    assert "lr mult" not in dot
+    assert "[label=" not in draw.to_dot(net_param(), "LR", label_edges=False).split("->", 1)[1]
+
+
+def test_phase_selection():
+    all_layers = draw.to_dot(net_param(), "LR")
+    train = draw.to_dot(net_param(), "LR", phase=caffe.TRAIN)
+    test = draw.to_dot(net_param(), "LR", phase=caffe.TEST)
+    assert "drop_Dropout" in all_layers and "prob_Softmax" in all_layers
+    assert "drop_Dropout" in train and "prob_Softmax" not in train
+    assert "drop_Dropout" not in test and "prob_Softmax" in test
+
+
+def test_record_labels_are_escaped():
+    p = parse_text('layer { name: "a{b}|<c>\\"q" type: "Input" top: "x" '
+                   'input_param { shape { dim: 1 } } }', caffe_pb2.NetParameter())
+    dot = draw.to_dot(p, "LR")
+    assert 'label="a\\{b\\}\\|\\<c\\>\\"q\\n(Input)"' in dot
+
+
+def test_pydot_graph_matches():
+    pydot = pytest.importorskip("pydot")
+    graph = draw.get_pydot_graph(net_param(), "LR")
+    assert isinstance(graph, pydot.Dot)
+    assert len(graph.get_edges()) == 13
+    parsed = pydot.graph_from_dot_data(draw.to_dot(net_param(), "LR"))[0]
+    assert len(parsed.get_edges()) == len(graph.get_edges())
+    assert len(parsed.get_nodes()) == len(graph.get_nodes())
+
+
+MODELS = sorted(p for p in glob.glob(os.path.join(ROOT, "models", "**", "*.prototxt"), recursive=True)
+                if "solver" not in os.path.basename(p))
+
+
+@pytest.mark.parametrize("path", MODELS, ids=[os.path.relpath(p, ROOT) for p in MODELS])
+def test_every_shipped_model_draws(path):
+    dot = draw.draw_net(path, "LR", ext="dot").decode()
+    assert dot.startswith("digraph") and "->" in dot
+
+
+def test_v1_net_param_is_upgraded():
+    v1 = parse_text('input: "data" input_dim: 1 input_dim: 3 input_dim: 4 input_dim: 4 '
+                    'layers { name: "c" type: CONVOLUTION bottom: "data" top: "c" '
+                    'convolution_param { num_output: 2 kernel_size: 1 } }', caffe_pb2.NetParameter())
+    dot = draw.to_dot(v1, "LR")
+    assert '"c_Convolution"' in dot and '"data_blob" -> "c_Convolution"' in dot
+
+
+def test_write_dot_and_raw_without_graphviz(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    for ext in ("dot", "raw"):
+        out = tmp_path / f"net.{ext}"
+        draw.draw_net_to_file(net_param(), str(out), "LR")
+        assert out.read_text().startswith('digraph "tiny"')
+    with pytest.raises(draw.DrawError, match=r"drawing a \.png needs Graphviz's 'dot' program.*apt-get "
+                                             r"install graphviz"):
+        draw.draw_net_to_file(net_param(), str(tmp_path / "net.png"))
+    assert not (tmp_path / "net.png").exists()
+    with pytest.raises(draw.DrawError, match="give the file an extension"):
+        draw.draw_net_to_file(net_param(), str(tmp_path / "net"))
+
+
+@pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' not installed")
+def test_png_and_svg_with_graphviz(tmp_path):
+    png = draw.draw_net(net_param(), "TB", ext="png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "net.svg"
+    draw.draw_net_to_file(net_param(), str(out), "LR")
+    assert "<svg" in out.read_text() and "conv1" in out.read_text()
+    with pytest.raises(draw.DrawError, match=r"dot -Tnotaformat failed"):
+        draw.draw_net(net_param(), "LR", ext="notaformat")
+
+
+def test_draw_net_tool(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "net.prototxt"
+    model.write_text(NET)
+    out = tmp_path / "net.dot"
+    assert draw_net_tool.main([str(model), str(out), "--rankdir", "TB", "--phase", "TEST"]) == 0
+    text = out.read_text()
+    assert "prob_Softmax" in text and "drop_Dropout" not in text and 'rankdir="TB"' in text
+    assert f"Drawing net to {out}" in capsys.readouterr().out
+    # errors: one line naming the file
+    assert draw_net_tool.main([str(tmp_path / "missing.prototxt"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.prototxt" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('layer { name: "a" tpye: "ReLU" }\n')
+    assert draw_net_tool.main([str(bad), str(out)]) == 1
+    assert "bad.prototxt:1:" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", "")
+    assert draw_net_tool.main([str(model), str(tmp_path / "net.png")]) == 1
+    assert "error: drawing a .png needs Graphviz" in capsys.readouterr().err
+
+
+def test_draw_net_subprocess(tmp_path):
+    model = tmp_path / "net.prototxt"
+    model.write_text(NET)
+    out = tmp_path / "net.raw"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "minicaffe.tools.draw_net", str(model), str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().startswith("digraph")
