@@ -1,0 +1,176 @@
+"""im2col / col2im for 2-D convolution, written once for NumPy and CuPy.
+
+Layout: the column matrix is ``(C, kh, kw, N, oh, ow)``, i.e. ``(C*kh*kw, N*oh*ow)`` as a matrix,
+so a whole batch (or a chunk of it) goes through ONE matrix multiply per group, and the rows of
+group ``g`` (channels ``g*C/G .. (g+1)*C/G``) are one contiguous block. The input is read
+channel-major (``(C, N, H, W)``, a transposed view), so im2col is one strided copy. col2im sums
+``kh*kw`` strided slices into a padded image whose rows are split into ``stride`` column phases,
+so each add runs over contiguous memory (strided arithmetic loses NumPy's vector loops).
+
+Scratch arrays come from a small per-thread workspace (one growing buffer per slot, module and
+dtype), so a net of many convolutions allocates its big column buffer once.
+"""
+import threading
+
+import numpy as np
+
+from . import backend
+
+# Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
+# images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
+MAX_COL_ELEMENTS = 1 << 26
+
+_local = threading.local()
+
+
+def _device_key(xp):
+    if xp is np:
+        return "cpu"
+    return f"gpu{xp.cuda.Device().id}"
+
+
+def workspace(xp, shape, dtype, slot):
+    """A scratch array of ``shape`` from the shared buffer named ``slot``.
+
+    The contents are garbage, and only valid until the next request of the same slot: callers
+    copy results out before returning.
+    """
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    size = 1
+    for s in shape:
+        size *= int(s)
+    key = (_device_key(xp), np.dtype(dtype).str, slot)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = xp.empty(max(size, 1), dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+def clear_workspace():
+    """Drop this thread's scratch buffers (e.g. before measuring memory)."""
+    _local.bufs = {}
+
+
+def conv_out_size(size, kernel, pad, stride, dilation):
+    """Convolution output length: floor((size + 2 pad - extent) / stride) + 1."""
+    extent = dilation * (kernel - 1) + 1
+    return (size + 2 * pad - extent) // stride + 1
+
+
+class ConvGeometry:
+    """Kernel, stride, pad and dilation of a 2-D convolution over ``H x W`` inputs."""
+
+    __slots__ = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
+
+    def __init__(self, kh, kw, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1):
+        self.kh, self.kw, self.sh, self.sw = int(kh), int(kw), int(sh), int(sw)
+        self.ph, self.pw, self.dh, self.dw = int(ph), int(pw), int(dh), int(dw)
+
+    @property
+    def is_1x1(self):
+        """im2col is a plain (transposing) copy: 1x1 kernel, stride 1, no padding."""
+        return (self.kh == 1 and self.kw == 1 and self.sh == 1 and self.sw == 1
+                and self.ph == 0 and self.pw == 0)
+
+    def extent(self):
+        return self.dh * (self.kh - 1) + 1, self.dw * (self.kw - 1) + 1
+
+    def out_size(self, h, w):
+        return (conv_out_size(h, self.kh, self.ph, self.sh, self.dh),
+                conv_out_size(w, self.kw, self.pw, self.sw, self.dw))
+
+    def __repr__(self):
+        return (f"ConvGeometry(k={self.kh}x{self.kw}, s={self.sh}x{self.sw}, p={self.ph}x{self.pw}, "
+                f"d={self.dh}x{self.dw})")
+
+
+def _as_strided(xp, arr, shape, strides):
+    return xp.lib.stride_tricks.as_strided(arr, shape=shape, strides=strides)
+
+
+def column_phases(stride, pad, width):
+    """How a padded row is split into ``stride`` phases: ``(r, w0, q0, count)`` per phase ``r``.
+
+    Padded column ``q*stride + r`` goes to phase ``r``, position ``q``; real columns
+    ``w0, w0 + stride, ...`` (``count`` of them) land at positions ``q0, q0 + 1, ...``.
+    """
+    out = []
+    for r in range(stride):
+        w0 = (r - pad) % stride
+        out.append((r, w0, (w0 + pad) // stride, len(range(w0, width, stride))))
+    return out
+
+
+def phase_shape(stride, padded_width):
+    """(stride, ceil(padded_width / stride)): the last two axes of a phase-layout row."""
+    return stride, -(-padded_width // stride)
+
+
+def _padded_source(x, g):
+    """(N, C, H, W) -> zero-padded (C, N, Hp, Wp); a transposed view when there is no padding."""
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    xt = x.transpose(1, 0, 2, 3)
+    if g.ph == 0 and g.pw == 0:
+        return xt
+    src = workspace(xp, (c, n, h + 2 * g.ph, w + 2 * g.pw), x.dtype, "im2col_pad")
+    # only the border needs zeros: the interior is overwritten right after
+    src[:, :, :g.ph] = 0
+    src[:, :, g.ph + h:] = 0
+    src[:, :, g.ph:g.ph + h, :g.pw] = 0
+    src[:, :, g.ph:g.ph + h, g.pw + w:] = 0
+    src[:, :, g.ph:g.ph + h, g.pw:g.pw + w] = xt
+    return src
+
+
+def im2col(x, geom, out_hw, out=None):
+    """Columns of ``x`` (N, C, H, W): an array (C, kh, kw, N, oh, ow).
+
+    ``col[c, i, j, n, y, x] = x_padded[n, c, y*sh + i*dh, x*sw + j*dw]``, one strided copy (a
+    copy reads strided rows about as fast as contiguous ones, unlike arithmetic). ``out`` (any
+    array of that shape) receives the result; by default a workspace buffer is used.
+    """
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    oh, ow = out_hw
+    g = geom
+    src = _padded_source(x, g)
+    if out is None:
+        out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, "col")
+    s_c, s_n, s_h, s_w = src.strides
+    view = _as_strided(xp, src, (c, g.kh, g.kw, n, oh, ow),
+                       (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
+    xp.copyto(out, view)
+    return out
+
+
+def col2im(col, geom, in_hw, out):
+    """The adjoint of ``im2col``: sums columns (C, kh, kw, N, oh, ow) back onto ``out`` (N, C, H, W).
+
+    Overlapping windows add up; padding positions are dropped; ``out`` is overwritten. The sums
+    run in phase layout so each add streams over contiguous columns.
+    """
+    xp = backend.get_array_module(col)
+    c, kh, kw, n, oh, ow = col.shape
+    h, w = in_hw
+    g = geom
+    sw, wq = phase_shape(g.sw, w + 2 * g.pw)
+    acc = workspace(xp, (c, n, h + 2 * g.ph, sw, wq), col.dtype, "col2im_pad")
+    acc.fill(0)
+    for i in range(kh):
+        y0 = i * g.dh
+        for j in range(kw):
+            r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
+            acc[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[:, i, j]
+    ot = out.transpose(1, 0, 2, 3)
+    for r, w0, q0, cnt in column_phases(g.sw, g.pw, w):
+        if cnt:
+            ot[:, :, :, w0::g.sw] = acc[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
+    return out
+
+
+def images_per_chunk(per_image_elements, num):
+    """How many images' columns fit in ``MAX_COL_ELEMENTS`` (at least one)."""
+    return max(1, min(num, MAX_COL_ELEMENTS // max(per_image_elements, 1)))

@@ -1,0 +1,91 @@
+"""InnerProduct (fully connected): ``y = x W^T + b`` over the axes from ``axis`` on, flattened.
+
+The bottom is seen as ``M x K`` with ``M`` the product of the axes before ``axis`` and ``K`` the
+product of the rest; the top is ``bottom.shape[:axis] + (num_output,)``. The weight is
+``num_output x K``, or ``K x num_output`` with ``transpose: true`` (Caffe's layout either way, so
+caffemodels load as they are).
+"""
+from .. import fillers
+from ..blob import Blob
+from ..errors import ShapeError
+from .base import Layer, register
+
+
+@register("InnerProduct")
+class InnerProduct(Layer):
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def _axis(self, ndim):
+        axis = int(self.param.inner_product_param.axis)
+        if not -ndim <= axis < ndim:
+            raise self.error(f"axis {axis} out of range for a {ndim}-D bottom", ShapeError)
+        return axis % ndim
+
+    def setup(self, bottom, top):
+        ip = self.param.inner_product_param
+        self.num_output = int(ip.num_output)
+        if self.num_output <= 0:
+            raise self.error("num_output must be positive")
+        self.bias_term = bool(ip.bias_term)
+        self.transpose = bool(ip.transpose)
+        shape = bottom[0].shape
+        axis = self._axis(len(shape))
+        k = 1
+        for s in shape[axis:]:
+            k *= s
+        self.param_propagate_down = [True] * (1 + self.bias_term)
+        if self.blobs:
+            return  # given (shared or preloaded): reshape checks they fit
+        wshape = (k, self.num_output) if self.transpose else (self.num_output, k)
+        w = Blob(wshape)
+        w.data[...] = fillers.fill(ip.weight_filler, wshape, dtype=w.dtype, layer=self.name)
+        self.blobs.append(w)
+        if self.bias_term:
+            b = Blob((self.num_output,))
+            b.data[...] = fillers.fill(ip.bias_filler, (self.num_output,), dtype=b.dtype, layer=self.name)
+            self.blobs.append(b)
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        axis = self._axis(len(shape))
+        m = 1
+        for s in shape[:axis]:
+            m *= s
+        k = 1
+        for s in shape[axis:]:
+            k *= s
+        wshape = tuple(self.blobs[0].shape)
+        want = (k, self.num_output) if self.transpose else (self.num_output, k)
+        if wshape != want:
+            layout = "K x num_output" if self.transpose else "num_output x K"
+            raise self.error(f"input {shape} flattened from axis {axis} has K={k} features, but the weight "
+                             f"shape is {wshape} (expected {want}, {layout})", ShapeError)
+        if self.bias_term and (len(self.blobs) < 2 or self.blobs[1].count != self.num_output):
+            got = tuple(self.blobs[1].shape) if len(self.blobs) > 1 else "missing"
+            raise self.error(f"bias shape {got} does not match num_output {self.num_output}", ShapeError)
+        self.m, self.k = m, k
+        top[0].reshape(tuple(shape[:axis]) + (self.num_output,))
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata.reshape(self.m, self.k)
+        w = self.blobs[0].xdata
+        y = top[0].xdata.reshape(self.m, self.num_output)
+        xp.matmul(x, w if self.transpose else w.T, out=y)
+        if self.bias_term:
+            y += self.blobs[1].xdata.reshape(1, -1)
+
+    def backward(self, top, propagate_down, bottom):
+        xp = self.xp
+        dy = top[0].xdiff.reshape(self.m, self.num_output)
+        w = self.blobs[0].xdata
+        if self.need_param_grad(0):
+            x = bottom[0].xdata.reshape(self.m, self.k)
+            dw = self.blobs[0].xdiff
+            dw += (x.T @ dy) if self.transpose else (dy.T @ x)
+        if self.bias_term and self.need_param_grad(1):
+            self.blobs[1].xdiff += dy.sum(axis=0).reshape(self.blobs[1].shape)
+        if propagate_down[0]:
+            dx = bottom[0].xdiff.reshape(self.m, self.k)
+            xp.matmul(dy, w.T if self.transpose else w, out=dx)
