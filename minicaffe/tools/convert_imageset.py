@@ -1,0 +1,456 @@
+"""convert_imageset: images named in a list file → an LMDB of Caffe Datum records.
+
+    convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME
+
+LISTFILE has ``<path> <label>`` lines (the label is the last field, so paths may contain spaces);
+each image is ``ROOTFOLDER + path``. Flags as Caffe's tool (gflags style: ``--flag=value``,
+``--flag value``, ``--flag`` / ``--noflag`` for booleans): ``--gray --shuffle --backend lmdb
+--resize_width --resize_height --check_size --encoded --encode_type``, plus ``--overwrite``,
+``--jobs N`` (decoding processes, default all cores) and ``--seed`` (makes ``--shuffle`` repeatable).
+
+The result is what Caffe writes: keys ``%08d_<path>`` (the position in the possibly shuffled list),
+raw Datums C×H×W BGR uint8 (OpenCV imread, ``cv2.resize`` bilinear when both sizes are > 0) or,
+with ``--encoded``, the image file's bytes (re-encoded only when resized or of another format),
+one LMDB transaction per 1000 records.
+
+Unlike Caffe it is safe to interrupt: the database is built in ``DB_NAME.tmp-<pid>`` beside the target
+and renamed to DB_NAME only when complete, an existing DB_NAME is refused unless ``--overwrite``,
+and unreadable images are reported with their list-file line and skipped (the summary counts them).
+"""
+import collections
+import os
+import shutil
+import sys
+
+import lmdb
+import numpy as np
+
+from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
+from ..data.lmdb_source import check_backend
+from ..errors import DataError, MinicaffeError
+from ..proto import caffe_pb2
+from .common import ProgressBar, get_logger, run_main
+
+COMMIT_EVERY = 1000          # records per LMDB transaction, as Caffe
+INITIAL_MAP_SIZE = 1 << 30   # grown by doubling when full (the file itself only holds what is written)
+
+USAGE = """Convert a set of images to the lmdb format used as input for Caffe.
+Usage:
+    convert_imageset [FLAGS] ROOTFOLDER/ LISTFILE DB_NAME
+"""
+
+FLAGS = {
+    "gray": (bool, False, "When this option is on, treat images as grayscale ones"),
+    "shuffle": (bool, False, "Randomly shuffle the order of images and their labels"),
+    "backend": (str, "lmdb", "The backend {lmdb} for storing the result (leveldb is not supported)"),
+    "resize_width": (int, 0, "Width images are resized to"),
+    "resize_height": (int, 0, "Height images are resized to"),
+    "check_size": (bool, False, "When this option is on, check that all the datum have the same size"),
+    "encoded": (bool, False, "When this option is on, the encoded image will be saved in datum"),
+    "encode_type": (str, "", "Optional: What type should we encode the image as ('png','jpg',...)."),
+    "overwrite": (bool, False, "Replace DB_NAME if it exists (it is refused otherwise)"),
+    "jobs": (int, 0, "Processes decoding images (0 = all cores)"),
+    "seed": (int, -1, "Random seed for --shuffle (-1 = different every run)"),
+}
+
+
+# --- gflags-style command line ---------------------------------------------------------------------
+
+class UsageError(MinicaffeError):
+    """A command line that does not parse."""
+
+
+class HelpRequested(Exception):
+    pass
+
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+def parse_gflags(argv, spec):
+    """Parse ``argv`` as gflags does: ``--name=value``, ``--name value``, ``-name`` too, booleans as
+    ``--name``, ``--name=true|false`` or ``--noname``; ``--`` ends the flags. ``spec`` maps a flag
+    name to (type, default, help). Returns (values dict, positional list)."""
+    values = {name: default for name, (_, default, _) in spec.items()}
+    positional = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            positional.extend(argv[i:])
+            break
+        if not arg.startswith("-") or arg == "-" or _is_number(arg):
+            positional.append(arg)
+            continue
+        body = arg.lstrip("-")
+        name, has_value, value = body.partition("=")[0], "=" in body, body.partition("=")[2]
+        if name in ("help", "h", "helpfull"):
+            raise HelpRequested()
+        if name not in spec and name.startswith("no") and name[2:] in spec and spec[name[2:]][0] is bool \
+                and not has_value:
+            values[name[2:]] = False
+            continue
+        if name not in spec:
+            raise UsageError(f"unknown flag --{name} (see --help)")
+        kind = spec[name][0]
+        if kind is bool:
+            if not has_value:
+                values[name] = True
+            elif value.lower() in _TRUE:
+                values[name] = True
+            elif value.lower() in _FALSE:
+                values[name] = False
+            else:
+                raise UsageError(f"flag --{name}: '{value}' is not a boolean (true/false)")
+            continue
+        if not has_value:
+            if i >= len(argv):
+                raise UsageError(f"flag --{name} needs a value")
+            value = argv[i]
+            i += 1
+        if kind is int:
+            try:
+                value = int(value)
+            except ValueError:
+                raise UsageError(f"flag --{name}: '{value}' is not an integer") from None
+        values[name] = value
+    return values, positional
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def format_flags(spec):
+    lines = ["Flags:"]
+    for name, (kind, default, text) in spec.items():
+        shown = str(default).lower() if kind is bool else repr(default) if kind is str else default
+        lines.append(f"  --{name} ({text}) type: {kind.__name__} default: {shown}")
+    return "\n".join(lines)
+
+
+# --- one image → one serialized Datum (runs in the worker processes) --------------------------------
+
+_OPTS = {}
+
+
+def _match_ext(filename, encoding):
+    """Caffe's matchExt: does the file name's extension say ``encoding`` (jpg also matches jpeg)?"""
+    ext = filename.rsplit(".", 1)[-1].lower() if "." in os.path.basename(filename) else ""
+    enc = encoding.lower()
+    return ext == enc or (enc == "jpg" and ext == "jpeg")
+
+
+def make_record(filename, label, is_color=True, height=0, width=0, encoding=""):
+    """Read one image as Caffe's ReadImageToDatum does. Returns (serialized Datum, (C, H, W)) or
+    (None, reason) when the image cannot be read."""
+    import cv2
+    try:
+        with open(filename, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        return None, f"could not open or find file {filename} ({exc.strerror or exc})"
+    flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
+    buf = np.frombuffer(raw, np.uint8)
+    datum = caffe_pb2.Datum()
+    if encoding and not height and not width and _match_ext(filename, encoding):
+        # the file can be stored as it is if decoding it as stored gives what we would store
+        native = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if len(buf) else None
+        if native is None:
+            return None, f"{filename} is not an image OpenCV can read"
+        channels = 1 if native.ndim == 2 else native.shape[2]
+        if native.dtype == np.uint8 and channels == (3 if is_color else 1):
+            datum.data = raw
+            datum.label = int(label)
+            datum.encoded = True
+            return datum.SerializeToString(), (channels,) + native.shape[:2]
+    img = cv2.imdecode(buf, flag) if len(buf) else None
+    if img is None:
+        return None, f"{filename} is not an image OpenCV can read"
+    if height > 0 and width > 0:
+        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    shape = (1 if img.ndim == 2 else img.shape[2],) + img.shape[:2]
+    if encoding:
+        try:
+            ok, enc = cv2.imencode("." + encoding, img)
+        except cv2.error:
+            ok = False
+        if not ok:
+            return None, f"cannot encode {filename} as '{encoding}'"
+        datum.data = enc.tobytes()
+        datum.label = int(label)
+        datum.encoded = True
+        return datum.SerializeToString(), shape
+    # Caffe's CVMatToDatum: channels, height, width, C×H×W bytes, and encoded explicitly false
+    return cv_image_to_datum_bytes(img, label), shape
+
+
+def _init_worker(opts):
+    import cv2
+    cv2.setNumThreads(1)   # the processes are the parallelism
+    _OPTS.clear()
+    _OPTS.update(opts)
+
+
+def _work(task):
+    index, filename, label, encoding = task
+    payload, info = make_record(filename, label, _OPTS["is_color"], _OPTS["height"], _OPTS["width"], encoding)
+    return index, payload, info
+
+
+def _results(tasks, opts, jobs):
+    """(index, payload, info) for every task, in order; decoded by ``jobs`` processes."""
+    if jobs <= 1 or len(tasks) < 2:
+        for index, filename, label, encoding in tasks:
+            payload, info = make_record(filename, label, opts["is_color"], opts["height"], opts["width"],
+                                        encoding)
+            yield index, payload, info
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    chunk = max(1, min(32, len(tasks) // (jobs * 8)))
+    window = max(jobs * chunk * 8, 256)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=_mp_context(mp), initializer=_init_worker,
+                                 initargs=(opts,)) as pool:
+            inflight = collections.deque()
+            starts = iter(range(0, len(tasks), window))
+            # two windows in flight: the pool works on the next while the writer drains this one,
+            # and memory stays bounded whatever the writer's speed
+            for _ in range(2):
+                s = next(starts, None)
+                if s is not None:
+                    inflight.append(pool.map(_work, tasks[s:s + window], chunksize=chunk))
+            while inflight:
+                current = inflight.popleft()
+                s = next(starts, None)
+                if s is not None:
+                    inflight.append(pool.map(_work, tasks[s:s + window], chunksize=chunk))
+                yield from current
+    except BrokenProcessPool as exc:
+        raise DataError(f"the image decoding processes died ({exc}); try --jobs 1") from None
+
+
+def _mp_context(mp):
+    """How to start the decoding processes. fork is fastest and needs nothing from the main script,
+    but is only safe while this process has a single thread (a forked child inherits locks that other
+    threads, e.g. OpenCV's pool or a prefetch thread, may hold). With threads, forkserver starts the
+    workers from a clean process; like spawn it imports the main script, which must then guard its
+    top-level code with ``if __name__ == "__main__":``."""
+    import threading
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+# --- the database writer ------------------------------------------------------------------------------
+
+class _Writer:
+    """LMDB writes in transactions of COMMIT_EVERY records, doubling the map size when it is full."""
+
+    def __init__(self, path):
+        self.path = path
+        self.env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
+                             meminit=False, max_dbs=0)
+        self.pending = []
+
+    def put(self, key, value):
+        self.pending.append((key, value))
+        if len(self.pending) >= COMMIT_EVERY:
+            self.commit()
+
+    def commit(self):
+        if not self.pending:
+            return
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.cursor().putmulti(self.pending, dupdata=False, overwrite=True)
+                break
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        self.pending = []
+
+    def finish(self):
+        self.commit()
+        self.env.sync(True)
+        self.env.close()
+        self.env = None
+
+    def abort(self):
+        if self.env is not None:
+            try:
+                self.env.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.env = None
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False, backend="lmdb",
+                     resize_width=0, resize_height=0, check_size=False, encoded=False, encode_type="",
+                     overwrite=False, jobs=0, seed=None, logger=None, progress=None):
+    """Build the LMDB ``db_name`` from the images of ``list_file``; returns a dict with ``total``,
+    ``written`` and ``skipped`` counts. See the module docstring for the rules."""
+    log = logger or get_logger()
+    db_name = os.fspath(db_name)
+    check_backend(db_name, backend)
+    if root_folder and not os.path.isdir(root_folder):
+        raise DataError(f"{root_folder}: root folder not found" if not os.path.exists(root_folder)
+                        else f"{root_folder}: root folder is not a directory")
+    if os.path.lexists(db_name) and not overwrite:
+        raise DataError(f"{db_name}: already exists (use --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(db_name))
+    if not os.path.isdir(parent):
+        raise DataError(f"{db_name}: the directory {parent} does not exist")
+
+    lines = read_image_list(list_file)
+    if not lines:
+        raise DataError(f"{list_file}: the list file has no images")
+    if shuffle:
+        log.info("Shuffling data")
+        rng = np.random.default_rng(None if seed is None or seed < 0 else seed)
+        lines = [lines[i] for i in rng.permutation(len(lines))]
+    log.info("A total of %d images.", len(lines))
+    if encode_type and not encoded:
+        log.info("encode_type specified, assuming encoded=true.")
+        encoded = True
+    resize_height, resize_width = max(0, int(resize_height)), max(0, int(resize_width))
+
+    tasks = []
+    for index, (path, label, _) in enumerate(lines):
+        enc = encode_type
+        if encoded and not enc:
+            # guess the encoding from the file name, as Caffe
+            base = os.path.basename(path)
+            if "." in base:
+                enc = base.rsplit(".", 1)[1].lower()
+            else:
+                log.warning("Failed to guess the encoding of '%s'; using png", path)
+                enc = "png"
+        tasks.append((index, join_root(root_folder, path), label, enc))
+    opts = {"is_color": not gray, "height": resize_height, "width": resize_width}
+    jobs = int(jobs) if jobs and int(jobs) > 0 else (len(os.sched_getaffinity(0))
+                                                     if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+    tmp = f"{db_name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    writer = None
+    count = skipped = 0
+    first_shape = None
+    bar = progress if progress is not None else ProgressBar(total=len(tasks), unit="img")
+    try:
+        try:
+            writer = _Writer(tmp)
+        except (lmdb.Error, OSError) as exc:
+            raise _write_error(db_name, exc, "cannot create the database") from None
+        for index, payload, info in _results(tasks, opts, jobs):
+            path, _, lineno = lines[index]
+            bar.update()
+            if payload is None:
+                skipped += 1
+                log.error("%s:%d: %s (skipped)", list_file, lineno, info)
+                continue
+            if check_size:
+                if first_shape is None:
+                    first_shape = info
+                elif info != first_shape:
+                    raise DataError(f"{list_file}:{lineno}: {path}: image is {'x'.join(map(str, info))} "
+                                    f"(CxHxW) but the first one was {'x'.join(map(str, first_shape))} "
+                                    f"(--check_size)")
+            key = b"%08d_" % index + path.encode("utf-8", "surrogateescape")
+            try:
+                writer.put(key, payload)
+            except (lmdb.Error, OSError) as exc:
+                raise _write_error(db_name, exc) from None
+            count += 1
+            if count % COMMIT_EVERY == 0:
+                log.info("Processed %d files.", count)
+        if count == 0:
+            raise DataError(f"{list_file}: none of the {len(tasks)} images could be read; "
+                            f"no database written")
+        try:
+            writer.finish()
+        except (lmdb.Error, OSError) as exc:
+            raise _write_error(db_name, exc) from None
+        if count % COMMIT_EVERY != 0:
+            log.info("Processed %d files.", count)
+        _install(tmp, db_name, overwrite)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        _remove(tmp)
+        raise
+    finally:
+        if progress is None:
+            bar.close()
+    if skipped:
+        log.warning("Skipped %d of %d images that could not be read; %d written to %s.",
+                    skipped, len(tasks), count, db_name)
+    return {"total": len(tasks), "written": count, "skipped": skipped}
+
+
+def _write_error(db_name, exc, what="cannot write the database"):
+    if isinstance(exc, DataError):
+        return exc
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+    return DataError(f"{db_name}: {what}: {text}")
+
+
+def _install(tmp, db_name, overwrite):
+    """Rename the finished database into place (replacing an old one only with --overwrite)."""
+    try:
+        if os.path.lexists(db_name):
+            if not overwrite:
+                raise DataError(f"{db_name}: already exists (use --overwrite to replace it)")
+            old = f"{db_name}.old-{os.getpid()}"
+            _remove(old)
+            os.rename(db_name, old)
+            os.rename(tmp, db_name)
+            _remove(old)
+        else:
+            os.rename(tmp, db_name)
+    except OSError as exc:
+        raise _write_error(db_name, exc, "cannot move the finished database into place") from None
+
+
+@run_main
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags, args = parse_gflags(argv, FLAGS)
+    except HelpRequested:
+        print(USAGE + "\n" + format_flags(FLAGS))
+        return 0
+    if len(args) != 3:
+        print(USAGE + "\n" + format_flags(FLAGS), file=sys.stderr)
+        return 1
+    root, list_file, db_name = args
+    result = convert_imageset(root, list_file, db_name, gray=flags["gray"], shuffle=flags["shuffle"],
+                              backend=flags["backend"], resize_width=flags["resize_width"],
+                              resize_height=flags["resize_height"], check_size=flags["check_size"],
+                              encoded=flags["encoded"], encode_type=flags["encode_type"],
+                              overwrite=flags["overwrite"], jobs=flags["jobs"],
+                              seed=flags["seed"] if flags["seed"] >= 0 else None)
+    return 0 if result["written"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
