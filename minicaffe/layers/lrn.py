@@ -13,18 +13,20 @@ from ..proto import caffe_pb2
 from .base import Layer, register
 
 
-def _neg_pow(xp, s, beta):
-    """s^(−beta), with square roots for the usual betas (much faster than a general power)."""
+def _pow_into(xp, s, beta, out, tmp):
+    """out = s^beta, with square roots for the usual betas (much faster than a general power);
+    ``tmp`` is scratch of the same shape."""
     if beta == 0.75:
-        r = xp.sqrt(s)
-        r *= xp.sqrt(r)
+        xp.sqrt(s, out=out)
+        xp.sqrt(out, out=tmp)
+        out *= tmp
     elif beta == 0.5:
-        r = xp.sqrt(s)
+        xp.sqrt(s, out=out)
     elif beta == 1:
-        r = s.copy()
+        xp.copyto(out, s)
     else:
-        return xp.power(s, -beta)
-    return xp.reciprocal(r, out=r)
+        xp.power(s, beta, out=out)
+    return out
 
 
 @register("LRN")
@@ -55,64 +57,90 @@ class LRN(Layer):
         top[0].reshape(bottom[0].shape)
 
     # --- window sums -------------------------------------------------------------------------
-    def _padded(self, shape, dtype):
-        """A zero-bordered buffer, kept between calls: only its interior is ever written."""
+    def _buffer(self, name, shape, dtype, zeros=False):
+        """A per-layer array kept between calls (same shape, type and array module: reused)."""
         xp = self.xp
-        key = (shape, dtype, xp.__name__)
+        key = (name, tuple(shape), dtype, xp.__name__)
         buf = self._buffers.get(key)
         if buf is None:
-            if len(self._buffers) > 4:
+            if len(self._buffers) > 8:
                 self._buffers.clear()
-            buf = self._buffers[key] = xp.zeros(shape, dtype=dtype)
+            buf = self._buffers[key] = (xp.zeros if zeros else xp.empty)(shape, dtype=dtype)
         return buf
 
-    def _shifted_sum(self, a, axis):
-        """Σ over offsets −pre..pre of ``a`` along ``axis``, zero outside."""
+    def _padded(self, shape, axis, dtype, slot="pad"):
+        """A buffer ``size - 1`` longer along ``axis`` whose zero border is never written, and its
+        interior (the view callers fill)."""
+        pshape = list(shape)
+        pshape[axis] += self.size - 1
+        pad = self._buffer(slot, pshape, dtype, zeros=True)
+        return pad, self._part(pad, axis, self.pre, shape[axis])
+
+    @staticmethod
+    def _part(pad, axis, lo, n):
+        index = [slice(None)] * pad.ndim
+        index[axis] = slice(lo, lo + n)
+        return pad[tuple(index)]
+
+    def _sum_padded(self, pad, axis, n, out):
+        """out = Σ over offsets −pre..pre along ``axis`` of the padded array (zero outside)."""
+        xp = self.xp
         if self.size == 1:
-            return a.copy()
-        n = a.shape[axis]
-        shape = list(a.shape)
-        shape[axis] += self.size - 1
-        pad = self._padded(tuple(shape), a.dtype)
-
-        def part(lo, hi):
-            index = [slice(None)] * a.ndim
-            index[axis] = slice(lo, hi)
-            return pad[tuple(index)]
-
-        part(self.pre, self.pre + n)[...] = a
-        out = part(0, n) + part(1, n + 1)
+            xp.copyto(out, self._part(pad, axis, 0, n))
+            return out
+        xp.add(self._part(pad, axis, 0, n), self._part(pad, axis, 1, n), out=out)
         for o in range(2, self.size):
-            out += part(o, o + n)
+            out += self._part(pad, axis, o, n)
         return out
 
-    def _window_sum(self, a):
+    def _window_sum(self, fill, shape, dtype, out):
+        """out = the window sums of the array that ``fill(view)`` writes into ``view``."""
         if self.within:
-            return self._shifted_sum(self._shifted_sum(a, 2), 3)
-        return self._shifted_sum(a, 1)
+            pad, inner = self._padded(shape, 2, dtype)
+            fill(inner)
+            rows = self._buffer("rows", shape, dtype)
+            self._sum_padded(pad, 2, shape[2], rows)
+            pad, inner = self._padded(shape, 3, dtype, "pad_w")
+            self.xp.copyto(inner, rows)
+            return self._sum_padded(pad, 3, shape[3], out)
+        pad, inner = self._padded(shape, 1, dtype)
+        fill(inner)
+        return self._sum_padded(pad, 1, shape[1], out)
 
     # --- forward / backward --------------------------------------------------------------------
     def forward(self, bottom, top):
+        """scale = shift + sum_scale · Σ x²; y = x / scale^beta. Everything lands in buffers kept
+        between iterations: the squares go straight into the padded buffer, no temporaries."""
         xp = self.xp
         x = bottom[0].xdata
-        scale = self._window_sum(x * x)
+        shape, dtype = x.shape, x.dtype
+        scale = self._buffer("scale", shape, dtype)
+        self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
         scale *= self.sum_scale
         scale += self.shift
         self._scale = scale
-        self._scale_pow = _neg_pow(xp, scale, self.beta)
-        xp.multiply(x, self._scale_pow, out=top[0].xdata)
+        # the padded buffer's interior is free again: scratch for the power
+        tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
+        self._scale_pow = _pow_into(xp, scale, self.beta, self._buffer("pow", shape, dtype), tmp)
+        xp.divide(x, self._scale_pow, out=top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
         n = size or size²; windows are symmetric, so that sum is one more window sum."""
         if not propagate_down[0]:
             return
-        dy = top[0].xdiff
-        ratio = dy * top[0].xdata
-        ratio /= self._scale
-        acc = self._window_sum(ratio)
-        acc *= bottom[0].xdata
-        acc *= 2.0 * self.beta * self.sum_scale
+        xp = self.xp
+        dy, y, x = top[0].xdiff, top[0].xdata, bottom[0].xdata
+        shape, dtype = dy.shape, dy.dtype
+
+        def ratio(view):
+            xp.multiply(dy, y, out=view)
+            view /= self._scale
+        # the window sum is built in dx itself, then the padded buffer's free interior holds dy/scale^β
         dx = bottom[0].xdiff
-        self.xp.multiply(dy, self._scale_pow, out=dx)
-        dx -= acc
+        acc = self._window_sum(ratio, shape, dtype, dx)
+        acc *= x
+        acc *= 2.0 * self.beta * self.sum_scale
+        first = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
+        xp.divide(dy, self._scale_pow, out=first)
+        xp.subtract(first, acc, out=dx)

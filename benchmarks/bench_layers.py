@@ -1,0 +1,238 @@
+"""Per-layer speed of minicaffe at the sizes of VGG-16, GoogLeNet and AlexNet layers.
+
+For each layer: forward and backward time (best of ``--repeat`` runs after a warm-up), GFLOP/s for
+the GEMM-bound layers (Convolution, InnerProduct) with the fraction of the machine's float32 GEMM
+rate measured in the same run (a square ``np.matmul``), and GB/s (bottom + top bytes once) for
+the memory-bound ones. With PyTorch importable, the same layer through ``torch.nn.functional`` is
+timed next to it (``--no-torch`` to skip).
+
+    python benchmarks/bench_layers.py                 # every layer, batch 4
+    python benchmarks/bench_layers.py --batch 2 --only conv --repeat 3
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import minicaffe  # noqa: E402
+from minicaffe.testing import make_layer  # noqa: E402
+
+# name, prototxt body, bottom shape without the batch, GEMM-bound?
+CONV = 'type: "Convolution" convolution_param {{ num_output: {o} kernel_size: {k} stride: {s} pad: {p} ' \
+       'group: {g} weight_filler {{ type: "gaussian" std: 0.01 }} bias_filler {{ type: "constant" }} }}'
+
+
+def conv(o, k, s=1, p=0, g=1):
+    return CONV.format(o=o, k=k, s=s, p=p, g=g)
+
+
+LAYERS = [
+    # VGG-16 3x3 convolutions (pad 1)
+    ("vgg conv2_2 3x3 128->128 112²", conv(128, 3, p=1), (128, 112, 112)),
+    ("vgg conv3_2 3x3 256->256 56²", conv(256, 3, p=1), (256, 56, 56)),
+    ("vgg conv4_2 3x3 512->512 28²", conv(512, 3, p=1), (512, 28, 28)),
+    ("vgg conv5_2 3x3 512->512 14²", conv(512, 3, p=1), (512, 14, 14)),
+    # GoogLeNet
+    ("gnet conv1 7x7/2 3->64 224²", conv(64, 7, s=2, p=3), (3, 224, 224)),
+    ("gnet conv2 3x3 64->192 56²", conv(192, 3, p=1), (64, 56, 56)),
+    ("gnet 3a/1x1 192->64 28²", conv(64, 1), (192, 28, 28)),
+    ("gnet 3a/3x3 96->128 28²", conv(128, 3, p=1), (96, 28, 28)),
+    ("gnet 3a/5x5 16->32 28²", conv(32, 5, p=2), (16, 28, 28)),
+    # AlexNet grouped conv2
+    ("alex conv2 5x5 g2 96->256 27²", conv(256, 5, p=2, g=2), (96, 27, 27)),
+    # pooling
+    ("vgg pool1 max 2/2 64x224²", 'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 }',
+     (64, 224, 224)),
+    ("gnet pool1 max 3/2 64x112²", 'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
+     (64, 112, 112)),
+    ("gnet 3a/pool max 3/1p1 192x28²",
+     'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 1 pad: 1 }', (192, 28, 28)),
+    ("gnet pool5 ave 7/1 1024x7²", 'type: "Pooling" pooling_param { pool: AVE kernel_size: 7 stride: 1 }',
+     (1024, 7, 7)),
+    # LRN
+    ("gnet norm1 lrn5 64x56²", 'type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }',
+     (64, 56, 56)),
+    ("alex norm1 lrn5 96x55²", 'type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }',
+     (96, 55, 55)),
+    # fully connected, softmax, relu
+    ("vgg fc6 25088->4096", 'type: "InnerProduct" inner_product_param { num_output: 4096 '
+     'weight_filler { type: "gaussian" std: 0.005 } bias_filler { type: "constant" } }', (512, 7, 7)),
+    ("vgg fc7 4096->4096", 'type: "InnerProduct" inner_product_param { num_output: 4096 '
+     'weight_filler { type: "gaussian" std: 0.005 } bias_filler { type: "constant" } }', (4096,)),
+    ("softmax 1000", 'type: "Softmax"', (1000,)),
+    ("vgg relu1_1 64x224²", 'type: "ReLU"', (64, 224, 224)),
+]
+
+GROUPS = {"conv": "Convolution", "pool": "Pooling", "lrn": "LRN", "ip": "InnerProduct",
+          "softmax": "Softmax", "relu": "ReLU"}
+
+
+def best_time(fn, repeat, warmup=1):
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sgemm_rate(size, repeat):
+    """GFLOP/s of a square float32 matmul: the machine's practical peak for GEMM-bound layers."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    c = np.empty((size, size), np.float32)
+    t = best_time(lambda: np.matmul(a, b, out=c), repeat)
+    return 2.0 * size ** 3 / t / 1e9
+
+
+def layer_type(text):
+    return text.split('"')[1]
+
+
+def conv_flops(text, bshape, tshape):
+    """Multiply-adds x 2 of the forward pass; backward (data + weight gradient) is twice that."""
+    import re
+    k = int(re.search(r"kernel_size: (\d+)", text).group(1))
+    g = int(re.search(r"group: (\d+)", text).group(1))
+    n, cin = bshape[0], bshape[1]
+    cout = tshape[1]
+    return 2.0 * n * cout * tshape[2] * tshape[3] * (cin // g) * k * k
+
+
+def ip_flops(bshape, tshape):
+    return 2.0 * bshape[0] * int(np.prod(bshape[1:])) * tshape[1]
+
+
+def torch_layer(text, x_np, layer):
+    """The same layer in torch.nn.functional with minicaffe's weights; returns (fwd, bwd) closures."""
+    import torch
+    import torch.nn.functional as F
+    kind = layer_type(text)
+    x = torch.from_numpy(x_np.copy()).requires_grad_(kind != "Softmax")
+    params = [torch.from_numpy(b.data.copy()).requires_grad_(True) for b in layer.blobs]
+    if kind == "Convolution":
+        g = layer.geom
+        f = lambda: F.conv2d(x, params[0], params[1], stride=(g.sh, g.sw), padding=(g.ph, g.pw),  # noqa: E731
+                             groups=layer.group)
+    elif kind == "InnerProduct":
+        f = lambda: F.linear(x.reshape(x.shape[0], -1), params[0], params[1])  # noqa: E731
+    elif kind == "Pooling":
+        pool = layer.param.pooling_param
+        if pool.pool == 0:
+            f = lambda: F.max_pool2d(x, layer.kh, layer.sh, layer.ph, ceil_mode=True)  # noqa: E731
+        else:
+            f = lambda: F.avg_pool2d(x, layer.kh, layer.sh, layer.ph, ceil_mode=True)  # noqa: E731
+    elif kind == "LRN":
+        p = layer.param.lrn_param
+        f = lambda: F.local_response_norm(x, p.local_size, p.alpha, p.beta, p.k)  # noqa: E731
+    elif kind == "Softmax":
+        f = lambda: F.softmax(x, dim=1)  # noqa: E731
+    elif kind == "ReLU":
+        f = lambda: F.relu(x)  # noqa: E731
+    else:
+        return None
+    y = f()
+    dy = torch.randn_like(y)
+    inputs = ([x] if x.requires_grad else []) + params
+
+    def fwd():
+        with torch.no_grad():
+            f()
+
+    def bwd():
+        if inputs:
+            torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    return fwd, bwd
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=4, help="images per batch (default 4)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per measurement; the best counts")
+    ap.add_argument("--gemm-size", type=int, default=4096, help="side of the reference square matmul")
+    ap.add_argument("--only", default="", help="comma list of layer groups: " + ",".join(GROUPS)
+                    + ", or substrings of layer names")
+    ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch next to minicaffe")
+    args = ap.parse_args(argv)
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(os.cpu_count())
+        except ImportError:
+            torch = None
+    minicaffe.set_mode_cpu()
+    minicaffe.set_random_seed(1)
+    peak = sgemm_rate(args.gemm_size, args.repeat)
+    print(f"numpy {np.__version__}, {os.cpu_count()} cores; float32 matmul {args.gemm_size}²: "
+          f"{peak:.1f} GFLOP/s (the 'of peak' reference)")
+    if torch is not None:
+        print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"batch {args.batch}, best of {args.repeat}\n")
+
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    header = (f"{'layer':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
+              f"{'fwd %pk':>7s} {'bwd %pk':>7s}")
+    if torch is not None:
+        header += f" {'torch fwd':>9s} {'torch bwd':>9s} {'fwd x':>6s} {'bwd x':>6s}"
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    for name, text, shape in LAYERS:
+        kind = layer_type(text)
+        if wanted and not any(GROUPS.get(w) == kind or w in name for w in wanted):
+            continue
+        bshape = (args.batch,) + tuple(shape)
+        x = rng.standard_normal(bshape, dtype=np.float32)
+        layer, bottom, top = make_layer(text, [x])
+        top[0].diff[...] = rng.standard_normal(top[0].shape, dtype=np.float32)
+        if kind == "ReLU":  # in place, as in every net
+            layer, bottom, top = make_layer(text, [x], in_place=True)
+
+        def fwd():
+            layer.forward(bottom, top)
+
+        def bwd():
+            layer.backward(top, [True], bottom)
+            for b in layer.blobs:   # gradients accumulate: keep them from growing without bound
+                b.diff[...] = 0
+        tf = best_time(fwd, args.repeat)
+        fwd()
+        tb = best_time(bwd, args.repeat)
+        if kind == "Convolution":
+            flops = conv_flops(text, bshape, top[0].shape)
+        elif kind == "InnerProduct":
+            flops = ip_flops(bshape, top[0].shape)
+        else:
+            flops = None
+        if flops:
+            row = (f"{name:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {flops / tf / 1e9:9.1f} "
+                   f"{2 * flops / tb / 1e9:9.1f} {100 * flops / tf / 1e9 / peak:6.0f}% "
+                   f"{100 * 2 * flops / tb / 1e9 / peak:6.0f}%")
+        else:
+            nbytes = 4.0 * (x.size + top[0].count)
+            row = (f"{name:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {nbytes / tf / 1e9:7.1f}GB "
+                   f"{2 * nbytes / tb / 1e9:7.1f}GB {'':>7s} {'':>7s}")
+        if torch is not None:
+            fb = torch_layer(text, x, layer)
+            if fb is not None:
+                ttf = best_time(fb[0], args.repeat)
+                ttb = best_time(fb[1], args.repeat)
+                row += f" {ttf * 1e3:9.2f} {ttb * 1e3:9.2f} {tf / ttf:6.2f} {tb / ttb:6.2f}"
+        print(row, flush=True)
+    print("\nGF/s: GFLOP/s (backward counts the data and the weight gradient: twice the forward's work);"
+          "\n%pk: of the matmul rate above; GB: bottom+top bytes per second for memory-bound layers;"
+          "\nfwd x / bwd x: minicaffe time / PyTorch time (below 1: minicaffe is faster).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

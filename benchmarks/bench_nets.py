@@ -1,0 +1,564 @@
+"""Whole-net speed and memory of minicaffe next to PyTorch (CPU) and OpenCV's dnn module.
+
+For each net (LeNet, CaffeNet, GoogLeNet, VGG-16 from ``models/``):
+
+* **train**: one SGD iteration (forward, backward, momentum update with weight decay, as
+  ``caffe.SGDSolver.step(1)``) of the net's ``train_val.prototxt`` (TRAIN phase, its Data layer
+  replaced by an Input layer of the same batch) in minicaffe, and of the same architecture in
+  ``torch.nn`` (built here from the prototxt, weights copied from the same ``.caffemodel``,
+  ``torch.optim.SGD`` with Caffe's lr_mult/decay_mult as parameter groups);
+* **infer**: a forward pass of ``deploy.prototxt`` in minicaffe, PyTorch (``torch.no_grad``) and
+  ``cv2.dnn.readNetFromCaffe(deploy, caffemodel)`` on a ``.caffemodel`` minicaffe saved (so it also
+  shows OpenCV reads minicaffe's files); outputs are compared with minicaffe's.
+
+Every (framework, net, mode) runs in its own subprocess, so peak memory is that process's own:
+``VmHWM`` (peak resident set) during the timed iterations minus the resident set after imports.
+Times are the best of ``--iters`` iterations after ``--warmup``; the ratio column is
+minicaffe / reference (below 1: minicaffe is faster). Where a ratio is above 1 the slowest
+minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
+
+    python benchmarks/bench_nets.py                        # all nets, default batches
+    python benchmarks/bench_nets.py --nets vgg16 --iters 2 --modes train
+    python benchmarks/bench_nets.py --quick                # LeNet, one iteration (smoke test)
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+NETS = {
+    # name: (model directory, default batch, input shape without the batch)
+    "lenet": ("models/lenet", 64, (1, 28, 28)),
+    "caffenet": ("models/caffenet", 32, (3, 227, 227)),
+    "googlenet": ("models/googlenet", 16, (3, 224, 224)),
+    "vgg16": ("models/vgg/vgg_d", 4, (3, 224, 224)),
+}
+FRAMEWORKS = ("minicaffe", "torch", "opencv")
+DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData")
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak():
+    """Make VmHWM start again from the current resident set (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --- net definitions --------------------------------------------------------------------------
+
+def train_param(name, batch):
+    """The TRAIN-phase net of ``train_val.prototxt`` with its data layer replaced by an Input layer."""
+    from minicaffe.proto import caffe_pb2
+    from minicaffe.prototxt import filter_net, load_net_param, make_state
+    directory, _, shape = NETS[name]
+    param = load_net_param(os.path.join(ROOT, directory, "train_val.prototxt"))
+    param = filter_net(param, make_state(caffe_pb2.TRAIN))
+    out = caffe_pb2.NetParameter()
+    out.name = param.name
+    for lp in param.layer:
+        if lp.type in DATA_TYPES:
+            data = out.layer.add()
+            data.name, data.type = lp.name, "Input"
+            data.top.extend(lp.top[:2])
+            data.input_param.shape.add().dim.extend((batch,) + tuple(shape))
+            data.input_param.shape.add().dim.extend([batch])
+        elif lp.type != "Accuracy":
+            out.layer.add().CopyFrom(lp)
+    return out
+
+
+def deploy_param(name, batch):
+    """``deploy.prototxt`` upgraded to the current format, with the batch set."""
+    from minicaffe.prototxt import load_net_param
+    directory, _, shape = NETS[name]
+    param = load_net_param(os.path.join(ROOT, directory, "deploy.prototxt"))
+    for lp in param.layer:
+        if lp.type == "Input":
+            del lp.input_param.shape[:]
+            lp.input_param.shape.add().dim.extend((batch,) + tuple(shape))
+    return param
+
+
+def write_text(path, param):
+    from google.protobuf import text_format
+    with open(path, "w") as f:
+        f.write(text_format.MessageToString(param))
+
+
+def inputs(name, batch, seed=0):
+    _, _, shape = NETS[name]
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "lenet" else 1000
+    data = rng.standard_normal((batch,) + tuple(shape), dtype=np.float32)
+    if name == "lenet":
+        data = np.abs(data) * 0.3
+    labels = rng.integers(0, classes, batch).astype(np.float32)
+    return data, labels
+
+
+def solver_param(net_param):
+    from minicaffe.proto import caffe_pb2
+    sp = caffe_pb2.SolverParameter()
+    sp.net_param.CopyFrom(net_param)
+    sp.base_lr, sp.momentum, sp.weight_decay = 0.001, 0.9, 0.0005
+    sp.lr_policy, sp.max_iter, sp.display, sp.snapshot = "fixed", 1 << 30, 0, 0
+    sp.random_seed = 1
+    return sp
+
+
+# --- workers: each runs in its own process ------------------------------------------------------
+
+def _loop(step, warmup, iters):
+    for _ in range(warmup):
+        step()
+    reset = reset_peak()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times, (_status_kb("VmHWM") if reset else None)
+
+
+def prepare(args):
+    """Build the train net (fillers), save its weights as a caffemodel and deploy prototxt, and
+    minicaffe's inference output for the other frameworks to compare with."""
+    import minicaffe as caffe
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(1)
+    work = args.workdir
+    tp = train_param(args.net, args.batch)
+    write_text(os.path.join(work, "train.prototxt"), tp)
+    net = caffe.Net(tp, caffe.TRAIN)
+    net.save(os.path.join(work, "weights.caffemodel"))
+    del net
+    dp = deploy_param(args.net, args.batch)
+    write_text(os.path.join(work, "deploy.prototxt"), dp)
+    data, labels = inputs(args.net, args.batch)
+    np.save(os.path.join(work, "data.npy"), data)
+    np.save(os.path.join(work, "labels.npy"), labels)
+    dnet = caffe.Net(os.path.join(work, "deploy.prototxt"), caffe.TEST,
+                     weights=os.path.join(work, "weights.caffemodel"))
+    out = dnet.forward(**{dnet.inputs[0]: data})
+    np.save(os.path.join(work, "output.npy"), out[dnet.outputs[0]])
+    return {}
+
+
+def run_minicaffe(args):
+    import minicaffe as caffe
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(1)
+    work = args.workdir
+    data, labels = np.load(os.path.join(work, "data.npy")), np.load(os.path.join(work, "labels.npy"))
+    base = _status_kb("VmRSS")
+    res = {}
+    if args.mode == "train":
+        from minicaffe.proto import caffe_pb2
+        from minicaffe.prototxt import load_net_param
+        sp = solver_param(load_net_param(os.path.join(work, "train.prototxt")))
+        sp.weights.append(os.path.join(work, "weights.caffemodel"))
+        solver = caffe.SGDSolver(sp)
+        net = solver.net
+        net.blobs["data"].data[...] = data
+        net.blobs["label"].data[...] = labels
+        step = lambda: solver.step(1)  # noqa: E731
+        del caffe_pb2
+    else:
+        net = caffe.Net(os.path.join(work, "deploy.prototxt"), caffe.TEST,
+                        weights=os.path.join(work, "weights.caffemodel"))
+        net.blobs[net.inputs[0]].data[...] = data
+        step = lambda: net.forward()  # noqa: E731
+    times, peak = _loop(step, args.warmup, args.iters)
+    res["times"] = times
+    res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
+    if args.mode == "infer":
+        ref = np.load(os.path.join(work, "output.npy"))
+        res["max_diff"] = float(np.abs(net.blobs[net.outputs[0]].data - ref).max())
+    # per-layer timings, after the timed loop so they do not disturb it
+    fwd, bwd = {}, {}
+    for _ in range(max(1, min(args.iters, 2))):
+        net.forward_from_to(timings=fwd)
+        if args.mode == "train":
+            net.backward_from_to(timings=bwd)
+            net.clear_param_diffs()
+    res["layers"] = [(name, layer.type, fwd.get(i, 0.0), bwd.get(i, 0.0))
+                     for i, (name, layer) in enumerate(zip(net._layer_names, net.layers))]
+    return res
+
+
+def _caffemodel_arrays(path):
+    from minicaffe.net import blobproto_to_array
+    from minicaffe.proto import caffe_pb2
+    with open(path, "rb") as f:
+        model = caffe_pb2.NetParameter.FromString(f.read())
+    return {lp.name: [blobproto_to_array(b) for b in lp.blobs] for lp in model.layer if len(lp.blobs)}
+
+
+def build_torch(param, weights):
+    """A torch.nn.Module running the layers of a Caffe NetParameter in order, with the given weights.
+
+    Supports what the benchmark nets use: Input, Convolution, ReLU, Pooling, LRN (across channels),
+    InnerProduct, Dropout, Concat, Softmax, SoftmaxWithLoss. ReLU runs in place where the prototxt
+    says so (top == bottom), as Caffe does.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from minicaffe.proto import caffe_pb2
+    PP = caffe_pb2.PoolingParameter
+
+    class CaffeModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mods = nn.ModuleDict()
+            self.steps = []
+            self.param_mults = []   # (tensor, lr_mult, decay_mult)
+            for lp in param.layer:
+                key = lp.name.replace("/", "_").replace(".", "_")
+                fn = None
+                t = lp.type
+                if t == "Input":
+                    continue
+                if t == "Convolution":
+                    cp = lp.convolution_param
+                    w = weights[lp.name][0]
+                    mod = nn.Conv2d(w.shape[1] * cp.group, cp.num_output, tuple(w.shape[2:]),
+                                    stride=(list(cp.stride) or [1])[0], padding=(list(cp.pad) or [0])[0],
+                                    dilation=(list(cp.dilation) or [1])[0], groups=cp.group,
+                                    bias=cp.bias_term)
+                    fn = mod
+                elif t == "InnerProduct":
+                    w = weights[lp.name][0]
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=lp.inner_product_param.bias_term)
+                    mod = lin
+                    fn = (lambda m: lambda x: m(x.flatten(1)))(lin)
+                elif t == "ReLU":
+                    inplace = lp.top[0] == lp.bottom[0]
+                    fn = (lambda ip: lambda x: F.relu(x, inplace=ip))(inplace)
+                    mod = None
+                elif t == "Dropout":
+                    # not in place: torch's ReLU backward reads the output a dropout would overwrite
+                    mod = nn.Dropout(lp.dropout_param.dropout_ratio)
+                    fn = mod
+                elif t == "Pooling":
+                    pp = lp.pooling_param
+                    if pp.global_pooling:
+                        mod = nn.AdaptiveMaxPool2d(1) if pp.pool == PP.MAX else nn.AdaptiveAvgPool2d(1)
+                    elif pp.pool == PP.MAX:
+                        mod = nn.MaxPool2d(pp.kernel_size, pp.stride, pp.pad, ceil_mode=True)
+                    else:
+                        mod = nn.AvgPool2d(pp.kernel_size, pp.stride, pp.pad, ceil_mode=True)
+                    fn = mod
+                elif t == "LRN":
+                    p = lp.lrn_param
+                    mod = nn.LocalResponseNorm(p.local_size, p.alpha, p.beta, p.k)
+                    fn = mod
+                elif t == "Concat":
+                    axis = lp.concat_param.axis
+                    fn = (lambda a: lambda *xs: torch.cat(xs, a))(axis)
+                    mod = None
+                elif t == "Softmax":
+                    fn = lambda x: F.softmax(x, dim=1)  # noqa: E731
+                    mod = None
+                elif t == "SoftmaxWithLoss":
+                    lw = lp.loss_weight[0] if len(lp.loss_weight) else 1.0
+                    fn = (lambda w: lambda x, y: w * F.cross_entropy(x, y.long()))(lw)
+                    mod = None
+                else:
+                    raise ValueError(f"layer type {t} ({lp.name}) has no torch translation here")
+                if mod is not None:
+                    self.mods[key] = mod
+                if lp.name in weights and mod is not None:
+                    with torch.no_grad():
+                        for k, (tp, arr) in enumerate(zip(mod.parameters(), weights[lp.name])):
+                            tp.copy_(torch.from_numpy(arr.reshape(tuple(tp.shape))))
+                            spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
+                            lr = spec.lr_mult if spec.HasField("lr_mult") else 1.0
+                            decay = spec.decay_mult if spec.HasField("decay_mult") else 1.0
+                            self.param_mults.append((tp, lr, decay))
+                self.steps.append((fn, list(lp.bottom), list(lp.top), t == "SoftmaxWithLoss"))
+
+        def forward(self, blobs):
+            loss = None
+            for fn, bottoms, tops, is_loss in self.steps:
+                out = fn(*[blobs[b] for b in bottoms])
+                if is_loss:
+                    loss = out if loss is None else loss + out
+                else:
+                    blobs[tops[0]] = out
+            return loss, blobs
+
+    return CaffeModule()
+
+
+def run_torch(args):
+    import torch
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    from minicaffe.prototxt import load_net_param
+    work = args.workdir
+    data, labels = np.load(os.path.join(work, "data.npy")), np.load(os.path.join(work, "labels.npy"))
+    base = _status_kb("VmRSS")
+    weights = _caffemodel_arrays(os.path.join(work, "weights.caffemodel"))
+    x = torch.from_numpy(data)
+    y = torch.from_numpy(labels)
+    res = {}
+    if args.mode == "train":
+        model = build_torch(load_net_param(os.path.join(work, "train.prototxt")), weights)
+        del weights
+        model.train()
+        groups = [{"params": [t], "lr": 0.001 * lr, "weight_decay": 0.0005 * decay}
+                  for t, lr, decay in model.param_mults]
+        opt = torch.optim.SGD(groups, lr=0.001, momentum=0.9)
+
+        def step():
+            opt.zero_grad()
+            loss, _ = model({"data": x, "label": y})
+            loss.backward()
+            opt.step()
+    else:
+        model = build_torch(load_net_param(os.path.join(work, "deploy.prototxt")), weights)
+        del weights
+        model.eval()
+        in_name = next(lp.top[0] for lp in load_net_param(os.path.join(work, "deploy.prototxt")).layer
+                       if lp.type == "Input")
+        out_name = [None]
+
+        def step():
+            with torch.no_grad():
+                _, blobs = model({in_name: x})
+            out_name[0] = blobs
+    times, peak = _loop(step, args.warmup, args.iters)
+    res["times"] = times
+    res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
+    if args.mode == "infer":
+        ref = np.load(os.path.join(work, "output.npy"))
+        last = model.steps[-1][2][0]
+        res["max_diff"] = float(np.abs(out_name[0][last].numpy() - ref).max())
+    return res
+
+
+def run_opencv(args):
+    import cv2
+    cv2.setNumThreads(args.threads)
+    work = args.workdir
+    data = np.load(os.path.join(work, "data.npy"))
+    base = _status_kb("VmRSS")
+    net = cv2.dnn.readNetFromCaffe(os.path.join(work, "deploy.prototxt"), os.path.join(work, "weights.caffemodel"))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    out = [None]
+
+    def step():
+        net.setInput(data)
+        out[0] = net.forward()
+    times, peak = _loop(step, args.warmup, args.iters)
+    ref = np.load(os.path.join(work, "output.npy"))
+    return {"times": times, "peak_mb": None if peak is None else (peak - base) / 1024.0,
+            "max_diff": float(np.abs(out[0].reshape(ref.shape) - ref).max())}
+
+
+WORKERS = {"prepare": prepare, "minicaffe": run_minicaffe, "torch": run_torch, "opencv": run_opencv}
+
+
+def worker_main(args):
+    res = WORKERS[args.worker](args)
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+def spawn(worker, net, mode, batch, workdir, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--net", net, "--mode", mode,
+           "--batch", str(batch), "--workdir", workdir, "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # the same thread count for every framework's BLAS / OpenMP pool
+    env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+
+
+def available(framework):
+    try:
+        if framework == "torch":
+            import torch  # noqa: F401
+        elif framework == "opencv":
+            import cv2
+            if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+                return False
+    except ImportError:
+        return False
+    return True
+
+
+def fmt_ms(res):
+    if res is None:
+        return "n/a"
+    if "error" in res:
+        return "error"
+    return f"{1e3 * min(res['times']):.1f}"
+
+
+def slowest_layers(res, count):
+    rows = sorted(res["layers"], key=lambda r: -(r[2] + r[3]))
+    total = sum(r[2] + r[3] for r in res["layers"]) or 1.0
+    lines = [f"      {'layer':28s} {'type':14s} {'fwd ms':>9s} {'bwd ms':>9s} {'share':>6s}"]
+    for name, kind, f, b in rows[:count]:
+        lines.append(f"      {name:28s} {kind:14s} {1e3 * f:9.2f} {1e3 * b:9.2f} {100 * (f + b) / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def driver(args):
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    for n in nets:
+        if n not in NETS:
+            print(f"error: unknown net '{n}' (known: {', '.join(NETS)})", file=sys.stderr)
+            return 2
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    refs = [f for f in frameworks if f != "minicaffe" and available(f)]
+    missing = [f for f in frameworks if f != "minicaffe" and f not in refs]
+    import minicaffe
+    versions = [f"numpy {np.__version__}", f"minicaffe {minicaffe.__version__}"]
+    if "torch" in refs:
+        import torch
+        versions.append(f"torch {torch.__version__}")
+    if "opencv" in refs:
+        import cv2
+        versions.append(f"opencv {cv2.__version__}")
+    print(f"{os.cpu_count()} cores, {args.threads} threads; {', '.join(versions)}; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    if missing:
+        print(f"(not available, skipped: {', '.join(missing)})")
+    print(f"best of {args.iters} iteration(s) after {args.warmup} warm-up; memory: peak RSS during the "
+          f"iterations minus RSS after imports\n")
+    header = (f"{'net':10s} {'batch':>5s} {'mode':6s} {'minicaffe ms':>12s} {'img/s':>8s} {'MB':>7s}"
+              f" | {'torch ms':>9s} {'img/s':>8s} {'MB':>7s} {'ratio':>6s} {'mem x':>6s}"
+              f" | {'opencv ms':>9s} {'img/s':>8s} {'ratio':>6s}")
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for net in nets:
+        batch = args.batch or NETS[net][1]
+        with tempfile.TemporaryDirectory(prefix=f"bench_{net}_") as work:
+            prep = spawn("prepare", net, "infer", batch, work, args)
+            if "error" in prep:
+                print(f"{net}: preparing failed: {prep['error']}")
+                continue
+            for mode in modes:
+                row = {"minicaffe": spawn("minicaffe", net, mode, batch, work, args)}
+                for ref in refs:
+                    if ref == "opencv" and mode == "train":
+                        continue
+                    row[ref] = spawn(ref, net, mode, batch, work, args)
+                results[(net, mode)] = row
+                print(format_row(net, batch, mode, row), flush=True)
+                notes = []
+                for fw, res in row.items():
+                    if "error" in res:
+                        notes.append(f"    {fw} failed: {res['error']}")
+                    elif res.get("max_diff") is not None and res["max_diff"] > 1e-3:
+                        notes.append(f"    {fw}: output differs from minicaffe's by {res['max_diff']:.3g}")
+                mc = row["minicaffe"]
+                if "error" not in mc and any(_ratio(mc, row.get(r)) and _ratio(mc, row.get(r)) > 1
+                                             for r in refs):
+                    notes.append("    slower than a reference; minicaffe's slowest layers:\n" +
+                                 slowest_layers(mc, args.layers))
+                for n in notes:
+                    print(n, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)
+    return 0
+
+
+def _ratio(mc, ref):
+    if not ref or "error" in ref or "error" in mc:
+        return None
+    return min(mc["times"]) / min(ref["times"])
+
+
+def format_row(net, batch, mode, row):
+    mc = row["minicaffe"]
+
+    def ips(res):
+        if not res or "error" in res:
+            return "n/a"
+        return f"{batch / min(res['times']):.1f}"
+
+    def mb(res):
+        if not res or "error" in res or res.get("peak_mb") is None:
+            return "n/a"
+        return f"{res['peak_mb']:.0f}"
+
+    def ratio(ref):
+        r = _ratio(mc, ref)
+        return "n/a" if r is None else f"{r:.2f}"
+
+    def mem_ratio(ref):
+        if not ref or "error" in ref or "error" in mc or not ref.get("peak_mb") or mc.get("peak_mb") is None:
+            return "n/a"
+        return f"{mc['peak_mb'] / ref['peak_mb']:.2f}"
+    t, o = row.get("torch"), row.get("opencv")
+    return (f"{net:10s} {batch:5d} {mode:6s} {fmt_ms(mc):>12s} {ips(mc):>8s} {mb(mc):>7s}"
+            f" | {fmt_ms(t) if t else 'n/a':>9s} {ips(t):>8s} {mb(t):>7s} {ratio(t):>6s} {mem_ratio(t):>6s}"
+            f" | {fmt_ms(o) if o else '':>9s} {ips(o) if o else '':>8s} {ratio(o) if o else '':>6s}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nets", default=",".join(NETS), help="comma list of " + ", ".join(NETS))
+    ap.add_argument("--modes", default="train,infer", help="train, infer or both (default both)")
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                    help="minicaffe and the references to run (default all that import)")
+    ap.add_argument("--batch", type=int, default=0, help="override every net's default batch")
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations (the best counts)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")
+    ap.add_argument("--layers", type=int, default=8, help="slowest layers listed when behind a reference")
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--quick", action="store_true", help="LeNet only, 1 iteration, no warm-up (smoke test)")
+    # worker mode (internal)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--net", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    if args.quick:
+        args.nets, args.iters, args.warmup = "lenet", 1, 0
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

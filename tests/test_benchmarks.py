@@ -1,0 +1,114 @@
+"""Smoke tests for benchmarks/: the scripts run end to end on a tiny setting, so they do not rot.
+
+The numbers themselves are not checked (they depend on the machine); what is checked is that every
+framework that is installed produced a timing, that PyTorch and OpenCV read minicaffe's net and
+weights and agree with its output, and that the layer benchmark prints its table.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(script, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_bench_nets_quick_minicaffe_only(tmp_path):
+    out_json = tmp_path / "res.json"
+    out = _run("bench_nets.py", "--quick", "--frameworks", "minicaffe", "--json", str(out_json))
+    assert "lenet" in out
+    import json
+    res = json.loads(out_json.read_text())
+    for mode in ("train", "infer"):
+        mc = res[f"lenet/{mode}"]["minicaffe"]
+        assert "error" not in mc, mc
+        assert len(mc["times"]) == 1 and mc["times"][0] > 0
+        names = [row[0] for row in mc["layers"]]
+        assert "conv1" in names and "ip2" in names
+    # the deploy net reproduces the output saved by the prepare step exactly
+    assert res["lenet/infer"]["minicaffe"]["max_diff"] == 0.0
+
+
+def test_bench_nets_quick_with_references(tmp_path):
+    pytest.importorskip("torch")
+    out_json = tmp_path / "res.json"
+    out = _run("bench_nets.py", "--quick", "--json", str(out_json))
+    import json
+    res = json.loads(out_json.read_text())
+    assert "ratio" in out
+    train, infer = res["lenet/train"], res["lenet/infer"]
+    assert "error" not in train["torch"], train["torch"]
+    assert "error" not in infer["torch"], infer["torch"]
+    # the same architecture with the same weights: the same probabilities
+    assert infer["torch"]["max_diff"] < 1e-4
+    bench = _load("bench_nets")
+    if bench.available("opencv"):
+        assert "error" not in infer["opencv"], infer["opencv"]
+        assert infer["opencv"]["max_diff"] < 1e-4   # OpenCV read minicaffe's prototxt and caffemodel
+
+
+def test_bench_layers_tiny():
+    out = _run("bench_layers.py", "--only", "3a/,softmax", "--batch", "1", "--repeat", "1",
+               "--gemm-size", "256", "--no-torch")
+    assert "GFLOP/s" in out
+    for name in ("gnet 3a/1x1", "gnet 3a/3x3", "gnet 3a/5x5", "gnet 3a/pool", "softmax 1000"):
+        assert name in out
+    assert "vgg conv3_2" not in out
+
+
+def test_torch_translation_matches_caffe_semantics():
+    """The PyTorch twin used as the reference computes what minicaffe computes, layer types of
+    all four benchmark nets included (ceil-mode pooling, LRN, grouped conv, concat, dropout)."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import minicaffe as caffe
+    from minicaffe.net import blobproto_to_array
+    bench = _load("bench_nets")
+    text = """
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 13 dim: 13 } } }
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "c1"
+            convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2
+                                weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.1 } } }
+    layer { name: "r1" type: "ReLU" bottom: "c1" top: "c1" }
+    layer { name: "n1" type: "LRN" bottom: "c1" top: "n1" lrn_param { local_size: 5 alpha: 0.1 beta: 0.75 } }
+    layer { name: "p1" type: "Pooling" bottom: "n1" top: "p1" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+    layer { name: "b1" type: "Convolution" bottom: "p1" top: "b1"
+            convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "xavier" } } }
+    layer { name: "b2" type: "Pooling" bottom: "p1" top: "b2" pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 } }
+    layer { name: "cat" type: "Concat" bottom: "b1" bottom: "b2" top: "cat" }
+    layer { name: "d" type: "Dropout" bottom: "cat" top: "cat" dropout_param { dropout_ratio: 0.5 } }
+    layer { name: "fc" type: "InnerProduct" bottom: "cat" top: "fc"
+            inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+    layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+    """
+    from minicaffe.prototxt import load_net_param
+    param = load_net_param(text)
+    net = caffe.Net(param, caffe.TEST)
+    x = np.random.default_rng(0).standard_normal((2, 4, 13, 13)).astype(np.float32)
+    ref = net.forward(data=x)["prob"]
+    weights = {}
+    for layer in net.to_proto().layer:
+        if len(layer.blobs):
+            weights[layer.name] = [blobproto_to_array(b) for b in layer.blobs]
+    model = bench.build_torch(param, weights).eval()
+    with torch.no_grad():
+        _, blobs = model({"data": torch.from_numpy(x)})
+    np.testing.assert_allclose(blobs["prob"].numpy(), ref, rtol=1e-5, atol=1e-6)
