@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 from .blob import Blob
-from .errors import MinicaffeError, NetError, ShapeError, WeightsError
+from .errors import MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from .fileio import atomic_write
 from .layers import create_layer
 from .proto import caffe_pb2
@@ -44,7 +44,7 @@ def insert_splits(param):
     for i, layer in enumerate(param.layer):
         for j, name in enumerate(layer.bottom):
             if name not in producer:
-                raise NetError(f"bottom '{name}' is not produced by any earlier layer", layer.name, layer.type)
+                raise NetError(_missing_bottom(param, i, name), layer.name, layer.type)
             src = producer[name]
             bottom_source[(i, j)] = src
             consumers[src] += 1
@@ -86,6 +86,28 @@ def insert_splits(param):
     return out
 
 
+def _missing_bottom(param, index, name):
+    """Why bottom ``name`` of layer ``index`` has no producer: none at all, or only a later layer
+    (a cycle or a layer out of order: Caffe runs layers in file order, so nets cannot loop)."""
+    for later in param.layer[index + 1:]:
+        if name in later.top:
+            return (f"bottom '{name}' is produced only by the later layer '{later.name}': layers run in "
+                    f"file order, so this is a cycle or a layer out of order")
+    return f"bottom '{name}' is not produced by any earlier layer"
+
+
+def in_file(exc, source):
+    """Prefix an error's message with the file it concerns (once), keeping its type; returns it."""
+    msg = str(exc)
+    if source and not msg.startswith(os.fspath(source)):
+        exc.args = (f"{os.fspath(source)}: {msg}",) + tuple(exc.args[1:])
+    return exc
+
+
+def _env_flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
 class Net:
     """pycaffe's ``caffe.Net``: ``Net(proto, phase)``, ``Net(proto, weights, phase)``,
     ``Net(proto, phase, weights=..., level=..., stages=[...])``; ``proto`` may also be a NetParameter."""
@@ -106,7 +128,12 @@ class Net:
         state = make_state(phase, level, stages or (), base=param.state)
         state.phase = phase
         self.phase = phase
-        self._build(param, state)
+        # check mode: every top after forward and every diff after backward must be finite
+        self.check_finite = _env_flag("MINICAFFE_CHECK_NAN")
+        try:
+            self._build(param, state)
+        except MinicaffeError as exc:
+            raise in_file(exc, self.source)
         if weights is not None:
             self.copy_from(weights)
 
@@ -149,7 +176,7 @@ class Net:
             need_backward = False
             for j, name in enumerate(lp.bottom):
                 if name not in self.blobs:
-                    raise NetError(f"bottom '{name}' is not produced by any earlier layer", lp.name, lp.type)
+                    raise NetError(_missing_bottom(self.param, li, name), lp.name, lp.type)
                 bottoms.append(self.blobs[name])
                 if name in available:
                     available.remove(name)
@@ -309,6 +336,8 @@ class Net:
             if timings is not None:
                 _sync()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+            if self.check_finite:
+                self._check_finite(li, "forward", [(f"top '{b.name}'", b.xdata) for b in top])
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
                     loss += w * float(blob.xdata.sum())
@@ -328,6 +357,27 @@ class Net:
             if timings is not None:
                 _sync()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+            if self.check_finite:
+                checks = [(f"bottom '{b.name}' diff", b.xdiff)
+                          for j, b in enumerate(bottom) if self._bottom_need_backward[li][j]]
+                checks += [(f"parameter {k} diff", b.xdiff) for k, b in enumerate(layer.blobs)
+                           if k < len(layer.param_propagate_down) and layer.param_propagate_down[k]]
+                self._check_finite(li, "backward", checks)
+
+    def _check_finite(self, li, direction, arrays):
+        """NumericalError naming the layer, the blob and the pass at the first NaN/infinity (check mode)."""
+        xp = backend.xp()
+        for what, arr in arrays:
+            if arr is None or not arr.size:
+                continue
+            finite = xp.isfinite(arr)
+            if bool(finite.all()):
+                continue
+            nan = int(xp.isnan(arr).sum())
+            inf = int(arr.size - int(finite.sum()) - nan)
+            name = self._layer_names[li]
+            raise NumericalError(f"{direction} pass: layer '{name}' ({self.layers[li].type}) wrote a "
+                                 f"non-finite {what} ({nan} NaN, {inf} infinite of {arr.size} values)")
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's forward: set inputs from keywords, run, return {output name: array}."""

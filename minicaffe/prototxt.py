@@ -38,9 +38,52 @@ def parse_text(text, message, path=None):
         msg = str(exc)
         m = _LOCATED.match(msg)
         if m:
-            raise ParseError(m.group(3).strip(), path, int(m.group(1)), int(m.group(2))) from None
+            line, col, detail = int(m.group(1)), int(m.group(2)), m.group(3).strip()
+            lines = text.split("\n")
+            if 0 < line <= len(lines):   # protobuf quotes the whole source line: the position says it
+                quoted = f"'{lines[line - 1]}': "
+                if detail.startswith(quoted):
+                    detail = detail[len(quoted):]
+            unclosed, stray = _unbalanced_brace(text)
+            if stray is not None and "got }" in detail:
+                line, col = stray
+                detail = "unbalanced braces: this '}' closes no '{'"
+            elif unclosed is not None and detail == 'Expected "}".':
+                line, col = unclosed
+                detail = "unbalanced braces: this '{' is never closed (the file ends first)"
+            raise ParseError(detail, path, line, col) from None
         raise ParseError(msg, path) from None
     return message
+
+
+def _unbalanced_brace(text):
+    """(line, col) of the innermost '{' left open at the end and of the first '}' closing nothing
+    (1-based, either None), skipping strings and # comments; for readable parse errors."""
+    opened, stray = [], None
+    quote = None
+    for ln, row in enumerate(text.split("\n"), 1):
+        escaped = False
+        for cn, ch in enumerate(row, 1):
+            if quote:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "{<":
+                opened.append((ln, cn))
+            elif ch in "}>":
+                if opened:
+                    opened.pop()
+                elif stray is None:
+                    stray = (ln, cn)
+        quote = None   # protobuf strings do not span lines
+    return (opened[-1] if opened else None), stray
 
 
 def read_text_file(path, message):
@@ -50,8 +93,11 @@ def read_text_file(path, message):
             text = f.read()
     except FileNotFoundError:
         raise ParseError("no such file", path) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ParseError(f"cannot read: {exc.__class__.__name__}: {exc}", path) from None
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"not a text file (byte {exc.start} is not UTF-8): a binary file where a text "
+                         f"{type(message).DESCRIPTOR.name} (.prototxt) is expected?", path) from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ParseError(f"cannot read: {exc.strerror or exc}", path) from None
     return parse_text(text, message, path)
 
 
@@ -72,9 +118,22 @@ def parse_binary(data, message, path=None):
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         what = type(message).DESCRIPTOR.name
-        raise ParseError(f"not a valid binary {what} (truncated or another kind of file): {exc}",
-                         path) from None
+        hint = "truncated or another kind of file"
+        if _looks_like_text(data):
+            hint = "it is text: a .prototxt given where a binary file is expected?"
+        raise ParseError(f"not a valid binary {what} ({hint}): {exc}", path) from None
     return message
+
+
+def _looks_like_text(data):
+    head = bytes(data[:512])
+    if not head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 32 or b in (9, 10, 13) for b in head)
 
 
 # --- nets ------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ import numpy as np
 
 from .. import backend
 from ..blob import Blob
-from ..errors import NumericalError, SolverError
+from ..data.lmdb_source import solver_rank
+from ..errors import MinicaffeError, NumericalError, SolverError
 from ..fileio import atomic_open, atomic_write
-from ..net import Net, blobproto_to_array, blobproto_shape
+from ..net import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
 from ..prototxt import load_net_param, load_solver_param, read_binary_file
 from ..wire import _field, blobproto_bytes
@@ -187,6 +188,7 @@ class Solver:
     def __init__(self, param_or_path, solver_file=None):
         param, path = read_solver_param(param_or_path)
         self.solver_file = os.fspath(solver_file) if solver_file is not None else path
+        self._net_files = {}     # net file as the solver names it -> the path it was read from
         self.param = param
         self.log = _log()
         self.log.info("Initializing solver from parameters: \n%s", str(param).rstrip())
@@ -196,13 +198,18 @@ class Solver:
                              self._where(), param.type, type(self).__name__, self.type)
         self.rule = self.rule_class(param)
         if param.random_seed >= 0:
-            backend.set_random_seed(param.random_seed)
+            # Caffe seeds worker r of a data-parallel run with random_seed + r (own dropout masks)
+            backend.set_random_seed(param.random_seed + solver_rank())
         self._init_train_net()
-        self._init_test_nets()
+        if solver_rank() == 0:
+            self._init_test_nets()
+        else:
+            self.test_nets = []     # only the root solver tests (Caffe builds no test nets on workers)
         self.log.info("Solver scaffolding done.")
         self.iter = 0
         self.current_step = 0
         self._callbacks = []
+        self._parallel = None       # a minicaffe.parallel.ParallelSolver when training data-parallel
         self._action_function = None
         self._requested_early_exit = False
         self._losses, self.smoothed_loss = [], 0.0
@@ -228,6 +235,11 @@ class Solver:
             raise SolverError(f"{where}: average_loss should be >= 1 (got {p.average_loss})")
         if p.iter_size < 1:
             raise SolverError(f"{where}: iter_size should be >= 1 (got {p.iter_size})")
+        try:   # a misspelt lr_policy or a missing stepsize fails now, not at the first update (an
+            if p.lr_policy:   # unset one fails at the first update, as in Caffe)
+                learning_rate(p, 0, 0)
+        except SolverError as exc:
+            raise SolverError(f"{where}: {exc}") from None
         if p.weight_decay and p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (use L2 or L1)")
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
@@ -260,7 +272,15 @@ class Solver:
         raise SolverError(f"{self._where()}: {field} '{value}' not found (tried {', '.join(tried)})")
 
     def _read_net(self, field, value):
-        return load_net_param(self._resolve(field, value))
+        path = self._resolve(field, value)
+        self._net_files[value] = path
+        return load_net_param(path)
+
+    def _net_source(self, field, value):
+        """What a net error should name: the net's file, or the solver's field holding it."""
+        if field.endswith("_param"):
+            return f"{self._where()}: {field}"
+        return self._net_files.get(value, value)
 
     def _init_train_net(self):
         p = self.param
@@ -283,7 +303,10 @@ class Solver:
         state.MergeFrom(net_param.state)
         state.MergeFrom(p.train_state)
         net_param.state.CopyFrom(state)
-        self.net = Net(net_param, state.phase)
+        try:
+            self.net = Net(net_param, state.phase)
+        except MinicaffeError as exc:
+            raise in_file(exc, self._net_source(field, getattr(p, field)))
         self._load_weights(self.net)
 
     def _init_test_nets(self):
@@ -322,7 +345,11 @@ class Solver:
                 state.MergeFrom(p.test_state[i])
             net_param.state.CopyFrom(state)
             self.log.info("Creating test net (#%d) specified by %s", i, desc)
-            net = Net(net_param, state.phase)
+            try:
+                net = Net(net_param, state.phase)
+            except MinicaffeError as exc:
+                field, _, value = desc.partition(" file: ")
+                raise in_file(exc, self._net_source(field if value else desc, value))
             self._load_weights(net)
             net.share_with(self.net)
             self.test_nets.append(net)
@@ -356,6 +383,17 @@ class Solver:
         """The learning rate the next update will use (pycaffe's ``SGDSolver.lr``)."""
         return learning_rate(self.param, self.iter, self.current_step)[0]
 
+    @property
+    def is_root(self):
+        """True unless this is a worker of rank > 0 in data-parallel training (Caffe's root_solver):
+        only the root solver tests, logs the display lines and writes snapshots."""
+        return self._parallel is None or self._parallel.rank == 0
+
+    def _agree(self, action):
+        """The root's value of a flag or action, on every rank (all ranks must stop or snapshot at the
+        same iteration or the collectives would hang)."""
+        return action if self._parallel is None else self._parallel.agree(action)
+
     # --- the loop ---------------------------------------------------------------------------------
     def solve(self, resume_file=None):
         """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate."""
@@ -377,7 +415,7 @@ class Solver:
             loss = self.net.forward_from_to()
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss))
-        if p.test_interval and self.iter % p.test_interval == 0:
+        if p.test_interval and self.iter % p.test_interval == 0 and self.is_root:
             self.test_all()
         self.log.info("Optimization Done.")
 
@@ -388,24 +426,36 @@ class Solver:
         self._losses, self.smoothed_loss = [], 0.0
         last_time, last_iter = time.perf_counter(), self.iter
         from ..tools.common import ProgressBar
-        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter")
+        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter",
+                                     enabled=None if self.is_root else False)
         try:
             while self.iter < stop_iter:
+                # the generator's state now belongs with this iteration's weights: a failure snapshot uses it
+                self._iter_rng = (self.iter, backend.rng().bit_generator.state)
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and \
                         (self.iter > 0 or p.test_initialization):
-                    self.test_all()
-                    if self._requested_early_exit:
+                    if self.is_root:
+                        self.test_all()
+                    if self._agree(self._requested_early_exit):
+                        self._requested_early_exit = True
                         break
                 for on_start, _ in self._callbacks:
                     on_start()
                 display = p.display and self.iter % p.display == 0
                 loss = 0.0
-                for _ in range(p.iter_size):
-                    part = self.net.forward_backward()
+                for k in range(p.iter_size):
+                    try:
+                        part = self.net.forward_backward() if self._parallel is None else \
+                            self._parallel.forward_backward(last=k == p.iter_size - 1)
+                    except NumericalError as exc:      # check mode (Net.check_finite) found the layer
+                        self._numerical_failure(detail=str(exc))
                     if not math.isfinite(part):
                         self._numerical_failure(part)
                     loss += part
+                bad = non_finite_gradient(self.net)
+                if bad:
+                    self._numerical_failure(detail=f"the loss is finite but the gradient of {bad} is not")
                 loss /= p.iter_size
                 self._update_smoothed_loss(loss, start_iter, p.average_loss)
                 if display:
@@ -420,7 +470,7 @@ class Solver:
                 for _, on_gradients in self._callbacks:
                     on_gradients()
                 self.apply_update()
-                request = self._requested_action()
+                request = self._agree(self._requested_action())
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
                     self.snapshot()
                 self._progress.update()
@@ -432,7 +482,9 @@ class Solver:
             self._progress = None
 
     def _info(self, fmt, *args):
-        """A log line that does not land in the middle of the progress bar's line."""
+        """A log line that does not land in the middle of the progress bar's line (root solver only)."""
+        if not self.is_root:
+            return
         if self._progress is not None and self._progress.enabled:
             self._progress.stream.write("\r\x1b[K")
         self.log.info(fmt, *args, stacklevel=2)
@@ -539,7 +591,10 @@ class Solver:
                 request = self._requested_action()
             if self._requested_early_exit:
                 break
-            iter_loss = net.forward_from_to()
+            try:
+                iter_loss = net.forward_from_to()
+            except NumericalError as exc:
+                self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
             if p.test_compute_loss:
                 loss += iter_loss
             # accumulate on the device; one copy to the host at the end
@@ -560,12 +615,25 @@ class Solver:
         return self.test_scores[test_net_id]
 
     # --- NaN / Inf --------------------------------------------------------------------------------
-    def _numerical_failure(self, loss):
-        where = first_non_finite(self.net)
+    def _numerical_failure(self, loss=None, detail=None):
+        """Stop training on a NaN/infinity: snapshot the state this iteration started from (weights,
+        history and the random generator as they were before its forward pass; nothing was updated)
+        and raise a NumericalError naming the iteration and where the value appeared."""
+        what = detail or f"the loss is {loss}; first non-finite values in {first_non_finite(self.net) or 'no layer (?)'}"
+        bad = [name for name, b in zip(self.net._learnable_names, self.net.learnable_params)
+               if not _finite(b.xdata)]
+        if bad:   # only an update that overflowed gets here (non-finite gradients stop before it)
+            raise NumericalError(
+                f"iteration {self.iter}: {what}; the weights of layer '{bad[0][0]}' are themselves not finite "
+                f"(the last update overflowed), so no snapshot was written: resume from an earlier one with a "
+                f"lower base_lr or clip_gradients")
+        start = getattr(self, "_iter_rng", None)
+        if start is not None and start[0] == self.iter:
+            backend.rng().bit_generator.state = start[1]
         files = self.snapshot()
         raise NumericalError(
-            f"iteration {self.iter}: the loss is {loss}; first non-finite values in {where or 'no layer (?)'}; "
-            f"the last good weights were saved to {files[0]} (try a lower base_lr or clip_gradients)")
+            f"iteration {self.iter}: {what}; the last good state was saved to {files[0]} and {files[1]} "
+            f"(try a lower base_lr or clip_gradients)")
 
     # --- snapshots --------------------------------------------------------------------------------
     def snapshot_filename(self, extension):
@@ -573,13 +641,19 @@ class Solver:
 
     def snapshot(self):
         """Write ``<prefix>_iter_N.caffemodel`` (or ``.caffemodel.h5``) and ``.solverstate`` (``.h5``),
-        each atomically, plus the ``.rng`` sidecar that makes resuming bit-exact. Returns the paths."""
+        each atomically, plus the ``.rng`` sidecar that makes resuming bit-exact. Returns the paths.
+        A data-parallel worker of rank > 0 writes nothing (weights and history are the same on every
+        rank: the root writes them) and returns the root's paths."""
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        if not self.is_root:
+            ext = (".caffemodel.h5", ".solverstate.h5") if hdf5 else (".caffemodel", ".solverstate")
+            return tuple(self.snapshot_filename(e) for e in ext)
         if hdf5:
             model = self.snapshot_filename(".caffemodel.h5")
             self._info("Snapshotting to HDF5 file %s", model)
             self.net.save_hdf5(model)
             state = self.snapshot_filename(".solverstate.h5")
+            self._write_rng_state(state)
             self._info("Snapshotting solver state to HDF5 file %s", state)
             self._write_state_hdf5(state, model)
         else:
@@ -587,11 +661,16 @@ class Solver:
             self._info("Snapshotting to binary proto file %s", model)
             self.net.save(model)
             state = self.snapshot_filename(".solverstate")
+            self._write_rng_state(state)
             self._info("Snapshotting solver state to binary proto file %s", state)
             atomic_write(state, solverstate_bytes(self.iter, model, self.current_step,
                                                   [h.data for h in self.history]))
-        atomic_write(state + ".rng", json.dumps(self._rng_state(), sort_keys=True))
         return model, state
+
+    def _write_rng_state(self, state):
+        """The ``.rng`` sidecar goes before the solver state: a .solverstate that exists (each file is
+        written atomically, the state last) always has its weights and its sidecar beside it."""
+        atomic_write(state + ".rng", json.dumps(self._rng_state(), sort_keys=True))
 
     def _rng_state(self):
         return {"format": "minicaffe solver RNG state 1", "iter": self.iter,
@@ -618,6 +697,9 @@ class Solver:
             it, learned, step, hist = self._read_state_hdf5(path)
         else:
             state = read_binary_file(path, caffe_pb2.SolverState())
+            if not state.HasField("iter"):   # every solver state records its iteration
+                raise SolverError(f"{path}: not a .solverstate (it has no iteration number; a .caffemodel "
+                                  f"or another file given where a solver state is expected?)")
             it, step = state.iter, state.current_step
             learned = state.learned_net if state.HasField("learned_net") else None
             hist = [(blobproto_shape(bp), blobproto_to_array(bp)) for bp in state.history]
@@ -699,6 +781,26 @@ def _tell_positions(net, forward_passes):
         if callable(hook) and tops:
             batch = tops[0].shape[0] if tops[0].shape else 1
             hook(int(forward_passes) * int(batch))
+
+
+def _finite(arr):
+    """All values finite? One float64 sum: it cannot overflow for float32 data, and NaN/inf propagate."""
+    return math.isfinite(float(arr.sum(dtype=np.float64)))
+
+
+def non_finite_gradient(net):
+    """"layer 'x' parameter k" for the first learnable parameter whose gradient holds a NaN or an
+    infinity, else None. Cheap enough to run every iteration (one device sync)."""
+    params = net.learnable_params
+    if not params:
+        return None
+    total = sum(b.xdiff.sum(dtype=np.float64) for b in params)
+    if math.isfinite(float(total)):
+        return None
+    for (name, k), b in zip(net._learnable_names, params):
+        if not _finite(b.xdiff):
+            return f"layer '{name}' parameter {k}"
+    return None
 
 
 def first_non_finite(net):
