@@ -10,7 +10,7 @@ import time as _time
 
 import numpy as np
 
-from .. import backend
+from .. import backend, parallel
 from ..errors import MinicaffeError
 from ..proto import caffe_pb2
 from .common import get_logger, run_main
@@ -112,7 +112,7 @@ def _use(gpus, log):
 
 def train(args):
     """Train or finetune (Caffe's ``caffe train``)."""
-    from ..solvers.solver import SignalHandler, read_solver_param, solver_class
+    from ..solvers.solver import SignalHandler, read_solver_param
     log = get_logger()
     if not args.solver:
         raise MinicaffeError("train: need a solver definition (--solver)")
@@ -129,15 +129,44 @@ def train(args):
         else:
             log.warning("%s asks for solver_mode: GPU, but no CUDA device is visible; using the CPU", path)
     gpus = _gpus(gpu_flag)
-    if len(gpus) > 1:
-        raise MinicaffeError(f"--gpu {gpu_flag}: training on several GPUs is not supported yet; give one "
-                             f"device id")
-    if gpus:
+    if gpus and not parallel.launched_as_worker():
         log.info("Using GPUs %s", ", ".join(map(str, gpus)))
         for g in gpus:
             log.info("GPU %d: %s", g, _device_name(g))
+        if len(gpus) > 1:       # one process per GPU, NCCL between them (processes: see parallel.py)
+            return parallel.spawn_gpu_workers(lambda g: _worker_argv(args, g), gpus)
+    comm = None
+    if parallel.launched_as_worker():       # under mpirun -np N, or one of the per-GPU processes
+        comm, gpus = parallel.start_worker(gpus)
+        log.info("Worker %d of %d (%s)%s", comm.rank, comm.size, comm.name,
+                 f" on GPU {gpus[0]}" if gpus else "")
+    if gpus:
         param.device_id = gpus[0]
     _use(gpus, log)
+    try:
+        _train(args, log, param, path, handler, comm)
+    except BaseException as exc:
+        if comm is not None and comm.size > 1 and not isinstance(exc, SystemExit):
+            parallel.abort_job(comm, exc)
+        raise
+    return 0
+
+
+def _worker_argv(args, gpu):
+    """The ``train`` command line for the process of one GPU."""
+    argv = ["train", "--solver", args.solver, "--gpu", str(gpu), "--level", str(args.level),
+            "--sigint_effect", args.sigint_effect, "--sighup_effect", args.sighup_effect]
+    for flag in ("stage", "snapshot", "weights"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", getattr(args, flag)]
+    if args.iterations is not None:
+        argv += ["--iterations", str(args.iterations)]
+    return argv
+
+
+def _train(args, log, param, path, handler, comm):
+    from ..parallel import ParallelSolver
+    from ..solvers.solver import solver_class
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
@@ -147,6 +176,8 @@ def train(args):
         param.max_iter = args.iterations
     with handler:
         solver = solver_class(param.type, path)(param, solver_file=path)
+        if comm is not None:
+            solver = ParallelSolver(solver, comm)
         solver.set_action_function(handler.check)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
@@ -154,7 +185,6 @@ def train(args):
         log.info("Starting Optimization")
         solver.solve()
     log.info("Optimization Done.")
-    return 0
 
 
 def _net(args, default_phase, weights=None):
