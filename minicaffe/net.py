@@ -507,6 +507,12 @@ class Net:
         self.copy_from_proto(source, path)
 
     def copy_from_proto(self, source, path="<weights>"):
+        with_blobs = [sl.name for sl in source.layer if len(sl.blobs)]
+        if with_blobs and any(l.blobs for l in self.layers) and not any(n in self.layer_dict for n in with_blobs):
+            # Caffe copies nothing here without a word; a net left at its initial weights is never meant
+            raise WeightsError(f"{path}: none of its layers with weights ({', '.join(with_blobs[:4])}"
+                               f"{', ...' if len(with_blobs) > 4 else ''}) is in net '{self.name}': "
+                               f"the weights of another net?")
         for sl in source.layer:
             if sl.name not in self.layer_dict or not len(sl.blobs):
                 continue
@@ -555,6 +561,8 @@ class Net:
         except OSError as exc:
             raise WeightsError(f"{path}: cannot read HDF5 weights: {exc}") from None
         with h5:
+            if not isinstance(h5.get("data"), h5py.Group):
+                raise WeightsError(f"{path}: not Caffe HDF5 weights (no /data group)")
             data = h5["data"]
             for name in data:
                 if name not in self.layer_dict:
@@ -565,6 +573,8 @@ class Net:
                     raise WeightsError(f"{path}: layer '{name}' has {len(group)} blobs in the file but "
                                        f"{len(layer.blobs)} in the net")
                 for k, blob in enumerate(layer.blobs):
+                    if str(k) not in group:
+                        raise WeightsError(f"{path}: layer '{name}' has no dataset '{k}'")
                     arr = np.asarray(group[str(k)])
                     if arr.size != blob.count:
                         raise WeightsError(f"{path}: cannot copy param {k} of layer '{name}': shape "

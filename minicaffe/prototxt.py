@@ -31,9 +31,11 @@ _LOCATED = re.compile(r"^(\d+):(\d+)\s*:\s*(.*)$", re.S)
 
 
 def parse_text(text, message, path=None):
-    """Merge prototxt ``text`` into ``message``; errors become ``ParseError(file:line:col: ...)``."""
+    """Parse prototxt ``text`` into ``message``; errors become ``ParseError(file:line:col: ...)``.
+
+    A scalar field given twice is an error (as in Caffe's C++ parser), not a silent override."""
     try:
-        text_format.Merge(text, message)
+        text_format.Parse(text, message)
     except text_format.ParseError as exc:
         msg = str(exc)
         m = _LOCATED.match(msg)
@@ -51,9 +53,29 @@ def parse_text(text, message, path=None):
             elif unclosed is not None and detail == 'Expected "}".':
                 line, col = unclosed
                 detail = "unbalanced braces: this '{' is never closed (the file ends first)"
+            elif unclosed is not None and "has no field named" in detail:
+                detail += (f" (the '{{' at {unclosed[0]}:{unclosed[1]} is never closed: a missing '}}' "
+                           f"before this line?)")
+            elif 0 < line <= len(lines) and _odd_quotes(lines[line - 1]):
+                detail += " (this line has an odd number of quotes: a string left unclosed?)"
             raise ParseError(detail, path, line, col) from None
         raise ParseError(msg, path) from None
     return message
+
+
+def _odd_quotes(row):
+    """Does ``row`` (outside a # comment) hold an odd number of unescaped double quotes?"""
+    count, escaped = 0, False
+    for ch in row:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            count += 1
+        elif ch == "#" and count % 2 == 0:
+            break
+    return count % 2 == 1
 
 
 def _unbalanced_brace(text):
@@ -122,7 +144,28 @@ def parse_binary(data, message, path=None):
         if _looks_like_text(data):
             hint = "it is text: a .prototxt given where a binary file is expected?"
         raise ParseError(f"not a valid binary {what} ({hint}): {exc}", path) from None
+    clash = wrong_type_fields(message)
+    if clash:
+        what = type(message).DESCRIPTOR.name
+        raise ParseError(f"not a binary {what}: {clash} (another kind of file?)", path)
     return message
+
+
+def wrong_type_fields(message):
+    """'field x (#n) has the wrong wire type' when the bytes parsed into ``message`` used one of its
+    declared field numbers with another wire type (protobuf keeps those as unknown fields): the mark
+    of another message type, e.g. a BlobProto read as a SolverState. Unknown numbers (fields of a
+    newer Caffe) are fine. Top level only; empty string if none."""
+    declared = type(message).DESCRIPTOR.fields_by_number
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+        numbers = sorted({f.field_number for f in UnknownFieldSet(message)} & set(declared))
+    except Exception:  # noqa: BLE001 - an older protobuf without UnknownFieldSet: skip the check
+        return ""
+    if not numbers:
+        return ""
+    n = numbers[0]
+    return f"field '{declared[n].name}' (#{n}) has the wrong wire type"
 
 
 def _looks_like_text(data):
@@ -309,4 +352,4 @@ def load_solver_param(source):
 
 __all__ = ["parse_text", "read_text_file", "read_binary_file", "parse_binary", "load_net_param",
            "upgrade_net", "filter_net", "state_meets_rule", "make_state", "load_solver_param",
-           "MinicaffeError"]
+           "wrong_type_fields", "MinicaffeError"]

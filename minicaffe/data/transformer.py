@@ -62,6 +62,10 @@ def read_blobproto_file(path, what="mean_file", message=caffe_pb2.BlobProto):
         msg.ParseFromString(raw)
     except Exception as exc:  # DecodeError
         raise DataError(f"{path}: {what} is not a binary {message.__name__} ({exc})") from None
+    from ..prototxt import wrong_type_fields
+    clash = wrong_type_fields(msg)
+    if clash:
+        raise DataError(f"{path}: {what} is not a binary {message.__name__}: {clash} (another kind of file?)")
     return msg
 
 
@@ -86,6 +90,8 @@ def load_mean_file(path):
     except DataError as exc:
         msg = str(exc)
         raise DataError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    if not mean.size:
+        raise DataError(f"{path}: mean_file holds no values (not a mean image?)")
     if mean.ndim == 4 and mean.shape[0] == 1:
         mean = mean[0]
     if mean.ndim != 3:
@@ -283,8 +289,8 @@ class DataTransformer:
             if self.mean is not None:
                 if self.mean.shape != img.shape:
                     raise self._data_error(f"mean_file is {_shape_str(self.mean.shape)} but the image is "
-                                           f"{_shape_str(img.shape)} (CxHxW; the mean must match the "
-                                           f"uncropped image)", wh(i))
+                                           f"{_shape_str(img.shape)} (CxHxW; the mean {self.param.mean_file} "
+                                           f"must match the uncropped image)", wh(i))
                 sub = self.mean[:, h0:h1, w0:w1]      # the mean is cropped like the image, then both flip
                 if offset is not None:
                     sub = sub + offset[i]

@@ -16,6 +16,7 @@ one LMDB transaction per 1000 records.
 Unlike Caffe it is safe to interrupt: the database is built in ``DB_NAME.tmp-<pid>`` beside the target
 and renamed to DB_NAME only when complete, an existing DB_NAME is refused unless ``--overwrite``,
 and unreadable images are reported with their list-file line and skipped (the summary counts them).
+What a killed run leaves beside DB_NAME is cleaned up by the next run for the same DB_NAME.
 """
 import collections
 import os
@@ -315,6 +316,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     if root_folder and not os.path.isdir(root_folder):
         raise DataError(f"{root_folder}: root folder not found" if not os.path.exists(root_folder)
                         else f"{root_folder}: root folder is not a directory")
+    _recover_interrupted(db_name, log)
     if os.path.lexists(db_name) and not overwrite:
         raise DataError(f"{db_name}: already exists (use --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(db_name))
@@ -350,6 +352,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     jobs = int(jobs) if jobs and int(jobs) > 0 else (len(os.sched_getaffinity(0))
                                                      if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
+    _check_free_space(db_name, parent)
     tmp = f"{db_name}.tmp-{os.getpid()}"
     _remove(tmp)
     writer = None
@@ -405,6 +408,59 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
         log.warning("Skipped %d of %d images that could not be read; %d written to %s.",
                     skipped, len(tasks), count, db_name)
     return {"total": len(tasks), "written": count, "skipped": skipped}
+
+
+MIN_FREE_BYTES = 64 << 10
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:       # alive but not ours (EPERM)
+        return True
+    return True
+
+
+def _recover_interrupted(db_name, log):
+    """Clean up after a run that was killed: its unfinished ``DB_NAME.tmp-<pid>`` goes; a complete
+    ``DB_NAME.old-<pid>`` (killed between the two renames of --overwrite) is put back when DB_NAME is
+    missing, else removed. Only entries of processes that no longer run are touched."""
+    parent = os.path.dirname(os.path.abspath(db_name))
+    base = os.path.basename(os.path.abspath(db_name))
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in sorted(names):
+        for kind in ("tmp", "old"):
+            prefix = f"{base}.{kind}-"
+            if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+                continue
+            if _pid_alive(int(name[len(prefix):])):
+                continue
+            path = os.path.join(parent, name)
+            if kind == "old" and not os.path.lexists(db_name):
+                os.rename(path, db_name)
+                log.warning("%s: restored the database an interrupted --overwrite run had moved to %s",
+                            db_name, path)
+            else:
+                log.info("Removing %s, left by an interrupted run", path)
+                _remove(path)
+
+
+def _check_free_space(db_name, parent):
+    """Refuse to start on a (nearly) full filesystem: LMDB creating its file where not one page is
+    free dies of SIGBUS instead of returning an error. Later ENOSPC errors are reported normally."""
+    try:
+        st = os.statvfs(parent)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise DataError(f"{db_name}: cannot create the database: No space left on device "
+                        f"({free // 1024} KiB free in {parent})")
 
 
 def _write_error(db_name, exc, what="cannot write the database"):
