@@ -22,8 +22,9 @@ setup(
         "hdf5": ["h5py>=3.8"],
         "draw": ["pydot>=2"],
         "plot": ["matplotlib>=3.7"],
+        "mpi": ["mpi4py>=3.1"],          # plus an MPI library: apt-get install openmpi-bin libopenmpi-dev
         "test": ["pytest>=7", "hypothesis>=6", "h5py>=3.8", "pydot>=2", "grpcio-tools>=1.85",
-                 "scikit-learn>=1.3", "matplotlib>=3.7"],
+                 "scikit-learn>=1.3", "matplotlib>=3.7", "mpi4py>=3.1"],
         "examples": ["scikit-learn>=1.3"],
         "bench": ["torch==2.13.0", "opencv-python-headless==4.12.0.88"],
     },

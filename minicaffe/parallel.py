@@ -61,6 +61,7 @@ _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 # set by ``spawn_gpu_workers`` for the processes it starts
 NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = "MINICAFFE_NCCL_UID", "MINICAFFE_NCCL_RANK", "MINICAFFE_NCCL_SIZE"
 COMM_VAR = "MINICAFFE_COMM"         # "mpi" or "nccl": which library GPU workers under mpirun use
+BUCKET_VAR = "MINICAFFE_BUCKET_MB"  # gradient bucket size for ParallelSolvers built without bucket_mb
 
 _ACTIONS = ("none", "stop", "snapshot")
 _multiprocess = {"on": False}
@@ -553,6 +554,21 @@ class GradientReducer:
 
 # --- the solver wrapper ---------------------------------------------------------------------------
 
+def _bucket_mb(value):
+    """``value``, else $MINICAFFE_BUCKET_MB (tuning without code: the command line has no flag for it),
+    else ``DEFAULT_BUCKET_MB``."""
+    if value is None:
+        value = os.environ.get(BUCKET_VAR) or DEFAULT_BUCKET_MB
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0:
+        raise MinicaffeError(f"gradient bucket size (bucket_mb or ${BUCKET_VAR}) must be a positive number "
+                             f"of MB, got {value!r}")
+    return mb
+
+
 class ParallelSolver:
     """One worker of synchronous data-parallel training around a ``Solver`` (Caffe's ``NCCL`` +
     ``Solver`` pair). Every worker wraps its own solver, built from the same solver file after
@@ -563,9 +579,14 @@ class ParallelSolver:
     (overlapped with backward unless the solver says ``layer_wise_reduce: false``); the loss the
     solver sees (and logs, and checks for NaN) is the mean over the workers. Other attributes
     (``net``, ``iter``, ``param``, ``test_nets``, ``snapshot`` ...) are the wrapped solver's.
+
+    ``comm``: default ``communicator()`` (MPI under mpirun, else a world of one). ``bucket_mb``:
+    gradient bucket size, default $MINICAFFE_BUCKET_MB or 25 (larger: fewer reductions, each paying
+    the latency once; smaller: reductions start earlier in the backward). ``overlap``: default the
+    solver's ``layer_wise_reduce``.
     """
 
-    def __init__(self, solver, comm=None, bucket_mb=DEFAULT_BUCKET_MB, overlap=None):
+    def __init__(self, solver, comm=None, bucket_mb=None, overlap=None):
         if isinstance(solver, ParallelSolver):
             raise SolverError("this solver is already wrapped in a ParallelSolver")
         if getattr(solver, "_parallel", None) is not None:
@@ -579,7 +600,7 @@ class ParallelSolver:
         self.solver, self.comm = solver, comm
         self.rank, self.size = comm.rank, comm.size
         self.overlap = bool(solver.param.layer_wise_reduce if overlap is None else overlap)
-        self.reducer = GradientReducer(solver.net, comm, float(bucket_mb) * 2 ** 20)
+        self.reducer = GradientReducer(solver.net, comm, _bucket_mb(bucket_mb) * 2 ** 20)
         xp = backend.xp()
         self._loss = xp.zeros(1, dtype=np.float64)
         self.stats = {"passes": 0, "forward_backward_s": 0.0}

@@ -252,7 +252,8 @@ class Solver:
             if not p.HasField("snapshot_prefix"):
                 raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
             directory = os.path.dirname(p.snapshot_prefix) or "."
-            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            # only the root writes snapshots: a worker on another machine need not see the directory
+            if solver_rank() == 0 and (not os.path.isdir(directory) or not os.access(directory, os.W_OK)):
                 raise SolverError(f"{where}: cannot write to snapshot prefix '{p.snapshot_prefix}'; make sure "
                                   f"that the directory '{directory}' exists and is writable")
 
