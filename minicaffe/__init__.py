@@ -18,10 +18,14 @@ def __getattr__(name):
     import importlib
     lazy = {
         "io": ".io", "net_spec": ".net_spec", "draw": ".draw", "classifier": ".classifier",
-        "coord_map": ".coord_map", "solvers": ".solvers",
+        "coord_map": ".coord_map", "solvers": ".solvers", "surgery": ".surgery", "multicrop": ".multicrop",
+        "parallel": ".parallel",
     }
     if name in lazy:
         return importlib.import_module(lazy[name], __name__)
+    if name in ("convert_fc_to_conv", "dense_scores", "init_from"):   # the papers' net surgery
+        from . import surgery
+        return getattr(surgery, name)
     if name == "Classifier":
         from .classifier import Classifier
         return Classifier
@@ -29,4 +33,9 @@ def __getattr__(name):
                 "AdaDeltaSolver", "AdamSolver", "get_solver"):
         from . import solvers
         return getattr(solvers, name)
+    if name in ("ParallelSolver", "set_solver_count", "set_solver_rank", "set_multiprocess", "multiprocess",
+                "solver_count", "solver_rank", "setup_worker"):
+        # pycaffe's multi-GPU set-up (set_solver_count/rank, set_multiprocess) and the data-parallel solver
+        from . import parallel
+        return getattr(parallel, name)
     raise AttributeError(f"module 'minicaffe' has no attribute {name!r}")

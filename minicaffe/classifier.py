@@ -1,9 +1,11 @@
 """pycaffe's ``caffe.Classifier``: a Net that classifies images by resizing, cropping (centre or
-10 crops) and averaging the output over the crops.
+10 crops) and averaging the output over the crops; plus the papers' evaluation schemes.
 
 Crops come from ``crops(image, crop_dims, scheme)``, a small registry of schemes ("10": pycaffe's
-corners + centre + mirrors, "center": one centre crop); further multi-crop schemes register
-themselves with ``register_crop_scheme`` and ``predict(..., scheme=name)`` uses them.
+corners + centre + mirrors, "center": one centre crop, "144"/"150": GoogLeNet's and VGG's, from
+``minicaffe.multicrop``); ``register_crop_scheme`` adds more and ``predict(..., scheme=name)`` uses
+them. ``predict(..., scheme="144"|"150", scales=..., dense=True)`` runs the papers' multi-scale
+evaluation on the original images (``multicrop.classifier_predict``).
 """
 import os
 
@@ -44,6 +46,8 @@ def register_crop_scheme(name, fn):
 def crops(image, crop_dims, scheme="10"):
     """The crops of one H×W×K image (→ n×h×w×K) or of an N×H×W×K batch (→ (N·n)×h×w×K, image 0's
     crops first), by the named scheme."""
+    if scheme not in CROP_SCHEMES:
+        from . import multicrop  # noqa: F401  (registers the papers' schemes)
     if scheme not in CROP_SCHEMES:
         raise MinicaffeError(f"unknown crop scheme '{scheme}' (known: {', '.join(sorted(CROP_SCHEMES))})")
     arr = np.asarray(image, dtype=np.float32)
@@ -90,14 +94,25 @@ class Classifier(Net):
             raise MinicaffeError(f"Classifier: image_dims {tuple(self.image_dims.tolist())} are smaller "
                                  f"than the net's input {tuple(self.crop_dims.tolist())}")
 
-    def predict(self, inputs, oversample=True, scheme=None):
+    def predict(self, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
         """Class scores for each H×W×K image: N×classes (averaged over crops).
 
         ``oversample=True`` averages pycaffe's 10 crops, ``False`` takes the centre crop;
         ``scheme`` names any registered crop scheme instead.
+
+        The papers' evaluation: ``scheme="144"`` (GoogLeNet) or ``"150"`` (VGG) rescales each
+        original image (aspect kept) to each of ``scales`` (default: the papers' ratios to the crop
+        size); ``scales=[S]`` with '10'/'center' crops from the image with shorter side S instead of
+        the ``image_dims`` warp; ``dense=True`` adds VGG's dense evaluation (the net made fully
+        convolutional, the score map averaged, with the mirrored image when ``flip``), averaged with
+        the crops, or alone with ``scheme="none"``. These return softmax probabilities averaged over
+        crops (``multicrop.classifier_predict``).
         """
         if len(inputs) == 0:
             raise DataError("Classifier.predict: no images given")
+        if dense or scales or str(scheme) in ("144", "150", "none"):
+            from .multicrop import classifier_predict
+            return classifier_predict(self, inputs, oversample, scheme, scales, dense, flip)
         channels = {np.shape(im)[2] if np.ndim(im) == 3 else None for im in inputs}
         if len(channels) != 1 or None in channels:
             raise DataError("Classifier.predict: images must be H×W×K arrays with one number of channels")

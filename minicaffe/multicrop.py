@@ -388,46 +388,47 @@ def topk_error(probs, labels, k=1):
 
 # --- pycaffe Classifier with the schemes -------------------------------------------------------------
 
-class MultiCropClassifier(Classifier):
-    """pycaffe's ``Classifier`` with the papers' evaluation schemes.
+def classifier_predict(clf, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
+    """``Classifier.predict`` with the papers' schemes: N×classes softmax probabilities.
 
-    ``predict(images, scheme='10'|'144'|'150'|'center', scales=None, dense=False)``; images are
-    H×W×K as ``caffe.io.load_image`` gives. ``scheme=None`` keeps Classifier's behaviour
-    (``oversample`` -> '10' on ``image_dims`` images, else the centre crop); '10' and 'center'
-    without ``scales`` resize to ``image_dims`` first as Classifier does, '144' and '150' rescale
-    the original image (aspect kept) to each scale. ``dense=True`` adds VGG's dense evaluation
-    (at ``scales``, or the image as given) averaged with the crops' probabilities;
-    ``scheme='none'`` with ``dense=True`` is dense evaluation alone. Returns N×classes
-    probabilities.
+    ``scheme=None`` is Classifier's choice ('10' with ``oversample``, else 'center'); '10' and
+    'center' without ``scales`` first resize to ``image_dims`` as Classifier does, '144' and '150'
+    rescale the original image (aspect kept) to each scale. ``dense=True`` adds VGG's dense
+    evaluation (at ``scales``, or the image as given) averaged with the crops' probabilities;
+    ``scheme='none'`` with ``dense=True`` is dense evaluation alone.
     """
+    if len(inputs) == 0:
+        raise MinicaffeError("Classifier.predict: no images given")
+    scheme = str(scheme or ("10" if oversample else "center"))
+    if scheme == "none" and not dense:
+        raise MinicaffeError("Classifier.predict: scheme 'none' needs dense=True")
+    preprocess = Preprocessor.from_transformer(clf.transformer, clf.inputs[0])
+    crop = tuple(int(v) for v in clf.crop_dims)
+    image_size = tuple(int(v) for v in clf.image_dims) \
+        if scheme in ("10", "center", "1") and not scales else None
+    dense_net = None
+    if dense:
+        dense_net = getattr(clf, "_dense_net", None)
+        if dense_net is None:              # built once per Classifier (a copy of the weights)
+            dense_net = clf._dense_net = convert_fc_to_conv(clf)
+    out = []
+    for image in inputs:
+        parts = []
+        if scheme != "none":
+            parts.append(evaluate_crops(clf, image, scheme, scales, preprocess=preprocess,
+                                        crop_size=crop, image_size=image_size))
+        if dense:
+            parts.append(evaluate_dense(dense_net, image, scales, preprocess, flip=flip))
+        out.append(combine(*parts))
+    return np.asarray(out, dtype=np.float32)
+
+
+class MultiCropClassifier(Classifier):
+    """``Classifier`` whose every prediction takes the multi-crop path (softmax averaged over crops,
+    also for '10' and 'center'); kept for scripts written against the earlier name."""
 
     def predict(self, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
-        if len(inputs) == 0:
-            raise MinicaffeError("MultiCropClassifier.predict: no images given")
-        scheme = str(scheme or ("10" if oversample else "center"))
-        if scheme == "none" and not dense:
-            raise MinicaffeError("MultiCropClassifier.predict: scheme 'none' needs dense=True")
-        preprocess = Preprocessor.from_transformer(self.transformer, self.inputs[0])
-        crop = tuple(int(v) for v in self.crop_dims)
-        image_size = tuple(int(v) for v in self.image_dims) \
-            if scheme in ("10", "center", "1") and not scales else None
-        out = []
-        for image in inputs:
-            parts = []
-            if scheme != "none":
-                parts.append(evaluate_crops(self, image, scheme, scales, preprocess=preprocess,
-                                            crop_size=crop, image_size=image_size))
-            if dense:
-                parts.append(evaluate_dense(self.dense_net, image, scales, preprocess, flip=flip))
-            out.append(combine(*parts))
-        return np.asarray(out, dtype=np.float32)
-
-    @property
-    def dense_net(self):
-        """The fully convolutional version of this net, built on first use (a copy of the weights)."""
-        if getattr(self, "_dense_net", None) is None:
-            self._dense_net = convert_fc_to_conv(self)
-        return self._dense_net
+        return classifier_predict(self, inputs, oversample, scheme, scales, dense, flip)
 
 
 def _classifier_scheme(name):

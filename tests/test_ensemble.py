@@ -112,8 +112,8 @@ def test_evaluate_command_prints_the_papers_numbers(setup, capsys):
 def test_evaluate_command_errors_are_one_line(setup, capsys):
     tmp_path, proto, weights = setup
     base = ["evaluate", "--model", proto, "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path / "img")]
-    code, _, err = _run(base + ["--weights", weights[0], "--weights", weights[1]], capsys)
-    assert code == 1 and err.strip() == "error: give one --weights per --model (1 models, 2 weights)"
+    code, _, err = _run(base + ["--model", proto] + ["--weights", weights[0]] * 3, capsys)
+    assert code == 1 and err.strip() == "error: give one --weights per --model (2 models, 3 weights)"
     (tmp_path / "bad.txt").write_text("0.png 0\n1.png one\n")
     code, _, err = _run(["evaluate", "--model", proto, "--weights", weights[0], "--list",
                          str(tmp_path / "bad.txt")], capsys)
@@ -192,22 +192,86 @@ def test_evaluate_runs_as_a_module(setup):
     assert "144 crops at scales 8,9,10,11 + dense at scales 8,9,10,11 + flip" in res.stderr
 
 
-def test_vgg_methods_example_tiny(tmp_path):
-    """examples/vgg_methods/run.py --tiny: data -> LMDB -> two trainings (fixed S, scale jitter) ->
-    every evaluation setting -> the markdown table. About 30 s of CPU; proves the pipeline only."""
-    pytest.importorskip("sklearn")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "vgg_methods", "run.py"), "--tiny",
-                          "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.splitlines()
-    header = next(line for line in lines if line.startswith("| training |"))
-    assert header.split(" | ")[1:] == ["centre crop", "10 crops", "144 crops", "150 crops", "dense, 1 scale",
-                                       "dense, 3 scales", "dense + 150 crops |"]
-    rows = [line for line in lines if line.startswith("| ") and line[2].isalpha() and "training" not in line]
-    assert [r.split(" | ")[0] for r in rows] == ["| fixed S = 40", "| jittered S ∈ [32, 48]", "| ensemble of both"]
-    for row in rows:
-        values = [float(v) for v in row.strip("| ").split(" | ")[1:]]
-        assert len(values) == 7 and all(0 <= v <= 100 for v in values)
-    assert "on 8 held-out digits" in res.stdout
-    assert (tmp_path / "vgg_digits_jitter.caffemodel").exists() and (tmp_path / "results.md").exists()
+# --- the same through `minicaffe test` --------------------------------------------------------------
+
+TRAIN_VAL = NET.replace(
+    'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }',
+    'layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }\n'
+    '  transform_param { crop_size: 8 mean_value: 100 mean_value: 110 mean_value: 120 scale: 0.01 }\n'
+    '  data_param { source: "LMDB" batch_size: 2 backend: LMDB } }').replace(
+    'layer { name: "prob" type: "Softmax" bottom: "fc7" top: "prob" }',
+    'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc7" bottom: "label" top: "loss" }\n'
+    'layer { name: "acc" type: "Accuracy" bottom: "fc7" bottom: "label" top: "accuracy" }')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _logger_outside_capsys():
+    """The minicaffe logger binds sys.stderr when first made: make it before capsys swaps that
+    stream, or later tests would log to capsys' closed stream."""
+    from minicaffe.tools.common import get_logger
+    get_logger()
+
+
+def _cli(argv, capsys):
+    from minicaffe.tools import cli
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_minicaffe_test_with_crops_and_an_ensemble_of_deploy_nets(setup, capsys):
+    tmp_path, proto, weights = setup
+    argv = ["test", "--model", proto, "--weights", weights[0], "--model", proto, "--weights", weights[1],
+            "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path / "img"), "--crops", "150",
+            "--scales", "8,10,12", "--mean_value", "100,110,120", "--input_scale", "0.01"]
+    code, out, err = _cli(argv, capsys)
+    assert code == 0, err
+    nets = [caffe.Net(proto, caffe.TEST, weights=w) for w in weights]
+    probs = evaluate_images(nets, _images(tmp_path), "150", scales=[8, 10, 12],
+                            preprocess=Preprocessor([100, 110, 120], 0.01))
+    assert f"top-1 error = {100 * topk_error(probs, np.arange(6), 1):.2f}%" in out
+    assert f"top-5 error = {100 * topk_error(probs, np.arange(6), 5):.2f}%" in out
+    assert "6 images with 2 models: 150 crops at scales 8,10,12" in err
+    # one --model with several --weights: the same architecture trained twice
+    code, out2, _ = _cli(argv[:5] + argv[7:], capsys)
+    assert code == 0 and out2 == out
+
+
+def test_minicaffe_test_reads_a_train_val_nets_data_layer(setup, capsys):
+    """Without --list: images, labels, mean and scale from the TEST Data layer; the loss and accuracy
+    layers (they read the label) are dropped and the Data layer becomes an Input of its crop size."""
+    from minicaffe.tools.convert_imageset import convert_imageset
+    tmp_path, proto, weights = setup
+    db = tmp_path / "lmdb"
+    convert_imageset(str(tmp_path / "img") + "/", str(tmp_path / "list.txt"), str(db))
+    (tmp_path / "train_val.prototxt").write_text(TRAIN_VAL.replace("LMDB", str(db), 1))
+    code, out, err = _cli(["test", "--model", str(tmp_path / "train_val.prototxt"), "--weights", weights[0],
+                           "--crops", "10", "--dense"], capsys)
+    assert code == 0, err
+    net = caffe.Net(proto, caffe.TEST, weights=weights[0])
+    probs = evaluate_images([net], _images(tmp_path), "10", dense=True, preprocess=Preprocessor([100, 110, 120], 0.01))
+    assert f"top-1 error = {100 * topk_error(probs, np.arange(6), 1):.2f}%" in out
+    assert "6 images with 1 model: 10 crops + dense + flip" in err
+    code, _, err = _cli(["test", "--model", str(tmp_path / "train_val.prototxt"), "--weights", weights[0],
+                         "--crops", "10", "--mean_value", "1"], capsys)
+    assert code == 1 and "come from the Data layer's transform_param" in err
+    code, _, err = _cli(["test", "--model", proto, "--weights", weights[0], "--crops", "10"], capsys)
+    assert code == 1 and err.strip().endswith("the TEST net has no Data layer to read images from; give a "
+                                              "deploy net and --list")
+    code, _, err = _cli(["test", "--model", proto, "--weights", weights[0], "--crops", "10", "--iterations", "3"],
+                        capsys)
+    assert code == 1 and "use --limit (images)" in err
+
+
+def test_beyond_commands_run_from_the_minicaffe_cli(setup, capsys):
+    tmp_path, proto, weights = setup
+    code, out, err = _cli(["fully_convolutional", "--model", proto, "--weights", weights[0], "--output",
+                           str(tmp_path / "fc")], capsys)
+    assert code == 0, err
+    assert "fc7 (InnerProduct 6x8) -> fc7-conv (Convolution 6x8x1x1)" in out
+    code, out, err = _cli(["evaluate", "--model", proto, "--weights", weights[0], "--list",
+                           str(tmp_path / "list.txt"), "--root", str(tmp_path / "img")], capsys)
+    assert code == 0 and "top-5 error = " in out, err
+    with pytest.raises(SystemExit):              # argparse's usage error, as for Caffe's commands
+        _cli(["init_from", "--model", proto], capsys)
+    assert "required: --from, --output" in capsys.readouterr().err

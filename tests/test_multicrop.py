@@ -234,23 +234,30 @@ def model_files(tmp_path):
     return str(proto), str(weights)
 
 
-def test_multicrop_classifier_agrees_with_classifier_and_adds_schemes(model_files):
+def test_caffe_classifier_offers_the_papers_schemes(model_files):
     rng = np.random.default_rng(6)
-    images = [rng.random((10, 10, 3)).astype(np.float32) for _ in range(3)]
-    kw = dict(image_dims=(10, 10), mean=np.array([0.5, 0.4, 0.3]), raw_scale=2.0, channel_swap=(2, 1, 0))
-    base = Classifier(*model_files, **kw)
-    multi = MultiCropClassifier(*model_files, **kw)
-    np.testing.assert_allclose(multi.predict(images), base.predict(images), atol=1e-6)
-    np.testing.assert_allclose(multi.predict(images, oversample=False), base.predict(images, oversample=False),
-                               atol=1e-6)
-    for scheme in ("144", "150"):
-        p = multi.predict(images, scheme=scheme)
+    images = [rng.random((10, 13, 3)).astype(np.float32) for _ in range(3)]
+    mean = np.array([0.5, 0.4, 0.3])
+    clf = caffe.Classifier(*model_files, image_dims=(10, 10), mean=mean, raw_scale=2.0, channel_swap=(2, 1, 0))
+    pre = Preprocessor(mean=mean, raw_scale=2.0, channel_swap=(2, 1, 0))
+    net = caffe.Net(model_files[0], caffe.TEST, weights=model_files[1])
+    for scheme, scales in (("144", None), ("150", (8, 10, 12)), ("10", (9,))):
+        p = clf.predict(images, scheme=scheme, scales=scales)
         assert p.shape == (3, 6)
-        np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
-        # the schemes are registered with Classifier too (images already of image_dims size)
-        np.testing.assert_allclose(base.predict(images, scheme=scheme), p, atol=1e-5)
-    dense = multi.predict(images, scheme="none", dense=True)
-    both = multi.predict(images, scheme="150", dense=True)
-    np.testing.assert_allclose(both, 0.5 * (dense + multi.predict(images, scheme="150")), atol=1e-6)
+        # the original 10x13 images rescaled per scale, not the 10x10 image_dims warp
+        want = [evaluate_crops(net, im, scheme, scales, preprocess=pre) for im in images]
+        np.testing.assert_allclose(p, want, atol=1e-5)
+    dense = clf.predict(images, scheme="none", dense=True)
+    want = [evaluate_dense(convert_fc_to_conv(net), im, None, pre) for im in images]
+    np.testing.assert_allclose(dense, want, atol=1e-5)
+    both = clf.predict(images, scheme="150", dense=True)
+    np.testing.assert_allclose(both, 0.5 * (dense + clf.predict(images, scheme="150")), atol=1e-6)
     with pytest.raises(MinicaffeError, match="needs dense=True"):
-        multi.predict(images, scheme="none")
+        clf.predict(images, scheme="none")
+    # pycaffe's own behaviour is untouched, and the multi-crop path agrees with it on a Softmax net
+    multi = MultiCropClassifier(*model_files, image_dims=(10, 10), mean=mean, raw_scale=2.0, channel_swap=(2, 1, 0))
+    for oversample in (True, False):
+        np.testing.assert_allclose(multi.predict(images, oversample), clf.predict(images, oversample), atol=1e-6)
+    # the registry knows the schemes for crops() (144 crops of one image at the default 8/224 ratios)
+    from minicaffe.classifier import crops
+    assert crops(np.zeros((12, 12, 3), np.float32), (8, 8), "144").shape == (144, 8, 8, 3)

@@ -59,6 +59,50 @@ def test_converted_net_gives_the_same_scores_at_the_training_size():
     assert conv.phase == caffe.TEST
 
 
+def _vgg_shaped(channels=(4, 4, 6, 6, 8), fc=16, classes=10):
+    """VGG-16's layout at 224x224 with few channels: five conv+pool stages leave 7x7 maps, then
+    fc6, fc7 (with ReLU and dropout) and fc8."""
+    fill = 'weight_filler { type: "xavier" } bias_filler { type: "gaussian" std: 0.1 }'
+    layers = ['layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 224 dim: 224 } } }']
+    bottom = "data"
+    for i, c in enumerate(channels, 1):
+        layers.append(f'layer {{ name: "conv{i}_1" type: "Convolution" bottom: "{bottom}" top: "conv{i}_1" '
+                      f'convolution_param {{ num_output: {c} kernel_size: 3 pad: 1 {fill} }} }}')
+        layers.append(f'layer {{ name: "relu{i}_1" type: "ReLU" bottom: "conv{i}_1" top: "conv{i}_1" }}')
+        layers.append(f'layer {{ name: "pool{i}" type: "Pooling" bottom: "conv{i}_1" top: "pool{i}" '
+                      f'pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}')
+        bottom = f"pool{i}"
+    for name, n in (("fc6", fc), ("fc7", fc), ("fc8", classes)):
+        layers.append(f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" '
+                      f'inner_product_param {{ num_output: {n} {fill} }} }}')
+        if name != "fc8":
+            layers.append(f'layer {{ name: "relu{name[2]}" type: "ReLU" bottom: "{name}" top: "{name}" }}')
+            layers.append(f'layer {{ name: "drop{name[2]}" type: "Dropout" bottom: "{name}" top: "{name}" }}')
+        bottom = name
+    layers.append('layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }')
+    return 'name: "vgg_shaped"\n' + "\n".join(layers)
+
+
+def test_vgg_shaped_net_at_224_converts_fc6_to_a_7x7_convolution_with_the_same_scores():
+    backend.set_random_seed(5)
+    net = caffe.Net(_vgg_shaped(), caffe.TEST)
+    x = _x((2, 3, 224, 224), seed=7)
+    ref_prob = net.forward(data=x)["prob"].copy()
+    ref_scores = net.blobs["fc8"].data.copy()
+    conv = caffe.convert_fc_to_conv(net)          # the package-level name the docs use
+    assert conv.params["fc6-conv"][0].data.shape == (16, 8, 7, 7)
+    assert conv.params["fc7-conv"][0].data.shape == (16, 16, 1, 1)
+    assert conv.params["fc8-conv"][0].data.shape == (10, 16, 1, 1)
+    out = conv.forward(data=x)["prob"]
+    assert out.shape == (2, 10, 1, 1)
+    np.testing.assert_allclose(out[:, :, 0, 0], ref_prob, atol=1e-5)
+    np.testing.assert_allclose(conv.blobs["fc8-conv"].data[:, :, 0, 0], ref_scores, rtol=1e-5, atol=1e-5)
+    # any larger input now works: 256x256 is an 8x8 pool5 map, so a 2x2 score map
+    conv.blobs["data"].reshape(1, 3, 256, 256)
+    conv.reshape()
+    assert conv.forward(data=_x((1, 3, 256, 256)))["prob"].shape == (1, 10, 2, 2)
+
+
 def test_weights_are_reshaped_not_changed():
     net = _vggish()
     conv = convert_fc_to_conv(net)

@@ -234,3 +234,45 @@ def test_color_shift_needs_three_channels_and_a_valid_file(tmp_path):
         make(f'color_shift {{ pca_file: "{bad}" }}')
     lam, vecs = load_pca_file(pca)
     np.testing.assert_array_equal(vecs, np.eye(3))
+
+
+def test_solver_random_seed_repeats_jitter_and_colour_shift_exactly(tmp_path):
+    """A Data layer over encoded records of several sizes, with scale jitter, colour shift and
+    mirror: the solver's random_seed alone decides every batch."""
+    import minicaffe as caffe
+    from minicaffe.tools.convert_imageset import convert_imageset
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (h, w) in enumerate([(12, 20), (16, 14), (13, 13), (20, 11)]):
+        cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        lines.append(f"{i}.png {i}\n")
+    (tmp_path / "list.txt").write_text("".join(lines))
+    convert_imageset(str(tmp_path / "img") + "/", str(tmp_path / "list.txt"), str(tmp_path / "db"), encoded=True)
+    pca = write_pca(tmp_path / "pca.binaryproto", [400.0, 100.0, 25.0], np.eye(3))
+    net = f"""layer {{ name: "data" type: "Data" top: "data" top: "label"
+      transform_param {{ crop_size: 8 mirror: true scale_jitter {{ min_side: 10 max_side: 16 }}
+                        color_shift {{ sigma: 0.1 pca_file: "{pca}" }} }}
+      data_param {{ source: "{tmp_path / 'db'}" batch_size: 4 backend: LMDB }} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+      inner_product_param {{ num_output: 4 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+    layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}"""
+
+    def batches(seed, steps=3):
+        sp = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", max_iter=steps, random_seed=seed,
+                                       snapshot_after_train=False, display=0)
+        text_format.Merge(net, sp.net_param)
+        solver = caffe.get_solver(sp)
+        out = []
+        for _ in range(steps):
+            solver.step(1)
+            out.append(solver.net.blobs["data"].data.copy())
+        return np.stack(out)
+
+    backend.set_random_seed(99)        # the global state before the solver must not matter
+    a = batches(5)
+    backend.set_random_seed(7)
+    b = batches(5)
+    c = batches(6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -3,8 +3,10 @@
 - ``fully_convolutional``: FC layers -> convolutions (VGG dense evaluation), writes a prototxt and
   a caffemodel;
 - ``init_from``: initialise a (deeper) net from layers of a trained (shallower) one, VGG's recipe;
-- ``evaluate``: top-1/top-5 error of one net or an ensemble on a Caffe list file, with single,
-  10, 144 or 150 crops and/or dense evaluation.
+- ``evaluate``: top-1/top-5 error of one net or an ensemble, with single, 10, 144 or 150 crops
+  and/or dense evaluation, on a Caffe list file (deploy nets) or on a train_val net's TEST Data
+  layer. ``minicaffe test`` runs the same code (``run_evaluation``) when given --crops, --scales,
+  --dense, --list or several models.
 
 Each subcommand is a thin shell over ``minicaffe.surgery`` / ``minicaffe.multicrop`` functions,
 and over ``evaluate_images`` here, which scripts can call directly.
@@ -166,21 +168,172 @@ def cmd_init_from(args):
 
 
 def cmd_evaluate(args):
-    if len(args.model) != len(args.weights):
-        raise MinicaffeError(f"give one --weights per --model ({len(args.model)} models, "
-                             f"{len(args.weights)} weights)")
+    """``evaluate``: deploy nets on a list file, or train_val nets on their TEST data layer."""
     if args.gpu is not None:
         backend.set_mode_gpu()
         backend.set_device(args.gpu)
-    nets = [Net(m, caffe_pb2.TEST, weights=w) for m, w in zip(args.model, args.weights)]
+    run_evaluation(args)
+    return 0
+
+
+def pair_models(models, weights):
+    """[(model, weights)] from repeated --model/--weights flags; one model with several weights is
+    that architecture trained several times (an ensemble of snapshots or seeds)."""
+    models, weights = list(models or []), list(weights or [])
+    if len(models) == 1 and len(weights) > 1:
+        models = models * len(weights)
+    if len(models) != len(weights):
+        raise MinicaffeError(f"give one --weights per --model ({len(models)} models, {len(weights)} weights)")
+    return list(zip(models, weights))
+
+
+_DATA_TYPES = ("Data", "ImageData", "HDF5Data", "DummyData", "MemoryData", "WindowData", "Input", "Python")
+
+
+def deploy_from_data_layer(model, level=0, stages=()):
+    """A train_val definition's TEST net as a deploy net: (deploy NetParameter, data layer).
+
+    The first ``Data`` layer becomes an Input of its crop size (the stored size when it does not
+    crop); layers that read the label, and whatever depends only on them (losses, accuracies), go.
+    """
+    from ..prototxt import filter_net, load_net_param, make_state
+    param = filter_net(load_net_param(model), make_state(caffe_pb2.TEST, level, stages))
+    data = next((lp for lp in param.layer if lp.type == "Data"), None)
+    if data is None:
+        raise MinicaffeError(f"{model}: the TEST net has no Data layer to read images from; give a deploy "
+                             f"net and --list")
+    if not data.data_param.source:
+        raise MinicaffeError(f"{model}: layer '{data.name}' has no data_param source")
+    first = _first_datum_image(data)
+    crop = int(data.transform_param.crop_size)
+    shape = (1, first.shape[0]) + ((crop, crop) if crop else first.shape[1:])
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    gone = set(data.top[1:])
+    for lp in param.layer:
+        if lp is data:
+            inp = out.layer.add()
+            inp.name, inp.type = lp.name, "Input"
+            inp.top.append(lp.top[0])
+            inp.input_param.shape.add().dim.extend(shape)
+        elif lp.type in _DATA_TYPES or any(b in gone for b in lp.bottom):
+            gone.update(lp.top)
+        else:
+            out.layer.add().CopyFrom(lp)
+    return out, data
+
+
+def _first_datum_image(data_layer):
+    for image, _ in data_layer_images(data_layer, limit=1):
+        return image
+    raise DataError(f"{data_layer.data_param.source}: the database is empty")
+
+
+def data_layer_images(data_layer, limit=None):
+    """(C×H×W array, label) of each record of a Data layer's LMDB, at its stored size, in key order."""
+    from ..data.datum import datum_to_array, parse_datum, record_where
+    from ..data.lmdb_source import check_backend, iterate_lmdb
+    source = data_layer.data_param.source
+    check_backend(source)
+    tp = data_layer.transform_param
+    for i, (key, value) in enumerate(iterate_lmdb(source)):
+        if limit is not None and i >= limit:
+            return
+        where = record_where(source, key)
+        datum = parse_datum(value, where)
+        yield datum_to_array(datum, tp.force_color, tp.force_gray, where), int(datum.label)
+
+
+def data_layer_preprocessor(data_layer):
+    """The TEST transform_param as crop preprocessing: mean (a mean_file reduced to its channel
+    means: crops come from several positions and scales) and then scale."""
+    tp = data_layer.transform_param
+    mean = None
+    if tp.HasField("mean_file"):
+        from ..io import load_mean
+        mean = load_mean(tp.mean_file)
+    elif len(tp.mean_value):
+        mean = np.asarray(tp.mean_value, np.float32)
+    return Preprocessor(mean=mean, input_scale=float(tp.scale) if tp.scale != 1 else None)
+
+
+def run_evaluation(args):
+    """Top-1/top-5 error of ``args.model``/``args.weights`` (lists) with crops, dense and ensembles.
+
+    With ``args.list`` the models are deploy nets fed the list's images; without it they are
+    train_val nets and the images, labels, mean and scale come from the first model's TEST-phase
+    Data layer (the images at their stored size: ``convert_imageset`` without resizing keeps room
+    for crops at several scales).
+    """
+    pairs = pair_models(args.model, args.weights)
+    level, stages = getattr(args, "level", 0) or 0, getattr(args, "stages", None) or ()
+    if args.list:
+        nets = [Net(m, caffe_pb2.TEST, weights=w, level=level, stages=stages) for m, w in pairs]
+        data_layer = None
+    else:
+        nets, data_layer = [], None
+        for m, w in pairs:
+            deploy, layer = deploy_from_data_layer(m, level, stages)
+            data_layer = data_layer or layer
+            nets.append(Net(deploy, caffe_pb2.TEST, weights=w))
     channels = {net.blobs[net.inputs[0]].shape[1] if net.inputs else None for net in nets}
     if None in channels:
-        raise MinicaffeError("evaluate needs deploy nets (with an Input layer)")
+        raise MinicaffeError("with --list the models must be deploy nets (with an Input layer); leave out "
+                             "--list to read a train_val net's TEST Data layer")
     if len(channels) != 1:
         raise MinicaffeError(f"the ensemble's nets take different numbers of channels: {sorted(channels)}")
     nch = channels.pop()
     scheme = args.crops or (None if args.dense else "1")
     scales = _ints(args.scales, "--scales") if args.scales else None
+    if data_layer is not None and (args.mean_file or args.mean_value or args.raw_scale or args.input_scale
+                                   or args.channel_swap):
+        raise MinicaffeError("the mean and scale come from the Data layer's transform_param; --mean_file, "
+                             "--mean_value, --raw_scale, --input_scale and --channel_swap go with --list")
+    preprocess = data_layer_preprocessor(data_layer) if data_layer is not None else _list_preprocessor(args, nch)
+    image_size = _ints(args.image_dims, "--image_dims", 2) if args.image_dims else None
+    if data_layer is not None:
+        records = list(data_layer_images(data_layer, args.limit))
+        images = [np.ascontiguousarray(img.transpose(1, 2, 0), np.float32) for img, _ in records]
+        labels = np.array([label for _, label in records])
+        names = [f"#{i}" for i in range(len(records))]
+        source = data_layer.data_param.source
+    else:
+        items = read_list_file(args.list)
+        if args.limit:
+            items = items[:args.limit]
+        images = [(lambda p=join_root(args.root, name): load_image_bgr(p, nch)) for name, _ in items]
+        labels = np.array([label for _, label in items])
+        names = [name for name, _ in items]
+        source = args.list
+    if not len(labels):
+        raise DataError(f"{source}: no images to evaluate")
+    crop = net_crop_size(nets[0])
+    print(f"evaluating {len(labels)} images with {len(nets)} model{'s' if len(nets) > 1 else ''}: "
+          f"{_describe(scheme, scales, args.dense, crop)}", file=sys.stderr)
+    with ProgressBar(len(labels), unit="img") as bar:
+        probs = evaluate_images(nets, images, scheme, scales, args.dense, preprocess, image_size, bar)
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise DataError(f"{source}: label {labels.max() if labels.max() >= 0 else labels.min()} but the net "
+                        f"has {probs.shape[1]} classes")
+    if args.predictions:
+        class_names = None
+        if args.labels:
+            from ..classifier import load_labels
+            class_names = load_labels(args.labels)
+        show = (lambda c: class_names[c] if class_names and c < len(class_names) else str(c))
+        lines = []
+        for name, label, p in zip(names, labels, probs):
+            top = np.argsort(-p, kind="stable")[:5]
+            lines.append(f"{name}\t{show(label)}\t" + "\t".join(f"{show(c)}:{p[c]:.4f}" for c in top) + "\n")
+        atomic_write(args.predictions, "".join(lines))
+    top1, top5 = topk_error(probs, labels, 1), topk_error(probs, labels, 5)
+    print(f"top-1 error = {100 * top1:.2f}%")
+    print(f"top-5 error = {100 * top5:.2f}%")
+    return {"probs": probs, "labels": labels, "top1": top1, "top5": top5}
+
+
+def _list_preprocessor(args, nch):
     mean = None
     if args.mean_file and args.mean_value:
         raise MinicaffeError("give --mean_file or --mean_value, not both")
@@ -192,35 +345,7 @@ def cmd_evaluate(args):
         if mean.size not in (1, nch):
             raise MinicaffeError(f"--mean_value: {mean.size} values for {nch} channels")
     swap = _ints_any(args.channel_swap, "--channel_swap") if args.channel_swap else None
-    preprocess = Preprocessor(mean=mean, input_scale=args.input_scale, raw_scale=args.raw_scale,
-                              channel_swap=swap)
-    image_size = _ints(args.image_dims, "--image_dims", 2) if args.image_dims else None
-    items = read_list_file(args.list)
-    if args.limit:
-        items = items[:args.limit]
-    names = None
-    if args.labels:
-        from ..classifier import load_labels
-        names = load_labels(args.labels)
-    loaders = [(lambda p=join_root(args.root, name): load_image_bgr(p, nch)) for name, _ in items]
-    labels = np.array([label for _, label in items])
-    crop = net_crop_size(nets[0])
-    print(f"evaluating {len(items)} images with {len(nets)} model{'s' if len(nets) > 1 else ''}: "
-          f"{_describe(scheme, scales, args.dense, crop)}", file=sys.stderr)
-    with ProgressBar(len(items), unit="img") as bar:
-        probs = evaluate_images(nets, loaders, scheme, scales, args.dense, preprocess, image_size, bar)
-    if labels.max() >= probs.shape[1]:
-        raise DataError(f"{args.list}: label {labels.max()} but the net has {probs.shape[1]} classes")
-    if args.predictions:
-        lines = []
-        for (name, label), p in zip(items, probs):
-            top = np.argsort(-p, kind="stable")[:5]
-            show = (lambda c: names[c] if names and c < len(names) else str(c))
-            lines.append(f"{name}\t{show(label)}\t" + "\t".join(f"{show(c)}:{p[c]:.4f}" for c in top) + "\n")
-        atomic_write(args.predictions, "".join(lines))
-    print(f"top-1 error = {100 * topk_error(probs, labels, 1):.2f}%")
-    print(f"top-5 error = {100 * topk_error(probs, labels, 5):.2f}%")
-    return 0
+    return Preprocessor(mean=mean, input_scale=args.input_scale, raw_scale=args.raw_scale, channel_swap=swap)
 
 
 def _ints_any(text, what):
@@ -231,6 +356,33 @@ def _ints_any(text, what):
 
 
 # --- argument parsing -----------------------------------------------------------------------------
+
+EVALUATION_FLAGS = ("list", "root", "crops", "scales", "dense", "image_dims", "mean_value", "mean_file",
+                    "raw_scale", "input_scale", "channel_swap", "labels", "predictions", "limit")
+
+
+def add_evaluation_options(p):
+    """The flags of ``evaluate``, shared with ``minicaffe test`` (all optional)."""
+    p.add_argument("--list", help="list file ('<image> <label>' a line) for deploy nets; without it the "
+                   "images come from the (train_val) model's TEST Data layer")
+    p.add_argument("--root", default="", help="folder the list's paths are relative to")
+    p.add_argument("--crops", choices=["1", "10", "144", "150"],
+                   help="1 centre crop (default), 10 (AlexNet), 144 (GoogLeNet), 150 (VGG)")
+    p.add_argument("--scales", help="shorter-side sizes, e.g. 256,384,512 (144/150 default: the papers' "
+                   "ratios to the crop size; 1/10: one value)")
+    p.add_argument("--dense", action="store_true", help="VGG dense evaluation (+ flip), averaged with "
+                   "the crops when --crops is given")
+    p.add_argument("--image_dims", help="H,W to resize images to before 1/10 crops (pycaffe Classifier)")
+    p.add_argument("--mean_value", action="append", help="per-channel mean, e.g. 104,117,123 (BGR)")
+    p.add_argument("--mean_file", help="mean.binaryproto (reduced to its channel means)")
+    p.add_argument("--raw_scale", type=float, help="multiply raw 0-255 pixels before the mean")
+    p.add_argument("--input_scale", type=float, help="multiply after the mean (transform_param scale)")
+    p.add_argument("--channel_swap", help="channel order, e.g. 2,1,0 for nets trained on RGB")
+    p.add_argument("--labels", help="class names, one a line (used in --predictions)")
+    p.add_argument("--predictions", help="write '<image> <label> <top-5 class:prob>' lines here")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    return p
+
 
 def add_subcommands(subparsers):
     """Register fully_convolutional, init_from and evaluate; each sets ``args.run(args) -> code``."""
@@ -257,27 +409,11 @@ def add_subcommands(subparsers):
     p.set_defaults(run=cmd_init_from)
 
     p = subparsers.add_parser("evaluate", help="top-1/top-5 error with multi-crop, dense and ensembles",
-                              description="Evaluate deploy nets on a Caffe list file; softmax averaged "
-                              "over crops, dense evaluation and models.")
-    p.add_argument("--model", action="append", required=True, help="deploy prototxt (repeat for an ensemble)")
+                              description="Evaluate nets on a Caffe list file (deploy nets) or on a train_val "
+                              "net's TEST Data layer; softmax averaged over crops, dense evaluation and models.")
+    p.add_argument("--model", action="append", required=True, help="prototxt (repeat for an ensemble)")
     p.add_argument("--weights", action="append", required=True, help="caffemodel (one per --model)")
-    p.add_argument("--list", required=True, help="list file: '<image> <label>' a line")
-    p.add_argument("--root", default="", help="folder the list's paths are relative to")
-    p.add_argument("--crops", choices=["1", "10", "144", "150"],
-                   help="1 centre crop (default), 10 (AlexNet), 144 (GoogLeNet), 150 (VGG)")
-    p.add_argument("--scales", help="shorter-side sizes, e.g. 256,384,512 (144/150 default: the papers' "
-                   "ratios to the crop size; 1/10: one value)")
-    p.add_argument("--dense", action="store_true", help="VGG dense evaluation (+ flip), averaged with "
-                   "the crops when --crops is given")
-    p.add_argument("--image_dims", help="H,W to resize images to before 1/10 crops (pycaffe Classifier)")
-    p.add_argument("--mean_value", action="append", help="per-channel mean, e.g. 104,117,123 (BGR)")
-    p.add_argument("--mean_file", help="mean.binaryproto (reduced to its channel means)")
-    p.add_argument("--raw_scale", type=float, help="multiply raw 0-255 pixels before the mean")
-    p.add_argument("--input_scale", type=float, help="multiply after the mean (transform_param scale)")
-    p.add_argument("--channel_swap", help="channel order, e.g. 2,1,0 for nets trained on RGB")
-    p.add_argument("--labels", help="class names, one a line (used in --predictions)")
-    p.add_argument("--predictions", help="write '<image> <label> <top-5 class:prob>' lines here")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    add_evaluation_options(p)
     p.add_argument("--gpu", type=int, help="GPU id")
     p.set_defaults(run=cmd_evaluate)
     return subparsers

@@ -13,11 +13,13 @@ import numpy as np
 from .. import backend, parallel
 from ..errors import MinicaffeError
 from ..proto import caffe_pb2
+from . import beyond
 from .common import get_logger, run_main
 
-COMMANDS = ("train", "test", "device_query", "time")
+COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate")
+BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
 FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
-         "sigint_effect", "sighup_effect", "debug")
+         "sigint_effect", "sighup_effect", "debug") + beyond.EVALUATION_FLAGS
 
 USAGE = """minicaffe <command> <args>
 
@@ -25,7 +27,13 @@ commands:
   train           train or finetune a model
   test            score a model
   device_query    show GPU diagnostic information
-  time            benchmark model execution time"""
+  time            benchmark model execution time
+  fully_convolutional  turn FC layers into convolutions (VGG dense evaluation)
+  init_from       initialise a net from layers of a trained one (VGG's recipe)
+  evaluate        top-1/top-5 error with multi-crop, dense evaluation and ensembles
+
+test also takes --crops 1|10|144|150, --scales, --dense and several --model/--weights pairs
+(an ensemble); see 'minicaffe evaluate --help' for those flags."""
 
 
 def _parser():
@@ -35,17 +43,20 @@ def _parser():
     p.add_argument("--gpu", default="",
                    help="run in GPU mode on the given device IDs separated by ','; 'all' for every device")
     p.add_argument("--solver", default="", help="the solver definition protocol buffer text file")
-    p.add_argument("--model", default="", help="the model definition protocol buffer text file")
+    p.add_argument("--model", action="append", default=[],
+                   help="the model definition protocol buffer text file (test: repeat for an ensemble)")
     p.add_argument("--phase", default="", help="network phase (TRAIN or TEST); for 'time' and 'test'")
     p.add_argument("--level", type=int, default=0, help="network level")
     p.add_argument("--stage", default="", help="network stages, separated by ','")
     p.add_argument("--snapshot", default="", help="the solver state (.solverstate) to resume training from")
-    p.add_argument("--weights", default="",
-                   help="pretrained weights to initialise finetuning (or to score), separated by ','")
+    p.add_argument("--weights", action="append", default=[],
+                   help="pretrained weights to initialise finetuning (or to score), separated by ','; "
+                        "test: repeat, one per --model, for an ensemble")
     p.add_argument("--iterations", type=int, default=None,
                    help="iterations to run (test/time; default 50); for train, overrides max_iter")
     p.add_argument("--sigint_effect", default="stop", help="action on SIGINT: snapshot, stop or none")
     p.add_argument("--sighup_effect", default="snapshot", help="action on SIGHUP: snapshot, stop or none")
+    beyond.add_evaluation_options(p.add_argument_group("test with crops, dense evaluation or an ensemble"))
     return p
 
 
@@ -206,8 +217,16 @@ def _g(x):
     return f"{float(x):.6g}"
 
 
+def _papers_evaluation(args):
+    """True when ``test`` is asked for crops, scales, dense evaluation, a list file or an ensemble."""
+    return (len(args.models) > 1 or len(args.weights_list) > 1
+            or any(getattr(args, f) for f in beyond.EVALUATION_FLAGS if f != "root"))
+
+
 def test(args):
-    """Score a model: mean of each output over ``--iterations`` batches (Caffe's ``caffe test``)."""
+    """Score a model: mean of each output over ``--iterations`` batches (Caffe's ``caffe test``); with
+    ``--crops``/``--scales``/``--dense``/``--list`` or several models, top-1/top-5 error of the
+    softmax averaged over crops and models (``beyond.run_evaluation``)."""
     log = get_logger()
     if not args.model:
         raise MinicaffeError("test: need a model definition to score (--model)")
@@ -218,6 +237,17 @@ def test(args):
         log.info("Use GPU with device ID %d", gpus[0])
         log.info("GPU device name: %s", _device_name(gpus[0]))
     _use(gpus, log)
+    if _papers_evaluation(args):
+        if args.iterations is not None:
+            raise MinicaffeError("test: --iterations counts batches of the plain test; with crops, dense "
+                                 "evaluation or an ensemble use --limit (images)")
+        evaluation = argparse.Namespace(**vars(args))
+        evaluation.model, evaluation.weights = args.models, args.weights_list
+        evaluation.stages = _stages(args.stage)
+        result = beyond.run_evaluation(evaluation)
+        log.info("top-1 error = %.2f%%, top-5 error = %.2f%% (%d images)", 100 * result["top1"],
+                 100 * result["top5"], len(result["labels"]))
+        return 0
     net = _net(args, caffe_pb2.TEST)
     for w in (s.strip() for s in args.weights.split(",")):
         if w:
@@ -363,7 +393,16 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help", "help"):
         _parser().print_help(sys.stderr)
         return 0 if argv else 1
+    if argv[0] in BEYOND_COMMANDS:
+        parser = argparse.ArgumentParser(prog="minicaffe")
+        beyond.add_subcommands(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return args.run(args)
     args = _parser().parse_args(_gflags_style(argv))
+    # gflags keep the last of a repeated flag; test's ensembles use them all
+    args.models, args.weights_list = args.model, args.weights
+    args.model = args.model[-1] if args.model else ""
+    args.weights = args.weights[-1] if args.weights else ""
     fn = _COMMAND_FUNCS.get(args.command)
     if fn is None:
         raise MinicaffeError(f"unknown command '{args.command}'; commands: {', '.join(COMMANDS)}")
