@@ -7,6 +7,10 @@ channel-major (``(C, N, H, W)``, a transposed view), so im2col is one strided co
 ``kh*kw`` strided slices into a padded image whose rows are split into ``stride`` column phases,
 so each add runs over contiguous memory (strided arithmetic loses NumPy's vector loops).
 
+On the CPU, a convolution's forward over wide maps builds the columns of a band of output rows
+at a time (``im2col_rows``) so they are still in cache when the GEMM reads them, and col2im sums
+a block of channels at a time for the same reason.
+
 Scratch arrays come from a small per-thread workspace (one growing buffer per slot, module and
 dtype), so a net of many convolutions allocates its big column buffer once.
 """
@@ -19,6 +23,17 @@ from . import backend
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
 MAX_COL_ELEMENTS = 1 << 26
+
+# A convolution's forward GEMM on the CPU runs over bands of output rows whose column matrix has
+# about this many elements (2 MiB of float32: written by im2col and read by the GEMM while still in
+# cache), but at least COL_BAND_MIN_COLUMNS columns so each GEMM stays efficient. Measured to
+# help on wide maps only (VGG's 224 and 112, AlexNet's conv1: 10-20%); from 56 down it does not.
+COL_BAND_ELEMENTS = 1 << 19
+COL_BAND_MIN_COLUMNS = 1024
+COL_BAND_MIN_WIDTH = 48
+
+# Channels of col2im's accumulator summed at once, in elements (1 MiB of float32: cache-sized).
+COL2IM_BLOCK_ELEMENTS = 1 << 18
 
 _local = threading.local()
 
@@ -108,8 +123,9 @@ def phase_shape(stride, padded_width):
     return stride, -(-padded_width // stride)
 
 
-def _padded_source(x, g):
-    """(N, C, H, W) -> zero-padded (C, N, Hp, Wp); a transposed view when there is no padding."""
+def padded_source(x, g):
+    """(N, C, H, W) -> zero-padded (C, N, Hp, Wp), what im2col reads: a workspace, or a transposed
+    view of ``x`` when there is no padding."""
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
     xt = x.transpose(1, 0, 2, 3)
@@ -125,6 +141,25 @@ def _padded_source(x, g):
     return src
 
 
+def im2col_rows(src, geom, out_hw, y0, y1, out=None):
+    """Columns of output rows ``y0:y1`` only, from ``padded_source``: (C, kh, kw, N, y1-y0, ow).
+
+    A band of rows keeps the column matrix small enough to stay in cache between the copy that
+    writes it and the GEMM that reads it."""
+    xp = backend.get_array_module(src)
+    c, n = src.shape[:2]
+    g = geom
+    ow = out_hw[1]
+    shape = (c, g.kh, g.kw, n, y1 - y0, ow)
+    if out is None:
+        out = workspace(xp, shape, src.dtype, "col")
+    s_c, s_n, s_h, s_w = src.strides
+    view = _as_strided(xp, src[:, :, y0 * g.sh:], shape,
+                       (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
+    xp.copyto(out, view)
+    return out
+
+
 def im2col(x, geom, out_hw, out=None):
     """Columns of ``x`` (N, C, H, W): an array (C, kh, kw, N, oh, ow).
 
@@ -136,7 +171,7 @@ def im2col(x, geom, out_hw, out=None):
     n, c, h, w = x.shape
     oh, ow = out_hw
     g = geom
-    src = _padded_source(x, g)
+    src = padded_source(x, g)
     if out is None:
         out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, "col")
     s_c, s_n, s_h, s_w = src.strides
@@ -157,17 +192,25 @@ def col2im(col, geom, in_hw, out):
     h, w = in_hw
     g = geom
     sw, wq = phase_shape(g.sw, w + 2 * g.pw)
-    acc = workspace(xp, (c, n, h + 2 * g.ph, sw, wq), col.dtype, "col2im_pad")
-    acc.fill(0)
-    for i in range(kh):
-        y0 = i * g.dh
-        for j in range(kw):
-            r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
-            acc[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[:, i, j]
+    per_channel = n * (h + 2 * g.ph) * sw * wq
+    block = max(1, min(c, COL2IM_BLOCK_ELEMENTS // max(per_channel, 1)))
     ot = out.transpose(1, 0, 2, 3)
-    for r, w0, q0, cnt in column_phases(g.sw, g.pw, w):
-        if cnt:
-            ot[:, :, :, w0::g.sw] = acc[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
+    phases = [p for p in column_phases(g.sw, g.pw, w) if p[3]]
+
+    # a block of channels at a time, so the kh*kw sums hit an accumulator that stays in cache
+    # (one pass over the whole padded image per kernel offset is bound by memory bandwidth)
+    acc = workspace(xp, (block, n, h + 2 * g.ph, sw, wq), col.dtype, "col2im_pad")
+    for c0 in range(0, c, block):
+        c1 = min(c, c0 + block)
+        a = acc[:c1 - c0]
+        a.fill(0)
+        for i in range(kh):
+            y0 = i * g.dh
+            for j in range(kw):
+                r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
+                a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
+        for r, w0, q0, cnt in phases:
+            ot[c0:c1, :, :, w0::g.sw] = a[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
     return out
 
 

@@ -8,6 +8,7 @@ import math
 
 from .. import fillers
 from ..blob import Blob
+from ..im2col import workspace
 from .base import Layer, register
 
 
@@ -84,7 +85,9 @@ class ReLU(NeuronLayer):
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
         if self.slope == 0:
-            self.xp.multiply(dy, x > 0, out=dx)
+            positive = workspace(self.xp, x.shape, bool, "relu_mask")   # no new array per call
+            self.xp.greater(x, 0, out=positive)
+            self.xp.multiply(dy, positive, out=dx)
         else:
             _leaky_grad(self.xp, x, self.slope, dy, dx)
 

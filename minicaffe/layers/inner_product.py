@@ -8,7 +8,23 @@ caffemodels load as they are).
 from .. import fillers
 from ..blob import Blob
 from ..errors import ShapeError
+from ..im2col import workspace
 from .base import Layer, register
+
+
+# Rows of a weight gradient computed per step: ``dw += a @ b`` in bands keeps the temporary small
+# (fc6 of VGG would otherwise allocate, page in and free a 400 MB array every iteration).
+WGRAD_BAND_ELEMENTS = 1 << 22
+
+
+def _accumulate_product(xp, a, b, out):
+    """``out += a @ b`` through a reused scratch band of rows (NumPy's matmul cannot accumulate)."""
+    rows = max(1, min(out.shape[0], WGRAD_BAND_ELEMENTS // max(out.shape[1], 1)))
+    for r0 in range(0, out.shape[0], rows):
+        r1 = min(out.shape[0], r0 + rows)
+        tmp = workspace(xp, (r1 - r0, out.shape[1]), out.dtype, "wgrad")
+        xp.matmul(a[r0:r1], b, out=tmp)
+        out[r0:r1] += tmp
 
 
 @register("InnerProduct")
@@ -83,7 +99,10 @@ class InnerProduct(Layer):
         if self.need_param_grad(0):
             x = bottom[0].xdata.reshape(self.m, self.k)
             dw = self.blobs[0].xdiff
-            dw += (x.T @ dy) if self.transpose else (dy.T @ x)
+            if self.transpose:
+                _accumulate_product(xp, x.T, dy, dw)
+            else:
+                _accumulate_product(xp, dy.T, x, dw)
         if self.bias_term and self.need_param_grad(1):
             self.blobs[1].xdiff += dy.sum(axis=0).reshape(self.blobs[1].shape)
         if propagate_down[0]:

@@ -1,8 +1,10 @@
 """Pooling (MAX and AVE) with Caffe's output sizes, padding rules and argmax order.
 
-Vectorised over all windows at once: the input is copied once into a padded array (``-inf`` for
-MAX, ``0`` for AVE) large enough for every window of the ceil-rounded output, and the loop runs
-only over the ``kh x kw`` offsets inside a window, each step a strided view of that array.
+Vectorised over all windows at once: the input is copied into a padded array (``-inf`` for MAX,
+``0`` for AVE) large enough for every window of the ceil-rounded output, and the loop runs only
+over the ``kh x kw`` offsets inside a window, each step one view of that array (see the layout
+note below). On the CPU this runs over cache-sized blocks of image planes; inference (TEST phase)
+MAX pooling skips the argmax, which a backward pass then recomputes.
 
 Caffe's rules kept here:
 * output ``ceil((H + 2p - k) / s) + 1`` (``round_mode: FLOOR`` floors), minus one when ``pad > 0``
@@ -16,11 +18,14 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..errors import ShapeError
-from ..im2col import column_phases, phase_shape, workspace
+from ..im2col import column_phases, workspace
 from ..proto import caffe_pb2
 from .base import Layer, register
 
 _PP = caffe_pb2.PoolingParameter
+
+# Padded-image elements handled per block (256 KiB of float32: the block's passes stay in cache).
+POOL_BLOCK_ELEMENTS = 1 << 16
 
 
 def _pooled_size(size, kernel, pad, stride, ceil_mode):
@@ -110,50 +115,150 @@ class Pooling(Layer):
             t.reshape(n, c, oh, ow)
 
     # --- helpers -----------------------------------------------------------------------------
-    def _phase_shape(self, n, c, h, w):
-        """Shape of the padded array in "phase" layout (N, C, Hp, sw, ceil(Wp / sw)).
-
-        Padded column ``q*sw + r`` is stored at ``[..., r, q]``, so the element at window offset
-        (i, j) of every window is a view whose innermost axis is contiguous (a plain strided
-        view of a row with stride ``sw`` defeats vectorisation and costs ~10x).
-        """
+    # Layout: the padded image is split by row phase (row % sh) and column phase (col % sw), each
+    # phase a flat plane of ``Hq x Wq`` values: element (row, col) sits at
+    # ``[n, c, row % sh, col % sw, (row // sh) * Wq + col // sw]``. The element at window offset
+    # (i, j) of every window is then ONE contiguous run of ``oh * Wq`` values per (n, c), in
+    # "wide" output order ``y * Wq + x`` (the columns x >= ow are never used). Long contiguous
+    # runs keep NumPy's loops vectorised; a 4-D view with rows of ow (often 7-56) is 2-8x slower.
+    def _geometry(self, h, w):
+        """(Hq, Wq, F): phase-plane rows and columns, and the plane length every window view fits in."""
         oh, ow = self.out_hw
         hp = max((oh - 1) * self.sh + self.kh, h + self.ph)
         wp = max((ow - 1) * self.sw + self.kw, w + self.pw)
-        return (n, c, hp) + phase_shape(self.sw, wp)
+        hq, wq = -(-hp // self.sh), -(-wp // self.sw)
+        last = ((self.kh - 1) // self.sh) * wq + (self.kw - 1) // self.sw + oh * wq
+        return hq, wq, max(hq * wq, last)
 
     def _window(self, arr, i, j):
-        """The element at window offset (i, j) of every window: a view (N, C, oh, ow)."""
-        oh, ow = self.out_hw
-        q = j // self.sw
-        return arr[:, :, i:i + self.sh * (oh - 1) + 1:self.sh, j % self.sw, q:q + ow]
+        """The element at window offset (i, j) of every window: a view (N, C, oh * Wq), wide order."""
+        start = (i // self.sh) * self._wq + j // self.sw
+        return arr[:, :, i % self.sh, j % self.sw, start:start + self.out_hw[0] * self._wq]
 
-    def _pad(self, x, fill):
-        """``x`` padded with ``fill`` (and extended for ceil-rounded windows), in phase layout."""
-        n, c, h, w = x.shape
-        buf = workspace(self.xp, self._phase_shape(n, c, h, w), x.dtype, "pool_pad")
+    def _planes(self, buf, h, w):
+        """(index into the image, view of the phase plane) for each phase holding real pixels."""
+        hq, wq = self._hq, self._wq
+        out = []
+        for rh, h0, qh, nh in column_phases(self.sh, self.ph, h):
+            for rw, w0, qw, nw in column_phases(self.sw, self.pw, w):
+                if nh and nw:
+                    plane = buf[:, :, rh, rw, :hq * wq].reshape(buf.shape[0], buf.shape[1], hq, wq)
+                    out.append(((slice(None), slice(None), slice(h0, None, self.sh), slice(w0, None, self.sw)),
+                                plane[:, :, qh:qh + nh, qw:qw + nw]))
+        return out
+
+    def _pad_into(self, buf, x, fill):
+        """``buf`` (phase-plane layout) = ``x`` padded with ``fill`` (and extended for ceil-rounded
+        windows)."""
         buf.fill(fill)
-        for r, w0, q0, cnt in column_phases(self.sw, self.pw, w):
-            if cnt:
-                buf[:, :, self.ph:self.ph + h, r, q0:q0 + cnt] = x[:, :, :, w0::self.sw]
+        for index, plane in self._planes(buf, x.shape[2], x.shape[3]):
+            plane[...] = x[index]
         return buf
 
     def _unpad(self, acc, dx):
-        """The inverse of ``_pad``: copy the real image out of a phase-layout array into ``dx``."""
-        h, w = dx.shape[2:]
-        for r, w0, q0, cnt in column_phases(self.sw, self.pw, w):
-            if cnt:
-                dx[:, :, :, w0::self.sw] = acc[:, :, self.ph:self.ph + h, r, q0:q0 + cnt]
+        """The inverse of ``_pad_into``: copy the real image out of a phase-plane array into ``dx``."""
+        for index, plane in self._planes(acc, dx.shape[2], dx.shape[3]):
+            dx[index] = plane
 
-    def _ave_divisor(self, h, w, dtype):
+    def _wide(self, n, c, dtype, slot):
+        """A workspace array (N, C, oh * Wq) in wide output order."""
+        return workspace(self.xp, (n, c, self.out_hw[0] * self._wq), dtype, slot)
+
+    def _narrow(self, wide):
+        """The (N, C, oh, ow) view of a wide-order array."""
+        n, c = wide.shape[:2]
+        return wide.reshape(n, c, self.out_hw[0], self._wq)[:, :, :, :self.out_hw[1]]
+
+    def _to_wide(self, arr, slot):
+        """``arr`` (N, C, oh, ow) in wide order, zeros in the unused columns."""
+        n, c = arr.shape[:2]
+        wide = self._wide(n, c, arr.dtype, slot)
+        wide4 = wide.reshape(n, c, self.out_hw[0], self._wq)
+        wide4[:, :, :, self.out_hw[1]:] = 0
+        wide4[:, :, :, :self.out_hw[1]] = arr
+        return wide
+
+    def _ave_divisor(self, h, w, dtype, host=False):
         """Window sizes clipped to the padded image (not to the real one), as Caffe counts them."""
-        xp = self.xp
         oh, ow = self.out_hw
         hs = np.arange(oh) * self.sh - self.ph
         ws = np.arange(ow) * self.sw - self.pw
         sh = np.minimum(hs + self.kh, h + self.ph) - hs
         sw = np.minimum(ws + self.kw, w + self.pw) - ws
-        return xp.asarray(np.outer(sh, sw).astype(dtype))
+        divisor = np.outer(sh, sw).astype(dtype)
+        return divisor if host else self.xp.asarray(divisor)
+
+    def _blocks(self, m, h, w, fn):
+        """``fn(b0, b1)`` over blocks of the ``m = N*C`` image planes, each small enough that its
+        padded copy and window passes stay in cache (a pass over a whole batch per window offset
+        is bound by memory bandwidth)."""
+        self._hq, self._wq, flat = self._geometry(h, w)
+        if self.xp is np:
+            rows = max(1, POOL_BLOCK_ELEMENTS // (self.sh * self.sw * flat))
+        else:
+            rows = max(1, m)   # a GPU wants few, large kernels
+        for b0 in range(0, m, rows):
+            fn(b0, min(m, b0 + rows))
+
+    def _scratch(self, k, flat, dtype):
+        return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, "pool_pad")
+
+    def _max_forward(self, x, y, argmax):
+        """y = the window maxima; with ``argmax``, ``self._off_wide`` = the window offset of each
+        (the first maximum in row-major window order)."""
+        xp = self.xp
+        n, c, h, w = x.shape
+        m, oh, ow = n * c, self.out_hw[0], self.out_hw[1]
+        x2, y2 = x.reshape(m, 1, h, w), y.reshape(m, 1, oh, ow)
+        self._hq, self._wq, flat = self._geometry(h, w)
+        wide_len = oh * self._wq
+        if argmax:
+            # one byte per offset code where it fits: byte arithmetic is ~10x faster than int32
+            code_type = np.uint8 if self.kh * self.kw <= 256 else np.int32
+            off = getattr(self, "_off_wide", None)
+            if off is None or off.shape != (m, 1, wide_len) or off.dtype != code_type or \
+                    get_array_module(off) is not xp:
+                off = self._off_wide = xp.empty((m, 1, wide_len), dtype=code_type)
+            # start at the first real pixel of each window (so an all -inf window still points
+            # inside the image), then move to every strictly larger value in row-major order:
+            # the last such move is the first maximum
+            i0 = np.maximum(self.ph - np.arange(oh) * self.sh, 0)
+            j0 = np.zeros(self._wq, np.int64)
+            j0[:ow] = np.maximum(self.pw - np.arange(ow) * self.sw, 0)
+            start = xp.asarray((i0[:, None] * self.kw + j0[None, :]).astype(code_type).reshape(-1))
+
+        def block(b0, b1):
+            k = b1 - b0
+            xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], -np.inf)
+            yw = workspace(xp, (k, 1, wide_len), x.dtype, "pool_y")
+            if not argmax:
+                xp.copyto(yw, self._window(xpad, 0, 0))
+                for i in range(self.kh):
+                    for j in range(self.kw):
+                        if i or j:
+                            xp.maximum(yw, self._window(xpad, i, j), out=yw)
+                y2[b0:b1] = self._narrow(yw)
+                return
+            o = off[b0:b1]
+            o[...] = start
+            yw.fill(-np.inf)
+            gt = workspace(xp, yw.shape, np.bool_, "pool_gt")
+            code = workspace(xp, yw.shape, code_type, "pool_code")
+            grew = gt.view(np.uint8) if code_type == np.uint8 else gt
+            # Branch-free (a masked copy is slow on random masks): the offset code grows along
+            # the loop, so "the last offset where the value grew strictly" is a running maximum.
+            for i in range(self.kh):
+                for j in range(self.kw):
+                    v = self._window(xpad, i, j)
+                    xp.greater(v, yw, out=gt)
+                    xp.maximum(yw, v, out=yw)
+                    xp.multiply(grew, code_type(i * self.kw + j), out=code)
+                    xp.maximum(o, code, out=o)
+            y2[b0:b1] = self._narrow(yw)
+        self._blocks(m, h, w, block)
+        if argmax:
+            self._off = self._narrow(off).reshape(n, c, oh, ow)
+        self._off_stale = not argmax
 
     # --- forward / backward ----------------------------------------------------------------------
     def forward(self, bottom, top):
@@ -165,12 +270,23 @@ class Pooling(Layer):
             if self.whole:
                 y[...] = x.reshape(n, c, h * w).mean(axis=2).reshape(y.shape)
                 return
-            xpad = self._pad(x, 0)
-            y.fill(0)
-            for i in range(self.kh):
-                for j in range(self.kw):
-                    y += self._window(xpad, i, j)
-            y /= self._ave_divisor(h, w, x.dtype)
+            m, (oh, ow) = n * c, self.out_hw
+            x2, y2 = x.reshape(m, 1, h, w), y.reshape(m, 1, oh, ow)
+            divisor = self._ave_divisor(h, w, x.dtype)
+            flat = self._geometry(h, w)[2]
+
+            def block(b0, b1):
+                k = b1 - b0
+                xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], 0)
+                acc = workspace(xp, (k, 1, oh * self._wq), x.dtype, "pool_y")
+                acc.fill(0)
+                for i in range(self.kh):
+                    for j in range(self.kw):
+                        acc += self._window(xpad, i, j)
+                out = y2[b0:b1]
+                out[...] = self._narrow(acc)
+                out /= divisor
+            self._blocks(m, h, w, block)
             return
         # MAX
         if self.whole:
@@ -178,35 +294,19 @@ class Pooling(Layer):
             arg = flat.argmax(axis=2)      # first maximum, row-major: Caffe's choice
             y[...] = xp.take_along_axis(flat, arg[:, :, None], axis=2).reshape(y.shape)
             self._off = arg.astype(xp.int32).reshape(y.shape)
+            self._off_stale = False
             mask = self._off
         else:
-            xpad = self._pad(x, -np.inf)
-            if self._off is None or self._off.shape != y.shape or get_array_module(self._off) is not xp:
-                self._off = xp.empty(y.shape, dtype=xp.int32)
-            off = self._off
-            # start at the first real pixel of each window (so an all -inf window still points
-            # inside the image), then keep strictly larger values in row-major order: every real
-            # pixel of a window has a code >= that of its first real pixel
-            oh, ow = self.out_hw
-            i0 = np.maximum(self.ph - np.arange(oh) * self.sh, 0)
-            j0 = np.maximum(self.pw - np.arange(ow) * self.sw, 0)
-            off[...] = xp.asarray((i0[:, None] * self.kw + j0[None, :]).astype(np.int32))
-            y.fill(-np.inf)
-            gt = workspace(xp, y.shape, np.bool_, "pool_gt")
-            code = workspace(xp, y.shape, np.int32, "pool_code")
-            # Branch-free: the offset code grows along the loop, so "the last offset where the
-            # value grew strictly" is a running maximum of gt * code.
-            for i in range(self.kh):
-                for j in range(self.kw):
-                    v = self._window(xpad, i, j)
-                    xp.greater(v, y, out=gt)
-                    xp.maximum(y, v, out=y)
-                    xp.multiply(gt, i * self.kw + j, out=code)
-                    xp.maximum(off, code, out=off)
+            # inference needs the max alone (one pass per window offset instead of four); a
+            # backward pass, rare in TEST nets, recomputes the argmax from the bottom first
+            self._max_forward(x, y, argmax=len(top) > 1 or self.phase != caffe_pb2.TEST)
+            if len(top) == 1:
+                return
             mask = None
         if len(top) > 1:
             if mask is None:
                 oh, ow = self.out_hw
+                off = self._off
                 hbase = xp.asarray((np.arange(oh) * self.sh - self.ph)[:, None].astype(np.int32))
                 wbase = xp.asarray((np.arange(ow) * self.sw - self.pw)[None, :].astype(np.int32))
                 mask = (hbase + off // self.kw) * w + wbase + off % self.kw
@@ -227,22 +327,40 @@ class Pooling(Layer):
                 flat = dx.reshape(n * c, h * w)
                 flat[xp.arange(n * c), self._off.reshape(-1)] = dy.reshape(-1)
             return
-        acc = workspace(xp, self._phase_shape(n, c, h, w), dy.dtype, "pool_pad")
-        acc.fill(0)
+        if self.method == _PP.MAX and getattr(self, "_off_stale", False):
+            self._max_forward(bottom[0].xdata, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"),
+                              argmax=True)
+        m, (oh, ow) = n * c, self.out_hw
+        dy2, dx2 = dy.reshape(m, 1, oh, ow), dx.reshape(m, 1, h, w)
+        self._hq, self._wq, flat = self._geometry(h, w)
+        wq = self._wq
         if self.method == _PP.AVE:
-            g = dy / self._ave_divisor(h, w, dy.dtype)
-            for i in range(self.kh):
-                for j in range(self.kw):
-                    win = self._window(acc, i, j)
-                    win += g
+            divisor = np.ones((oh, wq), dy.dtype)
+            divisor[:, :ow] = self._ave_divisor(h, w, dy.dtype, host=True)
+            divisor = xp.asarray(divisor.reshape(-1))
         else:
-            off = self._off
-            hit = workspace(xp, dy.shape, np.bool_, "pool_gt")
-            part = workspace(xp, dy.shape, dy.dtype, "pool_part")
-            for i in range(self.kh):
-                for j in range(self.kw):
-                    xp.equal(off, i * self.kw + j, out=hit)
-                    xp.multiply(dy, hit, out=part)
-                    win = self._window(acc, i, j)
-                    win += part
-        self._unpad(acc, dx)
+            off = self._off_wide
+
+        def block(b0, b1):
+            k = b1 - b0
+            acc = self._scratch(k, flat, dy.dtype)
+            acc.fill(0)
+            g = self._to_wide(dy2[b0:b1], "pool_dy")
+            if self.method == _PP.AVE:
+                g /= divisor
+                for i in range(self.kh):
+                    for j in range(self.kw):
+                        win = self._window(acc, i, j)
+                        win += g
+            else:
+                o = off[b0:b1]
+                hit = workspace(xp, g.shape, np.bool_, "pool_gt")
+                part = workspace(xp, g.shape, dy.dtype, "pool_part")
+                for i in range(self.kh):
+                    for j in range(self.kw):
+                        xp.equal(o, i * self.kw + j, out=hit)
+                        xp.multiply(g, hit, out=part)
+                        win = self._window(acc, i, j)
+                        win += part
+            self._unpad(acc, dx2[b0:b1])
+        self._blocks(m, h, w, block)

@@ -41,6 +41,11 @@ def _no_in_place(layer, bottom, top):
             raise layer.error("does not allow in-place computation (top and bottom are the same blob)")
 
 
+def _overlap(xp, a, b):
+    """Whether two arrays may share memory (then a gradient cannot be written over the other)."""
+    return bool(xp.may_share_memory(a, b))
+
+
 @register("Split")
 class Split(Layer):
     """One bottom shown as several tops (the net inserts it where a blob feeds several layers).
@@ -63,10 +68,21 @@ class Split(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        grad = top[0].xdiff.copy()
-        for t in top[1:]:
-            grad += t.xdiff
-        bottom[0].xdiff = grad
+        diffs = [t.xdiff for t in top]
+        out = bottom[0].xdiff
+        if any(_overlap(self.xp, out, d) for d in diffs):
+            grad = diffs[0].copy()
+            for d in diffs[1:]:
+                grad += d
+            bottom[0].xdiff = grad
+            return
+        # summed straight into the bottom's own diff: no new array per iteration
+        if len(diffs) == 1:
+            self.xp.copyto(out, diffs[0])
+        else:
+            self.xp.add(diffs[0], diffs[1], out=out)
+        for d in diffs[2:]:
+            out += d
 
 
 @register("Concat")
@@ -121,7 +137,12 @@ class Concat(Layer):
         for i, b in enumerate(bottom):
             n = b.shape[self.axis]
             if propagate_down[i]:
-                b.xdiff = self.xp.ascontiguousarray(dy[lead + (slice(start, start + n),)])
+                part = dy[lead + (slice(start, start + n),)]
+                out = b.xdiff
+                if _overlap(self.xp, out, dy):
+                    b.xdiff = self.xp.ascontiguousarray(part)
+                else:
+                    self.xp.copyto(out, part)   # the bottom's own diff: no new array per iteration
             start += n
 
 

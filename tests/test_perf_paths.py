@@ -1,0 +1,102 @@
+"""The fast paths taken for speed compute what the general paths compute.
+
+Inference (TEST phase) MAX pooling skips the argmax, and a backward pass after it must still route
+the gradient to the first maximum; InnerProduct's weight gradient is accumulated band by band;
+Split and Concat write gradients into the bottoms' own arrays.
+"""
+import numpy as np
+import pytest
+
+from minicaffe.proto import caffe_pb2
+from minicaffe.testing import forward, make_layer
+
+
+@pytest.mark.parametrize("spec", ["kernel_size: 3 stride: 2", "kernel_size: 3 stride: 1 pad: 1",
+                                  "kernel_size: 2 stride: 2", "kernel_h: 3 kernel_w: 2 stride: 2 pad: 1"])
+def test_max_pooling_test_phase_backward_matches_train_phase(spec):
+    rng = np.random.default_rng(0)
+    # few distinct values: ties, where the first maximum must win in both phases
+    x = rng.integers(-3, 3, (2, 3, 9, 8)).astype(np.float32)
+    text = f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {spec} }}'
+    results = []
+    for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+        layer, bottom, top = make_layer(text, [x], phase=phase)
+        y = forward(layer, bottom, top)[0]
+        top[0].diff[...] = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+        layer.backward(top, [True], bottom)
+        results.append((y, bottom[0].diff.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert np.abs(results[1][1]).sum() > 0
+
+
+def test_inner_product_weight_gradient_in_bands_accumulates(monkeypatch):
+    """The weight gradient built band by band (small scratch) adds the full product to what
+    the diff already holds, for both weight layouts."""
+    from minicaffe.layers import inner_product
+    monkeypatch.setattr(inner_product, "WGRAD_BAND_ELEMENTS", 40)   # several bands of rows
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    for transpose in ("false", "true"):
+        text = (f'type: "InnerProduct" inner_product_param {{ num_output: 7 transpose: {transpose} '
+                'weight_filler { type: "gaussian" std: 0.1 } }')
+        layer, bottom, top = make_layer(text, [x])
+        forward(layer, bottom, top)
+        dy = rng.standard_normal(top[0].shape).astype(np.float32)
+        top[0].diff[...] = dy
+        start = rng.standard_normal(layer.blobs[0].shape).astype(np.float32)
+        layer.blobs[0].diff[...] = start
+        layer.backward(top, [True], bottom)
+        x2 = x.reshape(5, 12).astype(np.float64)
+        product = x2.T @ dy if transpose == "true" else dy.T @ x2
+        np.testing.assert_allclose(layer.blobs[0].diff, start + product, rtol=1e-5, atol=1e-5)
+
+
+def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
+    """Backward sums into the bottom's existing diff (no new array each iteration) and gives
+    the same values every time."""
+    import minicaffe as caffe
+    from minicaffe.prototxt import load_net_param
+    text = """
+    force_backward: true
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+    layer { name: "a" type: "Convolution" bottom: "data" top: "a"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" std: 0.5 } } }
+    layer { name: "b" type: "Convolution" bottom: "data" top: "b"
+            convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" std: 0.5 } } }
+    layer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "cat" }
+    """
+    net = caffe.Net(load_net_param(text), caffe.TEST)
+    x = np.random.default_rng(3).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    net.forward(data=x)
+    dy = np.random.default_rng(4).standard_normal((2, 5, 4, 4)).astype(np.float32)
+    first = net.backward(cat=dy)["data"]
+    arrays = [net.blobs[name].diff for name in ("data", "a", "b")]
+    second = net.backward(cat=dy)["data"]
+    assert all(net.blobs[name].diff is arr for name, arr in zip(("data", "a", "b"), arrays))
+    np.testing.assert_array_equal(first, second)
+    wa = net.params["a"][0].data.reshape(2, 3)
+    wb = net.params["b"][0].data.reshape(3, 3)
+    expect = np.einsum("oc,nohw->nchw", wa, dy[:, :2]) + np.einsum("oc,nohw->nchw", wb, dy[:, 2:])
+    np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["num_output: 4 kernel_size: 3 pad: 1",
+                                  "num_output: 6 kernel_size: 5 stride: 2 pad: 2 group: 2",
+                                  "num_output: 4 kernel_size: 3 dilation: 2 pad: 1",
+                                  "num_output: 4 kernel_h: 3 kernel_w: 1 stride: 3"])
+def test_convolution_forward_in_row_bands_matches_whole_batch(spec, monkeypatch):
+    """The CPU forward a band of output rows at a time gives the whole-batch result (up to the
+    last bits a GEMM of another width may round differently)."""
+    from minicaffe import im2col
+    x = np.random.default_rng(5).standard_normal((3, 4, 50, 52)).astype(np.float32)
+    text = (f'type: "Convolution" convolution_param {{ {spec} '
+            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
+    layer, bottom, top = make_layer(text, [x])
+    monkeypatch.setattr(im2col, "COL_BAND_MIN_COLUMNS", 1 << 40)     # one band: the whole batch
+    whole = forward(layer, bottom, top)[0]
+    monkeypatch.setattr(im2col, "COL_BAND_MIN_COLUMNS", 1)
+    monkeypatch.setattr(im2col, "COL_BAND_ELEMENTS", 1)              # one output row per band
+    monkeypatch.setattr(im2col, "COL_BAND_MIN_WIDTH", 1)
+    banded = forward(layer, bottom, top)[0]
+    np.testing.assert_allclose(banded, whole, rtol=1e-5, atol=1e-6)
