@@ -131,15 +131,18 @@ def solver_param(net_param):
 # --- workers: each runs in its own process ------------------------------------------------------
 
 def _loop(step, warmup, iters):
+    """Wall and CPU seconds of each timed step (CPU time: all threads of this process, which
+    stays meaningful when other processes share the cores), and the peak RSS in kB."""
     for _ in range(warmup):
         step()
     reset = reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
-    return times, (_status_kb("VmHWM") if reset else None)
+        cpu.append(time.process_time() - c0)
+    return times, cpu, (_status_kb("VmHWM") if reset else None)
 
 
 def prepare(args):
@@ -190,20 +193,21 @@ def run_minicaffe(args):
                         weights=os.path.join(work, "weights.caffemodel"))
         net.blobs[net.inputs[0]].data[...] = data
         step = lambda: net.forward()  # noqa: E731
-    times, peak = _loop(step, args.warmup, args.iters)
-    res["times"] = times
+    times, cpu, peak = _loop(step, args.warmup, args.iters)
+    res["times"], res["cpu"] = times, cpu
     res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
     if args.mode == "infer":
         ref = np.load(os.path.join(work, "output.npy"))
         res["max_diff"] = float(np.abs(net.blobs[net.outputs[0]].data - ref).max())
     # per-layer timings, after the timed loop so they do not disturb it
     fwd, bwd = {}, {}
-    for _ in range(max(1, min(args.iters, 2))):
+    runs = max(1, min(args.iters, 2))
+    for _ in range(runs):
         net.forward_from_to(timings=fwd)
         if args.mode == "train":
             net.backward_from_to(timings=bwd)
             net.clear_param_diffs()
-    res["layers"] = [(name, layer.type, fwd.get(i, 0.0), bwd.get(i, 0.0))
+    res["layers"] = [(name, layer.type, fwd.get(i, 0.0) / runs, bwd.get(i, 0.0) / runs)
                      for i, (name, layer) in enumerate(zip(net._layer_names, net.layers))]
     return res
 
@@ -350,8 +354,8 @@ def run_torch(args):
             with torch.no_grad():
                 _, blobs = model({in_name: x})
             out_name[0] = blobs
-    times, peak = _loop(step, args.warmup, args.iters)
-    res["times"] = times
+    times, cpu, peak = _loop(step, args.warmup, args.iters)
+    res["times"], res["cpu"] = times, cpu
     res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
     if args.mode == "infer":
         ref = np.load(os.path.join(work, "output.npy"))
@@ -374,9 +378,9 @@ def run_opencv(args):
     def step():
         net.setInput(data)
         out[0] = net.forward()
-    times, peak = _loop(step, args.warmup, args.iters)
+    times, cpu, peak = _loop(step, args.warmup, args.iters)
     ref = np.load(os.path.join(work, "output.npy"))
-    return {"times": times, "peak_mb": None if peak is None else (peak - base) / 1024.0,
+    return {"times": times, "cpu": cpu, "peak_mb": None if peak is None else (peak - base) / 1024.0,
             "max_diff": float(np.abs(out[0].reshape(ref.shape) - ref).max())}
 
 
@@ -420,18 +424,10 @@ def available(framework):
     return True
 
 
-def fmt_ms(res):
-    if res is None:
-        return "n/a"
-    if "error" in res:
-        return "error"
-    return f"{1e3 * min(res['times']):.1f}"
-
-
 def slowest_layers(res, count):
     rows = sorted(res["layers"], key=lambda r: -(r[2] + r[3]))
     total = sum(r[2] + r[3] for r in res["layers"]) or 1.0
-    lines = [f"      {'layer':28s} {'type':14s} {'fwd ms':>9s} {'bwd ms':>9s} {'share':>6s}"]
+    lines = [f"      {'layer':28s} {'type':14s} {'fwd ms':>9s} {'bwd ms':>9s} {'share':>6s}  (mean of the runs)"]
     for name, kind, f, b in rows[:count]:
         lines.append(f"      {name:28s} {kind:14s} {1e3 * f:9.2f} {1e3 * b:9.2f} {100 * (f + b) / total:5.1f}%")
     return "\n".join(lines)
@@ -461,9 +457,9 @@ def driver(args):
         print(f"(not available, skipped: {', '.join(missing)})")
     print(f"best of {args.iters} iteration(s) after {args.warmup} warm-up; memory: peak RSS during the "
           f"iterations minus RSS after imports\n")
-    header = (f"{'net':10s} {'batch':>5s} {'mode':6s} {'minicaffe ms':>12s} {'img/s':>8s} {'MB':>7s}"
-              f" | {'torch ms':>9s} {'img/s':>8s} {'MB':>7s} {'ratio':>6s} {'mem x':>6s}"
-              f" | {'opencv ms':>9s} {'img/s':>8s} {'ratio':>6s}")
+    header = (f"{'net':10s} {'batch':>5s} {'mode':6s} {'mc ms':>8s} {'img/s':>7s} {'cpu ms':>7s} {'MB':>6s}"
+              f" | {'torch ms':>8s} {'img/s':>7s} {'cpu ms':>7s} {'MB':>6s} {'ratio':>5s} {'cpu x':>5s}"
+              f" {'mem x':>5s} | {'cv ms':>7s} {'img/s':>7s} {'cpu ms':>7s} {'ratio':>5s} {'cpu x':>5s}")
     print(header)
     print("-" * len(header))
     results = {}
@@ -495,24 +491,34 @@ def driver(args):
                                  slowest_layers(mc, args.layers))
                 for n in notes:
                     print(n, flush=True)
+    print("\nms: best wall-clock iteration; cpu ms: CPU time of that process over its best iteration (all"
+          "\nthreads; unlike wall time it barely moves when other processes share the cores); ratio / cpu x:"
+          "\nminicaffe / reference (below 1: minicaffe is faster); MB: peak resident memory added by the"
+          "\ntimed iterations; mem x: minicaffe's MB / torch's.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)
     return 0
 
 
-def _ratio(mc, ref):
-    if not ref or "error" in ref or "error" in mc:
+def _ratio(mc, ref, key="times"):
+    """minicaffe / reference for the best iteration (wall time, or ``key="cpu"``: CPU time)."""
+    if not ref or "error" in ref or "error" in mc or not ref.get(key) or not mc.get(key):
         return None
-    return min(mc["times"]) / min(ref["times"])
+    return min(mc[key]) / max(min(ref[key]), 1e-9)
 
 
 def format_row(net, batch, mode, row):
     mc = row["minicaffe"]
 
+    def ms(res, key="times"):
+        if not res or "error" in res or not res.get(key):
+            return "n/a" if key == "times" or res else ""
+        return f"{1e3 * min(res[key]):.1f}"
+
     def ips(res):
         if not res or "error" in res:
-            return "n/a"
+            return "n/a" if res else ""
         return f"{batch / min(res['times']):.1f}"
 
     def mb(res):
@@ -520,18 +526,20 @@ def format_row(net, batch, mode, row):
             return "n/a"
         return f"{res['peak_mb']:.0f}"
 
-    def ratio(ref):
-        r = _ratio(mc, ref)
-        return "n/a" if r is None else f"{r:.2f}"
+    def ratio(ref, key="times"):
+        r = _ratio(mc, ref, key)
+        return ("n/a" if ref is not None else "") if r is None else f"{r:.2f}"
 
     def mem_ratio(ref):
         if not ref or "error" in ref or "error" in mc or not ref.get("peak_mb") or mc.get("peak_mb") is None:
             return "n/a"
         return f"{mc['peak_mb'] / ref['peak_mb']:.2f}"
     t, o = row.get("torch"), row.get("opencv")
-    return (f"{net:10s} {batch:5d} {mode:6s} {fmt_ms(mc):>12s} {ips(mc):>8s} {mb(mc):>7s}"
-            f" | {fmt_ms(t) if t else 'n/a':>9s} {ips(t):>8s} {mb(t):>7s} {ratio(t):>6s} {mem_ratio(t):>6s}"
-            f" | {fmt_ms(o) if o else '':>9s} {ips(o) if o else '':>8s} {ratio(o) if o else '':>6s}")
+    return (f"{net:10s} {batch:5d} {mode:6s} {ms(mc):>8s} {ips(mc):>7s} {ms(mc, 'cpu'):>7s} {mb(mc):>6s}"
+            f" | {ms(t) if t else 'n/a':>8s} {ips(t):>7s} {ms(t, 'cpu'):>7s} {mb(t):>6s} {ratio(t):>5s}"
+            f" {ratio(t, 'cpu'):>5s} {mem_ratio(t):>5s}"
+            f" | {ms(o) if o else '':>7s} {ips(o):>7s} {ms(o, 'cpu') if o else '':>7s} {ratio(o):>5s}"
+            f" {ratio(o, 'cpu'):>5s}")
 
 
 def main(argv=None):
