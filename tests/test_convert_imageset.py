@@ -134,12 +134,38 @@ def test_shuffle_is_reproducible_with_a_seed(tmp_path):
     assert sorted(orders[0]) == sorted(names) and orders[0] != names
 
 
+_AFTER_OPENCV_POOL = """
+import sys
+import cv2, numpy as np
+from minicaffe.tools.convert_imageset import convert_imageset
+cv2.setNumThreads(2)
+big = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+for _ in range(3):                       # parallel_for: OpenCV's native thread pool is now running
+    cv2.GaussianBlur(cv2.resize(big, (1500, 1500)), (9, 9), 0)
+if __name__ == "__main__":
+    r = convert_imageset(sys.argv[1], sys.argv[2], sys.argv[3], jobs=2)
+    print("written", r["written"])
+"""
+
+
+def test_parallel_jobs_after_opencv_used_its_thread_pool(tmp_path):
+    """A process that already ran OpenCV's (native, invisible to Python) thread pool: a forked
+    decoding worker used to hang in its first cv2 call, holding a copy of the pool's lock."""
+    root, lst, _ = make_set(tmp_path / "imgs", n=12, h=5, w=5)
+    script = tmp_path / "after_pool.py"
+    script.write_text(_AFTER_OPENCV_POOL)
+    proc = subprocess.run([sys.executable, str(script), root, lst, str(tmp_path / "db")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "written 12" in proc.stdout
+
+
 def test_parallel_jobs_write_the_same_database(tmp_path):
     import threading
     root, lst, _ = make_set(tmp_path / "imgs", n=40, h=5, w=5)
     assert convert("--jobs=1", root, lst, tmp_path / "a") == 0
     assert convert("--jobs=2", root, lst, tmp_path / "b") == 0
-    # with another thread alive the workers start from a forkserver instead of a fork
+    # with another thread alive (the workers never start from a plain fork)
     stop = threading.Event()
     t = threading.Thread(target=stop.wait, daemon=True)
     t.start()

@@ -240,15 +240,13 @@ def _results(tasks, opts, jobs):
 
 
 def _mp_context(mp):
-    """How to start the decoding processes. fork is fastest and needs nothing from the main script,
-    but is only safe while this process has a single thread (a forked child inherits locks that other
-    threads, e.g. OpenCV's pool or a prefetch thread, may hold). With threads, forkserver starts the
-    workers from a clean process; like spawn it imports the main script, which must then guard its
-    top-level code with ``if __name__ == "__main__":``."""
-    import threading
+    """How to start the decoding processes: forkserver (else spawn), never a plain fork. A forked
+    child inherits the locks of every thread of this process in whatever state they are, and
+    OpenCV's own worker pool is native threads that Python cannot see: once this process has
+    decoded or resized an image (a script that made its images with cv2 first), a forked worker
+    can hang in its first cv2 call. Workers start from a clean process instead; like spawn, that
+    imports the main script, which must guard its top-level code with ``if __name__ == "__main__":``."""
     methods = mp.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        return mp.get_context("fork")
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
