@@ -217,7 +217,7 @@ def test_existing_db_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
 def test_failure_mid_way_leaves_no_database(tmp_path, monkeypatch):
     root, lst, _ = make_set(tmp_path / "imgs", n=12, h=2, w=2)
     monkeypatch.setattr(ci, "COMMIT_EVERY", 4)
-    real_put = ci._Writer.put
+    real_put = ci.BatchedLMDBWriter.put
     calls = []
 
     def failing_put(self, key, value):
@@ -226,7 +226,7 @@ def test_failure_mid_way_leaves_no_database(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         real_put(self, key, value)
 
-    monkeypatch.setattr(ci._Writer, "put", failing_put)
+    monkeypatch.setattr(ci.BatchedLMDBWriter, "put", failing_put)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ci.convert_imageset(root, lst, str(tmp_path / "db"), jobs=1)
     assert sorted(os.listdir(tmp_path)) == ["imgs"]
@@ -238,7 +238,7 @@ def test_out_of_space_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch,
     def full(self):
         raise lmdb.Error("mdb_txn_commit: No space left on device")
 
-    monkeypatch.setattr(ci._Writer, "commit", full)
+    monkeypatch.setattr(ci.BatchedLMDBWriter, "commit", full)
     assert convert("--jobs=1", root, lst, tmp_path / "db") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "db: cannot write the database" in err and "No space left" in err

@@ -163,7 +163,7 @@ def test_commits_in_chunks_and_grows_the_map(tmp_path, model, monkeypatch):
 
     class Spy(ef.LmdbBuilder):
         def finish(self):
-            built.append(self.map_size)
+            built.append(self.writer.env.info()["map_size"])
             super().finish()
 
     monkeypatch.setattr(ef, "LmdbBuilder", Spy)

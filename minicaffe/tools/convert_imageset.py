@@ -28,6 +28,7 @@ import numpy as np
 
 from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
+from ..data.lmdb_writer import BatchedLMDBWriter
 from ..errors import DataError, MinicaffeError
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
@@ -252,47 +253,6 @@ def _mp_context(mp):
 
 # --- the database writer ------------------------------------------------------------------------------
 
-class _Writer:
-    """LMDB writes in transactions of COMMIT_EVERY records, doubling the map size when it is full."""
-
-    def __init__(self, path):
-        self.path = path
-        self.env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, subdir=True, sync=False, metasync=False,
-                             meminit=False, max_dbs=0)
-        self.pending = []
-
-    def put(self, key, value):
-        self.pending.append((key, value))
-        if len(self.pending) >= COMMIT_EVERY:
-            self.commit()
-
-    def commit(self):
-        if not self.pending:
-            return
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    txn.cursor().putmulti(self.pending, dupdata=False, overwrite=True)
-                break
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-        self.pending = []
-
-    def finish(self):
-        self.commit()
-        self.env.sync(True)
-        self.env.close()
-        self.env = None
-
-    def abort(self):
-        if self.env is not None:
-            try:
-                self.env.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self.env = None
-
-
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -359,7 +319,8 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     bar = progress if progress is not None else ProgressBar(total=len(tasks), unit="img")
     try:
         try:
-            writer = _Writer(tmp)
+            writer = BatchedLMDBWriter(tmp, map_size=INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
+                                       sync=False, metasync=False, max_dbs=0)
         except (lmdb.Error, OSError) as exc:
             raise _write_error(db_name, exc, "cannot create the database") from None
         for index, payload, info in _results(tasks, opts, jobs):

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import backend
 from ..data.datum import array_to_datum
+from ..data.lmdb_writer import BatchedLMDBWriter
 from ..errors import DataError, MinicaffeError, NetError
 from .common import ProgressBar, get_logger, run_main
 
@@ -47,11 +48,6 @@ class LmdbBuilder:
     """Writes a new LMDB under a temporary name next to ``path``; ``finish()`` renames it into place."""
 
     def __init__(self, path):
-        try:
-            import lmdb
-        except ImportError:
-            raise DataError("writing LMDB databases needs the lmdb package: pip install lmdb") from None
-        self.lmdb = lmdb
         self.path = os.fspath(path)
         if os.path.lexists(self.path):
             raise DataError(f"{self.path}: already exists; extract_features writes new databases only "
@@ -60,47 +56,23 @@ class LmdbBuilder:
         if not os.path.isdir(parent):
             raise DataError(f"{self.path}: the directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=parent)
-        self.map_size = _INITIAL_MAP_SIZE
-        self.env = lmdb.open(self.tmp, map_size=self.map_size, subdir=True, meminit=False)
-        self.pending = []
-        self.pending_bytes = 0
+        self.writer = BatchedLMDBWriter(self.tmp, map_size=_INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
+                                        commit_bytes=_COMMIT_BYTES)
         self.count = 0
 
     def put(self, key, value):
-        self.pending.append((key, value))
-        self.pending_bytes += len(key) + len(value)
+        self.writer.put(key, value)
         self.count += 1
-        if len(self.pending) >= COMMIT_EVERY or self.pending_bytes >= _COMMIT_BYTES:
-            self.commit()
-
-    def commit(self):
-        if not self.pending:
-            return
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in self.pending:
-                        txn.put(key, value)
-                break
-            except self.lmdb.MapFullError:        # the transaction was aborted: grow and redo it
-                self.map_size *= 2
-                self.env.set_mapsize(self.map_size)
-        self.pending, self.pending_bytes = [], 0
 
     def finish(self):
-        self.commit()
-        self.env.sync(True)
-        self.env.close()
-        self.env = None
+        self.writer.finish()
         if os.path.lexists(self.path):
             raise DataError(f"{self.path}: appeared while extracting; the features are left in {self.tmp}")
         os.rename(self.tmp, self.path)
         self.tmp = None
 
     def abort(self):
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        self.writer.abort()
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
