@@ -148,7 +148,43 @@ def parse_binary(data, message, path=None):
     if clash:
         what = type(message).DESCRIPTOR.name
         raise ParseError(f"not a binary {what}: {clash} (another kind of file?)", path)
+    bad = invalid_utf8_field(message)
+    if bad:
+        what = type(message).DESCRIPTOR.name
+        raise ParseError(f"not a valid binary {what}: {bad} is not UTF-8 text (a corrupt file?)", path)
     return message
+
+
+def invalid_utf8_field(message, prefix=""):
+    """The name of the first string field whose bytes are not UTF-8, else "". protobuf parses such
+    bytes without complaint and fails only when the field is read (a UnicodeDecodeError far from
+    the file), so binary files are checked once here. Walks messages, not numeric arrays: cheap."""
+    desc = type(message).DESCRIPTOR
+    for field in desc.fields:
+        name = prefix + field.name
+        if field.type == field.TYPE_STRING:
+            try:   # such values come back as bytes (or raise, depending on the protobuf version)
+                value = getattr(message, field.name)
+                values = value if field.is_repeated else [value]
+                if any(not isinstance(v, str) for v in values):
+                    return f"field '{name}'"
+            except UnicodeDecodeError:
+                return f"field '{name}'"
+            continue
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        repeated = field.is_repeated
+        if repeated:
+            children = getattr(message, field.name)
+        elif message.HasField(field.name):
+            children = [getattr(message, field.name)]
+        else:
+            continue
+        for i, child in enumerate(children):
+            bad = invalid_utf8_field(child, f"{name}[{i}]." if repeated else f"{name}.")
+            if bad:
+                return bad
+    return ""
 
 
 def wrong_type_fields(message):

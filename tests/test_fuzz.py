@@ -5,6 +5,7 @@ MINICAFFE_FUZZ_EXAMPLES=N sets any other count. MINICAFFE_FUZZ_REPORT=path appen
 import contextlib
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -229,3 +230,16 @@ def test_fuzz_datum(request):
 
     strategy = st.one_of(*[mutations(s) for s in datum_seeds()])
     run(request, "bytes → Datum → array", strategy, check)
+
+
+@pytest.mark.parametrize("data, field", [
+    (b"\x1a\x02\x00\x80", "input"),                      # NetParameter.input (#3), repeated
+    (b"\x0a\x02\x00\x80", "name"),                       # NetParameter.name (#1)
+    # layer (#100) { bottom (#3): invalid }: a nested repeated string
+    (b"\xa2\x06\x04\x1a\x02\x00\x80", "layer[0].bottom"),
+])
+def test_invalid_utf8_strings_are_a_parse_error(data, field):
+    """Found by the long fuzz run: protobuf accepts such bytes and fails only when the field is
+    read (a UnicodeDecodeError deep in the net upgrade); they are now refused when parsed."""
+    with pytest.raises(MinicaffeError, match=rf"mem.caffemodel: .*field '{re.escape(field)}' is not UTF-8"):
+        parse_binary(data, caffe_pb2.NetParameter(), "mem.caffemodel")
