@@ -35,6 +35,15 @@ COL_BAND_MIN_WIDTH = 48
 # Channels of col2im's accumulator summed at once, in elements (1 MiB of float32: cache-sized).
 COL2IM_BLOCK_ELEMENTS = 1 << 18
 
+# On the CPU, convolutions of horizontal stride 1 whose output rows are at most this wide (LeNet's
+# conv2, GoogLeNet's 14 and 7, CaffeNet's 13) put the batch axis last in the column matrix,
+# ``(C, kh, kw, oh, ow, N)``, when the batch has at least BATCH_LAST_MIN_NUM images: im2col and
+# col2im then move runs of ``ow * N`` values instead of rows of ``ow``, 2-5x faster at these sizes
+# (NumPy's per-row overhead dominates). With a horizontal stride the runs would be N long only:
+# slower at small batches, so those keep the batch-first layout.
+BATCH_LAST_MAX_WIDTH = 16
+BATCH_LAST_MIN_NUM = 4
+
 _local = threading.local()
 
 
@@ -211,6 +220,53 @@ def col2im(col, geom, in_hw, out):
                 a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
         for r, w0, q0, cnt in phases:
             ot[c0:c1, :, :, w0::g.sw] = a[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
+    return out
+
+
+def batch_last_source(x, g):
+    """(N, C, H, W) -> zero-padded (C, Hp, Wp, N) in a workspace: what ``im2col_batch_last`` reads."""
+    n, c, h, w = x.shape
+    src = workspace(np, (c, h + 2 * g.ph, w + 2 * g.pw, n), x.dtype, "im2col_pad")
+    if g.ph or g.pw:
+        src.fill(0)
+    src[:, g.ph:g.ph + h, g.pw:g.pw + w, :] = x.transpose(1, 2, 3, 0)
+    return src
+
+
+def im2col_batch_last(x, geom, out_hw):
+    """Columns of ``x`` (N, C, H, W) with the batch axis last: an array (C, kh, kw, oh, ow, N) in the
+    "col" workspace, ``col[c, i, j, y, x, n] = x_padded[n, c, y*sh + i*dh, x*sw + j*dw]`` (CPU)."""
+    n, c = x.shape[:2]
+    oh, ow = out_hw
+    g = geom
+    src = batch_last_source(x, g)
+    out = workspace(np, (c, g.kh, g.kw, oh, ow, n), x.dtype, "col")
+    s_c, s_h, s_w, s_n = src.strides
+    view = _as_strided(np, src, out.shape, (s_c, g.dh * s_h, g.dw * s_w, g.sh * s_h, g.sw * s_w, s_n))
+    np.copyto(out, view)
+    return out
+
+
+def col2im_batch_last(col, geom, in_hw, out):
+    """The adjoint of ``im2col_batch_last``: sums columns (C, kh, kw, oh, ow, N) onto ``out``
+    (N, C, H, W), overwriting it; the kernel offsets are summed in the order ``col2im`` uses."""
+    c, kh, kw, oh, ow, n = col.shape
+    h, w = in_hw
+    g = geom
+    hp, wp = h + 2 * g.ph, w + 2 * g.pw
+    block = max(1, min(c, COL2IM_BLOCK_ELEMENTS // (hp * wp * n)))
+    acc = workspace(np, (block, hp, wp, n), col.dtype, "col2im_pad")
+    ot = out.transpose(1, 2, 3, 0)
+    for c0 in range(0, c, block):
+        c1 = min(c, c0 + block)
+        a = acc[:c1 - c0]
+        a.fill(0)
+        for i in range(kh):
+            y0 = i * g.dh
+            for j in range(kw):
+                x0 = j * g.dw
+                a[:, y0:y0 + g.sh * (oh - 1) + 1:g.sh, x0:x0 + g.sw * (ow - 1) + 1:g.sw] += col[c0:c1, i, j]
+        ot[c0:c1] = a[:, g.ph:g.ph + h, g.pw:g.pw + w]
     return out
 
 

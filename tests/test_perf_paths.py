@@ -100,3 +100,76 @@ def test_convolution_forward_in_row_bands_matches_whole_batch(spec, monkeypatch)
     monkeypatch.setattr(im2col, "COL_BAND_MIN_WIDTH", 1)
     banded = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(banded, whole, rtol=1e-5, atol=1e-6)
+
+
+def _caffe_max_backward_float32(x, dy, k, s, p):
+    """Caffe's MAX backward loop in float32: each output's gradient added at its window's first
+    maximum, outputs in order (so overlapping windows sum in Caffe's order)."""
+    n_, c_, h_, w_ = x.shape
+    dx = np.zeros(x.shape, np.float32)
+    for n in range(n_):
+        for c in range(c_):
+            for py in range(dy.shape[2]):
+                for px in range(dy.shape[3]):
+                    hs, ws = py * s - p, px * s - p
+                    win = x[n, c, max(hs, 0):min(hs + k, h_), max(ws, 0):min(ws + k, w_)]
+                    yy, xx = np.unravel_index(int(np.argmax(win)), win.shape)
+                    dx[n, c, max(hs, 0) + yy, max(ws, 0) + xx] += dy[n, c, py, px]
+    return dx
+
+
+@pytest.mark.parametrize("spec,k,s,p", [("kernel_size: 3 stride: 2", 3, 2, 0),
+                                        ("kernel_size: 3 stride: 1 pad: 1", 3, 1, 1),
+                                        ("kernel_size: 2 stride: 2", 2, 2, 0),
+                                        ("kernel_size: 3 stride: 2 pad: 1", 3, 2, 1)])
+def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(spec, k, s, p,
+                                                                                monkeypatch):
+    """The argmax scatter (np.add.at over blocks of planes) gives Caffe's float32 sums exactly,
+    ties and overlapping windows included; the per-offset passes give the same values."""
+    from minicaffe.layers import pooling
+    rng = np.random.default_rng(6)
+    x = rng.integers(-2, 2, (2, 5, 9, 11)).astype(np.float32)    # many ties
+    grads = {}
+    for fast in (True, False):
+        monkeypatch.setattr(pooling, "_FAST_ADD_AT", fast)
+        monkeypatch.setattr(pooling, "SCATTER_BLOCK_OUTPUTS", 50)    # several blocks, a ragged last one
+        layer, bottom, top = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {spec} }}', [x])
+        forward(layer, bottom, top)
+        dy = np.random.default_rng(7).standard_normal(top[0].shape).astype(np.float32)
+        top[0].diff[...] = dy
+        bottom[0].diff[...] = 5     # overwritten, not accumulated
+        layer.backward(top, [True], bottom)
+        grads[fast] = bottom[0].diff.copy()
+    np.testing.assert_array_equal(grads[True], _caffe_max_backward_float32(x, dy, k, s, p))
+    np.testing.assert_allclose(grads[False], grads[True], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_type,spec", [
+    ("Convolution", "num_output: 4 kernel_size: 5"),
+    ("Convolution", "num_output: 6 kernel_size: 3 stride_h: 2 stride_w: 1 pad: 1 group: 2"),
+    ("Convolution", "num_output: 4 kernel_size: 3 dilation: 2 pad: 2"),
+    ("Convolution", "num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 3 stride_w: 1 pad_h: 1 pad_w: 0"),
+    ("Deconvolution", "num_output: 4 kernel_size: 3 stride_h: 2 stride_w: 1 pad: 1")])
+def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(layer_type, spec,
+                                                                             monkeypatch):
+    """Columns ordered (oh, ow, N) on narrow maps give the outputs and gradients of the (N, oh, ow)
+    order: the same sums of the same products (up to the last bits of a GEMM over other columns)."""
+    from minicaffe import im2col
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 4, 9, 10)).astype(np.float32)
+    text = (f'type: "{layer_type}" convolution_param {{ {spec} '
+            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
+    layer, bottom, top = make_layer(text, [x])
+    results = []
+    for width in (0, 1 << 20):          # never / always batch-last
+        monkeypatch.setattr(im2col, "BATCH_LAST_MAX_WIDTH", width)
+        y = forward(layer, bottom, top)[0]
+        top[0].diff[...] = np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+        bottom[0].diff[...] = 7          # overwritten, not accumulated
+        for b in layer.blobs:
+            b.diff[...] = 0
+        layer.backward(top, [True], bottom)
+        results.append([y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs])
+    assert layer.engine._batch_last(np, 5)          # the last run took the batch-last path
+    for general, batch_last in zip(*results):
+        np.testing.assert_allclose(batch_last, general, rtol=1e-5, atol=1e-5)
