@@ -332,6 +332,34 @@ class _BaseConvolution(Layer):
     def _bias_grad(self, dy4):
         self.blobs[1].xdiff += dy4.sum(axis=(0, 2, 3))
 
+    # Convolution runs the engine forward and back; Deconvolution the other way round (its forward is
+    # the convolution's data gradient), so the loops below are shared and only these two differ.
+    def _run(self, x, w, out):
+        raise NotImplementedError
+
+    def _run_transposed(self, dy, w, dx, x, dw):
+        raise NotImplementedError
+
+    def forward(self, bottom, top):
+        w = self.blobs[0].xdata
+        for b, t in zip(bottom, top):
+            y = self._top4(t.xdata)
+            self._run(self._bottom4(b.xdata), w, y)
+            if self.bias_term:
+                self._add_bias(y)
+
+    def backward(self, top, propagate_down, bottom):
+        w = self.blobs[0].xdata
+        dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
+        for i, (b, t) in enumerate(zip(bottom, top)):
+            dy = self._top4(t.xdiff)
+            if self.bias_term and self.need_param_grad(1):
+                self._bias_grad(dy)
+            dx = self._bottom4(b.xdiff) if propagate_down[i] else None
+            if dx is None and dw is None:
+                continue
+            self._run_transposed(dy, w, dx, self._bottom4(b.xdata), dw)
+
 
 @register("Convolution")
 class Convolution(_BaseConvolution):
@@ -349,26 +377,11 @@ class Convolution(_BaseConvolution):
             raise self.error(f"kernel {g.kh}x{g.kw}{dil} larger than padded input {hp}x{wp}", ShapeError)
         return g.out_size(*in_hw)
 
-    def forward(self, bottom, top):
-        w = self.blobs[0].xdata
-        for b, t in zip(bottom, top):
-            y = self._top4(t.xdata)
-            self.engine.forward(self._bottom4(b.xdata), w, y=y)
-            if self.bias_term:
-                self._add_bias(y)
+    def _run(self, x, w, out):
+        self.engine.forward(x, w, y=out)
 
-    def backward(self, top, propagate_down, bottom):
-        w = self.blobs[0].xdata
-        need_w = self.need_param_grad(0)
-        dw = self.blobs[0].xdiff if need_w else None
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            dy = self._top4(t.xdiff)
-            if self.bias_term and self.need_param_grad(1):
-                self._bias_grad(dy)
-            dx = self._bottom4(b.xdiff) if propagate_down[i] else None
-            if dx is None and dw is None:
-                continue
-            self.engine.backward(dy, w, dx=dx, x=self._bottom4(b.xdata), dw=dw)
+    def _run_transposed(self, dy, w, dx, x, dw):
+        self.engine.backward(dy, w, dx=dx, x=x, dw=dw)
 
 
 @register("Deconvolution")
@@ -388,23 +401,8 @@ class Deconvolution(_BaseConvolution):
                              f"pad {g.ph}x{g.pw})", ShapeError)
         return oh, ow
 
-    def forward(self, bottom, top):
-        w = self.blobs[0].xdata
-        for b, t in zip(bottom, top):
-            y = self._top4(t.xdata)
-            self.engine.backward(self._bottom4(b.xdata), w, dx=y)
-            if self.bias_term:
-                self._add_bias(y)
+    def _run(self, x, w, out):
+        self.engine.backward(x, w, dx=out)
 
-    def backward(self, top, propagate_down, bottom):
-        w = self.blobs[0].xdata
-        need_w = self.need_param_grad(0)
-        dw = self.blobs[0].xdiff if need_w else None
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            dy = self._top4(t.xdiff)
-            if self.bias_term and self.need_param_grad(1):
-                self._bias_grad(dy)
-            dx = self._bottom4(b.xdiff) if propagate_down[i] else None
-            if dx is None and dw is None:
-                continue
-            self.engine.forward(dy, w, y=dx, grad_src=self._bottom4(b.xdata), dw=dw)
+    def _run_transposed(self, dy, w, dx, x, dw):
+        self.engine.forward(dy, w, y=dx, grad_src=x, dw=dw)
