@@ -15,6 +15,7 @@ from minicaffe.errors import DataError
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import make_layer
 from minicaffe.tools import convert_imageset as ci
+from minicaffe.tools import gflags
 from minicaffe.tools.common import get_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,13 +294,13 @@ def test_check_size(tmp_path):
 
 
 def test_gflags_parser_forms():
-    flags, pos = ci.parse_gflags(["-gray", "--resize_width", "3", "a", "--encode_type=png", "--", "--x"], ci.FLAGS)
+    flags, pos = gflags.parse_gflags(["-gray", "--resize_width", "3", "a", "--encode_type=png", "--", "--x"], ci.FLAGS)
     assert flags["gray"] and flags["resize_width"] == 3 and flags["encode_type"] == "png"
     assert pos == ["a", "--x"]
-    with pytest.raises(ci.UsageError, match="--gray: 'maybe' is not a boolean"):
-        ci.parse_gflags(["--gray=maybe"], ci.FLAGS)
-    with pytest.raises(ci.UsageError, match="--jobs needs a value"):
-        ci.parse_gflags(["--jobs"], ci.FLAGS)
+    with pytest.raises(gflags.UsageError, match="--gray: 'maybe' is not a boolean"):
+        gflags.parse_gflags(["--gray=maybe"], ci.FLAGS)
+    with pytest.raises(gflags.UsageError, match="--jobs needs a value"):
+        gflags.parse_gflags(["--jobs"], ci.FLAGS)
 
 
 def test_command_line_end_to_end(tmp_path):

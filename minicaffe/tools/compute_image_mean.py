@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
-from .convert_imageset import HelpRequested, format_flags, parse_gflags
+from .gflags import parse_command
 
 USAGE = """Compute the mean_image of a set of images given by a lmdb
 Usage:
@@ -145,15 +145,10 @@ def compute_image_mean(input_db, output_file=None, backend="lmdb", pca=False, pc
 
 @run_main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        flags, args = parse_gflags(argv, FLAGS)
-    except HelpRequested:
-        print(USAGE + "\n" + format_flags(FLAGS))
-        return 0
-    if not 1 <= len(args) <= 2:
-        print(USAGE + "\n" + format_flags(FLAGS), file=sys.stderr)
-        return 1
+    parsed = parse_command(sys.argv[1:] if argv is None else argv, FLAGS, USAGE, range(1, 3))
+    if isinstance(parsed, int):
+        return parsed
+    flags, args = parsed
     compute_image_mean(args[0], args[1] if len(args) > 1 else None, backend=flags["backend"],
                        pca=flags["pca"], pca_file=flags["pca_file"] or None)
     return 0

@@ -29,9 +29,10 @@ import numpy as np
 from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
 from ..data.lmdb_writer import BatchedLMDBWriter
-from ..errors import DataError, MinicaffeError
+from ..errors import DataError
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
+from .gflags import parse_command
 
 COMMIT_EVERY = 1000          # records per LMDB transaction, as Caffe
 INITIAL_MAP_SIZE = 1 << 30   # grown by doubling when full (the file itself only holds what is written)
@@ -57,85 +58,6 @@ FLAGS = {
 
 
 # --- gflags-style command line ---------------------------------------------------------------------
-
-class UsageError(MinicaffeError):
-    """A command line that does not parse."""
-
-
-class HelpRequested(Exception):
-    pass
-
-
-_TRUE = {"true", "t", "yes", "y", "1"}
-_FALSE = {"false", "f", "no", "n", "0"}
-
-
-def parse_gflags(argv, spec):
-    """Parse ``argv`` as gflags does: ``--name=value``, ``--name value``, ``-name`` too, booleans as
-    ``--name``, ``--name=true|false`` or ``--noname``; ``--`` ends the flags. ``spec`` maps a flag
-    name to (type, default, help). Returns (values dict, positional list)."""
-    values = {name: default for name, (_, default, _) in spec.items()}
-    positional = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            positional.extend(argv[i:])
-            break
-        if not arg.startswith("-") or arg == "-" or _is_number(arg):
-            positional.append(arg)
-            continue
-        body = arg.lstrip("-")
-        name, has_value, value = body.partition("=")[0], "=" in body, body.partition("=")[2]
-        if name in ("help", "h", "helpfull"):
-            raise HelpRequested()
-        if name not in spec and name.startswith("no") and name[2:] in spec and spec[name[2:]][0] is bool \
-                and not has_value:
-            values[name[2:]] = False
-            continue
-        if name not in spec:
-            raise UsageError(f"unknown flag --{name} (see --help)")
-        kind = spec[name][0]
-        if kind is bool:
-            if not has_value:
-                values[name] = True
-            elif value.lower() in _TRUE:
-                values[name] = True
-            elif value.lower() in _FALSE:
-                values[name] = False
-            else:
-                raise UsageError(f"flag --{name}: '{value}' is not a boolean (true/false)")
-            continue
-        if not has_value:
-            if i >= len(argv):
-                raise UsageError(f"flag --{name} needs a value")
-            value = argv[i]
-            i += 1
-        if kind is int:
-            try:
-                value = int(value)
-            except ValueError:
-                raise UsageError(f"flag --{name}: '{value}' is not an integer") from None
-        values[name] = value
-    return values, positional
-
-
-def _is_number(text):
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def format_flags(spec):
-    lines = ["Flags:"]
-    for name, (kind, default, text) in spec.items():
-        shown = str(default).lower() if kind is bool else repr(default) if kind is str else default
-        lines.append(f"  --{name} ({text}) type: {kind.__name__} default: {shown}")
-    return "\n".join(lines)
-
 
 # --- one image → one serialized Datum (runs in the worker processes) --------------------------------
 
@@ -448,15 +370,10 @@ def _install(tmp, db_name, overwrite):
 
 @run_main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        flags, args = parse_gflags(argv, FLAGS)
-    except HelpRequested:
-        print(USAGE + "\n" + format_flags(FLAGS))
-        return 0
-    if len(args) != 3:
-        print(USAGE + "\n" + format_flags(FLAGS), file=sys.stderr)
-        return 1
+    parsed = parse_command(sys.argv[1:] if argv is None else argv, FLAGS, USAGE, range(3, 4))
+    if isinstance(parsed, int):
+        return parsed
+    flags, args = parsed
     root, list_file, db_name = args
     result = convert_imageset(root, list_file, db_name, gray=flags["gray"], shuffle=flags["shuffle"],
                               backend=flags["backend"], resize_width=flags["resize_width"],
