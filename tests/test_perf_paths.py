@@ -173,3 +173,63 @@ def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(la
     assert layer.engine._batch_last(np, 5)          # the last run took the batch-last path
     for general, batch_last in zip(*results):
         np.testing.assert_allclose(batch_last, general, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,spec", [((3, 5, 12, 16), "num_output: 6 kernel_size: 3 pad: 1"),
+                                        ((2, 4, 13, 11), "num_output: 3 kernel_size: 3 pad: 1"),   # odd sizes
+                                        ((1, 3, 9, 10), "num_output: 5 kernel_size: 3"),
+                                        ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
+                                        ((2, 2, 3, 3), "num_output: 2 kernel_size: 3")])          # one output
+def test_convolution_winograd_forward_matches_im2col(shape, spec, monkeypatch):
+    """Winograd F(2x2, 3x3) gives the im2col + GEMM result to float32 rounding (its transforms
+    add a few roundings per output), whatever the padding and on odd output sizes."""
+    from minicaffe import winograd
+    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_SIZE", 1)
+    monkeypatch.setattr(winograd, "BAND_ELEMENTS", 1)        # one tile row per band: ragged bands too
+    monkeypatch.setattr(winograd, "BAND_MIN_COLUMNS", 1)
+    x = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
+    text = (f'type: "Convolution" convolution_param {{ {spec} '
+            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
+    layer, bottom, top = make_layer(text, [x])
+    assert winograd.worthwhile(np, layer.geom, layer.group, layer.channels, layer.top_hw)
+    fast = forward(layer, bottom, top)[0]
+    monkeypatch.setenv("MINICAFFE_WINOGRAD", "0")
+    general = forward(layer, bottom, top)[0]
+    np.testing.assert_allclose(fast, general, rtol=1e-4, atol=1e-5 * np.abs(general).max())
+
+
+@pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
+def test_convolution_winograd_filters_follow_weight_updates(phase, monkeypatch):
+    """The transformed filters (cached per layer in a TEST net) are redone when the weights change
+    in place, as an SGD step changes them."""
+    from minicaffe import winograd
+    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_SIZE", 1)
+    x = np.random.default_rng(11).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    text = ('type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 '
+            'weight_filler { type: "gaussian" std: 0.3 } }')
+    layer, bottom, top = make_layer(text, [x], phase=phase)
+    first = forward(layer, bottom, top)[0]
+    layer.blobs[0].data[...] *= -2
+    second = forward(layer, bottom, top)[0]
+    np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
+
+
+def test_convolution_winograd_is_used_on_vgg_layers_only(monkeypatch):
+    """The size rule: VGG-16's wide 3x3 layers from 128 channels on; not 64 channels, strides,
+    groups, other kernels or small maps."""
+    from minicaffe import winograd
+    from minicaffe.im2col import ConvGeometry
+    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    three = ConvGeometry(3, 3, 1, 1, 1, 1, 1, 1)
+    assert winograd.worthwhile(np, three, 1, 256, (56, 56))
+    assert winograd.worthwhile(np, three, 1, 512, (14, 14))
+    assert not winograd.worthwhile(np, three, 1, 64, (224, 224))
+    assert not winograd.worthwhile(np, three, 1, 256, (13, 13))
+    assert not winograd.worthwhile(np, three, 2, 256, (56, 56))
+    assert not winograd.worthwhile(np, ConvGeometry(3, 3, 2, 2, 1, 1, 1, 1), 1, 256, (56, 56))
+    assert not winograd.worthwhile(np, ConvGeometry(3, 3, 1, 1, 2, 2, 2, 2), 1, 256, (56, 56))
+    assert not winograd.worthwhile(np, ConvGeometry(5, 5, 1, 1, 2, 2, 1, 1), 1, 256, (56, 56))

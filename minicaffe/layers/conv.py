@@ -12,15 +12,17 @@ convolution's data gradient, its data gradient the convolution's forward), exact
 with stride 1 and no padding skips im2col/col2im (a batched matrix product straight on the blob).
 On the CPU the forward over wide maps runs a band of output rows at a time (``COL_BAND_ELEMENTS``
 in ``im2col``), so the column matrix is read from cache; over narrow maps the column matrix puts
-the batch axis last (``BATCH_LAST_MAX_WIDTH``), so im2col and col2im move long runs.
+the batch axis last (``BATCH_LAST_MAX_WIDTH``), so im2col and col2im move long runs. The CPU
+forward of a wide-enough 3x3 stride-1 convolution uses Winograd F(2x2, 3x3) instead (``winograd``).
 
 Only 1-D and 2-D spatial convolutions are supported (a 1-D one runs as 2-D with height 1).
 """
 import numpy as np
 
-from .. import backend, fillers
+from .. import backend, fillers, winograd
 from ..blob import Blob
 from ..errors import ShapeError
+from ..proto import caffe_pb2
 from .. import im2col as _im2col
 from ..im2col import (ConvGeometry, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows,
                       images_per_chunk, padded_source, workspace)
@@ -274,6 +276,7 @@ class _BaseConvolution(Layer):
                 b.data[...] = fillers.fill(cp.bias_filler, bias_shape, dtype=b.dtype, layer=self.name)
                 self.blobs.append(b)
         self.param_propagate_down = [True] * len(self.blobs)
+        self._winograd_cache = winograd.FilterCache()
 
     def _spatial_hw(self, shape):
         sp = shape[self.axis + 1:]
@@ -378,7 +381,19 @@ class Convolution(_BaseConvolution):
         return g.out_size(*in_hw)
 
     def _run(self, x, w, out):
-        self.engine.forward(x, w, y=out)
+        xp = backend.get_array_module(x)
+        if winograd.worthwhile(xp, self.geom, self.group, self.channels, self.top_hw):
+            winograd.forward(x, w, out, self.geom.ph, self.geom.pw, u=self._winograd_filters(w))
+        else:
+            self.engine.forward(x, w, y=out)
+
+    def _winograd_filters(self, w):
+        """Transformed filters: kept between forwards in a TEST net, whose weights rarely change;
+        redone in scratch space in a TRAIN net, whose weights change every iteration."""
+        if self.phase == caffe_pb2.TRAIN:
+            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, "wino_filters")
+            return winograd.transform_filters(w, out=scratch)
+        return self._winograd_cache.get(w)
 
     def _run_transposed(self, dy, w, dx, x, dw):
         self.engine.backward(dy, w, dx=dx, x=x, dw=dw)
