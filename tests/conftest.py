@@ -1,4 +1,7 @@
-"""Shared test set-up: the slow marker, a GPU-or-skip fixture, and mode reset between tests."""
+"""Shared test set-up: the slow marker, a GPU-or-skip fixture, log capture, and mode reset between tests."""
+import io
+import logging
+
 import pytest
 
 from minicaffe import backend
@@ -33,3 +36,30 @@ def _cpu_mode_and_seed():
     backend.set_random_seed(1234)
     yield
     backend.set_mode_cpu()
+
+
+@pytest.fixture
+def logs():
+    """The messages the 'minicaffe' logger emits at INFO and above during the test, a list."""
+    from minicaffe.tools.common import get_logger
+    messages = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Grab(level=logging.INFO)
+    get_logger().addHandler(handler)
+    yield messages
+    get_logger().removeHandler(handler)
+
+
+@pytest.fixture
+def log_text():
+    """Everything the 'minicaffe' logger writes during the test, as a StringIO."""
+    from minicaffe.tools.common import get_logger
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    get_logger().addHandler(handler)
+    yield buf
+    get_logger().removeHandler(handler)

@@ -1,5 +1,4 @@
 """``minicaffe train|test|time|device_query``: Caffe's flags, log lines and one-line errors."""
-import logging
 import os
 import subprocess
 import sys
@@ -46,22 +45,6 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "snaps").mkdir()
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def logs():
-    messages = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    from minicaffe.tools.common import get_logger
-    log = get_logger()
-    handler = Grab(level=logging.INFO)
-    log.addHandler(handler)
-    yield messages
-    log.removeHandler(handler)
 
 
 def test_train_writes_caffe_log_lines_and_snapshots(work, logs):

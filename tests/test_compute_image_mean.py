@@ -1,6 +1,4 @@
 """compute_image_mean: the mean BlobProto, Caffe's per-channel lines, and the colour PCA extension."""
-import io
-import logging
 
 import lmdb
 import numpy as np
@@ -10,17 +8,6 @@ from minicaffe.data import array_to_datum, encode_datum, load_mean_file, load_pc
 from minicaffe.errors import DataError
 from minicaffe.proto import caffe_pb2
 from minicaffe.tools import compute_image_mean as cim
-from minicaffe.tools.common import get_logger
-
-
-@pytest.fixture
-def logs():
-    logger = get_logger()
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger.addHandler(handler)
-    yield buf
-    logger.removeHandler(handler)
 
 
 def make_db(path, arrays, encoded=None):
@@ -33,7 +20,7 @@ def make_db(path, arrays, encoded=None):
     return str(path)
 
 
-def test_mean_matches_numpy_and_prints_channel_means(tmp_path, logs):
+def test_mean_matches_numpy_and_prints_channel_means(tmp_path, log_text):
     arrs = np.random.default_rng(0).integers(0, 256, (7, 3, 5, 4), dtype=np.uint8)
     db = make_db(tmp_path / "db", arrs)
     out = tmp_path / "mean.binaryproto"
@@ -42,7 +29,7 @@ def test_mean_matches_numpy_and_prints_channel_means(tmp_path, logs):
     assert (bp.num, bp.channels, bp.height, bp.width) == (1, 3, 5, 4)      # Caffe's legacy 4-d fields
     mean = load_mean_file(str(out))
     np.testing.assert_allclose(mean, arrs.astype(np.float64).mean(axis=0), atol=1e-5)
-    text = logs.getvalue()
+    text = log_text.getvalue()
     for c in range(3):
         assert f"mean_value channel [{c}]: {arrs[:, c].astype(np.float64).mean():g}" in text
     assert "Number of channels: 3" in text and "Processed 7 files." in text

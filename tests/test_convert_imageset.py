@@ -1,6 +1,4 @@
 """convert_imageset: Caffe's keys and records, the flags, and its safety (no partial DB_NAME, ever)."""
-import io
-import logging
 import os
 import subprocess
 import sys
@@ -16,20 +14,8 @@ from minicaffe.proto import caffe_pb2
 from minicaffe.testing import make_layer
 from minicaffe.tools import convert_imageset as ci
 from minicaffe.tools import gflags
-from minicaffe.tools.common import get_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def logs():
-    """Everything the 'minicaffe' logger writes during the test."""
-    logger = get_logger()
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger.addHandler(handler)
-    yield buf
-    logger.removeHandler(handler)
 
 
 def make_set(folder, n=5, h=6, w=7, ext=".png", gray=False, seed=0, names=None):
@@ -53,7 +39,7 @@ def convert(*args):
     return ci.main([str(a) for a in args])
 
 
-def test_raw_round_trip_keys_and_pixels(tmp_path, logs):
+def test_raw_round_trip_keys_and_pixels(tmp_path, log_text):
     root, lst, names = make_set(tmp_path / "imgs")
     db = tmp_path / "db"
     assert convert("--jobs=1", root, lst, db) == 0
@@ -64,7 +50,7 @@ def test_raw_round_trip_keys_and_pixels(tmp_path, logs):
         assert (d.channels, d.height, d.width) == (3, 6, 7) and not d.encoded
         assert np.frombuffer(d.data, np.uint8).tobytes() == img.transpose(2, 0, 1).tobytes()
     assert [d.label for _, d in recs] == [10, 11, 12, 13, 14]
-    text = logs.getvalue()
+    text = log_text.getvalue()
     assert "A total of 5 images." in text and "Processed 5 files." in text
     # the Data layer gives back exactly OpenCV's pixels
     layer, bottom, top = make_layer(f'type: "Data" data_param {{ source: "{db}" batch_size: 5 backend: LMDB }}',
@@ -178,7 +164,7 @@ def test_parallel_jobs_write_the_same_database(tmp_path):
     assert list(iterate_lmdb(tmp_path / "b")) == want and list(iterate_lmdb(tmp_path / "c")) == want
 
 
-def test_unreadable_images_are_skipped_with_line_numbers(tmp_path, logs):
+def test_unreadable_images_are_skipped_with_line_numbers(tmp_path, log_text):
     root, lst, names = make_set(tmp_path / "imgs", n=3)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"this is not a png")
     with open(lst, "a") as f:
@@ -186,7 +172,7 @@ def test_unreadable_images_are_skipped_with_line_numbers(tmp_path, logs):
     db = tmp_path / "db"
     result = ci.convert_imageset(root, lst, str(db), jobs=1)
     assert result == {"total": 5, "written": 3, "skipped": 2}
-    text = logs.getvalue()
+    text = log_text.getvalue()
     assert "list.txt:4: could not open or find file" in text and "missing.png" in text
     assert "list.txt:5:" in text and "broken.png is not an image" in text
     assert "Skipped 2 of 5 images" in text

@@ -9,7 +9,7 @@ import pytest
 
 import minicaffe as caffe
 from minicaffe import backend
-from minicaffe.multicrop import Preprocessor, evaluate_crops, topk_error
+from minicaffe.multicrop import Preprocessor, topk_error
 from minicaffe.tools import beyond
 from minicaffe.tools.beyond import evaluate_images, read_list_file
 

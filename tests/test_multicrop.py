@@ -6,7 +6,6 @@ import pytest
 
 import minicaffe as caffe
 from minicaffe import io as caffe_io
-from minicaffe.classifier import Classifier
 from minicaffe.errors import MinicaffeError, ShapeError
 from minicaffe.multicrop import (Crop, MultiCropClassifier, Preprocessor, alexnet_10, center_crop,
                                  default_scales, evaluate_crops, evaluate_dense, extract_crops,

@@ -1,6 +1,5 @@
 """The training loop: nets from solver files, testing, logging, snapshots, exact resume, NaN stops,
 signals. Tiny nets (InnerProduct + SoftmaxWithLoss) fed by DummyData or by a test-only array layer."""
-import logging
 import os
 import signal
 
@@ -129,22 +128,6 @@ def weights(solver):
 
 def same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(x, y) for k in a for x, y in zip(a[k], b[k]))
-
-
-@pytest.fixture
-def logs():
-    messages = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    from minicaffe.tools.common import get_logger
-    log = get_logger()
-    handler = Grab(level=logging.INFO)
-    log.addHandler(handler)
-    yield messages
-    log.removeHandler(handler)
 
 
 # --- building -------------------------------------------------------------------------------------
