@@ -86,8 +86,9 @@ def test_dense_plus_crops_per_model_then_models(setup):
     np.testing.assert_allclose(both, 0.5 * (dense + crops), atol=1e-6)
 
 
-def _run(argv, capsys):
-    code = beyond.main(argv)
+def _run(argv, capsys, main=None):
+    """(exit status, stdout, stderr) of a command's main (beyond's unless given)."""
+    code = (main or beyond.main)(argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -214,9 +215,7 @@ def _logger_outside_capsys():
 
 def _cli(argv, capsys):
     from minicaffe.tools import cli
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return _run(argv, capsys, main=cli.main)
 
 
 def test_minicaffe_test_with_crops_and_an_ensemble_of_deploy_nets(setup, capsys):

@@ -4,7 +4,6 @@ The test layer ``_TestQuadLoss`` holds one learnable vector ``w`` and outputs
 ``0.5·Σ(w − c)²``, so the gradient is ``w − c`` and every rule can be followed with scalar
 arithmetic, independently of the array code in ``minicaffe/solvers/updates.py``.
 """
-import logging
 import math
 
 import numpy as np
@@ -233,13 +232,13 @@ def test_iter_size_normalises_accumulated_gradients():
     np.testing.assert_allclose(w_of(a), w_of(b), rtol=1e-6)
 
 
-def test_clip_gradients_scales_by_the_global_norm(caplog_minicaffe):
+def test_clip_gradients_scales_by_the_global_norm(logs):
     s = make_solver("SGD", w0=(3.0, 4.0), c=(0.0, 0.0), base_lr=1.0, clip_gradients=1.0, lr_policy="fixed")
     s.step(1)
     # gradient (3, 4) has norm 5 > 1: scaled by 0.2 → (0.6, 0.8)
     np.testing.assert_allclose(w_of(s), [2.4, 3.2], rtol=1e-6)
     assert any("Gradient clipping: scaling down gradients (L2 norm 5 > 1) by scale factor 0.2" in m
-               for m in caplog_minicaffe)
+               for m in logs)
     # below the threshold nothing changes
     s = make_solver("SGD", w0=(0.3, 0.4), c=(0.0, 0.0), base_lr=1.0, clip_gradients=1.0, lr_policy="fixed")
     s.step(1)
@@ -305,20 +304,3 @@ def test_rules_on_gpu_match_cpu(kind, gpu):
             rule.compute(g, hist, tmp, 0.01, it)
         outs.append(backend.to_host(g))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
-
-
-@pytest.fixture
-def caplog_minicaffe():
-    """Messages logged to the 'minicaffe' logger during the test."""
-    messages = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    from minicaffe.tools.common import get_logger
-    log = get_logger()
-    handler = Grab(level=logging.INFO)
-    log.addHandler(handler)
-    yield messages
-    log.removeHandler(handler)

@@ -50,26 +50,21 @@ fi
 
 mkdir -p "$EXAMPLE"
 
-echo "Creating train lmdb..."
-$CONVERT \
-    --resize_height=$RESIZE_HEIGHT \
-    --resize_width=$RESIZE_WIDTH \
-    --shuffle \
-    --jobs=$JOBS \
-    --overwrite=$OVERWRITE \
-    "$TRAIN_DATA_ROOT" \
-    "$DATA/train.txt" \
-    "$EXAMPLE/ilsvrc12_train_lmdb"
+# make_lmdb NAME ROOT LIST: one resized, shuffled LMDB under $EXAMPLE
+make_lmdb() {
+  echo "Creating $1 lmdb..."
+  $CONVERT \
+      --resize_height=$RESIZE_HEIGHT \
+      --resize_width=$RESIZE_WIDTH \
+      --shuffle \
+      --jobs=$JOBS \
+      --overwrite=$OVERWRITE \
+      "$2" \
+      "$3" \
+      "$EXAMPLE/ilsvrc12_$1_lmdb"
+}
 
-echo "Creating val lmdb..."
-$CONVERT \
-    --resize_height=$RESIZE_HEIGHT \
-    --resize_width=$RESIZE_WIDTH \
-    --shuffle \
-    --jobs=$JOBS \
-    --overwrite=$OVERWRITE \
-    "$VAL_DATA_ROOT" \
-    "$DATA/val.txt" \
-    "$EXAMPLE/ilsvrc12_val_lmdb"
+make_lmdb train "$TRAIN_DATA_ROOT" "$DATA/train.txt"
+make_lmdb val "$VAL_DATA_ROOT" "$DATA/val.txt"
 
 echo "Done."
