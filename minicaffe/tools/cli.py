@@ -14,7 +14,7 @@ from .. import backend, parallel
 from ..errors import MinicaffeError
 from ..proto import caffe_pb2
 from . import beyond
-from .common import get_logger, run_main
+from .common import get_logger, print_error, run_main
 
 COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate")
 BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
@@ -156,6 +156,14 @@ def train(args):
     _use(gpus, log)
     try:
         _train(args, log, param, path, handler, comm)
+    except parallel.WorkersDisagree as exc:
+        # every worker found the same difference at the same point: the root alone prints the one
+        # line (N copies would bury it), and the others wait for it before they exit, since mpirun
+        # ends the whole job at the first non-zero exit
+        if comm.rank == 0:
+            print_error(exc)
+        comm.barrier()
+        return 1
     except BaseException as exc:
         if comm is not None and comm.size > 1 and not isinstance(exc, SystemExit):
             parallel.abort_job(comm, exc)
