@@ -344,6 +344,25 @@ def test_workers_with_different_solvers_or_nets_stop_together_naming_the_field(m
     assert not (tmp_path / f"tiny_iter_{SNAPSHOT}.caffemodel").exists()      # no training step was taken
 
 
+ALLGATHER_PROBE = """
+from minicaffe import parallel
+comm = parallel.MPIComm()
+for payload in ([b"rank 0 set-up", b"x" * 1000], [b"", b"\\x00\\xff"]):
+    mine = payload[comm.rank]
+    assert comm.allgather_bytes(mine) == payload
+    assert parallel.Communicator.allgather_bytes(comm, mine) == payload     # the broadcast-built one
+print("gathered on rank", comm.rank)
+"""
+
+
+def test_allgather_bytes_of_mpi_and_of_broadcasts_agree(mpi, tmp_path):
+    """The set-up check's exchange: MPI's own allgather and the one built from broadcasts (what NCCL
+    workers use) give every rank every payload, in rank order, empty ones included."""
+    result = mpirun(["-np", "2", sys.executable, "-c", ALLGATHER_PROBE], cwd=str(tmp_path))
+    assert result.stdout.count("gathered on rank") == 2
+    assert parallel.LocalComm().allgather_bytes(b"alone") == [b"alone"]
+
+
 def _description(solver_path):
     return parallel.setup_description(caffe.get_solver(solver_path))
 
