@@ -17,6 +17,12 @@ soon as the backward of the lowest layer owning one of its parameters is done; t
 for all of them. ``layer_wise_reduce: false`` in the solver turns the overlap off (one reduction of
 every bucket after the whole backward), as in Caffe.
 
+Set-up check: before the first broadcast, the workers exchange a SHA-256 of their solver parameters,
+train net as built and layer blob shapes (``check_same_setup``); when they differ, every worker
+raises ``WorkersDisagree`` with one line naming each differing field and both values, so a worker
+started with another solver or net file stops the job at once instead of training other weights,
+waiting forever, or failing in MPI with a truncated message.
+
 Communicators differ only in how they move bytes; everything else is shared:
 
 * ``MPIComm``: ``Iallreduce`` through mpi4py, between processes on one machine or many; GPU arrays
