@@ -312,7 +312,7 @@ def test_workers_with_different_solvers_or_nets_stop_together_naming_the_field(m
     weights without a word (exit 0), a different max_iter left rank 0 waiting forever in an all-reduce,
     and a different net died in MPI_ERR_TRUNCATE at the first broadcast. Now both ranks exit 1 after
     one line naming the field and both values, and neither is killed by an abort."""
-    root, nets = world
+    _, nets = world
     solver0 = write_solver(tmp_path / "solver0.prototxt", nets[B], tmp_path / "tiny")
     text = _solver_text(solver0)
     expected = {"base_lr": "rank 1 has base_lr: 0.2, rank 0 has base_lr: 0.1",
@@ -371,7 +371,7 @@ def test_setup_check_compares_effective_values_and_shapes(world, tmp_path, monke
     """The field-by-field comparison behind the set-up check, in one process: equal descriptions and
     explicit defaults pass; the net's file name does not count (its contents do); a blob shape that
     differs while the definitions agree (the images differ) is named."""
-    root, nets = world
+    _, nets = world
     base = write_solver(tmp_path / "base.prototxt", nets[B], tmp_path / "tiny")
     a = _description(base)
     assert parallel.setup_differences([a, a]) == ""
