@@ -17,6 +17,12 @@ soon as the backward of the lowest layer owning one of its parameters is done; t
 for all of them. ``layer_wise_reduce: false`` in the solver turns the overlap off (one reduction of
 every bucket after the whole backward), as in Caffe.
 
+Set-up check: before the first broadcast, the workers exchange a SHA-256 of their solver parameters,
+train net as built and layer blob shapes (``check_same_setup``); when they differ, every worker
+raises ``WorkersDisagree`` with one line naming each differing field and both values, so a worker
+started with another solver or net file stops the job at once instead of training other weights,
+waiting forever, or failing in MPI with a truncated message.
+
 Communicators differ only in how they move bytes; everything else is shared:
 
 * ``MPIComm``: ``Iallreduce`` through mpi4py, between processes on one machine or many; GPU arrays
@@ -156,6 +162,19 @@ class Communicator:
     def barrier(self):
         """Wait until every worker got here."""
 
+    def allgather_bytes(self, data):
+        """Every worker's ``data`` (bytes), in rank order, on every worker (blocking). Built from
+        broadcasts, one per rank, so any communicator has it; meant for a few small messages at
+        start-up (the set-up check), not for training traffic."""
+        out = []
+        for root in range(self.size):
+            n = self.broadcast_int(len(data) if root == self.rank else 0, root=root)
+            buf = np.frombuffer(bytes(data), np.uint8).copy() if root == self.rank else np.zeros(n, np.uint8)
+            if n:
+                self.broadcast(buf, root=root)
+            out.append(buf.tobytes())
+        return out
+
     def abort(self, code=1):
         """End every worker of the job now (after an error on one of them, the others would wait
         forever in the next collective)."""
@@ -182,6 +201,9 @@ class LocalComm(Communicator):
 
     def broadcast_int(self, value, root=0):
         return int(value)
+
+    def allgather_bytes(self, data):
+        return [bytes(data)]
 
 
 class _MPIPending:
@@ -257,6 +279,9 @@ class MPIComm(Communicator):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def allgather_bytes(self, data):
+        return [bytes(d) for d in self.comm.allgather(bytes(data))]
 
     def abort(self, code=1):
         sys.stdout.flush()
@@ -552,6 +577,179 @@ class GradientReducer:
         self.finish()
 
 
+# --- the set-up check -----------------------------------------------------------------------------
+
+class WorkersDisagree(SolverError):
+    """The workers were started with different solvers or nets. Every worker raises it at the same
+    point with the same message (they all compare the same gathered descriptions), so none is left
+    waiting in a collective and the job ends without an MPI abort."""
+
+
+# Solver fields left out of the comparison: each worker's own GPU, and where the train net came from
+# (the net as built is compared instead, so the same net in two files, or inline, agrees).
+_PER_WORKER_FIELDS = ("device_id", "net", "net_param", "train_net", "train_net_param")
+_MAX_REPORTED = 4
+
+
+def setup_description(solver):
+    """What must be the same on every worker, as bytes: the solver parameters (less the fields of
+    ``_PER_WORKER_FIELDS``), the train net as built (filtered by phase and state) and the shape of
+    every layer blob (shapes can depend on the data, e.g. the image size of an LMDB)."""
+    import json
+    from .proto import caffe_pb2
+    param = caffe_pb2.SolverParameter()
+    param.CopyFrom(solver.param)
+    for name in _PER_WORKER_FIELDS:
+        param.ClearField(name)
+    net = solver.net
+    shapes = [[name, i, [int(d) for d in b.shape]]
+              for name, layer in zip(net._layer_names, net.layers) for i, b in enumerate(layer.blobs)]
+    return json.dumps({
+        "solver": param.SerializeToString(deterministic=True).hex(),
+        "net": net.param.SerializeToString(deterministic=True).hex(),
+        "shapes": shapes,
+        "file": getattr(solver, "solver_file", None) or "",
+    }, sort_keys=True).encode()
+
+
+def check_same_setup(solver, comm):
+    """Stop every worker together, naming what differs, when they were not started with the same
+    solver and net. Without it a different ``base_lr`` silently trains different weights, a different
+    ``max_iter`` leaves the workers that finish first waiting forever in a collective, and a different
+    net breaks the first broadcast (``MPI_ERR_TRUNCATE``). The workers first exchange a SHA-256 of
+    ``setup_description`` (32 bytes each); only when those differ do they exchange the descriptions
+    themselves and compare them field by field. Differences of presence alone (a field set to its
+    default on one worker, left out on the other) do not count."""
+    import hashlib
+    if comm.size <= 1:
+        return
+    mine = setup_description(solver)
+    digests = comm.allgather_bytes(hashlib.sha256(mine).digest())
+    if all(d == digests[0] for d in digests):
+        return
+    message = setup_differences(comm.allgather_bytes(mine))
+    if message:
+        raise WorkersDisagree(message)
+
+
+def setup_differences(descriptions):
+    """One line saying how the workers' ``setup_description`` differ from rank 0's, or '' when they
+    agree (same effective values)."""
+    import json
+    from .proto import caffe_pb2
+    decoded = [json.loads(d.decode()) for d in descriptions]
+
+    def parsed(entry):
+        solver, net = caffe_pb2.SolverParameter(), caffe_pb2.NetParameter()
+        solver.ParseFromString(bytes.fromhex(entry["solver"]))
+        net.ParseFromString(bytes.fromhex(entry["net"]))
+        return solver, net
+
+    root_solver, root_net = parsed(decoded[0])
+    items, files = [], {}
+    for rank, entry in enumerate(decoded[1:], start=1):
+        solver, net = parsed(entry)
+        found = _differences(root_solver, solver, "") + _differences(root_net, net, "net ")
+        if not found:
+            found = _shape_differences(decoded[0]["shapes"], entry["shapes"])
+        for path, at_root, here in found:
+            items.append(f"rank {rank} has {path}: {here}, rank 0 has {path}: {at_root}")
+        if found:
+            files[rank] = entry["file"]
+    if not items:
+        return ""
+    shown = "; ".join(items[:_MAX_REPORTED])
+    if len(items) > _MAX_REPORTED:
+        shown += f"; and {len(items) - _MAX_REPORTED} more"
+    where = ", ".join(f"rank {r}: {f}" for r, f in [(0, decoded[0]["file"])] + sorted(files.items()) if f)
+    return (f"the workers were started with different solver or net definitions"
+            f"{f' ({where})' if where else ''}: {shown}")
+
+
+def _text(fd, value):
+    """A field value as the prototxt would spell it (floats as the float32 they are)."""
+    if fd.type == fd.TYPE_MESSAGE:
+        from google.protobuf import text_format
+        text = text_format.MessageToString(value, as_one_line=True).strip()
+        text = "{ " + text + " }" if text else "{ }"
+        return text if len(text) <= 80 else text[:77] + "..."
+    if fd.type == fd.TYPE_ENUM:
+        entry = fd.enum_type.values_by_number.get(value)
+        return entry.name if entry is not None else str(value)
+    if fd.type == fd.TYPE_FLOAT:
+        return format(value, ".7g")
+    if fd.type == fd.TYPE_BOOL:
+        return "true" if value else "false"
+    if fd.type == fd.TYPE_STRING:
+        return '"' + value.replace('"', '\\"') + '"'
+    return str(value)
+
+
+def _differences(a, b, path):
+    """``(field path, value in a, value in b)`` for every field whose effective value differs (an
+    unset field counts as its default), descending into messages. Repeated messages with unique
+    names (layers) are matched by name."""
+    out = []
+    fields = {fd.number: fd for fd, _ in a.ListFields()}
+    fields.update({fd.number: fd for fd, _ in b.ListFields()})
+    for number in sorted(fields):
+        fd = fields[number]
+        name = path + fd.name
+        va, vb = getattr(a, fd.name), getattr(b, fd.name)
+        if fd.is_repeated:
+            if fd.type == fd.TYPE_MESSAGE:
+                out += _repeated_differences(fd, list(va), list(vb), name)
+            elif list(va) != list(vb):
+                out.append((name, "[" + ", ".join(_text(fd, v) for v in va) + "]",
+                            "[" + ", ".join(_text(fd, v) for v in vb) + "]"))
+        elif fd.type == fd.TYPE_MESSAGE:
+            out += _differences(va, vb, name + ".")
+        elif va != vb:
+            out.append((name, _text(fd, va), _text(fd, vb)))
+    return out
+
+
+def _repeated_differences(fd, va, vb, name):
+    keyed = "name" in fd.message_type.fields_by_name
+    names_a = [m.name for m in va] if keyed else []
+    names_b = [m.name for m in vb] if keyed else []
+    if keyed and all(names_a) and all(names_b) and len(set(names_a)) == len(names_a) \
+            and len(set(names_b)) == len(names_b):
+        by_a, by_b = dict(zip(names_a, va)), dict(zip(names_b, vb))
+        out = []
+        for n in names_a + [n for n in names_b if n not in by_a]:
+            if getattr(by_a.get(n), "type", "") == "Split" or getattr(by_b.get(n), "type", "") == "Split":
+                continue        # inserted by the net for a blob used twice: follows from the others
+            where = f'{name}["{n}"]'
+            if n not in by_b:
+                out.append((where, _text(fd, by_a[n]), "(none)"))
+            elif n not in by_a:
+                out.append((where, "(none)", _text(fd, by_b[n])))
+            else:
+                out += _differences(by_a[n], by_b[n], where + ".")
+        if not out and names_a != names_b:
+            out.append((f"{name} order", "[" + ", ".join(names_a) + "]", "[" + ", ".join(names_b) + "]"))
+        return out
+    out = []
+    if len(va) != len(vb):
+        out.append((f"{name} count", str(len(va)), str(len(vb))))
+    for i, (ma, mb) in enumerate(zip(va, vb)):
+        out += _differences(ma, mb, f"{name}[{i}].")
+    return out
+
+
+def _shape_differences(shapes_a, shapes_b):
+    """Layer blob shapes that differ although the nets' definitions agree (the data differs)."""
+    a = {(n, i): tuple(s) for n, i, s in shapes_a}
+    b = {(n, i): tuple(s) for n, i, s in shapes_b}
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        if a.get(key) != b.get(key):
+            show = lambda s: "(none)" if s is None else "(" + ", ".join(map(str, s)) + ")"  # noqa: E731
+            out.append((f'net layer["{key[0]}"] blob {key[1]} shape', show(a.get(key)), show(b.get(key))))
+    return out
+
+
 # --- the solver wrapper ---------------------------------------------------------------------------
 
 def _bucket_mb(value):
@@ -604,6 +802,7 @@ class ParallelSolver:
         xp = backend.xp()
         self._loss = xp.zeros(1, dtype=np.float64)
         self.stats = {"passes": 0, "forward_backward_s": 0.0}
+        check_same_setup(solver, comm)       # before the first broadcast, which a different net breaks
         solver._parallel = self
         self.broadcast_state()
 
@@ -747,12 +946,12 @@ def start_worker(gpus=(), kind=None):
 def abort_job(comm, exc):
     """After an error on one worker: print it (``error: <message>`` as the CLIs do, naming the
     worker) and end every worker, which would otherwise wait forever in the next collective."""
-    from .tools.common import debug_enabled
+    from .tools.common import debug_enabled, print_error
     if debug_enabled() or not isinstance(exc, (MinicaffeError, OSError)):
         import traceback
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     else:
-        sys.stderr.write(f"error: [worker {comm.rank} of {comm.size}] {exc}\n")
+        print_error(f"[worker {comm.rank} of {comm.size}] {exc}")
     comm.abort(1)
 
 

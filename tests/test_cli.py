@@ -179,3 +179,30 @@ def test_module_runs_end_to_end(work):
     bad = subprocess.run([sys.executable, "-m", "minicaffe.tools.cli", "train"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: train: need a solver definition (--solver)"
+
+
+def test_error_line_is_last_and_whole_while_a_prefetch_thread_logs(tmp_path):
+    """Issue 11 item 19: the Data layer's prefetch thread logs 'Restarting data prefetching' for every
+    pass over a one-record database (batch 2000: 2000 lines a batch) while the main thread fails on
+    the next layer. With stderr a pipe, the error line must be a line of its own and the last one:
+    no log line inside it, none after it."""
+    import lmdb
+    from minicaffe.data import array_to_datum
+    env = lmdb.open(str(tmp_path / "one"), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", array_to_datum(np.zeros((1, 4, 4), np.uint8), 0).SerializeToString())
+    env.close()
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "data" type: "Data" top: "data" top: "label"\n'
+        '  data_param { source: "one" batch_size: 2000 backend: LMDB } }\n'
+        'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"\n'
+        '  convolution_param { num_output: 1 kernel_size: 9 } }\n')
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for _ in range(2):          # before the fix, log lines followed the error line in every run tried
+        proc = subprocess.run([sys.executable, "-m", "minicaffe.tools.cli", "time", "--model", "net.prototxt"],
+                              cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 1
+        assert "Restarting data prefetching from start." in proc.stderr       # the thread did log
+        assert lines[-1].startswith("error: ") and "kernel 9x9 larger than" in lines[-1], lines[-3:]
+        assert [line for line in lines if "error:" in line] == [lines[-1]]

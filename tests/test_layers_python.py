@@ -148,3 +148,84 @@ def test_python_layer_in_gpu_mode(gpu, user_module):
     top[0].diff[...] = 1
     layer.backward(top, [True], bottom)
     np.testing.assert_allclose(backend.to_host(bottom[0].xdiff), np.full((2, 3), 2.0))
+
+
+# --- refusing Python layers (issue 11, item 23) --------------------------------------------------
+
+BESIDE_MODULE = USER_MODULE + '''
+import os
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported.marker"), "w") as f:
+    f.write("this module ran")
+'''
+
+BESIDE_NET = """name: "downloaded"
+layer { name: "data" type: "DummyData" top: "data"
+  dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 1 } } }
+layer { name: "scale" type: "Python" bottom: "data" top: "scaled"
+  python_param { module: "beside_layers" layer: "Scale" } }
+"""
+
+
+@pytest.fixture
+def downloaded(tmp_path):
+    """A prototxt with the module of its Python layer beside it; importing that module leaves a
+    marker file."""
+    (tmp_path / "beside_layers.py").write_text(textwrap.dedent(BESIDE_MODULE))
+    (tmp_path / "net.prototxt").write_text(BESIDE_NET)
+    return tmp_path
+
+
+def _time_command(where, extra=(), refuse_variable=""):
+    """``minicaffe time`` of ``where``/net.prototxt, run from ``where``, with
+    $MINICAFFE_NO_PYTHON_LAYERS set to ``refuse_variable``."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MINICAFFE_NO_PYTHON_LAYERS=refuse_variable)
+    return subprocess.run([sys.executable, "-m", "minicaffe.tools.cli", "time", "--model", "net.prototxt",
+                           "--iterations", "1", *extra], cwd=where, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_no_python_layers_refuses_before_importing_the_module(downloaded, how):
+    """``minicaffe time`` from the directory of a downloaded prototxt: with --no-python-layers (or
+    MINICAFFE_NO_PYTHON_LAYERS=1) the module beside it is not imported (no marker), and the command
+    fails with one line naming the layer and the module."""
+    if how == "flag":
+        proc = _time_command(downloaded, ["--no-python-layers"])
+    else:
+        proc = _time_command(downloaded, refuse_variable="1")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "layer 'scale' (Python)" in lines[-1], proc.stderr[-2000:]
+    assert "module 'beside_layers'" in lines[-1] and "refused" in lines[-1]
+    assert sum("error:" in line for line in lines) == 1
+    assert not (downloaded / "imported.marker").exists()
+
+
+def test_without_the_flag_the_module_beside_the_prototxt_runs_as_in_caffe(downloaded):
+    proc = _time_command(downloaded, refuse_variable="0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "*** Benchmark ends ***" in proc.stderr
+    assert (downloaded / "imported.marker").read_text() == "this module ran"
+
+
+def test_refusal_is_the_library_setting_too(downloaded, monkeypatch):
+    """From Python: ``refuse_python_layers()`` (and the variable) refuse the layer in ``Net``; the
+    setting can be put back."""
+    from minicaffe import Net
+    from minicaffe.layers.python_layer import REFUSE_VAR, refuse_python_layers
+    monkeypatch.chdir(downloaded)
+    monkeypatch.delenv(REFUSE_VAR, raising=False)
+    previous = refuse_python_layers(True)
+    try:
+        with pytest.raises(NetError, match="layer 'scale' \\(Python\\): Python layers are refused"):
+            Net("net.prototxt", TEST)
+    finally:
+        refuse_python_layers(previous)
+    monkeypatch.setenv(REFUSE_VAR, "1")
+    with pytest.raises(NetError, match="module 'beside_layers'"):
+        Net("net.prototxt", TEST)
+    assert "beside_layers" not in sys.modules and not (downloaded / "imported.marker").exists()

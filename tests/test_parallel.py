@@ -299,6 +299,118 @@ def test_an_error_on_one_worker_ends_the_whole_job(mpi, world):
     assert "missing.solverstate: no such solver state file" in result.stderr
 
 
+# --- workers started with different solvers or nets (issue 11, item 11) ---------------------------
+
+def _solver_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("case", ["base_lr", "max_iter", "net"])
+def test_workers_with_different_solvers_or_nets_stop_together_naming_the_field(mpi, world, tmp_path, case):
+    """Rank 1 reads another solver file. Before the set-up check a different base_lr trained different
+    weights without a word (exit 0), a different max_iter left rank 0 waiting forever in an all-reduce,
+    and a different net died in MPI_ERR_TRUNCATE at the first broadcast. Now both ranks exit 1 after
+    one line naming the field and both values, and neither is killed by an abort."""
+    _, nets = world
+    solver0 = write_solver(tmp_path / "solver0.prototxt", nets[B], tmp_path / "tiny")
+    text = _solver_text(solver0)
+    expected = {"base_lr": "rank 1 has base_lr: 0.2, rank 0 has base_lr: 0.1",
+                "max_iter": f"rank 1 has max_iter: {ITERS + 2}, rank 0 has max_iter: {ITERS}",
+                "net": 'rank 1 has net layer["ip1"].inner_product_param.num_output: 16, '
+                       'rank 0 has net layer["ip1"].inner_product_param.num_output: 8'}[case]
+    if case == "base_lr":
+        text = text.replace("base_lr: 0.1", "base_lr: 0.2")
+    elif case == "max_iter":
+        text = text.replace(f"max_iter: {ITERS}", f"max_iter: {ITERS + 2}")
+    else:
+        other = tmp_path / "wider.prototxt"
+        other.write_text(_solver_text(nets[B]).replace("num_output: 8", "num_output: 16"))
+        text = text.replace(nets[B], str(other))
+    (tmp_path / "solver1.prototxt").write_text(text)
+    assert text != _solver_text(solver0)
+    ranks = []
+    for r in (0, 1):           # each rank records its own exit status (mpirun reports only one)
+        cmd = " ".join(TRAIN + ["--solver", str(tmp_path / f"solver{r}.prototxt")])
+        ranks += [":", "-np", "1", "sh", "-c", f"{cmd}; echo $? > {tmp_path / f'rc{r}'}"]
+    result = mpirun(ranks[1:], cwd=str(tmp_path), check=False)
+    codes = [(tmp_path / f"rc{r}").read_text().strip() if (tmp_path / f"rc{r}").exists() else None for r in (0, 1)]
+    assert codes == ["1", "1"], result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: the workers were started with different solver "
+                                                     "or net definitions"), result.stderr[-3000:]
+    assert expected in errors[0] and "solver1.prototxt" in errors[0]
+    assert "MPI_ERR" not in result.stderr and "MPI_ABORT" not in result.stderr
+    assert not (tmp_path / f"tiny_iter_{SNAPSHOT}.caffemodel").exists()      # no training step was taken
+
+
+ALLGATHER_PROBE = """
+from minicaffe import parallel
+comm = parallel.MPIComm()
+for payload in ([b"rank 0 set-up", b"x" * 1000], [b"", b"\\x00\\xff"]):
+    mine = payload[comm.rank]
+    assert comm.allgather_bytes(mine) == payload
+    assert parallel.Communicator.allgather_bytes(comm, mine) == payload     # the broadcast-built one
+print("gathered on rank", comm.rank)
+"""
+
+
+def test_allgather_bytes_of_mpi_and_of_broadcasts_agree(mpi, tmp_path):
+    """The set-up check's exchange: MPI's own allgather and the one built from broadcasts (what NCCL
+    workers use) give every rank every payload, in rank order, empty ones included."""
+    result = mpirun(["-np", "2", sys.executable, "-c", ALLGATHER_PROBE], cwd=str(tmp_path))
+    assert result.stdout.count("gathered on rank") == 2
+    assert parallel.LocalComm().allgather_bytes(b"alone") == [b"alone"]
+
+
+def _description(solver_path):
+    return parallel.setup_description(caffe.get_solver(solver_path))
+
+
+def test_setup_check_compares_effective_values_and_shapes(world, tmp_path, monkeypatch):
+    """The field-by-field comparison behind the set-up check, in one process: equal descriptions and
+    explicit defaults pass; the net's file name does not count (its contents do); a blob shape that
+    differs while the definitions agree (the images differ) is named."""
+    _, nets = world
+    base = write_solver(tmp_path / "base.prototxt", nets[B], tmp_path / "tiny")
+    a = _description(base)
+    assert parallel.setup_differences([a, a]) == ""
+    explicit = tmp_path / "explicit.prototxt"             # iter_size 1 and device_id 3 change nothing
+    explicit.write_text(_solver_text(base) + "iter_size: 1\ndevice_id: 3\n")
+    copy = tmp_path / "same_net.prototxt"                 # the same net under another name
+    copy.write_text(_solver_text(nets[B]))
+    moved = tmp_path / "moved.prototxt"
+    moved.write_text(_solver_text(base).replace(nets[B], str(copy)))
+    for path in (explicit, moved):
+        assert parallel.setup_differences([a, _description(str(path))]) == ""
+    lr = tmp_path / "lr.prototxt"
+    lr.write_text(_solver_text(base).replace("base_lr: 0.1", "base_lr: 0.02").replace('"fixed"', '"inv"')
+                  + "gamma: 0.1\npower: 0.75\n")
+    message = parallel.setup_differences([a, _description(str(lr)), a])
+    assert "rank 1 has base_lr: 0.02, rank 0 has base_lr: 0.1" in message
+    assert 'rank 1 has lr_policy: "inv", rank 0 has lr_policy: "fixed"' in message
+    assert "rank 2" not in message
+    # the same definitions with a relative source: another directory holds 16x16 images, not 12x12
+    for side, where in ((SIDE, tmp_path / "small"), (16, tmp_path / "large")):
+        where.mkdir()
+        env = lmdb.open(str(where / "train_lmdb"), map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            for i in range(B):
+                txn.put(b"%08d" % i, array_to_datum(np.zeros((1, side, side), np.uint8), 0).SerializeToString())
+        env.close()
+    net = tmp_path / "relative_net.prototxt"
+    net.write_text(NET.format(source="train_lmdb", batch=B))
+    relative = write_solver(tmp_path / "relative.prototxt", net, tmp_path / "tiny")
+    found = []
+    for where in ("small", "large"):
+        with monkeypatch.context() as m:
+            m.chdir(tmp_path / where)
+            found.append(_description(relative))
+    message = parallel.setup_differences(found)
+    assert 'rank 1 has net layer["ip1"] blob 0 shape: (8, 196), rank 0 has net layer["ip1"] blob 0 shape: (8, 100)' \
+        in message
+
+
 # --- sharding --------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -22,6 +22,12 @@ pycaffe, the user's class should not need its own ``__init__``: set-up belongs i
 Before ``setup`` it gets ``param_str``, ``phase`` (``caffe.TRAIN``/``caffe.TEST``), ``name``,
 ``param`` (the LayerParameter), ``type == "Python"`` and ``blobs`` with pycaffe's
 ``self.blobs.add_blob(*shape)``.
+
+Trust: importing ``python_param.module`` runs that module's code, and the current directory goes
+first on ``sys.path`` (as with Caffe, whose pycaffe users keep their layers beside the model). So
+building a net from a downloaded prototxt, from its directory, runs the Python files that came with
+it. ``refuse_python_layers()`` (the CLI's ``--no-python-layers``) or $MINICAFFE_NO_PYTHON_LAYERS=1
+makes every Python layer a one-line error naming the layer and module, before anything is imported.
 """
 import importlib
 import os
@@ -42,6 +48,23 @@ class BlobVec(list):
         return self[-1]
 
 
+REFUSE_VAR = "MINICAFFE_NO_PYTHON_LAYERS"
+_REFUSED = {"on": False}
+
+
+def refuse_python_layers(on=True):
+    """Refuse (``on``) or allow again ``type: "Python"`` layers in the nets built from now on in this
+    process; returns the previous setting. $MINICAFFE_NO_PYTHON_LAYERS (not '' or '0') refuses them
+    whatever this says, and reaches child processes too."""
+    previous = _REFUSED["on"]
+    _REFUSED["on"] = bool(on)
+    return previous
+
+
+def python_layers_refused():
+    return _REFUSED["on"] or os.environ.get(REFUSE_VAR, "") not in ("", "0")
+
+
 def _fail(param, message):
     return NetError(message, param.name, "Python")
 
@@ -53,6 +76,9 @@ def load_layer_class(param):
     their layer modules next to the model and run from that directory."""
     pp = param.python_param
     module_name, class_name = pp.module, pp.layer
+    if python_layers_refused():         # before sys.path is touched or anything imported
+        raise _fail(param, f"Python layers are refused (--no-python-layers or ${REFUSE_VAR}): not importing "
+                           f"module '{module_name}' for class '{class_name}'")
     if not module_name or not class_name:
         raise _fail(param, "python_param needs both 'module' and 'layer' "
                            f"(got module '{module_name}', layer '{class_name}')")

@@ -12,14 +12,16 @@ import numpy as np
 
 from .. import backend, parallel
 from ..errors import MinicaffeError
+from ..layers.python_layer import python_layers_refused, refuse_python_layers
 from ..proto import caffe_pb2
 from . import beyond
-from .common import get_logger, run_main
+from .common import get_logger, print_error, run_main
 
 COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate")
 BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
 FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
-         "sigint_effect", "sighup_effect", "debug") + beyond.EVALUATION_FLAGS
+         "sigint_effect", "sighup_effect", "debug", "no-python-layers") + beyond.EVALUATION_FLAGS
+NO_PYTHON_LAYERS = ("--no-python-layers", "-no-python-layers")
 
 USAGE = """minicaffe <command> <args>
 
@@ -33,11 +35,22 @@ commands:
   evaluate        top-1/top-5 error with multi-crop, dense evaluation and ensembles
 
 test also takes --crops 1|10|144|150, --scales, --dense and several --model/--weights pairs
-(an ensemble); see 'minicaffe evaluate --help' for those flags."""
+(an ensemble); see 'minicaffe evaluate --help' for those flags.
+
+Python layers in a net import code from the current directory: see the note at
+the end of this help, and --no-python-layers."""
+
+PYTHON_LAYERS_NOTE = """Python layers run code from the current directory:
+  a net with type: "Python" layers imports each python_param.module with the
+  current directory first on sys.path (as Caffe does). Running train, test or
+  time on a downloaded prototxt from its directory therefore runs any Python
+  file that came with it. Use --no-python-layers, or set
+  MINICAFFE_NO_PYTHON_LAYERS=1, to refuse Python layers: the net then fails
+  with one line naming the layer and module, before anything is imported."""
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="minicaffe", usage=USAGE,
+    p = argparse.ArgumentParser(prog="minicaffe", usage=USAGE, epilog=PYTHON_LAYERS_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", help="train | test | device_query | time")
     p.add_argument("--gpu", default="",
@@ -56,6 +69,9 @@ def _parser():
                    help="iterations to run (test/time; default 50); for train, overrides max_iter")
     p.add_argument("--sigint_effect", default="stop", help="action on SIGINT: snapshot, stop or none")
     p.add_argument("--sighup_effect", default="snapshot", help="action on SIGHUP: snapshot, stop or none")
+    p.add_argument("--no-python-layers", action="store_true",
+                   help="refuse type: \"Python\" layers (they import code from the current directory; "
+                        "also MINICAFFE_NO_PYTHON_LAYERS=1); works with every command")
     beyond.add_evaluation_options(p.add_argument_group("test with crops, dense evaluation or an ensemble"))
     return p
 
@@ -156,6 +172,14 @@ def train(args):
     _use(gpus, log)
     try:
         _train(args, log, param, path, handler, comm)
+    except parallel.WorkersDisagree as exc:
+        # every worker found the same difference at the same point: the root alone prints the one
+        # line (N copies would bury it), and the others wait for it before they exit, since mpirun
+        # ends the whole job at the first non-zero exit
+        if comm.rank == 0:
+            print_error(exc)
+        comm.barrier()
+        return 1
     except BaseException as exc:
         if comm is not None and comm.size > 1 and not isinstance(exc, SystemExit):
             parallel.abort_job(comm, exc)
@@ -172,6 +196,8 @@ def _worker_argv(args, gpu):
             argv += [f"--{flag}", getattr(args, flag)]
     if args.iterations is not None:
         argv += ["--iterations", str(args.iterations)]
+    if python_layers_refused():
+        argv.append("--no-python-layers")
     return argv
 
 
@@ -393,6 +419,14 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help", "help"):
         _parser().print_help(sys.stderr)
         return 0 if argv else 1
+    if any(a in NO_PYTHON_LAYERS for a in argv):
+        # every command takes it (the evaluation commands have parsers of their own): refuse Python
+        # layers for this command only, so a program calling main() gets its setting back
+        previous = refuse_python_layers(True)
+        try:
+            return main.__wrapped__([a for a in argv if a not in NO_PYTHON_LAYERS])
+        finally:
+            refuse_python_layers(previous)
     if argv[0] in BEYOND_COMMANDS:
         parser = argparse.ArgumentParser(prog="minicaffe")
         beyond.add_subcommands(parser.add_subparsers(dest="command", required=True))

@@ -3,7 +3,9 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
+import weakref
 
 from ..errors import MinicaffeError
 
@@ -22,7 +24,7 @@ def run_main(fn):
             code = fn([a for a in argv if a != "--debug"] if argv is not None else None)
             return 0 if code is None else code
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            print_error("interrupted")
             return 130
         except (MinicaffeError, OSError) as exc:
             if debug_enabled(argv):
@@ -30,9 +32,39 @@ def run_main(fn):
             msg = str(exc)
             if isinstance(exc, OSError) and exc.filename:
                 msg = f"{exc.filename}: {exc.strerror or exc}"
-            print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+            print_error(msg)
             return 1
     return wrapper
+
+
+# One lock for every line this package writes to the terminal: the log handler's and the error
+# line's. Without it, a line logged by a prefetch thread could land between the error message and
+# its newline when stderr is a pipe (print writes the two separately).
+OUTPUT_LOCK = threading.RLock()
+_SILENCED = weakref.WeakSet()           # background threads whose log lines are dropped
+_BACKGROUND_PREFIXES = ("prefetch", "decode")   # minicaffe.data.prefetch names its threads so
+
+
+def print_error(message):
+    """Write ``error: <message>`` (white space folded into one line) to stderr as a line of its own
+    and the last line of the command: stdout and stderr are flushed first, and from now on the log
+    lines of the data threads (prefetch, decode) still running are dropped, so a prefetch thread that
+    goes on reading while the process exits cannot write after it (scripts read the last line)."""
+    with OUTPUT_LOCK:
+        me = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not me and thread.name.startswith(_BACKGROUND_PREFIXES):
+                _SILENCED.add(thread)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def strip_debug_flag(argv):
@@ -48,12 +80,25 @@ def get_logger():
     if _LOGGER is None:
         _LOGGER = logging.getLogger("minicaffe")
         if not _LOGGER.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _SerialHandler(sys.stderr)
             handler.setFormatter(_GlogFormatter())
             _LOGGER.addHandler(handler)
         _LOGGER.setLevel(logging.INFO)
         _LOGGER.propagate = False
     return _LOGGER
+
+
+class _SerialHandler(logging.StreamHandler):
+    """A StreamHandler that takes ``OUTPUT_LOCK`` (shared with ``print_error``) around each line and
+    drops the lines of the threads ``print_error`` silenced."""
+
+    def createLock(self):
+        self.lock = OUTPUT_LOCK
+
+    def emit(self, record):
+        if threading.current_thread() in _SILENCED:
+            return
+        super().emit(record)
 
 
 class _GlogFormatter(logging.Formatter):
