@@ -307,3 +307,27 @@ def test_shared_param_multipliers_given_once_are_the_params(tmp_path):
     assert net.params_lr == [3] and net.params_weight_decay == [0]
     net = caffe.Net(_write(tmp_path, SHARED % ("lr_mult: 2", "lr_mult: 2")), caffe.TRAIN)
     assert net.params_lr == [2] and net.params["first"][0] is net.params["second"][0]
+
+
+def test_huge_data_layer_batch_names_the_layer_and_closes_the_database(tmp_path, monkeypatch):
+    import lmdb
+    from minicaffe.data import LMDBSource, array_to_datum
+    db = str(tmp_path / "db")
+    env = lmdb.open(db, map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        txn.put(b"00000000", array_to_datum(np.zeros((3, 32, 32), np.uint8), 0).SerializeToString())
+    env.close()
+    text = f"""layer {{ name: "data" type: "Data" top: "x" top: "y"
+      data_param {{ source: "{db}" batch_size: 2000000000 backend: LMDB }} }}"""
+    closed = []
+    real_close = LMDBSource.close
+    monkeypatch.setattr(LMDBSource, "close", lambda self: (closed.append(self.path), real_close(self))[1])
+    with pytest.raises(AllocationError, match=rf"layer 'data' \(Data\): .*{2000000000 * 3 * 32 * 32 * 4} bytes"):
+        caffe.Net(_write(tmp_path, text), caffe.TEST)
+    # the database was closed at once (the traceback still holds the layer: no collection closed it)
+    assert len(closed) == 1
+    ok = caffe.Net(_write(tmp_path, text.replace("2000000000", "1")), caffe.TEST)
+    assert ok.forward()["x"].shape == (1, 3, 32, 32)
+    for layer in ok.layers:
+        if hasattr(layer, "close"):
+            layer.close()

@@ -153,12 +153,12 @@ class Data(_PrefetchingLayer):
             except DataError as exc:
                 raise _with_layer(self.name, exc) from None
             shape = self.transformer.infer_shape(self.transformer.decode(datum, where), where)
+            top[0].reshape((batch,) + tuple(shape))     # may be refused as too large to allocate
+            if len(top) > 1:
+                top[1].reshape((batch,))
         except BaseException:
             source.close()
             raise
-        top[0].reshape((batch,) + tuple(shape))
-        if len(top) > 1:
-            top[1].reshape((batch,))
         self._log_shape(top)
         self._start(_DatumLoader(source, self.transformer, batch, self.name), dp.prefetch, [source])
 
