@@ -40,6 +40,15 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "b" bottom: "x" top: "loss" }
 
 
 def test_permissive_sharing_accumulates_both_gradients_in_one_blob(tmp_path):
+    _check_permissive_gradients(tmp_path)
+
+
+def test_permissive_sharing_on_the_gpu(tmp_path, gpu):
+    _check_permissive_gradients(tmp_path)
+    test_permissive_sharing_an_update_changes_both_users(tmp_path)
+
+
+def _check_permissive_gradients(tmp_path):
     net = caffe.Net(_write(tmp_path, PERMISSIVE_NET), caffe.TRAIN)
     w1, w2 = net.params["ip1"][0], net.params["ip2"][0]
     assert w1.shape == (4, 6) and w2.shape == (6, 4)
@@ -157,6 +166,23 @@ def test_huge_tile_names_the_layer(tmp_path):
     """
     with pytest.raises(AllocationError, match=rf"layer 'tile' \(Tile\): .*{10 ** 12 * 4} bytes"):
         caffe.Net(_write(tmp_path, text), caffe.TEST)
+
+
+def test_gpu_out_of_memory_names_the_layer(tmp_path, gpu):
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    text = """
+    layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1024 dim: 1024 } } }
+    layer { name: "relu" type: "ReLU" bottom: "x" top: "y" }
+    """
+    net = caffe.Net(_write(tmp_path, text), caffe.TEST)
+    pool.free_all_blocks()
+    pool.set_limit(size=1 << 20)            # 1 MiB: the 4 MiB input cannot go to the device
+    try:
+        with pytest.raises(AllocationError, match=r"layer 'relu' \(ReLU\): out of memory: .*bytes"):
+            net.forward()
+    finally:
+        pool.set_limit(size=0)
 
 
 def test_blob_size_is_checked_before_allocating(tmp_path, monkeypatch):
