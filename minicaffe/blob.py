@@ -14,44 +14,6 @@ from .errors import AllocationError, ShapeError
 HOST, DEVICE = "host", "device"
 
 
-def format_bytes(n):
-    """``n`` bytes for a message: the exact number, and GiB/TiB/... when it is large."""
-    for unit, size in (("EiB", 2 ** 60), ("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
-        if n >= size:
-            return f"{n} bytes ({n / size:.1f} {unit})"
-    return f"{n} bytes"
-
-
-def memory_limit():
-    """The most bytes one blob may ask for: this machine's physical memory (MINICAFFE_MAX_BLOB_BYTES
-    overrides it). A blob larger than that can never be used, and on Linux a lazily committed
-    allocation would otherwise "succeed" and end later in the OOM killer instead of a message."""
-    env = os.environ.get("MINICAFFE_MAX_BLOB_BYTES")
-    if env:
-        return int(env)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 2 ** 63 - 1
-
-
-def _zeros(shape, dtype, name):
-    """np.zeros(shape), or an AllocationError naming the blob and the bytes asked for (worked out in
-    Python integers first, so a product of dimensions that overflows int64 is caught too)."""
-    count = 1
-    for d in shape:
-        count *= d
-    nbytes = count * np.dtype(dtype).itemsize
-    if nbytes > memory_limit():
-        raise AllocationError(f"blob '{name}' of shape {shape} would need {format_bytes(nbytes)}, more "
-                              f"than this machine's memory ({format_bytes(memory_limit())})")
-    try:
-        return np.zeros(shape, dtype=dtype)
-    except (MemoryError, ValueError) as exc:
-        raise AllocationError(f"cannot allocate {format_bytes(nbytes)} for blob '{name}' of shape "
-                              f"{shape}: {exc}") from None
-
-
 class _Synced:
     """One array that may live on the host, the device, or both; copies only when the other side reads."""
 
@@ -201,6 +163,44 @@ class Blob:
         return f"Blob({self.name!r}, shape={self._shape})"
 
 
+def format_bytes(n):
+    """``n`` bytes for a message: the exact number, and GiB/TiB/... when it is large."""
+    for unit, size in (("EiB", 2 ** 60), ("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= size:
+            return f"{n} bytes ({n / size:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def memory_limit():
+    """The most bytes one blob may ask for: this machine's physical memory (MINICAFFE_MAX_BLOB_BYTES
+    overrides it). A blob larger than that can never be used, and on Linux a lazily committed
+    allocation would otherwise "succeed" and end later in the OOM killer instead of a message."""
+    env = os.environ.get("MINICAFFE_MAX_BLOB_BYTES")
+    if env:
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 63 - 1
+
+
+def _zeros(shape, dtype, name):
+    """np.zeros(shape), or an AllocationError naming the blob and the bytes asked for (worked out in
+    Python integers first, so a product of dimensions that overflows int64 is caught too)."""
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes > memory_limit():
+        raise AllocationError(f"blob '{name}' of shape {shape} would need {format_bytes(nbytes)}, more "
+                              f"than this machine's memory ({format_bytes(memory_limit())})")
+    try:
+        return np.zeros(shape, dtype=dtype)
+    except (MemoryError, ValueError) as exc:
+        raise AllocationError(f"cannot allocate {format_bytes(nbytes)} for blob '{name}' of shape "
+                              f"{shape}: {exc}") from None
+
+
 class _SyncedView:
     """Another blob's _Synced seen through a different shape of the same count (reshapes are views:
     the owner's arrays are C-contiguous), so reads and writes reach the owner's storage."""
@@ -210,14 +210,14 @@ class _SyncedView:
     def __init__(self, synced, shape, owner_shape):
         self.synced, self.shape, self.owner_shape = synced, shape, owner_shape
 
-    def host_array(self):
-        return self.synced.host_array().reshape(self.shape)
+    def host_array(self, *args, **kwargs):
+        return self.synced.host_array(*args, **kwargs).reshape(self.shape)
 
-    def dev_array(self):
-        return self.synced.dev_array().reshape(self.shape)
+    def dev_array(self, *args, **kwargs):
+        return self.synced.dev_array(*args, **kwargs).reshape(self.shape)
 
-    def set(self, arr):
-        self.synced.set(arr.reshape(self.owner_shape))
+    def set(self, arr, *args, **kwargs):
+        self.synced.set(arr.reshape(self.owner_shape), *args, **kwargs)
 
 
 class SharedBlob(Blob):

@@ -354,7 +354,13 @@ class Net:
     # --- running -------------------------------------------------------------------------
     def reshape(self):
         for layer, bottom, top in zip(self.layers, self._bottom, self._top):
-            layer.reshape(bottom, top)
+            try:
+                layer.reshape(bottom, top)
+            except (NetError, MemoryError) as exc:
+                named = self._name_layer(exc, layer)
+                if named is exc:
+                    raise
+                raise named from None
 
     def forward_from_to(self, start=0, end=None, timings=None):
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""

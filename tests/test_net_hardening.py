@@ -159,6 +159,22 @@ def test_huge_blobs_name_the_layer_and_the_bytes(tmp_path, layer, name, nbytes):
         caffe.Net(_write(tmp_path, f"layer {{ {layer} }}"), caffe.TEST)
 
 
+def test_reshaping_an_input_too_far_names_the_layer_it_breaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICAFFE_MAX_BLOB_BYTES", "5000")
+    text = """
+    layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1 dim: 500 } } }
+    layer { name: "tile" type: "Tile" bottom: "x" top: "y" tile_param { tiles: 2 } }
+    """
+    net = caffe.Net(_write(tmp_path, text), caffe.TEST)
+    with pytest.raises(AllocationError, match=r"^blob 'x' of shape \(2, 1000\) would need 8000 bytes"):
+        net.blobs["x"].reshape(2, 1000)
+    assert net.blobs["x"].shape == (1, 500)       # a refused reshape leaves the blob as it was
+    net.blobs["x"].reshape(1, 1000)               # 4000 bytes: fits; the Tile's 8000 do not
+    with pytest.raises(AllocationError, match=r"^layer 'tile' \(Tile\): blob 'y' of shape \(1, 2000\) "
+                                              r"would need 8000 bytes"):
+        net.reshape()
+
+
 def test_huge_tile_names_the_layer(tmp_path):
     text = """
     layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1000 } } }

@@ -153,10 +153,14 @@ class Data(_PrefetchingLayer):
             except DataError as exc:
                 raise _with_layer(self.name, exc) from None
             shape = self.transformer.infer_shape(self.transformer.decode(datum, where), where)
-            top[0].reshape((batch,) + tuple(shape))     # may be refused as too large to allocate
+        except BaseException:
+            source.close()
+            raise
+        try:
+            top[0].reshape((batch,) + tuple(shape))
             if len(top) > 1:
                 top[1].reshape((batch,))
-        except BaseException:
+        except BaseException:       # refused as too large to allocate: do not leave the database open
             source.close()
             raise
         self._log_shape(top)
