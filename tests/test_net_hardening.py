@@ -373,3 +373,39 @@ def test_huge_data_layer_batch_names_the_layer_and_closes_the_database(tmp_path,
     for layer in ok.layers:
         if hasattr(layer, "close"):
             layer.close()
+
+
+def test_python_layers_may_run_in_place_unless_their_class_says_not(tmp_path, monkeypatch):
+    # Caffe runs a Python layer in place when asked (its code is the user's); a class may refuse
+    (tmp_path / "inplace_user_layers.py").write_text(
+        "import minicaffe as caffe\n"
+        "class Double(caffe.Layer):\n"
+        "    def reshape(self, bottom, top):\n"
+        "        top[0].reshape(*bottom[0].data.shape)\n"
+        "    def forward(self, bottom, top):\n"
+        "        top[0].data[...] = 2 * bottom[0].data\n"
+        "class Strict(Double):\n"
+        "    allows_in_place = False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = IN_PLACE % 'type: "Python" python_param { module: "inplace_user_layers" layer: "%s" }'
+    net = caffe.Net(_write(tmp_path, text % "Double"), caffe.TEST)
+    net.blobs["x"].data[...] = 1.5
+    assert (net.forward()["x"] == 3.0).all()
+    with pytest.raises(NetError, match=r"layer 'bad' \(Python\): cannot compute in place"):
+        caffe.Net(_write(tmp_path, text % "Strict"), caffe.TEST)
+
+
+@pytest.mark.parametrize("dims, values", [((1, -3, -4, 1), 12), ((1, 2 ** 62, 4, 1), 0)])
+def test_crafted_mean_file_shape_is_one_line(tmp_path, dims, values):
+    from minicaffe.data import load_mean_file
+    from minicaffe.errors import DataError
+    from minicaffe.io import BlobProtoError
+    bp = caffe_pb2.BlobProto()
+    bp.shape.dim.extend(dims)
+    bp.data.extend([1.0] * values)
+    path = tmp_path / "mean.binaryproto"
+    path.write_bytes(bp.SerializeToString())
+    with pytest.raises(DataError, match=rf"^{path}: BlobProto (shape .* has a negative|has 0 values)"):
+        load_mean_file(str(path))
+    with pytest.raises(BlobProtoError, match=r"negative dimension|0 data values"):
+        caffe.io.blobproto_to_array(bp)
