@@ -125,10 +125,29 @@ def test_layers_that_cannot_run_in_place_are_refused(tmp_path, layer):
     'type: "Dropout"', 'type: "BatchNorm"', 'type: "Scale"', 'type: "Bias"', 'type: "Softmax"',
 ])
 def test_element_wise_layers_still_run_in_place(tmp_path, layer):
-    net = caffe.Net(_write(tmp_path, IN_PLACE % layer), caffe.TRAIN)
-    net.blobs["x"].data[...] = np.random.RandomState(2).rand(2, 3, 4, 4) + 0.5
-    net.forward()
-    assert net.blobs["x"].shape == (2, 3, 4, 4)
+    """In place gives what the same layer gives out of place: output, input gradient and parameter
+    gradients (the layers on the allow list keep whatever their backward needs)."""
+    rs = np.random.RandomState(2)
+    x, dy = rs.randn(2, 3, 4, 4), rs.randn(2, 3, 4, 4)
+    if "Log" in layer:
+        x = np.abs(x) + 0.5
+    results = []
+    for top in ("x", "y"):
+        text = (IN_PLACE % layer).replace('top: "x" }\n', f'top: "{top}" }}\n')
+        net = caffe.Net(_write(tmp_path, text), caffe.TRAIN)
+        for k, blob in enumerate(net.params.get("bad", [])):
+            blob.data[...] = 0.5 + 0.25 * k + np.arange(blob.count).reshape(blob.shape) / blob.count
+        net.blobs["x"].data[...] = x
+        caffe.set_random_seed(7)                   # the same dropout mask both times
+        out = net.forward()[top].copy()
+        net.clear_param_diffs()
+        net.backward(**{top: dy})
+        results.append((out, net.blobs["x"].diff.copy(), [b.diff.copy() for b in net.params.get("bad", [])]))
+    (out_a, dx_a, dp_a), (out_b, dx_b, dp_b) = results
+    np.testing.assert_allclose(out_a, out_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx_a, dx_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(dp_a, dp_b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_in_place_inner_product_through_the_command_line(tmp_path):
