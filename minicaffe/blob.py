@@ -4,9 +4,12 @@ Users (pycaffe style) read and write ``blob.data`` / ``blob.diff``, which are al
 Layers use ``blob.xdata`` / ``blob.xdiff``, arrays of the current array module (NumPy on CPU, CuPy
 on GPU), and never force a copy back to the host.
 """
+import os
+
 import numpy as np
 
 from . import backend
+from .errors import AllocationError, ShapeError
 
 HOST, DEVICE = "host", "device"
 
@@ -16,8 +19,8 @@ class _Synced:
 
     __slots__ = ("host", "dev", "head")
 
-    def __init__(self, shape, dtype):
-        self.host = np.zeros(shape, dtype=dtype)
+    def __init__(self, shape, dtype, name=""):
+        self.host = _zeros(shape, dtype, name)
         self.dev = None
         self.head = HOST  # where the newest values are; "both" when in sync
 
@@ -61,8 +64,10 @@ class Blob:
         self.name = name
         self.dtype = backend.dtype()
         self._shape = tuple(int(s) for s in shape)
-        self._data = _Synced(self._shape, self.dtype)
-        self._diff = _Synced(self._shape, self.dtype)
+        if any(s < 0 for s in self._shape):
+            raise ShapeError(f"blob '{name}': negative dimension in shape {self._shape}")
+        self._data = _Synced(self._shape, self.dtype, name)
+        self._diff = _Synced(self._shape, self.dtype, name)
 
     # --- shape -----------------------------------------------------------------------------
     @property
@@ -75,22 +80,27 @@ class Blob:
             shape = shape[0]
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
-            from .errors import ShapeError
             raise ShapeError(f"blob '{self.name}': negative dimension in shape {shape}")
         if shape != self._shape:
-            self._shape = shape
-            self._data = _Synced(shape, self.dtype)
-            self._diff = _Synced(shape, self.dtype)
+            data = _Synced(shape, self.dtype, self.name)
+            diff = _Synced(shape, self.dtype, self.name)
+            self._shape, self._data, self._diff = shape, data, diff
 
     def reshape_like(self, other):
         self.reshape(other.shape)
 
     @property
     def count(self):
-        return int(np.prod(self._shape, dtype=np.int64))
+        n = 1
+        for d in self._shape:
+            n *= d
+        return n
 
     def count_from(self, axis):
-        return int(np.prod(self._shape[axis:], dtype=np.int64))
+        n = 1
+        for d in self._shape[axis:]:
+            n *= d
+        return n
 
     def _legacy(self, i):
         # Caffe's num/channels/height/width: the first four axes, 1 where missing
@@ -151,3 +161,93 @@ class Blob:
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self._shape})"
+
+
+def format_bytes(n):
+    """``n`` bytes for a message: the exact number, and GiB/TiB/... when it is large."""
+    for unit, size in (("EiB", 2 ** 60), ("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= size:
+            return f"{n} bytes ({n / size:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def memory_limit():
+    """The most bytes one blob may ask for: this machine's physical memory (MINICAFFE_MAX_BLOB_BYTES
+    overrides it). A blob larger than that can never be used, and on Linux a lazily committed
+    allocation would otherwise "succeed" and end later in the OOM killer instead of a message."""
+    env = os.environ.get("MINICAFFE_MAX_BLOB_BYTES")
+    if env:
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 63 - 1
+
+
+def _zeros(shape, dtype, name):
+    """np.zeros(shape), or an AllocationError naming the blob and the bytes asked for (worked out in
+    Python integers first, so a product of dimensions that overflows int64 is caught too)."""
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes > memory_limit():
+        raise AllocationError(f"blob '{name}' of shape {shape} would need {format_bytes(nbytes)}, more "
+                              f"than this machine's memory ({format_bytes(memory_limit())})")
+    try:
+        return np.zeros(shape, dtype=dtype)
+    except (MemoryError, ValueError) as exc:
+        raise AllocationError(f"cannot allocate {format_bytes(nbytes)} for blob '{name}' of shape "
+                              f"{shape}: {exc}") from None
+
+
+class _SyncedView:
+    """Another blob's _Synced seen through a different shape of the same count (reshapes are views:
+    the owner's arrays are C-contiguous), so reads and writes reach the owner's storage."""
+
+    __slots__ = ("synced", "shape", "owner_shape")
+
+    def __init__(self, synced, shape, owner_shape):
+        self.synced, self.shape, self.owner_shape = synced, shape, owner_shape
+
+    def host_array(self, *args, **kwargs):
+        return self.synced.host_array(*args, **kwargs).reshape(self.shape)
+
+    def dev_array(self, *args, **kwargs):
+        return self.synced.dev_array(*args, **kwargs).reshape(self.shape)
+
+    def set(self, arr, *args, **kwargs):
+        self.synced.set(arr.reshape(self.owner_shape), *args, **kwargs)
+
+
+class SharedBlob(Blob):
+    """A blob of its own shape over another blob's data AND diff: Caffe's ShareData + ShareDiff, used
+    for parameters shared with ``share_mode: PERMISSIVE`` between blobs of equal count but different
+    shape. Gradients written here accumulate in the owner's diff; the solver's update of the owner is
+    seen here. Its shape is fixed (it has no storage of its own to reshape)."""
+
+    def __init__(self, owner, shape, name=""):
+        shape = tuple(int(s) for s in shape)
+        self.owner = owner
+        self.name = name
+        self.dtype = owner.dtype
+        self._shape = shape
+        if self.count != owner.count:
+            raise ShapeError(f"blob '{name}': cannot share the {owner.count} values of '{owner.name}' "
+                             f"{owner.shape} as shape {shape}")
+
+    @property
+    def _data(self):
+        return _SyncedView(self.owner._data, self._shape, self.owner.shape)
+
+    @property
+    def _diff(self):
+        return _SyncedView(self.owner._diff, self._shape, self.owner.shape)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        shape = tuple(int(s) for s in shape)
+        if shape != self._shape:
+            raise ShapeError(f"blob '{self.name}' shares the storage of '{self.owner.name}' and cannot "
+                             f"be reshaped from {self._shape} to {shape}")

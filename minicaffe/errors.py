@@ -37,6 +37,11 @@ class ShapeError(NetError):
     """Blob shapes that do not fit together."""
 
 
+class AllocationError(NetError):
+    """A blob too large to allocate: names the blob, the bytes asked for and (once the net adds it)
+    the layer, instead of a MemoryError traceback."""
+
+
 class WeightsError(MinicaffeError):
     """A weights file that does not match the net (names the file and the layer)."""
 

@@ -47,8 +47,12 @@ def blobproto_to_array(blob, return_diff=False):
         values = np.array(double, dtype=np.float64)
     else:
         values = np.array(single, dtype=np.float32)
-    shape = _blobproto_shape(blob)
-    count = int(np.prod(shape, dtype=np.int64))
+    shape = tuple(int(d) for d in _blobproto_shape(blob))
+    if any(d < 0 for d in shape):
+        raise BlobProtoError(f"BlobProto shape {shape} has a negative dimension")
+    count = 1
+    for d in shape:             # Python integers: crafted dims cannot wrap round to the value count
+        count *= d
     if values.size != count:
         what = "diff" if return_diff else "data"
         raise BlobProtoError(f"BlobProto has {values.size} {what} values but its shape {shape} "

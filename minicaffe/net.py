@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from . import backend
-from .blob import Blob
-from .errors import MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
+from .blob import Blob, SharedBlob
+from .errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from .fileio import atomic_write
 from .layers import create_layer
 from .proto import caffe_pb2
@@ -188,6 +188,10 @@ class Net:
             tops = []
             for j, name in enumerate(lp.top):
                 if j < len(lp.bottom) and lp.bottom[j] == name:
+                    if not layer.allows_in_place:
+                        raise NetError(f"cannot compute in place (top '{name}' is also its bottom): only "
+                                       f"element-wise layers such as ReLU, Dropout, BatchNorm or Scale "
+                                       f"can; give the top a name of its own", lp.name, lp.type)
                     tops.append(self.blobs[name])          # in place
                     continue
                 if name in self.blobs:
@@ -199,6 +203,11 @@ class Net:
             try:
                 layer.setup(bottoms, tops)
                 layer.reshape(bottoms, tops)
+            except (NetError, MemoryError) as exc:
+                named = self._name_layer(exc, layer)
+                if named is exc:
+                    raise
+                raise named from None
             except MinicaffeError:
                 raise
             except (ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
@@ -220,31 +229,23 @@ class Net:
             layer.param_propagate_down = []
             for k in range(len(layer.blobs)):
                 spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
-                lr = 0.0 if fixed else (spec.lr_mult if spec.HasField("lr_mult") else 1.0)
-                decay = spec.decay_mult if spec.HasField("decay_mult") else 1.0
-                layer.param_propagate_down.append(lr != 0)
-                need_backward |= lr != 0
+                has_lr = fixed or spec.HasField("lr_mult")
+                lr = 0.0 if fixed else (spec.lr_mult if has_lr else 1.0)
+                has_decay = spec.HasField("decay_mult")
+                decay = spec.decay_mult if has_decay else 1.0
                 layer.blobs[k].name = f"{lp.name}[{k}]"
                 pname = spec.name
                 if pname and pname in param_owner:
-                    oi, ok = param_owner[pname]
-                    owner = self.layers[oi].blobs[ok]
-                    mine = layer.blobs[k]
-                    strict = spec.share_mode != caffe_pb2.ParamSpec.PERMISSIVE
-                    if (strict and owner.shape != mine.shape) or owner.count != mine.count:
-                        raise ShapeError(f"shared param '{pname}' has shape {mine.shape} here but "
-                                         f"{owner.shape} in layer '{self.layers[oi].name}'", lp.name, lp.type)
-                    if mine.shape != owner.shape:
-                        mine.data[...] = owner.data.reshape(mine.shape)
-                    else:
-                        layer.blobs[k] = owner
-                    continue
-                if pname:
-                    param_owner[pname] = (li, k)
-                self._learnable.append(layer.blobs[k])
-                self._lr_mult.append(lr)
-                self._decay_mult.append(decay)
-                self._learnable_names.append((lp.name, k))
+                    self._share_param(lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay)
+                else:
+                    if pname:
+                        param_owner[pname] = (li, k, len(self._learnable), has_lr, has_decay)
+                    self._learnable.append(layer.blobs[k])
+                    self._lr_mult.append(lr)
+                    self._decay_mult.append(decay)
+                    self._learnable_names.append((lp.name, k))
+                layer.param_propagate_down.append(lr != 0)
+                need_backward |= lr != 0
 
             for name in lp.top:
                 blob_need_backward[name] = need_backward
@@ -263,6 +264,37 @@ class Net:
         self.outputs = sorted(available)   # Caffe keeps them in a std::set: sorted by name
         self._prune_backward()
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+
+    def _share_param(self, lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay):
+        """Make blob ``k`` of ``layer`` the parameter ``pname`` first owned elsewhere, as Caffe's
+        AppendParam: STRICT sharing needs equal shapes, PERMISSIVE equal counts; either way the blob
+        then IS the owner's storage (data and diff; a reshaped view for PERMISSIVE), so gradients
+        of every user accumulate in one diff and one update changes every user. lr_mult and
+        decay_mult given by two users must agree (Caffe refuses "mismatched lr_mult"); given by a
+        later user only, they become the parameter's. As in Caffe, whether this layer computes the
+        gradient still follows its own lr_mult."""
+        pname = spec.name
+        oi, ok, idx, owner_has_lr, owner_has_decay = param_owner[pname]
+        owner_layer = self._layer_names[oi]
+        owner = self.layers[oi].blobs[ok]
+        mine = layer.blobs[k]
+        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+        if owner.count != mine.count or (not permissive and owner.shape != mine.shape):
+            what = "count" if permissive else "shape"
+            raise ShapeError(f"cannot share param '{pname}' owned by layer '{owner_layer}': {what} "
+                             f"mismatch, {owner.shape} there, {mine.shape} here", lp.name, lp.type)
+        for field, has, value, owner_has, values in (("lr_mult", has_lr, lr, owner_has_lr, self._lr_mult),
+                                                     ("decay_mult", has_decay, decay, owner_has_decay,
+                                                      self._decay_mult)):
+            if not has:
+                continue
+            if owner_has and values[idx] != value:
+                raise NetError(f"shared param '{pname}' has mismatched {field}: {value:g} here, "
+                               f"{values[idx]:g} in layer '{owner_layer}'", lp.name, lp.type)
+            values[idx] = value
+        param_owner[pname] = (oi, ok, idx, owner_has_lr or has_lr, owner_has_decay or has_decay)
+        layer.blobs[k] = owner if mine.shape == owner.shape else \
+            SharedBlob(owner, mine.shape, name=f"{lp.name}[{k}]")
 
     def _prune_backward(self):
         """Skip backward for layers that feed no loss or whose every top is cut off by
@@ -322,7 +354,13 @@ class Net:
     # --- running -------------------------------------------------------------------------
     def reshape(self):
         for layer, bottom, top in zip(self.layers, self._bottom, self._top):
-            layer.reshape(bottom, top)
+            try:
+                layer.reshape(bottom, top)
+            except (NetError, MemoryError) as exc:
+                named = self._name_layer(exc, layer)
+                if named is exc:
+                    raise
+                raise named from None
 
     def forward_from_to(self, start=0, end=None, timings=None):
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
@@ -331,8 +369,14 @@ class Net:
         for li in range(start, end + 1):
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             t0 = time.perf_counter() if timings is not None else None
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
+            try:
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+            except (NetError, MemoryError) as exc:
+                named = self._name_layer(exc, layer)
+                if named is exc:
+                    raise
+                raise named from None
             if timings is not None:
                 _sync()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
@@ -353,7 +397,13 @@ class Net:
                 if w:
                     blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
             t0 = time.perf_counter() if timings is not None else None
-            layer.backward(top, self._bottom_need_backward[li], bottom)
+            try:
+                layer.backward(top, self._bottom_need_backward[li], bottom)
+            except (NetError, MemoryError) as exc:
+                named = self._name_layer(exc, layer)
+                if named is exc:
+                    raise
+                raise named from None
             if timings is not None:
                 _sync()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
@@ -363,6 +413,17 @@ class Net:
                 checks += [(f"parameter {k} diff", b.xdiff) for k, b in enumerate(layer.blobs)
                            if k < len(layer.param_propagate_down) and layer.param_propagate_down[k]]
                 self._check_finite(li, "backward", checks)
+
+    @staticmethod
+    def _name_layer(exc, layer):
+        """The error to raise for ``exc`` from ``layer``: a MemoryError (NumPy's or CuPy's, which say
+        how many bytes were asked for) or an error from a blob, which knows no layer, becomes one
+        naming the layer; anything else is returned unchanged."""
+        if isinstance(exc, MemoryError):
+            return AllocationError(f"out of memory: {exc}", layer.name, layer.type)
+        if isinstance(exc, NetError) and exc.layer is None:
+            return type(exc)(str(exc), layer.name, layer.type)
+        return exc
 
     def _check_finite(self, li, direction, arrays):
         """NumericalError naming the layer, the blob and the pass at the first NaN/infinity (check mode)."""
@@ -513,6 +574,8 @@ class Net:
             raise WeightsError(f"{path}: none of its layers with weights ({', '.join(with_blobs[:4])}"
                                f"{', ...' if len(with_blobs) > 4 else ''}) is in net '{self.name}': "
                                f"the weights of another net?")
+        # every blob is read and checked before any is copied: a bad file leaves the net as it was
+        copies = []
         for sl in source.layer:
             if sl.name not in self.layer_dict or not len(sl.blobs):
                 continue
@@ -521,11 +584,17 @@ class Net:
                 raise WeightsError(f"{path}: layer '{sl.name}' has {len(sl.blobs)} blobs in the file but "
                                    f"{len(layer.blobs)} in the net")
             for k, (target, bp) in enumerate(zip(layer.blobs, sl.blobs)):
-                arr = blobproto_to_array(bp)
+                try:
+                    arr = blobproto_to_array(bp)
+                except BlobShapeError as exc:
+                    raise WeightsError(f"{path}: layer '{sl.name}' blob {k}: {exc}") from None
                 if not shape_matches(bp, target.shape):
                     raise WeightsError(f"{path}: cannot copy param {k} of layer '{sl.name}': shape "
                                        f"{tuple(arr.shape)} in the file, {target.shape} in the net")
-                target.data[...] = arr.reshape(target.shape)
+                check_finite_weights(arr, path, sl.name, k)
+                copies.append((target, arr))
+        for target, arr in copies:
+            target.data[...] = arr.reshape(target.shape)
 
     def share_with(self, other):
         """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
@@ -564,6 +633,7 @@ class Net:
             if not isinstance(h5.get("data"), h5py.Group):
                 raise WeightsError(f"{path}: not Caffe HDF5 weights (no /data group)")
             data = h5["data"]
+            copies = []
             for name in data:
                 if name not in self.layer_dict:
                     continue
@@ -579,10 +649,18 @@ class Net:
                     if arr.size != blob.count:
                         raise WeightsError(f"{path}: cannot copy param {k} of layer '{name}': shape "
                                            f"{arr.shape} in the file, {blob.shape} in the net")
-                    blob.data[...] = arr.reshape(blob.shape)
+                    check_finite_weights(arr, path, name, k)
+                    copies.append((blob, arr))
+        for blob, arr in copies:
+            blob.data[...] = arr.reshape(blob.shape)
 
 
 # --- blob protos ----------------------------------------------------------------------------
+
+class BlobShapeError(WeightsError):
+    """A BlobProto whose shape is impossible or does not fit its values. Raised without context; the
+    loaders (copy_from, the CLI's --snapshot) re-raise it with the file and the layer or blob."""
+
 
 def blobproto_to_array(bp, return_diff=False):
     """A NumPy array from a BlobProto, using ``shape`` or the legacy num/channels/height/width."""
@@ -592,18 +670,38 @@ def blobproto_to_array(bp, return_diff=False):
         values = bp.double_data if len(bp.double_data) else bp.data
     arr = np.asarray(values, dtype=np.float64 if (len(bp.double_data) and not return_diff) else np.float32)
     shape = blobproto_shape(bp)
-    if int(np.prod(shape)) != arr.size:
-        raise WeightsError(f"BlobProto has {arr.size} values for shape {shape}")
+    count = 1
+    for d in shape:          # Python integers: a product of crafted dims cannot wrap round to arr.size
+        count *= d
+    if count != arr.size:
+        raise BlobShapeError(f"BlobProto has {arr.size} values for shape {shape}")
     return arr.reshape(shape)
 
 
 def blobproto_shape(bp):
+    """The shape a BlobProto declares; a negative dimension (a damaged or crafted file) is a
+    WeightsError, which the loaders prefix with the file and the layer or blob."""
     if bp.HasField("shape"):
-        return tuple(bp.shape.dim)
-    if any(bp.HasField(f) for f in ("num", "channels", "height", "width")):
-        return (bp.num, bp.channels, bp.height, bp.width)
-    n = len(bp.double_data) or len(bp.data)
-    return (n,) if n else (0,)
+        shape = tuple(int(d) for d in bp.shape.dim)
+    elif any(bp.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (bp.num, bp.channels, bp.height, bp.width)
+    else:
+        n = len(bp.double_data) or len(bp.data)
+        shape = (n,) if n else (0,)
+    if any(d < 0 for d in shape):
+        raise BlobShapeError(f"BlobProto shape {shape} has a negative dimension")
+    return shape
+
+
+def check_finite_weights(arr, path, layer, index):
+    """Refuse weights with NaN or infinity at load, naming the file, the layer and the blob: used
+    unnoticed they surface many iterations later as a diverged loss or an "overflowed" update."""
+    if np.isfinite(arr).all():
+        return
+    nan = int(np.isnan(arr).sum())
+    inf = int(arr.size - np.isfinite(arr).sum()) - nan
+    raise WeightsError(f"{path}: layer '{layer}' blob {index} holds non-finite values ({nan} NaN, "
+                       f"{inf} infinite of {arr.size}): the weights of a run that diverged?")
 
 
 def shape_matches(bp, shape):

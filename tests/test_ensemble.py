@@ -155,9 +155,12 @@ def test_fully_convolutional_command_writes_an_equivalent_net(setup, capsys):
 
 def test_init_from_command_prints_the_mapping(setup, capsys):
     tmp_path, proto, weights = setup
+    # conv1b gets a top of its own: a Convolution cannot run in place (its weight gradient needs its input)
     deeper = NET.replace('name: "small"', 'name: "deeper"').replace(
+        'bottom: "conv1" top: "conv1" }', 'bottom: "conv1b" top: "conv1b" }').replace(
+        'bottom: "conv1" top: "pool1"', 'bottom: "conv1b" top: "pool1"').replace(
         'layer { name: "relu1"',
-        'layer { name: "conv1b" type: "Convolution" bottom: "conv1" top: "conv1" '
+        'layer { name: "conv1b" type: "Convolution" bottom: "conv1" top: "conv1b" '
         'convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.1 } } }\n'
         'layer { name: "relu1"')
     (tmp_path / "deeper.prototxt").write_text(deeper)

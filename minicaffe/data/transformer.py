@@ -78,7 +78,12 @@ def blobproto_values(bp):
         shape = (bp.num, bp.channels, bp.height, bp.width)
     else:
         shape = (values.size,)
-    if int(np.prod(shape)) != values.size:
+    count = 1
+    for d in shape:             # Python integers: crafted dims cannot wrap round to the value count
+        count *= d
+    if any(d < 0 for d in shape):
+        raise DataError(f"BlobProto shape {shape} has a negative dimension")
+    if count != values.size:
         raise DataError(f"BlobProto has {values.size} values for shape {shape}")
     return values.reshape(shape)
 

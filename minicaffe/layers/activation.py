@@ -32,6 +32,7 @@ class NeuronLayer(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    allows_in_place = True   # forward keeps a copy of the input when backward needs it
 
     def backward_needs_input(self):
         """True when backward must read the bottom data (so an in-place forward keeps a copy)."""

@@ -58,6 +58,11 @@ class Layer:
     min_num_top = None
     max_num_top = None
     is_loss = False          # loss layers get loss_weight 1 on top[0] by default
+    # May top[i] be bottom[i] (``top: "x"`` with ``bottom: "x"``)? Only for layers whose forward and
+    # backward are correct when they are: element-wise layers that keep what backward needs. Others
+    # (InnerProduct, Convolution, Pooling, ...) would compute wrong gradients or change the shape of
+    # their input, so the net refuses them in place.
+    allows_in_place = False
     allow_force_backward_all = True
 
     def __init__(self, param, phase):

@@ -156,9 +156,13 @@ class Data(_PrefetchingLayer):
         except BaseException:
             source.close()
             raise
-        top[0].reshape((batch,) + tuple(shape))
-        if len(top) > 1:
-            top[1].reshape((batch,))
+        try:
+            top[0].reshape((batch,) + tuple(shape))
+            if len(top) > 1:
+                top[1].reshape((batch,))
+        except BaseException:       # refused as too large to allocate: do not leave the database open
+            source.close()
+            raise
         self._log_shape(top)
         self._start(_DatumLoader(source, self.transformer, batch, self.name), dp.prefetch, [source])
 

@@ -13,6 +13,7 @@ class Dropout(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    allows_in_place = True   # backward needs only the mask
 
     def setup(self, bottom, top):
         self.ratio = float(self.param.dropout_param.dropout_ratio)

@@ -103,6 +103,7 @@ class Softmax(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    allows_in_place = True   # backward reads only the output
 
     def reshape(self, bottom, top):
         self.axis = canonical_axis(self, self.param.softmax_param.axis, len(bottom[0].shape))

@@ -40,6 +40,7 @@ class BatchNorm(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
+    allows_in_place = True   # backward reads only its own copy of the normalised values
     fixed_params = True
 
     def setup(self, bottom, top):
@@ -190,6 +191,7 @@ class Bias(Layer):
     min_num_bottom = 1
     max_num_bottom = 2
     exact_num_top = 1
+    allows_in_place = True   # the gradients need no input values
 
     def setup(self, bottom, top):
         p = self.param.bias_param
@@ -230,6 +232,7 @@ class Scale(Layer):
     min_num_bottom = 1
     max_num_bottom = 2
     exact_num_top = 1
+    allows_in_place = True   # forward keeps a copy of the input for the scale's gradient
 
     def setup(self, bottom, top):
         p = self.param.scale_param

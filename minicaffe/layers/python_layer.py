@@ -119,6 +119,9 @@ class PythonLayer(Layer):
         obj.name = param.name
         obj.param = param
         obj.blobs = BlobVec(obj.blobs)
+        if not any("allows_in_place" in vars(c) for c in user_cls.__mro__ if c is not Layer):
+            # Caffe runs any Python layer in place when asked: its correctness is the user's code's
+            obj.allows_in_place = True
         return obj
 
     def __init__(self, param, phase):

@@ -218,7 +218,11 @@ def _train(args, log, param, path, handler, comm):
         solver.set_action_function(handler.check)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
-            solver.restore(args.snapshot)
+            from ..net import BlobShapeError
+            try:
+                solver.restore(args.snapshot)
+            except BlobShapeError as exc:      # a history blob (the weights name their own file)
+                raise MinicaffeError(f"{args.snapshot}: a history blob: {exc}") from None
         log.info("Starting Optimization")
         solver.solve()
     log.info("Optimization Done.")
