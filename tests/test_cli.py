@@ -211,7 +211,7 @@ import sys
 from minicaffe.solvers.solver import SnapshotLock
 SnapshotLock(sys.argv[1]).acquire()
 print("locked", flush=True)
-sys.stdin.read()      # hold it until the test closes our stdin; exit without releasing (a killed run)
+sys.stdin.read()      # hold it until the test kills us
 """
 
 
@@ -229,9 +229,11 @@ def test_second_run_with_the_same_prefix_is_refused(work, capsys, logs):
         assert "lock file snaps/cli.lock" in err[0]
         assert not any(m.startswith("Solving") for m in logs)        # refused before anything ran
     finally:
-        holder.stdin.close()
+        holder.kill()
         holder.wait(timeout=60)
-    # the holder died without removing its lock file: a stale file (no flock held) does not block,
+        holder.stdin.close()
+        holder.stdout.close()
+    # the holder was killed and left its lock file: a stale file (no flock held) does not block,
     # and the run that took it over removes it when done
     assert os.path.exists("snaps/cli.lock")
     assert cli.main(["train", "--solver=solver.prototxt"]) == 0

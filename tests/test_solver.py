@@ -347,6 +347,7 @@ def test_snapshot_files_have_caffe_names_and_parse(tmp_path):
     assert len(state.history) == 2 * n             # Adam: m for every param, then v for every param
     np.testing.assert_array_equal(np.asarray(state.history[n].data).reshape(tuple(state.history[n].shape.dim)),
                                   s.history[n].data)
+    s.close()                                      # gives back the snapshot prefix's lock file
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in
                                                   [model, state_path, state_path + ".rng"])
 
@@ -642,18 +643,26 @@ def test_sidecar_of_another_iteration_or_nested_too_deeply_is_one_line(tmp_path)
     assert t.iter == 0 and same(weights(t), before)
 
 
-def test_prefix_lock_refuses_a_second_holder_and_spares_foreign_files(tmp_path):
+def test_prefix_lock_is_shared_in_process_released_and_spares_foreign_files(tmp_path):
     prefix = str(tmp_path / "p")
-    s = make(snapshot_prefix=prefix)
+    s = make(snapshot_prefix=prefix, max_iter=3)
     with solver_mod.SnapshotLock(prefix):
         with open(prefix + ".lock") as f:
             assert f.read().startswith(f"minicaffe training run: pid {os.getpid()} on host ")
         s.step(1)                     # the same process: shared, not refused
-        assert os.path.exists(prefix + ".lock")
+    assert os.path.exists(prefix + ".lock")       # step() holds it for the solver's life...
+    s.close()
+    assert not os.path.exists(prefix + ".lock")   # ...or until close()
+
+    def fail():
+        raise RuntimeError("boom")
+    s.add_callback(fail, lambda: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.solve()                     # solve() gives its lock back however it ends
     assert not os.path.exists(prefix + ".lock")
     with open(prefix + ".lock", "w") as f:
         f.write("somebody else's file\n")
     with pytest.raises(SolverError, match=r"p\.lock exists and is not a minicaffe lock file"):
-        s.step(1)
+        make(snapshot_prefix=prefix).step(1)
     with open(prefix + ".lock") as f:
         assert f.read() == "somebody else's file\n"

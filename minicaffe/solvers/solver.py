@@ -14,7 +14,7 @@ snapshot of the last good weights. The snapshot folder is checked at start-up (a
 snapshot are written whatever ``snapshot`` says), and a run holds an advisory lock on
 ``<snapshot_prefix>.lock`` so two runs cannot overwrite each other's snapshots.
 """
-import contextlib
+import atexit
 import json
 import math
 import os
@@ -197,6 +197,20 @@ _LOCK_MARK = "minicaffe training run"
 _held_locks = {}        # lock file (real path) -> [fd, number of holders in this process]
 
 
+@atexit.register
+def _remove_held_lock_files():
+    """At exit (an uncaught error included) remove the lock files this process still holds; the kernel
+    drops the flocks itself, and a file left by a killed process does not block the next run."""
+    for key, (fd, _) in list(_held_locks.items()):
+        _held_locks.pop(key, None)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(key)):
+                os.unlink(key)
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class SnapshotLock:
     """An advisory ``flock`` on ``<snapshot_prefix>.lock`` for the length of a training run, so that a
     second run with the same prefix is refused at start (naming the first one's pid and host) instead
@@ -259,8 +273,9 @@ class SnapshotLock:
                 os.close(fd)
                 raise SolverError(f"{self.where}: {self.path} exists and is not a minicaffe lock file; move it "
                                   f"away or give this run another snapshot_prefix")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{_LOCK_MARK}: pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+            mine = f"{_LOCK_MARK}: pid {os.getpid()} on host {socket.gethostname()}\n".encode()
+            os.pwrite(fd, mine, 0)      # then cut to length: ext4 flushes at close a file truncated to 0
+            os.ftruncate(fd, len(mine))
             _held_locks[key] = [fd, 1]
             self._key = key
             return self
@@ -350,6 +365,7 @@ class Solver:
         self.test_scores = {}
         self._scratch = {}
         self._progress = None
+        self._lock = None           # the snapshot prefix's SnapshotLock, while this solver holds it
         self.history = [Blob(p.shape, name=f"history[{k}][{i}]")
                         for k in range(self.rule.history_sets)
                         for i, p in enumerate(self.net.learnable_params)]
@@ -532,17 +548,37 @@ class Solver:
         return action if self._parallel is None else self._parallel.agree(action)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _run_lock(self):
-        """The snapshot prefix's lock (``SnapshotLock``) for the root solver; nothing for other workers."""
-        if not self.is_root or solver_rank() != 0:
-            return contextlib.nullcontext()
-        return SnapshotLock(self.param.snapshot_prefix, self._where())
+    def _hold_lock(self):
+        """Take the snapshot prefix's lock (``SnapshotLock``) unless held; the root solver only. True if
+        this call took it. ``solve`` gives back what it took when it ends (errors included); a lock taken
+        by ``step``/``snapshot`` is held until ``close()``, until the solver is freed, or to the process's
+        end, so a pycaffe loop of ``step(1)`` is one run for the lock (and pays for it once)."""
+        if self._lock is not None or not self.is_root or solver_rank() != 0:
+            return False
+        self._lock = SnapshotLock(self.param.snapshot_prefix, self._where()).acquire()
+        return True
+
+    def close(self):
+        """Give back the snapshot prefix's lock (if this solver holds it); the solver stays usable."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:     # interpreter shutdown: the kernel drops the flock anyway
+            pass
 
     def solve(self, resume_file=None):
         """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate.
         The snapshot prefix stays locked for the whole run (see ``SnapshotLock``)."""
-        with self._run_lock():
+        took = self._hold_lock()
+        try:
             self._solve(resume_file)
+        finally:
+            if took:
+                self.close()
 
     def _solve(self, resume_file):
         p = self.param
@@ -569,8 +605,8 @@ class Solver:
 
     def step(self, iters):
         """Run ``iters`` iterations (Caffe's Solver::Step), holding the snapshot prefix's lock."""
-        with self._run_lock():
-            self._step(iters)
+        self._hold_lock()
+        self._step(iters)
 
     def _step(self, iters):
         p = self.param
@@ -803,8 +839,8 @@ class Solver:
         if not self.is_root:
             ext = (".caffemodel.h5", ".solverstate.h5") if hdf5 else (".caffemodel", ".solverstate")
             return tuple(self.snapshot_filename(e) for e in ext)
-        with self._run_lock():
-            return self._snapshot(hdf5)
+        self._hold_lock()
+        return self._snapshot(hdf5)
 
     def _snapshot(self, hdf5):
         if hdf5:
