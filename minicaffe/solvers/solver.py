@@ -194,17 +194,17 @@ def lock_path(prefix):
 
 
 _LOCK_MARK = "minicaffe training run"
-_held_locks = {}        # lock file (real path) -> [fd, number of holders in this process]
+_held_locks = {}        # lock file (real path) -> [fd, number of holders in this process, pid]
 
 
 @atexit.register
 def _remove_held_lock_files():
     """At exit (an uncaught error included) remove the lock files this process still holds; the kernel
     drops the flocks itself, and a file left by a killed process does not block the next run."""
-    for key, (fd, _) in list(_held_locks.items()):
+    for key, (fd, _, pid) in list(_held_locks.items()):
         _held_locks.pop(key, None)
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(key)):
+        try:      # a forked child inherits the table, not the lock: leave its parent's file alone
+            if pid == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(key)):
                 os.unlink(key)
             os.close(fd)
         except OSError:
@@ -276,7 +276,7 @@ class SnapshotLock:
             mine = f"{_LOCK_MARK}: pid {os.getpid()} on host {socket.gethostname()}\n".encode()
             os.pwrite(fd, mine, 0)      # then cut to length: ext4 flushes at close a file truncated to 0
             os.ftruncate(fd, len(mine))
-            _held_locks[key] = [fd, 1]
+            _held_locks[key] = [fd, 1, os.getpid()]
             self._key = key
             return self
         raise SolverError(f"{self.where}: could not take the lock file {self.path} (it keeps being replaced)")
@@ -292,7 +292,7 @@ class SnapshotLock:
         del _held_locks[key]
         fd = held[0]
         try:      # unlink before close: the file is still ours (the flock keeps others out)
-            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+            if held[2] == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(self.path)):
                 os.unlink(self.path)
         except OSError:
             pass
@@ -998,7 +998,8 @@ class Solver:
             with open(side, encoding="utf-8") as f:
                 data = json.load(f)
         except RecursionError:
-            raise SolverError(f"{side}: unreadable RNG state: nested too deeply (not a minicaffe sidecar)") from None
+            raise SolverError(f"{side}: unreadable RNG state: nested too deeply (not a minicaffe "
+                              f"sidecar)") from None
         except (OSError, ValueError) as exc:
             raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("host"), dict) or \
