@@ -1,6 +1,9 @@
-"""Shared test set-up: the slow marker, a GPU-or-skip fixture, log capture, and mode reset between tests."""
+"""Shared test set-up: the slow marker, a GPU-or-skip fixture, log capture, mode reset between tests,
+and a check that the test run leaves nothing new under tests/ (test outputs belong in tmp_path)."""
 import io
 import logging
+import os
+import subprocess
 
 import pytest
 
@@ -9,6 +12,44 @@ from minicaffe import backend
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git_status_tests():
+    """``git status --porcelain`` of tests/ as a set of lines; None outside a git checkout (or without git)."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "tests"],
+                              cwd=_ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(proc.stdout.splitlines()) if proc.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):      # the controller only, under pytest-xdist
+        session.config._tests_git_status = _git_status_tests()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if it left new or changed files under tests/ (compared with the start, so a
+    developer's uncommitted edits do not count): test outputs once got committed under
+    tests/corpus/solver/."""
+    before = getattr(session.config, "_tests_git_status", None)
+    if before is None:
+        return
+    after = _git_status_tests()
+    if after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = ("error: the test run left files in the source tree (tests must write to tmp_path):\n  " +
+                   "\n  ".join(new))
+        if reporter is not None:
+            reporter.write_line("\n" + message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

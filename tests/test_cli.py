@@ -206,3 +206,69 @@ def test_error_line_is_last_and_whole_while_a_prefetch_thread_logs(tmp_path):
         assert "Restarting data prefetching from start." in proc.stderr       # the thread did log
         assert lines[-1].startswith("error: ") and "kernel 9x9 larger than" in lines[-1], lines[-3:]
         assert [line for line in lines if "error:" in line] == [lines[-1]]
+
+
+# --- issue 11: nothing lost ------------------------------------------------------------------------
+
+def test_missing_snapshot_folder_is_refused_at_start_even_with_snapshot_0(work, capsys, logs):
+    """Caffe's snapshot_after_train (default true) writes a final snapshot whatever 'snapshot' says: a
+    missing folder used to be found only after training to max_iter."""
+    (work / "solver.prototxt").write_text(SOLVER.replace("snapshot: 4", "snapshot: 0")
+                                          .replace('"snaps/cli"', '"gone/cli"'))
+    assert cli.main(["train", "--solver=solver.prototxt"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: solver.prototxt: cannot write to snapshot prefix 'gone/cli'; make sure that the "
+                   "directory 'gone' exists and is writable (the final and NaN-stop snapshots go there even "
+                   "with snapshot: 0)"]
+    assert not any(m.startswith("Iteration") for m in logs)
+
+
+def test_test_iter_0_tests_no_batches_as_caffe(work, capsys, logs):
+    """Caffe runs a test net with test_iter 0 on no batches and prints no output lines; this was a
+    KeyError traceback."""
+    (work / "solver.prototxt").write_text(SOLVER.replace("test_iter: 2", "test_iter: 0"))
+    assert cli.main(["train", "--solver=solver.prototxt"]) == 0
+    assert "Iteration 4, Testing net (#0)" in logs and not any("Test net output" in m for m in logs)
+    assert any("test_iter is 0 for test net #0" in m for m in logs)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+HOLD_LOCK = """
+import sys
+from minicaffe.solvers.solver import SnapshotLock
+SnapshotLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()      # hold it until the test kills us
+"""
+
+
+def test_second_run_with_the_same_prefix_is_refused(work, capsys, logs):
+    """Two trainers with one snapshot_prefix used to overwrite each other's snapshots silently."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, "snaps/cli"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli.main(["train", "--solver=solver.prototxt"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: solver.prototxt: snapshot_prefix 'snaps/cli' is in "
+                                                   f"use by another training run (pid {holder.pid} on host ")
+        assert "lock file snaps/cli.lock" in err[0]
+        assert not any(m.startswith("Solving") for m in logs)        # refused before anything ran
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        holder.stdin.close()
+        holder.stdout.close()
+    # the holder was killed and left its lock file: a stale file (no flock held) does not block,
+    # and the run that took it over removes it when done
+    assert os.path.exists("snaps/cli.lock")
+    assert cli.main(["train", "--solver=solver.prototxt"]) == 0
+    assert not os.path.exists("snaps/cli.lock")
+
+
+def test_lock_is_released_when_the_run_fails(work, capsys):
+    (work / "solver.prototxt").write_text(SOLVER.replace("net.prototxt", "other.prototxt"))
+    assert cli.main(["train", "--solver=solver.prototxt"]) == 1
+    assert "net 'other.prototxt' not found" in capsys.readouterr().err
+    assert os.listdir("snaps") == []

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -49,9 +50,11 @@ CASES = load_cases()
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    """A directory with c/ → the corpus and g/ → the generated binary inputs; the cases run in it."""
+    """A directory with c/ → a copy of the corpus and g/ → the generated binary inputs; the cases run in it.
+    A copy, not a link: a case that trains writes its snapshots (and lock file) beside its solver file
+    (the default snapshot_prefix), which must not land in the source tree."""
     work = tmp_path_factory.mktemp("corpus")
-    os.symlink(CORPUS, work / "c")
+    shutil.copytree(CORPUS, work / "c", ignore=shutil.ignore_patterns("__pycache__"))
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -124,6 +127,17 @@ def test_real_process_exits_cleanly(scratch, case_id):
     check(case_id, regex, code, output)
 
 
+def test_cases_cannot_write_into_the_source_tree(scratch):
+    """The cases run on a copy of the corpus: a solver case that trains writes its snapshots beside its
+    solver file, and those once ended up committed under tests/corpus/solver/."""
+    probe = "written-by-a-case.tmp"
+    (scratch / "c" / "solver" / probe).write_text("x")
+    try:
+        assert not os.path.lexists(os.path.join(CORPUS, "solver", probe))
+    finally:
+        (scratch / "c" / "solver" / probe).unlink()
+
+
 def test_debug_flag_shows_the_traceback(in_scratch, monkeypatch):
     """--debug (and MINICAFFE_DEBUG=1) is how a developer gets the traceback back."""
     from minicaffe.errors import MinicaffeError
@@ -146,7 +160,7 @@ if __name__ == "__main__":     # print what each case says now: python tests/tes
     os.makedirs(work, exist_ok=True)
     os.chdir(work)
     if not os.path.exists("c"):
-        os.symlink(CORPUS, "c")
+        shutil.copytree(CORPUS, "c", ignore=shutil.ignore_patterns("__pycache__"))
     make_binary.build("g")
     for case_id, command, regex in CASES:
         code, output = run_in_process(shlex.split(command))

@@ -347,6 +347,7 @@ def test_snapshot_files_have_caffe_names_and_parse(tmp_path):
     assert len(state.history) == 2 * n             # Adam: m for every param, then v for every param
     np.testing.assert_array_equal(np.asarray(state.history[n].data).reshape(tuple(state.history[n].shape.dim)),
                                   s.history[n].data)
+    s.close()                                      # gives back the snapshot prefix's lock file
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in
                                                   [model, state_path, state_path + ".rng"])
 
@@ -443,8 +444,13 @@ def test_restore_errors(tmp_path):
     s = make(snapshot_prefix=str(tmp_path / "m"))
     s.step(1)
     _, state = s.snapshot()
-    with pytest.raises(SolverError, match="holds 4 history blobs.*Adam solver keeps 8"):
+    with pytest.raises(SolverError, match="written by the SGD solver .*but this is the Adam solver"):
         make(type="Adam").restore(state)
+    os.rename(state + ".rng", state + ".rng.away")      # Caffe's states: no sidecar, so no type
+    with pytest.raises(SolverError, match="holds 4 history blobs.*Adam solver keeps 8.*1 per parameter is "
+                                          "what SGD or Nesterov or AdaGrad or RMSProp keeps"):
+        make(type="Adam").restore(state)
+    os.rename(state + ".rng.away", state + ".rng")
     with pytest.raises(SolverError, match="no such solver state"):
         s.restore(str(tmp_path / "none.solverstate"))
     (tmp_path / "junk.solverstate").write_bytes(b"\xff\xff\xff")
@@ -548,3 +554,115 @@ def test_sighup_snapshot_keeps_training(tmp_path):
 def test_bad_signal_effect():
     with pytest.raises(SolverError, match="invalid signal effect 'halt'"):
         solver_mod.SignalHandler("halt")
+
+
+# --- issue 11: nothing lost ----------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_stop_needs_a_writable_folder_checked_at_start(tmp_path):
+    """With snapshot: 0 and no final snapshot, a NaN stop still writes one: its folder is checked when
+    the solver is built, not when the NaN comes."""
+    with pytest.raises(SolverError, match=r"cannot write to snapshot prefix '.*gone/nan'; make sure that the "
+                                          r"directory '.*gone' exists"):
+        make(snapshot_prefix=str(tmp_path / "gone" / "nan"), snapshot_after_train=False)
+
+
+@pytest.mark.parametrize("wrote,reads", [("Nesterov", "SGD"), ("SGD", "Nesterov"), ("AdaDelta", "Adam"),
+                                         ("AdaGrad", "RMSProp")])
+def test_state_of_another_solver_type_is_refused(tmp_path, wrote, reads):
+    """Caffe's bug #5581: these pairs keep as many history blobs, so the state used to be taken silently."""
+    momentum = {"SGD": 0.9, "Nesterov": 0.9, "Adam": 0.9, "AdaDelta": 0.9, "AdaGrad": 0, "RMSProp": 0}
+    s = make(type=wrote, snapshot_prefix=str(tmp_path / "m"), momentum=momentum[wrote])
+    s.step(1)
+    _, state = s.snapshot()
+    other = make(type=reads, momentum=momentum[reads])
+    with pytest.raises(SolverError, match=f"written by the {wrote} solver \\(so says .*m_iter_1.solverstate.rng"
+                                          f"\\), but this is the {reads} solver"):
+        other.restore(state)
+
+
+def test_state_without_type_warns_where_the_count_is_ambiguous(tmp_path, logs):
+    s = make(type="Nesterov", snapshot_prefix=str(tmp_path / "m"), momentum=0.9)
+    s.step(1)
+    _, state = s.snapshot()
+    os.unlink(state + ".rng")          # as Caffe's own solver states: no record of the type
+    t = make(momentum=0.9)
+    t.restore(state)
+    assert any("does not record its solver type" in m and "fit SGD, Nesterov, AdaGrad, RMSProp alike" in m
+               for m in logs)
+
+
+def test_refused_restore_changes_nothing(tmp_path):
+    """A refused restore used to have replaced the net's weights already (the history count was checked
+    after loading the learned net)."""
+    s = make(snapshot_prefix=str(tmp_path / "m"), momentum=0.9)
+    s.step(3)
+    _, state = s.snapshot()
+    os.unlink(state + ".rng")
+    t = make(type="Adam", random_seed=7)
+    t.step(1)
+    before = weights(t)
+    with pytest.raises(SolverError, match="holds 4 history blobs"):
+        t.restore(state)
+    assert t.iter == 1 and same(weights(t), before)
+
+
+def test_restore_puts_weights_back_when_the_learned_net_fails_half_way(tmp_path):
+    """History that fits, but a learned net whose first layer fits and second does not."""
+    s = make(snapshot_prefix=str(tmp_path / "m"), momentum=0.9)
+    s.step(1)
+    _, state = s.snapshot()
+    other = make(array_net().replace("num_output: 2", "num_output: 5"), snapshot_prefix=str(tmp_path / "o"))
+    other_model, _ = other.snapshot()
+    raw = solver_mod.solverstate_bytes(1, other_model, 0, [h.data for h in s.history])
+    bad = tmp_path / "bad.solverstate"
+    bad.write_bytes(raw)
+    t = make(momentum=0.9, random_seed=9)
+    before = weights(t)
+    with pytest.raises(MinicaffeError, match="o_iter_0.caffemodel"):
+        t.restore(str(bad))
+    assert t.iter == 0 and same(weights(t), before)
+
+
+def test_sidecar_of_another_iteration_or_nested_too_deeply_is_one_line(tmp_path):
+    s = make(snapshot_prefix=str(tmp_path / "m"))
+    s.step(2)
+    _, state2 = s.snapshot()
+    s.step(1)
+    _, state3 = s.snapshot()
+    os.replace(state3 + ".rng", state2 + ".rng")       # the sidecar of iteration 3 beside iteration 2
+    t = make(random_seed=4)
+    before = weights(t)
+    with pytest.raises(SolverError, match=r"m_iter_2\.solverstate\.rng: RNG state of iteration 3, but .*"
+                                          r"m_iter_2\.solverstate is at iteration 2"):
+        t.restore(state2)
+    with open(state2 + ".rng", "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    with pytest.raises(SolverError, match=r"m_iter_2\.solverstate\.rng: unreadable RNG state: nested too deeply"):
+        t.restore(state2)
+    assert t.iter == 0 and same(weights(t), before)
+
+
+def test_prefix_lock_is_shared_in_process_released_and_spares_foreign_files(tmp_path):
+    prefix = str(tmp_path / "p")
+    s = make(snapshot_prefix=prefix, max_iter=3)
+    with solver_mod.SnapshotLock(prefix):
+        with open(prefix + ".lock") as f:
+            assert f.read().startswith(f"minicaffe training run: pid {os.getpid()} on host ")
+        s.step(1)                     # the same process: shared, not refused
+    assert os.path.exists(prefix + ".lock")       # step() holds it for the solver's life...
+    s.close()
+    assert not os.path.exists(prefix + ".lock")   # ...or until close()
+
+    def fail():
+        raise RuntimeError("boom")
+    s.add_callback(fail, lambda: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.solve()                     # solve() gives its lock back however it ends
+    assert not os.path.exists(prefix + ".lock")
+    with open(prefix + ".lock", "w") as f:
+        f.write("somebody else's file\n")
+    with pytest.raises(SolverError, match=r"p\.lock exists and is not a minicaffe lock file"):
+        make(snapshot_prefix=prefix).step(1)
+    with open(prefix + ".lock") as f:
+        assert f.read() == "somebody else's file\n"

@@ -81,6 +81,8 @@ def train(kind, work, iters, seed):
         solver_param.display = max(1, iters // 5)
     solver_param.random_seed = seed
     solver_param.snapshot_after_train = False
+    # a NaN stop still snapshots: into the work folder in use (checked when the solver is built)
+    solver_param.snapshot_prefix = os.path.join(work, f"vgg_digits_{kind}")
     solver = caffe.get_solver(solver_param)
     solver.solve()
     weights = os.path.join(work, f"vgg_digits_{kind}.caffemodel")

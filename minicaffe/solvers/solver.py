@@ -10,12 +10,16 @@ Beyond Caffe: snapshots are written atomically; resuming is bit-exact (the host 
 state goes to a ``.solverstate.rng`` sidecar, and data layers with a ``restore_position(n)`` method
 are told how many records the train/test nets had read); a NaN or infinite loss stops training with a
 ``NumericalError`` naming the iteration and the first layer holding a non-finite value, after a
-snapshot of the last good weights.
+snapshot of the last good weights. The snapshot folder is checked at start-up (a final and a NaN-stop
+snapshot are written whatever ``snapshot`` says), and a run holds an advisory lock on
+``<snapshot_prefix>.lock`` so two runs cannot overwrite each other's snapshots.
 """
+import atexit
 import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -32,6 +36,11 @@ from ..prototxt import load_net_param, load_solver_param, read_binary_file
 from ..wire import _field, blobproto_bytes
 from . import updates
 from .lr_policy import learning_rate
+
+try:
+    import fcntl
+except ImportError:     # not on Windows: no lock there
+    fcntl = None
 
 NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
 SIGNAL_EFFECTS = (STOP, SNAPSHOT, NONE)
@@ -165,6 +174,146 @@ def solverstate_bytes(iteration, learned_net, current_step, histories):
     return head + b"".join(_field(3, blobproto_bytes(h)) for h in histories) + tail
 
 
+# --- where snapshots go: the folder check and the run lock ---------------------------------------
+
+def check_snapshot_dir(prefix, where):
+    """SolverError unless the folder of ``prefix`` exists and is writable. Checked at start-up whatever
+    ``snapshot`` says: Caffe's ``snapshot_after_train`` (default true) writes a final snapshot, and a
+    NaN stop writes one, so a bad folder would otherwise be found only after all the training."""
+    directory = os.path.dirname(prefix) or "."
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        raise SolverError(f"{where}: cannot write to snapshot prefix '{prefix}'; make sure that the directory "
+                          f"'{directory}' exists and is writable (the final and NaN-stop snapshots go there "
+                          f"even with snapshot: 0)")
+
+
+def lock_path(prefix):
+    """The lock file of a snapshot prefix: ``<prefix>.lock`` (``minicaffe.lock`` in the folder when the
+    prefix names only a folder)."""
+    return prefix + ".lock" if os.path.basename(prefix) else os.path.join(prefix or ".", "minicaffe.lock")
+
+
+_LOCK_MARK = "minicaffe training run"
+_held_locks = {}        # lock file (real path) -> [fd, number of holders in this process, pid]
+
+
+@atexit.register
+def _remove_held_lock_files():
+    """At exit (an uncaught error included) remove the lock files this process still holds; the kernel
+    drops the flocks itself, and a file left by a killed process does not block the next run."""
+    for key, (fd, _, pid) in list(_held_locks.items()):
+        _held_locks.pop(key, None)
+        try:      # a forked child inherits the table, not the lock: leave its parent's file alone
+            if pid == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(key)):
+                os.unlink(key)
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class SnapshotLock:
+    """An advisory ``flock`` on ``<snapshot_prefix>.lock`` for the length of a training run, so that a
+    second run with the same prefix is refused at start (naming the first one's pid and host) instead
+    of overwriting its snapshots. The kernel drops the flock when the process ends however it ends, so
+    a lock file left by a killed run (no flock held) does not block; minicaffe removes only lock files
+    it wrote (they start with "minicaffe training run"). Re-entrant within one process: nested
+    ``solve``/``step``/``snapshot`` calls and several solvers of one process share the lock.
+    Use as a context manager."""
+
+    def __init__(self, prefix, where="<solver>"):
+        self.prefix, self.where = prefix, where
+        self.path = lock_path(prefix)
+        self._key = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def acquire(self):
+        if self._key is not None or fcntl is None:
+            return self
+        check_snapshot_dir(self.prefix, self.where)
+        key = os.path.join(os.path.realpath(os.path.dirname(self.path) or "."), os.path.basename(self.path))
+        held = _held_locks.get(key)
+        if held is not None:
+            held[1] += 1
+            self._key = key
+            return self
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise SolverError(f"{self.where}: cannot create the lock file {self.path}: "
+                                  f"{exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = _lock_owner(fd)
+                os.close(fd)
+                if isinstance(exc, BlockingIOError):
+                    raise SolverError(
+                        f"{self.where}: snapshot_prefix '{self.prefix}' is in use by another training run "
+                        f"({owner}, lock file {self.path}); wait for it to end or give this run another "
+                        f"snapshot_prefix") from None
+                _log().warning("%s: cannot lock %s (%s): another run with this snapshot_prefix would not be "
+                               "noticed", self.where, self.path, exc.strerror or exc)
+                return self
+            try:     # removed by its last holder between our open and our flock? then take a fresh one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            text = _read_fd(fd)
+            if text and not text.startswith(_LOCK_MARK):
+                os.close(fd)
+                raise SolverError(f"{self.where}: {self.path} exists and is not a minicaffe lock file; move it "
+                                  f"away or give this run another snapshot_prefix")
+            mine = f"{_LOCK_MARK}: pid {os.getpid()} on host {socket.gethostname()}\n".encode()
+            os.pwrite(fd, mine, 0)      # then cut to length: ext4 flushes at close a file truncated to 0
+            os.ftruncate(fd, len(mine))
+            _held_locks[key] = [fd, 1, os.getpid()]
+            self._key = key
+            return self
+        raise SolverError(f"{self.where}: could not take the lock file {self.path} (it keeps being replaced)")
+
+    def release(self):
+        key, self._key = self._key, None
+        held = _held_locks.get(key) if key is not None else None
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _held_locks[key]
+        fd = held[0]
+        try:      # unlink before close: the file is still ours (the flock keeps others out)
+            if held[2] == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _read_fd(fd, limit=4096):
+    try:
+        return os.pread(fd, limit, 0).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _lock_owner(fd):
+    """"pid N on host H" from a lock file's text, as its holder wrote it."""
+    text = _read_fd(fd).strip()
+    if text.startswith(_LOCK_MARK + ": "):
+        return text[len(_LOCK_MARK) + 2:].splitlines()[0]
+    return "another process"
+
+
 # --- the solver -------------------------------------------------------------------------------------
 
 class Solver:
@@ -216,6 +365,7 @@ class Solver:
         self.test_scores = {}
         self._scratch = {}
         self._progress = None
+        self._lock = None           # the snapshot prefix's SnapshotLock, while this solver holds it
         self.history = [Blob(p.shape, name=f"history[{k}][{i}]")
                         for k in range(self.rule.history_sets)
                         for i, p in enumerate(self.net.learnable_params)]
@@ -248,14 +398,16 @@ class Solver:
             except ImportError:
                 raise SolverError(f"{where}: snapshot_format HDF5 needs h5py (pip install h5py), or use "
                                   f"BINARYPROTO") from None
-        if p.snapshot:
-            if not p.HasField("snapshot_prefix"):
-                raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
-            directory = os.path.dirname(p.snapshot_prefix) or "."
-            # only the root writes snapshots: a worker on another machine need not see the directory
-            if solver_rank() == 0 and (not os.path.isdir(directory) or not os.access(directory, os.W_OK)):
-                raise SolverError(f"{where}: cannot write to snapshot prefix '{p.snapshot_prefix}'; make sure "
-                                  f"that the directory '{directory}' exists and is writable")
+        if p.snapshot and not p.HasField("snapshot_prefix"):
+            raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
+        # whatever 'snapshot' says: the final (snapshot_after_train) and NaN-stop snapshots need the folder.
+        # Only the root writes snapshots: a worker on another machine need not see the directory.
+        if solver_rank() == 0:
+            check_snapshot_dir(p.snapshot_prefix, where)
+        for i, n in enumerate(p.test_iter):
+            if n <= 0:     # Caffe tests on no batches and prints no output lines; say so once
+                self.log.warning("%s: test_iter is %d for test net #%d: it will be run on no batches (no test "
+                                 "output lines)", where, n, i)
 
     def _resolve(self, field, value):
         """A path from the solver: as given (relative to the working directory, as Caffe), else relative
@@ -396,8 +548,39 @@ class Solver:
         return action if self._parallel is None else self._parallel.agree(action)
 
     # --- the loop ---------------------------------------------------------------------------------
+    def _hold_lock(self):
+        """Take the snapshot prefix's lock (``SnapshotLock``) unless held; the root solver only. True if
+        this call took it. ``solve`` gives back what it took when it ends (errors included); a lock taken
+        by ``step``/``snapshot`` is held until ``close()``, until the solver is freed, or to the process's
+        end, so a pycaffe loop of ``step(1)`` is one run for the lock (and pays for it once)."""
+        if self._lock is not None or not self.is_root or solver_rank() != 0:
+            return False
+        self._lock = SnapshotLock(self.param.snapshot_prefix, self._where()).acquire()
+        return True
+
+    def close(self):
+        """Give back the snapshot prefix's lock (if this solver holds it); the solver stays usable."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:     # interpreter shutdown: the kernel drops the flock anyway
+            pass
+
     def solve(self, resume_file=None):
-        """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate."""
+        """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate.
+        The snapshot prefix stays locked for the whole run (see ``SnapshotLock``)."""
+        took = self._hold_lock()
+        try:
+            self._solve(resume_file)
+        finally:
+            if took:
+                self.close()
+
+    def _solve(self, resume_file):
         p = self.param
         self.log.info("Solving %s", self.net.name)
         self.log.info("Learning Rate Policy: %s", p.lr_policy)
@@ -421,7 +604,11 @@ class Solver:
         self.log.info("Optimization Done.")
 
     def step(self, iters):
-        """Run ``iters`` iterations (Caffe's Solver::Step)."""
+        """Run ``iters`` iterations (Caffe's Solver::Step), holding the snapshot prefix's lock."""
+        self._hold_lock()
+        self._step(iters)
+
+    def _step(self, iters):
         p = self.param
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self.smoothed_loss = [], 0.0
@@ -607,9 +794,12 @@ class Solver:
         if self._requested_early_exit:
             self._info("Test interrupted.")
             return None
-        if p.test_compute_loss and n:
+        if sums is None:      # test_iter 0: as Caffe, no batches and so no output lines
+            self.test_scores[test_net_id] = {}
+            return self.test_scores[test_net_id]
+        if p.test_compute_loss:
             self._info("Test loss: %s", _fmt(loss / n))
-        means = {name: backend.to_host(s) / n for name, s in (sums or {}).items()}
+        means = {name: backend.to_host(s) / n for name, s in sums.items()}
         for line in self._output_lines(net, "Test", means):
             self._info("%s", line)
         self.test_scores[test_net_id] = {name: (float(m) if np.size(m) == 1 else m) for name, m in means.items()}
@@ -649,6 +839,10 @@ class Solver:
         if not self.is_root:
             ext = (".caffemodel.h5", ".solverstate.h5") if hdf5 else (".caffemodel", ".solverstate")
             return tuple(self.snapshot_filename(e) for e in ext)
+        self._hold_lock()
+        return self._snapshot(hdf5)
+
+    def _snapshot(self, hdf5):
         if hdf5:
             model = self.snapshot_filename(".caffemodel.h5")
             self._info("Snapshotting to HDF5 file %s", model)
@@ -669,12 +863,14 @@ class Solver:
         return model, state
 
     def _write_rng_state(self, state):
-        """The ``.rng`` sidecar goes before the solver state: a .solverstate that exists (each file is
-        written atomically, the state last) always has its weights and its sidecar beside it."""
+        """The ``.rng`` sidecar (the host generator's state, the iteration and the solver type; Caffe's
+        solver states record no type, so a state of another type with as many history blobs would be
+        taken silently) goes before the solver state: a .solverstate that exists (each file is written
+        atomically, the state last) always has its weights and its sidecar beside it."""
         atomic_write(state + ".rng", json.dumps(self._rng_state(), sort_keys=True))
 
     def _rng_state(self):
-        return {"format": "minicaffe solver RNG state 1", "iter": self.iter,
+        return {"format": "minicaffe solver RNG state 1", "iter": self.iter, "type": self.type,
                 "host": backend.rng().bit_generator.state}
 
     def _write_state_hdf5(self, path, model):
@@ -690,7 +886,11 @@ class Solver:
 
     def restore(self, path):
         """Load a ``.solverstate`` (or ``.solverstate.h5``): iteration, weights, history, current_step;
-        then the RNG sidecar and the data layers' read positions, so training continues exactly."""
+        then the RNG sidecar and the data layers' read positions, so training continues exactly.
+
+        Everything is checked before anything changes (the state, its history blobs against this
+        solver and net, the sidecar's solver type and iteration, the learned net's file; weights that
+        fail half-way through loading are put back), so a refused restore leaves the solver as it was."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise SolverError(f"{path}: no such solver state file")
@@ -704,20 +904,54 @@ class Solver:
             it, step = state.iter, state.current_step
             learned = state.learned_net if state.HasField("learned_net") else None
             hist = [(blobproto_shape(bp), blobproto_to_array(bp)) for bp in state.history]
-        if learned:
-            self.net.copy_from(self._find_learned_net(learned, path))
+        sidecar = self._read_rng_sidecar(path, it)
+        self._check_history(path, hist, sidecar is not None and "type" in sidecar)
+        weights_file = self._find_learned_net(learned, path) if learned else None
+        # all checked: now change things
+        if weights_file:
+            self._copy_weights_or_roll_back(weights_file)
+        for (_, arr), blob in zip(hist, self.history):
+            blob.data[...] = arr.reshape(blob.shape)
+        self.iter, self.current_step = int(it), int(step)
+        if sidecar is not None:
+            backend.rng().bit_generator.state = sidecar["host"]
+        self._restore_data_positions()
+        self.log.info("%s solver: restored iteration %d from %s", self.type, self.iter, path)
+
+    def _check_history(self, path, hist, type_known):
+        """The state's history blobs must be as many as this solver keeps for this net, each of its
+        parameter's size. Without a recorded solver type (Caffe's own states) a count that fits also
+        fits the other types with as many history sets per parameter: warn."""
+        n_params = len(self.net.learnable_params)
         if len(hist) != len(self.history):
+            fits = ""
+            if n_params and len(hist) % n_params == 0:
+                sets = len(hist) // n_params
+                types = [t for t, rule in updates.RULES.items() if rule.history_sets == sets]
+                if types:
+                    fits = f"; {sets} per parameter is what {' or '.join(types)} keeps"
             raise SolverError(f"{path}: holds {len(hist)} history blobs, but the {self.type} solver keeps "
-                              f"{len(self.history)} for this net (another solver type or net?)")
+                              f"{len(self.history)} for this net{fits} (another solver type or net?)")
         for i, ((_, arr), blob) in enumerate(zip(hist, self.history)):
             if arr.size != blob.count:
                 raise SolverError(f"{path}: history blob {i} has shape {tuple(arr.shape)}, the net's "
                                   f"parameter has {blob.shape}")
-            blob.data[...] = arr.reshape(blob.shape)
-        self.iter, self.current_step = int(it), int(step)
-        self._restore_rng(path)
-        self._restore_data_positions()
-        self.log.info("%s solver: restored iteration %d from %s", self.type, self.iter, path)
+        if not type_known and n_params:
+            alike = [t for t, rule in updates.RULES.items() if rule.history_sets == self.rule.history_sets]
+            self.log.warning("%s: the solver state does not record its solver type (Caffe's never do); its "
+                             "%d history blob(s) per parameter fit %s alike: make sure a %s solver wrote it",
+                             path, self.rule.history_sets, ", ".join(alike), self.type)
+
+    def _copy_weights_or_roll_back(self, weights_file):
+        """``net.copy_from``, with the weights put back if it fails part-way (a layer that does not fit
+        after others were already copied)."""
+        saved = [(blob, blob.xdata.copy()) for layer in self.net.layers for blob in layer.blobs]
+        try:
+            self.net.copy_from(weights_file)
+        except BaseException:
+            for blob, data in saved:
+                blob.xdata[...] = data
+            raise
 
     def _read_state_hdf5(self, path):
         try:
@@ -751,18 +985,38 @@ class Solver:
             return alt
         raise SolverError(f"{state_path}: learned_net '{learned}' not found (tried {learned}, {alt})")
 
-    def _restore_rng(self, path):
+    def _read_rng_sidecar(self, path, iteration):
+        """The ``.rng`` sidecar of solver state ``path``, checked (it must be minicaffe's, for this
+        solver type and for the state's ``iteration``, with a generator state that loads), or None with
+        a warning when there is none (Caffe's states, or a sidecar that was not copied along)."""
         side = path + ".rng"
         if not os.path.exists(side):
             self.log.warning("%s: no RNG state (%s); random layers will not replay the interrupted run "
                              "exactly", path, side)
-            return
+            return None
         try:
             with open(side, encoding="utf-8") as f:
                 data = json.load(f)
-            backend.rng().bit_generator.state = data["host"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except RecursionError:
+            raise SolverError(f"{side}: unreadable RNG state: nested too deeply (not a minicaffe "
+                              f"sidecar)") from None
+        except (OSError, ValueError) as exc:
             raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("host"), dict) or \
+                not isinstance(data.get("iter"), int) or not isinstance(data.get("type", ""), str):
+            raise SolverError(f"{side}: unreadable RNG state: not a minicaffe sidecar (want an object with "
+                              f"'iter', 'type' and 'host')")
+        if "type" in data and data["type"] != self.type:
+            raise SolverError(f"{path}: written by the {data['type']} solver (so says {side}), but this is the "
+                              f"{self.type} solver: their history blobs mean different things")
+        if data["iter"] != int(iteration):
+            raise SolverError(f"{side}: RNG state of iteration {data['iter']}, but {path} is at iteration "
+                              f"{iteration} (a sidecar from another snapshot?)")
+        try:      # a generator state that does not load is refused now, before anything changes
+            type(backend.rng().bit_generator)().state = data["host"]
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
+        return data
 
     def _restore_data_positions(self):
         """Tell layers with ``restore_position(n)`` how many records their net has read so far."""

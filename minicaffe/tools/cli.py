@@ -202,8 +202,9 @@ def _worker_argv(args, gpu):
 
 
 def _train(args, log, param, path, handler, comm):
+    import contextlib
     from ..parallel import ParallelSolver
-    from ..solvers.solver import solver_class
+    from ..solvers.solver import SnapshotLock, solver_class
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:
@@ -211,7 +212,10 @@ def _train(args, log, param, path, handler, comm):
         param.weights.append(args.weights)
     if args.iterations is not None:
         param.max_iter = args.iterations
-    with handler:
+    # the snapshot prefix is locked before anything is built: a second run with it is refused at once
+    root = comm is None or comm.rank == 0
+    lock = SnapshotLock(param.snapshot_prefix, path or "<solver>") if root else contextlib.nullcontext()
+    with handler, lock:
         solver = solver_class(param.type, path)(param, solver_file=path)
         if comm is not None:
             solver = ParallelSolver(solver, comm)

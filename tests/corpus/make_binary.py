@@ -1,5 +1,6 @@
 """The binary bad inputs (weights, snapshots, mean files, LMDBs, images), made at test time from valid
 ones so the corpus stays a set of small text files; ``build(dest)`` writes them all under ``dest``."""
+import json
 import os
 
 import lmdb
@@ -92,6 +93,13 @@ def build(dest):
     _snapshot(dest, "adam", "Adam")       # two history sets: does not fit an SGD solver
     _write(j("garbage.solverstate"), np.random.default_rng(1).integers(0, 256, 300, np.uint8).tobytes())
     _write(j("solver.prototxt"), SOLVER.format(net=IP_NET, prefix=j("resumed"), type="SGD").encode())
+    _snapshot(dest, "nesterov", "Nesterov")     # as many history blobs as SGD: only the sidecar tells
+    _write(j("sidecar_iter.solverstate"), raw)           # beside the sidecar of another iteration
+    side = json.loads(open(state + ".rng", encoding="utf-8").read())
+    side["iter"] = 7
+    _write(j("sidecar_iter.solverstate.rng"), json.dumps(side).encode())
+    _write(j("sidecar_deep.solverstate"), raw)           # beside a sidecar nested too deeply
+    _write(j("sidecar_deep.solverstate.rng"), b"[" * 100000 + b"]" * 100000)
 
     # mean files (3x8x8 images in the LMDBs below)
     mean = caffe_pb2.BlobProto(num=1, channels=3, height=8, width=8)
