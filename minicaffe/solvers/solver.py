@@ -432,7 +432,7 @@ class Solver:
         try:
             while self.iter < stop_iter:
                 # the generator's state now belongs with this iteration's weights: a failure snapshot uses it
-                self._iter_rng = (self.iter, backend.rng().bit_generator.state)
+                self._iter_rng = (self.iter, backend.rng().bit_generator.state, backend.gpu_random_state())
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and \
                         (self.iter > 0 or p.test_initialization):
@@ -631,6 +631,7 @@ class Solver:
         start = getattr(self, "_iter_rng", None)
         if start is not None and start[0] == self.iter:
             backend.rng().bit_generator.state = start[1]
+            backend.set_gpu_random_state(start[2])
         files = self.snapshot()
         raise NumericalError(
             f"iteration {self.iter}: {what}; the last good state was saved to {files[0]} and {files[1]} "
@@ -675,7 +676,7 @@ class Solver:
 
     def _rng_state(self):
         return {"format": "minicaffe solver RNG state 1", "iter": self.iter,
-                "host": backend.rng().bit_generator.state}
+                "host": backend.rng().bit_generator.state, "gpu": backend.gpu_random_state()}
 
     def _write_state_hdf5(self, path, model):
         import h5py
@@ -761,6 +762,8 @@ class Solver:
             with open(side, encoding="utf-8") as f:
                 data = json.load(f)
             backend.rng().bit_generator.state = data["host"]
+            if "gpu" in data:   # GPU dropout masks (sidecars before this field: host state only)
+                backend.set_gpu_random_state(data["gpu"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
 
