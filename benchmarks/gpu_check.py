@@ -8,9 +8,10 @@ a note):
 1. ``pytest``: the GPU test set (tests using the ``gpu`` fixture, ``-m gpu``) on real CuPy, with a
    per-test timeout; the whole log goes to ``$OUT/pytest.log``.
 2. ``agreement``: LeNet, CaffeNet, GoogLeNet, VGG-16 (``models/*/deploy.prototxt``, random weights,
-   small batches) forward and backward on CPU and GPU: float64 blobs (should agree to ~1e-12) and
-   float32 (TF32 off; ~1e-5). Reported: the largest error relative to the largest magnitude, for
-   the output, the input's gradient and every weight gradient.
+   small batches) forward and backward on CPU and GPU, for the output, the input's gradient and
+   every weight gradient: float64 blobs must agree to rounding (largest error / largest magnitude
+   below 1e-9); float32 (TF32 off) on the GPU must be as close to the float64 result as float32 on
+   the CPU is (relative L2 error at most 5x the CPU's).
 3. ``nccl``: data-parallel training through ``minicaffe.parallel.NCCLComm`` with one rank must
    equal plain training (the multi-GPU code path on one GPU).
 4. ``timing`` (TF32 off, then on): GoogLeNet training (forward+backward+SGD update) at batch 128
@@ -152,35 +153,50 @@ def _rel(a, b):
     return float(np.abs(a - b).max()) / scale
 
 
+def _l2(ref, x):
+    import numpy as np
+    return float(np.linalg.norm(x - ref)) / (float(np.linalg.norm(ref)) or 1.0)
+
+
 def worker_agreement(args):
+    """Per net: float64 on CPU and GPU must agree to rounding (the same arithmetic); float32 on the
+    GPU must be as close to that float64 reference as float32 on the CPU is. (Comparing float32
+    CPU with float32 GPU directly says little: a ReLU or max-pooling decision that flips between
+    two float32 roundings moves a whole gradient path, ~1e-3 of the input gradient here.)"""
     from minicaffe import backend
     cupy_module(args.standin)
-    plan = ([("lenet", 2, True), ("lenet", 2, False), ("googlenet", 1, False)] if args.standin else
-            [("lenet", 8, True), ("caffenet", 2, True), ("googlenet", 2, True), ("vgg16", 1, True),
-             ("lenet", 8, False), ("caffenet", 4, False), ("googlenet", 4, False), ("vgg16", 2, False)])
-    limits = {True: 1e-9, False: 2e-3}
+    plan = ([("lenet", 2), ("googlenet", 1)] if args.standin else
+            [("lenet", 8), ("caffenet", 2), ("googlenet", 2), ("vgg16", 1)])
     rows = []
     deadline = time.time() + args.seconds - 5
-    for name, batch, d64 in plan:
+    for name, batch in plan:
         if time.time() > deadline:
-            rows.append({"net": name, "dtype": "float64" if d64 else "float32", "skipped": "time"})
+            rows.append({"net": name, "skipped": "time"})
             continue
         t0 = time.time()
         try:
+            runs = {}
+            for mode, d64 in (("cpu", True), ("gpu", True), ("cpu", False), ("gpu", False)):
+                backend.set_mode_gpu() if mode == "gpu" else backend.set_mode_cpu()
+                runs[mode, d64] = _fwd_bwd(name, batch, d64)
             backend.set_mode_cpu()
-            cpu = _fwd_bwd(name, batch, d64)
-            backend.set_mode_gpu()
-            gpu = _fwd_bwd(name, batch, d64)
-            backend.set_mode_cpu()
-            errs = {k: _rel(cpu[k], gpu[k]) for k in cpu}
-            worst = max(errs, key=errs.get)
-            rows.append({"net": name, "batch": batch, "dtype": "float64" if d64 else "float32",
-                         "output": errs["output"], "input_grad": errs["input_grad"],
-                         "worst": worst, "worst_err": errs[worst], "ok": errs[worst] < limits[d64],
-                         "seconds": round(time.time() - t0, 1)})
+            ref = runs["cpu", True]
+            exact = {k: _rel(ref[k], runs["gpu", True][k]) for k in ref}
+            cpu32 = {k: _l2(ref[k], runs["cpu", False][k]) for k in ref}
+            gpu32 = {k: _l2(ref[k], runs["gpu", False][k]) for k in ref}
+            worst64 = max(exact, key=exact.get)
+            worst32 = max(gpu32, key=lambda k: gpu32[k] / (cpu32[k] + 1e-7))
+            ok64 = exact[worst64] < 1e-9
+            ok32 = all(gpu32[k] <= 5 * cpu32[k] + 1e-5 for k in ref)
+            rows.append({"net": name, "batch": batch, "f64_max_rel": exact[worst64], "f64_worst": worst64,
+                         "f32_output": [gpu32["output"], cpu32["output"]],
+                         "f32_input_grad": [gpu32["input_grad"], cpu32["input_grad"]],
+                         "f32_worst": worst32, "f32_worst_gpu_cpu": [gpu32[worst32], cpu32[worst32]],
+                         "ok": ok64 and ok32, "seconds": round(time.time() - t0, 1)})
         except Exception as exc:  # noqa: BLE001
-            rows.append({"net": name, "dtype": "float64" if d64 else "float32", "ok": False,
-                         "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]})
+            backend.set_mode_cpu()
+            rows.append({"net": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                         "trace": traceback.format_exc()[-1500:]})
         print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "ok": all(r.get("ok", False) for r in rows if "skipped" not in r)}
 
@@ -533,8 +549,9 @@ class Run:
                 detail = r.get("result", "")
             elif name == "agreement":
                 detail = "; ".join(
-                    f"{x['net']} {x.get('dtype')}: " + (f"{x['worst_err']:.1e}" if "worst_err" in x
-                                                       else x.get("error", x.get("skipped", "?"))[:80])
+                    f"{x['net']}: " + (f"f64 {x['f64_max_rel']:.0e}, f32 in-grad gpu/cpu "
+                                       f"{x['f32_input_grad'][0]:.0e}/{x['f32_input_grad'][1]:.0e}"
+                                       if "f64_max_rel" in x else x.get("error", x.get("skipped", "?"))[:80])
                     for x in r.get("rows", []))
             elif name == "nccl":
                 detail = f"max |diff| {r.get('max_abs_diff')}" if "max_abs_diff" in r else ""
