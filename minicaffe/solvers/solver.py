@@ -619,7 +619,7 @@ class Solver:
         try:
             while self.iter < stop_iter:
                 # the generator's state now belongs with this iteration's weights: a failure snapshot uses it
-                self._iter_rng = (self.iter, backend.rng().bit_generator.state)
+                self._iter_rng = (self.iter, backend.rng().bit_generator.state, backend.gpu_random_state())
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and \
                         (self.iter > 0 or p.test_initialization):
@@ -821,6 +821,7 @@ class Solver:
         start = getattr(self, "_iter_rng", None)
         if start is not None and start[0] == self.iter:
             backend.rng().bit_generator.state = start[1]
+            backend.set_gpu_random_state(start[2])
         files = self.snapshot()
         raise NumericalError(
             f"iteration {self.iter}: {what}; the last good state was saved to {files[0]} and {files[1]} "
@@ -871,7 +872,7 @@ class Solver:
 
     def _rng_state(self):
         return {"format": "minicaffe solver RNG state 1", "iter": self.iter, "type": self.type,
-                "host": backend.rng().bit_generator.state}
+                "host": backend.rng().bit_generator.state, "gpu": backend.gpu_random_state()}
 
     def _write_state_hdf5(self, path, model):
         import h5py
@@ -915,6 +916,8 @@ class Solver:
         self.iter, self.current_step = int(it), int(step)
         if sidecar is not None:
             backend.rng().bit_generator.state = sidecar["host"]
+            if "gpu" in sidecar:   # GPU dropout masks (sidecars before this field: host state only)
+                backend.set_gpu_random_state(sidecar["gpu"])
         self._restore_data_positions()
         self.log.info("%s solver: restored iteration %d from %s", self.type, self.iter, path)
 
@@ -1012,6 +1015,11 @@ class Solver:
         if data["iter"] != int(iteration):
             raise SolverError(f"{side}: RNG state of iteration {data['iter']}, but {path} is at iteration "
                               f"{iteration} (a sidecar from another snapshot?)")
+        gpu = data.get("gpu")
+        if gpu is not None and not (isinstance(gpu, dict) and isinstance(gpu.get("draws"), int) and
+                                    (gpu.get("seed") is None or isinstance(gpu.get("seed"), int))):
+            raise SolverError(f"{side}: unreadable RNG state: 'gpu' must be an object with an integer "
+                              f"'draws' and an integer or null 'seed'")
         try:      # a generator state that does not load is refused now, before anything changes
             type(backend.rng().bit_generator)().state = data["host"]
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
