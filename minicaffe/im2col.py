@@ -177,6 +177,10 @@ def im2col(x, geom, out_hw, out=None):
     array of that shape) receives the result; by default a workspace buffer is used.
     """
     xp = backend.get_array_module(x)
+    if xp is not np:
+        # a GPU: one kernel for the whole chunk (the strided copies below are NumPy-shaped)
+        from .kernels import cuda_im2col
+        return cuda_im2col.im2col(x, geom, out_hw, out)
     n, c, h, w = x.shape
     oh, ow = out_hw
     g = geom
@@ -197,6 +201,10 @@ def col2im(col, geom, in_hw, out):
     run in phase layout so each add streams over contiguous columns.
     """
     xp = backend.get_array_module(col)
+    if xp is not np:
+        # a GPU: one gathering kernel instead of kh*kw adds per block of channels
+        from .kernels import cuda_im2col
+        return cuda_im2col.col2im(col, geom, in_hw, out)
     c, kh, kw, n, oh, ow = col.shape
     h, w = in_hw
     g = geom

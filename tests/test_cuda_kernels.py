@@ -1,0 +1,175 @@
+"""minicaffe's CUDA kernels: each NumPy reference equals the layer's CPU code, and (on a GPU) each
+real kernel equals its reference.
+
+Two halves:
+* CPU (always): the kernel wrappers run with NumPy arrays while ``_cuda._cupy`` is swapped for an
+  emulation that routes every RawKernel / ElementwiseKernel launch to its registered reference
+  (``minicaffe.kernels.emulation``). That runs the wrappers' argument order, shapes and launch
+  bookkeeping, and proves the reference computes what the layer's CPU code computes, on random
+  inputs with padding, strides, dilation and odd shapes.
+* GPU (only where CuPy sees a device): the same wrappers on CuPy arrays, i.e. the real compiled
+  kernels, against the CPU result; and whole layers in GPU mode against CPU mode.
+"""
+import numpy as np
+import pytest
+
+from minicaffe import backend
+from minicaffe import im2col as im2col_mod
+from minicaffe.im2col import ConvGeometry
+from minicaffe.kernels import _cuda, cuda_im2col, emulation
+
+
+class _EmuKernel:
+    def __init__(self, name, raw):
+        if name not in emulation.REFERENCES:
+            raise AssertionError(f"kernel {name!r} has no NumPy reference")
+        self.name, self.raw = name, raw
+
+    def __call__(self, *args, **kwargs):
+        ref = emulation.REFERENCES[self.name]
+        if self.raw:
+            grid, block, kargs = args
+            assert all(int(g) > 0 for g in grid) and all(0 < int(b) <= 1024 for b in block)
+            for a in kargs:
+                # scalars must be typed exactly as the kernel signature declares them
+                assert isinstance(a, (np.ndarray, np.int64, np.float32, np.float64)), type(a)
+            return ref(grid, block, kargs, **kwargs)
+        return ref(*args, **kwargs)
+
+
+class _EmuCupy:
+    @staticmethod
+    def RawKernel(src, name, **kw):
+        assert f'extern "C" __global__ void {name}(' in src
+        return _EmuKernel(name, raw=True)
+
+    @staticmethod
+    def ElementwiseKernel(in_params, out_params, operation, name, **kw):
+        return _EmuKernel(name, raw=False)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(_cuda, "_cupy", lambda: _EmuCupy)
+    _cuda._cache.clear()
+    yield
+    _cuda._cache.clear()
+
+
+def _real_cupy():
+    if not backend.gpu_available():
+        pytest.skip("no CUDA device")
+    return backend._import_cupy()
+
+
+GEOMS = [
+    # (N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    (2, 3, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1),
+    (1, 2, 8, 5, 3, 2, 2, 1, 1, 0, 1, 1),
+    (3, 1, 11, 10, 5, 3, 3, 2, 2, 1, 1, 1),
+    (2, 2, 9, 9, 3, 3, 1, 2, 2, 2, 2, 2),
+    (1, 4, 5, 6, 1, 1, 1, 1, 0, 0, 1, 1),
+    (2, 1, 6, 6, 2, 2, 2, 2, 0, 0, 1, 1),
+]
+
+
+def _geom(case):
+    n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
+    g = ConvGeometry(kh, kw, sh, sw, ph, pw, dh, dw)
+    return (n, c, h, w), g, g.out_size(h, w)
+
+
+@pytest.mark.parametrize("case", GEOMS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_im2col_reference_matches_cpu(emulated, case, dtype):
+    shape, g, ohw = _geom(case)
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    want = im2col_mod.im2col(x, g, ohw).copy()
+    got = cuda_im2col.im2col(x, g, ohw, out=np.full(want.shape, np.nan, dtype))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", GEOMS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_reference_matches_cpu(emulated, case, dtype):
+    (n, c, h, w), g, (oh, ow) = _geom(case)
+    col = np.random.default_rng(1).standard_normal((c, g.kh, g.kw, n, oh, ow)).astype(dtype)
+    want = im2col_mod.col2im(col, g, (h, w), out=np.empty((n, c, h, w), dtype))
+    got = np.full((n, c, h, w), np.nan, dtype)
+    cuda_im2col.col2im(col, g, (h, w), out=got)
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+def test_col2im_writes_a_non_contiguous_output(emulated):
+    (n, c, h, w), g, (oh, ow) = _geom(GEOMS[0])
+    col = np.random.default_rng(2).standard_normal((c, g.kh, g.kw, n, oh, ow)).astype(np.float32)
+    want = im2col_mod.col2im(col, g, (h, w), out=np.empty((n, c, h, w), np.float32))
+    big = np.zeros((n, c, h, w + 3), np.float32)
+    cuda_im2col.col2im(col, g, (h, w), out=big[..., :w])
+    np.testing.assert_allclose(big[..., :w], want, rtol=1e-5, atol=1e-6)
+    assert not big[..., w:].any()
+
+
+# --- real kernels (GPU only) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", GEOMS)
+def test_im2col_col2im_kernels_on_gpu(case):
+    cp = _real_cupy()
+    (n, c, h, w), g, (oh, ow) = _geom(case)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    col = rng.standard_normal((c, g.kh, g.kw, n, oh, ow)).astype(np.float32)
+    want_col = im2col_mod.im2col(x, g, (oh, ow)).copy()
+    want_x = im2col_mod.col2im(col, g, (h, w), out=np.empty_like(x))
+    got_col = cuda_im2col.im2col(cp.asarray(x), g, (oh, ow)).get()
+    got_x = cp.empty(x.shape, cp.float32)
+    cuda_im2col.col2im(cp.asarray(col), g, (h, w), out=got_x)
+    np.testing.assert_array_equal(got_col, want_col)
+    np.testing.assert_allclose(got_x.get(), want_x, rtol=1e-5, atol=1e-5)
+
+
+# --- whole layers, GPU mode against CPU mode (GPU only) ------------------------------------------
+
+def _run_layer(text, bottoms, gpu, params=None, num_top=1, phase=None, seed=5):
+    """forward + backward of one layer; returns (tops, bottom diffs, param diffs, params) as NumPy."""
+    from minicaffe.testing import TRAIN, make_layer
+    (backend.set_mode_gpu if gpu else backend.set_mode_cpu)()
+    try:
+        layer, bottom, top = make_layer(text, bottoms, num_top, TRAIN if phase is None else phase)
+        if params is not None:
+            for blob, p in zip(layer.blobs, params):
+                blob.data[...] = p
+        params = [b.data.copy() for b in layer.blobs]
+        for b in layer.blobs:
+            b.diff[...] = 0
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        tops = [t.data.copy() for t in top]
+        rng = np.random.default_rng(seed)
+        for t in top:
+            t.diff[...] = rng.standard_normal(t.shape)
+        layer.backward(top, [True] * len(bottom), bottom)
+        return tops, [b.diff.copy() for b in bottom], [b.diff.copy() for b in layer.blobs], params
+    finally:
+        backend.set_mode_cpu()
+
+
+def assert_layer_gpu_matches_cpu(text, bottoms, num_top=1, rtol=1e-4, atol=1e-5, phase=None):
+    _real_cupy()
+    cpu = _run_layer(text, bottoms, False, num_top=num_top, phase=phase)
+    gpu = _run_layer(text, bottoms, True, params=cpu[3], num_top=num_top, phase=phase)
+    for what, a, b in zip(("top", "bottom diff", "param diff"), cpu[:3], gpu[:3]):
+        for k, (x, y) in enumerate(zip(a, b)):
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=atol, err_msg=f"{what} {k}")
+
+
+@pytest.mark.parametrize("spec", [
+    "num_output: 4 kernel_size: 3 pad: 1",
+    "num_output: 6 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 group: 2",
+    "num_output: 3 kernel_size: 3 dilation: 2 pad: 2 stride: 2",
+])
+def test_convolution_layer_on_gpu(spec):
+    text = (f'type: "Convolution" convolution_param {{ {spec} weight_filler {{ type: "gaussian" std: 0.1 }} '
+            f'bias_filler {{ type: "constant" value: 0.1 }} }}')
+    x = np.random.default_rng(4).standard_normal((3, 4, 9, 11)).astype(np.float32)
+    assert_layer_gpu_matches_cpu(text, [x])
