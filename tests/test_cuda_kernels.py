@@ -173,3 +173,95 @@ def test_convolution_layer_on_gpu(spec):
             f'bias_filler {{ type: "constant" value: 0.1 }} }}')
     x = np.random.default_rng(4).standard_normal((3, 4, 9, 11)).astype(np.float32)
     assert_layer_gpu_matches_cpu(text, [x])
+
+
+# --- pooling ---------------------------------------------------------------------------------------
+
+POOL_CASES = [
+    ("kernel_size: 3 stride: 2 pad: 1", 6, 6),
+    ("kernel_size: 3 stride: 2", 7, 8),                      # ceil rounding: overhanging windows
+    ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 1", 5, 7),
+    ("kernel_size: 2 stride: 2", 8, 6),
+    ("kernel_size: 3 stride: 1 pad: 2", 4, 5),
+    ("kernel_size: 3 stride: 3 round_mode: FLOOR", 10, 11),
+]
+
+
+def _pool_cpu(method, spec, x, dy_seed=6):
+    """The layer's CPU forward (top, argmax mask for MAX) and backward, and the layer itself."""
+    from minicaffe.testing import make_layer
+    text = f'type: "Pooling" pooling_param {{ pool: {method} {spec} }}'
+    num_top = 2 if method == "MAX" else 1
+    import contextlib
+    with backend.float64_blobs() if x.dtype == np.float64 else contextlib.nullcontext():
+        layer, bottom, top = make_layer(text, [x], num_top=num_top)
+    layer.forward(bottom, top)
+    dy = np.random.default_rng(dy_seed).standard_normal(top[0].shape).astype(x.dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    assert top[0].data.dtype == x.dtype
+    return layer, [t.data.copy() for t in top], dy, bottom[0].diff.copy()
+
+
+@pytest.mark.parametrize("spec,h,w", POOL_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_references_match_cpu(emulated, spec, h, w, dtype):
+    from minicaffe.kernels import cuda_pooling
+    x = np.random.default_rng(7).standard_normal((2, 3, h, w)).astype(dtype)
+    x[0, 0, :2, :2] = 1.5                       # ties: the first maximum must win
+    layer, (y_cpu, mask_cpu), dy, dx_cpu = _pool_cpu("MAX", spec, x)
+    y = np.full(y_cpu.shape, np.nan, dtype)
+    mask = cuda_pooling.mask_array(layer, y.shape)
+    cuda_pooling.max_forward(layer, x, y, mask)
+    np.testing.assert_array_equal(y, y_cpu)
+    np.testing.assert_array_equal(mask, mask_cpu.astype(np.int32))
+    dx = np.full(x.shape, np.nan, dtype)
+    cuda_pooling.max_backward(layer, dy, mask, dx)
+    np.testing.assert_allclose(dx, dx_cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,h,w", POOL_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ave_pool_references_match_cpu(emulated, spec, h, w, dtype):
+    from minicaffe.kernels import cuda_pooling
+    x = np.random.default_rng(8).standard_normal((2, 3, h, w)).astype(dtype)
+    layer, (y_cpu,), dy, dx_cpu = _pool_cpu("AVE", spec, x)
+    y = np.full(y_cpu.shape, np.nan, dtype)
+    cuda_pooling.ave_forward(layer, x, y)
+    np.testing.assert_allclose(y, y_cpu, rtol=1e-6, atol=1e-6)
+    dx = np.full(x.shape, np.nan, dtype)
+    cuda_pooling.ave_backward(layer, dy, dx)
+    np.testing.assert_allclose(dx, dx_cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,h,w", POOL_CASES)
+@pytest.mark.parametrize("method", ["MAX", "AVE"])
+def test_pooling_kernels_on_gpu(spec, h, w, method):
+    cp = _real_cupy()
+    from minicaffe.kernels import cuda_pooling
+    x = np.random.default_rng(9).standard_normal((2, 3, h, w)).astype(np.float32)
+    layer, tops, dy, dx_cpu = _pool_cpu(method, spec, x)
+    y = cp.empty(tops[0].shape, cp.float32)
+    dx = cp.empty(x.shape, cp.float32)
+    if method == "MAX":
+        mask = cp.empty(y.shape, cp.int32)
+        cuda_pooling.max_forward(layer, cp.asarray(x), y, mask)
+        np.testing.assert_array_equal(mask.get(), tops[1].astype(np.int32))
+        cuda_pooling.max_backward(layer, cp.asarray(dy), mask, dx)
+    else:
+        cuda_pooling.ave_forward(layer, cp.asarray(x), y)
+        cuda_pooling.ave_backward(layer, cp.asarray(dy), dx)
+    np.testing.assert_allclose(y.get(), tops[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx.get(), dx_cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,spec,num_top", [
+    ("MAX", "kernel_size: 3 stride: 2 pad: 1", 2),
+    ("MAX", "kernel_size: 3 stride: 2", 1),
+    ("AVE", "kernel_size: 3 stride: 2 pad: 1", 1),
+    ("MAX", "global_pooling: true", 1),
+])
+def test_pooling_layer_on_gpu(method, spec, num_top):
+    x = np.random.default_rng(10).standard_normal((2, 4, 9, 7)).astype(np.float32)
+    text = f'type: "Pooling" pooling_param {{ pool: {method} {spec} }}'
+    assert_layer_gpu_matches_cpu(text, [x], num_top=num_top)
