@@ -265,3 +265,122 @@ def test_pooling_layer_on_gpu(method, spec, num_top):
     x = np.random.default_rng(10).standard_normal((2, 4, 9, 7)).astype(np.float32)
     text = f'type: "Pooling" pooling_param {{ pool: {method} {spec} }}'
     assert_layer_gpu_matches_cpu(text, [x], num_top=num_top)
+
+
+# --- ReLU ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_references_match_cpu(emulated, slope, dtype):
+    from minicaffe.kernels import cuda_elementwise
+    from minicaffe.layers.activation import ReLU
+    from minicaffe.testing import layer_param
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 5, 7)).astype(dtype)
+    x[0, 0, :3] = 0.0                              # the gradient at 0 is the slope
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    layer = ReLU(layer_param(f'type: "ReLU" relu_param {{ negative_slope: {slope} }}'), 0)
+    layer.setup([], [])
+    y_cpu, dx_cpu = np.empty_like(x), np.empty_like(x)
+    layer.compute(x, y_cpu)
+    layer.gradient(x, y_cpu, dy, dx_cpu)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    cuda_elementwise.relu_forward(x, layer.slope, y)      # the proto's float32 slope
+    cuda_elementwise.relu_backward(x, dy, layer.slope, dx)
+    np.testing.assert_array_equal(y, y_cpu)
+    np.testing.assert_array_equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_relu_kernels_on_gpu(slope):
+    cp = _real_cupy()
+    from minicaffe.kernels import cuda_elementwise
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 33)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, dx = cp.empty(x.shape, cp.float32), cp.empty(x.shape, cp.float32)
+    cuda_elementwise.relu_forward(cp.asarray(x), slope, y)
+    cuda_elementwise.relu_backward(cp.asarray(x), cp.asarray(dy), slope, dx)
+    np.testing.assert_allclose(y.get(), np.where(x > 0, x, x * np.float32(slope)), rtol=1e-6)
+    np.testing.assert_allclose(dx.get(), np.where(x > 0, dy, dy * np.float32(slope)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_relu_layer_on_gpu(slope):
+    x = np.random.default_rng(13).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    assert_layer_gpu_matches_cpu(f'type: "ReLU" relu_param {{ negative_slope: {slope} }}', [x])
+
+
+# --- solver updates --------------------------------------------------------------------------------
+
+UPDATE_CASES = [
+    ("SGD", "momentum: 0.9"),
+    ("Nesterov", "momentum: 0.9"),
+    ("AdaGrad", "delta: 1e-6"),
+    ("RMSProp", "rms_decay: 0.95 delta: 1e-6"),
+    ("AdaDelta", "momentum: 0.95 delta: 1e-6"),
+    ("Adam", "momentum: 0.9 momentum2: 0.999 delta: 1e-8"),
+]
+
+
+def _rule(kind, spec):
+    from google.protobuf import text_format
+
+    from minicaffe.proto import caffe_pb2
+    from minicaffe.solvers import updates
+    param = caffe_pb2.SolverParameter()
+    text_format.Merge(f'type: "{kind}" {spec}', param)
+    return updates.RULES[kind](param)
+
+
+def _update_inputs(rule, dtype, seed=14):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((5, 7)).astype(dtype)
+    hist = [np.abs(rng.standard_normal(g.shape)).astype(dtype) for _ in range(rule.history_sets)]
+    return g, hist
+
+
+@pytest.mark.parametrize("kind,spec", UPDATE_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_references_match_cpu(emulated, kind, spec, dtype):
+    rule = _rule(kind, spec)
+    g_cpu, h_cpu = _update_inputs(rule, dtype)
+    g_ref, h_ref = _update_inputs(rule, dtype)
+    tmp = [np.empty_like(g_cpu) for _ in range(rule.scratch)]
+    for it in range(3):                     # a few steps: the history feeds back
+        rule.compute(g_cpu, h_cpu, tmp, 0.01, it)
+        _gpu_compute(rule, g_ref, h_ref, 0.01, it)
+        tol = 1e-6 if dtype == np.float32 else 1e-13
+        np.testing.assert_allclose(g_ref, g_cpu, rtol=tol, atol=tol * 1e-3)
+        for a, b in zip(h_ref, h_cpu):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 1e-3)
+        g_cpu[...] = g_ref[...] = np.random.default_rng(it).standard_normal(g_cpu.shape)
+
+
+def _gpu_compute(rule, g, hist, rate, it):
+    """The GPU branch of ``rule.compute`` on NumPy arrays: its ``_on_gpu`` test is forced true."""
+    from minicaffe.solvers import updates
+    orig = updates._on_gpu
+    updates._on_gpu = lambda arr: True
+    try:
+        rule.compute(g, hist, [np.empty_like(g) for _ in range(rule.scratch)], rate, it)
+    finally:
+        updates._on_gpu = orig
+
+
+@pytest.mark.parametrize("kind,spec", UPDATE_CASES)
+def test_update_kernels_on_gpu(kind, spec):
+    cp = _real_cupy()
+    rule = _rule(kind, spec)
+    g_cpu, h_cpu = _update_inputs(rule, np.float32)
+    tmp = [np.empty_like(g_cpu) for _ in range(rule.scratch)]
+    g_dev = cp.asarray(g_cpu)
+    h_dev = [cp.asarray(h) for h in h_cpu]
+    for it in range(3):
+        rule.compute(g_cpu, h_cpu, tmp, 0.01, it)
+        rule.compute(g_dev, h_dev, [cp.empty_like(g_dev) for _ in range(rule.scratch)], 0.01, it)
+        np.testing.assert_allclose(g_dev.get(), g_cpu, rtol=1e-5, atol=1e-7)
+        for a, b in zip(h_dev, h_cpu):
+            np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-7)
+        g_cpu[...] = np.random.default_rng(it).standard_normal(g_cpu.shape)
+        g_dev[...] = cp.asarray(g_cpu)

@@ -47,18 +47,27 @@ def raw_kernel(base, template, dtype):
     return kern
 
 
-def elementwise_kernel(base, in_params, out_params, operation, dtype=None):
-    """An ElementwiseKernel called ``<base>[_<f32|f64>]``: ``dtype`` (when the code names a
-    concrete float type as ``__T__``) selects the variant; cached like ``raw_kernel``."""
-    name = base if dtype is None else f"{base}_{suffix(dtype)}"
+def elementwise_kernel(base, in_params, out_params, operation, dtype):
+    """The ElementwiseKernel ``<base>_<f32|f64>``: in the parameter lists ``__D__`` is the dtype
+    name (``float32``; a bare ``float`` would mean NumPy's float64 there), in the body ``__T__`` is
+    the C type. Output parameters passed in are updated in place. Built on first use, cached."""
+    ctype, sfx = _CTYPES[np.dtype(dtype)]
+    dname = np.dtype(dtype).name
+    name = f"{base}_{sfx}"
     cp = _cupy()
     key = (id(cp), name)
     kern = _cache.get(key)
     if kern is None:
-        ctype = "float" if dtype is None else _CTYPES[np.dtype(dtype)][0]
-        sub = (lambda s: s.replace("__T__", ctype))
-        kern = _cache[key] = cp.ElementwiseKernel(sub(in_params), sub(out_params), sub(operation), name)
+        kern = _cache[key] = cp.ElementwiseKernel(in_params.replace("__D__", dname),
+                                                  out_params.replace("__D__", dname),
+                                                  operation.replace("__T__", ctype), name)
     return kern
+
+
+def scalars(dtype, *values):
+    """``values`` as scalars of the arrays' float type (the kernels' ``__D__`` parameters)."""
+    t = np.dtype(dtype).type
+    return tuple(t(v) for v in values)
 
 
 def grid_for(total):
