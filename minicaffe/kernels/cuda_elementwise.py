@@ -15,16 +15,18 @@ from . import _cuda, emulation
 RELU_FORWARD = "minicaffe_relu_fwd"
 RELU_BACKWARD = "minicaffe_relu_bwd"
 
+# (inputs, outputs, body): __D__ = the dtype name, __T__ = the C type (see _cuda.elementwise_kernel)
+_RELU_FWD = ("__D__ x, __D__ slope", "__D__ y", "y = x > (__T__)0 ? x : x * slope")
+_RELU_BWD = ("__D__ x, __D__ dy, __D__ slope", "__D__ dx", "dx = x > (__T__)0 ? dy : dy * slope")
+
 
 def relu_forward(x, slope, y):
-    kern = _cuda.elementwise_kernel(RELU_FORWARD, "__D__ x, __D__ slope", "__D__ y",
-                                    "y = x > (__T__)0 ? x : x * slope", x.dtype)
+    kern = _cuda.elementwise_kernel(RELU_FORWARD, *_RELU_FWD, x.dtype)
     kern(x, *_cuda.scalars(x.dtype, slope), y)
 
 
 def relu_backward(x, dy, slope, dx):
-    kern = _cuda.elementwise_kernel(RELU_BACKWARD, "__D__ x, __D__ dy, __D__ slope", "__D__ dx",
-                                    "dx = x > (__T__)0 ? dy : dy * slope", dy.dtype)
+    kern = _cuda.elementwise_kernel(RELU_BACKWARD, *_RELU_BWD, dy.dtype)
     kern(x, dy, *_cuda.scalars(dy.dtype, slope), dx)
 
 
