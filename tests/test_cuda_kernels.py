@@ -7,8 +7,9 @@ Two halves:
   (``minicaffe.kernels.emulation``). That runs the wrappers' argument order, shapes and launch
   bookkeeping, and proves the reference computes what the layer's CPU code computes, on random
   inputs with padding, strides, dilation and odd shapes.
-* GPU (only where CuPy sees a device): the same wrappers on CuPy arrays, i.e. the real compiled
-  kernels, against the CPU result; and whole layers in GPU mode against CPU mode.
+* GPU (the ``gpu`` fixture: real CuPy where a device is visible, i.e. the real compiled kernels;
+  the suite's CuPy stand-in elsewhere, if it has one): the same wrappers on device arrays against
+  the CPU result, and whole layers in GPU mode against CPU mode.
 """
 import numpy as np
 import pytest
@@ -56,10 +57,16 @@ def emulated(monkeypatch):
     _cuda._cache.clear()
 
 
-def _real_cupy():
-    if not backend.gpu_available():
-        pytest.skip("no CUDA device")
-    return backend._import_cupy()
+class _cpu_mode:
+    """CPU mode inside a GPU-mode test (the layers' CPU code gives the expected values)."""
+
+    def __enter__(self):
+        self.was_gpu = backend.is_gpu()
+        backend.set_mode_cpu()
+
+    def __exit__(self, *exc):
+        if self.was_gpu:
+            backend.set_mode_gpu()
 
 
 GEOMS = [
@@ -113,8 +120,8 @@ def test_col2im_writes_a_non_contiguous_output(emulated):
 # --- real kernels (GPU only) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", GEOMS)
-def test_im2col_col2im_kernels_on_gpu(case):
-    cp = _real_cupy()
+def test_im2col_col2im_kernels_on_gpu(case, gpu):
+    cp = backend.xp()
     (n, c, h, w), g, (oh, ow) = _geom(case)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
@@ -133,6 +140,7 @@ def test_im2col_col2im_kernels_on_gpu(case):
 def _run_layer(text, bottoms, gpu, params=None, num_top=1, phase=None, seed=5):
     """forward + backward of one layer; returns (tops, bottom diffs, param diffs, params) as NumPy."""
     from minicaffe.testing import TRAIN, make_layer
+    was_gpu = backend.is_gpu()
     (backend.set_mode_gpu if gpu else backend.set_mode_cpu)()
     try:
         layer, bottom, top = make_layer(text, bottoms, num_top, TRAIN if phase is None else phase)
@@ -151,11 +159,11 @@ def _run_layer(text, bottoms, gpu, params=None, num_top=1, phase=None, seed=5):
         layer.backward(top, [True] * len(bottom), bottom)
         return tops, [b.diff.copy() for b in bottom], [b.diff.copy() for b in layer.blobs], params
     finally:
-        backend.set_mode_cpu()
+        (backend.set_mode_gpu if was_gpu else backend.set_mode_cpu)()
 
 
 def assert_layer_gpu_matches_cpu(text, bottoms, num_top=1, rtol=1e-4, atol=1e-5, phase=None):
-    _real_cupy()
+    """(inside a test that takes the ``gpu`` fixture)"""
     cpu = _run_layer(text, bottoms, False, num_top=num_top, phase=phase)
     gpu = _run_layer(text, bottoms, True, params=cpu[3], num_top=num_top, phase=phase)
     for what, a, b in zip(("top", "bottom diff", "param diff"), cpu[:3], gpu[:3]):
@@ -168,7 +176,7 @@ def assert_layer_gpu_matches_cpu(text, bottoms, num_top=1, rtol=1e-4, atol=1e-5,
     "num_output: 6 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 group: 2",
     "num_output: 3 kernel_size: 3 dilation: 2 pad: 2 stride: 2",
 ])
-def test_convolution_layer_on_gpu(spec):
+def test_convolution_layer_on_gpu(spec, gpu):
     text = (f'type: "Convolution" convolution_param {{ {spec} weight_filler {{ type: "gaussian" std: 0.1 }} '
             f'bias_filler {{ type: "constant" value: 0.1 }} }}')
     x = np.random.default_rng(4).standard_normal((3, 4, 9, 11)).astype(np.float32)
@@ -236,11 +244,12 @@ def test_ave_pool_references_match_cpu(emulated, spec, h, w, dtype):
 
 @pytest.mark.parametrize("spec,h,w", POOL_CASES)
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
-def test_pooling_kernels_on_gpu(spec, h, w, method):
-    cp = _real_cupy()
+def test_pooling_kernels_on_gpu(spec, h, w, method, gpu):
+    cp = backend.xp()
     from minicaffe.kernels import cuda_pooling
     x = np.random.default_rng(9).standard_normal((2, 3, h, w)).astype(np.float32)
-    layer, tops, dy, dx_cpu = _pool_cpu(method, spec, x)
+    with _cpu_mode():
+        layer, tops, dy, dx_cpu = _pool_cpu(method, spec, x)
     y = cp.empty(tops[0].shape, cp.float32)
     dx = cp.empty(x.shape, cp.float32)
     if method == "MAX":
@@ -261,7 +270,7 @@ def test_pooling_kernels_on_gpu(spec, h, w, method):
     ("AVE", "kernel_size: 3 stride: 2 pad: 1", 1),
     ("MAX", "global_pooling: true", 1),
 ])
-def test_pooling_layer_on_gpu(method, spec, num_top):
+def test_pooling_layer_on_gpu(method, spec, num_top, gpu):
     x = np.random.default_rng(10).standard_normal((2, 4, 9, 7)).astype(np.float32)
     text = f'type: "Pooling" pooling_param {{ pool: {method} {spec} }}'
     assert_layer_gpu_matches_cpu(text, [x], num_top=num_top)
@@ -292,8 +301,8 @@ def test_relu_references_match_cpu(emulated, slope, dtype):
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.2])
-def test_relu_kernels_on_gpu(slope):
-    cp = _real_cupy()
+def test_relu_kernels_on_gpu(slope, gpu):
+    cp = backend.xp()
     from minicaffe.kernels import cuda_elementwise
     rng = np.random.default_rng(12)
     x = rng.standard_normal((4, 33)).astype(np.float32)
@@ -306,7 +315,7 @@ def test_relu_kernels_on_gpu(slope):
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1])
-def test_relu_layer_on_gpu(slope):
+def test_relu_layer_on_gpu(slope, gpu):
     x = np.random.default_rng(13).standard_normal((2, 3, 4, 5)).astype(np.float32)
     assert_layer_gpu_matches_cpu(f'type: "ReLU" relu_param {{ negative_slope: {slope} }}', [x])
 
@@ -369,8 +378,8 @@ def _gpu_compute(rule, g, hist, rate, it):
 
 
 @pytest.mark.parametrize("kind,spec", UPDATE_CASES)
-def test_update_kernels_on_gpu(kind, spec):
-    cp = _real_cupy()
+def test_update_kernels_on_gpu(kind, spec, gpu):
+    cp = backend.xp()
     rule = _rule(kind, spec)
     g_cpu, h_cpu = _update_inputs(rule, np.float32)
     tmp = [np.empty_like(g_cpu) for _ in range(rule.scratch)]
