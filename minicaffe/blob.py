@@ -146,6 +146,11 @@ class Blob:
         """``diff`` for reading on the host: see ``host_data``."""
         return _read_only(self._diff.host_array(write=False))
 
+    def host_is_current(self):
+        """Whether ``host_data`` needs no copy from the device (engine code that can check on
+        the host for free, e.g. label ranges)."""
+        return self._data.head != DEVICE
+
     def _assign(self, synced, value):
         arr = synced.host_array()
         arr[...] = backend.to_host(value) if not np.isscalar(value) else value

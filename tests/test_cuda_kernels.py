@@ -400,7 +400,7 @@ def test_update_kernels_on_gpu(kind, spec, gpu):
 def _all_kernel_sources():
     """(name, CUDA source) of every kernel for both float types; ElementwiseKernels wrapped in a
     mock kernel as CuPy's generated code has them (inputs const values, outputs element references)."""
-    from minicaffe.kernels import cuda_elementwise, cuda_pooling, cuda_updates
+    from minicaffe.kernels import cuda_elementwise, cuda_pooling, cuda_softmax, cuda_updates
     ctype = {"float32": "float", "float64": "double"}
     out = []
     for dt, ct in ((np.float32, "float"), (np.float64, "double")):
@@ -409,7 +409,11 @@ def _all_kernel_sources():
                           (cuda_pooling.MAX_FORWARD, cuda_pooling._MAX_FWD_SRC),
                           (cuda_pooling.MAX_BACKWARD, cuda_pooling._MAX_BWD_SRC),
                           (cuda_pooling.AVE_FORWARD, cuda_pooling._AVE_FWD_SRC),
-                          (cuda_pooling.AVE_BACKWARD, cuda_pooling._AVE_BWD_SRC)):
+                          (cuda_pooling.AVE_BACKWARD, cuda_pooling._AVE_BWD_SRC),
+                          (cuda_softmax.SOFTMAX, cuda_softmax._SOFTMAX_SRC),
+                          (cuda_softmax.SOFTMAX_BACKWARD, cuda_softmax._SOFTMAX_BWD_SRC),
+                          (cuda_softmax.LOSS, cuda_softmax._LOSS_SRC),
+                          (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC)):
             name = f"{base}_{sfx}"
             out.append((name, tpl.replace("__T__", ct).replace("__NAME__", name)))
         ew = dict(cuda_updates._KERNELS)
@@ -439,6 +443,8 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
     assert len({name for name, _ in sources}) == len(sources)
     for name, _ in sources:
         assert name in emulation.REFERENCES, f"{name} has no NumPy reference"
+    ours = {n for n in emulation.REFERENCES if n.startswith("minicaffe_")}
+    assert ours <= {name for name, _ in sources}, "a kernel missing from this compile check"
     cu = tmp_path / "all.cu"
     cu.write_text("\n".join(src for _, src in sources))
     r = subprocess.run(["nvcc", "-arch=sm_90", "--ptx", "-o", str(tmp_path / "all.ptx"), str(cu)],
@@ -447,3 +453,109 @@ def test_kernel_sources_compile_with_nvcc(tmp_path):
     ptx = (tmp_path / "all.ptx").read_text()
     for name, _ in sources:
         assert f".entry {name}(" in ptx
+
+
+# --- softmax and the softmax loss ------------------------------------------------------------------
+
+SOFTMAX_SHAPES = [((4, 7), 1), ((2, 5, 3, 4), 1), ((3, 2, 6), 2), ((5, 3), 0)]
+
+
+@pytest.mark.parametrize("shape,axis", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_references_match_cpu(emulated, shape, axis, dtype):
+    from minicaffe.kernels import cuda_softmax
+    from minicaffe.layers import loss
+    rng = np.random.default_rng(15)
+    x = (rng.standard_normal(shape) * 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    want = loss.softmax(np, x, axis, np.empty_like(x))
+    got = cuda_softmax.softmax(x, axis, np.full_like(x, np.nan))
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    want_dx = (dy - (dy * want).sum(axis=axis, keepdims=True)) * want      # Softmax.backward's CPU code
+    got_dx = cuda_softmax.softmax_backward(want, dy, axis, np.full_like(x, np.nan))
+    np.testing.assert_allclose(got_dx, want_dx, rtol=tol * 10, atol=tol)
+    inplace = x.copy()
+    cuda_softmax.softmax(inplace, axis, inplace)
+    np.testing.assert_allclose(inplace, want, rtol=tol, atol=tol)
+
+
+LOSS_CASES = [
+    ("", (6, 5), 1),
+    ("loss_param { ignore_label: 2 }", (6, 5), 1),
+    ("loss_param { ignore_label: 1 normalization: FULL }", (3, 4, 2, 3), 1),
+    ("loss_param { normalization: BATCH_SIZE }", (3, 4, 2, 3), 1),
+    ("loss_param { ignore_label: 0 normalization: NONE } softmax_param { axis: 2 }", (2, 3, 4), 2),
+    ("loss_param { ignore_label: 3 }", (4, 4), 1),         # every label ignored: normaliser 1
+]
+
+
+def _loss_inputs(shape, axis, spec, seed=16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    label_shape = shape[:axis] + shape[axis + 1:]
+    labels = rng.integers(0, shape[axis], label_shape).astype(np.float32)
+    if "ignore_label: 3" in spec:
+        labels[...] = 3
+    return x, labels
+
+
+@pytest.mark.parametrize("spec,shape,axis", LOSS_CASES)
+def test_softmax_loss_references_match_cpu(emulated, spec, shape, axis):
+    from minicaffe.kernels import cuda_softmax
+    from minicaffe.testing import make_layer
+    x, labels = _loss_inputs(shape, axis, spec)
+    layer, bottom, top = make_layer(f'type: "SoftmaxWithLoss" {spec}', [x, labels])
+    layer.forward(bottom, top)
+    top[0].diff[...] = 0.7                              # a loss weight
+    layer.backward(top, [True, False], bottom)
+    prob = layer.prob
+    total, count = cuda_softmax.softmax_loss(prob, labels, axis, layer.ignore)
+    from minicaffe.layers.loss import normalizer
+    valid = None if layer.ignore is None else int(count)
+    assert valid is None or valid == int((labels != layer.ignore).sum())
+    norm = normalizer(layer.norm_mode, layer.outer, layer.inner, valid)
+    np.testing.assert_allclose(total / norm, top[0].data, rtol=1e-5, atol=1e-7)
+    dx = cuda_softmax.softmax_loss_backward(prob, labels, np.float32(0.7) / np.float32(norm), axis,
+                                            layer.ignore, np.full_like(x, np.nan))
+    np.testing.assert_allclose(dx, bottom[0].diff, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,axis", SOFTMAX_SHAPES[:3])
+def test_softmax_layer_on_gpu(shape, axis, gpu):
+    x = np.random.default_rng(17).standard_normal(shape).astype(np.float32)
+    assert_layer_gpu_matches_cpu(f'type: "Softmax" softmax_param {{ axis: {axis} }}', [x])
+
+
+@pytest.mark.parametrize("spec,shape,axis", LOSS_CASES)
+def test_softmax_loss_layer_on_gpu(spec, shape, axis, gpu):
+    from minicaffe.testing import make_layer
+    x, labels = _loss_inputs(shape, axis, spec)
+    text = f'type: "SoftmaxWithLoss" {spec}'
+    with _cpu_mode():
+        layer, bottom, top = make_layer(text, [x, labels])
+        layer.forward(bottom, top)
+        top[0].diff[...] = 0.7
+        layer.backward(top, [True, False], bottom)
+        want_loss, want_dx = top[0].data.copy(), bottom[0].diff.copy()
+    layer, bottom, top = make_layer(text, [x, labels], num_top=2)
+    layer.forward(bottom, top)
+    top[0].diff[...] = 0.7
+    layer.backward(top, [True, False], bottom)
+    np.testing.assert_allclose(top[0].data, want_loss, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bottom[0].diff, want_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(top[1].data.sum(axis=axis), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_softmax_loss_bad_label_on_gpu(on_device, gpu):
+    from minicaffe.errors import NetError
+    from minicaffe.testing import make_layer
+    x = np.zeros((3, 4), np.float32)
+    layer, bottom, top = make_layer('type: "SoftmaxWithLoss" loss_param { ignore_label: 9 }',
+                                    [x, np.array([1, 4, 9], np.float32)])
+    if on_device:
+        bottom[1].xdata                  # the labels' newest copy is on the device now
+        assert not bottom[1].host_is_current()
+    with pytest.raises(NetError, match=r"label 4 is out of range \[0, 4\) and is not the ignore_label 9"):
+        layer.forward(bottom, top)
