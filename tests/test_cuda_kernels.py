@@ -400,7 +400,7 @@ def test_update_kernels_on_gpu(kind, spec, gpu):
 def _all_kernel_sources():
     """(name, CUDA source) of every kernel for both float types; ElementwiseKernels wrapped in a
     mock kernel as CuPy's generated code has them (inputs const values, outputs element references)."""
-    from minicaffe.kernels import cuda_elementwise, cuda_pooling, cuda_softmax, cuda_updates
+    from minicaffe.kernels import cuda_elementwise, cuda_lrn, cuda_pooling, cuda_softmax, cuda_updates
     ctype = {"float32": "float", "float64": "double"}
     out = []
     for dt, ct in ((np.float32, "float"), (np.float64, "double")):
@@ -413,7 +413,8 @@ def _all_kernel_sources():
                           (cuda_softmax.SOFTMAX, cuda_softmax._SOFTMAX_SRC),
                           (cuda_softmax.SOFTMAX_BACKWARD, cuda_softmax._SOFTMAX_BWD_SRC),
                           (cuda_softmax.LOSS, cuda_softmax._LOSS_SRC),
-                          (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC)):
+                          (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC),
+                          (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC)):
             name = f"{base}_{sfx}"
             out.append((name, tpl.replace("__T__", ct).replace("__NAME__", name)))
         ew = dict(cuda_updates._KERNELS)
@@ -559,3 +560,42 @@ def test_softmax_loss_bad_label_on_gpu(on_device, gpu):
         assert not bottom[1].host_is_current()
     with pytest.raises(NetError, match=r"label 4 is out of range \[0, 4\) and is not the ignore_label 9"):
         layer.forward(bottom, top)
+
+
+# --- LRN across channels ---------------------------------------------------------------------------
+
+LRN_CASES = ["local_size: 5 alpha: 0.0001 beta: 0.75", "local_size: 3 alpha: 0.5 beta: 0.6 k: 2",
+             "local_size: 1 alpha: 1 beta: 1", "local_size: 7 alpha: 0.3 beta: 0.5"]
+
+
+def _lrn_cpu(spec, x, seed=18):
+    from minicaffe.testing import make_layer
+    import contextlib
+    with backend.float64_blobs() if x.dtype == np.float64 else contextlib.nullcontext():
+        layer, bottom, top = make_layer(f'type: "LRN" lrn_param {{ {spec} }}', [x])
+    layer.forward(bottom, top)
+    dy = np.random.default_rng(seed).standard_normal(x.shape).astype(x.dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    return layer, top[0].data.copy(), dy, bottom[0].diff.copy()
+
+
+@pytest.mark.parametrize("spec", LRN_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lrn_references_match_cpu(emulated, spec, dtype):
+    from minicaffe.kernels import cuda_lrn
+    x = np.random.default_rng(19).standard_normal((2, 6, 3, 5)).astype(dtype)
+    layer, y_cpu, dy, dx_cpu = _lrn_cpu(spec, x)
+    scale, p, y = (np.full_like(x, np.nan) for _ in range(3))
+    cuda_lrn.forward(layer, x, scale, p, y)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, y_cpu, rtol=tol, atol=tol)
+    dx = np.full_like(x, np.nan)
+    cuda_lrn.backward(layer, x, y, dy, scale, p, dx)
+    np.testing.assert_allclose(dx, dx_cpu, rtol=tol * 10, atol=tol)
+
+
+@pytest.mark.parametrize("spec", LRN_CASES[:2] + ["local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL"])
+def test_lrn_layer_on_gpu(spec, gpu):
+    x = np.random.default_rng(20).standard_normal((2, 6, 4, 5)).astype(np.float32)
+    assert_layer_gpu_matches_cpu(f'type: "LRN" lrn_param {{ {spec} }}', [x])
