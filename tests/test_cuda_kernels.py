@@ -401,7 +401,7 @@ def _all_kernel_sources():
     """(name, CUDA source) of every kernel for both float types; ElementwiseKernels wrapped in a
     mock kernel as CuPy's generated code has them (inputs const values, outputs element references)."""
     from minicaffe.kernels import cuda_elementwise, cuda_lrn, cuda_pooling, cuda_softmax, cuda_updates
-    ctype = {"float32": "float", "float64": "double"}
+    ctype = {"float32": "float", "float64": "double", "int32": "int"}
     out = []
     for dt, ct in ((np.float32, "float"), (np.float64, "double")):
         sfx = _cuda.suffix(dt)
@@ -420,6 +420,7 @@ def _all_kernel_sources():
         ew = dict(cuda_updates._KERNELS)
         ew[cuda_elementwise.RELU_FORWARD] = cuda_elementwise._RELU_FWD
         ew[cuda_elementwise.RELU_BACKWARD] = cuda_elementwise._RELU_BWD
+        ew.update(cuda_elementwise._ELTWISE)
         for base, (ins, outs, body) in ew.items():
             name = f"{base}_{sfx}"
             params, decls = [], []
@@ -599,3 +600,40 @@ def test_lrn_references_match_cpu(emulated, spec, dtype):
 def test_lrn_layer_on_gpu(spec, gpu):
     x = np.random.default_rng(20).standard_normal((2, 6, 4, 5)).astype(np.float32)
     assert_layer_gpu_matches_cpu(f'type: "LRN" lrn_param {{ {spec} }}', [x])
+
+
+# --- Eltwise (two bottoms) -------------------------------------------------------------------------
+
+ELTWISE_CASES = ["operation: SUM", "operation: SUM coeff: 0.5 coeff: -2", "operation: PROD", "operation: MAX"]
+
+
+@pytest.mark.parametrize("spec", ELTWISE_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eltwise_references_match_cpu(emulated, spec, dtype):
+    import contextlib
+
+    from minicaffe.kernels import cuda_elementwise
+    from minicaffe.testing import make_layer
+    rng = np.random.default_rng(21)
+    a, b = (rng.standard_normal((3, 4, 5)).astype(dtype) for _ in range(2))
+    b[0, 0] = a[0, 0]                           # ties: MAX gives them to bottom 1
+    with backend.float64_blobs() if dtype == np.float64 else contextlib.nullcontext():
+        layer, bottom, top = make_layer(f'type: "Eltwise" eltwise_param {{ {spec} }}', [a, b])
+    layer.forward(bottom, top)
+    y = np.full_like(a, np.nan)
+    if "SUM" in spec:
+        cuda_elementwise.eltwise_sum(a, b, layer.coeffs[0], layer.coeffs[1], y)
+    elif "PROD" in spec:
+        cuda_elementwise.eltwise_prod(a, b, y)
+    else:
+        mask = np.full(a.shape, -1, np.int32)
+        cuda_elementwise.eltwise_max(a, b, y, mask)
+        np.testing.assert_array_equal(mask, layer.mask)
+    np.testing.assert_allclose(y, top[0].data, rtol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("spec", ELTWISE_CASES)
+def test_eltwise_layer_on_gpu(spec, gpu):
+    rng = np.random.default_rng(22)
+    a, b = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(2))
+    assert_layer_gpu_matches_cpu(f'type: "Eltwise" eltwise_param {{ {spec} }}', [a, b])
