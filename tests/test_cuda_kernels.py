@@ -162,9 +162,9 @@ def _run_layer(text, bottoms, gpu, params=None, num_top=1, phase=None, seed=5):
         (backend.set_mode_gpu if was_gpu else backend.set_mode_cpu)()
 
 
-def assert_layer_gpu_matches_cpu(text, bottoms, num_top=1, rtol=1e-4, atol=1e-5, phase=None):
+def assert_layer_gpu_matches_cpu(text, bottoms, num_top=1, rtol=1e-4, atol=1e-5, phase=None, params=None):
     """(inside a test that takes the ``gpu`` fixture)"""
-    cpu = _run_layer(text, bottoms, False, num_top=num_top, phase=phase)
+    cpu = _run_layer(text, bottoms, False, params=params, num_top=num_top, phase=phase)
     gpu = _run_layer(text, bottoms, True, params=cpu[3], num_top=num_top, phase=phase)
     for what, a, b in zip(("top", "bottom diff", "param diff"), cpu[:3], gpu[:3]):
         for k, (x, y) in enumerate(zip(a, b)):
@@ -637,3 +637,15 @@ def test_eltwise_layer_on_gpu(spec, gpu):
     rng = np.random.default_rng(22)
     a, b = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(2))
     assert_layer_gpu_matches_cpu(f'type: "Eltwise" eltwise_param {{ {spec} }}', [a, b])
+
+
+# --- BatchNorm with global statistics: no host read of the scale factor ---------------------------
+
+@pytest.mark.parametrize("factor", [0.0, 2.5])
+def test_batchnorm_global_stats_on_gpu(factor, gpu):
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((3, 4, 2, 2)).astype(np.float32)
+    params = [rng.standard_normal(4).astype(np.float32), np.abs(rng.standard_normal(4)).astype(np.float32),
+              np.array([factor], np.float32)]
+    assert_layer_gpu_matches_cpu('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [x],
+                                 params=params)
