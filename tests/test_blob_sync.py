@@ -96,3 +96,19 @@ def test_cpu_mode_host_data_sees_layer_writes():
     assert b.host_data.tolist() == [4.0, 4.0, 4.0]
     b.data[...] = 1.0
     assert b.xdata.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_sync_rule_on_the_gpu_backend(gpu, monkeypatch):
+    """The same rule with the real GPU module (or the suite's CuPy stand-in): uploads counted at
+    ``backend.to_device``, which every host-to-device copy of a blob goes through."""
+    ups = []
+    real = backend.to_device
+    monkeypatch.setattr(backend, "to_device", lambda arr: ups.append(1) or real(arr))
+    xp = backend.xp()
+    b = Blob((2, 3))
+    b.xdata = xp.full((2, 3), 2.0, dtype=np.float32)      # a layer's output, on the device
+    assert b.host_data.sum() == 12.0                       # the display reads it
+    b.xdata += 1.0                                         # the next layer uses the device copy
+    assert not ups
+    b.data[...] = 5.0                                      # pycaffe's write
+    assert float(b.xdata.sum()) == 30.0 and len(ups) == 1
