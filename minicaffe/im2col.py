@@ -11,6 +11,10 @@ On the CPU, a convolution's forward over wide maps builds the columns of a band 
 at a time (``im2col_rows``) so they are still in cache when the GEMM reads them, and col2im sums
 a block of channels at a time for the same reason.
 
+On a GPU, ``im2col`` and ``col2im`` are one CUDA kernel each (``minicaffe.kernels.cuda_im2col``,
+same layout): the strided copies and channel blocks here are shaped for NumPy and would be
+hundreds of small launches there.
+
 Scratch arrays come from a small per-thread workspace (one growing buffer per slot, module and
 dtype), so a net of many convolutions allocates its big column buffer once.
 """
