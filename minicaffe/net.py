@@ -542,9 +542,9 @@ class Net:
             del new.blobs[:]
             for blob in layer.blobs:
                 bp = new.blobs.add()
-                bp.MergeFromString(blobproto_bytes(blob.data.astype(np.float32, copy=False)))
+                bp.MergeFromString(blobproto_bytes(blob.host_data.astype(np.float32, copy=False)))
                 if write_diff:
-                    bp.diff.extend(blob.diff.astype(np.float32).ravel().tolist())
+                    bp.diff.extend(blob.host_diff.astype(np.float32).ravel().tolist())
         return out
 
     def save(self, path):
@@ -621,7 +621,7 @@ class Net:
                     if layer.blobs:
                         group = data.create_group(name)
                         for k, blob in enumerate(layer.blobs):
-                            group.create_dataset(str(k), data=blob.data.astype(np.float32))
+                            group.create_dataset(str(k), data=blob.host_data.astype(np.float32))
 
     def load_hdf5(self, path):
         h5py = _h5py()

@@ -6,9 +6,12 @@ input (and cannot recover it from the output) keeps a copy of it, as Caffe's PRe
 """
 import math
 
+import numpy as np
+
 from .. import fillers
 from ..blob import Blob
 from ..im2col import workspace
+from ..kernels import cuda_elementwise
 from .base import Layer, register
 
 
@@ -78,14 +81,18 @@ class ReLU(NeuronLayer):
         return self.slope < 0
 
     def compute(self, x, y):
-        if self.slope == 0:
+        if self.xp is not np:      # GPU: one fused kernel
+            cuda_elementwise.relu_forward(x, self.slope, y)
+        elif self.slope == 0:
             self.xp.maximum(x, 0, out=y)
         else:
             _leaky(self.xp, x, self.slope, y)
 
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
-        if self.slope == 0:
+        if self.xp is not np:
+            cuda_elementwise.relu_backward(x, dy, self.slope, dx)
+        elif self.slope == 0:
             positive = workspace(self.xp, x.shape, bool, "relu_mask")   # no new array per call
             self.xp.greater(x, 0, out=positive)
             self.xp.multiply(dy, positive, out=dx)

@@ -7,6 +7,7 @@ gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bott
 import numpy as np
 
 from ..errors import ShapeError
+from ..kernels import cuda_softmax
 from ..proto import caffe_pb2
 from .base import Layer, register
 from .shape import canonical_axis
@@ -18,6 +19,8 @@ LOG_THRESHOLD = 1e-20                        # Caffe's kLOG_THRESHOLD (Infogain,
 
 def softmax(xp, x, axis, out):
     """Numerically stable softmax of ``x`` along ``axis`` written into ``out`` (may be ``x``)."""
+    if xp is not np:      # GPU: one kernel
+        return cuda_softmax.softmax(x, axis, out)
     m = x.max(axis=axis, keepdims=True)
     xp.subtract(x, m, out=out)
     xp.exp(out, out=out)
@@ -66,11 +69,28 @@ def read_labels(layer, blob, shape, num_classes, ignore):
         valid = lab != ignore
         bad &= valid
     if bool(bad.any()):
-        first = int(lab[bad].ravel()[0])
-        hint = f" and is not the ignore_label {ignore}" if ignore is not None else ""
-        raise layer.error(f"label {first} is out of range [0, {num_classes}){hint}")
+        raise _label_error(layer, int(lab[bad].ravel()[0]), num_classes, ignore)
     safe = lab if valid is None else xp.where(valid, lab, 0)
     return safe, valid
+
+
+def _label_error(layer, first, num_classes, ignore):
+    hint = f" and is not the ignore_label {ignore}" if ignore is not None else ""
+    return layer.error(f"label {first} is out of range [0, {num_classes}){hint}")
+
+
+def check_labels(layer, blob, num_classes, ignore):
+    """``read_labels``'s range check alone, on the host copy when that is current (labels come from
+    a data layer on the host: no device sync), else on the device (one sync)."""
+    if not blob.host_is_current():
+        read_labels(layer, blob, (blob.count,), num_classes, ignore)
+        return
+    lab = blob.host_data.reshape(-1).astype(np.int64)
+    bad = (lab < 0) | (lab >= num_classes)
+    if ignore is not None:
+        bad &= lab != ignore
+    if bad.any():
+        raise _label_error(layer, int(lab[bad][0]), num_classes, ignore)
 
 
 class LossLayer(Layer):
@@ -116,6 +136,9 @@ class Softmax(Layer):
         if not propagate_down[0]:
             return
         y, dy = top[0].xdata, top[0].xdiff
+        if self.xp is not np:     # GPU: one kernel, written in place (dy may be the bottom's diff)
+            cuda_softmax.softmax_backward(y, dy, self.axis, bottom[0].xdiff)
+            return
         dot = (dy * y).sum(axis=self.axis, keepdims=True)
         bottom[0].xdiff = (dy - dot) * y
 
@@ -170,6 +193,9 @@ class SoftmaxWithLoss(_SoftmaxLoss):
 
     def forward(self, bottom, top):
         xp = self.xp
+        if xp is not np:
+            self._forward_gpu(bottom, top)
+            return
         prob = self.probabilities(bottom, top)
         safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
         p = xp.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
@@ -183,11 +209,30 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
         top[0].xdata[...] = -logp.sum() / self.norm
 
+    # GPU: the loss, its count and the gradient in three kernels; nothing read back to the host
+    def _forward_gpu(self, bottom, top):
+        check_labels(self, bottom[1], self.classes, self.ignore)
+        self.probabilities(bottom, top)
+        loss, count = cuda_softmax.softmax_loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
+        if self.ignore is not None and self.norm_mode == _Norm.VALID:
+            self.norm = self.xp.maximum(count, 1)          # a device scalar
+        else:
+            self.norm = normalizer(self.norm_mode, self.outer, self.inner, None)
+        top[0].xdata[...] = loss / self.norm
+
+    def _backward_gpu(self, top, bottom):
+        scale = top[0].xdiff / self.norm
+        cuda_softmax.softmax_loss_backward(self.prob, bottom[1].xdata, scale, self.axis, self.ignore,
+                                           bottom[0].xdiff)
+
     def backward(self, top, propagate_down, bottom):
         self.no_label_grad(propagate_down)
         if not propagate_down[0]:
             return
         xp = self.xp
+        if xp is not np:
+            self._backward_gpu(top, bottom)
+            return
         grad = self.prob.reshape(self.outer, self.classes, self.inner).copy()
         rows = xp.arange(self.outer)[:, None]
         cols = xp.arange(self.inner)[None, :]

@@ -1,4 +1,6 @@
 """BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it."""
+import numpy as np
+
 from .. import backend, fillers
 from ..blob import Blob
 from ..errors import ShapeError
@@ -87,7 +89,14 @@ class BatchNorm(Layer):
         c = self.channels
         shape3 = _channels_shape(x.shape, c)
         x3 = x.reshape(shape3)
-        if self.use_global_stats:
+        if self.use_global_stats and xp is not np:
+            # GPU: the factor stays on the device (reading it back would sync every forward)
+            f = self.blobs[2].xdata.reshape(-1)[:1]
+            zero = f == 0
+            f = xp.where(zero, 0, 1 / xp.where(zero, 1, f)).astype(x.dtype)
+            mean = self.blobs[0].xdata * f
+            var = self.blobs[1].xdata * f
+        elif self.use_global_stats:
             f = float(self.blobs[2].xdata.reshape(-1)[0])
             f = 0.0 if f == 0 else 1.0 / f
             mean = self.blobs[0].xdata * f

@@ -5,8 +5,8 @@ Vectorised over all windows at once: the input is copied into a padded array (``
 over the ``kh x kw`` offsets inside a window, each step one view of that array (see the layout
 note below). On the CPU this runs over cache-sized blocks of image planes; inference (TEST phase)
 MAX pooling skips the argmax, which a backward pass then recomputes. MAX backward on the CPU
-scatters each gradient to its argmax with ``np.add.at`` in output order (Caffe's loop), instead of
-one pass per window offset (what the GPU path still does).
+scatters each gradient to its argmax with ``np.add.at`` in output order (Caffe's loop). On a GPU
+each pass is one kernel instead (``minicaffe.kernels.cuda_pooling``; the argmax stays on the device).
 
 Caffe's rules kept here:
 * output ``ceil((H + 2p - k) / s) + 1`` (``round_mode: FLOOR`` floors), minus one when ``pad > 0``
@@ -315,6 +315,10 @@ class Pooling(Layer):
         x = bottom[0].xdata
         n, c, h, w = x.shape
         y = top[0].xdata
+        self._gpu_mask_fresh = False
+        if xp is not np and not self.whole:
+            self._forward_gpu(x, y, top)
+            return
         if self.method == _PP.AVE:
             if self.whole:
                 y[...] = x.reshape(n, c, h * w).mean(axis=2).reshape(y.shape)
@@ -361,6 +365,30 @@ class Pooling(Layer):
                 mask = (hbase + off // self.kw) * w + wbase + off % self.kw
             top[1].xdata[...] = mask
 
+    # --- GPU: one kernel per pass (minicaffe.kernels.cuda_pooling) ---------------------------------
+    def _forward_gpu(self, x, y, top):
+        from ..kernels import cuda_pooling
+        if self.method == _PP.AVE:
+            cuda_pooling.ave_forward(self, x, y)
+            return
+        mask = cuda_pooling.mask_array(self, y.shape)
+        cuda_pooling.max_forward(self, x, y, mask)
+        self._gpu_mask_fresh = True
+        self._off_stale = True       # a CPU backward after this recomputes its own argmax
+        if len(top) > 1:
+            top[1].xdata[...] = mask
+
+    def _backward_gpu(self, bottom, dy, dx):
+        from ..kernels import cuda_pooling
+        if self.method == _PP.AVE:
+            cuda_pooling.ave_backward(self, dy, dx)
+            return
+        if not getattr(self, "_gpu_mask_fresh", False):
+            mask = cuda_pooling.mask_array(self, dy.shape)
+            cuda_pooling.max_forward(self, bottom[0].xdata, self.xp.empty_like(dy), mask)
+            self._gpu_mask_fresh = True
+        cuda_pooling.max_backward(self, dy, self._gpu_mask, dx)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -368,6 +396,9 @@ class Pooling(Layer):
         dy = top[0].xdiff
         n, c, h, w = bottom[0].shape
         dx = bottom[0].xdiff
+        if xp is not np and not self.whole:
+            self._backward_gpu(bottom, dy, dx)
+            return
         if self.whole:
             if self.method == _PP.AVE:
                 dx[...] = (dy / (h * w)).reshape(n, c, 1, 1)

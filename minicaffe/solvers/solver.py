@@ -702,7 +702,7 @@ class Solver:
         weights = self._blob_loss_weights(net)
         lines, k = [], 0
         for name in sorted(net.outputs):      # Caffe's net outputs come from a std::set: sorted by name
-            vals = np.ravel(values[name] if values is not None else net.blobs[name].data)
+            vals = np.ravel(values[name] if values is not None else net.blobs[name].host_data)
             w = weights.get(name, 0.0)
             for v in vals:
                 extra = f" (* {_fmt(w)} = {_fmt(w * v)} loss)" if w else ""
@@ -860,7 +860,7 @@ class Solver:
             self._write_rng_state(state)
             self._info("Snapshotting solver state to binary proto file %s", state)
             atomic_write(state, solverstate_bytes(self.iter, model, self.current_step,
-                                                  [h.data for h in self.history]))
+                                                  [h.host_data for h in self.history]))
         return model, state
 
     def _write_rng_state(self, state):
@@ -883,7 +883,7 @@ class Solver:
                 h5.create_dataset("current_step", data=np.array([self.current_step], dtype=np.int32))
                 group = h5.create_group("history")
                 for i, h in enumerate(self.history):
-                    group.create_dataset(str(i), data=h.data)
+                    group.create_dataset(str(i), data=h.host_data)
 
     def restore(self, path):
         """Load a ``.solverstate`` (or ``.solverstate.h5``): iteration, weights, history, current_step;
