@@ -43,7 +43,7 @@ def pytest_sessionstart(session):
         session.config._tests_git_status = _git_status_tests()
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _check_source_tree_untouched(session):
     """Fail the run if it left new or changed files under tests/ (compared with the start, so a
     developer's uncommitted edits do not count): test outputs once got committed under
     tests/corpus/solver/."""
@@ -120,6 +120,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _check_source_tree_untouched(session)
+    _check_gpu_tests_ran(session)
+
+
+def _check_gpu_tests_ran(session):
     """In CI a backend whose tests all skipped fails the run: silently untested GPU code is how the
     GPU path went years without running. MINICAFFE_GPU_SKIP_OK=<reason> documents an exception."""
     if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
