@@ -165,7 +165,10 @@ class _DatumLoader:
         datums, wheres = [], []
         labels = np.empty(self.batch_size, np.float32)
         for i in range(self.batch_size):
-            key, value = self.source.next()
+            try:
+                key, value = self.source.next()
+            except DataError as exc:
+                raise _with_layer(self.name, exc) from None
             where = record_where(self.source.path, key)
             try:
                 datum = parse_datum(value, where)
