@@ -211,3 +211,31 @@ def test_unreadable_position_names_the_layer(tmp_path):
     with pytest.raises(MinicaffeError, match=r"^layer 'data'.*names 3 HDF5 files, the list has 2"):
         caffe.get_solver(path).restore(f"{tmp_path}/s_iter_{K_ITER}.solverstate")
     assert os.path.exists(side)
+
+
+@pytest.mark.parametrize("kind", ["lmdb", "images", "hdf5"])
+def test_replayed_position_matches_reading(tmp_path, kind):
+    """``restore_position(n)`` (older sidecars, data-parallel workers) skips whole stretches rather
+    than reading: it must land where reading ``n`` records would, with shards, rand_skip and reshuffles."""
+    from minicaffe import backend
+    from minicaffe.testing import make_layer
+    train, _ = data_layers(kind, tmp_path)
+    train = train.replace(TRANSFORM, "")
+    if kind != "hdf5":
+        train = train.replace("batch_size: 3", "batch_size: 3 rand_skip: 11")
+    set_solver_rank(1, 3)
+    layers = []
+    for _ in range(2):
+        backend.set_random_seed(3)
+        layers.append(make_layer(f'name: "d" {train} top: "data" top: "label"', [], num_top=2))
+    (a, _, top_a), (b, _, top_b) = layers
+    for _ in range(9):                  # 27 records of the shard: several passes over 13
+        a.forward([], top_a)
+    b.restore_position(27)
+    for _ in range(4):
+        a.forward([], top_a)
+        b.forward([], top_b)
+        for x, y in zip(top_a, top_b):
+            np.testing.assert_array_equal(x.data, y.data)
+    for layer in (a, b):
+        getattr(layer, "close", lambda: None)()

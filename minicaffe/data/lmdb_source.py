@@ -297,7 +297,13 @@ class LMDBSource:
             return None
         if self._peeked is not None:
             raise DataError(f"{self.path}: no read position while a record is peeked")  # set-up only
-        return {"offset": self.offset, "epochs": self.epochs, "key": self._cursor.key().hex()}
+        return {"offset": self.offset, "epochs": self.epochs, "key": self._cursor.key().hex(),
+                "shard": [self.rank, self.world_size]}
+
+    def fits(self, state):
+        """Was ``state`` saved by a reader of this shard? (A position in the stream of worker 0 of 2
+        means nothing to a single worker: a resume with another worker count replays instead.)"""
+        return state is None or list(state.get("shard", [0, 1])) == [self.rank, self.world_size]
 
     def restore(self, state):
         """Go back (or forward) to a position from :meth:`state`. A key another process has removed
@@ -315,6 +321,23 @@ class LMDBSource:
                 raise DataError(f"{self.path}: unreadable read position {state!r} ({exc})") from None
             self.offset, self.epochs = offset, epochs
             self._seek(key)
+        except lm.Error as exc:
+            raise self._error(exc) from None
+
+    def skip_records(self, records):
+        """From the start, pass over the first ``records`` records this worker keeps, without reading
+        them: the cursor walks the keys only (LMDB has no seek by index), at most one pass."""
+        lm = _lmdb()
+        self._peeked = None
+        records = int(records)
+        offset = 0 if records <= 0 else (records - 1) * self.world_size + self.rank + 1
+        try:
+            self._begin()
+            stream = self.skip + offset
+            self.offset, self.epochs = offset, stream // self.entries
+            self._cursor.first()
+            for _ in range(stream % self.entries):
+                self._cursor.next()
         except lm.Error as exc:
             raise self._error(exc) from None
 

@@ -98,8 +98,12 @@ class _PrefetchingLayer(_DataLayerBase):
         self._start(self._loader, self._depth, self._resources)
 
     def restore_data_position(self, state):
-        """Continue from a position given by :meth:`data_position` (in this or an earlier run)."""
+        """Continue from a position given by :meth:`data_position` (in this or an earlier run).
+        Returns False, changing nothing, for a position of another shard (see ``restore_position``)."""
+        if not self._loader.fits(state):
+            return False
         self._restart(lambda: self._loader.set_state(state))
+        return True
 
     def restore_position(self, records):
         """Continue after ``records`` records read from the start (only the position: random crops
@@ -149,6 +153,10 @@ class _DatumLoader:
     def state(self):
         return {"source": self.source.state(), "transform_rng": self.transformer.rng.bit_generator.state}
 
+    def fits(self, state):
+        return isinstance(state, dict) and isinstance(state.get("source"), (dict, type(None))) and \
+            self.source.fits(state["source"])
+
     def set_state(self, state):
         try:
             source, rng = state["source"], state["transform_rng"]
@@ -158,8 +166,7 @@ class _DatumLoader:
         _set_rng(self.transformer.rng, rng, self.source.path)
 
     def skip(self, records):
-        for _ in range(records):
-            self.source.next()
+        self.source.skip_records(records)
 
     def __call__(self):
         datums, wheres = [], []
@@ -252,6 +259,9 @@ class _ImageLoader:
             raise DataError(f"layer '{self.name}': {where}: could not read image {full}")
         return hwc_to_chw(img), label, where
 
+    def fits(self, state):
+        return True             # ImageData is not sharded: every worker reads the whole list
+
     def state(self):
         """Position in the (shuffled) order; the order itself is kept as the generator state it was
         drawn from, not as a list of indices (which would be as long as the image list)."""
@@ -286,8 +296,13 @@ class _ImageLoader:
                 self.order = self.rng.permutation(len(self.lines))
 
     def skip(self, records):
-        for _ in range(records):
-            self._advance()
+        while records > 0:      # whole stretches at once: a late iteration is millions of records
+            take = min(records, len(self.order) - self.pos - 1)
+            self.pos += take
+            records -= take
+            if records:
+                self._advance()
+                records -= 1
 
     def __call__(self):
         indices = []
@@ -564,10 +579,13 @@ class HDF5Data(_DataLayerBase):
         """The read position (JSON-able): file, row, shuffled orders (as generator states) and offset."""
         return {"offset": int(self.offset), "file": int(self.current_file), "row": int(self.row),
                 "file_order": [int(i) for i in self.file_order], "rows_rng": self._rows_rng,
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "shard": [self.rank, self.count]}
 
     def restore_data_position(self, state):
-        """Continue from a position given by :meth:`data_position`."""
+        """Continue from a position given by :meth:`data_position`. Returns False, changing nothing,
+        for a position of another shard (a resume with another number of workers replays instead)."""
+        if isinstance(state, dict) and list(state.get("shard", [0, 1])) != [self.rank, self.count]:
+            return False
         try:
             offset, current, row = int(state["offset"]), int(state["file"]), int(state["row"])
             file_order, rows_rng, rng = [int(i) for i in state["file_order"]], state["rows_rng"], state["rng"]
@@ -585,14 +603,21 @@ class HDF5Data(_DataLayerBase):
                              f"{self.files[self.file_order[current]]} (was the file changed?)")
         self.row, self.offset = row, offset
         _set_rng(self.rng, rng, self.name)
+        return True
 
     def restore_position(self, records):
         """Continue after ``records`` records read from the start (when no position was saved)."""
         self.restore_data_position(self._initial)
-        for _ in range(int(records)):
-            while self.offset % self.count != self.rank:
+        records = int(records)
+        steps = 0 if records <= 0 else (records - 1) * self.count + self.rank + 1   # stream positions
+        while steps > 0:        # whole stretches of a file at once
+            take = min(steps, self.arrays[0].shape[0] - self.row - 1)
+            self.row += take
+            self.offset += take
+            steps -= take
+            if steps:
                 self._next()
-            self._next()
+                steps -= 1
 
     def _next(self):
         self.row += 1

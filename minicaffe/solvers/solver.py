@@ -817,8 +817,8 @@ def _tell_positions(net, forward_passes, saved=None):
     saved = saved if isinstance(saved, dict) else {}
     for layer, tops in zip(net.layers, net._top):
         if layer.name in saved and callable(getattr(layer, "restore_data_position", None)):
-            layer.restore_data_position(saved[layer.name])
-            continue
+            if layer.restore_data_position(saved[layer.name]) is not False:
+                continue        # False: saved by another shard (worker count); count the records instead
         hook = getattr(layer, "restore_position", None)
         if callable(hook) and tops:
             batch = tops[0].shape[0] if tops[0].shape else 1
