@@ -195,6 +195,23 @@ def test_lmdb_reader_sees_another_process_writes_at_the_next_pass(tmp_path, logs
     src.close()
 
 
+def test_lmdb_reader_does_not_pin_old_pages(tmp_path, monkeypatch):
+    """A registered read transaction keeps the pages of its snapshot from reuse. Held for the whole
+    run, it makes a writer's database grow with every rewrite (here about 30x); renewed every few
+    records it lets the writer reuse them, so the file stays a few times the data."""
+    monkeypatch.setattr("minicaffe.data.lmdb_source.RENEW_EVERY", 5)
+    db = make_db(tmp_path / "db", images(200, h=16, w=16))
+    src = LMDBSource(db)
+    start = src.env.info()["last_pgno"]
+    for _ in range(6):
+        for _ in range(10):
+            src.next()
+        _other_process(db, "for k, v in list(txn.cursor()):\n        txn.put(k, bytes(reversed(v)))")
+        _other_process(db, "for k, v in list(txn.cursor()):\n        txn.put(k, bytes(reversed(v)))")
+    assert src.env.info()["last_pgno"] < 8 * start, (src.env.info()["last_pgno"], start)
+    src.close()
+
+
 def test_lmdb_lock_file_unusable_reads_without_and_says_so(tmp_path, logs, monkeypatch):
     """Where the lock file cannot be used (read-only media, no permission) the database is read
     without it (Caffe's ALLOW_LMDB_NOLOCK), and the log says another process must not write it."""
