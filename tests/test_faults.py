@@ -670,3 +670,24 @@ def test_lmdb_emptied_mid_run_stops_with_one_line_and_resumes_exactly(tmp_path):
     resumed.solve(resume_file=f"{snaps}/s_iter_{at}.solverstate")
     for a, b in zip(net_weights(resumed.net), expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unreadable_record_mid_run_is_one_line_with_a_snapshot(tmp_path, capsys):
+    """A record that is not a Datum (here the 5th, read by iteration 1) stops ``minicaffe train`` with
+    one error line naming the layer, database and key, after a snapshot of the state before it."""
+    db = tmp_path / "db"
+    assert lmdb_writer(db, "fill", 13).wait(timeout=60) == 0
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        txn.put(b"00000004", b"\xff not a datum")
+    env.close()
+    solver_path, _, snaps = write_lmdb_solver(tmp_path, "bad", db, max_iter=10, batch=3)
+    assert cli.main(["train", "--solver", solver_path]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert re.match(rf"error: iteration 1: layer 'data': {re.escape(str(db))}.*00000004.*not a Datum.*; the state "
+                    rf"before this iteration was saved to \S+s_iter_1\.caffemodel and \S+s_iter_1\.solverstate$",
+                    errors[0]), errors[0]
+    with open(f"{snaps}/s_iter_1.solverstate.rng", encoding="utf-8") as f:
+        assert json.load(f)["data"]["train"]["data"]["source"]["offset"] == 3

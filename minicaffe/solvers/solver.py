@@ -632,6 +632,9 @@ class Solver:
                 self._saved_positions = start[2]
             try:
                 files = self.snapshot()
+            except (MinicaffeError, OSError) as exc:    # the data error stays the message's subject
+                raise DataError(f"iteration {self.iter}: {data_error}; no snapshot could be written either: "
+                                f"{exc}") from None
             finally:
                 self._saved_positions = None
             raise DataError(f"iteration {self.iter}: {data_error}; the state before this iteration was "
