@@ -668,6 +668,7 @@ def test_lmdb_emptied_mid_run_stops_with_one_line_and_resumes_exactly(tmp_path):
     assert lmdb_writer(db, "fill", 13).wait(timeout=60) == 0
     resumed = caffe.get_solver(solver_path)
     resumed.solve(resume_file=f"{snaps}/s_iter_{at}.solverstate")
+    resumed.net.layers[0].close()       # its prefetch thread must not outlive the test
     for a, b in zip(net_weights(resumed.net), expected):
         np.testing.assert_array_equal(a, b)
 

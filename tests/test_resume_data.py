@@ -121,6 +121,14 @@ def weights(solver):
     return [b.data.copy() for b in solver.net.learnable_params]
 
 
+def close(*solvers):
+    """Stop the prefetch threads now (other tests count threads)."""
+    for solver in solvers:
+        for net in [solver.net] + list(solver.test_nets):
+            for layer in net.layers:
+                getattr(layer, "close", lambda: None)()
+
+
 def straight_and_resumed(tmp_path, kind, solver_type, rank=None, edit_sidecar=None):
     if rank is not None:
         set_solver_rank(*rank)
@@ -133,10 +141,8 @@ def straight_and_resumed(tmp_path, kind, solver_type, rank=None, edit_sidecar=No
         edit_sidecar(state + ".rng")
     resumed = caffe.get_solver(path)
     resumed.solve(resume_file=state)
+    close(straight, resumed)
     assert resumed.iter == N_ITER
-    for layer in list(straight.net.layers) + list(resumed.net.layers):
-        if hasattr(layer, "close"):
-            layer.close()
     return expected, weights(resumed)
 
 
@@ -163,6 +169,7 @@ def test_sidecar_holds_the_positions_of_the_batches_consumed(tmp_path):
     solver = caffe.get_solver(path)
     solver.param.max_iter = K_ITER
     solver.solve()
+    close(solver)
     with open(f"{tmp_path}/s_iter_{K_ITER}.solverstate.rng", encoding="utf-8") as f:
         data = json.load(f)["data"]
     consumed = K_ITER * 3
@@ -171,8 +178,6 @@ def test_sidecar_holds_the_positions_of_the_batches_consumed(tmp_path):
     assert bytes.fromhex(train["key"]) == b"%08d" % (consumed % RECORDS)
     tested = 2 * 2 * 2          # tests at iterations 0 and 3, 2 batches of 2 each
     assert data["test"][0]["data"]["source"]["offset"] == tested
-    for layer in solver.net.layers + solver.test_nets[0].layers:
-        getattr(layer, "close", lambda: None)()
 
 
 @pytest.mark.parametrize("kind", ["lmdb", "images", "hdf5"])
@@ -202,14 +207,17 @@ def test_unreadable_position_names_the_layer(tmp_path):
     solver = caffe.get_solver(path)
     solver.param.max_iter = K_ITER
     solver.solve()
+    close(solver)
     side = f"{tmp_path}/s_iter_{K_ITER}.solverstate.rng"
     with open(side, encoding="utf-8") as f:
         data = json.load(f)
     data["data"]["train"]["data"]["file_order"] = [0, 1, 2]
     with open(side, "w", encoding="utf-8") as f:
         json.dump(data, f)
+    resumed = caffe.get_solver(path)
     with pytest.raises(MinicaffeError, match=r"^layer 'data'.*names 3 HDF5 files, the list has 2"):
-        caffe.get_solver(path).restore(f"{tmp_path}/s_iter_{K_ITER}.solverstate")
+        resumed.restore(f"{tmp_path}/s_iter_{K_ITER}.solverstate")
+    close(resumed)
     assert os.path.exists(side)
 
 
