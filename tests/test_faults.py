@@ -692,3 +692,17 @@ def test_unreadable_record_mid_run_is_one_line_with_a_snapshot(tmp_path, capsys)
                     errors[0]), errors[0]
     with open(f"{snaps}/s_iter_1.solverstate.rng", encoding="utf-8") as f:
         assert json.load(f)["data"]["train"]["data"]["source"]["offset"] == 3
+
+
+def test_lmdb_on_read_only_media_is_read_and_the_log_says_without_a_lock(tmp_path, logs):
+    """On a read-only file system (a real read-only tmpfs; root only) the lock file cannot be made:
+    the database is read all the same, and the log says it is read without a lock."""
+    from minicaffe.data import LMDBSource
+    ro = tmp_path / "ro"
+    with tmpfs(ro, "4m"):
+        assert lmdb_writer(ro / "db", "fill", 5).wait(timeout=60) == 0
+        os.remove(ro / "db" / "lock.mdb")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with LMDBSource(str(ro / "db")) as src:
+            assert [src.next()[0] for _ in range(6)] == [b"%08d" % i for i in (0, 1, 2, 3, 4, 0)]
+    assert any("read-only media" in m and "reading without a lock" in m for m in logs)

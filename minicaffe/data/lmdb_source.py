@@ -103,6 +103,11 @@ def _open_env(path):
         log.warning("%s: cannot use the LMDB lock file (%s); reading without a lock, so no other process "
                     "may write this database during the run", path, first)
         return env
+    lock_file = os.path.join(path, "lock.mdb") if subdir else path + "-lock"
+    if not os.path.exists(lock_file):   # read-only media: liblmdb went on without a lock by itself
+        log.warning("%s: no LMDB lock file and none can be made (read-only media?); reading without a lock, "
+                    "so no other process may write this database during the run", path)
+        return env
     try:
         env.reader_check()     # free reader slots of killed processes, which would pin old pages
     except lm.Error:  # pragma: no cover - advisory only
