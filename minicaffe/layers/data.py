@@ -6,6 +6,13 @@ batches in a background thread (``minicaffe.data.Prefetcher``), as Caffe's prefe
 
 Every data layer draws its own random generator from ``backend.rng()`` when it is set up (shuffles,
 ``rand_skip``, random crops and flips), so a seed set before the net is built repeats a run exactly.
+
+Resuming: Data, ImageData and HDF5Data report their read position with ``data_position()`` (JSON-able:
+the record under the cursor, shuffle state and the random generators' states) and go back to it with
+``restore_data_position(state)``; the solver keeps these in the snapshot's ``.rng`` sidecar. With
+prefetching the loader runs ahead, so every prepared batch carries the position *after* it and the
+layer reports the position of the last batch a forward pass actually took, never one read ahead.
+``restore_position(n)`` (no saved position, e.g. an older sidecar) replays ``n`` records from the start.
 """
 import logging
 import os
@@ -62,16 +69,52 @@ class _DataLayerBase(Layer):
 
 
 class _PrefetchingLayer(_DataLayerBase):
-    """A data layer whose batches come from a loader callable run ahead in a thread."""
+    """A data layer whose batches come from a loader callable run ahead in a thread. The loader
+    returns (data, labels, position after this batch) and has ``state()``/``set_state(state)``/
+    ``skip(records)``."""
 
     _prefetcher = None
 
     def _start(self, loader, depth, resources=()):
+        self._loader, self._depth, self._resources = loader, depth, list(resources)
+        self._position = self._initial = loader.state()     # nothing consumed yet
         self._prefetcher = Prefetcher(loader, depth=depth, name=self.name)
-        self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, list(resources))
+        self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, self._resources)
+
+    def data_position(self):
+        """Where the next forward pass reads from (the batches read ahead do not count)."""
+        return self._position
+
+    def _restart(self, set_position):
+        """Stop the prefetch thread (dropping the batches it read ahead), move the loader, restart."""
+        self._finalizer.detach()
+        if self._prefetcher.close() is False:
+            raise self.error("the prefetch thread did not stop, so the read position cannot be restored")
+        try:
+            set_position()
+        except DataError as exc:
+            _shutdown(self._prefetcher, self._resources)
+            raise _with_layer(self.name, exc) from None
+        self._start(self._loader, self._depth, self._resources)
+
+    def restore_data_position(self, state):
+        """Continue from a position given by :meth:`data_position` (in this or an earlier run).
+        Returns False, changing nothing, for a position of another shard (see ``restore_position``)."""
+        if not self._loader.fits(state):
+            return False
+        self._restart(lambda: self._loader.set_state(state))
+        return True
+
+    def restore_position(self, records):
+        """Continue after ``records`` records read from the start (only the position: random crops
+        and mirrors are not replayed; a saved :meth:`data_position` restores those too)."""
+        def replay():
+            self._loader.set_state(self._initial)
+            self._loader.skip(int(records))
+        self._restart(replay)
 
     def forward(self, bottom, top):
-        data, labels = self._prefetcher.get()
+        data, labels, self._position = self._prefetcher.get()
         top[0].reshape(data.shape)
         top[0].xdata = data
         if len(top) > 1:
@@ -91,6 +134,13 @@ def _shutdown(prefetcher, resources):
         res.close()
 
 
+def _set_rng(rng, state, where):
+    try:
+        rng.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DataError(f"{where}: unreadable random generator state in the read position ({exc})") from None
+
+
 # --- Data (LMDB) ------------------------------------------------------------------------------------
 
 class _DatumLoader:
@@ -100,11 +150,32 @@ class _DatumLoader:
         self.source, self.transformer = source, transformer
         self.batch_size, self.name = batch_size, name
 
+    def state(self):
+        return {"source": self.source.state(), "transform_rng": self.transformer.rng.bit_generator.state}
+
+    def fits(self, state):
+        return isinstance(state, dict) and isinstance(state.get("source"), (dict, type(None))) and \
+            self.source.fits(state["source"])
+
+    def set_state(self, state):
+        try:
+            source, rng = state["source"], state["transform_rng"]
+        except (KeyError, TypeError):
+            raise DataError(f"{self.source.path}: unreadable read position {state!r}") from None
+        self.source.restore(source)
+        _set_rng(self.transformer.rng, rng, self.source.path)
+
+    def skip(self, records):
+        self.source.skip_records(records)
+
     def __call__(self):
         datums, wheres = [], []
         labels = np.empty(self.batch_size, np.float32)
         for i in range(self.batch_size):
-            key, value = self.source.next()
+            try:
+                key, value = self.source.next()
+            except DataError as exc:
+                raise _with_layer(self.name, exc) from None
             where = record_where(self.source.path, key)
             try:
                 datum = parse_datum(value, where)
@@ -118,7 +189,7 @@ class _DatumLoader:
             images = parallel_map(lambda dw: decode(*dw), zip(datums, wheres))
         else:                                   # raw records are views of the bytes: nothing to gain
             images = [decode(d, w) for d, w in zip(datums, wheres)]
-        return self.transformer.transform_batch(images, wheres), labels
+        return self.transformer.transform_batch(images, wheres), labels, self.state()
 
 
 @register("Data")
@@ -153,6 +224,7 @@ class Data(_PrefetchingLayer):
             except DataError as exc:
                 raise _with_layer(self.name, exc) from None
             shape = self.transformer.infer_shape(self.transformer.decode(datum, where), where)
+            source.restore(None)        # the peeked record is read again by the first batch
         except BaseException:
             source.close()
             raise
@@ -172,8 +244,9 @@ class Data(_PrefetchingLayer):
 class _ImageLoader:
     """Walks an image list (reshuffled every epoch when asked), reading and transforming batches."""
 
-    def __init__(self, lines, order, pos, rng, ip, transformer, source, name):
+    def __init__(self, lines, order, pos, rng, ip, transformer, source, name, order_rng=None):
         self.lines, self.order, self.pos, self.rng = lines, order, pos, rng
+        self.order_rng = order_rng      # the generator's state the current shuffled order came from
         self.shuffle = bool(ip.shuffle)
         self.batch_size = int(ip.batch_size)
         self.new_h, self.new_w = int(ip.new_height), int(ip.new_width)
@@ -190,20 +263,60 @@ class _ImageLoader:
             raise DataError(f"layer '{self.name}': {where}: could not read image {full}")
         return hwc_to_chw(img), label, where
 
+    def fits(self, state):
+        return True             # ImageData is not sharded: every worker reads the whole list
+
+    def state(self):
+        """Position in the (shuffled) order; the order itself is kept as the generator state it was
+        drawn from, not as a list of indices (which would be as long as the image list)."""
+        return {"pos": int(self.pos), "order_rng": self.order_rng, "rng": self.rng.bit_generator.state,
+                "transform_rng": self.transformer.rng.bit_generator.state}
+
+    def set_state(self, state):
+        try:
+            pos, order_rng = int(state["pos"]), state["order_rng"]
+            rng, transform_rng = state["rng"], state["transform_rng"]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{self.source}: unreadable read position {state!r}") from None
+        if not 0 <= pos < len(self.lines):
+            raise DataError(f"{self.source}: the saved read position {pos} is past the {len(self.lines)} "
+                            f"images of the list (was the list file changed?)")
+        if order_rng is None:
+            self.order = np.arange(len(self.lines))
+        else:
+            _set_rng(self.rng, order_rng, self.source)
+            self.order = self.rng.permutation(len(self.lines))
+        self.order_rng, self.pos = order_rng, pos
+        _set_rng(self.rng, rng, self.source)
+        _set_rng(self.transformer.rng, transform_rng, self.source)
+
+    def _advance(self):
+        self.pos += 1
+        if self.pos >= len(self.order):
+            self.pos = 0
+            log.info("Restarting data prefetching from start.")
+            if self.shuffle:
+                self.order_rng = self.rng.bit_generator.state
+                self.order = self.rng.permutation(len(self.lines))
+
+    def skip(self, records):
+        while records > 0:      # whole stretches at once: a late iteration is millions of records
+            take = min(records, len(self.order) - self.pos - 1)
+            self.pos += take
+            records -= take
+            if records:
+                self._advance()
+                records -= 1
+
     def __call__(self):
         indices = []
         for _ in range(self.batch_size):
             indices.append(self.order[self.pos])
-            self.pos += 1
-            if self.pos >= len(self.order):
-                self.pos = 0
-                log.info("Restarting data prefetching from start.")
-                if self.shuffle:
-                    self.order = self.rng.permutation(len(self.lines))
+            self._advance()
         read = parallel_map(self.read, indices)          # imread + resize on the decode threads
         images = [r[0] for r in read]
         labels = np.asarray([r[1] for r in read], np.float32)
-        return self.transformer.transform_batch(images, [r[2] for r in read]), labels
+        return self.transformer.transform_batch(images, [r[2] for r in read]), labels, self.state()
 
 
 @register("ImageData")
@@ -234,9 +347,10 @@ class ImageData(_PrefetchingLayer):
         if not lines:
             raise DataError(f"layer '{self.name}': {ip.source}: the list file has no images")
         rng = _child_rng()
-        order = np.arange(len(lines))
+        order, order_rng = np.arange(len(lines)), None
         if ip.shuffle:
             log.info("Shuffling data")
+            order_rng = rng.bit_generator.state
             order = rng.permutation(len(lines))
         log.info("A total of %d images.", len(lines))
         pos = 0
@@ -247,7 +361,7 @@ class ImageData(_PrefetchingLayer):
                 raise DataError(f"layer '{self.name}': {ip.source}: rand_skip {pos} but only "
                                 f"{len(lines)} images")
         self.transformer = DataTransformer(self.param.transform_param, self.phase, self.name)
-        loader = _ImageLoader(lines, order, pos, rng, ip, self.transformer, ip.source, self.name)
+        loader = _ImageLoader(lines, order, pos, rng, ip, self.transformer, ip.source, self.name, order_rng)
         img, _, where = loader.read(order[pos])
         shape = self.transformer.infer_shape(img, where)
         top[0].reshape((batch,) + tuple(shape))
@@ -397,12 +511,14 @@ class HDF5Data(_DataLayerBase):
         self.files = self._read_source(hp.source)
         self.shuffle = bool(hp.shuffle)
         self.rng = _child_rng()
+        self._rows_rng = None
         self.file_order = self.rng.permutation(len(self.files)) if self.shuffle else np.arange(len(self.files))
         self.rank, self.count = self._shard()
         self.offset = 0
         self.current_file = 0
         self._load(self.files[self.file_order[0]])
         self.row = 0
+        self._initial = self.data_position()
         for blob, arr in zip(top, self.arrays):
             blob.reshape((self.batch_size,) + arr.shape[1:])
 
@@ -457,7 +573,55 @@ class HDF5Data(_DataLayerBase):
                     raise DataError(f"layer '{self.name}': {path}: dataset '{name}' rows are {arr.shape[1:]}, "
                                     f"earlier files had {old.shape[1:]}")
         self.arrays = arrays
-        self.rows = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        self.rows = self._permute_rows(n) if self.shuffle else np.arange(n)
+
+    def _permute_rows(self, n):
+        self._rows_rng = self.rng.bit_generator.state    # kept so a resumed run redraws the same rows
+        return self.rng.permutation(n)
+
+    def data_position(self):
+        """The read position (JSON-able): file, row, shuffled orders (as generator states) and offset."""
+        return {"offset": int(self.offset), "file": int(self.current_file), "row": int(self.row),
+                "file_order": [int(i) for i in self.file_order], "rows_rng": self._rows_rng,
+                "rng": self.rng.bit_generator.state, "shard": [self.rank, self.count]}
+
+    def restore_data_position(self, state):
+        """Continue from a position given by :meth:`data_position`. Returns False, changing nothing,
+        for a position of another shard (a resume with another number of workers replays instead)."""
+        if isinstance(state, dict) and list(state.get("shard", [0, 1])) != [self.rank, self.count]:
+            return False
+        try:
+            offset, current, row = int(state["offset"]), int(state["file"]), int(state["row"])
+            file_order, rows_rng, rng = [int(i) for i in state["file_order"]], state["rows_rng"], state["rng"]
+        except (KeyError, TypeError, ValueError):
+            raise self.error(f"unreadable read position {state!r}") from None
+        if sorted(file_order) != list(range(len(self.files))) or not 0 <= current < len(self.files):
+            raise self.error(f"the saved read position names {len(file_order)} HDF5 files, the list has "
+                             f"{len(self.files)} (was the list file changed?)")
+        if rows_rng is not None:
+            _set_rng(self.rng, rows_rng, self.name)
+        self.file_order, self.current_file = np.asarray(file_order), current
+        self._load(self.files[self.file_order[current]])
+        if not 0 <= row < self.arrays[0].shape[0]:
+            raise self.error(f"the saved read position row {row} is past the rows of "
+                             f"{self.files[self.file_order[current]]} (was the file changed?)")
+        self.row, self.offset = row, offset
+        _set_rng(self.rng, rng, self.name)
+        return True
+
+    def restore_position(self, records):
+        """Continue after ``records`` records read from the start (when no position was saved)."""
+        self.restore_data_position(self._initial)
+        records = int(records)
+        steps = 0 if records <= 0 else (records - 1) * self.count + self.rank + 1   # stream positions
+        while steps > 0:        # whole stretches of a file at once
+            take = min(steps, self.arrays[0].shape[0] - self.row - 1)
+            self.row += take
+            self.offset += take
+            steps -= take
+            if steps:
+                self._next()
+                steps -= 1
 
     def _next(self):
         self.row += 1
@@ -470,7 +634,7 @@ class HDF5Data(_DataLayerBase):
                         self.file_order = self.rng.permutation(len(self.files))
                 self._load(self.files[self.file_order[self.current_file]])
             elif self.shuffle:
-                self.rows = self.rng.permutation(self.arrays[0].shape[0])
+                self.rows = self._permute_rows(self.arrays[0].shape[0])
             self.row = 0
         self.offset += 1
 
