@@ -49,6 +49,7 @@ class BatchReindex(Layer):
     exact_num_top = 1
 
     def allow_force_backward(self, bottom_index):
+        # not to the indices (Caffe allows it and then aborts in backward)
         return bottom_index == 0
 
     def reshape(self, bottom, top):
@@ -87,9 +88,11 @@ class Filter(Layer):
     min_num_top = 1
 
     def allow_force_backward(self, bottom_index):
-        return False
+        # not to the selector (Caffe allows it and then aborts in backward)
+        return bottom_index != getattr(self, "selector_index", -1)
 
     def setup(self, bottom, top):
+        self.selector_index = len(bottom) - 1
         if len(top) != len(bottom) - 1:
             raise self.error(f"needs one top per bottom except the selector: {len(bottom) - 1} tops, "
                              f"got {len(top)}")
@@ -144,6 +147,7 @@ class Embed(Layer):
     exact_num_top = 1
 
     def allow_force_backward(self, bottom_index):
+        # the only bottom holds indices (Caffe allows it and then aborts in backward)
         return False
 
     def setup(self, bottom, top):
