@@ -49,9 +49,17 @@ def test_window_file_split_into_foreground_and_background(tmp_path, images):
     path = window_file(tmp_path, STANDARD)
     imgs, fg, bg = parse_window_file(str(path), "root/", np.float32(0.5), np.float32(0.2), "")
     assert imgs == [("root/im0.png", (3, 40, 50)), ("root/im1.png", (3, 30, 36))]
-    assert fg == [(0, 3, 0.9, 5, 6, 30, 33)]
+    assert fg == [(0, 3, float(np.float32(0.9)), 5, 6, 30, 33)]
     # overlap 0.3 lies between bg_threshold 0.2 and fg_threshold 0.5: unused; bg labels become 0
     assert bg == [(0, 0, 0.0, 1, 1, 20, 20), (1, 0, 0.0, 2, 3, 20, 25)]
+
+
+def test_overlap_on_the_threshold_compares_as_c_floats(tmp_path, images):
+    """Caffe reads overlaps into floats: 0.3 equals a 0.3 threshold (as a double it would be below)."""
+    from minicaffe.layers.data import parse_window_file
+    path = window_file(tmp_path, [("im0.png", (3, 40, 50), [(1, 0.3, 1, 1, 5, 5), (1, 0.29999, 1, 1, 5, 5)])])
+    _, fg, bg = parse_window_file(str(path), "", np.float32(0.3), np.float32(0.3), "")
+    assert len(fg) == 1 and len(bg) == 1
 
 
 def crop_reference(img, box, crop, mean=0.0, scale=1.0):

@@ -549,13 +549,13 @@ def parse_window_file(path, root_folder, fg_threshold, bg_threshold, where):
         images[index] = (image_path, size)
         for _ in range(take(int, "the number of windows")):
             label = take(int, "a class label")
-            overlap = take(float, "an overlap")
+            overlap = np.float32(take(float, "an overlap"))   # a C float, compared with float thresholds
             x1, y1, x2, y2 = (take(int, "a window corner") for _ in range(4))
             if overlap >= fg_threshold:
                 if label <= 0:
                     raise DataError(f"{where}{path}: image {index}: a foreground window (overlap {overlap:g}) "
                                     f"has class {label}; foreground classes must be > 0")
-                fg.append((index, label, overlap, x1, y1, x2, y2))
+                fg.append((index, label, float(overlap), x1, y1, x2, y2))
             elif overlap < bg_threshold:
                 bg.append((index, 0, 0.0, x1, y1, x2, y2))
     return images, fg, bg
