@@ -199,6 +199,11 @@ class Net:
                 blob = Blob(name=name)
                 self.blobs[name] = blob
                 tops.append(blob)
+            if getattr(layer, "auto_top_blobs", False):
+                # Caffe's AutoTopBlobs: a loss layer named without a top still gets one (unnamed, so
+                # not a net output) and its loss counts
+                needed = max(layer.min_num_top or 0, layer.exact_num_top or 0)
+                tops += [Blob(name=f"{lp.name} (automatic)") for _ in range(needed - len(tops))]
             layer.check_blob_counts(bottoms, tops)
             try:
                 layer.setup(bottoms, tops)
@@ -302,8 +307,9 @@ class Net:
         under_loss, skip_backprop = set(), set()
         for li in reversed(range(len(self.layers))):
             lp = self.param.layer[li]
-            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], lp.top))
-            skip = all(name in skip_backprop for name in lp.top)
+            tops = [blob.name for blob in self._top[li]]     # lp.top plus any automatic top
+            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], tops))
+            skip = all(name in skip_backprop for name in tops)
             if skip:
                 self._bottom_need_backward[li] = [False] * len(lp.bottom)
             if skip or not contributes:

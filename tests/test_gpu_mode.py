@@ -90,6 +90,29 @@ CASES = {
     "Input": ('type: "Input" input_param { shape { dim: 2 dim: 3 } }', [], 1, [], TRAIN),
     "DummyData": ('type: "DummyData" dummy_data_param { shape { dim: 2 dim: 3 } '
                   'data_filler { type: "uniform" min: -1 max: 2 } }', [], 1, [], TRAIN),
+    # the layers of issue 14
+    "Clip": ('type: "Clip" clip_param { min: -0.4 max: 0.6 }', [X], 1, None, TRAIN),
+    "Swish": ('type: "Swish" swish_param { beta: 1.5 }', [X], 1, None, TRAIN),
+    "Threshold": ('type: "Threshold" threshold_param { threshold: 0.2 }', [X], 1, [False], TRAIN),
+    "MVN": ('type: "MVN" mvn_param { across_channels: true }', [X], 1, None, TRAIN),
+    "ContrastiveLoss": ('type: "ContrastiveLoss" contrastive_loss_param { margin: 1.5 }',
+                        [rnd(6, 4), rnd(6, 4, seed=7), np.array([1, 0, 0, 1, 0, 0.])], 1, [True, True, False],
+                        TRAIN),
+    "BatchReindex": ('type: "BatchReindex"', [X, np.array([1, 0, 1.])], 1, [True, False], TRAIN),
+    "Filter": ('type: "Filter"', [X, rnd(2, 4, seed=8), np.array([0, 1.])], 2, [True, True, False], TRAIN),
+    "Embed": (f'type: "Embed" embed_param {{ num_output: 3 input_dim: 5 {GAUSS} }}',
+              [np.array([[0, 4, 2], [2, 2, 1.]])], 1, [False], TRAIN),
+    "Parameter": ('type: "Parameter" parameter_param { shape { dim: 2 dim: 3 } }', [], 1, [], TRAIN),
+    "Im2col": ('type: "Im2col" convolution_param { kernel_size: 3 pad: 1 stride: 2 }', [X], 1, None, TRAIN),
+    "SPP": ('type: "SPP" spp_param { pyramid_height: 2 pool: AVE }', [X], 1, None, TRAIN),
+    "LSTMUnit": ('type: "LSTMUnit"', [rnd(1, 3, 4), rnd(1, 3, 16, seed=9, low=-2, high=2), np.array([[1, 0, 1.]])],
+                 2, [True, True, False], TRAIN),
+    "LSTM": (f'type: "LSTM" recurrent_param {{ num_output: 4 {GAUSS} }}',
+             [rnd(3, 2, 5), np.array([[0, 0], [1, 1], [1, 0.]]), rnd(2, 3, seed=10)], 1, [True, False, True],
+             TRAIN),
+    "RNN": (f'type: "RNN" recurrent_param {{ num_output: 4 expose_hidden: true {GAUSS} }}',
+            [rnd(3, 2, 5), np.array([[0, 0], [1, 1], [1, 0.]]), rnd(1, 2, 4, seed=11)], 2, [True, False, True],
+            TRAIN),
 }
 # layer types left out here, and where their GPU mode is covered instead
 NOT_HERE = {
@@ -98,6 +121,8 @@ NOT_HERE = {
     "MemoryData": "host arrays handed in by the caller; same as Data",
     "HDF5Data": "reads HDF5 files (host); same as Data",
     "Python": "user code: tests/test_layers_python.py::test_python_layer_in_gpu_mode",
+    "WindowData": "reads image files (host); same as Data",
+    "HDF5Output": "writes host copies of its bottoms to a file: no device arithmetic",
 }
 
 

@@ -541,3 +541,77 @@ class Accuracy(Layer):
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             raise self.error("Accuracy has no gradient: it cannot back-propagate")
+
+
+@register("ContrastiveLoss")
+class ContrastiveLoss(LossLayer):
+    """Hadsell et al.'s loss over pairs (a, b) with a similarity label y (1 similar, 0 not):
+    sum(y·d² + (1 − y)·max(margin − d, 0)²) / (2N), d the Euclidean distance of a row pair;
+    ``legacy_version`` uses max(margin − d², 0) for dissimilar pairs instead. Labels are read as
+    integers (any non-zero value after truncation counts as similar), as Caffe does.
+
+    Bottoms are (N, C) or (N, C, 1, 1); the gradient for a dissimilar pair divides by d + 1e-4
+    (Caffe's guard against d = 0), so both bottoms may be learned; the labels get none."""
+
+    exact_num_bottom = 3
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index != 2
+
+    def setup(self, bottom, top):
+        a, b, y = bottom
+        if a.channels != b.channels:
+            raise self.error(f"bottoms 0 and 1 must have the same channels, got {a.shape} and {b.shape}",
+                             ShapeError)
+        for i, blob in enumerate((a, b)):
+            if blob.height != 1 or blob.width != 1:
+                raise self.error(f"bottom[{i}] must be (N, C) or (N, C, 1, 1), got {blob.shape}",
+                                 ShapeError)
+        if y.channels != 1 or y.height != 1 or y.width != 1:
+            raise self.error(f"bottom[2] (the similarity labels) must hold one value per pair, got "
+                             f"shape {y.shape}", ShapeError)
+        p = self.param.contrastive_loss_param
+        self.margin, self.legacy = float(p.margin), bool(p.legacy_version)
+
+    def reshape(self, bottom, top):
+        a, b, y = bottom
+        if not (a.num == b.num == y.num) or a.count != b.count:
+            raise self.error(f"bottoms {a.shape}, {b.shape} and {y.shape} must hold the same number of "
+                             f"pairs", ShapeError)
+        top[0].reshape(())
+
+    def _similar(self, bottom):
+        # Caffe's static_cast<int>: truncation toward zero, then non-zero means "similar"
+        return self.xp.trunc(bottom[2].xdata.reshape(-1)) != 0
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        n = bottom[0].num
+        self.diff = bottom[0].xdata.reshape(n, -1) - bottom[1].xdata.reshape(n, -1)
+        self.dist_sq = (self.diff * self.diff).sum(axis=1)
+        similar = self._similar(bottom)
+        if self.legacy:
+            dissimilar = xp.maximum(self.margin - self.dist_sq, 0)
+        else:
+            dissimilar = xp.maximum(self.margin - xp.sqrt(self.dist_sq), 0)
+            dissimilar *= dissimilar
+        per_pair = xp.where(similar, self.dist_sq, dissimilar)
+        top[0].xdata[...] = per_pair.sum() / n / 2.0
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down, label_bottoms=(2,))
+        xp = self.xp
+        n = bottom[0].num
+        similar = self._similar(bottom)
+        if self.legacy:
+            mdist = self.margin - self.dist_sq
+            coeff = -xp.ones_like(mdist)
+        else:
+            dist = xp.sqrt(self.dist_sq)
+            mdist = self.margin - dist
+            coeff = -mdist / (dist + 1e-4)
+        coeff = xp.where(similar, 1.0, xp.where(mdist > 0, coeff, 0.0)).astype(self.diff.dtype)
+        for i, sign in ((0, 1.0), (1, -1.0)):
+            if propagate_down[i]:
+                alpha = top[0].xdiff.reshape(()) * (sign / n)
+                bottom[i].xdiff = (self.diff * (coeff * alpha)[:, None]).reshape(bottom[i].shape)
