@@ -19,7 +19,7 @@ def __getattr__(name):
     lazy = {
         "io": ".io", "net_spec": ".net_spec", "draw": ".draw", "classifier": ".classifier",
         "coord_map": ".coord_map", "solvers": ".solvers", "surgery": ".surgery", "multicrop": ".multicrop",
-        "parallel": ".parallel",
+        "parallel": ".parallel", "vis": ".vis",
     }
     if name in lazy:
         return importlib.import_module(lazy[name], __name__)

@@ -401,3 +401,5 @@ __all__ = ["blobproto_to_array", "array_to_blobproto", "arraylist_to_blobprotove
            "blobprotovector_str_to_arraylist", "array_to_datum", "datum_to_array", "load_mean",
            "load_image", "resize_image", "oversample", "center_crop_box", "Transformer",
            "TransformerError", "BlobProtoError"]
+
+from .vis import vis_square  # noqa: E402,F401  (the notebooks' grid of filters; the pictures: caffe.vis)

@@ -17,10 +17,11 @@ from ..proto import caffe_pb2
 from . import beyond
 from .common import get_logger, print_error, run_main
 
-COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate")
+COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate",
+            "visualize")
 BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
 FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
-         "sigint_effect", "sighup_effect", "debug", "no-python-layers") + beyond.EVALUATION_FLAGS
+         "sigint_effect", "sighup_effect", "debug", "plot", "no-python-layers") + beyond.EVALUATION_FLAGS
 NO_PYTHON_LAYERS = ("--no-python-layers", "-no-python-layers")
 
 USAGE = """minicaffe <command> <args>
@@ -33,6 +34,7 @@ commands:
   fully_convolutional  turn FC layers into convolutions (VGG dense evaluation)
   init_from       initialise a net from layers of a trained one (VGG's recipe)
   evaluate        top-1/top-5 error with multi-crop, dense evaluation and ensembles
+  visualize       mean image, filters, feature maps, top-k predictions as PNGs
 
 test also takes --crops 1|10|144|150, --scales, --dense and several --model/--weights pairs
 (an ensemble); see 'minicaffe evaluate --help' for those flags.
@@ -69,6 +71,7 @@ def _parser():
                    help="iterations to run (test/time; default 50); for train, overrides max_iter")
     p.add_argument("--sigint_effect", default="stop", help="action on SIGINT: snapshot, stop or none")
     p.add_argument("--sighup_effect", default="snapshot", help="action on SIGHUP: snapshot, stop or none")
+    p.add_argument("--plot", default="", help="time: also draw the per-layer times into this image (.png)")
     p.add_argument("--no-python-layers", action="store_true",
                    help="refuse type: \"Python\" layers (they import code from the current directory; "
                         "also MINICAFFE_NO_PYTHON_LAYERS=1); works with every command")
@@ -357,6 +360,9 @@ def time(args):
     log.info("Total Time: %s ms.", _g(total * 1e3))
     log.info("*** Benchmark ends ***")
     _print_table(rows, total * 1e3 / iterations)
+    if args.plot:
+        from ..vis import plot_layer_times
+        plot_layer_times(rows, args.plot, title=f"{net.name or args.model}: {iterations} iterations")
     return 0
 
 
@@ -440,6 +446,9 @@ def main(argv=None):
         beyond.add_subcommands(parser.add_subparsers(dest="command", required=True))
         args = parser.parse_args(argv)
         return args.run(args)
+    if argv[0] == "visualize":          # tools/visualize.py, own flags
+        from . import visualize
+        return visualize.main.__wrapped__(argv[1:])
     args = _parser().parse_args(_gflags_style(argv))
     # gflags keep the last of a repeated flag; test's ensembles use them all
     args.models, args.weights_list = args.model, args.weights

@@ -7,6 +7,13 @@ Chart types (Caffe's numbering)::
     2: Test loss vs. Iters            6: Train loss vs. Iters
     3: Test loss vs. Seconds          7: Train loss vs. Seconds
 
+and two of minicaffe's, numbered after Caffe's so its numbers keep their meaning::
+
+    8: Train and test loss vs. Iters  9: Train and test loss vs. Seconds
+
+``--log_y`` draws the y axis on a log scale (losses fall over decades; non-positive values are left
+out of a log chart, as they have no place on it).
+
 Logs are read with :func:`minicaffe.tools.parse_log.parse_log` (no helper shell script, no CSV files
 left behind). "accuracy" and "loss" are the output columns of those names; nets that name their
 outputs otherwise (GoogLeNet's ``loss3/top-1``) get the last column that looks like one, or the one
@@ -31,13 +38,19 @@ CHART_TYPES = [
     ("test", "loss", "NumIters"), ("test", "loss", "Seconds"),
     ("train", "learning rate", "NumIters"), ("train", "learning rate", "Seconds"),
     ("train", "loss", "NumIters"), ("train", "loss", "Seconds"),
+    # minicaffe's: both tables on one chart, to see over-fitting at a glance
+    ("train+test", "loss", "NumIters"), ("train+test", "loss", "Seconds"),
 ]
 _X_LABEL = {"NumIters": "Iters", "Seconds": "Seconds"}
 
 
+def _table_title(table):
+    return "Train and test" if table == "train+test" else table.capitalize()
+
+
 def chart_description(chart_type):
     table, y, x = CHART_TYPES[chart_type]
-    return f"{table.capitalize()} {y} vs. {_X_LABEL[x]}"
+    return f"{_table_title(table)} {y} vs. {_X_LABEL[x]}"
 
 
 def chart_help():
@@ -82,8 +95,9 @@ def _pyplot():
     return Figure, FigureCanvasAgg
 
 
-def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100):
-    """Draw ``chart_type`` for every log in ``log_paths`` and write the image to ``out_path``."""
+def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100, log_y=False):
+    """Draw ``chart_type`` for every log in ``log_paths`` and write the image to ``out_path``
+    (``log_y``: a logarithmic y axis)."""
     if not 0 <= chart_type < len(CHART_TYPES):
         raise DataError(f"{chart_type} is not a valid chart type; choose one of\n{chart_help()}")
     table, y_field, x_col = CHART_TYPES[chart_type]
@@ -94,20 +108,29 @@ def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100):
     if fmt not in canvas.get_supported_filetypes():
         raise DataError(f"{out_path}: unsupported image type '.{fmt}' (use .png)")
     ax = fig.add_subplot(1, 1, 1)
+    tables = table.split("+")
     for path, label in zip(log_paths, _legend_labels(log_paths)):
         train, test = parse_log(path)
-        rows = test if table == "test" else train
-        if not rows:
-            raise DataError(f"{path}: no '{table.capitalize()} net output' lines to plot")
-        col = pick_column(rows, y_field, field, path)
-        points = [(r[x_col], r.get(col, math.nan)) for r in rows]
-        points = [(x, y) for x, y in points if isinstance(y, float) and not math.isnan(x)]
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, label=label if col in (y_field, "LearningRate") else f"{label} ({col})",
-                linewidth=0.75, marker="o" if len(xs) <= 50 else None, markersize=3)
+        for name in tables:
+            rows = test if name == "test" else train
+            if not rows:
+                raise DataError(f"{path}: no '{name.capitalize()} net output' lines to plot")
+            col = pick_column(rows, y_field, field, path)
+            points = [(r[x_col], r.get(col, math.nan)) for r in rows]
+            points = [(x, y) for x, y in points if isinstance(y, float) and not math.isnan(x)]
+            if log_y:
+                points = [(x, y) for x, y in points if y > 0]
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            text = label if col in (y_field, "LearningRate") else f"{label} ({col})"
+            if len(tables) > 1:
+                text = f"{text} {name}"
+            ax.plot(xs, ys, label=text, linewidth=0.75, marker="o" if len(xs) <= 50 else None, markersize=3,
+                    linestyle="--" if name == "test" and len(tables) > 1 else "-")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_title(chart_description(chart_type))
     ax.set_xlabel(_X_LABEL[x_col])
-    ax.set_ylabel(f"{table.capitalize()} {y_field}")
+    ax.set_ylabel(f"{_table_title(table)} {y_field}")
     ax.grid(True, alpha=0.3)
     loc = "lower right" if y_field == "accuracy" else "upper right"
     ax.legend(loc=loc, ncol=1)
@@ -130,11 +153,12 @@ def main(argv=None):
     parser.add_argument("logs", metavar="LOG", nargs="+", help="training log(s), one line each")
     parser.add_argument("--field", help="the output column to plot (default: 'accuracy' or 'loss')")
     parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--log_y", action="store_true", help="a logarithmic y axis (for losses)")
     args = parser.parse_args(argv)
     for path in args.logs:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
-    plot_chart(args.chart_type, args.out, args.logs, args.field, args.dpi)
+    plot_chart(args.chart_type, args.out, args.logs, args.field, args.dpi, args.log_y)
     print(f"Wrote {args.out}", file=sys.stderr)
     return 0
 
