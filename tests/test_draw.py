@@ -154,3 +154,126 @@ def test_draw_net_subprocess(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text().startswith("digraph")
+
+
+# --- the auto layout, shapes, readable pictures ----------------------------------------------------
+
+def _check_png(path, max_w, max_h, min_std=5.0):
+    """Open the PNG again: size within bounds, more than one colour, not blank."""
+    import numpy as np
+    cv2 = pytest.importorskip("cv2")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None
+    h, w = image.shape[:2]
+    assert 50 <= w <= max_w and 50 <= h <= max_h, (w, h)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1 and float(image.std()) > min_std
+    return w, h
+
+
+def _plain_positions(source):
+    """{node: (x, y)} of dot -Tplain (inches)."""
+    import shlex
+    out = subprocess.run(["dot", "-Tplain"], input=source, capture_output=True, text=True, check=True).stdout
+    return {p[1]: (float(p[2]), float(p[3])) for p in map(shlex.split, out.splitlines()) if p[0] == "node"}
+
+
+VGG16 = os.path.join(ROOT, "models", "vgg", "vgg_d", "deploy.prototxt")
+GOOGLENET = os.path.join(ROOT, "models", "googlenet", "deploy.prototxt")
+
+
+def test_auto_keeps_small_nets_in_caffes_row():
+    dot = draw.to_dot(net_param(), "AUTO")
+    assert 'rankdir="LR"' in dot and "cluster_column" not in dot
+    # the in-place ReLU sits beside its blob, its edges do not push the chain sideways
+    assert '{ rank=same; "conv1_blob"; "relu1_ReLU"; }' in dot
+    assert '"conv1_blob" -> "relu1_ReLU" [constraint="false"];' in dot
+    assert draw.to_dot(net_param(), "auto") == dot
+
+
+@pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' not installed")
+def test_auto_vgg16_columns_without_a_staircase(tmp_path):
+    dot = draw.to_dot(VGG16, "AUTO")
+    assert 'rankdir="TB"' in dot and dot.count("subgraph \"cluster_column_") >= 2
+    pos = _plain_positions(dot)
+    chain = [f"conv{b}_{i}_Convolution" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+             for i in range(1, n + 1)]
+    # each column is straight: its convolutions share one x (Caffe's TB drifts 40+ inches sideways)
+    columns = {}
+    for node in chain:
+        columns.setdefault(round(pos[node][0]), []).append(pos[node][0])
+    assert 2 <= len(columns) <= 4
+    for xs in columns.values():
+        assert max(xs) - min(xs) < 1.0
+    old = _plain_positions(draw.to_dot(VGG16, "TB"))
+    assert max(old[n][0] for n in chain) - min(old[n][0] for n in chain) > 20       # the staircase
+    # a cut blob heads the next column again, with one dashed edge from the original
+    assert '"pool4_blob" -> "pool4_blob (continued)" [constraint="false", style="dashed"' in dot
+    assert '"pool4_blob (continued)" -> "conv5_1_Convolution";' in dot
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' not installed")
+@pytest.mark.parametrize("model, max_w, max_h", [(VGG16, 2000, 3000), (GOOGLENET, 6000, 7000)],
+                         ids=["vgg16", "googlenet"])
+def test_auto_deep_nets_are_near_square(tmp_path, model, max_w, max_h):
+    """Caffe's LR: VGG-16 8983×1631, GoogLeNet 25784×1395 pixels; AUTO: within 1:2.5 either way."""
+    out = tmp_path / "net.png"
+    assert draw_net_tool.main([model, str(out)]) == 0
+    w, h = _check_png(out, max_w, max_h)
+    assert 0.4 < w / h < 2.5
+
+
+def test_googlenet_inception_modules_are_boxed():
+    dot = draw.to_dot(GOOGLENET, "AUTO") if HAVE_DOT else draw._dot_text(
+        draw._graph(GOOGLENET, "LR"), "TB", groups=draw._groups(draw._graph(GOOGLENET, "LR")), auto=True)
+    assert 'subgraph "cluster_inception_3a" {' in dot and 'label="inception_3a"' in dot
+    block = dot.split('subgraph "cluster_inception_3a" {')[1].split("}")[0]
+    assert '"inception_3a/1x1_Convolution"' in block and '"inception_3a/relu_1x1_ReLU"' in block
+    assert '"inception_3b/1x1_Convolution"' not in block
+
+
+def test_shapes_and_parameter_counts(tmp_path):
+    shapes, counts = draw.net_shapes(net_param())
+    assert shapes["data"] == (1, 3, 8, 8) and shapes["conv1"] == (1, 16, 4, 4) and shapes["ip"] == (1, 10)
+    assert counts["conv1"] == 16 * 3 * 3 * 3 + 16 and counts["ip"] == 16 * 2 * 2 * 10 + 10
+    assert "relu1" not in counts or counts["relu1"] == 0
+    dot = draw.to_dot(net_param(), "LR", blob_shapes=shapes, param_counts=counts)
+    assert 'label="conv1\\n1×16×4×4"' in dot and "params: 448" in dot and "params: 650" in dot
+    # the tool: a data layer needs its shape, labels get (N,)
+    model = tmp_path / "train.prototxt"
+    model.write_text(NET.replace(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }',
+        'layer { name: "data" type: "Data" top: "data" top: "label" data_param { source: "nowhere_lmdb" '
+        'batch_size: 5 backend: LMDB } }'))
+    out = tmp_path / "net.dot"
+    assert draw_net_tool.main([str(model), str(out), "--shapes", "--phase", "TEST", "--input_shape",
+                               "5,3,8,8"]) == 0
+    text = out.read_text()
+    assert 'label="data\\n5×3×8×8"' in text and 'label="label\\n5"' in text and "params: 448" in text
+    assert draw_net_tool.main([str(model), str(out), "--shapes", "--input_shape", "data=5,x"]) == 1
+    assert draw_net_tool.main([str(model), str(out), "--input_shape", "5,3,8,8"]) == 1
+
+
+def test_shapes_need_a_data_source_or_input_shape(tmp_path, capsys):
+    model = tmp_path / "train.prototxt"
+    model.write_text('layer { name: "d" type: "Data" top: "data" data_param { source: "nowhere_lmdb" '
+                     'batch_size: 2 backend: LMDB } }\n'
+                     'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                     'inner_product_param { num_output: 2 } }\n')
+    assert draw_net_tool.main([str(model), str(tmp_path / "n.dot"), "--shapes"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build the net for its shapes") and "--input_shape" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "n.dot").exists()
+
+
+@pytest.mark.skipif(not HAVE_DOT, reason="Graphviz 'dot' not installed")
+def test_png_with_shapes_dpi_and_palette(tmp_path):
+    model = tmp_path / "net.prototxt"
+    model.write_text(NET)
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    assert draw_net_tool.main([str(model), str(big), "--shapes"]) == 0
+    assert draw_net_tool.main([str(model), str(small), "--shapes", "--dpi", "48", "--palette"]) == 0
+    wb, hb = _check_png(big, 4000, 800)
+    ws, hs = _check_png(small, 2000, 400)
+    assert abs(ws * 2 - wb) <= 4 and os.path.getsize(small) < os.path.getsize(big)
