@@ -33,7 +33,7 @@ def vis_square(data, padsize=1, padval=1.0):
     """Caffe's ``vis_square``: N×H×W (grey) or N×H×W×3 (colour) tiles, normalised together to
     [0, 1], laid out in a grid of ceil(sqrt(N)) columns with ``padsize`` pixels of ``padval``
     between them (white by default, so dark filters stay visible at the edges). Returns the grid."""
-    data = normalize(data)
+    data = normalize(data)      # (NaN padding stays NaN: feature_maps draws it as white gaps)
     if data.ndim not in (3, 4) or (data.ndim == 4 and data.shape[3] != 3) or len(data) == 0:
         raise DataError(f"vis_square: need N×H×W or N×H×W×3 tiles, got shape {data.shape}")
     n = int(math.ceil(math.sqrt(data.shape[0])))
@@ -96,8 +96,8 @@ def feature_maps(net, layer, max_tiles=256):
     feat = np.asarray(net.blobs[layer].data, dtype=np.float32)
     shape = feat.shape
     feat = feat[0]
-    if feat.ndim == 3:
-        return vis_square(feat[:max_tiles]), shape
+    if feat.ndim == 3:     # NaN gaps: drawn white, apart from the colour map of the values
+        return vis_square(feat[:max_tiles], padval=np.nan), shape
     return feat.reshape(-1), shape
 
 
@@ -140,6 +140,10 @@ def _image_figure(image, title, path, dpi=100, cmap="gray", colorbar=False, max_
     scale = max_inches / max(h, w)
     fig = _figure(max(w * scale, 3.0) + (1.0 if colorbar else 0.0), h * scale + 0.6, dpi)
     ax = fig.add_subplot(1, 1, 1)
+    if image.ndim == 2:
+        import matplotlib
+        cmap = matplotlib.colormaps[cmap].with_extremes(bad="white")
+        image = np.ma.masked_invalid(image)
     shown = ax.imshow(image, cmap=None if image.ndim == 3 else cmap, interpolation="nearest")
     ax.set_title(title)
     ax.set_axis_off()

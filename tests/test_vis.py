@@ -92,6 +92,7 @@ def test_mean_filters_features_arrays(tiny):
     tiny["net"].forward()
     maps, shape = vis.feature_maps(tiny["net"], "conv1")
     assert shape == (1, 6, 10, 10) and maps.shape == (2 * 10 + 1, 3 * 10 + 2)
+    assert np.isnan(maps[10]).all() and not np.isnan(maps[:10, :10]).any()   # gaps are NaN (white)
     values, shape = vis.feature_maps(tiny["net"], "prob")
     assert values.shape == (4,)
     with pytest.raises(caffe.MinicaffeError, match="no blob named 'nope'"):
@@ -210,13 +211,28 @@ def test_training_log_new_charts(tmp_path, monkeypatch):
     out = str(tmp_path / "loss.png")
     assert ptl.main(["8", out, LOG, "--log_y"]) == 0
     assert seen["title"] == "Train and test loss vs. Iters" and seen["yscale"] == "log"
-    assert seen["lines"] == [("caffe_train train", [0, 100, 200, 300], [2.35143, 0.270709, 0.1793, 0.12]),
-                             ("caffe_train test", [0, 200, 400], [2.37823, 0.0897, 0.0612])]
+    assert seen["lines"] == [("train", [0, 100, 200, 300], [2.35143, 0.270709, 0.1793, 0.12]),
+                             ("test", [0, 200, 400], [2.37823, 0.0897, 0.0612])]
     check_png(out)
     assert ptl.main(["9", out, LOG]) == 0
     assert seen["yscale"] == "linear" and seen["lines"][1][1] == [1.75, 107.9, 218.2]
+    # several logs: each line names its log
+    other = tmp_path / "run_b.log"
+    other.write_text(open(LOG).read())
+    assert ptl.main(["8", out, LOG, str(other)]) == 0
+    assert [l[0] for l in seen["lines"]] == ["caffe_train train", "caffe_train test", "run_b train", "run_b test"]
     # Caffe's numbers keep their charts; --log_y works on them too
     assert ptl.main(["6", out, LOG, "--log_y"]) == 0
     assert seen["title"] == "Train loss vs. Iters" and seen["yscale"] == "log"
     assert seen["lines"] == [("caffe_train", [0, 100, 200, 300], [2.35143, 0.270709, 0.1793, 0.12])]
     assert ptl.chart_description(8) == "Train and test loss vs. Iters"
+
+
+def test_docs_pictures_are_small_and_not_blank():
+    """docs/img holds one of each picture (README): each a real, non-blank PNG under 200 KB."""
+    import glob
+    paths = sorted(glob.glob(os.path.join(ROOT, "docs", "img", "*.png")))
+    assert len(paths) >= 8
+    for path in paths:
+        assert os.path.getsize(path) < 200_000, path
+        check_png(path, min_size=(100, 300), max_size=(4000, 4000))

@@ -122,8 +122,8 @@ def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100, log_y=False
                 points = [(x, y) for x, y in points if y > 0]
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             text = label if col in (y_field, "LearningRate") else f"{label} ({col})"
-            if len(tables) > 1:
-                text = f"{text} {name}"
+            if len(tables) > 1:       # train and test lines: one log needs no name
+                text = f"{text} {name}" if len(log_paths) > 1 else name
             ax.plot(xs, ys, label=text, linewidth=0.75, marker="o" if len(xs) <= 50 else None, markersize=3,
                     linestyle="--" if name == "test" and len(tables) > 1 else "-")
     if log_y:
