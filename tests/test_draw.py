@@ -160,13 +160,12 @@ def test_draw_net_subprocess(tmp_path):
 
 def _check_png(path, max_w, max_h, min_std=5.0):
     """Open the PNG again: size within bounds, more than one colour, not blank."""
-    import numpy as np
     cv2 = pytest.importorskip("cv2")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert image is not None
     h, w = image.shape[:2]
     assert 50 <= w <= max_w and 50 <= h <= max_h, (w, h)
-    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1 and float(image.std()) > min_std
+    assert (image != image[0, 0]).any(axis=2).any() and float(image.std()) > min_std   # not blank
     return w, h
 
 
