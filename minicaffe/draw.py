@@ -5,7 +5,9 @@ images (``.png``, ``.svg``, ``.pdf``, ...) run Graphviz's ``dot`` program (Debia
 graphviz``). ``get_pydot_graph`` returns a pydot graph for code that wants one (needs pydot).
 Layers are boxes (convolutions red, pooling orange, inner products purple, in-place layers green),
 blobs grey octagons; edges out of Data/Convolution/InnerProduct layers carry the batch size or
-``num_output`` as in pycaffe.
+``num_output`` as in pycaffe. ``rankdir="AUTO"`` (draw_net's default) lays deep nets out in columns
+so the picture stays near square (see the notes above ``AUTO``); ``net_shapes`` gives the blob
+shapes and parameter counts the labels can carry.
 """
 import math
 import os
@@ -428,6 +430,8 @@ def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lr
     except ImportError:
         raise DrawError("get_pydot_graph needs pydot: pip install pydot (or write a .dot file with "
                         "draw_net_to_file, which needs nothing)") from None
+    if str(rankdir).upper() == AUTO:        # the auto layout's subgraphs and ranks: parse its text
+        return pydot.graph_from_dot_data(to_dot(caffe_net, AUTO, label_edges, phase, display_lrm))[0]
     g = _graph(caffe_net, rankdir, label_edges, phase, display_lrm)
     graph = pydot.Dot(_quote(g.name), graph_type="digraph", rankdir=rankdir)
     for node, attrs in g.nodes.items():

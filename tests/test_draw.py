@@ -276,3 +276,20 @@ def test_png_with_shapes_dpi_and_palette(tmp_path):
     wb, hb = _check_png(big, 4000, 800)
     ws, hs = _check_png(small, 2000, 400)
     assert abs(ws * 2 - wb) <= 4 and os.path.getsize(small) < os.path.getsize(big)
+
+
+def test_auto_without_graphviz_writes_one_column(tmp_path, monkeypatch):
+    """No dot program: the auto layout cannot measure the column, so the .dot file has one (top to
+    bottom, in-place layers beside their blobs) and Graphviz elsewhere renders it."""
+    monkeypatch.setenv("PATH", "")
+    out = tmp_path / "vgg.dot"
+    assert draw_net_tool.main([VGG16, str(out)]) == 0
+    text = out.read_text()
+    assert 'rankdir="TB"' in text and "cluster_column" not in text and "rank=same" in text
+
+
+def test_pydot_graph_of_the_auto_layout():
+    pydot = pytest.importorskip("pydot")
+    graph = draw.get_pydot_graph(net_param(), "AUTO")
+    assert isinstance(graph, pydot.Dot) and graph.get_rankdir() == '"LR"'
+    assert len(graph.get_edges()) == 13
