@@ -12,6 +12,20 @@ from .proto.caffe_pb2 import TEST, TRAIN
 
 __version__ = "0.1.0"
 
+# What `from minicaffe import *` gives: pycaffe's `caffe` namespace (its __init__ imports these
+# names), the lazily loaded ones included (star-import asks __getattr__ for each), plus minicaffe's own.
+__all__ = [
+    # pycaffe's
+    "Net", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver",
+    "NCCL", "Timer", "init_log", "log", "set_mode_cpu", "set_mode_gpu", "set_device", "Layer", "get_solver",
+    "layer_type_list", "set_random_seed", "solver_count", "set_solver_count", "solver_rank",
+    "set_solver_rank", "set_multiprocess", "has_nccl", "__version__", "TRAIN", "TEST", "Classifier",
+    "Detector", "io", "layers", "params", "NetSpec", "to_proto",
+    # modules pycaffe scripts reach as caffe.<name>, and minicaffe's additions
+    "net_spec", "draw", "classifier", "detector", "coord_map", "pycaffe", "vis", "caffe_pb2", "Solver", "Blob",
+    "MinicaffeError", "ParallelSolver",
+]
+
 
 def __getattr__(name):
     # the heavier modules load on first use, so `import minicaffe` stays quick
@@ -19,10 +33,16 @@ def __getattr__(name):
     lazy = {
         "io": ".io", "net_spec": ".net_spec", "draw": ".draw", "classifier": ".classifier",
         "coord_map": ".coord_map", "solvers": ".solvers", "surgery": ".surgery", "multicrop": ".multicrop",
-        "parallel": ".parallel", "vis": ".vis",
+        "parallel": ".parallel", "detector": ".detector", "pycaffe": ".pycaffe", "vis": ".vis",
     }
     if name in lazy:
         return importlib.import_module(lazy[name], __name__)
+    if name in ("Timer", "NCCL", "has_nccl", "init_log", "log"):     # the rest of pycaffe's _caffe
+        from . import pycaffe
+        return getattr(pycaffe, name)
+    if name == "Detector":
+        from .detector import Detector
+        return Detector
     if name in ("convert_fc_to_conv", "dense_scores", "init_from"):   # the papers' net surgery
         from . import surgery
         return getattr(surgery, name)

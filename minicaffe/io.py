@@ -1,11 +1,12 @@
 """pycaffe's ``caffe.io``: BlobProto/Datum ↔ array conversion, image loading, resizing, 10-crop
 oversampling and the ``Transformer`` that turns H×W×K images into the C×H×W arrays a net takes.
 
-Images are read with OpenCV (no scikit-image), but the conventions are pycaffe's: ``load_image``
+Images are read with OpenCV (no scikit-image, no SciPy), but the conventions are pycaffe's: ``load_image``
 gives RGB float32 in [0, 1], H×W×K; ``Transformer`` defaults to doing nothing but resizing, and
 ``set_transpose``/``set_channel_swap``/``set_raw_scale``/``set_mean``/``set_input_scale`` add steps
 in that order.
 """
+import math
 import os
 
 import numpy as np
@@ -162,37 +163,191 @@ def _to_unit_float(img):
     return img.astype(np.float32)
 
 
-_INTERP = {0: "INTER_NEAREST", 1: "INTER_LINEAR", 2: "INTER_CUBIC", 3: "INTER_CUBIC",
-           4: "INTER_LANCZOS4", 5: "INTER_LANCZOS4"}
-
-
 def resize_image(im, new_dims, interp_order=1):
-    """Resize an H×W×K array to ``new_dims`` = (height, width), any K, float32 out.
+    """Resize an H×W×K array to ``new_dims`` = (height, width) with spline interpolation of order
+    ``interp_order`` (0 nearest, 1 linear (default), 2–5 B-splines); float32 out.
 
-    ``interp_order`` follows pycaffe/scikit-image: 0 nearest, 1 bilinear (default), 2–3 bicubic,
-    4–5 Lanczos (OpenCV's nearest equivalents).
+    The result is pycaffe's, value for value: Caffe resizes 1- and 3-channel images with
+    scikit-image's ``resize`` after scaling them to [0, 1] (anti-aliasing with a Gaussian when
+    shrinking, pixel-centre alignment, zeros beyond the border, clipped to the input's range) and
+    other channel counts with SciPy's ``ndimage.zoom`` (corner alignment, mirrored spline border).
+    Both are reproduced here in NumPy, so neither package is needed (see ``_spline_zoom``). A
+    constant 1- or 3-channel image comes back constant, as in Caffe.
     """
-    import cv2
     im = np.asarray(im)
     if im.ndim != 3:
         raise DataError(f"resize_image needs an H×W×K array, got shape {im.shape}")
     h, w = (int(d) for d in new_dims)
     if h <= 0 or w <= 0:
         raise DataError(f"resize_image: new dimensions must be positive, got {(h, w)}")
-    if interp_order not in _INTERP:
+    if interp_order not in range(6):
         raise DataError(f"resize_image: interp_order must be 0..5, got {interp_order}")
-    im = im.astype(np.float32, copy=False)
-    if im.shape[:2] == (h, w):
-        return im.copy()
-    if im.size and im.min() == im.max():
-        # a constant image stays constant (and needs no interpolation at all)
-        return np.full((h, w, im.shape[2]), im.flat[0], dtype=np.float32)
-    flag = getattr(cv2, _INTERP[interp_order])
-    out = np.empty((h, w, im.shape[2]), dtype=np.float32)
-    step = 128                                  # OpenCV 5 takes at most 128 channels at once
-    for c in range(0, im.shape[2], step):
-        part = cv2.resize(np.ascontiguousarray(im[:, :, c:c + step]), (w, h), interpolation=flag)
-        out[:, :, c:c + step] = part.reshape(h, w, -1)
+    if im.size == 0:
+        raise DataError(f"resize_image: the image is empty (shape {im.shape})")
+    if im.dtype == np.bool_ or not np.issubdtype(im.dtype, np.number):
+        im = im.astype(np.float32)
+    if im.shape[-1] in (1, 3):
+        im_min, im_max = im.min(), im.max()
+        if not im_max > im_min:
+            return np.full((h, w, im.shape[-1]), im_min, dtype=np.float32)
+        im_std = (im - im_min) / (im_max - im_min)
+        resized = _skimage_resize(im_std, (h, w), interp_order)
+        return (resized * (im_max - im_min) + im_min).astype(np.float32)
+    if (h, w) == im.shape[:2]:
+        return im.astype(np.float32)
+    out = _spline_zoom(im, (h, w), interp_order, grid=False)
+    if np.issubdtype(im.dtype, np.integer):
+        # SciPy writes zoom's result in the input's type: rounded and clipped to its range
+        info = np.iinfo(im.dtype)
+        out = np.clip(np.floor(out + 0.5), info.min, info.max)
+    return out.astype(np.float32)
+
+
+def _skimage_resize(image, dims, order):
+    """scikit-image's ``resize(image, dims, order, mode='constant')`` with its defaults (anti-aliasing
+    when shrinking, clip to the input's range) for a float H×W×K image, in the image's dtype."""
+    dtype = image.dtype if image.dtype in (np.float32, np.float64) else np.float64
+    image = image.astype(dtype, copy=False)
+    if tuple(dims) == image.shape[:2]:
+        return image.copy()
+    sigmas = (0.0, 0.0)
+    if any(d < n for d, n in zip(dims, image.shape[:2])):
+        factors = np.array(image.shape[:2], dtype=np.float64) / np.array(dims, dtype=np.float64)
+        sigmas = tuple(float(v) for v in np.maximum(0, (factors - 1) / 2))
+    out = _spline_zoom(image, dims, order, grid=True, sigmas=sigmas).astype(dtype)
+    return np.clip(out, image.min(), image.max())
+
+
+def _gaussian_kernel(sigma):
+    """SciPy's ``gaussian_filter1d`` weights (truncate 4): None when sigma is 0."""
+    if sigma <= 1e-15:
+        return None
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 / (sigma * sigma) * x * x)
+    return kernel / kernel.sum()
+
+
+def _correlate_axis0(a, kernel):
+    """``a`` correlated with ``kernel`` along axis 0, zeros beyond the border (SciPy's 'grid-constant')."""
+    radius = len(kernel) // 2
+    pad = np.zeros((radius,) + a.shape[1:])
+    padded = np.concatenate([pad, a, pad])
+    out = np.zeros(a.shape)
+    for j, k in enumerate(kernel):
+        out += k * padded[j:j + a.shape[0]]
+    return out
+
+
+# B-spline poles of orders 2..5 (Unser, "Splines: a perfect fit for signal and image processing", 1999)
+_SPLINE_POLES = {
+    2: (np.sqrt(8.0) - 3.0,),
+    3: (np.sqrt(3.0) - 2.0,),
+    4: (np.sqrt(664.0 - np.sqrt(438976.0)) + np.sqrt(304.0) - 19.0,
+        np.sqrt(664.0 + np.sqrt(438976.0)) - np.sqrt(304.0) - 19.0),
+    5: (np.sqrt(67.5 - np.sqrt(4436.25)) + np.sqrt(26.25) - 6.5,
+        np.sqrt(67.5 + np.sqrt(4436.25)) - np.sqrt(26.25) - 6.5),
+}
+
+
+def _spline_zoom(image, dims, order, grid, sigmas=(0.0, 0.0)):
+    """SciPy's ``ndimage.zoom`` of the two spatial axes of an H×W×K image, in float64, after an
+    optional Gaussian blur (``sigmas``, scikit-image's anti-aliasing). Every step is linear and acts
+    along one axis, so each axis is blurred, spline-filtered and resampled in turn (rows first,
+    then the fewer columns) rather than blurring the full image twice.
+
+    ``grid=True`` is scikit-image's call (``grid_mode=True, mode='grid-constant'``): output pixel
+    ``o`` samples input coordinate ``(o + 0.5)·n/m − 0.5`` and the image is zero beyond its border
+    (SciPy pads 12 zeros before the spline prefilter). ``grid=False`` is pycaffe's own call for other
+    channel counts (``mode='constant'``): ``o·(n−1)/(m−1)``, the spline mirrored at the border."""
+    a = image.astype(np.float64)
+    for axis in (0, 1):
+        b = np.moveaxis(a, axis, 0)
+        n, m = b.shape[0], dims[axis]
+        kernel = _gaussian_kernel(sigmas[axis])
+        if order <= 1:
+            b = _resample_axis0(b, n, m, order, grid, 0, kernel)
+        else:
+            if kernel is not None:
+                b = _correlate_axis0(b, kernel)
+            npad = 12 if grid else 0
+            if npad:
+                b = np.pad(b, ((npad, npad),) + ((0, 0),) * (b.ndim - 1))
+            b = _resample_axis0(_spline_coefficients(np.array(b, dtype=np.float64), order), n, m, order, grid, npad)
+        a = np.moveaxis(b, 0, axis)
+    return a
+
+
+def _spline_coefficients(c, order):
+    """B-spline interpolation coefficients along axis 0 of ``c`` (float64, changed in place): the
+    recursive causal/anti-causal filters of each pole with a mirror-symmetric border."""
+    n = c.shape[0]
+    if n == 1:
+        return c
+    poles = _SPLINE_POLES[order]
+    gain = 1.0
+    for z in poles:
+        gain *= (1.0 - z) * (1.0 - 1.0 / z)
+    c *= gain
+    for z in poles:
+        zn1 = z ** (n - 1)
+        k = np.arange(1, n - 1)
+        weights = z ** k
+        init = c[0] + zn1 * c[n - 1]
+        if n > 2:
+            init = init + np.tensordot(weights, c[1:n - 1] + zn1 * c[n - 2:0:-1], axes=(0, 0))
+        c[0] = init / (1.0 - zn1 * zn1)
+        for i in range(1, n):
+            c[i] += z * c[i - 1]
+        c[n - 1] = (z * c[n - 2] + c[n - 1]) * z / (z * z - 1.0)
+        for i in range(n - 2, -1, -1):
+            c[i] = z * (c[i + 1] - c[i])
+    return c
+
+
+def _bspline(x, order):
+    """The centred B-spline of ``order`` at ``x`` (order >= 1)."""
+    x = np.abs(x)
+    half = (order + 1) / 2.0
+    out = np.zeros_like(x)
+    for k in range(order + 2):
+        v = np.maximum(x + half - k, 0.0)
+        out += (-1) ** k * math.comb(order + 1, k) * v ** order
+    out /= math.factorial(order)
+    return np.where(x < half, out, 0.0)
+
+
+def _resample_axis0(a, n, m, order, grid, npad, kernel=None):
+    """Sample axis 0 (``n`` long, plus ``npad`` padding each side) of spline coefficients ``a`` at the
+    ``m`` coordinates of a zoom to ``m``: taps outside the array are zero (``grid``) or mirrored.
+    ``kernel`` (orders 0 and 1 only): blur with it first, evaluated only where the taps fall."""
+    o = np.arange(m, dtype=np.float64)
+    if grid:
+        cc = (o + 0.5) * (n / m) - 0.5 + npad
+    else:
+        cc = o * ((n - 1) / (m - 1) if m > 1 else 1.0)
+    start = np.floor(cc if order & 1 else cc + 0.5).astype(np.int64) - order // 2
+    t = cc - start
+    length = a.shape[0]
+    bshape = (-1,) + (1,) * (a.ndim - 1)
+    taps = [(0, 1.0)] if kernel is None else [(k - len(kernel) // 2, float(g)) for k, g in enumerate(kernel)]
+    out = np.zeros((m,) + a.shape[1:])
+    for j in range(order + 1):
+        weight = np.ones(m) if order == 0 else (1.0 - np.abs(t - j) if order == 1 else _bspline(t - j, order))
+        for shift, g in taps:
+            idx = start + j + shift
+            if grid:
+                inside = (idx >= 0) & (idx < length)
+                vals = a[np.clip(idx, 0, length - 1)] * inside.reshape(bshape)
+            else:
+                if length == 1:
+                    mirrored = np.zeros_like(idx)
+                else:
+                    period = 2 * (length - 1)
+                    mirrored = np.mod(idx, period)
+                    mirrored = np.where(mirrored >= length, period - mirrored, mirrored)
+                vals = a[mirrored]
+            out += (g * weight).reshape(bshape) * vals
     return out
 
 

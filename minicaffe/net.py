@@ -110,9 +110,18 @@ def _env_flag(name):
 
 class Net:
     """pycaffe's ``caffe.Net``: ``Net(proto, phase)``, ``Net(proto, weights, phase)``,
-    ``Net(proto, phase, weights=..., level=..., stages=[...])``; ``proto`` may also be a NetParameter."""
+    ``Net(proto, phase, weights=..., level=..., stages=[...])`` or with pycaffe's keywords
+    ``Net(network_file=..., phase=..., weights=...)``; ``proto`` may also be a NetParameter."""
 
-    def __init__(self, network, *args, weights=None, phase=None, level=0, stages=None):
+    _hooks = None       # {"before_forward": [callables], ...} once one is registered (pycaffe's callbacks)
+
+    def __init__(self, network=None, *args, network_file=None, weights=None, phase=None, level=0, stages=None):
+        if network is None:
+            network = network_file
+        elif network_file is not None:
+            raise TypeError("Net() got the network twice (positionally and as network_file=)")
+        if network is None:
+            raise TypeError("Net needs a network: Net(network_file, phase, weights=None)")
         args = list(args)
         if args and isinstance(args[0], (str, os.PathLike)):
             weights = args.pop(0)
@@ -162,12 +171,10 @@ class Net:
         self._decay_mult = []
         self._learnable_names = []
         available = []          # blobs produced and not yet consumed: the net's outputs at the end
-        seen_layers = set()
-
+        # Layer names need not be unique, as in Caffe (mnist_autoencoder has two layers named "loss"):
+        # name-keyed views (layer_dict, params, top_names) then hold the last such layer, while
+        # forward(start=name), copy_from and share_with use the first, as pycaffe and Caffe do.
         for li, lp in enumerate(self.param.layer):
-            if lp.name in seen_layers:
-                raise NetError("duplicate layer name", lp.name, lp.type)
-            seen_layers.add(lp.name)
             if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
                 raise NetError(f"propagate_down has {len(lp.propagate_down)} entries for "
                                f"{len(lp.bottom)} bottoms", lp.name, lp.type)
@@ -350,6 +357,100 @@ class Net:
     def _blob_names(self):
         return list(self.blobs)
 
+    # pycaffe's _caffe.cpp views (lists and ids, as the C++ Net holds them) and pycaffe.py's dicts over them
+    @property
+    def _blobs(self):
+        return list(self.blobs.values())
+
+    @property
+    def _inputs(self):
+        """Indices into ``_blobs`` of the net's inputs (the tops of its Input layers)."""
+        ids = self._blob_ids()
+        return [ids[name] for name in self.inputs]
+
+    @property
+    def _outputs(self):
+        ids = self._blob_ids()
+        return [ids[name] for name in self.outputs]
+
+    def _top_ids(self, i):
+        ids = self._blob_ids()
+        return [ids[name] for name in self.param.layer[i].top]
+
+    def _bottom_ids(self, i):
+        ids = self._blob_ids()
+        return [ids[name] for name in self.param.layer[i].bottom]
+
+    def _blob_ids(self):
+        return {name: k for k, name in enumerate(self.blobs)}
+
+    @property
+    def _blob_loss_weights(self):
+        """One loss weight per blob in ``_blobs`` order: the weight its (last) producing layer gives it,
+        0 for blobs no loss reads, as Caffe's blob_loss_weights_."""
+        weights = dict.fromkeys(self.blobs, 0.0)
+        for lp, ws in zip(self.param.layer, self._loss_weights):
+            for name, w in zip(lp.top, ws):
+                weights[name] = float(w)
+        return list(weights.values())
+
+    @property
+    def blob_loss_weights(self):
+        """Blob name → loss weight (pycaffe's OrderedDict, input to output)."""
+        return collections.OrderedDict(zip(self.blobs, self._blob_loss_weights))
+
+    def _forward(self, start, end):
+        """pycaffe's Net._forward(start, end): Caffe's ForwardFromTo over layer indices; the loss."""
+        self._check_range(start, end)
+        return self.forward_from_to(start, end)
+
+    def _backward(self, start, end):
+        """pycaffe's Net._backward(start, end): Caffe's BackwardFromTo, from layer ``start`` down to ``end``."""
+        self._check_range(end, start)
+        self.backward_from_to(start, end)
+
+    def _check_range(self, low, high):
+        n = len(self.layers)
+        if not (0 <= int(low) and int(high) < n):
+            raise NetError(f"layer range {low}..{high} is outside net '{self.name}' (layers 0..{n - 1})")
+
+    def before_forward(self, fn):
+        """Call ``fn(layer_index)`` before each layer's forward (pycaffe's Net.before_forward)."""
+        self._add_hook("before_forward", fn)
+
+    def after_forward(self, fn):
+        """Call ``fn(layer_index)`` after each layer's forward."""
+        self._add_hook("after_forward", fn)
+
+    def before_backward(self, fn):
+        """Call ``fn(layer_index)`` before each layer's backward (also for layers that skip it, as Caffe)."""
+        self._add_hook("before_backward", fn)
+
+    def after_backward(self, fn):
+        """Call ``fn(layer_index)`` after each layer's backward."""
+        self._add_hook("after_backward", fn)
+
+    def _add_hook(self, kind, fn):
+        if not callable(fn):
+            raise TypeError(f"Net.{kind} needs a callable taking the layer index, got {type(fn).__name__}")
+        if self._hooks is None:
+            self._hooks = {k: [] for k in ("before_forward", "after_forward", "before_backward", "after_backward")}
+        self._hooks[kind].append(fn)
+
+    def set_input_arrays(self, data, labels):
+        """pycaffe's Net.set_input_arrays: hand ``data`` (N×C×H×W float32) and ``labels`` (N or N×1×1×1)
+        to the MemoryData layer, which must be the net's first layer as in Caffe."""
+        if not self.layers or self.layers[0].type != "MemoryData":
+            raise NetError("set_input_arrays may only be called if the first layer is a MemoryDataLayer "
+                           f"(net '{self.name}' starts with "
+                           f"{self.layers[0].type if self.layers else 'no layer'})")
+        if isinstance(labels, np.ndarray) and labels.ndim == 1:
+            labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
+        return self.layers[0].set_input_arrays(data, labels)
+
+    def _set_input_arrays(self, data, labels):
+        return self.set_input_arrays(data, labels)
+
     def _layer_index(self, name, default):
         if name is None:
             return default
@@ -372,8 +473,12 @@ class Net:
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
+        hooks = self._hooks
         for li in range(start, end + 1):
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
+            if hooks:
+                for fn in hooks["before_forward"]:
+                    fn(li)
             t0 = time.perf_counter() if timings is not None else None
             try:
                 layer.reshape(bottom, top)
@@ -391,12 +496,22 @@ class Net:
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
                     loss += w * float(blob.xdata.sum())
+            if hooks:
+                for fn in hooks["after_forward"]:
+                    fn(li)
         return loss
 
     def backward_from_to(self, start=None, end=0, timings=None):
         start = len(self.layers) - 1 if start is None else start
+        hooks = self._hooks
         for li in range(start, end - 1, -1):
+            if hooks:       # as Caffe: the hooks run for every layer, even one that skips backward
+                for fn in hooks["before_backward"]:
+                    fn(li)
             if not self._layer_need_backward[li]:
+                if hooks:
+                    for fn in hooks["after_backward"]:
+                        fn(li)
                 continue
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             for w, blob in zip(self._loss_weights[li], top):
@@ -419,6 +534,9 @@ class Net:
                 checks += [(f"parameter {k} diff", b.xdiff) for k, b in enumerate(layer.blobs)
                            if k < len(layer.param_propagate_down) and layer.param_propagate_down[k]]
                 self._check_finite(li, "backward", checks)
+            if hooks:
+                for fn in hooks["after_backward"]:
+                    fn(li)
 
     @staticmethod
     def _name_layer(exc, layer):
@@ -585,7 +703,7 @@ class Net:
         for sl in source.layer:
             if sl.name not in self.layer_dict or not len(sl.blobs):
                 continue
-            layer = self.layer_dict[sl.name]
+            layer = self.layers[self._layer_names.index(sl.name)]    # the first of that name, as Caffe
             if len(layer.blobs) != len(sl.blobs):
                 raise WeightsError(f"{path}: layer '{sl.name}' has {len(sl.blobs)} blobs in the file but "
                                    f"{len(layer.blobs)} in the net")
@@ -603,10 +721,14 @@ class Net:
             target.data[...] = arr.reshape(target.shape)
 
     def share_with(self, other):
-        """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith)."""
+        """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith:
+        each of ``other``'s layers shares into the first layer here of its name)."""
+        first = {}
         for name, layer in zip(self._layer_names, self.layers):
-            src = other.layer_dict.get(name)
-            if src is None or not layer.blobs:
+            first.setdefault(name, layer)
+        for name, src in zip(other._layer_names, other.layers):
+            layer = first.get(name)
+            if layer is None or not layer.blobs:
                 continue
             if len(src.blobs) != len(layer.blobs):
                 raise WeightsError(f"cannot share layer '{name}': {len(src.blobs)} vs {len(layer.blobs)} blobs")

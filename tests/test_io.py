@@ -168,21 +168,26 @@ def test_load_image_errors_name_the_file(tmp_path):
 
 
 def test_resize_image_values_and_shapes():
+    # pycaffe's values (checked against BVLC's caffe.io in test_pycaffe_surface.py): 1 and 3 channels
+    # go through scikit-image (pixel centres, zeros beyond the border, so the last sample is 0.75)...
     im = np.array([[0.0, 1.0]], dtype=np.float32)[:, :, np.newaxis]
     out = cio.resize_image(im, (1, 4))
     assert out.shape == (1, 4, 1) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, :, 0], [0, 0.25, 0.75, 1.0])      # half-pixel bilinear
+    np.testing.assert_allclose(out[0, :, 0], [0, 0.25, 0.75, 0.75])
     np.testing.assert_allclose(cio.resize_image(im, (1, 4), interp_order=0)[0, :, 0], [0, 0, 1, 1])
+    # ... other channel counts through scipy.ndimage.zoom (corners aligned)
+    two = np.concatenate([im, 1 - im], axis=2)
+    np.testing.assert_allclose(cio.resize_image(two, (1, 4))[0], [[0, 1], [1 / 3, 2 / 3], [2 / 3, 1 / 3], [1, 0]],
+                               rtol=1e-6)
     const = np.full((5, 5, 3), 0.3, np.float32)
     np.testing.assert_allclose(cio.resize_image(const, (2, 7)), 0.3)
-    # any number of channels, each resized like the one-channel case
+    # any number of channels, each resized on its own
     rng = np.random.default_rng(1)
     for k in (2, 7, 600):
         many = rng.random((6, 8, k)).astype(np.float32)
         got = cio.resize_image(many, (3, 5))
         assert got.shape == (3, 5, k)
-        np.testing.assert_allclose(got[:, :, k - 1], cio.resize_image(many[:, :, k - 1:], (3, 5))[:, :, 0],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(got[:, :, k - 2:], cio.resize_image(many[:, :, k - 2:], (3, 5)), rtol=1e-6)
     got = cio.resize_image(rng.random((6, 8, 7)).astype(np.float32), (12, 16), interp_order=3)
     assert got.shape == (12, 16, 7)
     with pytest.raises(DataError, match="H×W×K"):
@@ -253,7 +258,11 @@ def test_transformer_resizes_inputs_and_full_means():
     mean[2] = 7
     t.set_mean("data", mean)                               # resized to 4×6, as pycaffe does
     assert t.mean["data"].shape == (3, 4, 6)
-    np.testing.assert_allclose(t.preprocess("data", img)[2], 0.5 - 7, rtol=1e-6)
+    got = t.preprocess("data", img)[2]
+    np.testing.assert_allclose(got[1:-1, 1:-1], 0.5 - 7, rtol=1e-6)
+    # pycaffe's anti-aliasing blur sees zeros beyond the border: the mean fades there (BVLC gives
+    # -5.797208 at the corners, -6.1389475 along the edges)
+    np.testing.assert_allclose(got[0, [0, 1, -1]], [-5.797208, -6.1389475, -5.797208], rtol=1e-6)
     t.set_mean("data", np.ones((1, 3, 4, 6)))              # a 1×C×H×W blob mean is fine too
     assert t.mean["data"].shape == (3, 4, 6)
     g = cio.Transformer({"data": (1, 1, 2, 2)})

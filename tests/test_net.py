@@ -127,14 +127,54 @@ def test_missing_bottom_is_named(tmp_path):
         _net(tmp_path, text)
 
 
-def test_duplicate_layer_name_is_an_error(tmp_path):
-    text = """
-    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
-    layer { name: "r" type: "ReLU" bottom: "data" top: "a" }
-    layer { name: "r" type: "ReLU" bottom: "data" top: "b" }
-    """
-    with pytest.raises(NetError, match="duplicate layer name"):
-        _net(tmp_path, text)
+DUPLICATES = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 3
+        weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 3
+        weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "b" bottom: "data" top: "l2" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "a" bottom: "data" top: "l2b" loss_weight: 0 }
+"""
+
+
+def test_duplicate_layer_names_are_legal_as_in_caffe(tmp_path):
+    """Caffe's Net::Init never checks layer names for uniqueness (examples/mnist/mnist_autoencoder has
+    two layers named "loss"): name-keyed views hold the last such layer (pycaffe's OrderedDict(zip)),
+    forward(start=name) and copy_from/share_with (Caffe's linear search) use the first."""
+    net = _net(tmp_path, DUPLICATES)
+    names = [n for n in net._layer_names if not n.endswith("_split")]
+    assert names == ["data", "ip", "ip", "loss", "loss"]
+    assert [n for n in net.layer_dict if not n.endswith("_split")] == ["data", "ip", "loss"]
+    ip1, ip2 = [i for i, n in enumerate(net._layer_names) if n == "ip"]
+    assert net.layer_dict["ip"] is net.layers[ip2] and net.params["ip"][0] is net.layers[ip2].blobs[0]
+    assert net.top_names["loss"] == ["l2b"]
+    ran = []
+    net.before_forward(ran.append)
+    net.forward(start="ip")
+    assert ran == list(range(ip1, len(net.layers)))
+    # a weights file with one layer "ip" loads into the first "ip" only (CopyTrainedLayersFrom)
+    w = np.arange(9, dtype=np.float32).reshape(3, 3)
+    src = caffe.Net(str(_write(tmp_path, "one.prototxt", DUPLICATES.replace('name: "ip" type: "InnerProduct" '
+                                                                             'bottom: "a"', 'name: "ip2" type: '
+                                                                             '"InnerProduct" bottom: "a"'))),
+                    caffe.TEST)
+    src.params["ip"][0].data[...] = w
+    src.save(str(tmp_path / "one.caffemodel"))
+    before = net.layers[ip2].blobs[0].data.copy()
+    net.copy_from(str(tmp_path / "one.caffemodel"))
+    np.testing.assert_array_equal(net.layers[ip1].blobs[0].data, w)
+    np.testing.assert_array_equal(net.layers[ip2].blobs[0].data, before)
+    other = _net(tmp_path, DUPLICATES)
+    other.share_with(src)
+    assert other.layers[ip1].blobs[0] is src.layer_dict["ip"].blobs[0]
+    assert other.layers[ip2].blobs[0] is not src.layer_dict["ip"].blobs[0]
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
 
 
 def test_save_and_copy_from_round_trip(tmp_path):

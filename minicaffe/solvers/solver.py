@@ -519,9 +519,14 @@ class Solver:
                     net.copy_from(self._resolve("weights", name))
 
     # --- pycaffe surface ----------------------------------------------------------------------
-    def add_callback(self, on_start, on_gradients):
+    def add_callback(self, on_start, on_gradients=None):
         """Call ``on_start()`` before each iteration's forward/backward and ``on_gradients()`` before its
-        update (pycaffe's ``Solver.add_callback``)."""
+        update (pycaffe's ``Solver.add_callback``). ``add_callback(nccl)`` with a ``caffe.NCCL`` is
+        pycaffe's other form; that object wired the reduction in when it was made, so nothing is added."""
+        if on_gradients is None:
+            if getattr(on_start, "_minicaffe_nccl", False):
+                return
+            raise TypeError("add_callback(on_start, on_gradients) takes two callables (or one caffe.NCCL)")
         self._callbacks.append((on_start, on_gradients))
 
     def set_action_function(self, fn):
@@ -533,6 +538,11 @@ class Solver:
             return NONE
         action = self._action_function()
         return action if action in (STOP, SNAPSHOT) else NONE
+
+    def share_weights(self, net):
+        """pycaffe's Solver.share_weights(net): ``net`` uses this solver's training weights (by layer
+        name, as Net.share_with), so it sees every update without copying."""
+        net.share_with(self.net)
 
     @property
     def lr(self):
@@ -1130,26 +1140,28 @@ def first_non_finite(net):
 
 
 class SGDSolver(Solver):
+    # pycaffe's other solvers derive from SGDSolver (they are SGD with another update rule), so
+    # isinstance(solver, caffe.SGDSolver) holds for each of them, as it does there
     rule_class = updates.SGD
 
 
-class NesterovSolver(Solver):
+class NesterovSolver(SGDSolver):
     rule_class = updates.Nesterov
 
 
-class AdaGradSolver(Solver):
+class AdaGradSolver(SGDSolver):
     rule_class = updates.AdaGrad
 
 
-class RMSPropSolver(Solver):
+class RMSPropSolver(SGDSolver):
     rule_class = updates.RMSProp
 
 
-class AdaDeltaSolver(Solver):
+class AdaDeltaSolver(SGDSolver):
     rule_class = updates.AdaDelta
 
 
-class AdamSolver(Solver):
+class AdamSolver(SGDSolver):
     rule_class = updates.Adam
 
 
