@@ -554,19 +554,29 @@ def test_directory_unwritable_mid_run(tmp_path, monkeypatch):
     assert snapshot_files(snaps) == before
 
 
+def leftover(db, kind):
+    """A working directory exactly as a killed run leaves it: made and marked by a process (a child
+    here) that has exited since."""
+    code = ("import sys; from minicaffe.tools.convert_imageset import _make_work_dir; "
+            "print(_make_work_dir(sys.argv[1], sys.argv[2]))")
+    out = subprocess.run([sys.executable, "-c", code, str(db), kind], capture_output=True, text=True,
+                         env=child_env(), check=True, timeout=60)
+    return out.stdout.strip()
+
+
 def test_next_run_cleans_up_after_a_killed_one(image_list, tmp_path):
     """A run killed between the renames of --overwrite left the old database aside and the new one
     unfinished: the next run puts the old one back (so it refuses to overwrite it without the flag)
     and removes the unfinished one."""
-    from minicaffe.tools.convert_imageset import convert_imageset
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    from minicaffe.tools.convert_imageset import WORK_DB, convert_imageset
     db = tmp_path / "db"
-    env = lmdb.open(str(tmp_path / f"db.old-{dead.pid}"))
+    old = leftover(db, "old")
+    env = lmdb.open(os.path.join(old, WORK_DB))
     with env.begin(write=True) as txn:
         txn.put(b"00000000_kept", caffe_pb2.Datum(channels=3, height=4, width=4, data=bytes(48)).SerializeToString())
     env.close()
-    os.makedirs(tmp_path / f"db.tmp-{dead.pid}")
+    tmp = leftover(db, "tmp")
+    lmdb.open(os.path.join(tmp, WORK_DB)).close()
     with pytest.raises(MinicaffeError, match=r"db: already exists \(use --overwrite"):
         convert_imageset(f"{image_list}/", str(image_list / "list.txt"), str(db), jobs=1)
     assert lmdb_records(str(db)) == 1
