@@ -485,3 +485,87 @@ def test_ctrl_c_with_jobs_exits_at_once_and_leaves_nothing(tmp_path):
     assert [line for line in text.splitlines() if line.startswith("error:")] == ["error: interrupted"]
     assert "Traceback" not in text and "Exception" not in text, text[-2000:]
     assert sorted(os.listdir(work)) == ["err.log", "img.png", "list.txt"]
+
+
+# --- issue 11 #15: a pixel limit, checked before decoding --------------------------------------------
+
+def _flat_png(path, width, height):
+    """A real, valid grayscale PNG of ``width`` x ``height`` zeros: a few hundred KB on disk however
+    many pixels it declares (written without ever holding the pixels in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp = zlib.compressobj(9)
+    block = bytes(width + 1) * 100                    # 100 rows: filter byte 0 + zeros
+    idat = []
+    for start in range(0, height, 100):
+        rows = min(100, height - start)
+        idat.append(comp.compress(block if rows == 100 else bytes(width + 1) * rows))
+    idat.append(comp.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+
+
+def test_huge_image_is_skipped_from_its_header_without_decoding(tmp_path, capsys, log_text, monkeypatch):
+    """A 100-KB PNG declaring ~100 megapixels used to be decoded and written as a 300 MB record
+    (an 873 KB one became 2.6 GB and took 8 GB of RAM): now the header is read first and the image
+    skipped like an unreadable one, the summary naming it; it is never decoded."""
+    root, lst, names = make_set(tmp_path / "imgs", n=2, h=3, w=3)
+    _flat_png(tmp_path / "imgs" / "huge.png", 10000, 10001)
+    assert os.path.getsize(tmp_path / "imgs" / "huge.png") < 1 << 20
+    with open(lst, "a") as f:
+        f.write("huge.png 1\n")
+    decoded = []
+    real_imdecode = cv2.imdecode
+
+    def imdecode(buf, flag):
+        decoded.append(len(buf))
+        return real_imdecode(buf, flag)
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    db = tmp_path / "db"
+    assert convert("--jobs=1", root, lst, db) == 0
+    assert len(decoded) == 2                                  # the huge one never reached OpenCV
+    assert [k for k, _ in records(db)] == [f"{i:08d}_{n}" for i, n in enumerate(names)]
+    text = log_text.getvalue()
+    assert (f"list.txt:3: {root}huge.png: 10000x10001 image is 100 megapixels, over "
+            f"--max_pixels=100000000 (100 megapixels) (skipped)") in text
+    assert "Skipped 1 of 3 images that could not be read or were too large (huge.png); 2 written to" in text
+    # a higher limit lets it through (checked on a smaller one, to stay fast)
+    _flat_png(tmp_path / "imgs" / "huge.png", 300, 200)
+    assert convert("--jobs=1", "--max_pixels=60000", root, lst, tmp_path / "db2") == 0
+    assert len(records(tmp_path / "db2")) == 3
+    assert convert("--jobs=1", "--max_pixels=59999", root, lst, tmp_path / "db3") == 0
+    assert len(records(tmp_path / "db3")) == 2
+
+
+def test_max_pixels_on_decoded_size_and_resize(tmp_path, capsys, log_text):
+    """Formats whose header is not parsed (TIFF) are checked once decoded; a resize target over the
+    limit is refused up front in one line."""
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    cv2.imwrite(root + "big.tif", np.zeros((6, 7, 3), np.uint8))
+    with open(lst, "a") as f:
+        f.write("big.tif 1\n")
+    assert convert("--jobs=1", "--max_pixels=41", root, lst, tmp_path / "db") == 0
+    assert len(records(tmp_path / "db")) == 2
+    assert f"list.txt:3: {root}big.tif: 7x6 image is 42 pixels, over --max_pixels=41 (skipped)" in log_text.getvalue()
+    assert convert("--jobs=1", "--max_pixels=42", "--encoded", root, lst, tmp_path / "db2") == 0
+    assert len(records(tmp_path / "db2")) == 3
+    capsys.readouterr()
+    assert convert("--jobs=1", "--max_pixels=100", "--resize_width=20", "--resize_height=10", root, lst,
+                   tmp_path / "db3") == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: --resize_width=20 x --resize_height=10 is 200 pixels, over "
+                                        "--max_pixels=100"]
+    assert not os.path.exists(tmp_path / "db3")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp"])
+def test_header_size_matches_opencv(tmp_path, ext):
+    for h, w in ((5, 9), (300, 17), (1, 1)):
+        path = str(tmp_path / f"x{ext}")
+        assert cv2.imwrite(path, np.zeros((h, w, 3), np.uint8))
+        assert ci.header_size(open(path, "rb").read()) == (w, h)
+    assert ci.header_size(b"\x89PNG\r\n\x1a\n") is None and ci.header_size(b"not an image") is None

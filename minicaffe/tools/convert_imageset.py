@@ -152,9 +152,13 @@ def _jpeg_size(raw):
     return None
 
 
+def _pixels(n):
+    return f"{n / 1e6:.4g} megapixels" if n >= 1e6 else f"{n} pixels"
+
+
 def _too_big(filename, w, h, max_pixels):
-    return (f"{filename}: {w}x{h} image is {w * h / 1e6:.4g} megapixels, over --max_pixels={max_pixels} "
-            f"({max_pixels / 1e6:.4g} megapixels)")
+    limit = f" ({_pixels(max_pixels)})" if max_pixels >= 1e6 else ""
+    return f"{filename}: {w}x{h} image is {_pixels(w * h)}, over --max_pixels={max_pixels}{limit}"
 
 
 def make_record(filename, label, is_color=True, height=0, width=0, encoding="", max_pixels=DEFAULT_MAX_PIXELS):
