@@ -424,7 +424,19 @@ def test_cleanup_never_deletes_what_it_cannot_prove_it_made(tmp_path, capsys, lo
     # its pid now belongs to another process (started at another time): provably gone too
     reused = _marked(tmp_path, f"db2.tmp-{os.getppid()}-g", pid=os.getppid(), target="db2",
                      start=ci._process_start(os.getppid()) + 1)
-    keep = {p: _tree(p) for p in (backup, unmarked, alive, other_host, other_ns, bad_token)}
+    # killed between creating a working directory and marking it: empty, so rmdir loses nothing;
+    # the same name holding anything, or of a live pid, or not exactly that name, stays
+    empty = tmp_path / f"db2.tmp-{dead}-abc_12yz"
+    empty.mkdir()
+    not_empty = tmp_path / f"db2.old-{dead}-abc_12yz"
+    not_empty.mkdir()
+    (not_empty / "x").write_text("x")
+    live_empty = tmp_path / f"db2.tmp-{os.getppid()}-abc_12yz"
+    live_empty.mkdir()
+    user_empty = tmp_path / "db2.old-20240101"
+    user_empty.mkdir()
+    keep = {p: _tree(p) for p in (backup, unmarked, alive, other_host, other_ns, bad_token, not_empty,
+                                  live_empty, user_empty)}
     (tmp_path / "db").mkdir()
     (tmp_path / "db" / "precious.txt").write_text("x")
     # refused (DB_NAME is not an LMDB): nothing at all is cleaned up, not even our own leftover
@@ -433,7 +445,7 @@ def test_cleanup_never_deletes_what_it_cannot_prove_it_made(tmp_path, capsys, lo
     assert ours.exists() and all(_tree(p) == t for p, t in keep.items())
     # a run that goes ahead removes only the marked leftover of a gone process for its DB_NAME
     assert convert("--jobs=1", root, lst, tmp_path / "db2") == 0
-    assert not ours2.exists() and not reused.exists() and ours.exists()
+    assert not ours2.exists() and not reused.exists() and not empty.exists() and ours.exists()
     assert all(_tree(p) == t for p, t in keep.items())
     assert f"Removing {ours2}, left by an interrupted run" in log_text.getvalue()
     assert (tmp_path / "db" / "precious.txt").read_text() == "x"

@@ -15,7 +15,9 @@ with ``--encoded``, the image file's bytes (re-encoded only when resized or of a
 one LMDB transaction per 1000 records.
 
 Unlike Caffe it is safe to interrupt: the database is built in a working directory
-``DB_NAME.tmp-<pid>-<random>`` beside the target and renamed to DB_NAME only when complete. An
+``DB_NAME.tmp-<pid>-<random>`` beside the target and renamed to DB_NAME only when complete; Ctrl-C
+stops a run at once, ``--jobs`` included (the decoding processes ignore SIGINT, the parent stops
+them without doing the queued work and removes its working directory). An
 existing DB_NAME is refused (as Caffe does) unless ``--overwrite`` is given and DB_NAME is an LMDB
 (a directory holding only ``data.mdb``/``lock.mdb``, or a ``-nosubdir`` file and its ``-lock``);
 anything else under that name is refused and nothing is deleted. Unreadable images and images over
@@ -26,11 +28,14 @@ only what minicaffe can prove it made: its working directories get an owner mark
 (tool, host, boot id, pid namespace, pid and start time, and a random token), and one is removed
 only when that marker is well-formed and its process is provably gone. A name alone (a user's
 ``train_lmdb.old-20240101``) or a pid alone (reused in containers and on shared file systems)
-proves nothing: such entries are left alone.
+proves nothing: such entries are left alone. (The one exception is an *empty* directory named
+exactly as minicaffe names them, left by a kill in the instant before its marker was written; it is
+removed with ``rmdir``, which cannot remove anything that holds data.)
 """
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -395,7 +400,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     jobs = int(jobs) if jobs and int(jobs) > 0 else (len(os.sched_getaffinity(0))
                                                      if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
-    work = None
+    work = token = None
     writer = None
     count = 0
     skipped = []
@@ -403,7 +408,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     bar = progress if progress is not None else ProgressBar(total=len(tasks), unit="img")
     try:
         try:
-            work = _make_work_dir(db_name, "tmp")
+            work, token = _make_work_dir(db_name, "tmp")
             writer = BatchedLMDBWriter(os.path.join(work, WORK_DB), map_size=INITIAL_MAP_SIZE,
                                        commit_every=COMMIT_EVERY, sync=False, metasync=False, max_dbs=0)
         except (lmdb.Error, OSError) as exc:
@@ -440,12 +445,12 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
             raise _write_error(db_name, exc) from None
         if count % COMMIT_EVERY != 0:
             log.info("Processed %d files.", count)
-        _install(work, db_name, overwrite)
+        _install(work, token, db_name, overwrite)
     except BaseException:
         if writer is not None:
             writer.abort()
         if work is not None:
-            _remove_own(work)
+            _remove_own(work, token)
         raise
     finally:
         if progress is None:
@@ -562,7 +567,8 @@ def _identity():
 
 
 def _make_work_dir(db_name, kind):
-    """A new directory ``DB_NAME.<kind>-<pid>-<random>`` whose first content is the owner marker."""
+    """A new directory ``DB_NAME.<kind>-<pid>-<random>`` whose first content is the owner marker;
+    returns (path, token): the token is checked again before the directory is removed."""
     parent = os.path.dirname(os.path.abspath(db_name))
     base = os.path.basename(os.path.abspath(db_name))
     path = tempfile.mkdtemp(prefix=f"{base}.{kind}-{os.getpid()}-", dir=parent)
@@ -580,7 +586,7 @@ def _make_work_dir(db_name, kind):
         with contextlib.suppress(OSError):
             os.rmdir(path)
         raise
-    return path
+    return path, marker["token"]
 
 
 def _umask():
@@ -654,13 +660,18 @@ def owner_gone(marker):
     return False, f"process {pid} is still running"
 
 
-def _remove_own(path):
-    """Remove one of this process's working directories, the marker last: if this is interrupted,
-    what remains is still marked and the next run removes it."""
-    for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
+def _remove_own(path, token):
+    """Remove a working directory whose marker holds ``token`` (read again now: what is removed is
+    what was decided on, not something put under that name since). The marker goes last, so that
+    if this is interrupted what remains is still marked and the next run removes it."""
+    marker = read_marker(path)
+    if marker is None or marker["token"] != token:
+        return False
+    for name in sorted(os.listdir(path)):
         if name != MARKER:
             _remove(os.path.join(path, name))
     _remove(path)
+    return True
 
 
 def _remove(path):
@@ -678,7 +689,8 @@ def _recover_interrupted(db_name, log):
     well-formed, names this DB_NAME and whose process is provably gone are touched: an unfinished
     ``tmp`` one is removed; an ``old`` one (killed between the renames of --overwrite) has its
     database put back when DB_NAME is missing, and is removed otherwise. Anything else, whatever its
-    name, is left alone (with a warning when it is marked but its owner may still be running)."""
+    name, is left alone (with a warning when it is marked but its owner may still be running), but
+    for the empty directory of :func:`_remove_empty_unmarked`."""
     parent = os.path.dirname(os.path.abspath(db_name))
     base = os.path.basename(os.path.abspath(db_name))
     try:
@@ -690,8 +702,11 @@ def _recover_interrupted(db_name, log):
             continue
         path = os.path.join(parent, name)
         marker = read_marker(path)
-        if marker is None or marker["target"] != base:
+        if marker is None:
+            _remove_empty_unmarked(path, base, log)
             continue            # not provably ours: not touched
+        if marker["target"] != base:
+            continue
         gone, why = owner_gone(marker)
         if not gone:
             if "still running" not in why:
@@ -712,7 +727,22 @@ def _recover_interrupted(db_name, log):
                         db_name, path)
         else:
             log.info("Removing %s, left by an interrupted run", path)
-        _remove_own(path)
+        _remove_own(path, marker["token"])
+
+
+def _remove_empty_unmarked(path, base, log):
+    """A run killed in the instant between creating its working directory and writing the marker
+    (or between removing the marker and the directory) leaves it empty. Such a directory, named
+    exactly as :func:`_make_work_dir` names them, by a pid not running here, is removed with
+    ``rmdir``, which the system refuses for a directory holding anything: nothing can be lost."""
+    m = re.fullmatch(rf"{re.escape(base)}\.(?:tmp|old)-(\d+)-[a-z0-9_]{{8}}", os.path.basename(path))
+    if not m or os.path.islink(path) or not os.path.isdir(path) or _pid_alive(int(m.group(1))):
+        return
+    try:
+        os.rmdir(path)
+    except OSError:
+        return
+    log.info("Removed the empty directory %s, left by an interrupted run", path)
 
 
 def _check_free_space(db_name, parent):
@@ -735,7 +765,7 @@ def _write_error(db_name, exc, what="cannot write the database"):
     return DataError(f"{db_name}: {what}: {text}")
 
 
-def _install(work, db_name, overwrite):
+def _install(work, token, db_name, overwrite):
     """Rename the finished database (``work``/db) into place. With --overwrite an existing LMDB is
     first moved into a marked ``old`` working directory, so that whatever moment this process is
     killed at, the next run can tell it is minicaffe's and put it back or remove it."""
@@ -745,7 +775,7 @@ def _install(work, db_name, overwrite):
         if os.path.lexists(db_name):
             _check_target(db_name, overwrite)      # it may have changed since the start
             layout = lmdb_layout(db_name)
-            old = _make_work_dir(db_name, "old")
+            old, old_token = _make_work_dir(db_name, "old")
             os.rename(db_name, os.path.join(old, WORK_DB))
             if layout == "file" and os.path.lexists(db_name + "-lock"):
                 os.rename(db_name + "-lock", os.path.join(old, WORK_DB + "-lock"))
@@ -756,13 +786,13 @@ def _install(work, db_name, overwrite):
                 os.rename(os.path.join(old, WORK_DB), db_name)
                 if os.path.lexists(os.path.join(old, WORK_DB + "-lock")):
                     os.rename(os.path.join(old, WORK_DB + "-lock"), db_name + "-lock")
-                _remove_own(old)
+                _remove_own(old, old_token)
         if isinstance(exc, OSError):
             raise _write_error(db_name, exc, "cannot move the finished database into place") from None
         raise
     if old is not None:
-        _remove_own(old)
-    _remove_own(work)
+        _remove_own(old, old_token)
+    _remove_own(work, token)
 
 
 @run_main
