@@ -33,6 +33,7 @@ exactly as minicaffe names them, left by a kill in the instant before its marker
 removed with ``rmdir``, which cannot remove anything that holds data.)
 """
 import contextlib
+import errno
 import json
 import os
 import re
@@ -42,7 +43,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 
@@ -266,15 +266,19 @@ def _results(tasks, opts, jobs):
     chunks = (tasks[s:s + size] for s in range(0, len(tasks), size))
     ahead = max(4 * jobs, 512 // size)
     ctx = _mp_context(mp)
-    abort = ctx.Event()
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(opts, abort))
+    pool = abort = None
     finished = False
+    inflight = collections.deque()
     try:
-        inflight = collections.deque()
-        for chunk in chunks:
-            inflight.append(pool.submit(_work, chunk))
-            if len(inflight) >= ahead:
-                break
+        # the fork server, the pool and its processes start with Ctrl-C held back (and delivered
+        # right after): interrupted half-way, a worker is left starting without the parent
+        with _sigint_held(ctx):
+            abort = ctx.Event()
+            pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(opts, abort))
+            for chunk in chunks:
+                inflight.append(pool.submit(_work, chunk))
+                if len(inflight) >= ahead:
+                    break
         while inflight:
             done = inflight.popleft().result()
             chunk = next(chunks, None)
@@ -285,7 +289,9 @@ def _results(tasks, opts, jobs):
     except BrokenProcessPool as exc:
         raise DataError(f"the image decoding processes died ({exc}); try --jobs 1") from None
     finally:
-        if finished:
+        if pool is None:
+            pass
+        elif finished:
             pool.shutdown(wait=True)
         else:
             _stop_pool(pool, abort)
@@ -321,24 +327,29 @@ def _mp_context(mp):
     can hang in its first cv2 call. Workers start from a clean process instead; like spawn, that
     imports the main script, which must guard its top-level code with ``if __name__ == "__main__":``."""
     methods = mp.get_all_start_methods()
-    if "forkserver" not in methods:
-        return mp.get_context("spawn")
-    _start_forkserver_ignoring_sigint()
-    return mp.get_context("forkserver")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _start_forkserver_ignoring_sigint():
-    """Start the fork server (if not yet running) with SIGINT ignored: the workers it forks start
-    with its handlers, so a Ctrl-C while they import (before ``_init_worker`` runs) does not kill
-    them with a traceback each. The parent's own handler is back as soon as the server runs."""
-    if threading.current_thread() is not threading.main_thread():
+@contextlib.contextmanager
+def _sigint_held(ctx):
+    """Block SIGINT while the pool starts (main thread only): a Ctrl-C meanwhile stays pending and
+    is delivered when the block ends, so it is never lost. The fork server started here keeps the
+    mask, and so do the workers it forks: a Ctrl-C while they import (before ``_init_worker``
+    ignores SIGINT) cannot kill them with a traceback each. The resource tracker is started first,
+    outside: starting it unblocks SIGINT, whatever the mask was."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
         return
-    from multiprocessing import forkserver
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        forkserver.ensure_running()
+        if ctx.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+            forkserver.ensure_running()
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # --- the database writer ------------------------------------------------------------------------------
@@ -400,7 +411,8 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     jobs = int(jobs) if jobs and int(jobs) > 0 else (len(os.sched_getaffinity(0))
                                                      if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
-    work = token = None
+    work = None
+    token, made = secrets.token_hex(16), []    # the working directory, as soon as it exists
     writer = None
     count = 0
     skipped = []
@@ -408,7 +420,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     bar = progress if progress is not None else ProgressBar(total=len(tasks), unit="img")
     try:
         try:
-            work, token = _make_work_dir(db_name, "tmp")
+            work = _make_work_dir(db_name, "tmp", token, made)
             writer = BatchedLMDBWriter(os.path.join(work, WORK_DB), map_size=INITIAL_MAP_SIZE,
                                        commit_every=COMMIT_EVERY, sync=False, metasync=False, max_dbs=0)
         except (lmdb.Error, OSError) as exc:
@@ -449,8 +461,7 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     except BaseException:
         if writer is not None:
             writer.abort()
-        if work is not None:
-            _remove_own(work, token)
+        _discard(made, token)
         raise
     finally:
         if progress is None:
@@ -566,27 +577,60 @@ def _identity():
             "pid_ns": _pid_namespace(), "pid": os.getpid(), "start": _process_start(os.getpid())}
 
 
-def _make_work_dir(db_name, kind):
-    """A new directory ``DB_NAME.<kind>-<pid>-<random>`` whose first content is the owner marker;
-    returns (path, token): the token is checked again before the directory is removed."""
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _make_work_dir(db_name, kind, token, made):
+    """Make the directory ``DB_NAME.<kind>-<pid>-<8 random>``, whose first content is the owner
+    marker holding ``token``, and append it to ``made`` the moment it exists. Ctrl-C can strike
+    between any two steps (Python raises KeyboardInterrupt between bytecodes), so whatever the
+    moment the directory is not there, is removed again here, or is in ``made`` for the caller's
+    clean-up (:func:`_discard`). Returns the path."""
     parent = os.path.dirname(os.path.abspath(db_name))
     base = os.path.basename(os.path.abspath(db_name))
-    path = tempfile.mkdtemp(prefix=f"{base}.{kind}-{os.getpid()}-", dir=parent)
-    marker = dict(_identity(), tool=MARKER_TOOL, kind=kind, target=base, name=os.path.basename(path),
-                  token=secrets.token_hex(16))
+    marker = dict(_identity(), tool=MARKER_TOOL, kind=kind, target=base, token=token)
+    for _ in range(100):
+        name = f"{base}.{kind}-{os.getpid()}-" + "".join(secrets.choice(_NAME_CHARS) for _ in range(8))
+        path = os.path.join(parent, name)
+        try:
+            os.mkdir(path)                  # mode 0777 less the umask, as the database will have
+            made.append(path)
+        except FileExistsError:
+            continue
+        except BaseException:
+            if path not in made:            # interrupted right after the mkdir: it is empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
+        break
+    else:
+        raise FileExistsError(errno.EEXIST, "no free name for a working directory", f"{db_name}.{kind}-*")
     try:
-        with open(os.path.join(path, MARKER), "x", encoding="ascii") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(path, 0o777 & ~_umask())      # mkdtemp makes 0700; the database follows the umask
+        data = json.dumps(dict(marker, name=name)).encode("ascii")
+        fd = os.open(os.path.join(path, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, "short write", os.path.join(path, MARKER))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(path, MARKER))
         with contextlib.suppress(OSError):
             os.rmdir(path)
         raise
-    return path, marker["token"]
+    return path
+
+
+def _discard(made, token):
+    """Clean up the working directories this process made (``made``, from :func:`_make_work_dir`):
+    a marked one is removed as usual; one left empty by an interruption before its marker was
+    written is removed with ``rmdir`` (this process made it, and an empty directory holds nothing)."""
+    for path in made:
+        if not _remove_own(path, token):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def _umask():
@@ -770,28 +814,33 @@ def _install(work, token, db_name, overwrite):
     first moved into a marked ``old`` working directory, so that whatever moment this process is
     killed at, the next run can tell it is minicaffe's and put it back or remove it."""
     new = os.path.join(work, WORK_DB)
-    old = None
+    old_token, old_made = secrets.token_hex(16), []
+    moved = []
     try:
         if os.path.lexists(db_name):
             _check_target(db_name, overwrite)      # it may have changed since the start
             layout = lmdb_layout(db_name)
-            old, old_token = _make_work_dir(db_name, "old")
-            os.rename(db_name, os.path.join(old, WORK_DB))
-            if layout == "file" and os.path.lexists(db_name + "-lock"):
-                os.rename(db_name + "-lock", os.path.join(old, WORK_DB + "-lock"))
+            old = _make_work_dir(db_name, "old", old_token, old_made)
+            for src, dst in [(db_name, WORK_DB)] + ([(db_name + "-lock", WORK_DB + "-lock")]
+                                                     if layout == "file" and os.path.lexists(db_name + "-lock")
+                                                     else []):
+                os.rename(src, os.path.join(old, dst))
+                moved.append((src, os.path.join(old, dst)))
         os.rename(new, db_name)
     except BaseException as exc:
-        if old is not None and not os.path.lexists(db_name):
-            with contextlib.suppress(OSError):     # put the old database back (else the next run does)
-                os.rename(os.path.join(old, WORK_DB), db_name)
-                if os.path.lexists(os.path.join(old, WORK_DB + "-lock")):
-                    os.rename(os.path.join(old, WORK_DB + "-lock"), db_name + "-lock")
-                _remove_own(old, old_token)
+        restored = True
+        if moved and not os.path.lexists(db_name):
+            try:                                   # put the old database back (else the next run does)
+                for src, dst in reversed(moved):
+                    os.rename(dst, src)
+            except OSError:
+                restored = False
+        if restored:        # (with DB_NAME there and moved non-empty, the new database is in place)
+            _discard(old_made, old_token)
         if isinstance(exc, OSError):
             raise _write_error(db_name, exc, "cannot move the finished database into place") from None
         raise
-    if old is not None:
-        _remove_own(old, old_token)
+    _discard(old_made, old_token)
     _remove_own(work, token)
 
 
