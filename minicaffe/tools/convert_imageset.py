@@ -101,8 +101,9 @@ def _match_ext(filename, encoding):
 def header_size(raw):
     """(width, height) from the header of a PNG, JPEG, GIF, BMP or WebP file, else None.
 
-    Decoding is what costs: a small, highly compressed PNG can declare 30000x30000 pixels, 2.6 GB
-    once decoded, so the size is read from the header and checked before OpenCV allocates it."""
+    Decoding is what costs: a small, highly compressed PNG can declare 30000x30000 pixels (2.7 GB
+    decoded in colour), so the size is read from the header and checked before OpenCV allocates it.
+    Other formats are checked once decoded (OpenCV itself refuses more than 2^30 pixels)."""
     try:
         if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
             return struct.unpack(">II", raw[16:24])
@@ -332,24 +333,34 @@ def _mp_context(mp):
 
 @contextlib.contextmanager
 def _sigint_held(ctx):
-    """Block SIGINT while the pool starts (main thread only): a Ctrl-C meanwhile stays pending and
-    is delivered when the block ends, so it is never lost. The fork server started here keeps the
-    mask, and so do the workers it forks: a Ctrl-C while they import (before ``_init_worker``
-    ignores SIGINT) cannot kill them with a traceback each. The resource tracker is started first,
-    outside: starting it unblocks SIGINT, whatever the mask was."""
+    """Hold Ctrl-C back while the pool starts (main thread only) and deliver it right after, so
+    that it is neither lost nor raised half-way through starting a worker (a worker started but
+    not yet registered with the pool outlives its parent, and fails with a traceback). Two holds:
+    SIGINT is blocked, so a signal arriving now stays pending, and the fork server started here
+    and the workers it forks keep that mask (a Ctrl-C while they import, before ``_init_worker``
+    ignores SIGINT, cannot kill them with a traceback each); and a signal that arrived just before
+    but is not yet handled in Python is recorded by a stand-in handler instead of raising. The
+    resource tracker is started first, outside: starting it unblocks SIGINT, whatever the mask."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        if ctx.get_start_method() == "forkserver":
-            from multiprocessing import forkserver
-            forkserver.ensure_running()
-        yield
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            if ctx.get_start_method() == "forkserver":
+                from multiprocessing import forkserver
+                forkserver.ensure_running()
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGINT, previous_handler)
+    if held:
+        signal.raise_signal(signal.SIGINT)      # as it came, to whatever handled it before
 
 
 # --- the database writer ------------------------------------------------------------------------------
