@@ -1,5 +1,7 @@
 """compute_image_mean: the mean BlobProto, Caffe's per-channel lines, and the colour PCA extension."""
 
+import os
+
 import lmdb
 import numpy as np
 import pytest
@@ -94,3 +96,18 @@ def test_errors(tmp_path, capsys):
     with pytest.raises(DataError, match="not an LMDB"):
         (tmp_path / "plain").mkdir()
         cim.compute_image_mean(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_record_is_refused_naming_the_key(tmp_path, capsys, bad):
+    """A float_data record holding NaN made a NaN mean and exit 0: refused in one line, nothing written."""
+    arrs = np.random.default_rng(3).normal(size=(3, 1, 2, 3)).astype(np.float32)
+    arrs[1, 0, 1, 2] = bad
+    db = make_db(tmp_path / "db", arrs)
+    out = tmp_path / "mean.binaryproto"
+    assert cim.main([db, str(out)]) == 1
+    err = capsys.readouterr().err
+    name = "NaN" if np.isnan(bad) else "Inf"
+    assert err.strip().splitlines() == [f"error: {db}: record '00000001_1.png': float_data holds {name} "
+                                        f"(at 1 of 6 values); no mean written"]
+    assert sorted(os.listdir(tmp_path)) == ["db"]

@@ -1,7 +1,10 @@
 """convert_imageset: Caffe's keys and records, the flags, and its safety (no partial DB_NAME, ever)."""
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import lmdb
@@ -299,3 +302,282 @@ def test_command_line_end_to_end(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in res.stderr
+
+
+# --- issue 11: nothing minicaffe did not make is ever deleted -----------------------------------------
+
+def _tree(path):
+    """Every file under ``path`` with its bytes (a directory's whole content), or the file's bytes."""
+    if os.path.isfile(path):
+        return open(path, "rb").read()
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("victim", ["project", "root", "list", "empty_dir", "lmdb_plus_file", "symlink"])
+def test_overwrite_refuses_what_is_not_an_lmdb(tmp_path, capsys, victim):
+    """--overwrite with a mistyped DB_NAME (the project folder, the image root, the list file...) used
+    to delete it and exit 0; now only an LMDB is replaced and anything else is refused untouched."""
+    project = tmp_path / "project"
+    root, lst, _ = make_set(project / "imgs", n=2, h=2, w=2)
+    (project / "train.prototxt").write_text("name: 'x'\n")
+    targets = {"project": project, "root": project / "imgs", "list": lst}
+    if victim == "empty_dir":
+        targets[victim] = tmp_path / "empty"
+        os.mkdir(targets[victim])
+    elif victim == "lmdb_plus_file":
+        targets[victim] = tmp_path / "db"
+        assert convert("--jobs=1", root, lst, targets[victim]) == 0
+        (targets[victim] / "notes.txt").write_text("mine\n")
+    elif victim == "symlink":
+        targets[victim] = tmp_path / "link"
+        os.symlink(project, targets[victim])
+    target = str(targets[victim])
+    before = _tree(target)
+    capsys.readouterr()
+    assert convert("--jobs=1", "--overwrite", root, lst, target) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"{target}: is a" in errors[0] and "not an LMDB database" in errors[0] and "nothing was deleted" in errors[0]
+    assert _tree(target) == before
+    assert not [n for n in os.listdir(os.path.dirname(target)) if ".tmp-" in n or ".old-" in n]
+
+
+def test_overwrite_replaces_a_nosubdir_lmdb(tmp_path):
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    db = tmp_path / "flat"
+    env = lmdb.open(str(db), subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"old", b"record")
+    env.close()
+    assert sorted(os.listdir(tmp_path)) == ["flat", "flat-lock", "imgs"]
+    assert convert("--jobs=1", "--overwrite", root, lst, db) == 0
+    assert len(records(db)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["flat", "imgs"]
+
+
+def _marked(tmp_path, name, **change):
+    """A working directory as a killed run leaves it: marker first (as this process would write it,
+    with ``change`` applied), then the database inside."""
+    path = tmp_path / name
+    path.mkdir()
+    marker = dict(ci._identity(), tool=ci.MARKER_TOOL, kind=name.split(".")[1].split("-")[0], target="db",
+                  name=name, token="0123456789abcdef" * 2)
+    marker.update(change)
+    (path / ci.MARKER).write_text(__import__("json").dumps(marker))
+    env = lmdb.open(str(path / ci.WORK_DB))
+    with env.begin(write=True) as txn:
+        txn.put(b"00000000_kept", caffe_pb2.Datum(channels=1, height=1, width=1, data=b"\x07").SerializeToString())
+    env.close()
+    return path
+
+
+def _dead_pid():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return dead.pid
+
+
+def test_cleanup_leaves_user_folders_named_like_leftovers(tmp_path, capsys):
+    """A user's backup train_lmdb.old-20240101 was deleted as an 'interrupted run's leftover' (its
+    'pid' was not running), even by a run that was then refused."""
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    db = tmp_path / "train_lmdb"
+    assert convert("--jobs=1", root, lst, db) == 0
+    backup = tmp_path / "train_lmdb.old-20240101"
+    shutil.copytree(db, backup)
+    tmp_named = tmp_path / f"train_lmdb.tmp-{_dead_pid()}"
+    tmp_named.mkdir()
+    (tmp_named / "photo.jpg").write_bytes(b"mine")
+    keep = {p: _tree(p) for p in (backup, tmp_named)}
+    assert convert("--jobs=1", root, lst, db) == 1               # refused: exists
+    assert "already exists" in capsys.readouterr().err
+    assert all(_tree(p) == t for p, t in keep.items())
+    assert convert("--jobs=1", "--overwrite", root, lst, db) == 0
+    assert all(_tree(p) == t for p, t in keep.items())
+    assert sorted(os.listdir(tmp_path)) == sorted(["imgs", "train_lmdb", backup.name, tmp_named.name])
+
+
+def test_cleanup_never_deletes_what_it_cannot_prove_it_made(tmp_path, capsys, log_text):
+    """A user's backup named like a leftover (db.old-20240101), an unmarked db.tmp-<dead pid>, and
+    marked ones whose owner may be alive (a live pid, another host, another pid namespace) all
+    stay; the run is refused before any clean-up; only a marked leftover of a gone process goes."""
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    dead = _dead_pid()
+    backup = tmp_path / "db.old-20240101"
+    backup.mkdir()
+    (backup / "data.mdb").write_bytes(b"my backup")
+    unmarked = tmp_path / f"db.tmp-{dead}"
+    unmarked.mkdir()
+    (unmarked / "photo.jpg").write_bytes(b"mine")
+    alive = _marked(tmp_path, f"db.tmp-{os.getppid()}-a", pid=os.getppid(), start=None)
+    other_host = _marked(tmp_path, f"db.tmp-{dead}-b", pid=dead, host="elsewhere.example")
+    other_ns = _marked(tmp_path, f"db.tmp-{dead}-c", pid=dead, pid_ns="pid:[1]")
+    bad_token = _marked(tmp_path, f"db.tmp-{dead}-d", pid=dead, token="not hex")
+    ours = _marked(tmp_path, f"db.tmp-{dead}-e", pid=dead)
+    ours2 = _marked(tmp_path, f"db2.tmp-{dead}-f", pid=dead, target="db2")
+    # its pid now belongs to another process (started at another time): provably gone too
+    reused = _marked(tmp_path, f"db2.tmp-{os.getppid()}-g", pid=os.getppid(), target="db2",
+                     start=ci._process_start(os.getppid()) + 1)
+    # killed between creating a working directory and marking it: empty, so rmdir loses nothing;
+    # the same name holding anything, or of a live pid, or not exactly that name, stays
+    empty = tmp_path / f"db2.tmp-{dead}-abc_12yz"
+    empty.mkdir()
+    not_empty = tmp_path / f"db2.old-{dead}-abc_12yz"
+    not_empty.mkdir()
+    (not_empty / "x").write_text("x")
+    live_empty = tmp_path / f"db2.tmp-{os.getppid()}-abc_12yz"
+    live_empty.mkdir()
+    user_empty = tmp_path / "db2.old-20240101"
+    user_empty.mkdir()
+    keep = {p: _tree(p) for p in (backup, unmarked, alive, other_host, other_ns, bad_token, not_empty,
+                                  live_empty, user_empty)}
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "precious.txt").write_text("x")
+    # refused (DB_NAME is not an LMDB): nothing at all is cleaned up, not even our own leftover
+    assert convert("--jobs=1", "--overwrite", root, lst, tmp_path / "db") == 1
+    assert "not an LMDB database" in capsys.readouterr().err
+    assert ours.exists() and all(_tree(p) == t for p, t in keep.items())
+    # a run that goes ahead removes only the marked leftover of a gone process for its DB_NAME
+    assert convert("--jobs=1", root, lst, tmp_path / "db2") == 0
+    assert not ours2.exists() and not reused.exists() and not empty.exists() and ours.exists()
+    assert all(_tree(p) == t for p, t in keep.items())
+    assert f"Removing {ours2}, left by an interrupted run" in log_text.getvalue()
+    assert (tmp_path / "db" / "precious.txt").read_text() == "x"
+
+
+def test_interrupted_overwrite_is_put_back_from_a_marked_old_dir(tmp_path, log_text):
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    dead = _dead_pid()
+    old = _marked(tmp_path, f"db.old-{dead}-x", pid=dead)
+    with pytest.raises(DataError, match=r"db: already exists \(use --overwrite"):
+        ci.convert_imageset(root, lst, str(tmp_path / "db"), jobs=1)
+    assert [k for k, _ in records(tmp_path / "db")] == ["00000000_kept"]
+    assert not old.exists() and "restored the database" in log_text.getvalue()
+
+
+def test_ctrl_c_with_jobs_exits_at_once_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during --jobs 2 printed
+    'error: interrupted' and then hung until SIGKILL, leaving the temporary database."""
+    import cv2
+    work = tmp_path / "w"
+    work.mkdir()
+    # a flat image: cheap to decode, 120 KB to write, so the workers often wait for work, which is
+    # when the old workers died of the SIGINT and broke the pool (the hang was a race: ~3 in 4 runs)
+    cv2.imwrite(str(work / "img.png"), np.full((200, 200, 3), 7, np.uint8))
+    (work / "list.txt").write_text("".join(f"img.png {i % 3}\n" for i in range(3000)))
+    db = work / "db"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = work / "err.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "minicaffe.tools.convert_imageset", "--jobs", "2",
+                                 f"{work}/", str(work / "list.txt"), str(db)],
+                                stderr=err, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "Processed 1000 files." not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)
+            assert proc.poll() is None, "finished before it could be interrupted"
+            os.killpg(proc.pid, signal.SIGINT)
+            sent = time.monotonic()
+            code = proc.wait(timeout=15)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert code != 0 and took < 5, (code, took, text[-2000:])
+    assert [line for line in text.splitlines() if line.startswith("error:")] == ["error: interrupted"]
+    assert "Traceback" not in text and "Exception" not in text, text[-2000:]
+    assert sorted(os.listdir(work)) == ["err.log", "img.png", "list.txt"]
+
+
+# --- issue 11 #15: a pixel limit, checked before decoding --------------------------------------------
+
+def _flat_png(path, width, height):
+    """A real, valid grayscale PNG of ``width`` x ``height`` zeros: a few hundred KB on disk however
+    many pixels it declares (written without ever holding the pixels in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    comp = zlib.compressobj(9)
+    block = bytes(width + 1) * 100                    # 100 rows: filter byte 0 + zeros
+    idat = []
+    for start in range(0, height, 100):
+        rows = min(100, height - start)
+        idat.append(comp.compress(block if rows == 100 else bytes(width + 1) * rows))
+    idat.append(comp.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+
+
+def test_huge_image_is_skipped_from_its_header_without_decoding(tmp_path, capsys, log_text, monkeypatch):
+    """A 100-KB PNG declaring ~100 megapixels used to be decoded and written as a 300 MB record
+    (an 873 KB one became 2.6 GB and took 8 GB of RAM): now the header is read first and the image
+    skipped like an unreadable one, the summary naming it; it is never decoded."""
+    root, lst, names = make_set(tmp_path / "imgs", n=2, h=3, w=3)
+    _flat_png(tmp_path / "imgs" / "huge.png", 10000, 10001)
+    assert os.path.getsize(tmp_path / "imgs" / "huge.png") < 1 << 20
+    with open(lst, "a") as f:
+        f.write("huge.png 1\n")
+    decoded = []
+    real_imdecode = cv2.imdecode
+
+    def imdecode(buf, flag):
+        decoded.append(len(buf))
+        return real_imdecode(buf, flag)
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    db = tmp_path / "db"
+    assert convert("--jobs=1", root, lst, db) == 0
+    assert len(decoded) == 2                                  # the huge one never reached OpenCV
+    assert [k for k, _ in records(db)] == [f"{i:08d}_{n}" for i, n in enumerate(names)]
+    text = log_text.getvalue()
+    assert (f"list.txt:3: {root}huge.png: 10000x10001 image is 100 megapixels, over "
+            f"--max_pixels=100000000 (100 megapixels) (skipped)") in text
+    assert "Skipped 1 of 3 images that could not be read or were too large (huge.png); 2 written to" in text
+    # a higher limit lets it through (checked on a smaller one, to stay fast)
+    _flat_png(tmp_path / "imgs" / "huge.png", 300, 200)
+    assert convert("--jobs=1", "--max_pixels=60000", root, lst, tmp_path / "db2") == 0
+    assert len(records(tmp_path / "db2")) == 3
+    assert convert("--jobs=1", "--max_pixels=59999", root, lst, tmp_path / "db3") == 0
+    assert len(records(tmp_path / "db3")) == 2
+
+
+def test_max_pixels_on_decoded_size_and_resize(tmp_path, capsys, log_text):
+    """Formats whose header is not parsed (TIFF) are checked once decoded; a resize target over the
+    limit is refused up front in one line."""
+    root, lst, _ = make_set(tmp_path / "imgs", n=2, h=2, w=2)
+    cv2.imwrite(root + "big.tif", np.zeros((6, 7, 3), np.uint8))
+    with open(lst, "a") as f:
+        f.write("big.tif 1\n")
+    assert convert("--jobs=1", "--max_pixels=41", root, lst, tmp_path / "db") == 0
+    assert len(records(tmp_path / "db")) == 2
+    assert f"list.txt:3: {root}big.tif: 7x6 image is 42 pixels, over --max_pixels=41 (skipped)" in log_text.getvalue()
+    assert convert("--jobs=1", "--max_pixels=42", "--encoded", root, lst, tmp_path / "db2") == 0
+    assert len(records(tmp_path / "db2")) == 3
+    capsys.readouterr()
+    assert convert("--jobs=1", "--max_pixels=100", "--resize_width=20", "--resize_height=10", root, lst,
+                   tmp_path / "db3") == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: --resize_width=20 x --resize_height=10 is 200 pixels, over "
+                                        "--max_pixels=100"]
+    assert not os.path.exists(tmp_path / "db3")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp"])
+def test_header_size_matches_opencv(tmp_path, ext):
+    for h, w in ((5, 9), (300, 17), (1, 1)):
+        path = str(tmp_path / f"x{ext}")
+        assert cv2.imwrite(path, np.zeros((h, w, 3), np.uint8))
+        assert ci.header_size(open(path, "rb").read()) == (w, h)
+    assert ci.header_size(b"\x89PNG\r\n\x1a\n") is None and ci.header_size(b"not an image") is None

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -414,6 +415,136 @@ def test_sigkill_during_convert_imageset_leaves_no_partial_db(request, image_lis
     assert complete + absent + old_kept == kills
 
 
+# --- convert_imageset never deletes what it did not make (issue 11) ----------------------------------
+
+def tree(path):
+    """A file's bytes, or every file under a directory with its bytes."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), path)] = f.read()
+    return out
+
+
+def one_error_line(stderr):
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def test_overwrite_never_deletes_what_is_not_an_lmdb(image_list, tmp_path):
+    """--overwrite with DB_NAME mistyped as the project folder, the image root or the list file used
+    to delete it and exit 0: each is refused in one line and left byte for byte as it was."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "solver.prototxt").write_text("base_lr: 0.1\n")
+    lst = str(image_list / "list.txt")
+    refused = 0
+    for target in (project, image_list, image_list / "list.txt"):
+        before = tree(target)
+        proc = subprocess.run([sys.executable, "-c", CONVERT, "--jobs", "1", "--overwrite", f"{image_list}/",
+                               lst, str(target)], capture_output=True, text=True, env=child_env(), timeout=120)
+        assert proc.returncode == 1
+        line = one_error_line(proc.stderr)
+        assert line.startswith(f"error: {target}: is a ") and "not an LMDB database" in line
+        assert tree(target) == before
+        refused += 1
+    report("convert_imageset --overwrite of a non-LMDB", refused=refused, deleted=0)
+
+
+def test_cleanup_after_kills_removes_only_what_it_made(request, image_list):
+    """SIGKILL convert_imageset --overwrite at random moments beside a user's backup named like a
+    leftover (db.old-20240101) and an unmarked db.tmp-<dead pid>: each next run (even a refused one)
+    leaves those alone; the marked working directories the killed runs left are removed by the
+    next run that goes ahead, and nothing else."""
+    from minicaffe.tools.convert_imageset import read_marker
+    work = image_list
+    db = work / "db"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    user = {work / "db.old-20240101": "data.mdb", work / f"db.tmp-{dead.pid}": "holiday.jpg"}
+    for path, name in user.items():
+        path.mkdir()
+        (path / name).write_bytes(os.urandom(64))
+    keep = {path: tree(path) for path in user}
+    log = work / "convert.log"
+    empty = work / "empty.txt"
+    empty.write_text("")
+    kills = max(2, kill_budget(request) // 2)
+    rng = random.Random(11)
+    marked = 0
+    for trial in range(kills):
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", CONVERT, "--jobs", "1", "--overwrite", f"{work}/",
+                                     str(work / "list.txt"), str(db)], stderr=err, env=child_env())
+            try:
+                if wait_for(log, "A total of", proc):
+                    time.sleep(rng.uniform(0, 0.4))
+            finally:
+                proc.kill()
+                proc.wait()
+        marked += sum(read_marker(str(work / n)) is not None for n in os.listdir(work)
+                      if n.startswith(("db.tmp-", "db.old-")))
+        # a refused run for the same DB_NAME (an empty list) touches nothing, its own leftovers neither
+        before = {n: tree(work / n) for n in os.listdir(work) if n.startswith("db.")}
+        proc = subprocess.run([sys.executable, "-c", CONVERT, "--jobs", "1", "--overwrite", f"{work}/",
+                               str(empty), str(db)], capture_output=True, text=True, env=child_env(), timeout=120)
+        assert proc.returncode == 1 and "the list file has no images" in one_error_line(proc.stderr)
+        assert {n: tree(work / n) for n in os.listdir(work) if n.startswith("db.")} == before
+    proc = subprocess.run([sys.executable, "-c", CONVERT, "--jobs", "1", "--overwrite", f"{work}/",
+                           str(work / "list.txt"), str(db)], capture_output=True, text=True, env=child_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lmdb_records(str(db)) == N_IMAGES
+    left = sorted(n for n in os.listdir(work) if n.startswith(("db.tmp-", "db.old-")))
+    assert left == sorted(path.name for path in user), {n: tree(work / n) for n in left}
+    assert {path: tree(path) for path in user} == keep
+    report("convert_imageset clean-up after kills", kills=kills, marked_leftovers=marked,
+           user_dirs_kept=len(user))
+
+
+def test_sigint_during_parallel_convert_imageset(request, tmp_path):
+    """Ctrl-C (SIGINT to the process group) at random moments of convert_imageset --jobs 2, while
+    the decoding processes start or while they work, used to print 'error: interrupted' and hang
+    until SIGKILL: it must end within seconds, non-zero, with one error line, and leave neither
+    DB_NAME nor a working directory. (3000 flat 160x160 images: ~2 s of work, so every interrupt
+    lands mid-run; a Ctrl-C that got lost would show as a finished run.)"""
+    import cv2
+    cv2.imwrite(str(tmp_path / "img.png"), np.full((160, 160, 3), 7, np.uint8))
+    (tmp_path / "list.txt").write_text("".join(f"img.png {i % 3}\n" for i in range(3000)))
+    rounds = max(2, kill_budget(request) // 2)
+    rng = random.Random(5)
+    slowest = 0.0
+    log = tmp_path / "convert.log"
+    for trial in range(rounds):
+        db = tmp_path / f"db{trial}"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", CONVERT, "--jobs", "2", f"{tmp_path}/",
+                                     str(tmp_path / "list.txt"), str(db)], stderr=err, env=child_env(),
+                                    start_new_session=True)
+            try:
+                # even rounds: while the pool starts; odd ones: while it decodes
+                assert wait_for(log, "A total of" if trial % 2 == 0 else "Processed 40 files.", proc)
+                time.sleep(rng.uniform(0, 0.3))
+                os.killpg(proc.pid, signal.SIGINT)
+                sent = time.monotonic()
+                code = proc.wait(timeout=30)
+                slowest = max(slowest, time.monotonic() - sent)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        text = log.read_text()
+        assert code == 130 and one_error_line(text) == "error: interrupted", (code, text[-3000:])
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(f"db{trial}")]
+    report("sigint convert_imageset --jobs 2", rounds=rounds, slowest_exit_s=round(slowest, 2))
+    assert slowest < 5
+
+
 # --- disk full and read-only directories --------------------------------------------------------------
 
 class _FullDisk:
@@ -557,19 +688,29 @@ def test_directory_unwritable_mid_run(tmp_path, monkeypatch):
     assert snapshot_files(snaps) == before
 
 
+def leftover(db, kind):
+    """A working directory exactly as a killed run leaves it: made and marked by a process (a child
+    here) that has exited since."""
+    code = ("import secrets, sys; from minicaffe.tools.convert_imageset import _make_work_dir; "
+            "print(_make_work_dir(sys.argv[1], sys.argv[2], secrets.token_hex(16), []))")
+    out = subprocess.run([sys.executable, "-c", code, str(db), kind], capture_output=True, text=True,
+                         env=child_env(), check=True, timeout=60)
+    return out.stdout.strip()
+
+
 def test_next_run_cleans_up_after_a_killed_one(image_list, tmp_path):
     """A run killed between the renames of --overwrite left the old database aside and the new one
     unfinished: the next run puts the old one back (so it refuses to overwrite it without the flag)
     and removes the unfinished one."""
-    from minicaffe.tools.convert_imageset import convert_imageset
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    from minicaffe.tools.convert_imageset import WORK_DB, convert_imageset
     db = tmp_path / "db"
-    env = lmdb.open(str(tmp_path / f"db.old-{dead.pid}"))
+    old = leftover(db, "old")
+    env = lmdb.open(os.path.join(old, WORK_DB))
     with env.begin(write=True) as txn:
         txn.put(b"00000000_kept", caffe_pb2.Datum(channels=3, height=4, width=4, data=bytes(48)).SerializeToString())
     env.close()
-    os.makedirs(tmp_path / f"db.tmp-{dead.pid}")
+    tmp = leftover(db, "tmp")
+    lmdb.open(os.path.join(tmp, WORK_DB)).close()
     with pytest.raises(MinicaffeError, match=r"db: already exists \(use --overwrite"):
         convert_imageset(f"{image_list}/", str(image_list / "list.txt"), str(db), jobs=1)
     assert lmdb_records(str(db)) == 1

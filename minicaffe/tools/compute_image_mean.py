@@ -92,6 +92,12 @@ def compute_image_mean(input_db, output_file=None, backend="lmdb", pca=False, pc
                 log.info("Decoding Datum")
                 decoded = True
             arr = datum_to_array(datum, where=where)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                # one NaN makes the whole mean NaN, and every net that subtracts it trains on NaN
+                bad = arr[~np.isfinite(arr)][0]
+                raise DataError(f"{where}: float_data holds {'NaN' if np.isnan(bad) else 'Inf'} "
+                                f"(at {np.count_nonzero(~np.isfinite(arr))} of {arr.size} values); "
+                                f"no mean written")
             if acc is None:
                 shape, first_key = arr.shape, key.decode("utf-8", "replace")
                 acc = np.zeros(shape, np.float64)
