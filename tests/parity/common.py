@@ -26,7 +26,7 @@ layer { name: "ip1" type: "InnerProduct" bottom: "pool1" top: "ip1"
   param { lr_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
   inner_product_param { num_output: 16
     weight_filler { type: "xavier" } bias_filler { type: "gaussian" std: 0.05 } } }
-layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "tanh1" type: "TanH" bottom: "ip1" top: "ip1" }
 layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
   inner_product_param { num_output: 10
     weight_filler { type: "xavier" } bias_filler { type: "gaussian" std: 0.05 } } }
@@ -37,8 +37,8 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: 
 SOLVER_PARAMS = {
     "SGD": "base_lr: 0.05\nmomentum: 0.9\n",
     "Nesterov": "base_lr: 0.05\nmomentum: 0.9\n",
-    "AdaGrad": "base_lr: 0.02\n",
-    "RMSProp": "base_lr: 0.005\nrms_decay: 0.98\n",
+    "AdaGrad": "base_lr: 0.02\ndelta: 1e-4\n",
+    "RMSProp": "base_lr: 0.005\nrms_decay: 0.98\ndelta: 1e-4\n",
     "AdaDelta": "base_lr: 1.0\nmomentum: 0.95\ndelta: 1e-6\n",
     "Adam": "base_lr: 0.005\nmomentum: 0.9\nmomentum2: 0.999\n",
 }
@@ -64,8 +64,9 @@ def write_lmdb(path, records=RECORDS, seed=0):
     with env.begin(write=True) as txn:
         for i in range(records):
             label = i % 10
-            img = rng.randint(0, 256, size=(1, 12, 12)).astype(np.uint8)
-            img[0, label, :] = 255                 # something learnable
+            img = rng.randint(0, 200, size=(1, 12, 12))
+            img[0, label, :] += 56                 # something learnable, and no flat region: equal
+            img = img.astype(np.uint8)             # inputs would tie in max pooling, chaotically
             txn.put(b"%08d" % i, array_to_datum(img, label).SerializeToString())
     env.close()
 

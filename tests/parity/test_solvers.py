@@ -13,7 +13,7 @@ from . import common
 from .reference import assert_close
 
 TOL = 1e-5
-CI_ITERS = 20
+CI_ITERS = 40
 
 # (solver type, lr_policy, regularization, clip_gradients, iter_size)
 REPRESENTATIVE = [
