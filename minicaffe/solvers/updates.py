@@ -36,10 +36,24 @@ def fused_axpy(a, x, y):
     the time). ``a``: a float32-valued Python float.
     """
     xp = backend.get_array_module(y)
-    wide = x.astype(xp.float64)
-    wide *= a
-    wide += y
-    y[...] = wide
+    if xp is not np or y.size <= _BLOCK or not (x.flags.c_contiguous and y.flags.c_contiguous):
+        wide = x.astype(xp.float64)
+        wide *= a
+        wide += y
+        y[...] = wide
+        return
+    # on the CPU, in cache-sized blocks through one float64 buffer: no full-size temporary
+    xs, ys = x.reshape(-1), y.reshape(-1)
+    buf = np.empty(_BLOCK, np.float64)
+    for start in range(0, ys.size, _BLOCK):
+        xb, yb = xs[start:start + _BLOCK], ys[start:start + _BLOCK]
+        wide = buf[:yb.size]
+        np.multiply(xb, a, out=wide, dtype=np.float64)
+        np.add(wide, yb, out=wide)
+        np.copyto(yb, wide, casting="same_kind")
+
+
+_BLOCK = 1 << 15      # float64 elements: a 256 KiB buffer that stays in cache
 
 
 # --- gradient preparation (SGDSolver::Normalize, Regularize, ClipGradients) ----------------------
