@@ -4,8 +4,8 @@ The reference is found, in order, from ``MINICAFFE_REFERENCE_CAFFE`` (its instal
 exports after building it) or from ``../shared/reference-caffe/build.sh`` beside the checkout, which prints
 the prefix at once when its cache is built. A fresh build takes minutes and runs apt-get, so outside CI it
 is only run when asked (``MINICAFFE_BUILD_REFERENCE=1``); otherwise the parity tests skip with the reason.
-On CI (``CI=true``) a missing or unbuildable reference FAILS them: a silent skip would hide every
-difference they exist to catch.
+On CI (``CI=true``, or ``MINICAFFE_REQUIRE_REFERENCE=1`` as ``.ci/run`` sets) a missing or unbuildable
+reference FAILS them: a silent skip would hide every difference they exist to catch.
 
 Caffe only ever runs in a subprocess: its own binaries (``PREFIX/bin/caffe`` ...) and pycaffe with the venv
 Python it was compiled for, never imported into minicaffe's interpreter.
@@ -14,14 +14,16 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD_SH_CANDIDATES = (os.path.join(ROOT, "..", "shared", "reference-caffe", "build.sh"),
-                       "/work/shared/reference-caffe/build.sh")
+BUILD_SH = os.path.join(ROOT, "..", "shared", "reference-caffe", "build.sh")
 
 
 def on_ci():
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    """CI (``CI=true``) or ``.ci/run`` (``MINICAFFE_REQUIRE_REFERENCE=1``): no reference is a failure."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or \
+        os.environ.get("MINICAFFE_REQUIRE_REFERENCE") == "1"
 
 
 class ReferenceCaffe:
@@ -84,12 +86,12 @@ def locate_reference():
     if prefix:
         ref, why = _check_prefix(prefix)
         return ref, (None if ref else f"MINICAFFE_REFERENCE_CAFFE={prefix}: {why}")
-    script = next((p for p in BUILD_SH_CANDIDATES if os.path.exists(p)), None)
-    if script is None:
+    script = os.path.normpath(BUILD_SH)
+    if not os.path.exists(script):
         return None, ("no reference Caffe: set MINICAFFE_REFERENCE_CAFFE to its install prefix "
                       "(../shared/reference-caffe/build.sh builds one)")
     if not (_cache_built() or on_ci() or os.environ.get("MINICAFFE_BUILD_REFERENCE") == "1"):
-        return None, (f"reference Caffe not built yet: run `bash {os.path.normpath(script)}` (about 6 minutes) "
+        return None, (f"reference Caffe not built yet: run `bash {script}` (about 6 minutes) "
                       "or set MINICAFFE_BUILD_REFERENCE=1")
     proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=3600)
     lines = proc.stdout.strip().splitlines()
@@ -97,6 +99,16 @@ def locate_reference():
         return None, f"{script} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}"
     ref, why = _check_prefix(lines[-1].strip())
     return ref, (None if ref else f"{script} printed {lines[-1]!r}: {why}")
+
+
+def require_reference():
+    """The reference, or a skip with the reason; on CI a failure instead (the ``ref`` fixture)."""
+    found, why = locate_reference()
+    if found is None:
+        if on_ci():
+            pytest.fail(f"parity tests need the reference Caffe on CI: {why}", pytrace=False)
+        pytest.skip(why)
+    return found
 
 
 # --- comparisons ------------------------------------------------------------------------------------
