@@ -68,7 +68,10 @@ layer { name: "bn" type: "BatchNorm" bottom: "x" top: "bn" }
 layer { name: "scale" type: "Scale" bottom: "bn" top: "scale" scale_param { bias_term: true } }
 layer { name: "scale2" type: "Scale" bottom: "x" bottom: "y" top: "scale2" }
 layer { name: "bias" type: "Bias" bottom: "x" top: "bias" }
-layer { name: "bias2" type: "Bias" bottom: "x" bottom: "y" top: "bias2" }"""),
+layer { name: "bias2" type: "Bias" bottom: "x" bottom: "y" top: "bias2" }
+layer { name: "bn_global" type: "BatchNorm" bottom: "x" top: "bn_global" batch_norm_param { use_global_stats: true } }
+layer { name: "bn_eps" type: "BatchNorm" bottom: "x" top: "bn_eps"
+  batch_norm_param { eps: 0.01 moving_average_fraction: 0.9 } }"""),
     "shape": ({"x": ((2, 4, 3, 4), "normal"), "y": ((2, 4, 3, 4), "normal"), "s": ((2, 2, 2, 3), "normal")}, """
 layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "y" top: "sum" eltwise_param { operation: SUM coeff: 2 coeff: -0.5 } }
 layer { name: "prod" type: "Eltwise" bottom: "x" bottom: "y" top: "prod" eltwise_param { operation: PROD } }
@@ -82,7 +85,10 @@ layer { name: "tile" type: "Tile" bottom: "y" top: "tile" tile_param { axis: 1 t
 layer { name: "rsum" type: "Reduction" bottom: "x" top: "rsum" reduction_param { axis: 1 } }
 layer { name: "rasum" type: "Reduction" bottom: "x" top: "rasum" reduction_param { operation: ASUM axis: 2 coeff: 0.5 } }
 layer { name: "rsumsq" type: "Reduction" bottom: "x" top: "rsumsq" reduction_param { operation: SUMSQ } }
-layer { name: "rmean" type: "Reduction" bottom: "y" top: "rmean" reduction_param { operation: MEAN axis: 3 } }"""),
+layer { name: "rmean" type: "Reduction" bottom: "y" top: "rmean" reduction_param { operation: MEAN axis: 3 } }
+layer { name: "split" type: "Split" bottom: "y" top: "y1" top: "y2" }
+layer { name: "silence" type: "Silence" bottom: "y2" }
+layer { name: "flatten2" type: "Flatten" bottom: "y1" top: "flatten2" flatten_param { axis: 2 } }"""),
     "losses": ({"x": ((6, 5), "normal"), "label": ((6,), "label:5"), "t": ((6, 5), "normal"),
                 "b": ((6, 5), "binary"), "prob": ((6, 5), "prob")}, """
 layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "softmax_loss" }
