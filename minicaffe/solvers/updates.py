@@ -244,7 +244,6 @@ class Adam(UpdateRule):
 
     type = "Adam"
     history_sets = 2
-    scratch = 1
 
     def compute(self, g, hist, tmp, local_rate, it):
         xp = backend.get_array_module(g)
