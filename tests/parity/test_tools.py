@@ -5,8 +5,6 @@ Datums are compared byte for byte; only an image that both engines re-encoded wi
 with a resize or another ``--encode_type``) may differ in its compressed bytes, which depend on the
 libpng/libjpeg each OpenCV was built with, and is then compared decoded (same label, size and pixels).
 """
-import os
-
 import lmdb
 import numpy as np
 import pytest
@@ -87,7 +85,8 @@ def test_convert_imageset_matches_caffe(ref, images, tmp_path, flags):
         # only an image both engines re-encoded may differ, and only in its compressed bytes
         da, db = decoded(a), decoded(b)
         assert da[4] and db[4], f"{key}: Datum bytes differ from Caffe's"
-        assert da[:4] == db[:4] and da[5].shape == db[5].shape, f"{key}: {da[:4]} {da[5].shape} vs {db[:4]} {db[5].shape}"
+        assert da[:4] == db[:4] and da[5].shape == db[5].shape, \
+            f"{key}: {da[:4]} {da[5].shape} vs Caffe's {db[:4]} {db[5].shape}"
         lossy = key.endswith(b".jpg") and "--encode_type=png" not in FLAGSETS[flags]
         tol = 2 if lossy else 0        # libjpeg versions may round a re-encoded JPEG differently
         assert np.abs(da[5].astype(int) - db[5]).max() <= tol, f"{key}: decoded pixels differ from Caffe's"
