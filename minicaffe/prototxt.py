@@ -46,6 +46,8 @@ def parse_text(text, message, path=None):
                 quoted = f"'{lines[line - 1]}': "
                 if detail.startswith(quoted):
                     detail = detail[len(quoted):]
+            if 0 < line <= len(lines):
+                detail = _wrong_value_detail(detail, lines[line - 1], col) or detail
             unclosed, stray = _unbalanced_brace(text)
             if stray is not None and "got }" in detail:
                 line, col = stray
@@ -61,6 +63,40 @@ def parse_text(text, message, path=None):
             raise ParseError(detail, path, line, col) from None
         raise ParseError(msg, path) from None
     return message
+
+
+_WRONG_VALUE = [
+    (re.compile(r"^Couldn't parse (?:unsigned )?integer: (.*)$", re.S), "expected an integer"),
+    (re.compile(r"^Couldn't parse float: (.*)$", re.S), "expected a number"),
+    (re.compile(r"^Value out of range: (.*)$", re.S), "value out of range for the field's type"),
+    (re.compile(r'^Expected "true" or "false"\.$'), "expected true or false"),
+    (re.compile(r"^Expected string but found: '(.*)'$", re.S), "expected a quoted string"),
+    (re.compile(r'^Enum type "([\w.]+)" has no value (?:named|with number) (.*?)\.?$', re.S), None),
+]
+_FIELD_BEFORE = re.compile(r"([A-Za-z_]\w*)\s*:\s*$")
+_TOKEN_AT = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[^\s{}<>#]+')
+
+
+def _wrong_value_detail(detail, row, col):
+    """``field: expected an integer, got "ten"`` for protobuf's value errors, which name neither the field
+    nor, for booleans, the value; None when ``detail`` is another error or the field cannot be found."""
+    field = _FIELD_BEFORE.search(row[:max(col - 1, 0)])
+    token = _TOKEN_AT.match(row, max(col - 1, 0))
+    if field is None:
+        return None
+    got = token.group(0) if token else ""
+    for pattern, expected in _WRONG_VALUE:
+        m = pattern.match(detail)
+        if not m:
+            continue
+        if expected is None:        # an enum: list the names it takes
+            try:
+                enum = caffe_pb2.DESCRIPTOR.pool.FindEnumTypeByName(m.group(1))
+            except KeyError:
+                return None
+            expected = "expected one of " + ", ".join(v.name for v in enum.values)
+        return f"{field.group(1)}: {expected}, got {got or (m.group(m.lastindex) if m.lastindex else '')}"
+    return None
 
 
 def _odd_quotes(row):

@@ -115,6 +115,36 @@ def test_time_phase_test_builds_the_test_net(work, logs, capsys):
     assert "       acc\tforward: " in "\n".join(logs)
 
 
+DEPLOY = """
+name: "deploy"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+"""
+
+
+def test_time_runs_every_layers_backward_on_a_deploy_net(work, logs, capsys, monkeypatch):
+    """Caffe's ``time`` calls Backward on every layer even when no loss makes it "needed", so a deploy
+    net's backward figures are real work, not ~0 ms; bottoms are propagated only where the net would."""
+    from minicaffe.layers.conv import Convolution
+    from minicaffe.layers.inner_product import InnerProduct
+    calls = []
+    for cls in (Convolution, InnerProduct):
+        def counted(self, top, propagate_down, bottom, _orig=cls.backward):
+            calls.append((self.name, list(propagate_down)))
+            return _orig(self, top, propagate_down, bottom)
+        monkeypatch.setattr(cls, "backward", counted)
+    (work / "deploy.prototxt").write_text(DEPLOY)
+    assert cli.main(["time", "--model=deploy.prototxt", "--iterations=3"]) == 0
+    # the untimed warm-up pass is Net::Backward (nothing needed); the 3 timed passes reach every layer
+    assert calls.count(("conv", [False])) == 3 and calls.count(("ip", [False])) == 3
+    assert len(calls) == 6
+
+
 @pytest.mark.skipif(backend.gpu_available(), reason="a CUDA device is present")
 def test_device_query_without_gpu_fails_cleanly(capsys):
     assert cli.main(["device_query"]) == 1

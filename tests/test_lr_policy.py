@@ -85,6 +85,35 @@ def test_sigmoid():
     assert learning_rate(p, 500)[0] == pytest.approx(0.05, rel=1e-6)
 
 
+def test_inv_poly_sigmoid_round_every_step_in_float32_like_caffe():
+    """Caffe evaluates inv, poly and sigmoid in float: ``gamma * iter``, ``1 + ...``, ``powf``/``expf``
+    and the products are each rounded to float32. Rounding only the final double result differs in the
+    last bit at some iterations, and every weight update with it (tests/parity checks against Caffe)."""
+    F = np.float32
+
+    def powf(x, y):
+        return F(math.pow(float(x), float(y)))         # a correctly rounded powf, as glibc's
+
+    cases = {
+        "inv": (sp(lr_policy="inv", base_lr=0.01, gamma=1e-4, power=0.75),
+                lambda it: F(0.01) * powf(F(1) + F(1e-4) * F(it), -F(0.75)),
+                lambda it: F(f(0.01) * math.pow(1.0 + f(1e-4) * it, -f(0.75)))),
+        "poly": (sp(lr_policy="poly", base_lr=0.01, power=0.5, max_iter=300),
+                 lambda it: F(0.01) * powf(F(1) - F(it) / F(300), F(0.5)),
+                 lambda it: F(f(0.01) * math.pow(f(F(1) - F(it) / F(300)), f(0.5)))),
+        "sigmoid": (sp(lr_policy="sigmoid", base_lr=0.1, gamma=0.05, stepsize=100),
+                    lambda it: F(0.1) * (F(1) / (F(1) + F(math.exp(-F(0.05) * (F(it) - F(100)))))),
+                    lambda it: F(f(0.1) / (1 + math.exp(-f(0.05) * (it - 100))))),
+    }
+    for name, (param, caffes, rounded_once) in cases.items():
+        differs = 0
+        for it in range(300):
+            got = learning_rate(param, it)[0]
+            assert got == float(caffes(it)), (name, it)
+            differs += got != float(rounded_once(it))
+        assert differs, f"{name}: no iteration where rounding once would differ; the check proves nothing"
+
+
 def test_rate_is_float32_rounded():
     p = sp(lr_policy="inv", base_lr=0.01, gamma=1e-4, power=0.75)
     r = learning_rate(p, 12345)[0]

@@ -272,6 +272,46 @@ def test_pure_functions_keep_float32_and_work_in_place():
     assert updates.clip_gradients([np.array([3.0], np.float32)], -1) is None
 
 
+def _fused(a, x, y):
+    """``a·x + y`` rounded once: the exact float32 product summed in float64, then rounded to float32."""
+    return (np.float64(a) * x.astype(np.float64) + y.astype(np.float64)).astype(np.float32)
+
+
+def test_axpy_steps_round_once_as_caffes_blas():
+    """Caffe's caffe_axpy and caffe_cpu_axpby end in OpenBLAS's saxpy, a fused multiply-add on x86-64:
+    ``decay·w``, ``lr·g`` and ``(1 − β)·g²`` are not rounded on their own before the sum. Rounding them
+    first differs in the last bit of ~2% of the elements each step, and AdaGrad/RMSProp amplify that."""
+    P = caffe.proto.caffe_pb2.SolverParameter
+    rng = np.random.default_rng(1)
+    w, g, h = rng.normal(size=(3, 4096)).astype(np.float32)
+    decay, lr = updates.f32(5e-4), updates.f32(0.01)
+
+    got = g.copy()
+    updates.regularize(w, got, decay, "L2", np.empty_like(g))
+    assert np.array_equal(got, _fused(decay, w, g))
+    assert not np.array_equal(got, g + np.float32(decay) * w)       # the two roundings do differ here
+
+    sgd_g, sgd_h = g.copy(), h.copy()
+    updates.SGD(P(momentum=0.9)).compute(sgd_g, [sgd_h], [], lr, 0)
+    want = _fused(lr, g, h * np.float32(0.9))
+    assert np.array_equal(sgd_h, want) and np.array_equal(sgd_g, want)
+
+    nes_g, nes_h = g.copy(), h.copy()
+    updates.Nesterov(P(momentum=0.9)).compute(nes_g, [nes_h], [np.empty_like(g)], lr, 0)
+    new_h = _fused(lr, g, h * np.float32(0.9))
+    assert np.array_equal(nes_g, _fused(updates.f32(1.9), new_h, h * np.float32(-0.9)))
+
+    hist = np.abs(h)
+    rms_g, rms_h = g.copy(), hist.copy()
+    updates.RMSProp(P(rms_decay=0.98, delta=1e-8)).compute(rms_g, [rms_h], [np.empty_like(g)], lr, 0)
+    assert np.array_equal(rms_h, _fused(updates.f32(1 - np.float32(0.98)), g * g, hist * np.float32(0.98)))
+
+    m, v = h.copy(), hist.copy()
+    updates.Adam(P(momentum=0.9, momentum2=0.999, delta=1e-8)).compute(g.copy(), [m, v], [np.empty_like(g)], lr, 0)
+    assert np.array_equal(m, _fused(updates.f32(1 - np.float32(0.9)), g, h * np.float32(0.9)))
+    assert np.array_equal(v, _fused(updates.f32(1 - np.float32(0.999)), g * g, hist * np.float32(0.999)))
+
+
 def test_unknown_regularization_is_an_error():
     with pytest.raises(SolverError, match="regularization_type 'L3'"):
         make_solver("SGD", base_lr=0.1, weight_decay=0.1, regularization_type="L3", lr_policy="fixed")

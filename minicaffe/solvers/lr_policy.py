@@ -4,8 +4,11 @@
 ``multistep`` is the one policy with memory: Caffe advances ``current_step`` by at most one per call
 (when ``iter >= stepvalue[current_step]``) and saves it in the SolverState. Here that memory is an
 argument and a return value, so the functions stay pure: ``learning_rate(param, it, step) -> (lr, step)``.
-The arithmetic follows Caffe's (double-precision ``pow``/``exp`` on float parameters, the result
-rounded to float32).
+The arithmetic follows Caffe's C++ to the rounding: ``step``, ``exp`` and ``multistep`` call
+``pow(float, int)``, which C++ evaluates in double, rounded to float32 once at the end; ``inv``, ``poly``
+and ``sigmoid`` work in float32 throughout (``powf``/``expf`` on float operands, every product and sum
+rounded), so each intermediate is rounded here too. Off by one bit, the rate moves every weight update
+by one bit, and a run drifts from Caffe's.
 """
 import math
 
@@ -56,7 +59,7 @@ def _learning_rate(param, it, current_step):
         rate = base * math.pow(gamma, it)
     elif policy == "inv":
         _need(gamma >= 0, f"lr_policy 'inv' needs gamma >= 0 (got {gamma:g})")
-        rate = base * math.pow(1.0 + gamma * it, -power)
+        rate = _f32(base * _f32(math.pow(_f32(1.0 + _f32(gamma * _f32(it))), -power)))
     elif policy == "multistep":
         values = list(param.stepvalue)
         if current_step < len(values) and it >= values[current_step]:
@@ -72,12 +75,13 @@ def _learning_rate(param, it, current_step):
         elif remaining == 0 and power < 0:
             rate = float("inf")
         else:
-            rate = base * math.pow(remaining, power)
+            rate = base * _f32(math.pow(remaining, power))
     elif policy == "sigmoid":
         _need(gamma >= 0, f"lr_policy 'sigmoid' needs gamma >= 0 (got {gamma:g})")
         _need(param.stepsize > 0, f"lr_policy 'sigmoid' needs stepsize > 0 (got {param.stepsize})")
-        z = -gamma * (it - param.stepsize)
-        rate = base * (1.0 / (1.0 + math.exp(z))) if z < 700 else 0.0
+        z = _f32(-gamma * _f32(_f32(it) - _f32(param.stepsize)))
+        e = _f32(math.exp(z)) if z < 700 else float("inf")     # expf overflows to inf above ~88.7
+        rate = base * _f32(1.0 / _f32(1.0 + e))
     else:
         shown = f"'{policy}'" if policy else "'' (lr_policy is not set)"
         raise SolverError(f"unknown learning rate policy {shown}; known: {', '.join(POLICIES)}")

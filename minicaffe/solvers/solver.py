@@ -818,7 +818,9 @@ class Solver:
         means = {name: backend.to_host(s) / n for name, s in sums.items()}
         for line in self._output_lines(net, "Test", means):
             self._info("%s", line)
-        self.test_scores[test_net_id] = {name: (float(m) if np.size(m) == 1 else m) for name, m in means.items()}
+        # a 1-element output of any shape (pyloss.py reshapes its loss to (1,)) is a float score
+        self.test_scores[test_net_id] = {name: (float(np.ravel(m)[0]) if np.size(m) == 1 else m)
+                                         for name, m in means.items()}
         return self.test_scores[test_net_id]
 
     # --- NaN / Inf --------------------------------------------------------------------------------
