@@ -31,14 +31,14 @@ import numpy as np
 from .. import backend
 from ..blob import Blob
 from ..data.lmdb_source import solver_rank
-from ..errors import DataError, MinicaffeError, NumericalError, SolverError
+from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did_you_mean
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
 from ..prototxt import load_net_param, load_solver_param, read_binary_file
 from ..wire import _field, blobproto_bytes
 from . import updates
-from .lr_policy import learning_rate
+from .lr_policy import POLICIES, learning_rate
 
 try:
     import fcntl
@@ -83,6 +83,10 @@ def read_solver_param(source):
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(load_solver_param(source))
     upgrade_solver_param(param, path)
+    if param.lr_policy and param.lr_policy not in POLICIES:
+        # a typo is reported as the file is read, before the nets are built (minutes for a big one)
+        raise SolverError(f"{path or '<solver>'}: unknown lr_policy '{param.lr_policy}'"
+                          f"{did_you_mean(param.lr_policy, POLICIES)}; known: {', '.join(POLICIES)}")
     return param, path
 
 

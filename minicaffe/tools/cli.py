@@ -148,6 +148,12 @@ def train(args):
         raise MinicaffeError("train: need a solver definition (--solver)")
     if args.snapshot and args.weights:
         raise MinicaffeError("train: give a snapshot to resume training or weights to finetune, but not both")
+    if args.snapshot.endswith((".caffemodel", ".caffemodel.h5")):
+        # a common slip: the weights file holds no iteration, history or lr state to resume from
+        state = args.snapshot.replace(".caffemodel", ".solverstate")
+        raise MinicaffeError(f"--snapshot {args.snapshot}: a .caffemodel holds weights only, not the solver "
+                             f"state; to fine-tune from it use --weights {args.snapshot}, to resume give "
+                             f"the .solverstate ({state})")
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
     param, path = read_solver_param(args.solver)
     param.train_state.level = args.level

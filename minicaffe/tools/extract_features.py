@@ -11,6 +11,7 @@ existing database is never overwritten. Only LMDB is supported (no LevelDB).
 """
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,7 @@ import numpy as np
 from .. import backend
 from ..data.datum import array_to_datum
 from ..data.lmdb_writer import BatchedLMDBWriter
-from ..errors import DataError, MinicaffeError, NetError
+from ..errors import DataError, MinicaffeError, NetError, did_you_mean
 from .common import ProgressBar, get_logger, run_main
 
 COMMIT_EVERY = 1000                 # records per transaction, as Caffe
@@ -34,6 +35,9 @@ def legacy_shape(shape):
     if len(shape) > 4:
         raise ValueError(f"{len(shape)} axes")
     return shape + (1,) * (4 - len(shape))
+
+
+_SPLIT_BLOB = re.compile(r"_split_\d+$")
 
 
 def feature_datums(blob_data):
@@ -91,7 +95,11 @@ def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=
     end = -1
     for name in blob_names:
         if name not in net.blobs:
-            raise NetError(f"unknown feature blob name '{name}' in the network (blobs: {', '.join(net.blobs)})")
+            # the blobs the net's inserted Split layers write (``x_layer_0_split_1``) are not choices
+            # a user would make, and they bury the real ones
+            shown = [b for b in net.blobs if not _SPLIT_BLOB.search(b)]
+            raise NetError(f"unknown feature blob name '{name}' in the network{did_you_mean(name, shown)} "
+                           f"(blobs: {', '.join(shown)})")
         if len(net.blobs[name].shape) > 4:
             raise NetError(f"feature blob '{name}' has shape {net.blobs[name].shape}; a Datum holds at most "
                            "N×C×H×W")
