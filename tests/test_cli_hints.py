@@ -66,7 +66,7 @@ def test_lr_policy_typo_is_caught_when_the_solver_is_read(work, capsys, monkeypa
     monkeypatch.setattr(net_module.Net, "__init__", lambda self, *a, **k: built.append(1) or 1 / 0)
     assert cli.main(["train", "--solver=solver.prototxt"]) == 1
     line = _error_line(capsys)
-    assert line.startswith("error: solver.prototxt: unknown lr_policy 'stepp'")
+    assert line.startswith("error: solver.prototxt: unknown learning rate policy 'stepp'")
     assert "did you mean 'step'?" in line
     assert not built            # refused before any net is built, not at the first update
 

@@ -85,7 +85,7 @@ def read_solver_param(source):
     upgrade_solver_param(param, path)
     if param.lr_policy and param.lr_policy not in POLICIES:
         # a typo is reported as the file is read, before the nets are built (minutes for a big one)
-        raise SolverError(f"{path or '<solver>'}: unknown lr_policy '{param.lr_policy}'"
+        raise SolverError(f"{path or '<solver>'}: unknown learning rate policy '{param.lr_policy}'"
                           f"{did_you_mean(param.lr_policy, POLICIES)}; known: {', '.join(POLICIES)}")
     return param, path
 

@@ -151,8 +151,8 @@ def train(args):
     if args.snapshot.endswith((".caffemodel", ".caffemodel.h5")):
         # a common slip: the weights file holds no iteration, history or lr state to resume from
         state = args.snapshot.replace(".caffemodel", ".solverstate")
-        raise MinicaffeError(f"--snapshot {args.snapshot}: a .caffemodel holds weights only, not the solver "
-                             f"state; to fine-tune from it use --weights {args.snapshot}, to resume give "
+        raise MinicaffeError(f"{args.snapshot}: a .caffemodel holds weights only, not the solver state "
+                             f"--snapshot resumes from; to fine-tune from it use --weights {args.snapshot}, to resume give "
                              f"the .solverstate ({state})")
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
     param, path = read_solver_param(args.solver)
