@@ -630,8 +630,8 @@ class Solver:
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self.smoothed_loss = [], 0.0
         last_time, last_iter = time.perf_counter(), self.iter
-        from ..tools.common import ProgressBar
-        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter",
+        from ..tools.progress import ProgressBar
+        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter", desc="train",
                                      enabled=None if self.is_root else False)
         try:
             while self.iter < stop_iter:
@@ -693,8 +693,6 @@ class Solver:
         """A log line that does not land in the middle of the progress bar's line (root solver only)."""
         if not self.is_root:
             return
-        if self._progress is not None and self._progress.enabled:
-            self._progress.stream.write("\r\x1b[K")
         self.log.info(fmt, *args, stacklevel=2)
 
     def _update_smoothed_loss(self, loss, start_iter, average_loss):
@@ -789,28 +787,33 @@ class Solver:
         net.share_with(self.net)
         n = p.test_iter[test_net_id]
         sums, loss = None, 0.0
-        for _ in range(n):
-            request = self._requested_action()
-            while request != NONE:
-                if request == SNAPSHOT:
-                    self.snapshot()
-                elif request == STOP:
-                    self._requested_early_exit = True
+        from ..tools.progress import ProgressBar
+        # a bar for the test pass too: a long test_iter is otherwise minutes without a line
+        with ProgressBar(total=n, unit="batch", desc=f"test #{test_net_id}", leave=False,
+                         enabled=None if self.is_root else False) as bar:
+            for _ in range(n):
                 request = self._requested_action()
-            if self._requested_early_exit:
-                break
-            try:
-                iter_loss = net.forward_from_to()
-            except NumericalError as exc:
-                self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
-            if p.test_compute_loss:
-                loss += iter_loss
-            # accumulate on the device; one copy to the host at the end
-            if sums is None:
-                sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
-            else:
-                for name in net.outputs:
-                    sums[name] += net.blobs[name].xdata
+                while request != NONE:
+                    if request == SNAPSHOT:
+                        self.snapshot()
+                    elif request == STOP:
+                        self._requested_early_exit = True
+                    request = self._requested_action()
+                if self._requested_early_exit:
+                    break
+                try:
+                    iter_loss = net.forward_from_to()
+                except NumericalError as exc:
+                    self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
+                if p.test_compute_loss:
+                    loss += iter_loss
+                # accumulate on the device; one copy to the host at the end
+                if sums is None:
+                    sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
+                else:
+                    for name in net.outputs:
+                        sums[name] += net.blobs[name].xdata
+                bar.update()
         if self._requested_early_exit:
             self._info("Test interrupted.")
             return None

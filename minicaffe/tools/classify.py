@@ -9,7 +9,6 @@ INPUT is an image, a folder of images (``*.EXT``), or a ``.npy`` array of N×H×
 Scores (N×classes) go to OUTPUT as ``.npy``; with ``--labels`` the top-k labels of each image are
 printed too. Progress goes to stderr, results to stdout.
 """
-import argparse
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from .. import io as caffe_io
 from ..classifier import Classifier, load_labels, top_k
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_open
+from .argparsing import ArgumentParser
 from .common import run_main
 
 
@@ -35,7 +35,7 @@ def _ints(text, what, count=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="classify", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="classify", description=__doc__.split("\n")[0])
     p.add_argument("input_file", help="input image, directory, or .npy (N×H×W×K)")
     p.add_argument("output_file", help="output .npy file of class scores")
     p.add_argument("--model_def", required=True, help="model definition (deploy prototxt)")

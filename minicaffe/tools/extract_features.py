@@ -9,7 +9,6 @@ shape (an N×D blob gives D×1×1). Each database is built under a hidden tempor
 target and renamed once complete, so an interrupted run leaves no half-written database; an
 existing database is never overwritten. Only LMDB is supported (no LevelDB).
 """
-import argparse
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from .. import backend
 from ..data.datum import array_to_datum
 from ..data.lmdb_writer import BatchedLMDBWriter
 from ..errors import DataError, MinicaffeError, NetError, did_you_mean
+from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
 
 COMMIT_EVERY = 1000                 # records per transaction, as Caffe
@@ -135,7 +135,7 @@ def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="extract_features",
         description="Extract features of the input data produced by a trained net (TEST phase) into "
                     "LMDBs of Datums, one database per blob. Several blobs are extracted in one pass by "

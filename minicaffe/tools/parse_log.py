@@ -22,7 +22,6 @@ Two deliberate differences from Caffe's script, both fixing wrong numbers it pro
   keep the latest rate logged before them.
 * A last row that never filled up (e.g. a log with a single test pass) is kept, not dropped.
 """
-import argparse
 import csv
 import datetime
 import io
@@ -33,6 +32,7 @@ import sys
 
 from ..errors import DataError
 from ..fileio import atomic_write
+from .argparsing import ArgumentParser
 from .common import run_main
 
 _GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?\s+\S+\s+[^\]\s]*\]\s?(.*)$")
@@ -241,7 +241,7 @@ def save_csv_files(log_path, output_dir, train_rows, test_rows, delimiter=",", v
 
 @run_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="parse_log",
         description="Parse a Caffe (or minicaffe) training log into two CSV files containing training "
                     "and testing information: OUTPUT_DIR/<log name>.train and .test.")

@@ -29,6 +29,7 @@ import sys
 
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_write
+from .argparsing import ArgumentParser
 from .common import run_main
 from .parse_log import parse_log
 
@@ -143,7 +144,7 @@ def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100, log_y=False
 
 @run_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="plot_training_log",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Plot one chart of one or more Caffe/minicaffe training logs.",

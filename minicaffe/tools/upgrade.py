@@ -19,7 +19,6 @@ extension, net definitions embedded in the solver (``net_param``, ``train_net_pa
 ``test_net_param``) get the net upgrade too. V0 nets (``layers { layer { ... } }``, 2014 and older)
 are refused with a clear message.
 """
-import argparse
 import sys
 
 from google.protobuf import text_format
@@ -28,6 +27,7 @@ from ..errors import ParseError, SolverError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
 from ..prototxt import read_binary_file, read_text_file, upgrade_net
+from .argparsing import ArgumentParser
 from .common import run_main
 
 # Caffe's UpgradeSolverType
@@ -115,7 +115,7 @@ def _enum_name(param):
 # --- commands ---------------------------------------------------------------------------------
 
 def _parse_args(prog, what, argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=f"Upgrade a {what} to the current Caffe format (INPUT may equal OUTPUT).")
     parser.add_argument("input", metavar="INPUT")
     parser.add_argument("output", metavar="OUTPUT")
