@@ -126,7 +126,7 @@ def test_a_log_line_clears_the_bar_and_the_bar_comes_back():
     import logging
 
     from minicaffe.tools.common import get_logger
-    from minicaffe.tools.progress import ProgressBar
+    from minicaffe.tools.common import ProgressBar
 
     class Terminal(io.StringIO):
         def isatty(self):
