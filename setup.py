@@ -16,6 +16,8 @@ setup(
         "protobuf>=7.35.1,<8",
         "lmdb>=1.4",
         "opencv-python-headless>=4.8",
+        # the progress bars of train/test/time (ETA, s/iter when slow, log lines clear and redraw it)
+        "tqdm>=4.66",
     ],
     extras_require={
         # [ctk] pulls the CUDA libraries CuPy loads (cuBLAS, NVRTC, cuRAND...) from PyPI, so a machine
@@ -25,7 +27,8 @@ setup(
         "hdf5": ["h5py>=3.8"],
         "draw": ["pydot>=2"],
         "plot": ["matplotlib>=3.7"],
-        "mpi": ["mpi4py>=3.1"],          # plus an MPI library: apt-get install openmpi-bin libopenmpi-dev
+        "mpi": ["mpi4py>=3.1"],
+        "tensorboard": ["tensorboardX>=2.6"],   # minicaffe train --tensorboard DIR          # plus an MPI library: apt-get install openmpi-bin libopenmpi-dev
         "test": ["pytest>=7", "hypothesis>=6", "h5py>=3.8", "pydot>=2", "grpcio-tools>=1.85",
                  "scikit-learn>=1.3", "matplotlib>=3.7", "mpi4py>=3.1"],
         "examples": ["scikit-learn>=1.3"],
