@@ -22,7 +22,7 @@ def _help(argv, capsys):
 
 
 @pytest.mark.parametrize("command, shown, hidden", [
-    ("train", ["--solver", "--snapshot", "--weights", "--sigint_effect", "--log_file"],
+    ("train", ["--solver", "--snapshot", "--weights", "--sigint_effect", "--log_file", "--tensorboard"],
      ["--model", "--plot", "--crops"]),
     ("test", ["--model", "--weights", "--iterations", "--crops"], ["--solver", "--snapshot", "--plot"]),
     ("time", ["--model", "--iterations", "--plot"], ["--solver", "--crops", "--snapshot"]),

@@ -23,7 +23,7 @@ COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "ini
             "visualize")
 BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
 FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
-         "sigint_effect", "sighup_effect", "debug", "plot", "no-python-layers", "log_file") + beyond.EVALUATION_FLAGS
+         "sigint_effect", "sighup_effect", "debug", "plot", "no-python-layers", "log_file", "tensorboard") + beyond.EVALUATION_FLAGS
 NO_PYTHON_LAYERS = ("--no-python-layers", "-no-python-layers")
 
 USAGE = """minicaffe <command> <args>
@@ -63,7 +63,7 @@ COMMAND_HELP = {
 # and ignored, as Caffe's gflags are global (a script passing --model to train keeps working)
 COMMAND_FLAGS = {
     "train": ("solver", "gpu", "snapshot", "weights", "iterations", "level", "stage", "sigint_effect",
-              "sighup_effect", "no-python-layers", "log_file"),
+              "sighup_effect", "no-python-layers", "log_file", "tensorboard"),
     "test": ("model", "weights", "gpu", "iterations", "phase", "level", "stage", "no-python-layers",
              "log_file") + beyond.EVALUATION_FLAGS,
     "time": ("model", "gpu", "iterations", "phase", "level", "stage", "plot", "no-python-layers", "log_file"),
@@ -104,6 +104,9 @@ def _parser(command=None):
                         "also MINICAFFE_NO_PYTHON_LAYERS=1); works with every command")
     p.add_argument("--log_file", default="",
                    help="also write the log lines to this file (plain, without the progress bar)")
+    p.add_argument("--tensorboard", default="", metavar="DIR",
+                   help="train: write loss, accuracy, learning rate and per-layer weight/gradient L2 norms "
+                        "as TensorBoard scalars into DIR (needs tensorboardX: the 'tensorboard' extra)")
     beyond.add_evaluation_options(p.add_argument_group("test with crops, dense evaluation or an ensemble"))
     if command is not None:
         shown = {"--" + f for f in COMMAND_FLAGS[command]} | {"-h", "--help"}
@@ -188,6 +191,12 @@ def train(args):
         raise MinicaffeError(f"{args.snapshot}: a .caffemodel holds weights only, not the solver state "
                              f"--snapshot resumes from; to fine-tune from it use --weights {args.snapshot}, to resume give "
                              f"the .solverstate ({state})")
+    if args.tensorboard:        # a missing tensorboardX is found before the nets are built
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise MinicaffeError("--tensorboard needs tensorboardX: pip install 'minicaffe[tensorboard]' "
+                                 "(or pip install tensorboardX)") from None
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
     param, path = read_solver_param(args.solver)
     param.train_state.level = args.level
@@ -234,7 +243,7 @@ def _worker_argv(args, gpu):
     """The ``train`` command line for the process of one GPU."""
     argv = ["train", "--solver", args.solver, "--gpu", str(gpu), "--level", str(args.level),
             "--sigint_effect", args.sigint_effect, "--sighup_effect", args.sighup_effect]
-    for flag in ("stage", "snapshot", "weights"):
+    for flag in ("stage", "snapshot", "weights", "log_file", "tensorboard"):   # the root writes the board
         if getattr(args, flag):
             argv += [f"--{flag}", getattr(args, flag)]
     if args.iterations is not None:
@@ -263,6 +272,10 @@ def _train(args, log, param, path, handler, comm):
         if comm is not None:
             solver = ParallelSolver(solver, comm)
         solver.set_action_function(handler.check)
+        board = None
+        if args.tensorboard and root:
+            from .tensorboard import TensorBoardLogger
+            board = TensorBoardLogger(solver, args.tensorboard)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
             from ..net import BlobShapeError
@@ -271,7 +284,11 @@ def _train(args, log, param, path, handler, comm):
             except BlobShapeError as exc:      # a history blob (the weights name their own file)
                 raise MinicaffeError(f"{args.snapshot}: a history blob: {exc}") from None
         log.info("Starting Optimization")
-        solver.solve()
+        try:
+            solver.solve()
+        finally:
+            if board is not None:
+                board.close()
     log.info("Optimization Done.")
 
 

@@ -92,7 +92,11 @@ class ProgressBar:
         self.enabled = bars_wanted(self.stream) if enabled is None else bool(enabled)
         self._bar = None
         if self.enabled:
-            from tqdm import tqdm
+            try:
+                from tqdm import tqdm
+            except ImportError:     # an install without it (it is a dependency): no bar, no failure
+                self.enabled = False
+                return
             self._bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream, leave=leave,
                              mininterval=min_interval, dynamic_ncols=True, smoothing=0.1)
             _opened(self.stream)
