@@ -260,8 +260,8 @@ def test_usage_errors(tmp_path, capsys):
     assert "unknown flag --bogus" in capsys.readouterr().err
     assert convert(tmp_path / "nope", lst, tmp_path / "db") == 1
     assert "nope: root folder not found" in capsys.readouterr().err
-    assert convert("--backend=leveldb", root, lst, tmp_path / "db") == 1
-    assert "LEVELDB is not supported, use LMDB" in capsys.readouterr().err
+    assert convert("--backend=bdb", root, lst, tmp_path / "db") == 1
+    assert "unknown database backend 'bdb' (use lmdb or leveldb)" in capsys.readouterr().err
     assert convert(root, lst) == 1
     assert "Usage:" in capsys.readouterr().err
     assert convert("--help") == 0

@@ -4,7 +4,7 @@
 
 LISTFILE has ``<path> <label>`` lines (the label is the last field, so paths may contain spaces);
 each image is ``ROOTFOLDER + path``. Flags as Caffe's tool (gflags style: ``--flag=value``,
-``--flag value``, ``--flag`` / ``--noflag`` for booleans): ``--gray --shuffle --backend lmdb
+``--flag value``, ``--flag`` / ``--noflag`` for booleans): ``--gray --shuffle --backend lmdb|leveldb
 --resize_width --resize_height --check_size --encoded --encode_type``, plus ``--overwrite``,
 ``--jobs N`` (decoding processes, default all cores) and ``--seed`` (makes ``--shuffle`` repeatable).
 
@@ -28,7 +28,8 @@ import numpy as np
 
 from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
-from ..data.lmdb_writer import BatchedLMDBWriter
+from ..data.db import open_writer
+from ..data.lmdb_writer import BatchedLMDBWriter  # noqa: F401 - the tests patch its put()
 from ..errors import DataError
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
@@ -45,7 +46,7 @@ Usage:
 FLAGS = {
     "gray": (bool, False, "When this option is on, treat images as grayscale ones"),
     "shuffle": (bool, False, "Randomly shuffle the order of images and their labels"),
-    "backend": (str, "lmdb", "The backend {lmdb} for storing the result (leveldb is not supported)"),
+    "backend": (str, "lmdb", "The backend {lmdb, leveldb} for storing the result"),
     "resize_width": (int, 0, "Width images are resized to"),
     "resize_height": (int, 0, "Height images are resized to"),
     "check_size": (bool, False, "When this option is on, check that all the datum have the same size"),
@@ -241,8 +242,8 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     bar = progress if progress is not None else ProgressBar(total=len(tasks), unit="img")
     try:
         try:
-            writer = BatchedLMDBWriter(tmp, map_size=INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
-                                       sync=False, metasync=False, max_dbs=0)
+            writer = open_writer(backend, tmp, map_size=INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
+                                 sync=False, metasync=False, max_dbs=0)
         except (lmdb.Error, OSError) as exc:
             raise _write_error(db_name, exc, "cannot create the database") from None
         for index, payload, info in _results(tasks, opts, jobs):
