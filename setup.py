@@ -43,6 +43,8 @@ setup(
             "parse_log=minicaffe.tools.parse_log:main",
             "plot_training_log=minicaffe.tools.plot_training_log:main",
             "classify=minicaffe.tools.classify:main",
+            "convert_mnist_data=minicaffe.tools.convert_mnist_data:main",
+            "convert_cifar_data=minicaffe.tools.convert_cifar_data:main",
         ],
     },
 )
