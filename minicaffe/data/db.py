@@ -64,7 +64,9 @@ def open_source(path, backend=None, rank=0, world_size=1, rand_skip=0, rng=None,
         unset = " (backend is not set: Caffe's default is LEVELDB)" if default_used else ""
         raise DataError(f"{os.fspath(path)}: no such {'LevelDB' if kind == LEVELDB else 'LMDB'} database{unset}")
     cls = leveldb_source.LevelDBSource if kind == LEVELDB else lmdb_source.LMDBSource
-    return cls(path, rank, world_size, rand_skip, rng)
+    source = cls(path, rank, world_size, rand_skip, rng)
+    log.info("Opened %s %s", kind, os.fspath(path))        # Caffe's db::Open line
+    return source
 
 
 def iterate_db(path, backend=None):
