@@ -189,14 +189,36 @@ def test_missing_and_bad_databases_name_the_backend(tmp_path):
         data_layer(empty, 1, "LEVELDB")
 
 
-def test_a_leveldb_held_by_another_open_is_reported(tmp_path):
-    ldb = make_leveldb(tmp_path / "ldb", records(2))
-    holder = plyvel.DB(ldb)         # as another process writing it would
+HOLD = """
+import sys, plyvel
+db = plyvel.DB(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+db.close()
+"""
+
+
+def test_a_leveldb_held_by_another_process_is_read_from_a_snapshot(tmp_path, caplog):
+    # LevelDB admits one process per database: a second mpirun worker reading the same training
+    # set must still work. It reads a snapshot (hard links), removed again on close.
+    import subprocess
+    import sys
+    recs = records(3)
+    ldb = make_leveldb(tmp_path / "ldb", recs)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, ldb], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
-        with pytest.raises(DataError, match=r"ldb: the LevelDB is in use by another process"):
-            data_layer(ldb, 1, "LEVELDB")
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level(logging.WARNING, logger="minicaffe"):
+            layer, bottom, top = data_layer(ldb, 3, "LEVELDB")
+            np.testing.assert_array_equal(forward(layer, bottom, top)[1], [10, 11, 12])
+            assert [n for n in os.listdir(tmp_path) if n.endswith(".snapshot")]
+            layer.close()
+        assert any("in use by another process; reading a snapshot" in r.getMessage() for r in caplog.records)
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".snapshot")]
     finally:
-        holder.close()
+        holder.communicate("", timeout=30)
+    assert list(iterate_db(ldb, "leveldb")) == recs         # the original is untouched
 
 
 # --- the tools ---------------------------------------------------------------------------------------

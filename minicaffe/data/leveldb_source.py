@@ -68,10 +68,54 @@ def _open_db(path):
     except pv.IOError as exc:
         msg = _message(exc)
         if "lock" in msg.lower():
-            raise DataError(f"{path}: the LevelDB is in use by another process ({msg})") from None
+            return _open_snapshot(path, msg)
         raise DataError(f"{path}: cannot open the LevelDB ({msg})") from None
     except pv.Error as exc:
         raise DataError(f"{path}: not a readable LevelDB database ({_message(exc)})") from None
+
+
+_SNAPSHOTS = {}             # id(plyvel.DB) -> the temporary directory it reads
+
+
+def _open_snapshot(path, why):
+    """Open a LevelDB another process holds (LevelDB admits one process per database, and has no
+    read-only mode: several ``mpirun`` workers reading one training set would fail otherwise).
+    The table files, which LevelDB never changes once written, are hard-linked (copied where links
+    are impossible) into a temporary directory with copies of the small manifest and log files,
+    and that snapshot is opened; it is removed when the reader closes."""
+    import shutil
+    import tempfile
+    pv = _plyvel()
+    parent = os.path.dirname(os.path.abspath(path))
+    for attempt in range(3):    # the holder may compact (delete tables) while the snapshot is made
+        try:
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".snapshot",
+                                   dir=parent if os.access(parent, os.W_OK) else None)
+        except OSError as exc:
+            raise DataError(f"{path}: the LevelDB is in use by another process ({why}) and no snapshot "
+                            f"of it can be made ({exc.strerror or exc})") from None
+        try:
+            for name in os.listdir(path):
+                if name == "LOCK" or name.startswith("LOG"):
+                    continue
+                src, dst = os.path.join(path, name), os.path.join(tmp, name)
+                if name.endswith((".ldb", ".sst")):
+                    try:
+                        os.link(src, dst)
+                        continue
+                    except OSError:
+                        pass
+                shutil.copyfile(src, dst)
+            db = pv.DB(tmp, create_if_missing=False, block_size=65536, max_open_files=100)
+        except (OSError, pv.Error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if attempt == 2:
+                raise DataError(f"{path}: the LevelDB is in use by another process ({why}) and a "
+                                f"snapshot of it could not be opened ({_message(exc)})") from None
+            continue
+        log.warning("%s: the LevelDB is in use by another process; reading a snapshot of it", path)
+        _SNAPSHOTS[id(db)] = tmp
+        return db
 
 
 def open_leveldb(path):
@@ -95,9 +139,17 @@ def close_leveldb(db):
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _DBS[real]
-                    db.close()
+                    _close(db)
                 return
+    _close(db)
+
+
+def _close(db):
     db.close()
+    tmp = _SNAPSHOTS.pop(id(db), None)
+    if tmp is not None:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_error(path, exc):
