@@ -1,5 +1,6 @@
 """convert_mnist_data and convert_cifar_data: Caffe's keys and Datums from tiny generated IDX/CIFAR files,
 the checks on bad input, and byte-identical records to Caffe's own converters where it is built."""
+import importlib.util
 import os
 import struct
 
@@ -15,7 +16,7 @@ from minicaffe.tools import convert_mnist_data as cmd
 from reference_bins import reference_tool, run_reference
 
 BACKENDS = ["lmdb", pytest.param("leveldb", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("plyvel") is None, reason="plyvel not installed"))]
+    importlib.util.find_spec("plyvel") is None, reason="plyvel not installed (the leveldb extra)"))]
 
 
 def write_idx(folder, n=5, rows=4, cols=3, seed=0, labels=None):
