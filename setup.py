@@ -18,7 +18,10 @@ setup(
         "opencv-python-headless>=4.8",
     ],
     extras_require={
-        "gpu": ["cupy-cuda12x>=13"],
+        # [ctk] pulls the CUDA libraries CuPy loads (cuBLAS, NVRTC, cuRAND...) from PyPI, so a machine
+        # with only the NVIDIA driver works; plain cupy-cudaXXx expects a CUDA Toolkit installed
+        "gpu": ["cupy-cuda12x[ctk]>=14"],
+        "gpu-cuda13": ["cupy-cuda13x[ctk]>=14"],
         "hdf5": ["h5py>=3.8"],
         "draw": ["pydot>=2"],
         "plot": ["matplotlib>=3.7"],

@@ -1,8 +1,18 @@
 """Blob: an N-d float32 array with its gradient, synced between host and device like Caffe's SyncedMemory.
 
-Users (pycaffe style) read and write ``blob.data`` / ``blob.diff``, which are always NumPy arrays.
-Layers use ``blob.xdata`` / ``blob.xdiff``, arrays of the current array module (NumPy on CPU, CuPy
-on GPU), and never force a copy back to the host.
+Three accessors, three promises (the rule that keeps a GPU net from copying whole blobs back and forth):
+
+* ``blob.data`` / ``blob.diff`` (pycaffe's surface) are NumPy arrays the user may WRITE through
+  (``net.blobs['data'].data[...] = img``). A write into a returned array cannot be seen, so, as in
+  Caffe's pycaffe (which hands out ``mutable_cpu_data()``), getting one syncs the host copy and marks
+  it the newest: the next device use uploads it again. Correct for every way of writing.
+* ``blob.host_data`` / ``blob.host_diff`` are for engine code that only READS on the host (display
+  lines, snapshots, tools): Caffe's ``cpu_data()``. The host copy is synced and the device copy stays
+  valid (both SYNCED), so the next layer reads the device copy without an upload. The arrays are
+  read-only views, so a write by mistake raises instead of being silently lost.
+* ``blob.xdata`` / ``blob.xdiff`` (layers) are arrays of the current array module (NumPy on CPU,
+  CuPy on GPU); they never force a copy to the host. Layers may write into them, so the device copy
+  becomes the newest.
 """
 import os
 
@@ -11,7 +21,7 @@ import numpy as np
 from . import backend
 from .errors import AllocationError, ShapeError
 
-HOST, DEVICE = "host", "device"
+HOST, DEVICE, SYNCED = "host", "device", "both"
 
 
 class _Synced:
@@ -24,12 +34,14 @@ class _Synced:
         self.dev = None
         self.head = HOST  # where the newest values are; "both" when in sync
 
-    def host_array(self):
+    def host_array(self, write=True):
+        """The host copy, synced from the device when that is newer. ``write`` (the pycaffe
+        surface): the caller may write into it, so it becomes the newest copy; otherwise both
+        copies stay valid."""
         if self.head == DEVICE:
             self.host = backend.to_host(self.dev)
-            self.head = "both"
-        # A user may write into what we hand out: the host copy becomes the newest.
-        if self.dev is not None:
+            self.head = SYNCED
+        if write and self.dev is not None:
             self.head = HOST
         return self.host
 
@@ -55,6 +67,12 @@ class _Synced:
     @property
     def shape(self):
         return (self.dev if self.head == DEVICE else self.host).shape
+
+
+def _read_only(arr):
+    view = arr.view()
+    view.flags.writeable = False
+    return view
 
 
 class Blob:
@@ -127,6 +145,21 @@ class Blob:
     @diff.setter
     def diff(self, value):
         self._assign(self._diff, value)
+
+    @property
+    def host_data(self):
+        """``data`` for reading on the host (engine code): synced, device copy kept valid, read-only."""
+        return _read_only(self._data.host_array(write=False))
+
+    @property
+    def host_diff(self):
+        """``diff`` for reading on the host: see ``host_data``."""
+        return _read_only(self._diff.host_array(write=False))
+
+    def host_is_current(self):
+        """Whether ``host_data`` needs no copy from the device (engine code that can check on
+        the host for free, e.g. label ranges)."""
+        return self._data.head != DEVICE
 
     def _assign(self, synced, value):
         arr = synced.host_array()

@@ -11,6 +11,10 @@ On the CPU, a convolution's forward over wide maps builds the columns of a band 
 at a time (``im2col_rows``) so they are still in cache when the GEMM reads them, and col2im sums
 a block of channels at a time for the same reason.
 
+On a GPU, ``im2col`` and ``col2im`` are one CUDA kernel each (``minicaffe.kernels.cuda_im2col``,
+same layout): the strided copies and channel blocks here are shaped for NumPy and would be
+hundreds of small launches there.
+
 Scratch arrays come from a small per-thread workspace (one growing buffer per slot, module and
 dtype), so a net of many convolutions allocates its big column buffer once.
 """
@@ -177,6 +181,10 @@ def im2col(x, geom, out_hw, out=None):
     array of that shape) receives the result; by default a workspace buffer is used.
     """
     xp = backend.get_array_module(x)
+    if xp is not np:
+        # a GPU: one kernel for the whole chunk (the strided copies below are NumPy-shaped)
+        from .kernels import cuda_im2col
+        return cuda_im2col.im2col(x, geom, out_hw, out)
     n, c, h, w = x.shape
     oh, ow = out_hw
     g = geom
@@ -197,6 +205,10 @@ def col2im(col, geom, in_hw, out):
     run in phase layout so each add streams over contiguous columns.
     """
     xp = backend.get_array_module(col)
+    if xp is not np:
+        # a GPU: one gathering kernel instead of kh*kw adds per block of channels
+        from .kernels import cuda_im2col
+        return cuda_im2col.col2im(col, geom, in_hw, out)
     c, kh, kw, n, oh, ow = col.shape
     h, w = in_hw
     g = geom

@@ -220,6 +220,13 @@ class Net:
                 self.blobs[name] = blob
                 tops.append(blob)
                 log.info("%s -> %s", lp.name, name)
+            if getattr(layer, "auto_top_blobs", False):
+                # Caffe's AutoTopBlobs: a loss layer named without a top still gets one (unnamed, so
+                # not a net output) and its loss counts
+                needed = max(layer.min_num_top or 0, layer.exact_num_top or 0)
+                for _ in range(needed - len(tops)):
+                    tops.append(Blob(name=f"{lp.name} (automatic)"))
+                    log.info("%s -> (automatic)", lp.name)
             layer.check_blob_counts(bottoms, tops)
             try:
                 layer.setup(bottoms, tops)
@@ -340,8 +347,9 @@ class Net:
         under_loss, skip_backprop = set(), set()
         for li in reversed(range(len(self.layers))):
             lp = self.param.layer[li]
-            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], lp.top))
-            skip = all(name in skip_backprop for name in lp.top)
+            tops = [blob.name for blob in self._top[li]]     # lp.top plus any automatic top
+            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], tops))
+            skip = all(name in skip_backprop for name in tops)
             if skip:
                 self._bottom_need_backward[li] = [False] * len(lp.bottom)
             if skip or not contributes:
@@ -582,9 +590,9 @@ class Net:
             del new.blobs[:]
             for blob in layer.blobs:
                 bp = new.blobs.add()
-                bp.MergeFromString(blobproto_bytes(blob.data.astype(np.float32, copy=False)))
+                bp.MergeFromString(blobproto_bytes(blob.host_data.astype(np.float32, copy=False)))
                 if write_diff:
-                    bp.diff.extend(blob.diff.astype(np.float32).ravel().tolist())
+                    bp.diff.extend(blob.host_diff.astype(np.float32).ravel().tolist())
         return out
 
     def save(self, path):
@@ -661,7 +669,7 @@ class Net:
                     if layer.blobs:
                         group = data.create_group(name)
                         for k, blob in enumerate(layer.blobs):
-                            group.create_dataset(str(k), data=blob.data.astype(np.float32))
+                            group.create_dataset(str(k), data=blob.host_data.astype(np.float32))
 
     def load_hdf5(self, path):
         h5py = _h5py()

@@ -59,11 +59,8 @@ NETS = [
 # nets minicaffe cannot run yet, with why (other work adds these layer types); not strict, so a net
 # that starts to work shows as XPASS instead of breaking the run
 XFAIL = {
-    "examples/finetune_pascal_detection/pascal_finetune_trainval_test.prototxt":
-        "SoftmaxWithLoss without a top (Caffe's AutoTopBlobs) is refused: 'takes at least 1 top blob(s)'",
     "examples/mnist/mnist_autoencoder.prototxt":
         "two layers named 'loss' (TRAIN and TEST variants) are refused as a duplicate layer name",
-    "examples/siamese/mnist_siamese_train_test.prototxt": "no ContrastiveLoss layer type yet",
 }
 
 # ImageNet-sized nets: seconds per pass on a CPU, so only with --runslow

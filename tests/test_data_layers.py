@@ -168,6 +168,78 @@ def test_lmdb_source_sharding_and_peek(tmp_path):
         s.close()
 
 
+def _other_process(db, code):
+    """Run ``code`` with ``env`` = the LMDB at ``db`` opened for writing, in another process (LMDB allows
+    one environment per database and process, and the point is a writer that is not this reader)."""
+    import subprocess
+    import sys
+    prog = f"import lmdb\nenv = lmdb.open({str(db)!r})\nwith env.begin(write=True) as txn:\n    {code}\nenv.close()\n"
+    subprocess.run([sys.executable, "-c", prog], check=True, timeout=60)
+
+
+def test_lmdb_reader_sees_another_process_writes_at_the_next_pass(tmp_path, logs, monkeypatch):
+    """The reader keeps a consistent snapshot within a pass, takes the new contents at the wrap, and
+    after a renewal goes on from the next key when the one under its cursor was removed."""
+    db = make_db(tmp_path / "db", images(5, h=1, w=1))
+    src = LMDBSource(db)
+    keys = lambda n: [src.next()[0][:8].decode() for _ in range(n)]   # noqa: E731
+    assert keys(3) == ["00000000", "00000001", "00000002"]
+    _other_process(db, 'txn.put(b"00000009_new", b"x"); txn.delete(b"00000004_img4.png")')
+    assert keys(2) == ["00000003", "00000004"]            # the pass started before the write
+    assert keys(5) == ["00000000", "00000001", "00000002", "00000003", "00000009"]
+    assert any("was changed by another process during the run" in m for m in logs)
+    monkeypatch.setattr("minicaffe.data.lmdb_source.RENEW_EVERY", 1)
+    assert keys(1) == ["00000000"]                        # the cursor is now on 00000001
+    _other_process(db, 'txn.delete(b"00000001_img1.png"); txn.delete(b"00000002_img2.png")')
+    assert keys(3) == ["00000001", "00000003", "00000009"]  # 1 was read before the renewal
+    src.close()
+
+
+def test_lmdb_reader_does_not_pin_old_pages(tmp_path, monkeypatch):
+    """A registered read transaction keeps the pages of its snapshot from reuse. Held for the whole
+    run, it makes a writer's database grow with every rewrite (here about 30x); renewed every few
+    records it lets the writer reuse them, so the file stays a few times the data."""
+    monkeypatch.setattr("minicaffe.data.lmdb_source.RENEW_EVERY", 5)
+    db = make_db(tmp_path / "db", images(200, h=16, w=16))
+    src = LMDBSource(db)
+    start = src.env.info()["last_pgno"]
+    for _ in range(6):
+        for _ in range(10):
+            src.next()
+        _other_process(db, "for k, v in list(txn.cursor()):\n        txn.put(k, bytes(reversed(v)))")
+        _other_process(db, "for k, v in list(txn.cursor()):\n        txn.put(k, bytes(reversed(v)))")
+    assert src.env.info()["last_pgno"] < 8 * start, (src.env.info()["last_pgno"], start)
+    src.close()
+
+
+def test_lmdb_lock_file_unusable_reads_without_and_says_so(tmp_path, logs, monkeypatch):
+    """Where the lock file cannot be used (read-only media, no permission) the database is read
+    without it (Caffe's ALLOW_LMDB_NOLOCK), and the log says another process must not write it."""
+    db = make_db(tmp_path / "db", images(2, h=1, w=1))
+    real = lmdb.open
+    calls = []
+
+    def no_lock_file(path, **kw):
+        calls.append(kw.get("lock", True))
+        if kw.get("lock", True):
+            raise lmdb.Error(f"{path}: Permission denied")
+        return real(path, **kw)
+    monkeypatch.setattr(lmdb, "open", no_lock_file)
+    with LMDBSource(db) as src:
+        assert src.next()[0].startswith(b"00000000")
+    assert calls == [True, False]
+    assert any("cannot use the LMDB lock file" in m and "no other process may write" in m for m in logs)
+
+
+def test_lmdb_source_opens_with_the_lock_file(tmp_path, monkeypatch):
+    db = make_db(tmp_path / "db", images(2, h=1, w=1))
+    real, calls = lmdb.open, []
+    monkeypatch.setattr(lmdb, "open", lambda path, **kw: calls.append(kw.get("lock", True)) or real(path, **kw))
+    with LMDBSource(db) as src:
+        src.next()
+    assert calls == [True]
+
+
 def test_data_layer_source_errors(tmp_path):
     with pytest.raises(DataError, match=r"layer 'data': .*nowhere: no such LMDB database"):
         data_layer(tmp_path / "nowhere", 1)             # backend: LMDB (tests/test_leveldb.py: unset)

@@ -574,3 +574,138 @@ def test_next_run_cleans_up_after_a_killed_one(image_list, tmp_path):
         convert_imageset(f"{image_list}/", str(image_list / "list.txt"), str(db), jobs=1)
     assert lmdb_records(str(db)) == 1
     assert not [name for name in os.listdir(tmp_path) if name.startswith("db.")]
+
+
+# --- another process writes the LMDB a run reads -----------------------------------------------------
+
+LMDB_NET = """name: "lmdbnet"
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+  data_param {{ source: "{db}" batch_size: {batch} backend: LMDB }} transform_param {{ scale: 0.004 }} }}
+layer {{ name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "gaussian" std: 0.1 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }}
+"""
+
+# run in another process: it must not share this process's LMDB environment (one per process)
+LMDB_WRITER = """
+import sys, time, lmdb, numpy as np
+from minicaffe.data import array_to_datum
+path, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+env = lmdb.open(path, map_size=1 << 24)
+rng = np.random.default_rng(1)
+def put(txn, i):
+    txn.put(b"%08d" % i, array_to_datum(rng.integers(0, 256, (3, 6, 6), dtype=np.uint8), i % 3).SerializeToString())
+if mode == "empty":
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(), delete=False)
+elif mode == "fill":
+    rng = np.random.default_rng(0)
+    with env.begin(write=True) as txn:
+        for i in range(int(seconds)):
+            put(txn, i)
+else:                   # replace, delete and append records until the time is up or stdin closes
+    end = time.monotonic() + seconds
+    print("writing", flush=True)
+    while time.monotonic() < end:
+        with env.begin(write=True) as txn:
+            for _ in range(50):
+                i = int(rng.integers(0, 400))
+                txn.delete(b"%08d" % i) if rng.random() < 0.3 else put(txn, i)
+env.close()
+"""
+
+
+def lmdb_writer(db, mode, arg, **kw):
+    return subprocess.Popen([sys.executable, "-c", LMDB_WRITER, str(db), mode, str(arg)], env=child_env(), **kw)
+
+
+def write_lmdb_solver(directory, name, db, max_iter, batch=16, snapshot=0):
+    net = LMDB_NET.format(db=db, batch=batch)
+    return write_solver(directory, name, max_iter=max_iter, snapshot=snapshot, net=net)
+
+
+def test_training_while_another_process_writes_the_lmdb(tmp_path):
+    """Another process replaces, deletes and appends records of the LMDB that ``minicaffe train``
+    reads. Before, the reader (no lock file, one read transaction for the whole run) was handed pages
+    the writer had recycled and liblmdb aborted the process (SIGABRT, no error line, no snapshot)."""
+    db = tmp_path / "db"
+    assert lmdb_writer(db, "fill", 200).wait(timeout=60) == 0
+    solver_path, _, snaps = write_lmdb_solver(tmp_path, "w", db, max_iter=800)
+    writer = lmdb_writer(db, "churn", 60, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        train = subprocess.run([sys.executable, "-c", PYTHON_CLI, "train", "--solver", solver_path],
+                               capture_output=True, text=True, env=child_env(), timeout=300)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "was changed by another process during the run" in train.stderr
+    assert os.path.exists(f"{snaps}/s_iter_800.caffemodel")
+
+
+def test_lmdb_emptied_mid_run_stops_with_one_line_and_resumes_exactly(tmp_path):
+    """Another process removes every record while training: the run stops with one error naming the
+    database and the iteration, after a snapshot of the state that iteration started from; once the
+    records are back, resuming from it gives the weights of an uninterrupted run."""
+    db = tmp_path / "db"
+    assert lmdb_writer(db, "fill", 13).wait(timeout=60) == 0
+    solver_path, net_path, snaps = write_lmdb_solver(tmp_path, "e", db, max_iter=40, batch=3)
+    reference = caffe.get_solver(solver_path)
+    reference.solve()
+    expected = net_weights(reference.net)
+    reference.net.layers[0].close()
+
+    solver = caffe.get_solver(solver_path)
+    solver.step(2)
+    assert lmdb_writer(db, "empty", 0).wait(timeout=60) == 0
+    with pytest.raises(MinicaffeError) as info:
+        solver.step(38)
+    solver.net.layers[0].close()
+    at = solver.iter
+    message = str(info.value)
+    assert "\n" not in message and 2 <= at < 40
+    assert re.fullmatch(rf"iteration {at}: layer 'data': {re.escape(str(db))}: the database became empty during "
+                        rf"the run .*; the state before this iteration was saved to \S+s_iter_{at}\.caffemodel "
+                        rf"and \S+s_iter_{at}\.solverstate", message), message
+    assert lmdb_writer(db, "fill", 13).wait(timeout=60) == 0
+    resumed = caffe.get_solver(solver_path)
+    resumed.solve(resume_file=f"{snaps}/s_iter_{at}.solverstate")
+    resumed.net.layers[0].close()       # its prefetch thread must not outlive the test
+    for a, b in zip(net_weights(resumed.net), expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unreadable_record_mid_run_is_one_line_with_a_snapshot(tmp_path, capsys):
+    """A record that is not a Datum (here the 5th, read by iteration 1) stops ``minicaffe train`` with
+    one error line naming the layer, database and key, after a snapshot of the state before it."""
+    db = tmp_path / "db"
+    assert lmdb_writer(db, "fill", 13).wait(timeout=60) == 0
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        txn.put(b"00000004", b"\xff not a datum")
+    env.close()
+    solver_path, _, snaps = write_lmdb_solver(tmp_path, "bad", db, max_iter=10, batch=3)
+    assert cli.main(["train", "--solver", solver_path]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert re.match(rf"error: iteration 1: layer 'data': {re.escape(str(db))}.*00000004.*not a Datum.*; the state "
+                    rf"before this iteration was saved to \S+s_iter_1\.caffemodel and \S+s_iter_1\.solverstate$",
+                    errors[0]), errors[0]
+    with open(f"{snaps}/s_iter_1.solverstate.rng", encoding="utf-8") as f:
+        assert json.load(f)["data"]["train"]["data"]["source"]["offset"] == 3
+
+
+def test_lmdb_on_read_only_media_is_read_and_the_log_says_without_a_lock(tmp_path, logs):
+    """On a read-only file system (a real read-only tmpfs; root only) the lock file cannot be made:
+    the database is read all the same, and the log says it is read without a lock."""
+    from minicaffe.data import LMDBSource
+    ro = tmp_path / "ro"
+    with tmpfs(ro, "4m"):
+        assert lmdb_writer(ro / "db", "fill", 5).wait(timeout=60) == 0
+        os.remove(ro / "db" / "lock.mdb")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        with LMDBSource(str(ro / "db")) as src:
+            assert [src.next()[0] for _ in range(6)] == [b"%08d" % i for i in (0, 1, 2, 3, 4, 0)]
+    assert any("read-only media" in m and "reading without a lock" in m for m in logs)

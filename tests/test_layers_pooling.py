@@ -245,7 +245,7 @@ def test_errors_name_the_layer(text, shape, match, num_top):
 
 @pytest.mark.parametrize("method", ["MAX", "AVE"])
 @pytest.mark.parametrize("spec", ["kernel_size: 3 stride: 2 pad: 1", "kernel_size: 3 stride: 2",
-                                  "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1",
+                                  "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0",
                                   "global_pooling: true"])
 def test_cupy_matches_numpy(gpu, method, spec):
     x = np.random.RandomState(6).randn(2, 3, 9, 8).astype(np.float32)

@@ -9,6 +9,14 @@ uses come from :func:`set_solver_rank` (thread-local, like Caffe's per-thread ``
 and apply at TRAIN only: at TEST every worker reads everything, as in Caffe.
 
 LevelDB is read by :mod:`minicaffe.data.leveldb_source`; :mod:`minicaffe.data.db` picks the reader.
+
+Another process may write a database while a run reads it. Readers therefore use LMDB's lock file (as
+Caffe does): a registered read transaction keeps its pages from being reused by a writer, which
+otherwise hands the reader recycled pages and liblmdb aborts the whole process. Only where the lock
+file cannot be used (read-only media, no permission) is the database read without it, and the log
+says so. A reader renews its transaction every ``RENEW_EVERY`` records and at each pass over the end,
+so it sees a consistent snapshot between renewals and never pins old pages (which would make a
+writer's database grow without bound); after a renewal it goes on from the next key.
 """
 import logging
 import os
@@ -81,14 +89,32 @@ def _open_env(path):
             raise leveldb_error(path)
         raise DataError(f"{path}: not an LMDB database (the directory has no data.mdb)")
     try:
-        return lm.open(path, readonly=True, lock=False, subdir=subdir, create=False, max_dbs=0)
+        env = lm.open(path, readonly=True, lock=True, subdir=subdir, create=False, max_dbs=0)
     except lm.Error as exc:
-        raise DataError(f"{path}: not an LMDB database ({' '.join(str(exc).split())})") from None
+        first = " ".join(str(exc).split())
+        try:   # Caffe's ALLOW_LMDB_NOLOCK: the lock file cannot be created or written here
+            env = lm.open(path, readonly=True, lock=False, subdir=subdir, create=False, max_dbs=0)
+        except lm.Error as exc2:
+            raise DataError(f"{path}: not an LMDB database ({' '.join(str(exc2).split())})") from None
+        log.warning("%s: cannot use the LMDB lock file (%s); reading without a lock, so no other process "
+                    "may write this database during the run", path, first)
+        return env
+    lock_file = os.path.join(path, "lock.mdb") if subdir else path + "-lock"
+    if not os.path.exists(lock_file):   # read-only media: liblmdb went on without a lock by itself
+        log.warning("%s: no LMDB lock file and none can be made (read-only media?); reading without a lock, "
+                    "so no other process may write this database during the run", path)
+        return env
+    try:
+        env.reader_check()     # free reader slots of killed processes, which would pin old pages
+    except lm.Error:  # pragma: no cover - advisory only
+        pass
+    return env
 
 
 def open_lmdb(path):
-    """Open an LMDB (a directory with data.mdb, or a single file) read-only without a lock file, so
-    read-only media and several readers work; errors name the path and say what is wrong.
+    """Open an LMDB (a directory with data.mdb, or a single file) read-only, with its lock file so a
+    writing process cannot recycle pages under the reader (without it where the lock file is unusable,
+    e.g. read-only media); errors name the path and say what is wrong.
 
     LMDB allows one open Environment per database and process, so the environment is shared by all
     readers of the same path in this process (counted; call :func:`close_lmdb` once per open)."""
@@ -134,6 +160,9 @@ def iterate_lmdb(path):
         close_lmdb(env)
 
 
+RENEW_EVERY = 1000          # records read under one read transaction before it is renewed
+
+
 class LMDBSource:
     """An endless reader over an LMDB: ``next()`` returns (key bytes, value bytes) in key order and
     starts again from the first record after the last one.
@@ -141,6 +170,9 @@ class LMDBSource:
     ``rand_skip``: skip ``rng.integers(rand_skip)`` records at the start (Caffe's deprecated
     rand_skip, so workers started together do not read the same records). ``rank``/``world_size``:
     keep only stream positions ``i`` with ``i % world_size == rank``.
+
+    ``state()``/``restore(state)`` save and set the read position (stream offset and the key under
+    the cursor), so a resumed run reads on from the same record.
 
     Not thread-safe: one thread uses a source at a time (the prefetch thread, after set-up).
     """
@@ -168,37 +200,84 @@ class LMDBSource:
         self._txn = None
         self._cursor = None
         self._peeked = None
+        self._since_renew = 0
+        self._txnid = None
+        self._told_changed = False
 
     def __len__(self):
         return self.entries
 
+    def _error(self, exc):
+        return DataError(f"{self.path}: reading the database failed ({' '.join(str(exc).split())}); "
+                         f"was it changed or damaged by another process?")
+
+    def _begin(self):
+        """A fresh read transaction and cursor (the old one, if any, is released first)."""
+        lm = _lmdb()
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = self._cursor = None
+        try:
+            txn = self.env.begin(buffers=False)
+        except lm.MapResizedError:   # a writer grew the map beyond ours: adopt its size
+            self.env.set_mapsize(0)
+            txn = self.env.begin(buffers=False)
+        self._txn, self._cursor = txn, txn.cursor()
+        self._since_renew = 0
+        txnid = self.env.info()["last_txnid"]
+        if self._txnid is not None and txnid != self._txnid and not self._told_changed:
+            self._told_changed = True
+            log.warning("%s was changed by another process during the run; reading on from the current "
+                        "record in the new contents", self.path)
+        self._txnid = txnid
+        self.entries = txn.stat()["entries"]
+        if self.entries == 0:
+            raise DataError(f"{self.path}: the database became empty during the run "
+                            f"(another process removed its records)")
+
     def _open_cursor(self):
-        # created lazily so the thread that reads also opens the read transaction
-        self._txn = self.env.begin(buffers=False)
-        self._cursor = self._txn.cursor()
+        self._begin()
         self._cursor.first()
         for _ in range(self.skip % self.entries):
             self._step()
 
+    def _wrap(self):
+        self.epochs += 1
+        log.info("Restarting data prefetching from start.")
+        self._begin()           # each pass starts on the newest committed contents
+        self._cursor.first()
+
     def _step(self):
         if not self._cursor.next():
-            self._cursor.first()
-            self.epochs += 1
-            log.info("Restarting data prefetching from start.")
+            self._wrap()
+            return
+        self._since_renew += 1
+        if self._since_renew >= RENEW_EVERY:
+            self._seek(self._cursor.key())
+
+    def _seek(self, key):
+        """Renew the transaction and put the cursor on ``key`` or, if it is gone, the next key."""
+        self._begin()
+        if not self._cursor.set_range(key):
+            self._wrap()
 
     def next(self):
         """The next (key, value) this worker keeps."""
         if self._peeked is not None:
             item, self._peeked = self._peeked, None
             return item
-        if self._cursor is None:
-            self._open_cursor()
-        while self.offset % self.world_size != self.rank:
+        lm = _lmdb()
+        try:
+            if self._cursor is None:
+                self._open_cursor()
+            while self.offset % self.world_size != self.rank:
+                self._step()
+                self.offset += 1
+            item = (self._cursor.key(), self._cursor.value())
             self._step()
             self.offset += 1
-        item = (self._cursor.key(), self._cursor.value())
-        self._step()
-        self.offset += 1
+        except lm.Error as exc:
+            raise self._error(exc) from None
         return item
 
     __next__ = next
@@ -211,6 +290,57 @@ class LMDBSource:
         if self._peeked is None:
             self._peeked = self.next()
         return self._peeked
+
+    def state(self):
+        """The read position as JSON-able data: None before the first read, else the stream offset,
+        passes over the end and the key of the next record under the cursor (hex)."""
+        if self._cursor is None:
+            return None
+        if self._peeked is not None:
+            raise DataError(f"{self.path}: no read position while a record is peeked")  # set-up only
+        return {"offset": self.offset, "epochs": self.epochs, "key": self._cursor.key().hex(),
+                "shard": [self.rank, self.world_size]}
+
+    def fits(self, state):
+        """Was ``state`` saved by a reader of this shard? (A position in the stream of worker 0 of 2
+        means nothing to a single worker: a resume with another worker count replays instead.)"""
+        return state is None or list(state.get("shard", [0, 1])) == [self.rank, self.world_size]
+
+    def restore(self, state):
+        """Go back (or forward) to a position from :meth:`state`. A key another process has removed
+        since is replaced by the next one in key order."""
+        self._peeked = None
+        lm = _lmdb()
+        try:
+            if state is None:
+                self.offset = self.epochs = 0
+                self._open_cursor()
+                return
+            try:
+                offset, epochs, key = int(state["offset"]), int(state["epochs"]), bytes.fromhex(state["key"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{self.path}: unreadable read position {state!r} ({exc})") from None
+            self.offset, self.epochs = offset, epochs
+            self._seek(key)
+        except lm.Error as exc:
+            raise self._error(exc) from None
+
+    def skip_records(self, records):
+        """From the start, pass over the first ``records`` records this worker keeps, without reading
+        them: the cursor walks the keys only (LMDB has no seek by index), at most one pass."""
+        lm = _lmdb()
+        self._peeked = None
+        records = int(records)
+        offset = 0 if records <= 0 else (records - 1) * self.world_size + self.rank + 1
+        try:
+            self._begin()
+            stream = self.skip + offset
+            self.offset, self.epochs = offset, stream // self.entries
+            self._cursor.first()
+            for _ in range(stream % self.entries):
+                self._cursor.next()
+        except lm.Error as exc:
+            raise self._error(exc) from None
 
     def close(self):
         if self._txn is not None:

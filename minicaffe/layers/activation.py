@@ -6,9 +6,12 @@ input (and cannot recover it from the output) keeps a copy of it, as Caffe's PRe
 """
 import math
 
+import numpy as np
+
 from .. import fillers
 from ..blob import Blob
 from ..im2col import workspace
+from ..kernels import cuda_elementwise
 from .base import Layer, register
 
 
@@ -78,14 +81,18 @@ class ReLU(NeuronLayer):
         return self.slope < 0
 
     def compute(self, x, y):
-        if self.slope == 0:
+        if self.xp is not np:      # GPU: one fused kernel
+            cuda_elementwise.relu_forward(x, self.slope, y)
+        elif self.slope == 0:
             self.xp.maximum(x, 0, out=y)
         else:
             _leaky(self.xp, x, self.slope, y)
 
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
-        if self.slope == 0:
+        if self.xp is not np:
+            cuda_elementwise.relu_backward(x, dy, self.slope, dx)
+        elif self.slope == 0:
             positive = workspace(self.xp, x.shape, bool, "relu_mask")   # no new array per call
             self.xp.greater(x, 0, out=positive)
             self.xp.multiply(dy, positive, out=dx)
@@ -378,3 +385,65 @@ class Log(NeuronLayer):
     def gradient(self, x, y, dy, dx):
         inner = self._inner(x, self.xp.empty_like(x))
         dx[...] = dy * self.backward_num_scale / inner
+
+
+@register("Clip")
+class Clip(NeuronLayer):
+    """min(max(x, clip_param.min), clip_param.max); the gradient passes where min <= x <= max
+    (both ends included, as Caffe has it) and is 0 outside."""
+
+    def setup(self, bottom, top):
+        p = self.param.clip_param
+        self.lo, self.hi = float(p.min), float(p.max)
+
+    def backward_needs_input(self):
+        # a clipped output equal to the bound cannot tell an input on the bound from one beyond it
+        return True
+
+    def compute(self, x, y):
+        self.xp.clip(x, self.lo, self.hi, out=y)
+
+    def gradient(self, x, y, dy, dx):
+        inside = (x >= self.lo) & (x <= self.hi)
+        self.xp.multiply(dy, inside, out=dx)
+
+
+@register("Swish")
+class Swish(NeuronLayer):
+    """x · sigmoid(beta · x). The sigmoid of the forward pass is kept for the gradient,
+    dy · (beta·y + s·(1 − beta·y)), Caffe's form (it needs only the output and s, so in place works)."""
+
+    def setup(self, bottom, top):
+        self.beta = float(self.param.swish_param.beta)
+
+    def compute(self, x, y):
+        xp = self.xp
+        s = xp.multiply(x, 0.5 * self.beta)
+        xp.tanh(s, out=s)
+        s *= 0.5
+        s += 0.5
+        self._sigmoid = s
+        xp.multiply(x, s, out=y)
+
+    def gradient(self, x, y, dy, dx):
+        by = y * self.beta
+        factor = 1 - by
+        factor *= self._sigmoid
+        factor += by
+        self.xp.multiply(dy, factor, out=dx)
+
+
+@register("Threshold")
+class Threshold(NeuronLayer):
+    """1 where x > threshold_param.threshold, else 0. It has no gradient: Caffe aborts if a net
+    asks it to back-propagate, here that is an error naming the layer."""
+
+    def setup(self, bottom, top):
+        self.threshold = float(self.param.threshold_param.threshold)
+
+    def compute(self, x, y):
+        self.xp.greater(x, self.threshold, out=y)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down and propagate_down[0]:
+            raise self.error("Threshold has no gradient: it cannot back-propagate")

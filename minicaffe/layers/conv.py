@@ -421,3 +421,63 @@ class Deconvolution(_BaseConvolution):
 
     def _run_transposed(self, dy, w, dx, x, dw):
         self.engine.forward(dy, w, y=dx, grad_src=x, dw=dw)
+
+
+@register("Im2col")
+class Im2col(Layer):
+    """The column matrix a convolution multiplies, as a blob: (N, C, H, W) becomes
+    (N, C·kh·kw, oh, ow), channel-major then kernel row then kernel column (Caffe's im2col order),
+    from ``convolution_param``'s kernel, stride, pad and dilation (num_output is not used). The
+    gradient sums the columns back onto the image (col2im). 2-D, channel axis 1 only."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        cp = self.param.convolution_param
+        shape = bottom[0].shape
+        axis = _canonical_axis(self, cp.axis, len(shape))
+        if axis != 1 or len(shape) != 4:
+            raise self.error(f"only 2-D im2col over (N, C, H, W) with axis 1 is supported, got bottom "
+                             f"shape {shape} with axis {axis}")
+        kernel = _spatial_values(self, cp, "kernel_size", 2, None)
+        stride = _spatial_values(self, cp, "stride", 2, 1)
+        pad = _spatial_values(self, cp, "pad", 2, 0)
+        dilation = _spatial_values(self, cp, "dilation", 2, 1)
+        for what, vals in (("kernel size", kernel), ("stride", stride), ("dilation", dilation)):
+            if min(vals) <= 0:
+                raise self.error(f"{what} must be positive, got {vals}")
+        self.geom = ConvGeometry(kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1],
+                                 dilation[0], dilation[1])
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.error(f"bottom must have 4 axes (N, C, H, W), got shape {shape}", ShapeError)
+        n, c, h, w = shape
+        oh, ow = self.geom.out_size(h, w)
+        if oh <= 0 or ow <= 0:
+            raise self.error(f"kernel extent {self.geom.extent()} does not fit the padded input "
+                             f"{h + 2 * self.geom.ph}x{w + 2 * self.geom.pw}", ShapeError)
+        self.out_hw = (oh, ow)
+        top[0].reshape(n, c * self.geom.kh * self.geom.kw, oh, ow)
+
+    def forward(self, bottom, top):
+        x = bottom[0].xdata
+        n, c = x.shape[:2]
+        oh, ow = self.out_hw
+        col = im2col(x, self.geom, self.out_hw)            # (C, kh, kw, N, oh, ow), a workspace
+        g = self.geom
+        top[0].xdata = col.reshape(c * g.kh * g.kw, n, oh, ow).transpose(1, 0, 2, 3).copy()
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        xp = self.xp
+        n, c, h, w = bottom[0].shape
+        g = self.geom
+        oh, ow = self.out_hw
+        dy = top[0].xdiff.reshape(n, c, g.kh, g.kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
+        dx = xp.empty(bottom[0].shape, dtype=dy.dtype)
+        col2im(xp.ascontiguousarray(dy), g, (h, w), dx)
+        bottom[0].xdiff = dx

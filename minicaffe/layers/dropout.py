@@ -32,7 +32,7 @@ class Dropout(Layer):
         """The scaled mask: 1/(1 − p) where a unit is kept (probability 1 − p), else 0."""
         xp = self.xp
         if backend.is_gpu():
-            keep = xp.random.random_sample(shape, dtype=dtype) >= self.ratio
+            keep = backend.gpu_random_sample(shape, dtype) >= self.ratio
         else:
             # Caffe's test on 32 random bits, u >= p·2³²: three times faster than drawing floats
             count = 1

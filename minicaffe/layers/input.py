@@ -91,3 +91,31 @@ class DummyData(Layer):
             filler = self._filler(i)
             if not self._constant(filler):
                 t.xdata = fillers.fill(filler, t.shape, t.dtype, self.name)
+
+
+@register("Parameter")
+class Parameter(Layer):
+    """A learnable blob of ``parameter_param.shape`` as a top, so other layers can take a
+    parameter as a bottom. Caffe creates it zero-filled (no filler) and shares it with the top;
+    here forward copies it to the top and backward adds the top's gradient to it."""
+
+    exact_num_bottom = 0
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        shape = _shape(self, self.param.parameter_param.shape)
+        if not self.blobs:
+            from ..blob import Blob
+            self.blobs = [Blob(shape, name=f"{self.name}.param")]
+        self.param_propagate_down = [True]
+        top[0].reshape(self.blobs[0].shape)
+
+    def reshape(self, bottom, top):
+        top[0].reshape(self.blobs[0].shape)
+
+    def forward(self, bottom, top):
+        top[0].xdata = self.blobs[0].xdata.copy()
+
+    def backward(self, top, propagate_down, bottom):
+        if self.need_param_grad(0):
+            self.blobs[0].xdiff += top[0].xdiff

@@ -7,6 +7,7 @@ gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bott
 import numpy as np
 
 from ..errors import ShapeError
+from ..kernels import cuda_softmax
 from ..proto import caffe_pb2
 from .base import Layer, register
 from .shape import canonical_axis
@@ -18,6 +19,8 @@ LOG_THRESHOLD = 1e-20                        # Caffe's kLOG_THRESHOLD (Infogain,
 
 def softmax(xp, x, axis, out):
     """Numerically stable softmax of ``x`` along ``axis`` written into ``out`` (may be ``x``)."""
+    if xp is not np:      # GPU: one kernel
+        return cuda_softmax.softmax(x, axis, out)
     m = x.max(axis=axis, keepdims=True)
     xp.subtract(x, m, out=out)
     xp.exp(out, out=out)
@@ -66,11 +69,28 @@ def read_labels(layer, blob, shape, num_classes, ignore):
         valid = lab != ignore
         bad &= valid
     if bool(bad.any()):
-        first = int(lab[bad].ravel()[0])
-        hint = f" and is not the ignore_label {ignore}" if ignore is not None else ""
-        raise layer.error(f"label {first} is out of range [0, {num_classes}){hint}")
+        raise _label_error(layer, int(lab[bad].ravel()[0]), num_classes, ignore)
     safe = lab if valid is None else xp.where(valid, lab, 0)
     return safe, valid
+
+
+def _label_error(layer, first, num_classes, ignore):
+    hint = f" and is not the ignore_label {ignore}" if ignore is not None else ""
+    return layer.error(f"label {first} is out of range [0, {num_classes}){hint}")
+
+
+def check_labels(layer, blob, num_classes, ignore):
+    """``read_labels``'s range check alone, on the host copy when that is current (labels come from
+    a data layer on the host: no device sync), else on the device (one sync)."""
+    if not blob.host_is_current():
+        read_labels(layer, blob, (blob.count,), num_classes, ignore)
+        return
+    lab = blob.host_data.reshape(-1).astype(np.int64)
+    bad = (lab < 0) | (lab >= num_classes)
+    if ignore is not None:
+        bad &= lab != ignore
+    if bad.any():
+        raise _label_error(layer, int(lab[bad][0]), num_classes, ignore)
 
 
 class LossLayer(Layer):
@@ -116,6 +136,9 @@ class Softmax(Layer):
         if not propagate_down[0]:
             return
         y, dy = top[0].xdata, top[0].xdiff
+        if self.xp is not np:     # GPU: one kernel, written in place (dy may be the bottom's diff)
+            cuda_softmax.softmax_backward(y, dy, self.axis, bottom[0].xdiff)
+            return
         dot = (dy * y).sum(axis=self.axis, keepdims=True)
         bottom[0].xdiff = (dy - dot) * y
 
@@ -170,6 +193,9 @@ class SoftmaxWithLoss(_SoftmaxLoss):
 
     def forward(self, bottom, top):
         xp = self.xp
+        if xp is not np:
+            self._forward_gpu(bottom, top)
+            return
         prob = self.probabilities(bottom, top)
         safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
         p = xp.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
@@ -183,11 +209,30 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
         top[0].xdata[...] = -logp.sum() / self.norm
 
+    # GPU: the loss, its count and the gradient in three kernels; nothing read back to the host
+    def _forward_gpu(self, bottom, top):
+        check_labels(self, bottom[1], self.classes, self.ignore)
+        self.probabilities(bottom, top)
+        loss, count = cuda_softmax.softmax_loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
+        if self.ignore is not None and self.norm_mode == _Norm.VALID:
+            self.norm = self.xp.maximum(count, 1)          # a device scalar
+        else:
+            self.norm = normalizer(self.norm_mode, self.outer, self.inner, None)
+        top[0].xdata[...] = loss / self.norm
+
+    def _backward_gpu(self, top, bottom):
+        scale = top[0].xdiff / self.norm
+        cuda_softmax.softmax_loss_backward(self.prob, bottom[1].xdata, scale, self.axis, self.ignore,
+                                           bottom[0].xdiff)
+
     def backward(self, top, propagate_down, bottom):
         self.no_label_grad(propagate_down)
         if not propagate_down[0]:
             return
         xp = self.xp
+        if xp is not np:
+            self._backward_gpu(top, bottom)
+            return
         grad = self.prob.reshape(self.outer, self.classes, self.inner).copy()
         rows = xp.arange(self.outer)[:, None]
         cols = xp.arange(self.inner)[None, :]
@@ -496,3 +541,77 @@ class Accuracy(Layer):
     def backward(self, top, propagate_down, bottom):
         if any(propagate_down):
             raise self.error("Accuracy has no gradient: it cannot back-propagate")
+
+
+@register("ContrastiveLoss")
+class ContrastiveLoss(LossLayer):
+    """Hadsell et al.'s loss over pairs (a, b) with a similarity label y (1 similar, 0 not):
+    sum(y·d² + (1 − y)·max(margin − d, 0)²) / (2N), d the Euclidean distance of a row pair;
+    ``legacy_version`` uses max(margin − d², 0) for dissimilar pairs instead. Labels are read as
+    integers (any non-zero value after truncation counts as similar), as Caffe does.
+
+    Bottoms are (N, C) or (N, C, 1, 1); the gradient for a dissimilar pair divides by d + 1e-4
+    (Caffe's guard against d = 0), so both bottoms may be learned; the labels get none."""
+
+    exact_num_bottom = 3
+
+    def allow_force_backward(self, bottom_index):
+        return bottom_index != 2
+
+    def setup(self, bottom, top):
+        a, b, y = bottom
+        if a.channels != b.channels:
+            raise self.error(f"bottoms 0 and 1 must have the same channels, got {a.shape} and {b.shape}",
+                             ShapeError)
+        for i, blob in enumerate((a, b)):
+            if blob.height != 1 or blob.width != 1:
+                raise self.error(f"bottom[{i}] must be (N, C) or (N, C, 1, 1), got {blob.shape}",
+                                 ShapeError)
+        if y.channels != 1 or y.height != 1 or y.width != 1:
+            raise self.error(f"bottom[2] (the similarity labels) must hold one value per pair, got "
+                             f"shape {y.shape}", ShapeError)
+        p = self.param.contrastive_loss_param
+        self.margin, self.legacy = float(p.margin), bool(p.legacy_version)
+
+    def reshape(self, bottom, top):
+        a, b, y = bottom
+        if not (a.num == b.num == y.num) or a.count != b.count:
+            raise self.error(f"bottoms {a.shape}, {b.shape} and {y.shape} must hold the same number of "
+                             f"pairs", ShapeError)
+        top[0].reshape(())
+
+    def _similar(self, bottom):
+        # Caffe's static_cast<int>: truncation toward zero, then non-zero means "similar"
+        return self.xp.trunc(bottom[2].xdata.reshape(-1)) != 0
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        n = bottom[0].num
+        self.diff = bottom[0].xdata.reshape(n, -1) - bottom[1].xdata.reshape(n, -1)
+        self.dist_sq = (self.diff * self.diff).sum(axis=1)
+        similar = self._similar(bottom)
+        if self.legacy:
+            dissimilar = xp.maximum(self.margin - self.dist_sq, 0)
+        else:
+            dissimilar = xp.maximum(self.margin - xp.sqrt(self.dist_sq), 0)
+            dissimilar *= dissimilar
+        per_pair = xp.where(similar, self.dist_sq, dissimilar)
+        top[0].xdata[...] = per_pair.sum() / n / 2.0
+
+    def backward(self, top, propagate_down, bottom):
+        self.no_label_grad(propagate_down, label_bottoms=(2,))
+        xp = self.xp
+        n = bottom[0].num
+        similar = self._similar(bottom)
+        if self.legacy:
+            mdist = self.margin - self.dist_sq
+            coeff = -xp.ones_like(mdist)
+        else:
+            dist = xp.sqrt(self.dist_sq)
+            mdist = self.margin - dist
+            coeff = -mdist / (dist + 1e-4)
+        coeff = xp.where(similar, 1.0, xp.where(mdist > 0, coeff, 0.0)).astype(self.diff.dtype)
+        for i, sign in ((0, 1.0), (1, -1.0)):
+            if propagate_down[i]:
+                alpha = top[0].xdiff.reshape(()) * (sign / n)
+                bottom[i].xdiff = (self.diff * (coeff * alpha)[:, None]).reshape(bottom[i].shape)

@@ -8,7 +8,10 @@ Both give ``y = x · scale^(−beta)``.
 The window sums add ``size`` shifted slices of one zero-padded buffer: a handful of whole-array
 additions, with none of the cancellation a running (cumulative) sum suffers in float32.
 """
+import numpy as np
+
 from ..errors import ShapeError
+from ..kernels import cuda_lrn
 from ..proto import caffe_pb2
 from .base import Layer, register
 
@@ -115,6 +118,10 @@ class LRN(Layer):
         x = bottom[0].xdata
         shape, dtype = x.shape, x.dtype
         scale = self._buffer("scale", shape, dtype)
+        if xp is not np and not self.within:      # GPU: one kernel (minicaffe.kernels.cuda_lrn)
+            self._scale, self._scale_pow = scale, self._buffer("pow", shape, dtype)
+            cuda_lrn.forward(self, x, scale, self._scale_pow, top[0].xdata)
+            return
         self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
         scale *= self.sum_scale
         scale += self.shift
@@ -132,6 +139,9 @@ class LRN(Layer):
         xp = self.xp
         dy, y, x = top[0].xdiff, top[0].xdata, bottom[0].xdata
         shape, dtype = dy.shape, dy.dtype
+        if xp is not np and not self.within:
+            cuda_lrn.backward(self, x, y, dy, self._scale, self._scale_pow, bottom[0].xdiff)
+            return
 
         def ratio(view):
             xp.multiply(dy, y, out=view)

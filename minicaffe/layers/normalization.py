@@ -1,4 +1,6 @@
 """BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it."""
+import numpy as np
+
 from .. import backend, fillers
 from ..blob import Blob
 from ..errors import ShapeError
@@ -87,7 +89,14 @@ class BatchNorm(Layer):
         c = self.channels
         shape3 = _channels_shape(x.shape, c)
         x3 = x.reshape(shape3)
-        if self.use_global_stats:
+        if self.use_global_stats and xp is not np:
+            # GPU: the factor stays on the device (reading it back would sync every forward)
+            f = self.blobs[2].xdata.reshape(-1)[:1]
+            zero = f == 0
+            f = xp.where(zero, 0, 1 / xp.where(zero, 1, f)).astype(x.dtype)
+            mean = self.blobs[0].xdata * f
+            var = self.blobs[1].xdata * f
+        elif self.use_global_stats:
             f = float(self.blobs[2].xdata.reshape(-1)[0])
             f = 0.0 if f == 0 else 1.0 / f
             mean = self.blobs[0].xdata * f
@@ -303,3 +312,54 @@ class Scale(Layer):
         if propagate_down[0]:
             self.xp.multiply(dy, scale.xdata.reshape(1, dim, 1),
                              out=_out_view(bottom[0], "xdiff", (outer, dim, inner)))
+
+
+@register("MVN")
+class MVN(Layer):
+    """Mean-variance normalisation: subtracts the mean of each (image, channel) — or of each image
+    with ``across_channels`` — and, with ``normalize_variance`` (the default), divides by
+    ``sqrt(var) + eps`` (eps added to the standard deviation, not the variance, as Caffe does).
+
+    The top has Caffe's legacy 4-D shape (num, channels, height, width) whatever the bottom's axis
+    count (1 to 4). The gradient is Caffe's: (dy − mean(dy) − y·mean(dy·y)) / (sqrt(var) + eps),
+    which reads only the top, so MVN also works in place."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.mvn_param
+        self.normalize_variance = bool(p.normalize_variance)
+        self.across_channels = bool(p.across_channels)
+        self.eps = float(p.eps)
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if len(b.shape) > 4:
+            raise self.error(f"bottom must have at most 4 axes (num, channels, height, width), got "
+                             f"shape {b.shape}", ShapeError)
+        if top[0] is not b:   # in place the blob keeps its own shape (and its values)
+            top[0].reshape(b.num, b.channels, b.height, b.width)
+        self.rows = b.num if self.across_channels else b.num * b.channels
+
+    def forward(self, bottom, top):
+        xp = self.xp
+        x = bottom[0].xdata.reshape(self.rows, -1)
+        centred = x - x.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            std = xp.sqrt((centred * centred).mean(axis=1, keepdims=True))
+            std += self.eps
+            self._std = std
+            centred /= std
+        top[0].xdata = centred.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].xdiff.reshape(self.rows, -1)
+        grad = dy - dy.mean(axis=1, keepdims=True)
+        if self.normalize_variance:
+            y = top[0].xdata.reshape(self.rows, -1)
+            grad -= y * (dy * y).mean(axis=1, keepdims=True)
+            grad /= self._std
+        bottom[0].xdiff = grad.reshape(bottom[0].shape)

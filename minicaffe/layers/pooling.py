@@ -5,8 +5,8 @@ Vectorised over all windows at once: the input is copied into a padded array (``
 over the ``kh x kw`` offsets inside a window, each step one view of that array (see the layout
 note below). On the CPU this runs over cache-sized blocks of image planes; inference (TEST phase)
 MAX pooling skips the argmax, which a backward pass then recomputes. MAX backward on the CPU
-scatters each gradient to its argmax with ``np.add.at`` in output order (Caffe's loop), instead of
-one pass per window offset (what the GPU path still does).
+scatters each gradient to its argmax with ``np.add.at`` in output order (Caffe's loop). On a GPU
+each pass is one kernel instead (``minicaffe.kernels.cuda_pooling``; the argmax stays on the device).
 
 Caffe's rules kept here:
 * output ``ceil((H + 2p - k) / s) + 1`` (``round_mode: FLOOR`` floors), minus one when ``pad > 0``
@@ -19,6 +19,7 @@ Caffe's rules kept here:
 import numpy as np
 
 from ..backend import get_array_module
+from ..blob import Blob
 from ..errors import ShapeError
 from ..im2col import column_phases, workspace
 from ..proto import caffe_pb2
@@ -315,6 +316,10 @@ class Pooling(Layer):
         x = bottom[0].xdata
         n, c, h, w = x.shape
         y = top[0].xdata
+        self._gpu_mask_fresh = False
+        if xp is not np and not self.whole:
+            self._forward_gpu(x, y, top)
+            return
         if self.method == _PP.AVE:
             if self.whole:
                 y[...] = x.reshape(n, c, h * w).mean(axis=2).reshape(y.shape)
@@ -361,6 +366,30 @@ class Pooling(Layer):
                 mask = (hbase + off // self.kw) * w + wbase + off % self.kw
             top[1].xdata[...] = mask
 
+    # --- GPU: one kernel per pass (minicaffe.kernels.cuda_pooling) ---------------------------------
+    def _forward_gpu(self, x, y, top):
+        from ..kernels import cuda_pooling
+        if self.method == _PP.AVE:
+            cuda_pooling.ave_forward(self, x, y)
+            return
+        mask = cuda_pooling.mask_array(self, y.shape)
+        cuda_pooling.max_forward(self, x, y, mask)
+        self._gpu_mask_fresh = True
+        self._off_stale = True       # a CPU backward after this recomputes its own argmax
+        if len(top) > 1:
+            top[1].xdata[...] = mask
+
+    def _backward_gpu(self, bottom, dy, dx):
+        from ..kernels import cuda_pooling
+        if self.method == _PP.AVE:
+            cuda_pooling.ave_backward(self, dy, dx)
+            return
+        if not getattr(self, "_gpu_mask_fresh", False):
+            mask = cuda_pooling.mask_array(self, dy.shape)
+            cuda_pooling.max_forward(self, bottom[0].xdata, self.xp.empty_like(dy), mask)
+            self._gpu_mask_fresh = True
+        cuda_pooling.max_backward(self, dy, self._gpu_mask, dx)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
@@ -368,6 +397,9 @@ class Pooling(Layer):
         dy = top[0].xdiff
         n, c, h, w = bottom[0].shape
         dx = bottom[0].xdiff
+        if xp is not np and not self.whole:
+            self._backward_gpu(bottom, dy, dx)
+            return
         if self.whole:
             if self.method == _PP.AVE:
                 dx[...] = (dy / (h * w)).reshape(n, c, 1, 1)
@@ -416,3 +448,87 @@ class Pooling(Layer):
                         win += part
             self._unpad(acc, dx2[b0:b1])
         self._blocks(m, h, w, block)
+
+
+@register("SPP")
+class SPP(Layer):
+    """Spatial pyramid pooling (He et al.): level l pools the (N, C, H, W) bottom into about
+    2^l x 2^l bins — kernel ceil(H / 2^l), stride the kernel, pad half the overhang rounded up,
+    Caffe's rule — and the flattened levels are concatenated into (N, C·sum of bins). With
+    ``pyramid_height: 1`` the top is the single level's (N, C, 1, 1), unflattened, as in Caffe.
+    Each level is an ordinary Pooling layer (MAX or AVE; STOCHASTIC is not supported)."""
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom, top):
+        p = self.param.spp_param
+        self.height = int(p.pyramid_height)
+        if self.height < 1:
+            raise self.error(f"spp_param.pyramid_height must be at least 1, got {self.height}")
+        methods = {caffe_pb2.SPPParameter.MAX: _PP.MAX, caffe_pb2.SPPParameter.AVE: _PP.AVE,
+                   caffe_pb2.SPPParameter.STOCHASTIC: _PP.STOCHASTIC}
+        if p.pool not in methods:
+            raise self.error(f"unknown pool method {p.pool}")
+        self.method = methods[p.pool]
+        self._hw = None
+
+    def _level_param(self, level, h, w):
+        bins = 2 ** level
+        param = caffe_pb2.LayerParameter(name=f"{self.name} (level {level})", type="Pooling")
+        pp = param.pooling_param
+        pp.pool = self.method
+        kh, kw = -(-h // bins), -(-w // bins)
+        pp.kernel_h, pp.kernel_w = kh, kw
+        pp.stride_h, pp.stride_w = kh, kw
+        pp.pad_h, pp.pad_w = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+        return param
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape {shape}",
+                             ShapeError)
+        n, c, h, w = shape
+        if h <= 0 or w <= 0:
+            raise self.error(f"input dimensions cannot be zero, got shape {shape}", ShapeError)
+        if self._hw != (h, w):
+            self.levels = []
+            for level in range(self.height):
+                pool = Pooling(self._level_param(level, h, w), self.phase)
+                out = [Blob(name=f"{self.name}.level{level}")]
+                pool.setup(bottom, out)
+                self.levels.append((pool, out))
+            self._hw = (h, w)
+        sizes = []
+        for pool, out in self.levels:
+            pool.reshape(bottom, out)
+            sizes.append(out[0].count_from(1))
+        if self.height == 1:
+            top[0].reshape(self.levels[0][1][0].shape)
+        else:
+            top[0].reshape(n, sum(sizes))
+        self.sizes = sizes
+
+    def forward(self, bottom, top):
+        n = bottom[0].shape[0]
+        parts = []
+        for pool, out in self.levels:
+            pool.forward(bottom, out)
+            parts.append(out[0].xdata.reshape(n, -1))
+        top[0].xdata = parts[0] if len(parts) == 1 else self.xp.concatenate(parts, axis=1)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        n = bottom[0].shape[0]
+        dy = top[0].xdiff.reshape(n, -1)
+        total = None
+        start = 0
+        for (pool, out), size in zip(self.levels, self.sizes):
+            out[0].xdiff = dy[:, start:start + size].reshape(out[0].shape)
+            start += size
+            pool.backward(out, [True], bottom)
+            g = bottom[0].xdiff
+            total = g.copy() if total is None else total + g
+        bottom[0].xdiff = total

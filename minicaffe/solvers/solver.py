@@ -7,12 +7,15 @@ solver type's rule (``updates.py``) at the rate of the ``lr_policy`` (``lr_polic
 Caffe's and minicaffe's log parsers read them.
 
 Beyond Caffe: snapshots are written atomically; resuming is bit-exact (the host random generator's
-state goes to a ``.solverstate.rng`` sidecar, and data layers with a ``restore_position(n)`` method
-are told how many records the train/test nets had read); a NaN or infinite loss stops training with a
-``NumericalError`` naming the iteration and the first layer holding a non-finite value, after a
-snapshot of the last good weights. The snapshot folder is checked at start-up (a final and a NaN-stop
-snapshot are written whatever ``snapshot`` says), and a run holds an advisory lock on
-``<snapshot_prefix>.lock`` so two runs cannot overwrite each other's snapshots.
+state goes to a ``.solverstate.rng`` sidecar, with the solver type, the GPU generator's position and
+the read positions of the data layers that report one (``data_position()``/``restore_data_position()``;
+layers with only ``restore_position(n)``, or sidecars without positions, are told how many records the
+train/test nets had read); a NaN or infinite loss stops training with a ``NumericalError`` naming the
+iteration and the first layer holding a non-finite value, after a snapshot of the last good weights; a
+data layer failing to read (a ``DataError``) stops training the same way, after a snapshot of the state
+before that iteration. The snapshot folder is checked at start-up (a final and a NaN-stop snapshot are
+written whatever ``snapshot`` says), and a run holds an advisory lock on ``<snapshot_prefix>.lock`` so
+two runs cannot overwrite each other's snapshots.
 """
 import atexit
 import json
@@ -28,7 +31,7 @@ import numpy as np
 from .. import backend
 from ..blob import Blob
 from ..data.lmdb_source import solver_rank
-from ..errors import MinicaffeError, NumericalError, SolverError
+from ..errors import DataError, MinicaffeError, NumericalError, SolverError
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
@@ -619,7 +622,8 @@ class Solver:
         try:
             while self.iter < stop_iter:
                 # the generator's state now belongs with this iteration's weights: a failure snapshot uses it
-                self._iter_rng = (self.iter, backend.rng().bit_generator.state)
+                self._iter_rng = (self.iter, backend.rng().bit_generator.state, backend.gpu_random_state(),
+                                  self._data_positions())
                 self.net.clear_param_diffs()
                 if p.test_interval and self.iter % p.test_interval == 0 and \
                         (self.iter > 0 or p.test_initialization):
@@ -638,6 +642,8 @@ class Solver:
                             self._parallel.forward_backward(last=k == p.iter_size - 1)
                     except NumericalError as exc:      # check mode (Net.check_finite) found the layer
                         self._numerical_failure(detail=str(exc))
+                    except DataError as exc:           # unreadable data: save the iteration's start state
+                        self._numerical_failure(data_error=exc)
                     if not math.isfinite(part):
                         self._numerical_failure(part)
                     loss += part
@@ -702,7 +708,7 @@ class Solver:
         weights = self._blob_loss_weights(net)
         lines, k = [], 0
         for name in sorted(net.outputs):      # Caffe's net outputs come from a std::set: sorted by name
-            vals = np.ravel(values[name] if values is not None else net.blobs[name].data)
+            vals = np.ravel(values[name] if values is not None else net.blobs[name].host_data)
             w = weights.get(name, 0.0)
             for v in vals:
                 extra = f" (* {_fmt(w)} = {_fmt(w * v)} loss)" if w else ""
@@ -806,10 +812,22 @@ class Solver:
         return self.test_scores[test_net_id]
 
     # --- NaN / Inf --------------------------------------------------------------------------------
-    def _numerical_failure(self, loss=None, detail=None):
+    def _numerical_failure(self, loss=None, detail=None, data_error=None):
         """Stop training on a NaN/infinity: snapshot the state this iteration started from (weights,
-        history and the random generator as they were before its forward pass; nothing was updated)
-        and raise a NumericalError naming the iteration and where the value appeared."""
+        history, the random generator and the data read positions as they were before its forward
+        pass; nothing was updated) and raise a NumericalError naming the iteration and where the value
+        appeared. With ``data_error`` (a data layer could not read) the same, raising a DataError."""
+        if data_error is not None:
+            self._rewind_to_iteration_start()
+            try:
+                files = self.snapshot()
+            except (MinicaffeError, OSError) as exc:    # the data error stays the message's subject
+                raise DataError(f"iteration {self.iter}: {data_error}; no snapshot could be written either: "
+                                f"{exc}") from None
+            finally:
+                self._saved_positions = None
+            raise DataError(f"iteration {self.iter}: {data_error}; the state before this iteration was "
+                            f"saved to {files[0]} and {files[1]}") from None
         what = detail or f"the loss is {loss}; first non-finite values in {first_non_finite(self.net) or 'no layer (?)'}"
         bad = [name for name, b in zip(self.net._learnable_names, self.net.learnable_params)
                if not _finite(b.xdata)]
@@ -818,13 +836,24 @@ class Solver:
                 f"iteration {self.iter}: {what}; the weights of layer '{bad[0][0]}' are themselves not finite "
                 f"(the last update overflowed), so no snapshot was written: resume from an earlier one with a "
                 f"lower base_lr or clip_gradients")
-        start = getattr(self, "_iter_rng", None)
-        if start is not None and start[0] == self.iter:
-            backend.rng().bit_generator.state = start[1]
-        files = self.snapshot()
+        self._rewind_to_iteration_start()
+        try:
+            files = self.snapshot()
+        finally:
+            self._saved_positions = None
         raise NumericalError(
             f"iteration {self.iter}: {what}; the last good state was saved to {files[0]} and {files[1]} "
             f"(try a lower base_lr or clip_gradients)")
+
+    def _rewind_to_iteration_start(self):
+        """Put the generators (host and GPU) back to where this iteration started and have the next
+        snapshot record the data read positions of that moment: a failure snapshot then resumes
+        into the same iteration exactly."""
+        start = getattr(self, "_iter_rng", None)
+        if start is not None and start[0] == self.iter:
+            backend.rng().bit_generator.state = start[1]
+            backend.set_gpu_random_state(start[2])
+            self._saved_positions = start[3]
 
     # --- snapshots --------------------------------------------------------------------------------
     def snapshot_filename(self, extension):
@@ -859,7 +888,7 @@ class Solver:
             self._write_rng_state(state)
             self._info("Snapshotting solver state to binary proto file %s", state)
             atomic_write(state, solverstate_bytes(self.iter, model, self.current_step,
-                                                  [h.data for h in self.history]))
+                                                  [h.host_data for h in self.history]))
         return model, state
 
     def _write_rng_state(self, state):
@@ -870,8 +899,15 @@ class Solver:
         atomic_write(state + ".rng", json.dumps(self._rng_state(), sort_keys=True))
 
     def _rng_state(self):
+        # "data" and "gpu" were added later: readers of the first sidecars ignore them, and the absence
+        # of "data" means "replay the read positions from the iteration count" (restore_position)
+        data = getattr(self, "_saved_positions", None) or self._data_positions()
         return {"format": "minicaffe solver RNG state 1", "iter": self.iter, "type": self.type,
-                "host": backend.rng().bit_generator.state}
+                "host": backend.rng().bit_generator.state, "gpu": backend.gpu_random_state(), "data": data}
+
+    def _data_positions(self):
+        """{"train": {layer: position}, "test": [{layer: position}, ...]} of the layers that report one."""
+        return {"train": _positions(self.net), "test": [_positions(net) for net in self.test_nets]}
 
     def _write_state_hdf5(self, path, model):
         import h5py
@@ -882,7 +918,7 @@ class Solver:
                 h5.create_dataset("current_step", data=np.array([self.current_step], dtype=np.int32))
                 group = h5.create_group("history")
                 for i, h in enumerate(self.history):
-                    group.create_dataset(str(i), data=h.data)
+                    group.create_dataset(str(i), data=h.host_data)
 
     def restore(self, path):
         """Load a ``.solverstate`` (or ``.solverstate.h5``): iteration, weights, history, current_step;
@@ -915,7 +951,10 @@ class Solver:
         self.iter, self.current_step = int(it), int(step)
         if sidecar is not None:
             backend.rng().bit_generator.state = sidecar["host"]
-        self._restore_data_positions()
+            if "gpu" in sidecar:   # GPU dropout masks (sidecars before this field: host state only)
+                backend.set_gpu_random_state(sidecar["gpu"])
+        self._restore_data_positions(sidecar.get("data") if sidecar is not None and
+                                     isinstance(sidecar.get("data"), dict) else None)
         self.log.info("%s solver: restored iteration %d from %s", self.type, self.iter, path)
 
     def _check_history(self, path, hist, type_known):
@@ -1012,26 +1051,44 @@ class Solver:
         if data["iter"] != int(iteration):
             raise SolverError(f"{side}: RNG state of iteration {data['iter']}, but {path} is at iteration "
                               f"{iteration} (a sidecar from another snapshot?)")
+        gpu = data.get("gpu")
+        if gpu is not None and not (isinstance(gpu, dict) and isinstance(gpu.get("draws"), int) and
+                                    (gpu.get("seed") is None or isinstance(gpu.get("seed"), int))):
+            raise SolverError(f"{side}: unreadable RNG state: 'gpu' must be an object with an integer "
+                              f"'draws' and an integer or null 'seed'")
         try:      # a generator state that does not load is refused now, before anything changes
             type(backend.rng().bit_generator)().state = data["host"]
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise SolverError(f"{side}: unreadable RNG state: {exc}") from None
         return data
 
-    def _restore_data_positions(self):
-        """Tell layers with ``restore_position(n)`` how many records their net has read so far."""
+    def _restore_data_positions(self, saved=None):
+        """Put the data layers back where the snapshot's run was: at their saved read positions
+        (``saved``, from the sidecar), else tell layers with ``restore_position(n)`` how many records
+        their net has read so far."""
         p = self.param
-        _tell_positions(self.net, self.iter * p.iter_size)
+        saved = saved or {}
+        tests_saved = saved.get("test") if isinstance(saved.get("test"), list) else []
+        _tell_positions(self.net, self.iter * p.iter_size, saved.get("train"))
         if p.test_interval > 0 and self.iter > 0:
             tests = -(-self.iter // p.test_interval) - (0 if p.test_initialization else 1)
         else:
             tests = 0
         for i, net in enumerate(self.test_nets):
-            _tell_positions(net, tests * p.test_iter[i])
+            _tell_positions(net, tests * p.test_iter[i], tests_saved[i] if i < len(tests_saved) else None)
 
 
-def _tell_positions(net, forward_passes):
+def _positions(net):
+    return {layer.name: layer.data_position() for layer in net.layers
+            if callable(getattr(layer, "data_position", None))}
+
+
+def _tell_positions(net, forward_passes, saved=None):
+    saved = saved if isinstance(saved, dict) else {}
     for layer, tops in zip(net.layers, net._top):
+        if layer.name in saved and callable(getattr(layer, "restore_data_position", None)):
+            if layer.restore_data_position(saved[layer.name]) is not False:
+                continue        # False: saved by another shard (worker count); count the records instead
         hook = getattr(layer, "restore_position", None)
         if callable(hook) and tops:
             batch = tops[0].shape[0] if tops[0].shape else 1

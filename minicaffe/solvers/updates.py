@@ -14,6 +14,12 @@ import numpy as np
 
 from .. import backend
 from ..errors import SolverError
+from ..kernels import cuda_updates
+
+
+def _on_gpu(g):
+    """A device array: the rule runs as one fused kernel (``minicaffe.kernels.cuda_updates``)."""
+    return not isinstance(g, np.ndarray)
 
 
 def f32(x):
@@ -107,6 +113,8 @@ class SGD(UpdateRule):
     scratch = 0
 
     def compute(self, g, hist, tmp, local_rate, it):
+        if _on_gpu(g):
+            return cuda_updates.sgd(self, g, hist, local_rate)
         xp = backend.get_array_module(g)
         h = hist[0]
         h *= self.momentum
@@ -121,6 +129,8 @@ class Nesterov(UpdateRule):
     type = "Nesterov"
 
     def compute(self, g, hist, tmp, local_rate, it):
+        if _on_gpu(g):
+            return cuda_updates.nesterov(self, g, hist, local_rate)
         xp = backend.get_array_module(g)
         h, old = hist[0], tmp[0]
         m = self.momentum
@@ -143,6 +153,8 @@ class AdaGrad(UpdateRule):
             raise SolverError("momentum cannot be used with AdaGrad (set momentum: 0)")
 
     def compute(self, g, hist, tmp, local_rate, it):
+        if _on_gpu(g):
+            return cuda_updates.adagrad(self, g, hist, local_rate)
         xp = backend.get_array_module(g)
         h, t = hist[0], tmp[0]
         xp.multiply(g, g, out=t)
@@ -165,6 +177,8 @@ class RMSProp(UpdateRule):
             raise SolverError(f"rms_decay should lie between 0 and 1 (got {param.rms_decay:g})")
 
     def compute(self, g, hist, tmp, local_rate, it):
+        if _on_gpu(g):
+            return cuda_updates.rmsprop(self, g, hist, local_rate)
         xp = backend.get_array_module(g)
         h, t = hist[0], tmp[0]
         xp.multiply(g, g, out=t)
@@ -187,6 +201,8 @@ class AdaDelta(UpdateRule):
     scratch = 2
 
     def compute(self, g, hist, tmp, local_rate, it):
+        if _on_gpu(g):
+            return cuda_updates.adadelta(self, g, hist, local_rate)
         xp = backend.get_array_module(g)
         h1, h2 = hist
         u, t = tmp
@@ -221,6 +237,8 @@ class Adam(UpdateRule):
         b1, b2 = self.momentum, self.momentum2
         step = it + 1
         correction = f32(math.sqrt(1.0 - math.pow(b2, step)) / (1.0 - math.pow(b1, step)))
+        if _on_gpu(g):
+            return cuda_updates.adam(self, g, hist, f32(local_rate * correction))
         m *= b1
         xp.multiply(g, f32(1.0 - b1), out=t)
         m += t

@@ -293,7 +293,7 @@ def test(args):
         loss += net.forward_from_to()
         idx = 0
         for name in sorted(net.outputs):      # Caffe's output order: sorted by name
-            for v in np.ravel(net.blobs[name].data):
+            for v in np.ravel(net.blobs[name].host_data):
                 if i == 0:
                     sums.append(0.0)
                     names.append(name)

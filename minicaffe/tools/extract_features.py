@@ -116,7 +116,7 @@ def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=
         for _ in range(num_batches):
             net.forward_from_to(0, end)
             for name, builder in zip(blob_names, builders):
-                for value in feature_datums(net.blobs[name].data):
+                for value in feature_datums(net.blobs[name].host_data):
                     builder.put(b"%010d" % builder.count, value)
                     if log and builder.count % COMMIT_EVERY == 0:
                         log.info("Extracted features of %d query images for feature blob %s", builder.count, name)
