@@ -287,3 +287,17 @@ def test_caffe_reads_our_leveldb(tmp_path):
     theirs = caffe_pb2.BlobProto.FromString((tmp_path / "caffe_mean.binaryproto").read_bytes())
     mine = caffe_pb2.BlobProto.FromString((tmp_path / "our_mean.binaryproto").read_bytes())
     np.testing.assert_allclose(mine.data, theirs.data, rtol=1e-6)
+
+
+def test_data_layer_read_position_round_trip_on_leveldb(tmp_path):
+    # the solver's resume (data_position / restore_data_position) works on a LevelDB as on an LMDB
+    ldb = make_leveldb(tmp_path / "ldb", records(5))
+    layer, bottom, top = data_layer(ldb, 2, "LEVELDB")
+    forward(layer, bottom, top)
+    pos = layer.data_position()
+    after = [forward(layer, bottom, top)[1].tolist() for _ in range(3)]
+    assert layer.restore_data_position(pos)
+    assert [forward(layer, bottom, top)[1].tolist() for _ in range(3)] == after
+    layer.restore_position(3)                      # replay: 3 records from the start
+    assert forward(layer, bottom, top)[1].tolist() == [13, 14]
+    layer.close()
