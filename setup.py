@@ -27,10 +27,12 @@ setup(
         "hdf5": ["h5py>=3.8"],
         "draw": ["pydot>=2"],
         "plot": ["matplotlib>=3.7"],
-        "mpi": ["mpi4py>=3.1"],
-        "tensorboard": ["tensorboardX>=2.6"],   # minicaffe train --tensorboard DIR          # plus an MPI library: apt-get install openmpi-bin libopenmpi-dev
+        "mpi": ["mpi4py>=3.1"],          # plus an MPI library: apt-get install openmpi-bin libopenmpi-dev
+        # LevelDB (Caffe's default data_param.backend): plyvel's manylinux wheels bundle libleveldb+snappy
+        "leveldb": ["plyvel>=1.5"],
+        "tensorboard": ["tensorboardX>=2.6"],   # minicaffe train --tensorboard DIR
         "test": ["pytest>=7", "hypothesis>=6", "h5py>=3.8", "pydot>=2", "grpcio-tools>=1.85",
-                 "scikit-learn>=1.3", "matplotlib>=3.7", "mpi4py>=3.1"],
+                 "scikit-learn>=1.3", "matplotlib>=3.7", "mpi4py>=3.1", "plyvel>=1.5", "tensorboardX>=2.6"],
         "examples": ["scikit-learn>=1.3"],
         "bench": ["torch==2.13.0", "opencv-python-headless==4.12.0.88"],
     },
@@ -48,6 +50,8 @@ setup(
             "plot_training_log=minicaffe.tools.plot_training_log:main",
             "classify=minicaffe.tools.classify:main",
             "visualize=minicaffe.tools.visualize:main",
+            "convert_mnist_data=minicaffe.tools.convert_mnist_data:main",
+            "convert_cifar_data=minicaffe.tools.convert_cifar_data:main",
         ],
     },
 )

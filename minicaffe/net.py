@@ -5,6 +5,7 @@ where one top feeds several bottoms, then set up each layer, share parameters by
 and work out which layers need backward. The net knows no particular layer type.
 """
 import collections
+import logging
 import os
 import time
 
@@ -20,6 +21,10 @@ from .wire import blobproto_bytes
 from .prototxt import filter_net, load_net_param, make_state, parse_binary, upgrade_net
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
+# Net construction logs Caffe's Net::Init lines (Creating Layer, Top shape, Memory required for data...)
+# at INFO, so logs of minicaffe runs read like Caffe's; they show where the 'minicaffe' logger prints
+log = logging.getLogger("minicaffe")
 
 
 # --- automatic splits (Caffe's InsertSplits, with its naming) -----------------------------------
@@ -104,6 +109,14 @@ def in_file(exc, source):
     return exc
 
 
+def _debug_string(message):
+    """The text form of a message as Caffe's DebugString prints it: whole floats without '.0'."""
+    import re
+    from google.protobuf import text_format
+    text = text_format.MessageToString(message).rstrip("\n")
+    return re.sub(r"^(\s*\w+: -?\d+)\.0$", r"\1", text, flags=re.M)
+
+
 def _env_flag(name):
     return os.environ.get(name, "") not in ("", "0")
 
@@ -149,8 +162,10 @@ class Net:
     # --- construction --------------------------------------------------------------------
     def _build(self, param, state):
         self.name = param.name
-        filtered = filter_net(param, state)
+        filtered = filter_net(param, state, log_rules=True)
         filtered.state.CopyFrom(state)
+        if log.isEnabledFor(logging.INFO):
+            log.info("Initializing net from parameters: \n%s", _debug_string(filtered))
         self.param = insert_splits(filtered)
         self.force_backward = param.force_backward
         self.layers = []
@@ -174,17 +189,21 @@ class Net:
         # Layer names need not be unique, as in Caffe (mnist_autoencoder has two layers named "loss"):
         # name-keyed views (layer_dict, params, top_names) then hold the last such layer, while
         # forward(start=name), copy_from and share_with use the first, as pycaffe and Caffe do.
+        memory_used = 0         # elements of every top, as Caffe's memory_used_ (in-place tops again)
         for li, lp in enumerate(self.param.layer):
             if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
                 raise NetError(f"propagate_down has {len(lp.propagate_down)} entries for "
                                f"{len(lp.bottom)} bottoms", lp.name, lp.type)
+            log.info("Creating layer %s", lp.name)
             layer = create_layer(lp, state.phase)
+            log.info("Creating Layer %s", lp.name)
             bottoms, need_bw_bottom = [], []
             need_backward = False
             for j, name in enumerate(lp.bottom):
                 if name not in self.blobs:
                     raise NetError(_missing_bottom(self.param, li, name), lp.name, lp.type)
                 bottoms.append(self.blobs[name])
+                log.info("%s <- %s", lp.name, name)
                 if name in available:
                     available.remove(name)
                 nb = blob_need_backward.get(name, False)
@@ -200,17 +219,21 @@ class Net:
                                        f"element-wise layers such as ReLU, Dropout, BatchNorm or Scale "
                                        f"can; give the top a name of its own", lp.name, lp.type)
                     tops.append(self.blobs[name])          # in place
+                    log.info("%s -> %s (in-place)", lp.name, name)
                     continue
                 if name in self.blobs:
                     raise NetError(f"top '{name}' is produced by more than one layer", lp.name, lp.type)
                 blob = Blob(name=name)
                 self.blobs[name] = blob
                 tops.append(blob)
+                log.info("%s -> %s", lp.name, name)
             if getattr(layer, "auto_top_blobs", False):
                 # Caffe's AutoTopBlobs: a loss layer named without a top still gets one (unnamed, so
                 # not a net output) and its loss counts
                 needed = max(layer.min_num_top or 0, layer.exact_num_top or 0)
-                tops += [Blob(name=f"{lp.name} (automatic)") for _ in range(needed - len(tops))]
+                for _ in range(needed - len(tops)):
+                    tops.append(Blob(name=f"{lp.name} (automatic)"))
+                    log.info("%s -> (automatic)", lp.name)
             layer.check_blob_counts(bottoms, tops)
             try:
                 layer.setup(bottoms, tops)
@@ -235,6 +258,7 @@ class Net:
                 weights = list(lp.loss_weight)
             else:
                 weights = [1.0 if (layer.is_loss and j == 0) else 0.0 for j in range(len(tops))]
+            memory_used = self._log_setup(lp.name, tops, weights, memory_used)
 
             # parameters: sharing, lr_mult, decay_mult
             fixed = getattr(layer, "fixed_params", False)
@@ -275,7 +299,22 @@ class Net:
 
         self.outputs = sorted(available)   # Caffe keeps them in a std::set: sorted by name
         self._prune_backward()
+        for name in self.outputs:
+            log.info("This network produces output %s", name)
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+        log.info("Network initialization done.")
+
+    @staticmethod
+    def _log_setup(name, tops, weights, memory_used):
+        """Caffe's lines after a layer's SetUp; returns the running element count of all tops."""
+        log.info("Setting up %s", name)
+        for blob, weight in zip(tops, weights):
+            log.info("Top shape: %s(%d)", "".join(f"{d} " for d in blob.shape), blob.count)
+            if weight:
+                log.info("    with loss weight %g", weight)
+            memory_used += blob.count
+        log.info("Memory required for data: %d", memory_used * np.dtype(backend.dtype()).itemsize)
+        return memory_used
 
     def _share_param(self, lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay):
         """Make blob ``k`` of ``layer`` the parameter ``pname`` first owned elsewhere, as Caffe's
@@ -287,6 +326,7 @@ class Net:
         gradient still follows its own lr_mult."""
         pname = spec.name
         oi, ok, idx, owner_has_lr, owner_has_decay = param_owner[pname]
+        log.info("Sharing parameters '%s' owned by layer '%s', param index %d", pname, self._layer_names[oi], ok)
         owner_layer = self._layer_names[oi]
         owner = self.layers[oi].blobs[ok]
         mine = layer.blobs[k]
@@ -321,6 +361,8 @@ class Net:
                 self._bottom_need_backward[li] = [False] * len(lp.bottom)
             if skip or not contributes:
                 self._layer_need_backward[li] = False
+            log.info("%s %s backward computation.", self._layer_names[li],
+                     "needs" if self._layer_need_backward[li] else "does not need")
             for j, name in enumerate(lp.bottom):
                 if contributes:
                     under_loss.add(name)

@@ -3,6 +3,7 @@
 Everything here turns user files into ``caffe_pb2`` messages in the current format, the way Caffe's
 ``upgrade_proto.cpp`` and ``Net::FilterNet`` do, so the rest of minicaffe sees one format only.
 """
+import logging
 import os
 import re
 
@@ -366,23 +367,32 @@ def _upgrade_input_fields(param, path):
 
 # --- NetState rules ----------------------------------------------------------------------------
 
-def state_meets_rule(state, rule):
+def state_meets_rule(state, rule, layer_name=None):
+    """Caffe's StateMeetsRule. With ``layer_name`` the reason a rule is not met is logged in Caffe's
+    words (Net::Init prints these lines; the min_level text is Caffe's, 'above' included)."""
+    def no(message):
+        if layer_name is not None:
+            logging.getLogger("minicaffe").info("%s specified by a rule in layer %s", message, layer_name)
+        return False
     if rule.HasField("phase") and rule.phase != state.phase:
-        return False
+        return no(f"The NetState phase ({state.phase}) differed from the phase ({rule.phase})")
     if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
+        return no(f"The NetState level ({state.level}) is above the min_level ({rule.min_level})")
     if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
+        return no(f"The NetState level ({state.level}) is above the max_level ({rule.max_level})")
     stages = set(state.stage)
-    if any(s not in stages for s in rule.stage):
-        return False
-    if any(s in stages for s in rule.not_stage):
-        return False
+    for s in rule.stage:
+        if s not in stages:
+            return no(f"The NetState did not contain stage '{s}'")
+    for s in rule.not_stage:
+        if s in stages:
+            return no(f"The NetState contained a not_stage '{s}'")
     return True
 
 
-def filter_net(param, state):
-    """The layers of ``param`` that ``state`` includes (Caffe's FilterNet); returns a new NetParameter."""
+def filter_net(param, state, log_rules=False):
+    """The layers of ``param`` that ``state`` includes (Caffe's FilterNet); returns a new NetParameter.
+    ``log_rules``: log why each rule is not met, as Caffe does while building a net."""
     out = caffe_pb2.NetParameter()
     out.CopyFrom(param)
     del out.layer[:]
@@ -390,9 +400,9 @@ def filter_net(param, state):
         if len(layer.include) and len(layer.exclude):
             raise NetError("specify either include or exclude rules, not both", layer.name, layer.type)
         if len(layer.include):
-            keep = any(state_meets_rule(state, r) for r in layer.include)
+            keep = any(state_meets_rule(state, r, layer.name if log_rules else None) for r in layer.include)
         else:
-            keep = not any(state_meets_rule(state, r) for r in layer.exclude)
+            keep = not any(state_meets_rule(state, r, layer.name if log_rules else None) for r in layer.exclude)
         if keep:
             out.layer.add().CopyFrom(layer)
     return out

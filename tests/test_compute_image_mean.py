@@ -91,8 +91,8 @@ def test_errors(tmp_path, capsys):
     assert "--pca needs OUTPUT_FILE or --pca_file" in capsys.readouterr().err
     assert cim.main(["--pca", db, str(tmp_path / "m.binaryproto")]) == 1
     assert "--pca needs 3-channel images" in capsys.readouterr().err
-    assert cim.main(["--backend", "leveldb", db]) == 1
-    assert "LEVELDB is not supported" in capsys.readouterr().err
+    assert cim.main(["--backend", "bdb", db]) == 1
+    assert "unknown database backend 'bdb' (use lmdb or leveldb)" in capsys.readouterr().err
     with pytest.raises(DataError, match="not an LMDB"):
         (tmp_path / "plain").mkdir()
         cim.compute_image_mean(str(tmp_path / "plain"))

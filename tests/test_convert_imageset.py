@@ -263,8 +263,8 @@ def test_usage_errors(tmp_path, capsys):
     assert "unknown flag --bogus" in capsys.readouterr().err
     assert convert(tmp_path / "nope", lst, tmp_path / "db") == 1
     assert "nope: root folder not found" in capsys.readouterr().err
-    assert convert("--backend=leveldb", root, lst, tmp_path / "db") == 1
-    assert "LEVELDB is not supported, use LMDB" in capsys.readouterr().err
+    assert convert("--backend=bdb", root, lst, tmp_path / "db") == 1
+    assert "unknown database backend 'bdb' (use lmdb or leveldb)" in capsys.readouterr().err
     assert convert(root, lst) == 1
     assert "Usage:" in capsys.readouterr().err
     assert convert("--help") == 0
@@ -343,7 +343,7 @@ def test_overwrite_refuses_what_is_not_an_lmdb(tmp_path, capsys, victim):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert f"{target}: is a" in errors[0] and "not an LMDB database" in errors[0] and "nothing was deleted" in errors[0]
+    assert f"{target}: is a" in errors[0] and "not an LMDB or LevelDB database" in errors[0] and "nothing was deleted" in errors[0]
     assert _tree(target) == before
     assert not [n for n in os.listdir(os.path.dirname(target)) if ".tmp-" in n or ".old-" in n]
 
@@ -441,7 +441,7 @@ def test_cleanup_never_deletes_what_it_cannot_prove_it_made(tmp_path, capsys, lo
     (tmp_path / "db" / "precious.txt").write_text("x")
     # refused (DB_NAME is not an LMDB): nothing at all is cleaned up, not even our own leftover
     assert convert("--jobs=1", "--overwrite", root, lst, tmp_path / "db") == 1
-    assert "not an LMDB database" in capsys.readouterr().err
+    assert "not an LMDB or LevelDB database" in capsys.readouterr().err
     assert ours.exists() and all(_tree(p) == t for p, t in keep.items())
     # a run that goes ahead removes only the marked leftover of a gone process for its DB_NAME
     assert convert("--jobs=1", root, lst, tmp_path / "db2") == 0

@@ -113,7 +113,7 @@ def test_argument_errors(tmp_path, model, capsys):
         (["fc7", db], "unknown feature blob name 'fc7'"),
         (["ip", db, "0"], "NUM_BATCHES must be at least 1"),
         (["ip", db, "x"], "NUM_BATCHES must be an integer"),
-        (["ip", db, "1", "leveldb"], "db_type 'leveldb' is not supported; use lmdb"),
+        (["ip", db, "1", "hdf5"], "db_type 'hdf5' is not supported; use lmdb or leveldb"),
         (["ip", db, "1", "lmdb", "TPU"], "expected CPU or GPU after DB_TYPE"),
         (["ip,conv", f"{db},{db}"], "the dataset names must differ"),
         (["ip", str(tmp_path / "no" / "db")], "does not exist"),

@@ -450,7 +450,7 @@ def test_overwrite_never_deletes_what_is_not_an_lmdb(image_list, tmp_path):
                                lst, str(target)], capture_output=True, text=True, env=child_env(), timeout=120)
         assert proc.returncode == 1
         line = one_error_line(proc.stderr)
-        assert line.startswith(f"error: {target}: is a ") and "not an LMDB database" in line
+        assert line.startswith(f"error: {target}: is a ") and "not an LMDB or LevelDB database" in line
         assert tree(target) == before
         refused += 1
     report("convert_imageset --overwrite of a non-LMDB", refused=refused, deleted=0)

@@ -8,8 +8,7 @@ workers see disjoint records that together cover the database. The rank and coun
 uses come from :func:`set_solver_rank` (thread-local, like Caffe's per-thread ``Caffe`` singleton)
 and apply at TRAIN only: at TEST every worker reads everything, as in Caffe.
 
-LevelDB is not supported: a LevelDB directory (or ``backend: LEVELDB``) gets an error saying to
-convert with ``--backend lmdb``.
+LevelDB is read by :mod:`minicaffe.data.leveldb_source`; :mod:`minicaffe.data.db` picks the reader.
 
 Another process may write a database while a run reads it. Readers therefore use LMDB's lock file (as
 Caffe does): a registered read transaction keeps its pages from being reused by a writer, which
@@ -64,19 +63,16 @@ def _is_leveldb(path):
 
 
 def leveldb_error(path):
-    return DataError(f"{path}: LEVELDB is not supported, use LMDB (convert the data with "
-                     f"convert_imageset --backend lmdb and set backend: LMDB)")
+    return DataError(f"{path}: is a LevelDB, not an LMDB (read it with backend: LEVELDB)")
 
 
 def check_backend(path, backend=None):
-    """Refuse LevelDB by name. ``backend`` is a DataParameter.DB value, a string, or None (= LMDB)."""
+    """Refuse an unknown backend name, and LEVELDB where plyvel is missing. ``backend`` is a
+    DataParameter.DB value, a string, or None (= LMDB)."""
     if backend is None:
         return
-    name = backend if isinstance(backend, str) else {0: "leveldb", 1: "lmdb"}.get(int(backend), str(backend))
-    if name.lower() == "leveldb":
-        raise leveldb_error(path)
-    if name.lower() != "lmdb":
-        raise DataError(f"{path}: unknown database backend '{name}' (only lmdb is supported)")
+    from .db import check_write_backend
+    check_write_backend(path, backend)
 
 
 _ENVS = {}                  # realpath -> [Environment, users]

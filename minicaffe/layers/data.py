@@ -1,4 +1,4 @@
-"""Data layers: Data (LMDB), ImageData (list file of images), MemoryData (NumPy arrays), HDF5Data.
+"""Data layers: Data (LMDB or LevelDB), ImageData (list file of images), MemoryData (NumPy arrays), HDF5Data.
 
 They have no bottoms and no backward. Data and ImageData read, decode and transform the next
 batches in a background thread (``minicaffe.data.Prefetcher``), as Caffe's prefetching data layers;
@@ -22,7 +22,8 @@ import numpy as np
 
 from .. import backend
 from ..data.datum import hwc_to_chw, join_root, parse_datum, read_image, read_image_list, record_where
-from ..data.lmdb_source import LMDBSource, check_backend, solver_count, solver_rank
+from ..data.db import open_source
+from ..data.lmdb_source import solver_count, solver_rank
 from ..data.prefetch import Prefetcher, parallel_map
 from ..data.transformer import DataTransformer
 from ..errors import DataError
@@ -194,7 +195,7 @@ class _DatumLoader:
 
 @register("Data")
 class Data(_PrefetchingLayer):
-    """Caffe's DataLayer: Datum records from an LMDB (``data_param { source batch_size backend
+    """Caffe's DataLayer: Datum records from an LMDB or LevelDB (``data_param { source batch_size backend
     rand_skip prefetch }``), transformed by ``transform_param``; tops ``data`` and optionally ``label``.
     The top shape comes from the first record (and is reset by the first record of every batch)."""
 
@@ -207,12 +208,12 @@ class Data(_PrefetchingLayer):
         if not dp.source:
             raise self.error("data_param.source is not set")
         try:
-            if dp.HasField("backend"):
-                check_backend(dp.source, dp.backend)
             rank, count = self._shard()
             rng = _child_rng()
             self.transformer = DataTransformer(self.param.transform_param, self.phase, self.name)
-            source = LMDBSource(dp.source, rank, count, dp.rand_skip, rng)
+            # backend unset is LEVELDB, as in caffe.proto; a path holding an LMDB is read as one
+            source = open_source(dp.source, dp.backend, rank, count, dp.rand_skip, rng,
+                                 default_used=not dp.HasField("backend"))
         except DataError as exc:
             raise _with_layer(self.name, exc) from None
         self.source = source

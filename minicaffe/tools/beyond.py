@@ -231,13 +231,13 @@ def _first_datum_image(data_layer):
 
 
 def data_layer_images(data_layer, limit=None):
-    """(C×H×W array, label) of each record of a Data layer's LMDB, at its stored size, in key order."""
+    """(C×H×W array, label) of each record of a Data layer's LMDB or LevelDB, at its stored size, in
+    key order."""
     from ..data.datum import datum_to_array, parse_datum, record_where
-    from ..data.lmdb_source import check_backend, iterate_lmdb
+    from ..data.db import iterate_db
     source = data_layer.data_param.source
-    check_backend(source)
     tp = data_layer.transform_param
-    for i, (key, value) in enumerate(iterate_lmdb(source)):
+    for i, (key, value) in enumerate(iterate_db(source, data_layer.data_param.backend)):
         if limit is not None and i >= limit:
             return
         where = record_where(source, key)

@@ -107,18 +107,118 @@ def strip_debug_flag(argv):
 _LOGGER = None
 
 
+# glog's severities (GLOG_minloglevel 0..3) as logging levels
+_GLOG_LEVELS = [(logging.INFO, "INFO"), (logging.WARNING, "WARNING"), (logging.ERROR, "ERROR"),
+                (logging.CRITICAL, "FATAL")]
+
+
+def glog_settings(environ=None):
+    """(minimum logging level, log to stderr only, log directory or None) from glog's environment
+    variables, which Caffe's tools honour: ``GLOG_minloglevel`` (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL;
+    4 and above: nothing), ``GLOG_logtostderr`` (1: no log files) and ``GLOG_log_dir`` (where the log
+    files go). Caffe's tools log to stderr as well as to files (they set alsologtostderr); glog's
+    default directory for the files is /tmp, but minicaffe writes files only when GLOG_log_dir is set,
+    so a plain run leaves nothing behind."""
+    env = os.environ if environ is None else environ
+    try:
+        minlevel = int(env.get("GLOG_minloglevel", "0").strip() or 0)
+    except ValueError:
+        minlevel = 0
+    minlevel = max(0, minlevel)
+    level = _GLOG_LEVELS[minlevel][0] if minlevel < len(_GLOG_LEVELS) else logging.CRITICAL + 10
+    to_stderr_only = env.get("GLOG_logtostderr", "").strip().lower() in ("1", "true", "yes", "t", "y")
+    log_dir = env.get("GLOG_log_dir", "").strip() or None
+    return level, to_stderr_only, log_dir
+
+
 def get_logger():
-    """The 'minicaffe' logger writing Caffe's glog-like lines to stderr (``I1125 10:47:54.123 file] msg``)."""
+    """The 'minicaffe' logger writing Caffe's glog-like lines to stderr (``I1125 10:47:54.123 file] msg``)
+    and, with ``GLOG_log_dir``, to glog-named log files; ``GLOG_minloglevel`` drops the lower levels."""
     global _LOGGER
     if _LOGGER is None:
         _LOGGER = logging.getLogger("minicaffe")
+        level, to_stderr_only, log_dir = glog_settings()
         if not _LOGGER.handlers:
             handler = _SerialHandler(sys.stderr)
             handler.setFormatter(_GlogFormatter())
             _LOGGER.addHandler(handler)
-        _LOGGER.setLevel(logging.INFO)
+            if log_dir and not to_stderr_only:
+                for file_level, name in _GLOG_LEVELS[:3]:
+                    if file_level >= level:
+                        _LOGGER.addHandler(GlogFileHandler(log_dir, name, file_level))
+        _LOGGER.setLevel(level)
         _LOGGER.propagate = False
     return _LOGGER
+
+
+class GlogFileHandler(logging.Handler):
+    """glog's log file of one severity: ``<program>.<host>.<user>.log.<SEVERITY>.<yyyymmdd-hhmmss>.<pid>``
+    in the log directory, holding every line of that severity and above, with a ``<program>.<SEVERITY>``
+    link to it, created at the first such line (as glog does). A file that cannot be written is given
+    up with one warning on stderr; logging never stops the run."""
+
+    def __init__(self, log_dir, severity, level):
+        super().__init__(level)
+        self.log_dir, self.severity = log_dir, severity
+        self.setFormatter(_GlogFormatter())
+        self.stream = None
+        self.failed = False
+
+    def createLock(self):
+        self.lock = OUTPUT_LOCK
+
+    def _open(self, created):
+        import getpass
+        import socket
+        program = os.path.basename(sys.argv[0] or "python") or "python"
+        if program.endswith(".py"):
+            program = program[:-3]
+        if program in ("__main__", "-c", "-m", ""):
+            program = "python"
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "invalid-user"
+        host = socket.gethostname() or "unknown"
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(created))
+        name = f"{program}.{host}.{user}.log.{self.severity}.{stamp}.{os.getpid()}"
+        path = os.path.join(self.log_dir, name)
+        # 'x': never write into a file this process did not create
+        self.stream = open(path, "x", encoding="utf-8", errors="replace")
+        self.stream.write(f"Log file created at: {time.strftime('%Y/%m/%d %H:%M:%S', time.localtime(created))}\n"
+                          f"Running on machine: {host}\n"
+                          "Running duration (h:mm:ss): 0:00:00\n"
+                          "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n")
+        link = os.path.join(self.log_dir, f"{program}.{self.severity}")
+        try:
+            if os.path.islink(link):
+                os.unlink(link)
+            if not os.path.lexists(link):
+                os.symlink(name, link)
+        except OSError:
+            pass
+
+    def emit(self, record):
+        if self.failed or threading.current_thread() in _SILENCED:
+            return
+        try:
+            if self.stream is None:
+                self._open(record.created)
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except OSError as exc:
+            self.failed = True
+            sys.stderr.write(f"warning: cannot write the log file in {self.log_dir} "
+                             f"({exc.strerror or exc}); logging to stderr only\n")
+
+    def close(self):
+        if self.stream is not None:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+            self.stream = None
+        super().close()
 
 
 class _SerialHandler(logging.StreamHandler):

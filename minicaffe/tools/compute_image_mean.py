@@ -1,6 +1,6 @@
-"""compute_image_mean: the mean image of an LMDB of Datums, as a BlobProto (1×C×H×W) for ``mean_file``.
+"""compute_image_mean: the mean image of an LMDB (or LevelDB) of Datums, as a BlobProto (1×C×H×W) for ``mean_file``.
 
-    compute_image_mean [--backend lmdb] [--pca] [--pca_file PATH] INPUT_DB [OUTPUT_FILE]
+    compute_image_mean [--backend lmdb|leveldb] [--pca] [--pca_file PATH] INPUT_DB [OUTPUT_FILE]
 
 Streams over the records once, summing in float64 (encoded records are decoded as stored, as
 Caffe's DecodeDatumNative), writes the mean atomically and prints Caffe's per-channel lines
@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from ..data.datum import datum_to_array, parse_datum, record_where
-from ..data.lmdb_source import check_backend, count_records, iterate_lmdb
+from ..data.db import count_db, iterate_db, resolve_backend
+from ..data.lmdb_source import check_backend
 from ..errors import DataError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
@@ -31,7 +32,7 @@ Usage:
 """
 
 FLAGS = {
-    "backend": (str, "lmdb", "The backend {lmdb} containing the images (leveldb is not supported)"),
+    "backend": (str, "lmdb", "The backend {leveldb, lmdb} containing the images"),
     "pca": (bool, False, "Also write the eigenvalues/eigenvectors of the pixel colour covariance"),
     "pca_file": (str, "", "Where --pca writes (default: <OUTPUT_FILE stem>_pca.binaryproto)"),
 }
@@ -74,9 +75,10 @@ def compute_image_mean(input_db, output_file=None, backend="lmdb", pca=False, pc
     log = logger or get_logger()
     input_db = os.fspath(input_db)
     check_backend(input_db, backend)
+    backend = resolve_backend(input_db, backend)     # the other kind of database is read, with a warning
     if pca and not (output_file or pca_file):
         raise DataError("--pca needs OUTPUT_FILE or --pca_file to know where to write")
-    total = count_records(input_db)
+    total = count_db(input_db, backend)
     if total == 0:
         raise DataError(f"{input_db}: the database is empty")
     acc = None
@@ -85,7 +87,7 @@ def compute_image_mean(input_db, output_file=None, backend="lmdb", pca=False, pc
     count = 0
     decoded = False
     with ProgressBar(total=total, unit="rec") as bar:
-        for key, value in iterate_lmdb(input_db):
+        for key, value in iterate_db(input_db, backend):
             where = record_where(input_db, key)
             datum = parse_datum(value, where)
             if datum.encoded and not decoded:

@@ -4,7 +4,7 @@
 
 LISTFILE has ``<path> <label>`` lines (the label is the last field, so paths may contain spaces);
 each image is ``ROOTFOLDER + path``. Flags as Caffe's tool (gflags style: ``--flag=value``,
-``--flag value``, ``--flag`` / ``--noflag`` for booleans): ``--gray --shuffle --backend lmdb
+``--flag value``, ``--flag`` / ``--noflag`` for booleans): ``--gray --shuffle --backend lmdb|leveldb
 --resize_width --resize_height --check_size --encoded --encode_type``, plus ``--overwrite``,
 ``--jobs N`` (decoding processes, default all cores), ``--seed`` (makes ``--shuffle`` repeatable) and
 ``--max_pixels`` (images larger than this are skipped before they are decoded).
@@ -51,7 +51,8 @@ import numpy as np
 
 from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
-from ..data.lmdb_writer import BatchedLMDBWriter
+from ..data.db import open_writer
+from ..data.lmdb_writer import BatchedLMDBWriter  # noqa: F401 - the tests patch its put()
 from ..errors import DataError
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
@@ -68,7 +69,7 @@ Usage:
 FLAGS = {
     "gray": (bool, False, "When this option is on, treat images as grayscale ones"),
     "shuffle": (bool, False, "Randomly shuffle the order of images and their labels"),
-    "backend": (str, "lmdb", "The backend {lmdb} for storing the result (leveldb is not supported)"),
+    "backend": (str, "lmdb", "The backend {lmdb, leveldb} for storing the result"),
     "resize_width": (int, 0, "Width images are resized to"),
     "resize_height": (int, 0, "Height images are resized to"),
     "check_size": (bool, False, "When this option is on, check that all the datum have the same size"),
@@ -432,8 +433,8 @@ def convert_imageset(root_folder, list_file, db_name, gray=False, shuffle=False,
     try:
         try:
             work = _make_work_dir(db_name, "tmp", token, made)
-            writer = BatchedLMDBWriter(os.path.join(work, WORK_DB), map_size=INITIAL_MAP_SIZE,
-                                       commit_every=COMMIT_EVERY, sync=False, metasync=False, max_dbs=0)
+            writer = open_writer(backend, os.path.join(work, WORK_DB), map_size=INITIAL_MAP_SIZE,
+                                 commit_every=COMMIT_EVERY, sync=False, metasync=False, max_dbs=0)
         except (lmdb.Error, OSError) as exc:
             raise _write_error(db_name, exc, "cannot create the database") from None
         with contextlib.closing(_results(tasks, opts, jobs)) as results:
@@ -534,6 +535,33 @@ def lmdb_layout(path):
     return None
 
 
+_LEVELDB_FILE = re.compile(r"^(CURRENT|LOCK|LOG|LOG\.old|MANIFEST-\d+|\d+\.(ldb|log|sst))$")
+
+
+def leveldb_layout(path):
+    """'dir' for a LevelDB directory (its ``CURRENT`` file names a ``MANIFEST-N`` that is there, and
+    every other name is one LevelDB writes), else None."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return None
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return None
+    current = _read(os.path.join(path, "CURRENT"))
+    if not current or not re.fullmatch(r"MANIFEST-\d+", current) or current not in names:
+        return None
+    if not all(_LEVELDB_FILE.match(name) and not os.path.islink(os.path.join(path, name)) and
+               os.path.isfile(os.path.join(path, name)) for name in names):
+        return None
+    return "dir"
+
+
+def database_layout(path):
+    """What --overwrite may replace: 'dir' or 'file' for an LMDB (see ``lmdb_layout``), 'dir' for a
+    LevelDB directory, else None."""
+    return lmdb_layout(path) or leveldb_layout(path)
+
+
 def _check_target(db_name, overwrite):
     """Refuse an existing DB_NAME (Caffe refuses it outright); with --overwrite accept only an LMDB,
     so that a mistyped DB_NAME (the project folder, the image root, the list file) is never deleted."""
@@ -541,11 +569,11 @@ def _check_target(db_name, overwrite):
         return
     if not overwrite:
         raise DataError(f"{db_name}: already exists (use --overwrite to replace it)")
-    if lmdb_layout(db_name) is None:
+    if database_layout(db_name) is None:
         what = ("a symbolic link" if os.path.islink(db_name) else
                 "a directory" if os.path.isdir(db_name) else "a file")
-        raise DataError(f"{db_name}: is {what} but not an LMDB database (a directory holding only "
-                        f"data.mdb and lock.mdb); --overwrite replaces only a database, nothing was deleted")
+        raise DataError(f"{db_name}: is {what} but not an LMDB or LevelDB database (a directory "
+                        f"holding only data.mdb and lock.mdb, or LevelDB's files); --overwrite replaces only a database, nothing was deleted")
 
 
 # --- working directories: marked, so that only minicaffe's own are ever removed ----------------------
@@ -830,7 +858,7 @@ def _install(work, token, db_name, overwrite):
     try:
         if os.path.lexists(db_name):
             _check_target(db_name, overwrite)      # it may have changed since the start
-            layout = lmdb_layout(db_name)
+            layout = database_layout(db_name)
             old = _make_work_dir(db_name, "old", old_token, old_made)
             for src, dst in [(db_name, WORK_DB)] + ([(db_name + "-lock", WORK_DB + "-lock")]
                                                      if layout == "file" and os.path.lexists(db_name + "-lock")

@@ -1,13 +1,14 @@
-"""Caffe's extract_features: run a trained net in TEST phase and store blobs as Datum features in LMDBs.
+"""Caffe's extract_features: run a trained net in TEST phase and store blobs as Datum features in LMDBs
+or LevelDBs.
 
-    extract_features WEIGHTS MODEL BLOB[,BLOB...] DB[,DB...] NUM_BATCHES lmdb [CPU|GPU [DEVICE]] [--gpu N]
+    extract_features WEIGHTS MODEL BLOB[,BLOB...] DB[,DB...] NUM_BATCHES lmdb|leveldb [CPU|GPU [DEVICE]] [--gpu N]
 
 Every forward pass (the net's own data layer supplies the images) adds one Datum per image and
 blob to that blob's database, keyed ``%010d`` from 0 in extraction order, exactly as Caffe writes
 them: ``float_data`` holds the image's values and channels/height/width are the blob's legacy
 shape (an N×D blob gives D×1×1). Each database is built under a hidden temporary name beside its
 target and renamed once complete, so an interrupted run leaves no half-written database; an
-existing database is never overwritten. Only LMDB is supported (no LevelDB).
+existing database is never overwritten. LevelDB needs plyvel (the ``leveldb`` extra).
 """
 import os
 import re
@@ -19,7 +20,7 @@ import numpy as np
 
 from .. import backend
 from ..data.datum import array_to_datum
-from ..data.lmdb_writer import BatchedLMDBWriter
+from ..data.db import check_write_backend, open_writer
 from ..errors import DataError, MinicaffeError, NetError, did_you_mean
 from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
@@ -49,9 +50,10 @@ def feature_datums(blob_data):
 
 
 class LmdbBuilder:
-    """Writes a new LMDB under a temporary name next to ``path``; ``finish()`` renames it into place."""
+    """Writes a new LMDB (or LevelDB) under a temporary name next to ``path``; ``finish()`` renames it
+    into place."""
 
-    def __init__(self, path):
+    def __init__(self, path, db_type="lmdb"):
         self.path = os.fspath(path)
         if os.path.lexists(self.path):
             raise DataError(f"{self.path}: already exists; extract_features writes new databases only "
@@ -60,8 +62,12 @@ class LmdbBuilder:
         if not os.path.isdir(parent):
             raise DataError(f"{self.path}: the directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=parent)
-        self.writer = BatchedLMDBWriter(self.tmp, map_size=_INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
-                                        commit_bytes=_COMMIT_BYTES)
+        try:
+            self.writer = open_writer(db_type, self.tmp, map_size=_INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
+                                      commit_bytes=_COMMIT_BYTES)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.count = 0
 
     def put(self, key, value):
@@ -82,8 +88,9 @@ class LmdbBuilder:
             self.tmp = None
 
 
-def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=False):
-    """Run ``net`` forward ``num_batches`` times; store each blob's per-image features in its LMDB.
+def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=False, db_type="lmdb"):
+    """Run ``net`` forward ``num_batches`` times; store each blob's per-image features in its database
+    (``db_type`` lmdb or leveldb).
 
     Returns the number of records written to each database.
     """
@@ -110,7 +117,7 @@ def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=
         for path in db_paths:
             if log:
                 log.info("Opening dataset %s", path)
-            builders.append(LmdbBuilder(path))
+            builders.append(LmdbBuilder(path, db_type))
         if log:
             log.info("Extracting Features")
         bar = ProgressBar(num_batches, unit="batch", enabled=None if progress else False)
@@ -138,7 +145,7 @@ def _parse_args(argv):
     parser = ArgumentParser(
         prog="extract_features",
         description="Extract features of the input data produced by a trained net (TEST phase) into "
-                    "LMDBs of Datums, one database per blob. Several blobs are extracted in one pass by "
+                    "LMDBs or LevelDBs of Datums, one database per blob. Several blobs are extracted in one pass by "
                     "giving comma-separated blob and dataset names.",
         epilog="Caffe's trailing 'GPU [DEVICE_ID]' (or 'CPU') is accepted as well as --gpu.")
     parser.add_argument("weights", metavar="WEIGHTS", help="pretrained .caffemodel (or .h5)")
@@ -146,7 +153,7 @@ def _parse_args(argv):
     parser.add_argument("blobs", metavar="BLOB[,BLOB...]")
     parser.add_argument("dbs", metavar="DB[,DB...]")
     parser.add_argument("num_batches", metavar="NUM_BATCHES")
-    parser.add_argument("db_type", metavar="DB_TYPE", help="lmdb")
+    parser.add_argument("db_type", metavar="DB_TYPE", help="lmdb or leveldb")
     parser.add_argument("device", nargs="*", metavar="CPU|GPU [DEVICE_ID]")
     parser.add_argument("--gpu", type=int, default=None, metavar="N", help="run on GPU N")
     args = parser.parse_args(argv)
@@ -173,8 +180,9 @@ def _parse_args(argv):
         raise DataError(f"NUM_BATCHES must be an integer, got {args.num_batches!r}") from None
     if args.num_batches < 1:
         raise DataError(f"NUM_BATCHES must be at least 1, got {args.num_batches}")
-    if args.db_type.lower() != "lmdb":
-        raise DataError(f"db_type '{args.db_type}' is not supported; use lmdb")
+    if args.db_type.lower() not in ("lmdb", "leveldb"):
+        raise DataError(f"db_type '{args.db_type}' is not supported; use lmdb or leveldb")
+    args.db_type = check_write_backend(args.dbs, args.db_type)
     args.gpu = gpu
     return args
 
@@ -201,7 +209,8 @@ def main(argv=None):
     from ..net import TEST, Net
     net = Net(args.model, args.weights, TEST)
     try:
-        extract_features(net, blob_names, db_paths, args.num_batches, log=log, progress=True)
+        extract_features(net, blob_names, db_paths, args.num_batches, log=log, progress=True,
+                         db_type=args.db_type)
     except NetError as exc:
         raise MinicaffeError(f"{args.model}: {exc}") from None
     log.info("Successfully extracted the features!")
