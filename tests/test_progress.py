@@ -32,11 +32,11 @@ def work(tmp_path):
     return tmp_path
 
 
-def _run_on_a_terminal(argv, cwd):
+def _run_on_a_terminal(argv, cwd, **env):
     """stderr on a 120×40 pty, as a user's terminal; returns (exit status, what the terminal got)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "minicaffe.tools.cli"] + argv, cwd=cwd, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "minicaffe.tools.cli"] + argv, cwd=cwd, env=dict(ENV, **env),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     out = b""
@@ -65,7 +65,9 @@ def _check_lines_start_clean(text):
 
 
 def test_train_bar_and_log_lines_share_the_terminal(work):
-    code, text = _run_on_a_terminal(["train", "--solver=solver.prototxt", "--log_file=train.log"], work)
+    (work / "glog").mkdir()
+    code, text = _run_on_a_terminal(["train", "--solver=solver.prototxt", "--log_file=train.log"], work,
+                                    GLOG_log_dir=str(work / "glog"))
     assert code == 0, text[-2000:]
     assert re.search(r"train: +\d+%\|.*\| *\d+/30 \[[\d:]+<[\d:?]+", text), "no train bar with an ETA"
     assert re.search(r"test #0: +\d+%\|.*\| *\d+/10 ", text), "no bar for the test pass"
@@ -75,6 +77,11 @@ def test_train_bar_and_log_lines_share_the_terminal(work):
     assert "\r" not in log and "%|" not in log           # the file gets the plain lines
     assert "Optimization Done." in log and "Test net output #0: accuracy" in log
     assert all(GLOG.match(line) or not line[:1].isupper() for line in log.splitlines())
+    # GLOG_log_dir's files too: the terminal has the bar, the files the plain lines
+    info = [p for p in (work / "glog").iterdir() if ".INFO." in p.name and not p.is_symlink()]
+    assert info
+    glog_text = info[0].read_text()
+    assert "Optimization Done." in glog_text and "\r" not in glog_text and "%|" not in glog_text
 
 
 @pytest.mark.parametrize("argv, bar", [
