@@ -425,6 +425,10 @@ class Solver:
                 self.log.info("%s '%s' is not in the working directory; using %s (beside the solver file)",
                               field, value, alt)
                 return alt
+        from .. import shipped      # a documented path (models/lenet/...): the copy minicaffe ships
+        found = shipped.resolve(value, field)
+        if found != value:
+            return found
         raise SolverError(f"{self._where()}: {field} '{value}' not found (tried {', '.join(tried)})")
 
     def _read_net(self, field, value):
