@@ -424,12 +424,9 @@ def to_dot(caffe_net, rankdir="LR", label_edges=True, phase=None, display_lrm=Fa
 
 
 def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lrm=False):
-    """The drawing as a ``pydot.Dot`` graph (needs pydot: ``pip install pydot``)."""
-    try:
-        import pydot
-    except ImportError:
-        raise DrawError("get_pydot_graph needs pydot: pip install pydot (or write a .dot file with "
-                        "draw_net_to_file, which needs nothing)") from None
+    """The drawing as a ``pydot.Dot`` graph (needs pydot: ``pip install 'minicaffe[draw]'``)."""
+    from .deps import require
+    pydot = require("pydot", "get_pydot_graph (draw_net_to_file writes a .dot file without it)", DrawError)
     if str(rankdir).upper() == AUTO:        # the auto layout's subgraphs and ranks: parse its text
         return pydot.graph_from_dot_data(to_dot(caffe_net, AUTO, label_edges, phase, display_lrm))[0]
     g = _graph(caffe_net, rankdir, label_edges, phase, display_lrm)

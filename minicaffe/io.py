@@ -13,6 +13,7 @@ import numpy as np
 
 # the Datum codec lives with the data pipeline; pycaffe's names for it are re-exported here
 from .data.datum import array_to_datum, datum_to_array  # noqa: F401
+from .deps import import_cv2
 from .errors import DataError, MinicaffeError
 from .proto import caffe_pb2
 
@@ -125,7 +126,7 @@ def load_image(filename, color=True):
     Grey images are repeated to 3 channels when ``color``; an alpha channel is dropped; 16-bit
     images are scaled by 1/65535. Raises DataError naming the file when it cannot be read.
     """
-    import cv2
+    cv2 = import_cv2("load_image", DataError)
     filename = os.fspath(filename)
     if not os.path.exists(filename):
         raise DataError(f"{filename}: no such image file")

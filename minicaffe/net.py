@@ -896,11 +896,8 @@ def array_to_blobproto(arr, diff=None):
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise MinicaffeError("HDF5 weights need h5py: pip install h5py") from None
-    return h5py
+    from .deps import require
+    return require("h5py", "HDF5 weights")
 
 
 def _sync():

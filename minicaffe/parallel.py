@@ -93,12 +93,8 @@ def launched_as_worker(environ=None):
 
 
 def _mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise MinicaffeError("training over MPI needs mpi4py and an MPI library (Debian: apt-get install "
-                             "openmpi-bin libopenmpi-dev; then pip install minicaffe[mpi])") from None
-    return MPI
+    from .deps import require
+    return require("mpi4py.MPI", "training over MPI")
 
 
 def _nccl():

@@ -31,6 +31,7 @@ import numpy as np
 from .. import backend
 from ..blob import Blob
 from ..data.lmdb_source import solver_rank
+from ..deps import require
 from ..errors import DataError, MinicaffeError, NumericalError, SolverError
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
@@ -396,11 +397,7 @@ class Solver:
         if p.weight_decay and p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (use L2 or L1)")
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            try:
-                import h5py  # noqa: F401
-            except ImportError:
-                raise SolverError(f"{where}: snapshot_format HDF5 needs h5py (pip install h5py), or use "
-                                  f"BINARYPROTO") from None
+            require("h5py", f"{where}: snapshot_format HDF5 (or use BINARYPROTO)", SolverError)
         if p.snapshot and not p.HasField("snapshot_prefix"):
             raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
         # whatever 'snapshot' says: the final (snapshot_after_train) and NaN-stop snapshots need the folder.
@@ -1009,10 +1006,7 @@ class Solver:
             raise
 
     def _read_state_hdf5(self, path):
-        try:
-            import h5py
-        except ImportError:
-            raise SolverError(f"{path}: reading an HDF5 solver state needs h5py (pip install h5py)") from None
+        h5py = require("h5py", f"{path}: reading an HDF5 solver state", SolverError)
         try:
             h5 = h5py.File(path, "r")
         except OSError as exc:

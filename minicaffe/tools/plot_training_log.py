@@ -87,12 +87,9 @@ def _legend_labels(paths):
 
 def _pyplot():
     # Figure + the Agg canvas directly: no display, and pyplot's global backend is left alone
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MinicaffeError("plot_training_log needs matplotlib: pip install matplotlib") from None
-    return Figure, FigureCanvasAgg
+    from ..deps import require
+    agg = require("matplotlib.backends.backend_agg", "plot_training_log")
+    return require("matplotlib.figure", "plot_training_log").Figure, agg.FigureCanvasAgg
 
 
 def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100, log_y=False):
