@@ -27,7 +27,7 @@ import os
 import re
 import sys
 
-from ..errors import DataError, MinicaffeError
+from ..errors import DataError
 from ..fileio import atomic_write
 from .common import run_main
 from .parse_log import parse_log
