@@ -17,7 +17,7 @@ import difflib
 import numpy as np
 
 from .errors import NetError
-from .proto import caffe_pb2
+from .proto import caffe_pb2, is_repeated
 
 
 class NetSpecError(NetError, ValueError):
@@ -72,7 +72,7 @@ def assign_proto(proto, name, val, where="layer"):
     if name not in fields:
         raise NetSpecError(_unknown_field(proto, name, where))
     field = fields[name]
-    repeated = field.is_repeated
+    repeated = is_repeated(field)
     try:
         if repeated:
             items = list(val) if isinstance(val, (list, tuple)) else [val]

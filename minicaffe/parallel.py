@@ -59,6 +59,7 @@ from . import backend
 from .data.lmdb_source import set_solver_rank as _set_rank_and_count
 from .data.lmdb_source import solver_count, solver_rank
 from .errors import MinicaffeError, SolverError
+from .proto import is_repeated
 
 DEFAULT_BUCKET_MB = 25.0
 
@@ -692,7 +693,7 @@ def _differences(a, b, path):
         fd = fields[number]
         name = path + fd.name
         va, vb = getattr(a, fd.name), getattr(b, fd.name)
-        if fd.is_repeated:
+        if is_repeated(fd):
             if fd.type == fd.TYPE_MESSAGE:
                 out += _repeated_differences(fd, list(va), list(vb), name)
             elif list(va) != list(vb):
