@@ -22,6 +22,7 @@ log = logging.getLogger("minicaffe")
 
 FOLDERS = ("models", "proto", "tools")
 _PACKAGE = Path(__file__).resolve().parent
+_announced = set()          # (flag or field, path) already logged by resolve()
 
 
 def root() -> Path | None:
@@ -62,8 +63,10 @@ def resolve(value: str | os.PathLike, what: str = "file") -> str:
     found = path(value)
     if found is None or not found.is_file():
         return value
-    log.info("%s '%s' is not in the working directory; using the copy shipped with minicaffe: %s",
-             what, value, found)
+    if (what, value) not in _announced:      # a solver reads its net file twice (train and test nets)
+        _announced.add((what, value))
+        log.info("%s '%s' is not in the working directory; using the copy shipped with minicaffe: %s",
+                 what, value, found)
     return str(found)
 
 
