@@ -10,7 +10,7 @@ import collections
 import logging
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -452,7 +452,7 @@ class Net:
         return list(weights.values())
 
     @property
-    def blob_loss_weights(self):
+    def blob_loss_weights(self) -> collections.OrderedDict[str, float]:
         """Blob name → loss weight (pycaffe's OrderedDict, input to output)."""
         return collections.OrderedDict(zip(self.blobs, self._blob_loss_weights))
 
@@ -471,19 +471,19 @@ class Net:
         if not (0 <= int(low) and int(high) < n):
             raise NetError(f"layer range {low}..{high} is outside net '{self.name}' (layers 0..{n - 1})")
 
-    def before_forward(self, fn):
+    def before_forward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` before each layer's forward (pycaffe's Net.before_forward)."""
         self._add_hook("before_forward", fn)
 
-    def after_forward(self, fn):
+    def after_forward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` after each layer's forward."""
         self._add_hook("after_forward", fn)
 
-    def before_backward(self, fn):
+    def before_backward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` before each layer's backward (also for layers that skip it, as Caffe)."""
         self._add_hook("before_backward", fn)
 
-    def after_backward(self, fn):
+    def after_backward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` after each layer's backward."""
         self._add_hook("after_backward", fn)
 
@@ -494,7 +494,7 @@ class Net:
             self._hooks = {k: [] for k in ("before_forward", "after_forward", "before_backward", "after_backward")}
         self._hooks[kind].append(fn)
 
-    def set_input_arrays(self, data, labels):
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """pycaffe's Net.set_input_arrays: hand ``data`` (N×C×H×W float32) and ``labels`` (N or N×1×1×1)
         to the MemoryData layer, which must be the net's first layer as in Caffe."""
         if not self.layers or self.layers[0].type != "MemoryData":

@@ -548,7 +548,7 @@ class Solver:
         action = self._action_function()
         return action if action in (STOP, SNAPSHOT) else NONE
 
-    def share_weights(self, net):
+    def share_weights(self, net: Net) -> None:
         """pycaffe's Solver.share_weights(net): ``net`` uses this solver's training weights (by layer
         name, as Net.share_with), so it sees every update without copying."""
         net.share_with(self.net)
