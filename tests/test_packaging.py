@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
@@ -144,6 +143,7 @@ def test_shipped_path_refuses_escapes():
 
 
 def _pyproject():
+    tomllib = pytest.importorskip("tomllib")        # Python 3.11+
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
