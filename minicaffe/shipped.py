@@ -2,7 +2,7 @@
 definitions (``proto/caffe.proto``) and the data-preparation scripts (``tools/*.sh``).
 
 In a source checkout they are the repository's top-level folders; an installed wheel carries them as
-``minicaffe/_shipped/{models,proto,tools}`` (see setup.py). Commands and docs name them as
+``minicaffe/_shipped/{models,proto,tools}`` (setup.py maps them). Commands and docs name them as
 ``models/lenet/solver.prototxt``, a path relative to a checkout, and a solver file names its net the
 same way, so a path that does not exist where it is given, but names a shipped file, is read from
 the shipped copy (``resolve``) with a log line saying so: the installed command then runs the
