@@ -20,6 +20,7 @@ TOOLS = {
     "parse_log": "minicaffe.tools.parse_log:main",
     "plot_training_log": "minicaffe.tools.plot_training_log:main",
     "classify": "minicaffe.tools.classify:main",
+    "visualize": "minicaffe.tools.visualize:main",
     "models": "minicaffe.tools.models:main",
 }
 
