@@ -28,6 +28,7 @@ PACKAGES = {
     "sklearn": ("scikit-learn", "examples"),
     "cv2": ("opencv-python-headless", None),
     "lmdb": ("lmdb", None),
+    "plyvel": ("plyvel", "leveldb"),
 }
 
 _EXTRA_NOTES = {

@@ -21,6 +21,8 @@ TOOLS = {
     "plot_training_log": "minicaffe.tools.plot_training_log:main",
     "classify": "minicaffe.tools.classify:main",
     "visualize": "minicaffe.tools.visualize:main",
+    "convert_mnist_data": "minicaffe.tools.convert_mnist_data:main",
+    "convert_cifar_data": "minicaffe.tools.convert_cifar_data:main",
     "models": "minicaffe.tools.models:main",
 }
 
