@@ -11,12 +11,8 @@ _rng = {"gen": np.random.default_rng(), "seed": None, "gpu_seed": None, "gpu_dra
 
 def _import_cupy():
     if _state["cupy"] is None:
-        try:
-            import cupy
-        except ImportError as exc:  # pragma: no cover - depends on the machine
-            from .errors import MinicaffeError
-            raise MinicaffeError("GPU mode needs CuPy: pip install minicaffe[gpu]") from exc
-        _state["cupy"] = cupy
+        from .deps import require
+        _state["cupy"] = require("cupy", "GPU mode")
     return _state["cupy"]
 
 

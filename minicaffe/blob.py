@@ -14,7 +14,10 @@ Three accessors, three promises (the rule that keeps a GPU net from copying whol
   CuPy on GPU); they never force a copy to the host. Layers may write into them, so the device copy
   becomes the newest.
 """
+from __future__ import annotations
+
 import os
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -78,7 +81,7 @@ def _read_only(arr):
 class Blob:
     """Caffe's Blob: ``data`` and ``diff`` of one shape."""
 
-    def __init__(self, shape=(), name=""):
+    def __init__(self, shape: Sequence[int] = (), name: str = "") -> None:
         self.name = name
         self.dtype = backend.dtype()
         self._shape = tuple(int(s) for s in shape)
@@ -89,10 +92,11 @@ class Blob:
 
     # --- shape -----------------------------------------------------------------------------
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
+        """The dimensions, a tuple of ints (Caffe's ``shape()``)."""
         return self._shape
 
-    def reshape(self, *shape):
+    def reshape(self, *shape: int | Sequence[int]) -> None:
         """Change the shape; storage is kept when the shape is unchanged (so buffers are reused)."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = shape[0]
@@ -104,17 +108,20 @@ class Blob:
             diff = _Synced(shape, self.dtype, self.name)
             self._shape, self._data, self._diff = shape, data, diff
 
-    def reshape_like(self, other):
+    def reshape_like(self, other: Blob) -> None:
+        """Take ``other``'s shape (Caffe's ``ReshapeLike``)."""
         self.reshape(other.shape)
 
     @property
-    def count(self):
+    def count(self) -> int:
+        """The number of values: the product of the dimensions (1 for a scalar blob of shape ())."""
         n = 1
         for d in self._shape:
             n *= d
         return n
 
-    def count_from(self, axis):
+    def count_from(self, axis: int) -> int:
+        """The product of the dimensions from ``axis`` on (Caffe's ``count(axis)``)."""
         n = 1
         for d in self._shape[axis:]:
             n *= d
@@ -131,7 +138,9 @@ class Blob:
 
     # --- user-facing (NumPy) -----------------------------------------------------------------
     @property
-    def data(self):
+    def data(self) -> np.ndarray:
+        """The values as a writable NumPy array (pycaffe's ``blob.data``); on GPU, brought to the host
+        first, and writes through it reach the device before the next layer runs."""
         return self._data.host_array()
 
     @data.setter
@@ -139,7 +148,8 @@ class Blob:
         self._assign(self._data, value)
 
     @property
-    def diff(self):
+    def diff(self) -> np.ndarray:
+        """The gradients as a writable NumPy array (pycaffe's ``blob.diff``); see ``data``."""
         return self._diff.host_array()
 
     @diff.setter
@@ -147,16 +157,16 @@ class Blob:
         self._assign(self._diff, value)
 
     @property
-    def host_data(self):
+    def host_data(self) -> np.ndarray:
         """``data`` for reading on the host (engine code): synced, device copy kept valid, read-only."""
         return _read_only(self._data.host_array(write=False))
 
     @property
-    def host_diff(self):
+    def host_diff(self) -> np.ndarray:
         """``diff`` for reading on the host: see ``host_data``."""
         return _read_only(self._diff.host_array(write=False))
 
-    def host_is_current(self):
+    def host_is_current(self) -> bool:
         """Whether ``host_data`` needs no copy from the device (engine code that can check on
         the host for free, e.g. label ranges)."""
         return self._data.head != DEVICE
@@ -167,7 +177,8 @@ class Blob:
 
     # --- layer-facing (current array module) ---------------------------------------------------
     @property
-    def xdata(self):
+    def xdata(self) -> Any:
+        """The values in the current array module (NumPy on CPU, CuPy on GPU), for layer code."""
         return self._data.dev_array()
 
     @xdata.setter
@@ -175,7 +186,8 @@ class Blob:
         self._set_x(self._data, arr)
 
     @property
-    def xdiff(self):
+    def xdiff(self) -> Any:
+        """The gradients in the current array module, for layer code; see ``xdata``."""
         return self._diff.dev_array()
 
     @xdiff.setter

@@ -7,7 +7,10 @@ corners + centre + mirrors, "center": one centre crop, "144"/"150": GoogLeNet's 
 them. ``predict(..., scheme="144"|"150", scales=..., dense=True)`` runs the papers' multi-scale
 evaluation on the original images (``multicrop.classifier_predict``).
 """
+from __future__ import annotations
+
 import os
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,12 +41,12 @@ def _center_crop(batch, crop_dims):
 CROP_SCHEMES = {"10": _ten_crops, "center": _center_crop}
 
 
-def register_crop_scheme(name, fn):
+def register_crop_scheme(name: str, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray]) -> None:
     """Add a crop scheme: ``fn(batch N×H×W×K, (h, w)) -> N×n×h×w×K``."""
     CROP_SCHEMES[str(name)] = fn
 
 
-def crops(image, crop_dims, scheme="10"):
+def crops(image: np.ndarray, crop_dims: Sequence[int], scheme: str = "10") -> np.ndarray:
     """The crops of one H×W×K image (→ n×h×w×K) or of an N×H×W×K batch (→ (N·n)×h×w×K, image 0's
     crops first), by the named scheme."""
     if scheme not in CROP_SCHEMES:
@@ -67,8 +70,10 @@ class Classifier(Net):
     ``Transformer`` as in pycaffe (transpose H×W×K → K×H×W is always set).
     """
 
-    def __init__(self, model_file, pretrained_file, image_dims=None, mean=None, input_scale=None,
-                 raw_scale=None, channel_swap=None):
+    def __init__(self, model_file: str | os.PathLike, pretrained_file: str | os.PathLike,
+                 image_dims: Sequence[int] | None = None, mean: np.ndarray | None = None,
+                 input_scale: float | None = None, raw_scale: float | None = None,
+                 channel_swap: Sequence[int] | None = None) -> None:
         super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
         if not self.inputs:
             raise MinicaffeError(f"Classifier: net '{self.name}' has no Input layer to feed images to")
@@ -94,7 +99,9 @@ class Classifier(Net):
             raise MinicaffeError(f"Classifier: image_dims {tuple(self.image_dims.tolist())} are smaller "
                                  f"than the net's input {tuple(self.crop_dims.tolist())}")
 
-    def predict(self, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
+    def predict(self, inputs: Sequence[np.ndarray] | np.ndarray, oversample: bool = True,
+                scheme: str | None = None, scales: Sequence[int] | None = None, dense: bool = False,
+                flip: bool = True) -> np.ndarray:
         """Class scores for each H×W×K image: N×classes (averaged over crops).
 
         ``oversample=True`` averages pycaffe's 10 crops, ``False`` takes the centre crop;
@@ -134,7 +141,7 @@ class Classifier(Net):
 
 # --- labels and top-k, for the classify tool and scripts ---------------------------------------
 
-def load_labels(path):
+def load_labels(path: str | os.PathLike) -> list[str]:
     """One label per line (e.g. synset_words.txt: 'n01440764 tench, Tinca tinca'); blank lines kept
     out only at the end, so line i is class i."""
     path = os.fspath(path)
@@ -150,7 +157,7 @@ def load_labels(path):
     return lines
 
 
-def top_k(predictions, k=5):
+def top_k(predictions: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Indices and scores of the ``k`` best classes per row, best first: (N×k ints, N×k scores)."""
     scores = np.asarray(predictions).reshape(len(predictions), -1)
     k = max(1, min(int(k), scores.shape[1]))

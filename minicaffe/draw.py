@@ -9,13 +9,19 @@ blobs grey octagons; edges out of Data/Convolution/InnerProduct layers carry the
 so the picture stays near square (see the notes above ``AUTO``); ``net_shapes`` gives the blob
 shapes and parameter counts the labels can carry.
 """
+from __future__ import annotations
+
 import math
 import os
 import shutil
 import subprocess
+from typing import Any, Mapping, Sequence, Union
 
 from .errors import MinicaffeError
 from .proto import caffe_pb2
+
+# a net to draw: a NetParameter (V1 upgraded), a prototxt path or prototxt text
+NetSource = Union[caffe_pb2.NetParameter, str, os.PathLike]
 
 LAYER_STYLE_DEFAULT = {"shape": "record", "fillcolor": "#6495ED", "style": "filled"}
 NEURON_LAYER_STYLE = {"shape": "record", "fillcolor": "#90EE90", "style": "filled"}
@@ -403,8 +409,9 @@ def _dot_text(g, rankdir, column=None, groups=None, auto=False):
     return "\n".join(lines) + "\n"
 
 
-def to_dot(caffe_net, rankdir="LR", label_edges=True, phase=None, display_lrm=False, blob_shapes=None,
-           param_counts=None):
+def to_dot(caffe_net: NetSource, rankdir: str = "LR", label_edges: bool = True, phase: int | None = None,
+           display_lrm: bool = False, blob_shapes: Mapping[str, Sequence[int]] | None = None,
+           param_counts: Mapping[str, int] | None = None) -> str:
     """The DOT source text of the drawing.
 
     ``rankdir`` LR/RL/TB/BT draws as pycaffe does; ``"AUTO"`` picks a readable layout (see the notes
@@ -423,13 +430,11 @@ def to_dot(caffe_net, rankdir="LR", label_edges=True, phase=None, display_lrm=Fa
     return _dot_text(g, "TB", column, groups, auto=True)
 
 
-def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lrm=False):
-    """The drawing as a ``pydot.Dot`` graph (needs pydot: ``pip install pydot``)."""
-    try:
-        import pydot
-    except ImportError:
-        raise DrawError("get_pydot_graph needs pydot: pip install pydot (or write a .dot file with "
-                        "draw_net_to_file, which needs nothing)") from None
+def get_pydot_graph(caffe_net: NetSource, rankdir: str, label_edges: bool = True, phase: int | None = None,
+                    display_lrm: bool = False) -> Any:
+    """The drawing as a ``pydot.Dot`` graph (needs pydot: ``pip install 'minicaffe[draw]'``)."""
+    from .deps import require
+    pydot = require("pydot", "get_pydot_graph (draw_net_to_file writes a .dot file without it)", DrawError)
     if str(rankdir).upper() == AUTO:        # the auto layout's subgraphs and ranks: parse its text
         return pydot.graph_from_dot_data(to_dot(caffe_net, AUTO, label_edges, phase, display_lrm))[0]
     g = _graph(caffe_net, rankdir, label_edges, phase, display_lrm)
@@ -445,7 +450,7 @@ def get_pydot_graph(caffe_net, rankdir, label_edges=True, phase=None, display_lr
     return graph
 
 
-def render_dot(source, ext="png", dpi=None, palette=False):
+def render_dot(source: str, ext: str = "png", dpi: float | None = None, palette: bool = False) -> bytes:
     """Run Graphviz's ``dot -T<ext>`` on DOT source; returns the bytes. Errors say what to install.
 
     ``dpi`` sets the resolution of bitmap formats (Graphviz's default is 96); ``palette`` renders a
@@ -468,8 +473,10 @@ def render_dot(source, ext="png", dpi=None, palette=False):
     return proc.stdout
 
 
-def draw_net(caffe_net, rankdir, ext="png", phase=None, display_lrm=False, blob_shapes=None,
-             param_counts=None, dpi=None, palette=False):
+def draw_net(caffe_net: NetSource, rankdir: str, ext: str = "png", phase: int | None = None,
+             display_lrm: bool = False, blob_shapes: Mapping[str, Sequence[int]] | None = None,
+             param_counts: Mapping[str, int] | None = None, dpi: float | None = None,
+             palette: bool = False) -> bytes:
     """The drawing encoded as ``ext`` (bytes): DOT text for dot/gv/raw, else rendered by Graphviz."""
     source = to_dot(caffe_net, rankdir, phase=phase, display_lrm=display_lrm, blob_shapes=blob_shapes,
                     param_counts=param_counts)
@@ -479,8 +486,11 @@ def draw_net(caffe_net, rankdir, ext="png", phase=None, display_lrm=False, blob_
     return render_dot(source, ext, dpi, palette)
 
 
-def draw_net_to_file(caffe_net, filename, rankdir="LR", phase=None, display_lrm=False, blob_shapes=None,
-                     param_counts=None, dpi=None, palette=False):
+def draw_net_to_file(caffe_net: NetSource, filename: str | os.PathLike, rankdir: str = "LR",
+                     phase: int | None = None, display_lrm: bool = False,
+                     blob_shapes: Mapping[str, Sequence[int]] | None = None,
+                     param_counts: Mapping[str, int] | None = None, dpi: float | None = None,
+                     palette: bool = False) -> None:
     """Write the drawing to ``filename`` in the format its extension names (atomically).
 
     ``.dot``/``.gv``/``.raw`` give Graphviz source, anything else is rendered by ``dot``.

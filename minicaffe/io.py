@@ -6,13 +6,18 @@ gives RGB float32 in [0, 1], H×W×K; ``Transformer`` defaults to doing nothing 
 ``set_transpose``/``set_channel_swap``/``set_raw_scale``/``set_mean``/``set_input_scale`` add steps
 in that order.
 """
+from __future__ import annotations
+
 import math
 import os
+from typing import Mapping, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # the Datum codec lives with the data pipeline; pycaffe's names for it are re-exported here
 from .data.datum import array_to_datum, datum_to_array  # noqa: F401
+from .deps import import_cv2
 from .errors import DataError, MinicaffeError
 from .proto import caffe_pb2
 
@@ -34,7 +39,7 @@ def _blobproto_shape(blob):
     return tuple(blob.shape.dim)
 
 
-def blobproto_to_array(blob, return_diff=False):
+def blobproto_to_array(blob: caffe_pb2.BlobProto, return_diff: bool = False) -> np.ndarray:
     """The data (or, with ``return_diff``, the diff) of a BlobProto as an array of its shape.
 
     Float values come back float32, ``double_data``/``double_diff`` float64. A BlobProto with no
@@ -61,7 +66,7 @@ def blobproto_to_array(blob, return_diff=False):
     return values.reshape(shape)
 
 
-def array_to_blobproto(arr, diff=None):
+def array_to_blobproto(arr: ArrayLike, diff: ArrayLike | None = None) -> caffe_pb2.BlobProto:
     """A BlobProto with ``shape`` and float data (and diff) from an N-d array."""
     arr = np.asarray(arr)
     blob = caffe_pb2.BlobProto()
@@ -76,21 +81,21 @@ def array_to_blobproto(arr, diff=None):
     return blob
 
 
-def arraylist_to_blobprotovector_str(arraylist):
+def arraylist_to_blobprotovector_str(arraylist: Sequence[ArrayLike]) -> bytes:
     """Serialized BlobProtoVector bytes holding each array of the list."""
     vec = caffe_pb2.BlobProtoVector()
     vec.blobs.extend(array_to_blobproto(a) for a in arraylist)
     return vec.SerializeToString()
 
 
-def blobprotovector_str_to_arraylist(data):
+def blobprotovector_str_to_arraylist(data: bytes) -> list[np.ndarray]:
     """The arrays of serialized BlobProtoVector bytes."""
     from .prototxt import parse_binary
     vec = parse_binary(data, caffe_pb2.BlobProtoVector(), "<BlobProtoVector bytes>")
     return [blobproto_to_array(b) for b in vec.blobs]
 
 
-def load_mean(path):
+def load_mean(path: str | os.PathLike) -> np.ndarray:
     """A mean as a C×H×W float32 array, from a ``mean.binaryproto`` (BlobProto) or a ``.npy`` file."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -119,13 +124,13 @@ def load_mean(path):
 _GRAY_WEIGHTS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 
 
-def load_image(filename, color=True):
+def load_image(filename: str | os.PathLike, color: bool = True) -> np.ndarray:
     """An image as float32 in [0, 1], H×W×3 RGB (``color=True``) or H×W×1 intensity.
 
     Grey images are repeated to 3 channels when ``color``; an alpha channel is dropped; 16-bit
     images are scaled by 1/65535. Raises DataError naming the file when it cannot be read.
     """
-    import cv2
+    cv2 = import_cv2("load_image", DataError)
     filename = os.fspath(filename)
     if not os.path.exists(filename):
         raise DataError(f"{filename}: no such image file")
@@ -163,7 +168,7 @@ def _to_unit_float(img):
     return img.astype(np.float32)
 
 
-def resize_image(im, new_dims, interp_order=1):
+def resize_image(im: ArrayLike, new_dims: Sequence[int], interp_order: int = 1) -> np.ndarray:
     """Resize an H×W×K array to ``new_dims`` = (height, width) with spline interpolation of order
     ``interp_order`` (0 nearest, 1 linear (default), 2–5 B-splines); float32 out.
 
@@ -366,14 +371,14 @@ def _as_batch(images):
     return batch
 
 
-def center_crop_box(im_dims, crop_dims):
+def center_crop_box(im_dims: Sequence[int], crop_dims: Sequence[int]) -> tuple[int, int]:
     """(top, left) of pycaffe's centre crop: ``center ∓ crop/2``, truncated to integers."""
     im_dims = np.asarray(im_dims[:2], dtype=np.float64)
     crop_dims = np.asarray(crop_dims, dtype=np.float64)
     return tuple(int(v) for v in im_dims / 2.0 - crop_dims / 2.0)
 
 
-def oversample(images, crop_dims):
+def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[int]) -> np.ndarray:
     """pycaffe's 10 crops per image: the four corners (top-left, top-right, bottom-left,
     bottom-right) and the centre, then the same five mirrored left-right.
 
@@ -404,7 +409,7 @@ class Transformer:
     the input's H×W, transpose, channel swap, ×raw_scale, −mean, ×input_scale; ``deprocess`` undoes it.
     """
 
-    def __init__(self, inputs):
+    def __init__(self, inputs: Mapping[str, Sequence[int]]) -> None:
         self.inputs = {name: tuple(int(d) for d in shape) for name, shape in dict(inputs).items()}
         self.transpose = {}
         self.channel_swap = {}
@@ -418,7 +423,7 @@ class Transformer:
                                    f"({', '.join(self.inputs) or 'none'})")
 
     # --- the steps ----------------------------------------------------------------------
-    def preprocess(self, in_, data):
+    def preprocess(self, in_: str, data: ArrayLike) -> np.ndarray:
         """One H'×W'×K array → one C×H×W float32 array for input ``in_`` (the input is not modified)."""
         self._check_input(in_, "preprocess")
         data = np.asarray(data)
@@ -428,7 +433,7 @@ class Transformer:
             out = resize_image(out, in_dims)
         return self._apply(in_, out, batch=False)
 
-    def preprocess_batch(self, in_, data):
+    def preprocess_batch(self, in_: str, data: ArrayLike) -> np.ndarray:
         """N×H×W×K (already of the input's size) → N×C×H×W, vectorised; a minicaffe addition."""
         self._check_input(in_, "preprocess_batch")
         data = np.asarray(data)
@@ -467,7 +472,7 @@ class Transformer:
             x *= np.float32(input_scale)
         return np.ascontiguousarray(x)
 
-    def deprocess(self, in_, data):
+    def deprocess(self, in_: str, data: ArrayLike) -> np.ndarray:
         """Invert ``preprocess``: C×H×W (or 1×C×H×W) → H×W×K, scaled and ordered as before."""
         self._check_input(in_, "deprocess")
         x = np.array(data, dtype=np.float32).squeeze()
@@ -489,7 +494,7 @@ class Transformer:
         return x
 
     # --- settings -----------------------------------------------------------------------
-    def set_transpose(self, in_, order):
+    def set_transpose(self, in_: str, order: Sequence[int]) -> None:
         """Axis order applied to each image, e.g. (2, 0, 1) turns H×W×K into K×H×W."""
         self._check_input(in_, "set_transpose")
         order = tuple(int(o) for o in order)
@@ -499,7 +504,7 @@ class Transformer:
                                    f"of {ndim} axes (input shape {self.inputs[in_]})")
         self.transpose[in_] = order
 
-    def set_channel_swap(self, in_, order):
+    def set_channel_swap(self, in_: str, order: Sequence[int]) -> None:
         """Channel order taken after the transpose, e.g. (2, 1, 0) turns RGB into Caffe's BGR."""
         self._check_input(in_, "set_channel_swap")
         order = tuple(int(o) for o in order)
@@ -512,12 +517,12 @@ class Transformer:
                                    f"outside 0..{channels - 1}")
         self.channel_swap[in_] = order
 
-    def set_raw_scale(self, in_, scale):
+    def set_raw_scale(self, in_: str, scale: float) -> None:
         """Multiply the raw image (before the mean), e.g. 255 for models trained on [0, 255] pixels."""
         self._check_input(in_, "set_raw_scale")
         self.raw_scale[in_] = float(scale)
 
-    def set_mean(self, in_, mean):
+    def set_mean(self, in_: str, mean: ArrayLike) -> None:
         """Mean to subtract: per channel (C values) or a full C×H×W (or H×W) image.
 
         A full mean of another size is resized to the input's H×W, as pycaffe does.
@@ -546,7 +551,7 @@ class Transformer:
                 mean = resize_image(mean.transpose(1, 2, 0), shape[2:]).transpose(2, 0, 1)
         self.mean[in_] = np.ascontiguousarray(mean)
 
-    def set_input_scale(self, in_, scale):
+    def set_input_scale(self, in_: str, scale: float) -> None:
         """Multiply after the mean subtraction (e.g. 0.017 for std-normalised models)."""
         self._check_input(in_, "set_input_scale")
         self.input_scale[in_] = float(scale)

@@ -19,10 +19,10 @@ Predictions are softmax probabilities averaged over crops (and over models for a
 """
 import collections
 
-import cv2
 import numpy as np
 
 from .classifier import Classifier, register_crop_scheme
+from .deps import import_cv2
 from .errors import MinicaffeError, NetError, ShapeError
 from .surgery import _softmax, convert_fc_to_conv, dense_scores, forward_batch
 
@@ -202,6 +202,7 @@ def resize(image, size):
     size = _pair(size, "size")
     if image.shape[:2] == size:
         return image
+    cv2 = import_cv2("multi-crop resizing")
     out = cv2.resize(np.ascontiguousarray(image, np.float32), (size[1], size[0]),
                      interpolation=cv2.INTER_LINEAR)
     return out.reshape(size + image.shape[2:])

@@ -4,10 +4,13 @@ Build order follows Caffe: upgrade the definition, filter layers by NetState, in
 where one top feeds several bottoms, then set up each layer, share parameters by ``param { name }``,
 and work out which layers need backward. The net knows no particular layer type.
 """
+from __future__ import annotations
+
 import collections
 import logging
 import os
 import time
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -124,11 +127,19 @@ def _env_flag(name):
 class Net:
     """pycaffe's ``caffe.Net``: ``Net(proto, phase)``, ``Net(proto, weights, phase)``,
     ``Net(proto, phase, weights=..., level=..., stages=[...])`` or with pycaffe's keywords
-    ``Net(network_file=..., phase=..., weights=...)``; ``proto`` may also be a NetParameter."""
+    ``Net(network_file=..., phase=..., weights=...)``; ``proto`` may also be a NetParameter.
+
+    Public attributes, as pycaffe's: ``name``, ``phase``, ``param`` (the NetParameter as built, Split
+    layers included), ``layers`` (Layer objects in order), ``blobs`` (blob name → Blob, in creation
+    order), ``top_names``/``bottom_names`` (layer name → its blob names), ``inputs`` and ``outputs``
+    (blob names), ``layer_dict`` (layer name → Layer), ``source`` (the prototxt path, if any)."""
 
     _hooks = None       # {"before_forward": [callables], ...} once one is registered (pycaffe's callbacks)
 
-    def __init__(self, network=None, *args, network_file=None, weights=None, phase=None, level=0, stages=None):
+    def __init__(self, network: str | os.PathLike | caffe_pb2.NetParameter | None = None,
+                 *args: str | os.PathLike | int, network_file: str | os.PathLike | None = None,
+                 weights: str | os.PathLike | None = None, phase: int | None = None, level: int = 0,
+                 stages: Sequence[str] | None = None) -> None:
         if network is None:
             network = network_file
         elif network_file is not None:
@@ -378,21 +389,25 @@ class Net:
 
     # --- pycaffe-shaped views ------------------------------------------------------------
     @property
-    def params(self):
+    def params(self) -> collections.OrderedDict[str, list[Blob]]:
         """Layer name → list of its learnable blobs (layers without blobs left out), as pycaffe."""
         return collections.OrderedDict((n, list(l.blobs)) for n, l in zip(self._layer_names, self.layers)
                                        if l.blobs)
 
     @property
-    def learnable_params(self):
+    def learnable_params(self) -> list[Blob]:
+        """The distinct learnable blobs in net order, a shared parameter once (Caffe's
+        ``learnable_params()``): what a solver updates, in the order of ``params_lr``."""
         return list(self._learnable)
 
     @property
-    def params_lr(self):
+    def params_lr(self) -> list[float]:
+        """``lr_mult`` of each blob of ``learnable_params``, same order (a shared blob: its owner's)."""
         return list(self._lr_mult)
 
     @property
-    def params_weight_decay(self):
+    def params_weight_decay(self) -> list[float]:
+        """``decay_mult`` of each blob of ``learnable_params``, same order."""
         return list(self._decay_mult)
 
     @property
@@ -437,7 +452,7 @@ class Net:
         return list(weights.values())
 
     @property
-    def blob_loss_weights(self):
+    def blob_loss_weights(self) -> collections.OrderedDict[str, float]:
         """Blob name → loss weight (pycaffe's OrderedDict, input to output)."""
         return collections.OrderedDict(zip(self.blobs, self._blob_loss_weights))
 
@@ -456,19 +471,19 @@ class Net:
         if not (0 <= int(low) and int(high) < n):
             raise NetError(f"layer range {low}..{high} is outside net '{self.name}' (layers 0..{n - 1})")
 
-    def before_forward(self, fn):
+    def before_forward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` before each layer's forward (pycaffe's Net.before_forward)."""
         self._add_hook("before_forward", fn)
 
-    def after_forward(self, fn):
+    def after_forward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` after each layer's forward."""
         self._add_hook("after_forward", fn)
 
-    def before_backward(self, fn):
+    def before_backward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` before each layer's backward (also for layers that skip it, as Caffe)."""
         self._add_hook("before_backward", fn)
 
-    def after_backward(self, fn):
+    def after_backward(self, fn: Callable[[int], object]) -> None:
         """Call ``fn(layer_index)`` after each layer's backward."""
         self._add_hook("after_backward", fn)
 
@@ -479,7 +494,7 @@ class Net:
             self._hooks = {k: [] for k in ("before_forward", "after_forward", "before_backward", "after_backward")}
         self._hooks[kind].append(fn)
 
-    def set_input_arrays(self, data, labels):
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """pycaffe's Net.set_input_arrays: hand ``data`` (N×C×H×W float32) and ``labels`` (N or N×1×1×1)
         to the MemoryData layer, which must be the net's first layer as in Caffe."""
         if not self.layers or self.layers[0].type != "MemoryData":
@@ -501,7 +516,9 @@ class Net:
         return self._layer_names.index(name)
 
     # --- running -------------------------------------------------------------------------
-    def reshape(self):
+    def reshape(self) -> None:
+        """Reshape every layer from its bottoms, in order (Caffe's ``Net::Reshape``): call it after
+        changing an input blob's shape so that the tops and buffers follow before the next forward."""
         for layer, bottom, top in zip(self.layers, self._bottom, self._top):
             try:
                 layer.reshape(bottom, top)
@@ -511,7 +528,8 @@ class Net:
                     raise
                 raise named from None
 
-    def forward_from_to(self, start=0, end=None, timings=None):
+    def forward_from_to(self, start: int = 0, end: int | None = None,
+                        timings: dict[int, float] | None = None) -> float:
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
@@ -543,7 +561,12 @@ class Net:
                     fn(li)
         return loss
 
-    def backward_from_to(self, start=None, end=0, timings=None):
+    def backward_from_to(self, start: int | None = None, end: int = 0,
+                         timings: dict[int, float] | None = None) -> None:
+        """Back-propagate layers start..end (inclusive, by index, default the last down to the
+        first), as Caffe's ``BackwardFromTo``: a loss layer's top diff is seeded with its loss weight,
+        layers that feed no loss are skipped. Parameter diffs accumulate (``clear_param_diffs``
+        resets them). ``timings`` (layer index → seconds) is added to when given."""
         start = len(self.layers) - 1 if start is None else start
         hooks = self._hooks
         for li in range(start, end - 1, -1):
@@ -606,7 +629,8 @@ class Net:
             raise NumericalError(f"{direction} pass: layer '{name}' ({self.layers[li].type}) wrote a "
                                  f"non-finite {what} ({nan} NaN, {inf} infinite of {arr.size} values)")
 
-    def forward(self, blobs=None, start=None, end=None, **kwargs):
+    def forward(self, blobs: Iterable[str] | None = None, start: str | None = None, end: str | None = None,
+                **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         """pycaffe's forward: set inputs from keywords, run, return {output name: array}."""
         for name, arr in kwargs.items():
             if name not in self.blobs:
@@ -625,7 +649,8 @@ class Net:
         outs = set(self.outputs if end is None else self.top_names[self._layer_names[ei]]) | set(blobs or ())
         return {name: self.blobs[name].data for name in self.blobs if name in outs}
 
-    def backward(self, diffs=None, start=None, end=None, **kwargs):
+    def backward(self, diffs: Iterable[str] | None = None, start: str | None = None, end: str | None = None,
+                 **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         """pycaffe's backward: set top diffs from keywords, run, return {input name: diff}."""
         for name, arr in kwargs.items():
             if name not in self.blobs:
@@ -637,12 +662,14 @@ class Net:
         outs = set(self.inputs if end is None else self.bottom_names[self._layer_names[ei]]) | set(diffs or ())
         return {name: self.blobs[name].diff for name in self.blobs if name in outs}
 
-    def forward_backward(self):
+    def forward_backward(self) -> float:
+        """One forward pass and one backward pass over the whole net; returns the weighted loss
+        (Caffe's ``ForwardBackward``, what a solver step runs for each of its ``iter_size``)."""
         loss = self.forward_from_to()
         self.backward_from_to()
         return loss
 
-    def forward_all(self, blobs=None, **kwargs):
+    def forward_all(self, blobs: Iterable[str] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         """Run whole batches over inputs of any length; returns concatenated outputs (pycaffe)."""
         outs = {name: [] for name in set(self.outputs) | set(blobs or ())}
         batch = self._batches(kwargs)
@@ -653,7 +680,11 @@ class Net:
                 outs[name].append(res[name].copy())
         return {name: self._trim(vals, n_total) for name, vals in outs.items()}
 
-    def forward_backward_all(self, blobs=None, diffs=None, **kwargs):
+    def forward_backward_all(self, blobs: Iterable[str] | None = None, diffs: Iterable[str] | None = None,
+                             **kwargs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """pycaffe's ``forward_backward_all``: keywords naming net inputs are fed forward and the
+        others are top diffs fed backward, batch by batch (the last batch zero-padded); returns
+        ``(outputs, input diffs)`` concatenated and trimmed to the number of items given."""
         in_keys = [k for k in kwargs if k in self.inputs]
         fwd_in = {k: kwargs[k] for k in in_keys}
         bwd_in = {k: v for k, v in kwargs.items() if k not in in_keys}
@@ -691,12 +722,14 @@ class Net:
         arr = np.concatenate(vals) if vals and np.ndim(vals[0]) else np.asarray(vals)
         return arr[:n_total] if n_total is not None and arr.ndim else arr
 
-    def clear_param_diffs(self):
+    def clear_param_diffs(self) -> None:
+        """Zero the diff of every learnable blob (Caffe's ``ClearParamDiffs``): backward adds to
+        them, so a solver clears them before each iteration's first forward/backward."""
         for blob in self._learnable:
             blob.xdiff.fill(0)
 
     # --- weights -------------------------------------------------------------------------
-    def to_proto(self, write_diff=False):
+    def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
         """The net definition with every layer's blobs, as Caffe writes a .caffemodel."""
         out = caffe_pb2.NetParameter()
         out.name = self.param.name
@@ -713,11 +746,11 @@ class Net:
                     bp.diff.extend(blob.host_diff.astype(np.float32).ravel().tolist())
         return out
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write a binary .caffemodel (atomically)."""
         atomic_write(path, self.to_proto().SerializeToString())
 
-    def copy_from(self, path):
+    def copy_from(self, path: str | os.PathLike) -> None:
         """Load weights by layer name from a .caffemodel (current or V1) or a Caffe HDF5 file."""
         path = os.fspath(path)
         if path.endswith((".h5", ".hdf5")):
@@ -733,7 +766,10 @@ class Net:
         upgrade_net(source, path)
         self.copy_from_proto(source, path)
 
-    def copy_from_proto(self, source, path="<weights>"):
+    def copy_from_proto(self, source: caffe_pb2.NetParameter, path: str = "<weights>") -> None:
+        """Copy weights by layer name from a NetParameter holding blobs (Caffe's ``CopyTrainedLayersFrom``):
+        layers not in this net are ignored; a blob count or shape mismatch, a non-finite weight, or a file
+        none of whose layers is in this net raises WeightsError naming ``path``, with nothing copied."""
         with_blobs = [sl.name for sl in source.layer if len(sl.blobs)]
         if with_blobs and any(l.blobs for l in self.layers) and not any(n in self.layer_dict for n in with_blobs):
             # Caffe copies nothing here without a word; a net left at its initial weights is never meant
@@ -763,7 +799,7 @@ class Net:
         for target, arr in copies:
             target.data[...] = arr.reshape(target.shape)
 
-    def share_with(self, other):
+    def share_with(self, other: Net) -> None:
         """Use ``other``'s parameter blobs for layers of the same name (Caffe's ShareTrainedLayersWith:
         each of ``other``'s layers shares into the first layer here of its name)."""
         first = {}
@@ -781,7 +817,7 @@ class Net:
                                        f"{layer.blobs[k].shape}")
                 layer.blobs[k] = blob
 
-    def save_hdf5(self, path):
+    def save_hdf5(self, path: str | os.PathLike) -> None:
         """Caffe's HDF5 weights layout: /data/<layer>/<k>; needs h5py."""
         h5py = _h5py()
         from .fileio import atomic_open
@@ -794,7 +830,9 @@ class Net:
                         for k, blob in enumerate(layer.blobs):
                             group.create_dataset(str(k), data=blob.host_data.astype(np.float32))
 
-    def load_hdf5(self, path):
+    def load_hdf5(self, path: str | os.PathLike) -> None:
+        """Load weights by layer name from Caffe's HDF5 layout (``/data/<layer>/<k>``; needs h5py),
+        checked in full before anything is copied, like ``copy_from_proto``."""
         h5py = _h5py()
         try:
             h5 = h5py.File(path, "r")
@@ -905,11 +943,8 @@ def array_to_blobproto(arr, diff=None):
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise MinicaffeError("HDF5 weights need h5py: pip install h5py") from None
-    return h5py
+    from .deps import require
+    return require("h5py", "HDF5 weights")
 
 
 def _sync():

@@ -11,13 +11,17 @@ and what that message lacks onto the LayerParameter (``include``, ``loss_weight`
 pycaffe, Deconvolution/Im2col reach ``convolution_param`` and loss layers ``loss_param``, and a
 misspelt key raises a clear error naming the layer and the closest field.
 """
+from __future__ import annotations
+
 import collections
 import difflib
+from typing import Any, Sequence
 
 import numpy as np
+from google.protobuf.message import Message
 
 from .errors import NetError
-from .proto import caffe_pb2
+from .proto import caffe_pb2, is_repeated
 
 
 class NetSpecError(NetError, ValueError):
@@ -63,7 +67,7 @@ def _plain(value):
     return value
 
 
-def assign_proto(proto, name, val, where="layer"):
+def assign_proto(proto: Message, name: str, val: Any, where: str = "layer") -> None:
     """Set ``proto.<name>`` from a Python value, recursively: dicts fill messages, lists fill repeated
     fields, a single value given to a repeated field becomes a one-element list (pycaffe's rules).
     Enum fields also take their value names as strings."""
@@ -72,7 +76,7 @@ def assign_proto(proto, name, val, where="layer"):
     if name not in fields:
         raise NetSpecError(_unknown_field(proto, name, where))
     field = fields[name]
-    repeated = field.is_repeated
+    repeated = is_repeated(field)
     try:
         if repeated:
             items = list(val) if isinstance(val, (list, tuple)) else [val]
@@ -124,11 +128,11 @@ def _unknown_field(proto, name, where):
 class Top:
     """One output blob of a layer (``fn``), the ``n``-th of its tops."""
 
-    def __init__(self, fn, n):
+    def __init__(self, fn: Function, n: int) -> None:
         self.fn = fn
         self.n = n
 
-    def to_proto(self):
+    def to_proto(self) -> caffe_pb2.NetParameter:
         """A NetParameter with every layer needed to compute this top."""
         return to_proto(self)
 
@@ -142,7 +146,7 @@ class Top:
 class Function:
     """One layer: its type, its bottoms (Tops) and its keyword parameters."""
 
-    def __init__(self, type_name, inputs, params):
+    def __init__(self, type_name: str, inputs: Sequence[Top], params: dict[str, Any]) -> None:
         self.type_name = type_name
         for index, inp in enumerate(inputs):
             if not isinstance(inp, Top):
@@ -229,7 +233,7 @@ class Function:
         return f"<{self.type_name} layer function, {self.ntop} top(s)>"
 
 
-def to_proto(*tops):
+def to_proto(*tops: Top) -> caffe_pb2.NetParameter:
     """A NetParameter with every layer needed to compute ``tops`` (names generated)."""
     layers = collections.OrderedDict()
     autonames = collections.Counter()
@@ -244,7 +248,7 @@ class NetSpec:
     """Tops assigned as attributes (``n.conv1 = L.Convolution(...)``) take the attribute's name;
     ``to_proto()`` gives the NetParameter with all their layers, in assignment order."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__setattr__("tops", collections.OrderedDict())
 
     def __setattr__(self, name, value):
@@ -273,7 +277,9 @@ class NetSpec:
     def __dir__(self):
         return list(super().__dir__()) + list(self.tops)
 
-    def to_proto(self):
+    def to_proto(self) -> caffe_pb2.NetParameter:
+        """The NetParameter of every assigned top's layers (and the layers they need), in assignment
+        order, each top named by its attribute and unnamed intermediate ones numbered (pycaffe's)."""
         names = {v: k for k, v in self.tops.items()}
         autonames = collections.Counter()
         layers = collections.OrderedDict()

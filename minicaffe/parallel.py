@@ -59,6 +59,7 @@ from . import backend
 from .data.lmdb_source import set_solver_rank as _set_rank_and_count
 from .data.lmdb_source import solver_count, solver_rank
 from .errors import MinicaffeError, SolverError
+from .proto import is_repeated
 
 DEFAULT_BUCKET_MB = 25.0
 
@@ -93,12 +94,8 @@ def launched_as_worker(environ=None):
 
 
 def _mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise MinicaffeError("training over MPI needs mpi4py and an MPI library (Debian: apt-get install "
-                             "openmpi-bin libopenmpi-dev; then pip install minicaffe[mpi])") from None
-    return MPI
+    from .deps import require
+    return require("mpi4py.MPI", "training over MPI")
 
 
 def _nccl():
@@ -696,7 +693,7 @@ def _differences(a, b, path):
         fd = fields[number]
         name = path + fd.name
         va, vb = getattr(a, fd.name), getattr(b, fd.name)
-        if fd.is_repeated:
+        if is_repeated(fd):
             if fd.type == fd.TYPE_MESSAGE:
                 out += _repeated_differences(fd, list(va), list(vb), name)
             elif list(va) != list(vb):

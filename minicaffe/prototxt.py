@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from .errors import MinicaffeError, NetError, ParseError
-from .proto import caffe_pb2
+from .proto import caffe_pb2, is_repeated
 
 # V1LayerParameter.LayerType enum name → current type string (Caffe's UpgradeV1LayerType)
 V1_TYPE_NAMES = {
@@ -202,7 +202,7 @@ def invalid_utf8_field(message, prefix=""):
         if field.type == field.TYPE_STRING:
             try:   # such values come back as bytes (or raise, depending on the protobuf version)
                 value = getattr(message, field.name)
-                values = value if field.is_repeated else [value]
+                values = value if is_repeated(field) else [value]
                 if any(not isinstance(v, str) for v in values):
                     return f"field '{name}'"
             except UnicodeDecodeError:
@@ -210,7 +210,7 @@ def invalid_utf8_field(message, prefix=""):
             continue
         if field.type != field.TYPE_MESSAGE:
             continue
-        repeated = field.is_repeated
+        repeated = is_repeated(field)
         if repeated:
             children = getattr(message, field.name)
         elif message.HasField(field.name):

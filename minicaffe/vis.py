@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .errors import DataError, MinicaffeError
+from .errors import DataError
 from .fileio import atomic_write
 
 
@@ -111,12 +111,9 @@ def _first_conv(net):
 # --- PNGs (matplotlib) ---------------------------------------------------------------------------
 
 def _figure(width, height, dpi):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MinicaffeError("drawing pictures needs matplotlib: pip install matplotlib "
-                             "(or pip install minicaffe[plot])") from None
+    from .deps import require
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "drawing pictures").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "drawing pictures").Figure
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig

@@ -18,7 +18,7 @@ CORPUS = os.path.join(ROOT, "tests", "corpus")
 sys.path.insert(0, CORPUS)
 import make_binary  # noqa: E402
 
-# command name -> (module, function): the console scripts of setup.py
+# command name -> (module, function): console scripts of pyproject.toml
 TOOLS = {
     "minicaffe": ("minicaffe.tools.cli", "main"),
     "convert_imageset": ("minicaffe.tools.convert_imageset", "main"),

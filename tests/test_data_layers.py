@@ -531,7 +531,7 @@ def test_hdf5_data_without_h5py_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     lst = tmp_path / "list.txt"
     lst.write_text("a.h5\n")
-    with pytest.raises(MinicaffeError, match="HDF5Data needs h5py: pip install h5py"):
+    with pytest.raises(MinicaffeError, match=r"HDF5Data needs h5py: pip install 'minicaffe\[hdf5\]'"):
         make_layer(f'type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{lst}" batch_size: 2 }}',
                    [], 1, TRAIN)
 

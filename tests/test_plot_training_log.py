@@ -133,7 +133,7 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     assert ptl.main(["0", str(tmp_path / "a.png"), FIXTURE]) == 1
-    assert "needs matplotlib: pip install matplotlib" in capsys.readouterr().err
+    assert "plot_training_log needs matplotlib: pip install 'minicaffe[plot]'" in capsys.readouterr().err
 
 
 def test_help_lists_chart_types(capsys):

@@ -14,6 +14,7 @@ from google.protobuf import descriptor as _d
 from google.protobuf import text_format
 
 from minicaffe.proto import caffe_pb2 as pb
+from minicaffe.proto import is_packed, is_repeated, is_required
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -696,8 +697,8 @@ def test_field_numbers_match_caffe():
 def test_field_types_and_labels():
     L = pb.LayerParameter.DESCRIPTOR.fields_by_name
     F = _d.FieldDescriptor
-    # protobuf >= 7 dropped FieldDescriptor.label; use is_repeated/is_required.
-    assert L["param"].is_repeated
+    # protobuf >= 7 dropped FieldDescriptor.label, 4.21 has only it: minicaffe.proto's helpers read both
+    assert is_repeated(L["param"])
     assert L["param"].message_type.full_name == "caffe.ParamSpec"
     assert L["propagate_down"].type == F.TYPE_BOOL
     assert L["phase"].enum_type.full_name == "caffe.Phase"
@@ -705,10 +706,10 @@ def test_field_types_and_labels():
     assert pb.SolverParameter.DESCRIPTOR.fields_by_name["random_seed"].type == F.TYPE_INT64
     assert pb.ConvolutionParameter.DESCRIPTOR.fields_by_name["pad"].type == F.TYPE_UINT32
     clip = pb.ClipParameter.DESCRIPTOR.fields_by_name
-    assert clip["min"].is_required and clip["max"].is_required
-    assert not L["name"].is_repeated and not L["name"].is_required
-    assert pb.BlobProto.DESCRIPTOR.fields_by_name["data"].is_packed
-    assert not pb.Datum.DESCRIPTOR.fields_by_name["float_data"].is_packed
+    assert is_required(clip["min"]) and is_required(clip["max"])
+    assert not is_repeated(L["name"]) and not is_required(L["name"])
+    assert is_packed(pb.BlobProto.DESCRIPTOR.fields_by_name["data"])
+    assert not is_packed(pb.Datum.DESCRIPTOR.fields_by_name["float_data"])
     v1type = pb.V1LayerParameter.DESCRIPTOR.fields_by_name["type"]
     assert v1type.enum_type.full_name == "caffe.V1LayerParameter.LayerType"
     assert pb.DESCRIPTOR.package == "caffe"

@@ -5,9 +5,12 @@ stratified split keeps a held-out test set of 20% of the images.
 """
 import argparse
 import os
+import sys
 
-import cv2
 import numpy as np
+
+from minicaffe.deps import import_cv2, require
+from minicaffe.errors import MinicaffeError
 
 
 def main(argv=None):
@@ -16,7 +19,12 @@ def main(argv=None):
     parser.add_argument("--test_fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from sklearn.datasets import load_digits
+    try:
+        load_digits = require("sklearn.datasets", "examples/digits (its data set)").load_digits
+        cv2 = import_cv2("examples/digits")
+    except MinicaffeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     digits = load_digits()
     images = (digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -41,7 +49,8 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, f"{split}.txt"), "w") as f:
             f.writelines(lines)
     print(f"wrote {len(lists['train'])} training and {len(lists['test'])} test images to {img_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -47,12 +47,14 @@ KINDS = {"fixed": "fixed S = 40", "jitter": "jittered S ∈ [32, 48]"}
 
 def prepare(work, seed):
     """Write the digits at 40x40 with train/test list files (reusing prepare_digits' split)."""
-    import cv2
+    from minicaffe.deps import import_cv2
+    cv2 = import_cv2("examples/vgg_methods")
     spec = importlib.util.spec_from_file_location("prepare_digits",
                                                   os.path.join(ROOT, "examples", "digits", "prepare_digits.py"))
     prepare_digits = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare_digits)
-    prepare_digits.main([work, "--seed", str(seed)])
+    if prepare_digits.main([work, "--seed", str(seed)]) != 0:     # it printed the error line
+        raise SystemExit(1)
     img_dir = os.path.join(work, "images")
     for name in os.listdir(img_dir):          # 28x28 -> 40x40, the "larger images" of this example
         path = os.path.join(img_dir, name)

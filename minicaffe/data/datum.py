@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..deps import import_cv2
 from ..errors import DataError
 from ..proto import caffe_pb2
 
@@ -21,8 +22,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 
 def _cv2():
-    if cv2 is None:  # pragma: no cover
-        raise DataError("reading images needs OpenCV: pip install opencv-python-headless")
+    if cv2 is None:  # pragma: no cover - says why (not installed, or two OpenCV wheels in one cv2)
+        return import_cv2("reading images", DataError)
     return cv2
 
 

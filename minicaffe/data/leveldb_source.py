@@ -29,8 +29,8 @@ except ImportError:  # the 'leveldb' extra is optional
 
 def _plyvel():
     if plyvel is None:
-        raise DataError("LevelDB databases need the plyvel package: pip install 'minicaffe[leveldb]' "
-                        "(or pip install plyvel)")
+        from ..deps import require
+        return require("plyvel", "a LevelDB database", DataError)
     return plyvel
 
 

@@ -53,7 +53,8 @@ def solver_count():
 
 def _lmdb():
     if lmdb is None:  # pragma: no cover
-        raise DataError("LMDB databases need the lmdb package: pip install lmdb")
+        from ..deps import require
+        return require("lmdb", "reading LMDB databases", DataError)
     return lmdb
 
 

@@ -484,11 +484,8 @@ class MemoryData(_DataLayerBase):
 # --- HDF5Data ----------------------------------------------------------------------------------------
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise DataError("HDF5Data needs h5py: pip install h5py") from None
-    return h5py
+    from ..deps import require
+    return require("h5py", "HDF5Data", DataError)
 
 
 @register("HDF5Data")

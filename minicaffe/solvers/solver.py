@@ -17,6 +17,8 @@ before that iteration. The snapshot folder is checked at start-up (a final and a
 written whatever ``snapshot`` says), and a run holds an advisory lock on ``<snapshot_prefix>.lock`` so
 two runs cannot overwrite each other's snapshots.
 """
+from __future__ import annotations
+
 import atexit
 import json
 import math
@@ -25,12 +27,14 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
 from .. import backend
 from ..blob import Blob
 from ..data.lmdb_source import solver_rank
+from ..deps import require
 from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did_you_mean
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
@@ -67,7 +71,8 @@ def _fmt(x):
 
 # --- reading solver definitions ------------------------------------------------------------------
 
-def read_solver_param(source):
+def read_solver_param(source: str | os.PathLike | caffe_pb2.SolverParameter
+                      ) -> tuple[caffe_pb2.SolverParameter, str | None]:
     """A SolverParameter from a path, prototxt text or a message, upgraded as Caffe's
     ``ReadSolverParamsFromTextFileOrDie``: the old ``solver_type`` enum becomes ``type``; a missing
     ``snapshot_prefix`` becomes the solver file's path without extension, a directory gets the file's
@@ -116,7 +121,8 @@ def solver_class(type_name, where="<solver>"):
     return cls
 
 
-def get_solver(source, solver_file=None):
+def get_solver(source: str | os.PathLike | caffe_pb2.SolverParameter,
+               solver_file: str | os.PathLike | None = None) -> Solver:
     """pycaffe's ``caffe.get_solver``: the solver class that the file's ``type`` (or ``solver_type``) names."""
     param, path = read_solver_param(source)
     cls = solver_class(param.type, path or "<solver>")
@@ -341,7 +347,8 @@ class Solver:
             cls = solver_class(param.type, path or "<solver>")
         return super().__new__(cls)
 
-    def __init__(self, param_or_path, solver_file=None):
+    def __init__(self, param_or_path: str | os.PathLike | caffe_pb2.SolverParameter,
+                 solver_file: str | os.PathLike | None = None) -> None:
         param, path = read_solver_param(param_or_path)
         self.solver_file = os.fspath(solver_file) if solver_file is not None else path
         self._net_files = {}     # net file as the solver names it -> the path it was read from
@@ -379,7 +386,8 @@ class Solver:
 
     # --- set-up ---------------------------------------------------------------------------------
     @property
-    def type(self):
+    def type(self) -> str:
+        """The solver type as Caffe spells it ("SGD", "Nesterov", "Adam"...)."""
         return self.rule_class.type
 
     def _where(self):
@@ -400,11 +408,7 @@ class Solver:
         if p.weight_decay and p.regularization_type not in ("L1", "L2"):
             raise SolverError(f"{where}: unknown regularization_type '{p.regularization_type}' (use L2 or L1)")
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            try:
-                import h5py  # noqa: F401
-            except ImportError:
-                raise SolverError(f"{where}: snapshot_format HDF5 needs h5py (pip install h5py), or use "
-                                  f"BINARYPROTO") from None
+            require("h5py", f"{where}: snapshot_format HDF5 (or use BINARYPROTO)", SolverError)
         if p.snapshot and not p.HasField("snapshot_prefix"):
             raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
         # whatever 'snapshot' says: the final (snapshot_after_train) and NaN-stop snapshots need the folder.
@@ -429,6 +433,10 @@ class Solver:
                 self.log.info("%s '%s' is not in the working directory; using %s (beside the solver file)",
                               field, value, alt)
                 return alt
+        from .. import shipped      # a documented path (models/lenet/...): the copy minicaffe ships
+        found = shipped.resolve(value, field)
+        if found != value:
+            return found
         raise SolverError(f"{self._where()}: {field} '{value}' not found (tried {', '.join(tried)})")
 
     def _read_net(self, field, value):
@@ -523,7 +531,8 @@ class Solver:
                     net.copy_from(self._resolve("weights", name))
 
     # --- pycaffe surface ----------------------------------------------------------------------
-    def add_callback(self, on_start, on_gradients=None):
+    def add_callback(self, on_start: Callable[[], object],
+                     on_gradients: Callable[[], object] | None = None) -> None:
         """Call ``on_start()`` before each iteration's forward/backward and ``on_gradients()`` before its
         update (pycaffe's ``Solver.add_callback``). ``add_callback(nccl)`` with a ``caffe.NCCL`` is
         pycaffe's other form; that object wired the reduction in when it was made, so nothing is added."""
@@ -533,7 +542,7 @@ class Solver:
             raise TypeError("add_callback(on_start, on_gradients) takes two callables (or one caffe.NCCL)")
         self._callbacks.append((on_start, on_gradients))
 
-    def set_action_function(self, fn):
+    def set_action_function(self, fn: Callable[[], str]) -> None:
         """``fn()`` → 'none' | 'stop' | 'snapshot', asked once per iteration (e.g. a SignalHandler)."""
         self._action_function = fn
 
@@ -543,18 +552,18 @@ class Solver:
         action = self._action_function()
         return action if action in (STOP, SNAPSHOT) else NONE
 
-    def share_weights(self, net):
+    def share_weights(self, net: Net) -> None:
         """pycaffe's Solver.share_weights(net): ``net`` uses this solver's training weights (by layer
         name, as Net.share_with), so it sees every update without copying."""
         net.share_with(self.net)
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate the next update will use (pycaffe's ``SGDSolver.lr``)."""
         return learning_rate(self.param, self.iter, self.current_step)[0]
 
     @property
-    def is_root(self):
+    def is_root(self) -> bool:
         """True unless this is a worker of rank > 0 in data-parallel training (Caffe's root_solver):
         only the root solver tests, logs the display lines and writes snapshots."""
         return self._parallel is None or self._parallel.rank == 0
@@ -575,7 +584,7 @@ class Solver:
         self._lock = SnapshotLock(self.param.snapshot_prefix, self._where()).acquire()
         return True
 
-    def close(self):
+    def close(self) -> None:
         """Give back the snapshot prefix's lock (if this solver holds it); the solver stays usable."""
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
@@ -587,7 +596,7 @@ class Solver:
         except Exception:     # interpreter shutdown: the kernel drops the flock anyway
             pass
 
-    def solve(self, resume_file=None):
+    def solve(self, resume_file: str | os.PathLike | None = None) -> None:
         """Train to ``max_iter`` (Caffe's Solver::Solve), optionally resuming from a .solverstate.
         The snapshot prefix stays locked for the whole run (see ``SnapshotLock``)."""
         took = self._hold_lock()
@@ -620,7 +629,7 @@ class Solver:
             self.test_all()
         self.log.info("Optimization Done.")
 
-    def step(self, iters):
+    def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Solver::Step), holding the snapshot prefix's lock."""
         self._hold_lock()
         self._step(iters)
@@ -728,7 +737,7 @@ class Solver:
                 k += 1
         return lines
 
-    def apply_update(self):
+    def apply_update(self) -> None:
         """One update from the accumulated gradients (SGDSolver::ApplyUpdate); advances ``iter``."""
         p = self.param
         before = self.current_step
@@ -772,13 +781,14 @@ class Solver:
         return have
 
     # --- testing ---------------------------------------------------------------------------------
-    def test_all(self):
+    def test_all(self) -> None:
+        """Run every test net in turn (Caffe's ``TestAll``), stopping early when a stop was requested."""
         for i in range(len(self.test_nets)):
             if self._requested_early_exit:
                 break
             self.test(i)
 
-    def test(self, test_net_id=0):
+    def test(self, test_net_id: int = 0) -> dict[str, float | np.ndarray] | None:
         """Run test net ``test_net_id`` for its ``test_iter`` batches and log the mean outputs
         (Caffe's Solver::Test); the means are kept in ``self.test_scores[test_net_id]``."""
         p = self.param
@@ -875,10 +885,11 @@ class Solver:
             self._saved_positions = start[3]
 
     # --- snapshots --------------------------------------------------------------------------------
-    def snapshot_filename(self, extension):
+    def snapshot_filename(self, extension: str) -> str:
+        """``<snapshot_prefix>_iter_<iter><extension>``, Caffe's snapshot file naming."""
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
-    def snapshot(self):
+    def snapshot(self) -> tuple[str, str]:
         """Write ``<prefix>_iter_N.caffemodel`` (or ``.caffemodel.h5``) and ``.solverstate`` (``.h5``),
         each atomically, plus the ``.rng`` sidecar that makes resuming bit-exact. Returns the paths.
         A data-parallel worker of rank > 0 writes nothing (weights and history are the same on every
@@ -939,7 +950,7 @@ class Solver:
                 for i, h in enumerate(self.history):
                     group.create_dataset(str(i), data=h.host_data)
 
-    def restore(self, path):
+    def restore(self, path: str | os.PathLike) -> None:
         """Load a ``.solverstate`` (or ``.solverstate.h5``): iteration, weights, history, current_step;
         then the RNG sidecar and the data layers' read positions, so training continues exactly.
 
@@ -1012,10 +1023,7 @@ class Solver:
             raise
 
     def _read_state_hdf5(self, path):
-        try:
-            import h5py
-        except ImportError:
-            raise SolverError(f"{path}: reading an HDF5 solver state needs h5py (pip install h5py)") from None
+        h5py = require("h5py", f"{path}: reading an HDF5 solver state", SolverError)
         try:
             h5 = h5py.File(path, "r")
         except OSError as exc:

@@ -19,6 +19,7 @@ from google.protobuf import text_format
 
 from .. import backend
 from ..data.datum import join_root, read_image_list
+from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_write
 from ..multicrop import (Preprocessor, combine, default_scales, evaluate_crops, evaluate_dense,
@@ -67,7 +68,7 @@ def read_list_file(path):
 
 def load_image_bgr(path, channels):
     """An image as Caffe's data layers see it: H×W×C float32, BGR order, values 0-255."""
-    import cv2
+    cv2 = import_cv2("evaluate")
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:

@@ -10,11 +10,11 @@ import time as _time
 
 import numpy as np
 
-from .. import backend, parallel
+from .. import backend, parallel, shipped
 from ..errors import MinicaffeError, did_you_mean
 from ..layers.python_layer import python_layers_refused, refuse_python_layers
 from ..proto import caffe_pb2
-from . import beyond
+from . import beyond, subcommands
 from .argparsing import ArgumentParser
 from .common import get_logger, print_error, run_main
 from .progress import ProgressBar, log_to_file
@@ -41,8 +41,13 @@ commands:
 test also takes --crops 1|10|144|150, --scales, --dense and several --model/--weights pairs
 (an ensemble); see 'minicaffe evaluate --help' for those flags.
 
+Paths such as models/lenet/solver.prototxt that are not in the working directory
+are read from the files shipped with minicaffe ('minicaffe models' lists them).
+
 Python layers in a net import code from the current directory: see the note at
-the end of this help, and --no-python-layers."""
+the end of this help, and --no-python-layers.
+
+""" + subcommands.USAGE
 
 PYTHON_LAYERS_NOTE = """Python layers run code from the current directory:
   a net with type: "Python" layers imports each python_param.module with the
@@ -199,6 +204,8 @@ def train(args):
                                  "(or pip install tensorboardX)") from None
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
     param, path = read_solver_param(args.solver)
+    if args.solver != args.solver_given:
+        shipped.make_snapshot_folder(param.snapshot_prefix)     # a shipped solver: its prefix is local
     param.train_state.level = args.level
     param.train_state.stage.extend(_stages(args.stage))
     gpu_flag = args.gpu
@@ -537,6 +544,8 @@ def main(argv=None):
             return main.__wrapped__([a for a in argv if a not in NO_PYTHON_LAYERS])
         finally:
             refuse_python_layers(previous)
+    if argv[0] in subcommands.TOOLS:         # minicaffe convert_imageset ...: the console script's main
+        return subcommands.run(argv[0], argv[1:])
     argv = _command_first(argv)
     if argv[0] in BEYOND_COMMANDS:
         parser = ArgumentParser(prog="minicaffe")
@@ -550,15 +559,22 @@ def main(argv=None):
     if command not in _COMMAND_FUNCS:
         if command.startswith("-"):
             raise MinicaffeError(f"no command given; commands: {', '.join(COMMANDS)} (see 'minicaffe --help')")
-        raise MinicaffeError(f"unknown command '{command}'{did_you_mean(command, COMMANDS)}; commands: "
-                             f"{', '.join(COMMANDS)}")
+        known = COMMANDS + tuple(subcommands.TOOLS)
+        raise MinicaffeError(f"unknown command '{command}'{did_you_mean(command, known)}; commands: "
+                             f"{', '.join(COMMANDS)} (and the tools: see 'minicaffe --help')")
     args = _parser(command).parse_args(_gflags_style(argv[1:]))
     args.command = command
     # gflags keep the last of a repeated flag; test's ensembles use them all
     args.models, args.weights_list = args.model, args.weights
     args.model = args.model[-1] if args.model else ""
-    args.weights = args.weights[-1] if args.weights else ""
     with log_to_file(args.log_file):
+        # a documented path (models/lenet/...) not in the working directory: the shipped copy (logged)
+        get_logger()
+        args.solver_given, args.solver = args.solver, shipped.resolve(args.solver, "--solver")
+        args.models = [shipped.resolve(m, "--model") for m in args.models]
+        args.model = shipped.resolve(args.model, "--model") if args.model else ""
+        args.weights_list = [shipped.resolve_list(w, "--weights") for w in args.weights_list]
+        args.weights = args.weights_list[-1] if args.weights_list else ""
         return _COMMAND_FUNCS[command](args)
 
 

@@ -12,6 +12,9 @@ pixel of every image (channel order of the data, i.e. BGR; 0–255 scale) and wr
 BlobProtoVector: ``<OUTPUT_FILE stem>_pca.binaryproto`` beside the mean, or ``--pca_file PATH``.
 That file is what ``transform_param { color_shift { pca_file } }`` reads.
 """
+from __future__ import annotations
+
+import logging
 import os
 import sys
 
@@ -69,7 +72,9 @@ class _ColorStats:
         return self.s2 / self.n - np.outer(m, m)
 
 
-def compute_image_mean(input_db, output_file=None, backend="lmdb", pca=False, pca_file=None, logger=None):
+def compute_image_mean(input_db: str | os.PathLike, output_file: str | os.PathLike | None = None,
+                       backend: str = "lmdb", pca: bool = False, pca_file: str | os.PathLike | None = None,
+                       logger: logging.Logger | None = None) -> dict[str, np.ndarray]:
     """Mean of the records of ``input_db`` (C×H×W float64); with ``pca`` also (eigenvalues,
     eigenvectors, covariance) of the pixel colours. Writes the files named (atomically)."""
     log = logger or get_logger()

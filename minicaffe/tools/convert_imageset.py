@@ -53,6 +53,7 @@ from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
 from ..data.db import open_writer
 from ..data.lmdb_writer import BatchedLMDBWriter  # noqa: F401 - the tests patch its put()
+from ..deps import import_cv2
 from ..errors import DataError
 from ..proto import caffe_pb2
 from .common import ProgressBar, get_logger, run_main
@@ -173,7 +174,7 @@ def make_record(filename, label, is_color=True, height=0, width=0, encoding="", 
     (None, reason) when the image cannot be read or has more than ``max_pixels`` pixels (0: no
     limit; checked on the file's header before decoding, and on the decoded image for formats whose
     header is not parsed here)."""
-    import cv2
+    cv2 = import_cv2("convert_imageset")
     try:
         with open(filename, "rb") as f:
             raw = f.read()
@@ -226,7 +227,7 @@ def _init_worker(opts, abort):
     # Ctrl-C reaches the whole process group: the parent alone handles it (it stops the pool and
     # removes its working directory); a worker dying of it would print a traceback and break the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import cv2
+    cv2 = import_cv2("convert_imageset")
     cv2.setNumThreads(1)   # the processes are the parallelism
     _OPTS.clear()
     _OPTS.update(opts, abort=abort)

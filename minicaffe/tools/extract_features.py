@@ -10,11 +10,15 @@ shape (an N×D blob gives D×1×1). Each database is built under a hidden tempor
 target and renamed once complete, so an interrupted run leaves no half-written database; an
 existing database is never overwritten. LevelDB needs plyvel (the ``leveldb`` extra).
 """
+from __future__ import annotations
+
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -24,6 +28,9 @@ from ..data.db import check_write_backend, open_writer
 from ..errors import DataError, MinicaffeError, NetError, did_you_mean
 from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
+
+if TYPE_CHECKING:
+    from ..net import Net
 
 COMMIT_EVERY = 1000                 # records per transaction, as Caffe
 _COMMIT_BYTES = 64 << 20            # ... or fewer when records are large
@@ -88,7 +95,9 @@ class LmdbBuilder:
             self.tmp = None
 
 
-def extract_features(net, blob_names, db_paths, num_batches, log=None, progress=False, db_type="lmdb"):
+def extract_features(net: Net, blob_names: Sequence[str], db_paths: Sequence[str], num_batches: int,
+                     log: logging.Logger | None = None, progress: bool = False,
+                     db_type: str = "lmdb") -> list[int]:
     """Run ``net`` forward ``num_batches`` times; store each blob's per-image features in its database
     (``db_type`` lmdb or leveldb).
 

@@ -22,6 +22,8 @@ Two deliberate differences from Caffe's script, both fixing wrong numbers it pro
   keep the latest rate logged before them.
 * A last row that never filled up (e.g. a log with a single test pass) is kept, not dropped.
 """
+from __future__ import annotations
+
 import csv
 import datetime
 import io
@@ -29,6 +31,7 @@ import math
 import os
 import re
 import sys
+from typing import Sequence
 
 from ..errors import DataError
 from ..fileio import atomic_write
@@ -65,7 +68,7 @@ def _float(text):
         return math.nan
 
 
-def parse_log(path):
+def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """Parse a Caffe/minicaffe training log; returns ``(train_rows, test_rows)``, lists of dicts.
 
     Each row maps NumIters (int), Seconds and LearningRate (floats, NaN when unknown) and every
@@ -213,7 +216,7 @@ def columns_of(rows):
     return cols
 
 
-def to_csv(rows, delimiter=","):
+def to_csv(rows: Sequence[dict], delimiter: str = ",") -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns_of(rows), delimiter=delimiter, restval="",
                             lineterminator="\r\n")     # csv.excel's, as Caffe's script writes
@@ -222,7 +225,8 @@ def to_csv(rows, delimiter=","):
     return buf.getvalue()
 
 
-def save_csv_files(log_path, output_dir, train_rows, test_rows, delimiter=",", verbose=False):
+def save_csv_files(log_path: str | os.PathLike, output_dir: str | os.PathLike, train_rows: Sequence[dict],
+                   test_rows: Sequence[dict], delimiter: str = ",", verbose: bool = False) -> list[str]:
     """Write ``<output_dir>/<basename>.train`` and ``.test`` (atomically); empty tables are skipped."""
     base = os.path.basename(os.fspath(log_path))
     written = []

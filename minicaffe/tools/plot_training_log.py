@@ -20,14 +20,17 @@ outputs otherwise (GoogLeNet's ``loss3/top-1``) get the last column that looks l
 named with ``--field``. Unlike Caffe's script, colours and markers are deterministic and log names
 need not end in ``.log``. matplotlib (Agg backend, no display needed) is an optional dependency.
 """
+from __future__ import annotations
+
 import argparse
 import io
 import math
 import os
 import re
 import sys
+from typing import Sequence
 
-from ..errors import DataError, MinicaffeError
+from ..errors import DataError
 from ..fileio import atomic_write
 from .argparsing import ArgumentParser
 from .common import run_main
@@ -88,15 +91,13 @@ def _legend_labels(paths):
 
 def _pyplot():
     # Figure + the Agg canvas directly: no display, and pyplot's global backend is left alone
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MinicaffeError("plot_training_log needs matplotlib: pip install matplotlib") from None
-    return Figure, FigureCanvasAgg
+    from ..deps import require
+    agg = require("matplotlib.backends.backend_agg", "plot_training_log")
+    return require("matplotlib.figure", "plot_training_log").Figure, agg.FigureCanvasAgg
 
 
-def plot_chart(chart_type, out_path, log_paths, field=None, dpi=100, log_y=False):
+def plot_chart(chart_type: int, out_path: str, log_paths: Sequence[str], field: str | None = None,
+               dpi: int = 100, log_y: bool = False) -> str:
     """Draw ``chart_type`` for every log in ``log_paths`` and write the image to ``out_path``
     (``log_y``: a logarithmic y axis)."""
     if not 0 <= chart_type < len(CHART_TYPES):

@@ -19,6 +19,8 @@ extension, net definitions embedded in the solver (``net_param``, ``train_net_pa
 ``test_net_param``) get the net upgrade too. V0 nets (``layers { layer { ... } }``, 2014 and older)
 are refused with a clear message.
 """
+from __future__ import annotations
+
 import sys
 
 from google.protobuf import text_format
@@ -68,7 +70,7 @@ def _is_old_batch_norm(layer):
     return layer.type == "BatchNorm" and len(layer.param) == 3
 
 
-def upgrade_net_param(param, path=None):
+def upgrade_net_param(param: caffe_pb2.NetParameter, path: str | None = None) -> list[str]:
     """Bring a NetParameter (text or caffemodel) to the current format in place; returns warnings."""
     if not len(param.layer) and not len(param.layers):
         raise ParseError("holds no layers (not a net definition?)", path)
@@ -87,7 +89,7 @@ def upgrade_net_param(param, path=None):
     return warnings
 
 
-def upgrade_solver_param(param, path=None):
+def upgrade_solver_param(param: caffe_pb2.SolverParameter, path: str | None = None) -> bool:
     """Turn ``solver_type`` (enum) into ``type`` (string) in place; True if anything changed."""
     changed = False
     if param.HasField("solver_type"):
