@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, fusion
 from .blob import Blob, SharedBlob
 from .errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from .fileio import atomic_write
@@ -269,6 +269,7 @@ class Net:
         self.outputs = sorted(available)   # Caffe keeps them in a std::set: sorted by name
         self._prune_backward()
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+        self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
 
     def _share_param(self, lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay):
         """Make blob ``k`` of ``layer`` the parameter ``pname`` first owned elsewhere, as Caffe's
@@ -372,12 +373,20 @@ class Net:
         """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for li in range(start, end + 1):
+        li = start
+        while li <= end:
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
-            t0 = time.perf_counter() if timings is not None else None
+            t0, first = (time.perf_counter() if timings is not None else None), li
+            # TEST nets: a chain of layers fused into one (minicaffe/fusion.py; no loss, same blobs)
+            chain = self._fusion.chain_at(li, end) if self._fusion is not None else None
             try:
-                layer.reshape(bottom, top)
-                layer.forward(bottom, top)
+                if chain is not None and chain.run(self):
+                    self._fusion.ran[li] = chain
+                    li, layer = chain.last, self.layers[chain.last]
+                    top = self._top[li]
+                else:
+                    layer.reshape(bottom, top)
+                    layer.forward(bottom, top)
             except (NetError, MemoryError) as exc:
                 named = self._name_layer(exc, layer)
                 if named is exc:
@@ -385,16 +394,21 @@ class Net:
                 raise named from None
             if timings is not None:
                 _sync()
-                timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+                timings[first] = timings.get(first, 0.0) + time.perf_counter() - t0
             if self.check_finite:
                 self._check_finite(li, "forward", [(f"top '{b.name}'", b.xdata) for b in top])
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
                     loss += w * float(blob.xdata.sum())
+            li += 1
         return loss
 
     def backward_from_to(self, start=None, end=0, timings=None):
         start = len(self.layers) - 1 if start is None else start
+        if self._fusion is not None:
+            # fused layers kept no state for their gradients: redo them unfused, fuse no more
+            self._fusion.unfuse(self)
+            self._fusion = None
         for li in range(start, end - 1, -1):
             if not self._layer_need_backward[li]:
                 continue
