@@ -1,6 +1,6 @@
-"""1x1 convolutions on the CPU: a GEMM per image straight on the blob or its gathered strided view
-(no im2col) from ``DIRECT_1X1_MIN_COLUMNS`` output positions up, one batch GEMM below; both give
-the convolution."""
+"""Strided 1x1 convolutions on the CPU: a GEMM per image on the gathered strided view (no im2col)
+from ``DIRECT_1X1_MIN_COLUMNS`` output positions up, im2col and one batch GEMM below; both give
+the convolution (stride 1 is always direct)."""
 import numpy as np
 import pytest
 
@@ -19,8 +19,7 @@ def _reference(x, w, b, sh, sw, group):
 
 
 @pytest.mark.parametrize("spec,sh,sw,group", [("stride: 2", 2, 2, 1), ("stride: 3 group: 2", 3, 3, 2),
-                                              ("stride_h: 2 stride_w: 1", 2, 1, 1),
-                                              ("stride: 1", 1, 1, 1)])
+                                              ("stride_h: 2 stride_w: 1", 2, 1, 1)])
 def test_1x1_direct_on_strided_view_matches_columns_and_reference(spec, sh, sw, group, monkeypatch):
     x = np.random.default_rng(0).standard_normal((3, 8, 31, 29)).astype(np.float32)
     text = (f'type: "Convolution" convolution_param {{ num_output: 6 kernel_size: 1 {spec} '

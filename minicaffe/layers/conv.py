@@ -9,9 +9,9 @@ Both layers share one engine that knows a convolution in its "forward" orientati
 Convolution uses them as they are; Deconvolution is the transpose (its forward is the
 convolution's data gradient, its data gradient the convolution's forward), exactly as Caffe's
 ``DeconvolutionLayer`` reuses ``BaseConvolutionLayer`` with the dimensions reversed. A 1x1 kernel
-with no padding skips im2col in the forward (a batched matrix product straight on the blob, or on
-its gathered strided view; CPU: maps of ``DIRECT_1X1_MIN_COLUMNS`` positions or more) and, with
-stride 1, col2im in the backward.
+with no padding skips im2col in the forward (a batched matrix product straight on the blob, or,
+strided on the CPU over maps of ``DIRECT_1X1_MIN_COLUMNS`` positions or more, on its gathered
+strided view) and, with stride 1, col2im in the backward.
 On the CPU the forward over wide maps runs a band of output rows at a time (``COL_BAND_ELEMENTS``
 in ``im2col``), so the column matrix is read from cache; over narrow maps the column matrix puts
 the batch axis last (``BATCH_LAST_MAX_WIDTH``), so im2col and col2im move long runs. The CPU
@@ -89,12 +89,12 @@ class _ConvEngine:
 
     def _direct(self, xp):
         """Whether the forward GEMM runs per image straight on the blob (no column matrix, no
-        transposed copy of the output): a 1x1 kernel without padding. On the CPU only for maps of
-        at least ``DIRECT_1X1_MIN_COLUMNS`` output positions (below, one GEMM over the whole
-        batch's columns is faster), and then with any stride (the input's strided view gathered
-        into a (N, C, oh*ow) buffer: ResNet's 1x1/2 projections). GPUs: stride 1, as before."""
+        transposed copy of the output): a 1x1 kernel, stride 1, no padding; on the CPU also a
+        strided 1x1 kernel (the input's strided view gathered into a (N, C, oh*ow) buffer:
+        ResNet's 1x1/2 projections) over maps of at least ``DIRECT_1X1_MIN_COLUMNS`` output
+        positions (below, one GEMM over the whole batch's columns is faster)."""
         g = self.geom
-        if xp is not np:
+        if g.is_1x1 or xp is not np:
             return g.is_1x1
         return (g.kh == 1 and g.kw == 1 and g.ph == 0 and g.pw == 0
                 and self.L >= _im2col.DIRECT_1X1_MIN_COLUMNS)
