@@ -1,6 +1,6 @@
 """Whole-net speed and memory of minicaffe next to PyTorch (CPU) and OpenCV's dnn module.
 
-For each net (LeNet, CaffeNet, GoogLeNet, VGG-16 from ``models/``):
+For each net (LeNet, CaffeNet, GoogLeNet, VGG-16, ResNet-50 from ``models/``):
 
 * **train**: one SGD iteration (forward, backward, momentum update with weight decay, as
   ``caffe.SGDSolver.step(1)``) of the net's ``train_val.prototxt`` (TRAIN phase, its Data layer
@@ -41,7 +41,11 @@ NETS = {
     "caffenet": ("models/caffenet", 32, (3, 227, 227)),
     "googlenet": ("models/googlenet", 16, (3, 224, 224)),
     "vgg16": ("models/vgg/vgg_d", 4, (3, 224, 224)),
+    "resnet50": ("models/resnet50", 10, (3, 224, 224)),
 }
+# nets with a deploy.prototxt only (no train_val.prototxt): inference only, and their weights are
+# made here (He's fillers, BatchNorm statistics measured on the input; see ``deploy_weights``)
+DEPLOY_ONLY = ("resnet50",)
 FRAMEWORKS = ("minicaffe", "torch", "opencv")
 DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData")
 
@@ -145,6 +149,33 @@ def _loop(step, warmup, iters):
     return times, cpu, (_status_kb("VmHWM") if reset else None)
 
 
+def deploy_weights(net, data, seed=1):
+    """Weights for a deploy-only net: He (MSRA) normal convolution / fc weights, Scale gamma in
+    [0.5, 1) and small beta, and each BatchNorm's global statistics set to the mean and variance of
+    its input on ``data`` (layer by layer), so activations keep a sensible scale through 50 layers
+    and every framework computes the same, well-conditioned function."""
+    rng = np.random.default_rng(seed)
+    net.blobs[net.inputs[0]].data[...] = data
+    done = 0            # layers before this one have run with their final weights
+    for li, layer in enumerate(net.layers):
+        if layer.type in ("Convolution", "InnerProduct"):
+            w = layer.blobs[0].data
+            w[...] = rng.standard_normal(w.shape, dtype=np.float32) * np.sqrt(2.0 / (w.size // w.shape[0]))
+            if len(layer.blobs) > 1:
+                layer.blobs[1].data[...] = 0.01 * rng.standard_normal(layer.blobs[1].shape, dtype=np.float32)
+        elif layer.type == "Scale":
+            layer.blobs[0].data[...] = rng.uniform(0.5, 1.0, layer.blobs[0].shape)
+            if len(layer.blobs) > 1:
+                layer.blobs[1].data[...] = 0.1 * rng.standard_normal(layer.blobs[1].shape)
+        elif layer.type == "BatchNorm":
+            net.forward_from_to(done, li - 1)
+            done = li
+            x = net._bottom[li][0].data
+            layer.blobs[0].data[...] = x.mean(axis=(0, 2, 3))
+            layer.blobs[1].data[...] = x.var(axis=(0, 2, 3))
+            layer.blobs[2].data[...] = 1.0
+
+
 def prepare(args):
     """Build the train net (fillers), save its weights as a caffemodel and deploy prototxt, and
     minicaffe's inference output for the other frameworks to compare with."""
@@ -152,14 +183,18 @@ def prepare(args):
     caffe.set_mode_cpu()
     caffe.set_random_seed(1)
     work = args.workdir
-    tp = train_param(args.net, args.batch)
-    write_text(os.path.join(work, "train.prototxt"), tp)
-    net = caffe.Net(tp, caffe.TRAIN)
-    net.save(os.path.join(work, "weights.caffemodel"))
-    del net
     dp = deploy_param(args.net, args.batch)
     write_text(os.path.join(work, "deploy.prototxt"), dp)
     data, labels = inputs(args.net, args.batch)
+    if args.net in DEPLOY_ONLY:
+        net = caffe.Net(dp, caffe.TEST)
+        deploy_weights(net, data)
+    else:
+        tp = train_param(args.net, args.batch)
+        write_text(os.path.join(work, "train.prototxt"), tp)
+        net = caffe.Net(tp, caffe.TRAIN)
+    net.save(os.path.join(work, "weights.caffemodel"))
+    del net
     np.save(os.path.join(work, "data.npy"), data)
     np.save(os.path.join(work, "labels.npy"), labels)
     dnet = caffe.Net(os.path.join(work, "deploy.prototxt"), caffe.TEST,
@@ -224,8 +259,10 @@ def build_torch(param, weights):
     """A torch.nn.Module running the layers of a Caffe NetParameter in order, with the given weights.
 
     Supports what the benchmark nets use: Input, Convolution, ReLU, Pooling, LRN (across channels),
-    InnerProduct, Dropout, Concat, Softmax, SoftmaxWithLoss. ReLU runs in place where the prototxt
-    says so (top == bottom), as Caffe does.
+    InnerProduct, Dropout, Concat, Softmax, SoftmaxWithLoss, BatchNorm (global statistics), Scale,
+    Eltwise SUM. ReLU runs in place where the prototxt says so (top == bottom), as Caffe does. A
+    BatchNorm followed by a Scale on the same blob becomes one ``nn.BatchNorm2d`` with affine
+    weights, as torchvision's ResNet writes it (eval mode: its running statistics).
     """
     import torch
     import torch.nn.functional as F
@@ -239,11 +276,47 @@ def build_torch(param, weights):
             self.mods = nn.ModuleDict()
             self.steps = []
             self.param_mults = []   # (tensor, lr_mult, decay_mult)
-            for lp in param.layer:
+            layers = list(param.layer)
+            merged = set()     # Scale layers folded into the BatchNorm2d before them
+            for i, lp in enumerate(layers):
                 key = lp.name.replace("/", "_").replace(".", "_")
                 fn = None
                 t = lp.type
-                if t == "Input":
+                if t == "Input" or lp.name in merged:
+                    continue
+                if t == "BatchNorm":
+                    mean, var, factor = weights[lp.name]
+                    f = 0.0 if factor.reshape(-1)[0] == 0 else 1.0 / factor.reshape(-1)[0]
+                    nxt = layers[i + 1] if i + 1 < len(layers) else None
+                    affine = (nxt is not None and nxt.type == "Scale" and list(nxt.bottom) == list(lp.top)
+                              and len(nxt.bottom) == 1)
+                    mod = nn.BatchNorm2d(mean.size, eps=lp.batch_norm_param.eps, affine=affine)
+                    with torch.no_grad():
+                        mod.running_mean.copy_(torch.from_numpy(mean.reshape(-1) * f))
+                        mod.running_var.copy_(torch.from_numpy(var.reshape(-1) * f))
+                        if affine:
+                            merged.add(nxt.name)
+                            sw = weights[nxt.name]
+                            mod.weight.copy_(torch.from_numpy(sw[0].reshape(-1)))
+                            if len(sw) > 1:
+                                mod.bias.copy_(torch.from_numpy(sw[1].reshape(-1)))
+                            else:
+                                mod.bias.zero_()
+                    self.mods[key] = mod
+                    self.steps.append((mod, list(lp.bottom), list(nxt.top if affine else lp.top), False))
+                    continue
+                if t == "Scale":
+                    sw = [torch.from_numpy(a.reshape(1, -1, 1, 1)) for a in weights[lp.name]]
+                    fn = (lambda ws: (lambda x: x * ws[0] + ws[1]) if len(ws) > 1 else
+                          (lambda x: x * ws[0]))(sw)
+                    self.steps.append((fn, list(lp.bottom), list(lp.top), False))
+                    continue
+                if t == "Eltwise":
+                    if lp.eltwise_param.operation != caffe_pb2.EltwiseParameter.SUM or \
+                            len(lp.eltwise_param.coeff):
+                        raise ValueError(f"Eltwise {lp.name}: only a plain SUM has a torch translation here")
+                    fn = lambda *xs: sum(xs[1:], xs[0])  # noqa: E731
+                    self.steps.append((fn, list(lp.bottom), list(lp.top), False))
                     continue
                 if t == "Convolution":
                     cp = lp.convolution_param
@@ -471,6 +544,9 @@ def driver(args):
                 print(f"{net}: preparing failed: {prep['error']}")
                 continue
             for mode in modes:
+                if mode == "train" and net in DEPLOY_ONLY:
+                    print(f"{net:10s} {batch:5d} train  (deploy.prototxt only: inference only)")
+                    continue
                 row = {"minicaffe": spawn("minicaffe", net, mode, batch, work, args)}
                 for ref in refs:
                     if ref == "opencv" and mode == "train":

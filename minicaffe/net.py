@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import backend
+from . import backend, fusion
 from .blob import Blob, SharedBlob
 from .errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from .fileio import atomic_write
@@ -313,6 +313,7 @@ class Net:
         for name in self.outputs:
             log.info("This network produces output %s", name)
         self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+        self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
         log.info("Network initialization done.")
 
     @staticmethod
@@ -534,15 +535,24 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
         hooks = self._hooks
-        for li in range(start, end + 1):
+        li = start
+        while li <= end:
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             if hooks:
                 for fn in hooks["before_forward"]:
                     fn(li)
-            t0 = time.perf_counter() if timings is not None else None
+            t0, first = (time.perf_counter() if timings is not None else None), li
+            # TEST nets: a chain of layers fused into one (minicaffe/fusion.py; no loss, same blobs);
+            # not while pycaffe hooks are set, which must see every layer
+            chain = self._fusion.chain_at(li, end) if self._fusion is not None and not hooks else None
             try:
-                layer.reshape(bottom, top)
-                layer.forward(bottom, top)
+                if chain is not None and chain.run(self):
+                    self._fusion.ran[li] = chain
+                    li, layer = chain.last, self.layers[chain.last]
+                    top = self._top[li]
+                else:
+                    layer.reshape(bottom, top)
+                    layer.forward(bottom, top)
             except (NetError, MemoryError) as exc:
                 named = self._name_layer(exc, layer)
                 if named is exc:
@@ -550,7 +560,7 @@ class Net:
                 raise named from None
             if timings is not None:
                 _sync()
-                timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
+                timings[first] = timings.get(first, 0.0) + time.perf_counter() - t0
             if self.check_finite:
                 self._check_finite(li, "forward", [(f"top '{b.name}'", b.xdata) for b in top])
             for w, blob in zip(self._loss_weights[li], top):
@@ -559,6 +569,7 @@ class Net:
             if hooks:
                 for fn in hooks["after_forward"]:
                     fn(li)
+            li += 1
         return loss
 
     def backward_from_to(self, start: int | None = None, end: int = 0,
@@ -569,6 +580,10 @@ class Net:
         resets them). ``timings`` (layer index → seconds) is added to when given."""
         start = len(self.layers) - 1 if start is None else start
         hooks = self._hooks
+        if self._fusion is not None:
+            # fused layers kept no state for their gradients: redo them unfused, fuse no more
+            self._fusion.unfuse(self)
+            self._fusion = None
         for li in range(start, end - 1, -1):
             if hooks:       # as Caffe: the hooks run for every layer, even one that skips backward
                 for fn in hooks["before_backward"]:

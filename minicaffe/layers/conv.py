@@ -9,7 +9,9 @@ Both layers share one engine that knows a convolution in its "forward" orientati
 Convolution uses them as they are; Deconvolution is the transpose (its forward is the
 convolution's data gradient, its data gradient the convolution's forward), exactly as Caffe's
 ``DeconvolutionLayer`` reuses ``BaseConvolutionLayer`` with the dimensions reversed. A 1x1 kernel
-with stride 1 and no padding skips im2col/col2im (a batched matrix product straight on the blob).
+with no padding skips im2col in the forward (a batched matrix product straight on the blob, or,
+strided on the CPU over maps of ``DIRECT_1X1_MIN_COLUMNS`` positions or more, on its gathered
+strided view) and, with stride 1, col2im in the backward.
 On the CPU the forward over wide maps runs a band of output rows at a time (``COL_BAND_ELEMENTS``
 in ``im2col``), so the column matrix is read from cache; over narrow maps the column matrix puts
 the batch axis last (``BATCH_LAST_MAX_WIDTH``), so im2col and col2im move long runs. The CPU
@@ -85,14 +87,31 @@ class _ConvEngine:
             else:
                 dw2[go] += rows[go] @ col2[gk].T
 
+    def _direct(self, xp):
+        """Whether the forward GEMM runs per image straight on the blob (no column matrix, no
+        transposed copy of the output): a 1x1 kernel, stride 1, no padding; on the CPU also a
+        strided 1x1 kernel (the input's strided view gathered into a (N, C, oh*ow) buffer:
+        ResNet's 1x1/2 projections) over maps of at least ``DIRECT_1X1_MIN_COLUMNS`` output
+        positions (below, one GEMM over the whole batch's columns is faster)."""
+        g = self.geom
+        if g.is_1x1 or xp is not np:
+            return g.is_1x1
+        return (g.kh == 1 and g.kw == 1 and g.ph == 0 and g.pw == 0
+                and self.L >= _im2col.DIRECT_1X1_MIN_COLUMNS)
+
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         """``y[...] = conv(x, w)`` when ``y`` is given; ``dw += rows(grad_src) @ cols(x)^T`` when ``dw`` is."""
         xp = backend.get_array_module(x)
         num = x.shape[0]
         w2 = w.reshape(self.cout, self.kg)
-        direct = self.geom.is_1x1
+        direct = self._direct(xp)
         if y is not None and direct:
-            x3 = x.reshape(num, self.cin, self.L)
+            g, src = self.geom, x
+            if g.sh != 1 or g.sw != 1:
+                oh, ow = self.out_hw
+                src = workspace(xp, (num, self.cin, oh, ow), x.dtype, "col")
+                xp.copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
+            x3 = src.reshape(num, self.cin, self.L)
             y3 = y.reshape(num, self.cout, self.L)
             if self.group == 1:
                 xp.matmul(w2, x3, out=y3)

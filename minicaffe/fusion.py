@@ -1,0 +1,252 @@
+"""Inference-time layer fusion for TEST nets on the CPU, as OpenCV's dnn module does.
+
+Chosen once, when a TEST-phase ``Net`` is built (``plan``), and switched off with
+``MINICAFFE_FUSION=0`` (read at build time, for comparisons). Two patterns are fused:
+
+* **Convolution + BatchNorm (global statistics) + Scale + ReLU**, any non-empty run of the last
+  three, each in place on the convolution's top (how Caffe's ResNet prototxts are written). The
+  BatchNorm and Scale are folded into a private copy of the convolution's weights and bias
+  (``w' = w·a``, ``b' = (b − mean)·a + β`` with ``a = γ/√(var+eps)`` per output channel) and the
+  ReLU runs on the convolution's output: one GEMM, one bias pass and one ReLU pass instead of
+  the seven or so passes over the activations of the separate layers (BatchNorm's subtract /
+  scale / copy, Scale's saved input / multiply / add, ReLU).
+* **Eltwise SUM + ReLU** in place on the sum: the sum written into the top's own array (no new
+  array per forward) and rectified there.
+
+What pycaffe sees stays Caffe's:
+
+* blobs: only in-place chains are fused, so the one blob they touch ends up with the value the
+  last layer of the chain writes, as without fusion (to float rounding: the folded weights round
+  differently, ~1e-6 relative); a chain is fused only when no later layer writes that blob or the
+  convolution's bottom, and only when ``forward(start=, end=)`` covers the whole chain.
+* params: ``net.params`` are never touched. The folded copy is remade whenever any source
+  parameter changed: each forward compares them with the copy the fold was made from (one read of
+  the weights, as ``winograd.FilterCache`` does; refolding would cost about the same, the compare
+  keeps the folded array and so the Winograd filter cache valid). So a user (or a solver sharing
+  the weights with this test net) changing params between forwards gets the new params.
+* backward: the separate layers keep state for their gradient (BatchNorm its normalised input,
+  Scale a copy of its input), which a fused forward does not fill. The first ``backward`` on a net
+  whose forward ran fused chains re-runs those chains unfused (from the convolution's bottom, which
+  no later layer writes) and switches fusion off for that net: a net used for gradients (saliency,
+  deep dream) is then an ordinary unfused net.
+
+GPU arrays are left to the separate layers (their kernels already run one pass each).
+"""
+import os
+
+import numpy as np
+
+from . import winograd
+from .proto import caffe_pb2
+
+ENV = "MINICAFFE_FUSION"
+
+
+def enabled():
+    """Fusion is on unless ``MINICAFFE_FUSION=0``."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+class _Chain:
+    """Consecutive layers ``first..last`` run as one."""
+
+    def __init__(self, first, last):
+        self.first, self.last = first, last
+
+
+class ConvChain(_Chain):
+    """Convolution (+ BatchNorm) (+ Scale) (+ ReLU), the others in place on the convolution's top."""
+
+    def __init__(self, first, last, bn, scale, relu):
+        super().__init__(first, last)
+        self.bn, self.scale, self.relu = bn, scale, relu
+        self._sources = None         # copies of the parameters the fold was made from
+        self._folded = None          # (weights, bias or None)
+        self._winograd = winograd.FilterCache()
+
+    def _source_arrays(self, net):
+        arrays = [b.xdata for b in net.layers[self.first].blobs]
+        if self.bn is not None:
+            arrays += [b.xdata for b in net.layers[self.bn].blobs]
+        if self.scale is not None:
+            arrays += [b.xdata for b in net.layers[self.scale].blobs]
+        return arrays
+
+    def folded(self, net):
+        """(weights, bias or None) with the BatchNorm and Scale folded in; remade when a source
+        parameter changed since the last fold."""
+        arrays = self._source_arrays(net)
+        if self._sources is not None and len(self._sources) == len(arrays) and all(
+                s.shape == a.shape and np.array_equal(s, a) for s, a in zip(self._sources, arrays)):
+            return self._folded
+        conv = net.layers[self.first]
+        w = conv.blobs[0].xdata
+        cout = w.shape[0]
+        # per-output-channel y = conv(x)·a + b, in float64 then rounded once
+        a = np.ones(cout)
+        b = (conv.blobs[1].xdata.astype(np.float64) if conv.bias_term else np.zeros(cout))
+        if self.bn is not None:
+            bn = net.layers[self.bn]
+            f = float(bn.blobs[2].xdata.reshape(-1)[0])
+            f = 0.0 if f == 0 else 1.0 / f
+            mean = bn.blobs[0].xdata.reshape(-1).astype(np.float64) * f
+            var = bn.blobs[1].xdata.reshape(-1).astype(np.float64) * f
+            inv = 1.0 / np.sqrt(var + bn.eps)
+            a, b = a * inv, (b - mean) * inv
+        if self.scale is not None:
+            sc = net.layers[self.scale]
+            gamma = sc.blobs[0].xdata.reshape(-1).astype(np.float64)
+            a, b = a * gamma, b * gamma
+            if sc.bias_index is not None:
+                b = b + sc.blobs[sc.bias_index].xdata.reshape(-1)
+        wf = (w * a.reshape((cout,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        bias = None if (self.bn is None and self.scale is None and not conv.bias_term) else b.astype(w.dtype)
+        self._folded = (wf, bias)
+        self._sources = [s.copy() for s in arrays]
+        return self._folded
+
+    def run(self, net):
+        conv = net.layers[self.first]
+        bottom, top = net._bottom[self.first], net._top[self.first]
+        x = bottom[0].xdata
+        if not isinstance(x, np.ndarray):
+            return False
+        for li in range(self.first, self.last + 1):
+            net.layers[li].reshape(net._bottom[li], net._top[li])
+        wf, bias = self.folded(net)
+        x4 = conv._bottom4(x)
+        y4 = conv._top4(top[0].xdata)
+        if winograd.worthwhile(np, conv.geom, conv.group, conv.channels, conv.top_hw):
+            winograd.forward(x4, wf, y4, conv.geom.ph, conv.geom.pw, u=self._winograd.get(wf))
+        else:
+            conv.engine.forward(x4, wf, y=y4)
+        if bias is not None:
+            y4 += bias.reshape(1, -1, 1, 1)
+        if self.relu is not None:
+            np.maximum(y4, 0, out=y4)
+        return True
+
+
+class EltwiseReluChain(_Chain):
+    """Eltwise SUM + ReLU in place on its top."""
+
+    def run(self, net):
+        layer = net.layers[self.first]
+        bottom, top = net._bottom[self.first], net._top[self.first]
+        xs = [b.xdata for b in bottom]
+        if not all(isinstance(x, np.ndarray) for x in xs):
+            return False
+        layer.reshape(bottom, top)
+        net.layers[self.last].reshape(net._bottom[self.last], net._top[self.last])
+        out = top[0].xdata
+        c = layer.coeffs
+        if c[0] == 1.0 and c[1] == 1.0:
+            np.add(xs[0], xs[1], out=out)
+        else:
+            np.multiply(xs[0], c[0], out=out)
+            out += c[1] * xs[1]
+        for ci, x in zip(c[2:], xs[2:]):
+            out += x if ci == 1.0 else ci * x
+        np.maximum(out, 0, out=out)
+        return True
+
+
+class Fusion:
+    """The chains of one net (by first layer index) and those run fused since the last backward."""
+
+    def __init__(self, chains):
+        self.chains = {ch.first: ch for ch in chains}
+        self.ran = {}
+
+    def __len__(self):
+        return len(self.chains)
+
+    def chain_at(self, li, end):
+        ch = self.chains.get(li)
+        return ch if ch is not None and ch.last <= end else None
+
+    def unfuse(self, net):
+        """Re-run the fused chains layer by layer (forward order), so the layers hold the state
+        their backward needs."""
+        for first in sorted(self.ran):
+            ch = self.ran[first]
+            for li in range(ch.first, ch.last + 1):
+                layer, bottom, top = net.layers[li], net._bottom[li], net._top[li]
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+        self.ran = {}
+
+
+def _in_place_on(net, li, blob):
+    return (len(net._bottom[li]) == 1 and len(net._top[li]) == 1 and net._bottom[li][0] is blob
+            and net._top[li][0] is blob)
+
+
+def _written_after(net, last, blob):
+    return any(t is blob for tops in net._top[last + 1:] for t in tops)
+
+
+def _plain_relu(layer):
+    return layer.type == "ReLU" and layer.param.relu_param.negative_slope == 0
+
+
+def _no_loss(net, first, last):
+    return not any(w for li in range(first, last + 1) for w in net._loss_weights[li])
+
+
+def _conv_chain(net, li):
+    conv = net.layers[li]
+    if conv.type != "Convolution" or len(net._bottom[li]) != 1 or len(net._top[li]) != 1 \
+            or conv.axis != 1 or net._bottom[li][0] is net._top[li][0]:
+        return None
+    blob = net._top[li][0]
+    channels = conv.num_output
+    bn = scale = relu = None
+    j = li + 1
+    n = len(net.layers)
+    if j < n and net.layers[j].type == "BatchNorm" and _in_place_on(net, j, blob) \
+            and net.layers[j].use_global_stats:
+        bn, j = j, j + 1
+    if j < n and net.layers[j].type == "Scale" and _in_place_on(net, j, blob):
+        sc = net.layers[j]
+        p = sc.param.scale_param
+        if p.axis in (1, -3) and p.num_axes == 1 and sc.blobs and sc.blobs[0].count == channels:
+            scale, j = j, j + 1
+    if j < n and _plain_relu(net.layers[j]) and _in_place_on(net, j, blob):
+        relu, j = j, j + 1
+    last = j - 1
+    if last == li or not _no_loss(net, li, last):
+        return None
+    if _written_after(net, last, blob) or _written_after(net, li, net._bottom[li][0]):
+        return None
+    return ConvChain(li, last, bn, scale, relu)
+
+
+def _eltwise_chain(net, li):
+    layer = net.layers[li]
+    if layer.type != "Eltwise" or layer.op != caffe_pb2.EltwiseParameter.SUM or len(net._top[li]) != 1:
+        return None
+    blob = net._top[li][0]
+    if any(b is blob for b in net._bottom[li]) or li + 1 >= len(net.layers):
+        return None
+    if not (_plain_relu(net.layers[li + 1]) and _in_place_on(net, li + 1, blob)):
+        return None
+    if not _no_loss(net, li, li + 1):
+        return None
+    return EltwiseReluChain(li, li + 1)
+
+
+def plan(net):
+    """The Fusion of a built TEST net, or None when there is nothing to fuse or it is switched off."""
+    if net.phase != caffe_pb2.TEST or not enabled():
+        return None
+    chains = []
+    li = 0
+    while li < len(net.layers):
+        ch = _conv_chain(net, li) or _eltwise_chain(net, li)
+        if ch is not None:
+            chains.append(ch)
+            li = ch.last + 1
+        else:
+            li += 1
+    return Fusion(chains) if chains else None
