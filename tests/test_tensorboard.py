@@ -13,10 +13,9 @@ from test_cli import NET, SOLVER
 get_logger()        # the log handler keeps the session's stderr, not one test's capsys stream
 
 
-def _scalars(logdir):
-    """{tag: [(step, value)]} from the TFRecord event file(s) in ``logdir``."""
+def _events(logdir):
+    """The summary values (step, value proto) of the TFRecord event file(s) in ``logdir``."""
     from tensorboardX.proto import event_pb2
-    out = {}
     files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     assert files
     for path in files:
@@ -27,7 +26,24 @@ def _scalars(logdir):
             event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4            # length, its crc, the record, its crc
             for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+                yield event.step, v
+
+
+def _scalars(logdir):
+    """{tag: [(step, value)]} of the scalars in ``logdir``'s event files."""
+    out = {}
+    for step, v in _events(logdir):
+        if v.WhichOneof("value") == "simple_value":
+            out.setdefault(v.tag, []).append((step, v.simple_value))
+    return out
+
+
+def _histograms(logdir):
+    """{tag: [(step, HistogramProto)]} of the histograms in ``logdir``'s event files."""
+    out = {}
+    for step, v in _events(logdir):
+        if v.WhichOneof("value") == "histo":
+            out.setdefault(v.tag, []).append((step, v.histo))
     return out
 
 
@@ -57,6 +73,14 @@ def test_train_writes_loss_lr_accuracy_and_norms(work, logs):
     final_loss = [float(m.split("loss = ")[1]) for m in logs if m.startswith("Iteration 2 (")]
     assert s["train/loss"][2][1] == pytest.approx(final_loss[0], rel=1e-5)
     assert [step for step, _ in s["train_output/loss"]] == [0, 2]
+    # histograms of the same blob at the same moments: one value per weight, their range the blob's
+    h = _histograms(str(work / "board"))
+    assert [step for step, _ in h["weights/ip/0"]] == [0, 2]
+    assert [step for step, _ in h["gradients/ip/0"]] == [0, 2]
+    counts = {histo.num for _, histo in h["weights/ip/0"] + h["gradients/ip/0"]}
+    assert len(counts) == 1 and counts.pop() > 1            # every weight counted, each time
+    for _, histo in h["weights/ip/0"] + h["gradients/ip/0"]:
+        assert histo.min < histo.max and sum(histo.bucket) == histo.num
 
 
 def test_tensorboard_without_tensorboardx_is_one_line(work, capsys, monkeypatch):

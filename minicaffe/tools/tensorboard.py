@@ -1,4 +1,4 @@
-"""``minicaffe train --tensorboard DIR``: training curves as TensorBoard scalars.
+"""``minicaffe train --tensorboard DIR``: training curves as TensorBoard scalars and histograms.
 
 Written through tensorboardX (the ``tensorboard`` extra: ``pip install 'minicaffe[tensorboard]'``),
 a small maintained event-file writer that needs neither TensorFlow nor PyTorch. Scalars:
@@ -9,7 +9,10 @@ a small maintained event-file writer that needs neither TensorFlow nor PyTorch. 
 - ``test<i>/<output>`` (accuracy, loss...) at each test pass, the means the log shows;
 - ``weights/<layer>/<k>`` and ``gradients/<layer>/<k>``: the L2 norm of each learnable blob and of
   its gradient before the update, every ``display`` iterations (each is a pass over the weights, so
-  not at every iteration), where exploding or vanishing gradients show first.
+  not at every iteration), where exploding or vanishing gradients show first;
+- histograms ``weights/<layer>/<k>`` and ``gradients/<layer>/<k>`` of the same blobs' values, at the
+  same moments (one host copy of the weights each time: the reason they are not written at every
+  iteration).
 
 It hooks the solver only through ``add_callback`` (pycaffe's), so the training loop is unchanged.
 """
@@ -37,7 +40,7 @@ def _l2(x):
 
 
 class TensorBoardLogger:
-    """Scalars of one training run into ``logdir`` (see the module docstring)."""
+    """Scalars and histograms of one training run into ``logdir`` (see the module docstring)."""
 
     def __init__(self, solver, logdir):
         self.solver, self.logdir = solver, logdir
@@ -78,6 +81,8 @@ class TensorBoardLogger:
             for k, blob in enumerate(layer.blobs):
                 self._scalar(f"weights/{layer_name}/{k}", _l2(blob.xdata), it)
                 self._scalar(f"gradients/{layer_name}/{k}", _l2(blob.xdiff), it)
+                self.writer.add_histogram(f"weights/{layer_name}/{k}", backend.to_host(blob.xdata), it)
+                self.writer.add_histogram(f"gradients/{layer_name}/{k}", backend.to_host(blob.xdiff), it)
 
     def close(self):
         self.write_test_scores()
