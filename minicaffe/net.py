@@ -149,6 +149,10 @@ class Net:
         param = load_net_param(network)
         state = make_state(phase, level, stages or (), base=param.state)
         state.phase = phase
+        if not isinstance(network, caffe_pb2.NetParameter):
+            # Caffe's Net(file, phase, level, stages) sets the level even when it is 0, so the
+            # "Initializing net" dump shows it; Net(NetParameter), as the solver uses, keeps the state
+            state.level = level
         self.phase = phase
         # check mode: every top after forward and every diff after backward must be finite
         self.check_finite = _env_flag("MINICAFFE_CHECK_NAN")
@@ -196,6 +200,7 @@ class Net:
                                f"{len(lp.bottom)} bottoms", lp.name, lp.type)
             log.info("Creating layer %s", lp.name)
             layer = create_layer(lp, state.phase)
+            layer.construct()
             log.info("Creating Layer %s", lp.name)
             bottoms, need_bw_bottom = [], []
             need_backward = False
