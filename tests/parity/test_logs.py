@@ -53,6 +53,9 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("logs")
     common.write_lmdb(str(d / "db"))
     net = common.write_net(str(d), "db")          # relative: both logs then name the same source
+    with open(net, "a") as f:                       # a second test output, and a NetState rule line
+        f.write('layer { name: "acc" type: "Accuracy" bottom: "ip2" bottom: "label" top: "acc"\n'
+                '  include { phase: TEST } }\n')
     cwd = os.getcwd()
     os.chdir(d)
     try:
