@@ -18,7 +18,7 @@ from .fileio import atomic_write
 from .layers import create_layer
 from .proto import caffe_pb2
 from .wire import blobproto_bytes
-from .prototxt import filter_net, load_net_param, make_state, parse_binary, upgrade_net
+from .prototxt import caffe_text, filter_net, load_net_param, make_state, parse_binary, upgrade_net
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -110,11 +110,8 @@ def in_file(exc, source):
 
 
 def _debug_string(message):
-    """The text form of a message as Caffe's DebugString prints it: whole floats without '.0'."""
-    import re
-    from google.protobuf import text_format
-    text = text_format.MessageToString(message).rstrip("\n")
-    return re.sub(r"^(\s*\w+: -?\d+)\.0$", r"\1", text, flags=re.M)
+    """The text form of a message as Caffe's DebugString prints it (C++'s float style, UTF-8 as is)."""
+    return caffe_text(message, utf8=True).rstrip("\n")
 
 
 def _env_flag(name):

@@ -65,7 +65,8 @@ def workdir(tmp_path_factory):
     (d / "solver.prototxt").write_text(
         'net: "net.prototxt"\nbase_lr: 0.05\nmomentum: 0.9\nlr_policy: "step"\ngamma: 0.5\nstepsize: 4\n'
         'weight_decay: 0.0005\ndisplay: 2\ntest_iter: 2\ntest_interval: 4\nmax_iter: 8\nsnapshot: 4\n'
-        'snapshot_prefix: "snap"\nrandom_seed: 1\nsolver_mode: CPU\n')
+        'snapshot_prefix: "snap"\nrandom_seed: 1\nsolver_mode: CPU\n'
+        'clip_gradients: 100\ndelta: 1e-08\n')      # floats whose text Python writes otherwise
     return d
 
 
