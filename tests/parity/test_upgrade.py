@@ -11,11 +11,11 @@ there), current-format files (left as they are, but rewritten in C++'s float sty
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from minicaffe.proto import caffe_pb2
+from minicaffe.tools import upgrade
 
 from .reference import ROOT
 
@@ -147,13 +147,16 @@ def run_both(ref, tool, src_text, tmp_path, binary=False):
     for engine in ("caffe", "minicaffe"):
         out = tmp_path / f"{engine}.out"
         if engine == "caffe":
-            cmd, env = [ref.bin(tool)], ref.env()
-        else:
-            kind = tool.replace("upgrade_", "").replace("_proto", "")
-            cmd, env = [sys.executable, "-m", "minicaffe.tools.upgrade", kind], None
-        proc = subprocess.run(cmd + [str(src), str(out)], capture_output=True, env=env, timeout=60)
-        assert out.exists(), f"{engine} {tool} wrote nothing ({proc.returncode}): {proc.stderr[-2000:]}"
-        results.append((proc.returncode, out.read_bytes()))
+            proc = subprocess.run([ref.bin(tool), str(src), str(out)], capture_output=True, env=ref.env(),
+                                  timeout=60)
+            code, why = proc.returncode, proc.stderr[-2000:]
+        else:           # in this process: the same main() the upgrade_* commands run
+            main = {"upgrade_net_proto_text": upgrade.main_net_text,
+                    "upgrade_net_proto_binary": upgrade.main_net_binary,
+                    "upgrade_solver_proto_text": upgrade.main_solver_text}[tool]
+            code, why = main([str(src), str(out)]), ""
+        assert out.exists(), f"{engine} {tool} wrote nothing ({code}): {why}"
+        results.append((code, out.read_bytes()))
     return results
 
 
