@@ -21,7 +21,7 @@ from .fileio import atomic_write
 from .layers import create_layer
 from .proto import caffe_pb2
 from .wire import blobproto_bytes
-from .prototxt import filter_net, load_net_param, make_state, parse_binary, upgrade_net
+from .prototxt import caffe_text, filter_net, load_net_param, make_state, parse_binary, upgrade_net
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -113,11 +113,8 @@ def in_file(exc, source):
 
 
 def _debug_string(message):
-    """The text form of a message as Caffe's DebugString prints it: whole floats without '.0'."""
-    import re
-    from google.protobuf import text_format
-    text = text_format.MessageToString(message).rstrip("\n")
-    return re.sub(r"^(\s*\w+: -?\d+)\.0$", r"\1", text, flags=re.M)
+    """The text form of a message as Caffe's DebugString prints it (C++'s float style, UTF-8 as is)."""
+    return caffe_text(message, utf8=True).rstrip("\n")
 
 
 def _env_flag(name):
@@ -160,6 +157,10 @@ class Net:
         param = load_net_param(network)
         state = make_state(phase, level, stages or (), base=param.state)
         state.phase = phase
+        if not isinstance(network, caffe_pb2.NetParameter):
+            # Caffe's Net(file, phase, level, stages) sets the level even when it is 0, so the
+            # "Initializing net" dump shows it; Net(NetParameter), as the solver uses, keeps the state
+            state.level = level
         self.phase = phase
         # check mode: every top after forward and every diff after backward must be finite
         self.check_finite = _env_flag("MINICAFFE_CHECK_NAN")
@@ -207,6 +208,7 @@ class Net:
                                f"{len(lp.bottom)} bottoms", lp.name, lp.type)
             log.info("Creating layer %s", lp.name)
             layer = create_layer(lp, state.phase)
+            layer.construct()
             log.info("Creating Layer %s", lp.name)
             bottoms, need_bw_bottom = [], []
             need_backward = False

@@ -6,8 +6,9 @@ Everything here turns user files into ``caffe_pb2`` messages in the current form
 import logging
 import os
 import re
+import struct
 
-from google.protobuf import text_format
+from google.protobuf import text_encoding, text_format
 from google.protobuf.message import DecodeError
 
 from .errors import MinicaffeError, NetError, ParseError
@@ -27,6 +28,8 @@ V1_TYPE_NAMES = {
     "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
     "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
 }
+
+log = logging.getLogger("minicaffe")
 
 _LOCATED = re.compile(r"^(\d+):(\d+)\s*:\s*(.*)$", re.S)
 
@@ -254,6 +257,68 @@ def _looks_like_text(data):
 
 # --- nets ------------------------------------------------------------------------------------
 
+# --- Caffe's text output ---------------------------------------------------------------------------
+
+def _float_text(value, single):
+    """C++ protobuf's SimpleFtoa/SimpleDtoa: %g with FLT_DIG (6) or DBL_DIG (15) digits, and 3 or 2
+    more when that does not read back as the same value (Python prints the shortest repr, 1.0 as 1.0)."""
+    if value != value:
+        return "nan"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    digits, extra = (6, 3) if single else (15, 2)
+    text = "%.*g" % (digits, value)
+    if single:
+        same = struct.pack("<f", float(text)) == struct.pack("<f", value)
+    else:
+        same = float(text) == value
+    return text if same else "%.*g" % (digits + extra, value)
+
+
+def _scalar_text(field, value, utf8):
+    fd = field
+    if fd.cpp_type == fd.CPPTYPE_STRING:
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+        if utf8 and fd.type == fd.TYPE_STRING:
+            return '"' + text_encoding.CEscape(raw.decode("utf-8"), as_utf8=True) + '"'
+        return '"' + text_encoding.CEscape(raw, as_utf8=False) + '"'
+    if fd.cpp_type == fd.CPPTYPE_ENUM:
+        named = fd.enum_type.values_by_number.get(value)
+        return named.name if named is not None else str(value)
+    if fd.cpp_type == fd.CPPTYPE_BOOL:
+        return "true" if value else "false"
+    if fd.cpp_type in (fd.CPPTYPE_FLOAT, fd.CPPTYPE_DOUBLE):
+        return _float_text(value, fd.cpp_type == fd.CPPTYPE_FLOAT)
+    return str(value)
+
+
+def _is_repeated(field):
+    repeated = getattr(field, "is_repeated", None)       # protobuf >= 5.29; older ones have label
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def caffe_text(message, utf8=False):
+    """``message`` in protobuf text format exactly as Caffe's C++ writes it: TextFormat::Print
+    (WriteProtoToTextFile, what the upgrade tools write; non-ASCII bytes as octal escapes) or, with
+    ``utf8``, DebugString (the parameter dumps in Caffe's logs). Python's text_format differs in
+    floats: it writes ``lr_mult: 1.0`` and ``0.12345679`` where C++ writes ``1`` and ``0.123456791``."""
+    lines = []
+
+    def emit(msg, indent):
+        pad = "  " * indent
+        for field, value in msg.ListFields():
+            values = value if _is_repeated(field) else [value]
+            for v in values:
+                if field.cpp_type == field.CPPTYPE_MESSAGE:
+                    lines.append(f"{pad}{field.name} {{")
+                    emit(v, indent + 1)
+                    lines.append(f"{pad}}}")
+                else:
+                    lines.append(f"{pad}{field.name}: {_scalar_text(field, v, utf8)}")
+    emit(message, 0)
+    return "".join(line + "\n" for line in lines)
+
+
 def load_net_param(source, path=None):
     """A NetParameter (current format) from a prototxt path, prototxt text or a NetParameter."""
     if isinstance(source, caffe_pb2.NetParameter):
@@ -267,21 +332,243 @@ def load_net_param(source, path=None):
     return upgrade_net(param, path)
 
 
-def upgrade_net(param, path=None):
-    """Bring a NetParameter to the current format in place (V1 layers, net inputs, data transforms)."""
+def upgrade_net(param, path=None, problems=None):
+    """Bring a NetParameter to the current format in place, in the order of Caffe's UpgradeNetAsNeeded:
+    V0 layers (``layers { layer { type: "conv" } }``) to V1, the V1 data layers' transformation fields
+    to ``transform_param``, V1 to current ``layer`` entries, net inputs to an Input layer, BatchNorm's
+    three param specs frozen. Each step logs Caffe's lines. What Caffe only reports (a V0 field the
+    layer type has no place for) is dropped, logged, and appended to ``problems`` when given."""
+    problems = [] if problems is None else problems
+    where = "" if path is None else os.fspath(path)
     if len(param.layers) and len(param.layer):
         raise ParseError("net mixes V1 'layers' and current 'layer' entries; use one format", path)
+    if any(l.HasField("layer") for l in param.layers):
+        log.info("Attempting to upgrade input file specified using deprecated V0LayerParameter: %s", where)
+        before = len(problems)
+        _upgrade_v0_net(param, path, problems)
+        if len(problems) > before:
+            log.error("Warning: had one or more problems upgrading V0NetParameter to NetParameter (see "
+                      "above); continuing anyway.")
+        else:
+            log.info("Successfully upgraded file specified using deprecated V0LayerParameter")
+        log.warning("Note that future Caffe releases will not support V0NetParameter; use "
+                    "./build/tools/upgrade_net_proto_text for prototxt and ./build/tools/"
+                    "upgrade_net_proto_binary for model weights upgrade this and any other net protos "
+                    "to the new format.")
     if len(param.layers):
-        if any(l.HasField("layer") for l in param.layers):
-            raise ParseError("V0 nets (layers { layer { ... } }) are not supported; upgrade them with "
-                             "Caffe's upgrade_net_proto_text first", path)
+        if _v1_needs_data_upgrade(param):
+            log.info("Attempting to upgrade input file specified using deprecated transformation "
+                     "parameters: %s", where)
+            _upgrade_v1_data_transform(param)
+            log.info("Successfully upgraded file specified using deprecated data transformation "
+                     "parameters.")
+            log.warning("Note that future Caffe releases will only support transform_param messages "
+                        "for transformation fields.")
+        log.info("Attempting to upgrade input file specified using deprecated V1LayerParameter: %s", where)
         v1 = list(param.layers)
         del param.layers[:]
         for old in v1:
             _upgrade_v1_layer(old, param.layer.add(), path)
-    _upgrade_data_transform(param)
-    _upgrade_input_fields(param, path)
+        log.info("Successfully upgraded file specified using deprecated V1LayerParameter")
+    else:
+        # an extension: Caffe leaves these fields of a current-format layer alone (and ignores them)
+        _upgrade_data_transform(param)
+    if len(param.input):
+        log.info("Attempting to upgrade input file specified using deprecated input fields: %s", where)
+        _upgrade_input_fields(param, path)
+        log.info("Successfully upgraded file specified using deprecated input fields.")
+        log.warning("Note that future Caffe releases will only support input layers and not input fields.")
+    else:
+        _upgrade_input_fields(param, path)
+    if any(is_old_batch_norm(layer) for layer in param.layer):
+        log.info("Attempting to upgrade batch norm layers using deprecated params: %s", where)
+        for layer in param.layer:
+            if is_old_batch_norm(layer):
+                for spec in layer.param:
+                    spec.lr_mult = 0.0
+                    spec.decay_mult = 0.0
+        log.info("Successfully upgraded batch norm layers using deprecated params.")
     return param
+
+
+def is_old_batch_norm(layer):
+    """A BatchNorm layer declaring three param specs, as the first BatchNorm definition required."""
+    return layer.type == "BatchNorm" and len(layer.param) == 3
+
+
+# V0 layer type → V1 enum name (Caffe's UpgradeV0LayerType)
+V0_TYPES = {
+    "accuracy": "ACCURACY", "bnll": "BNLL", "concat": "CONCAT", "conv": "CONVOLUTION", "data": "DATA",
+    "dropout": "DROPOUT", "euclidean_loss": "EUCLIDEAN_LOSS", "flatten": "FLATTEN",
+    "hdf5_data": "HDF5_DATA", "hdf5_output": "HDF5_OUTPUT", "im2col": "IM2COL", "images": "IMAGE_DATA",
+    "infogain_loss": "INFOGAIN_LOSS", "innerproduct": "INNER_PRODUCT", "lrn": "LRN",
+    "multinomial_logistic_loss": "MULTINOMIAL_LOGISTIC_LOSS", "pool": "POOLING", "relu": "RELU",
+    "sigmoid": "SIGMOID", "softmax": "SOFTMAX", "softmax_loss": "SOFTMAX_LOSS", "split": "SPLIT",
+    "tanh": "TANH", "window_data": "WINDOW_DATA",
+}
+
+_DATA_SOURCES = {"data": "data_param", "hdf5_data": "hdf5_data_param", "images": "image_data_param",
+                 "window_data": "window_data_param"}
+_FILLED = {"conv": "convolution_param", "innerproduct": "inner_product_param"}
+_WINDOW = {"window_data": "window_data_param"}
+# V0 field → {V0 type: (V1 param message, its field)}, or (message, field) for every type; in the
+# order Caffe's UpgradeV0LayerParameter checks them (the order its problems are reported in)
+_V0_FIELDS = [
+    ("num_output", {t: (m, "num_output") for t, m in _FILLED.items()}),
+    ("biasterm", {t: (m, "bias_term") for t, m in _FILLED.items()}),
+    ("weight_filler", {t: (m, "weight_filler") for t, m in _FILLED.items()}),
+    ("bias_filler", {t: (m, "bias_filler") for t, m in _FILLED.items()}),
+    ("pad", {"conv": ("convolution_param", "pad"), "pool": ("pooling_param", "pad")}),
+    ("kernelsize", {"conv": ("convolution_param", "kernel_size"), "pool": ("pooling_param", "kernel_size")}),
+    ("group", {"conv": ("convolution_param", "group")}),
+    ("stride", {"conv": ("convolution_param", "stride"), "pool": ("pooling_param", "stride")}),
+    ("pool", {"pool": ("pooling_param", "pool")}),
+    ("dropout_ratio", {"dropout": ("dropout_param", "dropout_ratio")}),
+    ("local_size", {"lrn": ("lrn_param", "local_size")}),
+    ("alpha", {"lrn": ("lrn_param", "alpha")}),
+    ("beta", {"lrn": ("lrn_param", "beta")}),
+    ("k", {"lrn": ("lrn_param", "k")}),
+    ("source", dict({t: (m, "source") for t, m in _DATA_SOURCES.items()},
+                    infogain_loss=("infogain_loss_param", "source"))),
+    ("scale", ("transform_param", "scale")),
+    ("meanfile", ("transform_param", "mean_file")),
+    ("batchsize", {t: (m, "batch_size") for t, m in _DATA_SOURCES.items()}),
+    ("cropsize", ("transform_param", "crop_size")),
+    ("mirror", ("transform_param", "mirror")),
+    ("rand_skip", {"data": ("data_param", "rand_skip"), "images": ("image_data_param", "rand_skip")}),
+    ("shuffle_images", {"images": ("image_data_param", "shuffle")}),
+    ("new_height", {"images": ("image_data_param", "new_height")}),
+    ("new_width", {"images": ("image_data_param", "new_width")}),
+    ("concat_dim", {"concat": ("concat_param", "concat_dim")}),
+    ("det_fg_threshold", {t: (m, "fg_threshold") for t, m in _WINDOW.items()}),
+    ("det_bg_threshold", {t: (m, "bg_threshold") for t, m in _WINDOW.items()}),
+    ("det_fg_fraction", {t: (m, "fg_fraction") for t, m in _WINDOW.items()}),
+    ("det_context_pad", {t: (m, "context_pad") for t, m in _WINDOW.items()}),
+    ("det_crop_mode", {t: (m, "crop_mode") for t, m in _WINDOW.items()}),
+    ("hdf5_output_param", {"hdf5_output": ("hdf5_output_param", None)}),
+]
+
+
+def _v0_problem(problems, message):
+    log.error("%s", message)
+    problems.append(message)
+
+
+def _upgrade_v0_net(param, path, problems):
+    """Caffe's UpgradeV0Net: padding layers folded into the conv/pool layer they feed, each V0 layer
+    to a V1 one; of the net's own fields only name, input, input_dim and force_backward are kept."""
+    layers = _fold_v0_padding(param, path)
+    old = caffe_pb2.NetParameter()
+    old.CopyFrom(param)
+    param.Clear()
+    if old.HasField("name"):
+        param.name = old.name
+    for connection in layers:
+        _upgrade_v0_layer(connection, param.layers.add(), path, problems)
+    param.input.extend(old.input)
+    param.input_dim.extend(old.input_dim)
+    if old.HasField("force_backward"):
+        param.force_backward = old.force_backward
+
+
+def _fold_v0_padding(param, path):
+    """Caffe's UpgradeV0PaddingLayers: the layers without the "padding" ones, a conv or pool layer fed
+    by one taking the padding layer's pad and input instead."""
+    last_top = {name: -1 for name in param.input}
+    out = []
+    for i, connection in enumerate(param.layers):
+        v0 = connection.layer
+        kept = None
+        if v0.type != "padding":
+            kept = caffe_pb2.V1LayerParameter()
+            kept.CopyFrom(connection)
+            out.append(kept)
+        for j, blob in enumerate(connection.bottom):
+            if blob not in last_top:
+                raise ParseError(f"layer '{v0.name}': unknown bottom blob '{blob}' (no layer before it "
+                                 f"produces it)", path)
+            source = last_top[blob]
+            if source == -1 or param.layers[source].layer.type != "padding":
+                continue
+            pad = param.layers[source]
+            if v0.type not in ("conv", "pool"):
+                raise ParseError(f"layer '{v0.name}': a padding layer can only feed a conv or pool "
+                                 f"layer, not '{v0.type}'", path)
+            if len(connection.bottom) != 1 or len(pad.bottom) != 1 or len(pad.top) != 1:
+                raise ParseError(f"layer '{v0.name}': a padding layer and the layer it feeds take "
+                                 f"one bottom and give one top", path)
+            kept.layer.pad = pad.layer.pad
+            kept.bottom[j] = pad.bottom[0]
+        for blob in connection.top:
+            last_top[blob] = i
+    return out
+
+
+def _upgrade_v0_layer(connection, new, path, problems):
+    """Caffe's UpgradeV0LayerParameter: one V0 layer (inside its V1 connection) → a V1 layer."""
+    new.bottom.extend(connection.bottom)
+    new.top.extend(connection.top)
+    if not connection.HasField("layer"):
+        return
+    v0 = connection.layer
+    kind = v0.type
+    if v0.HasField("name"):
+        new.name = v0.name
+    if v0.HasField("type"):
+        if kind not in V0_TYPES:
+            raise ParseError(f"layer '{v0.name}': unknown V0 layer type '{kind}'", path)
+        new.type = caffe_pb2.V1LayerParameter.LayerType.Value(V0_TYPES[kind])
+    for blob in v0.blobs:
+        new.blobs.add().CopyFrom(blob)
+    new.blobs_lr.extend(v0.blobs_lr)
+    new.weight_decay.extend(v0.weight_decay)
+    for name, targets in _V0_FIELDS:
+        if not v0.HasField(name):
+            continue
+        target = targets if isinstance(targets, tuple) else targets.get(kind)
+        if target is None:
+            _v0_problem(problems, f"Unknown parameter {'shuffle' if name == 'shuffle_images' else name} "
+                                  f"for layer type {kind}")
+            continue
+        message, field = target
+        dest = getattr(new, message)
+        value = getattr(v0, name)
+        if field is None:
+            dest.CopyFrom(value)
+        elif dest.DESCRIPTOR.fields_by_name[field].cpp_type == dest.DESCRIPTOR.fields_by_name[field].CPPTYPE_MESSAGE:
+            getattr(dest, field).CopyFrom(value)
+        elif _is_repeated(dest.DESCRIPTOR.fields_by_name[field]):
+            getattr(dest, field).append(value)
+        else:
+            setattr(dest, field, value)
+
+
+_V1_DATA_PARAMS = {"DATA": "data_param", "IMAGE_DATA": "image_data_param", "WINDOW_DATA": "window_data_param"}
+
+
+def _v1_needs_data_upgrade(param):
+    """Caffe's NetNeedsDataUpgrade: a V1 data layer with a transformation field in its own param."""
+    for layer in param.layers:
+        name = _V1_DATA_PARAMS.get(caffe_pb2.V1LayerParameter.LayerType.Name(layer.type))
+        if name and any(getattr(layer, name).HasField(f) for f in ("scale", "mean_file", "crop_size", "mirror")):
+            return True
+    return False
+
+
+def _upgrade_v1_data_transform(param):
+    """Caffe's UpgradeNetDataTransformation: every V1 data layer gets its param and a transform_param
+    (both written out, if empty), the transformation fields moved from the one to the other."""
+    for layer in param.layers:
+        name = _V1_DATA_PARAMS.get(caffe_pb2.V1LayerParameter.LayerType.Name(layer.type))
+        if not name:
+            continue
+        src = getattr(layer, name)
+        src.SetInParent()
+        layer.transform_param.SetInParent()
+        for f in ("scale", "mean_file", "crop_size", "mirror"):
+            if src.HasField(f):
+                setattr(layer.transform_param, f, getattr(src, f))
+                src.ClearField(f)
 
 
 def _upgrade_v1_layer(old, new, path):
@@ -434,4 +721,4 @@ def load_solver_param(source):
 
 __all__ = ["parse_text", "read_text_file", "read_binary_file", "parse_binary", "load_net_param",
            "upgrade_net", "filter_net", "state_meets_rule", "make_state", "load_solver_param",
-           "wrong_type_fields", "MinicaffeError"]
+           "wrong_type_fields", "caffe_text", "is_old_batch_norm", "MinicaffeError"]

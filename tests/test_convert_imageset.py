@@ -81,6 +81,29 @@ def test_encoded_stores_the_file_and_decodes_to_opencv_pixels(tmp_path, ext):
     layer.close()
 
 
+def test_encoded_keeps_the_file_whatever_its_channels(tmp_path):
+    """As Caffe's ReadImageToDatum: without a resize, a file whose extension is the encoding is stored
+    as it is even when its channels differ from --gray's (a gray PNG under colour, a colour JPEG
+    under --gray, a 16-bit PNG); only the Data layer's force_color/force_gray convert it later."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.RandomState(5)
+    files = {"g.png": rng.randint(0, 256, (5, 6)).astype(np.uint8),
+             "c.jpg": rng.randint(0, 256, (5, 6, 3)).astype(np.uint8),
+             "d.png": rng.randint(0, 65536, (5, 6, 3)).astype(np.uint16)}
+    for name, img in files.items():
+        assert cv2.imwrite(str(root / name), img)
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{n} {i}\n" for i, n in enumerate(files)))
+    for flags in ([], ["--gray"]):
+        db = tmp_path / f"db{len(flags)}"
+        assert convert("--encoded", *flags, "--jobs=1", str(root) + "/", lst, db) == 0
+        recs = records(db)
+        assert [k for k, _ in recs] == [f"{i:08d}_{n}" for i, n in enumerate(files)]
+        for (_, d), name in zip(recs, files):
+            assert d.encoded and d.data == (root / name).read_bytes(), (flags, name)
+
+
 def test_encode_type_reencodes_and_resize(tmp_path):
     root, lst, names = make_set(tmp_path / "imgs", n=2, ext=".jpg", h=10, w=12)
     db = tmp_path / "db"

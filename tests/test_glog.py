@@ -80,18 +80,38 @@ def test_net_init_lines_match_caffes_for_lenet(tmp_path):
                            "--iterations", "1"], capture_output=True, text=True, env=env, timeout=120)
     assert mine.returncode == 0, mine.stderr[-2000:]
 
-    def comparable(text):
-        lines = net_init_lines(text)
-        # Caffe's SoftmaxWithLoss makes its inner Softmax through the layer factory (one more
-        # "Creating layer loss"); minicaffe computes the softmax itself
-        out, seen_setup = [], set()
-        for m in lines:
-            if m == "Creating layer loss" and "Creating Layer loss" in seen_setup:
-                continue
-            seen_setup.add(m)
-            out.append(m)
-        return out
-    assert comparable(mine.stderr) == comparable(ref.stderr)
+    assert net_init_lines(mine.stderr) == net_init_lines(ref.stderr)
+
+
+def test_construction_lines_in_caffes_order(tmp_path, log_text):
+    """Lines Caffe logs from inside a layer, where Caffe logs them: the Data layer opens its database in
+    its constructor ("Opened lmdb" before "Creating Layer"), SoftmaxWithLoss and Scale with a bias make
+    their inner Softmax/Bias through the layer factory (a second "Creating layer <name>" in setup)."""
+    from minicaffe.data.datum import array_to_datum
+    import lmdb
+    import numpy as np
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", array_to_datum(np.zeros((1, 2, 2), np.uint8), 1).SerializeToString())
+    env.close()
+    (tmp_path / "net.prototxt").write_text(f"""
+layer {{ name: "d" type: "Data" top: "data" top: "label"
+  data_param {{ source: "{tmp_path / 'db'}" batch_size: 2 backend: LMDB }} }}
+layer {{ name: "sc" type: "Scale" bottom: "data" top: "sc" scale_param {{ bias_term: true }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "sc" top: "ip" inner_product_param {{ num_output: 2 }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+""")
+    net = caffe.Net(str(tmp_path / "net.prototxt"), caffe.TRAIN)
+    net.layers[0].close()
+    msgs = [m for m in log_text.getvalue().splitlines()         # the prefetch thread's line comes any time
+            if not m.startswith(("  ", "}", "layer", "name:", "Restarting data prefetching"))]
+    for seq in (["Creating layer d", f"Opened lmdb {tmp_path / 'db'}", "Creating Layer d", "d -> data"],
+                ["sc -> sc", "Creating layer sc", "Setting up sc"],
+                ["loss -> loss", "Creating layer loss", "Setting up loss"]):
+        i = msgs.index(seq[0])
+        assert msgs[i:i + len(seq)] == seq, msgs
+    # Caffe's Net(file, phase, level, stages) sets the level even when 0: the dump shows it
+    assert "state {\n  phase: TRAIN\n  level: 0\n}" in log_text.getvalue()
 
 
 def _run_cli(tmp_path, env_extra, model="net.prototxt"):

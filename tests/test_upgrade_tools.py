@@ -250,10 +250,54 @@ def test_binary_tool_rejects_text_and_empty_input(tmp_path, capsys):
     assert "empty.caffemodel: holds no layers" in capsys.readouterr().err
 
 
-def test_v0_net_is_refused_clearly(tmp_path, capsys):
-    src = _write(tmp_path, "v0.prototxt", 'layers { layer { name: "conv1" type: "conv" } }')
+V0_NET = """
+name: "old"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 9 input_dim: 9
+layers { layer { name: "pad1" type: "padding" pad: 2 } bottom: "data" top: "pad1" }
+layers { layer { name: "conv1" type: "conv" num_output: 4 kernelsize: 3 stride: 2 blobs_lr: 1 blobs_lr: 2
+                 weight_filler { type: "gaussian" std: 0.1 } } bottom: "pad1" top: "conv1" }
+layers { layer { name: "pool1" type: "pool" pool: AVE kernelsize: 2 } bottom: "conv1" top: "pool1" }
+layers { layer { name: "fc" type: "innerproduct" num_output: 5 } bottom: "pool1" top: "fc" }
+layers { layer { name: "prob" type: "softmax" } bottom: "fc" top: "prob" }
+"""
+
+
+def test_v0_net_is_upgraded_as_caffe(tmp_path, capsys):
+    """Caffe's V0 upgrade: the padding layer folded into the conv it feeds, fields to their params,
+    then V1 → current and the inputs to an Input layer; the result builds and runs."""
+    src = _write(tmp_path, "v0.prototxt", V0_NET)
+    out = str(tmp_path / "new.prototxt")
+    assert upgrade.main_net_text([src, out]) == 0
+    net = _read_net(out)
+    assert [(l.name, l.type) for l in net.layer] == [("input", "Input"), ("conv1", "Convolution"),
+                                                     ("pool1", "Pooling"), ("fc", "InnerProduct"),
+                                                     ("prob", "Softmax")]
+    conv = net.layer[1]
+    assert list(conv.bottom) == ["data"] and list(conv.convolution_param.pad) == [2]
+    assert list(conv.convolution_param.kernel_size) == [3] and list(conv.convolution_param.stride) == [2]
+    assert [p.lr_mult for p in conv.param] == [1, 2] and conv.convolution_param.weight_filler.std == \
+        pytest.approx(0.1)
+    assert net.layer[2].pooling_param.pool == caffe_pb2.PoolingParameter.AVE
+    assert "lr_mult: 1\n" in open(out).read()           # written as Caffe's C++ writes floats
+    result = caffe.Net(out, caffe.TEST).forward(data=np.ones((1, 3, 9, 9), np.float32))
+    assert result["prob"].shape == (1, 5)
+    # a net loads straight from the V0 file too
+    assert caffe.Net(src, caffe.TEST)._layer_names == ["input", "conv1", "pool1", "fc", "prob"]
+
+
+def test_v0_field_without_a_place_is_dropped_and_exits_1(tmp_path, capsys):
+    src = _write(tmp_path, "v0.prototxt", V0_NET.replace('type: "softmax"', 'type: "softmax" num_output: 3'))
+    out = tmp_path / "out"
+    assert upgrade.main_net_text([src, str(out)]) == 1
+    assert out.exists() and "num_output" not in out.read_text().split('name: "prob"')[1]
+    assert "the upgrade dropped 1 field(s)" in capsys.readouterr().err
+
+
+def test_v0_unknown_type_is_one_clear_line(tmp_path, capsys):
+    src = _write(tmp_path, "v0.prototxt", 'layers { layer { name: "x" type: "warp" } }')
     assert upgrade.main_net_text([src, str(tmp_path / "out")]) == 1
-    assert "V0" in capsys.readouterr().err
+    assert "layer 'x': unknown V0 layer type 'warp'" in capsys.readouterr().err
 
 
 def test_command_line_entry(tmp_path):

@@ -77,7 +77,12 @@ class Layer:
     def xp(self):
         return backend.xp()
 
-    # --- the four steps ---------------------------------------------------------------------
+    # --- the four steps (and what Caffe's constructors do) ------------------------------------
+    def construct(self):
+        """What Caffe does in the layer's constructor, before Net logs "Creating Layer" and links its
+        blobs (the Data layer opens its database there, so its "Opened lmdb" line comes first).
+        Called once by the net right after creating the layer; setup works without it too."""
+
     def setup(self, bottom, top):
         """Read parameters and create learnable blobs; called once."""
 

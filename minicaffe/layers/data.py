@@ -202,20 +202,43 @@ class Data(_PrefetchingLayer):
     min_num_top = 1
     max_num_top = 2
 
-    def setup(self, bottom, top):
+    _opened = None
+
+    def construct(self):
+        """Open the database now, as Caffe's DataLayer constructor does (its "Opened lmdb" line comes
+        before the net's "Creating Layer"); closed with the layer if setup never takes it over."""
+        self._opened = self._open()
+        self._finalizer = weakref.finalize(self, self._opened.close)
+
+    def _open(self):
         dp = self.param.data_param
-        batch = self._batch_size(dp.batch_size, "data_param.batch_size")
         if not dp.source:
             raise self.error("data_param.source is not set")
         try:
             rank, count = self._shard()
             rng = _child_rng()
-            self.transformer = DataTransformer(self.param.transform_param, self.phase, self.name)
             # backend unset is LEVELDB, as in caffe.proto; a path holding an LMDB is read as one
-            source = open_source(dp.source, dp.backend, rank, count, dp.rand_skip, rng,
-                                 default_used=not dp.HasField("backend"))
+            return open_source(dp.source, dp.backend, rank, count, dp.rand_skip, rng,
+                               default_used=not dp.HasField("backend"))
         except DataError as exc:
             raise _with_layer(self.name, exc) from None
+
+    def setup(self, bottom, top):
+        dp = self.param.data_param
+        batch = self._batch_size(dp.batch_size, "data_param.batch_size")
+        if self._opened is not None:
+            source, self._opened = self._opened, None
+            self._finalizer.detach()        # from here on setup closes it on failure, _start after
+        else:
+            source = self._open()
+        try:
+            self.transformer = DataTransformer(self.param.transform_param, self.phase, self.name)
+        except DataError as exc:
+            source.close()
+            raise _with_layer(self.name, exc) from None
+        except BaseException:
+            source.close()
+            raise
         self.source = source
         try:
             key, value = source.peek()

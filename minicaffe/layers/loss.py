@@ -4,6 +4,8 @@ A loss layer's top is a scalar blob (shape ``()``, Caffe's 0-axis blob). Backwar
 gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bottom gets
 ``loss_weight * d(loss)/d(bottom)`` as in Caffe. Labels are never back-propagated.
 """
+import logging
+
 import numpy as np
 
 from ..errors import ShapeError
@@ -11,6 +13,8 @@ from ..kernels import cuda_softmax
 from ..proto import caffe_pb2
 from .base import Layer, register
 from .shape import canonical_axis
+
+log = logging.getLogger("minicaffe")
 
 _Norm = caffe_pb2.LossParameter
 FLT_MIN = float(np.finfo(np.float32).tiny)   # Caffe clamps probabilities at FLT_MIN before log
@@ -184,6 +188,7 @@ class SoftmaxWithLoss(_SoftmaxLoss):
     legacy ``normalize: false`` means BATCH_SIZE. Optional top[1]: the probabilities."""
 
     def setup(self, bottom, top):
+        log.info("Creating layer %s", self.name)     # Caffe's inner Softmax layer, made by the factory
         lp = self.param.loss_param
         self.ignore = _ignore_label(lp)
         if not lp.HasField("normalization") and lp.HasField("normalize"):
@@ -262,6 +267,7 @@ class InfogainLoss(_SoftmaxLoss):
         return bottom_index == 0
 
     def setup(self, bottom, top):
+        log.info("Creating layer %s", self.name)     # Caffe's inner Softmax layer, made by the factory
         lp = self.param.loss_param
         self.ignore = _ignore_label(lp)
         if lp.HasField("normalize"):

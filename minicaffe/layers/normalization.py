@@ -1,4 +1,6 @@
 """BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it."""
+import logging
+
 import numpy as np
 
 from .. import backend, fillers
@@ -6,6 +8,8 @@ from ..blob import Blob
 from ..errors import ShapeError
 from ..proto import caffe_pb2
 from .base import Layer, register
+
+log = logging.getLogger("minicaffe")
 
 
 def _channels_shape(shape, channels):
@@ -251,6 +255,8 @@ class Scale(Layer):
                 type="constant", value=1.0)
             self.blobs.append(_make_blob(self, "scale", shape, filler))
         want = (1 if len(bottom) == 1 else 0) + (1 if p.bias_term else 0)
+        if p.bias_term:
+            log.info("Creating layer %s", self.name)     # Caffe's inner Bias layer, made by the factory
         if p.bias_term and len(self.blobs) == want - 1:
             # Caffe's rule: the bias takes bottom[1]'s axes when the scale is a bottom
             num_axes = len(bottom[1].shape) if len(bottom) > 1 else p.num_axes

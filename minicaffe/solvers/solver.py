@@ -39,7 +39,7 @@ from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
-from ..prototxt import load_net_param, load_solver_param, read_binary_file
+from ..prototxt import caffe_text, load_net_param, load_solver_param, read_binary_file
 from ..wire import _field, blobproto_bytes
 from . import updates
 from .lr_policy import POLICIES, learning_rate
@@ -354,7 +354,7 @@ class Solver:
         self._net_files = {}     # net file as the solver names it -> the path it was read from
         self.param = param
         self.log = _log()
-        self.log.info("Initializing solver from parameters: \n%s", str(param).rstrip())
+        self.log.info("Initializing solver from parameters: \n%s", caffe_text(param, utf8=True).rstrip())
         self._check_param()
         if param.type != self.type and param.HasField("type"):
             self.log.warning("%s: the solver says type '%s', but %s was asked for: using %s updates",

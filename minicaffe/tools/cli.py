@@ -132,7 +132,9 @@ def _gflags_style(argv):
 
 
 def _stages(flag):
-    return [s for s in flag.split(",") if s]
+    """Caffe's get_stages_from_flags: boost::split on ',', so an empty --stage is one empty stage
+    (it shows as ``stage: ""`` in the logged net state and matches no rule)."""
+    return flag.split(",")
 
 
 def _phase(flag, default):

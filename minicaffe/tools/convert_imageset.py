@@ -11,7 +11,7 @@ each image is ``ROOTFOLDER + path``. Flags as Caffe's tool (gflags style: ``--fl
 
 The result is what Caffe writes: keys ``%08d_<path>`` (the position in the possibly shuffled list),
 raw Datums C×H×W BGR uint8 (OpenCV imread, ``cv2.resize`` bilinear when both sizes are > 0) or,
-with ``--encoded``, the image file's bytes (re-encoded only when resized or of another format),
+with ``--encoded``, the image file's bytes whatever its channels (re-encoded only when resized or of another format),
 one LMDB transaction per 1000 records.
 
 Unlike Caffe it is safe to interrupt: the database is built in a working directory
@@ -94,8 +94,9 @@ _OPTS = {}
 
 
 def _match_ext(filename, encoding):
-    """Caffe's matchExt: does the file name's extension say ``encoding`` (jpg also matches jpeg)?"""
-    ext = filename.rsplit(".", 1)[-1].lower() if "." in os.path.basename(filename) else ""
+    """Caffe's matchExt: does the file name's extension say ``encoding`` (jpg also matches jpeg)? As
+    Caffe, the extension is what follows the path's last dot, or the whole path when it has none."""
+    ext = filename.rsplit(".", 1)[-1].lower()
     enc = encoding.lower()
     return ext == enc or (enc == "jpg" and ext == "jpeg")
 
@@ -187,24 +188,20 @@ def make_record(filename, label, is_color=True, height=0, width=0, encoding="", 
     flag = cv2.IMREAD_COLOR if is_color else cv2.IMREAD_GRAYSCALE
     buf = np.frombuffer(raw, np.uint8)
     datum = caffe_pb2.Datum()
-    if encoding and not height and not width and _match_ext(filename, encoding):
-        # the file can be stored as it is if decoding it as stored gives what we would store
-        native = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if len(buf) else None
-        if native is None:
-            return None, f"{filename} is not an image OpenCV can read"
-        if 0 < max_pixels < native.shape[0] * native.shape[1]:
-            return None, _too_big(filename, native.shape[1], native.shape[0], max_pixels)
-        channels = 1 if native.ndim == 2 else native.shape[2]
-        if native.dtype == np.uint8 and channels == (3 if is_color else 1):
-            datum.data = raw
-            datum.label = int(label)
-            datum.encoded = True
-            return datum.SerializeToString(), (channels,) + native.shape[:2]
     img = cv2.imdecode(buf, flag) if len(buf) else None
     if img is None:
         return None, f"{filename} is not an image OpenCV can read"
     if 0 < max_pixels < img.shape[0] * img.shape[1]:
         return None, _too_big(filename, img.shape[1], img.shape[0], max_pixels)
+    if encoding and not height and not width and _match_ext(filename, encoding):
+        # Caffe's ReadImageToDatum stores the file's own bytes here. Its test that the channels
+        # "match" --gray looks at the image as read with the --gray flag, which always matches: a
+        # gray file stays gray under colour and a colour file stays colour under --gray (the Data
+        # layer's force_color/force_gray decide when training), and a 16-bit PNG stays 16-bit.
+        datum.data = raw
+        datum.label = int(label)
+        datum.encoded = True
+        return datum.SerializeToString(), (1 if img.ndim == 2 else img.shape[2],) + img.shape[:2]
     if height > 0 and width > 0:
         img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
     shape = (1 if img.ndim == 2 else img.shape[2],) + img.shape[:2]

@@ -4,33 +4,36 @@ Each reads a definition in an old format, brings it to the current one the way C
 ``UpgradeNetAsNeeded`` / ``UpgradeSolverAsNeeded`` do, and writes it back (atomically, so INPUT and
 OUTPUT may be the same file). What the net upgrade does, in Caffe's order:
 
+* V0 ``layers { layer { type: "conv" num_output: 96 kernelsize: 11 } }`` (2014 and older) → V1:
+  "padding" layers folded into the conv/pool layer they feed, each V0 field moved to its V1 param;
+  a field the layer type has no place for is dropped with a warning, and the tool then exits 1
+  (after writing the output), as Caffe's does;
+* the deprecated transform fields of V1 data layers (scale, mean_file, crop_size, mirror) →
+  ``transform_param``;
 * V1 ``layers { type: CONVOLUTION blobs_lr: 1 weight_decay: 1 }`` → ``layer { type: "Convolution"
   param { lr_mult: 1 decay_mult: 1 } }``; learned blobs are kept exactly as stored (a V1
   caffemodel's num/channels/height/width blobs stay legacy-shaped, which every reader accepts);
-* deprecated transform fields of data layers (scale, mean_file, crop_size, mirror) →
-  ``transform_param``;
 * ``input:`` + ``input_dim``/``input_shape`` → an ``Input`` layer named "input" placed first; bare
   ``input:`` names without any shape (what Caffe wrote into caffemodels before late 2015) are
   dropped, as Caffe does;
 * BatchNorm layers that still declare three ``param`` specs get lr_mult 0 and decay_mult 0.
 
-The solver upgrade turns the deprecated ``solver_type`` enum into the ``type`` string; as an
-extension, net definitions embedded in the solver (``net_param``, ``train_net_param``,
-``test_net_param``) get the net upgrade too. V0 nets (``layers { layer { ... } }``, 2014 and older)
-are refused with a clear message.
+The text is written as Caffe's C++ writes it (``lr_mult: 1``, not Python's ``1.0``), so the output
+is the same file Caffe's tool writes. The solver upgrade turns the deprecated ``solver_type`` enum
+into the ``type`` string; as an extension, net definitions embedded in the solver (``net_param``,
+``train_net_param``, ``test_net_param``) get the net upgrade too, and transform fields in a
+current-format data layer's own param are moved as well (Caffe leaves them there, unused).
 """
 from __future__ import annotations
 
 import sys
 
-from google.protobuf import text_format
-
 from ..errors import ParseError, SolverError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
-from ..prototxt import read_binary_file, read_text_file, upgrade_net
+from ..prototxt import caffe_text, is_old_batch_norm, read_binary_file, read_text_file, upgrade_net
 from .argparsing import ArgumentParser
-from .common import run_main
+from .common import get_logger, run_main
 
 # Caffe's UpgradeSolverType
 SOLVER_TYPE_NAMES = {
@@ -61,31 +64,24 @@ def net_upgrade_reasons(param):
                 break
     if len(param.input):
         reasons.append("net input fields")
-    if any(_is_old_batch_norm(l) for l in param.layer):
+    if any(is_old_batch_norm(l) for l in param.layer):
         reasons.append("BatchNorm layers with three param specs")
     return reasons
 
 
-def _is_old_batch_norm(layer):
-    return layer.type == "BatchNorm" and len(layer.param) == 3
-
-
-def upgrade_net_param(param: caffe_pb2.NetParameter, path: str | None = None) -> list[str]:
-    """Bring a NetParameter (text or caffemodel) to the current format in place; returns warnings."""
+def upgrade_net_param(param: caffe_pb2.NetParameter, path: str | None = None,
+                      problems: list[str] | None = None) -> list[str]:
+    """Bring a NetParameter (text or caffemodel) to the current format in place; returns warnings.
+    What Caffe reports as upgrade problems (V0 fields without a place) go to ``problems``."""
     if not len(param.layer) and not len(param.layers):
         raise ParseError("holds no layers (not a net definition?)", path)
     warnings = []
     if len(param.input) and not len(param.input_dim) and not len(param.input_shape):
         # legacy caffemodels name their inputs without shapes; Caffe simply drops the names
+        # (upgrade_net drops them after the V0 upgrade, which still needs them)
         warnings.append(f"dropped net input name(s) {', '.join(param.input)} that have no shape "
                         "(input_dim/input_shape), as Caffe does")
-        param.ClearField("input")
-    upgrade_net(param, path)
-    for layer in param.layer:
-        if _is_old_batch_norm(layer):
-            for spec in layer.param:
-                spec.lr_mult = 0.0
-                spec.decay_mult = 0.0
+    upgrade_net(param, path, problems)
     return warnings
 
 
@@ -132,7 +128,9 @@ def _upgrade_net_file(argv, binary):
     else:
         param = read_text_file(args.input, caffe_pb2.NetParameter())
     reasons = net_upgrade_reasons(param)
-    warnings = upgrade_net_param(param, args.input)
+    problems = []
+    get_logger()        # the upgrade's own lines (and problems) as glog lines, as Caffe's tool prints them
+    warnings = upgrade_net_param(param, args.input, problems)
     for w in warnings:
         print(f"warning: {args.input}: {w}", file=sys.stderr)
     if reasons:
@@ -142,9 +140,13 @@ def _upgrade_net_file(argv, binary):
     if binary:
         atomic_write(args.output, param.SerializeToString())
     else:
-        atomic_write(args.output, text_format.MessageToString(param))
+        atomic_write(args.output, caffe_text(param))
     kind = "binary" if binary else "text"
     print(f"Wrote upgraded NetParameter {kind} proto to {args.output}", file=sys.stderr)
+    if problems:        # written all the same, and the exit status says so, as Caffe's tool
+        print(f"error: {args.input}: the upgrade dropped {len(problems)} field(s) (logged above)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -169,7 +171,7 @@ def main_solver_text(argv=None):
         print(f"Upgraded {args.input}", file=sys.stderr)
     else:
         print(f"File already in latest proto format: {args.input}", file=sys.stderr)
-    atomic_write(args.output, text_format.MessageToString(param))
+    atomic_write(args.output, caffe_text(param))
     print(f"Wrote upgraded SolverParameter text proto to {args.output}", file=sys.stderr)
     return 0
 

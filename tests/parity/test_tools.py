@@ -61,16 +61,7 @@ FLAGSETS = {
     "encoded_gray": ["--encoded", "--gray"],
 }
 
-# Caffe's ReadImageToDatum keeps a file's own bytes whenever it is not resized and its extension is the
-# encoding: it tests the channels of the image *as read* (always 3 with color, 1 with --gray), so a gray
-# file stays gray under color and a color file stays color under --gray. minicaffe re-encodes those two.
-KEEPS_FILE_BYTES = pytest.mark.xfail(
-    reason="convert_imageset --encoded re-encodes a file whose channels differ from --gray; Caffe keeps "
-           "the file's bytes unless resized or of another format (reported, not fixed here)", strict=False)
-XFAIL = {"encoded": KEEPS_FILE_BYTES, "encoded_png": KEEPS_FILE_BYTES, "encoded_gray": KEEPS_FILE_BYTES}
-
-
-@pytest.mark.parametrize("flags", [pytest.param(f, marks=XFAIL[f]) if f in XFAIL else f for f in sorted(FLAGSETS)])
+@pytest.mark.parametrize("flags", sorted(FLAGSETS))
 def test_convert_imageset_matches_caffe(ref, images, tmp_path, flags):
     from minicaffe.tools import convert_imageset
     args = FLAGSETS[flags] + ["--backend=lmdb"]
