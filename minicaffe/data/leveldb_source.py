@@ -15,10 +15,9 @@ one has it open, so this only matters within one process).
 """
 import logging
 import os
-import threading
 
 from ..errors import DataError
-from .record_source import RecordSource
+from .record_source import RecordSource, SharedHandles
 
 log = logging.getLogger("minicaffe")
 
@@ -50,10 +49,6 @@ def _message(exc):
     arg = exc.args[0] if len(exc.args) == 1 else exc
     text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
     return " ".join(text.split())
-
-
-_DBS = {}                   # realpath -> [plyvel.DB, users]
-_DBS_LOCK = threading.Lock()
 
 
 def _open_db(path):
@@ -119,38 +114,26 @@ def _open_snapshot(path, why):
         return db
 
 
-def open_leveldb(path):
-    """Open a LevelDB for reading, shared by every reader of the same path in this process (call
-    :func:`close_leveldb` once per open). Errors name the path and say what is wrong."""
-    path = os.fspath(path)
-    real = os.path.realpath(path)
-    with _DBS_LOCK:
-        entry = _DBS.get(real)
-        if entry is None:
-            entry = _DBS[real] = [_open_db(path), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def close_leveldb(db):
-    """Release a handle from :func:`open_leveldb`; the last user closes it (and frees the LOCK)."""
-    with _DBS_LOCK:
-        for real, entry in list(_DBS.items()):
-            if entry[0] is db:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _DBS[real]
-                    _close(db)
-                return
-    _close(db)
-
-
 def _close(db):
     db.close()
     tmp = _SNAPSHOTS.pop(id(db), None)
     if tmp is not None:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DBS = SharedHandles(lambda path: _open_db(path), lambda db: _close(db))   # looked up per call
+
+
+def open_leveldb(path):
+    """Open a LevelDB for reading, shared by every reader of the same path in this process (call
+    :func:`close_leveldb` once per open). Errors name the path and say what is wrong."""
+    return _DBS.open(path)
+
+
+def close_leveldb(db):
+    """Release a handle from :func:`open_leveldb`; the last user closes it (and frees the LOCK)."""
+    _DBS.close(db)
 
 
 def _read_error(path, exc):

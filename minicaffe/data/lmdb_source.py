@@ -23,7 +23,7 @@ import os
 import threading
 
 from ..errors import DataError
-from .record_source import RecordSource
+from .record_source import RecordSource, SharedHandles
 
 try:
     import lmdb
@@ -77,10 +77,6 @@ def check_backend(path, backend=None):
     check_write_backend(path, backend)
 
 
-_ENVS = {}                  # realpath -> [Environment, users]
-_ENVS_LOCK = threading.Lock()
-
-
 def _open_env(path):
     lm = _lmdb()
     if not os.path.exists(path):
@@ -113,6 +109,9 @@ def _open_env(path):
     return env
 
 
+_ENVS = SharedHandles(lambda path: _open_env(path), lambda env: env.close())   # looked up per call
+
+
 def open_lmdb(path):
     """Open an LMDB (a directory with data.mdb, or a single file) read-only, with its lock file so a
     writing process cannot recycle pages under the reader (without it where the lock file is unusable,
@@ -120,27 +119,12 @@ def open_lmdb(path):
 
     LMDB allows one open Environment per database and process, so the environment is shared by all
     readers of the same path in this process (counted; call :func:`close_lmdb` once per open)."""
-    path = os.fspath(path)
-    real = os.path.realpath(path)
-    with _ENVS_LOCK:
-        entry = _ENVS.get(real)
-        if entry is None:
-            entry = _ENVS[real] = [_open_env(path), 0]
-        entry[1] += 1
-        return entry[0]
+    return _ENVS.open(path)
 
 
 def close_lmdb(env):
     """Release an environment from :func:`open_lmdb`; the last user closes it."""
-    with _ENVS_LOCK:
-        for real, entry in list(_ENVS.items()):
-            if entry[0] is env:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _ENVS[real]
-                    env.close()
-                return
-    env.close()
+    _ENVS.close(env)
 
 
 def count_records(path):

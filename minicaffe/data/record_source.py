@@ -6,13 +6,50 @@ Both readers number the stream of records 0, 1, 2, ... (continuing across the wr
 database) and keep position ``i`` when ``i % world_size == rank``, as Caffe's ``DataLayer::Skip``. The
 rules for that live here once, so the two backends cannot drift apart; a backend supplies only its
 cursor (open, step, wrap, seek to a key) and how its errors read.
+
+Both also keep one open handle per database and process (:class:`SharedHandles`): LMDB allows one
+Environment per database and process, and a LevelDB's LOCK admits one handle at a time.
 """
 import logging
 import os
+import threading
 
 from ..errors import DataError
 
 log = logging.getLogger("minicaffe")
+
+
+class SharedHandles:
+    """The open handles of a backend, one per database (by real path) shared by every reader in
+    this process and counted: ``open(path)`` opens it with ``opener(path)`` on first use, and
+    ``close(handle)`` lets the last user close it with ``closer(handle)``; a handle that was not
+    opened here is closed at once."""
+
+    def __init__(self, opener, closer):
+        self._opener, self._closer = opener, closer
+        self._entries = {}          # realpath -> [handle, users]
+        self._lock = threading.Lock()
+
+    def open(self, path):
+        path = os.fspath(path)
+        real = os.path.realpath(path)
+        with self._lock:
+            entry = self._entries.get(real)
+            if entry is None:
+                entry = self._entries[real] = [self._opener(path), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def close(self, handle):
+        with self._lock:
+            for real, entry in list(self._entries.items()):
+                if entry[0] is handle:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self._entries[real]
+                        self._closer(handle)
+                    return
+        self._closer(handle)
 
 
 class RecordSource:
