@@ -56,3 +56,11 @@ class SolverError(MinicaffeError):
 
 class NumericalError(MinicaffeError):
     """A NaN or infinity appeared in training (names the iteration and the layer)."""
+
+
+def did_you_mean(word, choices):
+    """``" (did you mean 'x'?)"`` for the choice closest to a misspelt ``word``, or ``""``: the hint
+    every one-line error about an unknown name (a flag, an lr_policy, a blob) ends with."""
+    import difflib
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -796,7 +796,8 @@ class Net:
                     raise WeightsError(f"{path}: layer '{sl.name}' blob {k}: {exc}") from None
                 if not shape_matches(bp, target.shape):
                     raise WeightsError(f"{path}: cannot copy param {k} of layer '{sl.name}': shape "
-                                       f"{tuple(arr.shape)} in the file, {target.shape} in the net")
+                                       f"{tuple(arr.shape)} in the file, {target.shape} in the net"
+                                       f"{_rename_hint(sl.name)}")
                 check_finite_weights(arr, path, sl.name, k)
                 copies.append((target, arr))
         for target, arr in copies:
@@ -860,7 +861,7 @@ class Net:
                     arr = np.asarray(group[str(k)])
                     if arr.size != blob.count:
                         raise WeightsError(f"{path}: cannot copy param {k} of layer '{name}': shape "
-                                           f"{arr.shape} in the file, {blob.shape} in the net")
+                                           f"{arr.shape} in the file, {blob.shape} in the net{_rename_hint(name)}")
                     check_finite_weights(arr, path, name, k)
                     copies.append((blob, arr))
         for blob, arr in copies:
@@ -868,6 +869,14 @@ class Net:
 
 
 # --- blob protos ----------------------------------------------------------------------------
+
+def _rename_hint(layer):
+    """Caffe's fine-tuning idiom, for the shape mismatch users meet when they change a layer's size
+    (a new num_output for their classes) and load the old weights: weights are copied by layer name,
+    so a renamed layer is skipped and starts from its filler."""
+    return (f"; to fine-tune with a new shape, rename the layer (e.g. '{layer}' -> '{layer}_new') so it "
+            f"is not copied and starts from its weight_filler")
+
 
 class BlobShapeError(WeightsError):
     """A BlobProto whose shape is impossible or does not fit its values. Raised without context; the

@@ -274,6 +274,5 @@ def test_beyond_commands_run_from_the_minicaffe_cli(setup, capsys):
     code, out, err = _cli(["evaluate", "--model", proto, "--weights", weights[0], "--list",
                            str(tmp_path / "list.txt"), "--root", str(tmp_path / "img")], capsys)
     assert code == 0 and "top-5 error = " in out, err
-    with pytest.raises(SystemExit):              # argparse's usage error, as for Caffe's commands
-        _cli(["init_from", "--model", proto], capsys)
-    assert "required: --from, --output" in capsys.readouterr().err
+    code, out, err = _cli(["init_from", "--model", proto], capsys)   # one line, exit 1 as every error
+    assert code == 1 and "required: --from, --output" in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..errors import SolverError
+from ..errors import SolverError, did_you_mean
 
 POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
@@ -84,7 +84,8 @@ def _learning_rate(param, it, current_step):
         rate = base * _f32(1.0 / _f32(1.0 + e))
     else:
         shown = f"'{policy}'" if policy else "'' (lr_policy is not set)"
-        raise SolverError(f"unknown learning rate policy {shown}; known: {', '.join(POLICIES)}")
+        raise SolverError(f"unknown learning rate policy {shown}{did_you_mean(policy, POLICIES)}; "
+                          f"known: {', '.join(POLICIES)}")
     return _f32(rate), current_step
 
 

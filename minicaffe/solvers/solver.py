@@ -35,14 +35,14 @@ from .. import backend
 from ..blob import Blob
 from ..data.lmdb_source import solver_rank
 from ..deps import require
-from ..errors import DataError, MinicaffeError, NumericalError, SolverError
+from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did_you_mean
 from ..fileio import atomic_open, atomic_write
 from ..net import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
 from ..prototxt import load_net_param, load_solver_param, read_binary_file
 from ..wire import _field, blobproto_bytes
 from . import updates
-from .lr_policy import learning_rate
+from .lr_policy import POLICIES, learning_rate
 
 try:
     import fcntl
@@ -88,6 +88,10 @@ def read_solver_param(source: str | os.PathLike | caffe_pb2.SolverParameter
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(load_solver_param(source))
     upgrade_solver_param(param, path)
+    if param.lr_policy and param.lr_policy not in POLICIES:
+        # a typo is reported as the file is read, before the nets are built (minutes for a big one)
+        raise SolverError(f"{path or '<solver>'}: unknown learning rate policy '{param.lr_policy}'"
+                          f"{did_you_mean(param.lr_policy, POLICIES)}; known: {', '.join(POLICIES)}")
     return param, path
 
 
@@ -635,8 +639,8 @@ class Solver:
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self.smoothed_loss = [], 0.0
         last_time, last_iter = time.perf_counter(), self.iter
-        from ..tools.common import ProgressBar
-        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter",
+        from ..tools.progress import ProgressBar
+        self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter", desc="train",
                                      enabled=None if self.is_root else False)
         try:
             while self.iter < stop_iter:
@@ -698,8 +702,6 @@ class Solver:
         """A log line that does not land in the middle of the progress bar's line (root solver only)."""
         if not self.is_root:
             return
-        if self._progress is not None and self._progress.enabled:
-            self._progress.stream.write("\r\x1b[K")
         self.log.info(fmt, *args, stacklevel=2)
 
     def _update_smoothed_loss(self, loss, start_iter, average_loss):
@@ -795,28 +797,33 @@ class Solver:
         net.share_with(self.net)
         n = p.test_iter[test_net_id]
         sums, loss = None, 0.0
-        for _ in range(n):
-            request = self._requested_action()
-            while request != NONE:
-                if request == SNAPSHOT:
-                    self.snapshot()
-                elif request == STOP:
-                    self._requested_early_exit = True
+        from ..tools.progress import ProgressBar
+        # a bar for the test pass too: a long test_iter is otherwise minutes without a line
+        with ProgressBar(total=n, unit="batch", desc=f"test #{test_net_id}", leave=False,
+                         enabled=None if self.is_root else False) as bar:
+            for _ in range(n):
                 request = self._requested_action()
-            if self._requested_early_exit:
-                break
-            try:
-                iter_loss = net.forward_from_to()
-            except NumericalError as exc:
-                self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
-            if p.test_compute_loss:
-                loss += iter_loss
-            # accumulate on the device; one copy to the host at the end
-            if sums is None:
-                sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
-            else:
-                for name in net.outputs:
-                    sums[name] += net.blobs[name].xdata
+                while request != NONE:
+                    if request == SNAPSHOT:
+                        self.snapshot()
+                    elif request == STOP:
+                        self._requested_early_exit = True
+                    request = self._requested_action()
+                if self._requested_early_exit:
+                    break
+                try:
+                    iter_loss = net.forward_from_to()
+                except NumericalError as exc:
+                    self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
+                if p.test_compute_loss:
+                    loss += iter_loss
+                # accumulate on the device; one copy to the host at the end
+                if sums is None:
+                    sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
+                else:
+                    for name in net.outputs:
+                        sums[name] += net.blobs[name].xdata
+                bar.update()
         if self._requested_early_exit:
             self._info("Test interrupted.")
             return None

@@ -11,7 +11,6 @@
 Each subcommand is a thin shell over ``minicaffe.surgery`` / ``minicaffe.multicrop`` functions,
 and over ``evaluate_images`` here, which scripts can call directly.
 """
-import argparse
 import os
 import sys
 
@@ -28,6 +27,7 @@ from ..multicrop import (Preprocessor, combine, default_scales, evaluate_crops, 
 from ..net import Net
 from ..proto import caffe_pb2
 from ..surgery import convert_fc_to_conv, init_from, net_definition, parse_mapping, vgg_init_mapping
+from .argparsing import ArgumentParser
 from .common import ProgressBar, run_main
 
 
@@ -423,7 +423,7 @@ def add_subcommands(subparsers):
 @run_main
 def main(argv=None):
     """``python -m minicaffe.tools.beyond <subcommand> ...``: the same commands outside the CLI."""
-    parser = argparse.ArgumentParser(prog="minicaffe", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="minicaffe", description=__doc__.splitlines()[0])
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args)

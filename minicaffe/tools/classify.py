@@ -9,8 +9,6 @@ INPUT is an image, a folder of images (``*.EXT``), or a ``.npy`` array of N×H×
 Scores (N×classes) go to OUTPUT as ``.npy``; with ``--labels`` the top-k labels of each image are
 printed too. Progress goes to stderr, results to stdout.
 """
-import argparse
-import glob
 import os
 import sys
 import time
@@ -22,6 +20,7 @@ from .. import io as caffe_io
 from ..classifier import Classifier, load_labels, top_k
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_open
+from .argparsing import ArgumentParser
 from .common import run_main
 
 
@@ -36,7 +35,7 @@ def _ints(text, what, count=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="classify", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="classify", description=__doc__.split("\n")[0])
     p.add_argument("input_file", help="input image, directory, or .npy (N×H×W×K)")
     p.add_argument("output_file", help="output .npy file of class scores")
     p.add_argument("--model_def", required=True, help="model definition (deploy prototxt)")
@@ -73,11 +72,40 @@ def load_inputs(path, ext):
             raise DataError(f"{path}: expected N×H×W×K images, got shape {arr.shape}")
         return [f"{path}[{i}]" for i in range(len(arr))], list(arr)
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "*." + ext.lstrip("."))))
+        # case-insensitive: ImageNet's files are ``*.JPEG`` and the default is ``jpg``; so are the
+        # pairs jpg/jpeg (one format, two spellings)
+        wanted = ext.lstrip(".").lower()
+        same = {wanted} | ({"jpg", "jpeg"} if wanted in ("jpg", "jpeg") else set())
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if os.path.splitext(f)[1][1:].lower() in same
+                       and os.path.isfile(os.path.join(path, f)))
         if not files:
             raise DataError(f"{path}: no *.{ext.lstrip('.')} images in this folder (see --ext)")
         return files, [caffe_io.load_image(f) for f in files]
     return [path], [caffe_io.load_image(path)]
+
+
+_DATA_LAYERS = ("Data", "ImageData", "HDF5Data", "WindowData", "DummyData", "MemoryData")
+
+
+def _refuse_train_val(model_def):
+    """A train_val net (data layers reading a database, a loss) given where classify needs the deploy
+    net: one line naming the file and the deploy net, instead of an error about the database its data
+    layer cannot open or a missing Input layer."""
+    from ..prototxt import load_net_param
+    param = load_net_param(model_def)
+    if any(lp.type == "Input" for lp in param.layer):
+        return
+    data = [lp for lp in param.layer if lp.type in _DATA_LAYERS]
+    if not data:
+        return
+    folder = os.path.dirname(model_def)
+    deploy = [f for f in sorted(os.listdir(folder or ".")) if "deploy" in f and f.endswith(".prototxt")]
+    suggestion = (f"e.g. {os.path.join(folder, deploy[0])}" if deploy
+                  else "a deploy.prototxt: the same layers with an Input layer instead of the data layers "
+                       "and no loss")
+    raise MinicaffeError(f"{model_def}: a train/test net (its {data[0].type} layer '{data[0].name}' reads "
+                         f"training data); classify needs the deploy net, {suggestion}")
 
 
 @run_main
@@ -96,9 +124,19 @@ def main(argv=None):
         backend.set_mode_cpu()
         print("CPU mode", file=log)
 
-    classifier = Classifier(args.model_def, args.pretrained_model, image_dims=image_dims, mean=mean,
+    _refuse_train_val(args.model_def)
+    classifier = Classifier(args.model_def, args.pretrained_model, image_dims=image_dims, mean=None,
                             input_scale=args.input_scale, raw_scale=args.raw_scale,
                             channel_swap=channel_swap)
+    if mean is not None:
+        in_ = classifier.inputs[0]
+        channels = classifier.blobs[in_].data.shape[1]
+        if mean.shape[0] != channels:
+            kind = {1: "grey (1-channel)", 3: "colour (3-channel)"}.get(mean.shape[0], f"{mean.shape[0]}-channel")
+            raise MinicaffeError(f"{args.mean_file}: a {kind} mean, but input '{in_}' of {args.model_def} "
+                                 f"has {channels} channels; use the mean of images like the net's (a "
+                                 f"{'colour' if channels == 3 else f'{channels}-channel'} mean)")
+        classifier.transformer.set_mean(in_, mean)     # set here, after the check that names the file
     if labels is not None:
         out_shape = classifier.blobs[classifier.outputs[0]].shape
         classes = int(np.prod(out_shape[1:]))

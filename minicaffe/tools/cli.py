@@ -11,17 +11,19 @@ import time as _time
 import numpy as np
 
 from .. import backend, parallel, shipped
-from ..errors import MinicaffeError
+from ..errors import MinicaffeError, did_you_mean
 from ..layers.python_layer import python_layers_refused, refuse_python_layers
 from ..proto import caffe_pb2
 from . import beyond, subcommands
+from .argparsing import ArgumentParser
 from .common import get_logger, print_error, run_main
+from .progress import ProgressBar, log_to_file
 
 COMMANDS = ("train", "test", "device_query", "time", "fully_convolutional", "init_from", "evaluate",
             "visualize")
 BEYOND_COMMANDS = ("fully_convolutional", "init_from", "evaluate")    # tools/beyond.py, own flags
 FLAGS = ("gpu", "solver", "model", "phase", "level", "stage", "snapshot", "weights", "iterations",
-         "sigint_effect", "sighup_effect", "debug", "plot", "no-python-layers") + beyond.EVALUATION_FLAGS
+         "sigint_effect", "sighup_effect", "debug", "plot", "no-python-layers", "log_file", "tensorboard") + beyond.EVALUATION_FLAGS
 NO_PYTHON_LAYERS = ("--no-python-layers", "-no-python-layers")
 
 USAGE = """minicaffe <command> <args>
@@ -56,10 +58,35 @@ PYTHON_LAYERS_NOTE = """Python layers run code from the current directory:
   with one line naming the layer and module, before anything is imported."""
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog="minicaffe", usage=USAGE, epilog=PYTHON_LAYERS_NOTE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", help="train | test | device_query | time")
+COMMAND_HELP = {
+    "train": "train or finetune a model",
+    "test": "score a model",
+    "device_query": "show GPU diagnostic information",
+    "time": "benchmark model execution time",
+}
+# the flags each command reads, shown by 'minicaffe <command> --help'. The others are still accepted
+# and ignored, as Caffe's gflags are global (a script passing --model to train keeps working)
+COMMAND_FLAGS = {
+    "train": ("solver", "gpu", "snapshot", "weights", "iterations", "level", "stage", "sigint_effect",
+              "sighup_effect", "no-python-layers", "log_file", "tensorboard"),
+    "test": ("model", "weights", "gpu", "iterations", "phase", "level", "stage", "no-python-layers",
+             "log_file") + beyond.EVALUATION_FLAGS,
+    "time": ("model", "gpu", "iterations", "phase", "level", "stage", "plot", "no-python-layers", "log_file"),
+    "device_query": ("gpu", "log_file"),
+}
+
+
+def _parser(command=None):
+    """The global parser (``command`` None: ``minicaffe --help``) or one command's: the same flags,
+    with the help of those the command does not read hidden."""
+    if command is None:
+        p = ArgumentParser(prog="minicaffe", usage=USAGE, epilog=PYTHON_LAYERS_NOTE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("command", help="train | test | device_query | time")
+    else:
+        p = ArgumentParser(prog=f"minicaffe {command}", description=COMMAND_HELP[command],
+                           epilog=PYTHON_LAYERS_NOTE if command != "device_query" else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", default="",
                    help="run in GPU mode on the given device IDs separated by ','; 'all' for every device")
     p.add_argument("--solver", default="", help="the solver definition protocol buffer text file")
@@ -80,7 +107,17 @@ def _parser():
     p.add_argument("--no-python-layers", action="store_true",
                    help="refuse type: \"Python\" layers (they import code from the current directory; "
                         "also MINICAFFE_NO_PYTHON_LAYERS=1); works with every command")
+    p.add_argument("--log_file", default="",
+                   help="also write the log lines to this file (plain, without the progress bar)")
+    p.add_argument("--tensorboard", default="", metavar="DIR",
+                   help="train: write loss, accuracy, learning rate and per-layer weight/gradient L2 norms "
+                        "as TensorBoard scalars into DIR (needs tensorboardX: the 'tensorboard' extra)")
     beyond.add_evaluation_options(p.add_argument_group("test with crops, dense evaluation or an ensemble"))
+    if command is not None:
+        shown = {"--" + f for f in COMMAND_FLAGS[command]} | {"-h", "--help"}
+        for action in p._actions:
+            if not shown.intersection(action.option_strings):
+                action.help = argparse.SUPPRESS
     return p
 
 
@@ -153,6 +190,18 @@ def train(args):
         raise MinicaffeError("train: need a solver definition (--solver)")
     if args.snapshot and args.weights:
         raise MinicaffeError("train: give a snapshot to resume training or weights to finetune, but not both")
+    if args.snapshot.endswith((".caffemodel", ".caffemodel.h5")):
+        # a common slip: the weights file holds no iteration, history or lr state to resume from
+        state = args.snapshot.replace(".caffemodel", ".solverstate")
+        raise MinicaffeError(f"{args.snapshot}: a .caffemodel holds weights only, not the solver state "
+                             f"--snapshot resumes from; to fine-tune from it use --weights {args.snapshot}, to resume give "
+                             f"the .solverstate ({state})")
+    if args.tensorboard:        # a missing tensorboardX is found before the nets are built
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise MinicaffeError("--tensorboard needs tensorboardX: pip install 'minicaffe[tensorboard]' "
+                                 "(or pip install tensorboardX)") from None
     handler = SignalHandler(args.sigint_effect, args.sighup_effect)   # checks the effect names
     param, path = read_solver_param(args.solver)
     if args.solver != args.solver_given:
@@ -201,7 +250,7 @@ def _worker_argv(args, gpu):
     """The ``train`` command line for the process of one GPU."""
     argv = ["train", "--solver", args.solver, "--gpu", str(gpu), "--level", str(args.level),
             "--sigint_effect", args.sigint_effect, "--sighup_effect", args.sighup_effect]
-    for flag in ("stage", "snapshot", "weights"):
+    for flag in ("stage", "snapshot", "weights", "log_file", "tensorboard"):   # the root writes the board
         if getattr(args, flag):
             argv += [f"--{flag}", getattr(args, flag)]
     if args.iterations is not None:
@@ -230,6 +279,10 @@ def _train(args, log, param, path, handler, comm):
         if comm is not None:
             solver = ParallelSolver(solver, comm)
         solver.set_action_function(handler.check)
+        board = None
+        if args.tensorboard and root:
+            from .tensorboard import TensorBoardLogger
+            board = TensorBoardLogger(solver, args.tensorboard)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
             from ..net import BlobShapeError
@@ -238,7 +291,11 @@ def _train(args, log, param, path, handler, comm):
             except BlobShapeError as exc:      # a history blob (the weights name their own file)
                 raise MinicaffeError(f"{args.snapshot}: a history blob: {exc}") from None
         log.info("Starting Optimization")
-        solver.solve()
+        try:
+            solver.solve()
+        finally:
+            if board is not None:
+                board.close()
     log.info("Optimization Done.")
 
 
@@ -299,17 +356,19 @@ def test(args):
     iterations = 50 if args.iterations is None else args.iterations
     log.info("Running for %d iterations.", iterations)
     sums, names, loss = [], [], 0.0
-    for i in range(iterations):
-        loss += net.forward_from_to()
-        idx = 0
-        for name in sorted(net.outputs):      # Caffe's output order: sorted by name
-            for v in np.ravel(net.blobs[name].host_data):
-                if i == 0:
-                    sums.append(0.0)
-                    names.append(name)
-                sums[idx] += float(v)
-                idx += 1
-                log.info("Batch %d, %s = %s", i, name, _g(v))
+    with ProgressBar(total=iterations, unit="batch", desc="test") as bar:
+        for i in range(iterations):
+            loss += net.forward_from_to()
+            idx = 0
+            for name in sorted(net.outputs):      # Caffe's output order: sorted by name
+                for v in np.ravel(net.blobs[name].host_data):
+                    if i == 0:
+                        sums.append(0.0)
+                        names.append(name)
+                    sums[idx] += float(v)
+                    idx += 1
+                    log.info("Batch %d, %s = %s", i, name, _g(v))
+            bar.update()
     loss /= max(iterations, 1)
     log.info("Loss: %s", _g(loss))
     weights = _loss_weights(net)
@@ -342,16 +401,19 @@ def time(args):
     log.info("Testing for %d iterations.", iterations)
     fwd, bwd = {}, {}
     fwd_total = bwd_total = 0.0
+    bar = ProgressBar(total=iterations, unit="iter", desc="time")   # drawn outside the timed spans
     start = _time.perf_counter()
-    for j in range(iterations):
-        t0 = _time.perf_counter()
-        net.forward_from_to(timings=fwd)
-        t1 = _time.perf_counter()
-        _backward_every_layer(net, bwd)
-        t2 = _time.perf_counter()
-        fwd_total += t1 - t0
-        bwd_total += t2 - t1
-        log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _g((t2 - t0) * 1e3))
+    with bar:
+        for j in range(iterations):
+            t0 = _time.perf_counter()
+            net.forward_from_to(timings=fwd)
+            t1 = _time.perf_counter()
+            _backward_every_layer(net, bwd)
+            t2 = _time.perf_counter()
+            fwd_total += t1 - t0
+            bwd_total += t2 - t1
+            log.info("Iteration: %d forward-backward time: %s ms.", j + 1, _g((t2 - t0) * 1e3))
+            bar.update()
     total = _time.perf_counter() - start
     log.info("Average time per layer: ")
     rows = []
@@ -455,12 +517,25 @@ def device_query(args):
 _COMMAND_FUNCS = {"train": train, "test": test, "device_query": device_query, "time": time}
 
 
+def _command_first(argv):
+    """Caffe reads the command after gflags took the flags out, so ``caffe --gpu 0 train`` works:
+    move the first known command name to the front."""
+    if argv and argv[0].startswith("-"):
+        for i, a in enumerate(argv):
+            if a in COMMANDS:
+                return [a] + argv[:i] + argv[i + 1:]
+    return argv
+
+
 @run_main
 def main(argv=None):
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--debug", "-debug")]
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
         _parser().print_help(sys.stderr)
-        return 0 if argv else 1
+        return 1
+    if argv[0] in ("-h", "--help", "-help", "help"):
+        _parser().print_help()          # stdout, so 'minicaffe --help | less' pages it
+        return 0
     if any(a in NO_PYTHON_LAYERS for a in argv):
         # every command takes it (the evaluation commands have parsers of their own): refuse Python
         # layers for this command only, so a program calling main() gets its setting back
@@ -471,29 +546,36 @@ def main(argv=None):
             refuse_python_layers(previous)
     if argv[0] in subcommands.TOOLS:         # minicaffe convert_imageset ...: the console script's main
         return subcommands.run(argv[0], argv[1:])
+    argv = _command_first(argv)
     if argv[0] in BEYOND_COMMANDS:
-        parser = argparse.ArgumentParser(prog="minicaffe")
+        parser = ArgumentParser(prog="minicaffe")
         beyond.add_subcommands(parser.add_subparsers(dest="command", required=True))
         args = parser.parse_args(argv)
         return args.run(args)
     if argv[0] == "visualize":          # tools/visualize.py, own flags
         from . import visualize
         return visualize.main.__wrapped__(argv[1:])
-    args = _parser().parse_args(_gflags_style(argv))
+    command = argv[0]
+    if command not in _COMMAND_FUNCS:
+        if command.startswith("-"):
+            raise MinicaffeError(f"no command given; commands: {', '.join(COMMANDS)} (see 'minicaffe --help')")
+        known = COMMANDS + tuple(subcommands.TOOLS)
+        raise MinicaffeError(f"unknown command '{command}'{did_you_mean(command, known)}; commands: "
+                             f"{', '.join(COMMANDS)} (and the tools: see 'minicaffe --help')")
+    args = _parser(command).parse_args(_gflags_style(argv[1:]))
+    args.command = command
     # gflags keep the last of a repeated flag; test's ensembles use them all
     args.models, args.weights_list = args.model, args.weights
     args.model = args.model[-1] if args.model else ""
-    # a documented path (models/lenet/...) not in the working directory: the shipped copy (logged)
-    get_logger()
-    args.solver_given, args.solver = args.solver, shipped.resolve(args.solver, "--solver")
-    args.models = [shipped.resolve(m, "--model") for m in args.models]
-    args.model = shipped.resolve(args.model, "--model") if args.model else ""
-    args.weights_list = [shipped.resolve_list(w, "--weights") for w in args.weights_list]
-    args.weights = args.weights_list[-1] if args.weights_list else ""
-    fn = _COMMAND_FUNCS.get(args.command)
-    if fn is None:
-        raise MinicaffeError(f"unknown command '{args.command}'; commands: {', '.join(COMMANDS)}")
-    return fn(args)
+    with log_to_file(args.log_file):
+        # a documented path (models/lenet/...) not in the working directory: the shipped copy (logged)
+        get_logger()
+        args.solver_given, args.solver = args.solver, shipped.resolve(args.solver, "--solver")
+        args.models = [shipped.resolve(m, "--model") for m in args.models]
+        args.model = shipped.resolve(args.model, "--model") if args.model else ""
+        args.weights_list = [shipped.resolve_list(w, "--weights") for w in args.weights_list]
+        args.weights = args.weights_list[-1] if args.weights_list else ""
+        return _COMMAND_FUNCS[command](args)
 
 
 if __name__ == "__main__":

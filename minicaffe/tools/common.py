@@ -22,7 +22,13 @@ def run_main(fn):
             argv = list(argv)
         try:
             code = fn([a for a in argv if a != "--debug"] if argv is not None else None)
+            sys.stdout.flush()      # inside the try: a closed pipe is reported below, not at exit
             return 0 if code is None else code
+        except BrokenPipeError as exc:
+            if _reader_gone(sys.stdout):
+                return _stdout_closed()
+            print_error(f"{exc.filename or 'pipe'}: {exc.strerror or exc}")   # another pipe than stdout
+            return 1
         except KeyboardInterrupt:
             print_error("interrupted")
             return 130
@@ -35,6 +41,33 @@ def run_main(fn):
             print_error(msg)
             return 1
     return wrapper
+
+
+def _reader_gone(stream):
+    """Whether ``stream`` is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    import select
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _stdout_closed():
+    """``minicaffe --help | head -1``: the reader went away, which is not an error of ours. Python's
+    advice: point stdout at /dev/null so the interpreter's last flush does not print "Exception
+    ignored ... BrokenPipeError" either; exit status 141 is the shell's for a SIGPIPE death, as a C
+    tool (Caffe's) dies there."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):     # a stdout without a descriptor (captured)
+        pass
+    return 141
 
 
 # One lock for every line this package writes to the terminal: the log handler's and the error
@@ -212,42 +245,5 @@ class _GlogFormatter(logging.Formatter):
                f"{record.getMessage()}"
 
 
-class ProgressBar:
-    """count/total, rate and ETA on one refreshed terminal line; silent when stderr is not a terminal."""
-
-    def __init__(self, total=None, unit="it", stream=None, enabled=None, min_interval=0.2):
-        self.total, self.unit = total, unit
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.count = 0
-        self.start = time.perf_counter()
-        self._last = 0.0
-        self.min_interval = min_interval
-
-    def update(self, n=1):
-        self.count += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.min_interval or self.count == self.total):
-            self._last = now
-            self.stream.write("\r" + self.text(now))
-            self.stream.flush()
-
-    def text(self, now=None):
-        elapsed = (now or time.perf_counter()) - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        if self.total:
-            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "--:--:--"
-            return f"{self.count}/{self.total} {rate:.1f} {self.unit}/s ETA {eta_s}"
-        return f"{self.count} {rate:.1f} {self.unit}/s"
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+# the bar lives in progress.py (tqdm, log lines clear and redraw it); importable from here as before
+from .progress import ProgressBar  # noqa: E402,F401

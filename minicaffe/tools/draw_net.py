@@ -15,11 +15,12 @@ import argparse
 from .. import draw
 from ..prototxt import load_net_param
 from ..proto import caffe_pb2
+from .argparsing import ArgumentParser
 from .common import run_main
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="draw_net", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="draw_net", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("input_net_proto_file", help="input network prototxt file")
     parser.add_argument("output_image_file", help="output file; its extension names the format "

@@ -12,9 +12,9 @@ existing database is never overwritten. LevelDB needs plyvel (the ``leveldb`` ex
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Sequence
 
@@ -23,7 +23,8 @@ import numpy as np
 from .. import backend
 from ..data.datum import array_to_datum
 from ..data.db import NewDatabase, check_write_backend
-from ..errors import DataError, MinicaffeError, NetError
+from ..errors import DataError, MinicaffeError, NetError, did_you_mean
+from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ def legacy_shape(shape):
     if len(shape) > 4:
         raise ValueError(f"{len(shape)} axes")
     return shape + (1,) * (4 - len(shape))
+
+
+_SPLIT_BLOB = re.compile(r"_split_\d+$")
 
 
 def feature_datums(blob_data):
@@ -79,7 +83,11 @@ def extract_features(net: Net, blob_names: Sequence[str], db_paths: Sequence[str
     end = -1
     for name in blob_names:
         if name not in net.blobs:
-            raise NetError(f"unknown feature blob name '{name}' in the network (blobs: {', '.join(net.blobs)})")
+            # the blobs the net's inserted Split layers write (``x_layer_0_split_1``) are not choices
+            # a user would make, and they bury the real ones
+            shown = [b for b in net.blobs if not _SPLIT_BLOB.search(b)]
+            raise NetError(f"unknown feature blob name '{name}' in the network{did_you_mean(name, shown)} "
+                           f"(blobs: {', '.join(shown)})")
         if len(net.blobs[name].shape) > 4:
             raise NetError(f"feature blob '{name}' has shape {net.blobs[name].shape}; a Datum holds at most "
                            "N×C×H×W")
@@ -115,7 +123,7 @@ def extract_features(net: Net, blob_names: Sequence[str], db_paths: Sequence[str
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="extract_features",
         description="Extract features of the input data produced by a trained net (TEST phase) into "
                     "LMDBs or LevelDBs of Datums, one database per blob. Several blobs are extracted in one pass by "

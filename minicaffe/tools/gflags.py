@@ -2,11 +2,7 @@
 compute_image_mean), so shell scripts written for Caffe's binaries run unchanged."""
 import sys
 
-from ..errors import MinicaffeError
-
-
-class UsageError(MinicaffeError):
-    """A command line that does not parse."""
+from .argparsing import UsageError, unknown_flag_message
 
 
 class HelpRequested(Exception):
@@ -17,7 +13,7 @@ _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
 
-def parse_gflags(argv, spec):
+def parse_gflags(argv, spec, prog="minicaffe"):
     """Parse ``argv`` as gflags does: ``--name=value``, ``--name value``, ``-name`` too, booleans as
     ``--name``, ``--name=true|false`` or ``--noname``; ``--`` ends the flags. ``spec`` maps a flag
     name to (type, default, help). Returns (values dict, positional list)."""
@@ -42,7 +38,7 @@ def parse_gflags(argv, spec):
             values[name[2:]] = False
             continue
         if name not in spec:
-            raise UsageError(f"unknown flag --{name} (see --help)")
+            raise UsageError(unknown_flag_message(prog, "--" + name, ["--" + n for n in spec]))
         kind = spec[name][0]
         if kind is bool:
             if not has_value:
@@ -88,8 +84,10 @@ def parse_command(argv, spec, usage, nargs):
     """Flags and positional arguments of a tool's command line, or the exit status when there is
     nothing to run: 0 after printing the help, 1 (usage on stderr) when the number of positional
     arguments is not in ``nargs`` (a range)."""
+    # the tool's name: the first word of the usage line (``    convert_imageset [FLAGS] ...``)
+    prog = next((line.split()[0] for line in usage.splitlines() if "[FLAGS]" in line), "minicaffe")
     try:
-        flags, args = parse_gflags(argv, spec)
+        flags, args = parse_gflags(argv, spec, prog)
     except HelpRequested:
         print(usage + "\n" + format_flags(spec))
         return 0

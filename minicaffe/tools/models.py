@@ -18,6 +18,7 @@ from typing import Sequence
 
 from .. import shipped
 from ..errors import MinicaffeError
+from .argparsing import ArgumentParser
 from .common import run_main
 
 
@@ -34,9 +35,9 @@ def list_models(out=None) -> None:
 
 @run_main
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="minicaffe models", description=__doc__.splitlines()[0],
-                                epilog="\n".join(__doc__.splitlines()[2:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="minicaffe models", description=__doc__.splitlines()[0],
+                       epilog="\n".join(__doc__.splitlines()[2:]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="action")
     sub.add_parser("list", help="list the shipped models (the default)")
     cp = sub.add_parser("copy", help="copy a shipped model's files into DIR/models/<name>/")

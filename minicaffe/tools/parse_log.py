@@ -24,7 +24,6 @@ Two deliberate differences from Caffe's script, both fixing wrong numbers it pro
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import io
@@ -36,6 +35,7 @@ from typing import Sequence
 
 from ..errors import DataError
 from ..fileio import atomic_write
+from .argparsing import ArgumentParser
 from .common import run_main
 
 _GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?\s+\S+\s+[^\]\s]*\]\s?(.*)$")
@@ -245,7 +245,7 @@ def save_csv_files(log_path: str | os.PathLike, output_dir: str | os.PathLike, t
 
 @run_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="parse_log",
         description="Parse a Caffe (or minicaffe) training log into two CSV files containing training "
                     "and testing information: OUTPUT_DIR/<log name>.train and .test.")

@@ -32,6 +32,7 @@ from typing import Sequence
 
 from ..errors import DataError
 from ..fileio import atomic_write
+from .argparsing import ArgumentParser
 from .common import run_main
 from .parse_log import parse_log
 
@@ -144,7 +145,7 @@ def plot_chart(chart_type: int, out_path: str, log_paths: Sequence[str], field: 
 
 @run_main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="plot_training_log",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Plot one chart of one or more Caffe/minicaffe training logs.",

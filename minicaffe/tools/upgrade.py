@@ -21,7 +21,6 @@ are refused with a clear message.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from google.protobuf import text_format
@@ -30,6 +29,7 @@ from ..errors import ParseError, SolverError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
 from ..prototxt import read_binary_file, read_text_file, upgrade_net
+from .argparsing import ArgumentParser
 from .common import run_main
 
 # Caffe's UpgradeSolverType
@@ -117,7 +117,7 @@ def _enum_name(param):
 # --- commands ---------------------------------------------------------------------------------
 
 def _parse_args(prog, what, argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=f"Upgrade a {what} to the current Caffe format (INPUT may equal OUTPUT).")
     parser.add_argument("input", metavar="INPUT")
     parser.add_argument("output", metavar="OUTPUT")

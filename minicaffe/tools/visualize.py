@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import vis
 from ..errors import MinicaffeError
+from .argparsing import ArgumentParser
 from .common import run_main
 
 
@@ -34,7 +35,7 @@ def _net_options(p, image):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="visualize", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="visualize", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
     sub = p.add_subparsers(dest="picture", required=True, metavar="{mean,filters,features,predictions}")
