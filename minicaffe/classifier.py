@@ -62,6 +62,31 @@ def crops(image: np.ndarray, crop_dims: Sequence[int], scheme: str = "10") -> np
     return out[0] if single else out.reshape((-1,) + out.shape[2:])
 
 
+def _input_transformer(net: Net, who: str, what: str, mean: np.ndarray | None,
+                       input_scale: float | None, raw_scale: float | None,
+                       channel_swap: Sequence[int] | None) -> tuple[tuple[int, ...], caffe_io.Transformer]:
+    """The N×C×H×W shape of ``net``'s first input and a ``Transformer`` for it, set up as pycaffe's
+    Classifier and Detector both do (transpose H×W×K → K×H×W always; mean, scales and channel swap
+    where given). ``who`` (the class) and ``what`` (what it feeds) name them in the errors."""
+    if not net.inputs:
+        raise MinicaffeError(f"{who}: net '{net.name}' has no Input layer to feed {what} to")
+    in_ = net.inputs[0]
+    shape = net.blobs[in_].data.shape
+    if len(shape) != 4:
+        raise MinicaffeError(f"{who}: input '{in_}' has shape {shape}; {what} need N×C×H×W")
+    transformer = caffe_io.Transformer({in_: shape})
+    transformer.set_transpose(in_, (2, 0, 1))
+    if mean is not None:
+        transformer.set_mean(in_, mean)
+    if input_scale is not None:
+        transformer.set_input_scale(in_, input_scale)
+    if raw_scale is not None:
+        transformer.set_raw_scale(in_, raw_scale)
+    if channel_swap is not None:
+        transformer.set_channel_swap(in_, channel_swap)
+    return shape, transformer
+
+
 class Classifier(Net):
     """A TEST-phase Net with pre-processing for its first input.
 
@@ -75,22 +100,8 @@ class Classifier(Net):
                  input_scale: float | None = None, raw_scale: float | None = None,
                  channel_swap: Sequence[int] | None = None) -> None:
         super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
-        if not self.inputs:
-            raise MinicaffeError(f"Classifier: net '{self.name}' has no Input layer to feed images to")
-        in_ = self.inputs[0]
-        shape = self.blobs[in_].data.shape
-        if len(shape) != 4:
-            raise MinicaffeError(f"Classifier: input '{in_}' has shape {shape}; images need N×C×H×W")
-        self.transformer = caffe_io.Transformer({in_: shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        shape, self.transformer = _input_transformer(self, "Classifier", "images", mean, input_scale,
+                                                    raw_scale, channel_swap)
         self.crop_dims = np.array(shape[2:])
         if image_dims is None or len(image_dims) == 0:
             image_dims = self.crop_dims

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from . import io as caffe_io
+from .classifier import _input_transformer
 from .errors import MinicaffeError
 from .net import Net
 from .proto import caffe_pb2
@@ -26,22 +27,8 @@ class Detector(Net):
     def __init__(self, model_file, pretrained_file, mean=None, input_scale=None, raw_scale=None,
                  channel_swap=None, context_pad=None):
         super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
-        if not self.inputs:
-            raise MinicaffeError(f"Detector: net '{self.name}' has no Input layer to feed windows to")
-        in_ = self.inputs[0]
-        shape = self.blobs[in_].data.shape
-        if len(shape) != 4:
-            raise MinicaffeError(f"Detector: input '{in_}' has shape {shape}; windows need N×C×H×W")
-        self.transformer = caffe_io.Transformer({in_: shape})
-        self.transformer.set_transpose(in_, (2, 0, 1))
-        if mean is not None:
-            self.transformer.set_mean(in_, mean)
-        if input_scale is not None:
-            self.transformer.set_input_scale(in_, input_scale)
-        if raw_scale is not None:
-            self.transformer.set_raw_scale(in_, raw_scale)
-        if channel_swap is not None:
-            self.transformer.set_channel_swap(in_, channel_swap)
+        _, self.transformer = _input_transformer(self, "Detector", "windows", mean, input_scale, raw_scale,
+                                                channel_swap)
         self.configure_crop(context_pad)
 
     def detect_windows(self, images_windows):

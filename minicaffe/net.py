@@ -252,10 +252,7 @@ class Net:
                 layer.setup(bottoms, tops)
                 layer.reshape(bottoms, tops)
             except (NetError, MemoryError) as exc:
-                named = self._name_layer(exc, layer)
-                if named is exc:
-                    raise
-                raise named from None
+                self._raise_naming_layer(exc, layer)
             except MinicaffeError:
                 raise
             except (ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
@@ -526,10 +523,7 @@ class Net:
             try:
                 layer.reshape(bottom, top)
             except (NetError, MemoryError) as exc:
-                named = self._name_layer(exc, layer)
-                if named is exc:
-                    raise
-                raise named from None
+                self._raise_naming_layer(exc, layer)
 
     def forward_from_to(self, start: int = 0, end: int | None = None,
                         timings: dict[int, float] | None = None) -> float:
@@ -556,10 +550,7 @@ class Net:
                     layer.reshape(bottom, top)
                     layer.forward(bottom, top)
             except (NetError, MemoryError) as exc:
-                named = self._name_layer(exc, layer)
-                if named is exc:
-                    raise
-                raise named from None
+                self._raise_naming_layer(exc, layer)
             if timings is not None:
                 _sync()
                 timings[first] = timings.get(first, 0.0) + time.perf_counter() - t0
@@ -603,10 +594,7 @@ class Net:
             try:
                 layer.backward(top, self._bottom_need_backward[li], bottom)
             except (NetError, MemoryError) as exc:
-                named = self._name_layer(exc, layer)
-                if named is exc:
-                    raise
-                raise named from None
+                self._raise_naming_layer(exc, layer)
             if timings is not None:
                 _sync()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
@@ -621,15 +609,16 @@ class Net:
                     fn(li)
 
     @staticmethod
-    def _name_layer(exc, layer):
-        """The error to raise for ``exc`` from ``layer``: a MemoryError (NumPy's or CuPy's, which say
+    def _raise_naming_layer(exc, layer):
+        """Raise ``exc`` (being handled) from ``layer`` on: a MemoryError (NumPy's or CuPy's, which say
         how many bytes were asked for) or an error from a blob, which knows no layer, becomes one
-        naming the layer; anything else is returned unchanged."""
+        naming the layer (without the original as context); anything else is raised unchanged. One
+        place for what every pass (set-up, reshape, forward, backward) does with a layer's error."""
         if isinstance(exc, MemoryError):
-            return AllocationError(f"out of memory: {exc}", layer.name, layer.type)
+            raise AllocationError(f"out of memory: {exc}", layer.name, layer.type) from None
         if isinstance(exc, NetError) and exc.layer is None:
-            return type(exc)(str(exc), layer.name, layer.type)
-        return exc
+            raise type(exc)(str(exc), layer.name, layer.type) from None
+        raise exc
 
     def _check_finite(self, li, direction, arrays):
         """NumericalError naming the layer, the blob and the pass at the first NaN/infinity (check mode)."""

@@ -105,23 +105,28 @@ class NewDatabase:
     """A new database built under a hidden temporary name beside ``path`` and renamed to ``path`` by
     :meth:`finish` once complete, so nothing partial ever has the final name (what Caffe's converters
     leave after a crash is a half-written database). An existing ``path`` is refused, as Caffe's
-    ``db::NEW`` mode refuses it. ``put`` batches records into commits of ``commit_every``."""
+    ``db::NEW`` mode refuses it. ``put`` batches records into commits of ``commit_every``.
 
-    def __init__(self, path, backend, commit_every=1000, commit_bytes=64 << 20):
+    A tool whose errors should name it overrides ``EXISTS`` and ``APPEARED`` (the ends of the two
+    messages about a database at the final name)."""
+
+    EXISTS = "a new database is written only under a new name"
+    APPEARED = "writing; the new database is left in"
+
+    def __init__(self, path, backend, commit_every=1000, commit_bytes=64 << 20, map_size=64 << 20):
         import shutil
         import tempfile
         self._rmtree = shutil.rmtree
         self.path = os.fspath(path)
         self.backend = check_write_backend(self.path, backend)
         if os.path.lexists(self.path):
-            raise DataError(f"{self.path}: already exists; a new database is written only under a new name "
-                            f"(remove it or choose another name)")
+            raise DataError(f"{self.path}: already exists; {self.EXISTS} (remove it or choose another name)")
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise DataError(f"{self.path}: the directory {parent} does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=parent)
         try:
-            self.writer = open_writer(self.backend, self.tmp, map_size=64 << 20, commit_every=commit_every,
+            self.writer = open_writer(self.backend, self.tmp, map_size=map_size, commit_every=commit_every,
                                       commit_bytes=commit_bytes)
         except BaseException:
             self._rmtree(self.tmp, ignore_errors=True)
@@ -136,7 +141,7 @@ class NewDatabase:
     def finish(self):
         self.writer.finish()
         if os.path.lexists(self.path):
-            raise DataError(f"{self.path}: appeared while writing; the new database is left in {self.tmp}")
+            raise DataError(f"{self.path}: appeared while {self.APPEARED} {self.tmp}")
         os.rename(self.tmp, self.path)
         self.tmp = None
 

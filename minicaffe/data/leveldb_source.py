@@ -15,9 +15,9 @@ one has it open, so this only matters within one process).
 """
 import logging
 import os
-import threading
 
 from ..errors import DataError
+from .record_source import RecordSource, SharedHandles
 
 log = logging.getLogger("minicaffe")
 
@@ -49,10 +49,6 @@ def _message(exc):
     arg = exc.args[0] if len(exc.args) == 1 else exc
     text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
     return " ".join(text.split())
-
-
-_DBS = {}                   # realpath -> [plyvel.DB, users]
-_DBS_LOCK = threading.Lock()
 
 
 def _open_db(path):
@@ -118,38 +114,26 @@ def _open_snapshot(path, why):
         return db
 
 
-def open_leveldb(path):
-    """Open a LevelDB for reading, shared by every reader of the same path in this process (call
-    :func:`close_leveldb` once per open). Errors name the path and say what is wrong."""
-    path = os.fspath(path)
-    real = os.path.realpath(path)
-    with _DBS_LOCK:
-        entry = _DBS.get(real)
-        if entry is None:
-            entry = _DBS[real] = [_open_db(path), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def close_leveldb(db):
-    """Release a handle from :func:`open_leveldb`; the last user closes it (and frees the LOCK)."""
-    with _DBS_LOCK:
-        for real, entry in list(_DBS.items()):
-            if entry[0] is db:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _DBS[real]
-                    _close(db)
-                return
-    _close(db)
-
-
 def _close(db):
     db.close()
     tmp = _SNAPSHOTS.pop(id(db), None)
     if tmp is not None:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DBS = SharedHandles(lambda path: _open_db(path), lambda db: _close(db))   # looked up per call
+
+
+def open_leveldb(path):
+    """Open a LevelDB for reading, shared by every reader of the same path in this process (call
+    :func:`close_leveldb` once per open). Errors name the path and say what is wrong."""
+    return _DBS.open(path)
+
+
+def close_leveldb(db):
+    """Release a handle from :func:`open_leveldb`; the last user closes it (and frees the LOCK)."""
+    _DBS.close(db)
 
 
 def _read_error(path, exc):
@@ -182,21 +166,23 @@ def count_leveldb(path):
         close_leveldb(db)
 
 
-class LevelDBSource:
-    """An endless reader over a LevelDB, with the interface and semantics of ``LMDBSource``:
-    ``next()`` returns (key bytes, value bytes) in key order and starts again from the first record
-    after the last one; ``rand_skip`` skips ``rng.integers(rand_skip)`` records at the start;
-    ``rank``/``world_size`` keep only stream positions ``i`` with ``i % world_size == rank``.
+class LevelDBSource(RecordSource):
+    """An endless reader over a LevelDB, with the interface and semantics of ``LMDBSource`` (both are
+    :class:`~minicaffe.data.record_source.RecordSource`): ``next()`` returns (key bytes, value bytes)
+    in key order and starts again from the first record after the last one; ``rand_skip`` skips
+    ``rng.integers(rand_skip)`` records at the start; ``rank``/``world_size`` keep only stream
+    positions ``i`` with ``i % world_size == rank``.
 
     Not thread-safe: one thread uses a source at a time (the prefetch thread, after set-up).
     """
 
     def __init__(self, path, rank=0, world_size=1, rand_skip=0, rng=None):
-        self.path = os.fspath(path)
-        rank, world_size = int(rank), int(world_size)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"{self.path}: shard rank {rank} is not in [0, {world_size})")
-        self.rank, self.world_size = rank, world_size
+        super().__init__(path, rank, world_size, rand_skip, rng)
+        self._entries = None
+        self._it = None
+        self._cur = None       # (key, value) under the cursor
+
+    def _open(self):
         self.db = open_leveldb(self.path)
         try:
             first = next(self.db.iterator(include_value=False), None)
@@ -207,19 +193,12 @@ class LevelDBSource:
             close_leveldb(self.db)
             self.db = None
             raise DataError(f"{self.path}: the database is empty")
-        self.skip = 0
-        if rand_skip:
-            if rng is None:
-                from .. import backend
-                rng = backend.rng()
-            self.skip = int(rng.integers(int(rand_skip)))
-            log.info("Skipping first %d data points.", self.skip)
-        self.offset = 0        # stream position of the record under the cursor
-        self.epochs = 0        # how many times the reader went past the last record
-        self._entries = None
-        self._it = None
-        self._cur = None       # (key, value) under the cursor
-        self._peeked = None
+
+    def _db_error(self):
+        return _plyvel().Error
+
+    def _error(self, exc):
+        return _read_error(self.path, exc)
 
     @property
     def entries(self):
@@ -227,9 +206,6 @@ class LevelDBSource:
         if self._entries is None:
             self._entries = sum(1 for _ in self.db.iterator(include_value=False))
         return self._entries
-
-    def __len__(self):
-        return self.entries
 
     # -- the cursor: an iterator plus the record it is on --
     def _start_at(self, key=None):
@@ -241,92 +217,31 @@ class LevelDBSource:
                 raise DataError(f"{self.path}: the database became empty during the run")
             self._wrap()
 
-    def _wrap(self):
-        self.epochs += 1
-        log.info("Restarting data prefetching from start.")
+    def _positioned(self):
+        return self._cur is not None
+
+    def _current(self):
+        return self._cur
+
+    def _current_key(self):
+        return self._cur[0]
+
+    def _first(self):
         self._start_at(None)     # a new iterator: each pass reads the newest contents
+
+    def _skip_steps(self):
+        """All of rand_skip, each pass over the end counted (a record count would cost a walk)."""
+        return self.skip
 
     def _step(self):
         self._cur = next(self._it, None)
         if self._cur is None:
             self._wrap()
 
-    def _open_cursor(self):
-        self._start_at(None)
-        for _ in range(self.skip):
-            self._step()
+    def _seek(self, key):
+        self._start_at(key)
 
-    def next(self):
-        """The next (key, value) this worker keeps."""
-        if self._peeked is not None:
-            item, self._peeked = self._peeked, None
-            return item
-        pv = _plyvel()
-        try:
-            if self._cur is None:
-                self._open_cursor()
-            while self.offset % self.world_size != self.rank:
-                self._step()
-                self.offset += 1
-            item = self._cur
-            self._step()
-            self.offset += 1
-        except pv.Error as exc:
-            raise _read_error(self.path, exc) from None
-        return item
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def peek(self):
-        """The record ``next()`` will return, without consuming it (for shape inference at set-up)."""
-        if self._peeked is None:
-            self._peeked = self.next()
-        return self._peeked
-
-    # -- read position, as LMDBSource (for resumed runs) --
-    def state(self):
-        """The read position as JSON-able data: None before the first read, else the stream offset,
-        passes over the end and the key of the next record under the cursor (hex)."""
-        if self._cur is None:
-            return None
-        if self._peeked is not None:
-            raise DataError(f"{self.path}: no read position while a record is peeked")
-        return {"offset": self.offset, "epochs": self.epochs, "key": self._cur[0].hex(),
-                "shard": [self.rank, self.world_size]}
-
-    def fits(self, state):
-        """Was ``state`` saved by a reader of this shard?"""
-        return state is None or list(state.get("shard", [0, 1])) == [self.rank, self.world_size]
-
-    def restore(self, state):
-        """Go to a position from :meth:`state` (None: the start). A key that is gone since is
-        replaced by the next one in key order."""
-        self._peeked = None
-        pv = _plyvel()
-        try:
-            if state is None:
-                self.offset = self.epochs = 0
-                self._open_cursor()
-                return
-            try:
-                offset, epochs, key = int(state["offset"]), int(state["epochs"]), bytes.fromhex(state["key"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.path}: unreadable read position {state!r} ({exc})") from None
-            self.offset, self.epochs = offset, epochs
-            self._start_at(key)
-        except pv.Error as exc:
-            raise _read_error(self.path, exc) from None
-
-    def skip_records(self, records):
-        """From the start, pass over the first ``records`` records this worker keeps (at most one
-        pass over the keys)."""
-        self._peeked = None
-        records = int(records)
-        offset = 0 if records <= 0 else (records - 1) * self.world_size + self.rank + 1
-        stream = self.skip + offset
+    def _skip_to(self, offset, stream):
         self.offset, self.epochs = offset, 0
         self._start_at(None)
         self.epochs = stream // self.entries
@@ -338,9 +253,3 @@ class LevelDBSource:
         if self.db is not None:
             close_leveldb(self.db)
             self.db = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

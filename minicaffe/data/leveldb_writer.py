@@ -8,27 +8,19 @@ The caller writes under a temporary name and renames the finished directory into
 plyvel's errors come out as ``OSError`` (with the path), so the tools' ``except (lmdb.Error, OSError)``
 handling of write failures covers both backends.
 """
+from .batched_writer import BatchedWriter
 from .leveldb_source import _message, _plyvel
 
 
-class BatchedLevelDBWriter:
+class BatchedLevelDBWriter(BatchedWriter):
     def __init__(self, path, commit_every=1000, commit_bytes=None, **_lmdb_options):
         pv = _plyvel()
-        self.path = path
-        self.commit_every, self.commit_bytes = commit_every, commit_bytes
+        super().__init__(path, commit_every, commit_bytes)
         try:
             self.db = pv.DB(path, create_if_missing=True, error_if_exists=True, block_size=65536,
                             write_buffer_size=256 << 20, max_open_files=100)
         except pv.Error as exc:
             raise OSError(f"cannot create the LevelDB ({_message(exc)})") from None
-        self.pending, self.pending_bytes = [], 0
-
-    def put(self, key, value):
-        self.pending.append((key, value))
-        self.pending_bytes += len(key) + len(value)
-        if len(self.pending) >= self.commit_every or \
-                (self.commit_bytes is not None and self.pending_bytes >= self.commit_bytes):
-            self.commit()
 
     def commit(self, sync=False):
         if not self.pending and not sync:

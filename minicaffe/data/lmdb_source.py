@@ -23,6 +23,7 @@ import os
 import threading
 
 from ..errors import DataError
+from .record_source import RecordSource, SharedHandles
 
 try:
     import lmdb
@@ -76,10 +77,6 @@ def check_backend(path, backend=None):
     check_write_backend(path, backend)
 
 
-_ENVS = {}                  # realpath -> [Environment, users]
-_ENVS_LOCK = threading.Lock()
-
-
 def _open_env(path):
     lm = _lmdb()
     if not os.path.exists(path):
@@ -112,6 +109,9 @@ def _open_env(path):
     return env
 
 
+_ENVS = SharedHandles(lambda path: _open_env(path), lambda env: env.close())   # looked up per call
+
+
 def open_lmdb(path):
     """Open an LMDB (a directory with data.mdb, or a single file) read-only, with its lock file so a
     writing process cannot recycle pages under the reader (without it where the lock file is unusable,
@@ -119,27 +119,12 @@ def open_lmdb(path):
 
     LMDB allows one open Environment per database and process, so the environment is shared by all
     readers of the same path in this process (counted; call :func:`close_lmdb` once per open)."""
-    path = os.fspath(path)
-    real = os.path.realpath(path)
-    with _ENVS_LOCK:
-        entry = _ENVS.get(real)
-        if entry is None:
-            entry = _ENVS[real] = [_open_env(path), 0]
-        entry[1] += 1
-        return entry[0]
+    return _ENVS.open(path)
 
 
 def close_lmdb(env):
     """Release an environment from :func:`open_lmdb`; the last user closes it."""
-    with _ENVS_LOCK:
-        for real, entry in list(_ENVS.items()):
-            if entry[0] is env:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _ENVS[real]
-                    env.close()
-                return
-    env.close()
+    _ENVS.close(env)
 
 
 def count_records(path):
@@ -164,49 +149,32 @@ def iterate_lmdb(path):
 RENEW_EVERY = 1000          # records read under one read transaction before it is renewed
 
 
-class LMDBSource:
-    """An endless reader over an LMDB: ``next()`` returns (key bytes, value bytes) in key order and
-    starts again from the first record after the last one.
+class LMDBSource(RecordSource):
+    """An endless reader over an LMDB (see :class:`~minicaffe.data.record_source.RecordSource` for
+    the read position, sharding and rand_skip): ``next()`` returns (key bytes, value bytes) in key
+    order and starts again from the first record after the last one.
 
-    ``rand_skip``: skip ``rng.integers(rand_skip)`` records at the start (Caffe's deprecated
-    rand_skip, so workers started together do not read the same records). ``rank``/``world_size``:
-    keep only stream positions ``i`` with ``i % world_size == rank``.
-
-    ``state()``/``restore(state)`` save and set the read position (stream offset and the key under
-    the cursor), so a resumed run reads on from the same record.
-
+    The read transaction is renewed every ``RENEW_EVERY`` records and at each pass over the end.
     Not thread-safe: one thread uses a source at a time (the prefetch thread, after set-up).
     """
 
     def __init__(self, path, rank=0, world_size=1, rand_skip=0, rng=None):
-        self.path = os.fspath(path)
-        rank, world_size = int(rank), int(world_size)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"{self.path}: shard rank {rank} is not in [0, {world_size})")
-        self.rank, self.world_size = rank, world_size
+        super().__init__(path, rank, world_size, rand_skip, rng)
+        self._txn = None
+        self._cursor = None
+        self._since_renew = 0
+        self._txnid = None
+        self._told_changed = False
+
+    def _open(self):
         self.env = open_lmdb(self.path)
         self.entries = self.env.stat()["entries"]
         if self.entries == 0:
             close_lmdb(self.env)
             raise DataError(f"{self.path}: the database is empty")
-        self.skip = 0
-        if rand_skip:
-            if rng is None:
-                from .. import backend
-                rng = backend.rng()
-            self.skip = int(rng.integers(int(rand_skip)))
-            log.info("Skipping first %d data points.", self.skip)
-        self.offset = 0        # stream position of the record under the cursor
-        self.epochs = 0        # how many times the reader went past the last record
-        self._txn = None
-        self._cursor = None
-        self._peeked = None
-        self._since_renew = 0
-        self._txnid = None
-        self._told_changed = False
 
-    def __len__(self):
-        return self.entries
+    def _db_error(self):
+        return _lmdb().Error
 
     def _error(self, exc):
         return DataError(f"{self.path}: reading the database failed ({' '.join(str(exc).split())}); "
@@ -236,17 +204,22 @@ class LMDBSource:
             raise DataError(f"{self.path}: the database became empty during the run "
                             f"(another process removed its records)")
 
-    def _open_cursor(self):
+    def _positioned(self):
+        return self._cursor is not None
+
+    def _current(self):
+        return (self._cursor.key(), self._cursor.value())
+
+    def _current_key(self):
+        return self._cursor.key()
+
+    def _first(self):
         self._begin()
         self._cursor.first()
-        for _ in range(self.skip % self.entries):
-            self._step()
 
-    def _wrap(self):
-        self.epochs += 1
-        log.info("Restarting data prefetching from start.")
-        self._begin()           # each pass starts on the newest committed contents
-        self._cursor.first()
+    def _skip_steps(self):
+        """rand_skip modulo the record count: LMDB knows its count, so whole passes are not walked."""
+        return self.skip % self.entries
 
     def _step(self):
         if not self._cursor.next():
@@ -262,80 +235,11 @@ class LMDBSource:
         if not self._cursor.set_range(key):
             self._wrap()
 
-    def next(self):
-        """The next (key, value) this worker keeps."""
-        if self._peeked is not None:
-            item, self._peeked = self._peeked, None
-            return item
+    def _skip_to(self, offset, stream):
+        """The cursor walks the keys only (LMDB has no seek by index), at most one pass."""
         lm = _lmdb()
-        try:
-            if self._cursor is None:
-                self._open_cursor()
-            while self.offset % self.world_size != self.rank:
-                self._step()
-                self.offset += 1
-            item = (self._cursor.key(), self._cursor.value())
-            self._step()
-            self.offset += 1
-        except lm.Error as exc:
-            raise self._error(exc) from None
-        return item
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def peek(self):
-        """The record ``next()`` will return, without consuming it (for shape inference at set-up)."""
-        if self._peeked is None:
-            self._peeked = self.next()
-        return self._peeked
-
-    def state(self):
-        """The read position as JSON-able data: None before the first read, else the stream offset,
-        passes over the end and the key of the next record under the cursor (hex)."""
-        if self._cursor is None:
-            return None
-        if self._peeked is not None:
-            raise DataError(f"{self.path}: no read position while a record is peeked")  # set-up only
-        return {"offset": self.offset, "epochs": self.epochs, "key": self._cursor.key().hex(),
-                "shard": [self.rank, self.world_size]}
-
-    def fits(self, state):
-        """Was ``state`` saved by a reader of this shard? (A position in the stream of worker 0 of 2
-        means nothing to a single worker: a resume with another worker count replays instead.)"""
-        return state is None or list(state.get("shard", [0, 1])) == [self.rank, self.world_size]
-
-    def restore(self, state):
-        """Go back (or forward) to a position from :meth:`state`. A key another process has removed
-        since is replaced by the next one in key order."""
-        self._peeked = None
-        lm = _lmdb()
-        try:
-            if state is None:
-                self.offset = self.epochs = 0
-                self._open_cursor()
-                return
-            try:
-                offset, epochs, key = int(state["offset"]), int(state["epochs"]), bytes.fromhex(state["key"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{self.path}: unreadable read position {state!r} ({exc})") from None
-            self.offset, self.epochs = offset, epochs
-            self._seek(key)
-        except lm.Error as exc:
-            raise self._error(exc) from None
-
-    def skip_records(self, records):
-        """From the start, pass over the first ``records`` records this worker keeps, without reading
-        them: the cursor walks the keys only (LMDB has no seek by index), at most one pass."""
-        lm = _lmdb()
-        self._peeked = None
-        records = int(records)
-        offset = 0 if records <= 0 else (records - 1) * self.world_size + self.rank + 1
         try:
             self._begin()
-            stream = self.skip + offset
             self.offset, self.epochs = offset, stream // self.entries
             self._cursor.first()
             for _ in range(stream % self.entries):
@@ -353,9 +257,3 @@ class LMDBSource:
         if self.env is not None:
             close_lmdb(self.env)
             self.env = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -7,20 +7,13 @@ transaction, so it is simply redone in the larger map and no record is lost or w
 """
 import lmdb
 
+from .batched_writer import BatchedWriter
 
-class BatchedLMDBWriter:
+
+class BatchedLMDBWriter(BatchedWriter):
     def __init__(self, path, map_size=1 << 28, commit_every=1000, commit_bytes=None, **lmdb_options):
-        self.path = path
-        self.commit_every, self.commit_bytes = commit_every, commit_bytes
+        super().__init__(path, commit_every, commit_bytes)
         self.env = lmdb.open(path, map_size=map_size, subdir=True, meminit=False, **lmdb_options)
-        self.pending, self.pending_bytes = [], 0
-
-    def put(self, key, value):
-        self.pending.append((key, value))
-        self.pending_bytes += len(key) + len(value)
-        if len(self.pending) >= self.commit_every or \
-                (self.commit_bytes is not None and self.pending_bytes >= self.commit_bytes):
-            self.commit()
 
     def commit(self):
         if not self.pending:

@@ -47,6 +47,16 @@ def _pooled_size(size, kernel, pad, stride, ceil_mode):
     return out
 
 
+def _nchw_shape(layer, bottom):
+    """``bottom[0]``'s shape, refused with a ShapeError naming ``layer`` unless it has the 4 axes
+    (num, channels, height, width) that Pooling and SPP work on."""
+    shape = bottom[0].shape
+    if len(shape) != 4:
+        raise layer.error(f"bottom must have 4 axes (num, channels, height, width), got shape {shape}",
+                          ShapeError)
+    return shape
+
+
 @register("Pooling")
 class Pooling(Layer):
     """MAX or AVE pooling over 2-D windows of an (N, C, H, W) bottom."""
@@ -107,10 +117,7 @@ class Pooling(Layer):
         self._off = None
 
     def reshape(self, bottom, top):
-        shape = bottom[0].shape
-        if len(shape) != 4:
-            raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape {shape}",
-                             ShapeError)
+        shape = _nchw_shape(self, bottom)
         n, c, h, w = shape
         if self.global_pooling:
             self.kh, self.kw = h, w
@@ -485,10 +492,7 @@ class SPP(Layer):
         return param
 
     def reshape(self, bottom, top):
-        shape = bottom[0].shape
-        if len(shape) != 4:
-            raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape {shape}",
-                             ShapeError)
+        shape = _nchw_shape(self, bottom)
         n, c, h, w = shape
         if h <= 0 or w <= 0:
             raise self.error(f"input dimensions cannot be zero, got shape {shape}", ShapeError)

@@ -15,16 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .. import backend
 from ..data.datum import array_to_datum
-from ..data.db import check_write_backend, open_writer
+from ..data.db import NewDatabase, check_write_backend
 from ..errors import DataError, MinicaffeError, NetError, did_you_mean
 from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
@@ -56,43 +54,17 @@ def feature_datums(blob_data):
     return [array_to_datum(per_image[n]).SerializeToString() for n in range(num)]
 
 
-class LmdbBuilder:
+class LmdbBuilder(NewDatabase):
     """Writes a new LMDB (or LevelDB) under a temporary name next to ``path``; ``finish()`` renames it
-    into place."""
+    into place. :class:`~minicaffe.data.db.NewDatabase` with extract_features' batch sizes and its
+    name in the messages."""
+
+    EXISTS = "extract_features writes new databases only"
+    APPEARED = "extracting; the features are left in"
 
     def __init__(self, path, db_type="lmdb"):
-        self.path = os.fspath(path)
-        if os.path.lexists(self.path):
-            raise DataError(f"{self.path}: already exists; extract_features writes new databases only "
-                            "(remove it or choose another name)")
-        parent = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(parent):
-            raise DataError(f"{self.path}: the directory {parent} does not exist")
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=parent)
-        try:
-            self.writer = open_writer(db_type, self.tmp, map_size=_INITIAL_MAP_SIZE, commit_every=COMMIT_EVERY,
-                                      commit_bytes=_COMMIT_BYTES)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        self.count = 0
-
-    def put(self, key, value):
-        self.writer.put(key, value)
-        self.count += 1
-
-    def finish(self):
-        self.writer.finish()
-        if os.path.lexists(self.path):
-            raise DataError(f"{self.path}: appeared while extracting; the features are left in {self.tmp}")
-        os.rename(self.tmp, self.path)
-        self.tmp = None
-
-    def abort(self):
-        self.writer.abort()
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
+        super().__init__(path, db_type, commit_every=COMMIT_EVERY, commit_bytes=_COMMIT_BYTES,
+                         map_size=_INITIAL_MAP_SIZE)
 
 
 def extract_features(net: Net, blob_names: Sequence[str], db_paths: Sequence[str], num_batches: int,
