@@ -437,9 +437,9 @@ def test_memory_data_serves_batches_and_wraps():
     for start in (0, 2, 0):
         d, lab = run(layer, bottom, top)
         np.testing.assert_array_equal(d, data[start:start + 2])
-        np.testing.assert_array_equal(lab, labels[start:start + 2])
+        np.testing.assert_array_equal(lab, labels[start:start + 2].reshape(2, 1, 1, 1))   # Caffe's shape
     layer.set_input_arrays(data, labels.reshape(4, 1, 1, 1))             # pycaffe's 4-d labels
-    np.testing.assert_array_equal(run(layer, bottom, top)[1], [1, 2])
+    np.testing.assert_array_equal(run(layer, bottom, top)[1].ravel(), [1, 2])
 
 
 def test_memory_data_errors_name_layer():
@@ -472,7 +472,7 @@ def test_memory_data_add_mat_vector_transforms():
     layer.add_mat_vector([mat], [7])
     d, lab = run(layer, bottom, top)
     np.testing.assert_array_equal(d[0], mat[1:3, 1:3].transpose(2, 0, 1).astype(np.float32) * 2)
-    assert lab.tolist() == [7]
+    assert lab.ravel().tolist() == [7]
 
 
 # --- HDF5Data ----------------------------------------------------------------------------------------

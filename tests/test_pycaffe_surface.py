@@ -166,9 +166,9 @@ def test_set_input_arrays_feeds_memory_data(tmp_path):
     net.set_input_arrays(data, labels)
     net.forward()
     np.testing.assert_array_equal(net.blobs["data"].data, data[:2])
-    np.testing.assert_array_equal(net.blobs["label"].data, labels[:2])
+    np.testing.assert_array_equal(net.blobs["label"].data.ravel(), labels[:2])
     net.forward()
-    np.testing.assert_array_equal(net.blobs["label"].data, labels[2:])
+    np.testing.assert_array_equal(net.blobs["label"].data.ravel(), labels[2:])
     with pytest.raises(MinicaffeError, match="multiple of batch size"):
         net.set_input_arrays(data[:3], labels[:3])
     other = caffe.Net(str(tmp_path / "mem.prototxt"), caffe.TEST)

@@ -498,9 +498,9 @@ class MemoryData(_DataLayerBase):
                              "layer's set_input_arrays) before forward")
         b, p = self.batch_size, self.pos
         top[0].reshape((b, self.channels, self.height, self.width))
-        top[1].reshape((b,))
+        top[1].reshape((b, 1, 1, 1))    # as Caffe's Forward does (its setup gives (b,), as here)
         top[0].xdata = np.array(self._data[p:p + b], np.float32)
-        top[1].xdata = np.array(self._labels[p:p + b], np.float32)
+        top[1].xdata = np.array(self._labels[p:p + b], np.float32).reshape(b, 1, 1, 1)
         self.pos = (p + b) % self.n
 
 
