@@ -9,6 +9,7 @@ import re
 import struct
 
 from google.protobuf import text_encoding, text_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from .errors import MinicaffeError, NetError, ParseError
@@ -277,18 +278,18 @@ def _float_text(value, single):
 
 def _scalar_text(field, value, utf8):
     fd = field
-    if fd.cpp_type == fd.CPPTYPE_STRING:
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_STRING:
         raw = value if isinstance(value, bytes) else value.encode("utf-8")
         if utf8 and fd.type == fd.TYPE_STRING:
             return '"' + text_encoding.CEscape(raw.decode("utf-8"), as_utf8=True) + '"'
         return '"' + text_encoding.CEscape(raw, as_utf8=False) + '"'
-    if fd.cpp_type == fd.CPPTYPE_ENUM:
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_ENUM:
         named = fd.enum_type.values_by_number.get(value)
         return named.name if named is not None else str(value)
-    if fd.cpp_type == fd.CPPTYPE_BOOL:
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
         return "true" if value else "false"
-    if fd.cpp_type in (fd.CPPTYPE_FLOAT, fd.CPPTYPE_DOUBLE):
-        return _float_text(value, fd.cpp_type == fd.CPPTYPE_FLOAT)
+    if fd.cpp_type in (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE):
+        return _float_text(value, fd.cpp_type == FieldDescriptor.CPPTYPE_FLOAT)
     return str(value)
 
 
@@ -309,7 +310,7 @@ def caffe_text(message, utf8=False):
         for field, value in msg.ListFields():
             values = value if _is_repeated(field) else [value]
             for v in values:
-                if field.cpp_type == field.CPPTYPE_MESSAGE:
+                if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
                     lines.append(f"{pad}{field.name} {{")
                     emit(v, indent + 1)
                     lines.append(f"{pad}}}")
@@ -535,7 +536,7 @@ def _upgrade_v0_layer(connection, new, path, problems):
         value = getattr(v0, name)
         if field is None:
             dest.CopyFrom(value)
-        elif dest.DESCRIPTOR.fields_by_name[field].cpp_type == dest.DESCRIPTOR.fields_by_name[field].CPPTYPE_MESSAGE:
+        elif dest.DESCRIPTOR.fields_by_name[field].cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
             getattr(dest, field).CopyFrom(value)
         elif _is_repeated(dest.DESCRIPTOR.fields_by_name[field]):
             getattr(dest, field).append(value)
