@@ -510,6 +510,25 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "l
     assert model in msg and os.path.exists(model) and os.path.exists(f"{prefix}_iter_{it}.solverstate")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_stop_in_a_step_loop_without_a_snapshot_folder_names_both(tmp_path):
+    """A pycaffe step() loop may run without a snapshot folder (as in Caffe); a NaN stop there cannot
+    write its snapshot, and the error says both things instead of hiding the NaN behind the folder."""
+    net = """
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+    data_filler { type: "constant" value: 10 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "loss" }
+"""
+    s = caffe.get_solver(solver_text(net, base_lr=1e12, lr_policy="fixed",
+                                     snapshot_prefix=str(tmp_path / "gone" / "nan")))
+    with pytest.raises(NumericalError, match=r"iteration 2: the loss is inf.*no snapshot could be written "
+                                             r"either: .*cannot write to snapshot prefix '.*gone/nan'"):
+        s.step(20)
+
+
 def test_first_non_finite_names_the_top():
     s = make()
     s.net.forward()
@@ -561,10 +580,27 @@ def test_bad_signal_effect():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_stop_needs_a_writable_folder_checked_at_start(tmp_path):
     """With snapshot: 0 and no final snapshot, a NaN stop still writes one: its folder is checked when
-    the solver is built, not when the NaN comes."""
-    with pytest.raises(SolverError, match=r"cannot write to snapshot prefix '.*gone/nan'; make sure that the "
-                                          r"directory '.*gone' exists"):
-        make(snapshot_prefix=str(tmp_path / "gone" / "nan"), snapshot_after_train=False)
+    training starts (solve), not when the NaN comes; with periodic snapshots, when the solver is built
+    (Caffe's CheckSnapshotWritePermissions)."""
+    missing = str(tmp_path / "gone" / "nan")
+    folder = r"cannot write to snapshot prefix '.*gone/nan'; make sure that the directory '.*gone' exists"
+    with pytest.raises(SolverError, match=folder):
+        make(snapshot_prefix=missing, snapshot=5)
+    s = make(snapshot_prefix=missing, snapshot_after_train=False, max_iter=3)
+    with pytest.raises(SolverError, match=folder):
+        s.solve()
+    assert s.iter == 0                      # refused before the first iteration
+
+
+def test_pycaffe_step_without_a_snapshot_folder_runs_as_in_caffe(tmp_path):
+    """Caffe's pycaffe builds a solver with snapshot: 0 and steps it whatever the snapshot folder: a
+    loop of step() that never snapshots must not need the folder (nor leave a lock file anywhere);
+    a snapshot asked for then names the folder."""
+    s = make(snapshot_prefix=str(tmp_path / "gone" / "x"))
+    s.step(2)
+    assert s.iter == 2 and not (tmp_path / "gone").exists()
+    with pytest.raises(SolverError, match=r"cannot write to snapshot prefix '.*gone/x'"):
+        s.snapshot()
 
 
 @pytest.mark.parametrize("wrote,reads", [("Nesterov", "SGD"), ("SGD", "Nesterov"), ("AdaDelta", "Adam"),

@@ -411,9 +411,11 @@ class Solver:
             require("h5py", f"{where}: snapshot_format HDF5 (or use BINARYPROTO)", SolverError)
         if p.snapshot and not p.HasField("snapshot_prefix"):
             raise SolverError(f"{where}: snapshot is given but snapshot_prefix is not")
-        # whatever 'snapshot' says: the final (snapshot_after_train) and NaN-stop snapshots need the folder.
-        # Only the root writes snapshots: a worker on another machine need not see the directory.
-        if solver_rank() == 0:
+        # With periodic snapshots the folder must be there now (Caffe's CheckSnapshotWritePermissions).
+        # Without them it is checked when training starts (solve(), minicaffe train), since the final
+        # (snapshot_after_train) and NaN-stop snapshots need it; a pycaffe loop of step() that never
+        # snapshots works without it, as in Caffe. Only the root writes snapshots.
+        if solver_rank() == 0 and p.snapshot:
             check_snapshot_dir(p.snapshot_prefix, where)
         for i, n in enumerate(p.test_iter):
             if n <= 0:     # Caffe tests on no batches and prints no output lines; say so once
@@ -574,13 +576,20 @@ class Solver:
         return action if self._parallel is None else self._parallel.agree(action)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _hold_lock(self):
+    def _hold_lock(self, required=True):
         """Take the snapshot prefix's lock (``SnapshotLock``) unless held; the root solver only. True if
         this call took it. ``solve`` gives back what it took when it ends (errors included); a lock taken
         by ``step``/``snapshot`` is held until ``close()``, until the solver is freed, or to the process's
-        end, so a pycaffe loop of ``step(1)`` is one run for the lock (and pays for it once)."""
+        end, so a pycaffe loop of ``step(1)`` is one run for the lock (and pays for it once). Not
+        ``required`` (``step``): where the prefix's folder is missing or unwritable nothing is taken, so
+        a pycaffe loop that never snapshots runs there as in Caffe (a snapshot then names the folder)."""
         if self._lock is not None or not self.is_root or solver_rank() != 0:
             return False
+        if not required:
+            try:
+                check_snapshot_dir(self.param.snapshot_prefix, self._where())
+            except SolverError:
+                return False
         self._lock = SnapshotLock(self.param.snapshot_prefix, self._where()).acquire()
         return True
 
@@ -631,7 +640,7 @@ class Solver:
 
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (Caffe's Solver::Step), holding the snapshot prefix's lock."""
-        self._hold_lock()
+        self._hold_lock(required=False)
         self._step(iters)
 
     def _step(self, iters):
@@ -868,6 +877,9 @@ class Solver:
         self._rewind_to_iteration_start()
         try:
             files = self.snapshot()
+        except (MinicaffeError, OSError) as exc:    # the non-finite value stays the message's subject
+            raise NumericalError(f"iteration {self.iter}: {what}; no snapshot could be written either: "
+                                 f"{exc}") from None
         finally:
             self._saved_positions = None
         raise NumericalError(
