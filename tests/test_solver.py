@@ -679,6 +679,21 @@ def test_sidecar_of_another_iteration_or_nested_too_deeply_is_one_line(tmp_path)
     assert t.iter == 0 and same(weights(t), before)
 
 
+def test_lock_file_is_removed_after_the_working_directory_changed(tmp_path, monkeypatch):
+    """A solver without snapshot_prefix locks ./minicaffe.lock; released after a chdir, the file was
+    looked up by its relative name in the new directory and left behind in the old one."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    s = make(max_iter=3)
+    s.step(1)
+    assert (first / "minicaffe.lock").exists()
+    monkeypatch.chdir(second)
+    s.close()
+    assert not (first / "minicaffe.lock").exists() and not os.listdir(second)
+
+
 def test_prefix_lock_is_shared_in_process_released_and_spares_foreign_files(tmp_path):
     prefix = str(tmp_path / "p")
     s = make(snapshot_prefix=prefix, max_iter=3)

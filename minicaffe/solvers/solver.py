@@ -304,9 +304,10 @@ class SnapshotLock:
             return
         del _held_locks[key]
         fd = held[0]
-        try:      # unlink before close: the file is still ours (the flock keeps others out)
-            if held[2] == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                os.unlink(self.path)
+        try:      # unlink before close: the file is still ours (the flock keeps others out). By its
+            # absolute path (the key): the working directory may have changed since it was taken
+            if held[2] == os.getpid() and os.path.samestat(os.fstat(fd), os.stat(key)):
+                os.unlink(key)
         except OSError:
             pass
         os.close(fd)
