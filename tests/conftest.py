@@ -1,6 +1,6 @@
 """Shared test set-up: the slow marker, the GPU fixture (real CuPy or the stand-in), the guard that
 fails a CI run whose GPU tests all skipped, log capture, mode reset between tests, and a check that
-the test run leaves nothing new under tests/ (test outputs belong in tmp_path)."""
+the test run leaves nothing new in the checkout (test outputs belong in tmp_path)."""
 import io
 import logging
 import os
@@ -28,10 +28,11 @@ def pytest_addoption(parser):
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _git_status_tests():
-    """``git status --porcelain`` of tests/ as a set of lines; None outside a git checkout (or without git)."""
+def _git_status():
+    """``git status --porcelain`` of the checkout as a set of lines; None outside a git checkout (or
+    without git)."""
     try:
-        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "tests"],
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
                               cwd=_ROOT, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -40,17 +41,17 @@ def _git_status_tests():
 
 def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput"):      # the controller only, under pytest-xdist
-        session.config._tests_git_status = _git_status_tests()
+        session.config._git_status_at_start = _git_status()
 
 
 def _check_source_tree_untouched(session):
-    """Fail the run if it left new or changed files under tests/ (compared with the start, so a
+    """Fail the run if it left new or changed files in the checkout (compared with the start, so a
     developer's uncommitted edits do not count): test outputs once got committed under
     tests/corpus/solver/."""
-    before = getattr(session.config, "_tests_git_status", None)
+    before = getattr(session.config, "_git_status_at_start", None)
     if before is None:
         return
-    after = _git_status_tests()
+    after = _git_status()
     if after is None:
         return
     new = sorted(after - before)
