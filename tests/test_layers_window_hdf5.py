@@ -159,7 +159,7 @@ def test_window_data_errors_are_one_line(tmp_path, images):
     path = window_file(tmp_path, STANDARD)
     cases = [
         ("crop_size: 0", "", "crop_size > 0"),
-        ("crop_size: 8", f'crop_mode: "odd"', "crop_mode"),
+        ("crop_size: 8", 'crop_mode: "odd"', "crop_mode"),
         ("crop_size: 8 mean_value: 1 mean_value: 2", "", "1 mean_value or one per channel"),
     ]
     for transform, extra, msg in cases:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np

@@ -61,7 +61,7 @@ class _Recurrent(Layer):
 
     def setup(self, bottom, top):
         rp = self.param.recurrent_param
-        x, cont = bottom[0], bottom[1]
+        x = bottom[0]
         if len(x.shape) < 2:
             raise self.error(f"bottom[0] must have at least 2 axes (time steps, streams, ...), got shape "
                              f"{x.shape}", ShapeError)
