@@ -1,6 +1,6 @@
 """Build shim: the metadata is in pyproject.toml. This adds the repository's top-level data folders to
 the wheel: models/ (every prototxt and README.md), proto/caffe.proto and tools/*.sh ship as
-minicaffe/_shipped/{models,proto,tools}, where minicaffe.shipped finds them. They stay at the top
+minicaffe/_shipped/{models,proto,tools}, where minicaffe.core.shipped finds them. They stay at the top
 level here because the docs and scripts name them there. The data packages have no __init__.py."""
 import os
 

@@ -75,7 +75,7 @@ def reset_peak():
 def train_param(name, batch):
     """The TRAIN-phase net of ``train_val.prototxt`` with its data layer replaced by an Input layer."""
     from minicaffe.proto import caffe_pb2
-    from minicaffe.prototxt import filter_net, load_net_param, make_state
+    from minicaffe.formats.prototxt import filter_net, load_net_param, make_state
     directory, _, shape = NETS[name]
     param = load_net_param(os.path.join(ROOT, directory, "train_val.prototxt"))
     param = filter_net(param, make_state(caffe_pb2.TRAIN))
@@ -95,7 +95,7 @@ def train_param(name, batch):
 
 def deploy_param(name, batch):
     """``deploy.prototxt`` upgraded to the current format, with the batch set."""
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     directory, _, shape = NETS[name]
     param = load_net_param(os.path.join(ROOT, directory, "deploy.prototxt"))
     for lp in param.layer:
@@ -214,7 +214,7 @@ def run_minicaffe(args):
     res = {}
     if args.mode == "train":
         from minicaffe.proto import caffe_pb2
-        from minicaffe.prototxt import load_net_param
+        from minicaffe.formats.prototxt import load_net_param
         sp = solver_param(load_net_param(os.path.join(work, "train.prototxt")))
         sp.weights.append(os.path.join(work, "weights.caffemodel"))
         solver = caffe.SGDSolver(sp)
@@ -248,7 +248,7 @@ def run_minicaffe(args):
 
 
 def _caffemodel_arrays(path):
-    from minicaffe.net import blobproto_to_array
+    from minicaffe.net.network import blobproto_to_array
     from minicaffe.proto import caffe_pb2
     with open(path, "rb") as f:
         model = caffe_pb2.NetParameter.FromString(f.read())
@@ -394,7 +394,7 @@ def run_torch(args):
     import torch
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     work = args.workdir
     data, labels = np.load(os.path.join(work, "data.npy")), np.load(os.path.join(work, "labels.npy"))
     base = _status_kb("VmRSS")

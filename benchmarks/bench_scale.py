@@ -61,7 +61,7 @@ def write_lmdb(path, n, channels, side, seed=0):
 def write_files(work, net_name, batch, iters, warmup):
     """The LMDB, the net (TRAIN Data layer pointed at it, TEST layers kept but never built) and a
     solver without tests or snapshots. Returns the solver path."""
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     model, channels, side = NETS[net_name]
     db = os.path.join(work, "lmdb")
     write_lmdb(db, 64, channels, side)
@@ -116,7 +116,7 @@ def worker(args):
     import logging
 
     import minicaffe as caffe
-    from minicaffe import parallel
+    from minicaffe.parallel import data_parallel as parallel
     from minicaffe.tools.common import get_logger
     get_logger().setLevel(logging.WARNING)
     logging.getLogger("minicaffe").setLevel(logging.WARNING)
@@ -149,8 +149,8 @@ def gradient_bytes(net_name, bucket_mb=25.0):
     """(learnable values, bytes, buckets) all-reduced per iteration by the TRAIN net of ``models/``,
     counted on the net minicaffe builds (its Data layers replaced by Inputs of batch 1)."""
     import minicaffe as caffe
-    from minicaffe import parallel
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.parallel import data_parallel as parallel
+    from minicaffe.formats.prototxt import load_net_param
     from minicaffe.proto import caffe_pb2
     model, channels, side = NETS[net_name]
     param = load_net_param(os.path.join(ROOT, model))

@@ -54,7 +54,7 @@ def use_standin():
     """Install tests/cupy_standin.py as cupy (the rehearsal path: no GPU needed)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import cupy_standin
-    from minicaffe import backend
+    from minicaffe.core import backend
     cupy_standin.install()
     backend._state["cupy"] = cupy_standin
     return cupy_standin
@@ -116,7 +116,7 @@ def _random_weights(net, seed):
 def _fwd_bwd(name, batch, dtype64, seed=3):
     import numpy as np
     import minicaffe as caffe
-    from minicaffe import backend
+    from minicaffe.core import backend
     from bench_nets import deploy_param, inputs
     param = deploy_param(name, batch)
     param.force_backward = True
@@ -163,7 +163,7 @@ def worker_agreement(args):
     GPU must be as close to that float64 reference as float32 on the CPU is. (Comparing float32
     CPU with float32 GPU directly says little: a ReLU or max-pooling decision that flips between
     two float32 roundings moves a whole gradient path, ~1e-3 of the input gradient here.)"""
-    from minicaffe import backend
+    from minicaffe.core import backend
     cupy_module(args.standin)
     plan = ([("lenet", 2), ("googlenet", 1)] if args.standin else
             [("lenet", 8), ("caffenet", 2), ("googlenet", 2), ("vgg16", 1)])
@@ -204,7 +204,8 @@ def worker_agreement(args):
 def worker_nccl(args):
     import numpy as np
     import minicaffe as caffe
-    from minicaffe import backend, parallel
+    from minicaffe.core import backend
+    from minicaffe.parallel import data_parallel as parallel
     cupy_module(args.standin)
     backend.set_mode_gpu()
     if not parallel.nccl_available():
@@ -258,7 +259,7 @@ def worker_timing(args):
     """GoogLeNet train b128 and VGG-16 inference b64, minicaffe then PyTorch, TF32 per args.tf32."""
     import numpy as np
     import minicaffe as caffe
-    from minicaffe import backend
+    from minicaffe.core import backend
     from bench_nets import build_torch, deploy_param, inputs, solver_param, train_param
     cp = cupy_module(args.standin)
     backend.set_mode_gpu()

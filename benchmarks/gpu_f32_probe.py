@@ -19,7 +19,7 @@ sys.path.insert(0, HERE)
 def run(net_name, batch, dtype64, seed=3):
     import numpy as np
     import minicaffe as caffe
-    from minicaffe import backend
+    from minicaffe.core import backend
     from bench_nets import deploy_param, inputs
     from gpu_check import _Null, _random_weights
     param = deploy_param(net_name, batch)
@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument("--standin", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", ""))
     args = p.parse_args(argv)
-    from minicaffe import backend
+    from minicaffe.core import backend
     from gpu_check import cupy_module
     cupy_module(args.standin)
     runs = {}

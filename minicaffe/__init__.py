@@ -1,16 +1,20 @@
 """minicaffe: Caffe's formats, layers, solvers and tools in Python; ``import minicaffe as caffe``
 runs ordinary pycaffe scripts."""
-from . import backend, layers as _layers  # noqa: F401  (registers every layer type)
-from .backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
-from .blob import Blob
+from . import _aliases
+from . import layers as _layers  # noqa: F401  (registers every layer type)
+from .core import backend  # noqa: F401
+from .core.backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed
+from .core.blob import Blob
 from .errors import MinicaffeError
-from .layers.base import Layer, layer_type_list
-from .net import Net
-from .net_spec import NetSpec, layers, params, to_proto  # noqa: F401  (pycaffe's caffe.layers is NetSpec's)
+from .core.layer import Layer, layer_type_list
+from .net.network import Net
+from .pycaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: F401  (pycaffe's caffe.layers is NetSpec's)
 from .proto import caffe_pb2
 from .proto.caffe_pb2 import TEST, TRAIN
 
 __version__ = "0.1.0"
+
+_aliases.install()   # pycaffe's module names: minicaffe.io is minicaffe.pycaffe.io, etc.
 
 # What `from minicaffe import *` gives: pycaffe's `caffe` namespace (its __init__ imports these
 # names), the lazily loaded ones included (star-import asks __getattr__ for each), plus minicaffe's own.
@@ -31,9 +35,10 @@ def __getattr__(name):
     # the heavier modules load on first use, so `import minicaffe` stays quick
     import importlib
     lazy = {
-        "io": ".io", "net_spec": ".net_spec", "draw": ".draw", "classifier": ".classifier",
-        "coord_map": ".coord_map", "solvers": ".solvers", "surgery": ".surgery", "multicrop": ".multicrop",
-        "parallel": ".parallel", "detector": ".detector", "pycaffe": ".pycaffe", "vis": ".vis",
+        "io": ".pycaffe.io", "net_spec": ".pycaffe.net_spec", "draw": ".pycaffe.draw",
+        "classifier": ".pycaffe.classifier", "coord_map": ".pycaffe.coord_map", "solvers": ".solvers",
+        "surgery": ".methods.surgery", "multicrop": ".methods.multicrop", "parallel": ".parallel",
+        "detector": ".pycaffe.detector", "pycaffe": ".pycaffe", "vis": ".pycaffe.vis",
     }
     if name in lazy:
         return importlib.import_module(lazy[name], __name__)
@@ -41,13 +46,13 @@ def __getattr__(name):
         from . import pycaffe
         return getattr(pycaffe, name)
     if name == "Detector":
-        from .detector import Detector
+        from .pycaffe.detector import Detector
         return Detector
     if name in ("convert_fc_to_conv", "dense_scores", "init_from"):   # the papers' net surgery
-        from . import surgery
+        from .methods import surgery
         return getattr(surgery, name)
     if name == "Classifier":
-        from .classifier import Classifier
+        from .pycaffe.classifier import Classifier
         return Classifier
     if name in ("Solver", "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
                 "AdaDeltaSolver", "AdamSolver", "get_solver"):

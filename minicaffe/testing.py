@@ -2,8 +2,8 @@
 import numpy as np
 from google.protobuf import text_format
 
-from . import backend
-from .blob import Blob
+from .core import backend
+from .core.blob import Blob
 from .layers import create_layer
 from .proto import caffe_pb2
 

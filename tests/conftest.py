@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cupy_standin  # noqa: E402  (tests/ is not a package)

@@ -80,7 +80,7 @@ def test_torch_translation_matches_caffe_semantics():
     import numpy as np
 
     import minicaffe as caffe
-    from minicaffe.net import blobproto_to_array
+    from minicaffe.net.network import blobproto_to_array
     bench = _load("bench_nets")
     text = """
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 13 dim: 13 } } }
@@ -99,7 +99,7 @@ def test_torch_translation_matches_caffe_semantics():
             inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
     layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
     """
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     param = load_net_param(text)
     net = caffe.Net(param, caffe.TEST)
     x = np.random.default_rng(0).standard_normal((2, 4, 13, 13)).astype(np.float32)

@@ -7,8 +7,8 @@ checked exactly.
 import numpy as np
 import pytest
 
-from minicaffe import backend
-from minicaffe.blob import Blob
+from minicaffe.core import backend
+from minicaffe.core.blob import Blob
 
 
 class _Dev:

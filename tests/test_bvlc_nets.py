@@ -18,7 +18,7 @@ import pytest
 import minicaffe as caffe
 from minicaffe.errors import MinicaffeError
 from minicaffe.proto import caffe_pb2
-from minicaffe.prototxt import load_net_param
+from minicaffe.formats.prototxt import load_net_param
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARBALLS = [os.path.join(ROOT, "..", "shared", "reference-caffe"), "/work/shared/reference-caffe"]

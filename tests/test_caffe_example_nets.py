@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from minicaffe import backend
-from minicaffe.net import Net
-from minicaffe.prototxt import load_net_param
+from minicaffe.core import backend
+from minicaffe.net.network import Net
+from minicaffe.formats.prototxt import load_net_param
 from minicaffe.proto import caffe_pb2
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "caffe_examples")

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.proto import caffe_pb2
 from minicaffe.tools import cli
 

@@ -61,7 +61,7 @@ def test_finetune_shape_mismatch_suggests_renaming_the_layer(work, capsys):
 
 def test_lr_policy_typo_is_caught_when_the_solver_is_read(work, capsys, monkeypatch):
     (work / "solver.prototxt").write_text(SOLVER.replace('"fixed"', '"stepp"'))
-    from minicaffe import net as net_module
+    from minicaffe.net import network as net_module
     built = []
     monkeypatch.setattr(net_module.Net, "__init__", lambda self, *a, **k: built.append(1) or 1 / 0)
     assert cli.main(["train", "--solver=solver.prototxt"]) == 1

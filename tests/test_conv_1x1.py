@@ -4,7 +4,7 @@ the convolution (stride 1 is always direct)."""
 import numpy as np
 import pytest
 
-from minicaffe import im2col
+from minicaffe.kernels import im2col
 from minicaffe.layers import conv
 from minicaffe.testing import forward, make_layer
 

@@ -14,9 +14,9 @@ Two halves:
 import numpy as np
 import pytest
 
-from minicaffe import backend
-from minicaffe import im2col as im2col_mod
-from minicaffe.im2col import ConvGeometry
+from minicaffe.core import backend
+from minicaffe.kernels import im2col as im2col_mod
+from minicaffe.kernels.im2col import ConvGeometry
 from minicaffe.kernels import _cuda, cuda_im2col, emulation
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.data import (LMDBSource, Prefetcher, array_to_datum, encode_datum, iterate_lmdb,
                             set_solver_rank)
 from minicaffe.errors import DataError, MinicaffeError, NetError

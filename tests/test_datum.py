@@ -11,7 +11,7 @@ import pytest
 
 from minicaffe.data import (array_to_datum, datum_to_array, encode_datum, join_root, parse_datum,
                             read_image_list)
-from minicaffe.data.datum import cv_image_to_datum_bytes
+from minicaffe.formats.datum import cv_image_to_datum_bytes
 from minicaffe.errors import DataError
 from minicaffe.proto import caffe_pb2
 from minicaffe.tools.convert_imageset import make_record

@@ -10,7 +10,7 @@ import pytest
 import minicaffe as caffe
 from minicaffe import draw
 from minicaffe.proto import caffe_pb2
-from minicaffe.prototxt import parse_text
+from minicaffe.formats.prototxt import parse_text
 from minicaffe.tools import draw_net as draw_net_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.multicrop import Preprocessor, topk_error
 from minicaffe.tools import beyond
 from minicaffe.tools.beyond import evaluate_images, read_list_file

@@ -220,7 +220,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
 
 def test_lmdb_data_source_in_key_order(tmp_path):
     """Caffe's usual set-up: a Data layer over an image LMDB; 3 batches of 2 from 5 records wrap around."""
-    from minicaffe.data.datum import array_to_datum
+    from minicaffe.formats.datum import array_to_datum
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (5, 1, 4, 3), dtype=np.uint8)
     src = str(tmp_path / "images_lmdb")

@@ -25,9 +25,9 @@ import pytest
 import minicaffe as caffe
 from minicaffe import fileio
 from minicaffe.errors import MinicaffeError, NumericalError
-from minicaffe.net import TRAIN, Net
+from minicaffe.net.network import TRAIN, Net
 from minicaffe.proto import caffe_pb2
-from minicaffe.prototxt import read_binary_file
+from minicaffe.formats.prototxt import read_binary_file
 from minicaffe.tools import cli
 from minicaffe.tools.convert_imageset import _recover_interrupted
 
@@ -331,7 +331,7 @@ N_IMAGES = 2000
 
 def lmdb_records(path):
     """Number of records, each checked to be a 3x4x4 Datum."""
-    from minicaffe.data.datum import datum_to_array, parse_datum
+    from minicaffe.formats.datum import datum_to_array, parse_datum
     env = lmdb.open(path, readonly=True, lock=False)
     try:
         n = 0

@@ -1,11 +1,11 @@
-"""Inference-time fusion (minicaffe/fusion.py): Convolution+BatchNorm+Scale+ReLU and Eltwise SUM+ReLU
+"""Inference-time fusion (minicaffe/kernels/fusion.py): Convolution+BatchNorm+Scale+ReLU and Eltwise SUM+ReLU
 in TEST nets give the unfused results, leave params alone, follow param changes, and keep backward
 right."""
 import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import fusion
+from minicaffe.kernels import fusion
 
 # one projection bottleneck and one identity block, He's layout (BN/Scale/ReLU in place on conv tops)
 BLOCKS = """

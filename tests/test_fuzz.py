@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minicaffe.data.datum import datum_to_array, parse_datum
+from minicaffe.formats.datum import datum_to_array, parse_datum
 from minicaffe.errors import MinicaffeError
-from minicaffe.net import TRAIN, Net
+from minicaffe.net.network import TRAIN, Net
 from minicaffe.proto import caffe_pb2
-from minicaffe.prototxt import parse_binary, parse_text, upgrade_net
+from minicaffe.formats.prototxt import parse_binary, parse_text, upgrade_net
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # protobuf on odd escapes
 

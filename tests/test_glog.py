@@ -87,7 +87,7 @@ def test_construction_lines_in_caffes_order(tmp_path, log_text):
     """Lines Caffe logs from inside a layer, where Caffe logs them: the Data layer opens its database in
     its constructor ("Opened lmdb" before "Creating Layer"), SoftmaxWithLoss and Scale with a bias make
     their inner Softmax/Bias through the layer factory (a second "Creating layer <name>" in setup)."""
-    from minicaffe.data.datum import array_to_datum
+    from minicaffe.formats.datum import array_to_datum
     import lmdb
     import numpy as np
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 20)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
-from minicaffe.layers.base import _REGISTRY as LAYER_REGISTRY
+from minicaffe.core import backend
+from minicaffe.core.layer import _REGISTRY as LAYER_REGISTRY
 from minicaffe.testing import TEST, TRAIN, make_layer
 from minicaffe.tools import cli
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.testing import TEST, TRAIN, check_gradient, make_layer
 
@@ -274,7 +274,7 @@ def test_prelu_errors():
     assert "layer 'pr' (PReLU)" in str(info.value)
     layer, bottom, top = make_layer('name: "pr" type: "PReLU"', [np.ones((2, 3))])
     # weights for another channel count (as if loaded from a different net)
-    from minicaffe.blob import Blob
+    from minicaffe.core.blob import Blob
     from minicaffe.layers import create_layer
     from minicaffe.testing import layer_param
     other = create_layer(layer_param('name: "pr" type: "PReLU"'), TRAIN)

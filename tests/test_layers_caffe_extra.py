@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import MinicaffeError
 from minicaffe.testing import check_gradient, make_layer
 
@@ -424,7 +424,7 @@ def test_spp_against_loops_and_gradient(height, method, shape):
 def test_spp_follows_a_new_input_size():
     layer, bottom, top = make_layer('type: "SPP" spp_param { pyramid_height: 2 }', [rand((1, 2, 4, 4))])
     assert top[0].shape == (1, 2 * (1 + 4))
-    from minicaffe.blob import Blob
+    from minicaffe.core.blob import Blob
     b = Blob((1, 2, 7, 5))
     b.data[...] = rand((1, 2, 7, 5), seed=26)
     layer.reshape([b], top)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from minicaffe import backend, im2col
+from minicaffe.core import backend
+from minicaffe.kernels import im2col
 from minicaffe.errors import NetError, ShapeError
 from minicaffe.testing import check_gradient, forward, make_layer
 
@@ -252,7 +253,7 @@ def test_chunked_batches_match_one_chunk(monkeypatch, layer_type):
 
 
 def test_weights_given_before_setup_are_checked():
-    from minicaffe.blob import Blob
+    from minicaffe.core.blob import Blob
     from minicaffe.layers import create_layer
     from minicaffe.testing import layer_param
     layer = create_layer(layer_param(conv_text(4, "kernel_size: 3")), 0)

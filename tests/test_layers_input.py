@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.testing import forward, make_layer
 

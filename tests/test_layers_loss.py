@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError, ShapeError
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import check_gradient, forward, make_layer

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from minicaffe import backend
-from minicaffe.blob import Blob
+from minicaffe.core import backend
+from minicaffe.core.blob import Blob
 from minicaffe.errors import NetError, ShapeError
 from minicaffe.layers import create_layer
 from minicaffe.testing import TEST, TRAIN, check_gradient, layer_param, make_layer

@@ -5,7 +5,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.layers import Layer
 from minicaffe.testing import TEST, TRAIN, check_gradient, forward, make_layer

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import MinicaffeError
 from minicaffe.testing import check_gradient, make_layer
 
@@ -224,7 +224,7 @@ def test_rnn_expose_hidden_top_is_the_last_hidden_state():
 def test_a_new_number_of_streams_starts_from_zero_state():
     layer, bottom, top = make_layer(lstm_text(3), [rand((2, 3, 4), seed=15), np.ones((2, 3))])
     layer.forward(bottom, top)
-    from minicaffe.blob import Blob
+    from minicaffe.core.blob import Blob
     x2, c2 = Blob((2, 2, 4)), Blob((2, 2))
     x2.data[...], c2.data[...] = rand((2, 2, 4), seed=16), 1
     layer.reshape([x2, c2], top)
@@ -357,7 +357,7 @@ def test_lstm_is_lstm_units_over_time():
 
 
 def test_weights_of_the_wrong_shape_are_refused():
-    from minicaffe.blob import Blob
+    from minicaffe.core.blob import Blob
     layer, bottom, top = make_layer(lstm_text(3), [rand((2, 2, 4)), np.ones((2, 2))])
     from minicaffe.layers import create_layer
     other = create_layer(layer.param, layer.phase)

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import MinicaffeError
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import make_layer

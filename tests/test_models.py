@@ -97,7 +97,7 @@ def test_lenet_shapes_and_forward():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "**", "*.prototxt"), recursive=True)))
 def test_every_model_file_parses(path):
-    from minicaffe.prototxt import load_net_param, load_solver_param
+    from minicaffe.formats.prototxt import load_net_param, load_solver_param
     if "solver" in os.path.basename(path):
         assert load_solver_param(path).base_lr > 0
     else:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.data import array_to_datum
-from minicaffe.prototxt import load_net_param
+from minicaffe.formats.prototxt import load_net_param
 from minicaffe.proto import caffe_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError
 
 NET = """

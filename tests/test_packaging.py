@@ -135,10 +135,10 @@ def test_models_list_copy_and_path(tmp_path):
 
 
 def test_shipped_path_refuses_escapes():
-    from minicaffe import shipped
+    from minicaffe.core import shipped
     assert shipped.path("models/lenet/solver.prototxt") is not None
     assert shipped.path("models/../setup.py") is None
-    assert shipped.path("minicaffe/net.py") is None
+    assert shipped.path("minicaffe/net/network.py") is None
     assert shipped.path(os.path.join(ROOT, "models", "lenet", "solver.prototxt")) is None
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend, parallel
+from minicaffe.core import backend
+from minicaffe.parallel import data_parallel as parallel
 from minicaffe.data import LMDBSource, array_to_datum, set_solver_rank, solver_count, solver_rank
 from minicaffe.errors import MinicaffeError, SolverError
 from minicaffe.proto import caffe_pb2
@@ -209,7 +210,7 @@ def test_two_mpi_workers_train_the_weights_of_one_process_with_twice_the_batch(t
 def test_lenet_of_models_on_two_workers_with_root_testing(mpi, tmp_path):
     """The shipped LeNet (its Data layers pointed at a small 28x28 LMDB), with test passes on rank 0:
     2 workers x batch 8 end where 1 process x batch 16 does."""
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     rng = np.random.default_rng(1)
     env = lmdb.open(str(tmp_path / "digits"), map_size=1 << 24)
     with env.begin(write=True) as txn:
@@ -345,7 +346,7 @@ def test_workers_with_different_solvers_or_nets_stop_together_naming_the_field(m
 
 
 ALLGATHER_PROBE = """
-from minicaffe import parallel
+from minicaffe.parallel import data_parallel as parallel
 comm = parallel.MPIComm()
 for payload in ([b"rank 0 set-up", b"x" * 1000], [b"", b"\\x00\\xff"]):
     mine = payload[comm.rank]

@@ -56,7 +56,7 @@ def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
     """Backward sums into the bottom's existing diff (no new array each iteration) and gives
     the same values every time."""
     import minicaffe as caffe
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     text = """
     force_backward: true
     layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
@@ -88,7 +88,7 @@ def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
 def test_convolution_forward_in_row_bands_matches_whole_batch(spec, monkeypatch):
     """The CPU forward a band of output rows at a time gives the whole-batch result (up to the
     last bits a GEMM of another width may round differently)."""
-    from minicaffe import im2col
+    from minicaffe.kernels import im2col
     x = np.random.default_rng(5).standard_normal((3, 4, 50, 52)).astype(np.float32)
     text = (f'type: "Convolution" convolution_param {{ {spec} '
             'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
@@ -154,7 +154,7 @@ def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(la
                                                                              monkeypatch):
     """Columns ordered (oh, ow, N) on narrow maps give the outputs and gradients of the (N, oh, ow)
     order: the same sums of the same products (up to the last bits of a GEMM over other columns)."""
-    from minicaffe import im2col
+    from minicaffe.kernels import im2col
     rng = np.random.default_rng(8)
     x = rng.standard_normal((5, 4, 9, 10)).astype(np.float32)
     text = (f'type: "{layer_type}" convolution_param {{ {spec} '
@@ -183,7 +183,7 @@ def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(la
 def test_convolution_winograd_forward_matches_im2col(shape, spec, monkeypatch):
     """Winograd F(2x2, 3x3) gives the im2col + GEMM result to float32 rounding (its transforms
     add a few roundings per output), whatever the padding and on odd output sizes."""
-    from minicaffe import winograd
+    from minicaffe.kernels import winograd
     monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_SIZE", 1)
@@ -204,7 +204,7 @@ def test_convolution_winograd_forward_matches_im2col(shape, spec, monkeypatch):
 def test_convolution_winograd_filters_follow_weight_updates(phase, monkeypatch):
     """The transformed filters (cached per layer in a TEST net) are redone when the weights change
     in place, as an SGD step changes them."""
-    from minicaffe import winograd
+    from minicaffe.kernels import winograd
     monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_SIZE", 1)
@@ -221,8 +221,8 @@ def test_convolution_winograd_filters_follow_weight_updates(phase, monkeypatch):
 def test_convolution_winograd_is_used_on_vgg_layers_only(monkeypatch):
     """The size rule: VGG-16's wide 3x3 layers from 128 channels on; not 64 channels, strides,
     groups, other kernels or small maps."""
-    from minicaffe import winograd
-    from minicaffe.im2col import ConvGeometry
+    from minicaffe.kernels import winograd
+    from minicaffe.kernels.im2col import ConvGeometry
     monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
     three = ConvGeometry(3, 3, 1, 1, 1, 1, 1, 1)
     assert winograd.worthwhile(np, three, 1, 256, (56, 56))

@@ -62,7 +62,7 @@ def test_bench_nets_torch_translation_of_batchnorm_scale_eltwise_matches_minicaf
         import bench_nets
     finally:
         sys.path.pop(0)
-    from minicaffe.prototxt import load_net_param
+    from minicaffe.formats.prototxt import load_net_param
     sys.path.insert(0, MODEL)
     try:
         import make_deploy

@@ -225,7 +225,7 @@ def test_unreadable_position_names_the_layer(tmp_path):
 def test_replayed_position_matches_reading(tmp_path, kind):
     """``restore_position(n)`` (older sidecars, data-parallel workers) skips whole stretches rather
     than reading: it must land where reading ``n`` records would, with shards, rand_skip and reshuffles."""
-    from minicaffe import backend
+    from minicaffe.core import backend
     from minicaffe.testing import make_layer
     train, _ = data_layers(kind, tmp_path)
     train = train.replace(TRANSFORM, "")

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend, fileio
+from minicaffe.core import backend
+from minicaffe import fileio
 from minicaffe.errors import MinicaffeError, NumericalError, ParseError, SolverError
-from minicaffe.layers import base as layer_base
-from minicaffe.layers.base import Layer
+from minicaffe.core import layer as layer_base
+from minicaffe.core.layer import Layer
 from minicaffe.proto import caffe_pb2
 from minicaffe.solvers import solver as solver_mod
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import SolverError
-from minicaffe.layers import base as layer_base
-from minicaffe.layers.base import Layer
+from minicaffe.core import layer as layer_base
+from minicaffe.core.layer import Layer
 from minicaffe.solvers import updates
 
 

@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 
 import minicaffe as caffe
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.errors import NetError, ShapeError, WeightsError
 from minicaffe.surgery import (convert_fc_to_conv, dense_scores, init_from, net_definition,
                                parse_mapping, strip_splits, vgg_init_mapping)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from minicaffe import backend
+from minicaffe.core import backend
 from minicaffe.data import DataTransformer, load_pca_file
 from minicaffe.errors import DataError, NetError
 from minicaffe.proto import caffe_pb2

@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 import minicaffe as caffe  # noqa: E402
-from minicaffe import backend  # noqa: E402
+from minicaffe.core import backend  # noqa: E402
 from minicaffe.multicrop import Preprocessor, combine, default_scales, topk_error  # noqa: E402
-from minicaffe.prototxt import load_net_param, load_solver_param  # noqa: E402
+from minicaffe.formats.prototxt import load_net_param, load_solver_param  # noqa: E402
 from minicaffe.tools.beyond import evaluate_images, load_image_bgr, read_list_file  # noqa: E402
 from minicaffe.tools.convert_imageset import convert_imageset  # noqa: E402
 

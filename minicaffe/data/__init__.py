@@ -2,7 +2,7 @@
 
     LMDB/LevelDB ─► open_source (LMDBSource or LevelDBSource) ─► parse_datum / datum_to_array ─► DataTransformer ─► Prefetcher ─► Data layer
 """
-from .datum import (array_to_datum, datum_to_array, decode_image, encode_datum, encode_image,  # noqa: F401
+from ..formats.datum import (array_to_datum, datum_to_array, decode_image, encode_datum, encode_image,  # noqa: F401
                     hwc_to_chw, chw_to_hwc, join_root, parse_datum, read_image, read_image_list,
                     record_where)
 from .lmdb_source import (LMDBSource, check_backend, close_lmdb, count_records, iterate_lmdb,  # noqa: F401

@@ -81,7 +81,7 @@ class RecordSource:
         self.skip = 0
         if rand_skip:
             if rng is None:
-                from .. import backend
+                from ..core import backend
                 rng = backend.rng()
             self.skip = int(rng.integers(int(rand_skip)))
             log.info("Skipping first %d data points.", self.skip)

@@ -38,10 +38,10 @@ import logging
 
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from ..errors import DataError, NetError
 from ..proto import caffe_pb2
-from .datum import _cv2, chw_to_hwc, datum_to_array, hwc_to_chw
+from ..formats.datum import _cv2, chw_to_hwc, datum_to_array, hwc_to_chw
 
 log = logging.getLogger("minicaffe")
 
@@ -62,7 +62,7 @@ def read_blobproto_file(path, what="mean_file", message=caffe_pb2.BlobProto):
         msg.ParseFromString(raw)
     except Exception as exc:  # DecodeError
         raise DataError(f"{path}: {what} is not a binary {message.__name__} ({exc})") from None
-    from ..prototxt import wrong_type_fields
+    from ..formats.prototxt import wrong_type_fields
     clash = wrong_type_fields(msg)
     if clash:
         raise DataError(f"{path}: {what} is not a binary {message.__name__}: {clash} (another kind of file?)")

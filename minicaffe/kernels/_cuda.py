@@ -10,7 +10,7 @@ bare float as ``double``, which a ``float`` parameter would misread).
 """
 import numpy as np
 
-from .. import backend
+from ..core import backend
 
 BLOCK = 256
 MAX_GRID = 1 << 16      # grid-stride loops: more blocks than this gain nothing

@@ -1,6 +1,6 @@
 """im2col / col2im on the GPU: one kernel launch each for a whole chunk of images.
 
-Why: the array-code im2col (``minicaffe.im2col``) is shaped for NumPy on the CPU (cache-sized
+Why: the array-code im2col (``minicaffe.kernels.im2col``) is shaped for NumPy on the CPU (cache-sized
 blocks of channels in col2im, a padded copy first), which on a GPU becomes hundreds of tiny
 launches per layer. Here each output element is computed by one thread:
 
@@ -11,7 +11,7 @@ launches per layer. Here each output element is computed by one thread:
 """
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from . import _cuda, emulation
 
 _DIMS = "long long n, long long c, long long h, long long w, long long kh, long long kw, " \
@@ -76,7 +76,7 @@ def _dims(n, c, h, w, g, oh, ow):
 def im2col(x, geom, out_hw, out=None):
     """Columns (C, kh, kw, N, oh, ow) of ``x`` (N, C, H, W): one launch. ``out`` defaults to the
     "col" workspace, as the CPU ``im2col``."""
-    from ..im2col import workspace
+    from .im2col import workspace
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
     oh, ow = out_hw

@@ -12,7 +12,7 @@ the overhang of a ceil-rounded window does not).
 """
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from . import _cuda, emulation
 
 MAX_FORWARD = "minicaffe_pool_max_fwd"

@@ -17,7 +17,7 @@ before the kernel runs (on the host copy when it is current, so that costs no de
 """
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from . import _cuda, emulation
 
 SOFTMAX = "minicaffe_softmax_fwd"

@@ -2,8 +2,7 @@
 import importlib
 import pkgutil
 
-from .base import Layer, create_layer, layer_type_list, register  # noqa: F401
+from ..core.layer import Layer, create_layer, layer_type_list, register  # noqa: F401
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod != "base":
-        importlib.import_module(f"{__name__}.{_mod}")
+    importlib.import_module(f"{__name__}.{_mod}")

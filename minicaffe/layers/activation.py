@@ -8,11 +8,11 @@ import math
 
 import numpy as np
 
-from .. import fillers
-from ..blob import Blob
-from ..im2col import workspace
+from ..core import fillers
+from ..core.blob import Blob
+from ..kernels.im2col import workspace
 from ..kernels import cuda_elementwise
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def _leaky(xp, x, slope, y):

@@ -21,14 +21,15 @@ Only 1-D and 2-D spatial convolutions are supported (a 1-D one runs as 2-D with 
 """
 import numpy as np
 
-from .. import backend, fillers, winograd
-from ..blob import Blob
+from ..core import backend, fillers
+from ..kernels import winograd
+from ..core.blob import Blob
 from ..errors import ShapeError
 from ..proto import caffe_pb2
-from .. import im2col as _im2col
-from ..im2col import (ConvGeometry, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows,
+from ..kernels import im2col as _im2col
+from ..kernels.im2col import (ConvGeometry, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows,
                       images_per_chunk, padded_source, workspace)
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 class _ConvEngine:

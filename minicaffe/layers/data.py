@@ -20,15 +20,15 @@ import weakref
 
 import numpy as np
 
-from .. import backend
-from ..data.datum import hwc_to_chw, join_root, parse_datum, read_image, read_image_list, record_where
+from ..core import backend
+from ..formats.datum import hwc_to_chw, join_root, parse_datum, read_image, read_image_list, record_where
 from ..data.db import open_source
 from ..data.lmdb_source import solver_count, solver_rank
 from ..data.prefetch import Prefetcher, parallel_map
 from ..data.transformer import DataTransformer
 from ..errors import DataError
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 log = logging.getLogger("minicaffe")
 
@@ -676,7 +676,7 @@ class HDF5Data(_DataLayerBase):
 # --- WindowData (R-CNN) ------------------------------------------------------------------------------
 
 def _cv2():
-    from ..data.datum import _cv2 as get
+    from ..formats.datum import _cv2 as get
     return get()
 
 

@@ -1,9 +1,9 @@
 """Dropout: "inverted" dropout as Caffe does it, so nothing changes between TRAIN and TEST nets."""
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 @register("Dropout")

@@ -4,7 +4,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..kernels import cuda_elementwise
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 _Op = caffe_pb2.EltwiseParameter
 

@@ -10,10 +10,10 @@ which sums in index order on NumPy (``np.add.at``) and uses ``cupyx.scatter_add`
 """
 import numpy as np
 
-from .. import fillers
-from ..blob import Blob
+from ..core import fillers
+from ..core.blob import Blob
 from ..errors import ShapeError
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def scatter_add(xp, target, indices, values):

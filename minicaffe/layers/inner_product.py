@@ -5,11 +5,11 @@ product of the rest; the top is ``bottom.shape[:axis] + (num_output,)``. The wei
 ``num_output x K``, or ``K x num_output`` with ``transpose: true`` (Caffe's layout either way, so
 caffemodels load as they are).
 """
-from .. import fillers
-from ..blob import Blob
+from ..core import fillers
+from ..core.blob import Blob
 from ..errors import ShapeError
-from ..im2col import workspace
-from .base import Layer, register
+from ..kernels.im2col import workspace
+from ..core.layer import Layer, register
 
 
 # Rows of a weight gradient computed per step: ``dw += a @ b`` in bands keeps the temporary small

@@ -1,7 +1,7 @@
 """Input and DummyData: layers with no bottoms that only give their tops a shape (and values)."""
-from .. import fillers
+from ..core import fillers
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def _shape(layer, blob_shape):
@@ -105,7 +105,7 @@ class Parameter(Layer):
     def setup(self, bottom, top):
         shape = _shape(self, self.param.parameter_param.shape)
         if not self.blobs:
-            from ..blob import Blob
+            from ..core.blob import Blob
             self.blobs = [Blob(shape, name=f"{self.name}.param")]
         self.param_propagate_down = [True]
         top[0].reshape(self.blobs[0].shape)

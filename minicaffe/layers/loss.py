@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..kernels import cuda_softmax
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 from .shape import canonical_axis
 
 log = logging.getLogger("minicaffe")

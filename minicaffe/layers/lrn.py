@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..kernels import cuda_lrn
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def _pow_into(xp, s, beta, out, tmp):

@@ -3,11 +3,11 @@ import logging
 
 import numpy as np
 
-from .. import backend, fillers
-from ..blob import Blob
+from ..core import backend, fillers
+from ..core.blob import Blob
 from ..errors import ShapeError
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 log = logging.getLogger("minicaffe")
 

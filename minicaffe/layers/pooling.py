@@ -18,12 +18,12 @@ Caffe's rules kept here:
 """
 import numpy as np
 
-from ..backend import get_array_module
-from ..blob import Blob
+from ..core.backend import get_array_module
+from ..core.blob import Blob
 from ..errors import ShapeError
-from ..im2col import column_phases, workspace
+from ..kernels.im2col import column_phases, workspace
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 _PP = caffe_pb2.PoolingParameter
 

@@ -33,9 +33,9 @@ import importlib
 import os
 import sys
 
-from ..blob import Blob
+from ..core.blob import Blob
 from ..errors import NetError
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 class BlobVec(list):

@@ -22,10 +22,10 @@ Without ``expose_hidden`` the final state of one forward pass is the initial sta
 at the batch boundary as in Caffe: the final-state tops' gradients are ignored and the exposed
 initial-state bottoms receive zeros (Caffe leaves them unwritten); ``cont`` gets no gradient.
 """
-from .. import fillers
-from ..blob import Blob
+from ..core import fillers
+from ..core.blob import Blob
 from ..errors import ShapeError
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def _prod(dims):

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..proto import caffe_pb2
-from .base import Layer, register
+from ..core.layer import Layer, register
 
 
 def canonical_axis(layer, axis, num_axes, what="axis"):

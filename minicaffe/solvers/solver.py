@@ -31,16 +31,16 @@ from typing import Callable
 
 import numpy as np
 
-from .. import backend
-from ..blob import Blob
+from ..core import backend
+from ..core.blob import Blob
 from ..data.lmdb_source import solver_rank
 from ..deps import require
 from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did_you_mean
 from ..fileio import atomic_open, atomic_write
-from ..net import Net, blobproto_to_array, blobproto_shape, in_file
+from ..net.network import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
-from ..prototxt import caffe_text, load_net_param, load_solver_param, read_binary_file
-from ..wire import _field, blobproto_bytes
+from ..formats.prototxt import caffe_text, load_net_param, load_solver_param, read_binary_file
+from ..formats.wire import _field, blobproto_bytes
 from . import updates
 from .lr_policy import POLICIES, learning_rate
 
@@ -436,7 +436,7 @@ class Solver:
                 self.log.info("%s '%s' is not in the working directory; using %s (beside the solver file)",
                               field, value, alt)
                 return alt
-        from .. import shipped      # a documented path (models/lenet/...): the copy minicaffe ships
+        from ..core import shipped  # a documented path (models/lenet/...): the copy minicaffe ships
         found = shipped.resolve(value, field)
         if found != value:
             return found

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from ..errors import SolverError
 from ..kernels import cuda_updates
 

@@ -17,16 +17,16 @@ import sys
 import numpy as np
 from google.protobuf import text_format
 
-from .. import backend
-from ..data.datum import join_root, read_image_list
+from ..core import backend
+from ..formats.datum import join_root, read_image_list
 from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_write
-from ..multicrop import (Preprocessor, combine, default_scales, evaluate_crops, evaluate_dense,
+from ..methods.multicrop import (Preprocessor, combine, default_scales, evaluate_crops, evaluate_dense,
                          net_crop_size, topk_error)
-from ..net import Net
+from ..net.network import Net
 from ..proto import caffe_pb2
-from ..surgery import convert_fc_to_conv, init_from, net_definition, parse_mapping, vgg_init_mapping
+from ..methods.surgery import convert_fc_to_conv, init_from, net_definition, parse_mapping, vgg_init_mapping
 from .argparsing import ArgumentParser
 from .common import ProgressBar, run_main
 
@@ -197,7 +197,7 @@ def deploy_from_data_layer(model, level=0, stages=()):
     The first ``Data`` layer becomes an Input of its crop size (the stored size when it does not
     crop); layers that read the label, and whatever depends only on them (losses, accuracies), go.
     """
-    from ..prototxt import filter_net, load_net_param, make_state
+    from ..formats.prototxt import filter_net, load_net_param, make_state
     param = filter_net(load_net_param(model), make_state(caffe_pb2.TEST, level, stages))
     data = next((lp for lp in param.layer if lp.type == "Data"), None)
     if data is None:
@@ -234,7 +234,7 @@ def _first_datum_image(data_layer):
 def data_layer_images(data_layer, limit=None):
     """(C×H×W array, label) of each record of a Data layer's LMDB or LevelDB, at its stored size, in
     key order."""
-    from ..data.datum import datum_to_array, parse_datum, record_where
+    from ..formats.datum import datum_to_array, parse_datum, record_where
     from ..data.db import iterate_db
     source = data_layer.data_param.source
     tp = data_layer.transform_param
@@ -252,7 +252,7 @@ def data_layer_preprocessor(data_layer):
     tp = data_layer.transform_param
     mean = None
     if tp.HasField("mean_file"):
-        from ..io import load_mean
+        from ..pycaffe.io import load_mean
         mean = load_mean(tp.mean_file)
     elif len(tp.mean_value):
         mean = np.asarray(tp.mean_value, np.float32)
@@ -320,7 +320,7 @@ def run_evaluation(args):
     if args.predictions:
         class_names = None
         if args.labels:
-            from ..classifier import load_labels
+            from ..pycaffe.classifier import load_labels
             class_names = load_labels(args.labels)
         show = (lambda c: class_names[c] if class_names and c < len(class_names) else str(c))
         lines = []
@@ -339,7 +339,7 @@ def _list_preprocessor(args, nch):
     if args.mean_file and args.mean_value:
         raise MinicaffeError("give --mean_file or --mean_value, not both")
     if args.mean_file:
-        from ..io import load_mean
+        from ..pycaffe.io import load_mean
         mean = load_mean(args.mean_file)
     elif args.mean_value:
         mean = np.asarray(_floats(args.mean_value, "--mean_value"), np.float32)

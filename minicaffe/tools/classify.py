@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from .. import backend
-from .. import io as caffe_io
-from ..classifier import Classifier, load_labels, top_k
+from ..core import backend
+from ..pycaffe import io as caffe_io
+from ..pycaffe.classifier import Classifier, load_labels, top_k
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_open
 from .argparsing import ArgumentParser
@@ -92,7 +92,7 @@ def _refuse_train_val(model_def):
     """A train_val net (data layers reading a database, a loss) given where classify needs the deploy
     net: one line naming the file and the deploy net, instead of an error about the database its data
     layer cannot open or a missing Input layer."""
-    from ..prototxt import load_net_param
+    from ..formats.prototxt import load_net_param
     param = load_net_param(model_def)
     if any(lp.type == "Input" for lp in param.layer):
         return

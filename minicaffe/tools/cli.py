@@ -10,7 +10,8 @@ import time as _time
 
 import numpy as np
 
-from .. import backend, parallel, shipped
+from ..core import backend, shipped
+from ..parallel import data_parallel as parallel
 from ..errors import MinicaffeError, did_you_mean
 from ..layers.python_layer import python_layers_refused, refuse_python_layers
 from ..proto import caffe_pb2
@@ -264,7 +265,7 @@ def _worker_argv(args, gpu):
 
 def _train(args, log, param, path, handler, comm):
     import contextlib
-    from ..parallel import ParallelSolver
+    from ..parallel.data_parallel import ParallelSolver
     from ..solvers.solver import SnapshotLock, solver_class
     if args.snapshot:
         param.ClearField("weights")
@@ -287,7 +288,7 @@ def _train(args, log, param, path, handler, comm):
             board = TensorBoardLogger(solver, args.tensorboard)
         if args.snapshot:
             log.info("Resuming from %s", args.snapshot)
-            from ..net import BlobShapeError
+            from ..net.network import BlobShapeError
             try:
                 solver.restore(args.snapshot)
             except BlobShapeError as exc:      # a history blob (the weights name their own file)
@@ -302,7 +303,7 @@ def _train(args, log, param, path, handler, comm):
 
 
 def _net(args, default_phase, weights=None):
-    from ..net import Net
+    from ..net.network import Net
     return Net(args.model, _phase(args.phase, default_phase), weights=weights, level=args.level,
                stages=_stages(args.stage))
 
@@ -432,7 +433,7 @@ def time(args):
     log.info("*** Benchmark ends ***")
     _print_table(rows, total * 1e3 / iterations)
     if args.plot:
-        from ..vis import plot_layer_times
+        from ..pycaffe.vis import plot_layer_times
         plot_layer_times(rows, args.plot, title=f"{net.name or args.model}: {iterations} iterations")
     return 0
 
@@ -445,7 +446,7 @@ def _backward_every_layer(net, timings):
     propagated only where the net would (``bottom_need_backward``). Doing the same keeps the backward
     figures comparable with Caffe's rather than ~0 ms.
     """
-    from ..net import _sync
+    from ..net.network import _sync
     xp = backend.xp()
     for li in range(len(net.layers) - 1, -1, -1):
         layer, bottom, top = net.layers[li], net._bottom[li], net._top[li]

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from ..data.datum import datum_to_array, parse_datum, record_where
+from ..formats.datum import datum_to_array, parse_datum, record_where
 from ..data.db import count_db, iterate_db, resolve_backend
 from ..data.lmdb_source import check_backend
 from ..errors import DataError

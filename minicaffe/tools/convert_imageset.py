@@ -49,7 +49,7 @@ import time
 import lmdb
 import numpy as np
 
-from ..data.datum import cv_image_to_datum_bytes, join_root, read_image_list
+from ..formats.datum import cv_image_to_datum_bytes, join_root, read_image_list
 from ..data.lmdb_source import check_backend
 from ..data.db import open_writer
 from ..data.lmdb_writer import BatchedLMDBWriter  # noqa: F401 - the tests patch its put()

@@ -12,8 +12,8 @@ layers give their shapes, layers reading a data source need ``--input_shape`` (o
 """
 import argparse
 
-from .. import draw
-from ..prototxt import load_net_param
+from ..pycaffe import draw
+from ..formats.prototxt import load_net_param
 from ..proto import caffe_pb2
 from .argparsing import ArgumentParser
 from .common import run_main

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .. import backend
-from ..data.datum import array_to_datum
+from ..core import backend
+from ..formats.datum import array_to_datum
 from ..data.db import NewDatabase, check_write_backend
 from ..errors import DataError, MinicaffeError, NetError, did_you_mean
 from .argparsing import ArgumentParser
 from .common import ProgressBar, get_logger, run_main
 
 if TYPE_CHECKING:
-    from ..net import Net
+    from ..net.network import Net
 
 COMMIT_EVERY = 1000                 # records per transaction, as Caffe
 _COMMIT_BYTES = 64 << 20            # ... or fewer when records are large
@@ -187,7 +187,7 @@ def main(argv=None):
     else:
         log.info("Using CPU")
         backend.set_mode_cpu()
-    from ..net import TEST, Net
+    from ..net.network import TEST, Net
     net = Net(args.model, args.weights, TEST)
     try:
         extract_features(net, blob_names, db_paths, args.num_batches, log=log, progress=True,

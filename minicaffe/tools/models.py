@@ -1,5 +1,5 @@
 """``minicaffe models``: the model prototxts shipped with minicaffe (``models/`` of the source tree,
-``minicaffe/_shipped/models`` of an installed wheel; see ``minicaffe.shipped``).
+``minicaffe/_shipped/models`` of an installed wheel; see ``minicaffe.core.shipped``).
 
     minicaffe models                     list the models and their files
     minicaffe models copy lenet DIR      copy models/lenet/* to DIR/models/lenet/
@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .. import shipped
+from ..core import shipped
 from ..errors import MinicaffeError
 from .argparsing import ArgumentParser
 from .common import run_main

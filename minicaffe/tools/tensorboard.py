@@ -18,7 +18,7 @@ It hooks the solver only through ``add_callback`` (pycaffe's), so the training l
 """
 import numpy as np
 
-from .. import backend
+from ..core import backend
 from ..errors import MinicaffeError
 
 

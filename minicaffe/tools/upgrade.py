@@ -31,7 +31,7 @@ import sys
 from ..errors import ParseError, SolverError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
-from ..prototxt import caffe_text, is_old_batch_norm, read_binary_file, read_text_file, upgrade_net
+from ..formats.prototxt import caffe_text, is_old_batch_norm, read_binary_file, read_text_file, upgrade_net
 from .argparsing import ArgumentParser
 from .common import get_logger, run_main
 

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from .. import vis
+from ..pycaffe import vis
 from ..errors import MinicaffeError
 from .argparsing import ArgumentParser
 from .common import run_main
@@ -70,8 +70,8 @@ def _ints(text, flag):
 
 def _run_image(args):
     """A Classifier with the image forwarded (centre crop); returns (net, scores of the output)."""
-    from .. import io as caffe_io
-    from ..classifier import Classifier
+    from ..pycaffe import io as caffe_io
+    from ..pycaffe.classifier import Classifier
     mean = caffe_io.load_mean(args.mean_file) if args.mean_file else None
     net = Classifier(args.model, args.weights, mean=mean, input_scale=args.input_scale,
                      raw_scale=args.raw_scale, channel_swap=_ints(args.channel_swap, "channel_swap"))
@@ -88,7 +88,7 @@ def main(argv=None):
     if args.picture == "mean":
         vis.plot_mean(args.mean_file, args.output, channel_swap=swap, dpi=args.dpi)
     elif args.picture == "filters":
-        from ..net import Net
+        from ..net.network import Net
         from ..proto import caffe_pb2
         net = Net(args.model, caffe_pb2.TEST, weights=args.weights)
         vis.plot_filters(net, args.output, args.layer, channel_swap=swap, dpi=args.dpi)
@@ -99,7 +99,7 @@ def main(argv=None):
         net, scores = _run_image(args)
         labels = None
         if args.labels:
-            from ..classifier import load_labels
+            from ..pycaffe.classifier import load_labels
             labels = load_labels(args.labels)
             if len(labels) != np.size(scores):
                 raise MinicaffeError(f"{args.labels}: {len(labels)} labels but the net's output "

@@ -27,7 +27,7 @@ SOLVER = 'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\nsnapshot_
 
 
 def _net(text_or_path):
-    from minicaffe.net import Net, TRAIN
+    from minicaffe.net.network import Net, TRAIN
     return Net(text_or_path, TRAIN)
 
 

@@ -67,7 +67,7 @@ def write_lmdb(path, records=RECORDS, seed=0):
     """A small 1x12x12 uint8 LMDB with labels 0-9, written with the lmdb module and minicaffe's Datum
     (the same bytes convert_imageset writes for raw images; both engines then read this one file)."""
     import lmdb
-    from minicaffe.data.datum import array_to_datum
+    from minicaffe.formats.datum import array_to_datum
     rng = np.random.RandomState(seed)
     env = lmdb.open(path, map_size=1 << 24)
     with env.begin(write=True) as txn:
@@ -89,8 +89,8 @@ def write_net(workdir, db):
 
 def write_initial_weights(workdir, net_path, seed=7):
     """Initial weights drawn by minicaffe's fillers and saved as a .caffemodel both engines load."""
-    from minicaffe import backend
-    from minicaffe.net import Net
+    from minicaffe.core import backend
+    from minicaffe.net.network import Net
     backend.set_random_seed(seed)
     net = Net(net_path, caffe_pb2.TRAIN)
     out = os.path.join(workdir, "init.caffemodel")

@@ -142,7 +142,7 @@ def _make_input(rng, shape, kind):
 def _prepare(workdir, name, inputs, layers, seed):
     """Write the case's net, random weights (.caffemodel) and inputs/top diffs (.npz); returns the paths
     and the minicaffe Net."""
-    from minicaffe.net import Net
+    from minicaffe.net.network import Net
     rng = np.random.RandomState(seed)
     net_path = os.path.join(workdir, f"{name}.prototxt")
     with open(net_path, "w") as f:
@@ -168,7 +168,7 @@ def _prepare(workdir, name, inputs, layers, seed):
 
 
 def _run_minicaffe(net_path, weights, inputs_path):
-    from minicaffe.net import Net
+    from minicaffe.net.network import Net
     net = Net(net_path, weights, caffe_pb2.TRAIN)
     given = np.load(inputs_path)
     for key in given.files:

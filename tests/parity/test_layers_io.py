@@ -352,7 +352,7 @@ def test_dropout_scale_train_rejected_like_caffe(io_cases):
     """BVLC Caffe's DropoutParameter has only dropout_ratio (scale_train came later, in other forks): its
     parser refuses the field, and so does minicaffe, with one line naming it."""
     from minicaffe.errors import MinicaffeError
-    from minicaffe.net import Net
+    from minicaffe.net.network import Net
     job, theirs = io_cases["dropout_scale_train"]
     assert int(theirs["parsed"]) == 0
     with pytest.raises(MinicaffeError, match="scale_train"):

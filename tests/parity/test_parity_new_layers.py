@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from minicaffe import backend
-from minicaffe.net import Net
+from minicaffe.core import backend
+from minicaffe.net.network import Net
 from minicaffe.proto import caffe_pb2
 
 # Runs under the reference venv's Python with pycaffe importable.

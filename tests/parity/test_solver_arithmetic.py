@@ -47,8 +47,8 @@ GRID = list(itertools.product(sorted(common.SOLVER_PARAMS), sorted(common.LR_POL
 
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory):
-    from minicaffe import backend
-    from minicaffe.net import Net
+    from minicaffe.core import backend
+    from minicaffe.net.network import Net
     from minicaffe.proto import caffe_pb2
     d = str(tmp_path_factory.mktemp("exact"))
     with open(os.path.join(d, "net.prototxt"), "w") as f:

@@ -40,7 +40,7 @@ Entry points: ``mpirun -np N minicaffe train --solver S`` (CPU, or ``--gpu`` for
 rank) and ``minicaffe train --solver S --gpu 0,1`` / ``--gpu all`` (one process per GPU, NCCL). From
 Python::
 
-    from minicaffe import parallel
+    from minicaffe.parallel import data_parallel as parallel
     comm = parallel.setup_worker()                 # MPIComm under mpirun; before building the solver
     solver = parallel.ParallelSolver(caffe.get_solver("solver.prototxt"), comm)
     solver.solve()                                 # or solver.restore(path); solver.step(n)
@@ -55,11 +55,11 @@ import time
 
 import numpy as np
 
-from . import backend
-from .data.lmdb_source import set_solver_rank as _set_rank_and_count
-from .data.lmdb_source import solver_count, solver_rank
-from .errors import MinicaffeError, SolverError
-from .proto import is_repeated
+from ..core import backend
+from ..data.lmdb_source import set_solver_rank as _set_rank_and_count
+from ..data.lmdb_source import solver_count, solver_rank
+from ..errors import MinicaffeError, SolverError
+from ..proto import is_repeated
 
 DEFAULT_BUCKET_MB = 25.0
 
@@ -94,7 +94,7 @@ def launched_as_worker(environ=None):
 
 
 def _mpi():
-    from .deps import require
+    from ..deps import require
     return require("mpi4py.MPI", "training over MPI")
 
 
@@ -435,7 +435,7 @@ def setup_worker(comm=None, quiet_workers=True):
     _set_rank_and_count(comm.rank, comm.size)
     _multiprocess["on"] = comm.size > 1
     if quiet_workers and comm.rank != 0:
-        from .tools.common import get_logger
+        from ..tools.common import get_logger
         get_logger().setLevel(logging.WARNING)
     return comm
 
@@ -593,7 +593,7 @@ def setup_description(solver):
     ``_PER_WORKER_FIELDS``), the train net as built (filtered by phase and state) and the shape of
     every layer blob (shapes can depend on the data, e.g. the image size of an LMDB)."""
     import json
-    from .proto import caffe_pb2
+    from ..proto import caffe_pb2
     param = caffe_pb2.SolverParameter()
     param.CopyFrom(solver.param)
     for name in _PER_WORKER_FIELDS:
@@ -633,7 +633,7 @@ def setup_differences(descriptions):
     """One line saying how the workers' ``setup_description`` differ from rank 0's, or '' when they
     agree (same effective values)."""
     import json
-    from .proto import caffe_pb2
+    from ..proto import caffe_pb2
     decoded = [json.loads(d.decode()) for d in descriptions]
 
     def parsed(entry):
@@ -943,7 +943,7 @@ def start_worker(gpus=(), kind=None):
 def abort_job(comm, exc):
     """After an error on one worker: print it (``error: <message>`` as the CLIs do, naming the
     worker) and end every worker, which would otherwise wait forever in the next collective."""
-    from .tools.common import debug_enabled, print_error
+    from ..tools.common import debug_enabled, print_error
     if debug_enabled() or not isinstance(exc, (MinicaffeError, OSError)):
         import traceback
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

@@ -16,12 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import MinicaffeError
+from ..errors import MinicaffeError
 
 log = logging.getLogger("minicaffe")
 
 FOLDERS = ("models", "proto", "tools")
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent        # minicaffe/
 _announced = set()          # (flag or field, path) already logged by resolve()
 
 

@@ -6,7 +6,7 @@ As in Caffe, ``caffe.pycaffe`` also names ``Net`` and the solver classes (loaded
 import logging
 import time
 
-from . import backend
+from ..core import backend
 
 __all__ = ["Timer", "NCCL", "has_nccl", "init_log", "log", "Net", "SGDSolver", "NesterovSolver",
            "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver", "AdamSolver"]
@@ -58,7 +58,7 @@ def _sync():
 def has_nccl():
     """True when multi-GPU NCCL training can run here (CuPy with its NCCL bindings and a GPU), the
     question Caffe's ``has_nccl`` answers for its build."""
-    from . import parallel
+    from ..parallel import data_parallel as parallel
     return parallel.nccl_available()
 
 
@@ -78,8 +78,8 @@ class NCCL:
     _minicaffe_nccl = True      # what Solver.add_callback(nccl) recognizes
 
     def __init__(self, solver, uid):
-        from . import parallel
-        from .data.lmdb_source import solver_count, solver_rank
+        from ..parallel import data_parallel as parallel
+        from ..data.lmdb_source import solver_count, solver_rank
         uid_hex = uid.hex() if isinstance(uid, (bytes, bytearray)) else str(uid)
         comm = parallel.NCCLComm(uid_hex, solver_rank(), solver_count())
         self.solver = solver
@@ -88,7 +88,7 @@ class NCCL:
     @staticmethod
     def new_uid():
         """A fresh NCCL unique id (bytes, as pycaffe under Python 3) to give every process."""
-        from . import parallel
+        from ..parallel import data_parallel as parallel
         return bytes.fromhex(parallel.new_nccl_uid())
 
     def bcast(self):
@@ -120,15 +120,15 @@ def log(message):
 
 
 def _logger():
-    from .tools.common import get_logger
+    from ..tools.common import get_logger
     return get_logger()
 
 
 def __getattr__(name):
     if name == "Net":
-        from .net import Net
+        from ..net.network import Net
         return Net
     if name in __all__:
-        from . import solvers
+        from .. import solvers
         return getattr(solvers, name)
     raise AttributeError(f"module 'minicaffe.pycaffe' has no attribute {name!r}")

@@ -16,10 +16,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 # the Datum codec lives with the data pipeline; pycaffe's names for it are re-exported here
-from .data.datum import array_to_datum, datum_to_array  # noqa: F401
-from .deps import import_cv2
-from .errors import DataError, MinicaffeError
-from .proto import caffe_pb2
+from ..formats.datum import array_to_datum, datum_to_array  # noqa: F401
+from ..deps import import_cv2
+from ..errors import DataError, MinicaffeError
+from ..proto import caffe_pb2
 
 
 class TransformerError(MinicaffeError, ValueError):
@@ -90,7 +90,7 @@ def arraylist_to_blobprotovector_str(arraylist: Sequence[ArrayLike]) -> bytes:
 
 def blobprotovector_str_to_arraylist(data: bytes) -> list[np.ndarray]:
     """The arrays of serialized BlobProtoVector bytes."""
-    from .prototxt import parse_binary
+    from ..formats.prototxt import parse_binary
     vec = parse_binary(data, caffe_pb2.BlobProtoVector(), "<BlobProtoVector bytes>")
     return [blobproto_to_array(b) for b in vec.blobs]
 
@@ -106,7 +106,7 @@ def load_mean(path: str | os.PathLike) -> np.ndarray:
         except (ValueError, OSError) as exc:
             raise DataError(f"{path}: cannot read mean .npy: {exc}") from None
     else:
-        from .data.transformer import load_mean_file
+        from ..data.transformer import load_mean_file
         arr = load_mean_file(path)
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 4 and arr.shape[0] == 1:

@@ -18,9 +18,9 @@ import numpy as np
 
 from . import io as caffe_io
 from .classifier import _input_transformer
-from .errors import MinicaffeError
-from .net import Net
-from .proto import caffe_pb2
+from ..errors import MinicaffeError
+from ..net.network import Net
+from ..proto import caffe_pb2
 
 
 class Detector(Net):

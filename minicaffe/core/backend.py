@@ -11,7 +11,7 @@ _rng = {"gen": np.random.default_rng(), "seed": None, "gpu_seed": None, "gpu_dra
 
 def _import_cupy():
     if _state["cupy"] is None:
-        from .deps import require
+        from ..deps import require
         _state["cupy"] = require("cupy", "GPU mode")
     return _state["cupy"]
 
@@ -32,7 +32,7 @@ def set_mode_cpu():
 def set_mode_gpu():
     cp = _import_cupy()
     if not gpu_available():
-        from .errors import MinicaffeError
+        from ..errors import MinicaffeError
         raise MinicaffeError("set_mode_gpu: no CUDA device is visible to CuPy")
     cp.cuda.Device(_state["device"]).use()
     _state["mode"] = "gpu"

@@ -8,7 +8,7 @@ after ``axis``; ``(None, 1, 0)`` is the identity of pointwise layers. Convolutio
 """
 import numpy as np
 
-from .errors import MinicaffeError
+from ..errors import MinicaffeError
 from .net_spec import layers as L
 
 PASS_THROUGH_LAYERS = ["AbsVal", "BatchNorm", "Bias", "BNLL", "Dropout", "Eltwise", "ELU", "Log",

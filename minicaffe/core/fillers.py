@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import backend
-from .errors import NetError
+from ..errors import NetError
 
 
 def _fans(shape):

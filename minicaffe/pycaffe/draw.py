@@ -17,8 +17,8 @@ import shutil
 import subprocess
 from typing import Any, Mapping, Sequence, Union
 
-from .errors import MinicaffeError
-from .proto import caffe_pb2
+from ..errors import MinicaffeError
+from ..proto import caffe_pb2
 
 # a net to draw: a NetParameter (V1 upgraded), a prototxt path or prototxt text
 NetSource = Union[caffe_pb2.NetParameter, str, os.PathLike]
@@ -102,7 +102,7 @@ def choose_color_by_layertype(layertype):
 
 def _net_param(caffe_net):
     """A current-format NetParameter from a NetParameter (V1 upgraded), a prototxt path or text."""
-    from .prototxt import load_net_param, upgrade_net
+    from ..formats.prototxt import load_net_param, upgrade_net
     if isinstance(caffe_net, caffe_pb2.NetParameter):
         if len(caffe_net.layers) or len(caffe_net.input):
             net = caffe_pb2.NetParameter()
@@ -433,7 +433,7 @@ def to_dot(caffe_net: NetSource, rankdir: str = "LR", label_edges: bool = True, 
 def get_pydot_graph(caffe_net: NetSource, rankdir: str, label_edges: bool = True, phase: int | None = None,
                     display_lrm: bool = False) -> Any:
     """The drawing as a ``pydot.Dot`` graph (needs pydot: ``pip install 'minicaffe[draw]'``)."""
-    from .deps import require
+    from ..deps import require
     pydot = require("pydot", "get_pydot_graph (draw_net_to_file writes a .dot file without it)", DrawError)
     if str(rankdir).upper() == AUTO:        # the auto layout's subgraphs and ranks: parse its text
         return pydot.graph_from_dot_data(to_dot(caffe_net, AUTO, label_edges, phase, display_lrm))[0]
@@ -495,7 +495,7 @@ def draw_net_to_file(caffe_net: NetSource, filename: str | os.PathLike, rankdir:
 
     ``.dot``/``.gv``/``.raw`` give Graphviz source, anything else is rendered by ``dot``.
     """
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
     filename = os.fspath(filename)
     base = os.path.basename(filename)
     if "." not in base:
@@ -531,7 +531,7 @@ def net_shapes(caffe_net, phase=None, input_shapes=None):
     Input layers when ``input_shapes`` names their tops ({blob: shape}, or {None: shape} for the
     first top of every such layer; their other tops, the labels, get (N,)); without one the layer
     is built as it is, which needs its source. ``phase`` None builds the TEST phase."""
-    from .net import Net
+    from ..net.network import Net
     net_param = caffe_pb2.NetParameter()
     net_param.CopyFrom(_net_param(caffe_net))
     input_shapes = dict(input_shapes or {})

@@ -12,8 +12,8 @@ from google.protobuf import text_encoding, text_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from .errors import MinicaffeError, NetError, ParseError
-from .proto import caffe_pb2, is_repeated
+from ..errors import MinicaffeError, NetError, ParseError
+from ..proto import caffe_pb2, is_repeated
 
 # V1LayerParameter.LayerType enum name → current type string (Caffe's UpgradeV1LayerType)
 V1_TYPE_NAMES = {

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import backend
-from .errors import AllocationError, ShapeError
+from ..errors import AllocationError, ShapeError
 
 HOST, DEVICE, SYNCED = "host", "device", "both"
 

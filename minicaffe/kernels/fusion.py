@@ -37,7 +37,7 @@ import os
 import numpy as np
 
 from . import winograd
-from .proto import caffe_pb2
+from ..proto import caffe_pb2
 
 ENV = "MINICAFFE_FUSION"
 

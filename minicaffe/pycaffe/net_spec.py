@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from google.protobuf.message import Message
 
-from .errors import NetError
-from .proto import caffe_pb2, is_repeated
+from ..errors import NetError
+from ..proto import caffe_pb2, is_repeated
 
 
 class NetSpecError(NetError, ValueError):

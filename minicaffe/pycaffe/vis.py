@@ -14,8 +14,8 @@ import os
 
 import numpy as np
 
-from .errors import DataError
-from .fileio import atomic_write
+from ..errors import DataError
+from ..fileio import atomic_write
 
 
 # --- arrays (no matplotlib) ----------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _first_conv(net):
 # --- PNGs (matplotlib) ---------------------------------------------------------------------------
 
 def _figure(width, height, dpi):
-    from .deps import require
+    from ..deps import require
     FigureCanvasAgg = require("matplotlib.backends.backend_agg", "drawing pictures").FigureCanvasAgg
     Figure = require("matplotlib.figure", "drawing pictures").Figure
     fig = Figure(figsize=(width, height), dpi=dpi)

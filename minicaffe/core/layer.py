@@ -5,7 +5,7 @@ The net knows no particular layer: it builds each one from its ``LayerParameter`
 """
 import difflib
 
-from .. import backend
+from . import backend
 from ..errors import NetError
 
 _REGISTRY = {}

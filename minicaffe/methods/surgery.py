@@ -14,9 +14,9 @@ the weights, copy them over). Here:
 """
 import numpy as np
 
-from .errors import NetError, ShapeError, WeightsError
-from .net import Net
-from .proto import caffe_pb2
+from ..errors import NetError, ShapeError, WeightsError
+from ..net.network import Net
+from ..proto import caffe_pb2
 
 CONV_SUFFIX = "-conv"
 

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from . import backend
+from ..core import backend
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -190,7 +190,7 @@ def im2col(x, geom, out_hw, out=None):
     xp = backend.get_array_module(x)
     if xp is not np:
         # a GPU: one kernel for the whole chunk (the strided copies below are NumPy-shaped)
-        from .kernels import cuda_im2col
+        from . import cuda_im2col
         return cuda_im2col.im2col(x, geom, out_hw, out)
     n, c, h, w = x.shape
     oh, ow = out_hw
@@ -214,7 +214,7 @@ def col2im(col, geom, in_hw, out):
     xp = backend.get_array_module(col)
     if xp is not np:
         # a GPU: one gathering kernel instead of kh*kw adds per block of channels
-        from .kernels import cuda_im2col
+        from . import cuda_im2col
         return cuda_im2col.col2im(col, geom, in_hw, out)
     c, kh, kw, n, oh, ow = col.shape
     h, w = in_hw

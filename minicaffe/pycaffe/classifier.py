@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import io as caffe_io
-from .errors import DataError, MinicaffeError
-from .net import Net
-from .proto import caffe_pb2
+from ..errors import DataError, MinicaffeError
+from ..net.network import Net
+from ..proto import caffe_pb2
 
 # --- crop schemes -----------------------------------------------------------------------------
 # A scheme maps an N×H×W×K float32 batch and (h, w) to an N×n×h×w×K array: n crops per image.
@@ -50,7 +50,7 @@ def crops(image: np.ndarray, crop_dims: Sequence[int], scheme: str = "10") -> np
     """The crops of one H×W×K image (→ n×h×w×K) or of an N×H×W×K batch (→ (N·n)×h×w×K, image 0's
     crops first), by the named scheme."""
     if scheme not in CROP_SCHEMES:
-        from . import multicrop  # noqa: F401  (registers the papers' schemes)
+        from ..methods import multicrop  # noqa: F401  (registers the papers' schemes)
     if scheme not in CROP_SCHEMES:
         raise MinicaffeError(f"unknown crop scheme '{scheme}' (known: {', '.join(sorted(CROP_SCHEMES))})")
     arr = np.asarray(image, dtype=np.float32)
@@ -129,7 +129,7 @@ class Classifier(Net):
         if len(inputs) == 0:
             raise DataError("Classifier.predict: no images given")
         if dense or scales or str(scheme) in ("144", "150", "none"):
-            from .multicrop import classifier_predict
+            from ..methods.multicrop import classifier_predict
             return classifier_predict(self, inputs, oversample, scheme, scales, dense, flip)
         channels = {np.shape(im)[2] if np.ndim(im) == 3 else None for im in inputs}
         if len(channels) != 1 or None in channels:

@@ -14,14 +14,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import backend, fusion
-from .blob import Blob, SharedBlob
-from .errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
-from .fileio import atomic_write
-from .layers import create_layer
-from .proto import caffe_pb2
-from .wire import blobproto_bytes
-from .prototxt import caffe_text, filter_net, load_net_param, make_state, parse_binary, upgrade_net
+from ..core import backend
+from ..kernels import fusion
+from ..core.blob import Blob, SharedBlob
+from ..errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
+from ..fileio import atomic_write
+from ..layers import create_layer
+from ..proto import caffe_pb2
+from ..formats.wire import blobproto_bytes
+from ..formats.prototxt import caffe_text, filter_net, load_net_param, make_state, parse_binary, upgrade_net
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
@@ -538,7 +539,7 @@ class Net:
                 for fn in hooks["before_forward"]:
                     fn(li)
             t0, first = (time.perf_counter() if timings is not None else None), li
-            # TEST nets: a chain of layers fused into one (minicaffe/fusion.py; no loss, same blobs);
+            # TEST nets: a chain of layers fused into one (minicaffe/kernels/fusion.py; no loss, same blobs);
             # not while pycaffe hooks are set, which must see every layer
             chain = self._fusion.chain_at(li, end) if self._fusion is not None and not hooks else None
             try:
@@ -826,7 +827,7 @@ class Net:
     def save_hdf5(self, path: str | os.PathLike) -> None:
         """Caffe's HDF5 weights layout: /data/<layer>/<k>; needs h5py."""
         h5py = _h5py()
-        from .fileio import atomic_open
+        from ..fileio import atomic_open
         with atomic_open(path, "wb") as f:
             with h5py.File(f, "w") as h5:
                 data = h5.create_group("data")
@@ -949,7 +950,7 @@ def array_to_blobproto(arr, diff=None):
 
 
 def _h5py():
-    from .deps import require
+    from ..deps import require
     return require("h5py", "HDF5 weights")
 
 

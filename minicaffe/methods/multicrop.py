@@ -21,9 +21,9 @@ import collections
 
 import numpy as np
 
-from .classifier import Classifier, register_crop_scheme
-from .deps import import_cv2
-from .errors import MinicaffeError, NetError, ShapeError
+from ..pycaffe.classifier import Classifier, register_crop_scheme
+from ..deps import import_cv2
+from ..errors import MinicaffeError, NetError, ShapeError
 from .surgery import _softmax, convert_fc_to_conv, dense_scores, forward_batch
 
 Crop = collections.namedtuple("Crop", "y0 x0 y1 x1 flip size")
