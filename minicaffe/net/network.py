@@ -411,6 +411,57 @@ class Net:
         """``decay_mult`` of each blob of ``learnable_params``, same order."""
         return list(self._decay_mult)
 
+    # --- what solvers, tools and engines need from a built net (read-only views) ------------
+    @property
+    def layer_names(self) -> list[str]:
+        """Layer names in execution order (pycaffe's ``_layer_names``)."""
+        return list(self._layer_names)
+
+    @property
+    def bottom_vecs(self) -> list[list[Blob]]:
+        """Each layer's bottom blobs, in execution order (Caffe's ``bottom_vecs()``)."""
+        return self._bottom
+
+    @property
+    def top_vecs(self) -> list[list[Blob]]:
+        """Each layer's top blobs, in execution order (Caffe's ``top_vecs()``)."""
+        return self._top
+
+    @property
+    def layer_loss_weights(self) -> list[list[float]]:
+        """Each layer's loss weight per top (0 for tops no loss reads), in execution order."""
+        return [list(ws) for ws in self._loss_weights]
+
+    @property
+    def bottom_need_backward(self) -> list[list[bool]]:
+        """Per layer, per bottom: does backward propagate into it (Caffe's ``bottom_need_backward()``)."""
+        return self._bottom_need_backward
+
+    @property
+    def learnable_param_names(self) -> list[tuple[str, int]]:
+        """``(layer name, blob index)`` of each blob of ``learnable_params``, same order."""
+        return list(self._learnable_names)
+
+    def data_positions(self) -> dict[str, object]:
+        """Layer name → read position of each data layer that reports one (``data_position()``), for the
+        snapshot's sidecar, so that a resumed run reads the records the original would have."""
+        return {layer.name: layer.data_position() for layer in self.layers
+                if callable(getattr(layer, "data_position", None))}
+
+    def restore_data_positions(self, forward_passes: int, saved: dict | None = None) -> None:
+        """Put the data layers back where a run was: at their ``saved`` positions (from
+        ``data_positions()``), else tell layers with ``restore_position(n)`` how many records this net
+        has read in ``forward_passes`` forward passes."""
+        saved = saved if isinstance(saved, dict) else {}
+        for layer, tops in zip(self.layers, self._top):
+            if layer.name in saved and callable(getattr(layer, "restore_data_position", None)):
+                if layer.restore_data_position(saved[layer.name]) is not False:
+                    continue        # False: saved by another shard (worker count); count the records instead
+            hook = getattr(layer, "restore_position", None)
+            if callable(hook) and tops:
+                batch = tops[0].shape[0] if tops[0].shape else 1
+                hook(int(forward_passes) * int(batch))
+
     @property
     def _blob_names(self):
         return list(self.blobs)

@@ -950,7 +950,7 @@ class Solver:
 
     def _data_positions(self):
         """{"train": {layer: position}, "test": [{layer: position}, ...]} of the layers that report one."""
-        return {"train": _positions(self.net), "test": [_positions(net) for net in self.test_nets]}
+        return {"train": self.net.data_positions(), "test": [net.data_positions() for net in self.test_nets]}
 
     def _write_state_hdf5(self, path, model):
         import h5py
@@ -1109,30 +1109,13 @@ class Solver:
         p = self.param
         saved = saved or {}
         tests_saved = saved.get("test") if isinstance(saved.get("test"), list) else []
-        _tell_positions(self.net, self.iter * p.iter_size, saved.get("train"))
+        self.net.restore_data_positions(self.iter * p.iter_size, saved.get("train"))
         if p.test_interval > 0 and self.iter > 0:
             tests = -(-self.iter // p.test_interval) - (0 if p.test_initialization else 1)
         else:
             tests = 0
         for i, net in enumerate(self.test_nets):
-            _tell_positions(net, tests * p.test_iter[i], tests_saved[i] if i < len(tests_saved) else None)
-
-
-def _positions(net):
-    return {layer.name: layer.data_position() for layer in net.layers
-            if callable(getattr(layer, "data_position", None))}
-
-
-def _tell_positions(net, forward_passes, saved=None):
-    saved = saved if isinstance(saved, dict) else {}
-    for layer, tops in zip(net.layers, net._top):
-        if layer.name in saved and callable(getattr(layer, "restore_data_position", None)):
-            if layer.restore_data_position(saved[layer.name]) is not False:
-                continue        # False: saved by another shard (worker count); count the records instead
-        hook = getattr(layer, "restore_position", None)
-        if callable(hook) and tops:
-            batch = tops[0].shape[0] if tops[0].shape else 1
-            hook(int(forward_passes) * int(batch))
+            net.restore_data_positions(tests * p.test_iter[i], tests_saved[i] if i < len(tests_saved) else None)
 
 
 def _finite(arr):
