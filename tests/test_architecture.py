@@ -402,7 +402,7 @@ def test_nothing_imports_the_commands():
 
 def _private_definitions() -> Dict[str, Set[str]]:
     """Per first-level package: the private attribute names its classes define (``self._x = ...``,
-    ``def _x``, ``_x = ...`` in a class body) and the private module-level names it defines."""
+    ``def _x`` or ``_x = ...`` in a class body)."""
     defined: Dict[str, Set[str]] = {}
     for module in MODULES.values():
         names = defined.setdefault(module.package, set())
@@ -419,11 +419,6 @@ def _private_definitions() -> Dict[str, Set[str]]:
                         for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]):
                             if isinstance(t, ast.Name):
                                 names.add(t.id)
-        for stmt in module.tree.body:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(stmt.name)
-            elif isinstance(stmt, ast.Assign):
-                names.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
     return {pkg: {n for n in names if _private(n)} for pkg, names in defined.items()}
 
 
@@ -431,47 +426,75 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _module_names(module: Module) -> Dict[str, str]:
+    """Local names bound to minicaffe modules by this module's imports (``from ..core import backend``,
+    ``import minicaffe.core.backend as backend``): local name -> module name."""
+    bound = {}
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _resolve(module, node.level, node.module)
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in MODULES:
+                    bound[alias.asname] = alias.name
+    return bound
+
+
 def test_no_reach_into_another_packages_private_attributes():
     """``net._top`` read by the solver ties the solver to how Net stores its wiring today; the public
-    seams (Net.top_vecs, layer_loss_weights, ...) are the contract. The rule: outside the package that
-    defines it, no ``obj._name`` (``obj`` other than self/cls), no ``getattr(obj, "_name")`` and no
-    ``from pkg import _name``, for names that package's classes or modules define (and the explicit
-    PRIVATE_PATTERNS of the Net and the solvers); pycaffe's underscore API is allowed."""
-    defined = _private_definitions()
+    seams (Net.top_vecs, layer_loss_weights, ...) are the contract. Outside the package that owns it,
+    the rule forbids:
+
+    - ``mod._name`` or ``from pkg.mod import _name`` where the module belongs to another package;
+    - ``obj._name`` and ``getattr(obj, "_name")`` (``obj`` not self/cls) for a name that another
+      package's classes define and this package's do not, and always for the seams' old names
+      (PRIVATE_PATTERNS).
+
+    pycaffe's underscore API (``net._blobs``, ``net._forward``...) is public and allowed."""
+    class_private = _private_definitions()
     found: Dict[Tuple[str, str], Set[str]] = {}
 
-    def owners(name, here):
+    def object_reach(name, here):
         if name in PYCAFFE_SURFACE:
-            return []
-        if PRIVATE_PATTERNS.get(name) not in (None, here):      # the seams' names: whatever defines them here
-            return [PRIVATE_PATTERNS[name]]
-        if name in defined.get(here, set()):     # this package's own name (its own objects, most likely)
-            return []
-        return [pkg for pkg, names in defined.items() if pkg != here and name in names]
+            return False
+        if name in PRIVATE_PATTERNS:
+            return PRIVATE_PATTERNS[name] != here
+        return name not in class_private.get(here, set()) and \
+            any(name in names for pkg, names in class_private.items() if pkg != here)
+
+    def other_package(module_name, here):
+        return MODULES[module_name].package != here
 
     for module in MODULES.values():
         here = module.package
+        bound = _module_names(module)
         for node in ast.walk(module.tree):
-            name = None
+            reach = None
             if isinstance(node, ast.Attribute) and _private(node.attr) and \
                     not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-                name = node.attr
+                if isinstance(node.value, ast.Name) and node.value.id in bound:
+                    if other_package(bound[node.value.id], here):
+                        reach = node.attr
+                elif object_reach(node.attr, here):
+                    reach = node.attr
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                     node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) >= 2 and \
                     isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) and \
                     _private(node.args[1].value) and \
-                    not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls")):
-                name = node.args[1].value
+                    not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls")) and \
+                    object_reach(node.args[1].value, here):
+                reach = node.args[1].value
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, node.level, node.module)
-                target = MODULES.get(base)
-                if target is not None and target.package != here:
+                if base in MODULES and other_package(base, here):
                     for alias in node.names:
                         if _private(alias.name) and f"{base}.{alias.name}" not in MODULES:
                             found.setdefault((module.name, alias.name), set()).add(_where(module, node.lineno))
-                continue
-            if name and owners(name, here):
-                found.setdefault((module.name, name), set()).add(_where(module, node.lineno))
+            if reach:
+                found.setdefault((module.name, reach), set()).add(_where(module, node.lineno))
     _check_known(found, KNOWN_PRIVATE, "reaches into another package's private attributes")
 
 
