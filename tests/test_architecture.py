@@ -132,12 +132,12 @@ KNOWN_PRIVATE: Dict[Tuple[str, str], str] = {
     ("minicaffe.tools.cli", "_bottom"): "Net.bottom_vecs (net work)",
     ("minicaffe.tools.cli", "_bottom_need_backward"): "Net.bottom_need_backward (net work)",
     ("minicaffe.tools.cli", "_sync"): "minicaffe time imports net.network's private _sync to time the GPU; "
-                                      "a public timing helper (net/context work)",
+                                      "a public device sync on the backend/context (context work)",
     ("minicaffe.tools.extract_features", "_layer_names"): "Net.layer_names (net work)",
     ("minicaffe.tools.tensorboard", "_layer_names"): "Net.layer_names (net work)",
-    ("minicaffe.data.transformer", "_cv2"): "formats.datum's private OpenCV handle; deps.import_cv2 "
-                                            "(one-of-each work)",
-    ("minicaffe.layers.data", "_cv2"): "as data.transformer (one-of-each work)",
+    ("minicaffe.data.transformer", "_cv2"): "formats.datum's private OpenCV getter; call deps.import_cv2 "
+                                            "or make the getter public (small, unassigned)",
+    ("minicaffe.layers.data", "_cv2"): "as data.transformer (small, unassigned)",
     ("minicaffe.solvers.solver", "_field"): "formats.wire's private field encoder; make it public in "
                                             "formats/wire.py (solver split: checkpoint)",
     ("minicaffe.solvers.solver", "_minicaffe_nccl"): "the solver recognises pycaffe's NCCL callback by a "
