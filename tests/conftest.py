@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from minicaffe.core import backend
+from minicaffe.core import backend, context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cupy_standin  # noqa: E402  (tests/ is not a package)
@@ -100,14 +100,15 @@ def gpu():
         backend.set_mode_cpu()
         return
     saved_modules = cupy_standin.install()
-    saved_cupy = backend._state["cupy"]
-    backend._state["cupy"] = cupy_standin
+    ctx = context.current()
+    saved_cupy = ctx.cupy
+    ctx.cupy = cupy_standin
     try:
         backend.set_mode_gpu()
         yield "standin"
     finally:
         backend.set_mode_cpu()
-        backend._state["cupy"] = saved_cupy
+        ctx.cupy = saved_cupy
         cupy_standin.uninstall(saved_modules)
 
 
@@ -146,8 +147,25 @@ def _check_gpu_tests_ran(session):
 def _cpu_mode_and_seed():
     backend.set_mode_cpu()
     backend.set_random_seed(1234)
+    switches = context.current().switches
     yield
     backend.set_mode_cpu()
+    context.current().switches = switches     # a test's env_switch values end with it
+
+
+@pytest.fixture
+def env_switch(monkeypatch):
+    """``env_switch(name, value)``: set a MINICAFFE_* variable (``None`` unsets it) for this test.
+    minicaffe reads its switches once, into the context (minicaffe/core/context.py), so a plain
+    ``monkeypatch.setenv`` would not reach it: this sets the variable (for child processes too) and
+    reloads the context's switches; both go back after the test."""
+    def switch(name, value):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        context.reload_environment()
+    return switch
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ checked exactly.
 import numpy as np
 import pytest
 
-from minicaffe.core import backend
+from minicaffe.core import backend, context
 from minicaffe.core.blob import Blob
 
 
@@ -40,8 +40,8 @@ class _FakeCupy:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     fake = _FakeCupy()
-    monkeypatch.setitem(backend._state, "cupy", fake)
-    monkeypatch.setitem(backend._state, "mode", "gpu")
+    monkeypatch.setattr(context.current(), "cupy", fake)
+    monkeypatch.setattr(context.current(), "mode", "gpu")
     return fake.counter
 
 

@@ -65,9 +65,9 @@ def scratch(tmp_path_factory):
 
 
 @pytest.fixture
-def in_scratch(scratch, monkeypatch):
+def in_scratch(env_switch, scratch, monkeypatch):
     monkeypatch.chdir(scratch)
-    monkeypatch.delenv("MINICAFFE_DEBUG", raising=False)
+    env_switch("MINICAFFE_DEBUG", None)
     return scratch
 
 
@@ -138,13 +138,13 @@ def test_cases_cannot_write_into_the_source_tree(scratch):
         (scratch / "c" / "solver" / probe).unlink()
 
 
-def test_debug_flag_shows_the_traceback(in_scratch, monkeypatch):
+def test_debug_flag_shows_the_traceback(env_switch, in_scratch):
     """--debug (and MINICAFFE_DEBUG=1) is how a developer gets the traceback back."""
     from minicaffe.errors import MinicaffeError
     from minicaffe.tools import cli
     with pytest.raises(MinicaffeError):
         cli.main(["time", "--model", "c/net/cycle.prototxt", "--debug"])
-    monkeypatch.setenv("MINICAFFE_DEBUG", "1")
+    env_switch("MINICAFFE_DEBUG", "1")
     with pytest.raises(MinicaffeError):
         cli.main(["time", "--model", "c/net/cycle.prototxt"])
 

@@ -34,6 +34,37 @@ from minicaffe.tools.convert_imageset import _recover_interrupted
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON_CLI = "import sys; from minicaffe.tools.cli import main; sys.exit(main())"
 
+# ``minicaffe train`` whose atomic_write pauses 3 ms halfway through every file it writes, so that a
+# kill at a random moment often lands mid-write. The pause is this test's own fake (the real writer
+# has no hook for it): atomic_write looks atomic_open up in minicaffe.fileio at each call, so
+# replacing that name reaches every caller.
+SLOW_WRITE_CLI = """
+import contextlib, sys, time
+import minicaffe.fileio as fileio
+real_open = fileio.atomic_open
+
+class HalfwayPause:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        half = len(data) // 2
+        self.f.write(data[:half])
+        self.f.flush()
+        time.sleep(0.003)
+        return self.f.write(data[half:])
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+@contextlib.contextmanager
+def slow_open(path, mode="wb"):
+    with real_open(path, mode) as f:
+        yield HalfwayPause(f)
+
+fileio.atomic_open = slow_open
+from minicaffe.tools.cli import main
+sys.exit(main())
+"""
+
 # DummyData draws new Gaussian data every iteration from the solver's generator, so resuming the same
 # run needs the weights, the momentum history and the generator's state all restored exactly
 NET = """name: "faultnet"
@@ -194,24 +225,24 @@ layer {{ name: "ip2"''').replace('bottom: "ip1" top: "ip2"', 'bottom: "poisoned"
 
 
 @pytest.fixture
-def poison_dir(tmp_path, monkeypatch):
+def poison_dir(env_switch, tmp_path, monkeypatch):
     (tmp_path / "poison_layer.py").write_text(POISON_LAYER)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("MINICAFFE_CHECK_NAN", raising=False)
+    env_switch("MINICAFFE_CHECK_NAN", None)
     return tmp_path
 
 
 @pytest.mark.parametrize("check_mode", [True, False], ids=["check-mode", "at-the-loss"])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_nan_stops_training_names_layer_and_iteration(poison_dir, monkeypatch, check_mode):
+def test_nan_stops_training_names_layer_and_iteration(env_switch, poison_dir, check_mode):
     """A NaN appearing in layer 'poison' at iteration 6: check mode stops in that layer's forward
     pass; without it the loss is NaN and the message still names the first layer holding one. The
     snapshot written is iteration 6's starting state: it loads, equals a clean run's iteration 6,
     and resumes."""
     at = 6
     if check_mode:
-        monkeypatch.setenv("MINICAFFE_CHECK_NAN", "1")
+        env_switch("MINICAFFE_CHECK_NAN", "1")
     solver_path, net_path, snaps = write_solver(poison_dir, "nan", net=poisoned_net(at))
     solver = caffe.get_solver(solver_path)
     with pytest.raises(NumericalError) as info:
@@ -225,7 +256,7 @@ def test_nan_stops_training_names_layer_and_iteration(poison_dir, monkeypatch, c
     model, state = f"{snaps}/s_iter_{at}.caffemodel", f"{snaps}/s_iter_{at}.solverstate"
     assert model in msg and os.path.exists(model) and os.path.exists(state)
     assert solver.iter == at
-    monkeypatch.delenv("MINICAFFE_CHECK_NAN", raising=False)
+    env_switch("MINICAFFE_CHECK_NAN", None)
 
     clean_path, clean_net, _ = write_solver(poison_dir, "clean", max_iter=at, snapshot=0, net=poisoned_net(-1))
     clean = caffe.get_solver(clean_path)
@@ -241,7 +272,7 @@ def test_nan_stops_training_names_layer_and_iteration(poison_dir, monkeypatch, c
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_infinite_gradient_is_caught_before_the_update(poison_dir, monkeypatch):
+def test_infinite_gradient_is_caught_before_the_update(env_switch, poison_dir):
     """An infinity in a gradient with a finite loss: stopped before the update spoils the weights;
     check mode names the layer whose backward pass wrote it."""
     solver_path, _, snaps = write_solver(poison_dir, "grad", net=poisoned_net(3, backward=True))
@@ -249,7 +280,7 @@ def test_infinite_gradient_is_caught_before_the_update(poison_dir, monkeypatch):
                                              r"layer 'ip1' parameter 0 is not"):
         caffe.get_solver(solver_path).solve()
     assert os.path.exists(f"{snaps}/s_iter_3.solverstate")
-    monkeypatch.setenv("MINICAFFE_CHECK_NAN", "1")
+    env_switch("MINICAFFE_CHECK_NAN", "1")
     solver_path, _, _ = write_solver(poison_dir, "grad_check", net=poisoned_net(3, backward=True))
     with pytest.raises(NumericalError, match=r"^iteration 3: backward pass: layer 'poison' \(Python\) wrote a "
                                              r"non-finite bottom 'ip1' diff"):
@@ -257,8 +288,8 @@ def test_infinite_gradient_is_caught_before_the_update(poison_dir, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_nan_through_the_command_line_is_one_line(poison_dir, monkeypatch, capsys):
-    monkeypatch.setenv("MINICAFFE_CHECK_NAN", "1")
+def test_nan_through_the_command_line_is_one_line(env_switch, poison_dir, capsys):
+    env_switch("MINICAFFE_CHECK_NAN", "1")
     solver_path, _, snaps = write_solver(poison_dir, "cli", net=poisoned_net(4))
     assert cli.main(["train", "--solver", solver_path]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -278,8 +309,8 @@ def reference_run(tmp_path_factory):
     log = work / "ref.log"
     start = time.monotonic()
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", PYTHON_CLI, "train", "--solver", solver_path],
-                                stderr=err, env=child_env(MINICAFFE_SLOW_WRITE_S="0.003"))
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE_CLI, "train", "--solver", solver_path],
+                                stderr=err, env=child_env())
         assert wait_for(log, "Starting Optimization", proc)
         began = time.monotonic()
         assert proc.wait(timeout=300) == 0, log.read_text()
@@ -298,8 +329,8 @@ def test_sigkill_during_training_loses_nothing(request, reference_run, tmp_path)
         solver_path, net_path, snaps = write_solver(tmp_path, f"kill{trial}")
         log = tmp_path / f"kill{trial}.log"
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-c", PYTHON_CLI, "train", "--solver", solver_path],
-                                    stderr=err, env=child_env(MINICAFFE_SLOW_WRITE_S="0.003"))
+            proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE_CLI, "train", "--solver", solver_path],
+                                    stderr=err, env=child_env())
             try:
                 if wait_for(log, "Starting Optimization", proc):
                     time.sleep(rng.uniform(0, reference_run["train_s"]))

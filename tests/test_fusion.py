@@ -38,8 +38,8 @@ layer { name: "fc" type: "InnerProduct" bottom: "res_b" top: "fc"
 """
 
 
-def _net(tmp_path, monkeypatch, fused=True, source=None):
-    monkeypatch.setenv(fusion.ENV, "1" if fused else "0")
+def _net(tmp_path, env_switch, fused=True, source=None):
+    env_switch(fusion.ENV, "1" if fused else "0")
     path = tmp_path / "blocks.prototxt"
     path.write_text(BLOCKS)
     net = caffe.Net(str(path), caffe.TEST)
@@ -57,9 +57,9 @@ def _net(tmp_path, monkeypatch, fused=True, source=None):
 
 
 @pytest.fixture
-def nets(tmp_path, monkeypatch):
-    fused = _net(tmp_path, monkeypatch, True)
-    plain = _net(tmp_path, monkeypatch, False, source=fused)
+def nets(tmp_path, env_switch):
+    fused = _net(tmp_path, env_switch, True)
+    plain = _net(tmp_path, env_switch, False, source=fused)
     x = np.random.default_rng(0).standard_normal(fused.blobs["data"].shape).astype(np.float32)
     return fused, plain, x
 
@@ -128,11 +128,11 @@ def test_backward_after_fused_forward_gives_unfused_gradients(nets):
         _close(fused.blobs[name].data, plain.blobs[name].data)
 
 
-def test_train_nets_and_switched_off_nets_are_not_fused(tmp_path, monkeypatch):
+def test_train_nets_and_switched_off_nets_are_not_fused(tmp_path, env_switch):
     path = tmp_path / "blocks.prototxt"
     path.write_text(BLOCKS)
     assert caffe.Net(str(path), caffe.TRAIN)._fusion is None
-    monkeypatch.setenv(fusion.ENV, "0")
+    env_switch(fusion.ENV, "0")
     assert caffe.Net(str(path), caffe.TEST)._fusion is None
 
 

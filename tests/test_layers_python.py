@@ -212,20 +212,20 @@ def test_without_the_flag_the_module_beside_the_prototxt_runs_as_in_caffe(downlo
     assert (downloaded / "imported.marker").read_text() == "this module ran"
 
 
-def test_refusal_is_the_library_setting_too(downloaded, monkeypatch):
+def test_refusal_is_the_library_setting_too(env_switch, downloaded, monkeypatch):
     """From Python: ``refuse_python_layers()`` (and the variable) refuse the layer in ``Net``; the
     setting can be put back."""
     from minicaffe import Net
     from minicaffe.layers.python_layer import REFUSE_VAR, refuse_python_layers
     monkeypatch.chdir(downloaded)
-    monkeypatch.delenv(REFUSE_VAR, raising=False)
+    env_switch(REFUSE_VAR, None)
     previous = refuse_python_layers(True)
     try:
         with pytest.raises(NetError, match="layer 'scale' \\(Python\\): Python layers are refused"):
             Net("net.prototxt", TEST)
     finally:
         refuse_python_layers(previous)
-    monkeypatch.setenv(REFUSE_VAR, "1")
+    env_switch(REFUSE_VAR, "1")
     with pytest.raises(NetError, match="module 'beside_layers'"):
         Net("net.prototxt", TEST)
     assert "beside_layers" not in sys.modules and not (downloaded / "imported.marker").exists()

@@ -178,8 +178,8 @@ def test_huge_blobs_name_the_layer_and_the_bytes(tmp_path, layer, name, nbytes):
         caffe.Net(_write(tmp_path, f"layer {{ {layer} }}"), caffe.TEST)
 
 
-def test_reshaping_an_input_too_far_names_the_layer_it_breaks(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINICAFFE_MAX_BLOB_BYTES", "5000")
+def test_reshaping_an_input_too_far_names_the_layer_it_breaks(env_switch, tmp_path):
+    env_switch("MINICAFFE_MAX_BLOB_BYTES", "5000")
     text = """
     layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1 dim: 500 } } }
     layer { name: "tile" type: "Tile" bottom: "x" top: "y" tile_param { tiles: 2 } }
@@ -222,14 +222,14 @@ def test_gpu_out_of_memory_names_the_layer(tmp_path, gpu):
         pool.set_limit(size=0)
 
 
-def test_blob_size_is_checked_before_allocating(tmp_path, monkeypatch):
+def test_blob_size_is_checked_before_allocating(env_switch, tmp_path):
     # a limit below the blob: refused by the size check alone, whatever the machine could map
-    monkeypatch.setenv("MINICAFFE_MAX_BLOB_BYTES", "3999")
+    env_switch("MINICAFFE_MAX_BLOB_BYTES", "3999")
     text = 'layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1000 } } }'
     with pytest.raises(AllocationError, match=r"layer 'data' \(Input\): blob 'x' of shape \(1, 1000\) "
                                               r"would need 4000 bytes"):
         caffe.Net(_write(tmp_path, text), caffe.TEST)
-    monkeypatch.setenv("MINICAFFE_MAX_BLOB_BYTES", "4000")
+    env_switch("MINICAFFE_MAX_BLOB_BYTES", "4000")
     assert caffe.Net(_write(tmp_path, text), caffe.TEST).blobs["x"].shape == (1, 1000)
 
 

@@ -507,10 +507,10 @@ def test_parallel_solver_refuses_a_solver_built_for_another_world(world):
         parallel.ParallelSolver(wrapped, parallel.LocalComm())
 
 
-def test_bucket_size_must_be_positive(world, monkeypatch):
+def test_bucket_size_must_be_positive(env_switch, world):
     root, nets = world
     solver = caffe.get_solver(write_solver(root / "bucket.prototxt", nets[B], root / "bucket"))
-    monkeypatch.setenv(parallel.BUCKET_VAR, "lots")
+    env_switch(parallel.BUCKET_VAR, "lots")
     with pytest.raises(MinicaffeError, match="MINICAFFE_BUCKET_MB.*'lots'"):
         parallel.ParallelSolver(solver, parallel.LocalComm())
 

@@ -180,11 +180,11 @@ def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(la
                                         ((1, 3, 9, 10), "num_output: 5 kernel_size: 3"),
                                         ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
                                         ((2, 2, 3, 3), "num_output: 2 kernel_size: 3")])          # one output
-def test_convolution_winograd_forward_matches_im2col(shape, spec, monkeypatch):
+def test_convolution_winograd_forward_matches_im2col(env_switch, shape, spec, monkeypatch):
     """Winograd F(2x2, 3x3) gives the im2col + GEMM result to float32 rounding (its transforms
     add a few roundings per output), whatever the padding and on odd output sizes."""
     from minicaffe.kernels import winograd
-    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    env_switch("MINICAFFE_WINOGRAD", None)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_SIZE", 1)
     monkeypatch.setattr(winograd, "BAND_ELEMENTS", 1)        # one tile row per band: ragged bands too
@@ -195,17 +195,17 @@ def test_convolution_winograd_forward_matches_im2col(shape, spec, monkeypatch):
     layer, bottom, top = make_layer(text, [x])
     assert winograd.worthwhile(np, layer.geom, layer.group, layer.channels, layer.top_hw)
     fast = forward(layer, bottom, top)[0]
-    monkeypatch.setenv("MINICAFFE_WINOGRAD", "0")
+    env_switch("MINICAFFE_WINOGRAD", "0")
     general = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(fast, general, rtol=1e-4, atol=1e-5 * np.abs(general).max())
 
 
 @pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
-def test_convolution_winograd_filters_follow_weight_updates(phase, monkeypatch):
+def test_convolution_winograd_filters_follow_weight_updates(env_switch, phase, monkeypatch):
     """The transformed filters (cached per layer in a TEST net) are redone when the weights change
     in place, as an SGD step changes them."""
     from minicaffe.kernels import winograd
-    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    env_switch("MINICAFFE_WINOGRAD", None)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_SIZE", 1)
     x = np.random.default_rng(11).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -218,12 +218,12 @@ def test_convolution_winograd_filters_follow_weight_updates(phase, monkeypatch):
     np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
 
 
-def test_convolution_winograd_is_used_on_vgg_layers_only(monkeypatch):
+def test_convolution_winograd_is_used_on_vgg_layers_only(env_switch):
     """The size rule: VGG-16's wide 3x3 layers from 128 channels on; not 64 channels, strides,
     groups, other kernels or small maps."""
     from minicaffe.kernels import winograd
     from minicaffe.kernels.im2col import ConvGeometry
-    monkeypatch.delenv("MINICAFFE_WINOGRAD", raising=False)
+    env_switch("MINICAFFE_WINOGRAD", None)
     three = ConvGeometry(3, 3, 1, 1, 1, 1, 1, 1)
     assert winograd.worthwhile(np, three, 1, 256, (56, 56))
     assert winograd.worthwhile(np, three, 1, 512, (14, 14))

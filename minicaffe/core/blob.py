@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import backend
+from . import context as _context
 from ..errors import AllocationError, ShapeError
 
 HOST, DEVICE, SYNCED = "host", "device", "both"
@@ -220,7 +221,7 @@ def memory_limit():
     """The most bytes one blob may ask for: this machine's physical memory (MINICAFFE_MAX_BLOB_BYTES
     overrides it). A blob larger than that can never be used, and on Linux a lazily committed
     allocation would otherwise "succeed" and end later in the OOM killer instead of a message."""
-    env = os.environ.get("MINICAFFE_MAX_BLOB_BYTES")
+    env = _context._CURRENT.switches.max_blob_bytes
     if env:
         return int(env)
     try:

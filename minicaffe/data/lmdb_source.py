@@ -5,8 +5,9 @@ Sharding: the stream of records a reader walks through is numbered 0, 1, 2, ... 
 the wrap at the end of the database); the worker of rank ``r`` out of ``n`` keeps record ``i`` when
 ``i % n == r``, exactly as Caffe's ``DataLayer::Skip`` with ``solver_rank``/``solver_count``. So the
 workers see disjoint records that together cover the database. The rank and count a data layer
-uses come from :func:`set_solver_rank` (thread-local, like Caffe's per-thread ``Caffe`` singleton)
-and apply at TRAIN only: at TEST every worker reads everything, as in Caffe.
+uses come from :func:`set_solver_rank` (kept in the process's context, ``minicaffe.core.context``,
+as Caffe keeps them in its ``Caffe`` singleton) and apply at TRAIN only: at TEST every worker reads
+everything, as in Caffe.
 
 LevelDB is read by :mod:`minicaffe.data.leveldb_source`; :mod:`minicaffe.data.db` picks the reader.
 
@@ -20,8 +21,8 @@ writer's database grow without bound); after a renewal it goes on from the next 
 """
 import logging
 import os
-import threading
 
+from ..core import context as _context
 from ..errors import DataError
 from .record_source import RecordSource, SharedHandles
 
@@ -32,24 +33,9 @@ except ImportError:  # pragma: no cover - lmdb is a hard dependency
 
 log = logging.getLogger("minicaffe")
 
-_solver = threading.local()
-
-
-def set_solver_rank(rank, count):
-    """Caffe's ``Caffe::set_solver_rank``/``set_solver_count`` for the current thread: data layers
-    built afterwards in this thread read only their share (``i % count == rank``) at TRAIN."""
-    rank, count = int(rank), int(count)
-    if count < 1 or not 0 <= rank < count:
-        raise DataError(f"solver rank {rank} is not in [0, {count})")
-    _solver.rank, _solver.count = rank, count
-
-
-def solver_rank():
-    return getattr(_solver, "rank", 0)
-
-
-def solver_count():
-    return getattr(_solver, "count", 1)
+# Caffe's solver rank and count live in the process's context; these names stay importable from here
+# (and from minicaffe.data) for the data layers' users
+set_solver_rank, solver_rank, solver_count = _context.set_solver_rank, _context.solver_rank, _context.solver_count
 
 
 def _lmdb():

@@ -32,19 +32,18 @@ What pycaffe sees stays Caffe's:
 
 GPU arrays are left to the separate layers (their kernels already run one pass each).
 """
-import os
-
 import numpy as np
 
 from . import winograd
+from ..core import context as _context
 from ..proto import caffe_pb2
 
-ENV = "MINICAFFE_FUSION"
+ENV = _context.FUSION_VAR    # read once into the context's switches
 
 
 def enabled():
     """Fusion is on unless ``MINICAFFE_FUSION=0``."""
-    return os.environ.get(ENV, "1") != "0"
+    return _context.switches().fusion
 
 
 class _Chain:

@@ -15,14 +15,13 @@ On a GPU, ``im2col`` and ``col2im`` are one CUDA kernel each (``minicaffe.kernel
 same layout): the strided copies and channel blocks here are shaped for NumPy and would be
 hundreds of small launches there.
 
-Scratch arrays come from a small per-thread workspace (one growing buffer per slot, module and
-dtype), so a net of many convolutions allocates its big column buffer once.
+Scratch arrays come from the context's workspaces (one growing buffer per slot, device, dtype and
+thread), so a net of many convolutions allocates its big column buffer once.
 """
-import threading
-
 import numpy as np
 
 from ..core import backend
+from ..core import context as _context
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -55,37 +54,20 @@ BATCH_LAST_MIN_NUM = 4
 # outputs, one GEMM 10% faster at 7x7 (the per-image GEMMs are too thin there).
 DIRECT_1X1_MIN_COLUMNS = 196
 
-_local = threading.local()
-
-
-def _device_key(xp):
-    if xp is np:
-        return "cpu"
-    return f"gpu{xp.cuda.Device().id}"
-
-
 def workspace(xp, shape, dtype, slot):
-    """A scratch array of ``shape`` from the shared buffer named ``slot``.
+    """A scratch array of ``shape`` from the buffer named ``slot`` (a string shared by every owner
+    that names it, or a private ``context.Slot``), kept in the process's context
+    (``Context.workspaces``, per thread).
 
     The contents are garbage, and only valid until the next request of the same slot: callers
     copy results out before returning.
     """
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    size = 1
-    for s in shape:
-        size *= int(s)
-    key = (_device_key(xp), np.dtype(dtype).str, slot)
-    buf = bufs.get(key)
-    if buf is None or buf.size < size:
-        buf = bufs[key] = xp.empty(max(size, 1), dtype=dtype)
-    return buf[:size].reshape(shape)
+    return _context._CURRENT.workspaces.get(xp, shape, dtype, slot)
 
 
 def clear_workspace():
     """Drop this thread's scratch buffers (e.g. before measuring memory)."""
-    _local.bufs = {}
+    _context.current().workspaces.clear()
 
 
 def conv_out_size(size, kernel, pad, stride, dilation):

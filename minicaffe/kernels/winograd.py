@@ -7,10 +7,9 @@ That is 16 multiplies per 2x2 outputs where im2col + GEMM does 36 (Lavin & Gray 
 runs a band of tile rows at a time, so its scratch memory stays small (the band size barely
 changes the speed).
 """
-import os
-
 import numpy as np
 
+from ..core import context as _context
 from .im2col import workspace
 
 # Where it pays (one thread, batch 4 VGG-16 layers, against im2col + GEMM): 1.3-1.65x from 128 input
@@ -35,7 +34,7 @@ def worthwhile(xp, geom, group, cin, out_hw):
     """Whether to run this forward with Winograd: CPU, a shape it computes and is faster on, and
     not switched off with ``MINICAFFE_WINOGRAD=0`` (for comparisons)."""
     return (xp is np and applies(geom, group) and cin >= MIN_CHANNELS and min(out_hw) >= MIN_SIZE
-            and os.environ.get("MINICAFFE_WINOGRAD", "1") != "0")
+            and _context._CURRENT.switches.winograd)
 
 
 class FilterCache:

@@ -23,7 +23,7 @@ import numpy as np
 from ..core import backend
 from ..formats.datum import hwc_to_chw, join_root, parse_datum, read_image, read_image_list, record_where
 from ..data.db import open_source
-from ..data.lmdb_source import solver_count, solver_rank
+from ..core.context import solver_count, solver_rank
 from ..data.prefetch import Prefetcher, parallel_map
 from ..data.transformer import DataTransformer
 from ..errors import DataError

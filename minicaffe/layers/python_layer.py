@@ -33,6 +33,7 @@ import importlib
 import os
 import sys
 
+from ..core import context as _context
 from ..core.blob import Blob
 from ..errors import NetError
 from ..core.layer import Layer, register
@@ -48,7 +49,7 @@ class BlobVec(list):
         return self[-1]
 
 
-REFUSE_VAR = "MINICAFFE_NO_PYTHON_LAYERS"
+REFUSE_VAR = _context.NO_PYTHON_LAYERS_VAR    # read once into the context's switches
 _REFUSED = {"on": False}
 
 
@@ -62,7 +63,7 @@ def refuse_python_layers(on=True):
 
 
 def python_layers_refused():
-    return _REFUSED["on"] or os.environ.get(REFUSE_VAR, "") not in ("", "0")
+    return _REFUSED["on"] or _context.switches().no_python_layers
 
 
 def _fail(param, message):

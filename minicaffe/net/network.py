@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..core import backend
+from ..core import backend, context
 from ..kernels import fusion
 from ..core.blob import Blob, SharedBlob
 from ..errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
@@ -118,10 +118,6 @@ def _debug_string(message):
     return caffe_text(message, utf8=True).rstrip("\n")
 
 
-def _env_flag(name):
-    return os.environ.get(name, "") not in ("", "0")
-
-
 class Net:
     """pycaffe's ``caffe.Net``: ``Net(proto, phase)``, ``Net(proto, weights, phase)``,
     ``Net(proto, phase, weights=..., level=..., stages=[...])`` or with pycaffe's keywords
@@ -164,7 +160,7 @@ class Net:
             state.level = level
         self.phase = phase
         # check mode: every top after forward and every diff after backward must be finite
-        self.check_finite = _env_flag("MINICAFFE_CHECK_NAN")
+        self.check_finite = context.switches().check_nan
         try:
             self._build(param, state)
         except MinicaffeError as exc:

@@ -8,7 +8,7 @@ sent again. Only the root worker (rank 0) tests, logs the display lines and writ
 All workers start from the root's weights and solver state (broadcast when the solver is wrapped
 and after a restore). The LMDB ``Data`` layer of worker ``r`` keeps the records ``i`` with
 ``i % N == r`` (Caffe's ``DataLayer::Skip``), so an epoch sees every record once: see
-``set_solver_rank`` in ``minicaffe.data.lmdb_source``.
+``set_solver_rank`` in ``minicaffe.core.context``.
 
 Overlap: the gradients are packed into buckets (about ``bucket_mb`` MB each, filled in reverse
 layer order; the blobs' ``diff`` arrays become views of the bucket buffers, as Caffe's
@@ -56,19 +56,19 @@ import time
 import numpy as np
 
 from ..core import backend
-from ..data.lmdb_source import set_solver_rank as _set_rank_and_count
-from ..data.lmdb_source import solver_count, solver_rank
+from ..core import context as _context
+from ..core.context import solver_count, solver_rank
+from ..core.context import set_solver_rank as _set_rank_and_count
 from ..errors import MinicaffeError, SolverError
 from ..proto import is_repeated
 
 DEFAULT_BUCKET_MB = 25.0
 
-# variables an MPI launcher sets in every process it starts (Open MPI, MPICH/Intel MPI, MVAPICH)
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-# set by ``spawn_gpu_workers`` for the processes it starts
-NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = "MINICAFFE_NCCL_UID", "MINICAFFE_NCCL_RANK", "MINICAFFE_NCCL_SIZE"
-COMM_VAR = "MINICAFFE_COMM"         # "mpi" or "nccl": which library GPU workers under mpirun use
-BUCKET_VAR = "MINICAFFE_BUCKET_MB"  # gradient bucket size for ParallelSolvers built without bucket_mb
+# The launch variables (MINICAFFE_NCCL_UID/RANK/SIZE set by ``spawn_gpu_workers``, MINICAFFE_COMM,
+# MINICAFFE_BUCKET_MB, the MPI launchers' world size) are read once into the context's switches.
+NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = _context.NCCL_UID_VAR, _context.NCCL_RANK_VAR, _context.NCCL_SIZE_VAR
+COMM_VAR = _context.COMM_VAR        # "mpi" or "nccl": which library GPU workers under mpirun use
+BUCKET_VAR = _context.BUCKET_VAR    # gradient bucket size for ParallelSolvers built without bucket_mb
 
 _ACTIONS = ("none", "stop", "snapshot")
 _multiprocess = {"on": False}
@@ -78,18 +78,17 @@ _multiprocess = {"on": False}
 
 def mpi_world_size(environ=None):
     """The number of processes an MPI launcher started (1 when not started by one), from the
-    launcher's environment variables, without initialising MPI."""
-    environ = os.environ if environ is None else environ
-    for var in _MPI_SIZE_VARS:
-        value = environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 1
+    launcher's environment variables (this process's, as read at start-up, or ``environ``), without
+    initialising MPI."""
+    if environ is None:
+        return _context.switches().mpi_world_size
+    return _context.mpi_world_size_in(environ)
 
 
 def launched_as_worker(environ=None):
     """True in a process that ``mpirun -np N`` (N > 1) or ``spawn_gpu_workers`` started."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        return _context.switches().nccl_uid is not None or mpi_world_size() > 1
     return NCCL_UID_VAR in environ or mpi_world_size(environ) > 1
 
 
@@ -404,16 +403,17 @@ def communicator(kind=None):
     of ``spawn_gpu_workers``; under ``mpirun -np N`` (N > 1) an ``MPIComm``, or in GPU mode an
     ``NCCLComm`` whose id rank 0 made and MPI broadcast (``kind`` or $MINICAFFE_COMM = 'mpi' keeps
     MPI); otherwise a ``LocalComm``. In GPU mode, select this worker's device first."""
-    kind = kind or os.environ.get(COMM_VAR) or None
+    env = _context.switches()
+    kind = kind or env.comm
     if kind not in (None, "mpi", "nccl", "local"):
         raise MinicaffeError(f"unknown communicator '{kind}' (use mpi, nccl or local)")
-    if NCCL_UID_VAR in os.environ:
+    if env.nccl_uid is not None:
         try:
-            rank, size = int(os.environ[NCCL_RANK_VAR]), int(os.environ[NCCL_SIZE_VAR])
-        except (KeyError, ValueError):
+            rank, size = int(env.nccl_rank), int(env.nccl_size)
+        except (TypeError, ValueError):
             raise MinicaffeError(f"{NCCL_UID_VAR} is set but {NCCL_RANK_VAR}/{NCCL_SIZE_VAR} are not "
                                  f"integers") from None
-        return NCCLComm(os.environ[NCCL_UID_VAR], rank, size)
+        return NCCLComm(env.nccl_uid, rank, size)
     if kind == "local" or (kind is None and mpi_world_size() <= 1):
         return LocalComm()
     mpi = MPIComm()
@@ -753,7 +753,7 @@ def _bucket_mb(value):
     """``value``, else $MINICAFFE_BUCKET_MB (tuning without code: the command line has no flag for it),
     else ``DEFAULT_BUCKET_MB``."""
     if value is None:
-        value = os.environ.get(BUCKET_VAR) or DEFAULT_BUCKET_MB
+        value = _context.switches().bucket_mb or DEFAULT_BUCKET_MB
     try:
         mb = float(value)
     except ValueError:
@@ -919,7 +919,7 @@ def start_worker(gpus=(), kind=None):
     worker's GPU (``gpus[local_rank % len(gpus)]``) when ``gpus`` is given, switch to GPU mode,
     build the communicator and make this process its worker. Returns ``(comm, [gpu] or [])``."""
     gpus = list(gpus)
-    if NCCL_UID_VAR in os.environ:
+    if _context.switches().nccl_uid is not None:
         if len(gpus) != 1:
             raise MinicaffeError(f"a worker started with {NCCL_UID_VAR} needs exactly one --gpu")
         backend.set_device(gpus[0])
@@ -930,7 +930,7 @@ def start_worker(gpus=(), kind=None):
         gpu = gpus[host.local_rank % len(gpus)]
         backend.set_device(gpu)
         backend.set_mode_gpu()
-        kind = kind or os.environ.get(COMM_VAR) or ("nccl" if nccl_available() else "mpi")
+        kind = kind or _context.switches().comm or ("nccl" if nccl_available() else "mpi")
         if kind == "nccl":
             uid = host.comm.bcast(new_nccl_uid() if host.rank == 0 else None, root=0)
             comm = NCCLComm(uid, host.rank, host.size, host_comm=host)
@@ -962,8 +962,8 @@ def spawn_gpu_workers(argv_for_gpu, gpus, python=None, poll_s=0.2):
     procs, old = [], {}
     try:
         for rank, gpu in enumerate(gpus):
-            env = dict(os.environ)
-            env.update({NCCL_UID_VAR: uid, NCCL_RANK_VAR: str(rank), NCCL_SIZE_VAR: str(len(gpus))})
+            env = _context.child_environment(**{NCCL_UID_VAR: uid, NCCL_RANK_VAR: str(rank),
+                                                NCCL_SIZE_VAR: str(len(gpus))})
             cmd = [python or sys.executable, "-m", "minicaffe.tools.cli"] + list(argv_for_gpu(gpu))
             procs.append(subprocess.Popen(cmd, env=env))
         # the workers get the terminal's signals themselves; this process only waits for them

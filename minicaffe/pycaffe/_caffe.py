@@ -79,7 +79,7 @@ class NCCL:
 
     def __init__(self, solver, uid):
         from ..parallel import data_parallel as parallel
-        from ..data.lmdb_source import solver_count, solver_rank
+        from ..core.context import solver_count, solver_rank
         uid_hex = uid.hex() if isinstance(uid, (bytes, bytearray)) else str(uid)
         comm = parallel.NCCLComm(uid_hex, solver_rank(), solver_count())
         self.solver = solver

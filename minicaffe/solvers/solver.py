@@ -33,7 +33,7 @@ import numpy as np
 
 from ..core import backend
 from ..core.blob import Blob
-from ..data.lmdb_source import solver_rank
+from ..core.context import solver_rank
 from ..deps import require
 from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did_you_mean
 from ..fileio import atomic_open, atomic_write

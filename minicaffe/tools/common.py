@@ -7,11 +7,12 @@ import threading
 import time
 import weakref
 
+from ..core.context import switches
 from ..errors import MinicaffeError
 
 
 def debug_enabled(argv=None):
-    return os.environ.get("MINICAFFE_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv)
+    return switches().debug or "--debug" in (argv or sys.argv)
 
 
 def run_main(fn):

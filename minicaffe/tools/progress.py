@@ -13,9 +13,10 @@ Bars are drawn only when the stream is a terminal, so a log redirected to a file
 """
 import contextlib
 import logging
-import os
 import sys
 import threading
+
+from ..core.context import switches
 
 _LOCK = threading.RLock()
 _OPEN = 0                   # bars open now (a test pass's bar inside training's makes two)
@@ -31,7 +32,7 @@ def _is_tty(stream):
 
 def bars_wanted(stream=None):
     """Bars on ``stream`` (stderr): only on a terminal, and not with MINICAFFE_NO_PROGRESS=1."""
-    if os.environ.get("MINICAFFE_NO_PROGRESS", "") not in ("", "0"):
+    if switches().no_progress:
         return False
     return _is_tty(stream or sys.stderr)
 

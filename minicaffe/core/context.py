@@ -1,0 +1,284 @@
+"""The one context: everything a minicaffe process decides once and many parts read.
+
+Caffe keeps its run-time state in one per-thread ``Caffe`` singleton (mode, device, random
+generators, solver rank and count). minicaffe keeps it in one ``Context`` object too, instead of
+module globals scattered over the backend, a data module and the kernels, for three reasons: a
+reader sees in one place every piece of state that changes what a net computes; a snapshot can save
+all of the randomness (host and device generators) because both live side by side; and nothing deep
+inside a forward pass reads the process environment (the switches are read once, here, so a
+variable set half-way through a run does not change it half-way, and a test says which value it
+wants instead of racing the environment).
+
+What it holds, and who reads it:
+
+* ``mode``, ``device``, ``cupy`` and ``dtype``: the array backend. ``core/backend.py``'s functions
+  (``set_mode_gpu``, ``xp()``, ``float64_blobs`` ...) are views on them; every layer and blob asks
+  ``backend.xp()``.
+* ``rng``, ``seed`` and the device generator (``gpu_seed``, ``gpu_draws``): fillers, dropout, data
+  layers and transformers draw from them (``backend.rng()``, ``backend.gpu_random_sample``); the
+  solver saves both in a snapshot's ``.rng`` sidecar (``host``/``gpu``) and puts them back on resume.
+* ``rank`` and ``world``: Caffe's solver rank and count. Data layers read their shard with them, the
+  solver seeds ``random_seed + rank`` and only rank 0 tests and snapshots; ``minicaffe.parallel``
+  sets them (``setup_worker``, pycaffe's ``set_solver_rank``/``set_solver_count``).
+* ``workspaces``: the scratch buffers of the kernels (im2col's column matrix, Winograd's tiles,
+  pooling's index codes), reached through ``kernels.im2col.workspace``.
+* ``switches``: the ``MINICAFFE_*`` environment variables, parsed once (``Switches``): the net
+  (``check_nan``, ``fusion``), the Winograd kernel (``winograd``), blobs (``max_blob_bytes``), Python
+  layers (``no_python_layers``), the commands (``debug``, ``no_progress``) and data-parallel
+  launching (``comm``, ``bucket_mb``, the NCCL worker variables, the MPI world size).
+
+One context per process (``current()``): minicaffe runs one process per worker, never one thread per
+GPU (see ``minicaffe.parallel``), so the rank is the process's. Scratch buffers are still kept per
+thread, since prefetching threads and user threads may run kernels at the same time.
+
+The environment is read when this module is imported. A program (or a test) that changes a
+``MINICAFFE_*`` variable afterwards calls ``reload_environment()``; ``Context.from_environment(env)``
+builds a fresh context from any mapping, and ``set_current(ctx)`` installs one. Nothing else in
+minicaffe reads ``os.environ`` for these switches.
+"""
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# the variables, by name (tests and the worker launcher use the names)
+FUSION_VAR = "MINICAFFE_FUSION"
+WINOGRAD_VAR = "MINICAFFE_WINOGRAD"
+CHECK_NAN_VAR = "MINICAFFE_CHECK_NAN"
+MAX_BLOB_BYTES_VAR = "MINICAFFE_MAX_BLOB_BYTES"
+DEBUG_VAR = "MINICAFFE_DEBUG"
+NO_PROGRESS_VAR = "MINICAFFE_NO_PROGRESS"
+NO_PYTHON_LAYERS_VAR = "MINICAFFE_NO_PYTHON_LAYERS"
+COMM_VAR = "MINICAFFE_COMM"            # "mpi" or "nccl": which library GPU workers under mpirun use
+BUCKET_VAR = "MINICAFFE_BUCKET_MB"     # gradient bucket size for ParallelSolvers built without bucket_mb
+# set by ``parallel.spawn_gpu_workers`` for the processes it starts
+NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = "MINICAFFE_NCCL_UID", "MINICAFFE_NCCL_RANK", "MINICAFFE_NCCL_SIZE"
+# set by an MPI launcher in every process it starts (Open MPI, MPICH/Intel MPI, MVAPICH)
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _flag(environ, name):
+    """On unless unset, empty or '0' (the opt-in switches)."""
+    return environ.get(name, "") not in ("", "0")
+
+
+def _not_off(environ, name):
+    """On unless exactly '0' (the opt-out switches: fusion, Winograd)."""
+    return environ.get(name, "1") != "0"
+
+
+def mpi_world_size_in(environ):
+    """The number of processes an MPI launcher started (1 when not started by one), from its
+    variables in ``environ``, without initialising MPI."""
+    for var in MPI_SIZE_VARS:
+        value = environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The ``MINICAFFE_*`` environment switches, read once. Values that a user may mistype
+    (``max_blob_bytes``, ``bucket_mb``, the NCCL rank/size) stay text: their reader validates them
+    when it needs them and raises its one-line error there, as before."""
+
+    fusion: bool = True                 # MINICAFFE_FUSION=0: TEST nets run their layers unfused
+    winograd: bool = True               # MINICAFFE_WINOGRAD=0: no Winograd 3x3 forward (comparisons)
+    check_nan: bool = False             # MINICAFFE_CHECK_NAN=1: every layer's output checked for NaN/inf
+    max_blob_bytes: str = None          # MINICAFFE_MAX_BLOB_BYTES: the largest blob (default: physical memory)
+    debug: bool = False                 # MINICAFFE_DEBUG=1: commands print tracebacks
+    no_progress: bool = False           # MINICAFFE_NO_PROGRESS=1: no progress bars
+    no_python_layers: bool = False      # MINICAFFE_NO_PYTHON_LAYERS=1: refuse type "Python"
+    comm: str = None                    # MINICAFFE_COMM
+    bucket_mb: str = None               # MINICAFFE_BUCKET_MB
+    nccl_uid: str = None                # MINICAFFE_NCCL_UID/RANK/SIZE (spawn_gpu_workers' children)
+    nccl_rank: str = None
+    nccl_size: str = None
+    mpi_world_size: int = 1             # OMPI_COMM_WORLD_SIZE, PMI_SIZE or MV2_COMM_WORLD_SIZE
+
+    @classmethod
+    def from_environ(cls, environ=None):
+        env = os.environ if environ is None else environ
+        return cls(fusion=_not_off(env, FUSION_VAR), winograd=_not_off(env, WINOGRAD_VAR),
+                   check_nan=_flag(env, CHECK_NAN_VAR), max_blob_bytes=env.get(MAX_BLOB_BYTES_VAR) or None,
+                   debug=_flag(env, DEBUG_VAR), no_progress=_flag(env, NO_PROGRESS_VAR),
+                   no_python_layers=_flag(env, NO_PYTHON_LAYERS_VAR), comm=env.get(COMM_VAR) or None,
+                   bucket_mb=env.get(BUCKET_VAR) or None, nccl_uid=env.get(NCCL_UID_VAR),
+                   nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
+                   mpi_world_size=mpi_world_size_in(env))
+
+
+class Slot:
+    """A private workspace slot: keyed by this object's identity, so no other owner can reach its
+    buffer by picking the same name (string slots are shared on purpose: every convolution's column
+    matrix is the one "col" buffer)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"Slot({self.name!r})"
+
+
+class Workspaces:
+    """Scratch buffers: one growing buffer per (device, dtype, slot) and thread, so a net of many
+    convolutions allocates its big column buffer once. A slot is a string (shared by every owner that
+    names it) or a ``Slot`` (private to its owner)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, xp, shape, dtype, slot):
+        """A scratch array of ``shape``; its contents are garbage and stay valid only until the next
+        request of the same slot (callers copy results out before returning)."""
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        size = 1
+        for s in shape:
+            size *= int(s)
+        key = ("cpu" if xp is np else f"gpu{xp.cuda.Device().id}", np.dtype(dtype).str, slot)
+        buf = bufs.get(key)
+        if buf is None or buf.size < size:
+            buf = bufs[key] = xp.empty(max(size, 1), dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def clear(self):
+        """Drop this thread's buffers (e.g. before measuring memory)."""
+        self._local.bufs = {}
+
+
+def _fresh_seed():
+    """A 63-bit seed from the OS's entropy."""
+    return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(eq=False)
+class Context:
+    """See the module docstring. Build one with ``Context.from_environment()``; the process's is
+    ``current()``."""
+
+    switches: Switches = field(default_factory=Switches)
+    mode: str = "cpu"
+    device: int = 0
+    cupy: object = None                 # the CuPy module once imported (tests install a stand-in)
+    dtype: type = np.float32
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    seed: int = None                    # the last set_random_seed, None if never seeded
+    # The device generator: draw n of gpu_random_sample comes from a Philox stream seeded with a
+    # hash of (gpu_seed, n), so (gpu_seed, gpu_draws) is its whole state. The seed is drawn now even
+    # in an unseeded run, so that a snapshot taken before the first draw still records it.
+    gpu_seed: int = field(default_factory=_fresh_seed)
+    gpu_draws: int = 0
+    rank: int = 0
+    world: int = 1
+    workspaces: Workspaces = field(default_factory=Workspaces)
+    _cupy_seed_pending: int = None      # a seed for cupy.random not yet given to it (CPU mode)
+    _gpu_rs: tuple = None               # (cupy module, its Philox RandomState), made on first draw
+
+    @classmethod
+    def from_environment(cls, environ=None):
+        """A fresh context (CPU mode, unseeded, rank 0 of 1) with the switches of ``environ``
+        (default ``os.environ``)."""
+        return cls(switches=Switches.from_environ(environ))
+
+    # --- random generators ------------------------------------------------------------------------
+    def set_random_seed(self, seed):
+        """Seed the host generator and the device generator; CuPy's own ``cupy.random`` (which user
+        code such as Python layers may draw from) gets the seed now in GPU mode, else at the next
+        ``set_mode_gpu`` (once: switching modes later does not restart its stream)."""
+        seed = int(seed)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.gpu_seed, self.gpu_draws = seed % 2 ** 63, 0
+        if self.cupy is not None and self.mode == "gpu":
+            self.cupy.random.seed(seed)
+            self._cupy_seed_pending = None
+        else:
+            self._cupy_seed_pending = seed
+
+    def gpu_random_sample(self, shape, dtype):
+        """Uniform [0, 1) numbers from the device generator (see ``backend.gpu_random_sample``)."""
+        cp = self.cupy
+        if self.gpu_seed is None:        # a sidecar from before the seed was always set said null
+            self.gpu_seed = _fresh_seed()
+        rs = self._gpu_rs
+        if rs is None or rs[0] is not cp:
+            rs = self._gpu_rs = (cp, cp.random.RandomState(0, method=cp.cuda.curand.CURAND_RNG_PSEUDO_PHILOX4_32_10))
+        draw_seed = np.random.SeedSequence([self.gpu_seed, self.gpu_draws]).generate_state(1, np.uint64)[0]
+        rs[1].seed(int(draw_seed >> np.uint64(1)))
+        self.gpu_draws += 1
+        return rs[1].random_sample(shape, dtype=dtype)
+
+    def gpu_random_state(self):
+        return {"seed": self.gpu_seed, "draws": self.gpu_draws}
+
+    def set_gpu_random_state(self, state):
+        self.gpu_seed = None if state["seed"] is None else int(state["seed"])
+        self.gpu_draws = int(state["draws"])
+
+    # --- workers -----------------------------------------------------------------------------------
+    def set_solver_rank(self, rank, count):
+        from ..errors import DataError
+        rank, count = int(rank), int(count)
+        if count < 1 or not 0 <= rank < count:
+            raise DataError(f"solver rank {rank} is not in [0, {count})")
+        self.rank, self.world = rank, count
+
+
+_CURRENT = Context.from_environment()
+
+
+def current():
+    """The process's context."""
+    return _CURRENT
+
+
+def set_current(ctx):
+    """Make ``ctx`` the process's context; returns the one it replaces (tests that want a fresh,
+    unseeded context put the old one back afterwards)."""
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, ctx
+    return previous
+
+
+def reload_environment(environ=None):
+    """Read the ``MINICAFFE_*`` switches again (from ``environ``, default ``os.environ``) into the
+    current context, for a program or test that changed them after start-up; returns the switches
+    they replace."""
+    previous = _CURRENT.switches
+    _CURRENT.switches = Switches.from_environ(environ)
+    return previous
+
+
+def switches():
+    """The current context's environment switches."""
+    return _CURRENT.switches
+
+
+def child_environment(**extra):
+    """This process's environment plus ``extra``: what a worker process is started with."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+# Caffe's Caffe::solver_rank / solver_count, as views on the current context (pycaffe's spellings are
+# in minicaffe.parallel; minicaffe.data re-exports these for the data layers' users).
+
+def set_solver_rank(rank, count):
+    """Caffe's ``set_solver_rank``/``set_solver_count`` at once: data layers built afterwards read
+    only their share (``i % count == rank``) at TRAIN; a DataError unless ``0 <= rank < count``."""
+    _CURRENT.set_solver_rank(rank, count)
+
+
+def solver_rank():
+    return _CURRENT.rank
+
+
+def solver_count():
+    return _CURRENT.world
