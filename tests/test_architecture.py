@@ -74,15 +74,6 @@ ENV_ALLOWED: Dict[str, str] = {
 
 # Today's environment readers outside the context: why, and what removes them.
 KNOWN_ENV: Dict[str, str] = {
-    "minicaffe/core/blob.py": "MINICAFFE_MAX_BLOB_BYTES read at each allocation check (context work)",
-    "minicaffe/fileio.py": "MINICAFFE_SLOW_WRITE_S, a test-only slow-write hook in the real writer "
-                           "(context work: no test hooks in production code)",
-    "minicaffe/kernels/fusion.py": "MINICAFFE_FUSION read when a net is built (context work)",
-    "minicaffe/kernels/winograd.py": "MINICAFFE_WINOGRAD read on every forward (context/engines work)",
-    "minicaffe/layers/python_layer.py": "MINICAFFE_NO_PYTHON_LAYERS read at each Python layer (context work)",
-    "minicaffe/net/network.py": "MINICAFFE_CHECK_NAN and other switches read in the net (context work)",
-    "minicaffe/parallel/data_parallel.py": "the MPI/NCCL launch variables (rank, size, uid, comm kind, "
-                                           "bucket size) and the spawned workers' environment (context work)",
 }
 
 # Who may import minicaffe.tools from outside tools/: why.

@@ -62,7 +62,7 @@ def workspace(xp, shape, dtype, slot):
     The contents are garbage, and only valid until the next request of the same slot: callers
     copy results out before returning.
     """
-    return _context._CURRENT.workspaces.get(xp, shape, dtype, slot)
+    return _context.current().workspaces.get(xp, shape, dtype, slot)
 
 
 def clear_workspace():

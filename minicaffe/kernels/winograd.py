@@ -34,7 +34,7 @@ def worthwhile(xp, geom, group, cin, out_hw):
     """Whether to run this forward with Winograd: CPU, a shape it computes and is faster on, and
     not switched off with ``MINICAFFE_WINOGRAD=0`` (for comparisons)."""
     return (xp is np and applies(geom, group) and cin >= MIN_CHANNELS and min(out_hw) >= MIN_SIZE
-            and _context._CURRENT.switches.winograd)
+            and _context.current().switches.winograd)
 
 
 class FilterCache:
