@@ -15,11 +15,13 @@ from typing import Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-# the Datum codec lives with the data pipeline; pycaffe's names for it are re-exported here
+# the Datum codec and the mean loader live with the data pipeline; pycaffe's names are re-exported here
+from ..data.transformer import load_mean  # noqa: F401
 from ..formats.datum import array_to_datum, datum_to_array  # noqa: F401
 from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
 from ..proto import caffe_pb2
+from .vis import vis_square  # noqa: F401  (the notebooks' grid of filters; the pictures: caffe.vis)
 
 
 class TransformerError(MinicaffeError, ValueError):
@@ -93,29 +95,6 @@ def blobprotovector_str_to_arraylist(data: bytes) -> list[np.ndarray]:
     from ..formats.prototxt import parse_binary
     vec = parse_binary(data, caffe_pb2.BlobProtoVector(), "<BlobProtoVector bytes>")
     return [blobproto_to_array(b) for b in vec.blobs]
-
-
-def load_mean(path: str | os.PathLike) -> np.ndarray:
-    """A mean as a C×H×W float32 array, from a ``mean.binaryproto`` (BlobProto) or a ``.npy`` file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such mean file")
-    if path.endswith(".npy"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: cannot read mean .npy: {exc}") from None
-    else:
-        from ..data.transformer import load_mean_file
-        arr = load_mean_file(path)
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim == 2:
-        arr = arr[np.newaxis]
-    if arr.ndim != 3 or arr.size == 0:
-        raise DataError(f"{path}: a mean must be C×H×W (or 1×C×H×W), this one is {arr.shape}")
-    return arr
 
 
 # --- image I/O --------------------------------------------------------------------------------
@@ -561,5 +540,3 @@ __all__ = ["blobproto_to_array", "array_to_blobproto", "arraylist_to_blobprotove
            "blobprotovector_str_to_arraylist", "array_to_datum", "datum_to_array", "load_mean",
            "load_image", "resize_image", "oversample", "center_crop_box", "Transformer",
            "TransformerError", "BlobProtoError"]
-
-from .vis import vis_square  # noqa: E402,F401  (the notebooks' grid of filters; the pictures: caffe.vis)
