@@ -20,6 +20,7 @@ from ..data.transformer import load_mean  # noqa: F401
 from ..formats.datum import array_to_datum, datum_to_array  # noqa: F401
 from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
+from ..methods import multicrop
 from ..proto import caffe_pb2
 from .vis import vis_square  # noqa: F401  (the notebooks' grid of filters; the pictures: caffe.vis)
 
@@ -352,9 +353,7 @@ def _as_batch(images):
 
 def center_crop_box(im_dims: Sequence[int], crop_dims: Sequence[int]) -> tuple[int, int]:
     """(top, left) of pycaffe's centre crop: ``center ∓ crop/2``, truncated to integers."""
-    im_dims = np.asarray(im_dims[:2], dtype=np.float64)
-    crop_dims = np.asarray(crop_dims, dtype=np.float64)
-    return tuple(int(v) for v in im_dims / 2.0 - crop_dims / 2.0)
+    return multicrop.center_offsets(im_dims, crop_dims)
 
 
 def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[int]) -> np.ndarray:
@@ -362,19 +361,15 @@ def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[in
     bottom-right) and the centre, then the same five mirrored left-right.
 
     ``images`` is an iterable of H×W×K arrays of one shape (or an N×H×W×K array); returns a
-    (10·N)×h×w×K float32 array, the ten crops of image 0 first.
+    (10·N)×h×w×K float32 array, the ten crops of image 0 first. The crops are
+    ``multicrop.alexnet_10``'s, cut by ``multicrop.extract_batch_crops`` (the one crop implementation).
     """
     batch = _as_batch(images)
     n, H, W, K = batch.shape
     ch, cw = (int(d) for d in crop_dims)
     if ch > H or cw > W or ch <= 0 or cw <= 0:
         raise DataError(f"oversample: crop {ch}×{cw} does not fit in images of {H}×{W}")
-    cy, cx = center_crop_box((H, W), (ch, cw))
-    boxes = [(0, 0), (0, W - cw), (H - ch, 0), (H - ch, W - cw), (cy, cx)]
-    crops = np.empty((n, 10, ch, cw, K), dtype=np.float32)
-    for i, (y, x) in enumerate(boxes):
-        crops[:, i] = batch[:, y:y + ch, x:x + cw, :]
-    crops[:, 5:] = crops[:, :5, :, ::-1, :]
+    crops = multicrop.extract_batch_crops(batch, multicrop.alexnet_10((H, W), (ch, cw)), (ch, cw))
     return crops.reshape(n * 10, ch, cw, K)
 
 
