@@ -134,6 +134,47 @@ def test_registered_scheme_is_used_by_predict(model):
         CROP_SCHEMES.pop("corners")
 
 
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_one_averaging_rule_for_every_scheme(model, tmp_path):
+    """Classifier.predict averages the net's output over the crops (Caffe's rule) on every route,
+    pycaffe's '10' and the papers' '150' and dense alike; ``average="softmax"`` (MultiCropClassifier's
+    default, the VGG paper's rule) is the mean of per-crop softmax probabilities. A net ending in raw
+    scores tells the two apart."""
+    from minicaffe.classifier import MultiCropClassifier
+    from minicaffe.multicrop import Preprocessor, evaluate_crops, evaluate_dense
+    from minicaffe.surgery import convert_fc_to_conv
+
+    scores_deploy = tmp_path / "scores.prototxt"
+    scores_deploy.write_text(DEPLOY.replace('layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }', ""))
+    weights = model[1]
+    kw = dict(image_dims=(10, 12), mean=np.array([0.5, 0.4, 0.3]), raw_scale=2.0)
+    clf = Classifier(str(scores_deploy), weights, **kw)
+    multi = MultiCropClassifier(str(scores_deploy), weights, **kw)
+    images = _images(2)
+    # pycaffe's 10 crops of the image_dims warp, each crop's raw output by hand
+    resized = np.stack([cio.resize_image(im, (10, 12)) for im in images])
+    raw = clf.forward_all(data=clf.transformer.preprocess_batch("data", crops(resized, (8, 8))))["fc"]
+    raw = raw.reshape(2, 10, -1)
+    np.testing.assert_allclose(clf.predict(images), raw.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(multi.predict(images), _softmax(raw).mean(1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(clf.predict(images, average="softmax"), multi.predict(images), rtol=1e-6)
+    assert not np.allclose(clf.predict(images), multi.predict(images))
+    # the papers' schemes: the same two rules, from the original images
+    net = caffe.Net(str(scores_deploy), caffe.TEST, weights=weights)
+    pre = Preprocessor(mean=kw["mean"], raw_scale=2.0)
+    for average, c in (("output", clf), ("softmax", multi)):
+        want = [evaluate_crops(net, im, "150", (8, 10, 12), preprocess=pre, average=average) for im in images]
+        np.testing.assert_allclose(c.predict(images, scheme="150", scales=(8, 10, 12)), want, rtol=1e-5, atol=1e-6)
+        want = [evaluate_dense(convert_fc_to_conv(net), im, None, pre, average=average) for im in images]
+        np.testing.assert_allclose(c.predict(images, scheme="none", dense=True), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MinicaffeError, match="unknown averaging rule 'median'"):
+        clf.predict(images, average="median")
+
+
 def test_labels_and_top_k(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("n0 cat\nn1 dog\nn2 bird\n\n")

@@ -7,10 +7,10 @@ import pytest
 import minicaffe as caffe
 from minicaffe import io as caffe_io
 from minicaffe.errors import MinicaffeError, ShapeError
-from minicaffe.multicrop import (Crop, MultiCropClassifier, Preprocessor, alexnet_10, center_crop,
-                                 default_scales, evaluate_crops, evaluate_dense, extract_crops,
-                                 googlenet_144, grid_positions, make_crops, rescaled_size, topk_error,
-                                 vgg_150)
+from minicaffe.classifier import MultiCropClassifier
+from minicaffe.multicrop import (Crop, Preprocessor, alexnet_10, center_crop, default_scales, evaluate_crops,
+                                 evaluate_dense, extract_crops, googlenet_144, grid_positions, make_crops,
+                                 rescaled_size, topk_error, vgg_150)
 from minicaffe.surgery import convert_fc_to_conv
 
 
@@ -260,3 +260,61 @@ def test_caffe_classifier_offers_the_papers_schemes(model_files):
     # the registry knows the schemes for crops() (144 crops of one image at the default 8/224 ratios)
     from minicaffe.classifier import crops
     assert crops(np.zeros((12, 12, 3), np.float32), (8, 8), "144").shape == (144, 8, 8, 3)
+
+
+def test_average_crops_rules_by_hand():
+    """The one averaging step: Caffe's mean of the output, or the VGG paper's mean of softmax."""
+    from minicaffe.multicrop import average_crops
+    out = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])       # 2 images × 2 crops
+    np.testing.assert_allclose(average_crops(out, 2), [[2.0, 0.0], [0.0, 1.0]])
+    e1, e3, e2 = np.exp(1.0), np.exp(3.0), np.exp(2.0)
+    want = [[(e1 / (e1 + 1) + e3 / (e3 + 1)) / 2, (1 / (e1 + 1) + 1 / (e3 + 1)) / 2],
+            [(1 / (1 + e2) + 0.5) / 2, (e2 / (1 + e2) + 0.5) / 2]]
+    np.testing.assert_allclose(average_crops(out, 2, "softmax"), want)
+    np.testing.assert_allclose(average_crops(out, 2, "softmax", is_probability=True), average_crops(out, 2))
+    # one crop per image: pycaffe's centre-only predict returns the output as it is, shape and all
+    assert average_crops(out[:, :, None, None], 1).shape == (4, 2, 1, 1)
+    with pytest.raises(MinicaffeError, match="unknown averaging rule 'mean'"):
+        average_crops(out, 2, "mean")
+
+
+def _imports(path, package):
+    """The minicaffe modules a source file imports (relative imports resolved, function-level ones
+    included: a lazy import is still an edge of the import graph)."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            names = [mod] * bool(node.module) + [f"{mod}.{a.name}" for a in node.names]   # a name may be a module
+            found.update(n for n in names if n.startswith("minicaffe"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("minicaffe"))
+    return found
+
+
+def test_methods_import_nothing_above_them_and_pycaffe_has_no_cycle():
+    """Tiers: methods < pycaffe < tools, imports go down only; classifier <-> multicrop and io <-> vis
+    imported each other once. Checked on the source, so a lazy import inside a function counts."""
+    import pathlib
+    root = pathlib.Path(caffe.__file__).parent
+    graph = {}
+    for pkg in ("methods", "pycaffe"):
+        for path in (root / pkg).glob("*.py"):
+            name = f"minicaffe.{pkg}.{path.stem}"
+            graph[name] = {m for m in _imports(path, f"minicaffe.{pkg}") if m != name}
+    for name, deps in graph.items():
+        if name.startswith("minicaffe.methods."):
+            assert not [d for d in deps if d.startswith(("minicaffe.pycaffe", "minicaffe.tools"))], name
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph.get(todo.pop(), ()):
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+    cycles = [name for name in graph if not name.endswith("__init__") and name in reach(name)]
+    assert not cycles

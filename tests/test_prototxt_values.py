@@ -42,3 +42,30 @@ def test_cli_prints_one_line_naming_the_field(tmp_path, capsys, monkeypatch):
     assert cli.main(["time", "--model=net.prototxt", "--iterations=1"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert err == ['error: net.prototxt:4:37: num_output: expected an integer, got "ten"']
+
+
+def test_one_rule_tells_a_prototxt_path_from_text(tmp_path, monkeypatch):
+    """Nets and solvers read one argument the same way (formats.prototxt.prototxt_path): an existing
+    file or a bare name is a path, anything else with a newline, ':' or '{' is text."""
+    import pathlib
+
+    from minicaffe.formats.prototxt import load_net_param, load_solver_param, prototxt_path
+    from minicaffe.solvers.solver import read_solver_param
+
+    monkeypatch.chdir(tmp_path)
+    odd = tmp_path / "odd:name.prototxt"                    # a ':' in an existing file's name
+    odd.write_text('base_lr: 0.5 net: "n.prototxt"')
+    assert prototxt_path(str(odd)) == str(odd)
+    assert prototxt_path(pathlib.Path("missing")) == "missing"
+    assert prototxt_path("missing.prototxt") == "missing.prototxt"
+    for text in ("base_lr: 0.1", "net_param { }", "a\nb", caffe.caffe_pb2.NetParameter()):
+        assert prototxt_path(text) is None
+    for read in (load_net_param, load_solver_param, read_solver_param):
+        with pytest.raises(ParseError, match="missing.prototxt.*no such file"):
+            read("missing.prototxt")
+    assert load_solver_param(str(odd)).base_lr == 0.5
+    assert read_solver_param(str(odd))[1] == str(odd)
+    assert read_solver_param('base_lr: 0.5 net: "n.prototxt"')[1] is None
+    # text with '{' and no ':' is text for the solver too (it was "no such file" there, text for nets)
+    assert load_solver_param("net_param { }").HasField("net_param")
+    assert load_net_param('layer { }').layer[0].name == ""

@@ -337,3 +337,41 @@ def test_resize_image_matches_bvlc(tmp_path):
         assert got.shape == ref.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()),
                                    err_msg=f"case {j}: {cases[f'im_{j}'].shape} -> {(h, w)}, order {order}")
+
+
+SCORES_NET = """
+name: "scores"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 3 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.3 } } }
+"""
+
+
+def test_classifier_averages_the_output_as_bvlc(tmp_path):
+    """Caffe's averaging rule: Classifier.predict is the mean of the net's output over the crops.
+    A net ending in raw scores (no Softmax) tells it from a mean of probabilities; BVLC's pycaffe
+    gives the same numbers, 10 crops (40, not a multiple of the batch of 3) and centre crop."""
+    model, weights = tmp_path / "scores.prototxt", tmp_path / "scores.caffemodel"
+    model.write_text(SCORES_NET)
+    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    rng = np.random.default_rng(11)
+    np.save(tmp_path / "images.npy", rng.random((4, 11, 13, 3)).astype(np.float32))
+    script = """
+    import json, sys
+    import numpy as np
+    import caffe
+    clf = caffe.Classifier(sys.argv[1], sys.argv[2], image_dims=(10, 12), mean=np.array([0.2, 0.3, 0.4]),
+                           raw_scale=2.0, channel_swap=(2, 1, 0))
+    images = list(np.load(sys.argv[3]))
+    print(json.dumps([clf.predict(images, oversample=o).tolist() for o in (True, False)]))
+    """
+    want = json.loads(reference(script, tmp_path, model, weights, tmp_path / "images.npy"))
+    clf = caffe.Classifier(str(model), str(weights), image_dims=(10, 12), mean=np.array([0.2, 0.3, 0.4]),
+                           raw_scale=2.0, channel_swap=(2, 1, 0))
+    images = list(np.load(tmp_path / "images.npy"))
+    for oversample, ref in zip((True, False), want):
+        got = clf.predict(images, oversample=oversample)
+        assert (got < 0).any()                  # raw scores, not probabilities
+        np.testing.assert_allclose(got, np.array(ref), rtol=1e-4, atol=1e-5)

@@ -32,9 +32,9 @@ sys.path.insert(0, ROOT)
 
 import minicaffe as caffe  # noqa: E402
 from minicaffe.core import backend  # noqa: E402
-from minicaffe.multicrop import Preprocessor, combine, default_scales, topk_error  # noqa: E402
+from minicaffe.multicrop import Preprocessor, combine, default_scales, evaluate_images, topk_error  # noqa: E402
 from minicaffe.formats.prototxt import load_net_param, load_solver_param  # noqa: E402
-from minicaffe.tools.beyond import evaluate_images, load_image_bgr, read_list_file  # noqa: E402
+from minicaffe.tools.beyond import load_image_bgr, read_list_file  # noqa: E402
 from minicaffe.tools.convert_imageset import convert_imageset  # noqa: E402
 
 SIZE = 40                     # stored image size: S for the fixed-scale net

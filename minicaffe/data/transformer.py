@@ -35,6 +35,7 @@ Caffe seeds each transformer's RNG from ``caffe_rng_rand()``), so ``set_random_s
 is built makes runs repeat exactly, even though batches are prepared in a background thread.
 """
 import logging
+import os
 
 import numpy as np
 
@@ -102,6 +103,30 @@ def load_mean_file(path):
     if mean.ndim != 3:
         raise DataError(f"{path}: mean_file has shape {mean.shape}, expected 1xCxHxW")
     return np.ascontiguousarray(mean)
+
+
+def load_mean(path: str | os.PathLike) -> np.ndarray:
+    """A mean as a C×H×W float32 array, from a ``mean.binaryproto`` (BlobProto) or a ``.npy`` file:
+    pycaffe's ``caffe.io.load_mean`` (re-exported there), kept here with ``load_mean_file`` so that
+    ``caffe.io`` and ``caffe.vis`` both import it from below instead of from each other."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such mean file")
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path}: cannot read mean .npy: {exc}") from None
+    else:
+        arr = load_mean_file(path)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    if arr.ndim != 3 or arr.size == 0:
+        raise DataError(f"{path}: a mean must be C×H×W (or 1×C×H×W), this one is {arr.shape}")
+    return arr
 
 
 def load_pca_file(path):

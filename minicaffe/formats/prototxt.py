@@ -149,6 +149,32 @@ def _unbalanced_brace(text):
     return (opened[-1] if opened else None), stray
 
 
+def prototxt_path(source):
+    """The one rule that tells a prototxt *path* from prototxt *text*: the path (a str) when
+    ``source`` names a file, None when it is text (or not a str/path at all).
+
+    A path object is a path; a string is a path when a file of that name exists, or when it could
+    not be prototxt text (no newline, ':' or '{': a misspelt file name then reports "no such file"
+    instead of a parse error). Every reader of nets and solvers asks this, so one argument is never
+    a path to one of them and text to another."""
+    if isinstance(source, os.PathLike):
+        return os.fspath(source)
+    if not isinstance(source, str):
+        return None
+    if os.path.exists(source) or not any(c in source for c in "\n:{"):
+        return source
+    return None
+
+
+def read_prototxt(source, message, path=None):
+    """``message`` read from a prototxt path or parsed from prototxt text (``prototxt_path``
+    decides which); returns ``(message, file path or None)``. ``path`` names text in errors."""
+    file = prototxt_path(source)
+    if file is not None:
+        return read_text_file(file, message), file
+    return parse_text(str(source), message, path), None
+
+
 def read_text_file(path, message):
     path = os.fspath(path)
     try:
@@ -325,11 +351,9 @@ def load_net_param(source, path=None):
     if isinstance(source, caffe_pb2.NetParameter):
         param = caffe_pb2.NetParameter()
         param.CopyFrom(source)
-    elif isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or "{" not in str(source)):
-        path = os.fspath(source)
-        param = read_text_file(path, caffe_pb2.NetParameter())
     else:
-        param = parse_text(str(source), caffe_pb2.NetParameter(), path)
+        param, file = read_prototxt(source, caffe_pb2.NetParameter(), path)
+        path = file or path
     return upgrade_net(param, path)
 
 
@@ -713,13 +737,9 @@ def load_solver_param(source):
     """A SolverParameter from a path or text (V1 ``solver_type`` kept; the solver reads both)."""
     if isinstance(source, caffe_pb2.SolverParameter):
         return source
-    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
-        return read_text_file(source, caffe_pb2.SolverParameter())
-    if isinstance(source, (str, os.PathLike)) and "\n" not in str(source) and ":" not in str(source):
-        raise ParseError("no such file", os.fspath(source))
-    return parse_text(str(source), caffe_pb2.SolverParameter())
+    return read_prototxt(source, caffe_pb2.SolverParameter())[0]
 
 
-__all__ = ["parse_text", "read_text_file", "read_binary_file", "parse_binary", "load_net_param",
+__all__ = ["parse_text", "prototxt_path", "read_prototxt", "read_text_file", "read_binary_file", "parse_binary", "load_net_param",
            "upgrade_net", "filter_net", "state_meets_rule", "make_state", "load_solver_param",
            "wrong_type_fields", "caffe_text", "is_old_batch_norm", "MinicaffeError"]

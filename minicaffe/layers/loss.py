@@ -1,4 +1,4 @@
-"""Softmax, the loss layers and Accuracy.
+"""Softmax and the loss layers (Accuracy is with the metrics, in metrics.py).
 
 A loss layer's top is a scalar blob (shape ``()``, Caffe's 0-axis blob). Backward scales the
 gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bottom gets
@@ -490,63 +490,6 @@ class MultinomialLogisticLoss(LossLayer):
         grad = xp.zeros((self.num, self.dim), dtype=bottom[0].xdata.dtype)
         grad[xp.arange(self.num), self.labels] = -(top[0].xdiff / self.num) / self.p
         bottom[0].xdiff = grad.reshape(bottom[0].shape)
-
-
-@register("Accuracy")
-class Accuracy(Layer):
-    """Top-k accuracy along ``accuracy_param.axis``; optional top[1]: accuracy per class.
-
-    Ties count as Caffe counts them: the true class is within the top k when fewer than k other
-    classes score greater than OR EQUAL to it (Caffe's ``>=`` test), so a tie with the true class
-    counts against it."""
-
-    exact_num_bottom = 2
-    min_num_top = 1
-    max_num_top = 2
-
-    def setup(self, bottom, top):
-        ap = self.param.accuracy_param
-        self.top_k = int(ap.top_k)
-        self.ignore = _ignore_label(ap)
-
-    def reshape(self, bottom, top):
-        shape = bottom[0].shape
-        self.axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
-        self.outer = _prod(shape[:self.axis])
-        self.inner = _prod(shape[self.axis + 1:])
-        self.classes = shape[self.axis]
-        if bottom[1].count != self.outer * self.inner:
-            raise self.error(f"{bottom[1].count} labels {bottom[1].shape} for predictions {shape}: with "
-                             f"axis {self.axis} there must be {self.outer * self.inner}", ShapeError)
-        if self.top_k > self.classes:
-            raise self.error(f"top_k {self.top_k} is larger than the number of classes {self.classes}")
-        top[0].reshape(())
-        if len(top) > 1:
-            top[1].reshape((self.classes,))
-
-    def forward(self, bottom, top):
-        xp = self.xp
-        scores = bottom[0].xdata.reshape(self.outer, self.classes, self.inner)
-        safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
-        true = xp.take_along_axis(scores, safe[:, None, :], axis=1)
-        better = (scores >= true).sum(axis=1) - 1       # other classes scoring >= the true one
-        correct = better < self.top_k
-        if valid is not None:
-            correct &= valid
-            count = valid.sum()
-        else:
-            count = self.outer * self.inner
-        top[0].xdata[...] = correct.sum() / xp.maximum(count, 1)
-        if len(top) > 1:
-            flat = safe.ravel()
-            weights = None if valid is None else valid.ravel().astype(xp.float64)
-            seen = xp.bincount(flat, weights=weights, minlength=self.classes)
-            hit = xp.bincount(flat, weights=correct.ravel().astype(xp.float64), minlength=self.classes)
-            top[1].xdata[...] = xp.where(seen > 0, hit / xp.maximum(seen, 1), 0)
-
-    def backward(self, top, propagate_down, bottom):
-        if any(propagate_down):
-            raise self.error("Accuracy has no gradient: it cannot back-propagate")
 
 
 @register("ContrastiveLoss")

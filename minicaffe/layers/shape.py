@@ -1,12 +1,10 @@
 """Layers that move data without arithmetic on it: Split, Concat, Slice, Flatten, Reshape, Silence,
-Crop, ArgMax, Tile, Reduction.
+Crop, Tile, Reduction (ArgMax, which ranks scores, is with Accuracy in metrics.py).
 
 Split, Flatten and Reshape share the bottom's array with the top (as Caffe's ShareData does): no
 copy, and the top sees later in-place writes to the bottom. Layers that produce new values write
 into the top's own buffer so storage is reused between iterations.
 """
-import numpy as np
-
 from ..errors import ShapeError
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
@@ -26,13 +24,6 @@ def _prod(dims):
     for d in dims:
         n *= int(d)
     return n
-
-
-def stable_argsort(xp, a, axis):
-    """Stable argsort on either module (CuPy's sort is always stable and takes no ``kind``)."""
-    if xp is np:
-        return np.argsort(a, axis=axis, kind="stable")
-    return xp.argsort(a, axis=axis)
 
 
 def _no_in_place(layer, bottom, top):
@@ -364,70 +355,6 @@ class Crop(Layer):
         grad = self.xp.zeros(bottom[0].shape, dtype=top[0].xdiff.dtype)
         grad[self.index] = top[0].xdiff
         bottom[0].xdiff = grad
-
-
-@register("ArgMax")
-class ArgMax(Layer):
-    """Indices (and/or values) of the ``top_k`` largest entries per instance, or along ``axis``.
-
-    Order as Caffe's partial_sort of (value, index) pairs with std::greater: larger values first,
-    and among equal values the larger index first. Without ``axis`` the top is N x 1 x K (indices)
-    or N x 2 x K (indices then values) padded to at least 3 axes; with ``axis`` it is the bottom's
-    shape with that axis set to K, holding values if ``out_max_val`` else indices."""
-
-    exact_num_bottom = 1
-    exact_num_top = 1
-
-    def setup(self, bottom, top):
-        p = self.param.argmax_param
-        self.out_max_val = bool(p.out_max_val)
-        self.top_k = int(p.top_k)
-        if self.top_k < 1:
-            raise self.error("top_k must be at least 1")
-        self.axis = None
-        shape = bottom[0].shape
-        if p.HasField("axis"):
-            self.axis = canonical_axis(self, p.axis, len(shape))
-            if self.top_k > shape[self.axis]:
-                raise self.error(f"top_k {self.top_k} is larger than axis {self.axis} (size "
-                                 f"{shape[self.axis]}) of bottom shape {shape}")
-        elif self.top_k > bottom[0].count_from(1):
-            raise self.error(f"top_k {self.top_k} is larger than the {bottom[0].count_from(1)} values "
-                             f"per instance of bottom shape {shape}")
-
-    def reshape(self, bottom, top):
-        shape = bottom[0].shape
-        if self.axis is not None:
-            out = list(shape)
-            out[self.axis] = self.top_k
-        else:
-            out = [1] * max(len(shape), 3)
-            out[0] = shape[0]
-            out[1] = 2 if self.out_max_val else 1
-            out[2] = self.top_k
-        top[0].reshape(out)
-
-    def forward(self, bottom, top):
-        xp = self.xp
-        x = bottom[0].xdata
-        axis = self.axis if self.axis is not None else 1
-        if self.axis is None:
-            x = x.reshape(x.shape[0], -1)
-        n = x.shape[axis]
-        # larger index first among ties: sort the reversed axis stably on -value, map back
-        order = stable_argsort(xp, -xp.flip(x, axis=axis), axis)
-        idx = (n - 1) - xp.take(order, xp.arange(self.top_k), axis=axis)
-        if self.axis is not None:
-            top[0].xdata[...] = xp.take_along_axis(x, idx, axis=axis) if self.out_max_val else idx
-            return
-        out = top[0].xdata.reshape(x.shape[0], -1, self.top_k)
-        out[:, 0, :] = idx
-        if self.out_max_val:
-            out[:, 1, :] = xp.take_along_axis(x, idx, axis=1)
-
-    def backward(self, top, propagate_down, bottom):
-        if any(propagate_down):
-            raise self.error("ArgMax has no gradient: it cannot back-propagate")
 
 
 @register("Tile")

@@ -15,13 +15,26 @@ test can check every box and a user can build their own.
 Every scheme lists its unmirrored crops first and then the same crops mirrored, in that order.
 Crops are taken from images in pycaffe's layout (H×W×C floats, as ``caffe.io.load_image`` or
 ``cv2.imread`` give); a ``Preprocessor`` (pycaffe Transformer's steps) turns them into net input.
-Predictions are softmax probabilities averaged over crops (and over models for an ensemble).
+This is the one crop implementation: pycaffe's ``caffe.io.oversample`` and ``caffe.Classifier``'s
+crop schemes are built on ``alexnet_10``/``center_crop``/``make_crops`` and ``extract_crops``.
+
+Evaluation is one pipeline: crops -> preprocessing -> forward in batches -> the average over each
+image's crops (``average_crops``) -> the mean with dense evaluation and over an ensemble's models
+(``combine``). The average follows one of two named rules:
+
+- ``average="output"`` (``AVERAGE_OUTPUT``), Caffe's: the mean of the net's output as it is, what
+  pycaffe's ``Classifier.predict`` does; ``caffe.Classifier`` uses it for every scheme;
+- ``average="softmax"`` (``AVERAGE_SOFTMAX``), the VGG paper's: the mean of soft-max class
+  posteriors (a softmax over each crop's scores first, unless the net already ends in Softmax).
+  The papers' methods here (``evaluate_crops``, ``evaluate_dense``, ``evaluate_images`` and the
+  ``evaluate`` command) use it by default, on purpose.
+
+On a net that ends in a Softmax layer (every deploy net of the model zoo) the two rules agree.
 """
 import collections
 
 import numpy as np
 
-from ..pycaffe.classifier import Classifier, register_crop_scheme
 from ..deps import import_cv2
 from ..errors import MinicaffeError, NetError, ShapeError
 from .surgery import _softmax, convert_fc_to_conv, dense_scores, forward_batch
@@ -64,6 +77,13 @@ def _with_flips(crops, flips=True):
     return crops + [c._replace(flip=True) for c in crops] if flips else crops
 
 
+def center_offsets(size, crop):
+    """(top, left) of the centre ``crop`` = (h, w) in an image of ``size`` = (H, W, ...): (H - h) / 2
+    truncated toward zero, as Caffe's TEST crop (C++ integer division) and pycaffe's
+    ``center - crop / 2.0`` cast to int both compute it."""
+    return tuple(int((int(n) - int(c)) / 2) for n, c in zip(tuple(size)[:2], crop))
+
+
 def _corners_centre(y, x, size, side_h, side_w, crop):
     """4 corners (TL, TR, BL, BR) and the centre of the side_h×side_w region at (y, x)."""
     ch, cw = crop
@@ -71,7 +91,8 @@ def _corners_centre(y, x, size, side_h, side_w, crop):
     for dy in (0, side_h - ch):
         for dx in (0, side_w - cw):
             out.append(Crop(y + dy, x + dx, y + dy + ch, x + dx + cw, False, size))
-    cy, cx = y + (side_h - ch) // 2, x + (side_w - cw) // 2
+    oy, ox = center_offsets((side_h, side_w), crop)
+    cy, cx = y + oy, x + ox
     out.append(Crop(cy, cx, cy + ch, cx + cw, False, size))
     return out
 
@@ -95,7 +116,7 @@ def center_crop(image_shape, crop_size, image_size=None, side=None):
     crop = _pair(crop_size)
     size = _base_size(image_shape, image_size, side)
     _check_fits(size, crop, "center crop")
-    y, x = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
+    y, x = center_offsets(size, crop)
     return [Crop(y, x, y + crop[0], x + crop[1], False, size)]
 
 
@@ -233,6 +254,17 @@ def extract_crops(image, crops, crop_size):
     return out
 
 
+def extract_batch_crops(batch, crops, crop_size):
+    """The same crops of every image of an N×H×W×C batch (images of one size): N×n×h×w×C float32."""
+    batch = np.asarray(batch, dtype=np.float32)
+    if batch.ndim != 4:
+        raise ShapeError(f"a batch of images must be N×H×W×C, got shape {batch.shape}")
+    out = np.empty((len(batch), len(crops)) + _pair(crop_size) + batch.shape[3:], dtype=np.float32)
+    for i, image in enumerate(batch):
+        out[i] = extract_crops(image, crops, crop_size)
+    return out
+
+
 # --- preprocessing -------------------------------------------------------------------------------
 
 class Preprocessor:
@@ -291,7 +323,21 @@ def channel_mean(mean):
     return m.reshape(-1)
 
 
-# --- evaluation ------------------------------------------------------------------------------------
+# --- evaluation: the one pipeline ------------------------------------------------------------------
+
+AVERAGE_OUTPUT = "output"        # Caffe's (pycaffe Classifier.predict): the mean of the net's output
+AVERAGE_SOFTMAX = "softmax"      # the VGG paper's: the mean of soft-max class posteriors
+AVERAGES = (AVERAGE_OUTPUT, AVERAGE_SOFTMAX)
+
+
+def check_average(average):
+    """``average`` if it names a rule, else a one-line error listing the rules."""
+    if average not in AVERAGES:
+        raise MinicaffeError(f"unknown averaging rule '{average}' (use '{AVERAGE_OUTPUT}', Caffe's mean of "
+                             f"the net's output, or '{AVERAGE_SOFTMAX}', the VGG paper's mean of softmax "
+                             "probabilities)")
+    return average
+
 
 def output_is_probability(net, blob):
     """True when ``blob`` is produced by a Softmax layer (so no softmax is to be applied again)."""
@@ -326,9 +372,53 @@ def net_crop_size(net):
     return shape[2], shape[3]
 
 
+def average_crops(outputs, per_image, average=AVERAGE_OUTPUT, is_probability=False):
+    """The averaging step: (N·n)×... net outputs, each image's n crops in a row -> N×K, by the rule.
+
+    ``'output'`` (Caffe's) averages the outputs as they are; with one crop per image they come back
+    unchanged, shape and all, as pycaffe's centre-only ``predict`` returns them. ``'softmax'`` (the
+    VGG paper's) averages class posteriors: a softmax over each crop's scores first, unless
+    ``is_probability`` (the output blob is a Softmax's)."""
+    check_average(average)
+    outputs = np.asarray(outputs)
+    if average == AVERAGE_SOFTMAX:
+        outputs = outputs.reshape(len(outputs), -1)
+        if not is_probability:
+            outputs = _softmax(outputs, axis=1)
+    elif per_image == 1:
+        return outputs
+    return outputs.reshape(len(outputs) // per_image, per_image, -1).mean(axis=1)
+
+
+def forward_crops(net, x, output_blob=None, batch_size=None):
+    """The output blob for the N×C×H×W net input ``x``, batch by batch.
+
+    ``batch_size=None`` keeps the net's own batch size (pycaffe's ``forward_all``: the last batch is
+    zero-padded and the net keeps its shape, as ``Classifier`` needs); a number reshapes the net's
+    input to that many at a time (a deploy net of batch 1 then still runs crops 64 at a time)."""
+    name = _output_name(net, output_blob)
+    if batch_size is None:
+        if not net.inputs:
+            raise NetError(f"net '{net.name}' has no Input layer to feed (use a deploy prototxt)")
+        blobs = None if name in net.outputs else [name]
+        return net.forward_all(blobs=blobs, **{net.inputs[0]: x})[name]
+    return np.concatenate([forward_batch(net, x[i:i + batch_size], name)
+                           for i in range(0, len(x), batch_size)])
+
+
+def evaluate_batch(net, x, per_image, output_blob=None, batch_size=None, average=AVERAGE_OUTPUT):
+    """The pipeline after cropping and preprocessing: ``x`` holds each image's ``per_image`` crops in
+    a row (N·n×C×h×w); forwarded by ``forward_crops``, averaged by ``average_crops`` -> N×K."""
+    name = _output_name(net, output_blob)
+    out = forward_crops(net, x, name, batch_size)
+    is_probability = check_average(average) == AVERAGE_SOFTMAX and output_is_probability(net, name)
+    return average_crops(out, per_image, average, is_probability)
+
+
 def evaluate_crops(net, image, scheme, scales=None, output_blob=None, preprocess=None, crop_size=None,
-                   image_size=None, batch_size=64):
-    """Class probabilities of one image, softmax-averaged over the crops of ``scheme``.
+                   image_size=None, batch_size=64, average=AVERAGE_SOFTMAX):
+    """Class scores of one image averaged over the crops of ``scheme``: by default, as the papers do,
+    the mean of softmax probabilities (``average="output"`` for Caffe's mean of the output).
 
     ``scheme``: 'center', '10', '144', '150', or a list of ``Crop``. ``crop_size`` defaults to the
     net's input size (read it before another call reshapes the net to a different size).
@@ -337,20 +427,18 @@ def evaluate_crops(net, image, scheme, scales=None, output_blob=None, preprocess
     crop = _pair(crop_size) if crop_size is not None else net_crop_size(net)
     crops = scheme if isinstance(scheme, list) else make_crops(scheme, image.shape, crop, scales, image_size)
     x = (preprocess or Preprocessor())(extract_crops(image, crops, crop))
-    name = _output_name(net, output_blob)
-    probs = []
-    for i in range(0, len(x), batch_size):
-        probs.append(to_probabilities(net, forward_batch(net, x[i:i + batch_size], name), name))
-    return np.concatenate(probs).reshape(len(x), -1).mean(axis=0)
+    return evaluate_batch(net, x, len(crops), output_blob, batch_size, average)[0]
 
 
-def evaluate_dense(conv_net, image, scales=None, preprocess=None, flip=True, output_blob=None):
+def evaluate_dense(conv_net, image, scales=None, preprocess=None, flip=True, output_blob=None,
+                   average=AVERAGE_SOFTMAX):
     """VGG's dense evaluation of one image: the fully convolutional net applied to the whole image
     with shorter side Q for each Q in ``scales`` (the image as it is when None), the class
-    posterior map spatially averaged, the mirrored image averaged in, and the scales averaged."""
+    posterior map spatially averaged, the mirrored image averaged in, and the scales averaged.
+    With ``average="output"`` the raw output map is averaged instead of the posteriors."""
     image = _as_hwc(image)
     name = _output_name(conv_net, output_blob)
-    softmax = not output_is_probability(conv_net, name)
+    softmax = check_average(average) == AVERAGE_SOFTMAX and not output_is_probability(conv_net, name)
     out = []
     for q in (scales or [None]):
         img = image if q is None else resize(image, rescaled_size(image.shape, q))
@@ -365,6 +453,48 @@ def combine(*probabilities):
     if not probs:
         raise MinicaffeError("nothing to combine")
     return np.mean(probs, axis=0)
+
+
+def evaluate_images(nets, images, scheme="center", scales=None, dense=False, preprocess=None,
+                    image_size=None, progress=None, average=AVERAGE_SOFTMAX, crop_sizes=None,
+                    dense_nets=None, flip=True, output_blob=None):
+    """Class scores (N×K) of images (H×W×C arrays or zero-argument loaders): for each net, the
+    average over its crops (``evaluate_crops``) and its dense evaluation when ``dense``
+    (``evaluate_dense``) combined, then the mean over the nets (an ensemble). The papers' rule,
+    softmax probabilities, by default; ``average="output"`` is Caffe's.
+
+    ``scheme``: 'center', '10', '144', '150' or None (dense only). ``crop_sizes`` (one per net)
+    default to each net's input size, ``dense_nets`` (one per net) to ``convert_fc_to_conv(net)``.
+    ``output_blob`` names the crops' output (default: each net's last); dense evaluation reads the
+    converted net's last output (its layers are renamed).
+    """
+    if not scheme and not dense:
+        raise MinicaffeError("nothing to evaluate: give a crop scheme and/or dense evaluation")
+    check_average(average)
+    crops = list(crop_sizes) if crop_sizes is not None else [net_crop_size(net) for net in nets]
+    if not dense:
+        dense_nets = [None] * len(nets)
+    elif dense_nets is None:
+        dense_nets = [convert_fc_to_conv(net) for net in nets]
+    out = []
+    for image in images:
+        img = image() if callable(image) else image
+        per_model = []
+        for net, crop, conv in zip(nets, crops, dense_nets):
+            parts = []
+            if scheme:
+                parts.append(evaluate_crops(net, img, scheme, scales, output_blob, preprocess, crop,
+                                            image_size, average=average))
+            if dense:
+                parts.append(evaluate_dense(conv, img, scales, preprocess, flip, average=average))
+            per_model.append(combine(*parts))
+        if len({len(p) for p in per_model}) != 1:
+            raise MinicaffeError(f"the ensemble's nets predict different numbers of classes: "
+                                 f"{[len(p) for p in per_model]}")
+        out.append(combine(*per_model))
+        if progress is not None:
+            progress.update()
+    return np.asarray(out)
 
 
 def topk_error(probs, labels, k=1):
@@ -387,15 +517,18 @@ def topk_error(probs, labels, k=1):
     return float(np.mean(better >= k))
 
 
-# --- pycaffe Classifier with the schemes -------------------------------------------------------------
+# --- pycaffe Classifier's papers' schemes ----------------------------------------------------------
 
-def classifier_predict(clf, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
-    """``Classifier.predict`` with the papers' schemes: N×classes softmax probabilities.
+def classifier_predict(clf, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True,
+                       average=AVERAGE_SOFTMAX):
+    """The papers' schemes for a ``caffe.Classifier`` (anything with its ``transformer``, ``inputs``,
+    ``outputs``, ``crop_dims`` and ``image_dims``): N×classes scores, by the rule ``average``
+    (``Classifier.predict`` passes its own, Caffe's ``"output"``).
 
     ``scheme=None`` is Classifier's choice ('10' with ``oversample``, else 'center'); '10' and
     'center' without ``scales`` first resize to ``image_dims`` as Classifier does, '144' and '150'
     rescale the original image (aspect kept) to each scale. ``dense=True`` adds VGG's dense
-    evaluation (at ``scales``, or the image as given) averaged with the crops' probabilities;
+    evaluation (at ``scales``, or the image as given) averaged with the crops;
     ``scheme='none'`` with ``dense=True`` is dense evaluation alone.
     """
     if len(inputs) == 0:
@@ -407,40 +540,12 @@ def classifier_predict(clf, inputs, oversample=True, scheme=None, scales=None, d
     crop = tuple(int(v) for v in clf.crop_dims)
     image_size = tuple(int(v) for v in clf.image_dims) \
         if scheme in ("10", "center", "1") and not scales else None
-    dense_net = None
+    dense_nets = None
     if dense:
-        dense_net = getattr(clf, "_dense_net", None)
-        if dense_net is None:              # built once per Classifier (a copy of the weights)
-            dense_net = clf._dense_net = convert_fc_to_conv(clf)
-    out = []
-    for image in inputs:
-        parts = []
-        if scheme != "none":
-            parts.append(evaluate_crops(clf, image, scheme, scales, preprocess=preprocess,
-                                        crop_size=crop, image_size=image_size))
-        if dense:
-            parts.append(evaluate_dense(dense_net, image, scales, preprocess, flip=flip))
-        out.append(combine(*parts))
+        if getattr(clf, "_dense_net", None) is None:   # built once per Classifier (a copy of the weights)
+            clf._dense_net = convert_fc_to_conv(clf)
+        dense_nets = [clf._dense_net]
+    out = evaluate_images([clf], inputs, None if scheme == "none" else scheme, scales, dense, preprocess,
+                          image_size, average=average, crop_sizes=[crop], dense_nets=dense_nets, flip=flip,
+                          output_blob=clf.outputs[0])
     return np.asarray(out, dtype=np.float32)
-
-
-class MultiCropClassifier(Classifier):
-    """``Classifier`` whose every prediction takes the multi-crop path (softmax averaged over crops,
-    also for '10' and 'center'); kept for scripts written against the earlier name."""
-
-    def predict(self, inputs, oversample=True, scheme=None, scales=None, dense=False, flip=True):
-        return classifier_predict(self, inputs, oversample, scheme, scales, dense, flip)
-
-
-def _classifier_scheme(name):
-    """A scheme in the form Classifier's registry takes: (N×H×W×K batch, (h, w)) -> N×n×h×w×K."""
-    def scheme(batch, crop_dims):
-        crop = tuple(int(v) for v in crop_dims)
-        out = [extract_crops(im, make_crops(name, im.shape, crop), crop) for im in batch]
-        return np.stack(out)
-    scheme.__name__ = f"scheme_{name}"
-    return scheme
-
-
-for _name in ("144", "150"):
-    register_crop_scheme(_name, _classifier_scheme(_name))

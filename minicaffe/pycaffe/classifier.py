@@ -2,10 +2,16 @@
 10 crops) and averaging the output over the crops; plus the papers' evaluation schemes.
 
 Crops come from ``crops(image, crop_dims, scheme)``, a small registry of schemes ("10": pycaffe's
-corners + centre + mirrors, "center": one centre crop, "144"/"150": GoogLeNet's and VGG's, from
-``minicaffe.multicrop``); ``register_crop_scheme`` adds more and ``predict(..., scheme=name)`` uses
-them. ``predict(..., scheme="144"|"150", scales=..., dense=True)`` runs the papers' multi-scale
-evaluation on the original images (``multicrop.classifier_predict``).
+corners + centre + mirrors, "center": one centre crop, "144"/"150": GoogLeNet's and VGG's), all
+built on the one crop implementation in ``minicaffe.methods.multicrop``; ``register_crop_scheme``
+adds more and ``predict(..., scheme=name)`` uses them. ``predict(..., scheme="144"|"150",
+scales=..., dense=True)`` runs the papers' multi-scale evaluation on the original images
+(``multicrop.classifier_predict``).
+
+Every route averages by one rule, Caffe's: the mean of the net's output over the crops
+(``average="output"``, what BVLC's ``Classifier.predict`` does); ``average="softmax"`` is the VGG
+paper's mean of softmax probabilities, the rule of ``MultiCropClassifier`` and of the ``evaluate``
+command. On a net ending in Softmax they agree.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import numpy as np
 
 from . import io as caffe_io
 from ..errors import DataError, MinicaffeError
+from ..methods import multicrop
 from ..net.network import Net
 from ..proto import caffe_pb2
 
@@ -34,11 +41,20 @@ def _center_crop(batch, crop_dims):
     ch, cw = (int(d) for d in crop_dims)
     if ch > H or cw > W:
         raise DataError(f"centre crop {ch}×{cw} does not fit in images of {H}×{W}")
-    y, x = caffe_io.center_crop_box((H, W), (ch, cw))
-    return batch[:, np.newaxis, y:y + ch, x:x + cw, :]
+    return multicrop.extract_batch_crops(batch, multicrop.center_crop((H, W), (ch, cw)), (ch, cw))
 
 
-CROP_SCHEMES = {"10": _ten_crops, "center": _center_crop}
+def _papers_scheme(name):
+    """GoogLeNet's '144' or VGG's '150' at the default scales for the crop size, as a scheme."""
+    def scheme(batch, crop_dims):
+        crop = tuple(int(v) for v in crop_dims)
+        return multicrop.extract_batch_crops(batch, multicrop.make_crops(name, batch.shape[1:3], crop), crop)
+    scheme.__name__ = f"scheme_{name}"
+    return scheme
+
+
+CROP_SCHEMES = {"10": _ten_crops, "center": _center_crop, "144": _papers_scheme("144"),
+                "150": _papers_scheme("150")}
 
 
 def register_crop_scheme(name: str, fn: Callable[[np.ndarray, tuple[int, int]], np.ndarray]) -> None:
@@ -49,8 +65,6 @@ def register_crop_scheme(name: str, fn: Callable[[np.ndarray, tuple[int, int]], 
 def crops(image: np.ndarray, crop_dims: Sequence[int], scheme: str = "10") -> np.ndarray:
     """The crops of one H×W×K image (→ n×h×w×K) or of an N×H×W×K batch (→ (N·n)×h×w×K, image 0's
     crops first), by the named scheme."""
-    if scheme not in CROP_SCHEMES:
-        from ..methods import multicrop  # noqa: F401  (registers the papers' schemes)
     if scheme not in CROP_SCHEMES:
         raise MinicaffeError(f"unknown crop scheme '{scheme}' (known: {', '.join(sorted(CROP_SCHEMES))})")
     arr = np.asarray(image, dtype=np.float32)
@@ -112,8 +126,9 @@ class Classifier(Net):
 
     def predict(self, inputs: Sequence[np.ndarray] | np.ndarray, oversample: bool = True,
                 scheme: str | None = None, scales: Sequence[int] | None = None, dense: bool = False,
-                flip: bool = True) -> np.ndarray:
-        """Class scores for each H×W×K image: N×classes (averaged over crops).
+                flip: bool = True, average: str = multicrop.AVERAGE_OUTPUT) -> np.ndarray:
+        """Class scores for each H×W×K image: N×classes, the net's output averaged over the crops
+        (Caffe's rule; ``average="softmax"`` averages softmax probabilities instead, the VGG paper's).
 
         ``oversample=True`` averages pycaffe's 10 crops, ``False`` takes the centre crop;
         ``scheme`` names any registered crop scheme instead.
@@ -122,15 +137,14 @@ class Classifier(Net):
         original image (aspect kept) to each of ``scales`` (default: the papers' ratios to the crop
         size); ``scales=[S]`` with '10'/'center' crops from the image with shorter side S instead of
         the ``image_dims`` warp; ``dense=True`` adds VGG's dense evaluation (the net made fully
-        convolutional, the score map averaged, with the mirrored image when ``flip``), averaged with
-        the crops, or alone with ``scheme="none"``. These return softmax probabilities averaged over
-        crops (``multicrop.classifier_predict``).
+        convolutional, the output map averaged, with the mirrored image when ``flip``), averaged
+        with the crops, or alone with ``scheme="none"`` (``multicrop.classifier_predict``).
         """
         if len(inputs) == 0:
             raise DataError("Classifier.predict: no images given")
+        multicrop.check_average(average)
         if dense or scales or str(scheme) in ("144", "150", "none"):
-            from ..methods.multicrop import classifier_predict
-            return classifier_predict(self, inputs, oversample, scheme, scales, dense, flip)
+            return multicrop.classifier_predict(self, inputs, oversample, scheme, scales, dense, flip, average)
         channels = {np.shape(im)[2] if np.ndim(im) == 3 else None for im in inputs}
         if len(channels) != 1 or None in channels:
             raise DataError("Classifier.predict: images must be H×W×K arrays with one number of channels")
@@ -139,15 +153,22 @@ class Classifier(Net):
         batch = np.empty((len(inputs), h, w, k), dtype=np.float32)
         for ix, im in enumerate(inputs):
             batch[ix] = caffe_io.resize_image(im, (h, w))
-        scheme = scheme or ("10" if oversample else "center")
-        cropped = crops(batch, self.crop_dims, scheme)
-        in_ = self.inputs[0]
-        caffe_in = self.transformer.preprocess_batch(in_, cropped)
-        predictions = self.forward_all(**{in_: caffe_in})[self.outputs[0]]
-        per_image = len(predictions) // len(inputs)
-        if per_image > 1:
-            predictions = predictions.reshape((len(inputs), per_image, -1)).mean(1)
-        return predictions
+        cropped = crops(batch, self.crop_dims, scheme or ("10" if oversample else "center"))
+        caffe_in = self.transformer.preprocess_batch(self.inputs[0], cropped)
+        return multicrop.evaluate_batch(self, caffe_in, len(cropped) // len(inputs), self.outputs[0],
+                                        average=average)
+
+
+class MultiCropClassifier(Classifier):
+    """``Classifier`` whose predictions average softmax probabilities over the crops (the VGG paper's
+    rule, ``average="softmax"``) for every scheme, '10' and 'center' included; kept for scripts
+    written against the earlier name (it lived in ``minicaffe.multicrop``)."""
+
+    def predict(self, inputs: Sequence[np.ndarray] | np.ndarray, oversample: bool = True,
+                scheme: str | None = None, scales: Sequence[int] | None = None, dense: bool = False,
+                flip: bool = True, average: str = multicrop.AVERAGE_SOFTMAX) -> np.ndarray:
+        """``Classifier.predict`` with the softmax rule by default."""
+        return super().predict(inputs, oversample, scheme, scales, dense, flip, average)
 
 
 # --- labels and top-k, for the classify tool and scripts ---------------------------------------
@@ -176,4 +197,4 @@ def top_k(predictions: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(scores, idx, axis=1)
 
 
-__all__ = ["Classifier", "crops", "register_crop_scheme", "CROP_SCHEMES", "load_labels", "top_k"]
+__all__ = ["Classifier", "MultiCropClassifier", "crops", "register_crop_scheme", "CROP_SCHEMES", "load_labels", "top_k"]

@@ -15,11 +15,14 @@ from typing import Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-# the Datum codec lives with the data pipeline; pycaffe's names for it are re-exported here
+# the Datum codec and the mean loader live with the data pipeline; pycaffe's names are re-exported here
+from ..data.transformer import load_mean  # noqa: F401
 from ..formats.datum import array_to_datum, datum_to_array  # noqa: F401
 from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
+from ..methods import multicrop
 from ..proto import caffe_pb2
+from .vis import vis_square  # noqa: F401  (the notebooks' grid of filters; the pictures: caffe.vis)
 
 
 class TransformerError(MinicaffeError, ValueError):
@@ -93,29 +96,6 @@ def blobprotovector_str_to_arraylist(data: bytes) -> list[np.ndarray]:
     from ..formats.prototxt import parse_binary
     vec = parse_binary(data, caffe_pb2.BlobProtoVector(), "<BlobProtoVector bytes>")
     return [blobproto_to_array(b) for b in vec.blobs]
-
-
-def load_mean(path: str | os.PathLike) -> np.ndarray:
-    """A mean as a C×H×W float32 array, from a ``mean.binaryproto`` (BlobProto) or a ``.npy`` file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such mean file")
-    if path.endswith(".npy"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: cannot read mean .npy: {exc}") from None
-    else:
-        from ..data.transformer import load_mean_file
-        arr = load_mean_file(path)
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim == 2:
-        arr = arr[np.newaxis]
-    if arr.ndim != 3 or arr.size == 0:
-        raise DataError(f"{path}: a mean must be C×H×W (or 1×C×H×W), this one is {arr.shape}")
-    return arr
 
 
 # --- image I/O --------------------------------------------------------------------------------
@@ -373,9 +353,7 @@ def _as_batch(images):
 
 def center_crop_box(im_dims: Sequence[int], crop_dims: Sequence[int]) -> tuple[int, int]:
     """(top, left) of pycaffe's centre crop: ``center ∓ crop/2``, truncated to integers."""
-    im_dims = np.asarray(im_dims[:2], dtype=np.float64)
-    crop_dims = np.asarray(crop_dims, dtype=np.float64)
-    return tuple(int(v) for v in im_dims / 2.0 - crop_dims / 2.0)
+    return multicrop.center_offsets(im_dims, crop_dims)
 
 
 def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[int]) -> np.ndarray:
@@ -383,19 +361,15 @@ def oversample(images: Sequence[np.ndarray] | np.ndarray, crop_dims: Sequence[in
     bottom-right) and the centre, then the same five mirrored left-right.
 
     ``images`` is an iterable of H×W×K arrays of one shape (or an N×H×W×K array); returns a
-    (10·N)×h×w×K float32 array, the ten crops of image 0 first.
+    (10·N)×h×w×K float32 array, the ten crops of image 0 first. The crops are
+    ``multicrop.alexnet_10``'s, cut by ``multicrop.extract_batch_crops`` (the one crop implementation).
     """
     batch = _as_batch(images)
     n, H, W, K = batch.shape
     ch, cw = (int(d) for d in crop_dims)
     if ch > H or cw > W or ch <= 0 or cw <= 0:
         raise DataError(f"oversample: crop {ch}×{cw} does not fit in images of {H}×{W}")
-    cy, cx = center_crop_box((H, W), (ch, cw))
-    boxes = [(0, 0), (0, W - cw), (H - ch, 0), (H - ch, W - cw), (cy, cx)]
-    crops = np.empty((n, 10, ch, cw, K), dtype=np.float32)
-    for i, (y, x) in enumerate(boxes):
-        crops[:, i] = batch[:, y:y + ch, x:x + cw, :]
-    crops[:, 5:] = crops[:, :5, :, ::-1, :]
+    crops = multicrop.extract_batch_crops(batch, multicrop.alexnet_10((H, W), (ch, cw)), (ch, cw))
     return crops.reshape(n * 10, ch, cw, K)
 
 
@@ -561,5 +535,3 @@ __all__ = ["blobproto_to_array", "array_to_blobproto", "arraylist_to_blobprotove
            "blobprotovector_str_to_arraylist", "array_to_datum", "datum_to_array", "load_mean",
            "load_image", "resize_image", "oversample", "center_crop_box", "Transformer",
            "TransformerError", "BlobProtoError"]
-
-from .vis import vis_square  # noqa: E402,F401  (the notebooks' grid of filters; the pictures: caffe.vis)

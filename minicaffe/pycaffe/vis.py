@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ..data.transformer import load_mean
 from ..errors import DataError
 from ..fileio import atomic_write
 
@@ -50,7 +51,6 @@ def mean_image(mean, channel_swap=(2, 1, 0)):
     """A mean (C×H×W array, or the path of a ``mean.binaryproto``/``.npy``) as an H×W×3 RGB or H×W
     grey image in [0, 1]. Caffe means are BGR, hence the default ``channel_swap``."""
     if isinstance(mean, (str, os.PathLike)):
-        from .io import load_mean
         mean = load_mean(mean)
     mean = np.asarray(mean, dtype=np.float32)
     if mean.ndim == 4 and mean.shape[0] == 1:

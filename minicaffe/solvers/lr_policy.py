@@ -14,14 +14,10 @@ import math
 
 import numpy as np
 
+from ..core.numeric import f32
 from ..errors import SolverError, did_you_mean
 
 POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
-
-
-def _f32(x):
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
 
 
 def _need(cond, message):
@@ -43,9 +39,9 @@ def learning_rate(param, it, current_step=0):
 
 def _learning_rate(param, it, current_step):
     policy = param.lr_policy
-    base = _f32(param.base_lr)
-    gamma = _f32(param.gamma)
-    power = _f32(param.power)
+    base = f32(param.base_lr)
+    gamma = f32(param.gamma)
+    power = f32(param.power)
     it = int(it)
     if policy == "fixed":
         rate = base
@@ -59,7 +55,7 @@ def _learning_rate(param, it, current_step):
         rate = base * math.pow(gamma, it)
     elif policy == "inv":
         _need(gamma >= 0, f"lr_policy 'inv' needs gamma >= 0 (got {gamma:g})")
-        rate = _f32(base * _f32(math.pow(_f32(1.0 + _f32(gamma * _f32(it))), -power)))
+        rate = f32(base * f32(math.pow(f32(1.0 + f32(gamma * f32(it))), -power)))
     elif policy == "multistep":
         values = list(param.stepvalue)
         if current_step < len(values) and it >= values[current_step]:
@@ -68,25 +64,25 @@ def _learning_rate(param, it, current_step):
         rate = base * math.pow(gamma, current_step)
     elif policy == "poly":
         _need(param.max_iter > 0, f"lr_policy 'poly' needs max_iter > 0 (got {param.max_iter})")
-        frac = _f32(np.float32(it) / np.float32(param.max_iter))
-        remaining = _f32(1.0 - frac)
+        frac = f32(np.float32(it) / np.float32(param.max_iter))
+        remaining = f32(1.0 - frac)
         if remaining < 0 and power != int(power):
             rate = float("nan")       # as C's pow: a negative base to a fractional power
         elif remaining == 0 and power < 0:
             rate = float("inf")
         else:
-            rate = base * _f32(math.pow(remaining, power))
+            rate = base * f32(math.pow(remaining, power))
     elif policy == "sigmoid":
         _need(gamma >= 0, f"lr_policy 'sigmoid' needs gamma >= 0 (got {gamma:g})")
         _need(param.stepsize > 0, f"lr_policy 'sigmoid' needs stepsize > 0 (got {param.stepsize})")
-        z = _f32(-gamma * _f32(_f32(it) - _f32(param.stepsize)))
-        e = _f32(math.exp(z)) if z < 700 else float("inf")     # expf overflows to inf above ~88.7
-        rate = base * _f32(1.0 / _f32(1.0 + e))
+        z = f32(-gamma * f32(f32(it) - f32(param.stepsize)))
+        e = f32(math.exp(z)) if z < 700 else float("inf")     # expf overflows to inf above ~88.7
+        rate = base * f32(1.0 / f32(1.0 + e))
     else:
         shown = f"'{policy}'" if policy else "'' (lr_policy is not set)"
         raise SolverError(f"unknown learning rate policy {shown}{did_you_mean(policy, POLICIES)}; "
                           f"known: {', '.join(POLICIES)}")
-    return _f32(rate), current_step
+    return f32(rate), current_step
 
 
 def get_learning_rate(param, it, current_step=0):

@@ -39,7 +39,7 @@ from ..errors import DataError, MinicaffeError, NumericalError, SolverError, did
 from ..fileio import atomic_open, atomic_write
 from ..net.network import Net, blobproto_to_array, blobproto_shape, in_file
 from ..proto import caffe_pb2
-from ..formats.prototxt import caffe_text, load_net_param, load_solver_param, read_binary_file
+from ..formats.prototxt import caffe_text, load_net_param, load_solver_param, prototxt_path, read_binary_file
 from ..formats.wire import _field, blobproto_bytes
 from . import updates
 from .lr_policy import POLICIES, learning_rate
@@ -82,9 +82,7 @@ def read_solver_param(source: str | os.PathLike | caffe_pb2.SolverParameter
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(source)
     else:
-        if isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or "\n" not in str(source)
-                                                       and ":" not in str(source) and "{" not in str(source)):
-            path = os.fspath(source)
+        path = prototxt_path(source)
         param = caffe_pb2.SolverParameter()
         param.CopyFrom(load_solver_param(source))
     upgrade_solver_param(param, path)

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from ..core import backend
+from ..core.numeric import f32
 from ..errors import SolverError
 from ..kernels import cuda_updates
 
@@ -26,12 +27,6 @@ from ..kernels import cuda_updates
 def _on_gpu(g):
     """A device array: the rule runs as one fused kernel (``minicaffe.kernels.cuda_updates``)."""
     return not isinstance(g, np.ndarray)
-
-
-def f32(x):
-    """``x`` rounded to float32, as a Python float (a weak scalar that keeps float32 arrays float32)."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
 
 
 def fused_axpy(a, x, y):

@@ -8,8 +8,9 @@
   layer. ``minicaffe test`` runs the same code (``run_evaluation``) when given --crops, --scales,
   --dense, --list or several models.
 
-Each subcommand is a thin shell over ``minicaffe.surgery`` / ``minicaffe.multicrop`` functions,
-and over ``evaluate_images`` here, which scripts can call directly.
+Each subcommand is a thin shell over ``minicaffe.surgery`` / ``minicaffe.multicrop`` functions
+(``evaluate`` over ``multicrop.evaluate_images``, the one evaluation pipeline, with the papers'
+rule: softmax probabilities averaged over crops, dense evaluation and models).
 """
 import os
 import sys
@@ -22,8 +23,8 @@ from ..formats.datum import join_root, read_image_list
 from ..deps import import_cv2
 from ..errors import DataError, MinicaffeError
 from ..fileio import atomic_write
-from ..methods.multicrop import (Preprocessor, combine, default_scales, evaluate_crops, evaluate_dense,
-                         net_crop_size, topk_error)
+from ..methods.multicrop import (Preprocessor, default_scales, evaluate_images, net_crop_size,
+                                 topk_error)
 from ..net.network import Net
 from ..proto import caffe_pb2
 from ..methods.surgery import convert_fc_to_conv, init_from, net_definition, parse_mapping, vgg_init_mapping
@@ -91,40 +92,6 @@ def _describe(scheme, scales, dense, crop):
     if dense:
         parts.append("dense" + (f" at scales {','.join(map(str, scales))}" if scales else "") + " + flip")
     return " + ".join(parts)
-
-
-# --- library-level evaluation ---------------------------------------------------------------------
-
-def evaluate_images(nets, images, scheme="center", scales=None, dense=False, preprocess=None,
-                    image_size=None, progress=None):
-    """Class probabilities (N×K) of images (H×W×C arrays or zero-argument loaders), averaged over
-    each net's crops (and dense evaluation when ``dense``) and then over the nets (an ensemble).
-
-    ``scheme``: 'center', '10', '144', '150' or None (dense only).
-    """
-    if not scheme and not dense:
-        raise MinicaffeError("nothing to evaluate: give a crop scheme and/or dense evaluation")
-    crops = [net_crop_size(net) for net in nets]
-    conv_nets = [convert_fc_to_conv(net) for net in nets] if dense else [None] * len(nets)
-    out = []
-    for image in images:
-        img = image() if callable(image) else image
-        per_model = []
-        for net, crop, conv in zip(nets, crops, conv_nets):
-            parts = []
-            if scheme:
-                parts.append(evaluate_crops(net, img, scheme, scales, preprocess=preprocess, crop_size=crop,
-                                            image_size=image_size))
-            if dense:
-                parts.append(evaluate_dense(conv, img, scales, preprocess, flip=True))
-            per_model.append(combine(*parts))
-        if len({len(p) for p in per_model}) != 1:
-            raise MinicaffeError(f"the ensemble's nets predict different numbers of classes: "
-                                 f"{[len(p) for p in per_model]}")
-        out.append(combine(*per_model))
-        if progress is not None:
-            progress.update()
-    return np.asarray(out)
 
 
 # --- subcommands ----------------------------------------------------------------------------------
