@@ -49,9 +49,6 @@ LAZY_UPWARD_ALLOWED: Dict[Tuple[str, str], str] = {}
 
 # Today's upward imports (importer, imported): why, and what removes them.
 KNOWN_UPWARD: Dict[Tuple[str, str], str] = {
-    ("minicaffe.methods.multicrop", "minicaffe.pycaffe.classifier"):
-        "multicrop registers its crop schemes in Classifier's registry (the classifier <-> multicrop "
-        "cycle); one evaluation pipeline in methods/ removes it (one-of-each work)",
     ("minicaffe.parallel.data_parallel", "minicaffe.tools.common"):
         "abort_job prints the error line with tools.common's print_error/debug_enabled; moves to "
         "minicaffe/log.py and the context (context/log work)",
