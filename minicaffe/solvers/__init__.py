@@ -1,7 +1,7 @@
-"""Solvers: the training loop (solver.py), reading solver definitions (params.py), snapshots and
-resuming (checkpoint.py), NaN diagnosis (diagnosis.py), SIGINT/SIGHUP (signals.py), the solver type
-registry (registry.py), gradient synchronisation strategies (sync.py), Caffe's update rules
-(updates.py) and lr policies (lr_policy.py)."""
+"""Solvers: the training loop (solver.py), reading solver definitions (params.py), building the
+nets they name (nets.py), snapshots and resuming (checkpoint.py), NaN diagnosis (diagnosis.py),
+SIGINT/SIGHUP (signals.py), the solver type registry (registry.py), gradient synchronisation
+strategies (sync.py), Caffe's update rules (updates.py) and lr policies (lr_policy.py)."""
 from .lr_policy import get_learning_rate, learning_rate
 from .params import read_solver_param
 from .registry import register_solver, solver_class

@@ -7,10 +7,10 @@ update with the solver type's rule (``updates.py``) at the rate of the ``lr_poli
 (checkpoint.py). The log lines are worded as Caffe's, so Caffe's and minicaffe's log parsers read them.
 
 The solver's neighbours, each in its module: reading and checking the solver definition
-(params.py), the snapshot files, the ``.rng`` sidecar and the snapshot prefix lock (checkpoint.py),
-finding where a NaN appeared (diagnosis.py), SIGINT/SIGHUP (signals.py), the type name -> class
-registry (registry.py) and the gradient synchronisation strategy of data-parallel training
-(sync.py; ``minicaffe.parallel`` provides the all-reduce one).
+(params.py), building the nets it names (nets.py), the snapshot files, the ``.rng`` sidecar and the
+snapshot prefix lock (checkpoint.py), finding where a NaN appeared (diagnosis.py), SIGINT/SIGHUP
+(signals.py), the type name -> class registry (registry.py) and the gradient synchronisation
+strategy of data-parallel training (sync.py; ``minicaffe.parallel`` provides the all-reduce one).
 
 Beyond Caffe: snapshots are written atomically; resuming is bit-exact (the host random generator's
 state goes to a ``.solverstate.rng`` sidecar, with the solver type, the GPU generator's position and
@@ -36,23 +36,24 @@ from ..core import backend
 from ..core.blob import Blob
 from ..data.lmdb_source import solver_rank     # the one import of the worker's rank in solvers/
 from ..errors import DataError, MinicaffeError, NumericalError, SolverError
-from ..formats.prototxt import caffe_text, load_net_param
-from ..terminal import ProgressBar, get_logger
-from ..net.network import Net, in_file
+from ..formats.prototxt import caffe_text
+from ..net.network import Net
 from ..proto import caffe_pb2
+from ..terminal import ProgressBar, get_logger
 from . import checkpoint, updates
 from .diagnosis import loss_report, non_finite_gradient, non_finite_weights
 from .lr_policy import learning_rate
+from .nets import NetBuilder
 from .params import check_solver_param, read_solver_param
 from .registry import history_sets_by_type, register_solver, solver_class
 from .signals import NONE, SNAPSHOT, STOP
+from .sync import NO_SYNC, GradientSync
 # importable from here as before the solver was split into these modules
-from .checkpoint import SnapshotLock, check_snapshot_dir, lock_path, solverstate_bytes  # noqa: F401,E402
+from .checkpoint import SnapshotLock, check_snapshot_dir, lock_path, solverstate_bytes  # noqa: F401
 from .diagnosis import first_non_finite  # noqa: F401
 from .params import upgrade_solver_param  # noqa: F401
 from .registry import SOLVER_CLASSES  # noqa: F401
 from .signals import SIGNAL_EFFECTS, SignalHandler  # noqa: F401
-from .sync import NO_SYNC, GradientSync
 
 
 def _log():
@@ -95,7 +96,6 @@ class Solver:
                  solver_file: str | os.PathLike | None = None) -> None:
         param, path = read_solver_param(param_or_path)
         self.solver_file = os.fspath(solver_file) if solver_file is not None else path
-        self._net_files = {}     # net file as the solver names it -> the path it was read from
         self.param = param
         self.log = _log()
         self.log.info("Initializing solver from parameters: \n%s", caffe_text(param, utf8=True).rstrip())
@@ -107,11 +107,10 @@ class Solver:
         if param.random_seed >= 0:
             # Caffe seeds worker r of a data-parallel run with random_seed + r (own dropout masks)
             backend.set_random_seed(param.random_seed + solver_rank())
-        self._init_train_net()
-        if solver_rank() == 0:
-            self._init_test_nets()
-        else:
-            self.test_nets = []     # only the root solver tests (Caffe builds no test nets on workers)
+        nets = NetBuilder(param, self.solver_file, self.log)
+        self.net = nets.train_net()
+        # only the root solver tests (Caffe builds no test nets on workers)
+        self.test_nets = nets.test_nets(self.net) if solver_rank() == 0 else []
         self.log.info("Solver scaffolding done.")
         self.iter = 0
         self.current_step = 0
@@ -136,116 +135,6 @@ class Solver:
 
     def _where(self):
         return self.solver_file or "<solver>"
-
-    def _resolve(self, field, value):
-        """A path from the solver: as given (relative to the working directory, as Caffe), else relative
-        to the solver file's directory; SolverError naming the field and the paths tried."""
-        tried = [value]
-        if os.path.exists(value):
-            return value
-        if self.solver_file and not os.path.isabs(value):
-            alt = os.path.join(os.path.dirname(os.path.abspath(self.solver_file)), value)
-            tried.append(alt)
-            if os.path.exists(alt):
-                self.log.info("%s '%s' is not in the working directory; using %s (beside the solver file)",
-                              field, value, alt)
-                return alt
-        from ..core import shipped  # a documented path (models/lenet/...): the copy minicaffe ships
-        found = shipped.resolve(value, field)
-        if found != value:
-            return found
-        raise SolverError(f"{self._where()}: {field} '{value}' not found (tried {', '.join(tried)})")
-
-    def _read_net(self, field, value):
-        path = self._resolve(field, value)
-        self._net_files[value] = path
-        return load_net_param(path)
-
-    def _net_source(self, field, value):
-        """What a net error should name: the net's file, or the solver's field holding it."""
-        if field.endswith("_param"):
-            return f"{self._where()}: {field}"
-        return self._net_files.get(value, value)
-
-    def _init_train_net(self):
-        p = self.param
-        fields = ("net", "net_param", "train_net", "train_net_param")
-        given = [f for f in fields if p.HasField(f)]
-        if not given:
-            raise SolverError(f"{self._where()}: the solver must name a train net with one of: "
-                              f"{', '.join(fields)}")
-        if len(given) > 1:
-            raise SolverError(f"{self._where()}: give only one of {', '.join(fields)} for the train net "
-                              f"(found {', '.join(given)})")
-        field = given[0]
-        if field.endswith("_param"):
-            self.log.info("Creating training net specified in %s.", field)
-            net_param = load_net_param(getattr(p, field))
-        else:
-            self.log.info("Creating training net from %s file: %s", field, getattr(p, field))
-            net_param = self._read_net(field, getattr(p, field))
-        state = caffe_pb2.NetState(phase=caffe_pb2.TRAIN)
-        state.MergeFrom(net_param.state)
-        state.MergeFrom(p.train_state)
-        net_param.state.CopyFrom(state)
-        try:
-            self.net = Net(net_param, state.phase)
-        except MinicaffeError as exc:
-            raise in_file(exc, self._net_source(field, getattr(p, field)))
-        self._load_weights(self.net)
-
-    def _init_test_nets(self):
-        p = self.param
-        where = self._where()
-        if p.HasField("net") and p.HasField("net_param"):
-            raise SolverError(f"{where}: give either net or net_param, not both")
-        generic = p.HasField("net") or p.HasField("net_param")
-        specific = len(p.test_net_param) + len(p.test_net)
-        n_iter = len(p.test_iter)
-        if generic and n_iter < specific or not generic and n_iter != specific:
-            raise SolverError(f"{where}: test_iter must be given for each test net ({specific} test "
-                              f"net(s), {n_iter} test_iter value(s))")
-        count = specific + (n_iter - specific)
-        if len(p.test_state) and len(p.test_state) != count:
-            raise SolverError(f"{where}: test_state must be left out or given once per test net "
-                              f"({count} test nets, {len(p.test_state)} test_state entries)")
-        if count and p.test_interval <= 0:
-            raise SolverError(f"{where}: {count} test net(s) but test_interval is {p.test_interval}; "
-                              f"set test_interval > 0 (or drop test_iter)")
-        sources = []
-        for tp in p.test_net_param:
-            sources.append(("test_net_param", load_net_param(tp)))
-        for name in p.test_net:
-            sources.append((f"test_net file: {name}", self._read_net("test_net", name)))
-        for _ in range(count - len(sources)):
-            if p.HasField("net_param"):
-                sources.append(("net_param", load_net_param(p.net_param)))
-            else:
-                sources.append((f"net file: {p.net}", self._read_net("net", p.net)))
-        self.test_nets = []
-        for i, (desc, net_param) in enumerate(sources):
-            state = caffe_pb2.NetState(phase=caffe_pb2.TEST)
-            state.MergeFrom(net_param.state)
-            if len(p.test_state):
-                state.MergeFrom(p.test_state[i])
-            net_param.state.CopyFrom(state)
-            self.log.info("Creating test net (#%d) specified by %s", i, desc)
-            try:
-                net = Net(net_param, state.phase)
-            except MinicaffeError as exc:
-                field, _, value = desc.partition(" file: ")
-                raise in_file(exc, self._net_source(field if value else desc, value))
-            self._load_weights(net)
-            net.share_with(self.net)
-            self.test_nets.append(net)
-
-    def _load_weights(self, net):
-        for entry in self.param.weights:
-            for name in entry.split(","):
-                name = name.strip()
-                if name:
-                    self.log.info("Finetuning from %s", name)
-                    net.copy_from(self._resolve("weights", name))
 
     # --- pycaffe surface ----------------------------------------------------------------------
     def add_callback(self, on_start: Callable[[], object],
