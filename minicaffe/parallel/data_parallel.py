@@ -10,6 +10,10 @@ and after a restore). The LMDB ``Data`` layer of worker ``r`` keeps the records 
 ``i % N == r`` (Caffe's ``DataLayer::Skip``), so an epoch sees every record once: see
 ``set_solver_rank`` in ``minicaffe.data.lmdb_source``.
 
+The solver is not patched: ``ParallelSolver`` gives it an ``AllReduceSync``, its gradient
+synchronisation strategy (``Solver.set_gradient_sync``, ``minicaffe.solvers.sync``), which the
+solver calls at defined points of each forward/backward pass.
+
 Overlap: the gradients are packed into buckets (about ``bucket_mb`` MB each, filled in reverse
 layer order; the blobs' ``diff`` arrays become views of the bucket buffers, as Caffe's
 ``apply_buffers`` does, so nothing is copied), and a non-blocking all-reduce of a bucket starts as
@@ -59,9 +63,9 @@ from ..core import backend
 from ..data.lmdb_source import set_solver_rank as _set_rank_and_count
 from ..data.lmdb_source import solver_count, solver_rank
 from ..errors import MinicaffeError, SolverError
-from ..terminal import debug_enabled, get_logger, print_error
 from ..proto import is_repeated
 from ..solvers.sync import NO_SYNC, GradientSync
+from ..terminal import debug_enabled, get_logger, print_error
 
 DEFAULT_BUCKET_MB = 25.0
 
