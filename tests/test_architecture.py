@@ -49,24 +49,12 @@ LAZY_UPWARD_ALLOWED: Dict[Tuple[str, str], str] = {}
 
 # Today's upward imports (importer, imported): why, and what removes them.
 KNOWN_UPWARD: Dict[Tuple[str, str], str] = {
-    ("minicaffe.parallel.data_parallel", "minicaffe.tools.common"):
-        "abort_job prints the error line with tools.common's print_error/debug_enabled; moves to "
-        "minicaffe/log.py and the context (context/log work)",
-    ("minicaffe.pycaffe._caffe", "minicaffe.tools.common"):
-        "caffe.log()/init_log use tools.common's logger; moves to minicaffe/log.py (log work)",
-    ("minicaffe.solvers.solver", "minicaffe.tools.common"):
-        "the solver logs through tools.common's get_logger; moves to minicaffe/log.py (solver split)",
-    ("minicaffe.solvers.solver", "minicaffe.tools.progress"):
-        "the training loop draws tools.progress's bar; the solver split hands it in (solver split)",
 }
 
 # Modules that may read the environment (os.environ, os.getenv): the context reads every switch once;
 # the command-line wiring in tools/ reads its own (listed one by one, so a new reader is a decision).
 ENV_ALLOWED: Dict[str, str] = {
     "minicaffe/core/context.py": "the one place the engine's switches are read, once, at start-up",
-    "minicaffe/tools/common.py": "command-line wiring: MINICAFFE_DEBUG (traceback or one line), GLOG_* "
-                                 "(log level, stderr, log dir) as Caffe's tools read them",
-    "minicaffe/tools/progress.py": "command-line wiring: MINICAFFE_NO_PROGRESS turns the progress bar off",
 }
 
 # Today's environment readers outside the context: why, and what removes them.
@@ -106,14 +94,6 @@ KNOWN_PRIVATE: Dict[Tuple[str, str], str] = {
                                            "seam on the layer (engines work)",
     ("minicaffe.kernels.fusion", "_bottom4"): "as _top4 (engines work)",
     ("minicaffe.methods.surgery", "_bottom"): "Net.bottom_vecs (net work)",
-    ("minicaffe.parallel.data_parallel", "_parallel"): "ParallelSolver patches the solver; gradient sync "
-                                                       "becomes a strategy the solver is given (solver split)",
-    ("minicaffe.parallel.data_parallel", "_restore_data_positions"): "Net.restore_data_positions (solver split)",
-    ("minicaffe.parallel.data_parallel", "_layer_names"): "Net.layer_names (net work)",
-    ("minicaffe.solvers.solver", "_learnable_names"): "Net.learnable_param_names (solver split)",
-    ("minicaffe.solvers.solver", "_layer_names"): "Net.layer_names (solver split)",
-    ("minicaffe.solvers.solver", "_top"): "Net.top_vecs (solver split)",
-    ("minicaffe.solvers.solver", "_loss_weights"): "Net.layer_loss_weights (solver split)",
     ("minicaffe.tools.cli", "_loss_weights"): "Net.layer_loss_weights (net work)",
     ("minicaffe.tools.cli", "_layer_names"): "Net.layer_names (net work)",
     ("minicaffe.tools.cli", "_top"): "Net.top_vecs (net work)",
@@ -126,8 +106,6 @@ KNOWN_PRIVATE: Dict[Tuple[str, str], str] = {
     ("minicaffe.data.transformer", "_cv2"): "formats.datum's private OpenCV getter; call deps.import_cv2 "
                                             "or make the getter public (small, unassigned)",
     ("minicaffe.layers.data", "_cv2"): "as data.transformer (small, unassigned)",
-    ("minicaffe.solvers.solver", "_field"): "formats.wire's private field encoder; make it public in "
-                                            "formats/wire.py (solver split: checkpoint)",
     ("minicaffe.solvers.solver", "_minicaffe_nccl"): "the solver recognises pycaffe's NCCL callback by a "
                                                      "private marker; the gradient-sync strategy (solver split)",
     ("minicaffe.kernels._cuda", "_import_cupy"): "core.backend's private CuPy import; a public one on the "

@@ -336,10 +336,10 @@ def _rule(kind, spec):
     from google.protobuf import text_format
 
     from minicaffe.proto import caffe_pb2
-    from minicaffe.solvers import updates
+    from minicaffe.solvers import solver_class
     param = caffe_pb2.SolverParameter()
     text_format.Merge(f'type: "{kind}" {spec}', param)
-    return updates.RULES[kind](param)
+    return solver_class(kind).rule_class(param)
 
 
 def _update_inputs(rule, dtype, seed=14):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from minicaffe.tools import parse_log as pl
-from minicaffe.tools.common import _GlogFormatter
+from minicaffe.tools.common import GlogFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "caffe_train.log")
@@ -128,7 +128,7 @@ def _record(created, msg, lineno):
 def test_minicaffe_logger_lines(tmp_path):
     """Lines from minicaffe's own log formatter (glog prefix, Caffe's wording) parse the same way."""
     t0 = datetime.datetime(2025, 11, 25, 23, 59, 58, 250000).timestamp()
-    fmt = _GlogFormatter()
+    fmt = GlogFormatter()
     events = [
         (0.0, "Solving LeNet"),
         (0.5, "Iteration 0, Testing net (#0)"),
@@ -217,7 +217,7 @@ def test_log_of_a_real_minicaffe_run(tmp_path):
         'base_lr: 0.1 lr_policy: "step" gamma: 0.5 stepsize: 10 snapshot_after_train: false\n')
     log_path = tmp_path / "train.log"
     handler = logging.FileHandler(log_path)
-    handler.setFormatter(_GlogFormatter())
+    handler.setFormatter(GlogFormatter())
     logger = get_logger()
     logger.addHandler(handler)
     try:

@@ -14,7 +14,7 @@ from minicaffe.core import backend
 from minicaffe.errors import SolverError
 from minicaffe.core import layer as layer_base
 from minicaffe.core.layer import Layer
-from minicaffe.solvers import updates
+from minicaffe.solvers import solver_class, updates
 
 
 class QuadLoss(Layer):
@@ -332,7 +332,7 @@ def test_rules_on_gpu_match_cpu(kind, gpu):
     cp = backend.xp()
     param = caffe.proto.caffe_pb2.SolverParameter(momentum=0.9 if kind not in ("AdaGrad", "RMSProp") else 0,
                                                  delta=1e-6)
-    rule = updates.RULES[kind](param)
+    rule = solver_class(kind).rule_class(param)
     rng = np.random.default_rng(0)
     g_host = rng.normal(size=(3, 5)).astype(np.float32)
     outs = []

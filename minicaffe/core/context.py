@@ -97,6 +97,7 @@ class Switches:
     nccl_rank: str = None
     nccl_size: str = None
     mpi_world_size: int = 1             # OMPI_COMM_WORLD_SIZE, PMI_SIZE or MV2_COMM_WORLD_SIZE
+    glog: dict = field(default_factory=dict)   # GLOG_minloglevel/logtostderr/log_dir, as Caffe's tools read them
 
     @classmethod
     def from_environ(cls, environ=None):
@@ -107,7 +108,8 @@ class Switches:
                    no_python_layers=_flag(env, NO_PYTHON_LAYERS_VAR), comm=env.get(COMM_VAR) or None,
                    bucket_mb=env.get(BUCKET_VAR) or None, nccl_uid=env.get(NCCL_UID_VAR),
                    nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
-                   mpi_world_size=mpi_world_size_in(env))
+                   mpi_world_size=mpi_world_size_in(env),
+                   glog={k: env[k] for k in ("GLOG_minloglevel", "GLOG_logtostderr", "GLOG_log_dir") if k in env})
 
 
 class Slot:

@@ -18,7 +18,7 @@ def _varint(n):
             return bytes(out)
 
 
-def _field(number, payload):
+def length_delimited(number, payload):
     """A length-delimited protobuf field."""
     return _varint((number << 3) | 2) + _varint(len(payload)) + payload
 
@@ -29,8 +29,8 @@ def blobproto_bytes(arr):
     bytes protobuf (and Caffe) would write, fields in number order."""
     arr = np.asarray(arr)
     if arr.dtype == np.float64:
-        out = _field(8, np.ascontiguousarray(arr, dtype="<f8").tobytes()) if arr.size else b""
+        out = length_delimited(8, np.ascontiguousarray(arr, dtype="<f8").tobytes()) if arr.size else b""
     else:
-        out = _field(5, np.ascontiguousarray(arr, dtype="<f4").tobytes()) if arr.size else b""
+        out = length_delimited(5, np.ascontiguousarray(arr, dtype="<f4").tobytes()) if arr.size else b""
     dims = b"".join(_varint(int(d)) for d in arr.shape)
-    return out + _field(7, _field(1, dims) if dims else b"")
+    return out + length_delimited(7, length_delimited(1, dims) if dims else b"")

@@ -10,6 +10,10 @@ and after a restore). The LMDB ``Data`` layer of worker ``r`` keeps the records 
 ``i % N == r`` (Caffe's ``DataLayer::Skip``), so an epoch sees every record once: see
 ``set_solver_rank`` in ``minicaffe.core.context``.
 
+The solver is not patched: ``ParallelSolver`` gives it an ``AllReduceSync``, its gradient
+synchronisation strategy (``Solver.set_gradient_sync``, ``minicaffe.solvers.sync``), which the
+solver calls at defined points of each forward/backward pass.
+
 Overlap: the gradients are packed into buckets (about ``bucket_mb`` MB each, filled in reverse
 layer order; the blobs' ``diff`` arrays become views of the bucket buffers, as Caffe's
 ``apply_buffers`` does, so nothing is copied), and a non-blocking all-reduce of a bucket starts as
@@ -61,6 +65,8 @@ from ..core.context import solver_count, solver_rank
 from ..core.context import set_solver_rank as _set_rank_and_count
 from ..errors import MinicaffeError, SolverError
 from ..proto import is_repeated
+from ..solvers.sync import NO_SYNC, GradientSync
+from ..core.terminal import debug_enabled, get_logger, print_error
 
 DEFAULT_BUCKET_MB = 25.0
 
@@ -435,7 +441,6 @@ def setup_worker(comm=None, quiet_workers=True):
     _set_rank_and_count(comm.rank, comm.size)
     _multiprocess["on"] = comm.size > 1
     if quiet_workers and comm.rank != 0:
-        from ..tools.common import get_logger
         get_logger().setLevel(logging.WARNING)
     return comm
 
@@ -600,7 +605,7 @@ def setup_description(solver):
         param.ClearField(name)
     net = solver.net
     shapes = [[name, i, [int(d) for d in b.shape]]
-              for name, layer in zip(net._layer_names, net.layers) for i, b in enumerate(layer.blobs)]
+              for name, layer in zip(net.layer_names, net.layers) for i, b in enumerate(layer.blobs)]
     return json.dumps({
         "solver": param.SerializeToString(deterministic=True).hex(),
         "net": net.param.SerializeToString(deterministic=True).hex(),
@@ -764,16 +769,81 @@ def _bucket_mb(value):
     return mb
 
 
+class AllReduceSync(GradientSync):
+    """The data-parallel gradient synchronisation strategy (``minicaffe.solvers.sync``): after each
+    worker's backward the parameter gradients are all-reduced over ``comm`` and scaled by 1/N, so
+    every worker applies the same update. MPI or NCCL is the communicator it is given (``MPIComm``,
+    ``NCCLComm``; ``LocalComm`` for a world of one).
+
+    The loss of each pass is all-reduced too (the solver records, logs and checks the mean over the
+    workers). On the last of the solver's ``iter_size`` passes, with ``overlap``, the solver runs the
+    backward layer by layer and a bucket's reduction starts as soon as the layers owning it are done
+    (``GradientReducer``); without, every bucket is reduced after the whole backward.
+    ``stats``/``reducer`` count the passes and the seconds (``communication_share``)."""
+
+    def __init__(self, net, comm, bucket_bytes=DEFAULT_BUCKET_MB * 2 ** 20, overlap=True):
+        self.comm = comm
+        self.name, self.rank, self.size = comm.name, comm.rank, comm.size
+        self.layer_wise = bool(overlap)
+        self.reducer = GradientReducer(net, comm, bucket_bytes)
+        self._loss = backend.xp().zeros(1, dtype=np.float64)
+        self._loss_pending = None
+        self._t0 = 0.0
+        self.stats = {"passes": 0, "forward_backward_s": 0.0}
+
+    def before_forward(self, last):
+        self._t0 = time.perf_counter()
+
+    def after_forward(self, loss, last):
+        self._loss[0] = loss
+        self._loss_pending = self.comm.allreduce_start(self._loss, 1.0 / self.size)
+        if last and self.layer_wise:
+            self.reducer.begin()
+
+    def after_layer_backward(self, layer_index):
+        self.reducer.layer_done(layer_index)
+
+    def after_backward(self, loss, last):
+        if last:
+            if self.layer_wise:
+                self.reducer.finish()
+            else:
+                self.reducer.reduce_all()
+        pending, self._loss_pending = self._loss_pending, None
+        pending.wait()
+        mean = float(self._loss[0])
+        self.stats["passes"] += 1
+        self.stats["forward_backward_s"] += time.perf_counter() - self._t0
+        return mean
+
+    def agree(self, value):
+        """The root's value of a flag (bool) or a solver action ('none', 'stop', 'snapshot')."""
+        if isinstance(value, (bool, np.bool_)):
+            return bool(self.comm.broadcast_int(int(bool(value))))
+        if value not in _ACTIONS:
+            raise SolverError(f"cannot agree on {value!r}: expected a bool or one of {', '.join(_ACTIONS)}")
+        return _ACTIONS[self.comm.broadcast_int(_ACTIONS.index(value))]
+
+    def communication_share(self):
+        """Seconds in all-reduce calls and waits / seconds of forward-backward, so far."""
+        total = self.stats["forward_backward_s"]
+        return (self.reducer.comm_s + self.reducer.wait_s) / total if total else 0.0
+
+    def __repr__(self):
+        return f"<AllReduceSync over {self.comm!r}>"
+
+
 class ParallelSolver:
     """One worker of synchronous data-parallel training around a ``Solver`` (Caffe's ``NCCL`` +
     ``Solver`` pair). Every worker wraps its own solver, built from the same solver file after
     ``setup_worker(comm)``, and calls the same methods (``solve``, ``step``, ``restore``).
 
-    On wrapping, the root's weights, solver history and iteration are broadcast to every worker.
-    Each training pass then forwards/backwards the worker's own batch and all-reduces the gradients
-    (overlapped with backward unless the solver says ``layer_wise_reduce: false``); the loss the
-    solver sees (and logs, and checks for NaN) is the mean over the workers. Other attributes
-    (``net``, ``iter``, ``param``, ``test_nets``, ``snapshot`` ...) are the wrapped solver's.
+    On wrapping, the root's weights, solver history and iteration are broadcast to every worker, and
+    the solver is given an ``AllReduceSync`` (``solver.set_gradient_sync``): each training pass then
+    forwards/backwards the worker's own batch and all-reduces the gradients (overlapped with backward
+    unless the solver says ``layer_wise_reduce: false``); the loss the solver sees (and logs, and
+    checks for NaN) is the mean over the workers. Other attributes (``net``, ``iter``, ``param``,
+    ``test_nets``, ``snapshot`` ...) are the wrapped solver's.
 
     ``comm``: default ``communicator()`` (MPI under mpirun, else a world of one). ``bucket_mb``:
     gradient bucket size, default $MINICAFFE_BUCKET_MB or 25 (larger: fewer reductions, each paying
@@ -784,8 +854,9 @@ class ParallelSolver:
     def __init__(self, solver, comm=None, bucket_mb=None, overlap=None):
         if isinstance(solver, ParallelSolver):
             raise SolverError("this solver is already wrapped in a ParallelSolver")
-        if getattr(solver, "_parallel", None) is not None:
-            raise SolverError("this solver already belongs to a ParallelSolver")
+        if solver.gradient_sync is not NO_SYNC:
+            raise SolverError(f"this solver already belongs to a ParallelSolver (it synchronises its "
+                              f"gradients with {solver.gradient_sync!r})")
         comm = communicator() if comm is None else comm
         if (solver_rank(), solver_count()) != (comm.rank, comm.size):
             raise SolverError(
@@ -795,12 +866,10 @@ class ParallelSolver:
         self.solver, self.comm = solver, comm
         self.rank, self.size = comm.rank, comm.size
         self.overlap = bool(solver.param.layer_wise_reduce if overlap is None else overlap)
-        self.reducer = GradientReducer(solver.net, comm, _bucket_mb(bucket_mb) * 2 ** 20)
-        xp = backend.xp()
-        self._loss = xp.zeros(1, dtype=np.float64)
-        self.stats = {"passes": 0, "forward_backward_s": 0.0}
+        self.sync = AllReduceSync(solver.net, comm, _bucket_mb(bucket_mb) * 2 ** 20, self.overlap)
+        self.reducer, self.stats = self.sync.reducer, self.sync.stats
         check_same_setup(solver, comm)       # before the first broadcast, which a different net breaks
-        solver._parallel = self
+        solver.set_gradient_sync(self.sync)
         self.broadcast_state()
 
     # --- delegation -----------------------------------------------------------------------------
@@ -816,40 +885,9 @@ class ParallelSolver:
     def is_root(self):
         return self.rank == 0
 
-    # --- what the solver calls ------------------------------------------------------------------
-    def forward_backward(self, last=True):
-        """One forward/backward of this worker's batch; on the ``last`` of the solver's ``iter_size``
-        passes, the gradients are all-reduced (sum / N) before this returns. Returns the loss
-        averaged over the workers."""
-        net = self.solver.net
-        t0 = time.perf_counter()
-        loss = net.forward_from_to()
-        self._loss[0] = loss
-        loss_pending = self.comm.allreduce_start(self._loss, 1.0 / self.size)
-        if not last:
-            net.backward_from_to()
-        elif self.overlap:
-            self.reducer.begin()
-            for li in range(len(net.layers) - 1, -1, -1):
-                net.backward_from_to(li, li)
-                self.reducer.layer_done(li)
-            self.reducer.finish()
-        else:
-            net.backward_from_to()
-            self.reducer.reduce_all()
-        loss_pending.wait()
-        mean = float(self._loss[0])
-        self.stats["passes"] += 1
-        self.stats["forward_backward_s"] += time.perf_counter() - t0
-        return mean
-
     def agree(self, value):
         """The root's value of a flag (bool) or a solver action ('none', 'stop', 'snapshot')."""
-        if isinstance(value, (bool, np.bool_)):
-            return bool(self.comm.broadcast_int(int(bool(value))))
-        if value not in _ACTIONS:
-            raise SolverError(f"cannot agree on {value!r}: expected a bool or one of {', '.join(_ACTIONS)}")
-        return _ACTIONS[self.comm.broadcast_int(_ACTIONS.index(value))]
+        return self.sync.agree(value)
 
     # --- state ----------------------------------------------------------------------------------
     def _state_blobs(self):
@@ -871,7 +909,7 @@ class ParallelSolver:
         s.current_step = self.comm.broadcast_int(s.current_step)
         if it != s.iter:
             s.iter = it
-            s._restore_data_positions()
+            s.restore_data_positions()
 
     def restore(self, path):
         """Resume from a ``.solverstate``: the root reads it (the file need only exist where the root
@@ -903,13 +941,12 @@ class ParallelSolver:
 
     def communication_share(self):
         """Seconds in all-reduce calls and waits / seconds of forward-backward, so far."""
-        total = self.stats["forward_backward_s"]
-        return (self.reducer.comm_s + self.reducer.wait_s) / total if total else 0.0
+        return self.sync.communication_share()
 
     def close(self):
         """Detach from the solver (it trains alone again); the communicator stays open."""
-        if self.solver._parallel is self:
-            self.solver._parallel = None
+        if self.solver.gradient_sync is self.sync:
+            self.solver.set_gradient_sync(None)
 
 
 # --- launching -----------------------------------------------------------------------------------
@@ -943,7 +980,6 @@ def start_worker(gpus=(), kind=None):
 def abort_job(comm, exc):
     """After an error on one worker: print it (``error: <message>`` as the CLIs do, naming the
     worker) and end every worker, which would otherwise wait forever in the next collective."""
-    from ..tools.common import debug_enabled, print_error
     if debug_enabled() or not isinstance(exc, (MinicaffeError, OSError)):
         import traceback
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

@@ -120,7 +120,7 @@ def log(message):
 
 
 def _logger():
-    from ..tools.common import get_logger
+    from ..core.terminal import get_logger
     return get_logger()
 
 

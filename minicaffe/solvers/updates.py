@@ -275,5 +275,3 @@ class Adam(UpdateRule):
         xp.divide(m, t, out=g)
         g *= f32(local_rate * correction)
 
-
-RULES = {cls.type: cls for cls in (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam)}

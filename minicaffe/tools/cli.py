@@ -266,7 +266,8 @@ def _worker_argv(args, gpu):
 def _train(args, log, param, path, handler, comm):
     import contextlib
     from ..parallel.data_parallel import ParallelSolver
-    from ..solvers.solver import SnapshotLock, solver_class
+    from ..solvers.checkpoint import SnapshotLock
+    from ..solvers.registry import solver_class
     if args.snapshot:
         param.ClearField("weights")
     elif args.weights:

@@ -32,18 +32,9 @@ from ..errors import ParseError, SolverError
 from ..fileio import atomic_write
 from ..proto import caffe_pb2
 from ..formats.prototxt import caffe_text, is_old_batch_norm, read_binary_file, read_text_file, upgrade_net
+from ..solvers.params import SOLVER_TYPE_NAMES  # Caffe's UpgradeSolverType, one table
 from .argparsing import ArgumentParser
 from .common import get_logger, run_main
-
-# Caffe's UpgradeSolverType
-SOLVER_TYPE_NAMES = {
-    caffe_pb2.SolverParameter.SGD: "SGD",
-    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
-    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
-    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
-    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
-    caffe_pb2.SolverParameter.ADAM: "Adam",
-}
 
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
