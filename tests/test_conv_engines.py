@@ -302,3 +302,11 @@ def test_engine_cudnn_without_cudnn_is_one_line_naming_the_layer():
     with pytest.raises(NetError, match=r"^layer 'conv1' \(Convolution\): engine: CUDNN was asked for") as info:
         caffe.Net(load_net_param(NET.format(engine="engine: CUDNN")), caffe.TEST)
     assert "\n" not in str(info.value)
+
+
+def test_im2col_ignores_the_engine_field_as_caffe_does():
+    """Caffe's Im2col layer has no engine switch: the convolution_param it shares with Convolution
+    may say CUDNN without harm."""
+    layer, bottom, top = make_layer('name: "col" type: "Im2col" convolution_param { kernel_size: 3 engine: CUDNN }',
+                                    [np.zeros((1, 2, 5, 5), np.float32)])
+    assert layer.engine_name == "im2col"

@@ -84,8 +84,15 @@ def current_device() -> str:
     return "gpu" if backend.mode() == "gpu" else "cpu"
 
 
+# types whose parameter message has an ``engine:`` field that Caffe's layer factory never reads (Im2col
+# shares convolution_param with Convolution): ``engine: CUDNN`` there is not an error in Caffe
+_ENGINE_FIELD_IGNORED = frozenset({"Im2col"})
+
+
 def requested(layer) -> int:
     """The layer's ``engine:`` field (0 DEFAULT, 1 CAFFE, 2 CUDNN), for the types that have one."""
+    if layer.type in _ENGINE_FIELD_IGNORED:
+        return 0
     for field_name in ("convolution_param", "pooling_param", "lrn_param", "relu_param", "sigmoid_param",
                        "tanh_param", "softmax_param"):
         if layer.param.HasField(field_name):
