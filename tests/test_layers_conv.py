@@ -1,9 +1,10 @@
-"""Convolution and Deconvolution: naive-loop references, gradients, Caffe's shapes and errors."""
+"""Convolution and Deconvolution: naive-loop references (for DEFAULT's engine and the reference), gradients,
+Caffe's shapes and errors. Every engine against the reference: test_conv_engines.py."""
 import numpy as np
 import pytest
 
 from minicaffe.core import backend
-from minicaffe.kernels import im2col
+from minicaffe.kernels import engines, im2col
 from minicaffe.errors import NetError, ShapeError
 from minicaffe.testing import check_gradient, forward, make_layer
 
@@ -82,12 +83,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("engine", [None, engines.REFERENCE])     # DEFAULT's pick, and the reference
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_convolution_matches_naive_loops(case, bias):
+def test_convolution_matches_naive_loops(case, bias, engine):
     kernel, extra, stride, pad, dil, group = CASES[case]
     x = np.random.RandomState(0).randn(2, 4, 7, 6).astype(np.float32)
     layer, bottom, top = make_layer(conv_text(6, kernel, extra, bias), [x])
+    engines.force(layer, engine)
     y = forward(layer, bottom, top)[0]
     b = layer.blobs[1].data if bias else None
     ref = naive_conv(x, layer.blobs[0].data, b, stride, pad, dil, group)
@@ -96,12 +99,14 @@ def test_convolution_matches_naive_loops(case, bias):
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("engine", [None, engines.REFERENCE])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "1x1", "1x1group2", "k5s3p2g2"])
-def test_deconvolution_matches_naive_scatter(case, bias):
+def test_deconvolution_matches_naive_scatter(case, bias, engine):
     kernel, extra, stride, pad, dil, group = CASES[case]
     x = np.random.RandomState(1).randn(2, 4, 4, 3).astype(np.float32)
     layer, bottom, top = make_layer(conv_text(6, kernel, extra, bias, "Deconvolution"), [x])
+    engines.force(layer, engine)
     y = forward(layer, bottom, top)[0]
     b = layer.blobs[1].data if bias else None
     ref = naive_deconv(x, layer.blobs[0].data, b, stride, pad, dil, group)
@@ -228,28 +233,6 @@ def test_one_dimensional_convolution_equals_height_one():
     np.testing.assert_allclose(y, ref[:, :, 0, :], rtol=1e-4, atol=1e-5)
     check_gradient(conv_text(2, "kernel_size: 2", "stride: 2 pad: 1"), [x[:, :, :6]])
     check_gradient(conv_text(2, "kernel_size: 3", "stride: 2 pad: 1", layer_type="Deconvolution"), [x[:, :, :4]])
-
-
-@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
-def test_chunked_batches_match_one_chunk(monkeypatch, layer_type):
-    """A batch split into chunks of images (to bound the column buffer) gives the same numbers."""
-    rs = np.random.RandomState(11)
-    x = rs.randn(5, 4, 7, 7).astype(np.float32)
-    dy_shape = None
-    results = []
-    for limit in (1 << 26, 4 * 9 * 49 + 1, 1):   # one chunk, one image at a time, tiny limit
-        monkeypatch.setattr(im2col, "MAX_COL_ELEMENTS", limit)
-        backend.set_random_seed(3)
-        layer, bottom, top = make_layer(conv_text(4, "kernel_size: 3", "stride: 2 pad: 1 group: 2",
-                                                  layer_type=layer_type), [x])
-        y = forward(layer, bottom, top)[0]
-        dy_shape = dy_shape or y.shape
-        top[0].diff[...] = np.random.RandomState(12).randn(*dy_shape)
-        layer.backward(top, [True], bottom)
-        results.append((y, bottom[0].diff.copy(), layer.blobs[0].diff.copy()))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_weights_given_before_setup_are_checked():

@@ -2,7 +2,8 @@
 
 Inference (TEST phase) MAX pooling skips the argmax, and a backward pass after it must still route
 the gradient to the first maximum; InnerProduct's weight gradient is accumulated band by band;
-Split and Concat write gradients into the bottoms' own arrays.
+Split and Concat write gradients into the bottoms' own arrays. (The convolution engines' fast
+paths are checked against the reference in test_conv_engines.py.)
 """
 import numpy as np
 import pytest
@@ -81,27 +82,6 @@ def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
     np.testing.assert_allclose(second, expect, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["num_output: 4 kernel_size: 3 pad: 1",
-                                  "num_output: 6 kernel_size: 5 stride: 2 pad: 2 group: 2",
-                                  "num_output: 4 kernel_size: 3 dilation: 2 pad: 1",
-                                  "num_output: 4 kernel_h: 3 kernel_w: 1 stride: 3"])
-def test_convolution_forward_in_row_bands_matches_whole_batch(spec, monkeypatch):
-    """The CPU forward a band of output rows at a time gives the whole-batch result (up to the
-    last bits a GEMM of another width may round differently)."""
-    from minicaffe.kernels import im2col
-    x = np.random.default_rng(5).standard_normal((3, 4, 50, 52)).astype(np.float32)
-    text = (f'type: "Convolution" convolution_param {{ {spec} '
-            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
-    layer, bottom, top = make_layer(text, [x])
-    monkeypatch.setattr(im2col, "COL_BAND_MIN_COLUMNS", 1 << 40)     # one band: the whole batch
-    whole = forward(layer, bottom, top)[0]
-    monkeypatch.setattr(im2col, "COL_BAND_MIN_COLUMNS", 1)
-    monkeypatch.setattr(im2col, "COL_BAND_ELEMENTS", 1)              # one output row per band
-    monkeypatch.setattr(im2col, "COL_BAND_MIN_WIDTH", 1)
-    banded = forward(layer, bottom, top)[0]
-    np.testing.assert_allclose(banded, whole, rtol=1e-5, atol=1e-6)
-
-
 def _caffe_max_backward_float32(x, dy, k, s, p):
     """Caffe's MAX backward loop in float32: each output's gradient added at its window's first
     maximum, outputs in order (so overlapping windows sum in Caffe's order)."""
@@ -142,94 +122,3 @@ def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(
         grads[fast] = bottom[0].diff.copy()
     np.testing.assert_array_equal(grads[True], _caffe_max_backward_float32(x, dy, k, s, p))
     np.testing.assert_allclose(grads[False], grads[True], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("layer_type,spec", [
-    ("Convolution", "num_output: 4 kernel_size: 5"),
-    ("Convolution", "num_output: 6 kernel_size: 3 stride_h: 2 stride_w: 1 pad: 1 group: 2"),
-    ("Convolution", "num_output: 4 kernel_size: 3 dilation: 2 pad: 2"),
-    ("Convolution", "num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 3 stride_w: 1 pad_h: 1 pad_w: 0"),
-    ("Deconvolution", "num_output: 4 kernel_size: 3 stride_h: 2 stride_w: 1 pad: 1")])
-def test_convolution_with_the_batch_axis_last_matches_the_batch_first_columns(layer_type, spec,
-                                                                             monkeypatch):
-    """Columns ordered (oh, ow, N) on narrow maps give the outputs and gradients of the (N, oh, ow)
-    order: the same sums of the same products (up to the last bits of a GEMM over other columns)."""
-    from minicaffe.kernels import im2col
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((5, 4, 9, 10)).astype(np.float32)
-    text = (f'type: "{layer_type}" convolution_param {{ {spec} '
-            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
-    layer, bottom, top = make_layer(text, [x])
-    results = []
-    for width in (0, 1 << 20):          # never / always batch-last
-        monkeypatch.setattr(im2col, "BATCH_LAST_MAX_WIDTH", width)
-        y = forward(layer, bottom, top)[0]
-        top[0].diff[...] = np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
-        bottom[0].diff[...] = 7          # overwritten, not accumulated
-        for b in layer.blobs:
-            b.diff[...] = 0
-        layer.backward(top, [True], bottom)
-        results.append([y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs])
-    assert layer.engine._batch_last(np, 5)          # the last run took the batch-last path
-    for general, batch_last in zip(*results):
-        np.testing.assert_allclose(batch_last, general, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape,spec", [((3, 5, 12, 16), "num_output: 6 kernel_size: 3 pad: 1"),
-                                        ((2, 4, 13, 11), "num_output: 3 kernel_size: 3 pad: 1"),   # odd sizes
-                                        ((1, 3, 9, 10), "num_output: 5 kernel_size: 3"),
-                                        ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
-                                        ((2, 2, 3, 3), "num_output: 2 kernel_size: 3")])          # one output
-def test_convolution_winograd_forward_matches_im2col(env_switch, shape, spec, monkeypatch):
-    """Winograd F(2x2, 3x3) gives the im2col + GEMM result to float32 rounding (its transforms
-    add a few roundings per output), whatever the padding and on odd output sizes."""
-    from minicaffe.kernels import winograd
-    env_switch("MINICAFFE_WINOGRAD", None)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "MIN_SIZE", 1)
-    monkeypatch.setattr(winograd, "BAND_ELEMENTS", 1)        # one tile row per band: ragged bands too
-    monkeypatch.setattr(winograd, "BAND_MIN_COLUMNS", 1)
-    x = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
-    text = (f'type: "Convolution" convolution_param {{ {spec} '
-            'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }')
-    layer, bottom, top = make_layer(text, [x])
-    assert winograd.worthwhile(np, layer.geom, layer.group, layer.channels, layer.top_hw)
-    fast = forward(layer, bottom, top)[0]
-    env_switch("MINICAFFE_WINOGRAD", "0")
-    general = forward(layer, bottom, top)[0]
-    np.testing.assert_allclose(fast, general, rtol=1e-4, atol=1e-5 * np.abs(general).max())
-
-
-@pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
-def test_convolution_winograd_filters_follow_weight_updates(env_switch, phase, monkeypatch):
-    """The transformed filters (cached per layer in a TEST net) are redone when the weights change
-    in place, as an SGD step changes them."""
-    from minicaffe.kernels import winograd
-    env_switch("MINICAFFE_WINOGRAD", None)
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "MIN_SIZE", 1)
-    x = np.random.default_rng(11).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    text = ('type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 '
-            'weight_filler { type: "gaussian" std: 0.3 } }')
-    layer, bottom, top = make_layer(text, [x], phase=phase)
-    first = forward(layer, bottom, top)[0]
-    layer.blobs[0].data[...] *= -2
-    second = forward(layer, bottom, top)[0]
-    np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
-
-
-def test_convolution_winograd_is_used_on_vgg_layers_only(env_switch):
-    """The size rule: VGG-16's wide 3x3 layers from 128 channels on; not 64 channels, strides,
-    groups, other kernels or small maps."""
-    from minicaffe.kernels import winograd
-    from minicaffe.kernels.im2col import ConvGeometry
-    env_switch("MINICAFFE_WINOGRAD", None)
-    three = ConvGeometry(3, 3, 1, 1, 1, 1, 1, 1)
-    assert winograd.worthwhile(np, three, 1, 256, (56, 56))
-    assert winograd.worthwhile(np, three, 1, 512, (14, 14))
-    assert not winograd.worthwhile(np, three, 1, 64, (224, 224))
-    assert not winograd.worthwhile(np, three, 1, 256, (13, 13))
-    assert not winograd.worthwhile(np, three, 2, 256, (56, 56))
-    assert not winograd.worthwhile(np, ConvGeometry(3, 3, 2, 2, 1, 1, 1, 1), 1, 256, (56, 56))
-    assert not winograd.worthwhile(np, ConvGeometry(3, 3, 1, 1, 2, 2, 2, 2), 1, 256, (56, 56))
-    assert not winograd.worthwhile(np, ConvGeometry(5, 5, 1, 1, 2, 2, 1, 1), 1, 256, (56, 56))

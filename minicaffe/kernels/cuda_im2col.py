@@ -8,6 +8,9 @@ launches per layer. Here each output element is computed by one thread:
   the same ``(C, kh, kw, N, oh, ow)`` layout the CPU code builds, so the GEMMs are unchanged;
 * ``col2im``: each image element gathers (no atomics, so the result is deterministic) the column
   entries whose window covers it, kernel offsets in row-major order, as the CPU code sums them.
+
+The GPU engines of ``minicaffe.kernels.conv_engines`` (``cuda_im2col``, and ``gemm_1x1`` for its
+weight gradient) call these; the layers' own reference code never does.
 """
 import numpy as np
 

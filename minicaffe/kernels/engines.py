@@ -16,8 +16,11 @@ How the choice is made:
   picks an engine registered with ``cudnn=True`` and fails, naming the layer, where none applies (Caffe
   refuses CUDNN in a build without cuDNN the same way); ``DEFAULT`` picks the highest-priority engine
   whose ``applies(layer)`` holds for the current device and shape.
-- Tests ask for one engine by name (``choose(layer, name="winograd")``) and compare it with the reference
-  on the same input, so every engine of every layer is checked without touching module constants.
+- Tests ask for one engine by name (``choose(layer, name="winograd")``, or ``force(layer, name)`` on a
+  layer that keeps an ``EngineSlot``) and compare it with the reference on the same input, so every
+  engine of every layer is checked without touching module constants. A forced engine need only
+  ``computes(layer)``: it may run where it is correct but does not pay (Winograd on 3 channels), so the
+  tests reach every engine on small shapes.
 """
 from __future__ import annotations
 
@@ -36,8 +39,11 @@ class Engine:
 
     ``applies(layer)`` is called at reshape, with the layer's shape fields set, and says whether this
     engine computes exactly the reference's result for that shape (and pays off, for DEFAULT choice).
+    ``computes(layer)``, when given, is the weaker test a forced engine (``choose(layer, name=...)``)
+    must pass: the engine is correct for this shape, whether or not it pays; by default ``applies``.
     ``build(layer)`` returns the object the layer calls (whatever interface that layer type defines for
-    its engines); it is rebuilt when the shape changes."""
+    its engines); it is rebuilt when the shape changes. A forced engine may be built with options
+    (``build(layer, **options)``: tuning knobs such as a tiny band, for tests of ragged edges)."""
     layer_type: str
     name: str
     build: Callable[[Any], Any]
@@ -45,6 +51,11 @@ class Engine:
     applies: Callable[[Any], bool] = field(default=lambda layer: True)
     priority: int = 0
     cudnn: bool = False
+    computes: Optional[Callable[[Any], bool]] = None
+
+    def runs_on(self, layer) -> bool:
+        """Whether a forced choice of this engine is correct for ``layer``'s current shape."""
+        return (self.computes or self.applies)(layer)
 
 
 _TABLE: Dict[str, List[Engine]] = {}
@@ -73,8 +84,15 @@ def current_device() -> str:
     return "gpu" if backend.mode() == "gpu" else "cpu"
 
 
+# types whose parameter message has an ``engine:`` field that Caffe's layer factory never reads (Im2col
+# shares convolution_param with Convolution): ``engine: CUDNN`` there is not an error in Caffe
+_ENGINE_FIELD_IGNORED = frozenset({"Im2col"})
+
+
 def requested(layer) -> int:
     """The layer's ``engine:`` field (0 DEFAULT, 1 CAFFE, 2 CUDNN), for the types that have one."""
+    if layer.type in _ENGINE_FIELD_IGNORED:
+        return 0
     for field_name in ("convolution_param", "pooling_param", "lrn_param", "relu_param", "sigmoid_param",
                        "tanh_param", "softmax_param"):
         if layer.param.HasField(field_name):
@@ -86,7 +104,7 @@ def requested(layer) -> int:
 def choose(layer, name: Optional[str] = None) -> Optional[Engine]:
     """The engine to run ``layer`` with at its current shape, or None for the reference.
 
-    ``name`` forces one engine (tests, benchmarks); it must exist and apply to this shape."""
+    ``name`` forces one engine (tests, benchmarks); it must exist and compute this shape (``runs_on``)."""
     device = current_device()
     candidates = engines_for(layer.type, device)
     if name is not None:
@@ -94,7 +112,7 @@ def choose(layer, name: Optional[str] = None) -> Optional[Engine]:
             return None
         for e in candidates:
             if e.name == name:
-                if not e.applies(layer):
+                if not e.runs_on(layer):
                     raise NetError(f"engine {name} does not apply to this shape", layer.name, layer.type)
                 return e
         raise NetError(f"no engine {name!r} on {device} (have: {', '.join(names(layer.type, device))})",
@@ -113,3 +131,48 @@ def choose(layer, name: Optional[str] = None) -> Optional[Engine]:
         if e.applies(layer):
             return e
     return None
+
+
+class EngineSlot:
+    """What a layer keeps: the engine built for its current shape and device, rebuilt when either
+    changes, and the reference built the same way when the choice is None.
+
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: MyReference(layer))  # setup
+        self.engine = self.engine_slot.get(self, shape_key)                                # reshape
+
+    ``get`` is cheap when nothing changed (one tuple compare), so a layer may call it again in
+    ``forward``/``backward`` as a guard against a mode switch since its last reshape."""
+
+    def __init__(self, reference: Callable[[Any], Any]):
+        self.reference = reference
+        self.forced: Optional[str] = None
+        self.options: Dict[str, Any] = {}
+        self.name: str = REFERENCE
+        self.impl: Any = None
+        self._key: Any = None
+
+    def get(self, layer, shape_key) -> Any:
+        key = (shape_key, current_device(), self.forced)
+        if key != self._key:
+            chosen = choose(layer, self.forced)
+            if chosen is None:
+                self.impl, self.name = self.reference(layer), REFERENCE
+            else:
+                self.impl = chosen.build(layer, **self.options) if self.options else chosen.build(layer)
+                self.name = chosen.name
+            self._key = key
+        return self.impl
+
+    def force(self, name: Optional[str], **options) -> None:
+        """Run ``name`` (``REFERENCE`` for the layer's own code; None: back to the normal choice) from
+        the next ``get`` on, built with ``options``."""
+        self.forced, self.options, self._key = name, dict(options), None
+
+
+def force(layer, name: Optional[str], **options) -> None:
+    """Make ``layer`` (one keeping an ``engine_slot``) run engine ``name`` from its next reshape on;
+    for tests and benchmarks. The choice is checked then (``choose(layer, name)``)."""
+    slot = getattr(layer, "engine_slot", None)
+    if slot is None:
+        raise TypeError(f"{layer.type} layers keep no engine slot")
+    slot.force(name, **options)

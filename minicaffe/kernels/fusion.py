@@ -22,7 +22,7 @@ What pycaffe sees stays Caffe's:
 * params: ``net.params`` are never touched. The folded copy is remade whenever any source
   parameter changed: each forward compares them with the copy the fold was made from (one read of
   the weights, as ``winograd.FilterCache`` does; refolding would cost about the same, the compare
-  keeps the folded array and so the Winograd filter cache valid). So a user (or a solver sharing
+  keeps the folded array and so the Winograd engine's filter cache valid). So a user (or a solver sharing
   the weights with this test net) changing params between forwards gets the new params.
 * backward: the separate layers keep state for their gradient (BatchNorm its normalised input,
   Scale a copy of its input), which a fused forward does not fill. The first ``backward`` on a net
@@ -34,7 +34,6 @@ GPU arrays are left to the separate layers (their kernels already run one pass e
 """
 import numpy as np
 
-from . import winograd
 from ..core import context as _context
 from ..proto import caffe_pb2
 
@@ -61,7 +60,6 @@ class ConvChain(_Chain):
         self.bn, self.scale, self.relu = bn, scale, relu
         self._sources = None         # copies of the parameters the fold was made from
         self._folded = None          # (weights, bias or None)
-        self._winograd = winograd.FilterCache()
 
     def _source_arrays(self, net):
         arrays = [b.xdata for b in net.layers[self.first].blobs]
@@ -115,10 +113,7 @@ class ConvChain(_Chain):
         wf, bias = self.folded(net)
         x4 = conv._bottom4(x)
         y4 = conv._top4(top[0].xdata)
-        if winograd.worthwhile(np, conv.geom, conv.group, conv.channels, conv.top_hw):
-            winograd.forward(x4, wf, y4, conv.geom.ph, conv.geom.pw, u=self._winograd.get(wf))
-        else:
-            conv.engine.forward(x4, wf, y=y4)
+        conv.convolve(x4, wf, y4)           # the engine the layer chose at reshape
         if bias is not None:
             y4 += bias.reshape(1, -1, 1, 1)
         if self.relu is not None:

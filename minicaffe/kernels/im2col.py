@@ -1,4 +1,4 @@
-"""im2col / col2im for 2-D convolution, written once for NumPy and CuPy.
+"""im2col / col2im for 2-D convolution: the CPU primitives the convolution engines are made of.
 
 Layout: the column matrix is ``(C, kh, kw, N, oh, ow)``, i.e. ``(C*kh*kw, N*oh*ow)`` as a matrix,
 so a whole batch (or a chunk of it) goes through ONE matrix multiply per group, and the rows of
@@ -11,9 +11,11 @@ On the CPU, a convolution's forward over wide maps builds the columns of a band 
 at a time (``im2col_rows``) so they are still in cache when the GEMM reads them, and col2im sums
 a block of channels at a time for the same reason.
 
-On a GPU, ``im2col`` and ``col2im`` are one CUDA kernel each (``minicaffe.kernels.cuda_im2col``,
-same layout): the strided copies and channel blocks here are shaped for NumPy and would be
-hundreds of small launches there.
+Which of these a convolution uses, and when, is decided once per shape by the engines in
+``minicaffe.kernels.conv_engines``. On a GPU the engines call ``minicaffe.kernels.cuda_im2col``
+instead (one CUDA kernel each, same layout): the strided copies and channel blocks here are shaped
+for NumPy and would be hundreds of small launches there (they still compute the right thing on CuPy
+arrays).
 
 Scratch arrays come from the context's workspaces (one growing buffer per slot, device, dtype and
 thread), so a net of many convolutions allocates its big column buffer once.
@@ -23,36 +25,9 @@ import numpy as np
 from ..core import backend
 from ..core import context as _context
 
-# Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
-# images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
-MAX_COL_ELEMENTS = 1 << 26
-
-# A convolution's forward GEMM on the CPU runs over bands of output rows whose column matrix has
-# about this many elements (2 MiB of float32: written by im2col and read by the GEMM while still in
-# cache), but at least COL_BAND_MIN_COLUMNS columns so each GEMM stays efficient. Measured to
-# help on wide maps only (VGG's 224 and 112, AlexNet's conv1: 10-20%); from 56 down it does not.
-COL_BAND_ELEMENTS = 1 << 19
-COL_BAND_MIN_COLUMNS = 1024
-COL_BAND_MIN_WIDTH = 48
-
 # Channels of col2im's accumulator summed at once, in elements (1 MiB of float32: cache-sized).
 COL2IM_BLOCK_ELEMENTS = 1 << 18
 
-# On the CPU, convolutions of horizontal stride 1 whose output rows are at most this wide (LeNet's
-# conv2, GoogLeNet's 14 and 7, CaffeNet's 13) put the batch axis last in the column matrix,
-# ``(C, kh, kw, oh, ow, N)``, when the batch has at least BATCH_LAST_MIN_NUM images: im2col and
-# col2im then move runs of ``ow * N`` values instead of rows of ``ow``, 2-5x faster at these sizes
-# (NumPy's per-row overhead dominates). With a horizontal stride the runs would be N long only:
-# slower at small batches, so those keep the batch-first layout.
-BATCH_LAST_MAX_WIDTH = 16
-BATCH_LAST_MIN_NUM = 4
-
-# On the CPU, a strided 1x1 convolution without padding gathers its input's strided view and
-# multiplies each image's (C, oh*ow) (as stride 1 always does) when the map has at least this many
-# output positions; smaller maps keep im2col and one GEMM over the whole batch's columns. Measured
-# on ResNet-50's 1x1/2 layers at batch 10, one thread: per image is 8-12% faster at 28x28 and 14x14
-# outputs, one GEMM 10% faster at 7x7 (the per-image GEMMs are too thin there).
-DIRECT_1X1_MIN_COLUMNS = 196
 
 def workspace(xp, shape, dtype, slot):
     """A scratch array of ``shape`` from the buffer named ``slot`` (a string shared by every owner
@@ -170,10 +145,6 @@ def im2col(x, geom, out_hw, out=None):
     array of that shape) receives the result; by default a workspace buffer is used.
     """
     xp = backend.get_array_module(x)
-    if xp is not np:
-        # a GPU: one kernel for the whole chunk (the strided copies below are NumPy-shaped)
-        from . import cuda_im2col
-        return cuda_im2col.im2col(x, geom, out_hw, out)
     n, c, h, w = x.shape
     oh, ow = out_hw
     g = geom
@@ -194,10 +165,6 @@ def col2im(col, geom, in_hw, out):
     run in phase layout so each add streams over contiguous columns.
     """
     xp = backend.get_array_module(col)
-    if xp is not np:
-        # a GPU: one gathering kernel instead of kh*kw adds per block of channels
-        from . import cuda_im2col
-        return cuda_im2col.col2im(col, geom, in_hw, out)
     c, kh, kw, n, oh, ow = col.shape
     h, w = in_hw
     g = geom
@@ -271,6 +238,6 @@ def col2im_batch_last(col, geom, in_hw, out):
     return out
 
 
-def images_per_chunk(per_image_elements, num):
-    """How many images' columns fit in ``MAX_COL_ELEMENTS`` (at least one)."""
-    return max(1, min(num, MAX_COL_ELEMENTS // max(per_image_elements, 1)))
+def images_per_chunk(per_image_elements, num, max_elements):
+    """How many images' columns fit in ``max_elements`` (at least one)."""
+    return max(1, min(num, max_elements // max(per_image_elements, 1)))

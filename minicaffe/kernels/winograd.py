@@ -6,17 +6,13 @@ over channels is 16 GEMMs ``(cout x cin) @ (cin x tiles)``, and transformed back
 That is 16 multiplies per 2x2 outputs where im2col + GEMM does 36 (Lavin & Gray 2015). The work
 runs a band of tile rows at a time, so its scratch memory stays small (the band size barely
 changes the speed).
+
+Where it pays is the Winograd engine's business (``minicaffe.kernels.conv_engines``); this module
+says only what it can compute (``applies``) and computes it.
 """
 import numpy as np
 
-from ..core import context as _context
 from .im2col import workspace
-
-# Where it pays (one thread, batch 4 VGG-16 layers, against im2col + GEMM): 1.3-1.65x from 128 input
-# channels on maps of 14x14 and more; 64-channel layers gain nothing (the transforms, memory-bound,
-# cost as much as the GEMM work saved), and CaffeNet's 13x13 conv3 gains under 15%.
-MIN_CHANNELS = 128
-MIN_SIZE = 14
 
 # transformed tiles per band: 16 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
 # tile columns, so each of the 16 GEMMs stays efficient)
@@ -28,13 +24,6 @@ def applies(geom, group):
     """Whether the Winograd forward can compute this convolution."""
     return (geom.kh == geom.kw == 3 and geom.sh == geom.sw == 1 and geom.dh == geom.dw == 1
             and group == 1)
-
-
-def worthwhile(xp, geom, group, cin, out_hw):
-    """Whether to run this forward with Winograd: CPU, a shape it computes and is faster on, and
-    not switched off with ``MINICAFFE_WINOGRAD=0`` (for comparisons)."""
-    return (xp is np and applies(geom, group) and cin >= MIN_CHANNELS and min(out_hw) >= MIN_SIZE
-            and _context.current().switches.winograd)
 
 
 class FilterCache:
@@ -77,9 +66,10 @@ def transform_filters(w, out=None):
     return out
 
 
-def forward(x, w, y, pad_h, pad_w, u=None):
+def forward(x, w, y, pad_h, pad_w, u=None, band=None):
     """``y[...] = conv(x, w)`` for a 3x3 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh, ow);
-    ``u``: the filters already transformed (``transform_filters``)."""
+    ``u``: the filters already transformed (``transform_filters``); ``band``: tile rows per band
+    (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
     num, cin, h, wd = x.shape
     oh, ow = y.shape[2], y.shape[3]
     if u is None:
@@ -99,7 +89,8 @@ def forward(x, w, y, pad_h, pad_w, u=None):
         k0 = (pad_w + first) // 2
         np.copyto(src[:, :, pad_h:pad_h + h, p, k0:k0 + count], xt[..., first::2])
     per_row = num * tw
-    band = max(BAND_ELEMENTS // (16 * cin * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
+    if band is None:
+        band = max(BAND_ELEMENTS // (16 * cin * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
     band = min(band, th)
     for t0 in range(0, th, band):
         t1 = min(th, t0 + band)

@@ -1,201 +1,120 @@
-"""Convolution and Deconvolution: im2col + one GEMM per group for a whole batch (or chunk of it).
+"""Convolution, Deconvolution and Im2col: what Caffe computes, once, in plain ``xp`` code.
 
-Both layers share one engine that knows a convolution in its "forward" orientation
-(input ``cin`` channels -> output ``cout`` channels, weights ``cout x cin/group x kh x kw``):
+``ReferenceConvolution`` is Caffe's arithmetic for one convolution in its forward orientation
+(input ``cin`` channels -> output ``cout`` channels, weights ``cout x cin/group x kh x kw``): the
+column matrix of the whole batch (``reference_columns``, every kernel offset a strided slice of
+the zero-padded input) times the weights, one GEMM per group; the data gradient is the transposed
+GEMM summed back onto the image (``reference_uncolumns``), the weight gradient the GEMM of the
+output gradient with the columns. It is correct for every shape, stride, pad, dilation and group,
+on NumPy and CuPy alike, and it is what ``engine: CAFFE`` runs.
 
-* ``engine.forward``  computes ``y = conv(x, w)`` and/or the weight gradient ``dw += rows(g) col(x)^T``;
-* ``engine.backward`` computes ``dx = conv^T(dy, w)`` (GEMM + col2im) and/or the weight gradient.
+Convolution uses it as it is; Deconvolution is the transpose (its forward is the convolution's
+data gradient, its data gradient the convolution's forward), exactly as Caffe's
+``DeconvolutionLayer`` reuses ``BaseConvolutionLayer`` with the dimensions reversed.
 
-Convolution uses them as they are; Deconvolution is the transpose (its forward is the
-convolution's data gradient, its data gradient the convolution's forward), exactly as Caffe's
-``DeconvolutionLayer`` reuses ``BaseConvolutionLayer`` with the dimensions reversed. A 1x1 kernel
-with no padding skips im2col in the forward (a batched matrix product straight on the blob, or,
-strided on the CPU over maps of ``DIRECT_1X1_MIN_COLUMNS`` positions or more, on its gathered
-strided view) and, with stride 1, col2im in the backward.
-On the CPU the forward over wide maps runs a band of output rows at a time (``COL_BAND_ELEMENTS``
-in ``im2col``), so the column matrix is read from cache; over narrow maps the column matrix puts
-the batch axis last (``BATCH_LAST_MAX_WIDTH``), so im2col and col2im move long runs. The CPU
-forward of a wide-enough 3x3 stride-1 convolution uses Winograd F(2x2, 3x3) instead (``winograd``).
+How a shape is computed fast (Winograd, a direct 1x1 GEMM, im2col in bands or with the batch axis
+last, the CUDA im2col kernels) is not this file's business: ``minicaffe.kernels.conv_engines``
+registers those engines, and ``reshape`` picks one per shape and device (``engines.choose``,
+honouring ``convolution_param.engine``). Every engine computes what the reference computes
+(tests/test_conv_engines.py).
 
 Only 1-D and 2-D spatial convolutions are supported (a 1-D one runs as 2-D with height 1).
 """
-import numpy as np
-
 from ..core import backend, fillers
-from ..kernels import winograd
 from ..core.blob import Blob
 from ..errors import ShapeError
-from ..proto import caffe_pb2
-from ..kernels import im2col as _im2col
-from ..kernels.im2col import (ConvGeometry, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows,
-                      images_per_chunk, padded_source, workspace)
+from ..kernels import engines
+from ..kernels.conv_engines import ConvShape       # importing it registers the engines
+from ..kernels.im2col import ConvGeometry
 from ..core.layer import Layer, register
 
 
-class _ConvEngine:
-    """Batched 2-D convolution arithmetic for one geometry and one input/output size."""
+def reference_columns(x, geom, out_hw):
+    """The column matrix of ``x`` (N, C, H, W): (N, C·kh·kw, oh·ow), rows channel-major then kernel
+    row then kernel column (Caffe's im2col order); ``col[n, (c, i, j), (y, x)] = x_padded[n, c,
+    y·sh + i·dh, x·sw + j·dw]``, zero where the window reaches into the padding."""
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    g = geom
+    oh, ow = out_hw
+    padded = xp.zeros((n, c, h + 2 * g.ph, w + 2 * g.pw), x.dtype)
+    padded[:, :, g.ph:g.ph + h, g.pw:g.pw + w] = x
+    col = xp.empty((n, c, g.kh, g.kw, oh, ow), x.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            y0, x0 = i * g.dh, j * g.dw
+            col[:, :, i, j] = padded[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, x0:x0 + g.sw * (ow - 1) + 1:g.sw]
+    return col.reshape(n, c * g.kh * g.kw, oh * ow)
 
-    def __init__(self, geom, group, cin, cout, in_hw, out_hw):
-        self.geom, self.group, self.cin, self.cout = geom, group, cin, cout
-        self.in_hw, self.out_hw = in_hw, out_hw
-        self.kg = cin // group * geom.kh * geom.kw     # GEMM inner size per group
-        self.og = cout // group                        # output channels per group
-        self.L = out_hw[0] * out_hw[1]
+
+def reference_uncolumns(col, geom, in_hw, out):
+    """The adjoint of ``reference_columns`` (Caffe's col2im): each column entry added back at the
+    image position it was read from, padding dropped; ``out`` (N, C, H, W) is overwritten."""
+    xp = backend.get_array_module(col)
+    n, c = out.shape[:2]
+    h, w = in_hw
+    g = geom
+    oh = (h + 2 * g.ph - (g.dh * (g.kh - 1) + 1)) // g.sh + 1
+    ow = (w + 2 * g.pw - (g.dw * (g.kw - 1) + 1)) // g.sw + 1
+    col6 = col.reshape(n, c, g.kh, g.kw, oh, ow)
+    acc = xp.zeros((n, c, h + 2 * g.ph, w + 2 * g.pw), col.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            y0, x0 = i * g.dh, j * g.dw
+            acc[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, x0:x0 + g.sw * (ow - 1) + 1:g.sw] += col6[:, :, i, j]
+    out[...] = acc[:, :, g.ph:g.ph + h, g.pw:g.pw + w]
+    return out
+
+
+class ReferenceConvolution:
+    """Caffe's convolution for one ``ConvShape``, with the engines' two calls (see
+    ``minicaffe.kernels.conv_engines``): ``forward`` gives ``y = conv(x, w)`` and/or adds the weight
+    gradient for output gradient ``grad_src``; ``backward`` gives ``dx = conv^T(dy, w)`` and/or adds
+    the weight gradient. Plain and whole-batch: the column matrix of every image at once."""
+
+    def __init__(self, shape):
+        self.s = shape
 
     def _groups(self):
-        for g in range(self.group):
-            yield slice(g * self.og, (g + 1) * self.og), slice(g * self.kg, (g + 1) * self.kg)
+        s = self.s
+        for g in range(s.group):
+            yield slice(g * s.og, (g + 1) * s.og), slice(g * s.kg, (g + 1) * s.kg)
 
-    def _chunks(self, num):
-        step = images_per_chunk(self.cin * self.geom.kh * self.geom.kw * self.L, num)
-        for n0 in range(0, num, step):
-            yield n0, min(num, n0 + step)
-
-    def _batch_last(self, xp, num):
-        """Whether the column matrix puts the batch axis last (CPU, narrow maps: see
-        ``im2col.BATCH_LAST_MAX_WIDTH``)."""
-        return (xp is np and not self.geom.is_1x1 and self.geom.sw == 1
-                and num >= _im2col.BATCH_LAST_MIN_NUM and self.out_hw[1] <= _im2col.BATCH_LAST_MAX_WIDTH)
-
-    def _rows(self, xp, a, batch_last=False):
-        """(n, cout, oh, ow) -> (cout, n*oh*ow), the GEMM layout of an output-side array (columns
-        ordered (oh, ow, n) with ``batch_last``)."""
-        n = a.shape[0]
-        oh, ow = self.out_hw
-        if batch_last:
-            buf = workspace(xp, (self.cout, oh, ow, n), a.dtype, "rows")
-            xp.copyto(buf, a.transpose(1, 2, 3, 0))
-        else:
-            buf = workspace(xp, (self.cout, n, oh, ow), a.dtype, "rows")
-            xp.copyto(buf, a.transpose(1, 0, 2, 3))
-        return buf.reshape(self.cout, n * self.L)
-
-    def _cols(self, x, batch_last=False):
-        if batch_last:
-            col = im2col_batch_last(x, self.geom, self.out_hw)
-        else:
-            col = im2col(x, self.geom, self.out_hw)
-        return col.reshape(self.cin * self.geom.kh * self.geom.kw, x.shape[0] * self.L)
-
-    def _accumulate_wgrad(self, rows, col2, dw):
-        dw2 = dw.reshape(self.cout, self.kg)
-        cpu = backend.get_array_module(rows) is np
+    def _weight_grad(self, xp, grad, x, dw):
+        """dw[o, k] += sum over images and positions of grad[n, o, l] * col(x)[n, k, l], per group."""
+        s = self.s
+        num = x.shape[0]
+        col = reference_columns(x, s.geom, s.out_hw)
+        g3 = grad.reshape(num, s.cout, s.columns)
+        dw2 = dw.reshape(s.cout, s.kg)
         for go, gk in self._groups():
-            if cpu:
-                # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
-                # layers (LeNet's conv2: 2.4 against 3.4 ms) and never slower on large ones
-                dw2[go] += (col2[gk] @ rows[go].T).T
-            else:
-                dw2[go] += rows[go] @ col2[gk].T
-
-    def _direct(self, xp):
-        """Whether the forward GEMM runs per image straight on the blob (no column matrix, no
-        transposed copy of the output): a 1x1 kernel, stride 1, no padding; on the CPU also a
-        strided 1x1 kernel (the input's strided view gathered into a (N, C, oh*ow) buffer:
-        ResNet's 1x1/2 projections) over maps of at least ``DIRECT_1X1_MIN_COLUMNS`` output
-        positions (below, one GEMM over the whole batch's columns is faster)."""
-        g = self.geom
-        if g.is_1x1 or xp is not np:
-            return g.is_1x1
-        return (g.kh == 1 and g.kw == 1 and g.ph == 0 and g.pw == 0
-                and self.L >= _im2col.DIRECT_1X1_MIN_COLUMNS)
+            dw2[go] += xp.matmul(g3[:, go], col[:, gk].transpose(0, 2, 1)).sum(axis=0)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
-        """``y[...] = conv(x, w)`` when ``y`` is given; ``dw += rows(grad_src) @ cols(x)^T`` when ``dw`` is."""
         xp = backend.get_array_module(x)
-        num = x.shape[0]
-        w2 = w.reshape(self.cout, self.kg)
-        direct = self._direct(xp)
-        if y is not None and direct:
-            g, src = self.geom, x
-            if g.sh != 1 or g.sw != 1:
-                oh, ow = self.out_hw
-                src = workspace(xp, (num, self.cin, oh, ow), x.dtype, "col")
-                xp.copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
-            x3 = src.reshape(num, self.cin, self.L)
-            y3 = y.reshape(num, self.cout, self.L)
-            if self.group == 1:
-                xp.matmul(w2, x3, out=y3)
-            else:
-                cg = self.cin // self.group
-                for g, (go, _) in enumerate(self._groups()):
-                    y3[:, go] = xp.matmul(w2[go], x3[:, g * cg:(g + 1) * cg])
-        if dw is None and (y is None or direct):
-            return
-        if dw is None and xp is np and self._forward_bands(x, w2, y):
-            return
-        oh, ow = self.out_hw
-        for n0, n1 in self._chunks(num):
-            last = self._batch_last(xp, n1 - n0)
-            col2 = self._cols(x[n0:n1], last)
-            if y is not None and not direct:
-                rows = workspace(xp, (self.cout, (n1 - n0) * self.L), x.dtype, "rows")
-                for go, gk in self._groups():
-                    xp.matmul(w2[go], col2[gk], out=rows[go])
-                if last:
-                    y[n0:n1] = rows.reshape(self.cout, oh, ow, n1 - n0).transpose(3, 0, 1, 2)
-                else:
-                    y[n0:n1] = rows.reshape(self.cout, n1 - n0, oh, ow).transpose(1, 0, 2, 3)
-            if dw is not None:
-                self._accumulate_wgrad(self._rows(xp, grad_src[n0:n1], last), col2, dw)
-
-    def _forward_bands(self, x, w2, y):
-        """``y[...] = conv(x, w)`` a band of output rows at a time (CPU; see ``COL_BAND_ELEMENTS``).
-        False, doing nothing, when the whole column matrix is small enough anyway."""
-        g, num = self.geom, x.shape[0]
-        oh, ow = self.out_hw
-        k = self.cin * g.kh * g.kw
-        per_row = k * num * ow
-        band = max(_im2col.COL_BAND_ELEMENTS // per_row, -(-_im2col.COL_BAND_MIN_COLUMNS // (num * ow)), 1)
-        if ow < _im2col.COL_BAND_MIN_WIDTH or band * 2 > oh or band * per_row > _im2col.MAX_COL_ELEMENTS:
-            return False
-        src = padded_source(x, g)
-        for y0 in range(0, oh, band):
-            y1 = min(oh, y0 + band)
-            cols = (y1 - y0) * ow * num
-            col2 = im2col_rows(src, g, self.out_hw, y0, y1).reshape(k, cols)
-            rows = workspace(np, (self.cout, cols), x.dtype, "rows")
+        s = self.s
+        if y is not None:
+            col = reference_columns(x, s.geom, s.out_hw)
+            w2 = w.reshape(s.cout, s.kg)
+            y3 = y.reshape(x.shape[0], s.cout, s.columns)
             for go, gk in self._groups():
-                np.matmul(w2[go], col2[gk], out=rows[go])
-            y[:, :, y0:y1] = rows.reshape(self.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3)
-        return True
+                y3[:, go] = xp.matmul(w2[go], col[:, gk])
+        if dw is not None:
+            self._weight_grad(xp, grad_src, x, dw)
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
-        """``dx[...] = conv^T(dy, w)`` when ``dx`` is given; ``dw += rows(dy) @ cols(x)^T`` when ``dw`` is."""
         xp = backend.get_array_module(dy)
+        s = self.s
         num = dy.shape[0]
-        w2 = w.reshape(self.cout, self.kg)
-        direct = self.geom.is_1x1
-        if dx is not None and direct:
-            dy3 = dy.reshape(num, self.cout, self.L)
-            dx3 = dx.reshape(num, self.cin, self.L)
-            if self.group == 1:
-                xp.matmul(w2.T, dy3, out=dx3)
-            else:
-                cg = self.cin // self.group
-                for g, (go, _) in enumerate(self._groups()):
-                    dx3[:, g * cg:(g + 1) * cg] = xp.matmul(w2[go].T, dy3[:, go])
-        if dw is None and (dx is None or direct):
-            return
-        g = self.geom
-        oh, ow = self.out_hw
-        for n0, n1 in self._chunks(num):
-            n = n1 - n0
-            last = self._batch_last(xp, n)
-            rows = self._rows(xp, dy[n0:n1], last)
-            if dw is not None:
-                self._accumulate_wgrad(rows, self._cols(x[n0:n1], last), dw)
-            if dx is not None and not direct:
-                # the column buffer is free again: the weight gradient is done with it
-                shape = (self.cin, g.kh, g.kw, oh, ow, n) if last else (self.cin, g.kh, g.kw, n, oh, ow)
-                dcol = workspace(xp, shape, dy.dtype, "col")
-                dcol2 = dcol.reshape(self.cin * g.kh * g.kw, n * self.L)
-                for go, gk in self._groups():
-                    xp.matmul(w2[go].T, rows[go], out=dcol2[gk])
-                if last:
-                    col2im_batch_last(dcol, g, self.in_hw, out=dx[n0:n1])
-                else:
-                    col2im(dcol, g, self.in_hw, out=dx[n0:n1])
+        if dx is not None:
+            w2 = w.reshape(s.cout, s.kg)
+            dy3 = dy.reshape(num, s.cout, s.columns)
+            dcol = xp.empty((num, s.cin * s.geom.kh * s.geom.kw, s.columns), dy.dtype)
+            for go, gk in self._groups():
+                dcol[:, gk] = xp.matmul(w2[go].T, dy3[:, go])
+            reference_uncolumns(dcol, s.geom, s.in_hw, dx)
+        if dw is not None:
+            self._weight_grad(xp, dy, x, dw)
 
 
 def _canonical_axis(layer, axis, ndim):
@@ -296,7 +215,7 @@ class _BaseConvolution(Layer):
                 b.data[...] = fillers.fill(cp.bias_filler, bias_shape, dtype=b.dtype, layer=self.name)
                 self.blobs.append(b)
         self.param_propagate_down = [True] * len(self.blobs)
-        self._winograd_cache = winograd.FilterCache()
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: ReferenceConvolution(layer.conv))
 
     def _spatial_hw(self, shape):
         sp = shape[self.axis + 1:]
@@ -335,9 +254,21 @@ class _BaseConvolution(Layer):
             t.reshape(top_shape)
         self.bottom_hw, self.top_hw = in_hw, out_hw
         if self.reverse:
-            self.engine = _ConvEngine(self.geom, self.group, self.num_output, self.channels, out_hw, in_hw)
+            self.conv = ConvShape(self.geom, self.group, self.num_output, self.channels, out_hw, in_hw, self.num)
         else:
-            self.engine = _ConvEngine(self.geom, self.group, self.channels, self.num_output, in_hw, out_hw)
+            self.conv = ConvShape(self.geom, self.group, self.channels, self.num_output, in_hw, out_hw, self.num)
+        self._conv_key = self.conv.key()
+        self.engine = self.engine_slot.get(self, self._conv_key)
+
+    @property
+    def engine_name(self):
+        """The name of the engine this layer runs at its current shape ("caffe": the reference)."""
+        return self.engine_slot.name
+
+    def _engine(self):
+        """The engine for the current shape, re-chosen only if the mode changed since ``reshape``."""
+        self.engine = self.engine_slot.get(self, self._conv_key)
+        return self.engine
 
     def _hw_text(self, hw):
         return f"{hw[0]}x{hw[1]}" if self.num_spatial == 2 else f"{hw[1]}"
@@ -357,7 +288,9 @@ class _BaseConvolution(Layer):
 
     # Convolution runs the engine forward and back; Deconvolution the other way round (its forward is
     # the convolution's data gradient), so the loops below are shared and only these two differ.
-    def _run(self, x, w, out):
+    def convolve(self, x, w, out):
+        """``out[...]`` = this layer's forward of ``x`` with weights ``w``, no bias (4-D arrays
+        (num, C, H, W)); inference-time fusion calls it with folded weights."""
         raise NotImplementedError
 
     def _run_transposed(self, dy, w, dx, x, dw):
@@ -367,7 +300,7 @@ class _BaseConvolution(Layer):
         w = self.blobs[0].xdata
         for b, t in zip(bottom, top):
             y = self._top4(t.xdata)
-            self._run(self._bottom4(b.xdata), w, y)
+            self.convolve(self._bottom4(b.xdata), w, y)
             if self.bias_term:
                 self._add_bias(y)
 
@@ -400,23 +333,11 @@ class Convolution(_BaseConvolution):
             raise self.error(f"kernel {g.kh}x{g.kw}{dil} larger than padded input {hp}x{wp}", ShapeError)
         return g.out_size(*in_hw)
 
-    def _run(self, x, w, out):
-        xp = backend.get_array_module(x)
-        if winograd.worthwhile(xp, self.geom, self.group, self.channels, self.top_hw):
-            winograd.forward(x, w, out, self.geom.ph, self.geom.pw, u=self._winograd_filters(w))
-        else:
-            self.engine.forward(x, w, y=out)
-
-    def _winograd_filters(self, w):
-        """Transformed filters: kept between forwards in a TEST net, whose weights rarely change;
-        redone in scratch space in a TRAIN net, whose weights change every iteration."""
-        if self.phase == caffe_pb2.TRAIN:
-            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, "wino_filters")
-            return winograd.transform_filters(w, out=scratch)
-        return self._winograd_cache.get(w)
+    def convolve(self, x, w, out):
+        self._engine().forward(x, w, y=out)
 
     def _run_transposed(self, dy, w, dx, x, dw):
-        self.engine.backward(dy, w, dx=dx, x=x, dw=dw)
+        self._engine().backward(dy, w, dx=dx, x=x, dw=dw)
 
 
 @register("Deconvolution")
@@ -436,11 +357,11 @@ class Deconvolution(_BaseConvolution):
                              f"pad {g.ph}x{g.pw})", ShapeError)
         return oh, ow
 
-    def _run(self, x, w, out):
-        self.engine.backward(x, w, dx=out)
+    def convolve(self, x, w, out):
+        self._engine().backward(x, w, dx=out)
 
     def _run_transposed(self, dy, w, dx, x, dw):
-        self.engine.forward(dy, w, y=dx, grad_src=x, dw=dw)
+        self._engine().forward(dy, w, y=dx, grad_src=x, dw=dw)
 
 
 @register("Im2col")
@@ -448,7 +369,8 @@ class Im2col(Layer):
     """The column matrix a convolution multiplies, as a blob: (N, C, H, W) becomes
     (N, C·kh·kw, oh, ow), channel-major then kernel row then kernel column (Caffe's im2col order),
     from ``convolution_param``'s kernel, stride, pad and dilation (num_output is not used). The
-    gradient sums the columns back onto the image (col2im). 2-D, channel axis 1 only."""
+    gradient sums the columns back onto the image (col2im). 2-D, channel axis 1 only. The reference
+    is ``reference_columns``; the engines (``conv_engines``) run the faster im2col kernels."""
 
     exact_num_bottom = 1
     exact_num_top = 1
@@ -469,6 +391,7 @@ class Im2col(Layer):
                 raise self.error(f"{what} must be positive, got {vals}")
         self.geom = ConvGeometry(kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1],
                                  dilation[0], dilation[1])
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: _ReferenceIm2col(layer.geom, layer.out_hw))
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -481,23 +404,36 @@ class Im2col(Layer):
                              f"{h + 2 * self.geom.ph}x{w + 2 * self.geom.pw}", ShapeError)
         self.out_hw = (oh, ow)
         top[0].reshape(n, c * self.geom.kh * self.geom.kw, oh, ow)
+        self._shape_key = tuple(shape)
+        self.engine = self.engine_slot.get(self, self._shape_key)
+
+    @property
+    def engine_name(self):
+        return self.engine_slot.name
 
     def forward(self, bottom, top):
-        x = bottom[0].xdata
-        n, c = x.shape[:2]
-        oh, ow = self.out_hw
-        col = im2col(x, self.geom, self.out_hw)            # (C, kh, kw, N, oh, ow), a workspace
-        g = self.geom
-        top[0].xdata = col.reshape(c * g.kh * g.kw, n, oh, ow).transpose(1, 0, 2, 3).copy()
+        self.engine = self.engine_slot.get(self, self._shape_key)
+        top[0].xdata = self.engine.forward(bottom[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        xp = self.xp
-        n, c, h, w = bottom[0].shape
-        g = self.geom
-        oh, ow = self.out_hw
-        dy = top[0].xdiff.reshape(n, c, g.kh, g.kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
-        dx = xp.empty(bottom[0].shape, dtype=dy.dtype)
-        col2im(xp.ascontiguousarray(dy), g, (h, w), dx)
+        self.engine = self.engine_slot.get(self, self._shape_key)
+        dx = self.xp.empty(bottom[0].shape, dtype=top[0].xdiff.dtype)
+        self.engine.backward(top[0].xdiff, dx)
         bottom[0].xdiff = dx
+
+
+class _ReferenceIm2col:
+    """The Im2col layer's reference: ``reference_columns`` as a blob and ``reference_uncolumns``."""
+
+    def __init__(self, geom, out_hw):
+        self.geom, self.out_hw = geom, out_hw
+
+    def forward(self, x):
+        return reference_columns(x, self.geom, self.out_hw).reshape(x.shape[0], -1, *self.out_hw)
+
+    def backward(self, dy, dx):
+        n = dx.shape[0]
+        return reference_uncolumns(dy.reshape(n, -1, self.out_hw[0] * self.out_hw[1]), self.geom,
+                                   dx.shape[2:], dx)

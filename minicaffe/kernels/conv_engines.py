@@ -1,0 +1,454 @@
+"""The faster ways of computing Convolution, Deconvolution and Im2col, and where each one pays.
+
+The layers (``minicaffe/layers/conv.py``) keep Caffe's arithmetic once, as a plain reference; the
+engines here compute the same numbers faster for some shapes, and ``engines.choose`` picks one at
+reshape from this table (``engine: CAFFE`` picks the reference):
+
+==================  ===========  ==========================================================  =====
+engine              devices      DEFAULT picks it for                                        prio
+==================  ===========  ==========================================================  =====
+winograd            cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
+                                 maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``
+gemm_1x1            cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
+                                 the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
+im2col_bands        cpu          forward over wide maps, a band of output rows at a time      20
+im2col_batch_last   cpu          narrow maps (<= 16 wide, stride_w 1, batch >= 4)             20
+im2col              cpu          everything else                                              10
+cuda_im2col         gpu          everything else                                              10
+==================  ===========  ==========================================================  =====
+
+Every engine computes in the convolution's *forward orientation* (input ``cin`` channels ->
+output ``cout`` channels, weights ``cout x cin/group x kh x kw``), described by a ``ConvShape``,
+with two calls:
+
+* ``forward(x, w, y=None, grad_src=None, dw=None)``: ``y[...] = conv(x, w)`` when ``y`` is given;
+  ``dw += rows(grad_src) @ cols(x)^T`` when ``dw`` is;
+* ``backward(dy, w, dx=None, x=None, dw=None)``: ``dx[...] = conv^T(dy, w)`` when ``dx`` is given;
+  ``dw += rows(dy) @ cols(x)^T`` when ``dw`` is.
+
+Convolution calls them as they are; Deconvolution the other way round (its forward is the
+convolution's data gradient), as Caffe's ``DeconvolutionLayer`` reuses ``BaseConvolutionLayer``.
+Both halves of a call share their column matrix, so a weight gradient next to a data gradient
+costs one im2col, not two. The specialised engines (winograd, gemm_1x1, bands) do only part of
+the work their own way and leave the rest to the column code, in the layout DEFAULT would use.
+
+Each engine also says where it is *correct* (``computes``), a wider set than where it pays
+(``applies``), so the tests run every engine against the reference on small shapes. Tuning knobs
+(chunk and band sizes) are build options, not module state: tests reach ragged chunks and bands
+with ``engines.force(layer, name, max_col_elements=1)``.
+"""
+
+import numpy as np
+
+from ..core import backend
+from ..core import context as _context
+from ..proto import caffe_pb2
+from . import cuda_im2col, engines, winograd
+from .engines import Engine, register
+from .im2col import (col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows, images_per_chunk,
+                     padded_source, workspace)
+
+# Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
+# images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
+MAX_COL_ELEMENTS = 1 << 26
+
+# A convolution's forward GEMM on the CPU runs over bands of output rows whose column matrix has
+# about this many elements (2 MiB of float32: written by im2col and read by the GEMM while still in
+# cache), but at least COL_BAND_MIN_COLUMNS columns so each GEMM stays efficient. Measured to
+# help on wide maps only (VGG's 224 and 112, AlexNet's conv1: 10-20%); from 56 down it does not.
+COL_BAND_ELEMENTS = 1 << 19
+COL_BAND_MIN_COLUMNS = 1024
+COL_BAND_MIN_WIDTH = 48
+
+# On the CPU, convolutions of horizontal stride 1 whose output rows are at most this wide (LeNet's
+# conv2, GoogLeNet's 14 and 7, CaffeNet's 13) put the batch axis last in the column matrix,
+# ``(C, kh, kw, oh, ow, N)``, when the batch has at least BATCH_LAST_MIN_NUM images: im2col and
+# col2im then move runs of ``ow * N`` values instead of rows of ``ow``, 2-5x faster at these sizes
+# (NumPy's per-row overhead dominates). With a horizontal stride the runs would be N long only:
+# slower at small batches, so those keep the batch-first layout.
+BATCH_LAST_MAX_WIDTH = 16
+BATCH_LAST_MIN_NUM = 4
+
+# On the CPU, a strided 1x1 convolution without padding gathers its input's strided view and
+# multiplies each image's (C, oh*ow) (as stride 1 always does) when the map has at least this many
+# output positions; smaller maps keep im2col and one GEMM over the whole batch's columns. Measured
+# on ResNet-50's 1x1/2 layers at batch 10, one thread: per image is 8-12% faster at 28x28 and 14x14
+# outputs, one GEMM 10% faster at 7x7 (the per-image GEMMs are too thin there).
+DIRECT_1X1_MIN_COLUMNS = 196
+
+# Where Winograd pays (one thread, batch 4 VGG-16 layers, against im2col + GEMM): 1.3-1.65x from 128
+# input channels on maps of 14x14 and more; 64-channel layers gain nothing (the transforms,
+# memory-bound, cost as much as the GEMM work saved), and CaffeNet's 13x13 conv3 gains under 15%.
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_SIZE = 14
+
+
+class ConvShape:
+    """A (de)convolution as the engines see it, in the convolution's forward orientation: ``num``
+    images of ``cin`` channels, ``in_hw`` -> ``cout`` channels, ``out_hw``, in ``group`` groups."""
+
+    __slots__ = ("geom", "group", "cin", "cout", "in_hw", "out_hw", "num")
+
+    def __init__(self, geom, group, cin, cout, in_hw, out_hw, num):
+        self.geom, self.group, self.cin, self.cout = geom, group, cin, cout
+        self.in_hw, self.out_hw, self.num = tuple(in_hw), tuple(out_hw), num
+
+    @property
+    def kg(self):
+        """GEMM inner size per group."""
+        return self.cin // self.group * self.geom.kh * self.geom.kw
+
+    @property
+    def og(self):
+        """Output channels per group."""
+        return self.cout // self.group
+
+    @property
+    def columns(self):
+        """Output positions per image."""
+        return self.out_hw[0] * self.out_hw[1]
+
+    def key(self):
+        g = self.geom
+        return ((g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw), self.group, self.cin, self.cout,
+                self.in_hw, self.out_hw, self.num)
+
+
+# --- where each engine is correct and where it pays ------------------------------------------------
+
+def _is_cpu():
+    return engines.current_device() == "cpu"
+
+
+def batch_last_pays(s):
+    """Narrow maps, stride_w 1, a batch of at least BATCH_LAST_MIN_NUM (see the constants)."""
+    return (not s.geom.is_1x1 and s.geom.sw == 1 and s.out_hw[1] <= BATCH_LAST_MAX_WIDTH
+            and s.num >= BATCH_LAST_MIN_NUM)
+
+
+def _band_rows(s):
+    """Output rows per band: about COL_BAND_ELEMENTS of columns, at least COL_BAND_MIN_COLUMNS."""
+    ow = s.out_hw[1]
+    per_row = s.cin * s.geom.kh * s.geom.kw * s.num * ow
+    return max(COL_BAND_ELEMENTS // per_row, -(-COL_BAND_MIN_COLUMNS // (s.num * ow)), 1), per_row
+
+
+def bands_pay(s):
+    """Wide maps (COL_BAND_MIN_WIDTH and more) that split into two bands or more, each within
+    MAX_COL_ELEMENTS."""
+    band, per_row = _band_rows(s)
+    return (s.out_hw[1] >= COL_BAND_MIN_WIDTH and band * 2 <= s.out_hw[0]
+            and band * per_row <= MAX_COL_ELEMENTS)
+
+
+def direct_1x1_computes(s):
+    g = s.geom
+    return g.kh == 1 and g.kw == 1 and g.ph == 0 and g.pw == 0
+
+
+def direct_1x1_pays(s):
+    """Stride 1 always (no im2col at all); strided on the CPU from DIRECT_1X1_MIN_COLUMNS positions."""
+    g = s.geom
+    if not direct_1x1_computes(s):
+        return False
+    return (g.sh == 1 and g.sw == 1) or (_is_cpu() and s.columns >= DIRECT_1X1_MIN_COLUMNS)
+
+
+def winograd_pays(s):
+    """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
+    more, unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
+    return (winograd.applies(s.geom, s.group) and s.cin >= WINOGRAD_MIN_CHANNELS
+            and min(s.out_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd)
+
+
+# --- the engines ------------------------------------------------------------------------------------
+
+class Im2colConv:
+    """im2col + one GEMM per group over a chunk of images (as many as fit in ``max_col_elements``).
+
+    Columns are ``(C, kh, kw, N, oh, ow)`` (batch first) or, with ``batch_last``, ``(C, kh, kw, oh,
+    ow, N)`` (CPU; chunks of fewer than BATCH_LAST_MIN_NUM images stay batch first). On the GPU
+    (``device="gpu"``) im2col and col2im are the CUDA kernels of ``cuda_im2col``."""
+
+    def __init__(self, shape, device="cpu", batch_last=False, max_col_elements=MAX_COL_ELEMENTS):
+        self.s = shape
+        self.gpu = device == "gpu"
+        self.batch_last = bool(batch_last) and not self.gpu
+        self.max_col_elements = max_col_elements
+        if self.gpu:
+            self._im2col, self._col2im = cuda_im2col.im2col, cuda_im2col.col2im
+        else:
+            self._im2col, self._col2im = im2col, col2im
+
+    def _groups(self):
+        og, kg = self.s.og, self.s.kg
+        for g in range(self.s.group):
+            yield slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg)
+
+    def _chunks(self, num):
+        g = self.s.geom
+        step = images_per_chunk(self.s.cin * g.kh * g.kw * self.s.columns, num, self.max_col_elements)
+        for n0 in range(0, num, step):
+            yield n0, min(num, n0 + step)
+
+    def _last(self, n):
+        """Whether a chunk of ``n`` images puts the batch axis last."""
+        return self.batch_last and n >= BATCH_LAST_MIN_NUM
+
+    def _rows(self, xp, a, batch_last):
+        """(n, cout, oh, ow) -> (cout, n*oh*ow), the GEMM layout of an output-side array (columns
+        ordered (oh, ow, n) with ``batch_last``)."""
+        n = a.shape[0]
+        s = self.s
+        oh, ow = s.out_hw
+        if batch_last:
+            buf = workspace(xp, (s.cout, oh, ow, n), a.dtype, "rows")
+            xp.copyto(buf, a.transpose(1, 2, 3, 0))
+        else:
+            buf = workspace(xp, (s.cout, n, oh, ow), a.dtype, "rows")
+            xp.copyto(buf, a.transpose(1, 0, 2, 3))
+        return buf.reshape(s.cout, n * s.columns)
+
+    def _cols(self, x, batch_last):
+        s = self.s
+        if batch_last:
+            col = im2col_batch_last(x, s.geom, s.out_hw)
+        else:
+            col = self._im2col(x, s.geom, s.out_hw)
+        return col.reshape(s.cin * s.geom.kh * s.geom.kw, x.shape[0] * s.columns)
+
+    def _accumulate_wgrad(self, rows, col2, dw):
+        dw2 = dw.reshape(self.s.cout, self.s.kg)
+        for go, gk in self._groups():
+            if not self.gpu:
+                # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
+                # layers (LeNet's conv2: 2.4 against 3.4 ms) and never slower on large ones
+                dw2[go] += (col2[gk] @ rows[go].T).T
+            else:
+                dw2[go] += rows[go] @ col2[gk].T
+
+    def forward(self, x, w, y=None, grad_src=None, dw=None):
+        """``y[...] = conv(x, w)`` when ``y`` is given; ``dw += rows(grad_src) @ cols(x)^T`` when ``dw`` is."""
+        if y is None and dw is None:
+            return
+        xp = backend.get_array_module(x)
+        s = self.s
+        w2 = w.reshape(s.cout, s.kg)
+        oh, ow = s.out_hw
+        for n0, n1 in self._chunks(x.shape[0]):
+            n = n1 - n0
+            last = self._last(n)
+            col2 = self._cols(x[n0:n1], last)
+            if y is not None:
+                rows = workspace(xp, (s.cout, n * s.columns), x.dtype, "rows")
+                for go, gk in self._groups():
+                    xp.matmul(w2[go], col2[gk], out=rows[go])
+                if last:
+                    y[n0:n1] = rows.reshape(s.cout, oh, ow, n).transpose(3, 0, 1, 2)
+                else:
+                    y[n0:n1] = rows.reshape(s.cout, n, oh, ow).transpose(1, 0, 2, 3)
+            if dw is not None:
+                self._accumulate_wgrad(self._rows(xp, grad_src[n0:n1], last), col2, dw)
+
+    def backward(self, dy, w, dx=None, x=None, dw=None):
+        """``dx[...] = conv^T(dy, w)`` when ``dx`` is given; ``dw += rows(dy) @ cols(x)^T`` when ``dw`` is."""
+        if dx is None and dw is None:
+            return
+        xp = backend.get_array_module(dy)
+        s = self.s
+        g = s.geom
+        w2 = w.reshape(s.cout, s.kg)
+        oh, ow = s.out_hw
+        for n0, n1 in self._chunks(dy.shape[0]):
+            n = n1 - n0
+            last = self._last(n)
+            rows = self._rows(xp, dy[n0:n1], last)
+            if dw is not None:
+                self._accumulate_wgrad(rows, self._cols(x[n0:n1], last), dw)
+            if dx is not None:
+                # the column buffer is free again: the weight gradient is done with it
+                shape = (s.cin, g.kh, g.kw, oh, ow, n) if last else (s.cin, g.kh, g.kw, n, oh, ow)
+                dcol = workspace(xp, shape, dy.dtype, "col")
+                dcol2 = dcol.reshape(s.cin * g.kh * g.kw, n * s.columns)
+                for go, gk in self._groups():
+                    xp.matmul(w2[go].T, rows[go], out=dcol2[gk])
+                if last:
+                    col2im_batch_last(dcol, g, s.in_hw, out=dx[n0:n1])
+                else:
+                    self._col2im(dcol, g, s.in_hw, out=dx[n0:n1])
+
+
+class BandedConv(Im2colConv):
+    """The forward (without a weight gradient) a band of output rows at a time over the whole batch,
+    so each band's column matrix is still in cache when its GEMM reads it (CPU). The rest as
+    ``Im2colConv``, batch first (bands pay on wide maps, batch-last on narrow ones)."""
+
+    def __init__(self, shape, band_rows=None, max_col_elements=MAX_COL_ELEMENTS):
+        super().__init__(shape, max_col_elements=max_col_elements)
+        band, per_row = _band_rows(shape)
+        band = band if band_rows is None else band_rows
+        self.band = max(1, min(band, max_col_elements // per_row, shape.out_hw[0]))
+
+    def forward(self, x, w, y=None, grad_src=None, dw=None):
+        if y is None or dw is not None:
+            return super().forward(x, w, y, grad_src, dw)
+        s = self.s
+        g, num = s.geom, x.shape[0]
+        oh, ow = s.out_hw
+        k = s.cin * g.kh * g.kw
+        w2 = w.reshape(s.cout, s.kg)
+        src = padded_source(x, g)
+        for y0 in range(0, oh, self.band):
+            y1 = min(oh, y0 + self.band)
+            cols = (y1 - y0) * ow * num
+            col2 = im2col_rows(src, g, s.out_hw, y0, y1).reshape(k, cols)
+            rows = workspace(np, (s.cout, cols), x.dtype, "rows")
+            for go, gk in self._groups():
+                np.matmul(w2[go], col2[gk], out=rows[go])
+            y[:, :, y0:y1] = rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3)
+
+
+class Gemm1x1Conv(Im2colConv):
+    """1x1 kernels without padding: the forward is a GEMM per image straight on the blob (on its
+    strided view gathered into a buffer when strided), and with stride 1 the data gradient too: no
+    column matrix, no transposed copy of the output. The weight gradient (and a strided data
+    gradient) as ``Im2colConv``."""
+
+    def forward(self, x, w, y=None, grad_src=None, dw=None):
+        if y is not None:
+            self._direct_forward(x, w, y)
+        if dw is not None:
+            super().forward(x, w, None, grad_src, dw)
+
+    def _direct_forward(self, x, w, y):
+        xp = backend.get_array_module(x)
+        s = self.s
+        g, num = s.geom, x.shape[0]
+        w2 = w.reshape(s.cout, s.kg)
+        src = x
+        if g.sh != 1 or g.sw != 1:
+            oh, ow = s.out_hw
+            src = workspace(xp, (num, s.cin, oh, ow), x.dtype, "col")
+            xp.copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
+        x3 = src.reshape(num, s.cin, s.columns)
+        y3 = y.reshape(num, s.cout, s.columns)
+        if s.group == 1:
+            xp.matmul(w2, x3, out=y3)
+        else:
+            cg = s.cin // s.group
+            for i, (go, _) in enumerate(self._groups()):
+                y3[:, go] = xp.matmul(w2[go], x3[:, i * cg:(i + 1) * cg])
+
+    def backward(self, dy, w, dx=None, x=None, dw=None):
+        s = self.s
+        direct = dx is not None and s.geom.sh == 1 and s.geom.sw == 1
+        if direct:
+            xp = backend.get_array_module(dy)
+            num = dy.shape[0]
+            w2 = w.reshape(s.cout, s.kg)
+            dy3 = dy.reshape(num, s.cout, s.columns)
+            dx3 = dx.reshape(num, s.cin, s.columns)
+            if s.group == 1:
+                xp.matmul(w2.T, dy3, out=dx3)
+            else:
+                cg = s.cin // s.group
+                for i, (go, _) in enumerate(self._groups()):
+                    dx3[:, i * cg:(i + 1) * cg] = xp.matmul(w2[go].T, dy3[:, go])
+        super().backward(dy, w, None if direct else dx, x, dw)
+
+
+class WinogradConv(Im2colConv):
+    """Winograd F(2x2, 3x3) for the forward (``winograd``); the gradients as ``Im2colConv``. The
+    transformed filters are kept between forwards in a TEST net, whose weights rarely change, and
+    redone in scratch space in a TRAIN net, whose weights change every iteration."""
+
+    def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None):
+        super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
+        self.train = phase == caffe_pb2.TRAIN
+        self.cache = winograd.FilterCache()
+        self.band = band_rows
+
+    def _filters(self, w):
+        if self.train:
+            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, "wino_filters")
+            return winograd.transform_filters(w, out=scratch)
+        return self.cache.get(w)
+
+    def forward(self, x, w, y=None, grad_src=None, dw=None):
+        if y is None or dw is not None:
+            return super().forward(x, w, y, grad_src, dw)
+        g = self.s.geom
+        winograd.forward(x, w, y, g.ph, g.pw, u=self._filters(w), band=self.band)
+
+
+def _device():
+    return engines.current_device()
+
+
+def _register_conv(layer_type):
+    def cpu(cls, **fixed):
+        return lambda layer, **opt: cls(layer.conv, **{**fixed, **opt})
+
+    def default_layout(layer):
+        return batch_last_pays(layer.conv)
+
+    register(Engine(layer_type, "gemm_1x1", devices=("cpu", "gpu"), priority=30,
+                    applies=lambda layer: direct_1x1_pays(layer.conv),
+                    computes=lambda layer: direct_1x1_computes(layer.conv),
+                    build=lambda layer, **opt: Gemm1x1Conv(
+                        layer.conv, device=_device(),
+                        batch_last=_device() == "cpu" and default_layout(layer), **opt)))
+    register(Engine(layer_type, "im2col_bands", devices=("cpu",), priority=20,
+                    applies=lambda layer: bands_pay(layer.conv), computes=lambda layer: True,
+                    build=cpu(BandedConv)))
+    register(Engine(layer_type, "im2col_batch_last", devices=("cpu",), priority=20,
+                    applies=lambda layer: batch_last_pays(layer.conv), computes=lambda layer: True,
+                    build=cpu(Im2colConv, batch_last=True)))
+    register(Engine(layer_type, "im2col", devices=("cpu",), priority=10, build=cpu(Im2colConv)))
+    register(Engine(layer_type, "cuda_im2col", devices=("gpu",), priority=10,
+                    build=lambda layer, **opt: Im2colConv(layer.conv, device="gpu", **opt)))
+
+
+# Winograd computes Convolution's forward only: Deconvolution's forward is a data gradient
+register(Engine("Convolution", "winograd", devices=("cpu",), priority=40,
+                applies=lambda layer: winograd_pays(layer.conv),
+                computes=lambda layer: winograd.applies(layer.conv.geom, layer.conv.group),
+                build=lambda layer, **opt: WinogradConv(
+                    layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})))
+_register_conv("Convolution")
+_register_conv("Deconvolution")
+
+
+# --- Im2col (the layer): the column matrix as a blob ------------------------------------------------
+
+class Im2colColumns:
+    """The Im2col layer on the column primitives: ``forward(x)`` -> (N, C·kh·kw, oh, ow), a new
+    array; ``backward(dy, dx)`` sums the columns back onto ``dx`` (N, C, H, W), overwriting it."""
+
+    def __init__(self, geom, out_hw, device="cpu"):
+        self.geom, self.out_hw = geom, out_hw
+        if device == "gpu":
+            self._im2col, self._col2im = cuda_im2col.im2col, cuda_im2col.col2im
+        else:
+            self._im2col, self._col2im = im2col, col2im
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        g = self.geom
+        oh, ow = self.out_hw
+        col = self._im2col(x, g, self.out_hw)          # (C, kh, kw, N, oh, ow), a workspace
+        return col.reshape(c * g.kh * g.kw, n, oh, ow).transpose(1, 0, 2, 3).copy()
+
+    def backward(self, dy, dx):
+        xp = backend.get_array_module(dy)
+        n, c, h, w = dx.shape
+        g = self.geom
+        oh, ow = self.out_hw
+        d = dy.reshape(n, c, g.kh, g.kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
+        self._col2im(xp.ascontiguousarray(d), g, (h, w), dx)
+
+
+register(Engine("Im2col", "im2col", devices=("cpu",), priority=10,
+                build=lambda layer: Im2colColumns(layer.geom, layer.out_hw)))
+register(Engine("Im2col", "cuda_im2col", devices=("gpu",), priority=10,
+                build=lambda layer: Im2colColumns(layer.geom, layer.out_hw, device="gpu")))

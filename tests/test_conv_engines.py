@@ -1,0 +1,312 @@
+"""Every convolution engine computes what the layer's reference computes, and DEFAULT picks the
+engine each shape paid off with before the engine table existed.
+
+The engines (minicaffe/kernels/conv_engines.py) are forced by name (``engines.force``), on every
+case of the table below where the engine computes; the reference (``engine: CAFFE``) runs on the
+same input; forward, data gradient, weight gradient (each alone and together) agree in float64.
+No module constant is touched: ragged chunks and bands come from build options.
+"""
+import numpy as np
+import pytest
+
+import minicaffe as caffe
+from minicaffe.core import backend
+from minicaffe.errors import NetError
+from minicaffe.formats.prototxt import load_net_param
+from minicaffe.kernels import engines
+from minicaffe.proto import caffe_pb2
+from minicaffe.testing import forward, make_layer
+
+REF = engines.REFERENCE
+
+
+def conv_text(layer_type, spec, bias=True):
+    return (f'name: "conv" type: "{layer_type}" convolution_param {{ {spec} '
+            f'bias_term: {"true" if bias else "false"} weight_filler {{ type: "gaussian" std: 0.5 }} '
+            'bias_filler { type: "uniform" min: -1 max: 1 } }')
+
+
+# name: (bottom shape, convolution_param): small shapes that reach every engine's branches
+CASES = {
+    "k3p1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 pad: 1"),
+    "k3s2p1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 pad: 1 stride: 2"),
+    "group2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 group: 2"),
+    "dilation2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 3 pad: 2 dilation: 2"),
+    "rect": ((2, 4, 7, 6), "num_output: 6 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0"),
+    "per_axis": ((2, 4, 7, 6), "num_output: 6 kernel_size: 2 kernel_size: 3 stride: 1 stride: 2 pad: 0 pad: 1 "
+                               "dilation: 2 dilation: 1"),
+    "k5s3p2g2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 5 stride: 3 pad: 2 group: 2"),
+    "no_bias": ((2, 3, 5, 5), "num_output: 2 kernel_size: 3 stride: 2 pad: 1"),
+    "1x1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1"),
+    "1x1group2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1 group: 2"),
+    # strided 1x1 over >= 196 output positions: the direct GEMM on the gathered view (CPU)
+    "1x1stride2": ((3, 8, 31, 29), "num_output: 6 kernel_size: 1 stride: 2"),
+    "1x1stride3group2": ((2, 8, 45, 45), "num_output: 6 kernel_size: 1 stride: 3 group: 2"),
+    # ... with stride_w 1 on a narrow map: its gradient columns put the batch last
+    "1x1stride_h2": ((4, 8, 40, 12), "num_output: 6 kernel_size: 1 stride_h: 2 stride_w: 1"),
+    # narrow maps, batch >= 4: batch-last columns
+    "narrow5": ((5, 4, 9, 10), "num_output: 4 kernel_size: 5"),
+    "narrow5g2": ((5, 4, 9, 10), "num_output: 6 kernel_size: 3 stride_h: 2 stride_w: 1 pad: 1 group: 2"),
+    "narrow5d2": ((5, 4, 9, 10), "num_output: 4 kernel_size: 3 dilation: 2 pad: 2"),
+    # wide maps: several bands of output rows, the last one ragged (64 = 27 + 27 + 10 at 66 wide)
+    "wide": ((8, 4, 66, 66), "num_output: 4 kernel_size: 3 pad: 1"),
+    # Winograd's odd sizes and paddings, one output tile, and a shape where it pays
+    "odd": ((2, 4, 13, 11), "num_output: 3 kernel_size: 3 pad: 1"),
+    "pad_h2": ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
+    "one_tile": ((2, 2, 3, 3), "num_output: 2 kernel_size: 3"),
+    "vgg": ((1, 128, 14, 15), "num_output: 3 kernel_size: 3 pad: 1"),
+    # 1-D, and leading axes flattened into the batch
+    "1d": ((2, 3, 9), "num_output: 4 kernel_size: 3 stride: 2 pad: 1 dilation: 2"),
+    "axis2": ((2, 3, 4, 6, 5), "num_output: 2 kernel_size: 3 axis: 2 pad: 1"),
+}
+
+IM2COL_CASES = {
+    "k3p1": ((2, 3, 7, 6), "kernel_size: 3 pad: 1"),
+    "rect": ((2, 3, 9, 11), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 2 dilation: 2"),
+    "1x1s2": ((1, 2, 8, 8), "kernel_size: 1 stride: 2"),
+}
+
+
+def _engine(layer_type, name, device):
+    return next(e for e in engines.engines_for(layer_type, device) if e.name == name)
+
+
+def _layer(layer_type, case, seed=0):
+    shape, spec = (IM2COL_CASES if layer_type == "Im2col" else CASES)[case]
+    x = np.random.default_rng(seed).standard_normal(shape)
+    text = (f'name: "col" type: "Im2col" convolution_param {{ {spec} }}' if layer_type == "Im2col"
+            else conv_text(layer_type, spec, bias=case != "no_bias"))
+    with backend.float64_blobs():
+        return make_layer(text, [x])
+
+
+def _run(layer, bottom, top, name, options=None):
+    """Forward, then backward three ways (both gradients, data only, weights only), with engine
+    ``name``; the gradients start from junk (data: overwritten) and a known value (params: added to)."""
+    engines.force(layer, name, **(options or {}))
+    y = forward(layer, bottom, top)[0]
+    assert layer.engine_name == name
+    dy = np.random.default_rng(1).standard_normal(y.shape)
+    start = [np.random.default_rng(2 + i).standard_normal(b.shape) for i, b in enumerate(layer.blobs)]
+    top[0].diff[...] = dy
+    out = [y]
+    for prop, params in ((True, True), (True, False), (False, True)):
+        bottom[0].diff[...] = 7.0
+        for b, s in zip(layer.blobs, start):
+            b.diff[...] = s
+        layer.param_propagate_down = [params] * len(layer.blobs)
+        layer.backward(top, [prop], bottom)
+        if prop:
+            out.append(bottom[0].diff.copy())
+        else:
+            assert np.all(bottom[0].diff == 7.0)
+        for b, s in zip(layer.blobs, start):
+            if params:
+                out.append(b.diff.copy())
+            else:
+                np.testing.assert_array_equal(b.diff, s)
+    layer.param_propagate_down = [True] * len(layer.blobs)
+    engines.force(layer, None)
+    return out
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10 * max(1.0, float(np.abs(w).max())))
+
+
+def _cpu_engines():
+    return [(t, n) for t in ("Convolution", "Deconvolution", "Im2col") for n in engines.names(t, "cpu")
+            if n != REF]
+
+
+@pytest.mark.parametrize("layer_type,name", _cpu_engines())
+def test_every_cpu_engine_matches_the_reference(layer_type, name):
+    ran = []
+    for case in (IM2COL_CASES if layer_type == "Im2col" else CASES):
+        layer, bottom, top = _layer(layer_type, case)
+        if not _engine(layer_type, name, "cpu").runs_on(layer):
+            continue
+        ref = _run(layer, bottom, top, REF)
+        _assert_same(_run(layer, bottom, top, name), ref)
+        ran.append(case)
+    assert ran, f"no case reaches engine {name}"
+
+
+def _gpu_engines():
+    return [(t, n) for t in ("Convolution", "Deconvolution", "Im2col") for n in engines.names(t, "gpu")]
+
+
+GPU_CASES = ["k3s2p1", "group2", "dilation2", "rect", "per_axis", "1x1", "1x1group2", "1x1stride2", "narrow5g2",
+             "1d", "axis2"]
+
+
+@pytest.mark.parametrize("layer_type,name", _gpu_engines())
+def test_every_gpu_engine_matches_the_cpu_reference(gpu, layer_type, name):
+    """The GPU engines (and the reference itself, in CuPy) against the reference on NumPy."""
+    ran = []
+    for case in (IM2COL_CASES if layer_type == "Im2col" else GPU_CASES):
+        backend.set_mode_cpu()
+        layer, bottom, top = _layer(layer_type, case)
+        want = _run(layer, bottom, top, REF)
+        weights = [b.data.copy() for b in layer.blobs]
+        backend.set_mode_gpu()
+        layer, bottom, top = _layer(layer_type, case)
+        for b, w in zip(layer.blobs, weights):
+            b.data[...] = w
+        if name != REF and not _engine(layer_type, name, "gpu").runs_on(layer):
+            continue
+        _assert_same(_run(layer, bottom, top, name), want)
+        ran.append(case)
+    assert ran, f"no case reaches engine {name}"
+
+
+# --- tuning knobs: ragged chunks and bands -------------------------------------------------------
+@pytest.mark.parametrize("layer_type,name,case", [
+    ("Convolution", "im2col", "k5s3p2g2"), ("Deconvolution", "im2col", "group2"),
+    ("Convolution", "im2col_batch_last", "narrow5g2"), ("Deconvolution", "im2col_batch_last", "narrow5"),
+    ("Convolution", "gemm_1x1", "1x1stride_h2"), ("Deconvolution", "gemm_1x1", "1x1group2"),
+    ("Convolution", "im2col_bands", "rect"), ("Deconvolution", "im2col_bands", "dilation2"),
+    ("Convolution", "winograd", "odd")])
+@pytest.mark.parametrize("images", [1, 4])
+def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name, case, images):
+    """A batch split into chunks of images (to bound the column buffer; batch-last chunks of fewer
+    than 4 images fall back to batch first) gives the reference's numbers."""
+    layer, bottom, top = _layer(layer_type, case)
+    s = layer.conv
+    per_image = s.cin * s.geom.kh * s.geom.kw * s.columns
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, name, {"max_col_elements": images * per_image}), ref)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "per_axis", "wide"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_banded_forward_with_any_band_height_matches_the_reference(layer_type, case, rows):
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "im2col_bands", {"band_rows": rows}), ref)
+
+
+@pytest.mark.parametrize("case", ["k3p1", "odd", "pad_h2", "one_tile"])
+def test_winograd_in_bands_of_one_tile_row_matches_the_reference(case):
+    layer, bottom, top = _layer("Convolution", case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": 1}), ref)
+
+
+@pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
+def test_winograd_filters_follow_weight_updates(phase):
+    """The transformed filters (cached in a TEST net) are redone when the weights change in place,
+    as an SGD step changes them."""
+    x = np.random.default_rng(11).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 4 kernel_size: 3 pad: 1", bias=False),
+                                    [x], phase=phase)
+    engines.force(layer, "winograd")
+    first = forward(layer, bottom, top)[0]
+    assert layer.engine_name == "winograd"
+    layer.blobs[0].data[...] *= -2
+    second = forward(layer, bottom, top)[0]
+    np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
+
+
+# --- what DEFAULT picks ---------------------------------------------------------------------------
+@pytest.mark.parametrize("layer_type,shape,spec,want", [
+    ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_batch_last"),         # LeNet conv2
+    ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_bands"),   # CaffeNet conv1
+    ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2", "im2col"),     # CaffeNet conv2
+    ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # CaffeNet conv3
+    ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
+    ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c
+    ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # inception_4b
+    ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # VGG conv3
+    ("Convolution", (1, 64, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "im2col_bands"),        # 64 channels
+    ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 group: 2", "im2col_bands"),
+    ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 stride: 2", "im2col"),
+    ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 5 pad: 2", "im2col_bands"),
+    ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 1 stride: 2", "gemm_1x1"),        # ResNet 28²
+    ("Convolution", (1, 1024, 14, 14), "num_output: 8 kernel_size: 1 stride: 2", "im2col"),        # ResNet 7²
+    ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # batch < 4
+    ("Deconvolution", (4, 8, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),
+    ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # no Winograd
+    ("Deconvolution", (4, 21, 16, 16), "num_output: 21 kernel_size: 4 stride: 2", "im2col"),       # FCN upscore
+    ("Deconvolution", (2, 16, 20, 20), "num_output: 8 kernel_size: 1", "gemm_1x1"),
+])
+def test_default_engine_is_the_one_that_pays(layer_type, shape, spec, want):
+    layer, _, _ = make_layer(conv_text(layer_type, spec), [np.zeros(shape, np.float32)])
+    assert layer.engine_name == want
+
+
+def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):
+    env_switch("MINICAFFE_WINOGRAD", "0")
+    layer, _, _ = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
+                             [np.zeros((1, 256, 56, 56), np.float32)])
+    assert layer.engine_name == "im2col_bands"
+
+
+def test_default_engine_on_gpu(gpu):
+    picks = {}
+    for spec, shape in (("kernel_size: 3 pad: 1", (4, 256, 14, 14)), ("kernel_size: 1", (2, 16, 8, 8)),
+                        ("kernel_size: 1 stride: 2", (1, 16, 40, 40))):
+        layer, _, _ = make_layer(conv_text("Convolution", f"num_output: 4 {spec}"), [np.zeros(shape, np.float32)])
+        picks[spec] = layer.engine_name
+    assert picks == {"kernel_size: 3 pad: 1": "cuda_im2col", "kernel_size: 1": "gemm_1x1",
+                     "kernel_size: 1 stride: 2": "cuda_im2col"}
+
+
+def test_engine_follows_a_new_shape_and_a_mode_switch(gpu):
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 4 kernel_size: 3 pad: 1"),
+                                    [np.zeros((4, 3, 9, 9), np.float32)])
+    assert layer.engine_name == "cuda_im2col"
+    backend.set_mode_cpu()
+    layer.reshape(bottom, top)
+    assert layer.engine_name == "im2col_batch_last"
+    bottom[0].reshape(2, 3, 9, 9)
+    layer.reshape(bottom, top)
+    assert layer.engine_name == "im2col"
+
+
+def test_forcing_an_engine_that_cannot_compute_the_shape_names_the_layer():
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 4 kernel_size: 3 stride: 2"),
+                                    [np.zeros((1, 2, 9, 9), np.float32)])
+    engines.force(layer, "winograd")
+    with pytest.raises(NetError, match=r"^layer 'conv' \(Convolution\): engine winograd does not apply"):
+        layer.reshape(bottom, top)
+
+
+# --- the engine: field ----------------------------------------------------------------------------
+NET = """
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 4 dim: 3 dim: 10 dim: 10 }} }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 4 kernel_size: 3 {engine} weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+layer {{ name: "up" type: "Deconvolution" bottom: "conv1" top: "up"
+  convolution_param {{ num_output: 2 kernel_size: 1 {engine} weight_filler {{ type: "gaussian" std: 0.3 }} }} }}
+"""
+
+
+def test_engine_caffe_in_a_prototxt_runs_the_reference():
+    x = np.random.default_rng(5).standard_normal((4, 3, 10, 10)).astype(np.float32)
+    outputs = {}
+    for engine in ("", "engine: CAFFE"):
+        caffe.set_random_seed(7)
+        net = caffe.Net(load_net_param(NET.format(engine=engine)), caffe.TEST)
+        names = [net.layer_dict[n].engine_name for n in ("conv1", "up")]
+        assert names == ([REF, REF] if engine else ["im2col_batch_last", "gemm_1x1"])
+        outputs[engine] = net.forward(data=x)["up"].copy()
+    np.testing.assert_allclose(outputs["engine: CAFFE"], outputs[""], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_cudnn_without_cudnn_is_one_line_naming_the_layer():
+    with pytest.raises(NetError, match=r"^layer 'conv1' \(Convolution\): engine: CUDNN was asked for") as info:
+        caffe.Net(load_net_param(NET.format(engine="engine: CUDNN")), caffe.TEST)
+    assert "\n" not in str(info.value)
+
+
+def test_im2col_ignores_the_engine_field_as_caffe_does():
+    """Caffe's Im2col layer has no engine switch: the convolution_param it shares with Convolution
+    may say CUDNN without harm."""
+    layer, bottom, top = make_layer('name: "col" type: "Im2col" convolution_param { kernel_size: 3 engine: CUDNN }',
+                                    [np.zeros((1, 2, 5, 5), np.float32)])
+    assert layer.engine_name == "im2col"
