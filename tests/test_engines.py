@@ -2,7 +2,7 @@
 
 One table, ``CASES``: layer type -> shape cases. For each registered engine of a type and each case
 where the engine applies, forward and backward run in float64 with the engine picked by name
-(``engines.choose(layer, name=...)`` through the layer's engine slot) and with the reference
+(``engines.force``: ``engines.choose(layer, name=...)`` through the layer's engine slot) and with the reference
 (``engines.REFERENCE``), on the same input, and must agree to rounding. CPU engines run on NumPy,
 GPU engines through the ``gpu`` fixture (real CuPy, or the CuPy stand-in that runs each kernel's
 NumPy reference). Adding an engine adds its tests; adding a layer type with engines needs its cases
@@ -153,7 +153,7 @@ def run(layer_type, case, engine, extra=""):
     returns (the engine that ran, tops, bottom diffs) as NumPy arrays."""
     with backend.float64_blobs():
         layer, bottom, top = _build(layer_type, case, extra)
-        layer.engine_slot.forced = engine
+        engines.force(layer, engine)
         layer.reshape(bottom, top)
         layer.forward(bottom, top)
         tops = [t.data.copy() for t in top]
@@ -167,11 +167,11 @@ def run(layer_type, case, engine, extra=""):
 
 
 def _applies(layer_type, case, engine):
-    """Does ``engine`` apply to ``case``'s layer (built on the CPU: ``applies`` reads only shapes
+    """Does ``engine`` compute ``case``'s layer (built on the CPU: ``runs_on`` reads only shapes
     and parameters)?"""
     with backend.float64_blobs():
         layer, _, _ = _build(layer_type, case)
-    return engine.applies(layer)
+    return engine.runs_on(layer)
 
 
 def _engine_cases():

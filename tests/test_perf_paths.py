@@ -107,14 +107,14 @@ def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(
     """The argmax scatter engine (np.add.at over blocks of planes) gives Caffe's float32 sums
     exactly, ties and overlapping windows included; the reference's per-offset passes give the
     same values."""
-    from minicaffe.kernels import pooling_engines
+    from minicaffe.kernels import engines, pooling_engines
     rng = np.random.default_rng(6)
     x = rng.integers(-2, 2, (2, 5, 9, 11)).astype(np.float32)    # many ties
     monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 50)    # several blocks, a ragged last one
     grads = {}
     for engine in ("scatter", "caffe"):
         layer, bottom, top = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {spec} }}', [x])
-        layer.engine_slot.forced = engine
+        engines.force(layer, engine)
         forward(layer, bottom, top)
         assert layer.engine_slot.name == engine
         dy = np.random.default_rng(7).standard_normal(top[0].shape).astype(np.float32)

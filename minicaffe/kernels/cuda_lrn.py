@@ -85,13 +85,13 @@ class CudaLRN:
     def __init__(self, layer):
         self.layer = layer
 
-    def forward(self, x, y):
+    def lrn_forward(self, x, y):
         layer = self.layer
         layer._scale = layer._buffer("scale", x.shape, x.dtype)
         layer._scale_pow = layer._buffer("pow", x.shape, x.dtype)
         forward(layer, x, layer._scale, layer._scale_pow, y)
 
-    def backward(self, x, y, dy, dx):
+    def lrn_backward(self, x, y, dy, dx):
         backward(self.layer, x, y, dy, self.layer._scale, self.layer._scale_pow, dx)
 
 

@@ -158,7 +158,7 @@ class CudaPooling:
         self.mask = backend.xp().empty((n, c) + tuple(layer.out_hw), dtype=np.int32) if self.is_max else None
         self.mask_fresh = False
 
-    def forward(self, x, y, mask):
+    def pool_forward(self, x, y, mask):
         if not self.is_max:
             ave_forward(self.layer, x, y)
             return
@@ -167,7 +167,7 @@ class CudaPooling:
         if mask is not None:
             mask[...] = self.mask
 
-    def backward(self, x, dy, dx):
+    def pool_backward(self, x, dy, dx):
         if not self.is_max:
             ave_backward(self.layer, dy, dx)
             return

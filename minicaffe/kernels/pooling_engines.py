@@ -36,14 +36,14 @@ class ScatterMaxPooling:
         corner = (np.arange(oh)[:, None] * layer.sh - layer.ph) * w + np.arange(ow) * layer.sw - layer.pw
         self.base = (np.arange(self.rows)[:, None, None] * (h * w) + corner).astype(np.intp)
 
-    def forward(self, x, y, mask):
-        self.layer.forward_reference(x, y, mask)
+    def pool_forward(self, x, y, mask):
+        self.layer.pool_forward(x, y, mask)
 
-    def backward(self, x, dy, dx):
+    def pool_backward(self, x, dy, dx):
         """dx = each output's gradient added at its argmax, in output order."""
         layer = self.layer
         if not dx.flags.c_contiguous:
-            layer.backward_reference(x, dy, dx)
+            layer.pool_backward(x, dy, dx)
             return
         n, c, h, w = dx.shape
         m, (oh, ow) = n * c, layer.out_hw

@@ -14,8 +14,7 @@ import math
 from ..core import fillers
 from ..core.blob import Blob
 from ..kernels.im2col import workspace
-from ..kernels import cuda_elementwise
-from ..kernels.engine_slot import EngineSlot
+from ..kernels import cuda_elementwise, engines
 from ..core.layer import Layer, register
 
 # the modules whose import registers the engines of ReLU (minicaffe.kernels.engines)
@@ -46,8 +45,9 @@ class NeuronLayer(Layer):
 
     def __init__(self, param, phase):
         super().__init__(param, phase)
-        self.engine_slot = EngineSlot()
-        self.engine = self.impl = None    # engines implement compute(x, y) and gradient(x, y, dy, dx)
+        # engines implement compute(x, y) and gradient(x, y, dy, dx); this layer's own are the reference
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
         self._saved_input = None
 
     def backward_needs_input(self):
@@ -56,21 +56,20 @@ class NeuronLayer(Layer):
 
     def reshape(self, bottom, top):
         top[0].reshape(bottom[0].shape)
-        self.impl = self.engine_slot.select(self, tuple(bottom[0].shape))
-        self.engine = self.engine_slot.engine
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     def forward(self, bottom, top):
         x = bottom[0].xdata
         self._saved_input = None
         if top[0] is bottom[0] and self.backward_needs_input():
             self._saved_input = x.copy()
-        (self.impl or self).compute(x, top[0].xdata)
+        self.engine = self.engine_slot.get(self, tuple(x.shape))   # the same, unless the mode changed
+        self.engine.compute(x, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.engine_slot.check_device(self)
-        (self.impl or self).gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
+        self.engine.gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
     def input_data(self, bottom):
         return self._saved_input if self._saved_input is not None else bottom[0].xdata

@@ -4,8 +4,7 @@ This file is the reference (``xp`` code, NumPy or CuPy); on a GPU, two bottoms r
 kernel, an engine chosen at reshape (``kernels/cuda_elementwise.py``).
 """
 from ..errors import ShapeError
-from ..kernels import cuda_elementwise
-from ..kernels.engine_slot import EngineSlot
+from ..kernels import cuda_elementwise, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 
@@ -42,8 +41,8 @@ class Eltwise(Layer):
         self.num_bottoms = len(bottom)
         self.mask = None          # MAX: the index of the winning bottom per element, for backward
         self.saved0 = None        # PROD in place: bottom[0]'s values before the top replaced them
-        self.engine_slot = EngineSlot()
-        self.engine = self.impl = None
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
 
     def reshape(self, bottom, top):
         first = bottom[0].shape
@@ -52,8 +51,7 @@ class Eltwise(Layer):
                 raise self.error(f"bottom[{i}] shape {b.shape} differs from bottom[0] shape {first}",
                                  ShapeError)
         top[0].reshape(first)
-        self.impl = self.engine_slot.select(self, tuple(first))
-        self.engine = self.engine_slot.engine
+        self.engine = self.engine_slot.get(self, tuple(first))
 
     def forward(self, bottom, top):
         """Engines implement ``forward(xs) -> (out, mask)``: a NEW array (so in place, where top is
@@ -63,7 +61,8 @@ class Eltwise(Layer):
         # in place, bottom[0]'s values are replaced by the output: PROD's gradient still needs them
         # (the old array survives because the top gets a new array below)
         self.saved0 = xs[0] if top[0] is bottom[0] and self.op == _Op.PROD else None
-        out, self.mask = (self.impl or self).forward_arrays(xs)
+        self.engine = self.engine_slot.get(self, tuple(xs[0].shape))   # the same, unless the mode changed
+        out, self.mask = self.engine.forward_arrays(xs)
         top[0].xdata = out
 
     def forward_arrays(self, xs):

@@ -16,8 +16,7 @@ import logging
 import numpy as np
 
 from ..errors import ShapeError
-from ..kernels import cuda_softmax
-from ..kernels.engine_slot import EngineSlot
+from ..kernels import cuda_softmax, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 from .shape import canonical_axis
@@ -136,17 +135,11 @@ class _SoftmaxEngines:
 
     def __init__(self, param, phase):
         super().__init__(param, phase)
-        self.engine_slot = EngineSlot()
-        self.engine = self.impl = None
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
 
     def choose_engine(self, bottom):
-        self.impl = self.engine_slot.select(self, tuple(bottom[0].shape))
-        self.engine = self.engine_slot.engine
-
-    @property
-    def run(self):
-        """The chosen engine, or this layer (whose methods are the reference)."""
-        return self if self.impl is None else self.impl
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     def softmax(self, x, axis, out):
         return softmax(self.xp, x, axis, out)
@@ -171,14 +164,14 @@ class Softmax(_SoftmaxEngines, Layer):
         self.choose_engine(bottom)
 
     def forward(self, bottom, top):
-        self.run.softmax(bottom[0].xdata, self.axis, top[0].xdata)
+        self.choose_engine(bottom)      # the same, unless the mode changed
+        self.engine.softmax(bottom[0].xdata, self.axis, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.engine_slot.check_device(self)
         # written in place: dy may be the bottom's diff
-        self.run.softmax_backward(top[0].xdata, top[0].xdiff, self.axis, bottom[0].xdiff)
+        self.engine.softmax_backward(top[0].xdata, top[0].xdiff, self.axis, bottom[0].xdiff)
 
 
 class _SoftmaxLoss(_SoftmaxEngines, LossLayer):
@@ -214,7 +207,7 @@ class _SoftmaxLoss(_SoftmaxEngines, LossLayer):
 
     def probabilities(self, bottom, top):
         x = bottom[0].xdata
-        self.prob = self.run.softmax(x, self.axis, self.xp.empty_like(x))
+        self.prob = self.engine.softmax(x, self.axis, self.xp.empty_like(x))
         if len(top) > 1:
             top[1].xdata = self.prob
         return self.prob.reshape(self.outer, self.classes, self.inner)
@@ -238,7 +231,8 @@ class SoftmaxWithLoss(_SoftmaxLoss):
             self.norm_mode = lp.normalization
 
     def forward(self, bottom, top):
-        if self.impl is not None:
+        self.choose_engine(bottom)      # the same, unless the mode changed
+        if self.engine is not self:
             self._forward_engine(bottom, top)
             return
         xp = self.xp
@@ -260,7 +254,7 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         label mask); the labels are range-checked on their host copy where that is current."""
         check_labels(self, bottom[1], self.classes, self.ignore)
         self.probabilities(bottom, top)
-        loss, count = self.impl.loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
+        loss, count = self.engine.loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
         if self.ignore is not None and self.norm_mode == _Norm.VALID:
             self.norm = self.xp.maximum(count, 1)          # a device scalar
         else:
@@ -271,9 +265,8 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         self.no_label_grad(propagate_down)
         if not propagate_down[0]:
             return
-        self.engine_slot.check_device(self)
-        if self.impl is not None:
-            self.impl.loss_backward(self.prob, bottom[1].xdata, top[0].xdiff / self.norm, self.axis,
+        if self.engine is not self:
+            self.engine.loss_backward(self.prob, bottom[1].xdata, top[0].xdiff / self.norm, self.axis,
                                     self.ignore, bottom[0].xdiff)
             return
         xp = self.xp

@@ -12,8 +12,7 @@ runs as one kernel a pass, an engine chosen at reshape (``kernels/cuda_lrn.py``)
 """
 
 from ..errors import ShapeError
-from ..kernels import cuda_lrn
-from ..kernels.engine_slot import EngineSlot
+from ..kernels import cuda_lrn, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 
@@ -58,17 +57,17 @@ class LRN(Layer):
             raise self.error("LRN cannot run in place (backward needs both its input and output)")
         self._buffers = {}
         self._scale = self._scale_pow = None    # the forward's scale and scale^beta, for backward
-        self.engine_slot = EngineSlot()
-        self.engine = self.impl = None
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
 
     def reshape(self, bottom, top):
-        """Engines implement ``forward(x, y)`` and ``backward(x, y, dy, dx)``."""
+        """Engines implement ``lrn_forward(x, y)`` and ``lrn_backward(x, y, dy, dx)``; the layer's
+        own methods of those names are the reference."""
         if len(bottom[0].shape) != 4:
             raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape "
                              f"{bottom[0].shape}", ShapeError)
         top[0].reshape(bottom[0].shape)
-        self.impl = self.engine_slot.select(self, tuple(bottom[0].shape))
-        self.engine = self.engine_slot.engine
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     # --- window sums -------------------------------------------------------------------------
     def _buffer(self, name, shape, dtype, zeros=False):
@@ -123,22 +122,15 @@ class LRN(Layer):
 
     # --- forward / backward --------------------------------------------------------------------
     def forward(self, bottom, top):
-        if self.impl is not None:
-            self.impl.forward(bottom[0].xdata, top[0].xdata)
-        else:
-            self.forward_reference(bottom[0].xdata, top[0].xdata)
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))   # the same, unless the mode changed
+        self.engine.lrn_forward(bottom[0].xdata, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.engine_slot.check_device(self)
-        args = (bottom[0].xdata, top[0].xdata, top[0].xdiff, bottom[0].xdiff)
-        if self.impl is not None:
-            self.impl.backward(*args)
-        else:
-            self.backward_reference(*args)
+        self.engine.lrn_backward(bottom[0].xdata, top[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
-    def forward_reference(self, x, y):
+    def lrn_forward(self, x, y):
         """scale = shift + sum_scale · Σ x²; y = x / scale^beta. Everything lands in buffers kept
         between iterations: the squares go straight into the padded buffer, no temporaries."""
         xp = self.xp
@@ -153,7 +145,7 @@ class LRN(Layer):
         self._scale_pow = _pow_into(xp, scale, self.beta, self._buffer("pow", shape, dtype), tmp)
         xp.divide(x, self._scale_pow, out=y)
 
-    def backward_reference(self, x, y, dy, dx):
+    def lrn_backward(self, x, y, dy, dx):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
         n = size or size²; windows are symmetric, so that sum is one more window sum."""
         xp = self.xp

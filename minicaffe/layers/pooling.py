@@ -24,8 +24,7 @@ import numpy as np
 from ..core.backend import get_array_module
 from ..core.blob import Blob
 from ..errors import ShapeError
-from ..kernels import cuda_pooling, pooling_engines
-from ..kernels.engine_slot import EngineSlot
+from ..kernels import cuda_pooling, engines, pooling_engines
 from ..kernels.im2col import column_phases, workspace
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
@@ -61,8 +60,9 @@ def _nchw_shape(layer, bottom):
 class Pooling(Layer):
     """MAX or AVE pooling over 2-D windows of an (N, C, H, W) bottom.
 
-    Engines get the layer at ``reshape`` and implement ``forward(x, y, mask)`` (``mask``: the
-    argmax top's array, or None) and ``backward(x, dy, dx)`` (``dx`` overwritten)."""
+    Engines get the layer at ``reshape`` and implement ``pool_forward(x, y, mask)`` (``mask``: the
+    argmax top's array, or None) and ``pool_backward(x, dy, dx)`` (``dx`` overwritten); the
+    layer's own methods of those names are the reference."""
 
     exact_num_bottom = 1
     min_num_top = 1
@@ -117,8 +117,8 @@ class Pooling(Layer):
             if self.ph >= self.kh or self.pw >= self.kw:
                 raise self.error(f"pad {self.ph}x{self.pw} must be smaller than the kernel {self.kh}x{self.kw}")
         self.ceil_mode = pp.round_mode == _PP.CEIL
-        self.engine_slot = EngineSlot()
-        self.engine = self.impl = None
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
         self.bottom_shape = None
         self._hq = self._wq = self._flat = None     # the phase-plane geometry (see the layout note)
         self._off_wide = None      # the argmax window-offset codes, (N*C, 1, oh*Wq) in wide order
@@ -143,24 +143,18 @@ class Pooling(Layer):
         self._argmax_valid = False
         for t in top:
             t.reshape(n, c, oh, ow)
-        self.impl = self.engine_slot.select(self, self.bottom_shape)
-        self.engine = self.engine_slot.engine
+        self.engine = self.engine_slot.get(self, self.bottom_shape)
 
     def forward(self, bottom, top):
         mask = top[1].xdata if len(top) > 1 else None
-        if self.impl is not None:
-            self.impl.forward(bottom[0].xdata, top[0].xdata, mask)
-        else:
-            self.forward_reference(bottom[0].xdata, top[0].xdata, mask)
+        self.engine = self.engine_slot.get(self, self.bottom_shape)    # the same, unless the mode changed
+        self.engine.pool_forward(bottom[0].xdata, top[0].xdata, mask)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.engine_slot.check_device(self)
-        if self.impl is not None:
-            self.impl.backward(bottom[0].xdata, top[0].xdiff, bottom[0].xdiff)
-        else:
-            self.backward_reference(bottom[0].xdata, top[0].xdiff, bottom[0].xdiff)
+        self.engine = self.engine_slot.get(self, self.bottom_shape)
+        self.engine.pool_backward(bottom[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
     # --- helpers -----------------------------------------------------------------------------
     # Layout: the padded image is split by row phase (row % sh) and column phase (col % sw), each
@@ -323,7 +317,7 @@ class Pooling(Layer):
 
 
     # --- the reference: forward / backward -------------------------------------------------------
-    def forward_reference(self, x, y, mask):
+    def pool_forward(self, x, y, mask):
         """y = the pooled ``x``; ``mask`` (MAX's optional second top) = the argmax ``h * W + w``."""
         xp = self.xp
         n, c, h, w = x.shape
@@ -369,7 +363,7 @@ class Pooling(Layer):
             wbase = xp.asarray((np.arange(ow) * self.sw - self.pw)[None, :].astype(np.int32))
             mask[...] = (hbase + off // self.kw) * w + wbase + off % self.kw
 
-    def backward_reference(self, x, dy, dx):
+    def pool_backward(self, x, dy, dx):
         """dx = AVE: each output's gradient spread over its window / the divisor; MAX: each output's
         gradient added at its argmax. One pass per window offset."""
         xp = self.xp
@@ -379,7 +373,7 @@ class Pooling(Layer):
                 dx[...] = (dy / (h * w)).reshape(n, c, 1, 1)
             else:
                 if not self._argmax_valid:
-                    self.forward_reference(x, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"), None)
+                    self.pool_forward(x, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"), None)
                 dx.fill(0)
                 flat = dx.reshape(n * c, h * w)
                 flat[xp.arange(n * c), self._off.reshape(-1)] = dy.reshape(-1)
