@@ -87,12 +87,12 @@ class CudaLRN:
 
     def lrn_forward(self, x, y):
         layer = self.layer
-        layer._scale = layer._buffer("scale", x.shape, x.dtype)
-        layer._scale_pow = layer._buffer("pow", x.shape, x.dtype)
-        forward(layer, x, layer._scale, layer._scale_pow, y)
+        layer.scale = layer.buffer("scale", x.shape, x.dtype)
+        layer.scale_pow = layer.buffer("pow", x.shape, x.dtype)
+        forward(layer, x, layer.scale, layer.scale_pow, y)
 
     def lrn_backward(self, x, y, dy, dx):
-        backward(self.layer, x, y, dy, self.layer._scale, self.layer._scale_pow, dx)
+        backward(self.layer, x, y, dy, self.layer.scale, self.layer.scale_pow, dx)
 
 
 engines.register(engines.Engine("LRN", "cuda", build=CudaLRN, devices=("gpu",),

@@ -47,7 +47,7 @@ class ScatterMaxPooling:
             return
         n, c, h, w = dx.shape
         m, (oh, ow) = n * c, layer.out_hw
-        codes = layer._narrow(layer.argmax_codes(x))        # (m, 1, oh, ow) view of the wide codes
+        codes = layer.argmax_offsets(x)                    # (m, 1, oh, ow)
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
         dx.fill(0)

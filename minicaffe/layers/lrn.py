@@ -56,7 +56,7 @@ class LRN(Layer):
         if top[0] is bottom[0]:
             raise self.error("LRN cannot run in place (backward needs both its input and output)")
         self._buffers = {}
-        self._scale = self._scale_pow = None    # the forward's scale and scale^beta, for backward
+        self.scale = self.scale_pow = None      # the forward's scale and scale^beta, for backward
         self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
         self.engine = None
 
@@ -70,8 +70,9 @@ class LRN(Layer):
         self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     # --- window sums -------------------------------------------------------------------------
-    def _buffer(self, name, shape, dtype, zeros=False):
-        """A per-layer array kept between calls (same shape, type and array module: reused)."""
+    def buffer(self, name, shape, dtype, zeros=False):
+        """A per-layer array kept between calls (same shape, type and array module: reused); engines
+        keep theirs here too."""
         xp = self.xp
         key = (name, tuple(shape), dtype, xp.__name__)
         buf = self._buffers.get(key)
@@ -86,7 +87,7 @@ class LRN(Layer):
         interior (the view callers fill)."""
         pshape = list(shape)
         pshape[axis] += self.size - 1
-        pad = self._buffer(slot, pshape, dtype, zeros=True)
+        pad = self.buffer(slot, pshape, dtype, zeros=True)
         return pad, self._part(pad, axis, self.pre, shape[axis])
 
     @staticmethod
@@ -111,7 +112,7 @@ class LRN(Layer):
         if self.within:
             pad, inner = self._padded(shape, 2, dtype)
             fill(inner)
-            rows = self._buffer("rows", shape, dtype)
+            rows = self.buffer("rows", shape, dtype)
             self._sum_padded(pad, 2, shape[2], rows)
             pad, inner = self._padded(shape, 3, dtype, "pad_w")
             self.xp.copyto(inner, rows)
@@ -135,15 +136,15 @@ class LRN(Layer):
         between iterations: the squares go straight into the padded buffer, no temporaries."""
         xp = self.xp
         shape, dtype = x.shape, x.dtype
-        scale = self._buffer("scale", shape, dtype)
+        scale = self.buffer("scale", shape, dtype)
         self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
         scale *= self.sum_scale
         scale += self.shift
-        self._scale = scale
+        self.scale = scale
         # the padded buffer's interior is free again: scratch for the power
         tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        self._scale_pow = _pow_into(xp, scale, self.beta, self._buffer("pow", shape, dtype), tmp)
-        xp.divide(x, self._scale_pow, out=y)
+        self.scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype), tmp)
+        xp.divide(x, self.scale_pow, out=y)
 
     def lrn_backward(self, x, y, dy, dx):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
@@ -153,11 +154,11 @@ class LRN(Layer):
 
         def ratio(view):
             xp.multiply(dy, y, out=view)
-            view /= self._scale
+            view /= self.scale
         # the window sum is built in dx itself, then the padded buffer's free interior holds dy/scale^β
         acc = self._window_sum(ratio, shape, dtype, dx)
         acc *= x
         acc *= 2.0 * self.beta * self.sum_scale
         first = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        xp.divide(dy, self._scale_pow, out=first)
+        xp.divide(dy, self.scale_pow, out=first)
         xp.subtract(first, acc, out=dx)

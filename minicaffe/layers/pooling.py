@@ -306,7 +306,7 @@ class Pooling(Layer):
             self._off = self._narrow(off).reshape(n, c, oh, ow)
         self._argmax_valid = argmax
 
-    def argmax_codes(self, x):
+    def _argmax_wide(self, x):
         """The argmax window-offset codes of ``x`` (wide order), recomputed when the last forward
         skipped them (inference) or another engine ran it: for MAX backward."""
         if not self._argmax_valid:
@@ -314,6 +314,11 @@ class Pooling(Layer):
             self._max_forward(x, workspace(self.xp, x.shape[:2] + (oh, ow), x.dtype, "pool_scratch_y"),
                               argmax=True)
         return self._off_wide
+
+    def argmax_offsets(self, x):
+        """For engines: each output's argmax as its window offset code ``i * kw + j`` (relative to
+        the window's top-left corner, padding included), an (N*C, 1, oh, ow) view."""
+        return self._narrow(self._argmax_wide(x))
 
 
     # --- the reference: forward / backward -------------------------------------------------------
@@ -386,7 +391,7 @@ class Pooling(Layer):
             divisor[:, :ow] = self._ave_divisor(h, w, dy.dtype, host=True)
             divisor = xp.asarray(divisor.reshape(-1))
         else:
-            off = self.argmax_codes(x)
+            off = self._argmax_wide(x)
 
         def block(b0, b1):
             k = b1 - b0
