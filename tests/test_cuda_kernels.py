@@ -219,7 +219,7 @@ def test_max_pool_references_match_cpu(emulated, spec, h, w, dtype):
     x[0, 0, :2, :2] = 1.5                       # ties: the first maximum must win
     layer, (y_cpu, mask_cpu), dy, dx_cpu = _pool_cpu("MAX", spec, x)
     y = np.full(y_cpu.shape, np.nan, dtype)
-    mask = cuda_pooling.mask_array(layer, y.shape)
+    mask = np.empty(y.shape, np.int32)
     cuda_pooling.max_forward(layer, x, y, mask)
     np.testing.assert_array_equal(y, y_cpu)
     np.testing.assert_array_equal(mask, mask_cpu.astype(np.int32))

@@ -164,7 +164,7 @@ def test_reshape_to_a_new_size_and_repeat_forward():
 def test_float32_throughout():
     layer, bottom, top = make_layer(lrn_text(5, within=True), [np.random.RandomState(0).randn(1, 2, 4, 4)])
     layer.forward(bottom, top)
-    assert layer._scale.dtype == np.float32 and layer._scale_pow.dtype == np.float32
+    assert layer.scale.dtype == np.float32 and layer.scale_pow.dtype == np.float32
 
 
 @pytest.mark.parametrize("size", [4, 0, 2])

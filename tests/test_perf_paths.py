@@ -104,21 +104,23 @@ def _caffe_max_backward_float32(x, dy, k, s, p):
                                         ("kernel_size: 3 stride: 2 pad: 1", 3, 2, 1)])
 def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(spec, k, s, p,
                                                                                 monkeypatch):
-    """The argmax scatter (np.add.at over blocks of planes) gives Caffe's float32 sums exactly,
-    ties and overlapping windows included; the per-offset passes give the same values."""
-    from minicaffe.layers import pooling
+    """The argmax scatter engine (np.add.at over blocks of planes) gives Caffe's float32 sums
+    exactly, ties and overlapping windows included; the reference's per-offset passes give the
+    same values."""
+    from minicaffe.kernels import engines, pooling_engines
     rng = np.random.default_rng(6)
     x = rng.integers(-2, 2, (2, 5, 9, 11)).astype(np.float32)    # many ties
+    monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 50)    # several blocks, a ragged last one
     grads = {}
-    for fast in (True, False):
-        monkeypatch.setattr(pooling, "_FAST_ADD_AT", fast)
-        monkeypatch.setattr(pooling, "SCATTER_BLOCK_OUTPUTS", 50)    # several blocks, a ragged last one
+    for engine in ("scatter", "caffe"):
         layer, bottom, top = make_layer(f'type: "Pooling" pooling_param {{ pool: MAX {spec} }}', [x])
+        engines.force(layer, engine)
         forward(layer, bottom, top)
+        assert layer.engine_slot.name == engine
         dy = np.random.default_rng(7).standard_normal(top[0].shape).astype(np.float32)
         top[0].diff[...] = dy
         bottom[0].diff[...] = 5     # overwritten, not accumulated
         layer.backward(top, [True], bottom)
-        grads[fast] = bottom[0].diff.copy()
-    np.testing.assert_array_equal(grads[True], _caffe_max_backward_float32(x, dy, k, s, p))
-    np.testing.assert_allclose(grads[False], grads[True], rtol=1e-6, atol=1e-6)
+        grads[engine] = bottom[0].diff.copy()
+    np.testing.assert_array_equal(grads["scatter"], _caffe_max_backward_float32(x, dy, k, s, p))
+    np.testing.assert_allclose(grads["caffe"], grads["scatter"], rtol=1e-6, atol=1e-6)

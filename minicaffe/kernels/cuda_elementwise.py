@@ -10,10 +10,14 @@ kernel here computes the CPU code's formula in one pass:
 * Eltwise of two bottoms (the common case: residual sums): SUM ``y = a·ca + b·cb``, PROD
   ``y = a·b``, MAX ``y = a > b ? a : b`` with the int32 winner mask (a tie goes to bottom 1, Caffe's
   ``a > b`` test). More bottoms keep the array code.
+
+Registered as the ``cuda`` engines of ReLU and Eltwise (``CudaReLU``, ``CudaEltwise2``).
 """
 import numpy as np
 
-from . import _cuda, emulation
+from ..core import backend
+from ..proto import caffe_pb2
+from . import _cuda, emulation, engines
 
 RELU_FORWARD = "minicaffe_relu_fwd"
 RELU_BACKWARD = "minicaffe_relu_bwd"
@@ -51,6 +55,45 @@ def eltwise_prod(a, b, y):
 
 def eltwise_max(a, b, y, mask):
     _cuda.elementwise_kernel(ELTWISE_MAX, *_ELTWISE[ELTWISE_MAX], a.dtype)(a, b, y, mask)
+
+
+class CudaReLU:
+    """ReLU's GPU engine: one fused kernel a pass."""
+
+    def __init__(self, layer):
+        self.slope = layer.slope
+
+    def compute(self, x, y):
+        relu_forward(x, self.slope, y)
+
+    def gradient(self, x, y, dy, dx):
+        relu_backward(x, dy, self.slope, dx)
+
+
+class CudaEltwise2:
+    """Eltwise's GPU engine for two bottoms: one fused kernel into a new array (the backward is
+    the layer's reference)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def forward_arrays(self, xs):
+        a, b = xs
+        op, out, mask = self.layer.op, backend.xp().empty_like(a), None
+        if op == _Op.SUM:
+            eltwise_sum(a, b, self.layer.coeffs[0], self.layer.coeffs[1], out)
+        elif op == _Op.PROD:
+            eltwise_prod(a, b, out)
+        else:
+            mask = backend.xp().empty(a.shape, dtype=np.int32)
+            eltwise_max(a, b, out, mask)
+        return out, mask
+
+
+_Op = caffe_pb2.EltwiseParameter
+engines.register(engines.Engine("ReLU", "cuda", build=CudaReLU, devices=("gpu",), priority=20))
+engines.register(engines.Engine("Eltwise", "cuda", build=CudaEltwise2, devices=("gpu",),
+                                applies=lambda layer: layer.num_bottoms == 2, priority=20))
 
 
 def _ref_relu_fwd(x, slope, y):

@@ -9,11 +9,11 @@ on it (zero outside) in the CPU code's order:
   are kept for the backward);
 * backward: ``dx = dy / p − (2·alpha·beta/size) · x · Σ_window dy·y/scale``.
 
-WITHIN_CHANNEL keeps the array code (rare in practice).
+WITHIN_CHANNEL keeps the array code (rare in practice): the engine applies to ACROSS_CHANNELS.
 """
 import numpy as np
 
-from . import _cuda, emulation
+from . import _cuda, emulation, engines
 
 FORWARD = "minicaffe_lrn_fwd"
 BACKWARD = "minicaffe_lrn_bwd"
@@ -76,6 +76,27 @@ def backward(layer, x, y, dy, scale, p, dx):
     kern = _cuda.raw_kernel(BACKWARD, _BWD_SRC, x.dtype)
     _cuda.launch(kern, x.size, x, y, dy, scale, p, dx, *_dims(x, layer),
                  *_cuda.scalars(x.dtype, 2.0 * layer.beta * layer.sum_scale))
+
+
+class CudaLRN:
+    """LRN's GPU engine (ACROSS_CHANNELS): the forward's scale and scale^beta live in the layer's
+    buffers, where its backward reads them."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def lrn_forward(self, x, y):
+        layer = self.layer
+        layer.scale = layer.buffer("scale", x.shape, x.dtype)
+        layer.scale_pow = layer.buffer("pow", x.shape, x.dtype)
+        forward(layer, x, layer.scale, layer.scale_pow, y)
+
+    def lrn_backward(self, x, y, dy, dx):
+        backward(self.layer, x, y, dy, self.layer.scale, self.layer.scale_pow, dx)
+
+
+engines.register(engines.Engine("LRN", "cuda", build=CudaLRN, devices=("gpu",),
+                                applies=lambda layer: not layer.within, priority=20))
 
 
 # --- NumPy references ------------------------------------------------------------------------

@@ -9,11 +9,15 @@ Caffe's rules, as the layer's CPU code keeps them: MAX looks at the window clipp
 and keeps the first maximum in row-major order (the argmax, an int32 ``h * W + w`` kept on the
 device for the backward); AVE divides by the window clipped to the PADDED image (padding counts,
 the overhang of a ceil-rounded window does not).
+
+Registered as Pooling's ``cuda`` engine (``CudaPooling``), chosen at reshape in GPU mode except for
+the whole-image case.
 """
 import numpy as np
 
 from ..core import backend
-from . import _cuda, emulation
+from ..proto import caffe_pb2
+from . import _cuda, emulation, engines
 
 MAX_FORWARD = "minicaffe_pool_max_fwd"
 MAX_BACKWARD = "minicaffe_pool_max_bwd"
@@ -142,13 +146,40 @@ def ave_backward(layer, dy, dx):
     _cuda.launch(kern, dx.size, dy, dx, np.int64(dx.size), *_dims(layer, dx.shape))
 
 
-def mask_array(layer, shape):
-    """The layer's int32 device argmax array of the top's shape, kept between forward and backward."""
-    xp = backend.xp()
-    mask = getattr(layer, "_gpu_mask", None)
-    if mask is None or tuple(mask.shape) != tuple(shape) or backend.get_array_module(mask) is not xp:
-        mask = layer._gpu_mask = xp.empty(shape, dtype=np.int32)
-    return mask
+class CudaPooling:
+    """Pooling's GPU engine: one kernel a pass. The MAX argmax (int32, the top's shape) stays on
+    the device between forward and backward; a backward with no forward since this engine was
+    built recomputes it from the bottom."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.is_max = layer.method == caffe_pb2.PoolingParameter.MAX
+        n, c = layer.bottom_shape[:2]
+        self.mask = backend.xp().empty((n, c) + tuple(layer.out_hw), dtype=np.int32) if self.is_max else None
+        self.mask_fresh = False
+
+    def pool_forward(self, x, y, mask):
+        if not self.is_max:
+            ave_forward(self.layer, x, y)
+            return
+        max_forward(self.layer, x, y, self.mask)
+        self.mask_fresh = True
+        if mask is not None:
+            mask[...] = self.mask
+
+    def pool_backward(self, x, dy, dx):
+        if not self.is_max:
+            ave_backward(self.layer, dy, dx)
+            return
+        if not self.mask_fresh:
+            max_forward(self.layer, x, backend.xp().empty_like(dy), self.mask)
+            self.mask_fresh = True
+        max_backward(self.layer, dy, self.mask, dx)
+
+
+# the whole-image case (global pooling) keeps the reference: one argmax/mean reduction over rows
+engines.register(engines.Engine("Pooling", "cuda", build=CudaPooling, devices=("gpu",),
+                                applies=lambda layer: not layer.whole, priority=20))
 
 
 # --- NumPy references ------------------------------------------------------------------------

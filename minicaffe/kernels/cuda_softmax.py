@@ -14,11 +14,13 @@ and reads the valid-label count back to the host every forward. Here one thread 
 
 Labels are truncated to integers as Caffe's ``static_cast<int>``; they are validated by the layer
 before the kernel runs (on the host copy when it is current, so that costs no device sync).
+
+Registered as the ``cuda`` engine of Softmax, SoftmaxWithLoss and InfogainLoss (``CudaSoftmax``).
 """
 import numpy as np
 
 from ..core import backend
-from . import _cuda, emulation
+from . import _cuda, emulation, engines
 
 SOFTMAX = "minicaffe_softmax_fwd"
 SOFTMAX_BACKWARD = "minicaffe_softmax_bwd"
@@ -135,6 +137,23 @@ def softmax_loss_backward(prob, label, scale, axis, ignore, dx):
     _cuda.launch(kern, outer * inner, prob, label, scale, dx,
                  *_cuda.i64(outer * inner, c, inner, ignore is not None, ignore or 0))
     return dx
+
+
+class CudaSoftmax:
+    """The GPU engine of Softmax, SoftmaxWithLoss and InfogainLoss (its softmax only): stateless,
+    the kernels above as methods, the interface those layers call their engine through."""
+
+    def __init__(self, layer):
+        pass
+
+    softmax = staticmethod(softmax)
+    softmax_backward = staticmethod(softmax_backward)
+    loss = staticmethod(softmax_loss)
+    loss_backward = staticmethod(softmax_loss_backward)
+
+
+for _type in ("Softmax", "SoftmaxWithLoss", "InfogainLoss"):
+    engines.register(engines.Engine(_type, "cuda", build=CudaSoftmax, devices=("gpu",), priority=20))
 
 
 # --- NumPy references ------------------------------------------------------------------------

@@ -3,16 +3,22 @@
 Forward writes into the top's own buffer (``out=``), so a blob keeps its storage between
 iterations. When top is bottom, the input is gone after forward; a layer whose gradient needs the
 input (and cannot recover it from the output) keeps a copy of it, as Caffe's PReLU does.
+
+Each layer's ``compute``/``gradient`` is the reference (``xp`` code, NumPy or CuPy). A faster way is
+an engine chosen at reshape from ``minicaffe.kernels.engines`` (ReLU's fused CUDA kernels live in
+``kernels/cuda_elementwise.py``); ``relu_param``/``sigmoid_param``/``tanh_param`` ``engine: CAFFE``
+keeps the reference.
 """
 import math
-
-import numpy as np
 
 from ..core import fillers
 from ..core.blob import Blob
 from ..kernels.im2col import workspace
-from ..kernels import cuda_elementwise
+from ..kernels import cuda_elementwise, engines
 from ..core.layer import Layer, register
+
+# the modules whose import registers the engines of ReLU (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_elementwise,)
 
 
 def _leaky(xp, x, slope, y):
@@ -37,28 +43,36 @@ class NeuronLayer(Layer):
     exact_num_top = 1
     allows_in_place = True   # forward keeps a copy of the input when backward needs it
 
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        # engines implement compute(x, y) and gradient(x, y, dy, dx); this layer's own are the reference
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
+        self._saved_input = None
+
     def backward_needs_input(self):
         """True when backward must read the bottom data (so an in-place forward keeps a copy)."""
         return False
 
     def reshape(self, bottom, top):
         top[0].reshape(bottom[0].shape)
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     def forward(self, bottom, top):
         x = bottom[0].xdata
         self._saved_input = None
         if top[0] is bottom[0] and self.backward_needs_input():
             self._saved_input = x.copy()
-        self.compute(x, top[0].xdata)
+        self.engine = self.engine_slot.get(self, tuple(x.shape))   # the same, unless the mode changed
+        self.engine.compute(x, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
+        self.engine.gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
     def input_data(self, bottom):
-        saved = getattr(self, "_saved_input", None)
-        return saved if saved is not None else bottom[0].xdata
+        return self._saved_input if self._saved_input is not None else bottom[0].xdata
 
     # subclasses: y[...] = f(x); dx[...] = dy * f'(x). `dx` may be `dy` itself (in place) and
     # `y` may be `x`: read everything needed before writing.
@@ -81,18 +95,14 @@ class ReLU(NeuronLayer):
         return self.slope < 0
 
     def compute(self, x, y):
-        if self.xp is not np:      # GPU: one fused kernel
-            cuda_elementwise.relu_forward(x, self.slope, y)
-        elif self.slope == 0:
+        if self.slope == 0:
             self.xp.maximum(x, 0, out=y)
         else:
             _leaky(self.xp, x, self.slope, y)
 
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
-        if self.xp is not np:
-            cuda_elementwise.relu_backward(x, dy, self.slope, dx)
-        elif self.slope == 0:
+        if self.slope == 0:
             positive = workspace(self.xp, x.shape, bool, "relu_mask")   # no new array per call
             self.xp.greater(x, 0, out=positive)
             self.xp.multiply(dy, positive, out=dx)

@@ -1,10 +1,15 @@
-"""Eltwise: element-wise PROD, SUM (with per-bottom coefficients) or MAX of bottoms of one shape."""
-import numpy as np
+"""Eltwise: element-wise PROD, SUM (with per-bottom coefficients) or MAX of bottoms of one shape.
 
+This file is the reference (``xp`` code, NumPy or CuPy); on a GPU, two bottoms run as one fused
+kernel, an engine chosen at reshape (``kernels/cuda_elementwise.py``).
+"""
 from ..errors import ShapeError
-from ..kernels import cuda_elementwise
+from ..kernels import cuda_elementwise, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+
+# the modules whose import registers the engines of Eltwise (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_elementwise,)
 
 _Op = caffe_pb2.EltwiseParameter
 
@@ -33,7 +38,11 @@ class Eltwise(Layer):
             raise self.error("eltwise_param.coeff is only for operation SUM, not PROD")
         self.coeffs = [float(c) for c in p.coeff] or [1.0] * len(bottom)
         self.stable_prod_grad = bool(p.stable_prod_grad)
-        self.mask = None
+        self.num_bottoms = len(bottom)
+        self.mask = None          # MAX: the index of the winning bottom per element, for backward
+        self.saved0 = None        # PROD in place: bottom[0]'s values before the top replaced them
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
 
     def reshape(self, bottom, top):
         first = bottom[0].shape
@@ -42,16 +51,24 @@ class Eltwise(Layer):
                 raise self.error(f"bottom[{i}] shape {b.shape} differs from bottom[0] shape {first}",
                                  ShapeError)
         top[0].reshape(first)
+        self.engine = self.engine_slot.get(self, tuple(first))
 
     def forward(self, bottom, top):
-        xp = self.xp
+        """Engines implement ``forward(xs) -> (out, mask)``: a NEW array (so in place, where top is
+        bottom[0], the bottoms stay intact while it is computed) and MAX's winner mask (else None).
+        The backward is the reference's."""
         xs = [b.xdata for b in bottom]
         # in place, bottom[0]'s values are replaced by the output: PROD's gradient still needs them
         # (the old array survives because the top gets a new array below)
         self.saved0 = xs[0] if top[0] is bottom[0] and self.op == _Op.PROD else None
-        if xp is not np and len(xs) == 2:
-            top[0].xdata = self._forward_gpu(xs[0], xs[1])
-            return
+        self.engine = self.engine_slot.get(self, tuple(xs[0].shape))   # the same, unless the mode changed
+        out, self.mask = self.engine.forward_arrays(xs)
+        top[0].xdata = out
+
+    def forward_arrays(self, xs):
+        """The reference: (the result, as a new array; MAX's winner mask or None)."""
+        xp = self.xp
+        mask = None
         if self.op == _Op.PROD:
             out = xs[0] * xs[1]
             for x in xs[2:]:
@@ -72,21 +89,7 @@ class Eltwise(Layer):
                 better = x > out
                 out = xp.where(better, x, out)
                 mask[better] = k
-            self.mask = mask
-        # a new array, so in place (top is bottom[0]) still reads the bottoms above intact
-        top[0].xdata = out
-
-    def _forward_gpu(self, a, b):
-        """Two bottoms on a GPU: one fused kernel into a new array (in place stays correct)."""
-        out = self.xp.empty_like(a)
-        if self.op == _Op.SUM:
-            cuda_elementwise.eltwise_sum(a, b, self.coeffs[0], self.coeffs[1], out)
-        elif self.op == _Op.PROD:
-            cuda_elementwise.eltwise_prod(a, b, out)
-        else:
-            self.mask = self.xp.empty(a.shape, dtype=np.int32)
-            cuda_elementwise.eltwise_max(a, b, out, self.mask)
-        return out
+        return out, mask
 
     def backward(self, top, propagate_down, bottom):
         xp = self.xp

@@ -1,5 +1,12 @@
 """Softmax and the loss layers (Accuracy is with the metrics, in metrics.py).
 
+Softmax, SoftmaxWithLoss and InfogainLoss hold the reference (``xp`` code, NumPy or CuPy;
+``softmax_param.engine: CAFFE``); on a GPU they run CUDA kernels, an engine chosen at reshape
+(``kernels/cuda_softmax.py``) that implements ``softmax(x, axis, out)``,
+``softmax_backward(y, dy, axis, dx)`` and, for SoftmaxWithLoss, ``loss(prob, label, axis, ignore)``
+(device sums of the losses and of the counted labels) and
+``loss_backward(prob, label, scale, axis, ignore, dx)``.
+
 A loss layer's top is a scalar blob (shape ``()``, Caffe's 0-axis blob). Backward scales the
 gradient by ``top[0].xdiff``, where the net has put the loss weight, so the bottom gets
 ``loss_weight * d(loss)/d(bottom)`` as in Caffe. Labels are never back-propagated.
@@ -9,10 +16,13 @@ import logging
 import numpy as np
 
 from ..errors import ShapeError
-from ..kernels import cuda_softmax
+from ..kernels import cuda_softmax, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 from .shape import canonical_axis
+
+# the modules whose import registers the engines of the softmax layers (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_softmax,)
 
 log = logging.getLogger("minicaffe")
 
@@ -23,8 +33,6 @@ LOG_THRESHOLD = 1e-20                        # Caffe's kLOG_THRESHOLD (Infogain,
 
 def softmax(xp, x, axis, out):
     """Numerically stable softmax of ``x`` along ``axis`` written into ``out`` (may be ``x``)."""
-    if xp is not np:      # GPU: one kernel
-        return cuda_softmax.softmax(x, axis, out)
     m = x.max(axis=axis, keepdims=True)
     xp.subtract(x, m, out=out)
     xp.exp(out, out=out)
@@ -121,8 +129,29 @@ class LossLayer(Layer):
                 raise self.error(f"cannot back-propagate to bottom[{i}] (the labels)")
 
 
+class _SoftmaxEngines:
+    """The reference softmax and the engine slot shared by the softmax layers (their engines
+    implement the methods named in the module docstring)."""
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
+
+    def choose_engine(self, bottom):
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
+
+    def softmax(self, x, axis, out):
+        return softmax(self.xp, x, axis, out)
+
+    def softmax_backward(self, y, dy, axis, dx):
+        dot = (dy * y).sum(axis=axis, keepdims=True)
+        dx[...] = (dy - dot) * y
+        return dx
+
+
 @register("Softmax")
-class Softmax(Layer):
+class Softmax(_SoftmaxEngines, Layer):
     """exp(x - max) / sum along ``softmax_param.axis`` (default 1); usable in place."""
 
     exact_num_bottom = 1
@@ -132,27 +161,31 @@ class Softmax(Layer):
     def reshape(self, bottom, top):
         self.axis = canonical_axis(self, self.param.softmax_param.axis, len(bottom[0].shape))
         top[0].reshape(bottom[0].shape)
+        self.choose_engine(bottom)
 
     def forward(self, bottom, top):
-        softmax(self.xp, bottom[0].xdata, self.axis, top[0].xdata)
+        self.choose_engine(bottom)      # the same, unless the mode changed
+        self.engine.softmax(bottom[0].xdata, self.axis, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        y, dy = top[0].xdata, top[0].xdiff
-        if self.xp is not np:     # GPU: one kernel, written in place (dy may be the bottom's diff)
-            cuda_softmax.softmax_backward(y, dy, self.axis, bottom[0].xdiff)
-            return
-        dot = (dy * y).sum(axis=self.axis, keepdims=True)
-        bottom[0].xdiff = (dy - dot) * y
+        # written in place: dy may be the bottom's diff
+        self.engine.softmax_backward(top[0].xdata, top[0].xdiff, self.axis, bottom[0].xdiff)
 
 
-class _SoftmaxLoss(LossLayer):
+class _SoftmaxLoss(_SoftmaxEngines, LossLayer):
     """Shared by SoftmaxWithLoss and InfogainLoss: the probabilities and the label layout."""
 
     min_num_top = 1
     max_num_top = 2
     exact_num_top = None
+
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        # what forward keeps for backward: the probabilities, the labels (ignored ones as 0), the
+        # mask of counted labels (None without ignore_label) and the normaliser
+        self.prob = self.labels = self.valid = self.norm = None
 
     def softmax_axis(self):
         return self.param.softmax_param.axis
@@ -170,10 +203,11 @@ class _SoftmaxLoss(LossLayer):
                              f"(every axis but the class axis)", ShapeError)
         if len(top) > 1:
             top[1].reshape(shape)
+        self.choose_engine(bottom)
 
     def probabilities(self, bottom, top):
         x = bottom[0].xdata
-        self.prob = softmax(self.xp, x, self.axis, self.xp.empty_like(x))
+        self.prob = self.engine.softmax(x, self.axis, self.xp.empty_like(x))
         if len(top) > 1:
             top[1].xdata = self.prob
         return self.prob.reshape(self.outer, self.classes, self.inner)
@@ -197,10 +231,11 @@ class SoftmaxWithLoss(_SoftmaxLoss):
             self.norm_mode = lp.normalization
 
     def forward(self, bottom, top):
-        xp = self.xp
-        if xp is not np:
-            self._forward_gpu(bottom, top)
+        self.choose_engine(bottom)      # the same, unless the mode changed
+        if self.engine is not self:
+            self._forward_engine(bottom, top)
             return
+        xp = self.xp
         prob = self.probabilities(bottom, top)
         safe, valid = read_labels(self, bottom[1], (self.outer, self.inner), self.classes, self.ignore)
         p = xp.take_along_axis(prob, safe[:, None, :], axis=1)[:, 0, :]
@@ -214,30 +249,27 @@ class SoftmaxWithLoss(_SoftmaxLoss):
         self.norm = normalizer(self.norm_mode, self.outer, self.inner, count)
         top[0].xdata[...] = -logp.sum() / self.norm
 
-    # GPU: the loss, its count and the gradient in three kernels; nothing read back to the host
-    def _forward_gpu(self, bottom, top):
+    def _forward_engine(self, bottom, top):
+        """An engine's loss and count stay on the device (no host read, unlike the reference's
+        label mask); the labels are range-checked on their host copy where that is current."""
         check_labels(self, bottom[1], self.classes, self.ignore)
         self.probabilities(bottom, top)
-        loss, count = cuda_softmax.softmax_loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
+        loss, count = self.engine.loss(self.prob, bottom[1].xdata, self.axis, self.ignore)
         if self.ignore is not None and self.norm_mode == _Norm.VALID:
             self.norm = self.xp.maximum(count, 1)          # a device scalar
         else:
             self.norm = normalizer(self.norm_mode, self.outer, self.inner, None)
         top[0].xdata[...] = loss / self.norm
 
-    def _backward_gpu(self, top, bottom):
-        scale = top[0].xdiff / self.norm
-        cuda_softmax.softmax_loss_backward(self.prob, bottom[1].xdata, scale, self.axis, self.ignore,
-                                           bottom[0].xdiff)
-
     def backward(self, top, propagate_down, bottom):
         self.no_label_grad(propagate_down)
         if not propagate_down[0]:
             return
-        xp = self.xp
-        if xp is not np:
-            self._backward_gpu(top, bottom)
+        if self.engine is not self:
+            self.engine.loss_backward(self.prob, bottom[1].xdata, top[0].xdiff / self.norm, self.axis,
+                                    self.ignore, bottom[0].xdiff)
             return
+        xp = self.xp
         grad = self.prob.reshape(self.outer, self.classes, self.inner).copy()
         rows = xp.arange(self.outer)[:, None]
         cols = xp.arange(self.inner)[None, :]

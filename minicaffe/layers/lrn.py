@@ -5,15 +5,19 @@ WITHIN_CHANNEL: ``scale = 1 + alpha/size² · Σ x²`` over a size×size window 
 builds it from an average pooling whose divisor is always size², and its shift is 1, not k).
 Both give ``y = x · scale^(−beta)``.
 
-The window sums add ``size`` shifted slices of one zero-padded buffer: a handful of whole-array
-additions, with none of the cancellation a running (cumulative) sum suffers in float32.
+This file is the reference (``xp`` code, NumPy or CuPy; ``lrn_param.engine: CAFFE``). The window
+sums add ``size`` shifted slices of one zero-padded buffer: a handful of whole-array additions, with
+none of the cancellation a running (cumulative) sum suffers in float32. On a GPU, ACROSS_CHANNELS
+runs as one kernel a pass, an engine chosen at reshape (``kernels/cuda_lrn.py``).
 """
-import numpy as np
 
 from ..errors import ShapeError
-from ..kernels import cuda_lrn
+from ..kernels import cuda_lrn, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+
+# the modules whose import registers the engines of LRN (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_lrn,)
 
 
 def _pow_into(xp, s, beta, out, tmp):
@@ -52,16 +56,23 @@ class LRN(Layer):
         if top[0] is bottom[0]:
             raise self.error("LRN cannot run in place (backward needs both its input and output)")
         self._buffers = {}
+        self.scale = self.scale_pow = None      # the forward's scale and scale^beta, for backward
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
 
     def reshape(self, bottom, top):
+        """Engines implement ``lrn_forward(x, y)`` and ``lrn_backward(x, y, dy, dx)``; the layer's
+        own methods of those names are the reference."""
         if len(bottom[0].shape) != 4:
             raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape "
                              f"{bottom[0].shape}", ShapeError)
         top[0].reshape(bottom[0].shape)
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     # --- window sums -------------------------------------------------------------------------
-    def _buffer(self, name, shape, dtype, zeros=False):
-        """A per-layer array kept between calls (same shape, type and array module: reused)."""
+    def buffer(self, name, shape, dtype, zeros=False):
+        """A per-layer array kept between calls (same shape, type and array module: reused); engines
+        keep theirs here too."""
         xp = self.xp
         key = (name, tuple(shape), dtype, xp.__name__)
         buf = self._buffers.get(key)
@@ -76,7 +87,7 @@ class LRN(Layer):
         interior (the view callers fill)."""
         pshape = list(shape)
         pshape[axis] += self.size - 1
-        pad = self._buffer(slot, pshape, dtype, zeros=True)
+        pad = self.buffer(slot, pshape, dtype, zeros=True)
         return pad, self._part(pad, axis, self.pre, shape[axis])
 
     @staticmethod
@@ -101,7 +112,7 @@ class LRN(Layer):
         if self.within:
             pad, inner = self._padded(shape, 2, dtype)
             fill(inner)
-            rows = self._buffer("rows", shape, dtype)
+            rows = self.buffer("rows", shape, dtype)
             self._sum_padded(pad, 2, shape[2], rows)
             pad, inner = self._padded(shape, 3, dtype, "pad_w")
             self.xp.copyto(inner, rows)
@@ -112,45 +123,42 @@ class LRN(Layer):
 
     # --- forward / backward --------------------------------------------------------------------
     def forward(self, bottom, top):
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))   # the same, unless the mode changed
+        self.engine.lrn_forward(bottom[0].xdata, top[0].xdata)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        self.engine.lrn_backward(bottom[0].xdata, top[0].xdata, top[0].xdiff, bottom[0].xdiff)
+
+    def lrn_forward(self, x, y):
         """scale = shift + sum_scale · Σ x²; y = x / scale^beta. Everything lands in buffers kept
         between iterations: the squares go straight into the padded buffer, no temporaries."""
         xp = self.xp
-        x = bottom[0].xdata
         shape, dtype = x.shape, x.dtype
-        scale = self._buffer("scale", shape, dtype)
-        if xp is not np and not self.within:      # GPU: one kernel (minicaffe.kernels.cuda_lrn)
-            self._scale, self._scale_pow = scale, self._buffer("pow", shape, dtype)
-            cuda_lrn.forward(self, x, scale, self._scale_pow, top[0].xdata)
-            return
+        scale = self.buffer("scale", shape, dtype)
         self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
         scale *= self.sum_scale
         scale += self.shift
-        self._scale = scale
+        self.scale = scale
         # the padded buffer's interior is free again: scratch for the power
         tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        self._scale_pow = _pow_into(xp, scale, self.beta, self._buffer("pow", shape, dtype), tmp)
-        xp.divide(x, self._scale_pow, out=top[0].xdata)
+        self.scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype), tmp)
+        xp.divide(x, self.scale_pow, out=y)
 
-    def backward(self, top, propagate_down, bottom):
+    def lrn_backward(self, x, y, dy, dx):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
         n = size or size²; windows are symmetric, so that sum is one more window sum."""
-        if not propagate_down[0]:
-            return
         xp = self.xp
-        dy, y, x = top[0].xdiff, top[0].xdata, bottom[0].xdata
         shape, dtype = dy.shape, dy.dtype
-        if xp is not np and not self.within:
-            cuda_lrn.backward(self, x, y, dy, self._scale, self._scale_pow, bottom[0].xdiff)
-            return
 
         def ratio(view):
             xp.multiply(dy, y, out=view)
-            view /= self._scale
+            view /= self.scale
         # the window sum is built in dx itself, then the padded buffer's free interior holds dy/scale^β
-        dx = bottom[0].xdiff
         acc = self._window_sum(ratio, shape, dtype, dx)
         acc *= x
         acc *= 2.0 * self.beta * self.sum_scale
         first = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        xp.divide(dy, self._scale_pow, out=first)
+        xp.divide(dy, self.scale_pow, out=first)
         xp.subtract(first, acc, out=dx)

@@ -1,12 +1,15 @@
 """Pooling (MAX and AVE) with Caffe's output sizes, padding rules and argmax order.
 
-Vectorised over all windows at once: the input is copied into a padded array (``-inf`` for MAX,
-``0`` for AVE) large enough for every window of the ceil-rounded output, and the loop runs only
-over the ``kh x kw`` offsets inside a window, each step one view of that array (see the layout
-note below). On the CPU this runs over cache-sized blocks of image planes; inference (TEST phase)
-MAX pooling skips the argmax, which a backward pass then recomputes. MAX backward on the CPU
-scatters each gradient to its argmax with ``np.add.at`` in output order (Caffe's loop). On a GPU
-each pass is one kernel instead (``minicaffe.kernels.cuda_pooling``; the argmax stays on the device).
+This file is the reference: plain ``xp`` code (NumPy or CuPy) for Caffe's semantics. Faster ways
+are engines chosen once per shape at ``reshape`` (``minicaffe.kernels.engines``): the CPU argmax
+scatter for MAX backward (``kernels/pooling_engines.py``) and one CUDA kernel per pass on a GPU
+(``kernels/cuda_pooling.py``); ``pooling_param.engine: CAFFE`` keeps this code.
+
+The reference is vectorised over all windows at once: the input is copied into a padded array
+(``-inf`` for MAX, ``0`` for AVE) large enough for every window of the ceil-rounded output, and the
+loop runs only over the ``kh x kw`` offsets inside a window, each step one view of that array (see
+the layout note below). On the CPU this runs over cache-sized blocks of image planes; inference
+(TEST phase) MAX pooling with one top skips the argmax, which a backward pass then recomputes.
 
 Caffe's rules kept here:
 * output ``ceil((H + 2p - k) / s) + 1`` (``round_mode: FLOOR`` floors), minus one when ``pad > 0``
@@ -21,22 +24,18 @@ import numpy as np
 from ..core.backend import get_array_module
 from ..core.blob import Blob
 from ..errors import ShapeError
+from ..kernels import cuda_pooling, engines, pooling_engines
 from ..kernels.im2col import column_phases, workspace
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+
+# the modules whose import registers the engines of Pooling (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_pooling, pooling_engines)
 
 _PP = caffe_pb2.PoolingParameter
 
 # Padded-image elements handled per block (256 KiB of float32: the block's passes stay in cache).
 POOL_BLOCK_ELEMENTS = 1 << 16
-
-# Outputs per block of MAX pooling's scatter backward (their indices, gradients and the bottom
-# rows they hit stay in cache).
-SCATTER_BLOCK_OUTPUTS = 1 << 16
-
-# ``np.add.at`` is a fast unbuffered scatter-add from NumPy 1.25 on (about 1.5 ns an element);
-# before, it is ~50x slower than the per-offset passes it replaces.
-_FAST_ADD_AT = np.lib.NumpyVersion(np.__version__) >= "1.25.0"
 
 
 def _pooled_size(size, kernel, pad, stride, ceil_mode):
@@ -59,7 +58,11 @@ def _nchw_shape(layer, bottom):
 
 @register("Pooling")
 class Pooling(Layer):
-    """MAX or AVE pooling over 2-D windows of an (N, C, H, W) bottom."""
+    """MAX or AVE pooling over 2-D windows of an (N, C, H, W) bottom.
+
+    Engines get the layer at ``reshape`` and implement ``pool_forward(x, y, mask)`` (``mask``: the
+    argmax top's array, or None) and ``pool_backward(x, dy, dx)`` (``dx`` overwritten); the
+    layer's own methods of those names are the reference."""
 
     exact_num_bottom = 1
     min_num_top = 1
@@ -114,7 +117,13 @@ class Pooling(Layer):
             if self.ph >= self.kh or self.pw >= self.kw:
                 raise self.error(f"pad {self.ph}x{self.pw} must be smaller than the kernel {self.kh}x{self.kw}")
         self.ceil_mode = pp.round_mode == _PP.CEIL
-        self._off = None
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
+        self.engine = None
+        self.bottom_shape = None
+        self._hq = self._wq = self._flat = None     # the phase-plane geometry (see the layout note)
+        self._off_wide = None      # the argmax window-offset codes, (N*C, 1, oh*Wq) in wide order
+        self._off = None           # the same as an (N, C, oh, ow) view (flat indices for global pooling)
+        self._argmax_valid = False  # does _off_wide/_off hold the argmax of the last forward's input?
 
     def reshape(self, bottom, top):
         shape = _nchw_shape(self, bottom)
@@ -127,10 +136,25 @@ class Pooling(Layer):
             raise self.error(f"kernel {self.kh}x{self.kw} larger than padded input "
                              f"{h + 2 * self.ph}x{w + 2 * self.pw}", ShapeError)
         self.out_hw = (oh, ow)
+        self.bottom_shape = tuple(shape)
         # the whole-image case (global pooling, or a kernel the size of an unpadded input)
         self.whole = (self.kh == h and self.kw == w and self.ph == 0 and self.pw == 0)
+        self._hq, self._wq, self._flat = self._geometry(h, w)
+        self._argmax_valid = False
         for t in top:
             t.reshape(n, c, oh, ow)
+        self.engine = self.engine_slot.get(self, self.bottom_shape)
+
+    def forward(self, bottom, top):
+        mask = top[1].xdata if len(top) > 1 else None
+        self.engine = self.engine_slot.get(self, self.bottom_shape)    # the same, unless the mode changed
+        self.engine.pool_forward(bottom[0].xdata, top[0].xdata, mask)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        self.engine = self.engine_slot.get(self, self.bottom_shape)
+        self.engine.pool_backward(bottom[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
     # --- helpers -----------------------------------------------------------------------------
     # Layout: the padded image is split by row phase (row % sh) and column phase (col % sw), each
@@ -210,9 +234,8 @@ class Pooling(Layer):
         """``fn(b0, b1)`` over blocks of the ``m = N*C`` image planes, each small enough that its
         padded copy and window passes stay in cache (a pass over a whole batch per window offset
         is bound by memory bandwidth)."""
-        self._hq, self._wq, flat = self._geometry(h, w)
         if self.xp is np:
-            rows = max(1, POOL_BLOCK_ELEMENTS // (self.sh * self.sw * flat))
+            rows = max(1, POOL_BLOCK_ELEMENTS // (self.sh * self.sw * self._flat))
         else:
             rows = max(1, m)   # a GPU wants few, large kernels
         for b0 in range(0, m, rows):
@@ -221,6 +244,16 @@ class Pooling(Layer):
     def _scratch(self, k, flat, dtype):
         return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, "pool_pad")
 
+    def _codes(self, m, wide_len):
+        """The argmax code array (kept between calls while its shape, type and device hold); one
+        byte per offset code where it fits: byte arithmetic is ~10x faster than int32."""
+        code_type = np.uint8 if self.kh * self.kw <= 256 else np.int32
+        off = self._off_wide
+        if off is None or off.shape != (m, 1, wide_len) or off.dtype != code_type or \
+                get_array_module(off) is not self.xp:
+            off = self._off_wide = self.xp.empty((m, 1, wide_len), dtype=code_type)
+        return off, code_type
+
     def _max_forward(self, x, y, argmax):
         """y = the window maxima; with ``argmax``, ``self._off_wide`` = the window offset of each
         (the first maximum in row-major window order)."""
@@ -228,15 +261,10 @@ class Pooling(Layer):
         n, c, h, w = x.shape
         m, oh, ow = n * c, self.out_hw[0], self.out_hw[1]
         x2, y2 = x.reshape(m, 1, h, w), y.reshape(m, 1, oh, ow)
-        self._hq, self._wq, flat = self._geometry(h, w)
+        flat = self._flat
         wide_len = oh * self._wq
         if argmax:
-            # one byte per offset code where it fits: byte arithmetic is ~10x faster than int32
-            code_type = np.uint8 if self.kh * self.kw <= 256 else np.int32
-            off = getattr(self, "_off_wide", None)
-            if off is None or off.shape != (m, 1, wide_len) or off.dtype != code_type or \
-                    get_array_module(off) is not xp:
-                off = self._off_wide = xp.empty((m, 1, wide_len), dtype=code_type)
+            off, code_type = self._codes(m, wide_len)
             # start at the first real pixel of each window (so an all -inf window still points
             # inside the image), then move to every strictly larger value in row-major order:
             # the last such move is the first maximum
@@ -276,57 +304,28 @@ class Pooling(Layer):
         self._blocks(m, h, w, block)
         if argmax:
             self._off = self._narrow(off).reshape(n, c, oh, ow)
-        self._off_stale = not argmax
+        self._argmax_valid = argmax
 
-    def _scatter_plan(self, h, w, rows):
-        """(offset table, base): the flat index, in a block of ``rows`` bottom planes, of window
-        offset code ``i * kw + j`` relative to its window's top-left corner, and of each window's
-        top-left corner (which may lie in the padding; the argmax never does)."""
-        oh, ow = self.out_hw
-        key = (h, w, rows, oh, ow)
-        plan = getattr(self, "_scatter_cache", None)
-        if plan is None or plan[0] != key:
-            codes = np.arange(self.kh * self.kw)
-            table = (codes // self.kw) * w + codes % self.kw
-            corner = (np.arange(oh)[:, None] * self.sh - self.ph) * w + np.arange(ow) * self.sw - self.pw
-            base = np.arange(rows)[:, None, None] * (h * w) + corner
-            plan = self._scatter_cache = (key, table.astype(np.intp), base.astype(np.intp))
-        return plan[1], plan[2]
+    def _argmax_wide(self, x):
+        """The argmax window-offset codes of ``x`` (wide order), recomputed when the last forward
+        skipped them (inference) or another engine ran it: for MAX backward."""
+        if not self._argmax_valid:
+            oh, ow = self.out_hw
+            self._max_forward(x, workspace(self.xp, x.shape[:2] + (oh, ow), x.dtype, "pool_scratch_y"),
+                              argmax=True)
+        return self._off_wide
 
-    def _max_backward_scatter(self, dy, dx):
-        """dx = each output's gradient added at its argmax, in output order (Caffe's loop, so
-        overlapping windows sum in the same order): one ``np.add.at`` per block of planes
-        instead of one pass per window offset."""
-        n, c, h, w = dx.shape
-        m, (oh, ow) = n * c, self.out_hw
-        rows = max(1, min(m, SCATTER_BLOCK_OUTPUTS // (oh * ow)))
-        table, base = self._scatter_plan(h, w, rows)
-        codes = self._narrow(self._off_wide)              # (m, 1, oh, ow) view of the wide codes
-        dyf = dy.reshape(m, oh * ow)
-        dxf = dx.reshape(m, h * w)
-        dx.fill(0)
-        code_buf = workspace(np, base.shape, np.intp, "pool_scatter_code")
-        idx = workspace(np, base.shape, np.intp, "pool_scatter_idx")
-        for b0 in range(0, m, rows):
-            b1 = min(m, b0 + rows)
-            k = b1 - b0
-            code, blk = code_buf[:k], idx[:k]
-            code[...] = codes[b0:b1].reshape(k, oh, ow)
-            # the codes are in range: 'wrap' skips the bounds check that makes take 2x slower
-            np.take(table, code, out=blk, mode="wrap")
-            blk += base[:k]
-            np.add.at(dxf[b0:b1].reshape(-1), blk.reshape(-1), dyf[b0:b1].reshape(-1))
+    def argmax_offsets(self, x):
+        """For engines: each output's argmax as its window offset code ``i * kw + j`` (relative to
+        the window's top-left corner, padding included), an (N*C, 1, oh, ow) view."""
+        return self._narrow(self._argmax_wide(x))
 
-    # --- forward / backward ----------------------------------------------------------------------
-    def forward(self, bottom, top):
+
+    # --- the reference: forward / backward -------------------------------------------------------
+    def pool_forward(self, x, y, mask):
+        """y = the pooled ``x``; ``mask`` (MAX's optional second top) = the argmax ``h * W + w``."""
         xp = self.xp
-        x = bottom[0].xdata
         n, c, h, w = x.shape
-        y = top[0].xdata
-        self._gpu_mask_fresh = False
-        if xp is not np and not self.whole:
-            self._forward_gpu(x, y, top)
-            return
         if self.method == _PP.AVE:
             if self.whole:
                 y[...] = x.reshape(n, c, h * w).mean(axis=2).reshape(y.shape)
@@ -334,7 +333,7 @@ class Pooling(Layer):
             m, (oh, ow) = n * c, self.out_hw
             x2, y2 = x.reshape(m, 1, h, w), y.reshape(m, 1, oh, ow)
             divisor = self._ave_divisor(h, w, x.dtype)
-            flat = self._geometry(h, w)[2]
+            flat = self._flat
 
             def block(b0, b1):
                 k = b1 - b0
@@ -355,82 +354,44 @@ class Pooling(Layer):
             arg = flat.argmax(axis=2)      # first maximum, row-major: Caffe's choice
             y[...] = xp.take_along_axis(flat, arg[:, :, None], axis=2).reshape(y.shape)
             self._off = arg.astype(xp.int32).reshape(y.shape)
-            self._off_stale = False
-            mask = self._off
-        else:
-            # inference needs the max alone (one pass per window offset instead of four); a
-            # backward pass, rare in TEST nets, recomputes the argmax from the bottom first
-            self._max_forward(x, y, argmax=len(top) > 1 or self.phase != caffe_pb2.TEST)
-            if len(top) == 1:
-                return
-            mask = None
-        if len(top) > 1:
-            if mask is None:
-                oh, ow = self.out_hw
-                off = self._off
-                hbase = xp.asarray((np.arange(oh) * self.sh - self.ph)[:, None].astype(np.int32))
-                wbase = xp.asarray((np.arange(ow) * self.sw - self.pw)[None, :].astype(np.int32))
-                mask = (hbase + off // self.kw) * w + wbase + off % self.kw
-            top[1].xdata[...] = mask
-
-    # --- GPU: one kernel per pass (minicaffe.kernels.cuda_pooling) ---------------------------------
-    def _forward_gpu(self, x, y, top):
-        from ..kernels import cuda_pooling
-        if self.method == _PP.AVE:
-            cuda_pooling.ave_forward(self, x, y)
+            self._argmax_valid = True
+            if mask is not None:
+                mask[...] = self._off
             return
-        mask = cuda_pooling.mask_array(self, y.shape)
-        cuda_pooling.max_forward(self, x, y, mask)
-        self._gpu_mask_fresh = True
-        self._off_stale = True       # a CPU backward after this recomputes its own argmax
-        if len(top) > 1:
-            top[1].xdata[...] = mask
+        # inference needs the max alone (one pass per window offset instead of four); a backward
+        # pass, rare in TEST nets, recomputes the argmax from the bottom first
+        self._max_forward(x, y, argmax=mask is not None or self.phase != caffe_pb2.TEST)
+        if mask is not None:
+            oh, ow = self.out_hw
+            off = self._off
+            hbase = xp.asarray((np.arange(oh) * self.sh - self.ph)[:, None].astype(np.int32))
+            wbase = xp.asarray((np.arange(ow) * self.sw - self.pw)[None, :].astype(np.int32))
+            mask[...] = (hbase + off // self.kw) * w + wbase + off % self.kw
 
-    def _backward_gpu(self, bottom, dy, dx):
-        from ..kernels import cuda_pooling
-        if self.method == _PP.AVE:
-            cuda_pooling.ave_backward(self, dy, dx)
-            return
-        if not getattr(self, "_gpu_mask_fresh", False):
-            mask = cuda_pooling.mask_array(self, dy.shape)
-            cuda_pooling.max_forward(self, bottom[0].xdata, self.xp.empty_like(dy), mask)
-            self._gpu_mask_fresh = True
-        cuda_pooling.max_backward(self, dy, self._gpu_mask, dx)
-
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
+    def pool_backward(self, x, dy, dx):
+        """dx = AVE: each output's gradient spread over its window / the divisor; MAX: each output's
+        gradient added at its argmax. One pass per window offset."""
         xp = self.xp
-        dy = top[0].xdiff
-        n, c, h, w = bottom[0].shape
-        dx = bottom[0].xdiff
-        if xp is not np and not self.whole:
-            self._backward_gpu(bottom, dy, dx)
-            return
+        n, c, h, w = dx.shape
         if self.whole:
             if self.method == _PP.AVE:
                 dx[...] = (dy / (h * w)).reshape(n, c, 1, 1)
             else:
+                if not self._argmax_valid:
+                    self.pool_forward(x, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"), None)
                 dx.fill(0)
                 flat = dx.reshape(n * c, h * w)
                 flat[xp.arange(n * c), self._off.reshape(-1)] = dy.reshape(-1)
             return
-        if self.method == _PP.MAX and getattr(self, "_off_stale", False):
-            self._max_forward(bottom[0].xdata, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"),
-                              argmax=True)
-        if self.method == _PP.MAX and xp is np and _FAST_ADD_AT and dx.flags.c_contiguous:
-            self._max_backward_scatter(dy, dx)
-            return
         m, (oh, ow) = n * c, self.out_hw
         dy2, dx2 = dy.reshape(m, 1, oh, ow), dx.reshape(m, 1, h, w)
-        self._hq, self._wq, flat = self._geometry(h, w)
-        wq = self._wq
+        flat, wq = self._flat, self._wq
         if self.method == _PP.AVE:
             divisor = np.ones((oh, wq), dy.dtype)
             divisor[:, :ow] = self._ave_divisor(h, w, dy.dtype, host=True)
             divisor = xp.asarray(divisor.reshape(-1))
         else:
-            off = self._off_wide
+            off = self._argmax_wide(x)
 
         def block(b0, b1):
             k = b1 - b0
