@@ -90,14 +90,15 @@ _ENGINE_FIELD_IGNORED = frozenset({"Im2col"})
 
 
 def requested(layer) -> int:
-    """The layer's ``engine:`` field (0 DEFAULT, 1 CAFFE, 2 CUDNN), for the types that have one."""
+    """The layer's ``engine:`` field (0 DEFAULT, 1 CAFFE, 2 CUDNN), read from whichever of its
+    ``*_param`` messages has one (caffe.proto says which: a new parameter with an ``engine`` field is
+    honoured without a list to update here)."""
     if layer.type in _ENGINE_FIELD_IGNORED:
         return 0
-    for field_name in ("convolution_param", "pooling_param", "lrn_param", "relu_param", "sigmoid_param",
-                       "tanh_param", "softmax_param"):
-        if layer.param.HasField(field_name):
-            sub = getattr(layer.param, field_name)
-            return int(getattr(sub, "engine", 0))
+    for desc, value in layer.param.ListFields():
+        if desc.message_type is not None and "engine" in desc.message_type.fields_by_name \
+                and not isinstance(value, (list, tuple)) and hasattr(value, "engine"):
+            return int(value.engine)
     return 0
 
 
