@@ -310,7 +310,7 @@ def _net(args, default_phase, weights=None):
 
 def _loss_weights(net):
     weights = {}
-    for lp, ws in zip(net.param.layer, net._loss_weights):
+    for lp, ws in zip(net.param.layer, net.layer_loss_weights):
         for name, w in zip(lp.top, ws):
             if w:
                 weights[name] = w
@@ -420,7 +420,7 @@ def time(args):
     total = _time.perf_counter() - start
     log.info("Average time per layer: ")
     rows = []
-    for li, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
+    for li, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
         f = fwd.get(li, 0.0) * 1e3 / iterations
         b = bwd.get(li, 0.0) * 1e3 / iterations
         log.info("%10s\tforward: %s ms.", name, _g(f))
@@ -448,13 +448,15 @@ def _backward_every_layer(net, timings):
     """
     from ..net.network import _sync
     xp = backend.xp()
+    bottoms, tops, weights = net.bottom_vecs, net.top_vecs, net.layer_loss_weights
+    need_backward = net.bottom_need_backward
     for li in range(len(net.layers) - 1, -1, -1):
-        layer, bottom, top = net.layers[li], net._bottom[li], net._top[li]
-        for w, blob in zip(net._loss_weights[li], top):
+        layer, bottom, top = net.layers[li], bottoms[li], tops[li]
+        for w, blob in zip(weights[li], top):
             if w:
                 blob.xdiff = xp.full(blob.shape, w, dtype=blob.dtype)
         t0 = _time.perf_counter()
-        layer.backward(top, net._bottom_need_backward[li], bottom)
+        layer.backward(top, need_backward[li], bottom)
         _sync()
         timings[li] = timings.get(li, 0.0) + _time.perf_counter() - t0
 
