@@ -28,7 +28,7 @@ import numpy as np
 from ..core import backend
 from ..core.blob import Blob, SharedBlob
 from ..core.layer import split_layer_type
-from ..errors import AllocationError, MinicaffeError, NetError, ShapeError
+from ..errors import AllocationError, NetError, ShapeError
 from ..formats.prototxt import caffe_text, filter_net
 from ..layers import create_layer
 from ..proto import caffe_pb2
@@ -310,10 +310,6 @@ class NetBuilder:
             layer.reshape(bottoms, tops)
         except (NetError, MemoryError) as exc:
             raise_naming_layer(exc, layer)
-        except MinicaffeError:
-            raise
-        except (ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
-            raise NetError(f"cannot set up: {exc}", layer.name, layer.type) from exc
 
     @staticmethod
     def loss_weights_of(lp, layer, tops):
