@@ -87,33 +87,6 @@ PYCAFFE_SURFACE = {"_blobs", "_blob_names", "_blob_loss_weights", "_inputs", "_o
 
 # Today's reaches into another package's private attributes (module, attribute): why, and what removes them.
 KNOWN_PRIVATE: Dict[Tuple[str, str], str] = {
-    ("minicaffe.kernels.fusion", "_top"): "fusion walks the net's wiring; Net.top_vecs (net work)",
-    ("minicaffe.kernels.fusion", "_bottom"): "fusion walks the net's wiring; Net.bottom_vecs (net work)",
-    ("minicaffe.kernels.fusion", "_loss_weights"): "Net.layer_loss_weights (net work)",
-    ("minicaffe.kernels.fusion", "_top4"): "fusion reads a Convolution layer's cached shape; an engine "
-                                           "seam on the layer (engines work)",
-    ("minicaffe.kernels.fusion", "_bottom4"): "as _top4 (engines work)",
-    ("minicaffe.methods.surgery", "_bottom"): "Net.bottom_vecs (net work)",
-    ("minicaffe.tools.cli", "_loss_weights"): "Net.layer_loss_weights (net work)",
-    ("minicaffe.tools.cli", "_layer_names"): "Net.layer_names (net work)",
-    ("minicaffe.tools.cli", "_top"): "Net.top_vecs (net work)",
-    ("minicaffe.tools.cli", "_bottom"): "Net.bottom_vecs (net work)",
-    ("minicaffe.tools.cli", "_bottom_need_backward"): "Net.bottom_need_backward (net work)",
-    ("minicaffe.tools.cli", "_sync"): "minicaffe time imports net.network's private _sync to time the GPU; "
-                                      "a public device sync on the backend/context (context work)",
-    ("minicaffe.tools.extract_features", "_layer_names"): "Net.layer_names (net work)",
-    ("minicaffe.tools.tensorboard", "_layer_names"): "Net.layer_names (net work)",
-    ("minicaffe.data.transformer", "_cv2"): "formats.datum's private OpenCV getter; call deps.import_cv2 "
-                                            "or make the getter public (small, unassigned)",
-    ("minicaffe.layers.data", "_cv2"): "as data.transformer (small, unassigned)",
-    ("minicaffe.solvers.solver", "_minicaffe_nccl"): "the solver recognises pycaffe's NCCL callback by a "
-                                                     "private marker; the gradient-sync strategy (solver split)",
-    ("minicaffe.kernels._cuda", "_import_cupy"): "core.backend's private CuPy import; a public one on the "
-                                                 "backend/context (context work)",
-    ("minicaffe.parallel.data_parallel", "_import_cupy"): "as kernels._cuda (context work)",
-    ("minicaffe.tools.cli", "_import_cupy"): "as kernels._cuda (context work)",
-    ("minicaffe.tools.draw_net", "_parse_input_shapes"): "draw_net uses pycaffe.draw's private shape parser; "
-                                                         "make it public in pycaffe/draw.py",
 }
 
 

@@ -161,6 +161,10 @@ def test_window_data_errors_are_one_line(tmp_path, images):
         ("crop_size: 0", "", "crop_size > 0"),
         ("crop_size: 8", 'crop_mode: "odd"', "crop_mode"),
         ("crop_size: 8 mean_value: 1 mean_value: 2", "", "1 mean_value or one per channel"),
+        # refused at set-up: a fraction outside [0, 1] (or NaN) made forward index past the batch
+        ("crop_size: 8", "fg_fraction: 1.5", "fg_fraction must be between 0 and 1, got 1.5"),
+        ("crop_size: 8", "fg_fraction: -1", "fg_fraction must be between 0 and 1, got -1"),
+        ("crop_size: 8", "fg_fraction: nan", "fg_fraction must be between 0 and 1, got nan"),
     ]
     for transform, extra, msg in cases:
         with pytest.raises(MinicaffeError, match=msg) as info:

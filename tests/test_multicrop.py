@@ -6,7 +6,7 @@ import pytest
 
 import minicaffe as caffe
 from minicaffe import io as caffe_io
-from minicaffe.errors import MinicaffeError, ShapeError
+from minicaffe.errors import DataError, MinicaffeError, ShapeError
 from minicaffe.classifier import MultiCropClassifier
 from minicaffe.multicrop import (Crop, Preprocessor, alexnet_10, center_crop, default_scales, evaluate_crops,
                                  evaluate_dense, extract_crops, googlenet_144, grid_positions, make_crops,
@@ -170,6 +170,8 @@ def test_topk_error_hand_values():
         topk_error(probs, [0, 1, 3], 1)
     with pytest.raises(ShapeError, match="scores for"):
         topk_error(probs, [0, 1], 1)
+    with pytest.raises(DataError, match="no images"):
+        topk_error(np.zeros((0, 3)), [], 1)
 
 
 FILL = 'weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.2 }'
@@ -253,6 +255,9 @@ def test_caffe_classifier_offers_the_papers_schemes(model_files):
     np.testing.assert_allclose(both, 0.5 * (dense + clf.predict(images, scheme="150")), atol=1e-6)
     with pytest.raises(MinicaffeError, match="needs dense=True"):
         clf.predict(images, scheme="none")
+    # no images: the same DataError as pycaffe's own predict (a file/data problem, not a net's)
+    with pytest.raises(DataError, match="Classifier.predict: no images given"):
+        clf.predict([], scheme="144")
     # pycaffe's own behaviour is untouched, and the multi-crop path agrees with it on a Softmax net
     multi = MultiCropClassifier(*model_files, image_dims=(10, 10), mean=mean, raw_scale=2.0, channel_swap=(2, 1, 0))
     for oversample in (True, False):

@@ -430,3 +430,32 @@ def test_crafted_mean_file_shape_is_one_line(tmp_path, dims, values):
         load_mean_file(str(path))
     with pytest.raises(BlobProtoError, match=r"negative dimension|0 data values"):
         caffe.io.blobproto_to_array(bp)
+
+
+# --- errors at the boundary: bad input is one line, a bug keeps its traceback -----------------------
+
+def test_a_bug_in_a_layers_setup_propagates_with_its_traceback(tmp_path, monkeypatch):
+    # the net used to turn any ValueError/IndexError/TypeError from a layer's set-up into a one-line
+    # "cannot set up" NetError, so a bug looked like bad input; now only the layer's own refusals
+    # (NetError via self.error) are one line
+    (tmp_path / "buggy_user_layers.py").write_text(
+        "import minicaffe as caffe\n"
+        "class Buggy(caffe.Layer):\n"
+        "    def setup(self, bottom, top):\n"
+        "        self.k = [1, 2][5]\n"
+        "    def reshape(self, bottom, top):\n"
+        "        top[0].reshape(*bottom[0].data.shape)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = ('layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "bug" type: "Python" bottom: "x" top: "y"\n'
+            '  python_param { module: "buggy_user_layers" layer: "Buggy" } }\n')
+    with pytest.raises(IndexError, match="list index out of range") as info:
+        caffe.Net(_write(tmp_path, text), caffe.TEST)
+    assert info.traceback[-1].path.name == "buggy_user_layers.py"      # where the bug is
+
+
+def test_argmax_of_a_scalar_is_a_shape_error(tmp_path):
+    text = ('layer { name: "s" type: "Input" top: "s" input_param { shape { } } }\n'
+            'layer { name: "am" type: "ArgMax" bottom: "s" top: "i" }\n')
+    with pytest.raises(ShapeError, match=r"net.prototxt: layer 'am' \(ArgMax\): needs a bottom with a batch axis"):
+        caffe.Net(_write(tmp_path, text), caffe.TEST)

@@ -10,7 +10,8 @@ import numpy as np
 from . import context as _context
 
 
-def _import_cupy():
+def import_cupy():
+    """The CuPy module (imported once into the context), or a one-line error naming the GPU extra."""
     ctx = _context.current()
     if ctx.cupy is None:
         from ..deps import require
@@ -21,7 +22,7 @@ def _import_cupy():
 def gpu_available():
     """True when CuPy imports and sees at least one CUDA device."""
     try:
-        cp = _import_cupy()
+        cp = import_cupy()
         return cp.cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
@@ -33,7 +34,7 @@ def set_mode_cpu():
 
 def set_mode_gpu():
     ctx = _context.current()
-    cp = _import_cupy()
+    cp = import_cupy()
     if not gpu_available():
         from ..errors import MinicaffeError
         raise MinicaffeError("set_mode_gpu: no CUDA device is visible to CuPy")
@@ -50,7 +51,7 @@ def set_device(device_id):
     ctx = _context.current()
     ctx.device = int(device_id)
     if ctx.mode == "gpu":
-        _import_cupy().cuda.Device(int(device_id)).use()
+        import_cupy().cuda.Device(int(device_id)).use()
 
 
 def mode():
@@ -85,7 +86,7 @@ def to_device(arr):
 def get_array_module(arr):
     if isinstance(arr, np.ndarray):
         return np
-    return _import_cupy().get_array_module(arr)
+    return import_cupy().get_array_module(arr)
 
 
 def set_random_seed(seed):
@@ -133,3 +134,10 @@ class float64_blobs:
 
     def __exit__(self, *exc):
         _context.current().dtype = self._old
+
+
+def synchronize():
+    """Wait for the GPU's queued work (timers and ``minicaffe time`` measure finished work); nothing on
+    the CPU."""
+    if is_gpu():
+        xp().cuda.Device().synchronize()

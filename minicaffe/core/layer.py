@@ -9,6 +9,7 @@ from . import backend
 from ..errors import NetError
 
 _REGISTRY = {}
+_SPLIT = []            # the type name of the class registered with ``is_split`` (at most one)
 
 
 def register(*type_names):
@@ -20,12 +21,25 @@ def register(*type_names):
             _REGISTRY[name] = cls
         if cls.type is None:
             cls.type = type_names[0]
+        if cls.__dict__.get("is_split"):
+            if _SPLIT and _SPLIT[0] != cls.type:
+                raise RuntimeError(f"two split layers registered: {_SPLIT[0]} and {cls.type}")
+            _SPLIT[:] = [cls.type]
         return cls
     return deco
 
 
 def layer_type_list():
     return sorted(_REGISTRY)
+
+
+def split_layer_type():
+    """The type name of the layer the net inserts where one top feeds several bottoms (the class
+    registered with ``is_split = True``): the net writes it into the definition it builds, as
+    Caffe's InsertSplits does, without naming a layer type itself."""
+    if not _SPLIT:
+        raise RuntimeError("no split layer registered (a layer class with is_split = True)")
+    return _SPLIT[0]
 
 
 def create_layer(param, phase):
@@ -57,7 +71,17 @@ class Layer:
     exact_num_top = None
     min_num_top = None
     max_num_top = None
+    # What the net needs to know about a layer, declared by the layer's class so that the net
+    # tests no type name (net/build.py):
     is_loss = False          # loss layers get loss_weight 1 on top[0] by default
+    is_net_input = False     # its tops are the net's inputs (pycaffe's ``net.inputs``): Input
+    is_split = False         # the layer the net inserts where a top feeds several bottoms: Split
+    # Caffe's AutoTopBlobs: the net adds the tops the layer needs when the definition names none
+    # (a loss layer without a top still has its loss counted)
+    auto_top_blobs = False
+    # the learnable blobs are not the solver's (lr_mult forced to 0): BatchNorm's statistics,
+    # which forward updates
+    fixed_params = False
     # May top[i] be bottom[i] (``top: "x"`` with ``bottom: "x"``)? Only for layers whose forward and
     # backward are correct when they are: element-wise layers that keep what backward needs. Others
     # (InnerProduct, Convolution, Pooling, ...) would compute wrong gradients or change the shape of

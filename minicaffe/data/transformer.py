@@ -42,7 +42,7 @@ import numpy as np
 from ..core import backend
 from ..errors import DataError, NetError
 from ..proto import caffe_pb2
-from ..formats.datum import _cv2, chw_to_hwc, datum_to_array, hwc_to_chw
+from ..formats.datum import chw_to_hwc, opencv, datum_to_array, hwc_to_chw
 
 log = logging.getLogger("minicaffe")
 
@@ -373,7 +373,7 @@ class DataTransformer:
         if min(h, w) == side:
             return img
         nh, nw = self._resized_hw(h, w, side)
-        cv = _cv2()
+        cv = opencv()
         src = chw_to_hwc(img)
         if src.dtype not in (np.uint8, np.float32):
             src = src.astype(np.float32)

@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - depends on the machine
     cv2 = None
 
 
-def _cv2():
+def opencv():
+    """The cv2 module, or a one-line DataError saying why it does not import."""
     if cv2 is None:  # pragma: no cover - says why (not installed, or two OpenCV wheels in one cv2)
         return import_cv2("reading images", DataError)
     return cv2
@@ -74,7 +75,7 @@ def decode_image(buf, force_color=False, force_gray=False, where=None):
     As Caffe: ``force_color`` decodes as 3-channel BGR, ``force_gray`` as 1 channel, neither keeps
     the file's own channels (``IMREAD_UNCHANGED``, Caffe's DecodeDatumToCVMatNative).
     """
-    cv = _cv2()
+    cv = opencv()
     if force_color and force_gray:
         raise DataError(f"{_where(where)}cannot set both force_color and force_gray")
     flag = cv.IMREAD_COLOR if force_color else cv.IMREAD_GRAYSCALE if force_gray else cv.IMREAD_UNCHANGED
@@ -170,7 +171,7 @@ def encode_datum(image, label=None, encode_type="png"):
 
 def encode_image(arr, encode_type="png"):
     """Compress a C×H×W uint8 array (BGR channel order for colour) into image-file bytes."""
-    cv = _cv2()
+    cv = opencv()
     arr = np.asarray(arr)
     if arr.dtype != np.uint8:
         raise DataError(f"encode_image needs uint8 pixels, got {arr.dtype}")
@@ -197,7 +198,7 @@ def read_image(filename, height=0, width=0, is_color=True):
     """Caffe's ReadImageToCVMat: OpenCV imread (BGR, or grayscale), resized with bilinear
     interpolation to height×width when both are positive. Returns an H×W×C (H×W for gray) uint8
     array, or None when the file is missing or not an image."""
-    cv = _cv2()
+    cv = opencv()
     img = cv.imread(filename, cv.IMREAD_COLOR if is_color else cv.IMREAD_GRAYSCALE)
     if img is None:
         return None

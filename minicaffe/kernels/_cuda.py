@@ -21,7 +21,7 @@ _cache = {}
 
 def _cupy():
     """The CuPy module (the tests swap in an emulation here to run the references)."""
-    return backend._import_cupy()
+    return backend.import_cupy()
 
 
 def suffix(dtype):

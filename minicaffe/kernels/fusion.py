@@ -104,15 +104,15 @@ class ConvChain(_Chain):
 
     def run(self, net):
         conv = net.layers[self.first]
-        bottom, top = net._bottom[self.first], net._top[self.first]
+        bottom, top = net.bottom_vecs[self.first], net.top_vecs[self.first]
         x = bottom[0].xdata
         if not isinstance(x, np.ndarray):
             return False
         for li in range(self.first, self.last + 1):
-            net.layers[li].reshape(net._bottom[li], net._top[li])
+            net.layers[li].reshape(net.bottom_vecs[li], net.top_vecs[li])
         wf, bias = self.folded(net)
-        x4 = conv._bottom4(x)
-        y4 = conv._top4(top[0].xdata)
+        x4 = conv.bottom_4d(x)
+        y4 = conv.top_4d(top[0].xdata)
         conv.convolve(x4, wf, y4)           # the engine the layer chose at reshape
         if bias is not None:
             y4 += bias.reshape(1, -1, 1, 1)
@@ -126,12 +126,12 @@ class EltwiseReluChain(_Chain):
 
     def run(self, net):
         layer = net.layers[self.first]
-        bottom, top = net._bottom[self.first], net._top[self.first]
+        bottom, top = net.bottom_vecs[self.first], net.top_vecs[self.first]
         xs = [b.xdata for b in bottom]
         if not all(isinstance(x, np.ndarray) for x in xs):
             return False
         layer.reshape(bottom, top)
-        net.layers[self.last].reshape(net._bottom[self.last], net._top[self.last])
+        net.layers[self.last].reshape(net.bottom_vecs[self.last], net.top_vecs[self.last])
         out = top[0].xdata
         c = layer.coeffs
         if c[0] == 1.0 and c[1] == 1.0:
@@ -165,19 +165,19 @@ class Fusion:
         for first in sorted(self.ran):
             ch = self.ran[first]
             for li in range(ch.first, ch.last + 1):
-                layer, bottom, top = net.layers[li], net._bottom[li], net._top[li]
+                layer, bottom, top = net.layers[li], net.bottom_vecs[li], net.top_vecs[li]
                 layer.reshape(bottom, top)
                 layer.forward(bottom, top)
         self.ran = {}
 
 
 def _in_place_on(net, li, blob):
-    return (len(net._bottom[li]) == 1 and len(net._top[li]) == 1 and net._bottom[li][0] is blob
-            and net._top[li][0] is blob)
+    return (len(net.bottom_vecs[li]) == 1 and len(net.top_vecs[li]) == 1 and net.bottom_vecs[li][0] is blob
+            and net.top_vecs[li][0] is blob)
 
 
 def _written_after(net, last, blob):
-    return any(t is blob for tops in net._top[last + 1:] for t in tops)
+    return any(t is blob for tops in net.top_vecs[last + 1:] for t in tops)
 
 
 def _plain_relu(layer):
@@ -185,15 +185,16 @@ def _plain_relu(layer):
 
 
 def _no_loss(net, first, last):
-    return not any(w for li in range(first, last + 1) for w in net._loss_weights[li])
+    weights = net.layer_loss_weights
+    return not any(w for li in range(first, last + 1) for w in weights[li])
 
 
 def _conv_chain(net, li):
     conv = net.layers[li]
-    if conv.type != "Convolution" or len(net._bottom[li]) != 1 or len(net._top[li]) != 1 \
-            or conv.axis != 1 or net._bottom[li][0] is net._top[li][0]:
+    if conv.type != "Convolution" or len(net.bottom_vecs[li]) != 1 or len(net.top_vecs[li]) != 1 \
+            or conv.axis != 1 or net.bottom_vecs[li][0] is net.top_vecs[li][0]:
         return None
-    blob = net._top[li][0]
+    blob = net.top_vecs[li][0]
     channels = conv.num_output
     bn = scale = relu = None
     j = li + 1
@@ -211,17 +212,17 @@ def _conv_chain(net, li):
     last = j - 1
     if last == li or not _no_loss(net, li, last):
         return None
-    if _written_after(net, last, blob) or _written_after(net, li, net._bottom[li][0]):
+    if _written_after(net, last, blob) or _written_after(net, li, net.bottom_vecs[li][0]):
         return None
     return ConvChain(li, last, bn, scale, relu)
 
 
 def _eltwise_chain(net, li):
     layer = net.layers[li]
-    if layer.type != "Eltwise" or layer.op != caffe_pb2.EltwiseParameter.SUM or len(net._top[li]) != 1:
+    if layer.type != "Eltwise" or layer.op != caffe_pb2.EltwiseParameter.SUM or len(net.top_vecs[li]) != 1:
         return None
-    blob = net._top[li][0]
-    if any(b is blob for b in net._bottom[li]) or li + 1 >= len(net.layers):
+    blob = net.top_vecs[li][0]
+    if any(b is blob for b in net.bottom_vecs[li]) or li + 1 >= len(net.layers):
         return None
     if not (_plain_relu(net.layers[li + 1]) and _in_place_on(net, li + 1, blob)):
         return None

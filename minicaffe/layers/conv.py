@@ -274,10 +274,10 @@ class _BaseConvolution(Layer):
         return f"{hw[0]}x{hw[1]}" if self.num_spatial == 2 else f"{hw[1]}"
 
     # 4-D views (num, C, H, W) of blob arrays
-    def _bottom4(self, arr):
+    def bottom_4d(self, arr):
         return arr.reshape(self.num, self.channels, *self.bottom_hw)
 
-    def _top4(self, arr):
+    def top_4d(self, arr):
         return arr.reshape(self.num, self.num_output, *self.top_hw)
 
     def _add_bias(self, y4):
@@ -299,8 +299,8 @@ class _BaseConvolution(Layer):
     def forward(self, bottom, top):
         w = self.blobs[0].xdata
         for b, t in zip(bottom, top):
-            y = self._top4(t.xdata)
-            self.convolve(self._bottom4(b.xdata), w, y)
+            y = self.top_4d(t.xdata)
+            self.convolve(self.bottom_4d(b.xdata), w, y)
             if self.bias_term:
                 self._add_bias(y)
 
@@ -308,13 +308,13 @@ class _BaseConvolution(Layer):
         w = self.blobs[0].xdata
         dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
         for i, (b, t) in enumerate(zip(bottom, top)):
-            dy = self._top4(t.xdiff)
+            dy = self.top_4d(t.xdiff)
             if self.bias_term and self.need_param_grad(1):
                 self._bias_grad(dy)
-            dx = self._bottom4(b.xdiff) if propagate_down[i] else None
+            dx = self.bottom_4d(b.xdiff) if propagate_down[i] else None
             if dx is None and dw is None:
                 continue
-            self._run_transposed(dy, w, dx, self._bottom4(b.xdata), dw)
+            self._run_transposed(dy, w, dx, self.bottom_4d(b.xdata), dw)
 
 
 @register("Convolution")

@@ -676,7 +676,7 @@ class HDF5Data(_DataLayerBase):
 # --- WindowData (R-CNN) ------------------------------------------------------------------------------
 
 def _cv2():
-    from ..formats.datum import _cv2 as get
+    from ..formats.datum import opencv as get
     return get()
 
 
@@ -781,6 +781,8 @@ class WindowData(_DataLayerBase):
         # so it is taken from there when window_data_param no longer has it
         self.scale = np.float32(wp.scale if wp.HasField("scale") or not tp.HasField("scale") else tp.scale)
         self.fg_fraction = float(wp.fg_fraction)
+        if not 0.0 <= self.fg_fraction <= 1.0:       # NaN included: the batch's share of foreground
+            raise self.error(f"fg_fraction must be between 0 and 1, got {self.fg_fraction:g}")
         self.images, self.fg, self.bg = parse_window_file(
             wp.source, wp.root_folder, np.float32(wp.fg_threshold), np.float32(wp.bg_threshold), where)
         missing = [i for i, im in enumerate(self.images) if im is None]

@@ -20,6 +20,7 @@ class Input(Layer):
 
     exact_num_bottom = 0
     min_num_top = 1
+    is_net_input = True
 
     def setup(self, bottom, top):
         shapes = self.param.input_param.shape

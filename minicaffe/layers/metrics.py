@@ -111,6 +111,9 @@ class ArgMax(Layer):
             if self.top_k > shape[self.axis]:
                 raise self.error(f"top_k {self.top_k} is larger than axis {self.axis} (size "
                                  f"{shape[self.axis]}) of bottom shape {shape}")
+        elif not shape:
+            raise self.error("needs a bottom with a batch axis (without argmax_param.axis it takes the "
+                             "top_k per instance), got a scalar", ShapeError)
         elif self.top_k > bottom[0].count_from(1):
             raise self.error(f"top_k {self.top_k} is larger than the {bottom[0].count_from(1)} values "
                              f"per instance of bottom shape {shape}")

@@ -45,6 +45,7 @@ class Split(Layer):
 
     exact_num_bottom = 1
     min_num_top = 1
+    is_split = True
 
     def reshape(self, bottom, top):
         _no_in_place(self, bottom, top)

@@ -36,7 +36,7 @@ import collections
 import numpy as np
 
 from ..deps import import_cv2
-from ..errors import MinicaffeError, NetError, ShapeError
+from ..errors import DataError, MinicaffeError, NetError, ShapeError
 from .surgery import _softmax, convert_fc_to_conv, dense_scores, forward_batch
 
 Crop = collections.namedtuple("Crop", "y0 x0 y1 x1 flip size")
@@ -508,7 +508,7 @@ def topk_error(probs, labels, k=1):
     if probs.ndim != 2 or len(probs) != len(labels):
         raise ShapeError(f"topk_error: {probs.shape} scores for {labels.shape} labels")
     if len(labels) == 0:
-        raise MinicaffeError("topk_error: no images")
+        raise DataError("topk_error: no images")
     if labels.min() < 0 or labels.max() >= probs.shape[1]:
         raise MinicaffeError(f"topk_error: labels must be in [0, {probs.shape[1]}), got "
                              f"{labels.min()}..{labels.max()}")
@@ -532,7 +532,7 @@ def classifier_predict(clf, inputs, oversample=True, scheme=None, scales=None, d
     ``scheme='none'`` with ``dense=True`` is dense evaluation alone.
     """
     if len(inputs) == 0:
-        raise MinicaffeError("Classifier.predict: no images given")
+        raise DataError("Classifier.predict: no images given")
     scheme = str(scheme or ("10" if oversample else "center"))
     if scheme == "none" and not dense:
         raise MinicaffeError("Classifier.predict: scheme 'none' needs dense=True")

@@ -75,7 +75,7 @@ def _fc_plan(net):
     for li, lp in enumerate(net.param.layer):
         if lp.type != "InnerProduct":
             continue
-        shape = net._bottom[li][0].shape
+        shape = net.bottom_vecs[li][0].shape
         if not started:
             if len(shape) != 4:
                 continue

@@ -2,7 +2,8 @@
 
 Build order follows Caffe: upgrade the definition, filter layers by NetState, insert Split layers
 where one top feeds several bottoms, then set up each layer, share parameters by ``param { name }``,
-and work out which layers need backward. The net knows no particular layer type.
+and work out which layers need backward; those steps live in build.py. The net knows no particular
+layer type: what it needs from a layer it reads from the layer's class attributes (core/layer.py).
 """
 from __future__ import annotations
 
@@ -16,93 +17,20 @@ import numpy as np
 
 from ..core import backend, context
 from ..kernels import fusion
-from ..core.blob import Blob, SharedBlob
-from ..errors import AllocationError, MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
+from ..core.blob import Blob
+from ..errors import MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from ..fileio import atomic_write
-from ..layers import create_layer
 from ..proto import caffe_pb2
 from ..formats.wire import blobproto_bytes
-from ..formats.prototxt import caffe_text, filter_net, load_net_param, make_state, parse_binary, upgrade_net
+from ..formats.prototxt import load_net_param, make_state, parse_binary, upgrade_net
+from . import build
+from .build import is_inserted_split, raise_naming_layer
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
 # Net construction logs Caffe's Net::Init lines (Creating Layer, Top shape, Memory required for data...)
 # at INFO, so logs of minicaffe runs read like Caffe's; they show where the 'minicaffe' logger prints
 log = logging.getLogger("minicaffe")
-
-
-# --- automatic splits (Caffe's InsertSplits, with its naming) -----------------------------------
-
-def split_layer_name(blob, layer, top_index):
-    return f"{blob}_{layer}_{top_index}_split"
-
-
-def split_blob_name(blob, layer, top_index, split_index):
-    return f"{split_layer_name(blob, layer, top_index)}_{split_index}"
-
-
-def insert_splits(param):
-    """Return a copy of ``param`` with a Split layer after every top that feeds several bottoms.
-
-    A top that is also a weighted loss output counts as one more consumer, as in Caffe.
-    """
-    producer = {}          # blob name -> (layer index, top index) of its newest version
-    consumers = collections.Counter()
-    bottom_source = {}     # (layer index, bottom index) -> (producer layer, top index)
-    loss_weight = {}
-    for i, layer in enumerate(param.layer):
-        for j, name in enumerate(layer.bottom):
-            if name not in producer:
-                raise NetError(_missing_bottom(param, i, name), layer.name, layer.type)
-            src = producer[name]
-            bottom_source[(i, j)] = src
-            consumers[src] += 1
-        for j, name in enumerate(layer.top):
-            producer[name] = (i, j)
-            if j < len(layer.loss_weight) and layer.loss_weight[j]:
-                loss_weight[(i, j)] = layer.loss_weight[j]
-    for key in loss_weight:
-        consumers[key] += 1
-
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(param)
-    del out.layer[:]
-    split_used = collections.Counter()
-    for i, layer in enumerate(param.layer):
-        new = out.layer.add()
-        new.CopyFrom(layer)
-        for j, name in enumerate(layer.bottom):
-            src = bottom_source[(i, j)]
-            if consumers[src] > 1:
-                src_layer = param.layer[src[0]].name
-                new.bottom[j] = split_blob_name(name, src_layer, src[1], split_used[src])
-                split_used[src] += 1
-        for j, name in enumerate(layer.top):
-            if consumers[(i, j)] > 1:
-                split = out.layer.add()
-                split.name = split_layer_name(name, layer.name, j)
-                split.type = "Split"
-                split.bottom.append(name)
-                for k in range(consumers[(i, j)]):
-                    split.top.append(split_blob_name(name, layer.name, j, k))
-                if (i, j) in loss_weight:
-                    # the loss weight moves to the split's first output, which nothing else reads
-                    split.loss_weight.append(loss_weight[(i, j)])
-                    for k in range(1, consumers[(i, j)]):
-                        split.loss_weight.append(0)
-                    new.loss_weight[j] = 0
-                    split_used[(i, j)] = 1
-    return out
-
-
-def _missing_bottom(param, index, name):
-    """Why bottom ``name`` of layer ``index`` has no producer: none at all, or only a later layer
-    (a cycle or a layer out of order: Caffe runs layers in file order, so nets cannot loop)."""
-    for later in param.layer[index + 1:]:
-        if name in later.top:
-            return (f"bottom '{name}' is produced only by the later layer '{later.name}': layers run in "
-                    f"file order, so this is a cycle or a layer out of order")
-    return f"bottom '{name}' is not produced by any earlier layer"
 
 
 def in_file(exc, source):
@@ -113,9 +41,6 @@ def in_file(exc, source):
     return exc
 
 
-def _debug_string(message):
-    """The text form of a message as Caffe's DebugString prints it (C++'s float style, UTF-8 as is)."""
-    return caffe_text(message, utf8=True).rstrip("\n")
 
 
 class Net:
@@ -170,219 +95,11 @@ class Net:
 
     # --- construction --------------------------------------------------------------------
     def _build(self, param, state):
+        """Build the graph in Caffe's steps (net/build.py), then plan the TEST-phase fusion."""
         self.name = param.name
-        filtered = filter_net(param, state, log_rules=True)
-        filtered.state.CopyFrom(state)
-        if log.isEnabledFor(logging.INFO):
-            log.info("Initializing net from parameters: \n%s", _debug_string(filtered))
-        self.param = insert_splits(filtered)
-        self.force_backward = param.force_backward
-        self.layers = []
-        self._layer_names = []
-        self.blobs = collections.OrderedDict()
-        self.top_names = collections.OrderedDict()
-        self.bottom_names = collections.OrderedDict()
-        self._bottom = []
-        self._top = []
-        self._loss_weights = []
-        self._bottom_need_backward = []
-        self._layer_need_backward = []
-        self.inputs = []
-        blob_need_backward = {}
-        param_owner = {}           # param name -> (layer index, blob index)
-        self._learnable = []       # unique learnable Blobs, in order
-        self._lr_mult = []
-        self._decay_mult = []
-        self._learnable_names = []
-        available = []          # blobs produced and not yet consumed: the net's outputs at the end
-        # Layer names need not be unique, as in Caffe (mnist_autoencoder has two layers named "loss"):
-        # name-keyed views (layer_dict, params, top_names) then hold the last such layer, while
-        # forward(start=name), copy_from and share_with use the first, as pycaffe and Caffe do.
-        memory_used = 0         # elements of every top, as Caffe's memory_used_ (in-place tops again)
-        for li, lp in enumerate(self.param.layer):
-            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
-                raise NetError(f"propagate_down has {len(lp.propagate_down)} entries for "
-                               f"{len(lp.bottom)} bottoms", lp.name, lp.type)
-            log.info("Creating layer %s", lp.name)
-            layer = create_layer(lp, state.phase)
-            layer.construct()
-            log.info("Creating Layer %s", lp.name)
-            bottoms, need_bw_bottom = [], []
-            need_backward = False
-            for j, name in enumerate(lp.bottom):
-                if name not in self.blobs:
-                    raise NetError(_missing_bottom(self.param, li, name), lp.name, lp.type)
-                bottoms.append(self.blobs[name])
-                log.info("%s <- %s", lp.name, name)
-                if name in available:
-                    available.remove(name)
-                nb = blob_need_backward.get(name, False)
-                if len(lp.propagate_down):
-                    nb = bool(lp.propagate_down[j])
-                need_bw_bottom.append(nb)
-                need_backward |= blob_need_backward.get(name, False)
-            tops = []
-            for j, name in enumerate(lp.top):
-                if j < len(lp.bottom) and lp.bottom[j] == name:
-                    if not layer.allows_in_place:
-                        raise NetError(f"cannot compute in place (top '{name}' is also its bottom): only "
-                                       f"element-wise layers such as ReLU, Dropout, BatchNorm or Scale "
-                                       f"can; give the top a name of its own", lp.name, lp.type)
-                    tops.append(self.blobs[name])          # in place
-                    log.info("%s -> %s (in-place)", lp.name, name)
-                    continue
-                if name in self.blobs:
-                    raise NetError(f"top '{name}' is produced by more than one layer", lp.name, lp.type)
-                blob = Blob(name=name)
-                self.blobs[name] = blob
-                tops.append(blob)
-                log.info("%s -> %s", lp.name, name)
-            if getattr(layer, "auto_top_blobs", False):
-                # Caffe's AutoTopBlobs: a loss layer named without a top still gets one (unnamed, so
-                # not a net output) and its loss counts
-                needed = max(layer.min_num_top or 0, layer.exact_num_top or 0)
-                for _ in range(needed - len(tops)):
-                    tops.append(Blob(name=f"{lp.name} (automatic)"))
-                    log.info("%s -> (automatic)", lp.name)
-            layer.check_blob_counts(bottoms, tops)
-            try:
-                layer.setup(bottoms, tops)
-                layer.reshape(bottoms, tops)
-            except (NetError, MemoryError) as exc:
-                self._raise_naming_layer(exc, layer)
-            except MinicaffeError:
-                raise
-            except (ValueError, IndexError, TypeError, ZeroDivisionError) as exc:
-                raise NetError(f"cannot set up: {exc}", lp.name, lp.type) from exc
-            if lp.type == "Input":
-                self.inputs.extend(lp.top)
-
-            # loss weights: explicit, or 1 on the first top of a loss layer
-            if len(lp.loss_weight):
-                if len(lp.loss_weight) != len(tops):
-                    raise NetError(f"{len(lp.loss_weight)} loss_weight values for {len(tops)} tops",
-                                   lp.name, lp.type)
-                weights = list(lp.loss_weight)
-            else:
-                weights = [1.0 if (layer.is_loss and j == 0) else 0.0 for j in range(len(tops))]
-            memory_used = self._log_setup(lp.name, tops, weights, memory_used)
-
-            # parameters: sharing, lr_mult, decay_mult
-            fixed = getattr(layer, "fixed_params", False)
-            layer.param_propagate_down = []
-            for k in range(len(layer.blobs)):
-                spec = lp.param[k] if k < len(lp.param) else caffe_pb2.ParamSpec()
-                has_lr = fixed or spec.HasField("lr_mult")
-                lr = 0.0 if fixed else (spec.lr_mult if has_lr else 1.0)
-                has_decay = spec.HasField("decay_mult")
-                decay = spec.decay_mult if has_decay else 1.0
-                layer.blobs[k].name = f"{lp.name}[{k}]"
-                pname = spec.name
-                if pname and pname in param_owner:
-                    self._share_param(lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay)
-                else:
-                    if pname:
-                        param_owner[pname] = (li, k, len(self._learnable), has_lr, has_decay)
-                    self._learnable.append(layer.blobs[k])
-                    self._lr_mult.append(lr)
-                    self._decay_mult.append(decay)
-                    self._learnable_names.append((lp.name, k))
-                layer.param_propagate_down.append(lr != 0)
-                need_backward |= lr != 0
-
-            for name in lp.top:
-                blob_need_backward[name] = need_backward
-                if name not in available:
-                    available.append(name)
-            self.layers.append(layer)
-            self._layer_names.append(lp.name)
-            self._bottom.append(bottoms)
-            self._top.append(tops)
-            self._loss_weights.append(weights)
-            self._bottom_need_backward.append(need_bw_bottom)
-            self._layer_need_backward.append(need_backward)
-            self.top_names[lp.name] = list(lp.top)
-            self.bottom_names[lp.name] = list(lp.bottom)
-
-        self.outputs = sorted(available)   # Caffe keeps them in a std::set: sorted by name
-        self._prune_backward()
-        for name in self.outputs:
-            log.info("This network produces output %s", name)
-        self.layer_dict = collections.OrderedDict(zip(self._layer_names, self.layers))
+        build.NetBuilder(build.prepare(param, state), state.phase, param.force_backward).build().install(self)
         self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
         log.info("Network initialization done.")
-
-    @staticmethod
-    def _log_setup(name, tops, weights, memory_used):
-        """Caffe's lines after a layer's SetUp; returns the running element count of all tops."""
-        log.info("Setting up %s", name)
-        for blob, weight in zip(tops, weights):
-            log.info("Top shape: %s(%d)", "".join(f"{d} " for d in blob.shape), blob.count)
-            if weight:
-                log.info("    with loss weight %g", weight)
-            memory_used += blob.count
-        log.info("Memory required for data: %d", memory_used * np.dtype(backend.dtype()).itemsize)
-        return memory_used
-
-    def _share_param(self, lp, layer, k, spec, param_owner, has_lr, lr, has_decay, decay):
-        """Make blob ``k`` of ``layer`` the parameter ``pname`` first owned elsewhere, as Caffe's
-        AppendParam: STRICT sharing needs equal shapes, PERMISSIVE equal counts; either way the blob
-        then IS the owner's storage (data and diff; a reshaped view for PERMISSIVE), so gradients
-        of every user accumulate in one diff and one update changes every user. lr_mult and
-        decay_mult given by two users must agree (Caffe refuses "mismatched lr_mult"); given by a
-        later user only, they become the parameter's. As in Caffe, whether this layer computes the
-        gradient still follows its own lr_mult."""
-        pname = spec.name
-        oi, ok, idx, owner_has_lr, owner_has_decay = param_owner[pname]
-        log.info("Sharing parameters '%s' owned by layer '%s', param index %d", pname, self._layer_names[oi], ok)
-        owner_layer = self._layer_names[oi]
-        owner = self.layers[oi].blobs[ok]
-        mine = layer.blobs[k]
-        permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
-        if owner.count != mine.count or (not permissive and owner.shape != mine.shape):
-            what = "count" if permissive else "shape"
-            raise ShapeError(f"cannot share param '{pname}' owned by layer '{owner_layer}': {what} "
-                             f"mismatch, {owner.shape} there, {mine.shape} here", lp.name, lp.type)
-        for field, has, value, owner_has, values in (("lr_mult", has_lr, lr, owner_has_lr, self._lr_mult),
-                                                     ("decay_mult", has_decay, decay, owner_has_decay,
-                                                      self._decay_mult)):
-            if not has:
-                continue
-            if owner_has and values[idx] != value:
-                raise NetError(f"shared param '{pname}' has mismatched {field}: {value:g} here, "
-                               f"{values[idx]:g} in layer '{owner_layer}'", lp.name, lp.type)
-            values[idx] = value
-        param_owner[pname] = (oi, ok, idx, owner_has_lr or has_lr, owner_has_decay or has_decay)
-        layer.blobs[k] = owner if mine.shape == owner.shape else \
-            SharedBlob(owner, mine.shape, name=f"{lp.name}[{k}]")
-
-    def _prune_backward(self):
-        """Skip backward for layers that feed no loss or whose every top is cut off by
-        ``propagate_down: false``; honour force_backward (Caffe's Net::Init, backward pass)."""
-        under_loss, skip_backprop = set(), set()
-        for li in reversed(range(len(self.layers))):
-            lp = self.param.layer[li]
-            tops = [blob.name for blob in self._top[li]]     # lp.top plus any automatic top
-            contributes = any(w or name in under_loss for w, name in zip(self._loss_weights[li], tops))
-            skip = all(name in skip_backprop for name in tops)
-            if skip:
-                self._bottom_need_backward[li] = [False] * len(lp.bottom)
-            if skip or not contributes:
-                self._layer_need_backward[li] = False
-            log.info("%s %s backward computation.", self._layer_names[li],
-                     "needs" if self._layer_need_backward[li] else "does not need")
-            for j, name in enumerate(lp.bottom):
-                if contributes:
-                    under_loss.add(name)
-                else:
-                    self._bottom_need_backward[li][j] = False
-                if not self._bottom_need_backward[li][j]:
-                    skip_backprop.add(name)
-        if self.force_backward:
-            for li, layer in enumerate(self.layers):
-                self._layer_need_backward[li] = True
-                self._bottom_need_backward[li] = [
-                    nb or layer.allow_force_backward(j) for j, nb in enumerate(self._bottom_need_backward[li])]
 
     # --- pycaffe-shaped views ------------------------------------------------------------
     @property
@@ -544,8 +261,9 @@ class Net:
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """pycaffe's Net.set_input_arrays: hand ``data`` (N×C×H×W float32) and ``labels`` (N or N×1×1×1)
-        to the MemoryData layer, which must be the net's first layer as in Caffe."""
-        if not self.layers or self.layers[0].type != "MemoryData":
+        to the MemoryData layer, which must be the net's first layer as in Caffe (any first layer that
+        takes arrays, i.e. has ``set_input_arrays``: the net tests no type name)."""
+        if not self.layers or not callable(getattr(self.layers[0], "set_input_arrays", None)):
             raise NetError("set_input_arrays may only be called if the first layer is a MemoryDataLayer "
                            f"(net '{self.name}' starts with "
                            f"{self.layers[0].type if self.layers else 'no layer'})")
@@ -571,7 +289,7 @@ class Net:
             try:
                 layer.reshape(bottom, top)
             except (NetError, MemoryError) as exc:
-                self._raise_naming_layer(exc, layer)
+                raise_naming_layer(exc, layer)
 
     def forward_from_to(self, start: int = 0, end: int | None = None,
                         timings: dict[int, float] | None = None) -> float:
@@ -598,9 +316,9 @@ class Net:
                     layer.reshape(bottom, top)
                     layer.forward(bottom, top)
             except (NetError, MemoryError) as exc:
-                self._raise_naming_layer(exc, layer)
+                raise_naming_layer(exc, layer)
             if timings is not None:
-                _sync()
+                backend.synchronize()
                 timings[first] = timings.get(first, 0.0) + time.perf_counter() - t0
             if self.check_finite:
                 self._check_finite(li, "forward", [(f"top '{b.name}'", b.xdata) for b in top])
@@ -642,9 +360,9 @@ class Net:
             try:
                 layer.backward(top, self._bottom_need_backward[li], bottom)
             except (NetError, MemoryError) as exc:
-                self._raise_naming_layer(exc, layer)
+                raise_naming_layer(exc, layer)
             if timings is not None:
-                _sync()
+                backend.synchronize()
                 timings[li] = timings.get(li, 0.0) + time.perf_counter() - t0
             if self.check_finite:
                 checks = [(f"bottom '{b.name}' diff", b.xdiff)
@@ -655,18 +373,6 @@ class Net:
             if hooks:
                 for fn in hooks["after_backward"]:
                     fn(li)
-
-    @staticmethod
-    def _raise_naming_layer(exc, layer):
-        """Raise ``exc`` (being handled) from ``layer`` on: a MemoryError (NumPy's or CuPy's, which say
-        how many bytes were asked for) or an error from a blob, which knows no layer, becomes one
-        naming the layer (without the original as context); anything else is raised unchanged. One
-        place for what every pass (set-up, reshape, forward, backward) does with a layer's error."""
-        if isinstance(exc, MemoryError):
-            raise AllocationError(f"out of memory: {exc}", layer.name, layer.type) from None
-        if isinstance(exc, NetError) and exc.layer is None:
-            raise type(exc)(str(exc), layer.name, layer.type) from None
-        raise exc
 
     def _check_finite(self, li, direction, arrays):
         """NumericalError naming the layer, the blob and the pass at the first NaN/infinity (check mode)."""
@@ -788,7 +494,7 @@ class Net:
         out = caffe_pb2.NetParameter()
         out.name = self.param.name
         for lp, layer in zip(self.param.layer, self.layers):
-            if lp.type == "Split" and lp.name.endswith("_split"):
+            if is_inserted_split(lp, layer):
                 continue
             new = out.layer.add()
             new.CopyFrom(lp)
@@ -1001,6 +707,3 @@ def _h5py():
     return require("h5py", "HDF5 weights")
 
 
-def _sync():
-    if backend.is_gpu():
-        backend.xp().cuda.Device().synchronize()

@@ -104,7 +104,7 @@ def _mpi():
 
 
 def _nccl():
-    cp = backend._import_cupy()
+    cp = backend.import_cupy()
     try:
         from cupy.cuda import nccl
     except ImportError:
@@ -306,7 +306,7 @@ class _NCCLPending:
 
     def wait(self):
         # the compute stream waits on the device for the reduction; the host goes on
-        backend._import_cupy().cuda.get_current_stream().wait_event(self.done)
+        backend.import_cupy().cuda.get_current_stream().wait_event(self.done)
 
 
 def new_nccl_uid():
@@ -335,7 +335,7 @@ class NCCLComm(Communicator):
     name = "nccl"
 
     def __init__(self, uid, rank, size, host_comm=None):
-        self.cp = backend._import_cupy()
+        self.cp = backend.import_cupy()
         self.nccl = _nccl()
         self.rank, self.size = int(rank), int(size)
         self.host_comm = host_comm

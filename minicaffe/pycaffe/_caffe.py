@@ -25,14 +25,14 @@ class Timer:
 
     def start(self):
         if not self._running:
-            _sync()
+            backend.synchronize()
             self._t0 = time.perf_counter()
             self._running = True
             self._has_run = True
 
     def stop(self):
         if self._running:
-            _sync()
+            backend.synchronize()
             self._t1 = time.perf_counter()
             self._running = False
 
@@ -50,9 +50,6 @@ class Timer:
         return self.ms / 1000.0
 
 
-def _sync():
-    if backend.is_gpu():
-        backend.xp().cuda.Device().synchronize()
 
 
 def has_nccl():
@@ -75,7 +72,7 @@ class NCCL:
     as a callback or an after_backward hook is accepted and adds nothing: the reduction, overlapped
     with backward per the solver's ``layer_wise_reduce``, already runs inside ``solver.step``."""
 
-    _minicaffe_nccl = True      # what Solver.add_callback(nccl) recognizes
+    installs_gradient_sync = True      # Solver.add_callback(nccl) then adds nothing: the sync is installed
 
     def __init__(self, solver, uid):
         from ..parallel import data_parallel as parallel

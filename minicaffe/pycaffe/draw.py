@@ -510,7 +510,7 @@ def draw_net_to_file(caffe_net: NetSource, filename: str | os.PathLike, rankdir:
 NO_SOURCE_TYPES = ("Input", "DummyData", "Parameter")
 
 
-def _parse_input_shapes(specs):
+def parse_input_shapes(specs):
     """``["data=64,1,28,28", "10,3,224,224"]`` → {"data": (64, 1, 28, 28), None: (10, 3, 224, 224)}."""
     shapes = {}
     for spec in specs or ():

@@ -143,7 +143,7 @@ class Solver:
         update (pycaffe's ``Solver.add_callback``). ``add_callback(nccl)`` with a ``caffe.NCCL`` is
         pycaffe's other form; that object wired the reduction in when it was made, so nothing is added."""
         if on_gradients is None:
-            if getattr(on_start, "_minicaffe_nccl", False):
+            if getattr(on_start, "installs_gradient_sync", False):
                 return
             raise TypeError("add_callback(on_start, on_gradients) takes two callables (or one caffe.NCCL)")
         self._callbacks.append((on_start, on_gradients))

@@ -155,7 +155,7 @@ def _gpus(flag):
     if not backend.gpu_available():
         raise MinicaffeError(f"--gpu {flag}: no CUDA device is visible (CuPy is not installed or there is "
                              f"no GPU); leave out --gpu to run on the CPU")
-    count = backend._import_cupy().cuda.runtime.getDeviceCount()
+    count = backend.import_cupy().cuda.runtime.getDeviceCount()
     if flag == "all":
         return list(range(count))
     try:
@@ -169,7 +169,7 @@ def _gpus(flag):
 
 
 def _device_name(i):
-    props = backend._import_cupy().cuda.runtime.getDeviceProperties(i)
+    props = backend.import_cupy().cuda.runtime.getDeviceProperties(i)
     name = props.get("name", b"")
     return name.decode() if isinstance(name, bytes) else str(name)
 
@@ -311,7 +311,7 @@ def _net(args, default_phase, weights=None):
 
 def _loss_weights(net):
     weights = {}
-    for lp, ws in zip(net.param.layer, net._loss_weights):
+    for lp, ws in zip(net.param.layer, net.layer_loss_weights):
         for name, w in zip(lp.top, ws):
             if w:
                 weights[name] = w
@@ -421,7 +421,7 @@ def time(args):
     total = _time.perf_counter() - start
     log.info("Average time per layer: ")
     rows = []
-    for li, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
+    for li, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
         f = fwd.get(li, 0.0) * 1e3 / iterations
         b = bwd.get(li, 0.0) * 1e3 / iterations
         log.info("%10s\tforward: %s ms.", name, _g(f))
@@ -447,16 +447,17 @@ def _backward_every_layer(net, timings):
     propagated only where the net would (``bottom_need_backward``). Doing the same keeps the backward
     figures comparable with Caffe's rather than ~0 ms.
     """
-    from ..net.network import _sync
     xp = backend.xp()
+    bottoms, tops, weights = net.bottom_vecs, net.top_vecs, net.layer_loss_weights
+    need_backward = net.bottom_need_backward
     for li in range(len(net.layers) - 1, -1, -1):
-        layer, bottom, top = net.layers[li], net._bottom[li], net._top[li]
-        for w, blob in zip(net._loss_weights[li], top):
+        layer, bottom, top = net.layers[li], bottoms[li], tops[li]
+        for w, blob in zip(weights[li], top):
             if w:
                 blob.xdiff = xp.full(blob.shape, w, dtype=blob.dtype)
         t0 = _time.perf_counter()
-        layer.backward(top, net._bottom_need_backward[li], bottom)
-        _sync()
+        layer.backward(top, need_backward[li], bottom)
+        backend.synchronize()
         timings[li] = timings.get(li, 0.0) + _time.perf_counter() - t0
 
 
@@ -502,7 +503,7 @@ def device_query(args):
         raise MinicaffeError("device_query: no CUDA device is visible (CuPy is not installed or there is no GPU)")
     gpus = _gpus(args.gpu or "all")
     log.info("Querying GPUs %s", args.gpu or "all")
-    runtime = backend._import_cupy().cuda.runtime
+    runtime = backend.import_cupy().cuda.runtime
     for i in gpus:
         props = runtime.getDeviceProperties(i)
         log.info("Device id:                     %d", i)

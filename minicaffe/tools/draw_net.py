@@ -53,7 +53,7 @@ def main(argv=None):
         raise draw.DrawError("--input_shape is for --shapes (it sets the shapes the net is built with)")
     shapes = counts = None
     if args.shapes:
-        shapes, counts = draw.net_shapes(net, phase, draw._parse_input_shapes(args.input_shape))
+        shapes, counts = draw.net_shapes(net, phase, draw.parse_input_shapes(args.input_shape))
     print(f"Drawing net to {args.output_image_file}")
     draw.draw_net_to_file(net, args.output_image_file, args.rankdir, phase, args.display_lrm, shapes, counts,
                           args.dpi, args.palette)

@@ -92,7 +92,7 @@ def extract_features(net: Net, blob_names: Sequence[str], db_paths: Sequence[str
             raise NetError(f"feature blob '{name}' has shape {net.blobs[name].shape}; a Datum holds at most "
                            "N×C×H×W")
         # the last layer that writes the blob (in-place layers such as ReLU included), as after a full pass
-        end = max(end, max(i for i, lname in enumerate(net._layer_names) if name in net.top_names[lname]))
+        end = max(end, max(i for i, lname in enumerate(net.layer_names) if name in net.top_names[lname]))
     builders = []
     try:
         for path in db_paths:

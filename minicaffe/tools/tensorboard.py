@@ -77,7 +77,7 @@ class TensorBoardLogger:
             data = net.blobs[name].host_data
             if np.size(data) == 1:
                 self._scalar(f"train_output/{name}", np.ravel(data)[0], it)
-        for layer_name, layer in zip(net._layer_names, net.layers):
+        for layer_name, layer in zip(net.layer_names, net.layers):
             for k, blob in enumerate(layer.blobs):
                 self._scalar(f"weights/{layer_name}/{k}", _l2(blob.xdata), it)
                 self._scalar(f"gradients/{layer_name}/{k}", _l2(blob.xdiff), it)
