@@ -7,7 +7,7 @@ import pytest
 
 from minicaffe.core import backend
 from minicaffe.errors import NetError
-from minicaffe.testing import TEST, TRAIN, check_gradient, make_layer
+from minicaffe.testing import TEST, TRAIN, check_gradient, forward, make_layer
 
 
 def away_from_zero(shape, seed=0, lo=0.05, hi=2.0):
@@ -447,3 +447,12 @@ def test_dropout_gpu_statistics_and_identity(gpu):
         y, dx = forward_backward('type: "Dropout"', x, dy, phase=TEST, in_place=in_place)
         np.testing.assert_array_equal(y, x)
         np.testing.assert_array_equal(dx, dy)
+
+
+def test_exp_with_an_overflowing_shift_gives_inf_as_caffe():
+    """base^shift beyond float range is inf in Caffe (pow overflows); set-up must not raise OverflowError
+    (the net no longer turns stray exceptions into one-line errors, so this would be a traceback)."""
+    x = np.ones((2, 3), np.float32)
+    layer, bottom, top = make_layer('type: "Exp" exp_param { shift: 1e30 }', [x])
+    y = forward(layer, bottom, top)[0]
+    assert np.all(np.isinf(y)) and np.all(y > 0)

@@ -29,6 +29,11 @@ def register(*type_names):
     return deco
 
 
+def layer_class(type_name):
+    """The class registered for a Caffe type name, or None."""
+    return _REGISTRY.get(type_name)
+
+
 def layer_type_list():
     return sorted(_REGISTRY)
 
@@ -76,6 +81,9 @@ class Layer:
     is_loss = False          # loss layers get loss_weight 1 on top[0] by default
     is_net_input = False     # its tops are the net's inputs (pycaffe's ``net.inputs``): Input
     is_split = False         # the layer the net inserts where a top feeds several bottoms: Split
+    # reads training/test examples itself (a database, files, memory, generated values): Data, ImageData,
+    # MemoryData, HDF5Data, WindowData, DummyData. Tools tell a train_val net from a deploy net by it.
+    is_data_source = False
     # Caffe's AutoTopBlobs: the net adds the tops the layer needs when the definition names none
     # (a loss layer without a top still has its loss counted)
     auto_top_blobs = False

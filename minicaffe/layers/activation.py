@@ -342,7 +342,10 @@ class Exp(NeuronLayer):
         p = self.param.exp_param
         log_base = _log_base(self, float(p.base))
         self.inner_scale = log_base * float(p.scale)
-        self.outer_scale = math.exp(float(p.shift) * log_base)
+        try:
+            self.outer_scale = math.exp(float(p.shift) * log_base)
+        except OverflowError:       # Caffe's pow(base, shift) overflows to inf in float, it does not fail
+            self.outer_scale = math.inf
 
     def compute(self, x, y):
         xp = self.xp

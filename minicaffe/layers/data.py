@@ -46,6 +46,7 @@ def _with_layer(layer_name, exc):
 
 class _DataLayerBase(Layer):
     exact_num_bottom = 0
+    is_data_source = True
     allow_force_backward_all = False
 
     def reshape(self, bottom, top):

@@ -45,6 +45,7 @@ class DummyData(Layer):
     As Caffe: constant fillers fill once at setup; other fillers draw new values at every forward.
     Shapes from ``shape`` or the legacy num/channels/height/width, each given once or per top."""
 
+    is_data_source = True
     exact_num_bottom = 0
     min_num_top = 1
 

@@ -155,7 +155,14 @@ def pair_models(models, weights):
     return list(zip(models, weights))
 
 
-_DATA_TYPES = ("Data", "ImageData", "HDF5Data", "DummyData", "MemoryData", "WindowData", "Input", "Python")
+def _feeds_the_net(lp):
+    """A layer that makes the net's input (a data layer, an Input, or a Python layer with no bottom):
+    the deploy net replaces it with one Input. Data layers are known by their class's traits."""
+    from ..core.layer import layer_class
+    cls = layer_class(lp.type)
+    if cls is not None and (cls.is_data_source or cls.is_net_input):
+        return True
+    return lp.type == "Python" and not lp.bottom
 
 
 def deploy_from_data_layer(model, level=0, stages=()):
@@ -185,7 +192,7 @@ def deploy_from_data_layer(model, level=0, stages=()):
             inp.name, inp.type = lp.name, "Input"
             inp.top.append(lp.top[0])
             inp.input_param.shape.add().dim.extend(shape)
-        elif lp.type in _DATA_TYPES or any(b in gone for b in lp.bottom):
+        elif _feeds_the_net(lp) or any(b in gone for b in lp.bottom):
             gone.update(lp.top)
         else:
             out.layer.add().CopyFrom(lp)

@@ -85,7 +85,11 @@ def load_inputs(path, ext):
     return [path], [caffe_io.load_image(path)]
 
 
-_DATA_LAYERS = ("Data", "ImageData", "HDF5Data", "WindowData", "DummyData", "MemoryData")
+def _layer_is(lp, trait):
+    """Whether the registered class of ``lp.type`` declares ``trait`` (core/layer.py's class traits)."""
+    from ..core.layer import layer_class
+    cls = layer_class(lp.type)
+    return bool(cls is not None and getattr(cls, trait))
 
 
 def _refuse_train_val(model_def):
@@ -94,9 +98,9 @@ def _refuse_train_val(model_def):
     layer cannot open or a missing Input layer."""
     from ..formats.prototxt import load_net_param
     param = load_net_param(model_def)
-    if any(lp.type == "Input" for lp in param.layer):
+    if any(_layer_is(lp, "is_net_input") for lp in param.layer):
         return
-    data = [lp for lp in param.layer if lp.type in _DATA_LAYERS]
+    data = [lp for lp in param.layer if _layer_is(lp, "is_data_source")]
     if not data:
         return
     folder = os.path.dirname(model_def)
