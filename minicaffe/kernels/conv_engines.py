@@ -45,8 +45,12 @@ from ..core import context as _context
 from ..proto import caffe_pb2
 from . import cuda_im2col, engines, winograd
 from .engines import Engine, register
-from .im2col import (col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows, images_per_chunk,
+from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows, images_per_chunk,
                      padded_source, workspace)
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
+_WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -202,10 +206,10 @@ class Im2colConv:
         s = self.s
         oh, ow = s.out_hw
         if batch_last:
-            buf = workspace(xp, (s.cout, oh, ow, n), a.dtype, "rows")
+            buf = workspace(xp, (s.cout, oh, ow, n), a.dtype, _ROWS)
             xp.copyto(buf, a.transpose(1, 2, 3, 0))
         else:
-            buf = workspace(xp, (s.cout, n, oh, ow), a.dtype, "rows")
+            buf = workspace(xp, (s.cout, n, oh, ow), a.dtype, _ROWS)
             xp.copyto(buf, a.transpose(1, 0, 2, 3))
         return buf.reshape(s.cout, n * s.columns)
 
@@ -240,7 +244,7 @@ class Im2colConv:
             last = self._last(n)
             col2 = self._cols(x[n0:n1], last)
             if y is not None:
-                rows = workspace(xp, (s.cout, n * s.columns), x.dtype, "rows")
+                rows = workspace(xp, (s.cout, n * s.columns), x.dtype, _ROWS)
                 for go, gk in self._groups():
                     xp.matmul(w2[go], col2[gk], out=rows[go])
                 if last:
@@ -268,7 +272,7 @@ class Im2colConv:
             if dx is not None:
                 # the column buffer is free again: the weight gradient is done with it
                 shape = (s.cin, g.kh, g.kw, oh, ow, n) if last else (s.cin, g.kh, g.kw, n, oh, ow)
-                dcol = workspace(xp, shape, dy.dtype, "col")
+                dcol = workspace(xp, shape, dy.dtype, COL)
                 dcol2 = dcol.reshape(s.cin * g.kh * g.kw, n * s.columns)
                 for go, gk in self._groups():
                     xp.matmul(w2[go].T, rows[go], out=dcol2[gk])
@@ -302,7 +306,7 @@ class BandedConv(Im2colConv):
             y1 = min(oh, y0 + self.band)
             cols = (y1 - y0) * ow * num
             col2 = im2col_rows(src, g, s.out_hw, y0, y1).reshape(k, cols)
-            rows = workspace(np, (s.cout, cols), x.dtype, "rows")
+            rows = workspace(np, (s.cout, cols), x.dtype, _ROWS)
             for go, gk in self._groups():
                 np.matmul(w2[go], col2[gk], out=rows[go])
             y[:, :, y0:y1] = rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3)
@@ -328,7 +332,7 @@ class Gemm1x1Conv(Im2colConv):
         src = x
         if g.sh != 1 or g.sw != 1:
             oh, ow = s.out_hw
-            src = workspace(xp, (num, s.cin, oh, ow), x.dtype, "col")
+            src = workspace(xp, (num, s.cin, oh, ow), x.dtype, COL)
             xp.copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
         x3 = src.reshape(num, s.cin, s.columns)
         y3 = y.reshape(num, s.cout, s.columns)
@@ -370,7 +374,7 @@ class WinogradConv(Im2colConv):
 
     def _filters(self, w):
         if self.train:
-            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, "wino_filters")
+            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
             return winograd.transform_filters(w, out=scratch)
         return self.cache.get(w)
 

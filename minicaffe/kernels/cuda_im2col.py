@@ -79,14 +79,14 @@ def _dims(n, c, h, w, g, oh, ow):
 def im2col(x, geom, out_hw, out=None):
     """Columns (C, kh, kw, N, oh, ow) of ``x`` (N, C, H, W): one launch. ``out`` defaults to the
     "col" workspace, as the CPU ``im2col``."""
-    from .im2col import workspace
+    from .im2col import COL, workspace
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
     oh, ow = out_hw
     g = geom
     shape = (c, g.kh, g.kw, n, oh, ow)
     if out is None:
-        out = workspace(xp, shape, x.dtype, "col")
+        out = workspace(xp, shape, x.dtype, COL)
     target = out if out.flags.c_contiguous else xp.empty(shape, dtype=x.dtype)
     total = c * g.kh * g.kw * n * oh * ow
     kern = _cuda.raw_kernel(IM2COL, _IM2COL_SRC, x.dtype)

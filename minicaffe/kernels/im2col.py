@@ -25,6 +25,11 @@ import numpy as np
 from ..core import backend
 from ..core import context as _context
 
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+COL = _context.Slot("col")                  # the column matrix: one buffer for every convolution of a net
+IM2COL_PAD = _context.Slot("im2col_pad")    # the zero-padded input im2col reads
+COL2IM_PAD = _context.Slot("col2im_pad")    # col2im's padded accumulator
+
 # Channels of col2im's accumulator summed at once, in elements (1 MiB of float32: cache-sized).
 COL2IM_BLOCK_ELEMENTS = 1 << 18
 
@@ -108,7 +113,7 @@ def padded_source(x, g):
     xt = x.transpose(1, 0, 2, 3)
     if g.ph == 0 and g.pw == 0:
         return xt
-    src = workspace(xp, (c, n, h + 2 * g.ph, w + 2 * g.pw), x.dtype, "im2col_pad")
+    src = workspace(xp, (c, n, h + 2 * g.ph, w + 2 * g.pw), x.dtype, IM2COL_PAD)
     # only the border needs zeros: the interior is overwritten right after
     src[:, :, :g.ph] = 0
     src[:, :, g.ph + h:] = 0
@@ -129,7 +134,7 @@ def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     ow = out_hw[1]
     shape = (c, g.kh, g.kw, n, y1 - y0, ow)
     if out is None:
-        out = workspace(xp, shape, src.dtype, "col")
+        out = workspace(xp, shape, src.dtype, COL)
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src[:, :, y0 * g.sh:], shape,
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
@@ -150,7 +155,7 @@ def im2col(x, geom, out_hw, out=None):
     g = geom
     src = padded_source(x, g)
     if out is None:
-        out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, "col")
+        out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, COL)
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src, (c, g.kh, g.kw, n, oh, ow),
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
@@ -176,7 +181,7 @@ def col2im(col, geom, in_hw, out):
 
     # a block of channels at a time, so the kh*kw sums hit an accumulator that stays in cache
     # (one pass over the whole padded image per kernel offset is bound by memory bandwidth)
-    acc = workspace(xp, (block, n, h + 2 * g.ph, sw, wq), col.dtype, "col2im_pad")
+    acc = workspace(xp, (block, n, h + 2 * g.ph, sw, wq), col.dtype, COL2IM_PAD)
     for c0 in range(0, c, block):
         c1 = min(c, c0 + block)
         a = acc[:c1 - c0]
@@ -194,7 +199,7 @@ def col2im(col, geom, in_hw, out):
 def batch_last_source(x, g):
     """(N, C, H, W) -> zero-padded (C, Hp, Wp, N) in a workspace: what ``im2col_batch_last`` reads."""
     n, c, h, w = x.shape
-    src = workspace(np, (c, h + 2 * g.ph, w + 2 * g.pw, n), x.dtype, "im2col_pad")
+    src = workspace(np, (c, h + 2 * g.ph, w + 2 * g.pw, n), x.dtype, IM2COL_PAD)
     if g.ph or g.pw:
         src.fill(0)
     src[:, g.ph:g.ph + h, g.pw:g.pw + w, :] = x.transpose(1, 2, 3, 0)
@@ -208,7 +213,7 @@ def im2col_batch_last(x, geom, out_hw):
     oh, ow = out_hw
     g = geom
     src = batch_last_source(x, g)
-    out = workspace(np, (c, g.kh, g.kw, oh, ow, n), x.dtype, "col")
+    out = workspace(np, (c, g.kh, g.kw, oh, ow, n), x.dtype, COL)
     s_c, s_h, s_w, s_n = src.strides
     view = _as_strided(np, src, out.shape, (s_c, g.dh * s_h, g.dw * s_w, g.sh * s_h, g.sw * s_w, s_n))
     np.copyto(out, view)
@@ -223,7 +228,7 @@ def col2im_batch_last(col, geom, in_hw, out):
     g = geom
     hp, wp = h + 2 * g.ph, w + 2 * g.pw
     block = max(1, min(c, COL2IM_BLOCK_ELEMENTS // (hp * wp * n)))
-    acc = workspace(np, (block, hp, wp, n), col.dtype, "col2im_pad")
+    acc = workspace(np, (block, hp, wp, n), col.dtype, COL2IM_PAD)
     ot = out.transpose(1, 2, 3, 0)
     for c0 in range(0, c, block):
         c1 = min(c, c0 + block)

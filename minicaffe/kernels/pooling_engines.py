@@ -13,7 +13,11 @@ import numpy as np
 
 from ..proto import caffe_pb2
 from . import engines
+from ..core.context import Slot
 from .im2col import workspace
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_SCATTER_CODE, _SCATTER_INDEX = Slot("pool_scatter_code"), Slot("pool_scatter_idx")
 
 # Outputs per block of the scatter (their indices, gradients and the bottom rows they hit stay in cache).
 SCATTER_BLOCK_OUTPUTS = 1 << 16
@@ -51,8 +55,8 @@ class ScatterMaxPooling:
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
         dx.fill(0)
-        code_buf = workspace(np, self.base.shape, np.intp, "pool_scatter_code")
-        idx = workspace(np, self.base.shape, np.intp, "pool_scatter_idx")
+        code_buf = workspace(np, self.base.shape, np.intp, _SCATTER_CODE)
+        idx = workspace(np, self.base.shape, np.intp, _SCATTER_INDEX)
         for b0 in range(0, m, self.rows):
             b1 = min(m, b0 + self.rows)
             k = b1 - b0

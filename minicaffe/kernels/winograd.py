@@ -12,7 +12,12 @@ says only what it can compute (``applies``) and computes it.
 """
 import numpy as np
 
+from ..core.context import Slot
 from .im2col import workspace
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_SRC, _ROWS, _TILES = Slot("wino_src"), Slot("wino_rows"), Slot("wino_tiles")
+_PROD, _OUT = Slot("wino_prod"), Slot("wino_out")
 
 # transformed tiles per band: 16 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
 # tile columns, so each of the 16 GEMMs stays efficient)
@@ -80,7 +85,7 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None):
     # columns split into even and odd ones (src[..., p, k] is padded column 2k + p), so the column
     # transform reads contiguous runs
     wh = tw + 1
-    src = workspace(np, (cin, num, hp, 2, wh), x.dtype, "wino_src")
+    src = workspace(np, (cin, num, hp, 2, wh), x.dtype, _SRC)
     src.fill(0)
     xt = x.transpose(1, 0, 2, 3)
     for p in range(2):
@@ -104,13 +109,13 @@ def _band(src, u, y, t0, t1, tw, oh, ow):
     wh = src.shape[4]
     # B^T d B with B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]: rows first ...
     rows = [src[:, :, 2 * t0 + i:2 * t1 + i:2] for i in range(4)]   # (cin, n, bt, 2, wh) each
-    t = workspace(np, (4, cin, num, bt, 2, wh), src.dtype, "wino_rows")
+    t = workspace(np, (4, cin, num, bt, 2, wh), src.dtype, _ROWS)
     np.subtract(rows[0], rows[2], out=t[0])
     np.add(rows[1], rows[2], out=t[1])
     np.subtract(rows[2], rows[1], out=t[2])
     np.subtract(rows[1], rows[3], out=t[3])
     # ... then columns, into the 16 tile matrices (cin, n * bt * tw)
-    v = workspace(np, (4, 4, cin, num, bt, tw), src.dtype, "wino_tiles")
+    v = workspace(np, (4, 4, cin, num, bt, tw), src.dtype, _TILES)
     for k in range(4):
         c = [t[k][..., j % 2, j // 2:j // 2 + tw] for j in range(4)]
         np.subtract(c[0], c[2], out=v[k, 0])
@@ -118,11 +123,11 @@ def _band(src, u, y, t0, t1, tw, oh, ow):
         np.subtract(c[2], c[1], out=v[k, 2])
         np.subtract(c[1], c[3], out=v[k, 3])
     cols = num * bt * tw
-    m = workspace(np, (16, cout, cols), src.dtype, "wino_prod")
+    m = workspace(np, (16, cout, cols), src.dtype, _PROD)
     np.matmul(u, v.reshape(16, cin, cols), out=m)
     # A^T m A with A^T = [[1,1,1,0],[0,1,-1,-1]]: rows ...
     m = m.reshape(4, 4, cout, num, bt, tw)
-    s = workspace(np, (2, 4, cout, num, bt, tw), src.dtype, "wino_out")
+    s = workspace(np, (2, 4, cout, num, bt, tw), src.dtype, _OUT)
     np.add(m[0], m[1], out=s[0])
     s[0] += m[2]
     np.subtract(m[1], m[2], out=s[1])

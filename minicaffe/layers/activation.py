@@ -13,9 +13,13 @@ import math
 
 from ..core import fillers
 from ..core.blob import Blob
+from ..core.context import Slot
 from ..kernels.im2col import workspace
 from ..kernels import cuda_elementwise, engines
 from ..core.layer import Layer, register
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_RELU_MASK = Slot("relu_mask")
 
 # the modules whose import registers the engines of ReLU (minicaffe.kernels.engines)
 ENGINE_MODULES = (cuda_elementwise,)
@@ -103,7 +107,7 @@ class ReLU(NeuronLayer):
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
         if self.slope == 0:
-            positive = workspace(self.xp, x.shape, bool, "relu_mask")   # no new array per call
+            positive = workspace(self.xp, x.shape, bool, _RELU_MASK)   # no new array per call
             self.xp.greater(x, 0, out=positive)
             self.xp.multiply(dy, positive, out=dx)
         else:

@@ -8,8 +8,12 @@ caffemodels load as they are).
 from ..core import fillers
 from ..core.blob import Blob
 from ..errors import ShapeError
+from ..core.context import Slot
 from ..kernels.im2col import workspace
 from ..core.layer import Layer, register
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_WGRAD = Slot("wgrad")
 
 
 # Rows of a weight gradient computed per step: ``dw += a @ b`` in bands keeps the temporary small
@@ -22,7 +26,7 @@ def _accumulate_product(xp, a, b, out):
     rows = max(1, min(out.shape[0], WGRAD_BAND_ELEMENTS // max(out.shape[1], 1)))
     for r0 in range(0, out.shape[0], rows):
         r1 = min(out.shape[0], r0 + rows)
-        tmp = workspace(xp, (r1 - r0, out.shape[1]), out.dtype, "wgrad")
+        tmp = workspace(xp, (r1 - r0, out.shape[1]), out.dtype, _WGRAD)
         xp.matmul(a[r0:r1], b, out=tmp)
         out[r0:r1] += tmp
 

@@ -25,9 +25,15 @@ from ..core.backend import get_array_module
 from ..core.blob import Blob
 from ..errors import ShapeError
 from ..kernels import cuda_pooling, engines, pooling_engines
+from ..core.context import Slot
 from ..kernels.im2col import column_phases, workspace
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+
+# scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
+_PAD, _WIDE_Y, _WIDE_DY = Slot("pool_pad"), Slot("pool_y"), Slot("pool_dy")
+_GREATER, _CODE, _PART = Slot("pool_gt"), Slot("pool_code"), Slot("pool_part")
+_SCRATCH_Y = Slot("pool_scratch_y")
 
 # the modules whose import registers the engines of Pooling (minicaffe.kernels.engines)
 ENGINE_MODULES = (cuda_pooling, pooling_engines)
@@ -242,7 +248,7 @@ class Pooling(Layer):
             fn(b0, min(m, b0 + rows))
 
     def _scratch(self, k, flat, dtype):
-        return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, "pool_pad")
+        return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, _PAD)
 
     def _codes(self, m, wide_len):
         """The argmax code array (kept between calls while its shape, type and device hold); one
@@ -276,7 +282,7 @@ class Pooling(Layer):
         def block(b0, b1):
             k = b1 - b0
             xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], -np.inf)
-            yw = workspace(xp, (k, 1, wide_len), x.dtype, "pool_y")
+            yw = workspace(xp, (k, 1, wide_len), x.dtype, _WIDE_Y)
             if not argmax:
                 xp.copyto(yw, self._window(xpad, 0, 0))
                 for i in range(self.kh):
@@ -288,8 +294,8 @@ class Pooling(Layer):
             o = off[b0:b1]
             o[...] = start
             yw.fill(-np.inf)
-            gt = workspace(xp, yw.shape, np.bool_, "pool_gt")
-            code = workspace(xp, yw.shape, code_type, "pool_code")
+            gt = workspace(xp, yw.shape, np.bool_, _GREATER)
+            code = workspace(xp, yw.shape, code_type, _CODE)
             grew = gt.view(np.uint8) if code_type == np.uint8 else gt
             # Branch-free (a masked copy is slow on random masks): the offset code grows along
             # the loop, so "the last offset where the value grew strictly" is a running maximum.
@@ -311,7 +317,7 @@ class Pooling(Layer):
         skipped them (inference) or another engine ran it: for MAX backward."""
         if not self._argmax_valid:
             oh, ow = self.out_hw
-            self._max_forward(x, workspace(self.xp, x.shape[:2] + (oh, ow), x.dtype, "pool_scratch_y"),
+            self._max_forward(x, workspace(self.xp, x.shape[:2] + (oh, ow), x.dtype, _SCRATCH_Y),
                               argmax=True)
         return self._off_wide
 
@@ -338,7 +344,7 @@ class Pooling(Layer):
             def block(b0, b1):
                 k = b1 - b0
                 xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], 0)
-                acc = workspace(xp, (k, 1, oh * self._wq), x.dtype, "pool_y")
+                acc = workspace(xp, (k, 1, oh * self._wq), x.dtype, _WIDE_Y)
                 acc.fill(0)
                 for i in range(self.kh):
                     for j in range(self.kw):
@@ -378,7 +384,7 @@ class Pooling(Layer):
                 dx[...] = (dy / (h * w)).reshape(n, c, 1, 1)
             else:
                 if not self._argmax_valid:
-                    self.pool_forward(x, workspace(xp, dy.shape, dy.dtype, "pool_scratch_y"), None)
+                    self.pool_forward(x, workspace(xp, dy.shape, dy.dtype, _SCRATCH_Y), None)
                 dx.fill(0)
                 flat = dx.reshape(n * c, h * w)
                 flat[xp.arange(n * c), self._off.reshape(-1)] = dy.reshape(-1)
@@ -397,7 +403,7 @@ class Pooling(Layer):
             k = b1 - b0
             acc = self._scratch(k, flat, dy.dtype)
             acc.fill(0)
-            g = self._to_wide(dy2[b0:b1], "pool_dy")
+            g = self._to_wide(dy2[b0:b1], _WIDE_DY)
             if self.method == _PP.AVE:
                 g /= divisor
                 for i in range(self.kh):
@@ -406,8 +412,8 @@ class Pooling(Layer):
                         win += g
             else:
                 o = off[b0:b1]
-                hit = workspace(xp, g.shape, np.bool_, "pool_gt")
-                part = workspace(xp, g.shape, dy.dtype, "pool_part")
+                hit = workspace(xp, g.shape, np.bool_, _GREATER)
+                part = workspace(xp, g.shape, dy.dtype, _PART)
                 for i in range(self.kh):
                     for j in range(self.kw):
                         xp.equal(o, i * self.kw + j, out=hit)
