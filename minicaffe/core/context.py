@@ -25,7 +25,8 @@ What it holds, and who reads it:
 * ``switches``: the ``MINICAFFE_*`` environment variables, parsed once (``Switches``): the net
   (``check_nan``, ``fusion``), the Winograd kernel (``winograd``), blobs (``max_blob_bytes``), Python
   layers (``no_python_layers``), the commands (``debug``, ``no_progress``) and data-parallel
-  launching (``comm``, ``bucket_mb``, the NCCL worker variables, the MPI world size).
+  launching (``comm``, ``bucket_mb``, the NCCL worker variables, the MPI world size), the size of
+  the kernels' thread pool (``threads``, ``blas_threads``: ``core/threads.py``).
 
 One context per process (``current()``): minicaffe runs one process per worker, never one thread per
 GPU (see ``minicaffe.parallel``), so the rank is the process's. Scratch buffers are still kept per
@@ -52,6 +53,9 @@ NO_PROGRESS_VAR = "MINICAFFE_NO_PROGRESS"
 NO_PYTHON_LAYERS_VAR = "MINICAFFE_NO_PYTHON_LAYERS"
 COMM_VAR = "MINICAFFE_COMM"            # "mpi" or "nccl": which library GPU workers under mpirun use
 BUCKET_VAR = "MINICAFFE_BUCKET_MB"     # gradient bucket size for ParallelSolvers built without bucket_mb
+THREADS_VAR = "MINICAFFE_THREADS"      # threads of the kernels' pool (core/threads.py)
+# the BLAS libraries' own thread-count variables: the pool's default size is theirs
+BLAS_THREADS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # set by ``parallel.spawn_gpu_workers`` for the processes it starts
 NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = "MINICAFFE_NCCL_UID", "MINICAFFE_NCCL_RANK", "MINICAFFE_NCCL_SIZE"
 # set by an MPI launcher in every process it starts (Open MPI, MPICH/Intel MPI, MVAPICH)
@@ -97,6 +101,8 @@ class Switches:
     nccl_rank: str = None
     nccl_size: str = None
     mpi_world_size: int = 1             # OMPI_COMM_WORLD_SIZE, PMI_SIZE or MV2_COMM_WORLD_SIZE
+    threads: str = None                 # MINICAFFE_THREADS: the kernels' thread pool (default: blas_threads)
+    blas_threads: str = None            # OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else MKL_NUM_THREADS
     glog: dict = field(default_factory=dict)   # GLOG_minloglevel/logtostderr/log_dir, as Caffe's tools read them
 
     @classmethod
@@ -108,7 +114,8 @@ class Switches:
                    no_python_layers=_flag(env, NO_PYTHON_LAYERS_VAR), comm=env.get(COMM_VAR) or None,
                    bucket_mb=env.get(BUCKET_VAR) or None, nccl_uid=env.get(NCCL_UID_VAR),
                    nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
-                   mpi_world_size=mpi_world_size_in(env),
+                   mpi_world_size=mpi_world_size_in(env), threads=env.get(THREADS_VAR) or None,
+                   blas_threads=next((env[v] for v in BLAS_THREADS_VARS if env.get(v)), None),
                    glog={k: env[k] for k in ("GLOG_minloglevel", "GLOG_logtostderr", "GLOG_log_dir") if k in env})
 
 

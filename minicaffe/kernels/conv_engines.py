@@ -29,7 +29,9 @@ with two calls:
 Convolution calls them as they are; Deconvolution the other way round (its forward is the
 convolution's data gradient), as Caffe's ``DeconvolutionLayer`` reuses ``BaseConvolutionLayer``.
 Both halves of a call share their column matrix, so a weight gradient next to a data gradient
-costs one im2col, not two. The specialised engines (winograd, gemm_1x1, bands) do only part of
+costs one im2col, not two. On the CPU the copies around the GEMMs (im2col, col2im, the transposes
+of the output side) are split over the kernels' thread pool (``core/threads.py``) while each GEMM
+runs on all of BLAS's threads. The specialised engines (winograd, gemm_1x1, bands) do only part of
 the work their own way and leave the rest to the column code, in the layout DEFAULT would use.
 
 Each engine also says where it is *correct* (``computes``), a wider set than where it pays
@@ -42,6 +44,7 @@ import numpy as np
 
 from ..core import backend
 from ..core import context as _context
+from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
 from . import cuda_im2col, engines, winograd
 from .engines import Engine, register
@@ -207,10 +210,10 @@ class Im2colConv:
         oh, ow = s.out_hw
         if batch_last:
             buf = workspace(xp, (s.cout, oh, ow, n), a.dtype, _ROWS)
-            xp.copyto(buf, a.transpose(1, 2, 3, 0))
+            parallel_copyto(buf, a.transpose(1, 2, 3, 0))
         else:
             buf = workspace(xp, (s.cout, n, oh, ow), a.dtype, _ROWS)
-            xp.copyto(buf, a.transpose(1, 0, 2, 3))
+            parallel_copyto(buf, a.transpose(1, 0, 2, 3))
         return buf.reshape(s.cout, n * s.columns)
 
     def _cols(self, x, batch_last):
@@ -248,9 +251,9 @@ class Im2colConv:
                 for go, gk in self._groups():
                     xp.matmul(w2[go], col2[gk], out=rows[go])
                 if last:
-                    y[n0:n1] = rows.reshape(s.cout, oh, ow, n).transpose(3, 0, 1, 2)
+                    parallel_copyto(y[n0:n1], rows.reshape(s.cout, oh, ow, n).transpose(3, 0, 1, 2))
                 else:
-                    y[n0:n1] = rows.reshape(s.cout, n, oh, ow).transpose(1, 0, 2, 3)
+                    parallel_copyto(y[n0:n1], rows.reshape(s.cout, n, oh, ow).transpose(1, 0, 2, 3))
             if dw is not None:
                 self._accumulate_wgrad(self._rows(xp, grad_src[n0:n1], last), col2, dw)
 
@@ -309,7 +312,7 @@ class BandedConv(Im2colConv):
             rows = workspace(np, (s.cout, cols), x.dtype, _ROWS)
             for go, gk in self._groups():
                 np.matmul(w2[go], col2[gk], out=rows[go])
-            y[:, :, y0:y1] = rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3)
+            parallel_copyto(y[:, :, y0:y1], rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3))
 
 
 class Gemm1x1Conv(Im2colConv):
@@ -333,7 +336,7 @@ class Gemm1x1Conv(Im2colConv):
         if g.sh != 1 or g.sw != 1:
             oh, ow = s.out_hw
             src = workspace(xp, (num, s.cin, oh, ow), x.dtype, COL)
-            xp.copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
+            parallel_copyto(src, x[:, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
         x3 = src.reshape(num, s.cin, s.columns)
         y3 = y.reshape(num, s.cout, s.columns)
         if s.group == 1:

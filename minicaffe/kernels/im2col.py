@@ -19,11 +19,17 @@ arrays).
 
 Scratch arrays come from the context's workspaces (one growing buffer per slot, device, dtype and
 thread), so a net of many convolutions allocates its big column buffer once.
+
+On the CPU the copies and col2im's channel blocks are split over the kernels' thread pool
+(``core/threads.py``), by channel: each thread writes its own channels, with the same operations in
+the same order as one thread would, so the result does not depend on the thread count.
 """
 import numpy as np
 
 from ..core import backend
 from ..core import context as _context
+from ..core import threads
+from ..core.threads import parallel_copyto
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 COL = _context.Slot("col")                  # the column matrix: one buffer for every convolution of a net
@@ -119,7 +125,7 @@ def padded_source(x, g):
     src[:, :, g.ph + h:] = 0
     src[:, :, g.ph:g.ph + h, :g.pw] = 0
     src[:, :, g.ph:g.ph + h, g.pw + w:] = 0
-    src[:, :, g.ph:g.ph + h, g.pw:g.pw + w] = xt
+    parallel_copyto(src[:, :, g.ph:g.ph + h, g.pw:g.pw + w], xt)
     return src
 
 
@@ -138,7 +144,7 @@ def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src[:, :, y0 * g.sh:], shape,
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
-    xp.copyto(out, view)
+    parallel_copyto(out, view)
     return out
 
 
@@ -159,7 +165,7 @@ def im2col(x, geom, out_hw, out=None):
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src, (c, g.kh, g.kw, n, oh, ow),
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
-    xp.copyto(out, view)
+    parallel_copyto(out, view)
     return out
 
 
@@ -181,19 +187,29 @@ def col2im(col, geom, in_hw, out):
 
     # a block of channels at a time, so the kh*kw sums hit an accumulator that stays in cache
     # (one pass over the whole padded image per kernel offset is bound by memory bandwidth)
-    acc = workspace(xp, (block, n, h + 2 * g.ph, sw, wq), col.dtype, COL2IM_PAD)
-    for c0 in range(0, c, block):
-        c1 = min(c, c0 + block)
-        a = acc[:c1 - c0]
-        a.fill(0)
-        for i in range(kh):
-            y0 = i * g.dh
-            for j in range(kw):
-                r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
-                a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
-        for r, w0, q0, cnt in phases:
-            ot[c0:c1, :, :, w0::g.sw] = a[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
+    def blocks(c_lo, c_hi):
+        acc = workspace(xp, (min(block, c_hi - c_lo), n, h + 2 * g.ph, sw, wq), col.dtype, COL2IM_PAD)
+        for c0 in range(c_lo, c_hi, block):
+            c1 = min(c_hi, c0 + block)
+            a = acc[:c1 - c0]
+            a.fill(0)
+            for i in range(kh):
+                y0 = i * g.dh
+                for j in range(kw):
+                    r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
+                    a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
+            for r, w0, q0, cnt in phases:
+                ot[c0:c1, :, :, w0::g.sw] = a[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
+    _by_channels(xp, c, blocks, col.size)
     return out
+
+
+def _by_channels(xp, c, fn, work):
+    """``fn(c0, c1)`` over channel ranges: split over the thread pool on the CPU, at once on a GPU."""
+    if xp is np:
+        threads.parallel_for(c, fn, work=work)
+    else:
+        fn(0, c)
 
 
 def batch_last_source(x, g):
@@ -202,7 +218,7 @@ def batch_last_source(x, g):
     src = workspace(np, (c, h + 2 * g.ph, w + 2 * g.pw, n), x.dtype, IM2COL_PAD)
     if g.ph or g.pw:
         src.fill(0)
-    src[:, g.ph:g.ph + h, g.pw:g.pw + w, :] = x.transpose(1, 2, 3, 0)
+    parallel_copyto(src[:, g.ph:g.ph + h, g.pw:g.pw + w, :], x.transpose(1, 2, 3, 0))
     return src
 
 
@@ -216,7 +232,7 @@ def im2col_batch_last(x, geom, out_hw):
     out = workspace(np, (c, g.kh, g.kw, oh, ow, n), x.dtype, COL)
     s_c, s_h, s_w, s_n = src.strides
     view = _as_strided(np, src, out.shape, (s_c, g.dh * s_h, g.dw * s_w, g.sh * s_h, g.sw * s_w, s_n))
-    np.copyto(out, view)
+    parallel_copyto(out, view)
     return out
 
 
@@ -228,18 +244,21 @@ def col2im_batch_last(col, geom, in_hw, out):
     g = geom
     hp, wp = h + 2 * g.ph, w + 2 * g.pw
     block = max(1, min(c, COL2IM_BLOCK_ELEMENTS // (hp * wp * n)))
-    acc = workspace(np, (block, hp, wp, n), col.dtype, COL2IM_PAD)
     ot = out.transpose(1, 2, 3, 0)
-    for c0 in range(0, c, block):
-        c1 = min(c, c0 + block)
-        a = acc[:c1 - c0]
-        a.fill(0)
-        for i in range(kh):
-            y0 = i * g.dh
-            for j in range(kw):
-                x0 = j * g.dw
-                a[:, y0:y0 + g.sh * (oh - 1) + 1:g.sh, x0:x0 + g.sw * (ow - 1) + 1:g.sw] += col[c0:c1, i, j]
-        ot[c0:c1] = a[:, g.ph:g.ph + h, g.pw:g.pw + w]
+
+    def blocks(c_lo, c_hi):
+        acc = workspace(np, (min(block, c_hi - c_lo), hp, wp, n), col.dtype, COL2IM_PAD)
+        for c0 in range(c_lo, c_hi, block):
+            c1 = min(c_hi, c0 + block)
+            a = acc[:c1 - c0]
+            a.fill(0)
+            for i in range(kh):
+                y0 = i * g.dh
+                for j in range(kw):
+                    x0 = j * g.dw
+                    a[:, y0:y0 + g.sh * (oh - 1) + 1:g.sh, x0:x0 + g.sw * (ow - 1) + 1:g.sw] += col[c0:c1, i, j]
+            ot[c0:c1] = a[:, g.ph:g.ph + h, g.pw:g.pw + w]
+    _by_channels(np, c, blocks, col.size)
     return out
 
 

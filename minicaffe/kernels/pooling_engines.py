@@ -7,12 +7,14 @@ at its argmax, in output order: Caffe's loop, so overlapping windows sum in Caff
 forward is the reference's (it keeps the argmax codes this backward reads).
 
 ``np.add.at`` is a fast unbuffered scatter-add from NumPy 1.25 on (about 1.5 ns an element); before,
-it is ~50x slower than the per-offset passes, so the engine does not apply there.
+it is ~50x slower than the per-offset passes, so the engine does not apply there. The blocks are
+split over the kernels' thread pool (``core/threads.py``); each writes only its own planes.
 """
 import numpy as np
 
 from ..proto import caffe_pb2
 from . import engines
+from ..core import threads
 from ..core.context import Slot
 from .im2col import workspace
 
@@ -55,18 +57,21 @@ class ScatterMaxPooling:
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
         dx.fill(0)
-        code_buf = workspace(np, self.base.shape, np.intp, _SCATTER_CODE)
-        idx = workspace(np, self.base.shape, np.intp, _SCATTER_INDEX)
-        for b0 in range(0, m, self.rows):
-            b1 = min(m, b0 + self.rows)
-            k = b1 - b0
-            code, blk = code_buf[:k], idx[:k]
-            code[...] = codes[b0:b1].reshape(k, oh, ow)
-            # the codes are in range: 'wrap' skips the bounds check that makes take 2x slower
-            np.take(self.table, code, out=blk, mode="wrap")
-            blk += self.base[:k]
-            np.add.at(dxf[b0:b1].reshape(-1), blk.reshape(-1), dyf[b0:b1].reshape(-1))
+        blocks = -(-m // self.rows)
 
+        def scatter(k0, k1):       # blocks k0..k1-1 (each writes its own planes of dx), on one thread
+            code_buf = workspace(np, self.base.shape, np.intp, _SCATTER_CODE)
+            idx = workspace(np, self.base.shape, np.intp, _SCATTER_INDEX)
+            for b0 in range(k0 * self.rows, min(m, k1 * self.rows), self.rows):
+                b1 = min(m, b0 + self.rows)
+                k = b1 - b0
+                code, blk = code_buf[:k], idx[:k]
+                code[...] = codes[b0:b1].reshape(k, oh, ow)
+                # the codes are in range: 'wrap' skips the bounds check that makes take 2x slower
+                np.take(self.table, code, out=blk, mode="wrap")
+                blk += self.base[:k]
+                np.add.at(dxf[b0:b1].reshape(-1), blk.reshape(-1), dyf[b0:b1].reshape(-1))
+        threads.parallel_for(blocks, scatter, work=dy.size)
 
 def _scatter_applies(layer):
     return FAST_ADD_AT and layer.method == caffe_pb2.PoolingParameter.MAX and not layer.whole

@@ -8,7 +8,9 @@ scatter for MAX backward (``kernels/pooling_engines.py``) and one CUDA kernel pe
 The reference is vectorised over all windows at once: the input is copied into a padded array
 (``-inf`` for MAX, ``0`` for AVE) large enough for every window of the ceil-rounded output, and the
 loop runs only over the ``kh x kw`` offsets inside a window, each step one view of that array (see
-the layout note below). On the CPU this runs over cache-sized blocks of image planes; inference
+the layout note below). On the CPU this runs over cache-sized blocks of image planes, split over the
+kernels' thread pool (``core/threads.py``: each block is computed alone, so the result does not
+depend on the thread count); inference
 (TEST phase) MAX pooling with one top skips the argmax, which a backward pass then recomputes.
 
 Caffe's rules kept here:
@@ -21,6 +23,7 @@ Caffe's rules kept here:
 """
 import numpy as np
 
+from ..core import threads
 from ..core.backend import get_array_module
 from ..core.blob import Blob
 from ..errors import ShapeError
@@ -240,12 +243,15 @@ class Pooling(Layer):
         """``fn(b0, b1)`` over blocks of the ``m = N*C`` image planes, each small enough that its
         padded copy and window passes stay in cache (a pass over a whole batch per window offset
         is bound by memory bandwidth)."""
-        if self.xp is np:
-            rows = max(1, POOL_BLOCK_ELEMENTS // (self.sh * self.sw * self._flat))
-        else:
-            rows = max(1, m)   # a GPU wants few, large kernels
-        for b0 in range(0, m, rows):
-            fn(b0, min(m, b0 + rows))
+        if self.xp is not np:
+            fn(0, m)           # a GPU wants few, large kernels
+            return
+        rows = max(1, POOL_BLOCK_ELEMENTS // (self.sh * self.sw * self._flat))
+
+        def blocks(k0, k1):    # blocks k0..k1-1, on one thread of the pool
+            for b0 in range(k0 * rows, min(m, k1 * rows), rows):
+                fn(b0, min(m, b0 + rows))
+        threads.parallel_for(-(-m // rows), blocks, work=m * self._flat)
 
     def _scratch(self, k, flat, dtype):
         return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, _PAD)

@@ -1,0 +1,122 @@
+"""The kernels' thread pool: one per process, for the copies and element-wise passes BLAS leaves on
+one thread.
+
+Why: a convolution's GEMM already runs on every BLAS thread, but its im2col/col2im copies, pooling
+and the other NumPy passes between GEMMs run on the calling thread alone. NumPy releases the GIL
+inside copies and ufunc loops over large arrays, so splitting such a pass into contiguous chunks
+(of images, channels or blocks of planes) and running them on a few threads uses the idle cores.
+
+    threads.parallel_for(n_items, lambda i0, i1: work(i0, i1), work=elements)
+
+Each chunk must write only its own part of the output, so a chunk computes every element exactly
+as the single-threaded loop would (same operations, same order): results are bit-identical at any
+thread count. Scratch buffers are per thread already (``context.Workspaces``), so a chunk asking for
+a workspace gets its thread's own.
+
+The size is read once from the context's switches: ``MINICAFFE_THREADS``, else the BLAS libraries'
+thread count (``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS``), else the number
+of cores. ``MINICAFFE_THREADS=1`` runs everything inline, as before the pool. The pool is rebuilt
+when the size changes (``context.reload_environment``) or after a ``fork`` (threads do not survive
+one). A ``parallel_for`` inside a chunk runs inline, so nested calls never wait on the pool.
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import MinicaffeError
+from . import context as _context
+
+# Below this many elements of work in all, a pass runs inline: handing a chunk to another thread
+# costs tens of microseconds, what a copy of ~64K float32 values takes.
+MIN_PARALLEL_WORK = 1 << 16
+
+_lock = threading.Lock()
+_state = {"key": None, "executor": None}
+_local = threading.local()
+
+
+def size():
+    """The pool's thread count (the caller's thread included), from the context's switches."""
+    sw = _context.current().switches
+    if sw.threads is not None:
+        text = sw.threads.strip()
+        if not text.isdigit() or int(text) < 1:
+            raise MinicaffeError(f"{_context.THREADS_VAR}={sw.threads!r}: expected a whole number of threads >= 1")
+        return int(text)
+    if sw.blas_threads is not None and sw.blas_threads.strip().isdigit() and int(sw.blas_threads) >= 1:
+        return int(sw.blas_threads)
+    return os.cpu_count() or 1
+
+
+def _executor(n):
+    """The executor of ``n - 1`` worker threads (the caller is the n-th), for this process."""
+    key = (n, os.getpid())
+    if _state["key"] != key:
+        with _lock:
+            if _state["key"] != key:
+                old = _state["executor"]
+                if old is not None and _state["key"][1] == key[1]:
+                    old.shutdown(wait=False)
+                _state["executor"] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="minicaffe")
+                _state["key"] = key
+    return _state["executor"]
+
+
+def _run_inner(fn, i0, i1):
+    _local.inside = True
+    try:
+        fn(i0, i1)
+    finally:
+        _local.inside = False
+
+
+def chunks(n_items, parts):
+    """``parts`` contiguous ranges ``(i0, i1)`` covering ``range(n_items)``, sizes differing by one at
+    most (empty ranges left out)."""
+    parts = max(1, min(parts, n_items))
+    step, extra = divmod(n_items, parts)
+    out, i0 = [], 0
+    for p in range(parts):
+        i1 = i0 + step + (p < extra)
+        out.append((i0, i1))
+        i0 = i1
+    return out
+
+
+def parallel_for(n_items, fn, work=None):
+    """``fn(i0, i1)`` over contiguous chunks of ``range(n_items)``, one per thread of the pool; the
+    caller runs the first chunk and waits for the rest (an exception in any chunk is raised here).
+    Inline (one call ``fn(0, n_items)``) when the pool has one thread, there is one item, ``work``
+    (elements touched in all, when given) is under MIN_PARALLEL_WORK, or this is already a chunk."""
+    if n_items <= 0:
+        return
+    n = size()
+    if n <= 1 or n_items == 1 or getattr(_local, "inside", False) or \
+            (work is not None and work < MIN_PARALLEL_WORK):
+        fn(0, n_items)
+        return
+    parts = chunks(n_items, n)
+    pool = _executor(n)
+    futures = [pool.submit(_run_inner, fn, i0, i1) for i0, i1 in parts[1:]]
+    try:
+        _run_inner(fn, *parts[0])
+    finally:
+        errors = []
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:      # noqa: B902 -- re-raised below, after every chunk ended
+                errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+def parallel_copyto(dst, src):
+    """``dst[...] = src`` (same shape, at least 1-D) split over the first axis. CPU arrays only: a
+    CuPy copy is one kernel already and is done at once."""
+    if not isinstance(dst, np.ndarray):
+        dst[...] = src
+        return
+    parallel_for(dst.shape[0], lambda i0, i1: np.copyto(dst[i0:i1], src[i0:i1]), work=dst.size)

@@ -1,0 +1,164 @@
+"""The kernels' thread pool (minicaffe/core/threads.py): its size comes from the switches read once,
+``parallel_for`` covers its range in contiguous chunks, and the engines that split their copies and
+blocks over it give bit-identical results at 1 and 2 threads (and the reference's, to rounding).
+
+The size thresholds (the least work worth a thread, pooling's block of planes, the scatter's block)
+are lowered here so that the small shapes of these tests really run on two threads."""
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from minicaffe.core import backend, context, threads
+from minicaffe.errors import MinicaffeError
+from minicaffe.kernels import engines, pooling_engines
+from minicaffe.layers import pooling
+from minicaffe.testing import make_layer
+
+from test_conv_engines import CASES as CONV_CASES, conv_text
+
+
+@pytest.fixture
+def pool_size(monkeypatch):
+    """``pool_size(n)``: the pool has ``n`` threads and splits even the smallest pass."""
+    ctx = context.current()
+    saved = ctx.switches
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(pooling, "POOL_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 8)
+
+    def set_size(n):
+        ctx.switches = dataclasses.replace(saved, threads=str(n))
+    yield set_size
+    ctx.switches = saved
+
+
+# --- the pool ----------------------------------------------------------------------------------------
+
+def test_size_from_switches():
+    sw = context.Switches.from_environ
+    saved = context.current().switches
+    try:
+        for env, want in (({"MINICAFFE_THREADS": "3", "OMP_NUM_THREADS": "5"}, 3),
+                          ({"OMP_NUM_THREADS": "5", "OPENBLAS_NUM_THREADS": "4"}, 5),
+                          ({"OPENBLAS_NUM_THREADS": "4"}, 4)):
+            context.current().switches = sw(env)
+            assert threads.size() == want, env
+        context.current().switches = sw({})
+        import os
+        assert threads.size() == (os.cpu_count() or 1)
+        context.current().switches = sw({"MINICAFFE_THREADS": "two"})
+        with pytest.raises(MinicaffeError, match="MINICAFFE_THREADS='two'"):
+            threads.size()
+    finally:
+        context.current().switches = saved
+
+
+@pytest.mark.parametrize("n_items,parts", [(10, 3), (2, 4), (7, 1), (5, 5)])
+def test_chunks_cover_the_range_in_order(n_items, parts):
+    got = threads.chunks(n_items, parts)
+    assert [i for a, b in got for i in range(a, b)] == list(range(n_items))
+    sizes = [b - a for a, b in got]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and len(got) == min(parts, n_items)
+
+
+def test_parallel_for_uses_two_threads_and_nests_inline(pool_size):
+    pool_size(2)
+    seen, lock = [], threading.Lock()
+
+    def body(i0, i1):
+        inner = []
+        threads.parallel_for(4, lambda a, b: inner.append((a, b)))     # nested: one inline call
+        with lock:
+            seen.append((i0, i1, threading.get_ident(), inner))
+    threads.parallel_for(10, body)
+    assert sorted((a, b) for a, b, _, _ in seen) == [(0, 5), (5, 10)]
+    assert len({t for _, _, t, _ in seen}) == 2
+    assert all(inner == [(0, 4)] for *_, inner in seen)
+
+
+def test_parallel_for_inline_when_small_or_one_thread(pool_size, monkeypatch):
+    calls = []
+    pool_size(1)
+    threads.parallel_for(10, lambda a, b: calls.append((a, b)))
+    pool_size(2)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 100)
+    threads.parallel_for(10, lambda a, b: calls.append((a, b)), work=99)
+    assert calls == [(0, 10), (0, 10)]
+
+
+def test_parallel_for_raises_a_chunks_error_after_all_chunks_end(pool_size):
+    pool_size(2)
+    done = []
+
+    def body(i0, i1):
+        if i0 == 5:
+            raise KeyError("late chunk")
+        done.append(i0)
+    with pytest.raises(KeyError, match="late chunk"):
+        threads.parallel_for(10, body)
+    assert done == [0]
+
+
+# --- the engines at 1 and 2 threads ------------------------------------------------------------------
+
+def _run(text, x, engine, phase=0, num_top=1, seed=0):
+    """Forward and backward of a fresh layer with ``engine`` forced: tops, bottom diff, param diffs."""
+    layer, bottom, top = make_layer(text, [x], num_top=num_top, phase=phase)
+    rng = np.random.default_rng(seed + 1)
+    for b in layer.blobs:
+        b.data[...] = rng.standard_normal(b.shape)
+    engines.force(layer, engine)
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape)
+    for b in layer.blobs:
+        b.diff[...] = 0
+    layer.backward(top, [True], bottom)
+    return [t.data.copy() for t in top] + [bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+
+
+def _compare(text, shape, layer_type, pool_size, phase=0, num_top=1):
+    x = np.random.default_rng(0).standard_normal(shape)
+    checked = 0
+    for name in engines.names(layer_type, "cpu"):
+        probe, bottom, top = make_layer(text, [x], num_top=num_top, phase=phase)
+        if name != engines.REFERENCE and not next(
+                e for e in engines.engines_for(layer_type, "cpu") if e.name == name).runs_on(probe):
+            continue
+        pool_size(1)
+        one = _run(text, x.astype(np.float32), name, phase, num_top)
+        pool_size(2)
+        two = _run(text, x.astype(np.float32), name, phase, num_top)
+        for a, b in zip(one, two):
+            assert np.array_equal(a, b), (name, text)
+        with backend.float64_blobs():       # and two threads still compute the reference's numbers
+            got = _run(text, x, name, phase, num_top)
+            pool_size(1)
+            want = _run(text, x, engines.REFERENCE, phase, num_top)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{name} {text}")
+        checked += 1
+    assert checked >= 1
+
+
+POOL_CASES = [
+    ("pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }", (2, 3, 9, 8), 0, 2),
+    ("pooling_param { pool: MAX kernel_size: 3 stride: 2 }", (3, 4, 11, 10), 0, 1),
+    ("pooling_param { pool: MAX kernel_size: 3 stride: 2 }", (3, 4, 11, 10), 1, 1),   # TEST: no argmax kept
+    ("pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }", (3, 4, 9, 9), 0, 1),
+]
+
+
+@pytest.mark.parametrize("spec,shape,phase,num_top", POOL_CASES, ids=range(len(POOL_CASES)))
+def test_pooling_bit_identical_at_two_threads(spec, shape, phase, num_top, pool_size):
+    _compare(f'name: "pool" type: "Pooling" {spec}', shape, "Pooling", pool_size, phase, num_top)
+
+
+@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "1x1stride2", "narrow5g2", "wide", "vgg"])
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+def test_convolution_bit_identical_at_two_threads(case, layer_type, pool_size):
+    shape, spec = CONV_CASES[case]
+    _compare(conv_text(layer_type, spec), shape, layer_type, pool_size)
