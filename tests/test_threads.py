@@ -37,17 +37,21 @@ def pool_size(monkeypatch):
 # --- the pool ----------------------------------------------------------------------------------------
 
 def test_size_from_switches():
+    """MINICAFFE_THREADS wins; else the BLAS thread count where OpenBLAS's threads sleep soon after a
+    GEMM (else they hold the cores: one thread); a mistyped count is one line naming the variable."""
+    import os
     sw = context.Switches.from_environ
     saved = context.current().switches
     try:
         for env, want in (({"MINICAFFE_THREADS": "3", "OMP_NUM_THREADS": "5"}, 3),
-                          ({"OMP_NUM_THREADS": "5", "OPENBLAS_NUM_THREADS": "4"}, 5),
-                          ({"OPENBLAS_NUM_THREADS": "4"}, 4)):
+                          ({"OMP_NUM_THREADS": "5", "OPENBLAS_THREAD_TIMEOUT": "4"}, 5),
+                          ({"OPENBLAS_NUM_THREADS": "4", "OPENBLAS_THREAD_TIMEOUT": "4"}, 4),
+                          ({"OPENBLAS_THREAD_TIMEOUT": "4"}, os.cpu_count() or 1),
+                          ({"OMP_NUM_THREADS": "5"}, 1),
+                          ({"OMP_NUM_THREADS": "5", "OPENBLAS_THREAD_TIMEOUT": "28"}, 1),
+                          ({}, 1)):
             context.current().switches = sw(env)
             assert threads.size() == want, env
-        context.current().switches = sw({})
-        import os
-        assert threads.size() == (os.cpu_count() or 1)
         context.current().switches = sw({"MINICAFFE_THREADS": "two"})
         with pytest.raises(MinicaffeError, match="MINICAFFE_THREADS='two'"):
             threads.size()

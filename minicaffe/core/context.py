@@ -56,6 +56,9 @@ BUCKET_VAR = "MINICAFFE_BUCKET_MB"     # gradient bucket size for ParallelSolver
 THREADS_VAR = "MINICAFFE_THREADS"      # threads of the kernels' pool (core/threads.py)
 # the BLAS libraries' own thread-count variables: the pool's default size is theirs
 BLAS_THREADS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# how long OpenBLAS's idle threads spin (2^n cycles) before sleeping: read by OpenBLAS at load, and
+# here to know whether a second thread of the kernels' pool would find a free core (core/threads.py)
+BLAS_SPIN_VAR = "OPENBLAS_THREAD_TIMEOUT"
 # set by ``parallel.spawn_gpu_workers`` for the processes it starts
 NCCL_UID_VAR, NCCL_RANK_VAR, NCCL_SIZE_VAR = "MINICAFFE_NCCL_UID", "MINICAFFE_NCCL_RANK", "MINICAFFE_NCCL_SIZE"
 # set by an MPI launcher in every process it starts (Open MPI, MPICH/Intel MPI, MVAPICH)
@@ -101,8 +104,9 @@ class Switches:
     nccl_rank: str = None
     nccl_size: str = None
     mpi_world_size: int = 1             # OMPI_COMM_WORLD_SIZE, PMI_SIZE or MV2_COMM_WORLD_SIZE
-    threads: str = None                 # MINICAFFE_THREADS: the kernels' thread pool (default: blas_threads)
+    threads: str = None                 # MINICAFFE_THREADS: the kernels' thread pool (core/threads.py)
     blas_threads: str = None            # OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else MKL_NUM_THREADS
+    blas_spin: str = None               # OPENBLAS_THREAD_TIMEOUT
     glog: dict = field(default_factory=dict)   # GLOG_minloglevel/logtostderr/log_dir, as Caffe's tools read them
 
     @classmethod
@@ -116,6 +120,7 @@ class Switches:
                    nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
                    mpi_world_size=mpi_world_size_in(env), threads=env.get(THREADS_VAR) or None,
                    blas_threads=next((env[v] for v in BLAS_THREADS_VARS if env.get(v)), None),
+                   blas_spin=env.get(BLAS_SPIN_VAR) or None,
                    glog={k: env[k] for k in ("GLOG_minloglevel", "GLOG_logtostderr", "GLOG_log_dir") if k in env})
 
 

@@ -13,11 +13,19 @@ as the single-threaded loop would (same operations, same order): results are bit
 thread count. Scratch buffers are per thread already (``context.Workspaces``), so a chunk asking for
 a workspace gets its thread's own.
 
-The size is read once from the context's switches: ``MINICAFFE_THREADS``, else the BLAS libraries'
-thread count (``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS``), else the number
-of cores. ``MINICAFFE_THREADS=1`` runs everything inline, as before the pool. The pool is rebuilt
-when the size changes (``context.reload_environment``) or after a ``fork`` (threads do not survive
-one). A ``parallel_for`` inside a chunk runs inline, so nested calls never wait on the pool.
+The size is read once from the context's switches: ``MINICAFFE_THREADS`` when set. Otherwise the
+pool has the BLAS library's thread count (``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/
+``MKL_NUM_THREADS``, else the number of cores) only when OpenBLAS's idle threads sleep soon after
+a GEMM (``OPENBLAS_THREAD_TIMEOUT`` at most ``SHORT_BLAS_SPIN``), and one thread (everything inline)
+if not. Why: by default OpenBLAS's threads spin for about 2^28 cycles (~0.1 s) after each GEMM, and
+a net runs a GEMM every few milliseconds, so they hold every core all along; a second pool thread
+then only time-shares a core with a spinning one. Measured on 2 cores (CaffeNet and GoogLeNet
+training, batch 32 and 16): with OpenBLAS's default spin, two pool threads are 3-5% slower than one;
+with ``OPENBLAS_THREAD_TIMEOUT=4`` they are 5-10% faster (and one thread is faster too).
+
+The pool is rebuilt when the size changes (``context.reload_environment``) or after a ``fork``
+(threads do not survive one). A ``parallel_for`` inside a chunk runs inline, so nested calls never
+wait on the pool.
 """
 import os
 import threading
@@ -32,6 +40,10 @@ from . import context as _context
 # costs tens of microseconds, what a copy of ~64K float32 values takes.
 MIN_PARALLEL_WORK = 1 << 16
 
+# The largest OPENBLAS_THREAD_TIMEOUT (2^n cycles of spinning, ~25 us at 16) at which the pool
+# defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
+SHORT_BLAS_SPIN = 16
+
 _lock = threading.Lock()
 _state = {"key": None, "executor": None}
 _local = threading.local()
@@ -45,6 +57,9 @@ def size():
         if not text.isdigit() or int(text) < 1:
             raise MinicaffeError(f"{_context.THREADS_VAR}={sw.threads!r}: expected a whole number of threads >= 1")
         return int(text)
+    spin = (sw.blas_spin or "").strip()
+    if not (spin.isdigit() and int(spin) <= SHORT_BLAS_SPIN):
+        return 1
     if sw.blas_threads is not None and sw.blas_threads.strip().isdigit() and int(sw.blas_threads) >= 1:
         return int(sw.blas_threads)
     return os.cpu_count() or 1
