@@ -26,7 +26,7 @@ What it holds, and who reads it:
   (``check_nan``, ``fusion``), the Winograd kernel (``winograd``), blobs (``max_blob_bytes``), Python
   layers (``no_python_layers``), the commands (``debug``, ``no_progress``) and data-parallel
   launching (``comm``, ``bucket_mb``, the NCCL worker variables, the MPI world size), the size of
-  the kernels' thread pool (``threads``, ``blas_threads``: ``core/threads.py``).
+  the kernels' thread pool (``threads``, ``blas_threads``, ``blas_spin``: ``core/threads.py``).
 
 One context per process (``current()``): minicaffe runs one process per worker, never one thread per
 GPU (see ``minicaffe.parallel``), so the rank is the process's. Scratch buffers are still kept per

@@ -19,9 +19,11 @@ pool has the BLAS library's thread count (``OMP_NUM_THREADS``/``OPENBLAS_NUM_THR
 a GEMM (``OPENBLAS_THREAD_TIMEOUT`` at most ``SHORT_BLAS_SPIN``), and one thread (everything inline)
 if not. Why: by default OpenBLAS's threads spin for about 2^28 cycles (~0.1 s) after each GEMM, and
 a net runs a GEMM every few milliseconds, so they hold every core all along; a second pool thread
-then only time-shares a core with a spinning one. Measured on 2 cores (CaffeNet and GoogLeNet
-training, batch 32 and 16): with OpenBLAS's default spin, two pool threads are 3-5% slower than one;
-with ``OPENBLAS_THREAD_TIMEOUT=4`` they are 5-10% faster (and one thread is faster too).
+then only time-shares a core with a spinning one. Measured on 2 cores (benchmarks/bench_nets.py,
+CaffeNet batch 32 and GoogLeNet batch 16, best of 3, min of 4 runs): with OpenBLAS's default spin,
+two pool threads gain nothing beyond the noise (GoogLeNet's pooling layers alone are 10% slower);
+with ``OPENBLAS_THREAD_TIMEOUT=4`` they train 7-11% faster than one thread (1371 against 1541 ms,
+1649 against 1806 ms) and infer 6-9% faster.
 
 The pool is rebuilt when the size changes (``context.reload_environment``) or after a ``fork``
 (threads do not survive one). A ``parallel_for`` inside a chunk runs inline, so nested calls never
