@@ -22,7 +22,7 @@ a net runs a GEMM every few milliseconds, so they hold every core all along; a s
 then only time-shares a core with a spinning one. Measured on 2 cores (benchmarks/bench_nets.py,
 CaffeNet batch 32 and GoogLeNet batch 16, best of 3, min of 4 runs): with OpenBLAS's default spin,
 two pool threads gain nothing beyond the noise (GoogLeNet's pooling layers alone are 10% slower);
-with ``OPENBLAS_THREAD_TIMEOUT=4`` they train 7-11% faster than one thread (1371 against 1541 ms,
+with ``OPENBLAS_THREAD_TIMEOUT=4`` they train 9-11% faster than one thread (1371 against 1541 ms,
 1649 against 1806 ms) and infer 6-9% faster.
 
 The pool is rebuilt when the size changes (``context.reload_environment``) or after a ``fork``
