@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..core import backend
 from ..errors import NetError
+from ..proto import is_repeated
 
 REFERENCE = "caffe"       # the name of a layer's own code in reports and test ids
 
@@ -96,8 +97,8 @@ def requested(layer) -> int:
     if layer.type in _ENGINE_FIELD_IGNORED:
         return 0
     for desc, value in layer.param.ListFields():
-        if desc.message_type is not None and "engine" in desc.message_type.fields_by_name \
-                and not isinstance(value, (list, tuple)) and hasattr(value, "engine"):
+        if desc.message_type is not None and not is_repeated(desc) \
+                and "engine" in desc.message_type.fields_by_name:
             return int(value.engine)
     return 0
 

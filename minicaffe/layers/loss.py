@@ -19,6 +19,7 @@ from ..errors import ShapeError
 from ..kernels import cuda_softmax, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+from ..core.numeric import element_count
 from .shape import canonical_axis
 
 # the modules whose import registers the engines of the softmax layers (minicaffe.kernels.engines)
@@ -54,13 +55,6 @@ def normalizer(mode, outer, inner, valid_count):
     else:
         raise ValueError(f"unknown normalization mode {mode}")
     return float(max(1, n))
-
-
-def _prod(dims):
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def _ignore_label(param):
@@ -194,8 +188,8 @@ class _SoftmaxLoss(_SoftmaxEngines, LossLayer):
         super().reshape(bottom, top)
         shape = bottom[0].shape
         self.axis = canonical_axis(self, self.softmax_axis(), len(shape))
-        self.outer = _prod(shape[:self.axis])
-        self.inner = _prod(shape[self.axis + 1:])
+        self.outer = element_count(shape[:self.axis])
+        self.inner = element_count(shape[self.axis + 1:])
         self.classes = shape[self.axis]
         if bottom[1].count != self.outer * self.inner:
             raise self.error(f"{bottom[1].count} labels {bottom[1].shape} for predictions {shape}: with "

@@ -10,16 +10,10 @@ with the common layers, but neither is minimised (loss.py) nor only moves data (
 import numpy as np
 
 from ..core.layer import Layer, register
+from ..core.numeric import element_count
 from ..errors import ShapeError
 from .loss import read_labels
 from .shape import canonical_axis
-
-
-def _prod(dims):
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def stable_argsort(xp, a, axis):
@@ -49,8 +43,8 @@ class Accuracy(Layer):
     def reshape(self, bottom, top):
         shape = bottom[0].shape
         self.axis = canonical_axis(self, self.param.accuracy_param.axis, len(shape))
-        self.outer = _prod(shape[:self.axis])
-        self.inner = _prod(shape[self.axis + 1:])
+        self.outer = element_count(shape[:self.axis])
+        self.inner = element_count(shape[self.axis + 1:])
         self.classes = shape[self.axis]
         if bottom[1].count != self.outer * self.inner:
             raise self.error(f"{bottom[1].count} labels {bottom[1].shape} for predictions {shape}: with "

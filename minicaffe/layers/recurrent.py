@@ -26,13 +26,7 @@ from ..core import fillers
 from ..core.blob import Blob
 from ..errors import ShapeError
 from ..core.layer import Layer, register
-
-
-def _prod(dims):
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
+from ..core.numeric import element_count
 
 
 def _sigmoid(xp, x):
@@ -78,8 +72,8 @@ class _Recurrent(Layer):
         if len(top) != 1 + num_states:
             raise self.error(f"needs {1 + num_states} top(s) with expose_hidden: {self.expose}, got {len(top)}")
         self._check_shapes(bottom)
-        in_dim = _prod(x.shape[2:])
-        static_dim = _prod(bottom[2].shape[1:]) if self.static else 0
+        in_dim = element_count(x.shape[2:])
+        static_dim = element_count(bottom[2].shape[1:]) if self.static else 0
         specs = self.blob_specs(self.hidden, in_dim, static_dim)
         self.index = {name: k for k, (name, _, _) in enumerate(specs)}
         if self.blobs:

@@ -8,6 +8,7 @@ into the top's own buffer so storage is reused between iterations.
 from ..errors import ShapeError
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
+from ..core.numeric import element_count
 
 
 def canonical_axis(layer, axis, num_axes, what="axis"):
@@ -17,13 +18,6 @@ def canonical_axis(layer, axis, num_axes, what="axis"):
         raise layer.error(f"{what} {axis} is out of range for a {num_axes}-D blob "
                           f"(valid: {-num_axes} to {num_axes - 1})")
     return axis + num_axes if axis < 0 else axis
-
-
-def _prod(dims):
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def _no_in_place(layer, bottom, top):
@@ -217,7 +211,7 @@ class Flatten(Layer):
         end = canonical_axis(self, p.end_axis, len(shape), "end_axis")
         if end < start:
             raise self.error(f"end_axis {p.end_axis} comes before axis {p.axis} for bottom shape {shape}")
-        top[0].reshape(shape[:start] + (_prod(shape[start:end + 1]),) + shape[end + 1:])
+        top[0].reshape(shape[:start] + (element_count(shape[start:end + 1]),) + shape[end + 1:])
 
     def forward(self, bottom, top):
         top[0].xdata = bottom[0].xdata.reshape(top[0].shape)
@@ -267,15 +261,15 @@ class Reshape(Layer):
                 raise self.error(f"new shape {self.dims} has a 0 at position {i} but bottom {shape} "
                                  f"has no axis {start + i} to copy")
             new[start + i] = shape[start + i]
-        count = _prod(shape)
+        count = element_count(shape)
         if self.inferred_axis is not None:
-            known = _prod(d for j, d in enumerate(new) if j != start + self.inferred_axis)
+            known = element_count(d for j, d in enumerate(new) if j != start + self.inferred_axis)
             if known == 0 or count % known:
                 raise self.error(f"bottom count {count} (shape {shape}) is not divisible by the "
                                  f"product {known} of the given dimensions {self.dims}", ShapeError)
             new[start + self.inferred_axis] = count // known
-        if _prod(new) != count:
-            raise self.error(f"top shape {tuple(new)} has {_prod(new)} elements but bottom shape "
+        if element_count(new) != count:
+            raise self.error(f"top shape {tuple(new)} has {element_count(new)} elements but bottom shape "
                              f"{shape} has {count}", ShapeError)
         top[0].reshape(new)
 
@@ -378,8 +372,8 @@ class Tile(Layer):
         self.axis = canonical_axis(self, self.param.tile_param.axis, len(shape))
         out = list(shape)
         out[self.axis] *= self.tiles
-        self.outer = _prod(shape[:self.axis])
-        self.inner = _prod(shape[self.axis:])
+        self.outer = element_count(shape[:self.axis])
+        self.inner = element_count(shape[self.axis:])
         top[0].reshape(out)
 
     def forward(self, bottom, top):
@@ -407,8 +401,8 @@ class Reduction(Layer):
     def reshape(self, bottom, top):
         shape = bottom[0].shape
         self.axis = canonical_axis(self, self.param.reduction_param.axis, len(shape))
-        self.num = _prod(shape[:self.axis])
-        self.dim = _prod(shape[self.axis:])
+        self.num = element_count(shape[:self.axis])
+        self.dim = element_count(shape[self.axis:])
         self.coeff = float(self.param.reduction_param.coeff)
         if self.op == self._ops.MEAN:
             self.coeff /= self.dim if self.dim else 1
