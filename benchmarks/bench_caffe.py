@@ -51,7 +51,7 @@ def run(cmd, threads):
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("GLOG_minloglevel", "0")
+    env["GLOG_minloglevel"] = "0"         # the averages are INFO lines: both tools must print them
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = averages(proc.stderr + proc.stdout)
     if proc.returncode != 0 or "Forward-Backward" not in found:
