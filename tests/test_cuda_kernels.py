@@ -400,8 +400,9 @@ def test_update_kernels_on_gpu(kind, spec, gpu):
 def _all_kernel_sources():
     """(name, CUDA source) of every kernel for both float types; ElementwiseKernels wrapped in a
     mock kernel as CuPy's generated code has them (inputs const values, outputs element references)."""
-    from minicaffe.kernels import cuda_elementwise, cuda_lrn, cuda_pooling, cuda_softmax, cuda_updates
-    ctype = {"float32": "float", "float64": "double", "int32": "int"}
+    from minicaffe.kernels import (cuda_activation, cuda_elementwise, cuda_lrn, cuda_normalization, cuda_pooling,
+                                   cuda_softmax, cuda_updates)
+    ctype = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
     out = []
     for dt, ct in ((np.float32, "float"), (np.float64, "double")):
         sfx = _cuda.suffix(dt)
@@ -414,18 +415,26 @@ def _all_kernel_sources():
                           (cuda_softmax.SOFTMAX_BACKWARD, cuda_softmax._SOFTMAX_BWD_SRC),
                           (cuda_softmax.LOSS, cuda_softmax._LOSS_SRC),
                           (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC),
-                          (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC)):
+                          (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC),
+                          *cuda_normalization._RAW.items(),
+                          (cuda_activation.PRELU_SLOPE_GRAD, cuda_activation._PRELU_SLOPE_GRAD_SRC)):
             name = f"{base}_{sfx}"
             out.append((name, tpl.replace("__T__", ct).replace("__NAME__", name)))
         ew = dict(cuda_updates._KERNELS)
         ew[cuda_elementwise.RELU_FORWARD] = cuda_elementwise._RELU_FWD
         ew[cuda_elementwise.RELU_BACKWARD] = cuda_elementwise._RELU_BWD
         ew.update(cuda_elementwise._ELTWISE)
+        ew.update(cuda_normalization._ELEMENTWISE)
+        ew.update(cuda_activation._ELEMENTWISE)
         for base, (ins, outs, body) in ew.items():
             name = f"{base}_{sfx}"
             params, decls = [], []
             for p, const in [(p, True) for p in ins.split(",")] + [(p, False) for p in outs.split(",")]:
-                t, n = p.replace("__D__", np.dtype(dt).name).split()
+                words = p.replace("__D__", np.dtype(dt).name).split()
+                if words[0] == "raw":            # a raw array: indexed by the body itself
+                    params.append(f"const {ctype[words[1]]}* {words[2]}")
+                    continue
+                t, n = words
                 c = ctype[t]
                 params.append(f"{'const ' if const else ''}{c}* {n}_")
                 decls.append(f"{'const ' if const else ''}{c}{'' if const else '&'} {n} = {n}_[i];")
@@ -649,3 +658,172 @@ def test_batchnorm_global_stats_on_gpu(factor, gpu):
               np.array([factor], np.float32)]
     assert_layer_gpu_matches_cpu('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [x],
                                  params=params)
+
+
+# --- BatchNorm and Scale (kernels/cuda_normalization.py) --------------------------------------------
+
+def _layer_cpu(text, x, params=None, phase=None, in_place=False, seed=24, param_diffs=True):
+    """A layer's CPU forward and backward in ``x``'s float type, with its blobs set to ``params``
+    and their diffs to random values (the kernels must accumulate into them); returns the layer, its
+    blobs' values and diffs before, the top, dy, the bottom diff and the blobs after."""
+    import contextlib
+
+    from minicaffe.testing import TRAIN, make_layer
+    rng = np.random.default_rng(seed)
+    with backend.float64_blobs() if x.dtype == np.float64 else contextlib.nullcontext():
+        layer, bottom, top = make_layer(text, [x], 1, TRAIN if phase is None else phase, in_place)
+    for k, blob in enumerate(layer.blobs):
+        if params is not None:
+            blob.data[...] = params[k]
+        blob.diff[...] = rng.standard_normal(blob.shape) if param_diffs else 0
+    before = [b.data.copy() for b in layer.blobs], [b.diff.copy() for b in layer.blobs]
+    layer.forward(bottom, top)
+    y = top[0].data.copy()
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    after = [b.data.copy() for b in layer.blobs], [b.diff.copy() for b in layer.blobs]
+    return layer, before, y, dy, bottom[0].diff.copy(), after
+
+
+def _tol(dtype):
+    return (2e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
+
+
+BN_SHAPES = [(4, 3, 5, 6), (7, 2), (2, 5, 3), (600, 3)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_references_match_cpu(emulated, shape, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(25)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    c = shape[1]
+    params = [rng.standard_normal(c), np.abs(rng.standard_normal(c)), np.array([1.7])]
+    layer, (stats, _), y_cpu, dy, dx_cpu, (stats_after, _) = _layer_cpu(
+        'type: "BatchNorm" batch_norm_param { moving_average_fraction: 0.9 eps: 0.001 }', x, params)
+    x3 = x.reshape(shape[0], c, -1)
+    m = x3.shape[0] * x3.shape[2]
+    mean, inv_std = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
+    run = [s.astype(dtype).reshape(-1) for s in stats]
+    cn.bn_stats(x3, layer.eps, layer.moving_average_fraction, m / (m - 1), True, mean, inv_std, *run)
+    y, xn = np.full_like(x3, np.nan), np.full_like(x3, np.nan)
+    cn.bn_normalize(x3, mean, inv_std, y, xn)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(shape), y_cpu, rtol=rtol * 10, atol=atol * 10)
+    np.testing.assert_array_equal(xn, y)
+    for got, want in zip(run, stats_after):
+        np.testing.assert_allclose(got, want.reshape(-1), rtol=rtol, atol=atol)
+    mean_dy, mean_dy_y = np.empty(c, dtype), np.empty(c, dtype)
+    dy3 = dy.reshape(x3.shape)
+    cn.bn_grad_sums(dy3, xn, mean_dy, mean_dy_y)
+    dx = np.full_like(x3, np.nan)
+    cn.bn_backward(dy3, xn, mean_dy, mean_dy_y, inv_std, dx)
+    np.testing.assert_allclose(dx.reshape(shape), dx_cpu, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_global_references_match_cpu(emulated, factor, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(26)
+    shape = (3, 4, 2, 5)
+    x = rng.standard_normal(shape).astype(dtype)
+    params = [rng.standard_normal(4), np.abs(rng.standard_normal(4)), np.array([factor])]
+    layer, (stats, _), y_cpu, dy, dx_cpu, (after, _) = _layer_cpu(
+        'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.01 }', x, params)
+    for a, b in zip(stats, after):
+        np.testing.assert_array_equal(a, b)            # global statistics are only read
+    run = [s.astype(dtype).reshape(-1) for s in stats]
+    x3 = x.reshape(3, 4, 10)
+    y = np.full_like(x3, np.nan)
+    cn.bn_global(x3, *run, layer.eps, y)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(shape), y_cpu, rtol=rtol, atol=atol)
+    dx = np.full_like(x3, np.nan)
+    cn.bn_global_backward(dy.reshape(x3.shape), run[1], run[2], layer.eps, dx)
+    np.testing.assert_allclose(dx.reshape(shape), dx_cpu, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("spec", ["", "bias_term: true", "axis: 0 num_axes: 2 bias_term: true"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_references_match_cpu(emulated, spec, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    layer, (params, diffs), y_cpu, dy, dx_cpu, (_, diffs_after) = _layer_cpu(
+        f'type: "Scale" scale_param {{ {spec} filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}', x)
+    outer, dim, inner = layer.dims
+    x3 = x.reshape(outer, dim, inner)
+    bias = params[1].reshape(-1).astype(dtype) if len(params) > 1 else None
+    s = params[0].reshape(-1).astype(dtype)
+    y, saved = np.full_like(x3, np.nan), np.full_like(x3, np.nan)
+    cn.scale_forward(x3, s, bias, y, saved)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(x.shape), y_cpu, rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(saved, x3)
+    sd = diffs[0].reshape(-1).astype(dtype)
+    bd = diffs[1].reshape(-1).astype(dtype) if bias is not None else None
+    dy3 = dy.reshape(x3.shape)
+    cn.scale_param_grad(dy3, x3, sd, bd)
+    np.testing.assert_allclose(sd, diffs_after[0].reshape(-1), rtol=rtol, atol=atol)   # accumulated
+    if bias is not None:
+        np.testing.assert_allclose(bd, diffs_after[1].reshape(-1), rtol=rtol, atol=atol)
+    dx = np.full_like(x3, np.nan)
+    cn.scale_backward(dy3, s, dx)
+    np.testing.assert_allclose(dx.reshape(x.shape), dx_cpu, rtol=rtol, atol=atol)
+
+
+# --- PReLU and ELU (kernels/cuda_activation.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (5, 4), (400, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prelu_references_match_cpu(emulated, shared, shape, dtype):
+    from minicaffe.kernels import cuda_activation as ca
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[::7] = 0.0                          # the gradient at 0 is the slope
+    slope = rng.standard_normal(1 if shared else shape[1])
+    layer, (params, diffs), y_cpu, dy, dx_cpu, (_, diffs_after) = _layer_cpu(
+        f'type: "PReLU" prelu_param {{ channel_shared: {str(shared).lower()} }}', x, [slope])
+    geometry = ca.prelu_geometry(shape, shared)
+    a = params[0].reshape(-1).astype(dtype)
+    y = np.full_like(x, np.nan)
+    ca.prelu_forward(x, a, y, geometry)
+    np.testing.assert_array_equal(y, y_cpu)
+    sd = diffs[0].reshape(-1).astype(dtype)
+    ca.prelu_slope_grad(x, dy, sd, geometry)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(sd, diffs_after[0].reshape(-1), rtol=rtol, atol=atol)
+    dx = np.full_like(x, np.nan)
+    ca.prelu_backward(x, dy, a, dx, geometry)
+    np.testing.assert_array_equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3, -0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elu_references_match_cpu(emulated, alpha, dtype):
+    from minicaffe.kernels import cuda_activation as ca
+    rng = np.random.default_rng(29)
+    x = (rng.standard_normal((3, 4, 5)) * 3).astype(dtype)
+    x.reshape(-1)[::6] = 0.0
+    _, _, y_cpu, dy, dx_cpu, _ = _layer_cpu(f'type: "ELU" elu_param {{ alpha: {alpha} }}', x)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    ca.elu_forward(x, np.float32(alpha), y)          # the proto's float32 alpha, as the layer has it
+    np.testing.assert_array_equal(y, y_cpu)
+    ca.elu_backward(x, y, dy, np.float32(alpha), dx)
+    np.testing.assert_array_equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("text", [
+    'type: "BatchNorm" batch_norm_param { moving_average_fraction: 0.8 }',
+    'type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "PReLU" prelu_param { filler { type: "gaussian" } }',
+    'type: "PReLU" prelu_param { channel_shared: true }',
+    'type: "ELU" elu_param { alpha: 0.6 }',
+])
+def test_normalization_and_activation_layers_on_gpu(text, gpu):
+    x = np.random.default_rng(30).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    assert_layer_gpu_matches_cpu(text, [x])
