@@ -417,7 +417,9 @@ def _all_kernel_sources():
                           (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC),
                           (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC),
                           *cuda_normalization._RAW.items(),
-                          (cuda_activation.PRELU_SLOPE_GRAD, cuda_activation._PRELU_SLOPE_GRAD_SRC)):
+                          (cuda_activation.PRELU_SLOPE_GRAD, cuda_activation._PRELU_SLOPE_GRAD_SRC),
+                          *((f"{cuda_updates.MULTI}_{k[len('minicaffe_'):]}", cuda_updates._multi_src(k))
+                            for k in cuda_updates._KERNELS)):
             name = f"{base}_{sfx}"
             out.append((name, tpl.replace("__T__", ct).replace("__NAME__", name)))
         ew = dict(cuda_updates._KERNELS)
@@ -827,3 +829,100 @@ def test_elu_references_match_cpu(emulated, alpha, dtype):
 def test_normalization_and_activation_layers_on_gpu(text, gpu):
     x = np.random.default_rng(30).standard_normal((3, 4, 5, 6)).astype(np.float32)
     assert_layer_gpu_matches_cpu(text, [x])
+
+
+# --- the solver step as one launch (cuda_updates.multi_step) -----------------------------------------
+
+STEP_NET = """
+name: "step"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 6 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.999 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 0.3 decay_mult: 3 } param { lr_mult: 0 }
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "constant" value: -0.2 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+STEP_CASES = [
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01', False),
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01 regularization_type: "L1" iter_size: 2', False),
+    ('type: "Nesterov" momentum: 0.95 weight_decay: 0.002 clip_gradients: 0.05', False),
+    ('type: "AdaGrad" delta: 1e-6 weight_decay: 0.01', False),
+    ('type: "RMSProp" rms_decay: 0.9 delta: 1e-6 weight_decay: 0.01 iter_size: 3', False),
+    ('type: "AdaDelta" momentum: 0.95 delta: 1e-6 weight_decay: 0.01 regularization_type: "L1"', False),
+    ('type: "Adam" momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.01', False),
+    ('type: "Adam" momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.01 clip_gradients: 0.1', True),
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01 lr_policy: "step" stepsize: 1 gamma: 0.3', True),
+]
+
+
+def _step_state(fused, spec, float64, monkeypatch, steps=3):
+    import contextlib
+
+    import minicaffe as caffe
+    from minicaffe.solvers import updates
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(updates, "fused_step", lambda *a, **k: False)
+        with backend.float64_blobs() if float64 else contextlib.nullcontext():
+            text = (f'{spec} base_lr: 0.1 random_seed: 7 display: 0'
+                    + ('' if 'lr_policy' in spec else ' lr_policy: "fixed"')
+                    + f' net_param {{ {STEP_NET} }}')
+            solver = caffe.get_solver(text)
+            solver.step(steps)
+    params = [b for v in solver.net.params.values() for b in v]
+    return ([b.data.copy() for b in params] + [b.diff.copy() for b in params]
+            + [h.data.copy() for h in solver.history])
+
+
+@pytest.mark.parametrize("spec,float64", STEP_CASES)
+def test_one_launch_step_is_bit_identical_to_the_per_parameter_step(gpu, monkeypatch, spec, float64):
+    """Weights, update values and history after a few steps: the same bits with one launch per step
+    as with the per-parameter path (normalise, regularise, rule kernel, ``w -= g`` per blob)."""
+    want = _step_state(False, spec, float64, monkeypatch)
+    got = _step_state(True, spec, float64, monkeypatch)
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+    assert any((a != 0).any() for a in got[8:])        # the history moved (4 parameter blobs before it)
+
+
+@pytest.mark.parametrize("kind,spec", UPDATE_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_multi_step_reference_matches_cpu(emulated, kind, spec, dtype):
+    """The multi-tensor kernel's reference, run on NumPy arrays, against the CPU loop of
+    ``Solver.apply_update`` (normalize, regularize, ``rule.compute``, ``w -= g``) per parameter."""
+    from minicaffe.kernels import cuda_updates
+    from minicaffe.solvers import updates
+    rule = _rule(kind, spec)
+    rng = np.random.default_rng(31)
+    shapes = [(5, 7), (3,), (1,), (4, 2, 3)]
+    lr_mults, decays = [1.0, 2.0, 0.5, 0.0], [updates.f32(0.01 * d) for d in (1.0, 0.0, 3.0, 1.0)]
+    for l1 in (False, True):
+        w = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        g = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        h = [[np.abs(rng.standard_normal(s)).astype(dtype) for s in shapes] for _ in range(rule.history_sets)]
+        cw, cg, ch = [a.copy() for a in w], [a.copy() for a in g], [[a.copy() for a in hs] for hs in h]
+        rate, it, iter_size = 0.05, 4, 2
+        for i in range(len(shapes)):        # the CPU loop
+            updates.normalize(cg[i], iter_size)
+            if decays[i]:
+                updates.regularize(cw[i], cg[i], decays[i], "L1" if l1 else "L2", np.empty_like(cg[i]))
+            rule.compute(cg[i], [hs[i] for hs in ch], [np.empty_like(cg[i]) for _ in range(rule.scratch)],
+                         updates.f32(rate * updates.f32(lr_mults[i])), it)
+            cw[i] -= cg[i]
+        rows = [(w[i], g[i], *(hs[i] for hs in h)) for i in range(len(shapes))]
+        correction = None
+        if kind == "Adam":
+            import math
+            correction = updates.f32(math.sqrt(1 - rule.momentum2 ** (it + 1)) / (1 - rule.momentum ** (it + 1)))
+        cuda_updates.multi_step(rule, cuda_updates.MultiStepPlan(), rows, lr_mults, decays, rate, correction,
+                                updates.f32(1.0 / iter_size), l1)
+        tol = 1e-6 if dtype == np.float32 else 1e-13    # the CPU rounds a·x + y once (FMA), the reference twice
+        for a, b in zip(w + g + [x for hs in h for x in hs], cw + cg + [x for hs in ch for x in hs]):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 0.2)

@@ -59,3 +59,47 @@ def test_layer_launches(standin, text, phase, in_place, fwd, bwd):
     assert got[0].total() + got[1].total() < ref[0].total() + ref[1].total(), what
     assert got[0].total(uploads=True) == got[0].total() and got[1].total(uploads=True) == got[1].total(), \
         f"{what}: a host-to-device copy inside a pass"
+
+
+STEP_NET = """
+name: "step"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 6 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.999 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+
+def _step_launches(count_launches, spec, fused, monkeypatch):
+    import minicaffe as caffe
+    from minicaffe.solvers import updates
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(updates, "fused_step", lambda *a, **k: False)
+        solver = caffe.get_solver(f'{spec} base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.001 display: 0 '
+                                  f'net_param {{ {STEP_NET} }}')
+        solver.step(2)                               # tables built, scratch allocated
+        solver.net.forward()
+        solver.net.backward()
+        with count_launches() as launches:
+            solver.apply_update()
+    return launches
+
+
+@pytest.mark.parametrize("spec", ['type: "SGD" momentum: 0.9', 'type: "Nesterov" momentum: 0.9',
+                                  'type: "AdaGrad"', 'type: "RMSProp" rms_decay: 0.9',
+                                  'type: "AdaDelta" momentum: 0.9', 'type: "Adam"',
+                                  'type: "SGD" momentum: 0.9 iter_size: 2 regularization_type: "L1"'])
+def test_a_solver_step_is_one_launch(standin, monkeypatch, spec):
+    """Four parameter blobs, two with weight decay: one launch for all of them, no upload."""
+    got = _step_launches(standin, spec, True, monkeypatch)
+    loop = _step_launches(standin, spec, False, monkeypatch)
+    what = f"{spec}: one-launch step {dict(got)}; per-parameter step {loop.total()} launches {dict(loop)}"
+    assert got.total(uploads=True) == 1, what
+    assert loop.total() >= 8, what
