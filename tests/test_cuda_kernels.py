@@ -875,6 +875,9 @@ def _step_state(fused, spec, float64, monkeypatch, steps=3):
                     + f' net_param {{ {STEP_NET} }}')
             solver = caffe.get_solver(text)
             solver.step(steps)
+            # pycaffe writes a weight: its next device array is a new one (the pointer table follows)
+            solver.net.params["ip1"][0].data[...] *= 0.5
+            solver.step(1)
     params = [b for v in solver.net.params.values() for b in v]
     return ([b.data.copy() for b in params] + [b.diff.copy() for b in params]
             + [h.data.copy() for h in solver.history])

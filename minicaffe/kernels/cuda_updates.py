@@ -192,7 +192,8 @@ def _pointer(arr):
 
 class MultiStepPlan:
     """The device tables of one group of parameters (one float type) for ``multi_step``, rebuilt
-    only when an array moved or a multiplier changed (the key is compared on the host each step)."""
+    only when an array moved or changed size or a multiplier changed (the key is compared on the
+    host each step; nothing is uploaded when it matches)."""
 
     def __init__(self):
         self.key = None
@@ -201,9 +202,9 @@ class MultiStepPlan:
 
     def tables_for(self, xp, rows, lr_mults, decays):
         """``rows``: per parameter ``(w, g, *history)`` device arrays."""
-        key = (tuple(_pointer(a) for row in rows for a in row), tuple(lr_mults), tuple(decays))
+        sizes = tuple(row[0].size for row in rows)
+        key = (tuple(_pointer(a) for row in rows for a in row), sizes, tuple(lr_mults), tuple(decays))
         if key != self.key:
-            sizes = [row[0].size for row in rows]
             offsets = np.zeros(len(rows) + 1, np.int64)
             np.cumsum(sizes, out=offsets[1:])
             self.tables = (xp.asarray(np.array(key[0], np.uint64)), xp.asarray(offsets),
