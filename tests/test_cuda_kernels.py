@@ -400,8 +400,9 @@ def test_update_kernels_on_gpu(kind, spec, gpu):
 def _all_kernel_sources():
     """(name, CUDA source) of every kernel for both float types; ElementwiseKernels wrapped in a
     mock kernel as CuPy's generated code has them (inputs const values, outputs element references)."""
-    from minicaffe.kernels import cuda_elementwise, cuda_lrn, cuda_pooling, cuda_softmax, cuda_updates
-    ctype = {"float32": "float", "float64": "double", "int32": "int"}
+    from minicaffe.kernels import (cuda_activation, cuda_elementwise, cuda_lrn, cuda_normalization, cuda_pooling,
+                                   cuda_softmax, cuda_updates)
+    ctype = {"float32": "float", "float64": "double", "int32": "int", "int64": "long long"}
     out = []
     for dt, ct in ((np.float32, "float"), (np.float64, "double")):
         sfx = _cuda.suffix(dt)
@@ -414,18 +415,28 @@ def _all_kernel_sources():
                           (cuda_softmax.SOFTMAX_BACKWARD, cuda_softmax._SOFTMAX_BWD_SRC),
                           (cuda_softmax.LOSS, cuda_softmax._LOSS_SRC),
                           (cuda_softmax.LOSS_BACKWARD, cuda_softmax._LOSS_BWD_SRC),
-                          (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC)):
+                          (cuda_lrn.FORWARD, cuda_lrn._FWD_SRC), (cuda_lrn.BACKWARD, cuda_lrn._BWD_SRC),
+                          *cuda_normalization._RAW.items(),
+                          (cuda_activation.PRELU_SLOPE_GRAD, cuda_activation._PRELU_SLOPE_GRAD_SRC),
+                          *((f"{cuda_updates.MULTI}_{k[len('minicaffe_'):]}", cuda_updates._multi_src(k))
+                            for k in cuda_updates._KERNELS)):
             name = f"{base}_{sfx}"
             out.append((name, tpl.replace("__T__", ct).replace("__NAME__", name)))
         ew = dict(cuda_updates._KERNELS)
         ew[cuda_elementwise.RELU_FORWARD] = cuda_elementwise._RELU_FWD
         ew[cuda_elementwise.RELU_BACKWARD] = cuda_elementwise._RELU_BWD
         ew.update(cuda_elementwise._ELTWISE)
+        ew.update(cuda_normalization._ELEMENTWISE)
+        ew.update(cuda_activation._ELEMENTWISE)
         for base, (ins, outs, body) in ew.items():
             name = f"{base}_{sfx}"
             params, decls = [], []
             for p, const in [(p, True) for p in ins.split(",")] + [(p, False) for p in outs.split(",")]:
-                t, n = p.replace("__D__", np.dtype(dt).name).split()
+                words = p.replace("__D__", np.dtype(dt).name).split()
+                if words[0] == "raw":            # a raw array: indexed by the body itself
+                    params.append(f"const {ctype[words[1]]}* {words[2]}")
+                    continue
+                t, n = words
                 c = ctype[t]
                 params.append(f"{'const ' if const else ''}{c}* {n}_")
                 decls.append(f"{'const ' if const else ''}{c}{'' if const else '&'} {n} = {n}_[i];")
@@ -649,3 +660,272 @@ def test_batchnorm_global_stats_on_gpu(factor, gpu):
               np.array([factor], np.float32)]
     assert_layer_gpu_matches_cpu('type: "BatchNorm" batch_norm_param { use_global_stats: true }', [x],
                                  params=params)
+
+
+# --- BatchNorm and Scale (kernels/cuda_normalization.py) --------------------------------------------
+
+def _layer_cpu(text, x, params=None, phase=None, in_place=False, seed=24, param_diffs=True):
+    """A layer's CPU forward and backward in ``x``'s float type, with its blobs set to ``params``
+    and their diffs to random values (the kernels must accumulate into them); returns the layer, its
+    blobs' values and diffs before, the top, dy, the bottom diff and the blobs after."""
+    import contextlib
+
+    from minicaffe.testing import TRAIN, make_layer
+    rng = np.random.default_rng(seed)
+    with backend.float64_blobs() if x.dtype == np.float64 else contextlib.nullcontext():
+        layer, bottom, top = make_layer(text, [x], 1, TRAIN if phase is None else phase, in_place)
+    for k, blob in enumerate(layer.blobs):
+        if params is not None:
+            blob.data[...] = params[k]
+        blob.diff[...] = rng.standard_normal(blob.shape) if param_diffs else 0
+    before = [b.data.copy() for b in layer.blobs], [b.diff.copy() for b in layer.blobs]
+    layer.forward(bottom, top)
+    y = top[0].data.copy()
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    after = [b.data.copy() for b in layer.blobs], [b.diff.copy() for b in layer.blobs]
+    return layer, before, y, dy, bottom[0].diff.copy(), after
+
+
+def _tol(dtype):
+    return (2e-5, 1e-6) if dtype == np.float32 else (1e-12, 1e-13)
+
+
+BN_SHAPES = [(4, 3, 5, 6), (7, 2), (2, 5, 3), (600, 3)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_references_match_cpu(emulated, shape, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(25)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    c = shape[1]
+    params = [rng.standard_normal(c), np.abs(rng.standard_normal(c)), np.array([1.7])]
+    layer, (stats, _), y_cpu, dy, dx_cpu, (stats_after, _) = _layer_cpu(
+        'type: "BatchNorm" batch_norm_param { moving_average_fraction: 0.9 eps: 0.001 }', x, params)
+    x3 = x.reshape(shape[0], c, -1)
+    m = x3.shape[0] * x3.shape[2]
+    mean, inv_std = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)
+    run = [s.astype(dtype).reshape(-1) for s in stats]
+    cn.bn_stats(x3, layer.eps, layer.moving_average_fraction, m / (m - 1), True, mean, inv_std, *run)
+    y, xn = np.full_like(x3, np.nan), np.full_like(x3, np.nan)
+    cn.bn_normalize(x3, mean, inv_std, y, xn)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(shape), y_cpu, rtol=rtol * 10, atol=atol * 10)
+    np.testing.assert_array_equal(xn, y)
+    for got, want in zip(run, stats_after):
+        np.testing.assert_allclose(got, want.reshape(-1), rtol=rtol, atol=atol)
+    mean_dy, mean_dy_y = np.empty(c, dtype), np.empty(c, dtype)
+    dy3 = dy.reshape(x3.shape)
+    cn.bn_grad_sums(dy3, xn, mean_dy, mean_dy_y)
+    dx = np.full_like(x3, np.nan)
+    cn.bn_backward(dy3, xn, mean_dy, mean_dy_y, inv_std, dx)
+    np.testing.assert_allclose(dx.reshape(shape), dx_cpu, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm_global_references_match_cpu(emulated, factor, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(26)
+    shape = (3, 4, 2, 5)
+    x = rng.standard_normal(shape).astype(dtype)
+    params = [rng.standard_normal(4), np.abs(rng.standard_normal(4)), np.array([factor])]
+    layer, (stats, _), y_cpu, dy, dx_cpu, (after, _) = _layer_cpu(
+        'type: "BatchNorm" batch_norm_param { use_global_stats: true eps: 0.01 }', x, params)
+    for a, b in zip(stats, after):
+        np.testing.assert_array_equal(a, b)            # global statistics are only read
+    run = [s.astype(dtype).reshape(-1) for s in stats]
+    x3 = x.reshape(3, 4, 10)
+    y = np.full_like(x3, np.nan)
+    cn.bn_global(x3, *run, layer.eps, y)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(shape), y_cpu, rtol=rtol, atol=atol)
+    dx = np.full_like(x3, np.nan)
+    cn.bn_global_backward(dy.reshape(x3.shape), run[1], run[2], layer.eps, dx)
+    np.testing.assert_allclose(dx.reshape(shape), dx_cpu, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("spec", ["", "bias_term: true", "axis: 0 num_axes: 2 bias_term: true"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scale_references_match_cpu(emulated, spec, dtype):
+    from minicaffe.kernels import cuda_normalization as cn
+    rng = np.random.default_rng(27)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    layer, (params, diffs), y_cpu, dy, dx_cpu, (_, diffs_after) = _layer_cpu(
+        f'type: "Scale" scale_param {{ {spec} filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}', x)
+    outer, dim, inner = layer.dims
+    x3 = x.reshape(outer, dim, inner)
+    bias = params[1].reshape(-1).astype(dtype) if len(params) > 1 else None
+    s = params[0].reshape(-1).astype(dtype)
+    y, saved = np.full_like(x3, np.nan), np.full_like(x3, np.nan)
+    cn.scale_forward(x3, s, bias, y, saved)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(y.reshape(x.shape), y_cpu, rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(saved, x3)
+    sd = diffs[0].reshape(-1).astype(dtype)
+    bd = diffs[1].reshape(-1).astype(dtype) if bias is not None else None
+    dy3 = dy.reshape(x3.shape)
+    cn.scale_param_grad(dy3, x3, sd, bd)
+    np.testing.assert_allclose(sd, diffs_after[0].reshape(-1), rtol=rtol, atol=atol)   # accumulated
+    if bias is not None:
+        np.testing.assert_allclose(bd, diffs_after[1].reshape(-1), rtol=rtol, atol=atol)
+    dx = np.full_like(x3, np.nan)
+    cn.scale_backward(dy3, s, dx)
+    np.testing.assert_allclose(dx.reshape(x.shape), dx_cpu, rtol=rtol, atol=atol)
+
+
+# --- PReLU and ELU (kernels/cuda_activation.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (5, 4), (400, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prelu_references_match_cpu(emulated, shared, shape, dtype):
+    from minicaffe.kernels import cuda_activation as ca
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[::7] = 0.0                          # the gradient at 0 is the slope
+    slope = rng.standard_normal(1 if shared else shape[1])
+    layer, (params, diffs), y_cpu, dy, dx_cpu, (_, diffs_after) = _layer_cpu(
+        f'type: "PReLU" prelu_param {{ channel_shared: {str(shared).lower()} }}', x, [slope])
+    geometry = ca.prelu_geometry(shape, shared)
+    a = params[0].reshape(-1).astype(dtype)
+    y = np.full_like(x, np.nan)
+    ca.prelu_forward(x, a, y, geometry)
+    np.testing.assert_array_equal(y, y_cpu)
+    sd = diffs[0].reshape(-1).astype(dtype)
+    ca.prelu_slope_grad(x, dy, sd, geometry)
+    rtol, atol = _tol(dtype)
+    np.testing.assert_allclose(sd, diffs_after[0].reshape(-1), rtol=rtol, atol=atol)
+    dx = np.full_like(x, np.nan)
+    ca.prelu_backward(x, dy, a, dx, geometry)
+    np.testing.assert_array_equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3, -0.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_elu_references_match_cpu(emulated, alpha, dtype):
+    from minicaffe.kernels import cuda_activation as ca
+    rng = np.random.default_rng(29)
+    x = (rng.standard_normal((3, 4, 5)) * 3).astype(dtype)
+    x.reshape(-1)[::6] = 0.0
+    _, _, y_cpu, dy, dx_cpu, _ = _layer_cpu(f'type: "ELU" elu_param {{ alpha: {alpha} }}', x)
+    y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    ca.elu_forward(x, np.float32(alpha), y)          # the proto's float32 alpha, as the layer has it
+    np.testing.assert_array_equal(y, y_cpu)
+    ca.elu_backward(x, y, dy, np.float32(alpha), dx)
+    np.testing.assert_array_equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("text", [
+    'type: "BatchNorm" batch_norm_param { moving_average_fraction: 0.8 }',
+    'type: "Scale" scale_param { bias_term: true filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "PReLU" prelu_param { filler { type: "gaussian" } }',
+    'type: "PReLU" prelu_param { channel_shared: true }',
+    'type: "ELU" elu_param { alpha: 0.6 }',
+])
+def test_normalization_and_activation_layers_on_gpu(text, gpu):
+    x = np.random.default_rng(30).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    assert_layer_gpu_matches_cpu(text, [x])
+
+
+# --- the solver step as one launch (cuda_updates.multi_step) -----------------------------------------
+
+STEP_NET = """
+name: "step"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 6 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.999 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+  param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "constant" value: 0.1 } } }
+layer { name: "relu" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  param { lr_mult: 0.3 decay_mult: 3 } param { lr_mult: 0 }
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "constant" value: -0.2 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+"""
+
+STEP_CASES = [
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01', False),
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01 regularization_type: "L1" iter_size: 2', False),
+    ('type: "Nesterov" momentum: 0.95 weight_decay: 0.002 clip_gradients: 0.05', False),
+    ('type: "AdaGrad" delta: 1e-6 weight_decay: 0.01', False),
+    ('type: "RMSProp" rms_decay: 0.9 delta: 1e-6 weight_decay: 0.01 iter_size: 3', False),
+    ('type: "AdaDelta" momentum: 0.95 delta: 1e-6 weight_decay: 0.01 regularization_type: "L1"', False),
+    ('type: "Adam" momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.01', False),
+    ('type: "Adam" momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.01 clip_gradients: 0.1', True),
+    ('type: "SGD" momentum: 0.9 weight_decay: 0.01 lr_policy: "step" stepsize: 1 gamma: 0.3', True),
+]
+
+
+def _step_state(fused, spec, float64, monkeypatch, steps=3):
+    import contextlib
+
+    import minicaffe as caffe
+    from minicaffe.solvers import updates
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(updates, "fused_step", lambda *a, **k: False)
+        with backend.float64_blobs() if float64 else contextlib.nullcontext():
+            text = (f'{spec} base_lr: 0.1 random_seed: 7 display: 0'
+                    + ('' if 'lr_policy' in spec else ' lr_policy: "fixed"')
+                    + f' net_param {{ {STEP_NET} }}')
+            solver = caffe.get_solver(text)
+            solver.step(steps)
+            # pycaffe writes a weight: its next device array is a new one (the pointer table follows)
+            solver.net.params["ip1"][0].data[...] *= 0.5
+            solver.step(1)
+    params = [b for v in solver.net.params.values() for b in v]
+    return ([b.data.copy() for b in params] + [b.diff.copy() for b in params]
+            + [h.data.copy() for h in solver.history])
+
+
+@pytest.mark.parametrize("spec,float64", STEP_CASES)
+def test_one_launch_step_is_bit_identical_to_the_per_parameter_step(gpu, monkeypatch, spec, float64):
+    """Weights, update values and history after a few steps: the same bits with one launch per step
+    as with the per-parameter path (normalise, regularise, rule kernel, ``w -= g`` per blob)."""
+    want = _step_state(False, spec, float64, monkeypatch)
+    got = _step_state(True, spec, float64, monkeypatch)
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {k}")
+    assert any((a != 0).any() for a in got[8:])        # the history moved (4 parameter blobs before it)
+
+
+@pytest.mark.parametrize("kind,spec", UPDATE_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_multi_step_reference_matches_cpu(emulated, kind, spec, dtype):
+    """The multi-tensor kernel's reference, run on NumPy arrays, against the CPU loop of
+    ``Solver.apply_update`` (normalize, regularize, ``rule.compute``, ``w -= g``) per parameter."""
+    from minicaffe.kernels import cuda_updates
+    from minicaffe.solvers import updates
+    rule = _rule(kind, spec)
+    rng = np.random.default_rng(31)
+    shapes = [(5, 7), (3,), (1,), (4, 2, 3)]
+    lr_mults, decays = [1.0, 2.0, 0.5, 0.0], [updates.f32(0.01 * d) for d in (1.0, 0.0, 3.0, 1.0)]
+    for l1 in (False, True):
+        w = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        g = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        h = [[np.abs(rng.standard_normal(s)).astype(dtype) for s in shapes] for _ in range(rule.history_sets)]
+        cw, cg, ch = [a.copy() for a in w], [a.copy() for a in g], [[a.copy() for a in hs] for hs in h]
+        rate, it, iter_size = 0.05, 4, 2
+        for i in range(len(shapes)):        # the CPU loop
+            updates.normalize(cg[i], iter_size)
+            if decays[i]:
+                updates.regularize(cw[i], cg[i], decays[i], "L1" if l1 else "L2", np.empty_like(cg[i]))
+            rule.compute(cg[i], [hs[i] for hs in ch], [np.empty_like(cg[i]) for _ in range(rule.scratch)],
+                         updates.f32(rate * updates.f32(lr_mults[i])), it)
+            cw[i] -= cg[i]
+        rows = [(w[i], g[i], *(hs[i] for hs in h)) for i in range(len(shapes))]
+        correction = None
+        if kind == "Adam":
+            import math
+            correction = updates.f32(math.sqrt(1 - rule.momentum2 ** (it + 1)) / (1 - rule.momentum ** (it + 1)))
+        cuda_updates.multi_step(rule, cuda_updates.MultiStepPlan(), rows, lr_mults, decays, rate, correction,
+                                updates.f32(1.0 / iter_size), l1)
+        tol = 1e-6 if dtype == np.float32 else 1e-13    # the CPU rounds a·x + y once (FMA), the reference twice
+        for a, b in zip(w + g + [x for hs in h for x in hs], cw + cg + [x for hs in ch for x in hs]):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 0.2)

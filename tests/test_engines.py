@@ -52,6 +52,12 @@ def _labels(shape, classes, ignore=None):
     return make
 
 
+def _BN_STATS(channels, factor=2.5):
+    """BatchNorm's stored blobs: sums of means and variances, and their weight."""
+    return [_normal(channels), lambda rng: np.abs(rng.standard_normal(channels)) + 0.1,
+            lambda rng: np.array([factor])]
+
+
 def _matrix(classes):
     return lambda rng: rng.uniform(0, 1, (classes, classes))
 
@@ -65,6 +71,7 @@ class Case:
     in_place: bool = False
     propagate: Optional[Tuple[bool, ...]] = None   # default: every bottom
     tags: Tuple[str, ...] = field(default=())
+    blobs: Optional[List[Callable]] = None         # rng -> array, the layer's parameter blobs' values
 
     def __str__(self):
         return self.text
@@ -96,6 +103,18 @@ CASES = {
         Case("relu_param { negative_slope: 0 }", [_with_zeros(2, 3, 4)], in_place=True),
         Case("relu_param { negative_slope: -0.5 }", [_with_zeros(2, 3, 4)], in_place=True),
     ],
+    "PReLU": [
+        Case("", [_with_zeros(2, 3, 4, 5)], blobs=[_normal(3)]),
+        Case("", [_with_zeros(2, 3, 4)], in_place=True, blobs=[_normal(3)]),
+        Case("prelu_param { channel_shared: true }", [_with_zeros(3, 4, 5)], blobs=[_normal(1)]),
+        Case("prelu_param { channel_shared: true }", [_with_zeros(2, 3)], in_place=True, blobs=[_normal(1)]),
+        Case("", [_with_zeros(600, 2)], blobs=[_normal(2)]),                # more values than a block
+    ],
+    "ELU": [
+        Case("elu_param { alpha: 0.7 }", [_with_zeros(2, 3, 4, 5)]),
+        Case("elu_param { alpha: 1 }", [_with_zeros(3, 7)], in_place=True),
+        Case("elu_param { alpha: -0.5 }", [_with_zeros(2, 3, 4)], in_place=True),
+    ],
     "Eltwise": [
         Case("eltwise_param { operation: SUM coeff: 2 coeff: -0.5 }", [_normal(2, 3, 4), _normal(2, 3, 4)]),
         Case("eltwise_param { operation: PROD }", [_normal(2, 5), _normal(2, 5)]),
@@ -117,6 +136,24 @@ CASES = {
              [_normal(2, 3, 4), _labels((2, 3), 4)], propagate=(True, False)),
         Case("loss_param { ignore_label: 2 normalization: BATCH_SIZE }", [_normal(5, 3), _labels((5,), 3, 2)],
              propagate=(True, False)),
+    ],
+    "BatchNorm": [
+        Case("", [_normal(3, 4, 5, 6)], blobs=_BN_STATS(4)),                # batch statistics
+        Case("", [_normal(5, 3)], in_place=True, blobs=_BN_STATS(3)),       # 2-D: one value a channel
+        Case("batch_norm_param { moving_average_fraction: 0.9 eps: 0.01 }", [_normal(2, 3, 7)],
+             blobs=_BN_STATS(3)),
+        Case("", [_normal(2, 3, 4, 4)], phase=TEST, blobs=_BN_STATS(3)),   # global statistics
+        Case("batch_norm_param { use_global_stats: true }", [_normal(2, 5, 3, 3)], in_place=True,
+             blobs=_BN_STATS(5, factor=0.0)),                              # factor 0: estimates 0
+        Case("", [_normal(300, 2)], blobs=_BN_STATS(2)),                   # more values than a block
+    ],
+    "Scale": [
+        Case("", [_normal(2, 3, 4, 5)], blobs=[_normal(3)]),
+        Case("scale_param { bias_term: true }", [_normal(2, 3, 4, 5)], in_place=True,
+             blobs=[_normal(3), _normal(3)]),
+        Case("scale_param { bias_term: true }", [_normal(4, 6)], blobs=[_normal(6), _normal(6)]),
+        Case("scale_param { axis: 0 num_axes: 2 }", [_normal(2, 3, 5)], in_place=True, blobs=[_normal(2, 3)]),
+        Case("scale_param { axis: 1 }", [_normal(2, 3, 4), _normal(3)]),   # scale as a bottom: the reference
     ],
     "InfogainLoss": [
         Case("", [_normal(4, 3), _labels((4,), 3), _matrix(3)], propagate=(True, False, False)),
@@ -143,14 +180,22 @@ def _arrays(case, seed=3):
 
 
 def _build(layer_type, case, extra=""):
-    """The layer of ``case`` in the current mode, float64, with bottoms from a fixed seed."""
+    """The layer of ``case`` in the current mode, float64, with bottoms from a fixed seed, its
+    parameter blobs set from ``case.blobs`` and their diffs nonzero (gradients accumulate)."""
     text = f'type: "{layer_type}" {case.text} {extra}'
-    return make_layer(text, _arrays(case), case.num_top, case.phase, case.in_place)
+    layer, bottom, top = make_layer(text, _arrays(case), case.num_top, case.phase, case.in_place)
+    rng = np.random.default_rng(5)
+    for k, blob in enumerate(layer.blobs):
+        if case.blobs is not None:
+            blob.data[...] = np.reshape(case.blobs[k](rng), blob.shape)
+        blob.diff[...] = rng.standard_normal(blob.shape)
+    return layer, bottom, top
 
 
 def run(layer_type, case, engine, extra=""):
     """forward + backward with the engine named ``engine`` (None: what the layer chooses itself);
-    returns (the engine that ran, tops, bottom diffs) as NumPy arrays."""
+    returns (the engine that ran, tops, bottom diffs, parameter blobs' data and diffs) as NumPy
+    arrays."""
     with backend.float64_blobs():
         layer, bottom, top = _build(layer_type, case, extra)
         engines.force(layer, engine)
@@ -163,7 +208,8 @@ def run(layer_type, case, engine, extra=""):
         propagate = list(case.propagate or [True] * len(bottom))
         layer.backward(top, propagate, bottom)
         diffs = [b.diff.copy() for b, p in zip(bottom, propagate) if p]
-        return layer.engine_slot.name, tops, diffs
+        params = [b.data.copy() for b in layer.blobs] + [b.diff.copy() for b in layer.blobs]
+        return layer.engine_slot.name, tops, diffs, params
 
 
 def _applies(layer_type, case, engine):
@@ -195,15 +241,16 @@ def _assert_same(got, want, what):
 @pytest.mark.parametrize("layer_type,index,name", _engine_cases())
 def test_engine_matches_the_reference(layer_type, index, name, request):
     case = CASES[layer_type][index]
-    ran, want_tops, want_diffs = run(layer_type, case, engines.REFERENCE)
+    ran, want_tops, want_diffs, want_params = run(layer_type, case, engines.REFERENCE)
     assert ran == engines.REFERENCE
     engine = next(e for e in engines.engines_for(layer_type) if e.name == name)
     if "cpu" not in engine.devices:
         request.getfixturevalue("gpu")           # GPU mode, on CuPy or its stand-in
-    ran, tops, diffs = run(layer_type, case, name)
+    ran, tops, diffs, params = run(layer_type, case, name)
     assert ran == name
     _assert_same(tops, want_tops, "top")
     _assert_same(diffs, want_diffs, "bottom diff")
+    _assert_same(params, want_params, "parameter blob (data, then diff)")
 
 
 def test_every_engine_type_has_cases():
@@ -222,7 +269,7 @@ def test_engine_caffe_runs_the_reference_on_the_gpu(layer_type, gpu):
     """``engine: CAFFE`` keeps the layer's own code even where a GPU engine would apply; the
     default picks the best engine that does."""
     field_name, case = ENGINE_FIELD[layer_type]
-    ran, tops, diffs = run(layer_type, case, None, f"{field_name} {{ engine: CAFFE }}")
+    ran, tops, diffs, _ = run(layer_type, case, None, f"{field_name} {{ engine: CAFFE }}")
     assert ran == engines.REFERENCE
     default = run(layer_type, case, None)
     best = [e.name for e in engines.engines_for(layer_type, "gpu")]

@@ -6,7 +6,7 @@ input (and cannot recover it from the output) keeps a copy of it, as Caffe's PRe
 
 Each layer's ``compute``/``gradient`` is the reference (``xp`` code, NumPy or CuPy). A faster way is
 an engine chosen at reshape from ``minicaffe.kernels.engines`` (ReLU's fused CUDA kernels live in
-``kernels/cuda_elementwise.py``); ``relu_param``/``sigmoid_param``/``tanh_param`` ``engine: CAFFE``
+``kernels/cuda_elementwise.py``, PReLU's and ELU's in ``kernels/cuda_activation.py``); ``relu_param``/``sigmoid_param``/``tanh_param`` ``engine: CAFFE``
 keeps the reference.
 """
 import math
@@ -15,14 +15,14 @@ from ..core import fillers
 from ..core.blob import Blob
 from ..core.context import Slot
 from ..kernels.im2col import workspace
-from ..kernels import cuda_elementwise, engines
+from ..kernels import cuda_activation, cuda_elementwise, engines
 from ..core.layer import Layer, register
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _RELU_MASK = Slot("relu_mask")
 
-# the modules whose import registers the engines of ReLU (minicaffe.kernels.engines)
-ENGINE_MODULES = (cuda_elementwise,)
+# the modules whose import registers the engines of ReLU, PReLU and ELU (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_elementwise, cuda_activation)
 
 
 def _leaky(xp, x, slope, y):
@@ -158,18 +158,23 @@ class PReLU(NeuronLayer):
         _leaky(self.xp, x, self._slope(x), y)
 
     def backward(self, top, propagate_down, bottom):
-        x = self.input_data(bottom)
-        dy = top[0].xdiff
+        self.engine.prelu_gradient(self.input_data(bottom), top[0].xdiff,
+                                   self.blobs[0].xdiff if self.need_param_grad(0) else None,
+                                   bottom[0].xdiff if propagate_down[0] else None)
+
+    def prelu_gradient(self, x, dy, slope_diff, dx):
+        """The reference gradient: ``slope_diff += Σ min(x, 0)·dy`` (per channel, or over all
+        with ``channel_shared``) and ``dx``; either may be None (not wanted). ``dx`` may be ``dy``."""
         # the slope gradient first: in place, writing dx overwrites dy
-        if self.need_param_grad(0):
+        if slope_diff is not None:
             neg = self.xp.minimum(x, 0) * dy
             if self.channel_shared:
                 g = neg.sum()
             else:
                 g = neg.reshape(x.shape[0], x.shape[1], -1).sum(axis=(0, 2))
-            self.blobs[0].xdiff += g.reshape(self.blobs[0].shape)
-        if propagate_down[0]:
-            _leaky_grad(self.xp, x, self._slope(x), dy, bottom[0].xdiff)
+            slope_diff += g.reshape(slope_diff.shape)
+        if dx is not None:
+            _leaky_grad(self.xp, x, self._slope(x), dy, dx)
 
 
 @register("Sigmoid")

@@ -1,4 +1,9 @@
-"""BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it."""
+"""BatchNorm (statistics only, as in Caffe) and the Scale and Bias layers that usually follow it.
+
+BatchNorm's ``normalize``/``normalize_backward`` and Scale's ``scale_forward``/``scale_backward``
+are the reference (``xp`` code); on the GPU an engine with the same methods does each in one or two
+kernel launches (``kernels/cuda_normalization.py``), chosen at reshape (``kernels/engines.py``).
+"""
 import logging
 
 import numpy as np
@@ -6,10 +11,14 @@ import numpy as np
 from ..core import backend, fillers
 from ..core.blob import Blob
 from ..errors import ShapeError
+from ..kernels import cuda_normalization, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 
 log = logging.getLogger("minicaffe")
+
+# the modules whose import registers the engines of BatchNorm and Scale (minicaffe.kernels.engines)
+ENGINE_MODULES = (cuda_normalization,)
 
 
 def _channels_shape(shape, channels):
@@ -49,6 +58,12 @@ class BatchNorm(Layer):
     allows_in_place = True   # backward reads only its own copy of the normalised values
     fixed_params = True
 
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        # engines implement normalize / normalize_backward; this layer's own are the reference
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)
+        self.engine = None
+
     def setup(self, bottom, top):
         p = self.param.batch_norm_param
         self.moving_average_fraction = float(p.moving_average_fraction)
@@ -86,13 +101,19 @@ class BatchNorm(Layer):
             raise self.error(f"bottom has {channels} channels but the layer was set up with "
                              f"{self.channels}", ShapeError)
         top[0].reshape(shape)
+        self.engine = self.engine_slot.get(self, tuple(shape))
 
     def forward(self, bottom, top):
+        shape3 = _channels_shape(bottom[0].shape, self.channels)
+        x3 = bottom[0].xdata.reshape(shape3)
+        self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))   # the same, unless the mode changed
+        self.engine.normalize(x3, _out_view(top[0], "xdata", shape3))
+
+    def normalize(self, x3, y3):
+        """The reference forward: normalise ``x3`` (N, C, S) into ``y3`` (they may share memory)."""
         xp = self.xp
-        x = bottom[0].xdata
+        x = x3
         c = self.channels
-        shape3 = _channels_shape(x.shape, c)
-        x3 = x.reshape(shape3)
         if self.use_global_stats and xp is not np:
             # GPU: the factor stays on the device (reading it back would sync every forward)
             f = self.blobs[2].xdata.reshape(-1)[:1]
@@ -127,18 +148,21 @@ class BatchNorm(Layer):
         buf *= inv_std.reshape(1, c, 1)
         self._x_norm, self._inv_std = buf, inv_std
         # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
-        _out_view(top[0], "xdata", shape3)[...] = buf
+        y3[...] = buf
 
     def backward(self, top, propagate_down, bottom):
-        """Global stats: dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
         if not propagate_down[0]:
             return
+        shape3 = _channels_shape(top[0].shape, self.channels)
+        dy = top[0].xdiff.reshape(shape3)
+        self.engine.normalize_backward(dy, _out_view(bottom[0], "xdiff", shape3))
+
+    def normalize_backward(self, dy, dx):
+        """The reference gradient on (N, C, S) arrays (``dx`` may be ``dy``). Global stats:
+        dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
         xp = self.xp
         c = self.channels
-        shape3 = _channels_shape(top[0].shape, c)
-        dy = top[0].xdiff.reshape(shape3)
         inv_std = self._inv_std.reshape(1, c, 1)
-        dx = _out_view(bottom[0], "xdiff", shape3)
         if self.use_global_stats:
             xp.multiply(dy, inv_std, out=dx)
             return
@@ -247,6 +271,12 @@ class Scale(Layer):
     exact_num_top = 1
     allows_in_place = True   # forward keeps a copy of the input for the scale's gradient
 
+    def __init__(self, param, phase):
+        super().__init__(param, phase)
+        # engines implement scale_forward / scale_backward; this layer's own are the reference
+        self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)
+        self.engine = None
+
     def setup(self, bottom, top):
         p = self.param.scale_param
         if len(bottom) == 1 and not self.blobs:
@@ -266,6 +296,7 @@ class Scale(Layer):
             raise self.error(f"expects {want} parameter blob(s) with {len(bottom)} bottom(s) and "
                              f"bias_term {str(p.bias_term).lower()}, got {len(self.blobs)}")
         self.bias_index = len(self.blobs) - 1 if p.bias_term else None
+        self.num_bottoms = len(bottom)     # the GPU engine takes a learned scale only
         self._saved_input = None
 
     def reshape(self, bottom, top):
@@ -278,31 +309,35 @@ class Scale(Layer):
                 raise self.error(f"bias shape {bias.shape} does not match scale shape {s.shape}",
                                  ShapeError)
         top[0].reshape(bottom[0].shape)
+        self.engine = self.engine_slot.get(self, (tuple(bottom[0].shape), len(bottom)))
 
     def _scale_blob(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
 
     def forward(self, bottom, top):
-        xp = self.xp
-        outer, dim, inner = self.dims
-        x = bottom[0].xdata
-        self._saved_input = None
-        if top[0] is bottom[0] and (len(bottom) > 1 or self.need_param_grad(0)):
-            self._saved_input = x.copy()
-        y = _out_view(top[0], "xdata", (outer, dim, inner))
-        xp.multiply(x.reshape(outer, dim, inner), self._scale_blob(bottom).xdata.reshape(1, dim, 1),
-                    out=y)
-        if self.bias_index is not None:
-            y += self.blobs[self.bias_index].xdata.reshape(1, dim, 1)
+        self.engine = self.engine_slot.get(self, (tuple(bottom[0].shape), len(bottom)))
+        x3 = bottom[0].xdata.reshape(self.dims)
+        keep = top[0] is bottom[0] and (len(bottom) > 1 or self.need_param_grad(0))
+        b = None if self.bias_index is None else self.blobs[self.bias_index].xdata
+        self._saved_input = self.engine.scale_forward(x3, self._scale_blob(bottom).xdata, b,
+                                                      _out_view(top[0], "xdata", self.dims), keep)
+
+    def scale_forward(self, x3, s, b, y3, keep_input):
+        """The reference forward on (outer, dim, inner) arrays: ``y3 = x3·s (+ b)`` (``y3`` may be
+        ``x3``); returns a copy of the input when ``keep_input`` (in place, for the scale's gradient)."""
+        saved = x3.copy() if keep_input else None
+        dim = self.dims[1]
+        self.xp.multiply(x3, s.reshape(1, dim, 1), out=y3)
+        if b is not None:
+            y3 += b.reshape(1, dim, 1)
+        return saved
 
     def backward(self, top, propagate_down, bottom):
-        outer, dim, inner = self.dims
-        dy = top[0].xdiff.reshape(outer, dim, inner)
-        if self.bias_index is not None and self.need_param_grad(self.bias_index):
-            bias = self.blobs[self.bias_index]
-            bias.xdiff += dy.sum(axis=(0, 2)).reshape(bias.shape)
+        dy = top[0].xdiff.reshape(self.dims)
+        want_bias = self.bias_index is not None and self.need_param_grad(self.bias_index)
         scale = self._scale_blob(bottom)
         as_bottom = len(bottom) > 1
+        x = None
         if (as_bottom and propagate_down[1]) or (not as_bottom and self.need_param_grad(0)):
             x = self._saved_input
             if x is None:
@@ -310,14 +345,25 @@ class Scale(Layer):
                     raise self.error("in place: the input was not kept in forward because no "
                                      "gradient for the scale was asked for then")
                 x = bottom[0].xdata
-            g = (dy * x.reshape(outer, dim, inner)).sum(axis=(0, 2)).reshape(scale.shape)
+            x = x.reshape(self.dims)
+        dx = _out_view(bottom[0], "xdiff", self.dims) if propagate_down[0] else None
+        self.engine.scale_backward(dy, x, scale, as_bottom, want_bias, dx)
+
+    def scale_backward(self, dy, x, scale, as_bottom, want_bias, dx):
+        """The reference gradient on (outer, dim, inner) arrays: the bias's (accumulated), the
+        scale's when ``x`` is given (accumulated into a learned blob, written into bottom[1]'s diff),
+        and ``dx = dy·s`` when ``dx`` is given (it may be ``dy``)."""
+        if want_bias:
+            bias = self.blobs[self.bias_index]
+            bias.xdiff += dy.sum(axis=(0, 2)).reshape(bias.shape)
+        if x is not None:
+            g = (dy * x).sum(axis=(0, 2)).reshape(scale.shape)
             if as_bottom:
                 scale.xdiff = g
             else:
                 scale.xdiff += g
-        if propagate_down[0]:
-            self.xp.multiply(dy, scale.xdata.reshape(1, dim, 1),
-                             out=_out_view(bottom[0], "xdiff", (outer, dim, inner)))
+        if dx is not None:
+            self.xp.multiply(dy, scale.xdata.reshape(1, self.dims[1], 1), out=dx)
 
 
 @register("MVN")

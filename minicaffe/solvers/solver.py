@@ -399,6 +399,9 @@ class Solver:
         n = len(params)
         lr_mults, decay_mults = self.net.params_lr, self.net.params_weight_decay
         weight_decay = updates.f32(p.weight_decay)
+        if updates.fused_step(self.rule, params, diffs, self.history, lr_mults, decay_mults, rate, self.iter, p):
+            self.iter += 1          # on the GPU: the loop below as one kernel launch
+            return
         for i, blob in enumerate(params):
             g = diffs[i]
             scratch = self._scratch_for(i, g)

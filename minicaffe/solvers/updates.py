@@ -111,6 +111,49 @@ def clip_gradients(diffs, clip):
     return None
 
 
+# --- one launch for every parameter (GPU) --------------------------------------------------------
+
+def fused_step(rule, params, diffs, history, lr_mults, decay_mults, rate, it, param):
+    """The whole per-parameter loop of ``SGDSolver::ApplyUpdate`` after clipping (normalise,
+    regularise, compute the update, ``w -= update``) as one kernel launch per float type, on the GPU
+    (``cuda_updates.multi_step``). Same arithmetic as the loop, element for element, so a run gives
+    the same bits either way (and an exact resume stays exact).
+
+    ``history``: the solver's history blobs (set k of parameter i at ``k·len(params) + i``);
+    ``param``: the SolverParameter. Returns False, having done nothing, where the loop must run: on
+    the CPU, with an unknown regularization_type (the loop names it), or arrays the kernel cannot
+    take (not contiguous, history of another float type).
+    """
+    if not diffs or not all(_on_gpu(g) for g in diffs):
+        return False
+    weight_decay = f32(param.weight_decay)
+    decays = [f32(weight_decay * f32(m)) for m in decay_mults]
+    if any(decays) and param.regularization_type not in ("L1", "L2"):
+        return False
+    n = len(params)
+    groups = {}
+    for i, blob in enumerate(params):
+        g = diffs[i]
+        if g.size == 0:
+            continue
+        row = (blob.xdata, g) + tuple(history[k * n + i].xdata for k in range(rule.history_sets))
+        if any(a.dtype != g.dtype or not a.flags.c_contiguous for a in row):
+            return False
+        groups.setdefault(g.dtype, []).append((row, f32(lr_mults[i]), decays[i]))
+    correction = None
+    if rule.type == "Adam":
+        step = it + 1
+        correction = f32(math.sqrt(1.0 - math.pow(rule.momentum2, step)) / (1.0 - math.pow(rule.momentum, step)))
+    plans = rule._multi_step_plans
+    for dtype, members in groups.items():
+        rows, lrs, decs = zip(*members)
+        plan = plans.setdefault(dtype, cuda_updates.MultiStepPlan())
+        cuda_updates.multi_step(rule, plan, list(rows), lrs, decs, rate, correction,
+                                f32(1.0 / param.iter_size) if param.iter_size != 1 else None,
+                                param.regularization_type == "L1")
+    return True
+
+
 # --- the update rules (ComputeUpdateValue) -----------------------------------------------------
 
 class UpdateRule:
@@ -126,6 +169,7 @@ class UpdateRule:
         self.momentum2 = f32(param.momentum2)
         self.delta = f32(param.delta)
         self.rms_decay = f32(param.rms_decay)
+        self._multi_step_plans = {}     # dtype -> cuda_updates.MultiStepPlan (fused_step's tables)
         self.check(param)
 
     def check(self, param):
