@@ -265,3 +265,13 @@ def test_emulation_arithmetic_against_direct_sums(mode):
     dw = cudnn_standin.conv_backward_filter(conv, x, dy, w.shape)
     np.testing.assert_allclose(np.vdot(y, dy), np.vdot(x, dx), rtol=1e-12)
     np.testing.assert_allclose(np.vdot(y, dy), np.vdot(w, dw), rtol=1e-12)
+
+
+def test_a_library_that_cannot_make_a_handle_is_not_used(gpu):
+    """cuDNN installed but unusable (a driver too old for it): said once, and the CuPy engine runs."""
+    fake = _fake_only(gpu)
+    fake.cudnnCreate.impl = lambda addr: cudnn_standin.NOT_INITIALIZED
+    ok, why = cudnn.available()
+    assert not ok and why.endswith("unusable here: cudnnCreate failed: CUDNN_STATUS_NOT_INITIALIZED "
+                                   "(cudnnStatus_t 1001)")
+    assert _conv_layer()[0].engine_name == "cuda_im2col"

@@ -16,8 +16,9 @@ not on the GPU.
 
 Where the library comes from: ``library()`` opens it once into the context (``context.cudnn``, as
 CuPy lives in ``context.cupy``): the wheel's ``nvidia/cudnn/lib/libcudnn.so.9`` (found through the
-installed ``nvidia`` namespace package; its sub-libraries are loaded first from the same folder, so
-the shim finds them whatever ``LD_LIBRARY_PATH`` says), else the system's ``libcudnn.so.9``. When
+installed ``nvidia`` namespace package; the wheel's libraries carry an ``$ORIGIN`` run path, so the
+shim finds its sub-libraries, and NVRTC and cuBLAS in the sibling ``nvidia`` wheels, whatever
+``LD_LIBRARY_PATH`` says), else the system's ``libcudnn.so.9``. When
 neither loads, the context keeps a ``Missing`` with the reason, and ``available()`` says False with
 that reason: nothing here raises at import, and a machine without cuDNN runs the CuPy engines. The
 CPU test suite puts an emulation of the library there instead (tests/conftest.py's ``gpu``
@@ -108,13 +109,6 @@ SIGNATURES = {
     "cudnnConvolutionBackwardFilter": (_I, [_P, _P, _P, _P, _P, _P, _P, _I, _P, c_size_t, _P, _P, _P]),
 }
 
-# sub-libraries of the cuDNN 9 wheel, in the order they depend on each other: loaded (globally)
-# before the shim libcudnn.so.9, which then finds them already in the process
-_SUBLIBRARIES = ("libcudnn_graph.so.9", "libcudnn_engines_runtime_compiled.so.9",
-                 "libcudnn_engines_precompiled.so.9", "libcudnn_heuristic.so.9", "libcudnn_ops.so.9",
-                 "libcudnn_cnn.so.9")
-
-
 class Missing:
     """What the context holds when cuDNN could not be opened: the reason, said once by ``available``."""
 
@@ -143,11 +137,6 @@ def _open():
         path = os.path.join(folder, "libcudnn.so.9")
         if not os.path.exists(path):
             continue
-        for sub in _SUBLIBRARIES:
-            try:
-                ctypes.CDLL(os.path.join(folder, sub), mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                pass        # the shim reports what it really needs when it needs it
         try:
             return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as e:
@@ -181,6 +170,7 @@ class Library:
             fn.argtypes = list(argtypes)
         self.version = int(raw.cudnnGetVersion())
         self._handles = threading.local()
+        self._unusable = {}         # device -> why no handle could be made there
 
     def error_string(self, status):
         text = self.raw.cudnnGetErrorString(status)
@@ -208,6 +198,22 @@ class Library:
             h = handles[device] = _Handle(self)
         self.call("cudnnSetStream", h.ptr, c_void_p(stream_ptr or None))
         return h.ptr
+
+    def usable(self):
+        """``(True, "")`` when a handle can be made on the current device (a driver too old for the
+        library fails here, once per device and thread, not in the middle of a net), else
+        ``(False, why)``."""
+        cp = backend.import_cupy()
+        device = cp.cuda.Device().id
+        why = self._unusable.get(device)
+        if why is None:
+            try:
+                self.handle(cp.cuda.get_current_stream().ptr)
+                why = ""
+            except Exception as e:      # noqa: BLE001 - the reason is the answer
+                why = f"cuDNN {self.version} is installed but unusable here: {e}"
+                self._unusable[device] = why      # said once, not re-tried at every reshape
+        return not why, why
 
     def descriptor(self, kind):
         """A new ``Tensor``/``Filter``/``Convolution`` descriptor, destroyed with its owner."""
@@ -264,8 +270,9 @@ def library():
 
 
 def available():
-    """``(True, "")`` where the cuDNN engines can run now (GPU mode, cuDNN 9 loaded, not switched
-    off by ``MINICAFFE_CUDNN=0``), else ``(False, reason)``. Never raises."""
+    """``(True, "")`` where the cuDNN engines can run now (GPU mode, cuDNN 9 loaded, a handle made on
+    the current device, not switched off by ``MINICAFFE_CUDNN=0``), else ``(False, reason)``. Never
+    raises."""
     if not _context.switches().cudnn:
         return False, "MINICAFFE_CUDNN=0"
     if backend.mode() != "gpu":
@@ -276,7 +283,7 @@ def available():
         return False, f"cuDNN could not be opened: {e}"
     if isinstance(lib, Missing):
         return False, lib.reason
-    return True, ""
+    return lib.usable()
 
 
 def workspace_limit():
