@@ -107,13 +107,20 @@ C_SIGNATURES = {
         "const cudnnTensorDescriptor_t", "const void *", "const cudnnConvolutionDescriptor_t",
         "cudnnConvolutionBwdFilterAlgo_t", "void *", "size_t", "const void *", "const cudnnFilterDescriptor_t",
         "void *")),
+    "cudnnSoftmaxForward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t", "const void *",
+        "const cudnnTensorDescriptor_t", "const void *", "const void *", "const cudnnTensorDescriptor_t", "void *")),
+    "cudnnSoftmaxBackward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t", "const void *",
+        "const cudnnTensorDescriptor_t", "const void *", "const cudnnTensorDescriptor_t", "const void *",
+        "const void *", "const cudnnTensorDescriptor_t", "void *")),
 }
 
 _OPAQUE = {"cudnnHandle_t", "cudnnTensorDescriptor_t", "cudnnFilterDescriptor_t", "cudnnConvolutionDescriptor_t",
            "cudaStream_t"}
 _ENUMS = {"cudnnStatus_t", "cudnnDataType_t", "cudnnTensorFormat_t", "cudnnConvolutionMode_t", "cudnnMathType_t",
           "cudnnConvolutionFwdAlgo_t", "cudnnConvolutionBwdDataAlgo_t", "cudnnConvolutionBwdFilterAlgo_t",
-          "cudnnDeterminism_t"}
+          "cudnnDeterminism_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t"}
 _PERF_STRUCTS = {"cudnnConvolutionFwdAlgoPerf_t", "cudnnConvolutionBwdDataAlgoPerf_t",
                  "cudnnConvolutionBwdFilterAlgoPerf_t"}
 
@@ -604,3 +611,45 @@ class FakeCudnn:
             self._blend(dwa, conv_backward_filter(conv, xa, dya, w["dims"]), a, b)
         return self._execute("cudnnConvolutionBackwardFilter", "bwd_filter", h, (xd, dwd, conv_id, dyd), algo, ws,
                              ws_size, alpha, beta, compute)
+
+    # softmax (cudnn_ops.h): FAST, ACCURATE (max subtracted) or LOG, over C (CHANNEL) or C, H, W
+    # (INSTANCE) of each image; x and y (dy and dx) may be the same memory
+    def _softmax_tensors(self, handle, ids, algo, mode):
+        _require(handle in self.handles)
+        _require(self.handles[handle]["stream"] == cupy_standin.get_current_stream().ptr, STREAM_MISMATCH)
+        _require(algo in (0, 1, 2) and mode in (0, 1))
+        descs = [self._get(self.tensors, d) for d in ids]
+        _require(all(d["dtype"] == descs[0]["dtype"] for d in descs), NOT_SUPPORTED)
+        _require(all(d["dims"] == descs[0]["dims"] for d in descs), SHAPE_MISMATCH)
+        return descs, _DTYPES[descs[0]["dtype"]], (1,) if mode == 1 else (1, 2, 3)
+
+    def _scalars(self, dtype, alpha, beta):
+        _require(alpha != 0 and beta != 0, NULL_POINTER)
+        scalar = c_double if dtype == np.float64 else c_float
+        return scalar.from_address(alpha).value, scalar.from_address(beta).value
+
+    def _cudnnSoftmaxForward(self, h, algo, mode, alpha, xd, xp, beta, yd, yp):
+        def run():
+            (x, y), dt, axes = self._softmax_tensors(h, (xd, yd), algo, mode)
+            a, b = self._scalars(dt, alpha, beta)
+            xa, ya = self._tensor(xp, x, dt), self._tensor(yp, y, dt)
+            shifted = xa - xa.max(axis=axes, keepdims=True) if algo != 0 else xa.copy()
+            e = np.exp(shifted)
+            total = e.sum(axis=axes, keepdims=True)
+            value = shifted - np.log(total) if algo == 2 else e / total
+            self._blend(ya, value, a, b)
+            self.calls.append(("cudnnSoftmaxForward", algo))
+        return self._status(run)
+
+    def _cudnnSoftmaxBackward(self, h, algo, mode, alpha, yd, yp, dyd, dyp, beta, dxd, dxp):
+        def run():
+            (y, dy, dx), dt, axes = self._softmax_tensors(h, (yd, dyd, dxd), algo, mode)
+            a, b = self._scalars(dt, alpha, beta)
+            ya, dya, dxa = self._tensor(yp, y, dt), self._tensor(dyp, dy, dt), self._tensor(dxp, dx, dt)
+            if algo == 2:       # y = log-softmax
+                value = dya - np.exp(ya) * dya.sum(axis=axes, keepdims=True)
+            else:
+                value = (dya - (dya * ya).sum(axis=axes, keepdims=True)) * ya
+            self._blend(dxa, value, a, b)
+            self.calls.append(("cudnnSoftmaxBackward", algo))
+        return self._status(run)

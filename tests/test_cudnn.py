@@ -136,7 +136,7 @@ def test_algorithms_are_deterministic_and_fit_the_workspace(gpu, limit, want):
         return
     engines.force(layer, "cudnn", **({} if limit is None else {"workspace_limit": limit}))
     _train_pass(layer, bottom, top)
-    assert layer.engine_name == "cudnn"
+    assert layer.engine_slot.name == "cudnn"
     chosen = {k: a for k, (a, _) in layer.engine.algorithms().items()}
     assert chosen == want
     ran = {name: algo for name, algo in fake.calls}
@@ -149,7 +149,7 @@ def test_float32_runs_fma_math_unless_cupy_tf32_is_on(gpu, env_switch):
 
     def math_of(dtype):
         layer = _conv_layer(dtype)[0]
-        assert layer.engine_name == "cudnn"
+        assert layer.engine_slot.name == "cudnn"
         (plan,) = layer.engine._plans.values()
         return fake.convs[plan.conv.ptr.value]["math"]
 
@@ -275,3 +275,41 @@ def test_a_library_that_cannot_make_a_handle_is_not_used(gpu):
     assert not ok and why.endswith("unusable here: cudnnCreate failed: CUDNN_STATUS_NOT_INITIALIZED "
                                    "(cudnnStatus_t 1001)")
     assert _conv_layer()[0].engine_name == "cuda_im2col"
+
+
+# --- Softmax ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("axis,shape", [(1, (2, 5, 3, 4)), (2, (2, 3, 4, 5)), (-1, (3, 6))])
+def test_softmax_through_cudnn_on_any_axis_matches_the_reference(gpu, axis, shape):
+    """Any axis is cuDNN's channel mode on (outer, classes, inner, 1); ``engine: CUDNN`` asks for it."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    text = f'type: "Softmax" softmax_param {{ axis: {axis} engine: CUDNN }}'
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    with backend.float64_blobs():
+        layer, bottom, top = make_layer(text, [x])
+        assert layer.engine_slot.name == "cudnn"
+        y = forward(layer, bottom, top)[0]
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        dx = bottom[0].diff.copy()
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    want = e / e.sum(axis=axis, keepdims=True)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dx, (dy - (dy * want).sum(axis=axis, keepdims=True)) * want, rtol=1e-10,
+                               atol=1e-14)
+    if gpu == "standin":
+        assert [c for c in context.current().cudnn.calls] == [("cudnnSoftmaxForward", cudnn.SOFTMAX_ACCURATE),
+                                                              ("cudnnSoftmaxBackward", cudnn.SOFTMAX_ACCURATE)]
+
+
+def test_softmax_default_on_gpu_is_cudnn_and_falls_back_without_it(gpu):
+    x = np.zeros((2, 4), np.float32)
+    layer = make_layer('type: "Softmax"', [x])[0]
+    assert layer.engine_slot.name == ("cudnn" if cudnn.available()[0] else "cuda")
+    context.current().cudnn = cudnn.Missing("removed by the test")
+    try:
+        assert make_layer('type: "Softmax"', [x])[0].engine_slot.name == "cuda"
+    finally:
+        context.current().cudnn = None if gpu == "cupy" else cudnn_standin.FakeCudnn()

@@ -54,6 +54,8 @@ TENSOR_NCHW = 0
 CONVOLUTION, CROSS_CORRELATION = 0, 1
 DEFAULT_MATH, TENSOR_OP_MATH, TENSOR_OP_MATH_ALLOW_CONVERSION, FMA_MATH = 0, 1, 2, 3
 NON_DETERMINISTIC, DETERMINISTIC = 0, 1
+SOFTMAX_FAST, SOFTMAX_ACCURATE, SOFTMAX_LOG = 0, 1, 2
+SOFTMAX_MODE_INSTANCE, SOFTMAX_MODE_CHANNEL = 0, 1
 FWD_ALGO_COUNT, BWD_DATA_ALGO_COUNT, BWD_FILTER_ALGO_COUNT = 8, 6, 7
 # the deterministic algorithm of each direction that needs no heuristics' blessing: implicit GEMM
 # forward (no workspace), and BWD_DATA_ALGO_1 / BWD_FILTER_ALGO_1 (implicit GEMM, deterministic)
@@ -107,6 +109,8 @@ SIGNATURES = {
     "cudnnConvolutionForward": (_I, [_P, _P, _P, _P, _P, _P, _P, _I, _P, c_size_t, _P, _P, _P]),
     "cudnnConvolutionBackwardData": (_I, [_P, _P, _P, _P, _P, _P, _P, _I, _P, c_size_t, _P, _P, _P]),
     "cudnnConvolutionBackwardFilter": (_I, [_P, _P, _P, _P, _P, _P, _P, _I, _P, c_size_t, _P, _P, _P]),
+    "cudnnSoftmaxForward": (_I, [_P, _I, _I, _P, _P, _P, _P, _P, _P]),
+    "cudnnSoftmaxBackward": (_I, [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 class Missing:
