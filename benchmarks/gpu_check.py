@@ -16,8 +16,13 @@ a note):
    equal plain training (the multi-GPU code path on one GPU).
 4. ``timing`` (TF32 off, then on): GoogLeNet training (forward+backward+SGD update) at batch 128
    and VGG-16 inference at batch 64: images/s and peak GPU memory for minicaffe and for PyTorch
-   eager running the same architecture (``benchmarks/bench_nets.build_torch``). Caffe's published
-   K40 figure is printed for the record.
+   eager running the same architecture (``benchmarks/bench_nets.build_torch``), then minicaffe
+   again with cuDNN switched off (the CuPy engines cuda_im2col/gemm_1x1) when cuDNN ran the first
+   rows; each row says which convolution engines ran. Caffe's published K40 figure is printed for
+   the record.
+
+The convolution engine is cuDNN wherever it loads (``minicaffe/kernels/cudnn.py``: the
+``nvidia-cudnn-cu13`` wheel on the GPU machine); the env section says whether it did and why not.
 
 Results: a compact summary on stdout and in ``$OUT/summary.json`` + ``$OUT/summary.md``, the test
 log in ``$OUT/pytest.log``, worker output in ``$OUT/workers.log`` (4 files).
@@ -45,19 +50,48 @@ CAFFE_K40 = ("BVLC Caffe's published figure: GoogLeNet, batch 128, forward+backw
 
 # (section, cap in seconds, least time worth starting it with)
 SECTIONS = [("env", 20, 2), ("pytest", 150, 30), ("agreement", 90, 20), ("nccl", 30, 8),
-            ("timing_tf32_off", 80, 25), ("timing_tf32_on", 60, 20)]
+            ("timing_tf32_off", 110, 25), ("timing_tf32_on", 90, 20)]
 
 
 # --- the stand-in, for rehearsals ----------------------------------------------------------------
 
 def use_standin():
-    """Install tests/cupy_standin.py as cupy (the rehearsal path: no GPU needed)."""
+    """Install tests/cupy_standin.py as cupy, and tests/cudnn_standin.py as the cuDNN library (the
+    rehearsal path: no GPU needed; the cuDNN engine runs on the emulation as it does in the tests)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import cudnn_standin
     import cupy_standin
-    from minicaffe.core import backend
+    from minicaffe.core import context
     cupy_standin.install()
-    backend._state["cupy"] = cupy_standin
+    ctx = context.current()
+    ctx.cupy = cupy_standin
+    ctx.cudnn = cudnn_standin.FakeCudnn()
     return cupy_standin
+
+
+def conv_engines(net):
+    """Which engines ran the net's (de)convolutions: {"cudnn": 57} (the engine slot's choice)."""
+    counts = {}
+    for layer in net.layers:
+        if layer.type in ("Convolution", "Deconvolution"):
+            name = getattr(layer, "engine_name", "?")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def cudnn_report():
+    """cuDNN as minicaffe sees it in GPU mode: usable or why not, and the library's version."""
+    from minicaffe.core import backend
+    from minicaffe.kernels import cudnn
+    mode = backend.mode()
+    backend.set_mode_gpu()
+    try:
+        ok, why = cudnn.available()
+        if not ok:
+            return f"not used: {why}"
+        return f"cuDNN {cudnn.library().version} (conv engine 'cudnn' is DEFAULT)"
+    finally:
+        backend.set_mode_gpu() if mode == "gpu" else backend.set_mode_cpu()
 
 
 def cupy_module(standin):
@@ -93,6 +127,10 @@ def worker_env(args):
             out[mod] = getattr(m, "__version__", "ok")
         except Exception as exc:  # noqa: BLE001
             out[mod] = f"missing ({type(exc).__name__})"
+    try:
+        out["cudnn"] = cudnn_report()
+    except Exception as exc:  # noqa: BLE001
+        out["cudnn"] = f"error ({type(exc).__name__}: {exc})"
     try:
         from cupy.cuda import nccl  # noqa: F401
         out["nccl"] = "ok"
@@ -136,7 +174,7 @@ def _fwd_bwd(name, batch, dtype64, seed=3):
     for lname, blobs in net.params.items():
         for i, b in enumerate(blobs):
             res[f"{lname}[{i}]"] = b.diff.astype(np.float64)
-    return res
+    return res, conv_engines(net)
 
 
 class _Null:
@@ -175,10 +213,10 @@ def worker_agreement(args):
             continue
         t0 = time.time()
         try:
-            runs = {}
+            runs, engines = {}, {}
             for mode, d64 in (("cpu", True), ("gpu", True), ("cpu", False), ("gpu", False)):
                 backend.set_mode_gpu() if mode == "gpu" else backend.set_mode_cpu()
-                runs[mode, d64] = _fwd_bwd(name, batch, d64)
+                runs[mode, d64], engines[mode] = _fwd_bwd(name, batch, d64)
             backend.set_mode_cpu()
             ref = runs["cpu", True]
             exact = {k: _rel(ref[k], runs["gpu", True][k]) for k in ref}
@@ -192,6 +230,7 @@ def worker_agreement(args):
                          "f32_output": [gpu32["output"], cpu32["output"]],
                          "f32_input_grad": [gpu32["input_grad"], cpu32["input_grad"]],
                          "f32_worst": worst32, "f32_worst_gpu_cpu": [gpu32[worst32], cpu32[worst32]],
+                         "gpu_conv": engines["gpu"],
                          "ok": ok64 and ok32, "seconds": round(time.time() - t0, 1)})
         except Exception as exc:  # noqa: BLE001
             backend.set_mode_cpu()
@@ -257,9 +296,9 @@ def _time(step, sync_fn, warmup, iters, budget_end):
 
 def worker_timing(args):
     """GoogLeNet train b128 and VGG-16 inference b64, minicaffe then PyTorch, TF32 per args.tf32."""
-    import numpy as np
+    import dataclasses
     import minicaffe as caffe
-    from minicaffe.core import backend
+    from minicaffe.core import backend, context
     from bench_nets import build_torch, deploy_param, inputs, solver_param, train_param
     cp = cupy_module(args.standin)
     backend.set_mode_gpu()
@@ -269,47 +308,70 @@ def worker_timing(args):
     end = time.time() + args.seconds - 5
     rows, weights = [], {}
 
-    def mc_row(name, mode, batch, step):
+    def mc_row(name, mode, batch, step, conv):
         pool.free_all_blocks()
         times = _time(step, lambda: sync(cp), warmup, iters, end)
         ms = _median(times) * 1000
         rows.append({"framework": "minicaffe", "net": name, "mode": mode, "batch": batch, "ms": round(ms, 2),
                      "img_s": round(batch / ms * 1000, 1), "peak_mb": round(pool.total_bytes() / 2 ** 20),
-                     "iters": len(times)})
+                     "iters": len(times), "conv": conv})
         print(json.dumps(rows[-1]), flush=True)
 
-    # minicaffe: GoogLeNet training
-    b = sizes["googlenet"]
-    caffe.set_random_seed(1)
-    solver = caffe.SGDSolver(solver_param(train_param("googlenet", b)))
-    data, labels = inputs("googlenet", b)
-    solver.net.blobs["data"].data[...] = data
-    solver.net.blobs["label"].data[...] = labels
-    weights["googlenet"] = {n: [x.data.copy() for x in bl] for n, bl in solver.net.params.items()}
-    try:
-        mc_row("googlenet", "train", b, lambda: solver.step(1))
-    finally:
-        del solver
-        pool.free_all_blocks()
-    # minicaffe: VGG-16 inference
-    b = sizes["vgg16"]
-    net = caffe.Net(deploy_param("vgg16", b), caffe.TEST)
-    _random_weights(net, 1)
-    weights["vgg16"] = {n: [x.data.copy() for x in bl] for n, bl in net.params.items()}
-    net.blobs[net.inputs[0]].data[...] = inputs("vgg16", b)[0]
-    try:
-        mc_row("vgg16", "infer", b, lambda: net.forward())
-    finally:
-        del net
-        pool.free_all_blocks()
-    backend.set_mode_cpu()
+    def minicaffe_rows(cudnn_on):
+        """GoogLeNet training and VGG-16 inference, with the convolution engines DEFAULT picks
+        (cuDNN where it loads) or with cuDNN switched off (the CuPy engines: cuda_im2col, gemm_1x1),
+        as MINICAFFE_CUDNN=0 would, in this process."""
+        ctx = context.current()
+        saved = ctx.switches
+        ctx.switches = dataclasses.replace(saved, cudnn=bool(cudnn_on))
+        backend.set_mode_gpu()
+        try:
+            b = sizes["googlenet"]
+            caffe.set_random_seed(1)
+            solver = caffe.SGDSolver(solver_param(train_param("googlenet", b)))
+            data, labels = inputs("googlenet", b)
+            solver.net.blobs["data"].data[...] = data
+            solver.net.blobs["label"].data[...] = labels
+            weights.setdefault("googlenet", {n: [x.data.copy() for x in bl] for n, bl in solver.net.params.items()})
+            try:
+                mc_row("googlenet", "train", b, lambda: solver.step(1), conv_engines(solver.net))
+            finally:
+                del solver
+                pool.free_all_blocks()
+            b = sizes["vgg16"]
+            net = caffe.Net(deploy_param("vgg16", b), caffe.TEST)
+            _random_weights(net, 1)
+            weights.setdefault("vgg16", {n: [x.data.copy() for x in bl] for n, bl in net.params.items()})
+            net.blobs[net.inputs[0]].data[...] = inputs("vgg16", b)[0]
+            try:
+                mc_row("vgg16", "infer", b, lambda: net.forward(), conv_engines(net))
+            finally:
+                del net
+                pool.free_all_blocks()
+        finally:
+            ctx.switches = saved
+            backend.set_mode_cpu()
+
+    minicaffe_rows(cudnn_on=True)
+
+    def no_cudnn_rows():
+        """The same minicaffe rows on the CuPy engines, when cuDNN ran the first ones and time is left
+        (after PyTorch: the cuDNN-vs-PyTorch comparison matters more)."""
+        if not any(r.get("conv", {}).get("cudnn") for r in rows):
+            return
+        if time.time() > end - 20:
+            rows.append({"framework": "minicaffe", "net": "-", "mode": "no cuDNN", "skipped": "time"})
+            return
+        minicaffe_rows(cudnn_on=False)
 
     # PyTorch eager, same architectures and weights
     try:
         import torch
     except ImportError as exc:
+        no_cudnn_rows()
         return {"rows": rows, "torch": f"not importable: {exc}"}
     if args.standin or not torch.cuda.is_available():
+        no_cudnn_rows()
         return {"rows": rows, "torch": "skipped (no CUDA in torch)" if not args.standin else "skipped (stand-in)"}
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     torch.backends.cudnn.allow_tf32 = bool(args.tf32)
@@ -328,7 +390,7 @@ def worker_timing(args):
         print(json.dumps(rows[-1]), flush=True)
 
     b = sizes["googlenet"]
-    model = build_torch(train_param("googlenet", b), weights.pop("googlenet")).to(dev).train()
+    model = build_torch(train_param("googlenet", b), weights["googlenet"]).to(dev).train()
     groups = [{"params": [t], "lr": 0.001 * lr, "weight_decay": 0.0005 * decay} for t, lr, decay in model.param_mults]
     opt = torch.optim.SGD(groups, lr=0.001, momentum=0.9)
     data, labels = inputs("googlenet", b)
@@ -343,7 +405,7 @@ def worker_timing(args):
     del model, opt, x, y
     b = sizes["vgg16"]
     dp = deploy_param("vgg16", b)
-    model = build_torch(dp, weights.pop("vgg16")).to(dev).eval()
+    model = build_torch(dp, weights["vgg16"]).to(dev).eval()
     in_name = next(lp.top[0] for lp in dp.layer if lp.type == "Input")
     xv = torch.from_numpy(inputs("vgg16", b)[0]).to(dev)
 
@@ -351,6 +413,9 @@ def worker_timing(args):
         with torch.no_grad():
             model({in_name: xv})
     torch_row("vgg16", "infer", b, infer_step)
+    del model, xv
+    torch.cuda.empty_cache()
+    no_cudnn_rows()
     return {"rows": rows, "torch": torch.__version__}
 
 
@@ -537,7 +602,7 @@ class Run:
         if env:
             md.append(f"device: {env.get('device', '?')} ({env.get('nvidia_smi', '')}); cupy {env.get('cupy')}, "
                       f"numpy {env.get('numpy')}, torch {env.get('torch')}, protobuf {env.get('google.protobuf')}, "
-                      f"lmdb {env.get('lmdb')}, nccl {env.get('nccl')}")
+                      f"lmdb {env.get('lmdb')}, nccl {env.get('nccl')}; cudnn: {env.get('cudnn')}")
             md.append("")
         md.append("| section | status | seconds | result |")
         md.append("|---|---|---|---|")
@@ -551,7 +616,8 @@ class Run:
             elif name == "agreement":
                 detail = "; ".join(
                     f"{x['net']}: " + (f"f64 {x['f64_max_rel']:.0e}, f32 in-grad gpu/cpu "
-                                       f"{x['f32_input_grad'][0]:.0e}/{x['f32_input_grad'][1]:.0e}"
+                                       f"{x['f32_input_grad'][0]:.0e}/{x['f32_input_grad'][1]:.0e} "
+                                       f"({'+'.join(sorted(x.get('gpu_conv', {})))})"
                                        if "f64_max_rel" in x else x.get("error", x.get("skipped", "?"))[:80])
                     for x in r.get("rows", []))
             elif name == "nccl":
@@ -568,11 +634,16 @@ class Run:
         rows = [(n[len('timing_'):], row) for n in ("timing_tf32_off", "timing_tf32_on")
                 for row in sec.get(n, {}).get("rows", [])]
         if rows:
-            md += ["", "| TF32 | framework | net | mode | batch | ms/iter | images/s | peak GPU MB |",
-                   "|---|---|---|---|---|---|---|---|"]
+            md += ["", "| TF32 | framework | conv engines | net | mode | batch | ms/iter | images/s | peak GPU MB |",
+                   "|---|---|---|---|---|---|---|---|---|"]
             for tf, r in rows:
-                md.append(f"| {tf} | {r['framework']} | {r['net']} | {r['mode']} | {r['batch']} | {r['ms']} | "
-                          f"{r['img_s']} | {r['peak_mb']} |")
+                if r.get("skipped"):
+                    md.append(f"| {tf} | {r['framework']} | | {r['net']} | {r['mode']} | skipped: {r['skipped']} "
+                              f"| | | |")
+                    continue
+                conv = " ".join(f"{k}×{v}" for k, v in sorted(r.get("conv", {}).items())) or "cuDNN (torch)"
+                md.append(f"| {tf} | {r['framework']} | {conv} | {r['net']} | {r['mode']} | {r['batch']} | "
+                          f"{r['ms']} | {r['img_s']} | {r['peak_mb']} |")
             md += ["", "minicaffe peak = CuPy memory pool bytes held after the timed loop; torch peak = "
                    "max_memory_allocated."]
         fails = sec.get("pytest", {}).get("failed", [])

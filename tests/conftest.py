@@ -14,6 +14,7 @@ from minicaffe.core import backend, context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cupy_standin  # noqa: E402  (tests/ is not a package)
+import cudnn_standin  # noqa: E402
 
 # Real CuPy with a visible device wins; otherwise the GPU tests run on tests/cupy_standin.py.
 # MINICAFFE_NO_STANDIN=1 turns the stand-in off (the GPU tests then skip without a GPU; the
@@ -94,8 +95,9 @@ def gpu_backend_name():
 
 @pytest.fixture
 def gpu():
-    """Run the test in GPU mode: on real CuPy where a device is visible, else on the strict CuPy
-    stand-in installed as ``cupy`` for this test only (so CPU tests never see it)."""
+    """Run the test in GPU mode: on real CuPy where a device is visible (with the real cuDNN where
+    it is installed), else on the strict CuPy stand-in installed as ``cupy`` for this test only (so
+    CPU tests never see it), with the cuDNN emulation as the context's cuDNN library."""
     kind = gpu_backend_name()
     if kind is None:
         pytest.skip("no CUDA device and MINICAFFE_NO_STANDIN=1")
@@ -106,14 +108,17 @@ def gpu():
         return
     saved_modules = cupy_standin.install()
     ctx = context.current()
-    saved_cupy = ctx.cupy
+    saved_cupy, saved_cudnn = ctx.cupy, ctx.cudnn
     ctx.cupy = cupy_standin
+    # the emulated cuDNN 9 (tests/cudnn_standin.py): the cuDNN engine is DEFAULT in every stand-in
+    # GPU test, as it is on a GPU machine with cuDNN installed
+    ctx.cudnn = cudnn_standin.FakeCudnn()
     try:
         backend.set_mode_gpu()
         yield "standin"
     finally:
         backend.set_mode_cpu()
-        ctx.cupy = saved_cupy
+        ctx.cupy, ctx.cudnn = saved_cupy, saved_cudnn
         cupy_standin.uninstall(saved_modules)
 
 

@@ -13,7 +13,8 @@ import minicaffe as caffe
 from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.formats.prototxt import load_net_param
-from minicaffe.kernels import engines
+from minicaffe.core import context
+from minicaffe.kernels import cudnn, engines
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import forward, make_layer
 
@@ -158,6 +159,8 @@ def test_every_gpu_engine_matches_the_cpu_reference(gpu, layer_type, name):
             b.data[...] = w
         if name != REF and not _engine(layer_type, name, "gpu").runs_on(layer):
             continue
+        if name == "cudnn" and not cudnn.available()[0]:
+            pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
         _assert_same(_run(layer, bottom, top, name), want)
         ran.append(case)
     assert ran, f"no case reaches engine {name}"
@@ -246,17 +249,48 @@ def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):
     assert layer.engine_name == "im2col_bands"
 
 
-def test_default_engine_on_gpu(gpu):
+@pytest.fixture
+def no_cudnn():
+    """cuDNN absent (the context holds what ``cudnn.library()`` holds when it cannot load one)."""
+    ctx = context.current()
+    saved = ctx.cudnn
+    ctx.cudnn = cudnn.Missing("cuDNN 9 not found (the test removed it)")
+    yield
+    ctx.cudnn = saved
+
+
+def _gpu_picks():
     picks = {}
-    for spec, shape in (("kernel_size: 3 pad: 1", (4, 256, 14, 14)), ("kernel_size: 1", (2, 16, 8, 8)),
-                        ("kernel_size: 1 stride: 2", (1, 16, 40, 40))):
-        layer, _, _ = make_layer(conv_text("Convolution", f"num_output: 4 {spec}"), [np.zeros(shape, np.float32)])
-        picks[spec] = layer.engine_name
-    assert picks == {"kernel_size: 3 pad: 1": "cuda_im2col", "kernel_size: 1": "gemm_1x1",
-                     "kernel_size: 1 stride: 2": "cuda_im2col"}
+    for layer_type, spec, shape in (("Convolution", "kernel_size: 3 pad: 1", (4, 256, 14, 14)),
+                                    ("Convolution", "kernel_size: 1", (2, 16, 8, 8)),
+                                    ("Convolution", "kernel_size: 1 stride: 2", (1, 16, 40, 40)),
+                                    ("Deconvolution", "kernel_size: 4 stride: 2", (2, 8, 6, 6))):
+        layer, _, _ = make_layer(conv_text(layer_type, f"num_output: 4 {spec}"), [np.zeros(shape, np.float32)])
+        picks[layer_type, spec] = layer.engine_name
+    return picks
 
 
-def test_engine_follows_a_new_shape_and_a_mode_switch(gpu):
+def test_default_engine_on_gpu_is_cudnn(gpu):
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    assert set(_gpu_picks().values()) == {"cudnn"}
+
+
+def test_default_engine_on_gpu_without_cudnn_is_the_cupy_engine(gpu, no_cudnn):
+    assert cudnn.available() == (False, "cuDNN 9 not found (the test removed it)")
+    assert _gpu_picks() == {("Convolution", "kernel_size: 3 pad: 1"): "cuda_im2col",
+                            ("Convolution", "kernel_size: 1"): "gemm_1x1",
+                            ("Convolution", "kernel_size: 1 stride: 2"): "cuda_im2col",
+                            ("Deconvolution", "kernel_size: 4 stride: 2"): "cuda_im2col"}
+
+
+def test_cudnn_switched_off_by_the_environment_falls_back(gpu, env_switch):
+    env_switch("MINICAFFE_CUDNN", "0")
+    assert cudnn.available() == (False, "MINICAFFE_CUDNN=0")
+    assert "cudnn" not in _gpu_picks().values()
+
+
+def test_engine_follows_a_new_shape_and_a_mode_switch(gpu, no_cudnn):
     layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 4 kernel_size: 3 pad: 1"),
                                     [np.zeros((4, 3, 9, 9), np.float32)])
     assert layer.engine_name == "cuda_im2col"
@@ -299,6 +333,26 @@ def test_engine_caffe_in_a_prototxt_runs_the_reference():
 
 
 def test_engine_cudnn_without_cudnn_is_one_line_naming_the_layer():
+    with pytest.raises(NetError, match=r"^layer 'conv1' \(Convolution\): engine: CUDNN was asked for") as info:
+        caffe.Net(load_net_param(NET.format(engine="engine: CUDNN")), caffe.TEST)
+    assert "\n" not in str(info.value)
+
+
+def test_engine_cudnn_on_the_gpu_runs_cudnn(gpu):
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    x = np.random.default_rng(5).standard_normal((4, 3, 10, 10)).astype(np.float32)
+    outputs = {}
+    for engine in ("engine: CUDNN", "engine: CAFFE"):
+        caffe.set_random_seed(7)
+        net = caffe.Net(load_net_param(NET.format(engine=engine)), caffe.TEST)
+        names = {net.layer_dict[n].engine_name for n in ("conv1", "up")}
+        assert names == ({"cudnn"} if engine == "engine: CUDNN" else {REF})
+        outputs[engine] = net.forward(data=x)["up"].copy()
+    np.testing.assert_allclose(outputs["engine: CUDNN"], outputs["engine: CAFFE"], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_cudnn_on_the_gpu_without_cudnn_is_one_line_naming_the_layer(gpu, no_cudnn):
     with pytest.raises(NetError, match=r"^layer 'conv1' \(Convolution\): engine: CUDNN was asked for") as info:
         caffe.Net(load_net_param(NET.format(engine="engine: CUDNN")), caffe.TEST)
     assert "\n" not in str(info.value)

@@ -18,7 +18,7 @@ import pytest
 from minicaffe.core import backend
 from minicaffe.core.layer import layer_type_list
 from minicaffe.errors import NetError
-from minicaffe.kernels import engines
+from minicaffe.kernels import cudnn, engines
 from minicaffe.testing import TEST, TRAIN, make_layer
 
 # the convolution family's engines are tested with its own layer tests for now
@@ -246,6 +246,8 @@ def test_engine_matches_the_reference(layer_type, index, name, request):
     engine = next(e for e in engines.engines_for(layer_type) if e.name == name)
     if "cpu" not in engine.devices:
         request.getfixturevalue("gpu")           # GPU mode, on CuPy or its stand-in
+        if engine.cudnn and not cudnn.available()[0]:
+            pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
     ran, tops, diffs, params = run(layer_type, case, name)
     assert ran == name
     _assert_same(tops, want_tops, "top")
@@ -272,7 +274,7 @@ def test_engine_caffe_runs_the_reference_on_the_gpu(layer_type, gpu):
     ran, tops, diffs, _ = run(layer_type, case, None, f"{field_name} {{ engine: CAFFE }}")
     assert ran == engines.REFERENCE
     default = run(layer_type, case, None)
-    best = [e.name for e in engines.engines_for(layer_type, "gpu")]
+    best = [e.name for e in engines.engines_for(layer_type, "gpu") if not e.cudnn or cudnn.available()[0]]
     assert default[0] == (best[0] if best else engines.REFERENCE)
     _assert_same(default[1], tops, "top")
     _assert_same(default[2], diffs, "bottom diff")

@@ -11,7 +11,8 @@ wants instead of racing the environment).
 
 What it holds, and who reads it:
 
-* ``mode``, ``device``, ``cupy`` and ``dtype``: the array backend. ``core/backend.py``'s functions
+* ``mode``, ``device``, ``cupy``, ``cudnn`` and ``dtype``: the array backend (``cudnn``: the library
+  ``kernels/cudnn.py`` opened, or why it could not). ``core/backend.py``'s functions
   (``set_mode_gpu``, ``xp()``, ``float64_blobs`` ...) are views on them; every layer and blob asks
   ``backend.xp()``.
 * ``rng``, ``seed`` and the device generator (``gpu_seed``, ``gpu_draws``): fillers, dropout, data
@@ -26,7 +27,8 @@ What it holds, and who reads it:
   (``check_nan``, ``fusion``), the Winograd kernel (``winograd``), blobs (``max_blob_bytes``), Python
   layers (``no_python_layers``), the commands (``debug``, ``no_progress``) and data-parallel
   launching (``comm``, ``bucket_mb``, the NCCL worker variables, the MPI world size), the size of
-  the kernels' thread pool (``threads``, ``blas_threads``, ``blas_spin``: ``core/threads.py``).
+  the kernels' thread pool (``threads``, ``blas_threads``, ``blas_spin``: ``core/threads.py``), the
+  cuDNN engines (``cudnn``, ``cudnn_workspace_mb``, and CuPy's ``CUPY_TF32`` as ``tf32``).
 
 One context per process (``current()``): minicaffe runs one process per worker, never one thread per
 GPU (see ``minicaffe.parallel``), so the rank is the process's. Scratch buffers are still kept per
@@ -54,6 +56,10 @@ NO_PYTHON_LAYERS_VAR = "MINICAFFE_NO_PYTHON_LAYERS"
 COMM_VAR = "MINICAFFE_COMM"            # "mpi" or "nccl": which library GPU workers under mpirun use
 BUCKET_VAR = "MINICAFFE_BUCKET_MB"     # gradient bucket size for ParallelSolvers built without bucket_mb
 THREADS_VAR = "MINICAFFE_THREADS"      # threads of the kernels' pool (core/threads.py)
+CUDNN_VAR = "MINICAFFE_CUDNN"          # 0: never choose the cuDNN engines (comparisons, a broken cuDNN)
+CUDNN_WORKSPACE_VAR = "MINICAFFE_CUDNN_WORKSPACE_MB"   # the largest cuDNN workspace an algorithm may use
+# CuPy's own TF32 switch: the cuDNN engine follows it, so convolutions and GEMMs round alike
+TF32_VAR = "CUPY_TF32"
 # the BLAS libraries' own thread-count variables: the pool's default size is theirs
 BLAS_THREADS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # how long OpenBLAS's idle threads spin (2^n cycles) before sleeping: read by OpenBLAS at load, and
@@ -107,6 +113,9 @@ class Switches:
     threads: str = None                 # MINICAFFE_THREADS: the kernels' thread pool (core/threads.py)
     blas_threads: str = None            # OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else MKL_NUM_THREADS
     blas_spin: str = None               # OPENBLAS_THREAD_TIMEOUT
+    cudnn: bool = True                  # MINICAFFE_CUDNN=0: the cuDNN engines are never chosen
+    cudnn_workspace_mb: str = None      # MINICAFFE_CUDNN_WORKSPACE_MB (default: kernels/cudnn.py)
+    tf32: bool = False                  # CUPY_TF32=1: float32 convolutions may use TF32 tensor cores
     glog: dict = field(default_factory=dict)   # GLOG_minloglevel/logtostderr/log_dir, as Caffe's tools read them
 
     @classmethod
@@ -120,7 +129,8 @@ class Switches:
                    nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
                    mpi_world_size=mpi_world_size_in(env), threads=env.get(THREADS_VAR) or None,
                    blas_threads=next((env[v] for v in BLAS_THREADS_VARS if env.get(v)), None),
-                   blas_spin=env.get(BLAS_SPIN_VAR) or None,
+                   blas_spin=env.get(BLAS_SPIN_VAR) or None, cudnn=_not_off(env, CUDNN_VAR),
+                   cudnn_workspace_mb=env.get(CUDNN_WORKSPACE_VAR) or None, tf32=_flag(env, TF32_VAR),
                    glog={k: env[k] for k in ("GLOG_minloglevel", "GLOG_logtostderr", "GLOG_log_dir") if k in env})
 
 
@@ -180,6 +190,7 @@ class Context:
     mode: str = "cpu"
     device: int = 0
     cupy: object = None                 # the CuPy module once imported (tests install a stand-in)
+    cudnn: object = None                # the cuDNN library once opened (kernels/cudnn.py; tests install an emulation)
     dtype: type = np.float32
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     seed: int = None                    # the last set_random_seed, None if never seeded

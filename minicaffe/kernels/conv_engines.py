@@ -15,6 +15,7 @@ im2col_bands        cpu          forward over wide maps, a band of output rows a
 im2col_batch_last   cpu          narrow maps (<= 16 wide, stride_w 1, batch >= 4)             20
 im2col              cpu          everything else                                              10
 cuda_im2col         gpu          everything else                                              10
+cudnn               gpu          every 2-D shape, where cuDNN 9 is installed (``cudnn_conv``)  50
 ==================  ===========  ==========================================================  =====
 
 Every engine computes in the convolution's *forward orientation* (input ``cin`` channels ->
@@ -46,7 +47,7 @@ from ..core import backend
 from ..core import context as _context
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
-from . import cuda_im2col, engines, winograd
+from . import cuda_im2col, cudnn_conv, engines, winograd
 from .engines import Engine, register
 from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows, images_per_chunk,
                      padded_source, workspace)
@@ -414,6 +415,12 @@ def _register_conv(layer_type):
     register(Engine(layer_type, "im2col", devices=("cpu",), priority=10, build=cpu(Im2colConv)))
     register(Engine(layer_type, "cuda_im2col", devices=("gpu",), priority=10,
                     build=lambda layer, **opt: Im2colConv(layer.conv, device="gpu", **opt)))
+    # cuDNN (kernels/cudnn_conv.py) wherever it is installed and computes the shape; cuda_im2col and
+    # gemm_1x1 are the fallback (MINICAFFE_CUDNN=0, no cuDNN 9, a shape cuDNN does not take)
+    register(Engine(layer_type, "cudnn", devices=("gpu",), priority=50, cudnn=True,
+                    applies=lambda layer: cudnn_conv.applies(layer.conv),
+                    computes=lambda layer: cudnn_conv.computes(layer.conv),
+                    build=lambda layer, **opt: cudnn_conv.CudnnConv(layer.conv, layer.blobs[0].dtype, **opt)))
 
 
 # Winograd computes Convolution's forward only: Deconvolution's forward is a data gradient

@@ -16,7 +16,7 @@ import logging
 import numpy as np
 
 from ..errors import ShapeError
-from ..kernels import cuda_softmax, engines
+from ..kernels import cuda_softmax, cudnn_softmax, engines  # noqa: F401  (importing registers the engines)
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 from ..core.numeric import element_count
