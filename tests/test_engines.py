@@ -153,6 +153,7 @@ CASES = {
              blobs=[_normal(3), _normal(3)]),
         Case("scale_param { bias_term: true }", [_normal(4, 6)], blobs=[_normal(6), _normal(6)]),
         Case("scale_param { axis: 0 num_axes: 2 }", [_normal(2, 3, 5)], in_place=True, blobs=[_normal(2, 3)]),
+        Case("scale_param { axis: 0 num_axes: -1 }", [_normal(2, 3)], blobs=[_normal(2, 3)]),  # Caffe writes the diff
         Case("scale_param { axis: 1 }", [_normal(2, 3, 4), _normal(3)]),   # scale as a bottom: the reference
     ],
     "InfogainLoss": [

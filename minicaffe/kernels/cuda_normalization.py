@@ -319,6 +319,8 @@ class CudaScale:
         xp = layer.xp
         dy3 = _cuda.contiguous(xp, dy3)
         scale_diff = None if x3 is None else _flat(scale.xdiff)
+        if scale_diff is not None and layer.scale_diff_overwrites:
+            scale_diff.fill(0)       # the kernel adds; Caffe writes this diff in this shape
         bias_diff = _flat(layer.blobs[layer.bias_index].xdiff) if want_bias else None
         scale_param_grad(dy3, None if x3 is None else _cuda.contiguous(xp, x3), scale_diff, bias_diff)
         if dx3 is not None:

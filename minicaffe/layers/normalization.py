@@ -309,6 +309,12 @@ class Scale(Layer):
                 raise self.error(f"bias shape {bias.shape} does not match scale shape {s.shape}",
                                  ShapeError)
         top[0].reshape(bottom[0].shape)
+        outer, dim, inner = self.dims
+        # Caffe's ScaleLayer::Backward_cpu writes a learned scale's diff instead of adding to it in two
+        # shapes, where it uses that diff as its scratch space: a scale as big as the input, and one
+        # image (outer 1) with a scale vector over maps (dim > 1, inner > 1). Only iter_size > 1 (or
+        # two backward passes without clearing) can see it; matched so such runs train as Caffe's do.
+        self.scale_diff_overwrites = outer * inner == 1 or (outer == 1 and dim > 1 and inner > 1)
         self.engine = self.engine_slot.get(self, (tuple(bottom[0].shape), len(bottom)))
 
     def _scale_blob(self, bottom):
@@ -352,13 +358,14 @@ class Scale(Layer):
     def scale_backward(self, dy, x, scale, as_bottom, want_bias, dx):
         """The reference gradient on (outer, dim, inner) arrays: the bias's (accumulated), the
         scale's when ``x`` is given (accumulated into a learned blob, written into bottom[1]'s diff),
-        and ``dx = dy·s`` when ``dx`` is given (it may be ``dy``)."""
+        and ``dx = dy·s`` when ``dx`` is given (it may be ``dy``). A learned scale's diff is written,
+        not added to, where Caffe writes it (``scale_diff_overwrites``)."""
         if want_bias:
             bias = self.blobs[self.bias_index]
             bias.xdiff += dy.sum(axis=(0, 2)).reshape(bias.shape)
         if x is not None:
             g = (dy * x).sum(axis=(0, 2)).reshape(scale.shape)
-            if as_bottom:
+            if as_bottom or self.scale_diff_overwrites:
                 scale.xdiff = g
             else:
                 scale.xdiff += g

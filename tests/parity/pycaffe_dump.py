@@ -3,7 +3,8 @@ case with pycaffe, every blob's data and diff and every parameter's data and dif
 
     python pycaffe_dump.py cases.json
 
-cases.json: a list of {"net": prototxt, "weights": caffemodel, "inputs": npz, "out": npz}. The inputs .npz
+cases.json: a list of {"net": prototxt, "weights": caffemodel, "inputs": npz, "out": npz, "passes": n}
+(n forward + backward passes, default 1). The inputs .npz
 holds ``data/<input blob>`` arrays and ``topdiff/<blob>`` arrays set as top diffs before the backward
 pass (loss tops keep the loss weight Caffe put there). One process does every case, so pycaffe is
 imported once.
@@ -19,16 +20,17 @@ import caffe
 def run(case):
     net = caffe.Net(case["net"], case["weights"], caffe.TRAIN)
     given = np.load(case["inputs"])
-    for key in given.files:
-        kind, name = key.split("/", 1)
-        if kind == "data":
-            net.blobs[name].data[...] = given[key]
-    net.forward()
-    for key in given.files:
-        kind, name = key.split("/", 1)
-        if kind == "topdiff":
-            net.blobs[name].diff[...] = given[key]
-    net._backward(len(net.layers) - 1, 0)
+    for _ in range(case.get("passes", 1)):      # parameter diffs add up over passes, as in Caffe
+        for key in given.files:
+            kind, name = key.split("/", 1)
+            if kind == "data":
+                net.blobs[name].data[...] = given[key]
+        net.forward()
+        for key in given.files:
+            kind, name = key.split("/", 1)
+            if kind == "topdiff":
+                net.blobs[name].diff[...] = given[key]
+        net._backward(len(net.layers) - 1, 0)
     out = {}
     for name, blob in net.blobs.items():
         out[f"data/{name}"] = blob.data.copy()

@@ -117,6 +117,28 @@ layer { name: "infogain" type: "InfogainLoss" bottom: "sx" bottom: "label" botto
 
 NO_FORCE_BACKWARD = {"no_gradient", "infogain"}
 
+# Caffe's Net::Backward adds into parameter diffs and never clears them (the solver does, once per
+# iteration, so iter_size > 1 sums its passes there): these cases run forward + backward TWICE on both
+# sides, so a layer that overwrites a parameter diff where Caffe adds (or adds where Caffe overwrites:
+# Caffe's Scale writes its scale diff when the scale is as big as the input, and when there is one
+# image (outer dimension 1) with a per-channel scale over a map) differs by a factor of two.
+TWO_PASSES = {
+    "param_diffs_two_passes": ({"x": ((2, 3, 4, 5), "normal"), "x1": ((1, 3, 4, 5), "normal"),
+                                "v": ((2, 6), "normal")}, f"""
+layer {{ name: "conv" type: "Convolution" bottom: "x" top: "conv"
+  convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 group: 1 {G} }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "v" top: "ip" inner_product_param {{ num_output: 3 {G} }} }}
+layer {{ name: "prelu" type: "PReLU" bottom: "x" top: "prelu" }}
+layer {{ name: "bias" type: "Bias" bottom: "x" top: "bias" }}
+layer {{ name: "scale_n" type: "Scale" bottom: "x" top: "scale_n" scale_param {{ bias_term: true }} }}
+layer {{ name: "scale_one" type: "Scale" bottom: "x1" top: "scale_one" scale_param {{ bias_term: true }} }}
+layer {{ name: "scale_one_shared" type: "Scale" bottom: "x1" top: "scale_one_shared"
+  scale_param {{ axis: 0 num_axes: 0 }} }}
+layer {{ name: "scale_elt" type: "Scale" bottom: "x" top: "scale_elt" scale_param {{ axis: 0 num_axes: -1 }} }}
+layer {{ name: "scale_vec" type: "Scale" bottom: "v" top: "scale_vec" }}
+layer {{ name: "scale_row" type: "Scale" bottom: "v" top: "scale_row" scale_param {{ axis: 0 num_axes: 1 }} }}"""),
+}
+
 
 def _inputs_layer(inputs):
     shapes = "".join(" shape { " + " ".join(f"dim: {d}" for d in shape) + " }" for shape, _ in inputs.values())
@@ -167,20 +189,21 @@ def _prepare(workdir, name, inputs, layers, seed):
     return net_path, weights, inputs_path
 
 
-def _run_minicaffe(net_path, weights, inputs_path):
+def _run_minicaffe(net_path, weights, inputs_path, passes=1):
     from minicaffe.net.network import Net
     net = Net(net_path, weights, caffe_pb2.TRAIN)
     given = np.load(inputs_path)
-    for key in given.files:
-        kind, name = key.split("/", 1)
-        if kind == "data":
-            net.blobs[name].data[...] = given[key]
-    net.forward()
-    for key in given.files:
-        kind, name = key.split("/", 1)
-        if kind == "topdiff":
-            net.blobs[name].diff[...] = given[key]
-    net.backward()
+    for _ in range(passes):
+        for key in given.files:
+            kind, name = key.split("/", 1)
+            if kind == "data":
+                net.blobs[name].data[...] = given[key]
+        net.forward()
+        for key in given.files:
+            kind, name = key.split("/", 1)
+            if kind == "topdiff":
+                net.blobs[name].diff[...] = given[key]
+        net.backward()
     out = {}
     for name, blob in net.blobs.items():
         out[f"data/{name}"] = blob.data.copy()
@@ -197,10 +220,11 @@ def caffe_results(ref, tmp_path_factory):
     """Every case prepared, and run once through pycaffe: {case: (paths, Caffe's arrays)}."""
     work = str(tmp_path_factory.mktemp("layers"))
     cases, jobs = {}, []
-    for i, (name, (inputs, layers)) in enumerate(sorted(CASES.items())):
+    for i, (name, (inputs, layers)) in enumerate(sorted({**CASES, **TWO_PASSES}.items())):
         paths = _prepare(work, name, inputs, layers, seed=100 + i)
         out = os.path.join(work, f"{name}_caffe.npz")
-        jobs.append({"net": paths[0], "weights": paths[1], "inputs": paths[2], "out": out})
+        jobs.append({"net": paths[0], "weights": paths[1], "inputs": paths[2], "out": out,
+                     "passes": 2 if name in TWO_PASSES else 1})
         cases[name] = (paths, out)
     with open(os.path.join(work, "cases.json"), "w") as f:
         json.dump(jobs, f)
@@ -208,13 +232,13 @@ def caffe_results(ref, tmp_path_factory):
     return {name: (paths, dict(np.load(out))) for name, (paths, out) in cases.items()}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(TWO_PASSES))
 def test_layer_forward_backward_matches_caffe(caffe_results, case):
     paths, theirs = caffe_results[case]
-    mine = _run_minicaffe(*paths)
+    mine = _run_minicaffe(*paths, passes=2 if case in TWO_PASSES else 1)
     assert sorted(mine) == sorted(theirs), sorted(set(mine) ^ set(theirs))
     bad = []
-    inputs = CASES[case][0]
+    inputs = {**CASES, **TWO_PASSES}[case][0]
     for key in sorted(theirs):
         if case in NO_FORCE_BACKWARD and key.startswith("diff/") and key[5:] in inputs:
             continue      # no gradient is defined there; Caffe's Scale uses that diff as scratch space
