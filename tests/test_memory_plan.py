@@ -289,3 +289,27 @@ def test_only_forward_only_nets_share(tmp_path):
     train.forward()
     train.backward()
     assert all(b.buffer is None for b in train.blobs.values())
+
+
+def test_classifier_and_cli_test_share(tmp_path, capsys):
+    from google.protobuf import text_format
+    from minicaffe.tools import cli
+    proto = chain()
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(text_format.MessageToString(proto))
+    plain = caffe.Net(proto, caffe.TEST)
+    random_params(plain)
+    weights = str(tmp_path / "w.caffemodel")
+    plain.save(weights)
+    image = np.random.default_rng(2).uniform(0, 1, (8, 8, 3)).astype(np.float32)
+    clf = caffe.Classifier(str(path), weights)
+    assert clf.memory_plan is not None
+    scores = clf.predict([image], oversample=False)
+    with pytest.raises(NetError, match="keep=\\['conv1'\\]"):
+        clf.blobs["conv1"].data
+    keeping = caffe.Classifier(str(path), weights, share_memory=False)
+    assert keeping.memory_plan is None
+    assert np.array_equal(scores, keeping.predict([image], oversample=False))
+    assert keeping.blobs["conv1"].data.shape == (2, 4, 8, 8)
+    # `minicaffe test` shares too and prints the same scores as a net that does not
+    assert cli.main(["test", f"--model={path}", f"--weights={weights}", "--iterations=1"]) == 0

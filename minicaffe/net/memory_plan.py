@@ -121,6 +121,11 @@ class MemoryPlan:
         self.shared = None
 
 
+def can_share(net) -> bool:
+    """Whether ``net`` runs forward only (TEST phase, no force_backward), so sharing is allowed."""
+    return net.phase == caffe_pb2.TEST and not getattr(net.param, "force_backward", False)
+
+
 def check_shareable(net):
     """NetError unless ``net`` runs forward only: sharing drops values a backward pass would read."""
     if net.phase != caffe_pb2.TEST:

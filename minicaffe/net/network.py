@@ -24,6 +24,7 @@ from ..proto import caffe_pb2
 from ..formats.wire import blobproto_bytes
 from ..formats.prototxt import load_net_param, make_state, parse_binary, upgrade_net
 from . import build
+from .memory_plan import MemoryPlan
 from .build import is_inserted_split, raise_naming_layer
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -322,7 +323,7 @@ class Net:
             self._memory = None
 
     @property
-    def memory_plan(self):
+    def memory_plan(self) -> MemoryPlan | None:
         """The applied blob-sharing MemoryPlan, or None."""
         return self._memory
 

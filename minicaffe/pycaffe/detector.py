@@ -25,8 +25,9 @@ from ..proto import caffe_pb2
 
 class Detector(Net):
     def __init__(self, model_file, pretrained_file, mean=None, input_scale=None, raw_scale=None,
-                 channel_swap=None, context_pad=None):
-        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
+                 channel_swap=None, context_pad=None, share_memory=True):
+        # only the output is read: blobs share memory as in Classifier (share_memory=False keeps all)
+        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file, share_memory=share_memory)
         _, self.transformer = _input_transformer(self, "Detector", "windows", mean, input_scale, raw_scale,
                                                 channel_swap)
         self.configure_crop(context_pad)
