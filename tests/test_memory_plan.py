@@ -5,6 +5,7 @@ random DAG-shaped nets from NetSpec); it holds less memory; a read of a reused b
 naming it; keep=, reshape, and TRAIN / force_backward / backward are refused."""
 import glob
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -313,3 +314,52 @@ def test_classifier_and_cli_test_share(tmp_path, capsys):
     assert keeping.blobs["conv1"].data.shape == (2, 4, 8, 8)
     # `minicaffe test` shares too and prints the same scores as a net that does not
     assert cli.main(["test", f"--model={path}", f"--weights={weights}", "--iterations=1"]) == 0
+
+
+PY_LAYER = '''
+import minicaffe as caffe
+
+
+class Twice(caffe.Layer):
+    """A pycaffe-style layer: reads its bottom and writes its top through ``.data``."""
+
+    def setup(self, bottom, top):
+        pass
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = 2 * bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        pass
+'''
+
+
+def test_python_layer_writes_its_top_through_data(tmp_path, monkeypatch):
+    """A Python layer's top takes over a buffer an earlier blob used: writing it through ``.data``
+    during forward is allowed; only a read of a blob a LATER blob overwrote raises."""
+    module = f"memshare_layers_{abs(hash(str(tmp_path))) % 10 ** 8}"
+    (tmp_path / f"{module}.py").write_text(PY_LAYER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    param = chain()
+    conv3 = next(lp for lp in param.layer if lp.name == "conv3")
+    twice = param.layer.add()
+    twice.name, twice.type = "twice", "Python"
+    twice.bottom.append("conv3")
+    twice.top.append("twice")
+    twice.python_param.module, twice.python_param.layer = module, "Twice"
+    conv4 = next(lp for lp in param.layer if lp.name == "conv4")
+    conv4.bottom[0] = "twice"
+    # run the Python layer right after conv3 (layers are in definition order)
+    layers = list(param.layer)
+    del param.layer[:]
+    for lp in layers[:layers.index(conv3) + 1] + [layers[-1]] + layers[layers.index(conv3) + 1:-1]:
+        param.layer.add().CopyFrom(lp)
+    plain, shared = pair(param)
+    assert shared.blobs["twice"].buffer is shared.blobs["conv2"].buffer     # conv2 used it before
+    x = feed(plain)
+    assert np.array_equal(plain.forward(**x)["fc"], shared.forward(**x)["fc"])
+    assert np.array_equal(shared.blobs["twice"].data, 2 * plain.blobs["conv3"].data)
+    sys.modules.pop(module, None)

@@ -296,6 +296,13 @@ class SharedBuffer:
         return self.array.nbytes
 
 
+def _later(a, b):
+    """Whether group ``a`` is used only after group ``b`` (both with ``first``/``last`` layer
+    indices, as net/memory_plan.py's groups; anything else is never later)."""
+    first, last = getattr(a, "first", None), getattr(b, "last", None)
+    return first is not None and last is not None and first > last
+
+
 class _Pooled:
     """A blob's data kept in a SharedBuffer: the same interface as _Synced.
 
@@ -324,12 +331,15 @@ class _Pooled:
         self.buffer.owner = self
 
     def _check(self):
+        """Reads and writes through ``host_array`` take the buffer over, except a read of a blob
+        whose values a blob later in the net's order has replaced: that one raises. (Reading or
+        writing a blob whose buffer an EARLIER blob used last is how a Python layer writes its
+        top, or a user sets an intermediate blob for ``forward(start=...)``.)"""
         owner = self.buffer.owner
-        if owner is None:
-            self.buffer.owner = self
-        elif owner.group is not self.group:
+        if owner is not None and owner.group is not self.group and _later(owner.group, self.group):
             raise NetError(f"blob '{self.name}' shares memory with blob '{owner.name}', which a later layer "
                            f"wrote (shared blob memory): {self.buffer.keep_hint.format(name=self.name)}")
+        self.buffer.owner = self
 
     def host_array(self, write=True):
         self._check()
