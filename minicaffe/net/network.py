@@ -307,13 +307,13 @@ class Net:
         this does nothing yet (the device copies are the blobs' own)."""
         from . import memory_plan
         if backend.is_gpu():
-            log.info("Blob memory sharing covers host memory only: not used on the GPU")
+            log.debug("Blob memory sharing covers host memory only: not used on the GPU")
             return
         if self._memory is not None:
             self._memory.release()
             self._memory = None
         self._memory = memory_plan.share(self, keep)
-        log.info("Blob memory shared: %d bytes in %d buffers instead of %d", self._memory.planned_bytes,
+        log.debug("Blob memory shared: %d bytes in %d buffers instead of %d", self._memory.planned_bytes,
                  len(self._memory.buffers), self._memory.private_bytes)
 
     def unshare_blob_memory(self) -> None:
