@@ -363,3 +363,34 @@ def test_python_layer_writes_its_top_through_data(tmp_path, monkeypatch):
     assert np.array_equal(plain.forward(**x)["fc"], shared.forward(**x)["fc"])
     assert np.array_equal(shared.blobs["twice"].data, 2 * plain.blobs["conv3"].data)
     sys.modules.pop(module, None)
+
+
+@pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
+def test_lrn_keeps_no_scale_without_backward(region):
+    """LRN in a sharing net works its scale out in its top (same values, no per-layer copies);
+    after unshare_blob_memory and a forward, backward has what it needs again."""
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 6, 5, 5]))
+    n.conv = L.Convolution(n.data, num_output=6, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))
+    n.norm = L.LRN(n.conv, local_size=3, alpha=1.0, beta=0.75, norm_region=getattr(P.LRN, region))
+    n.fc = L.InnerProduct(n.norm, num_output=3, weight_filler=dict(type="xavier"))
+    param = n.to_proto()
+    param.force_backward = False
+    plain, shared = pair(param)
+    x = feed(plain)
+    assert np.array_equal(plain.forward(**x)["fc"], shared.forward(**x)["fc"])
+    lrn = shared.layer_dict["norm"]
+    assert lrn.forward_only and lrn.scale is None
+    assert not any(k[0] in ("scale", "pow") for k in lrn._buffers)
+    shared.unshare_blob_memory()
+    assert not lrn.forward_only
+    with pytest.raises(NetError, match="'norm'.*forward pass"):
+        lrn.backward(shared.top_vecs[2], [True], shared.bottom_vecs[2])
+    shared.forward(**x)
+    plain.forward(**x)
+    dy = np.random.default_rng(4).standard_normal(plain.blobs["norm"].shape)
+    for net in (plain, shared):
+        net.blobs["norm"].diff[...] = dy
+        net.layers[2].backward(net.top_vecs[2], [True], net.bottom_vecs[2])
+    assert np.abs(plain.blobs["conv"].diff).max() > 0
+    assert np.array_equal(plain.blobs["conv"].diff, shared.blobs["conv"].diff)

@@ -62,8 +62,9 @@ class MemoryPlan:
     per shared buffer, largest first), ``keep`` (the names asked for). Byte counts for reports and
     tests: ``private_bytes`` (every blob its own memory), ``planned_bytes`` (what the plan holds)."""
 
-    def __init__(self, groups, buffers, keep, itemsize):
+    def __init__(self, groups, buffers, keep, itemsize, layers=()):
         self.groups, self.buffers, self.keep, self.itemsize = groups, buffers, tuple(keep), itemsize
+        self.layers = list(layers)
         self.shared = None      # the SharedBuffers once applied, parallel to the groups' buffers
 
     @property
@@ -104,6 +105,8 @@ class MemoryPlan:
             for b in g.blobs:
                 b.use_buffer(g.buffer, group=g, keep_values=g.pinned)
         self.shared = [members[0].buffer for members in self.buffers]
+        for layer in self.layers:
+            layer.forward_only = True       # no backward runs: layers may keep less (core/layer.py)
         return self
 
     def release(self):
@@ -118,6 +121,8 @@ class MemoryPlan:
                     b.use_buffer(None)
                     if values is not None:
                         b.xdata = values
+        for layer in self.layers:
+            layer.forward_only = False
         self.shared = None
 
 
@@ -201,7 +206,7 @@ def plan(net, keep: Iterable[str] = ()) -> MemoryPlan:
         else:
             buffers.append([g])
     itemsize = np.dtype(next(iter(blobs.values())).dtype).itemsize if blobs else 4
-    return MemoryPlan(ordered, buffers, keep, itemsize)
+    return MemoryPlan(ordered, buffers, keep, itemsize, layers)
 
 
 def share(net, keep: Iterable[str] = ()) -> MemoryPlan:
