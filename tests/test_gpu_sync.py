@@ -1,0 +1,219 @@
+"""What the host reads from the GPU while training, and when (docs/gpu.md, "What the host reads").
+
+A read from the device (``.get()``, ``float(x)`` of a device array...) waits until the GPU has run
+everything queued before it, so the host cannot queue the next iteration's kernels meanwhile. The
+solver therefore keeps each iteration's loss and gradient sums on the device and reads them at check
+points: a display, the update before a snapshot, a test pass or the end of ``step()``. These tests
+count the reads on the CuPy stand-in (tests/cupy_standin.py, ``transfers()``), and check that the
+NaN stop still fires, on the GPU and on the CPU.
+"""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+import minicaffe as caffe
+from minicaffe.core import backend
+from minicaffe.errors import NumericalError
+
+import cupy_standin
+
+NET = """
+name: "small"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 4 dim: 1 dim: 8 dim: 8 } shape { dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 2.999 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool1" top: "ip1"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }
+"""
+
+BLOWUP = """
+name: "blowup"
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+    data_filler { type: "constant" value: 10 } data_filler { type: "constant" value: 1 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+  inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "loss" }
+"""
+
+
+def solver_text(net, **fields):
+    lines = [f"{k}: {v}" for k, v in fields.items()]
+    return "\n".join(lines) + f"\nnet_param {{ {net} }}\n"
+
+
+def make(tmp_path, net=NET, **fields):
+    fields = {"base_lr": 0.05, "lr_policy": '"fixed"', "momentum": 0.9, "random_seed": 3,
+              "snapshot_prefix": f'"{tmp_path}/s"', **fields}
+    return caffe.get_solver(solver_text(net, **fields))
+
+
+@pytest.fixture
+def standin(gpu):
+    if gpu != "standin":
+        pytest.skip("counts transfers on the CuPy stand-in")
+    cupy_standin.reset_counters()
+    return cupy_standin
+
+
+def reads():
+    return cupy_standin.transfers()["to_host"]
+
+
+def test_training_reads_nothing_between_check_points(standin, tmp_path):
+    """display: 0, no tests, no snapshots: one read at the end of step(), however many iterations."""
+    solver = make(tmp_path, display=0)
+    solver.step(2)                               # set-up and first uploads out of the way
+    counts = []
+    for n in (3, 12):
+        standin.reset_counters()
+        solver.step(n)
+        counts.append(reads())
+    assert counts == [1, 1], standin.transfers()["sites"]
+
+
+def test_display_reads_the_losses_once_per_display(standin, tmp_path, logs):
+    """display: 4 over 12 iterations: at each display one read of the recorded losses and one of each
+    output blob (Caffe's "Train net output" lines), and the read before the last update."""
+    solver = make(tmp_path, display=4)
+    standin.reset_counters()
+    solver.step(12)
+    displays = len([line for line in logs if ", loss = " in line])
+    assert displays == 3
+    assert reads() == displays * (1 + len(solver.net.outputs)) + 1, standin.transfers()["sites"]
+
+
+def test_losses_read_late_give_the_smoothed_loss_read_every_iteration(gpu, tmp_path):
+    """The smoothed loss from values read at check points is the one the host computes reading them
+    every iteration (display: 1), bit for bit: the same float arithmetic in the same order."""
+    smoothed = []
+    for display in (1, 0):
+        solver = make(tmp_path, display=display, average_loss=3)
+        solver.step(7)
+        smoothed.append(solver.smoothed_loss)
+    assert smoothed[0] == smoothed[1] and np.isfinite(smoothed[0])
+
+
+def test_losses_match_the_cpu(gpu, tmp_path):
+    smoothed = []
+    for mode in ("cpu", "gpu"):
+        backend.set_mode_cpu() if mode == "cpu" else backend.set_mode_gpu()
+        with backend.float64_blobs():
+            solver = make(tmp_path, display=0, average_loss=4)
+            solver.step(6)
+        smoothed.append(solver.smoothed_loss)
+    assert smoothed[1] == pytest.approx(smoothed[0], rel=1e-12)
+
+
+def test_net_forward_reads_only_the_outputs(standin, tmp_path):
+    """pycaffe's Net.forward returns the output blobs' arrays (one read each) and does not read the
+    loss separately; forward_from_to returns the loss as a float (one read), or with device_loss as
+    a 0-d device array holding the same value (no read)."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET)
+    net = caffe.Net(str(path), caffe.TRAIN)
+    net.forward()
+    standin.reset_counters()
+    out = net.forward()
+    assert reads() == len(net.outputs) == 1 and isinstance(out["loss"], np.ndarray)
+    standin.reset_counters()
+    on_device = net.forward_from_to(device_loss=True)
+    assert reads() == 0 and isinstance(on_device, standin.ndarray) and on_device.shape == ()
+    assert float(on_device) == float(net.blobs["loss"].data.sum())
+    standin.reset_counters()
+    value = net.forward_from_to()
+    assert reads() == 1 and isinstance(value, float) and value == float(net.blobs["loss"].data.sum())
+
+
+# --- the NaN stop -------------------------------------------------------------------------------------
+
+def snapshots(tmp_path):
+    return sorted(os.path.basename(f) for f in glob.glob(f"{tmp_path}/s_iter_*"))
+
+
+@pytest.mark.parametrize("mode,display", [("cpu", 0), ("gpu", 1), ("gpu", 0)])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_loss_stops_training(gpu, tmp_path, mode, display):
+    """base_lr 1e12: the loss overflows at iteration 2. The CPU stops there (it checks every
+    iteration), and so does the GPU when iteration 2 is a check point (display: 1): the error names
+    the layer and a snapshot of iteration 2's start is written. Without a check point until the end
+    of the step (display: 0), the GPU finds it at the read before the last update: the updates in
+    between were applied, so the error says where the non-finite values are now and writes nothing."""
+    if mode == "cpu":
+        backend.set_mode_cpu()
+    solver = make(tmp_path, BLOWUP, base_lr="1e12", momentum=0, display=display)
+    with pytest.raises(NumericalError) as info:
+        solver.step(20)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("iteration 2: the loss is inf")
+    if mode == "cpu" or display:
+        assert solver.iter == 2 and "layer 'loss' (EuclideanLoss) top 'loss'" in msg
+        assert snapshots(tmp_path) == ["s_iter_2.caffemodel", "s_iter_2.solverstate", "s_iter_2.solverstate.rng"]
+    else:
+        assert solver.iter == 19 and "(read at iteration 19:" in msg
+        assert "the weights of layer 'ip' are now not finite" in msg and "no snapshot was written" in msg
+        assert snapshots(tmp_path) == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_found_before_a_snapshot_writes_no_snapshot(gpu, tmp_path):
+    """snapshot: 5 on the GPU: the values are read before the update that leads to the snapshot; a
+    non-finite one from an earlier iteration stops training there, with no snapshot at all."""
+    solver = make(tmp_path, BLOWUP, base_lr="1e12", momentum=0, display=0, snapshot=5)
+    with pytest.raises(NumericalError, match=r"^iteration 2: the loss is inf \(read at iteration 4:"):
+        solver.step(20)
+    assert snapshots(tmp_path) == []
+
+
+POISON = '''
+import numpy as np
+import minicaffe as caffe
+
+
+class Poison(caffe.Layer):
+    """Passes its bottom through; writes an infinity into its bottom's gradient at backward call K."""
+
+    def setup(self, bottom, top):
+        self.at, self.calls = int(self.param_str), 0
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].shape)
+
+    def forward(self, bottom, top):
+        top[0].data[...] = bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        bottom[0].diff[...] = top[0].diff
+        if self.calls == self.at:
+            bottom[0].diff[0, 0] = np.inf
+        self.calls += 1
+'''
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_infinite_gradient_with_a_finite_loss_names_the_parameter(gpu, tmp_path, monkeypatch, mode):
+    """The gradient sums are kept with the losses: read late, the first non-finite one still names the
+    parameter and the iteration it came from."""
+    if mode == "cpu":
+        backend.set_mode_cpu()
+    (tmp_path / "poison_gpu_sync.py").write_text(POISON)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = NET.replace('bottom: "pool1" top: "ip1"', 'bottom: "poisoned" top: "ip1"').replace(
+        'layer { name: "ip1"', 'layer { name: "poison" type: "Python" bottom: "pool1" top: "poisoned" '
+        'python_param { module: "poison_gpu_sync" layer: "Poison" param_str: "3" } }\nlayer { name: "ip1"')
+    solver = make(tmp_path, net, display=0)
+    with pytest.raises(NumericalError, match=r"^iteration 3: the loss is finite but the gradient of layer "
+                                             r"'conv1' parameter 0 is not") as info:
+        solver.step(6)
+    if mode == "cpu":
+        assert snapshots(tmp_path) == ["s_iter_3.caffemodel", "s_iter_3.solverstate", "s_iter_3.solverstate.rng"]
+    else:
+        assert "(read at iteration 5:" in str(info.value) and snapshots(tmp_path) == []
