@@ -217,3 +217,31 @@ def test_infinite_gradient_with_a_finite_loss_names_the_parameter(gpu, tmp_path,
         assert snapshots(tmp_path) == ["s_iter_3.caffemodel", "s_iter_3.solverstate", "s_iter_3.solverstate.rng"]
     else:
         assert "(read at iteration 5:" in str(info.value) and snapshots(tmp_path) == []
+
+
+# --- memory: blobs and buffers reused across iterations ---------------------------------------------
+
+def test_training_reuses_device_memory_across_iterations(standin, tmp_path):
+    """After the first iterations, training asks the memory pool for nothing new: the pool's total
+    stays the same (tests/cupy_standin.py models CuPy's pool, reusing freed blocks of the same size),
+    the parameters, their gradients and the solver history keep their device buffers, and the explicit
+    allocation calls are a fixed handful per iteration: the softmax loss's per-pass temporaries (its
+    probabilities and the per-position loss and count), which the pool serves from blocks freed by
+    the iteration before. Temporaries of CuPy expressions are not counted as calls; the pool's
+    total covers them."""
+    solver = make(tmp_path, display=0)
+    solver.step(3)
+    pool = standin.get_default_memory_pool()
+
+    def buffers():
+        blobs = solver.net.learnable_params + solver.history
+        return [b.xdata.data.ptr for b in blobs] + [b.xdiff.data.ptr for b in solver.net.learnable_params]
+    before, total = buffers(), pool.total_bytes()
+    calls = []
+    for n in (4, 8):
+        standin.reset_counters()
+        solver.step(n)
+        calls.append(standin.allocations())
+    assert pool.total_bytes() == total and buffers() == before
+    per_iteration = calls[0]["calls"] / 4
+    assert calls[1]["calls"] == 2 * calls[0]["calls"] and per_iteration <= 3, calls[0]["by_name"]

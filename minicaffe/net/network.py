@@ -364,7 +364,11 @@ class Net:
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
-                    blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
+                    diff = blob.xdiff
+                    if diff.base is None and diff.shape == blob.shape and diff.dtype == blob.dtype:
+                        diff.fill(w)        # its own storage, kept across iterations
+                    else:                   # a view of another blob's diff: not to be written through
+                        blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
             t0 = time.perf_counter() if timings is not None else None
             try:
                 layer.backward(top, self._bottom_need_backward[li], bottom)
