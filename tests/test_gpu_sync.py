@@ -259,12 +259,12 @@ def _data_tops(solver, steps, buffers=None):
     return seen
 
 
-@pytest.mark.parametrize("kind", ["lmdb", "images"])
-def test_prefetched_batches_reach_the_gpu_through_pinned_memory(standin, tmp_path, kind):
-    """Data and ImageData on the GPU: the batches the net sees are the CPU's, bit for bit, and the
-    training follows the CPU's; every upload of a batch is from pinned memory on the copy stream,
-    into device buffers reused in turn, and the compute stream waits for it on the device (one
-    wait_event per batch)."""
+@pytest.mark.parametrize("kind,ring_size", [("lmdb", 5), ("images", 5), ("hdf5", 2)])
+def test_batches_reach_the_gpu_through_pinned_memory(standin, tmp_path, kind, ring_size):
+    """Data and ImageData (uploading from their prefetch thread) and HDF5Data (in its forward) on the
+    GPU: the batches the net sees are the CPU's, bit for bit, and the training follows the CPU's;
+    every upload of a batch is from pinned memory on the copy stream, into device buffers reused in
+    turn, and the compute stream waits for it on the device (one wait_event per batch)."""
     from test_resume_data import close, write_solver
     path = write_solver(tmp_path, kind, "sgd", snapshot=0)
     runs = []
@@ -291,7 +291,8 @@ def test_prefetched_batches_reach_the_gpu_through_pinned_memory(standin, tmp_pat
     assert moved["to_device"] - setup["to_device"] == moved["to_device_pinned"] - setup["to_device_pinned"]
     assert moved["to_device_pinned"] == moved["to_device_async"] >= 2 * 10, moved
     assert standin.cuda.Stream.null.waits - waits == 8
-    assert len(ring) == 5       # 8 batches in a ring of 5 buffers: prefetch depth 4 + the one the tops hold
+    # 8 batches in a ring: prefetch depth 4 + the one the tops hold; 2 where the forward uploads
+    assert len(ring) == ring_size
 
 
 def test_prefetched_resume_on_gpu_is_bit_exact(standin, tmp_path):

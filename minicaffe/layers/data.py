@@ -48,6 +48,8 @@ class _DataLayerBase(Layer):
     exact_num_bottom = 0
     is_data_source = True
     allow_force_backward_all = False
+    _batch_uploader = None  # _to_tops on the GPU: a DeviceUploader of two slots, made at first use
+    _batch_slot = None      # the slot whose arrays the tops hold
 
     def reshape(self, bottom, top):
         """The tops keep the shape of the last batch (set in setup and forward)."""
@@ -62,6 +64,26 @@ class _DataLayerBase(Layer):
 
     def _log_shape(self, top):
         log.info("output data size: %s", ",".join(str(d) for d in top[0].shape))
+
+    def _to_tops(self, top, arrays):
+        """Hand a batch made in this forward (NumPy arrays, one per top, already shaped) to the tops.
+        On the GPU through pinned memory on a copy stream into two device buffers kept between
+        batches (the one the last batch's work may still read, and this one); the compute stream
+        waits for the copy on the device."""
+        if not backend.is_gpu():
+            for blob, arr in zip(top, arrays):
+                blob.xdata = arr
+            return
+        uploader = self._batch_uploader
+        if uploader is None:
+            uploader = self._batch_uploader = DeviceUploader(2)
+        elif self._batch_slot is not None:
+            uploader.release(self._batch_slot)
+        dev, ready, self._batch_slot = uploader.upload(
+            [np.ascontiguousarray(a, dtype=backend.dtype()) for a in arrays])
+        uploader.ready(ready)
+        for blob, arr in zip(top, dev):
+            blob.xdata = arr
 
     def _shard(self):
         """(rank, count) for this layer: the solver's at TRAIN; at TEST every worker reads all."""
@@ -447,7 +469,6 @@ class MemoryData(_DataLayerBase):
         self._data = self._labels = None
         self.n = self.pos = 0
         self._transformer = None
-        self._uploader, self._held = None, None
 
     def set_input_arrays(self, data, labels):
         """pycaffe's Net.set_input_arrays for this layer: keeps references (no copy) to ``data``
@@ -531,19 +552,9 @@ class MemoryData(_DataLayerBase):
         top[1].reshape((b, 1, 1, 1))    # as Caffe's Forward does (its setup gives (b,), as here)
         data = np.asarray(self._data[p:p + b], np.float32)
         labels = np.asarray(self._labels[p:p + b], np.float32).reshape(b, 1, 1, 1)
-        if backend.is_gpu():
-            # through pinned memory on a copy stream, into buffers kept between batches (two: the one
-            # the last batch's work may still read, and this one)
-            if self._uploader is None:
-                self._uploader = DeviceUploader(2)
-            if self._held is not None:
-                self._uploader.release(self._held)
-            (data, labels), ready, self._held = self._uploader.upload([data, labels])
-            self._uploader.ready(ready)
-        else:
+        if not backend.is_gpu():
             data, labels = data.copy(), labels.copy()       # the tops own their values, as before
-        top[0].xdata = data
-        top[1].xdata = labels
+        self._to_tops(top, [data, labels])
         self.pos = (p + b) % self.n
 
 
@@ -713,7 +724,7 @@ class HDF5Data(_DataLayerBase):
             self._next()
         for blob, out in zip(top, outs):
             blob.reshape(out.shape)
-            blob.xdata = out
+        self._to_tops(top, outs)
 
 
 # --- WindowData (R-CNN) ------------------------------------------------------------------------------
@@ -953,9 +964,8 @@ class WindowData(_DataLayerBase):
                 labels[item] = window[1]
                 item += 1
         top[0].reshape(data.shape)
-        top[0].xdata = backend.to_device(data.astype(backend.dtype()))
         top[1].reshape(labels.shape)
-        top[1].xdata = backend.to_device(labels.astype(backend.dtype()))
+        self._to_tops(top, [data.astype(backend.dtype()), labels.astype(backend.dtype())])
 
 
 # --- HDF5Output --------------------------------------------------------------------------------------
