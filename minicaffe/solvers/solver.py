@@ -376,7 +376,7 @@ class Solver:
         """One of the iteration's ``iter_size`` forward/backward passes (Caffe's ForwardBackward), with
         the gradient synchronisation's points (sync.py); ``last``: the gradients are final after it.
         Returns the loss to record (with data-parallel workers, their mean). With the strategy "none"
-        this is ``net.forward_backward()``."""
+        this is ``net.forward_backward(device_loss=True)``."""
         net, sync = self.net, self._sync
         sync.before_forward(last)
         loss = net.forward_from_to(device_loss=True)
