@@ -370,7 +370,8 @@ class Solver:
                 name, k = self.net.learnable_param_names[bad[0]]
                 self._numerical_failure(detail=f"the loss is finite but the gradient of layer '{name}' "
                                                f"parameter {k} is not", found_at=it)
-            self._update_smoothed_loss(loss / self.param.iter_size, self._step_start, self.param.average_loss, it)
+            p = self.param
+            self._update_smoothed_loss(loss / p.iter_size, self._step_start, p.average_loss, it)
 
     def _forward_backward(self, last):
         """One of the iteration's ``iter_size`` forward/backward passes (Caffe's ForwardBackward), with
