@@ -45,6 +45,7 @@ import builtins
 import collections
 import re
 import sys
+import threading
 import types
 import weakref
 
@@ -65,11 +66,13 @@ def _unsupported(x):
 
 _COUNTS = collections.Counter()
 _SITES = collections.deque(maxlen=64)    # (kind, "file:line") of the latest transfers, for messages
+_LOCK = threading.RLock()     # prefetch threads upload too; re-entrant: a finalizer may run inside
 
 
 def _count(kind, n=1):
     """Count one event; transfers also remember where they came from (the first caller outside here)."""
-    _COUNTS[kind] += n
+    with _LOCK:
+        _COUNTS[kind] += n
     if kind.startswith("to_"):
         f = sys._getframe(1)
         while f is not None and f.f_code.co_filename == __file__:
@@ -83,7 +86,7 @@ def transfers():
     and ``to_device_async`` (those on a stream other than the default one); ``sites``: where the
     latest came from, for assertion messages."""
     return {"to_host": _COUNTS["to_host"], "to_device": _COUNTS["to_device"],
-            "to_device_pinned": _COUNTS["to_device_pinned"], "to_device_async": _COUNTS["to_device_async"],
+            "to_device_pinned": _COUNTS["pinned:to_device"], "to_device_async": _COUNTS["async:to_device"],
             "sites": list(_SITES)}
 
 
@@ -111,9 +114,9 @@ def _upload(src=None, stream=None):
     when so (``stream``: the one the call named, else the current one)."""
     _count("to_device")
     if isinstance(src, numpy.ndarray) and _is_pinned(src):
-        _COUNTS["to_device_pinned"] += 1
+        _count("pinned:to_device")
     if (stream if stream is not None else get_current_stream()) is not Stream.null:
-        _COUNTS["to_device_async"] += 1
+        _count("async:to_device")
 
 
 # --- the array type -------------------------------------------------------------------------------
@@ -550,7 +553,7 @@ for _name in "empty zeros ones full arange linspace logspace eye identity tri in
 
 def _counted(f, name):
     def alloc(*args, **kwargs):
-        _COUNTS["alloc:" + name] += 1
+        _count("alloc:" + name)
         return f(*args, **kwargs)
     alloc.__name__, alloc.__doc__ = name, f.__doc__
     return alloc
@@ -902,24 +905,28 @@ class MemoryPool:
         self._limit = 0
 
     def _track(self, owner):
-        if id(owner) in self._live or not owner.nbytes:
+        if not owner.nbytes:
             return
         size = -(-owner.nbytes // self._UNIT) * self._UNIT
-        _COUNTS["buffers"] += 1
-        _COUNTS["buffer_bytes"] += owner.nbytes
-        if self._free[size]:
-            self._free[size] -= 1
-            self._kept -= size
-        self._live[id(owner)] = size
-        self._used += size
+        with _LOCK:
+            if id(owner) in self._live:
+                return
+            _COUNTS["buffers"] += 1
+            _COUNTS["buffer_bytes"] += owner.nbytes
+            if self._free[size]:
+                self._free[size] -= 1
+                self._kept -= size
+            self._live[id(owner)] = size
+            self._used += size
         weakref.finalize(owner, self._release, id(owner))
 
     def _release(self, key):
-        size = self._live.pop(key, None)
-        if size is not None:
-            self._used -= size
-            self._free[size] += 1
-            self._kept += size
+        with _LOCK:
+            size = self._live.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._free[size] += 1
+                self._kept += size
 
     def used_bytes(self):
         return self._used
