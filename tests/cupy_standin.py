@@ -131,7 +131,10 @@ class _MemoryPointer:
         self.device = Device(0)
 
 
-_POINTERS = {}   # ptr -> numpy array, for NCCL calls made with raw pointers (one rank)
+# ptr -> numpy array, for calls made with raw pointers (NCCL with one rank, the cuDNN emulation).
+# Weak: a pointer is only good while its array lives, as on a GPU, and a strong table would keep every
+# temporary whose ``.data`` was taken alive, so the memory-pool model would see a leak CuPy has not.
+_POINTERS = weakref.WeakValueDictionary()
 
 
 class ndarray:
