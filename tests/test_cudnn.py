@@ -1,8 +1,9 @@
-"""The cuDNN binding (minicaffe/kernels/cudnn.py) and engine (kernels/cudnn_conv.py) against the
-emulated library (tests/cudnn_standin.py): the declared C signatures, status errors, the algorithm
-choice (deterministic first, within the workspace limit), the math-type policy, descriptors freed,
-and the emulation's own refusals and arithmetic. The engine-vs-reference cases for every shape are
-in tests/test_conv_engines.py (the ``cudnn`` engine is one of its GPU engines)."""
+"""The cuDNN binding (minicaffe/kernels/cudnn.py) and engines (kernels/cudnn_conv.py, cudnn_softmax,
+cudnn_pooling, cudnn_lrn) against the emulated library (tests/cudnn_standin.py): the declared C
+signatures, status errors, the algorithm choice (deterministic first, within the workspace limit),
+the math-type policy, descriptors freed, where the pooling and LRN engines apply, and the
+emulation's own refusals and arithmetic. The engine-vs-reference cases for every shape are in
+tests/test_conv_engines.py (convolution) and tests/test_engines.py (the others)."""
 import ctypes
 import gc
 

@@ -9,9 +9,9 @@ still ships (tensor/filter/convolution descriptors, ``cudnnGetConvolution*Algori
 ``cudnnConvolutionForward``/``BackwardData``/``BackwardFilter``) is stable, covers everything
 Caffe's CuDNNConvolutionLayer does, and needs only the cuDNN library itself: the
 ``nvidia-cudnn-cu12``/``-cu13`` wheel (``pip install minicaffe[cudnn]``) or a system install.
-The same legacy API runs pooling, LRN and softmax (``cudnn_pooling``, ``cudnn_lrn``,
-``cudnn_softmax``). Every signature and enum value below was taken from the cuDNN 9 headers (``cudnn_graph.h``,
-``cudnn_ops.h``, ``cudnn_cnn.h``); ``tests/cudnn_standin.py`` holds the headers' C signatures
+The same legacy API runs softmax, pooling and LRN (``cudnn_softmax``, ``cudnn_pooling``,
+``cudnn_lrn``). Every signature and enum value below was taken from the cuDNN 9 headers
+(``cudnn_graph.h``, ``cudnn_ops.h``, ``cudnn_cnn.h``); ``tests/cudnn_standin.py`` holds the headers' C signatures
 separately and refuses a call whose declared ``argtypes`` differ, so a mistake here fails on the CPU,
 not on the GPU.
 
