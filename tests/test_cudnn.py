@@ -66,8 +66,8 @@ def test_a_failed_call_names_the_function_and_cudnns_text():
 def test_descriptors_are_destroyed_with_their_owner():
     fake = cudnn_standin.FakeCudnn()
     lib = cudnn.Library(fake)
-    ds = [lib.descriptor(kind) for kind in ("Tensor", "Filter", "Convolution")]
-    assert fake.live() == 3
+    ds = [lib.descriptor(kind) for kind in ("Tensor", "Filter", "Convolution", "Pooling", "LRN")]
+    assert fake.live() == 5
     del ds
     gc.collect()
     assert fake.live() == 0
