@@ -13,7 +13,9 @@ Where cuDNN computes exactly Caffe's pooling (``applies``), and why only there:
   AVE divisor, the window clipped to the padded image (``min(start + k, H + p) − start``), is
   ``k`` in every window: ``kh·kw``, which is cuDNN's ``CUDNN_POOLING_AVERAGE_COUNT_INCLUDE_PADDING``.
   (Where the sizes differ, Caffe's last window is clipped and divides by less: cuDNN has no such
-  mode, so those shapes stay on the CUDA engine.) MAX ignores the padding in both.
+  mode, so those shapes stay on the CUDA engine.) MAX ignores the padding in both (a padded
+  position never wins in cuDNN's max pooling; the padded MAX cases of tests/test_engines.py check
+  it against the reference on the GPU run, with all-negative border windows likely at N(0, 1) data).
 * **Global pooling** (the kernel the whole image, no padding, stride 1) is one window of ``H·W``
   in both: cuDNN computes it (the CUDA engine leaves it to the reference).
 * **MAX with a second top** (Caffe's argmax mask) stays on the CUDA engine: cuDNN keeps no argmax.
