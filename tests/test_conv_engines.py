@@ -169,6 +169,7 @@ def test_every_gpu_engine_matches_the_cpu_reference(gpu, layer_type, name):
     ("Convolution", "im2col_batch_last", "narrow5g2"), ("Deconvolution", "im2col_batch_last", "narrow5"),
     ("Convolution", "gemm_1x1", "1x1stride_h2"), ("Deconvolution", "gemm_1x1", "1x1group2"),
     ("Convolution", "im2col_bands", "rect"), ("Deconvolution", "im2col_bands", "dilation2"),
+    ("Convolution", "im2col_channels_last", "k5s3p2g2"), ("Deconvolution", "im2col_channels_last", "narrow5g2"),
     ("Convolution", "winograd", "odd")])
 @pytest.mark.parametrize("images", [1, 4])
 def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name, case, images):
@@ -179,6 +180,31 @@ def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name
     per_image = s.cin * s.geom.kh * s.geom.kw * s.columns
     ref = _run(layer, bottom, top, REF)
     _assert_same(_run(layer, bottom, top, name, {"max_col_elements": images * per_image}), ref)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["k3s2p1", "k5s3p2g2", "dilation2", "rect", "per_axis", "narrow5g2", "1d"])
+@pytest.mark.parametrize("options", [{"transposed": True}, {"transposed": False},
+                                     {"transposed": False, "max_col_elements": 1}])
+def test_channels_last_forward_either_way_round_matches_the_reference(layer_type, case, options):
+    """Position-major columns, per group, multiplied either way round (positions x cout, transposed
+    into the output; or cout x positions), in one chunk or one image at a time."""
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "im2col_channels_last", options), ref)
+
+
+def test_channels_last_copies_a_few_channels_one_at_a_time():
+    """An RGB-like input (fewer channels per group than CHANNELS_LAST_MIN_RUN) takes the
+    per-channel copy into the channels-last source; more channels take the one transpose."""
+    from minicaffe.kernels.im2col import CHANNELS_LAST_MIN_RUN
+    for cin, group in ((3, 1), (2 * CHANNELS_LAST_MIN_RUN, 2)):
+        x = np.random.default_rng(3).standard_normal((2, cin, 9, 8))
+        text = conv_text("Convolution", f"num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: {group}")
+        with backend.float64_blobs():
+            layer, bottom, top = make_layer(text, [x])
+        ref = _run(layer, bottom, top, REF)
+        _assert_same(_run(layer, bottom, top, "im2col_channels_last"), ref)
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
@@ -214,9 +240,17 @@ def test_winograd_filters_follow_weight_updates(phase):
 
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
-    ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_batch_last"),         # LeNet conv2
+    ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
     ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_bands"),   # CaffeNet conv1
-    ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2", "im2col"),     # CaffeNet conv2
+    ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2",
+     "im2col_channels_last"),                                                                        # CaffeNet conv2
+    ("Convolution", (4, 16, 28, 28), "num_output: 8 kernel_size: 5 pad: 2", "im2col_channels_last"),  # GoogLeNet 3a/5x5
+    ("Convolution", (4, 128, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 stride: 2",
+     "im2col_channels_last"),                                                                        # ResNet 3x3/2
+    ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 5 pad: 2", "im2col_batch_last"),   # 784 positions
+    ("Convolution", (4, 192, 7, 7), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),     # inception_5b
+    ("Convolution", (4, 3, 224, 224), "num_output: 8 kernel_size: 7 stride: 2 pad: 3",
+     "im2col_bands"),                                                                                # GoogLeNet conv1
     ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # CaffeNet conv3
     ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
     ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c

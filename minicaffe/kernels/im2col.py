@@ -265,3 +265,55 @@ def col2im_batch_last(col, geom, in_hw, out):
 def images_per_chunk(per_image_elements, num, max_elements):
     """How many images' columns fit in ``max_elements`` (at least one)."""
     return max(1, min(num, max_elements // max(per_image_elements, 1)))
+
+
+# --- columns with the channels last: the GEMM's inner dimension contiguous (CPU) --------------------
+#
+# OpenBLAS's SGEMM runs 10-35% faster on a convolution's forward when the column matrix is stored
+# position-major, ``(N·oh·ow, kh·kw·C)``, so each output position's inputs (the GEMM's inner
+# dimension) are contiguous, than channel-major ``(C·kh·kw, N·oh·ow)`` (measured on AlexNet's conv2
+# and GoogLeNet's 28x28 layers, one and two threads). Built from a channels-last copy of the input,
+# the copy moves runs of ``kw·C/G`` values (a window row across its channels) instead of ``ow``.
+
+def channels_last_source(x, g, group):
+    """(N, C, H, W) -> zero-padded (G, N, Hp, Wp, C/G) in a workspace: what ``im2col_channels_last``
+    reads, each group's channels last and contiguous."""
+    n, c, h, w = x.shape
+    cg = c // group
+    src = workspace(np, (group, n, h + 2 * g.ph, w + 2 * g.pw, cg), x.dtype, IM2COL_PAD)
+    if g.ph or g.pw:
+        src[:, :, :g.ph] = 0
+        src[:, :, g.ph + h:] = 0
+        src[:, :, g.ph:g.ph + h, :g.pw] = 0
+        src[:, :, g.ph:g.ph + h, g.pw + w:] = 0
+    inner = src[:, :, g.ph:g.ph + h, g.pw:g.pw + w]
+    xg = x.reshape(n, group, cg, h, w).transpose(1, 0, 3, 4, 2)
+    if cg < CHANNELS_LAST_MIN_RUN:
+        # a few channels (an RGB image): one strided copy per channel moves rows of ``w`` values,
+        # where the whole transpose at once would move runs of ``cg``
+        for ci in range(cg):
+            parallel_copyto(inner[..., ci], xg[..., ci])
+    else:
+        parallel_copyto(inner.reshape((group * n,) + inner.shape[2:]), xg.reshape((group * n,) + xg.shape[2:]))
+    return src
+
+
+# below this many channels per group, channels_last_source copies one channel at a time
+CHANNELS_LAST_MIN_RUN = 8
+
+
+def im2col_channels_last(x, geom, out_hw, group=1):
+    """Columns of ``x`` (N, C, H, W) position-major, per group: an array (G, N, oh, ow, kh, kw, C/G)
+    in the "col" workspace, ``col[g, n, y, x, i, j, c] = x_padded[n, g·C/G + c, y·sh + i·dh,
+    x·sw + j·dw]`` (CPU). Group ``g``'s matrix ``col[g].reshape(N·oh·ow, kh·kw·C/G)`` is contiguous,
+    its columns ordered (i, j, c): the weights must be permuted to (cout, kh, kw, C/G) to match."""
+    n, c = x.shape[:2]
+    oh, ow = out_hw
+    g = geom
+    src = channels_last_source(x, g, group)
+    shape = (group * n, oh, ow, g.kh, g.kw, c // group)
+    out = workspace(np, shape, x.dtype, COL)
+    s_gn, s_h, s_w, s_c = src.strides[1:]
+    view = _as_strided(np, src, shape, (s_gn, g.sh * s_h, g.sw * s_w, g.dh * s_h, g.dw * s_w, s_c))
+    parallel_copyto(out, view)
+    return out.reshape((group, n) + shape[1:])
