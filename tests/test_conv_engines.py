@@ -37,6 +37,9 @@ CASES = {
                                "dilation: 2 dilation: 1"),
     "k5s3p2g2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 5 stride: 3 pad: 2 group: 2"),
     "no_bias": ((2, 3, 5, 5), "num_output: 2 kernel_size: 3 stride: 2 pad: 1"),
+    # big windows for their stride (a first layer): im2col reads a phase-split source, odd widths
+    "k7s2p3": ((2, 3, 15, 14), "num_output: 4 kernel_size: 7 stride: 2 pad: 3"),
+    "k5s1x2g2": ((2, 4, 9, 13), "num_output: 4 kernel_size: 5 stride_h: 1 stride_w: 2 pad: 1 group: 2"),
     "1x1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1"),
     "1x1group2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1 group: 2"),
     # strided 1x1 over >= 196 output positions: the direct GEMM on the gathered view (CPU)
@@ -208,7 +211,8 @@ def test_channels_last_copies_a_few_channels_one_at_a_time():
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
-@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "per_axis", "wide"])
+@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "per_axis", "wide", "k7s2p3",
+                                  "k5s1x2g2"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_banded_forward_with_any_band_height_matches_the_reference(layer_type, case, rows):
     layer, bottom, top = _layer(layer_type, case)

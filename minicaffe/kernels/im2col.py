@@ -121,7 +121,10 @@ def phase_shape(stride, padded_width):
 
 def padded_source(x, g):
     """(N, C, H, W) -> zero-padded (C, N, Hp, Wp), what im2col reads: a workspace, or a transposed
-    view of ``x`` when there is no padding."""
+    view of ``x`` when there is no padding. Where ``phase_split_pays``, the padded rows split into
+    their ``sw`` column phases instead: (C, N, Hp, sw, ceil(Wp / sw)) (``phase_source``)."""
+    if phase_split_pays(g):
+        return phase_source(x, g)
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
     xt = x.transpose(1, 0, 2, 3)
@@ -137,6 +140,39 @@ def padded_source(x, g):
     return src
 
 
+# im2col reads a phase-split source (``phase_source``) when a window covers at least this many
+# times the input positions that one output position advances over (kh·kw >= this · sh·sw) and
+# the kernel is undilated horizontally: the columns are then much larger than the input, and
+# copying them from contiguous rows pays for the extra pass that splits the input. Measured, one
+# thread (interleaved, medians): im2col of GoogLeNet's conv1 7x7/2 (12.25) 0.57-0.64x at batch 4,
+# 0.58x at batch 16, CaffeNet's conv1 11x11/4 (7.6) 0.41-0.70x at batch 32, split included; whole
+# layer at batch 4 / 32: forward (bands) 0.88-0.92x / 0.99x, weight gradient 0.88-0.95x / 0.90x.
+# 3x3/2 (2.25): 1.08-1.38x slower, so not there.
+PHASE_SPLIT_MIN_EXPANSION = 6
+
+
+def phase_split_pays(g):
+    """Horizontally strided, undilated, and kh·kw >= PHASE_SPLIT_MIN_EXPANSION · sh·sw."""
+    return g.sw > 1 and g.dw == 1 and g.kh * g.kw >= PHASE_SPLIT_MIN_EXPANSION * g.sh * g.sw
+
+
+def phase_source(x, g):
+    """(N, C, H, W) -> zero-padded (C, N, Hp, sw, Wq) in a workspace, ``Wq = ceil(Wp / sw)``:
+    padded column ``q·sw + r`` at ``[..., r, q]``, so the columns a strided window row reads from
+    one phase are contiguous (im2col copies runs of ``ow`` values instead of gathering every
+    ``sw``-th one)."""
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    sw, wq = phase_shape(g.sw, w + 2 * g.pw)
+    src = workspace(xp, (c, n, h + 2 * g.ph, sw, wq), x.dtype, IM2COL_PAD)
+    src.fill(0)
+    xt = x.transpose(1, 0, 2, 3)
+    for r, w0, q0, cnt in column_phases(g.sw, g.pw, w):
+        if cnt:
+            parallel_copyto(src[:, :, g.ph:g.ph + h, r, q0:q0 + cnt], xt[:, :, :, w0::g.sw])
+    return src
+
+
 def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     """Columns of output rows ``y0:y1`` only, from ``padded_source``: (C, kh, kw, N, y1-y0, ow).
 
@@ -149,6 +185,14 @@ def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     shape = (c, g.kh, g.kw, n, y1 - y0, ow)
     if out is None:
         out = workspace(xp, shape, src.dtype, COL)
+    if src.ndim == 5:
+        # phase-split source: kernel columns j = r, r + sw, ... read phase r at offsets 0, 1, ...
+        s_c, s_n, s_h, _, s_q = src.strides
+        for r in range(min(g.sw, g.kw)):
+            view = _as_strided(xp, src[:, :, y0 * g.sh:, r], (c, g.kh, len(range(r, g.kw, g.sw)), n, y1 - y0, ow),
+                               (s_c, g.dh * s_h, s_q, s_n, g.sh * s_h, s_q))
+            parallel_copyto(out[:, :, r::g.sw], view)
+        return out
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src[:, :, y0 * g.sh:], shape,
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
@@ -160,21 +204,11 @@ def im2col(x, geom, out_hw, out=None):
     """Columns of ``x`` (N, C, H, W): an array (C, kh, kw, N, oh, ow).
 
     ``col[c, i, j, n, y, x] = x_padded[n, c, y*sh + i*dh, x*sw + j*dw]``, one strided copy (a
-    copy reads strided rows about as fast as contiguous ones, unlike arithmetic). ``out`` (any
-    array of that shape) receives the result; by default a workspace buffer is used.
+    copy reads strided rows about as fast as contiguous ones, unlike arithmetic) or, from a
+    phase-split source, one per column phase. ``out`` (any array of that shape) receives the
+    result; by default a workspace buffer is used.
     """
-    xp = backend.get_array_module(x)
-    n, c, h, w = x.shape
-    oh, ow = out_hw
-    g = geom
-    src = padded_source(x, g)
-    if out is None:
-        out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, COL)
-    s_c, s_n, s_h, s_w = src.strides
-    view = _as_strided(xp, src, (c, g.kh, g.kw, n, oh, ow),
-                       (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
-    parallel_copyto(out, view)
-    return out
+    return im2col_rows(padded_source(x, geom), geom, out_hw, 0, out_hw[0], out)
 
 
 def col2im(col, geom, in_hw, out):
