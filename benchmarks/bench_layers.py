@@ -13,7 +13,8 @@ timed next to it (``--no-torch`` to skip).
 
 ``--engines`` times each convolution with each named engine (``default``: the one DEFAULT picks)
 in the same process, the runs interleaved round by round, so an engine change is measured A/B on a
-shared machine; ``--median`` reports the median run instead of the best.
+shared machine; ``--median`` reports the median run instead of the best; ``--clock process`` times
+CPU time, which other jobs on a busy machine do not inflate (with one thread everywhere only).
 """
 import argparse
 import os
@@ -89,7 +90,10 @@ def best_time(fn, repeat, warmup=1):
     return best
 
 
-def interleaved_times(fns, repeat, stat):
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def interleaved_times(fns, repeat, stat, clock=time.perf_counter):
     """``{key: seconds}`` for each closure in ``fns`` (``{key: (setup, fn)}``): a warm-up each, then
     ``repeat`` rounds that run every closure once, after its ``setup``; the best or median run."""
     for setup, fn in fns.values():
@@ -99,9 +103,9 @@ def interleaved_times(fns, repeat, stat):
     for _ in range(repeat):
         for key, (setup, fn) in fns.items():
             setup()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            runs[key].append(time.perf_counter() - t0)
+            runs[key].append(clock() - t0)
     return {key: (float(np.median(v)) if stat == "median" else min(v)) for key, v in runs.items()}
 
 
@@ -186,6 +190,9 @@ def main(argv=None):
     ap.add_argument("--engines", default="", help="comma list of convolution engines to time side by side, "
                     "interleaved ('default': DEFAULT's choice; e.g. default,im2col)")
     ap.add_argument("--median", action="store_true", help="report the median run instead of the best")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (default) or process: CPU time of this process, which time-sharing with "
+                         "other jobs does not inflate; only meaningful with one thread everywhere")
     args = ap.parse_args(argv)
     stat = "median" if args.median else "best"
     conv_engines = [e.strip() for e in args.engines.split(",") if e.strip()] or ["default"]
@@ -207,7 +214,7 @@ def main(argv=None):
           f"again at the end)")
     if torch is not None:
         print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print(f"batch {args.batch}, {stat} of {args.repeat}\n")
+    print(f"batch {args.batch}, {stat} of {args.repeat}, {args.clock} clock\n")
 
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     header = (f"{'layer':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
@@ -248,7 +255,7 @@ def main(argv=None):
         for e in variants:
             fns[(e, "fwd")] = (use(e), fwd)
             fns[(e, "bwd")] = (use(e), bwd)
-        times = interleaved_times(fns, args.repeat, stat)
+        times = interleaved_times(fns, args.repeat, stat, CLOCKS[args.clock])
         use("default")()
         default_name = layer.engine_name if kind == "Convolution" else None
         if kind == "Convolution":
@@ -261,7 +268,8 @@ def main(argv=None):
         if torch is not None:
             fb = torch_layer(text, x, layer)
             if fb is not None:
-                tt = interleaved_times({"fwd": (lambda: None, fb[0]), "bwd": (lambda: None, fb[1])}, args.repeat, stat)
+                tt = interleaved_times({"fwd": (lambda: None, fb[0]), "bwd": (lambda: None, fb[1])}, args.repeat, stat,
+                                       CLOCKS[args.clock])
                 torch_times = tt["fwd"], tt["bwd"]
         for e in variants:
             tf, tb = times[(e, "fwd")], times[(e, "bwd")]
