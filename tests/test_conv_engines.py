@@ -67,6 +67,7 @@ IM2COL_CASES = {
     "k3p1": ((2, 3, 7, 6), "kernel_size: 3 pad: 1"),
     "rect": ((2, 3, 9, 11), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 2 dilation: 2"),
     "1x1s2": ((1, 2, 8, 8), "kernel_size: 1 stride: 2"),
+    "k5s2": ((2, 3, 11, 9), "kernel_size: 5 stride: 2 pad: 1"),         # phase-split source
 }
 
 
