@@ -259,7 +259,7 @@ def _rows_first(col, g, rows, acc):
     gets kernel row ``i``'s columns at row offset ``i·dh``, one add per ``i`` over whole
     ``oh·ow`` planes (contiguous on both sides); then each ``rows[:, j]`` is added at column offset
     ``j·dw`` of ``acc``, ``kw`` adds of rows ``ow`` long, where the plain sum does ``kh·kw`` of them.
-    NumPy's cost per row dominates at 27 or 28 wide: AlexNet's conv2 at 27², 1.25x faster."""
+    NumPy's cost per row dominates at 27 or 28 wide: AlexNet's conv2 at 27², 1.15-1.25x faster."""
     kh, kw, oh, ow = col.shape[1], col.shape[2], col.shape[4], col.shape[5]
     rows.fill(0)
     for i in range(kh):
@@ -340,6 +340,10 @@ def images_per_chunk(per_image_elements, num, max_elements):
 # and GoogLeNet's 28x28 layers, one and two threads). Built from a channels-last copy of the input,
 # the copy moves runs of ``kw·C/G`` values (a window row across its channels) instead of ``ow``.
 
+# below this many channels per group, channels_last_source copies one channel at a time
+CHANNELS_LAST_MIN_RUN = 8
+
+
 def channels_last_source(x, g, group):
     """(N, C, H, W) -> zero-padded (G, N, Hp, Wp, C/G) in a workspace: what ``im2col_channels_last``
     reads, each group's channels last and contiguous."""
@@ -361,10 +365,6 @@ def channels_last_source(x, g, group):
     else:
         parallel_copyto(inner.reshape((group * n,) + inner.shape[2:]), xg.reshape((group * n,) + xg.shape[2:]))
     return src
-
-
-# below this many channels per group, channels_last_source copies one channel at a time
-CHANNELS_LAST_MIN_RUN = 8
 
 
 def im2col_channels_last(x, geom, out_hw, group=1):
