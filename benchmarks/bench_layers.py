@@ -217,7 +217,8 @@ def main(argv=None):
     print(f"batch {args.batch}, {stat} of {args.repeat}, {args.clock} clock\n")
 
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    header = (f"{'layer':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
+    lw = 34 if len(conv_engines) == 1 else 56     # room for the engine's name
+    header = (f"{'layer':{lw}s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
               f"{'fwd %pk':>7s} {'bwd %pk':>7s}")
     if torch is not None:
         header += f" {'torch fwd':>9s} {'torch bwd':>9s} {'fwd x':>6s} {'bwd x':>6s}"
@@ -278,12 +279,12 @@ def main(argv=None):
                 label = f"{name} [{default_name if e == 'default' else e}{'*' if e == 'default' else ''}]"
             if flops:
                 rates.append((label, flops / tf / 1e9, 2 * flops / tb / 1e9))
-                row = (f"{label:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {flops / tf / 1e9:9.1f} "
+                row = (f"{label:{lw}s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {flops / tf / 1e9:9.1f} "
                        f"{2 * flops / tb / 1e9:9.1f} {100 * flops / tf / 1e9 / peak:6.0f}% "
                        f"{100 * 2 * flops / tb / 1e9 / peak:6.0f}%")
             else:
                 nbytes = 4.0 * (x.size + top[0].count)
-                row = (f"{label:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {nbytes / tf / 1e9:7.1f}GB "
+                row = (f"{label:{lw}s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {nbytes / tf / 1e9:7.1f}GB "
                        f"{2 * nbytes / tb / 1e9:7.1f}GB {'':>7s} {'':>7s}")
             if torch_times is not None:
                 ttf, ttb = torch_times
@@ -296,7 +297,7 @@ def main(argv=None):
         # other processes slow a measurement down, never up: the faster one is the machine's
         print(f"; of the best ({best_peak:.1f} GFLOP/s) the GEMM-bound layers reach:")
         for name, fwd, bwd in rates:
-            print(f"  {name:34s} fwd {100 * fwd / best_peak:4.0f}%  bwd {100 * bwd / best_peak:4.0f}%")
+            print(f"  {name:{lw}s} fwd {100 * fwd / best_peak:4.0f}%  bwd {100 * bwd / best_peak:4.0f}%")
     else:
         print()
     print("\nGF/s: GFLOP/s (backward counts the data and the weight gradient: twice the forward's work);"
