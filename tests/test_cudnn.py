@@ -171,14 +171,20 @@ def test_float32_matches_the_reference_within_rounding(gpu):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-def test_plans_per_batch_size_and_the_workspace_grows_once(gpu):
+def test_plans_per_batch_size_and_one_workspace_for_every_convolution(gpu):
     fake = _fake_only(gpu)
     layer, bottom, top = _conv_layer()
+    other, other_bottom, other_top = _conv_layer()
     engine = layer.engine
     _train_pass(layer, bottom, top)
-    first = engine._ws
+    need = max(max(p.workspace.values()) for p in engine._plans.values())
+    assert need > 0                              # the fake's first-ranked algorithms want scratch
+    first = engine._workspace(need)[1].value
+    _train_pass(other, other_bottom, other_top)
     _train_pass(layer, bottom, top)
-    assert engine._ws is first
+    # the same buffer for the next call of this layer and for another layer: not one per engine
+    assert engine._workspace(need)[1].value == first == other.engine._workspace(need)[1].value
+    first = None
     bottom[0].reshape(3, 4, 7, 6)
     layer.reshape(bottom, top)
     assert layer.engine is not engine          # a new shape: a new engine (the slot rebuilds)
