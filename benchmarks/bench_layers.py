@@ -9,6 +9,12 @@ timed next to it (``--no-torch`` to skip).
     python benchmarks/bench_layers.py                 # every layer, batch 4
     python benchmarks/bench_layers.py --batch 2 --only conv --repeat 3
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_layers.py   # one core each
+    python benchmarks/bench_layers.py --only "alex conv2" --engines default,im2col --repeat 9 --median
+
+``--engines`` times each convolution with each named engine (``default``: the one DEFAULT picks)
+in the same process, the runs interleaved round by round, so an engine change is measured A/B on a
+shared machine; ``--median`` reports the median run instead of the best; ``--clock process`` times
+CPU time, which other jobs on a busy machine do not inflate (with one thread everywhere only).
 """
 import argparse
 import os
@@ -20,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import minicaffe  # noqa: E402
+from minicaffe.kernels import engines  # noqa: E402
 from minicaffe.testing import make_layer  # noqa: E402
 
 # name, prototxt body, bottom shape without the batch, GEMM-bound?
@@ -81,6 +88,25 @@ def best_time(fn, repeat, warmup=1):
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def interleaved_times(fns, repeat, stat, clock=time.perf_counter):
+    """``{key: seconds}`` for each closure in ``fns`` (``{key: (setup, fn)}``): a warm-up each, then
+    ``repeat`` rounds that run every closure once, after its ``setup``; the best or median run."""
+    for setup, fn in fns.values():
+        setup()
+        fn()
+    runs = {key: [] for key in fns}
+    for _ in range(repeat):
+        for key, (setup, fn) in fns.items():
+            setup()
+            t0 = clock()
+            fn()
+            runs[key].append(clock() - t0)
+    return {key: (float(np.median(v)) if stat == "median" else min(v)) for key, v in runs.items()}
 
 
 def sgemm_rate(size, repeat):
@@ -161,7 +187,15 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma list of layer groups: " + ",".join(GROUPS)
                     + ", or substrings of layer names")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch next to minicaffe")
+    ap.add_argument("--engines", default="", help="comma list of convolution engines to time side by side, "
+                    "interleaved ('default': DEFAULT's choice; e.g. default,im2col)")
+    ap.add_argument("--median", action="store_true", help="report the median run instead of the best")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (default) or process: CPU time of this process, which time-sharing with "
+                         "other jobs does not inflate; only meaningful with one thread everywhere")
     args = ap.parse_args(argv)
+    stat = "median" if args.median else "best"
+    conv_engines = [e.strip() for e in args.engines.split(",") if e.strip()] or ["default"]
 
     torch = None
     if not args.no_torch:
@@ -180,10 +214,11 @@ def main(argv=None):
           f"again at the end)")
     if torch is not None:
         print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print(f"batch {args.batch}, best of {args.repeat}\n")
+    print(f"batch {args.batch}, {stat} of {args.repeat}, {args.clock} clock\n")
 
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    header = (f"{'layer':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
+    lw = 34 if len(conv_engines) == 1 else 56     # room for the engine's name
+    header = (f"{'layer':{lw}s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd GF/s':>9s} {'bwd GF/s':>9s} "
               f"{'fwd %pk':>7s} {'bwd %pk':>7s}")
     if torch is not None:
         header += f" {'torch fwd':>9s} {'torch bwd':>9s} {'fwd x':>6s} {'bwd x':>6s}"
@@ -209,31 +244,52 @@ def main(argv=None):
             layer.backward(top, [True], bottom)
             for b in layer.blobs:   # gradients accumulate: keep them from growing without bound
                 b.diff[...] = 0
-        tf = best_time(fwd, args.repeat)
-        fwd()
-        tb = best_time(bwd, args.repeat)
+
+        def use(engine):
+            def setup():
+                if kind == "Convolution":
+                    engines.force(layer, None if engine == "default" else engine)
+                    layer.reshape(bottom, top)
+            return setup
+        variants = conv_engines if kind == "Convolution" else ["default"]
+        fns = {}
+        for e in variants:
+            fns[(e, "fwd")] = (use(e), fwd)
+            fns[(e, "bwd")] = (use(e), bwd)
+        times = interleaved_times(fns, args.repeat, stat, CLOCKS[args.clock])
+        use("default")()
+        default_name = layer.engine_name if kind == "Convolution" else None
         if kind == "Convolution":
             flops = conv_flops(text, bshape, top[0].shape)
         elif kind == "InnerProduct":
             flops = ip_flops(bshape, top[0].shape)
         else:
             flops = None
-        if flops:
-            rates.append((name, flops / tf / 1e9, 2 * flops / tb / 1e9))
-            row = (f"{name:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {flops / tf / 1e9:9.1f} "
-                   f"{2 * flops / tb / 1e9:9.1f} {100 * flops / tf / 1e9 / peak:6.0f}% "
-                   f"{100 * 2 * flops / tb / 1e9 / peak:6.0f}%")
-        else:
-            nbytes = 4.0 * (x.size + top[0].count)
-            row = (f"{name:34s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {nbytes / tf / 1e9:7.1f}GB "
-                   f"{2 * nbytes / tb / 1e9:7.1f}GB {'':>7s} {'':>7s}")
+        torch_times = None
         if torch is not None:
             fb = torch_layer(text, x, layer)
             if fb is not None:
-                ttf = best_time(fb[0], args.repeat)
-                ttb = best_time(fb[1], args.repeat)
+                tt = interleaved_times({"fwd": (lambda: None, fb[0]), "bwd": (lambda: None, fb[1])}, args.repeat, stat,
+                                       CLOCKS[args.clock])
+                torch_times = tt["fwd"], tt["bwd"]
+        for e in variants:
+            tf, tb = times[(e, "fwd")], times[(e, "bwd")]
+            label = name
+            if len(variants) > 1:
+                label = f"{name} [{default_name if e == 'default' else e}{'*' if e == 'default' else ''}]"
+            if flops:
+                rates.append((label, flops / tf / 1e9, 2 * flops / tb / 1e9))
+                row = (f"{label:{lw}s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {flops / tf / 1e9:9.1f} "
+                       f"{2 * flops / tb / 1e9:9.1f} {100 * flops / tf / 1e9 / peak:6.0f}% "
+                       f"{100 * 2 * flops / tb / 1e9 / peak:6.0f}%")
+            else:
+                nbytes = 4.0 * (x.size + top[0].count)
+                row = (f"{label:{lw}s} {tf * 1e3:8.2f} {tb * 1e3:8.2f} {nbytes / tf / 1e9:7.1f}GB "
+                       f"{2 * nbytes / tb / 1e9:7.1f}GB {'':>7s} {'':>7s}")
+            if torch_times is not None:
+                ttf, ttb = torch_times
                 row += f" {ttf * 1e3:9.2f} {ttb * 1e3:9.2f} {tf / ttf:6.2f} {tb / ttb:6.2f}"
-        print(row, flush=True)
+            print(row, flush=True)
     peak_end = sgemm_rate(args.gemm_size, args.repeat)
     best_peak = max(peak, peak_end)
     print(f"\nfloat32 matmul {args.gemm_size}² again: {peak_end:.1f} GFLOP/s", end="")
@@ -241,12 +297,14 @@ def main(argv=None):
         # other processes slow a measurement down, never up: the faster one is the machine's
         print(f"; of the best ({best_peak:.1f} GFLOP/s) the GEMM-bound layers reach:")
         for name, fwd, bwd in rates:
-            print(f"  {name:34s} fwd {100 * fwd / best_peak:4.0f}%  bwd {100 * bwd / best_peak:4.0f}%")
+            print(f"  {name:{lw}s} fwd {100 * fwd / best_peak:4.0f}%  bwd {100 * bwd / best_peak:4.0f}%")
     else:
         print()
     print("\nGF/s: GFLOP/s (backward counts the data and the weight gradient: twice the forward's work);"
           "\n%pk: of the matmul rate above; GB: bottom+top bytes per second for memory-bound layers;"
-          "\nfwd x / bwd x: minicaffe time / PyTorch time (below 1: minicaffe is faster).")
+          "\nfwd x / bwd x: minicaffe time / PyTorch time (below 1: minicaffe is faster)."
+          + ("\n[engine]: the convolution engine forced for that row; * marks DEFAULT's choice."
+             if len(conv_engines) > 1 else ""))
     return 0
 
 

@@ -23,8 +23,8 @@ a note):
    and VGG-16 inference at batch 64: images/s and peak GPU memory for minicaffe and for PyTorch
    eager running the same architecture (``benchmarks/bench_nets.build_torch``), then minicaffe
    again with cuDNN switched off (the CuPy engines cuda_im2col/gemm_1x1) when cuDNN ran the first
-   rows; each row says which convolution engines ran. Caffe's published K40 figure is printed for
-   the record.
+   rows; each row says which convolution, pooling and LRN engines ran. Caffe's published K40
+   figure is printed for the record.
 
 The convolution engine is cuDNN wherever it loads (``minicaffe/kernels/cudnn.py``: the
 ``nvidia-cudnn-cu13`` wheel on the GPU machine); the env section says whether it did and why not.
@@ -75,11 +75,14 @@ def use_standin():
 
 
 def conv_engines(net):
-    """Which engines ran the net's (de)convolutions: {"cudnn": 57} (the engine slot's choice)."""
+    """Which engines ran the net's (de)convolutions, pooling and LRN layers (each engine slot's
+    choice): {"cudnn": 57, "pool:cudnn": 13, "pool:cuda": 1, "lrn:cudnn": 2}; convolutions unprefixed."""
     counts = {}
+    prefix = {"Convolution": "", "Deconvolution": "", "Pooling": "pool:", "LRN": "lrn:"}
     for layer in net.layers:
-        if layer.type in ("Convolution", "Deconvolution"):
-            name = getattr(layer, "engine_name", "?")
+        if layer.type in prefix:
+            slot = getattr(layer, "engine_slot", None)
+            name = prefix[layer.type] + str(getattr(layer, "engine_name", None) or getattr(slot, "name", "?"))
             counts[name] = counts.get(name, 0) + 1
     return counts
 
@@ -94,7 +97,8 @@ def cudnn_report():
         ok, why = cudnn.available()
         if not ok:
             return f"not used: {why}"
-        return f"cuDNN {cudnn.library().version} (conv engine 'cudnn' is DEFAULT)"
+        return (f"cuDNN {cudnn.library().version} (engine 'cudnn' is DEFAULT for convolution and softmax, "
+                "and for pooling and LRN where it computes Caffe's result)")
     finally:
         backend.set_mode_gpu() if mode == "gpu" else backend.set_mode_cpu()
 

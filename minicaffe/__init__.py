@@ -1,6 +1,7 @@
 """minicaffe: Caffe's formats, layers, solvers and tools in Python; ``import minicaffe as caffe``
 runs ordinary pycaffe scripts."""
 from . import _aliases
+from .core import context as _context  # noqa: F401  (first of all: it sets OpenBLAS's spin before NumPy loads)
 from . import layers as _layers  # noqa: F401  (registers every layer type)
 from .core import backend  # noqa: F401
 from .core.backend import set_device, set_mode_cpu, set_mode_gpu, set_random_seed

@@ -114,13 +114,40 @@ C_SIGNATURES = {
         "cudnnHandle_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t", "const void *",
         "const cudnnTensorDescriptor_t", "const void *", "const cudnnTensorDescriptor_t", "const void *",
         "const void *", "const cudnnTensorDescriptor_t", "void *")),
+    # pooling and LRN (cudnn_ops.h)
+    "cudnnCreatePoolingDescriptor": ("cudnnStatus_t", ("cudnnPoolingDescriptor_t *",)),
+    "cudnnSetPooling2dDescriptor": ("cudnnStatus_t", ("cudnnPoolingDescriptor_t", "cudnnPoolingMode_t",
+                                                      "cudnnNanPropagation_t", "int", "int", "int", "int",
+                                                      "int", "int")),
+    "cudnnGetPooling2dForwardOutputDim": ("cudnnStatus_t", (
+        "const cudnnPoolingDescriptor_t", "const cudnnTensorDescriptor_t", "int *", "int *", "int *", "int *")),
+    "cudnnDestroyPoolingDescriptor": ("cudnnStatus_t", ("cudnnPoolingDescriptor_t",)),
+    "cudnnPoolingForward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "const cudnnPoolingDescriptor_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const void *", "const cudnnTensorDescriptor_t", "void *")),
+    "cudnnPoolingBackward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "const cudnnPoolingDescriptor_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const cudnnTensorDescriptor_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const void *", "const cudnnTensorDescriptor_t", "void *")),
+    "cudnnCreateLRNDescriptor": ("cudnnStatus_t", ("cudnnLRNDescriptor_t *",)),
+    "cudnnSetLRNDescriptor": ("cudnnStatus_t", ("cudnnLRNDescriptor_t", "unsigned", "double", "double",
+                                                "double")),
+    "cudnnDestroyLRNDescriptor": ("cudnnStatus_t", ("cudnnLRNDescriptor_t",)),
+    "cudnnLRNCrossChannelForward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "cudnnLRNDescriptor_t", "cudnnLRNMode_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const void *", "const cudnnTensorDescriptor_t", "void *")),
+    "cudnnLRNCrossChannelBackward": ("cudnnStatus_t", (
+        "cudnnHandle_t", "cudnnLRNDescriptor_t", "cudnnLRNMode_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const cudnnTensorDescriptor_t", "const void *", "const cudnnTensorDescriptor_t",
+        "const void *", "const void *", "const cudnnTensorDescriptor_t", "void *")),
 }
 
 _OPAQUE = {"cudnnHandle_t", "cudnnTensorDescriptor_t", "cudnnFilterDescriptor_t", "cudnnConvolutionDescriptor_t",
-           "cudaStream_t"}
+           "cudnnPoolingDescriptor_t", "cudnnLRNDescriptor_t", "cudaStream_t"}
 _ENUMS = {"cudnnStatus_t", "cudnnDataType_t", "cudnnTensorFormat_t", "cudnnConvolutionMode_t", "cudnnMathType_t",
           "cudnnConvolutionFwdAlgo_t", "cudnnConvolutionBwdDataAlgo_t", "cudnnConvolutionBwdFilterAlgo_t",
-          "cudnnDeterminism_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t"}
+          "cudnnDeterminism_t", "cudnnSoftmaxAlgorithm_t", "cudnnSoftmaxMode_t", "cudnnPoolingMode_t",
+          "cudnnNanPropagation_t", "cudnnLRNMode_t"}
 _PERF_STRUCTS = {"cudnnConvolutionFwdAlgoPerf_t", "cudnnConvolutionBwdDataAlgoPerf_t",
                  "cudnnConvolutionBwdFilterAlgoPerf_t"}
 
@@ -173,6 +200,10 @@ def _matches(ctext, declared):
         return declared is c_int
     if t == "size_t":
         return declared is c_size_t
+    if t == "unsigned":
+        return declared is ctypes.c_uint
+    if t == "double":
+        return declared is c_double
     raise AssertionError(f"no rule for C type {ctext!r}")
 
 
@@ -182,6 +213,8 @@ def _address(arg):
         return 0
     if isinstance(arg, (int, np.integer)):
         return int(arg)
+    if isinstance(arg, (float, np.floating)):       # a double parameter: passed by value
+        return float(arg)
     if isinstance(arg, (ctypes.Array, ctypes.Structure)):
         return ctypes.addressof(arg)
     if isinstance(arg, ctypes._Pointer):
@@ -322,13 +355,15 @@ class FakeCudnn:
     def __init__(self):
         self._next = 0x1000
         self.handles, self.tensors, self.filters, self.convs = {}, {}, {}, {}
+        self.pools, self.lrns = {}, {}
         self.calls = []
         # algorithms real cuDNN lacks for a case are NOT_SUPPORTED here too (ws: bytes they need)
         for name in C_SIGNATURES:
             setattr(self, name, _Function(name, getattr(self, "_" + name)))
 
     def live(self):
-        return len(self.handles) + len(self.tensors) + len(self.filters) + len(self.convs)
+        return (len(self.handles) + len(self.tensors) + len(self.filters) + len(self.convs) + len(self.pools)
+                + len(self.lrns))
 
     # helpers
     def _new(self, table, addr, value):
@@ -653,3 +688,192 @@ class FakeCudnn:
             self._blend(dxa, value, a, b)
             self.calls.append(("cudnnSoftmaxBackward", algo))
         return self._status(run)
+
+    # pooling (cudnn_ops.h): the floor output size, MAX over the real pixels of a window (the
+    # padding never wins), AVE over the window with the padding counted (INCLUDE_PADDING) or not
+    def _cudnnCreatePoolingDescriptor(self, addr):
+        return self._create(self.pools, addr)
+
+    def _cudnnDestroyPoolingDescriptor(self, d):
+        return self._destroy(self.pools, d)
+
+    def _cudnnSetPooling2dDescriptor(self, d, mode, nan, kh, kw, ph, pw, sh, sw):
+        def run():
+            desc = self._get(self.pools, d, must_be_set=False)
+            _require(mode in (0, 1, 2, 3) and nan in (0, 1))
+            _require(min(kh, kw, sh, sw) > 0 and min(ph, pw) >= 0)
+            desc.update(set=True, mode=mode, nan=nan, window=(kh, kw), pad=(ph, pw), stride=(sh, sw))
+        return self._status(run)
+
+    def _pool_dims(self, pool, x):
+        n, c, h, w = x["dims"]
+        (kh, kw), (ph, pw), (sh, sw) = pool["window"], pool["pad"], pool["stride"]
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        _require(oh > 0 and ow > 0)
+        return n, c, oh, ow
+
+    def _cudnnGetPooling2dForwardOutputDim(self, pool_id, x_id, pn, pc, ph, pw):
+        def run():
+            dims = self._pool_dims(self._get(self.pools, pool_id), self._get(self.tensors, x_id))
+            for addr, v in zip((pn, pc, ph, pw), dims):
+                _require(addr != 0, NULL_POINTER)
+                c_int.from_address(addr).value = v
+        return self._status(run)
+
+    def _pool_problem(self, handle, pool_id, x_id, y_id, *more):
+        _require(handle in self.handles)
+        _require(self.handles[handle]["stream"] == cupy_standin.get_current_stream().ptr, STREAM_MISMATCH)
+        pool = self._get(self.pools, pool_id)
+        x, y = self._get(self.tensors, x_id), self._get(self.tensors, y_id)
+        others = [self._get(self.tensors, d) for d in more]
+        _require(all(d["dtype"] == x["dtype"] for d in [y] + others), NOT_SUPPORTED)
+        _require(y["dims"] == self._pool_dims(pool, x), SHAPE_MISMATCH)
+        return pool, x, y, others, _DTYPES[x["dtype"]]
+
+    def _cudnnPoolingForward(self, h, pool_id, alpha, xd, xp, beta, yd, yp):
+        def run():
+            pool, x, y, _, dt = self._pool_problem(h, pool_id, xd, yd)
+            a, b = self._scalars(dt, alpha, beta)
+            xa, ya = self._tensor(xp, x, dt), self._tensor(yp, y, dt)
+            self._blend(ya, pool_forward(pool, xa, y["dims"][2:]), a, b)
+            self.calls.append(("cudnnPoolingForward", pool["mode"]))
+        return self._status(run)
+
+    def _cudnnPoolingBackward(self, h, pool_id, alpha, yd, yp, dyd, dyp, xd, xp, beta, dxd, dxp):
+        def run():
+            pool, x, y, (dy, dx), dt = self._pool_problem(h, pool_id, xd, yd, dyd, dxd)
+            _require(dy["dims"] == y["dims"] and dx["dims"] == x["dims"], SHAPE_MISMATCH)
+            a, b = self._scalars(dt, alpha, beta)
+            ya, dya = self._tensor(yp, y, dt), self._tensor(dyp, dy, dt)
+            xa, dxa = self._tensor(xp, x, dt), self._tensor(dxp, dx, dt)
+            self._blend(dxa, pool_backward(pool, xa, ya, dya), a, b)
+            self.calls.append(("cudnnPoolingBackward", pool["mode"]))
+        return self._status(run)
+
+    # LRN (cudnn_ops.h): y = x (k + alpha/N Σ x²)^-beta over [c - lookBehind, c + lookAhead]
+    def _cudnnCreateLRNDescriptor(self, addr):
+        return self._status(lambda: self._new(self.lrns, addr, {"set": True, "n": 5, "alpha": 1e-4,
+                                                                "beta": 0.75, "k": 2.0}))
+
+    def _cudnnDestroyLRNDescriptor(self, d):
+        return self._destroy(self.lrns, d)
+
+    def _cudnnSetLRNDescriptor(self, d, n, alpha, beta, k):
+        def run():
+            desc = self._get(self.lrns, d)
+            # the ranges the header gives and libcudnn 9.28 enforces (alpha has none)
+            _require(LRN_MIN_N <= n <= LRN_MAX_N and k >= LRN_MIN_K and beta >= LRN_MIN_BETA)
+            desc.update(n=n, alpha=alpha, beta=beta, k=k)
+        return self._status(run)
+
+    def _lrn_problem(self, handle, lrn_id, mode, ids):
+        _require(handle in self.handles)
+        _require(self.handles[handle]["stream"] == cupy_standin.get_current_stream().ptr, STREAM_MISMATCH)
+        _require(mode == 0)                                  # CUDNN_LRN_CROSS_CHANNEL_DIM1
+        lrn = self._get(self.lrns, lrn_id)
+        descs = [self._get(self.tensors, d) for d in ids]
+        _require(all(d["dtype"] == descs[0]["dtype"] for d in descs), NOT_SUPPORTED)
+        _require(all(d["dims"] == descs[0]["dims"] for d in descs), SHAPE_MISMATCH)
+        return lrn, descs, _DTYPES[descs[0]["dtype"]]
+
+    def _cudnnLRNCrossChannelForward(self, h, lrn_id, mode, alpha, xd, xp, beta, yd, yp):
+        def run():
+            lrn, (x, y), dt = self._lrn_problem(h, lrn_id, mode, (xd, yd))
+            a, b = self._scalars(dt, alpha, beta)
+            xa, ya = self._tensor(xp, x, dt), self._tensor(yp, y, dt)
+            self._blend(ya, lrn_forward(lrn, xa), a, b)
+            self.calls.append(("cudnnLRNCrossChannelForward", mode))
+        return self._status(run)
+
+    def _cudnnLRNCrossChannelBackward(self, h, lrn_id, mode, alpha, yd, yp, dyd, dyp, xd, xp, beta, dxd, dxp):
+        def run():
+            lrn, (y, dy, x, dx), dt = self._lrn_problem(h, lrn_id, mode, (yd, dyd, xd, dxd))
+            a, b = self._scalars(dt, alpha, beta)
+            ya, dya = self._tensor(yp, y, dt), self._tensor(dyp, dy, dt)
+            xa, dxa = self._tensor(xp, x, dt), self._tensor(dxp, dx, dt)
+            self._blend(dxa, lrn_backward(lrn, xa, ya, dya), a, b)
+            self.calls.append(("cudnnLRNCrossChannelBackward", mode))
+        return self._status(run)
+
+
+LRN_MIN_N, LRN_MAX_N, LRN_MIN_K, LRN_MIN_BETA = 1, 16, 1e-5, 0.01
+
+
+# --- pooling and LRN arithmetic (from cuDNN's definitions, independent of minicaffe's code) ---------
+def _pool_windows(pool, h, w, out_hw):
+    """Each output's window: (row start, row end, col start, col end) in padded coordinates."""
+    (kh, kw), (ph, pw), (sh, sw) = pool["window"], pool["pad"], pool["stride"]
+    for i in range(out_hw[0]):
+        for j in range(out_hw[1]):
+            yield i, j, i * sh - ph, i * sh - ph + kh, j * sw - pw, j * sw - pw + kw
+
+
+def pool_forward(pool, x, out_hw):
+    """cuDNN's pooling of ``x`` (N, C, H, W): MAX ignores the padding; AVE divides by ``kh·kw``
+    (INCLUDE_PADDING) or by the real pixels of the window (EXCLUDE_PADDING). NaN-free data only: the
+    emulation declares no NaN semantics beyond ``CUDNN_NOT_PROPAGATE_NAN`` being accepted."""
+    n, c, h, w = x.shape
+    y = np.empty((n, c) + tuple(out_hw), x.dtype)
+    kh, kw = pool["window"]
+    for i, j, r0, r1, c0, c1 in _pool_windows(pool, h, w, out_hw):
+        win = x[:, :, max(r0, 0):min(r1, h), max(c0, 0):min(c1, w)]
+        if pool["mode"] in (0, 3):
+            y[:, :, i, j] = win.max(axis=(2, 3)) if win.size else -np.inf
+        else:
+            count = kh * kw if pool["mode"] == 1 else win.shape[2] * win.shape[3]
+            y[:, :, i, j] = win.sum(axis=(2, 3)) / count
+    return y
+
+
+def pool_backward(pool, x, y, dy):
+    """The gradient: AVE spreads each ``dy`` over its window's real pixels (divided as the forward
+    divides); MAX gives it to the window's winner, found again as the FIRST real pixel (row-major)
+    that equals the forward's ``y``: Caffe's tie rule (real cuDNN's is to be confirmed on a GPU). A
+    ``y`` that no pixel of the window equals (a top changed in place after the forward) routes the
+    gradient nowhere."""
+    n, c, h, w = x.shape
+    dx = np.zeros_like(x)
+    kh, kw = pool["window"]
+    for i, j, r0, r1, c0, c1 in _pool_windows(pool, h, w, dy.shape[2:]):
+        rs, cs = slice(max(r0, 0), min(r1, h)), slice(max(c0, 0), min(c1, w))
+        win = x[:, :, rs, cs]
+        if pool["mode"] in (0, 3):
+            flat = win.reshape(n, c, -1)
+            hit = flat == y[:, :, i, j][:, :, None]
+            first = hit.argmax(axis=2)
+            grad = np.zeros_like(flat)
+            np.put_along_axis(grad, first[:, :, None], (dy[:, :, i, j] * hit.any(axis=2))[:, :, None], axis=2)
+            dx[:, :, rs, cs] += grad.reshape(win.shape)
+        else:
+            count = kh * kw if pool["mode"] == 1 else win.shape[2] * win.shape[3]
+            dx[:, :, rs, cs] += (dy[:, :, i, j] / count)[:, :, None, None]
+    return dx
+
+
+def _lrn_window_sum(a, behind, ahead):
+    """Σ over channels c - behind .. c + ahead of ``a`` (N, C, ...), zero outside."""
+    out = np.zeros_like(a)
+    channels = a.shape[1]
+    for c in range(channels):
+        out[:, c] = a[:, max(c - behind, 0):min(c + ahead + 1, channels)].sum(axis=1)
+    return out
+
+
+def _lrn_reach(lrn):
+    behind = (lrn["n"] - 1) // 2
+    return behind, lrn["n"] - behind - 1
+
+
+def lrn_forward(lrn, x):
+    behind, ahead = _lrn_reach(lrn)
+    scale = lrn["k"] + lrn["alpha"] / lrn["n"] * _lrn_window_sum(x * x, behind, ahead)
+    return x * scale ** -lrn["beta"]
+
+
+def lrn_backward(lrn, x, y, dy):
+    """d/dx of ``lrn_forward``: ``dy·s^-β − (2αβ/N)·x·Σ_{j whose window holds i} dy_j·y_j/s_j``; the
+    windows holding channel i are those of channels i - ahead .. i + behind."""
+    behind, ahead = _lrn_reach(lrn)
+    scale = lrn["k"] + lrn["alpha"] / lrn["n"] * _lrn_window_sum(x * x, behind, ahead)
+    back = _lrn_window_sum(dy * y / scale, ahead, behind)
+    return dy * scale ** -lrn["beta"] - 2 * lrn["alpha"] * lrn["beta"] / lrn["n"] * x * back

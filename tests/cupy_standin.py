@@ -32,11 +32,22 @@ Each behaviour below follows CuPy 14 (its docs, "Differences between CuPy and Nu
 * ``cupy.cuda``: ``runtime.getDeviceCount/getDeviceProperties/getDevice/setDevice``, ``Device``,
   ``Stream``, ``Event``, ``get_current_stream``, a memory pool, ``nccl`` for one rank, ``curand``
   constants. ``STANDIN = True`` marks the module so tests can tell which backend ran.
+* Counters the tests read (``transfers()``, ``allocations()``, ``reset_counters()``): every copy
+  device -> host (``.get()``, ``asnumpy``, ``tolist``, ``item``, ``float``/``int``/``bool`` of a
+  device array, printing one) and host -> device (``array``/``asarray`` of host data, ``.set()``,
+  host arrays as index values), the uploads from pinned memory on a non-default stream among them;
+  the explicit allocation calls (``empty``/``zeros``/``ones``/``full`` and their ``_like``); and a
+  model of CuPy's memory pool (``get_default_memory_pool().used_bytes()/total_bytes()``): freed
+  buffers are kept by size and reused by a later request of the same size, as CuPy's pool reuses
+  its blocks, so a loop whose ``total_bytes`` stops growing allocates nothing new on a GPU either.
 """
 import builtins
+import collections
 import re
 import sys
+import threading
 import types
+import weakref
 
 import numpy
 
@@ -51,6 +62,63 @@ def _unsupported(x):
     return TypeError(f"Unsupported type {type(x)}")
 
 
+# --- counters the tests read ----------------------------------------------------------------------
+
+_COUNTS = collections.Counter()
+_SITES = collections.deque(maxlen=64)    # (kind, "file:line") of the latest transfers, for messages
+_LOCK = threading.RLock()     # prefetch threads upload too; re-entrant: a finalizer may run inside
+
+
+def _count(kind, n=1):
+    """Count one event; transfers also remember where they came from (the first caller outside here)."""
+    with _LOCK:
+        _COUNTS[kind] += n
+    if kind.startswith("to_"):
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_filename == __file__:
+            f = f.f_back
+        _SITES.append((kind, f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"))
+
+
+def transfers():
+    """Copies since ``reset_counters()``: ``to_host`` (device -> host, each one a synchronisation),
+    ``to_device`` (host -> device, all of them), ``to_device_pinned`` (those from pinned host memory)
+    and ``to_device_async`` (those on a stream other than the default one); ``sites``: where the
+    latest came from, for assertion messages."""
+    return {"to_host": _COUNTS["to_host"], "to_device": _COUNTS["to_device"],
+            "to_device_pinned": _COUNTS["pinned:to_device"], "to_device_async": _COUNTS["async:to_device"],
+            "sites": list(_SITES)}
+
+
+def allocations():
+    """Since ``reset_counters()``: ``calls``, the explicit allocation calls (``empty``, ``zeros``,
+    ``ones``, ``full`` and their ``_like``); ``buffers``/``bytes``, every new device buffer (results
+    of ufuncs and copies too); ``by_name``: the calls per routine."""
+    names = {k[len("alloc:"):]: v for k, v in _COUNTS.items() if k.startswith("alloc:")}
+    return {"calls": builtins.sum(names.values()), "by_name": names,
+            "buffers": _COUNTS["buffers"], "bytes": _COUNTS["buffer_bytes"]}
+
+
+def reset_counters():
+    """Zero the transfer and allocation counters (the memory pool model keeps its blocks)."""
+    _COUNTS.clear()
+    _SITES.clear()
+
+
+def _to_host_done(n=1):
+    _count("to_host", n)
+
+
+def _upload(src=None, stream=None):
+    """Count one host -> device copy; from pinned memory, and on a stream other than the default one,
+    when so (``stream``: the one the call named, else the current one)."""
+    _count("to_device")
+    if isinstance(src, numpy.ndarray) and _is_pinned(src):
+        _count("pinned:to_device")
+    if (stream if stream is not None else get_current_stream()) is not Stream.null:
+        _count("async:to_device")
+
+
 # --- the array type -------------------------------------------------------------------------------
 
 class _MemoryPointer:
@@ -63,7 +131,10 @@ class _MemoryPointer:
         self.device = Device(0)
 
 
-_POINTERS = {}   # ptr -> numpy array, for NCCL calls made with raw pointers (one rank)
+# ptr -> numpy array, for calls made with raw pointers (NCCL with one rank, the cuDNN emulation).
+# Weak: a pointer is only good while its array lives, as on a GPU, and a strong table would keep every
+# temporary whose ``.data`` was taken alive, so the memory-pool model would see a leak CuPy has not.
+_POINTERS = weakref.WeakValueDictionary()
 
 
 class ndarray:
@@ -107,7 +178,9 @@ class ndarray:
             if out.shape != self.shape:
                 raise ValueError(f"Shape mismatch. Expected shape: {self.shape}, actual shape: {out.shape}")
             out[...] = self._a
+            _to_host_done()
             return out
+        _to_host_done()
         return numpy.array(self._a, order=order if order != "A" else "K", copy=True)
 
     def set(self, arr, stream=None):
@@ -117,12 +190,17 @@ class ndarray:
             raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
         if arr.shape != self.shape:
             raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        if stream is not None and not isinstance(stream, Stream):
+            raise TypeError(f"stream must be a cupy.cuda.Stream, not {type(stream)}")
+        _upload(arr, stream)
         self._a[...] = arr
 
     def tolist(self):
+        _to_host_done()
         return self._a.tolist()
 
     def item(self, *args):
+        _to_host_done()
         return self._a.item(*args)
 
     # implicit transfers: refused as CuPy refuses them
@@ -150,17 +228,21 @@ class ndarray:
             return NotImplemented
         return ours(*args, **kwargs)
 
-    # conversions that synchronise (allowed)
+    # conversions that synchronise (allowed; each one a copy to the host)
     def __float__(self):
+        _to_host_done()
         return float(self._a)
 
     def __int__(self):
+        _to_host_done()
         return int(self._a)
 
     def __complex__(self):
+        _to_host_done()
         return complex(self._a)
 
     def __bool__(self):
+        _to_host_done()
         return bool(self._a)
 
     def __len__(self):
@@ -173,12 +255,15 @@ class ndarray:
             yield self[i]
 
     def __repr__(self):
+        _to_host_done()
         return repr(self._a)
 
     def __str__(self):
+        _to_host_done()
         return str(self._a)
 
     def __format__(self, spec):
+        _to_host_done()
         return format(self._a, spec)
 
     def __copy__(self):
@@ -207,6 +292,8 @@ class ndarray:
             value = value._a
         elif isinstance(value, (list, tuple)):
             _check_no_host_arrays(value)
+        elif isinstance(value, numpy.ndarray) and value.ndim > 0:
+            _upload(value)             # advanced-index values: CuPy copies them to the device
         self._a[idx] = value
 
     # methods
@@ -238,6 +325,7 @@ def _wrap(x):
     if isinstance(x, numpy.ndarray):
         if x.dtype == object:
             raise TypeError("CuPy arrays cannot hold Python objects")
+        _POOL._track(_root(x))
         arr = object.__new__(ndarray)
         arr._a = x
         return arr
@@ -276,7 +364,10 @@ def _index(index):
     if isinstance(index, ndarray):
         return index._a
     if isinstance(index, list):
+        _upload(index)
         return [_index(i) for i in index]
+    if isinstance(index, numpy.ndarray):
+        _upload(index)
     return index
 
 
@@ -463,12 +554,29 @@ for _name in "empty zeros ones full arange linspace logspace eye identity tri in
     globals()[_name] = _strict(getattr(numpy, _name), _name)
 
 
+def _counted(f, name):
+    def alloc(*args, **kwargs):
+        _count("alloc:" + name)
+        return f(*args, **kwargs)
+    alloc.__name__, alloc.__doc__ = name, f.__doc__
+    return alloc
+
+
+# the explicit allocations, counted (``allocations()``)
+for _name in "empty zeros ones full empty_like zeros_like ones_like full_like".split():
+    globals()[_name] = _counted(globals()[_name], _name)
+    if _name in _FUNCTIONS:
+        _FUNCTIONS[_name] = globals()[_name]
+
+
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0):
     """Host data (lists, NumPy arrays) or device arrays to a new device array."""
     if isinstance(obj, ndarray):
         obj = obj._a
-    elif isinstance(obj, (list, tuple)):
-        obj = _host_sequence(obj)
+    else:
+        _upload(obj)
+        if isinstance(obj, (list, tuple)):
+            obj = _host_sequence(obj)
     return _wrap(numpy.array(obj, dtype=dtype, copy=True, order=order, ndmin=ndmin))
 
 
@@ -485,6 +593,7 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
         if (dtype is None or numpy.dtype(dtype) == a.dtype) and order in (None, "K", "A"):
             return a
         return _wrap(numpy.asarray(a._a, dtype=dtype, order=order))
+    _upload(a)
     if isinstance(a, (list, tuple)):
         a = _host_sequence(a)
     return _wrap(numpy.array(a, dtype=dtype, order=order if order else "K", copy=True))
@@ -496,6 +605,7 @@ asanyarray = asarray
 def ascontiguousarray(a, dtype=None):
     if isinstance(a, ndarray):
         return _wrap(numpy.ascontiguousarray(a._a, dtype=dtype))
+    _upload(a)
     return _wrap(numpy.ascontiguousarray(numpy.array(a, dtype=dtype, copy=True)))
 
 
@@ -708,19 +818,29 @@ _runtime_state = {"device": 0}
 
 
 class Stream:
+    """``cupy.cuda.Stream``. The stand-in runs everything at once, so ordering holds trivially;
+    ``wait_event``/``record`` check their arguments as CuPy does, and count (``waits``)."""
+
     null = None
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.ptr = 0 if null else id(self)
+        self.non_blocking = bool(non_blocking)
+        self.waits = 0
 
     def synchronize(self):
         pass
 
     def wait_event(self, event):
-        pass
+        if not isinstance(event, Event):
+            raise TypeError(f"event must be a cupy.cuda.Event, not {type(event)}")
+        self.waits += 1
 
     def record(self, event=None):
+        if event is not None and not isinstance(event, Event):
+            raise TypeError(f"event must be a cupy.cuda.Event, not {type(event)}")
         event = event or Event()
+        event.record(self)
         return event
 
     def use(self):
@@ -747,7 +867,9 @@ class Event:
         self.ptr = id(self)
 
     def record(self, stream=None):
-        pass
+        if stream is not None and not isinstance(stream, Stream):
+            raise TypeError(f"stream must be a cupy.cuda.Stream, not {type(stream)}")
+        self.stream = stream if stream is not None else get_current_stream()
 
     def synchronize(self):
         pass
@@ -763,26 +885,120 @@ def get_elapsed_time(start, end):
     return 0.0
 
 
+def _root(a):
+    """The NumPy array that owns ``a``'s memory (``a`` itself unless it is a view)."""
+    while isinstance(a.base, numpy.ndarray):
+        a = a.base
+    return a
+
+
 class MemoryPool:
+    """A model of CuPy's device memory pool: each device buffer is a block of its size rounded up to
+    512 bytes (CuPy's unit); a freed block is kept and handed to the next request of the same size,
+    and ``total_bytes()`` (blocks in use + kept) grows only when no kept block fits. Stricter than
+    CuPy, which also splits larger free blocks: a loop whose ``total_bytes()`` stays the same here
+    does not grow CuPy's pool either. No limit is enforced (``set_limit`` is recorded only)."""
+
+    _UNIT = 512
+
+    def __init__(self):
+        self._live = {}                       # id(owner array) -> rounded size
+        self._free = collections.Counter()    # rounded size -> kept blocks
+        self._used = self._kept = 0
+        self._limit = 0
+
+    def _track(self, owner):
+        if not owner.nbytes:
+            return
+        size = -(-owner.nbytes // self._UNIT) * self._UNIT
+        with _LOCK:
+            if id(owner) in self._live:
+                return
+            _COUNTS["buffers"] += 1
+            _COUNTS["buffer_bytes"] += owner.nbytes
+            if self._free[size]:
+                self._free[size] -= 1
+                self._kept -= size
+            self._live[id(owner)] = size
+            self._used += size
+        weakref.finalize(owner, self._release, id(owner))
+
+    def _release(self, key):
+        with _LOCK:
+            size = self._live.pop(key, None)
+            if size is not None:
+                self._used -= size
+                self._free[size] += 1
+                self._kept += size
+
+    def used_bytes(self):
+        return self._used
+
+    def free_bytes(self):
+        return self._kept
+
+    def total_bytes(self):
+        return self._used + self._kept
+
+    def n_free_blocks(self):
+        return builtins.sum(self._free.values())
+
+    def free_all_blocks(self, stream=None):
+        self._free.clear()
+        self._kept = 0
+
+    def set_limit(self, size=None, fraction=None):
+        self._limit = int(size or 0)
+
+    def get_limit(self):
+        return self._limit
+
+
+class PinnedMemoryPointer(bytearray):
+    """``cupy.cuda.alloc_pinned_memory(size)``'s result: page-locked host memory that NumPy can view
+    (``numpy.frombuffer(mem, dtype, count)``); here ordinary host memory, remembered as pinned so
+    that uploads from it are counted as such (``transfers()['to_device_pinned']``)."""
+
+    def __init__(self, size):
+        super().__init__(int(size))
+        view = numpy.frombuffer(self, numpy.uint8) if size else None
+        self.ptr = int(view.__array_interface__["data"][0]) if size else 0
+        self.size = int(size)
+        if size:
+            _PINNED[self.ptr] = self.ptr + self.size
+            weakref.finalize(self, _PINNED.pop, self.ptr, None)
+
+
+_PINNED = {}      # start address -> end address of live pinned allocations
+
+
+def _is_pinned(arr):
+    start = arr.__array_interface__["data"][0]
+    return builtins.any(lo <= start < hi for lo, hi in _PINNED.items())
+
+
+class PinnedMemoryPool:
+    """``cupy.cuda.PinnedMemoryPool``: ``malloc(size)`` gives a ``PinnedMemoryPointer``."""
+
+    def malloc(self, size):
+        return PinnedMemoryPointer(size)
+
+    def n_free_blocks(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
     def used_bytes(self):
         return 0
 
     def total_bytes(self):
         return 0
 
-    def free_all_blocks(self, stream=None):
-        pass
 
-    def set_limit(self, size=None, fraction=None):
-        pass
-
-    def get_limit(self):
-        return 0
-
-
-class PinnedMemoryPool(MemoryPool):
-    def n_free_blocks(self):
-        return 0
+def alloc_pinned_memory(size):
+    """``cupy.cuda.alloc_pinned_memory``: ``size`` bytes of pinned host memory from the pinned pool."""
+    return _PINNED_POOL.malloc(size)
 
 
 _POOL = MemoryPool()
@@ -887,6 +1103,7 @@ cuda.curand = _curand_module()
 cuda.Device, cuda.Stream, cuda.Event = Device, Stream, Event
 cuda.get_current_stream, cuda.get_elapsed_time = get_current_stream, get_elapsed_time
 cuda.MemoryPool, cuda.PinnedMemoryPool = MemoryPool, PinnedMemoryPool
+cuda.PinnedMemoryPointer, cuda.alloc_pinned_memory = PinnedMemoryPointer, alloc_pinned_memory
 cuda.set_allocator = lambda allocator=None: None
 cuda.set_pinned_memory_allocator = lambda allocator=None: None
 cuda.is_available = lambda: True
@@ -1025,11 +1242,22 @@ cupyx.scatter_add, cupyx.scatter_max, cupyx.scatter_min = (_scatter("add"), _sca
 
 
 def _empty_pinned(shape, dtype=float, order="C"):
-    return numpy.empty(shape, dtype=dtype, order=order)
+    """``cupyx.empty_pinned``: a NumPy array over pinned memory (``alloc_pinned_memory``)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = 1
+    for d in shape:
+        count *= int(d)
+    mem = alloc_pinned_memory(count * numpy.dtype(dtype).itemsize)
+    return numpy.ndarray(shape, dtype=dtype, buffer=mem, order=order)
 
 
-cupyx.empty_pinned = _empty_pinned
-cupyx.zeros_pinned = lambda shape, dtype=float, order="C": numpy.zeros(shape, dtype, order)  # noqa: E731
+def _zeros_pinned(shape, dtype=float, order="C"):
+    out = _empty_pinned(shape, dtype, order)
+    out[...] = 0
+    return out
+
+
+cupyx.empty_pinned, cupyx.zeros_pinned = _empty_pinned, _zeros_pinned
 
 
 class _ErrorOnSync:

@@ -73,6 +73,15 @@ def test_bench_layers_tiny():
     assert "vgg conv3_2" not in out
 
 
+def test_bench_layers_engines_side_by_side():
+    """--engines times each convolution once per engine in the same run, DEFAULT's choice marked."""
+    out = _run("bench_layers.py", "--only", "3a/5x5", "--batch", "1", "--repeat", "1", "--gemm-size", "128",
+               "--no-torch", "--engines", "default,im2col_channels_last", "--median")
+    assert "median of 1, wall clock" in out
+    assert "gnet 3a/5x5 16->32 28² [im2col*]" in out        # 784 positions at batch 1: im2col
+    assert "gnet 3a/5x5 16->32 28² [im2col_channels_last]" in out
+
+
 def test_torch_translation_matches_caffe_semantics():
     """The PyTorch twin used as the reference computes what minicaffe computes, layer types of
     all four benchmark nets included (ceil-mode pooling, LRN, grouped conv, concat, dropout)."""

@@ -38,6 +38,9 @@ CASES = {
                                "dilation: 2 dilation: 1"),
     "k5s3p2g2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 5 stride: 3 pad: 2 group: 2"),
     "no_bias": ((2, 3, 5, 5), "num_output: 2 kernel_size: 3 stride: 2 pad: 1"),
+    # big windows for their stride (a first layer): im2col reads a phase-split source, odd widths
+    "k7s2p3": ((2, 3, 15, 14), "num_output: 4 kernel_size: 7 stride: 2 pad: 3"),
+    "k5s1x2g2": ((2, 4, 9, 13), "num_output: 4 kernel_size: 5 stride_h: 1 stride_w: 2 pad: 1 group: 2"),
     "1x1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1"),
     "1x1group2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1 group: 2"),
     # strided 1x1 over >= 196 output positions: the direct GEMM on the gathered view (CPU)
@@ -65,6 +68,7 @@ IM2COL_CASES = {
     "k3p1": ((2, 3, 7, 6), "kernel_size: 3 pad: 1"),
     "rect": ((2, 3, 9, 11), "kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 2 dilation: 2"),
     "1x1s2": ((1, 2, 8, 8), "kernel_size: 1 stride: 2"),
+    "k5s2": ((2, 3, 11, 9), "kernel_size: 5 stride: 2 pad: 1"),         # phase-split source
 }
 
 
@@ -172,6 +176,7 @@ def test_every_gpu_engine_matches_the_cpu_reference(gpu, layer_type, name):
     ("Convolution", "im2col_batch_last", "narrow5g2"), ("Deconvolution", "im2col_batch_last", "narrow5"),
     ("Convolution", "gemm_1x1", "1x1stride_h2"), ("Deconvolution", "gemm_1x1", "1x1group2"),
     ("Convolution", "im2col_bands", "rect"), ("Deconvolution", "im2col_bands", "dilation2"),
+    ("Convolution", "im2col_channels_last", "k5s3p2g2"), ("Deconvolution", "im2col_channels_last", "narrow5g2"),
     ("Convolution", "winograd", "odd")])
 @pytest.mark.parametrize("images", [1, 4])
 def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name, case, images):
@@ -185,7 +190,33 @@ def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
-@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "per_axis", "wide"])
+@pytest.mark.parametrize("case", ["k3s2p1", "k5s3p2g2", "dilation2", "rect", "per_axis", "narrow5g2", "1d"])
+@pytest.mark.parametrize("options", [{"transposed": True}, {"transposed": False},
+                                     {"transposed": False, "max_col_elements": 1}])
+def test_channels_last_forward_either_way_round_matches_the_reference(layer_type, case, options):
+    """Position-major columns, per group, multiplied either way round (positions x cout, transposed
+    into the output; or cout x positions), in one chunk or one image at a time."""
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "im2col_channels_last", options), ref)
+
+
+def test_channels_last_copies_a_few_channels_one_at_a_time():
+    """An RGB-like input (fewer channels per group than CHANNELS_LAST_MIN_RUN) takes the
+    per-channel copy into the channels-last source; more channels take the one transpose."""
+    from minicaffe.kernels.im2col import CHANNELS_LAST_MIN_RUN
+    for cin, group in ((3, 1), (2 * CHANNELS_LAST_MIN_RUN, 2)):
+        x = np.random.default_rng(3).standard_normal((2, cin, 9, 8))
+        text = conv_text("Convolution", f"num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: {group}")
+        with backend.float64_blobs():
+            layer, bottom, top = make_layer(text, [x])
+        ref = _run(layer, bottom, top, REF)
+        _assert_same(_run(layer, bottom, top, "im2col_channels_last"), ref)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["k3p1", "k3s2p1", "group2", "dilation2", "rect", "per_axis", "wide", "k7s2p3",
+                                  "k5s1x2g2"])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_banded_forward_with_any_band_height_matches_the_reference(layer_type, case, rows):
     layer, bottom, top = _layer(layer_type, case)
@@ -217,9 +248,17 @@ def test_winograd_filters_follow_weight_updates(phase):
 
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
-    ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_batch_last"),         # LeNet conv2
+    ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
     ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_bands"),   # CaffeNet conv1
-    ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2", "im2col"),     # CaffeNet conv2
+    ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2",
+     "im2col_channels_last"),                                                                        # CaffeNet conv2
+    ("Convolution", (4, 16, 28, 28), "num_output: 8 kernel_size: 5 pad: 2", "im2col_channels_last"),  # GoogLeNet 3a/5x5
+    ("Convolution", (4, 128, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 stride: 2",
+     "im2col_channels_last"),                                                                        # ResNet 3x3/2
+    ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 5 pad: 2", "im2col_batch_last"),   # 784 positions
+    ("Convolution", (4, 192, 7, 7), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),     # inception_5b
+    ("Convolution", (4, 3, 224, 224), "num_output: 8 kernel_size: 7 stride: 2 pad: 3",
+     "im2col_bands"),                                                                                # GoogLeNet conv1
     ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # CaffeNet conv3
     ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
     ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c

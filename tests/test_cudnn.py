@@ -1,8 +1,9 @@
-"""The cuDNN binding (minicaffe/kernels/cudnn.py) and engine (kernels/cudnn_conv.py) against the
-emulated library (tests/cudnn_standin.py): the declared C signatures, status errors, the algorithm
-choice (deterministic first, within the workspace limit), the math-type policy, descriptors freed,
-and the emulation's own refusals and arithmetic. The engine-vs-reference cases for every shape are
-in tests/test_conv_engines.py (the ``cudnn`` engine is one of its GPU engines)."""
+"""The cuDNN binding (minicaffe/kernels/cudnn.py) and engines (kernels/cudnn_conv.py, cudnn_softmax,
+cudnn_pooling, cudnn_lrn) against the emulated library (tests/cudnn_standin.py): the declared C
+signatures, status errors, the algorithm choice (deterministic first, within the workspace limit),
+the math-type policy, descriptors freed, where the pooling and LRN engines apply, and the
+emulation's own refusals and arithmetic. The engine-vs-reference cases for every shape are in
+tests/test_conv_engines.py (convolution) and tests/test_engines.py (the others)."""
 import ctypes
 import gc
 
@@ -65,8 +66,8 @@ def test_a_failed_call_names_the_function_and_cudnns_text():
 def test_descriptors_are_destroyed_with_their_owner():
     fake = cudnn_standin.FakeCudnn()
     lib = cudnn.Library(fake)
-    ds = [lib.descriptor(kind) for kind in ("Tensor", "Filter", "Convolution")]
-    assert fake.live() == 3
+    ds = [lib.descriptor(kind) for kind in ("Tensor", "Filter", "Convolution", "Pooling", "LRN")]
+    assert fake.live() == 5
     del ds
     gc.collect()
     assert fake.live() == 0
@@ -170,14 +171,20 @@ def test_float32_matches_the_reference_within_rounding(gpu):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-def test_plans_per_batch_size_and_the_workspace_grows_once(gpu):
+def test_plans_per_batch_size_and_one_workspace_for_every_convolution(gpu):
     fake = _fake_only(gpu)
     layer, bottom, top = _conv_layer()
+    other, other_bottom, other_top = _conv_layer()
     engine = layer.engine
     _train_pass(layer, bottom, top)
-    first = engine._ws
+    need = max(max(p.workspace.values()) for p in engine._plans.values())
+    assert need > 0                              # the fake's first-ranked algorithms want scratch
+    first = engine._workspace(need)[1].value
+    _train_pass(other, other_bottom, other_top)
     _train_pass(layer, bottom, top)
-    assert engine._ws is first
+    # the same buffer for the next call of this layer and for another layer: not one per engine
+    assert engine._workspace(need)[1].value == first == other.engine._workspace(need)[1].value
+    first = None
     bottom[0].reshape(3, 4, 7, 6)
     layer.reshape(bottom, top)
     assert layer.engine is not engine          # a new shape: a new engine (the slot rebuilds)
@@ -311,5 +318,269 @@ def test_softmax_default_on_gpu_is_cudnn_and_falls_back_without_it(gpu):
     context.current().cudnn = cudnn.Missing("removed by the test")
     try:
         assert make_layer('type: "Softmax"', [x])[0].engine_slot.name == "cuda"
+    finally:
+        context.current().cudnn = None if gpu == "cupy" else cudnn_standin.FakeCudnn()
+
+
+# --- Pooling ------------------------------------------------------------------------------------------
+def _caffe_pool_reference(text, x):
+    """The Pooling layer's own code (engine: CAFFE) on the CPU: forward and its geometry."""
+    # errstate: with pad 0 a ceil-rounded window can start past the image (H 3, kernel 2, stride 3):
+    # Caffe divides 0 by a 0-size window there, and so does the reference (NaN, as in Caffe)
+    with backend.float64_blobs(), np.errstate(invalid="ignore"):
+        layer, bottom, top = make_layer(text, [x])
+        return forward(layer, bottom, top)[0].copy(), layer
+
+
+def test_pooling_applies_exactly_where_cudnns_windows_are_caffes():
+    """Over every small geometry (H, kernel, stride, pad < kernel, both roundings): the engine's
+    ``computes`` holds exactly where cuDNN's floor-rounded output (its AVERAGE_COUNT_INCLUDE_PADDING
+    and MAX, computed by the emulation from cuDNN's definitions) has Caffe's shape, and there it has
+    Caffe's values (the AVE divisor included). Elsewhere the shapes differ."""
+    from minicaffe.kernels import cudnn_pooling
+    rng = np.random.default_rng(6)
+    applied = rejected = 0
+    for h in range(1, 8):
+        x = rng.standard_normal((1, 2, h, 9))
+        for k in range(1, min(h, 4) + 1):
+            for s in (1, 2, 3):
+                for p in range(k):
+                    for rounding in ("CEIL", "FLOOR"):
+                        for method, mode in (("AVE", 1), ("MAX", 3)):
+                            text = (f'type: "Pooling" pooling_param {{ pool: {method} kernel_h: {k} kernel_w: 3 '
+                                    f'stride_h: {s} stride_w: 2 pad_h: {p} pad_w: 1 round_mode: {rounding} }}')
+                            want, layer = _caffe_pool_reference(text, x)
+                            desc = {"mode": mode, "window": (k, 3), "pad": (p, 1), "stride": (s, 2)}
+                            out_hw = (cudnn_pooling.floor_size(h, k, p, s), cudnn_pooling.floor_size(9, 3, 1, 2))
+                            same_shape = tuple(want.shape[2:]) == out_hw
+                            assert cudnn_pooling.computes(layer) == same_shape, text
+                            if same_shape:
+                                got = cudnn_standin.pool_forward(desc, x, out_hw)
+                                np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14, err_msg=text)
+                                applied += 1
+                            else:
+                                rejected += 1
+    assert applied > 100 and rejected > 50
+
+
+def _pool_layer(text, x, phase=None):
+    kwargs = {} if phase is None else {"phase": phase}
+    with backend.float64_blobs():
+        return make_layer(text, [x], **kwargs)
+
+
+def _pool_pass(layer, bottom, top, dy, change_top=None):
+    with backend.float64_blobs():
+        y = forward(layer, bottom, top)[0].copy()
+        if change_top is not None:
+            top[0].data[...] = change_top(top[0].data)
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        return y, bottom[0].diff.copy()
+
+
+POOL_MAX = 'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 engine: CUDNN }'
+
+
+def test_pooling_engine_cudnn_runs_deterministic_max_and_include_padding_ave(gpu):
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    x = np.random.default_rng(7).standard_normal((2, 3, 7, 9))
+    for method, mode in (("MAX", cudnn.POOLING_MAX_DETERMINISTIC), ("AVE", cudnn.POOLING_AVERAGE_COUNT_INCLUDE_PADDING)):
+        layer, bottom, top = _pool_layer(POOL_MAX.replace("MAX", method), x)
+        assert layer.engine_slot.name == "cudnn"
+        if gpu == "standin":
+            fake = context.current().cudnn
+            fake.calls.clear()
+            _pool_pass(layer, bottom, top, np.ones((2, 3, 4, 5)))
+            assert fake.calls == [("cudnnPoolingForward", mode), ("cudnnPoolingBackward", mode)]
+
+
+def test_pooling_engine_cudnn_is_refused_where_the_windows_differ_and_for_the_mask_top(gpu):
+    """7x8 with kernel 3, stride 2, pad 1: 4 rows in both, but 8 + 2 - 3 = 7 columns give Caffe 5
+    windows (ceil; the last one clipped) and cuDNN 4 (floor); and an argmax top cuDNN cannot fill."""
+    x = np.zeros((1, 1, 7, 8))
+    with pytest.raises(Exception, match="cuDNN does not compute Caffe's result for this layer"):
+        _pool_layer(POOL_MAX, x)
+    if cudnn.available()[0]:
+        with backend.float64_blobs(), pytest.raises(Exception, match="cuDNN does not compute"):
+            make_layer(POOL_MAX, [np.zeros((1, 1, 7, 9))], num_top=2)
+        # DEFAULT falls back to the CUDA kernels there
+        default = POOL_MAX.replace(" engine: CUDNN", "")
+        assert _pool_layer(default, x)[0].engine_slot.name == "cuda"
+        assert _pool_layer(default, np.zeros((1, 1, 7, 9)))[0].engine_slot.name == "cudnn"
+
+
+def test_max_pooling_backward_survives_a_top_changed_in_place(gpu):
+    """A ReLU in place after the pooling changes the top before the backward: cuDNN finds the
+    winners from x and y, so the engine keeps its own y (Caffe's CuDNNPoolingLayer reads the top and
+    would route no gradient where the ReLU changed it)."""
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((2, 3, 7, 9)), rng.standard_normal((2, 3, 4, 5))
+    relu = lambda t: np.maximum(t, 0)     # noqa: E731
+    results = {}
+    for name in ("cudnn", engines.REFERENCE):
+        layer, bottom, top = _pool_layer(POOL_MAX.replace(" engine: CUDNN", ""), x)
+        engines.force(layer, name)
+        results[name] = _pool_pass(layer, bottom, top, dy, change_top=relu)
+        assert layer.engine_slot.name == name
+    np.testing.assert_allclose(results["cudnn"][1], results[engines.REFERENCE][1], rtol=1e-12, atol=1e-14)
+    assert np.count_nonzero(results["cudnn"][1]) == np.count_nonzero(results[engines.REFERENCE][1]) > 0
+
+
+@pytest.mark.parametrize("phase", [0, 1])   # TRAIN keeps y from the forward; TEST recomputes it
+def test_max_pooling_backward_without_a_forward_recomputes_y(gpu, phase):
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    rng = np.random.default_rng(9)
+    x, dy = rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((1, 2, 3, 3))
+    text = 'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }'
+    grads = {}
+    for name in ("cudnn", engines.REFERENCE):
+        layer, bottom, top = _pool_layer(text, x, phase=phase)
+        engines.force(layer, name)
+        with backend.float64_blobs():
+            layer.reshape(bottom, top)
+            top[0].diff[...] = dy
+            layer.backward(top, [True], bottom)          # no forward since the engine was built
+            grads[name] = bottom[0].diff.copy()
+    np.testing.assert_allclose(grads["cudnn"], grads[engines.REFERENCE], rtol=1e-12, atol=1e-14)
+
+
+def test_max_pooling_ties_go_to_the_first_maximum(gpu):
+    """Caffe routes a tied window's gradient to its first maximum (row-major). The emulation does the
+    same; on a real GPU this test reports cuDNN's own rule (an xfail naming it, if it differs)."""
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    x = np.random.default_rng(10).integers(-1, 2, (2, 3, 7, 9)).astype(np.float64)
+    dy = np.random.default_rng(11).standard_normal((2, 3, 4, 5))
+    grads = {}
+    for name in ("cudnn", engines.REFERENCE):
+        layer, bottom, top = _pool_layer(POOL_MAX.replace(" engine: CUDNN", ""), x)
+        engines.force(layer, name)
+        grads[name] = _pool_pass(layer, bottom, top, dy)
+    np.testing.assert_array_equal(grads["cudnn"][0], grads[engines.REFERENCE][0])
+    if gpu != "standin" and not np.allclose(grads["cudnn"][1], grads[engines.REFERENCE][1]):
+        pytest.xfail("real cuDNN routes tied MAX gradients to another maximum than Caffe's first one")
+    np.testing.assert_allclose(grads["cudnn"][1], grads[engines.REFERENCE][1], rtol=1e-12, atol=1e-14)
+
+
+def test_pooling_float32_matches_the_reference_within_rounding(gpu):
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    rng = np.random.default_rng(12)
+    x, dy = rng.standard_normal((2, 4, 9, 9)).astype(np.float32), rng.standard_normal((2, 4, 5, 5))
+    for method in ("MAX", "AVE"):
+        text = POOL_MAX.replace("MAX", method).replace(" engine: CUDNN", "")
+        out = {}
+        for name in ("cudnn", engines.REFERENCE):
+            layer, bottom, top = make_layer(text, [x])
+            engines.force(layer, name)
+            y = forward(layer, bottom, top)[0].copy()
+            top[0].diff[...] = dy
+            layer.backward(top, [True], bottom)
+            out[name] = (y, bottom[0].diff.copy())
+            assert out[name][0].dtype == np.float32 and layer.engine_slot.name == name
+        for got, want in zip(out["cudnn"], out[engines.REFERENCE]):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_emulated_pooling_refuses_a_floor_mismatched_output(gpu):
+    """cuDNN's output is floor-rounded: a y descriptor of Caffe's ceil size is a shape mismatch."""
+    fake = _fake_only(gpu)
+    lib = cudnn.Library(fake)
+    pool, xd, yd = lib.descriptor("Pooling"), lib.descriptor("Tensor"), lib.descriptor("Tensor")
+    lib.call("cudnnSetPooling2dDescriptor", pool.ptr, cudnn.POOLING_MAX, cudnn.NOT_PROPAGATE_NAN, 3, 3, 1, 1, 2, 2)
+    lib.call("cudnnSetTensor4dDescriptor", xd.ptr, cudnn.TENSOR_NCHW, cudnn.DATA_DOUBLE, 1, 1, 7, 8)
+    out = [ctypes.c_int() for _ in range(4)]
+    lib.call("cudnnGetPooling2dForwardOutputDim", pool.ptr, xd.ptr, *[ctypes.byref(o) for o in out])
+    assert [o.value for o in out] == [1, 1, 4, 4]              # Caffe: 4 x 5
+    lib.call("cudnnSetTensor4dDescriptor", yd.ptr, cudnn.TENSOR_NCHW, cudnn.DATA_DOUBLE, 1, 1, 4, 5)
+    cp = backend.import_cupy()
+    x, y = cp.zeros((1, 1, 7, 8)), cp.zeros((1, 1, 4, 5))
+    one, zero = ctypes.c_double(1), ctypes.c_double(0)
+    status = lib.try_call("cudnnPoolingForward", lib.handle(cp.cuda.get_current_stream().ptr), pool.ptr,
+                          ctypes.byref(one), xd.ptr, cudnn.pointer(x), ctypes.byref(zero), yd.ptr, cudnn.pointer(y))
+    assert status == cudnn_standin.SHAPE_MISMATCH
+
+
+# --- LRN ------------------------------------------------------------------------------------------------
+LRN = 'type: "LRN" lrn_param {{ local_size: {n} alpha: 0.3 beta: {beta} k: {k} {extra} }}'
+
+
+@pytest.mark.parametrize("n,beta,k,applies", [
+    (5, 0.75, 2, True), (1, 0.75, 1, True), (15, 0.75, 1, True),
+    (17, 0.75, 1, False),                    # beyond CUDNN_LRN_MAX_N
+    (5, 0.01, 1, False),                     # 0.01 as a proto float is 0.0099999998 < CUDNN_LRN_MIN_BETA
+    (5, 0.75, 0.00001, False),               # likewise k under CUDNN_LRN_MIN_K
+    (5, 0.02, 0.00002, True)])
+def test_lrn_applies_inside_cudnns_parameter_ranges(n, beta, k, applies):
+    from minicaffe.kernels import cudnn_lrn
+    layer = make_layer(LRN.format(n=n, beta=beta, k=k, extra=""), [np.ones((1, 3, 2, 2))])[0]
+    assert cudnn_lrn.computes(layer) == applies
+    within = make_layer(LRN.format(n=n, beta=beta, k=k, extra="norm_region: WITHIN_CHANNEL"),
+                        [np.ones((1, 3, 4, 4))])[0]
+    assert not cudnn_lrn.computes(within)
+
+
+def test_lrn_engine_cudnn_and_its_fallback(gpu):
+    x = np.random.default_rng(13).standard_normal((2, 7, 3, 4)).astype(np.float32)
+    text = LRN.format(n=5, beta=0.75, k=2, extra="engine: CUDNN")
+    if not cudnn.available()[0]:
+        pytest.skip(f"no cuDNN: {cudnn.available()[1]}")
+    layer, bottom, top = make_layer(text, [x])
+    assert layer.engine_slot.name == "cudnn"
+    dy = np.random.default_rng(14).standard_normal(x.shape)
+    y = forward(layer, bottom, top)[0].copy()
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    ref, rb, rt = make_layer(text.replace("CUDNN", "CAFFE"), [x])
+    np.testing.assert_allclose(y, forward(ref, rb, rt)[0], rtol=2e-6, atol=1e-7)
+    rt[0].diff[...] = dy
+    ref.backward(rt, [True], rb)
+    np.testing.assert_allclose(bottom[0].diff, rb[0].diff, rtol=2e-5, atol=1e-6)
+    if gpu == "standin":
+        names = [c[0] for c in context.current().cudnn.calls]
+        assert names == ["cudnnLRNCrossChannelForward", "cudnnLRNCrossChannelBackward"]
+    # outside cuDNN's range: engine: CUDNN says so, DEFAULT runs the CUDA kernels
+    big = LRN.format(n=17, beta=0.75, k=2, extra="")
+    with pytest.raises(Exception, match="cuDNN does not compute Caffe's result"):
+        make_layer(big.replace("}", "engine: CUDNN }"), [x])
+    assert make_layer(big, [x])[0].engine_slot.name == "cuda"
+
+
+def test_emulated_lrn_descriptor_keeps_cudnns_ranges():
+    lib = cudnn.Library(cudnn_standin.FakeCudnn())
+    d = lib.descriptor("LRN")
+    lib.call("cudnnSetLRNDescriptor", d.ptr, 16, 1e-4, 0.01, 1e-5)
+    for bad in ((17, 1e-4, 0.75, 1.0), (0, 1e-4, 0.75, 1.0), (5, 1e-4, 0.009, 1.0), (5, 1e-4, 0.75, 9e-6)):
+        assert lib.try_call("cudnnSetLRNDescriptor", d.ptr, *bad) == cudnn.STATUS_BAD_PARAM
+
+
+def test_emulated_lrn_gradient_is_the_derivative_of_its_forward():
+    """Central differences of the emulation's own forward, even window (asymmetric) included."""
+    rng = np.random.default_rng(15)
+    for n in (3, 4):
+        lrn = {"n": n, "alpha": 0.7, "beta": 0.6, "k": 1.5}
+        x, dy = rng.standard_normal((1, 5, 2, 1)), rng.standard_normal((1, 5, 2, 1))
+        y = cudnn_standin.lrn_forward(lrn, x)
+        dx = cudnn_standin.lrn_backward(lrn, x, y, dy)
+        num = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            e = np.zeros_like(x)
+            e[i] = 1e-6
+            num[i] = np.vdot(dy, cudnn_standin.lrn_forward(lrn, x + e) - cudnn_standin.lrn_forward(lrn, x - e)) / 2e-6
+        np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+
+
+# --- engine: CUDNN says why ---------------------------------------------------------------------------
+def test_engine_cudnn_error_gives_cudnns_reason(gpu):
+    context.current().cudnn = cudnn.Missing("cuDNN 9 not found (a test's reason)")
+    try:
+        with pytest.raises(Exception, match=r"cannot run this layer here: cuDNN 9 not found \(a test's reason\) "
+                                             r"\(mode gpu;"):
+            make_layer(LRN.format(n=5, beta=0.75, k=2, extra="engine: CUDNN"), [np.ones((1, 3, 2, 2))])
     finally:
         context.current().cudnn = None if gpu == "cupy" else cudnn_standin.FakeCudnn()

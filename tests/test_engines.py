@@ -90,10 +90,23 @@ CASES = {
         Case("pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 2 }", [_normal(1, 2, 4, 5)]),
         Case("pooling_param { pool: MAX global_pooling: true }", [_normal(2, 3, 5, 4)], num_top=2),
         Case("pooling_param { pool: AVE global_pooling: true }", [_normal(2, 3, 5, 4)]),
+        # shapes where Caffe's ceil-rounded size equals cuDNN's floor (the cudnn engine applies):
+        # exact strides, padded and not; the clip case (the last ceil window would start in the
+        # padding: 5 + 2 - 2 = 5 rows, ceil 4 windows less one = floor 3), global MAX, inference
+        Case("pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 }", [_normal(2, 3, 9, 7)]),
+        Case("pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }", [_normal(2, 3, 7, 9)]),
+        Case("pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 }", [_normal(1, 2, 5, 5)]),
+        Case("pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }", [_normal(1, 2, 5, 7)], phase=TEST),
+        Case("pooling_param { pool: MAX kernel_h: 2 kernel_w: 3 stride_h: 2 stride_w: 1 }", [_normal(2, 2, 6, 5)]),
+        Case("pooling_param { pool: MAX global_pooling: true }", [_normal(2, 3, 5, 4)]),
     ],
     "LRN": [
         Case("lrn_param { local_size: 5 alpha: 0.3 beta: 0.75 k: 2 }", [_normal(2, 7, 3, 4)]),
         Case("lrn_param { local_size: 3 alpha: 0.2 beta: 0.6 }", [_normal(1, 2, 3, 3)]),
+        Case("lrn_param { local_size: 1 alpha: 0.5 beta: 0.02 k: 0.00002 }", [_normal(1, 3, 2, 2)]),
+        Case("lrn_param { local_size: 15 alpha: 0.1 beta: 1.5 k: 1 }", [_normal(1, 9, 2, 3)]),
+        # outside cuDNN's lrnN range: the CUDA engine only
+        Case("lrn_param { local_size: 17 alpha: 0.1 beta: 0.75 }", [_normal(1, 4, 2, 2)]),
         Case("lrn_param { local_size: 3 alpha: 0.2 beta: 0.75 norm_region: WITHIN_CHANNEL }",
              [_normal(2, 3, 5, 4)]),
     ],
@@ -275,7 +288,8 @@ def test_engine_caffe_runs_the_reference_on_the_gpu(layer_type, gpu):
     ran, tops, diffs, _ = run(layer_type, case, None, f"{field_name} {{ engine: CAFFE }}")
     assert ran == engines.REFERENCE
     default = run(layer_type, case, None)
-    best = [e.name for e in engines.engines_for(layer_type, "gpu") if not e.cudnn or cudnn.available()[0]]
+    best = [e.name for e in engines.engines_for(layer_type, "gpu")
+            if (not e.cudnn or cudnn.available()[0]) and _applies(layer_type, case, e)]
     assert default[0] == (best[0] if best else engines.REFERENCE)
     _assert_same(default[1], tops, "top")
     _assert_same(default[2], diffs, "bottom diff")
@@ -295,6 +309,10 @@ def test_engine_cudnn_is_refused_in_one_line_naming_the_layer(layer_type):
     message = str(info.value)
     assert "\n" not in message
     assert f"layer 'test_layer' ({layer_type})" in message and "CUDNN" in message
+    if any(e.cudnn for e in engines.engines_for(layer_type)):
+        assert ": not in GPU mode (mode cpu;" in message     # why: cudnn.available()'s reason
+    else:
+        assert f": minicaffe has no cuDNN engine for {layer_type} (mode cpu;" in message
 
 
 def test_an_unknown_engine_name_is_refused_naming_the_ones_there_are():

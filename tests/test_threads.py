@@ -166,3 +166,36 @@ def test_pooling_bit_identical_at_two_threads(spec, shape, phase, num_top, pool_
 def test_convolution_bit_identical_at_two_threads(case, layer_type, pool_size):
     shape, spec = CONV_CASES[case]
     _compare(conv_text(layer_type, spec), shape, layer_type, pool_size)
+
+
+_PROBE = """
+import json, os, sys
+{first}
+from minicaffe.core import context, threads
+print(json.dumps([os.environ.get("OPENBLAS_THREAD_TIMEOUT"), context.current().switches.blas_spin,
+                  threads.size()]))
+"""
+
+
+@pytest.mark.parametrize("first, user_value, want", [
+    ("import minicaffe", None, (None, "4", "cores")),          # the commands' case: OpenBLAS loads with 4
+    ("import numpy, minicaffe", None, (None, None, 1)),        # NumPy first: nothing changed, no pool
+    ("import minicaffe", "28", ("28", "28", 1)),               # the user's value wins, and stays set
+])
+def test_openblas_spin_is_set_only_before_numpy_loads(first, user_value, want):
+    """``import minicaffe`` before NumPy loads OpenBLAS with the shortest spin (core/context.py) and
+    takes the variable out of the environment again (children see the user's); the pool follows what
+    OpenBLAS was loaded with."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_THREAD_TIMEOUT", "MINICAFFE_THREADS", *context.BLAS_THREADS_VARS)}
+    if user_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    out = subprocess.run([sys.executable, "-c", _PROBE.format(first=first)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got[:2] == list(want[:2])
+    assert got[2] == ((os.cpu_count() or 1) if want[2] == "cores" else want[2])

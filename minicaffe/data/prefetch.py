@@ -8,12 +8,19 @@ batches (``data_param.prefetch``, default 4); the layer takes one per forward.
 The thread is a daemon and holds no reference to the layer (only to the loader callable), so a net
 that is dropped can be collected; ``close()`` stops the thread. An exception in the thread is passed
 through the queue and raised again in the consumer, with its message, on the next ``get()``.
+
+On the GPU the batches go to the device from the thread as well (``DeviceUploader``): copied into
+pinned host memory and uploaded on a copy stream of their own, so the upload of the next batch runs
+while the current one computes, and the compute stream waits for it only where the layer hands it on.
 """
 import os
 import queue
 import threading
 import weakref
 
+import numpy as np
+
+from ..core import backend
 from ..errors import DataError, MinicaffeError
 
 _STOP_POLL = 0.05
@@ -120,6 +127,98 @@ class Prefetcher:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Slot:
+    """One batch's place in the ring: pinned host arrays, device arrays, and the events that say when
+    the copy from the pinned arrays is done (``copied``) and when the compute stream has finished
+    with the device arrays (``released``); ``free``: the consumer gave it back."""
+
+    __slots__ = ("pinned", "dev", "copied", "released", "free")
+
+    def __init__(self):
+        self.pinned = self.dev = self.copied = self.released = None
+        self.free = threading.Event()
+        self.free.set()
+
+
+class DeviceUploader:
+    """Host batches to the GPU through a ring of ``slots`` buffers, as Caffe's prefetching layers
+    push each batch to the device from their thread.
+
+    ``upload(arrays)`` (in the prefetch thread, or in a layer's forward) copies each NumPy array into
+    a pinned host buffer (``cupy.cuda.alloc_pinned_memory``, viewed with ``np.frombuffer``) and from
+    there to a device buffer with ``ndarray.set(..., stream=copy stream)``, a non-blocking stream
+    of its own: the copy is asynchronous and overlaps the compute stream's work. It returns the
+    device arrays, an event recorded after the copies, and the slot's index. The consumer makes the
+    compute stream wait for the event (``ready(event)``: no host wait) before the arrays are used,
+    and gives the slot back (``release(index)``) when the next batch is taken: an event recorded on
+    the compute stream then marks the end of the work that read it, and the copy stream waits for
+    that event before uploading into the slot again. The host waits only before overwriting a pinned
+    buffer, for the copy out of it made ``slots`` batches earlier. Buffers are kept while the batch
+    shapes stay the same, so a steady run allocates nothing.
+    """
+
+    def __init__(self, slots):
+        cp = backend.import_cupy()
+        self._cp = cp
+        self._device = cp.cuda.runtime.getDevice()
+        self._ring = [_Slot() for _ in range(max(2, int(slots)))]
+        self._next = 0
+        self._stream = None
+        self.closed = False
+
+    def upload(self, arrays):
+        """(device arrays, ready event, slot index) for ``arrays`` (NumPy); waits for a free slot."""
+        cp = self._cp
+        index = self._next
+        slot = self._ring[index]
+        while not slot.free.wait(_STOP_POLL):
+            if self.closed:
+                raise DataError("the device uploader was closed")
+        self._next = (index + 1) % len(self._ring)
+        with cp.cuda.Device(self._device):
+            if self._stream is None:
+                self._stream = cp.cuda.Stream(non_blocking=True)
+            if slot.dev is None or [a.shape for a in slot.dev] != [a.shape for a in arrays] or \
+                    [a.dtype for a in slot.dev] != [a.dtype for a in arrays]:
+                slot.pinned = [_pinned(cp, a.shape, a.dtype) for a in arrays]
+                slot.dev = [cp.empty(a.shape, a.dtype) for a in arrays]
+                slot.copied = slot.released = None
+            if slot.copied is not None:
+                slot.copied.synchronize()       # the last copy out of these pinned buffers is done
+            if slot.released is not None:
+                self._stream.wait_event(slot.released)      # the compute stream is done with them
+            for src, pin, dev in zip(arrays, slot.pinned, slot.dev):
+                np.copyto(pin, src, casting="no")
+                dev.set(pin, stream=self._stream)
+            slot.copied = self._stream.record()
+        slot.free.clear()
+        return slot.dev, slot.copied, index
+
+    def ready(self, event):
+        """Make the current (compute) stream wait for an upload: a wait on the device, not the host."""
+        self._cp.cuda.get_current_stream().wait_event(event)
+
+    def release(self, index):
+        """The consumer is done with slot ``index``: the work queued on the compute stream so far is
+        the last to read it."""
+        slot = self._ring[index]
+        slot.released = self._cp.cuda.get_current_stream().record()
+        slot.free.set()
+
+    def close(self):
+        self.closed = True
+
+
+def _pinned(cp, shape, dtype):
+    """A NumPy array over pinned (page-locked) host memory, which the GPU copies from asynchronously."""
+    dtype = np.dtype(dtype)
+    count = 1
+    for d in shape:
+        count *= int(d)
+    mem = cp.cuda.alloc_pinned_memory(max(count * dtype.itemsize, 1))
+    return np.frombuffer(mem, dtype, count).reshape(shape)
 
 
 def _stop_thread(stop, thread, timeout=5.0):

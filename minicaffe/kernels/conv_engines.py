@@ -4,19 +4,22 @@ The layers (``minicaffe/layers/conv.py``) keep Caffe's arithmetic once, as a pla
 engines here compute the same numbers faster for some shapes, and ``engines.choose`` picks one at
 reshape from this table (``engine: CAFFE`` picks the reference):
 
-==================  ===========  ==========================================================  =====
-engine              devices      DEFAULT picks it for                                        prio
-==================  ===========  ==========================================================  =====
-winograd            cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
-                                 maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``
-gemm_1x1            cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
-                                 the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
-im2col_bands        cpu          forward over wide maps, a band of output rows at a time      20
-im2col_batch_last   cpu          narrow maps (<= 16 wide, stride_w 1, batch >= 4)             20
-im2col              cpu          everything else                                              10
-cuda_im2col         gpu          everything else                                              10
-cudnn               gpu          every 2-D shape, where cuDNN 9 is installed (``cudnn_conv``)  50
-==================  ===========  ==========================================================  =====
+====================  ===========  ==========================================================  =====
+engine                devices      DEFAULT picks it for                                        prio
+====================  ===========  ==========================================================  =====
+winograd              cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
+                                   maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``
+gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
+                                   the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
+im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
+                                   >= 1024 output positions in the batch: position-major
+                                   columns, the GEMM's inner dimension contiguous
+im2col_bands          cpu          forward over wide maps, a band of output rows at a time      20
+im2col_batch_last     cpu          narrow maps (<= 16 wide, stride_w 1, batch >= 4)             20
+im2col                cpu          everything else                                              10
+cuda_im2col           gpu          everything else                                              10
+cudnn                 gpu          every 2-D shape, where cuDNN 9 is installed (``cudnn_conv``)  50
+====================  ===========  ==========================================================  =====
 
 Every engine computes in the convolution's *forward orientation* (input ``cin`` channels ->
 output ``cout`` channels, weights ``cout x cin/group x kh x kw``), described by a ``ConvShape``,
@@ -32,8 +35,9 @@ convolution's data gradient), as Caffe's ``DeconvolutionLayer`` reuses ``BaseCon
 Both halves of a call share their column matrix, so a weight gradient next to a data gradient
 costs one im2col, not two. On the CPU the copies around the GEMMs (im2col, col2im, the transposes
 of the output side) are split over the kernels' thread pool (``core/threads.py``) while each GEMM
-runs on all of BLAS's threads. The specialised engines (winograd, gemm_1x1, bands) do only part of
-the work their own way and leave the rest to the column code, in the layout DEFAULT would use.
+runs on all of BLAS's threads. The specialised engines (winograd, gemm_1x1, bands,
+channels_last) do only part of the work their own way and leave the rest to the column code, in
+the layout DEFAULT would use.
 
 Each engine also says where it is *correct* (``computes``), a wider set than where it pays
 (``applies``), so the tests run every engine against the reference on small shapes. Tuning knobs
@@ -49,12 +53,13 @@ from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
 from . import cuda_im2col, cudnn_conv, engines, winograd
 from .engines import Engine, register
-from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_rows, images_per_chunk,
-                     padded_source, workspace)
+from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_channels_last, im2col_rows,
+                     images_per_chunk, padded_source, workspace)
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
 _WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
+_CL_FILTERS = _context.Slot("cl_filters")           # weights permuted to (cout, kh, kw, cin/group)
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -83,6 +88,21 @@ BATCH_LAST_MIN_NUM = 4
 # on ResNet-50's 1x1/2 layers at batch 10, one thread: per image is 8-12% faster at 28x28 and 14x14
 # outputs, one GEMM 10% faster at 7x7 (the per-image GEMMs are too thin there).
 DIRECT_1X1_MIN_COLUMNS = 196
+
+# On the CPU, the forward of a convolution with a kernel larger than 1x1 over maps narrower than
+# COL_BAND_MIN_WIDTH builds position-major columns (ChannelsLastConv) when the batch has at least
+# this many output positions. Measured forward, one thread, against the engine picked before
+# (interleaved, medians): AlexNet conv2 5x5 g2 at 27² 0.87-0.92x (batch 4-32), GoogLeNet 3a/5x5
+# 0.82x, 3a/3x3 0.88x, 3b/5x5 0.91x, CaffeNet conv3/conv4 at 13² batch 32 0.89-0.95x, a ResNet
+# 3x3/2 at 28² 0.88-0.92x; 14² at batch 4 (784 positions) the same, 7² at batch 4 1.06-1.10x
+# (the GEMMs are too thin); wide maps lose to the bands (GoogLeNet conv1 1.22x, conv2 1.04x).
+CHANNELS_LAST_MIN_COLUMNS = 1024
+
+# The position-major forward (ChannelsLastConv) computes ``columns @ weights^T`` when a group has
+# fewer output channels than this (OpenBLAS is faster that way round on thin outputs: GoogLeNet's
+# 3a/5x5, 32 outputs), ``weights @ columns^T`` otherwise (its output copy is a block copy, not a
+# transpose).
+CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 
 # Where Winograd pays (one thread, batch 4 VGG-16 layers, against im2col + GEMM): 1.3-1.65x from 128
 # input channels on maps of 14x14 and more; 64-channel layers gain nothing (the transforms,
@@ -160,6 +180,19 @@ def direct_1x1_pays(s):
     if not direct_1x1_computes(s):
         return False
     return (g.sh == 1 and g.sw == 1) or (_is_cpu() and s.columns >= DIRECT_1X1_MIN_COLUMNS)
+
+
+def channels_last_pays(s):
+    """Kernels larger than 1x1 on maps narrower than COL_BAND_MIN_WIDTH (wide maps keep the bands)
+    with at least CHANNELS_LAST_MIN_COLUMNS output positions in a batch."""
+    g = s.geom
+    return ((g.kh > 1 or g.kw > 1) and s.out_hw[1] < COL_BAND_MIN_WIDTH
+            and s.num * s.columns >= CHANNELS_LAST_MIN_COLUMNS)
+
+
+def channels_last_transposed(s):
+    """Whether the position-major forward computes positions x cout (see ChannelsLastConv)."""
+    return s.og < CHANNELS_LAST_TRANSPOSED_MAX_OUT
 
 
 def winograd_pays(s):
@@ -365,6 +398,48 @@ class Gemm1x1Conv(Im2colConv):
         super().backward(dy, w, None if direct else dx, x, dw)
 
 
+class ChannelsLastConv(Im2colConv):
+    """The forward (without a weight gradient) on position-major columns, ``(N·oh·ow, kh·kw·C/G)``
+    per group (``im2col_channels_last``), whose GEMM inner dimension is contiguous: OpenBLAS runs
+    that GEMM 10-35% faster than on channel-major columns (AlexNet's conv2, GoogLeNet's 28x28
+    layers), and the copy into the columns moves runs of ``kw·C/G`` values, not of ``ow``. The
+    weights are permuted to the columns' (kh, kw, c) order on each call (they change every
+    iteration in training; the copy is ``1/(N·oh·ow)`` of the GEMM's work).
+
+    ``transposed`` computes ``columns @ weights^T`` (positions x cout, then transposed into the
+    output per image) instead of ``weights @ columns^T`` (cout x positions, copied out by blocks
+    of ``oh·ow``): OpenBLAS favours it when ``cout/group`` is small. The gradients as
+    ``Im2colConv`` (their GEMMs reduce over positions, which channel-major columns keep
+    contiguous), in the layout DEFAULT would use."""
+
+    def __init__(self, shape, batch_last=False, transposed=None, max_col_elements=MAX_COL_ELEMENTS):
+        super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
+        self.transposed = channels_last_transposed(shape) if transposed is None else bool(transposed)
+
+    def forward(self, x, w, y=None, grad_src=None, dw=None):
+        if y is None or dw is not None:
+            return super().forward(x, w, y, grad_src, dw)
+        s = self.s
+        g = s.geom
+        cg, og, kg, p = s.cin // s.group, s.og, s.kg, s.columns
+        wp = workspace(np, (s.cout, g.kh, g.kw, cg), w.dtype, _CL_FILTERS)
+        np.copyto(wp, w.reshape(s.cout, cg, g.kh, g.kw).transpose(0, 2, 3, 1))
+        w2 = wp.reshape(s.cout, kg)
+        for n0, n1 in self._chunks(x.shape[0]):
+            n = n1 - n0
+            col = im2col_channels_last(x[n0:n1], g, s.out_hw, s.group).reshape(s.group, n * p, kg)
+            if self.transposed:
+                rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
+                for i, (go, _) in enumerate(self._groups()):
+                    np.matmul(col[i], w2[go].T, out=rows[:, go])
+                parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
+            else:
+                rows = workspace(np, (s.cout, n * p), x.dtype, _ROWS)
+                for i, (go, _) in enumerate(self._groups()):
+                    np.matmul(w2[go], col[i].T, out=rows[go])
+                parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(s.cout, n, p).transpose(1, 0, 2))
+
+
 class WinogradConv(Im2colConv):
     """Winograd F(2x2, 3x3) for the forward (``winograd``); the gradients as ``Im2colConv``. The
     transformed filters are kept between forwards in a TEST net, whose weights rarely change, and
@@ -431,6 +506,21 @@ register(Engine("Convolution", "winograd", devices=("cpu",), priority=40,
                     layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})))
 _register_conv("Convolution")
 _register_conv("Deconvolution")
+
+
+# --- position-major columns for the forward (CPU; kept apart from _register_conv) -----------------
+# DEFAULT picks it for Convolution only where measured to pay; Deconvolution's forward is a data
+# gradient, which this engine computes as Im2colConv does, so it is registered there for the tests
+# (its frozen-weights data gradient runs the position-major path) and never picked.
+def _channels_last(layer, **opt):
+    return ChannelsLastConv(layer.conv, **{"batch_last": batch_last_pays(layer.conv), **opt})
+
+
+register(Engine("Convolution", "im2col_channels_last", devices=("cpu",), priority=25,
+                applies=lambda layer: channels_last_pays(layer.conv), computes=lambda layer: True,
+                build=_channels_last))
+register(Engine("Deconvolution", "im2col_channels_last", devices=("cpu",), priority=25,
+                applies=lambda layer: False, computes=lambda layer: True, build=_channels_last))
 
 
 # --- Im2col (the layer): the column matrix as a blob ------------------------------------------------

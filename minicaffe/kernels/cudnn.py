@@ -9,8 +9,9 @@ still ships (tensor/filter/convolution descriptors, ``cudnnGetConvolution*Algori
 ``cudnnConvolutionForward``/``BackwardData``/``BackwardFilter``) is stable, covers everything
 Caffe's CuDNNConvolutionLayer does, and needs only the cuDNN library itself: the
 ``nvidia-cudnn-cu12``/``-cu13`` wheel (``pip install minicaffe[cudnn]``) or a system install.
-Every signature and enum value below was taken from the cuDNN 9 headers (``cudnn_graph.h``,
-``cudnn_ops.h``, ``cudnn_cnn.h``); ``tests/cudnn_standin.py`` holds the headers' C signatures
+The same legacy API runs softmax, pooling and LRN (``cudnn_softmax``, ``cudnn_pooling``,
+``cudnn_lrn``). Every signature and enum value below was taken from the cuDNN 9 headers
+(``cudnn_graph.h``, ``cudnn_ops.h``, ``cudnn_cnn.h``); ``tests/cudnn_standin.py`` holds the headers' C signatures
 separately and refuses a call whose declared ``argtypes`` differ, so a mistake here fails on the CPU,
 not on the GPU.
 
@@ -38,12 +39,13 @@ import ctypes.util
 import os
 import threading
 import weakref
-from ctypes import POINTER, Structure, c_char_p, c_float, c_int, c_size_t, c_void_p
+from ctypes import POINTER, Structure, c_char_p, c_double, c_float, c_int, c_size_t, c_uint, c_void_p
 
 import numpy as np
 
 from ..core import backend
 from ..core import context as _context
+from . import engines as _engines
 
 # --- enum values (cuDNN 9 headers) ----------------------------------------------------------------
 STATUS_SUCCESS = 0
@@ -56,6 +58,14 @@ DEFAULT_MATH, TENSOR_OP_MATH, TENSOR_OP_MATH_ALLOW_CONVERSION, FMA_MATH = 0, 1, 
 NON_DETERMINISTIC, DETERMINISTIC = 0, 1
 SOFTMAX_FAST, SOFTMAX_ACCURATE, SOFTMAX_LOG = 0, 1, 2
 SOFTMAX_MODE_INSTANCE, SOFTMAX_MODE_CHANNEL = 0, 1
+NOT_PROPAGATE_NAN, PROPAGATE_NAN = 0, 1
+POOLING_MAX, POOLING_AVERAGE_COUNT_INCLUDE_PADDING, POOLING_AVERAGE_COUNT_EXCLUDE_PADDING = 0, 1, 2
+POOLING_MAX_DETERMINISTIC = 3
+LRN_CROSS_CHANNEL_DIM1 = 0
+# cudnnSetLRNDescriptor's ranges (cudnn_ops.h: CUDNN_LRN_MIN_N, _MAX_N, _MIN_K, _MIN_BETA); outside
+# them the call fails with BAD_PARAM (checked against libcudnn.so.9 9.28: N 17, k 9e-6, beta 0.009
+# fail; alpha has no bound)
+LRN_MIN_N, LRN_MAX_N, LRN_MIN_K, LRN_MIN_BETA = 1, 16, 1e-5, 0.01
 FWD_ALGO_COUNT, BWD_DATA_ALGO_COUNT, BWD_FILTER_ALGO_COUNT = 8, 6, 7
 # the deterministic algorithm of each direction that needs no heuristics' blessing: implicit GEMM
 # forward (no workspace), and BWD_DATA_ALGO_1 / BWD_FILTER_ALGO_1 (implicit GEMM, deterministic)
@@ -111,6 +121,17 @@ SIGNATURES = {
     "cudnnConvolutionBackwardFilter": (_I, [_P, _P, _P, _P, _P, _P, _P, _I, _P, c_size_t, _P, _P, _P]),
     "cudnnSoftmaxForward": (_I, [_P, _I, _I, _P, _P, _P, _P, _P, _P]),
     "cudnnSoftmaxBackward": (_I, [_P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]),
+    "cudnnCreatePoolingDescriptor": (_I, [_PP]),
+    "cudnnSetPooling2dDescriptor": (_I, [_P, _I, _I, _I, _I, _I, _I, _I, _I]),
+    "cudnnGetPooling2dForwardOutputDim": (_I, [_P, _P, _IP, _IP, _IP, _IP]),
+    "cudnnDestroyPoolingDescriptor": (_I, [_P]),
+    "cudnnPoolingForward": (_I, [_P, _P, _P, _P, _P, _P, _P, _P]),
+    "cudnnPoolingBackward": (_I, [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]),
+    "cudnnCreateLRNDescriptor": (_I, [_PP]),
+    "cudnnSetLRNDescriptor": (_I, [_P, c_uint, c_double, c_double, c_double]),
+    "cudnnDestroyLRNDescriptor": (_I, [_P]),
+    "cudnnLRNCrossChannelForward": (_I, [_P, _P, _I, _P, _P, _P, _P, _P, _P]),
+    "cudnnLRNCrossChannelBackward": (_I, [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P]),
 }
 
 class Missing:
@@ -220,7 +241,8 @@ class Library:
         return not why, why
 
     def descriptor(self, kind):
-        """A new ``Tensor``/``Filter``/``Convolution`` descriptor, destroyed with its owner."""
+        """A new ``Tensor``/``Filter``/``Convolution``/``Pooling``/``LRN`` descriptor, destroyed with
+        its owner."""
         return Descriptor(self, kind)
 
 
@@ -242,7 +264,8 @@ class _Handle:
 
 
 class Descriptor:
-    """One cuDNN descriptor (``kind``: Tensor, Filter or Convolution); ``.ptr`` is what calls take."""
+    """One cuDNN descriptor (``kind``: Tensor, Filter, Convolution, Pooling or LRN); ``.ptr`` is what
+    calls take."""
 
     def __init__(self, lib, kind):
         p = c_void_p()
@@ -288,6 +311,9 @@ def available():
     if isinstance(lib, Missing):
         return False, lib.reason
     return lib.usable()
+
+
+_engines.explain_cudnn(lambda: available()[1])
 
 
 def workspace_limit():

@@ -21,15 +21,22 @@ deterministic and fits the workspace limit (``cudnn.pick_algorithm``): determini
 resumed GPU run must be bit-identical to an uninterrupted one (non-deterministic algorithms add with
 atomics in a varying order), and because the gradients must not depend on the run. Where none in
 the list qualifies, the implicit-GEMM algorithm of that direction (deterministic, little or no
-workspace) runs if cuDNN accepts it. One workspace per engine, grown on first need (an inference
-net never allocates the weight-gradient workspace), from CuPy's memory pool.
+workspace) runs if cuDNN accepts it. One workspace for every cuDNN convolution of a thread on a
+device (the context's scratch buffers, slot ``_WORKSPACE``), grown to the largest need met so far:
+the layers' calls follow one another on one stream, so one buffer serves them all, where a buffer
+per layer would hold up to the workspace limit for every convolution of the net at once.
 """
 import ctypes
 
 import numpy as np
 
 from ..core import backend
+from ..core import context as _context
 from . import cudnn as _cudnn
+from .im2col import workspace as _scratch
+
+# the scratch buffer every cuDNN convolution of a thread shares (see the module docstring)
+_WORKSPACE = _context.Slot("cudnn workspace")
 
 _INT_MAX = (1 << 31) - 1
 
@@ -137,7 +144,6 @@ class CudnnConv:
         self.s, self.lib = shape, lib
         self.limit = _cudnn.workspace_limit() if workspace_limit is None else int(workspace_limit)
         self._plans = {}
-        self._ws = None
         self.plan(shape.num, dtype)
 
     def plan(self, num, dtype):
@@ -149,12 +155,13 @@ class CudnnConv:
         return p
 
     def _workspace(self, nbytes):
-        """(pointer, size) of a workspace of at least ``nbytes`` (NULL and 0 when none is needed)."""
+        """(array, pointer, size) of a workspace of ``nbytes`` (None, NULL and 0 when none is needed).
+        The caller holds the array until its call is queued; no engine keeps it (a kept view would
+        keep an outgrown buffer alive)."""
         if nbytes == 0:
-            return ctypes.c_void_p(None), 0
-        if self._ws is None or self._ws.nbytes < nbytes:
-            self._ws = backend.import_cupy().empty(nbytes, dtype=np.uint8)
-        return _cudnn.pointer(self._ws), int(self._ws.nbytes)
+            return None, ctypes.c_void_p(None), 0
+        ws = _scratch(backend.import_cupy(), (nbytes,), np.uint8, _WORKSPACE)
+        return ws, _cudnn.pointer(ws), int(ws.nbytes)
 
     def _run(self, plan, direction, inputs, out, accumulate):
         """One call of ``direction``: ``out = op(inputs) + (out if accumulate)``."""
@@ -168,7 +175,7 @@ class CudnnConv:
                 raise RuntimeError(f"cuDNN plan for {plan.dtype} given a {a.dtype} array")
         alpha, beta = _cudnn.scalar(plan.dtype, 1.0), _cudnn.scalar(plan.dtype, 1.0 if accumulate else 0.0)
         handle = self.lib.handle(_stream())
-        ws, ws_size = self._workspace(plan.workspace[direction])
+        ws_array, ws, ws_size = self._workspace(plan.workspace[direction])
         d = plan._descs(direction)
         name = {"fwd": "cudnnConvolutionForward", "bwd_data": "cudnnConvolutionBackwardData",
                 "bwd_filter": "cudnnConvolutionBackwardFilter"}[direction]

@@ -61,6 +61,28 @@ class Engine:
 
 _TABLE: Dict[str, List[Engine]] = {}
 
+# how to say why cuDNN cannot run now ("" when it can): the cuDNN binding (kernels/cudnn.py) registers
+# it when imported, which every cuDNN engine's module does; this table stays generic
+_CUDNN_REASON: List[Callable[[], str]] = []
+
+
+def explain_cudnn(reason: Callable[[], str]) -> None:
+    """Register ``reason()``: why cuDNN cannot run now, or "" (for ``engine: CUDNN``'s error)."""
+    _CUDNN_REASON[:] = [reason]
+
+
+def _why_no_cudnn(layer, device: str) -> str:
+    """Why ``engine: CUDNN`` cannot be honoured for ``layer``: no cuDNN engine for its type, cuDNN
+    itself unavailable (the binding's reason), or cuDNN present but not computing this shape."""
+    if not any(e.cudnn for e in engines_for(layer.type)):
+        return f"minicaffe has no cuDNN engine for {layer.type}"
+    why = _CUDNN_REASON[0]() if _CUDNN_REASON else ""
+    if why:
+        return " ".join(str(why).split())           # one line, whatever the loader said
+    if not any(e.cudnn for e in engines_for(layer.type, device)):
+        return f"no cuDNN engine for {layer.type} on {device}"
+    return "cuDNN does not compute Caffe's result for this layer's shape or parameters"
+
 
 def register(engine: Engine) -> Engine:
     entries = _TABLE.setdefault(engine.layer_type, [])
@@ -126,9 +148,9 @@ def choose(layer, name: Optional[str] = None) -> Optional[Engine]:
         for e in candidates:
             if e.cudnn and e.applies(layer):
                 return e
-        raise NetError("engine: CUDNN was asked for, but cuDNN cannot run this layer here "
-                       f"(mode {device}; install minicaffe[cudnn] and use the GPU, or use engine: CAFFE)",
-                       layer.name, layer.type)
+        raise NetError(f"engine: CUDNN was asked for, but cuDNN cannot run this layer here: "
+                       f"{_why_no_cudnn(layer, device)} (mode {device}; install minicaffe[cudnn] and use "
+                       "the GPU, or use engine: CAFFE)", layer.name, layer.type)
     for e in candidates:
         if e.applies(layer):
             return e

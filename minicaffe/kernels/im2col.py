@@ -9,7 +9,10 @@ so each add runs over contiguous memory (strided arithmetic loses NumPy's vector
 
 On the CPU, a convolution's forward over wide maps builds the columns of a band of output rows
 at a time (``im2col_rows``) so they are still in cache when the GEMM reads them, and col2im sums
-a block of channels at a time for the same reason.
+a block of channels at a time for the same reason. With vertical stride 1 on narrow maps col2im
+sums the kernel rows first, over whole planes, so only ``kw`` of its ``kh·kw`` adds move short
+rows. A forward on narrow maps may instead build position-major columns
+(``im2col_channels_last``, see there).
 
 Which of these a convolution uses, and when, is decided once per shape by the engines in
 ``minicaffe.kernels.conv_engines``. On a GPU the engines call ``minicaffe.kernels.cuda_im2col``
@@ -35,9 +38,14 @@ from ..core.threads import parallel_copyto
 COL = _context.Slot("col")                  # the column matrix: one buffer for every convolution of a net
 IM2COL_PAD = _context.Slot("im2col_pad")    # the zero-padded input im2col reads
 COL2IM_PAD = _context.Slot("col2im_pad")    # col2im's padded accumulator
+_COL2IM_ROWS = _context.Slot("col2im_rows")  # col2im's sums over kernel rows (vertical stride 1)
 
 # Channels of col2im's accumulator summed at once, in elements (1 MiB of float32: cache-sized).
 COL2IM_BLOCK_ELEMENTS = 1 << 18
+
+# col2im sums kernel rows first (``_rows_first``) with vertical stride 1 on output rows narrower
+# than this; on wider rows NumPy's per-row cost is small already (VGG's 56: no change, measured).
+COL2IM_ROWS_FIRST_MAX_WIDTH = 48
 
 
 def workspace(xp, shape, dtype, slot):
@@ -113,7 +121,10 @@ def phase_shape(stride, padded_width):
 
 def padded_source(x, g):
     """(N, C, H, W) -> zero-padded (C, N, Hp, Wp), what im2col reads: a workspace, or a transposed
-    view of ``x`` when there is no padding."""
+    view of ``x`` when there is no padding. Where ``phase_split_pays``, the padded rows split into
+    their ``sw`` column phases instead: (C, N, Hp, sw, ceil(Wp / sw)) (``phase_source``)."""
+    if phase_split_pays(g):
+        return phase_source(x, g)
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
     xt = x.transpose(1, 0, 2, 3)
@@ -129,6 +140,39 @@ def padded_source(x, g):
     return src
 
 
+# im2col reads a phase-split source (``phase_source``) when a window covers at least this many
+# times the input positions that one output position advances over (kh·kw >= this · sh·sw) and
+# the kernel is undilated horizontally: the columns are then much larger than the input, and
+# copying them from contiguous rows pays for the extra pass that splits the input. Measured, one
+# thread (interleaved, medians): im2col of GoogLeNet's conv1 7x7/2 (12.25) 0.57-0.64x at batch 4,
+# 0.58x at batch 16, CaffeNet's conv1 11x11/4 (7.6) 0.41-0.70x at batch 32, split included; whole
+# layer at batch 4 / 32: forward (bands) 0.88-0.92x / 0.99x, weight gradient 0.88-0.95x / 0.90x.
+# 3x3/2 (2.25): 1.08-1.38x slower, so not there.
+PHASE_SPLIT_MIN_EXPANSION = 6
+
+
+def phase_split_pays(g):
+    """Horizontally strided, undilated, and kh·kw >= PHASE_SPLIT_MIN_EXPANSION · sh·sw."""
+    return g.sw > 1 and g.dw == 1 and g.kh * g.kw >= PHASE_SPLIT_MIN_EXPANSION * g.sh * g.sw
+
+
+def phase_source(x, g):
+    """(N, C, H, W) -> zero-padded (C, N, Hp, sw, Wq) in a workspace, ``Wq = ceil(Wp / sw)``:
+    padded column ``q·sw + r`` at ``[..., r, q]``, so the columns a strided window row reads from
+    one phase are contiguous (im2col copies runs of ``ow`` values instead of gathering every
+    ``sw``-th one)."""
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    sw, wq = phase_shape(g.sw, w + 2 * g.pw)
+    src = workspace(xp, (c, n, h + 2 * g.ph, sw, wq), x.dtype, IM2COL_PAD)
+    src.fill(0)
+    xt = x.transpose(1, 0, 2, 3)
+    for r, w0, q0, cnt in column_phases(g.sw, g.pw, w):
+        if cnt:
+            parallel_copyto(src[:, :, g.ph:g.ph + h, r, q0:q0 + cnt], xt[:, :, :, w0::g.sw])
+    return src
+
+
 def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     """Columns of output rows ``y0:y1`` only, from ``padded_source``: (C, kh, kw, N, y1-y0, ow).
 
@@ -141,6 +185,14 @@ def im2col_rows(src, geom, out_hw, y0, y1, out=None):
     shape = (c, g.kh, g.kw, n, y1 - y0, ow)
     if out is None:
         out = workspace(xp, shape, src.dtype, COL)
+    if src.ndim == 5:
+        # phase-split source: kernel columns j = r, r + sw, ... read phase r at offsets 0, 1, ...
+        s_c, s_n, s_h, _, s_q = src.strides
+        for r in range(min(g.sw, g.kw)):
+            view = _as_strided(xp, src[:, :, y0 * g.sh:, r], (c, g.kh, len(range(r, g.kw, g.sw)), n, y1 - y0, ow),
+                               (s_c, g.dh * s_h, s_q, s_n, g.sh * s_h, s_q))
+            parallel_copyto(out[:, :, r::g.sw], view)
+        return out
     s_c, s_n, s_h, s_w = src.strides
     view = _as_strided(xp, src[:, :, y0 * g.sh:], shape,
                        (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
@@ -152,35 +204,29 @@ def im2col(x, geom, out_hw, out=None):
     """Columns of ``x`` (N, C, H, W): an array (C, kh, kw, N, oh, ow).
 
     ``col[c, i, j, n, y, x] = x_padded[n, c, y*sh + i*dh, x*sw + j*dw]``, one strided copy (a
-    copy reads strided rows about as fast as contiguous ones, unlike arithmetic). ``out`` (any
-    array of that shape) receives the result; by default a workspace buffer is used.
+    copy reads strided rows about as fast as contiguous ones, unlike arithmetic) or, from a
+    phase-split source, one per column phase. ``out`` (any array of that shape) receives the
+    result; by default a workspace buffer is used.
     """
-    xp = backend.get_array_module(x)
-    n, c, h, w = x.shape
-    oh, ow = out_hw
-    g = geom
-    src = padded_source(x, g)
-    if out is None:
-        out = workspace(xp, (c, g.kh, g.kw, n, oh, ow), x.dtype, COL)
-    s_c, s_n, s_h, s_w = src.strides
-    view = _as_strided(xp, src, (c, g.kh, g.kw, n, oh, ow),
-                       (s_c, g.dh * s_h, g.dw * s_w, s_n, g.sh * s_h, g.sw * s_w))
-    parallel_copyto(out, view)
-    return out
+    return im2col_rows(padded_source(x, geom), geom, out_hw, 0, out_hw[0], out)
 
 
 def col2im(col, geom, in_hw, out):
     """The adjoint of ``im2col``: sums columns (C, kh, kw, N, oh, ow) back onto ``out`` (N, C, H, W).
 
     Overlapping windows add up; padding positions are dropped; ``out`` is overwritten. The sums
-    run in phase layout so each add streams over contiguous columns.
+    run in phase layout so each add streams over contiguous columns. With vertical stride 1 on
+    maps narrower than COL2IM_ROWS_FIRST_MAX_WIDTH the kernel rows are summed first
+    (``_rows_first``).
     """
     xp = backend.get_array_module(col)
     c, kh, kw, n, oh, ow = col.shape
     h, w = in_hw
     g = geom
     sw, wq = phase_shape(g.sw, w + 2 * g.pw)
-    per_channel = n * (h + 2 * g.ph) * sw * wq
+    hp = h + 2 * g.ph
+    rows_first = g.sh == 1 and kh > 1 and ow < COL2IM_ROWS_FIRST_MAX_WIDTH
+    per_channel = n * hp * (sw * wq + (kw * ow if rows_first else 0))
     block = max(1, min(c, COL2IM_BLOCK_ELEMENTS // max(per_channel, 1)))
     ot = out.transpose(1, 0, 2, 3)
     phases = [p for p in column_phases(g.sw, g.pw, w) if p[3]]
@@ -188,20 +234,39 @@ def col2im(col, geom, in_hw, out):
     # a block of channels at a time, so the kh*kw sums hit an accumulator that stays in cache
     # (one pass over the whole padded image per kernel offset is bound by memory bandwidth)
     def blocks(c_lo, c_hi):
-        acc = workspace(xp, (min(block, c_hi - c_lo), n, h + 2 * g.ph, sw, wq), col.dtype, COL2IM_PAD)
+        acc = workspace(xp, (min(block, c_hi - c_lo), n, hp, sw, wq), col.dtype, COL2IM_PAD)
+        rows = workspace(xp, (min(block, c_hi - c_lo), kw, n, hp, ow), col.dtype, _COL2IM_ROWS) if rows_first else None
         for c0 in range(c_lo, c_hi, block):
             c1 = min(c_hi, c0 + block)
             a = acc[:c1 - c0]
             a.fill(0)
-            for i in range(kh):
-                y0 = i * g.dh
-                for j in range(kw):
-                    r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
-                    a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
+            if rows_first:
+                _rows_first(col[c0:c1], g, rows[:c1 - c0], a)
+            else:
+                for i in range(kh):
+                    y0 = i * g.dh
+                    for j in range(kw):
+                        r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
+                        a[:, :, y0:y0 + g.sh * (oh - 1) + 1:g.sh, r, q0:q0 + ow] += col[c0:c1, i, j]
             for r, w0, q0, cnt in phases:
                 ot[c0:c1, :, :, w0::g.sw] = a[:, :, g.ph:g.ph + h, r, q0:q0 + cnt]
     _by_channels(xp, c, blocks, col.size)
     return out
+
+
+def _rows_first(col, g, rows, acc):
+    """col2im's sums for vertical stride 1, two passes: ``rows[c, j, n]`` (padded height x ``ow``)
+    gets kernel row ``i``'s columns at row offset ``i·dh``, one add per ``i`` over whole
+    ``oh·ow`` planes (contiguous on both sides); then each ``rows[:, j]`` is added at column offset
+    ``j·dw`` of ``acc``, ``kw`` adds of rows ``ow`` long, where the plain sum does ``kh·kw`` of them.
+    NumPy's cost per row dominates at 27 or 28 wide: AlexNet's conv2 at 27², 1.15-1.25x faster."""
+    kh, kw, oh, ow = col.shape[1], col.shape[2], col.shape[4], col.shape[5]
+    rows.fill(0)
+    for i in range(kh):
+        rows[:, :, :, i * g.dh:i * g.dh + oh] += col[:, i]
+    for j in range(kw):
+        r, q0 = (j * g.dw) % g.sw, (j * g.dw) // g.sw
+        acc[:, :, :, r, q0:q0 + ow] += rows[:, j]
 
 
 def _by_channels(xp, c, fn, work):
@@ -265,3 +330,55 @@ def col2im_batch_last(col, geom, in_hw, out):
 def images_per_chunk(per_image_elements, num, max_elements):
     """How many images' columns fit in ``max_elements`` (at least one)."""
     return max(1, min(num, max_elements // max(per_image_elements, 1)))
+
+
+# --- columns with the channels last: the GEMM's inner dimension contiguous (CPU) --------------------
+#
+# OpenBLAS's SGEMM runs 10-35% faster on a convolution's forward when the column matrix is stored
+# position-major, ``(N·oh·ow, kh·kw·C)``, so each output position's inputs (the GEMM's inner
+# dimension) are contiguous, than channel-major ``(C·kh·kw, N·oh·ow)`` (measured on AlexNet's conv2
+# and GoogLeNet's 28x28 layers, one and two threads). Built from a channels-last copy of the input,
+# the copy moves runs of ``kw·C/G`` values (a window row across its channels) instead of ``ow``.
+
+# below this many channels per group, channels_last_source copies one channel at a time
+CHANNELS_LAST_MIN_RUN = 8
+
+
+def channels_last_source(x, g, group):
+    """(N, C, H, W) -> zero-padded (G, N, Hp, Wp, C/G) in a workspace: what ``im2col_channels_last``
+    reads, each group's channels last and contiguous."""
+    n, c, h, w = x.shape
+    cg = c // group
+    src = workspace(np, (group, n, h + 2 * g.ph, w + 2 * g.pw, cg), x.dtype, IM2COL_PAD)
+    if g.ph or g.pw:
+        src[:, :, :g.ph] = 0
+        src[:, :, g.ph + h:] = 0
+        src[:, :, g.ph:g.ph + h, :g.pw] = 0
+        src[:, :, g.ph:g.ph + h, g.pw + w:] = 0
+    inner = src[:, :, g.ph:g.ph + h, g.pw:g.pw + w]
+    xg = x.reshape(n, group, cg, h, w).transpose(1, 0, 3, 4, 2)
+    if cg < CHANNELS_LAST_MIN_RUN:
+        # a few channels (an RGB image): one strided copy per channel moves rows of ``w`` values,
+        # where the whole transpose at once would move runs of ``cg``
+        for ci in range(cg):
+            parallel_copyto(inner[..., ci], xg[..., ci])
+    else:
+        parallel_copyto(inner.reshape((group * n,) + inner.shape[2:]), xg.reshape((group * n,) + xg.shape[2:]))
+    return src
+
+
+def im2col_channels_last(x, geom, out_hw, group=1):
+    """Columns of ``x`` (N, C, H, W) position-major, per group: an array (G, N, oh, ow, kh, kw, C/G)
+    in the "col" workspace, ``col[g, n, y, x, i, j, c] = x_padded[n, g·C/G + c, y·sh + i·dh,
+    x·sw + j·dw]`` (CPU). Group ``g``'s matrix ``col[g].reshape(N·oh·ow, kh·kw·C/G)`` is contiguous,
+    its columns ordered (i, j, c): the weights must be permuted to (cout, kh, kw, C/G) to match."""
+    n, c = x.shape[:2]
+    oh, ow = out_hw
+    g = geom
+    src = channels_last_source(x, g, group)
+    shape = (group * n, oh, ow, g.kh, g.kw, c // group)
+    out = workspace(np, shape, x.dtype, COL)
+    s_gn, s_h, s_w, s_c = src.strides[1:]
+    view = _as_strided(np, src, shape, (s_gn, g.sh * s_h, g.sw * s_w, g.dh * s_h, g.dw * s_w, s_c))
+    parallel_copyto(out, view)
+    return out.reshape((group, n) + shape[1:])

@@ -24,7 +24,7 @@ from ..core import backend
 from ..formats.datum import hwc_to_chw, join_root, parse_datum, read_image, read_image_list, record_where
 from ..data.db import open_source
 from ..core.context import solver_count, solver_rank
-from ..data.prefetch import Prefetcher, parallel_map
+from ..data.prefetch import DeviceUploader, Prefetcher, parallel_map
 from ..data.transformer import DataTransformer
 from ..errors import DataError
 from ..proto import caffe_pb2
@@ -48,6 +48,8 @@ class _DataLayerBase(Layer):
     exact_num_bottom = 0
     is_data_source = True
     allow_force_backward_all = False
+    _batch_uploader = None  # _to_tops on the GPU: a DeviceUploader of two slots, made at first use
+    _batch_slot = None      # the slot whose arrays the tops hold
 
     def reshape(self, bottom, top):
         """The tops keep the shape of the last batch (set in setup and forward)."""
@@ -63,6 +65,26 @@ class _DataLayerBase(Layer):
     def _log_shape(self, top):
         log.info("output data size: %s", ",".join(str(d) for d in top[0].shape))
 
+    def _to_tops(self, top, arrays):
+        """Hand a batch made in this forward (NumPy arrays, one per top, already shaped) to the tops.
+        On the GPU through pinned memory on a copy stream into two device buffers kept between
+        batches (the one the last batch's work may still read, and this one); the compute stream
+        waits for the copy on the device."""
+        if not backend.is_gpu():
+            for blob, arr in zip(top, arrays):
+                blob.xdata = arr
+            return
+        uploader = self._batch_uploader
+        if uploader is None:
+            uploader = self._batch_uploader = DeviceUploader(2)
+        elif self._batch_slot is not None:
+            uploader.release(self._batch_slot)
+        dev, ready, self._batch_slot = uploader.upload(
+            [np.ascontiguousarray(a, dtype=backend.dtype()) for a in arrays])
+        uploader.ready(ready)
+        for blob, arr in zip(top, dev):
+            blob.xdata = arr
+
     def _shard(self):
         """(rank, count) for this layer: the solver's at TRAIN; at TEST every worker reads all."""
         if self.phase == caffe_pb2.TRAIN:
@@ -76,12 +98,18 @@ class _PrefetchingLayer(_DataLayerBase):
     ``skip(records)``."""
 
     _prefetcher = None
+    _uploader = None
+    _held = None        # the uploader's slot whose arrays the tops hold
 
     def _start(self, loader, depth, resources=()):
         self._loader, self._depth, self._resources = loader, depth, list(resources)
         self._position = self._initial = loader.state()     # nothing consumed yet
-        self._prefetcher = Prefetcher(loader, depth=depth, name=self.name)
-        self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, self._resources)
+        # on the GPU the thread also uploads (pinned memory, a copy stream): one slot per queued batch,
+        # one for the batch the tops hold
+        self._uploader = DeviceUploader(max(depth, 1) + 1) if backend.is_gpu() else None
+        self._held = None
+        self._prefetcher = Prefetcher(_uploading(loader, self._uploader), depth=depth, name=self.name)
+        self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, self._resources, self._uploader)
 
     def data_position(self):
         """Where the next forward pass reads from (the batches read ahead do not count)."""
@@ -90,6 +118,8 @@ class _PrefetchingLayer(_DataLayerBase):
     def _restart(self, set_position):
         """Stop the prefetch thread (dropping the batches it read ahead), move the loader, restart."""
         self._finalizer.detach()
+        if self._uploader is not None:
+            self._uploader.close()
         if self._prefetcher.close() is False:
             raise self.error("the prefetch thread did not stop, so the read position cannot be restored")
         try:
@@ -116,7 +146,13 @@ class _PrefetchingLayer(_DataLayerBase):
         self._restart(replay)
 
     def forward(self, bottom, top):
-        data, labels, self._position = self._prefetcher.get()
+        if self._held is not None:       # the last batch's work is queued: its slot may be refilled
+            self._uploader.release(self._held)
+            self._held = None
+        data, labels, self._position, sent = self._prefetcher.get()
+        if sent is not None:
+            ready, self._held = sent
+            self._uploader.ready(ready)
         top[0].reshape(data.shape)
         top[0].xdata = data
         if len(top) > 1:
@@ -129,7 +165,21 @@ class _PrefetchingLayer(_DataLayerBase):
             self._finalizer()
 
 
-def _shutdown(prefetcher, resources):
+def _uploading(loader, uploader):
+    """The prefetch thread's callable: a batch from ``loader``, on the GPU uploaded by ``uploader``
+    (data, labels, position, (ready event, slot) or None). It holds no reference to the layer."""
+    def load():
+        data, labels, position = loader()
+        if uploader is None or not backend.is_gpu():
+            return data, labels, position, None
+        (data, labels), ready, slot = uploader.upload([data, labels])
+        return data, labels, position, (ready, slot)
+    return load
+
+
+def _shutdown(prefetcher, resources, uploader=None):
+    if uploader is not None:
+        uploader.close()
     if prefetcher.close() is False:
         return  # the thread is still inside a read: leave the database open rather than pull it away
     for res in resources:
@@ -500,8 +550,11 @@ class MemoryData(_DataLayerBase):
         b, p = self.batch_size, self.pos
         top[0].reshape((b, self.channels, self.height, self.width))
         top[1].reshape((b, 1, 1, 1))    # as Caffe's Forward does (its setup gives (b,), as here)
-        top[0].xdata = np.array(self._data[p:p + b], np.float32)
-        top[1].xdata = np.array(self._labels[p:p + b], np.float32).reshape(b, 1, 1, 1)
+        data = np.asarray(self._data[p:p + b], np.float32)
+        labels = np.asarray(self._labels[p:p + b], np.float32).reshape(b, 1, 1, 1)
+        if not backend.is_gpu():
+            data, labels = data.copy(), labels.copy()       # the tops own their values, as before
+        self._to_tops(top, [data, labels])
         self.pos = (p + b) % self.n
 
 
@@ -671,7 +724,7 @@ class HDF5Data(_DataLayerBase):
             self._next()
         for blob, out in zip(top, outs):
             blob.reshape(out.shape)
-            blob.xdata = out
+        self._to_tops(top, outs)
 
 
 # --- WindowData (R-CNN) ------------------------------------------------------------------------------
@@ -911,9 +964,8 @@ class WindowData(_DataLayerBase):
                 labels[item] = window[1]
                 item += 1
         top[0].reshape(data.shape)
-        top[0].xdata = backend.to_device(data.astype(backend.dtype()))
         top[1].reshape(labels.shape)
-        top[1].xdata = backend.to_device(labels.astype(backend.dtype()))
+        self._to_tops(top, [data.astype(backend.dtype()), labels.astype(backend.dtype())])
 
 
 # --- HDF5Output --------------------------------------------------------------------------------------

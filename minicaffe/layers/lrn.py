@@ -8,16 +8,17 @@ Both give ``y = x · scale^(−beta)``.
 This file is the reference (``xp`` code, NumPy or CuPy; ``lrn_param.engine: CAFFE``). The window
 sums add ``size`` shifted slices of one zero-padded buffer: a handful of whole-array additions, with
 none of the cancellation a running (cumulative) sum suffers in float32. On a GPU, ACROSS_CHANNELS
-runs as one kernel a pass, an engine chosen at reshape (``kernels/cuda_lrn.py``).
+runs as one kernel a pass, an engine chosen at reshape (``kernels/cuda_lrn.py``), or through cuDNN
+where it is installed (``kernels/cudnn_lrn.py``).
 """
 
 from ..errors import ShapeError
-from ..kernels import cuda_lrn, engines
+from ..kernels import cuda_lrn, cudnn_lrn, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 
 # the modules whose import registers the engines of LRN (minicaffe.kernels.engines)
-ENGINE_MODULES = (cuda_lrn,)
+ENGINE_MODULES = (cuda_lrn, cudnn_lrn)
 
 
 def _pow_into(xp, s, beta, out, tmp):
@@ -56,6 +57,7 @@ class LRN(Layer):
         if top[0] is bottom[0]:
             raise self.error("LRN cannot run in place (backward needs both its input and output)")
         self._buffers = {}
+        self.bottom_shape = None
         self.scale = self.scale_pow = None      # the forward's scale and scale^beta, for backward
         self.engine_slot = engines.EngineSlot(reference=lambda layer: layer)   # its own methods: the reference
         self.engine = None
@@ -67,6 +69,7 @@ class LRN(Layer):
             raise self.error(f"bottom must have 4 axes (num, channels, height, width), got shape "
                              f"{bottom[0].shape}", ShapeError)
         top[0].reshape(bottom[0].shape)
+        self.bottom_shape = tuple(bottom[0].shape)      # for the engines' ``applies``
         self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     # --- window sums -------------------------------------------------------------------------

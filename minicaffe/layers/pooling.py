@@ -3,7 +3,8 @@
 This file is the reference: plain ``xp`` code (NumPy or CuPy) for Caffe's semantics. Faster ways
 are engines chosen once per shape at ``reshape`` (``minicaffe.kernels.engines``): the CPU argmax
 scatter for MAX backward (``kernels/pooling_engines.py``) and one CUDA kernel per pass on a GPU
-(``kernels/cuda_pooling.py``); ``pooling_param.engine: CAFFE`` keeps this code.
+(``kernels/cuda_pooling.py``), or cuDNN where it is installed and computes Caffe's windows
+(``kernels/cudnn_pooling.py``); ``pooling_param.engine: CAFFE`` keeps this code.
 
 The reference is vectorised over all windows at once: the input is copied into a padded array
 (``-inf`` for MAX, ``0`` for AVE) large enough for every window of the ceil-rounded output, and the
@@ -27,7 +28,7 @@ from ..core import threads
 from ..core.backend import get_array_module
 from ..core.blob import Blob
 from ..errors import ShapeError
-from ..kernels import cuda_pooling, engines, pooling_engines
+from ..kernels import cuda_pooling, cudnn_pooling, engines, pooling_engines
 from ..core.context import Slot
 from ..kernels.im2col import column_phases, workspace
 from ..proto import caffe_pb2
@@ -39,7 +40,7 @@ _GREATER, _CODE, _PART = Slot("pool_gt"), Slot("pool_code"), Slot("pool_part")
 _SCRATCH_Y = Slot("pool_scratch_y")
 
 # the modules whose import registers the engines of Pooling (minicaffe.kernels.engines)
-ENGINE_MODULES = (cuda_pooling, pooling_engines)
+ENGINE_MODULES = (cuda_pooling, cudnn_pooling, pooling_engines)
 
 _PP = caffe_pb2.PoolingParameter
 
@@ -154,6 +155,7 @@ class Pooling(Layer):
         self.whole = (self.kh == h and self.kw == w and self.ph == 0 and self.pw == 0)
         self._hq, self._wq, self._flat = self._geometry(h, w)
         self._argmax_valid = False
+        self.num_top = len(top)        # the engines' ``applies`` (cuDNN keeps no argmax for a mask top)
         for t in top:
             t.reshape(n, c, oh, ow)
         self.engine = self.engine_slot.get(self, self.bottom_shape)

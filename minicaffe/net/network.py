@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -333,12 +333,18 @@ class Net:
             self._memory = memory_plan.share(self, self._memory.keep)
 
     def forward_from_to(self, start: int = 0, end: int | None = None,
-                        timings: dict[int, float] | None = None) -> float:
-        """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo."""
+                        timings: dict[int, float] | None = None, device_loss: bool = False) -> Any:
+        """Run layers start..end (inclusive); returns the weighted loss, as Caffe's ForwardFromTo.
+
+        The loss is a Python float, read from the device on the GPU. ``device_loss``: on the GPU
+        return it as a 0-d float64 CuPy array instead, so that nothing waits for the GPU (the solver
+        reads its losses once per display: see docs/gpu.md); the same value, summed in the same
+        order. On the CPU it is a float either way."""
         end = len(self.layers) - 1 if end is None else end
         if self._memory is not None and start == 0:
             self._refresh_memory_plan()
         loss = 0.0
+        on_device = device_loss and backend.is_gpu()
         hooks = self._hooks
         li = start
         while li <= end:
@@ -367,7 +373,10 @@ class Net:
                 self._check_finite(li, "forward", [(f"top '{b.name}'", b.xdata) for b in top])
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
-                    loss += w * float(blob.xdata.sum())
+                    # on the device: the float32 sum widened, times w, added in float64: what the
+                    # host does with float(sum) and Python floats, without the read
+                    loss = loss + (blob.xdata.sum().astype(np.float64) * w if on_device
+                                   else w * float(blob.xdata.sum()))
             if hooks:
                 for fn in hooks["after_forward"]:
                     fn(li)
@@ -401,7 +410,11 @@ class Net:
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             for w, blob in zip(self._loss_weights[li], top):
                 if w:
-                    blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
+                    diff = blob.xdiff
+                    if diff.base is None and diff.shape == blob.shape and diff.dtype == blob.dtype:
+                        diff.fill(w)        # its own storage, kept across iterations
+                    else:                   # a view of another blob's diff: not to be written through
+                        blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
             t0 = time.perf_counter() if timings is not None else None
             try:
                 layer.backward(top, self._bottom_need_backward[li], bottom)
@@ -451,7 +464,7 @@ class Net:
             blob.data[...] = arr
         si = self._layer_index(start, 0)
         ei = self._layer_index(end, len(self.layers) - 1)
-        self.forward_from_to(si, ei)
+        self.forward_from_to(si, ei, device_loss=True)     # the loss is not returned: not read either
         outs = set(self.outputs if end is None else self.top_names[self._layer_names[ei]]) | set(blobs or ())
         return {name: self.blobs[name].data for name in self.blobs if name in outs}
 
@@ -468,10 +481,11 @@ class Net:
         outs = set(self.inputs if end is None else self.bottom_names[self._layer_names[ei]]) | set(diffs or ())
         return {name: self.blobs[name].diff for name in self.blobs if name in outs}
 
-    def forward_backward(self) -> float:
+    def forward_backward(self, device_loss: bool = False) -> Any:
         """One forward pass and one backward pass over the whole net; returns the weighted loss
-        (Caffe's ``ForwardBackward``, what a solver step runs for each of its ``iter_size``)."""
-        loss = self.forward_from_to()
+        (Caffe's ``ForwardBackward``, what a solver step runs for each of its ``iter_size``);
+        ``device_loss`` as in ``forward_from_to``."""
+        loss = self.forward_from_to(device_loss=device_loss)
         self.backward_from_to()
         return loss
 

@@ -811,7 +811,9 @@ class AllReduceSync(GradientSync):
                 self.reducer.reduce_all()
         pending, self._loss_pending = self._loss_pending, None
         pending.wait()
-        mean = float(self._loss[0])
+        # on the GPU the mean stays a device scalar (a copy: the buffer is reused next pass), read by
+        # the solver at its check points like a single GPU's loss; on the CPU a float, checked at once
+        mean = self._loss[0].copy() if backend.is_gpu() else float(self._loss[0])
         self.stats["passes"] += 1
         self.stats["forward_backward_s"] += time.perf_counter() - self._t0
         return mean

@@ -1,8 +1,10 @@
 """Numerical diagnosis: where a NaN or an infinity first appears in a net.
 
-The solver checks every iteration that the loss and the parameter gradients are finite (one device
-sync each, cheap); only when one is not does it look for the first layer holding a non-finite value,
-so that the ``NumericalError`` that stops training names a layer instead of just "loss = nan".
+The solver checks that the loss and the parameter gradients are finite: on the CPU every iteration,
+on the GPU at check points (``PendingChecks`` keeps each iteration's loss and gradient sums on the
+device until then; docs/gpu.md). Only when one is not does it look for the first layer holding a
+non-finite value, so that the ``NumericalError`` that stops training names a layer instead of just
+"loss = nan".
 """
 from __future__ import annotations
 
@@ -31,6 +33,50 @@ def non_finite_gradient(net):
         if not _finite(b.xdiff):
             return f"layer '{name}' parameter {k}"
     return None
+
+
+class PendingChecks:
+    """What the solver checks of each GPU iteration, kept on the device until a check point: row k of
+    one preallocated float64 array is ``[loss, sum of parameter 0's gradient, sum of parameter 1's,
+    ...]`` (a sum is NaN or infinite when any of its values is). ``take()`` brings the rows recorded
+    so far to the host in one copy. The array is made once per net shape and reused, so recording
+    allocates nothing; ``full`` says when it must be read before the next record."""
+
+    capacity = 1024     # iterations between reads at most (with display: 0 and no snapshots or tests)
+
+    def __init__(self):
+        self._buf = None
+        self._iters = []
+
+    @property
+    def full(self) -> bool:
+        return self._buf is not None and len(self._iters) >= self._buf.shape[0]
+
+    def record(self, net, it, loss):
+        """Keep iteration ``it``'s ``loss`` (a device scalar or a float) and its gradient sums."""
+        params = net.learnable_params
+        xp = backend.xp()
+        width = 1 + len(params)
+        if self._buf is None or self._buf.shape[1] != width or backend.get_array_module(self._buf) is not xp:
+            self.clear()
+            self._buf = xp.empty((self.capacity, width), dtype=np.float64)
+        row = self._buf[len(self._iters)]
+        row[0] = loss
+        for i, b in enumerate(params):
+            b.xdiff.sum(dtype=np.float64, out=row[i + 1])
+        self._iters.append(it)
+
+    def take(self):
+        """[(iteration, [loss, gradient sums...])] recorded since the last take, read in one copy."""
+        if not self._iters:
+            return []
+        rows = backend.to_host(self._buf[:len(self._iters)]).tolist()
+        iters, self._iters = self._iters, []
+        return list(zip(iters, rows))
+
+    def clear(self):
+        """Forget what was recorded and not read (a new step() after one that raised)."""
+        self._iters = []
 
 
 def non_finite_weights(net):

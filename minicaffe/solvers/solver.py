@@ -17,7 +17,9 @@ state goes to a ``.solverstate.rng`` sidecar, with the solver type, the GPU gene
 the read positions of the data layers that report one (``data_position()``/``restore_data_position()``;
 layers with only ``restore_position(n)``, or sidecars without positions, are told how many records the
 train/test nets had read); a NaN or infinite loss stops training with a ``NumericalError`` naming the
-iteration and the first layer holding a non-finite value, after a snapshot of the last good weights; a
+iteration and the first layer holding a non-finite value, after a snapshot of the last good weights
+(on the GPU the losses are read at check points instead of every iteration: a value found there after
+its iteration's update has run stops training without a snapshot; see ``_read_pending``); a
 data layer failing to read (a ``DataError``) stops training the same way, after a snapshot of the state
 before that iteration. The snapshot folder is checked at start-up (a final and a NaN-stop snapshot are
 written whatever ``snapshot`` says), and a run holds an advisory lock on ``<snapshot_prefix>.lock`` so
@@ -41,7 +43,8 @@ from ..net.network import Net
 from ..proto import caffe_pb2
 from ..core.terminal import ProgressBar, get_logger
 from . import checkpoint, updates
-from .diagnosis import loss_report, non_finite_gradient, non_finite_weights
+from .diagnosis import (PendingChecks, first_non_finite, loss_report, non_finite_gradient,  # noqa: F401
+                        non_finite_weights)
 from .lr_policy import learning_rate
 from .nets import NetBuilder
 from .params import check_solver_param, read_solver_param
@@ -50,7 +53,6 @@ from .signals import NONE, SNAPSHOT, STOP
 from .sync import NO_SYNC, GradientSync
 # importable from here as before the solver was split into these modules
 from .checkpoint import SnapshotLock, check_snapshot_dir, lock_path, solverstate_bytes  # noqa: F401
-from .diagnosis import first_non_finite  # noqa: F401
 from .params import upgrade_solver_param  # noqa: F401
 from .registry import SOLVER_CLASSES  # noqa: F401
 from .signals import SIGNAL_EFFECTS, SignalHandler  # noqa: F401
@@ -119,6 +121,8 @@ class Solver:
         self._action_function = None
         self._requested_early_exit = False
         self._losses, self.smoothed_loss = [], 0.0
+        self._pending = PendingChecks()     # GPU: losses and gradient sums not read yet
+        self._step_start = 0
         self.test_scores = {}
         self._scratch = {}
         self._progress = None
@@ -267,6 +271,8 @@ class Solver:
         p = self.param
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self.smoothed_loss = [], 0.0
+        self._step_start = start_iter
+        self._pending.clear()
         last_time, last_iter = time.perf_counter(), self.iter
         self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter", desc="train",
                                      enabled=None if self.is_root else False)
@@ -286,6 +292,7 @@ class Solver:
                 for on_start, _ in self._callbacks:
                     on_start()
                 display = p.display and self.iter % p.display == 0
+                deferred = self._deferred_checks()
                 loss = 0.0
                 for k in range(p.iter_size):
                     try:
@@ -294,14 +301,19 @@ class Solver:
                         self._numerical_failure(detail=str(exc))
                     except DataError as exc:           # unreadable data: save the iteration's start state
                         self._numerical_failure(data_error=exc)
-                    if not math.isfinite(part):
+                    if not deferred and not math.isfinite(part):
                         self._numerical_failure(part)
-                    loss += part
-                bad = non_finite_gradient(self.net)
-                if bad:
-                    self._numerical_failure(detail=f"the loss is finite but the gradient of {bad} is not")
-                loss /= p.iter_size
-                self._update_smoothed_loss(loss, start_iter, p.average_loss)
+                    loss = loss + part
+                if deferred:
+                    # GPU: the loss and the gradients' sums stay on the device until a check point
+                    self._pending.record(self.net, self.iter, loss)
+                    if display or self._check_point_follows(stop_iter) or self._pending.full:
+                        self._read_pending()
+                else:
+                    bad = non_finite_gradient(self.net)
+                    if bad:
+                        self._numerical_failure(detail=f"the loss is finite but the gradient of {bad} is not")
+                    self._update_smoothed_loss(loss / p.iter_size, start_iter, p.average_loss)
                 if display:
                     now = time.perf_counter()
                     lapse = now - last_time
@@ -321,18 +333,54 @@ class Solver:
                 if request == STOP:
                     self._requested_early_exit = True
                     break
+            self._read_pending()      # a stop request ends the loop between check points
         finally:
             self._progress.close()
             self._progress = None
+
+    # --- what the host reads, and when (docs/gpu.md) ------------------------------------------------
+    def _deferred_checks(self):
+        """On the GPU the losses and the gradients' finiteness are read at check points, not every
+        iteration (a read waits for the GPU to finish all queued work, so the host could not queue
+        the next iteration meanwhile). On the CPU there is nothing to wait for: each iteration is
+        checked as it ends. Check mode (MINICAFFE_CHECK_NAN=1) checks every layer on either."""
+        return backend.is_gpu() and not self.net.check_finite
+
+    def _check_point_follows(self, stop_iter):
+        """Whether the update about to run is the last one before a check point: the end of this
+        step(), a periodic snapshot, or a test pass. Reading the values before that update means a
+        non-finite one found then is in the iteration whose update has not run, so it stops there
+        with a snapshot of that iteration's start, as on the CPU."""
+        p, nxt = self.param, self.iter + 1
+        return nxt >= stop_iter or bool(p.snapshot and nxt % p.snapshot == 0) or \
+            bool(p.test_interval and nxt % p.test_interval == 0)
+
+    def _read_pending(self):
+        """Bring the losses and gradient sums recorded since the last check point to the host (one
+        copy), stop at the first non-finite one, and add the losses to the smoothed loss in order,
+        as the CPU does iteration by iteration."""
+        pending = self._pending
+        rows = pending.take()
+        for it, row in rows:
+            loss = float(row[0])
+            if not math.isfinite(loss):
+                self._numerical_failure(loss, found_at=it)
+            bad = [i for i, v in enumerate(row[1:]) if not math.isfinite(v)]
+            if bad:
+                name, k = self.net.learnable_param_names[bad[0]]
+                self._numerical_failure(detail=f"the loss is finite but the gradient of layer '{name}' "
+                                               f"parameter {k} is not", found_at=it)
+            p = self.param
+            self._update_smoothed_loss(loss / p.iter_size, self._step_start, p.average_loss, it)
 
     def _forward_backward(self, last):
         """One of the iteration's ``iter_size`` forward/backward passes (Caffe's ForwardBackward), with
         the gradient synchronisation's points (sync.py); ``last``: the gradients are final after it.
         Returns the loss to record (with data-parallel workers, their mean). With the strategy "none"
-        this is ``net.forward_backward()``."""
+        this is ``net.forward_backward(device_loss=True)``."""
         net, sync = self.net, self._sync
         sync.before_forward(last)
-        loss = net.forward_from_to()
+        loss = net.forward_from_to(device_loss=True)
         sync.after_forward(loss, last)
         if last and sync.layer_wise:    # layer by layer, so that reductions overlap the backward
             for li in range(len(net.layers) - 1, -1, -1):
@@ -348,14 +396,15 @@ class Solver:
             return
         self.log.info(fmt, *args, stacklevel=2)
 
-    def _update_smoothed_loss(self, loss, start_iter, average_loss):
-        """The mean of the last ``average_loss`` losses, updated as Caffe's UpdateSmoothedLoss."""
+    def _update_smoothed_loss(self, loss, start_iter, average_loss, it=None):
+        """The mean of the last ``average_loss`` losses, updated as Caffe's UpdateSmoothedLoss
+        (``it``: the iteration the loss belongs to, when it is read later than it was computed)."""
         if len(self._losses) < average_loss:
             self._losses.append(loss)
             size = len(self._losses)
             self.smoothed_loss = (self.smoothed_loss * (size - 1) + loss) / size
         else:
-            idx = (self.iter - start_iter) % average_loss
+            idx = ((self.iter if it is None else it) - start_iter) % average_loss
             self.smoothed_loss += (loss - self._losses[idx]) / average_loss
             self._losses[idx] = loss
 
@@ -458,11 +507,11 @@ class Solver:
                 if self._requested_early_exit:
                     break
                 try:
-                    iter_loss = net.forward_from_to()
+                    iter_loss = net.forward_from_to(device_loss=True)    # summed on the device, read once
                 except NumericalError as exc:
                     self._numerical_failure(detail=f"test net #{test_net_id}: {exc}")
                 if p.test_compute_loss:
-                    loss += iter_loss
+                    loss = loss + iter_loss
                 # accumulate on the device; one copy to the host at the end
                 if sums is None:
                     sums = {name: net.blobs[name].xdata.astype(np.float64) for name in sorted(net.outputs)}
@@ -487,11 +536,17 @@ class Solver:
         return self.test_scores[test_net_id]
 
     # --- NaN / Inf --------------------------------------------------------------------------------
-    def _numerical_failure(self, loss=None, detail=None, data_error=None):
+    def _numerical_failure(self, loss=None, detail=None, data_error=None, found_at=None):
         """Stop training on a NaN/infinity: snapshot the state this iteration started from (weights,
         history, the random generator and the data read positions as they were before its forward
         pass; nothing was updated) and raise a NumericalError naming the iteration and where the value
-        appeared. With ``data_error`` (a data layer could not read) the same, raising a DataError."""
+        appeared. With ``data_error`` (a data layer could not read) the same, raising a DataError.
+
+        ``found_at``: the iteration the value belongs to, when it was read at a later check point
+        (GPU). If that iteration's update has run since, its start state is gone: nothing is written
+        and the error says so (``_late_failure``)."""
+        if found_at is not None and found_at != self.iter:
+            self._late_failure(found_at, detail or f"the loss is {loss}")
         if data_error is not None:
             self._rewind_to_iteration_start()
             try:
@@ -522,6 +577,19 @@ class Solver:
             f"iteration {self.iter}: {what}; the last good state was saved to {files[0]} and {files[1]} "
             f"(try a lower base_lr or clip_gradients)")
 
+    def _late_failure(self, found_at, what):
+        """A non-finite value of iteration ``found_at`` read at iteration ``self.iter``: the updates in
+        between were applied, so no snapshot of a good state can be written (and none is: a snapshot
+        never holds non-finite weights). The error names where the non-finite values are now."""
+        bad = non_finite_weights(self.net)
+        now = (f"the weights of layer '{bad}' are now not finite" if bad else
+               f"first non-finite values now in {first_non_finite(self.net) or 'no layer'}")
+        raise NumericalError(
+            f"iteration {found_at}: {what} (read at iteration {self.iter}: on the GPU the losses are read "
+            f"at displays, snapshots, tests and the end of a step); {now}; the updates since were applied, "
+            f"so no snapshot was written: resume from an earlier snapshot (with a lower base_lr or "
+            f"clip_gradients), or set MINICAFFE_CHECK_NAN=1 to stop in the layer that writes it")
+
     def _rewind_to_iteration_start(self):
         """Put the generators (host and GPU) back to where this iteration started and have the next
         snapshot record the data read positions of that moment: a failure snapshot then resumes
@@ -543,6 +611,7 @@ class Solver:
         A data-parallel worker of rank > 0 writes nothing (weights and history are the same on every
         rank: the root writes them) and returns the root's paths."""
         hdf5 = self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5
+        self._read_pending()        # a non-finite value not yet read stops before anything is written
         if not self.is_root:
             ext = (".caffemodel.h5", ".solverstate.h5") if hdf5 else (".caffemodel", ".solverstate")
             return tuple(self.snapshot_filename(e) for e in ext)

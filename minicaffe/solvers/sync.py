@@ -35,14 +35,16 @@ class GradientSync:
     def before_forward(self, last: bool) -> None:
         """A forward/backward pass starts."""
 
-    def after_forward(self, loss: float, last: bool) -> None:
-        """The pass's forward is done; ``loss`` is this worker's."""
+    def after_forward(self, loss, last: bool) -> None:
+        """The pass's forward is done; ``loss`` is this worker's (a float, or on the GPU a 0-d float64
+        CuPy array: the solver reads losses at check points only)."""
 
     def after_layer_backward(self, layer_index: int) -> None:
         """The backward of layer ``layer_index`` is done (last pass, ``layer_wise`` only)."""
 
-    def after_backward(self, loss: float, last: bool) -> float:
-        """The pass's backward is done: the loss the solver records (here this worker's own)."""
+    def after_backward(self, loss, last: bool):
+        """The pass's backward is done: the loss the solver records (here this worker's own), a float
+        or a device scalar."""
         return loss
 
     def agree(self, value):
