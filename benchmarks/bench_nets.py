@@ -224,8 +224,10 @@ def run_minicaffe(args):
         step = lambda: solver.step(1)  # noqa: E731
         del caffe_pb2
     else:
+        # blobs whose lifetimes do not overlap share memory (only the output is read), unless
+        # --no-share-memory asks for every blob's own, for the before/after comparison
         net = caffe.Net(os.path.join(work, "deploy.prototxt"), caffe.TEST,
-                        weights=os.path.join(work, "weights.caffemodel"))
+                        weights=os.path.join(work, "weights.caffemodel"), share_memory=not args.no_share_memory)
         net.blobs[net.inputs[0]].data[...] = data
         step = lambda: net.forward()  # noqa: E731
     times, cpu, peak = _loop(step, args.warmup, args.iters)
@@ -472,6 +474,8 @@ def spawn(worker, net, mode, batch, workdir, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--net", net, "--mode", mode,
            "--batch", str(batch), "--workdir", workdir, "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.no_share_memory:
+        cmd.append("--no-share-memory")
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     # the same thread count for every framework's BLAS / OpenMP pool
@@ -631,6 +635,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8, help="slowest layers listed when behind a reference")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--quick", action="store_true", help="LeNet only, 1 iteration, no warm-up (smoke test)")
+    ap.add_argument("--no-share-memory", action="store_true",
+                    help="inference: every blob keeps its own memory (Net without share_memory)")
     # worker mode (internal)
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--net", help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import backend
 from . import context as _context
-from ..errors import AllocationError, ShapeError
+from ..errors import AllocationError, NetError, ShapeError
 
 HOST, DEVICE, SYNCED = "host", "device", "both"
 
@@ -71,6 +71,9 @@ class _Synced:
     @property
     def shape(self):
         return (self.dev if self.head == DEVICE else self.host).shape
+
+    def claim(self):
+        """Private storage: nothing to take over (see ``_Pooled.claim``)."""
 
 
 def _read_only(arr):
@@ -173,6 +176,7 @@ class Blob:
         return self._data.head != DEVICE
 
     def _assign(self, synced, value):
+        synced.claim()          # a whole-blob assignment writes it: fine even over a reused buffer
         arr = synced.host_array()
         arr[...] = backend.to_host(value) if not np.isscalar(value) else value
 
@@ -204,6 +208,32 @@ class Blob:
             # layers write through reshaped views of their tops: those must not be silent copies
             arr = backend.get_array_module(arr).ascontiguousarray(arr)
         synced.set(arr)
+
+    # --- memory shared between blobs of an inference net (net/memory_plan.py) -----------------
+    def use_buffer(self, buffer: SharedBuffer | None, group: object = None, keep_values: bool = False) -> None:
+        """Keep this blob's data in ``buffer`` (a prefix of it, in this blob's shape) from now on, or
+        in private storage again when ``buffer`` is None. ``group``: blobs that are views of one
+        another (a Split's tops and its bottom) pass the same object, so that any of them may be read
+        while the buffer holds their values. The values held so far are dropped unless
+        ``keep_values`` (a net input the user filled before the plan was remade). The diff is left
+        alone: a forward-only net never writes it, so its pages are never touched. A later reshape
+        to another shape gives the blob private storage again."""
+        old = self._data
+        if buffer is None:
+            self._data = _Synced(self._shape, self.dtype, self.name)
+        else:
+            self._data = _Pooled(buffer, self, group)
+        if keep_values and old.shape == self._shape:
+            try:
+                values = old.host_array(write=False)
+            except NetError:        # its buffer holds another blob's values: nothing to keep
+                return
+            self._data.set(np.array(values, copy=True))
+
+    @property
+    def buffer(self) -> SharedBuffer | None:
+        """The SharedBuffer holding this blob's data, or None for private storage."""
+        return getattr(self._data, "buffer", None)
 
     def __repr__(self):
         return f"Blob({self.name!r}, shape={self._shape})"
@@ -247,6 +277,107 @@ def _zeros(shape, dtype, name):
                               f"{shape}: {exc}") from None
 
 
+class SharedBuffer:
+    """Flat host memory that several blobs of an inference net take turns in (blobs whose lifetimes
+    do not overlap; net/memory_plan.py decides which). ``owner`` is the member whose values it holds
+    now: the last one a layer wrote or read through ``xdata``, or the user assigned to. ``keep_hint``
+    is what the error message of a read of an overwritten member tells the user to do."""
+
+    __slots__ = ("array", "owner", "members", "keep_hint")
+
+    def __init__(self, count, dtype, name="", keep_hint=""):
+        self.array = _zeros((int(count),), dtype, name)
+        self.owner = None
+        self.members = []
+        self.keep_hint = keep_hint
+
+    @property
+    def nbytes(self):
+        return self.array.nbytes
+
+
+def _later(a, b):
+    """Whether group ``a`` is used only after group ``b`` (both with ``first``/``last`` layer
+    indices, as net/memory_plan.py's groups; anything else is never later)."""
+    first, last = getattr(a, "first", None), getattr(b, "last", None)
+    return first is not None and last is not None and first > last
+
+
+class _Pooled:
+    """A blob's data kept in a SharedBuffer: the same interface as _Synced.
+
+    Layers write a top either into ``xdata`` or by assigning a new array; the latter is copied into
+    the buffer (unless it already is this blob's view, as when a Split or Flatten top was planned
+    into its bottom's buffer), so that no blob ever keeps a view of another blob's buffer past that
+    blob's lifetime. Reads through ``host_array`` (pycaffe's ``blob.data``) of a member whose values
+    another member has replaced raise a NetError naming the blob instead of returning those values.
+    On a GPU the device copy is the blob's own (sharing covers host memory)."""
+
+    __slots__ = ("buffer", "view", "dev", "head", "name", "group")
+
+    def __init__(self, buffer, blob, group=None):
+        count = blob.count
+        if count > buffer.array.size:
+            raise ValueError(f"blob '{blob.name}' ({count} values) does not fit its shared buffer "
+                             f"({buffer.array.size} values)")
+        self.buffer, self.name = buffer, blob.name
+        self.view = buffer.array[:count].reshape(blob.shape)
+        self.dev = None
+        self.head = HOST
+        self.group = self if group is None else group
+        buffer.members.append(blob.name)
+
+    def claim(self):
+        self.buffer.owner = self
+
+    def _check(self):
+        """Reads and writes through ``host_array`` take the buffer over, except a read of a blob
+        whose values a blob later in the net's order has replaced: that one raises. (Reading or
+        writing a blob whose buffer an EARLIER blob used last is how a Python layer writes its
+        top, or a user sets an intermediate blob for ``forward(start=...)``.)"""
+        owner = self.buffer.owner
+        if owner is not None and owner.group is not self.group and _later(owner.group, self.group):
+            raise NetError(f"blob '{self.name}' shares memory with blob '{owner.name}', which a later layer "
+                           f"wrote (shared blob memory): {self.buffer.keep_hint.format(name=self.name)}")
+        self.buffer.owner = self
+
+    def host_array(self, write=True):
+        self._check()
+        if self.head == DEVICE:
+            self.view[...] = backend.to_host(self.dev)
+            self.head = SYNCED
+        if write and self.dev is not None:
+            self.head = HOST
+        return self.view
+
+    def dev_array(self):
+        self.buffer.owner = self
+        if not backend.is_gpu():
+            if self.head == DEVICE:
+                self.view[...] = backend.to_host(self.dev)
+            self.head, self.dev = HOST, None
+            return self.view
+        if self.head == HOST or self.dev is None:
+            self.dev = backend.to_device(self.view)
+        self.head = DEVICE
+        return self.dev
+
+    def set(self, arr):
+        self.buffer.owner = self
+        if isinstance(arr, np.ndarray) or not backend.is_gpu():
+            arr = backend.to_host(arr)
+            if not (arr.shape == self.view.shape and arr.__array_interface__["data"][0]
+                    == self.view.__array_interface__["data"][0]):
+                np.copyto(self.view, arr.reshape(self.view.shape), casting="same_kind")
+            self.dev, self.head = None, HOST
+        else:
+            self.dev, self.head = arr, DEVICE
+
+    @property
+    def shape(self):
+        return self.view.shape
+
+
 class _SyncedView:
     """Another blob's _Synced seen through a different shape of the same count (reshapes are views:
     the owner's arrays are C-contiguous), so reads and writes reach the owner's storage."""
@@ -264,6 +395,9 @@ class _SyncedView:
 
     def set(self, arr, *args, **kwargs):
         self.synced.set(arr.reshape(self.owner_shape), *args, **kwargs)
+
+    def claim(self):
+        self.synced.claim()
 
 
 class SharedBlob(Blob):

@@ -96,6 +96,13 @@ class Layer:
     # their input, so the net refuses them in place.
     allows_in_place = False
     allow_force_backward_all = True
+    # Forward always makes every top a view of bottom[0]'s whole array (same values, same count:
+    # Split, Flatten, Reshape). Blob memory sharing (net/memory_plan.py) then keeps such tops in
+    # their bottom's buffer instead of copying them out of it.
+    tops_view_bottom = False
+    # Set on every layer of a net that shares blob memory (net/memory_plan.py), which runs no
+    # backward: a layer may then skip keeping what only its backward reads (LRN's scale).
+    forward_only = False
 
     def __init__(self, param, phase):
         self.param = param

@@ -72,6 +72,11 @@ class ConvChain(_Chain):
     def folded(self, net):
         """(weights, bias or None) with the BatchNorm and Scale folded in; remade when a source
         parameter changed since the last fold."""
+        if self.bn is None and self.scale is None:
+            # nothing to fold (Convolution + ReLU): the layer's own parameters, so that no copy of
+            # them is held (a copy of every convolution's weights, twice, for GoogLeNet or VGG)
+            conv = net.layers[self.first]
+            return conv.blobs[0].xdata, (conv.blobs[1].xdata if conv.bias_term else None)
         arrays = self._source_arrays(net)
         if self._sources is not None and len(self._sources) == len(arrays) and all(
                 s.shape == a.shape and np.array_equal(s, a) for s, a in zip(self._sources, arrays)):

@@ -139,21 +139,33 @@ class LRN(Layer):
         between iterations: the squares go straight into the padded buffer, no temporaries."""
         xp = self.xp
         shape, dtype = x.shape, x.dtype
-        scale = self.buffer("scale", shape, dtype)
+        # a net that runs no backward (shared blob memory) keeps neither the scale nor its power:
+        # both are worked out in the top itself, with the same operations, so the same values
+        keep = not self.forward_only
+        scale = self.buffer("scale", shape, dtype) if keep else y
         self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
         scale *= self.sum_scale
         scale += self.shift
-        self.scale = scale
         # the padded buffer's interior is free again: scratch for the power
         tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        self.scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype), tmp)
-        xp.divide(x, self.scale_pow, out=y)
+        if keep:
+            self.scale = scale
+            self.scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype), tmp)
+            xp.divide(x, self.scale_pow, out=y)
+        else:
+            self.scale = self.scale_pow = None
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0] not in ("scale", "pow")}
+            _pow_into(xp, scale, self.beta, scale, tmp)
+            xp.divide(x, y, out=y)
 
     def lrn_backward(self, x, y, dy, dx):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
         n = size or size²; windows are symmetric, so that sum is one more window sum."""
         xp = self.xp
         shape, dtype = dy.shape, dy.dtype
+        if self.scale is None:
+            raise self.error("backward needs a forward pass that kept its scale (run forward again "
+                             "after unshare_blob_memory())")
 
         def ratio(view):
             xp.multiply(dy, y, out=view)

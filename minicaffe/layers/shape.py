@@ -40,6 +40,7 @@ class Split(Layer):
     exact_num_bottom = 1
     min_num_top = 1
     is_split = True
+    tops_view_bottom = True
 
     def reshape(self, bottom, top):
         _no_in_place(self, bottom, top)
@@ -200,6 +201,8 @@ class Slice(Layer):
 class Flatten(Layer):
     """Merges axes ``axis``..``end_axis`` into one; the top shares the bottom's data."""
 
+    tops_view_bottom = True
+
     exact_num_bottom = 1
     exact_num_top = 1
 
@@ -225,6 +228,8 @@ class Flatten(Layer):
 class Reshape(Layer):
     """Caffe's reshape rules: in ``reshape_param.shape`` a 0 copies the bottom's axis at that place and
     a single -1 is inferred; ``axis``/``num_axes`` select the range of bottom axes replaced."""
+
+    tops_view_bottom = True
 
     exact_num_bottom = 1
     exact_num_top = 1

@@ -24,6 +24,7 @@ from ..proto import caffe_pb2
 from ..formats.wire import blobproto_bytes
 from ..formats.prototxt import load_net_param, make_state, parse_binary, upgrade_net
 from . import build
+from .memory_plan import MemoryPlan
 from .build import is_inserted_split, raise_naming_layer
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
@@ -58,7 +59,7 @@ class Net:
     def __init__(self, network: str | os.PathLike | caffe_pb2.NetParameter | None = None,
                  *args: str | os.PathLike | int, network_file: str | os.PathLike | None = None,
                  weights: str | os.PathLike | None = None, phase: int | None = None, level: int = 0,
-                 stages: Sequence[str] | None = None) -> None:
+                 stages: Sequence[str] | None = None, share_memory: bool = False) -> None:
         if network is None:
             network = network_file
         elif network_file is not None:
@@ -92,6 +93,8 @@ class Net:
             raise in_file(exc, self.source)
         if weights is not None:
             self.copy_from(weights)
+        if share_memory:
+            self.share_blob_memory()
 
     # --- construction --------------------------------------------------------------------
     def _build(self, param, state):
@@ -290,6 +293,44 @@ class Net:
                 layer.reshape(bottom, top)
             except (NetError, MemoryError) as exc:
                 raise_naming_layer(exc, layer)
+        if self._memory is not None:
+            self._refresh_memory_plan()
+
+    # --- blob memory sharing for forward-only nets (net/memory_plan.py) -------------------
+    _memory = None      # the applied MemoryPlan, or None: every blob has memory of its own
+
+    def share_blob_memory(self, keep: Iterable[str] = ()) -> None:
+        """Let blobs whose lifetimes do not overlap share memory during forward (a TEST net without
+        force_backward only; NetError otherwise). The net's inputs and outputs and the blobs named
+        in ``keep`` keep their values after ``forward``; reading ``data`` of any other blob whose
+        memory a later blob reused raises a NetError naming it. Redone after a reshape. On a GPU
+        this does nothing yet (the device copies are the blobs' own)."""
+        from . import memory_plan
+        if backend.is_gpu():
+            log.debug("Blob memory sharing covers host memory only: not used on the GPU")
+            return
+        if self._memory is not None:
+            self._memory.release()
+            self._memory = None
+        self._memory = memory_plan.share(self, keep)
+        log.debug("Blob memory shared: %d bytes in %d buffers instead of %d", self._memory.planned_bytes,
+                 len(self._memory.buffers), self._memory.private_bytes)
+
+    def unshare_blob_memory(self) -> None:
+        """Give every blob its own memory again (the values the shared buffers hold are kept)."""
+        if self._memory is not None:
+            self._memory.release()
+            self._memory = None
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        """The applied blob-sharing MemoryPlan, or None."""
+        return self._memory
+
+    def _refresh_memory_plan(self):
+        if self._memory.stale():
+            from . import memory_plan
+            self._memory = memory_plan.share(self, self._memory.keep)
 
     def forward_from_to(self, start: int = 0, end: int | None = None,
                         timings: dict[int, float] | None = None, device_loss: bool = False) -> Any:
@@ -300,6 +341,8 @@ class Net:
         reads its losses once per display: see docs/gpu.md); the same value, summed in the same
         order. On the CPU it is a float either way."""
         end = len(self.layers) - 1 if end is None else end
+        if self._memory is not None and start == 0:
+            self._refresh_memory_plan()
         loss = 0.0
         on_device = device_loss and backend.is_gpu()
         hooks = self._hooks
@@ -347,6 +390,9 @@ class Net:
         layers that feed no loss are skipped. Parameter diffs accumulate (``clear_param_diffs``
         resets them). ``timings`` (layer index → seconds) is added to when given."""
         start = len(self.layers) - 1 if start is None else start
+        if self._memory is not None:
+            raise NetError(f"net '{self.name}' shares blob memory (share_memory=True): backward needs every "
+                           f"blob's values; call unshare_blob_memory() and forward again first")
         hooks = self._hooks
         if self._fusion is not None:
             # fused layers kept no state for their gradients: redo them unfused, fuse no more

@@ -107,13 +107,18 @@ class Classifier(Net):
     ``image_dims`` is the size images are resized to before cropping (default: the input size, i.e.
     one whole-image crop); ``mean``, ``input_scale``, ``raw_scale`` and ``channel_swap`` configure the
     ``Transformer`` as in pycaffe (transpose H×W×K → K×H×W is always set).
+
+    Only the net's outputs are read, so blobs whose lifetimes do not overlap share memory
+    (``Net.share_blob_memory``): reading another blob's ``data`` after ``predict`` (features from
+    ``fc7``) raises a NetError naming it; ``share_memory=False`` keeps every blob, or
+    ``clf.share_blob_memory(keep=['fc7'])`` just that one.
     """
 
     def __init__(self, model_file: str | os.PathLike, pretrained_file: str | os.PathLike,
                  image_dims: Sequence[int] | None = None, mean: np.ndarray | None = None,
                  input_scale: float | None = None, raw_scale: float | None = None,
-                 channel_swap: Sequence[int] | None = None) -> None:
-        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
+                 channel_swap: Sequence[int] | None = None, share_memory: bool = True) -> None:
+        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file, share_memory=share_memory)
         shape, self.transformer = _input_transformer(self, "Classifier", "images", mean, input_scale,
                                                     raw_scale, channel_swap)
         self.crop_dims = np.array(shape[2:])

@@ -7,6 +7,8 @@ Same arguments, attributes and results as BVLC Caffe's ``python/caffe/detector.p
 ``Detector(model_file, pretrained_file, mean=None, input_scale=None, raw_scale=None,
 channel_swap=None, context_pad=None)``; ``detect_windows([(image file, [window, ...]), ...])`` returns
 ``[{'window', 'prediction', 'filename'}, ...]`` in input order; a window is (ymin, xmin, ymax, xmax).
+One addition, ``share_memory=True``: only the output is read, so blobs share memory
+(``Net.share_blob_memory``); ``False`` keeps every blob's values readable after a detection.
 With ``context_pad`` the window is enlarged so that, once warped, a border of ``context_pad`` input
 pixels is image context; the part of that border outside the image is filled with the mean (in
 unprocessed image space), as R-CNN does. ``detect_selective_search`` needs the external
@@ -25,8 +27,9 @@ from ..proto import caffe_pb2
 
 class Detector(Net):
     def __init__(self, model_file, pretrained_file, mean=None, input_scale=None, raw_scale=None,
-                 channel_swap=None, context_pad=None):
-        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file)
+                 channel_swap=None, context_pad=None, share_memory=True):
+        # only the output is read: blobs share memory as in Classifier (share_memory=False keeps all)
+        super().__init__(model_file, caffe_pb2.TEST, weights=pretrained_file, share_memory=share_memory)
         _, self.transformer = _input_transformer(self, "Detector", "windows", mean, input_scale, raw_scale,
                                                 channel_swap)
         self.configure_crop(context_pad)

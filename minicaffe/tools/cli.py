@@ -357,6 +357,9 @@ def test(args):
     for w in (s.strip() for s in args.weights.split(",")):
         if w:
             net.copy_from(w)
+    from ..net import memory_plan
+    if memory_plan.can_share(net):
+        net.share_blob_memory()         # only the outputs are read: blobs take turns in memory
     iterations = 50 if args.iterations is None else args.iterations
     log.info("Running for %d iterations.", iterations)
     sums, names, loss = [], [], 0.0

@@ -73,8 +73,10 @@ def _run_image(args):
     from ..pycaffe import io as caffe_io
     from ..pycaffe.classifier import Classifier
     mean = caffe_io.load_mean(args.mean_file) if args.mean_file else None
+    # the pictures read intermediate blobs (features of --layer): every blob keeps its values
     net = Classifier(args.model, args.weights, mean=mean, input_scale=args.input_scale,
-                     raw_scale=args.raw_scale, channel_swap=_ints(args.channel_swap, "channel_swap"))
+                     raw_scale=args.raw_scale, channel_swap=_ints(args.channel_swap, "channel_swap"),
+                     share_memory=False)
     channels = net.blobs[net.inputs[0]].data.shape[1]
     image = caffe_io.load_image(args.image, color=channels != 1)
     scores = net.predict([image], oversample=False)
