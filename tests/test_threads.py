@@ -25,6 +25,8 @@ def pool_size(monkeypatch):
     ctx = context.current()
     saved = ctx.switches
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads, "FLAT_BLOCK", 16)
+    monkeypatch.setattr(threads, "MIN_FLAT_ELEMENTS", 0)
     monkeypatch.setattr(pooling, "POOL_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 8)
 
@@ -166,6 +168,109 @@ def test_pooling_bit_identical_at_two_threads(spec, shape, phase, num_top, pool_
 def test_convolution_bit_identical_at_two_threads(case, layer_type, pool_size):
     shape, spec = CONV_CASES[case]
     _compare(conv_text(layer_type, spec), shape, layer_type, pool_size)
+
+
+# --- the element-wise layers and the solver's update at 1 and 2 threads ------------------------------
+
+def _spy_threads(monkeypatch):
+    """The set of thread ids that ran a pool chunk (so a test sees the pass really was split)."""
+    seen = set()
+    inner = threads._run_inner
+
+    def spy(fn, i0, i1):
+        seen.add(threading.get_ident())
+        return inner(fn, i0, i1)
+    monkeypatch.setattr(threads, "_run_inner", spy)
+    return seen
+
+
+def _blobs_of(dtype):
+    """Blobs of ``dtype`` inside the block (float32 is the default)."""
+    import contextlib
+    return backend.float64_blobs() if dtype == np.float64 else contextlib.nullcontext()
+
+
+def _layer_pass(text, x, in_place, bottoms=1, seed=3):
+    """Forward then backward of a fresh layer on ``bottoms`` copies-with-noise of ``x``: the top,
+    every bottom's diff and every parameter diff, as copies."""
+    rng = np.random.default_rng(seed)
+    xs = [x] + [rng.standard_normal(x.shape).astype(x.dtype) for _ in range(bottoms - 1)]
+    layer, bottom, top = make_layer(text, xs, in_place=in_place)
+    layer.forward(bottom, top)
+    out = [top[0].data.copy()]
+    top[0].diff[...] = rng.standard_normal(top[0].shape)
+    for b in layer.blobs:
+        b.diff[...] = 0
+    layer.backward(top, [True] * bottoms, bottom)
+    return out + [b.diff.copy() for b in bottom] + [b.diff.copy() for b in layer.blobs]
+
+
+NEURON_CASES = ['type: "ReLU"', 'type: "ReLU" relu_param { negative_slope: 0.1 }',
+                'type: "ReLU" relu_param { negative_slope: -0.5 }', 'type: "Sigmoid"', 'type: "TanH"',
+                'type: "AbsVal"', 'type: "BNLL"', 'type: "ELU" elu_param { alpha: 0.7 }',
+                'type: "Power" power_param { power: 1.5 scale: 0.5 shift: 2 }',
+                'type: "Exp" exp_param { base: 2 scale: 0.5 }',
+                'type: "Log" log_param { shift: 5 }', 'type: "Clip" clip_param { min: -0.5 max: 0.8 }']
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec", NEURON_CASES)
+def test_neuron_layers_bit_identical_at_two_threads(spec, in_place, dtype, pool_size, monkeypatch):
+    """Forward and backward of the element-wise layers split in flat chunks (an odd count, so the
+    last chunk is short) give the one-thread bits, in place too."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    text = f'name: "act" {spec}'
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = _layer_pass(text, x, in_place)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, in_place)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and np.array_equal(a, b), spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("solver_type, extra", [
+    ("SGD", "momentum: 0.9 weight_decay: 0.0005"),
+    ("SGD", "momentum: 0.9 weight_decay: 0.001 regularization_type: \"L1\" iter_size: 2"),
+    ("Nesterov", "momentum: 0.9 weight_decay: 0.0005"),
+    ("AdaGrad", "delta: 1e-8 weight_decay: 0.0005"),
+    ("RMSProp", "rms_decay: 0.95 delta: 1e-8 weight_decay: 0.0005"),
+    ("AdaDelta", "momentum: 0.95 delta: 1e-6 weight_decay: 0.0005"),
+    ("Adam", "momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.0005"),
+])
+def test_solver_update_bit_identical_at_two_threads(solver_type, extra, dtype, pool_size, monkeypatch):
+    """Three steps of each update rule on a (7, 9, 5) weight split in flat chunks: the weights and
+    every history array keep the one-thread bits."""
+    from minicaffe.solvers import updates
+    from minicaffe.proto import caffe_pb2
+    from google.protobuf import text_format
+    param = text_format.Parse(f'type: "{solver_type}" base_lr: 0.01 {extra}', caffe_pb2.SolverParameter())
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((7, 9, 5)).astype(dtype)
+    grads = [rng.standard_normal(w0.shape).astype(dtype) for _ in range(3)]
+
+    def run():
+        rule = getattr(updates, solver_type)(param)
+        w = w0.copy()
+        hist = [np.zeros_like(w) for _ in range(rule.history_sets)]
+        scratch = [np.empty_like(w) for _ in range(1 + rule.scratch)]
+        decay = updates.f32(param.weight_decay)
+        for it, g in enumerate(grads):
+            updates.parameter_step(rule, w, g.copy(), hist, scratch, param.iter_size, decay,
+                                   param.regularization_type, updates.f32(0.01), it)
+        return [w] + hist
+    pool_size(1)
+    one = run()
+    pool_size(2)
+    seen = _spy_threads(monkeypatch)
+    two = run()
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(a, b), solver_type
 
 
 _PROBE = """
