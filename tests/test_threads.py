@@ -229,7 +229,49 @@ def test_neuron_layers_bit_identical_at_two_threads(spec, in_place, dtype, pool_
         two = _layer_pass(text, x, in_place)
     assert len(seen) == 2
     for a, b in zip(one, two, strict=True):
-        assert a.dtype == dtype and np.array_equal(a, b), spec
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+ELTWISE_CASES = [('operation: SUM', 2), ('operation: SUM coeff: 0.5 coeff: -2 coeff: 1', 3),
+                 ('operation: PROD', 3), ('operation: PROD stable_prod_grad: false', 2),
+                 ('operation: MAX', 3), ('operation: MAX', 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, bottoms", ELTWISE_CASES)
+def test_eltwise_bit_identical_at_two_threads(spec, bottoms, in_place, dtype, pool_size, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    x[0, 0, 0, :3] = 0          # MAX's ties and PROD's zeros
+    text = f'name: "e" type: "Eltwise" eltwise_param {{ {spec} }}'
+    with _blobs_of(dtype), np.errstate(invalid="ignore", divide="ignore"):    # top / 0: Caffe's NaN
+        pool_size(1)
+        one = _layer_pass(text, x, in_place, bottoms)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, in_place, bottoms)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_dropout_bit_identical_at_two_threads(in_place, dtype, pool_size, monkeypatch):
+    """Same seed, same mask and the same products at two threads (the bits are drawn whole)."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    text = 'name: "d" type: "Dropout" dropout_param { dropout_ratio: 0.3 }'
+    with _blobs_of(dtype):
+        pool_size(1)
+        backend.set_random_seed(7)
+        one = _layer_pass(text, x, in_place)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        backend.set_random_seed(7)
+        two = _layer_pass(text, x, in_place)
+    assert len(seen) == 2 and 0 < np.count_nonzero(one[0]) < x.size
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
