@@ -255,6 +255,56 @@ def test_eltwise_bit_identical_at_two_threads(spec, bottoms, in_place, dtype, po
         assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
 
 
+NORM_CASES = [
+    ('type: "BatchNorm"', (2, 5, 9, 31)),                            # batch statistics
+    ('type: "BatchNorm" batch_norm_param { use_global_stats: true }', (2, 5, 9, 31)),
+    ('type: "BatchNorm"', (1, 7, 300)),                              # one image, long rows
+    ('type: "Scale"', (2, 5, 9, 31)),
+    ('type: "Scale" scale_param { bias_term: true }', (2, 5, 9, 31)),
+    ('type: "Scale" scale_param { bias_term: true axis: 1 num_axes: 2 }', (3, 4, 5, 70)),
+    ('type: "Scale" scale_param { bias_term: true }', (1, 6, 300)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", NORM_CASES)
+def test_batchnorm_scale_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """Split over channels, the per-channel sums (BatchNorm's statistics and gradient means, Scale's
+    parameter gradients) keep their order: the one-thread bits, running statistics included. Rows of
+    300 values take NumPy's blocked (pairwise) summation."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) * 3 + 1
+    text = f'name: "n" {spec}'
+
+    def run():
+        layer, bottom, top = make_layer(text, [x], in_place=in_place)
+        rng = np.random.default_rng(4)
+        if layer.type == "BatchNorm":
+            layer.blobs[0].data[...] = rng.standard_normal(layer.blobs[0].shape)
+            layer.blobs[1].data[...] = rng.random(layer.blobs[1].shape) + 0.5
+            layer.blobs[2].data[...] = 2.0
+        else:
+            for b in layer.blobs:
+                b.data[...] = rng.standard_normal(b.shape)
+        layer.forward(bottom, top)
+        out = [top[0].data.copy()]
+        top[0].diff[...] = rng.standard_normal(top[0].shape)
+        for b in layer.blobs:
+            b.diff[...] = 0.5
+        layer.backward(top, [True], bottom)
+        return out + [bottom[0].diff.copy()] + [b.data.copy() for b in layer.blobs] + \
+            [b.diff.copy() for b in layer.blobs]
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = run()
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = run()
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_dropout_bit_identical_at_two_threads(in_place, dtype, pool_size, monkeypatch):
