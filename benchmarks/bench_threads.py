@@ -52,6 +52,16 @@ CASES = {
     "relu caffenet conv1 32x96x55²": lambda: layer_case('name: "r" type: "ReLU"', [(32, 96, 55, 55)], True),
     "relu vgg conv1_2 4x64x224²": lambda: layer_case('name: "r" type: "ReLU"', [(4, 64, 224, 224)], True),
     "relu caffenet fc6 32x4096": lambda: layer_case('name: "r" type: "ReLU"', [(32, 4096)], True),
+    "lrn caffenet norm1 32x96x55²": lambda: layer_case(
+        'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(32, 96, 55, 55)]),
+    "lrn googlenet norm2 16x192x56²": lambda: layer_case(
+        'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(16, 192, 56, 56)]),
+    "dropout caffenet fc6 32x4096": lambda: layer_case('name: "d" type: "Dropout"', [(32, 4096)], True),
+    "dropout vgg fc6 64x4096 (x8 batch)": lambda: layer_case('name: "d" type: "Dropout"', [(256, 4096)], True),
+    "batchnorm resnet res2 8x256x56²": lambda: layer_case('name: "b" type: "BatchNorm"', [(8, 256, 56, 56)], True),
+    "scale+bias resnet res2 8x256x56²": lambda: layer_case(
+        'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
+    "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params": lambda: sgd_case(256 * 48 * 5 * 5),
 }

@@ -255,6 +255,28 @@ def test_eltwise_bit_identical_at_two_threads(spec, bottoms, in_place, dtype, po
         assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
 
 
+LRN_CASES = ['lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }',
+             'lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }',
+             'lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }']
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", LRN_CASES)
+def test_lrn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
+    """LRN split in chunks of images (3 images: chunks of 2 and 1) gives the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal((3, 6, 5, 4)).astype(dtype)
+    text = f'name: "lrn" type: "LRN" {spec}'
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = _layer_pass(text, x, False)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, False)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
 NORM_CASES = [
     ('type: "BatchNorm"', (2, 5, 9, 31)),                            # batch statistics
     ('type: "BatchNorm" batch_norm_param { use_global_stats: true }', (2, 5, 9, 31)),
