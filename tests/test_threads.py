@@ -346,6 +346,39 @@ def test_dropout_bit_identical_at_two_threads(in_place, dtype, pool_size, monkey
         assert a.dtype == dtype and np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("spec, with_mean", [
+    ("crop_size: 5 mirror: true scale: 0.25", True),
+    ("crop_size: 5 mirror: true mean_value: 100 mean_value: 110 mean_value: 120", False),
+    ("mirror: true scale: 0.5", True),
+])
+def test_transformer_batch_bit_identical_at_two_threads(spec, with_mean, pool_size, monkeypatch):
+    """The data transformer's per-image crop, flip, mean and scale split over images: the same batch
+    from the same seed, and a bad image is still the first one named."""
+    from google.protobuf import text_format
+    from minicaffe.data.transformer import DataTransformer
+    from minicaffe.errors import DataError
+    from minicaffe.proto import caffe_pb2
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, 8, 9), dtype=np.uint8) for _ in range(5)]
+    mean = rng.random((3, 8, 9)).astype(np.float32) * 100
+
+    def run(imgs):
+        p = text_format.Parse(spec, caffe_pb2.TransformationParameter())
+        t = DataTransformer(p, 0, "data", rng=np.random.default_rng(3))
+        if with_mean:
+            t.mean = mean
+        return t.transform_batch(imgs, where=[f"image {i}" for i in range(len(imgs))])
+    pool_size(1)
+    one = run(images)
+    pool_size(2)
+    seen = _spy_threads(monkeypatch)
+    two = run(images)
+    assert len(seen) == 2 and one.tobytes() == two.tobytes()
+    bad = images[:3] + [images[3][:, :4]] + [images[4][:, :3]]
+    with pytest.raises(DataError, match="image 3"):
+        run(bad)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("solver_type, extra", [
     ("SGD", "momentum: 0.9 weight_decay: 0.0005"),
