@@ -35,6 +35,19 @@ def layer_case(text, shapes, in_place=False, phase=0):
     return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, down, bottom))
 
 
+def transformer_case(n=32):
+    """The data transformer's crop 227 + mirror + mean file of a batch of 3x256x256 images (CaffeNet's)."""
+    from google.protobuf import text_format
+    from minicaffe.data.transformer import DataTransformer
+    from minicaffe.proto import caffe_pb2
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, 256, 256), dtype=np.uint8) for _ in range(n)]
+    t = DataTransformer(text_format.Parse("crop_size: 227 mirror: true", caffe_pb2.TransformationParameter()), 0, "data")
+    t.mean = rng.random((3, 256, 256)).astype(np.float32) * 255
+    out = np.empty((n, 3, 227, 227), np.float32)
+    return (lambda: t.transform_batch(images, out=out)), None
+
+
 def sgd_case(count):
     """One SGD step (momentum, L2 decay) of a ``count``-element parameter, as the solver runs it."""
     rng = np.random.default_rng(0)
@@ -62,6 +75,7 @@ CASES = {
     "scale+bias resnet res2 8x256x56²": lambda: layer_case(
         'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
     "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
+    "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params": lambda: sgd_case(256 * 48 * 5 * 5),
 }
