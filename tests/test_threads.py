@@ -6,6 +6,7 @@ The size thresholds (the least work worth a thread, pooling's block of planes, t
 are lowered here so that the small shapes of these tests really run on two threads."""
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def pool_size(monkeypatch):
     ctx = context.current()
     saved = ctx.switches
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", False)
     monkeypatch.setattr(threads, "FLAT_BLOCK", 16)
     monkeypatch.setattr(threads, "MIN_FLAT_ELEMENTS", 0)
     monkeypatch.setattr(pooling, "POOL_BLOCK_ELEMENTS", 64)
@@ -105,6 +107,36 @@ def test_parallel_for_raises_a_chunks_error_after_all_chunks_end(pool_size):
     with pytest.raises(KeyError, match="late chunk"):
         threads.parallel_for(10, body)
     assert done == [0]
+
+
+@pytest.mark.parametrize("takes_over", [False, True])
+def test_parallel_for_raises_the_lowest_chunks_error(takes_over, pool_size, monkeypatch):
+    pool_size(3)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", takes_over)
+
+    def body(i0, i1):
+        if i0 > 0:
+            raise KeyError(f"chunk at {i0}")
+    with pytest.raises(KeyError, match="chunk at 3"):
+        threads.parallel_for(9, body)
+
+
+def test_caller_runs_the_chunks_no_worker_started(pool_size, monkeypatch):
+    """With the only worker busy elsewhere, the caller runs every chunk itself rather than wait."""
+    pool_size(2)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", True)
+    release = threading.Event()
+    blocker = threads._executor(2).submit(release.wait, 10)
+    try:
+        seen = []
+        t0 = time.perf_counter()
+        threads.parallel_for(10, lambda a, b: seen.append((a, b, threading.get_ident())))
+        assert time.perf_counter() - t0 < 5          # it did not wait for the blocked worker
+        assert sorted((a, b) for a, b, _ in seen) == [(0, 5), (5, 10)]
+        assert {t for *_, t in seen} == {threading.get_ident()}
+    finally:
+        release.set()
+        blocker.result()
 
 
 # --- the engines at 1 and 2 threads ------------------------------------------------------------------
