@@ -70,14 +70,16 @@ CASES = {
     "lrn googlenet norm2 16x192x56²": lambda: layer_case(
         'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(16, 192, 56, 56)]),
     "dropout caffenet fc6 32x4096": lambda: layer_case('name: "d" type: "Dropout"', [(32, 4096)], True),
-    "dropout vgg fc6 64x4096 (x8 batch)": lambda: layer_case('name: "d" type: "Dropout"', [(256, 4096)], True),
+    "dropout 256x4096 (inline: under 2M)": lambda: layer_case('name: "d" type: "Dropout"', [(256, 4096)], True),
+    "dropout 1024x4096": lambda: layer_case('name: "d" type: "Dropout"', [(1024, 4096)], True),
     "batchnorm resnet res2 8x256x56²": lambda: layer_case('name: "b" type: "BatchNorm"', [(8, 256, 56, 56)], True),
     "scale+bias resnet res2 8x256x56²": lambda: layer_case(
         'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
     "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
-    "sgd caffenet conv2 307K params": lambda: sgd_case(256 * 48 * 5 * 5),
+    "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),
+    "sgd caffenet conv3 885K x4 arrays": lambda: sgd_case(384 * 256 * 3 * 3),
 }
 
 

@@ -51,10 +51,12 @@ CALLER_TAKES_OVER = True
 # the alignment the whole array's loop sees (bit-identity cannot hinge on a loop's unaligned head).
 FLAT_BLOCK = 1 << 12
 
-# Below this many elements (per array) a flat pass runs inline: one streaming ufunc over 256K float32
-# values takes ~50-100 us, the same order as handing a chunk to another thread and waiting for it
-# (measured: ReLU over CaffeNet's fc6 output, 131K values, was 1.5x slower on two threads).
-MIN_FLAT_ELEMENTS = 1 << 18
+# Below this many elements (per array) a flat pass runs inline: a ufunc over arrays that are still in
+# cache runs at ~0.1 ns an element, so even 1M elements take ~0.1 ms, the order of handing a chunk to
+# another thread and waiting for it (measured on 2 cores, benchmarks/bench_threads.py: Dropout's
+# backward over 1M values 0.11 ms at one thread, 0.13-0.19 ms at two; an SGD step of 307K parameters
+# 0.82-1.34x; ReLU over 131K values 1.5x slower before it ran inline).
+MIN_FLAT_ELEMENTS = 1 << 21
 
 # The largest OPENBLAS_THREAD_TIMEOUT (2^n cycles of spinning, ~25 us at 16) at which the pool
 # defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
