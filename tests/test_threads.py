@@ -139,6 +139,24 @@ def test_caller_runs_the_chunks_no_worker_started(pool_size, monkeypatch):
         blocker.result()
 
 
+@pytest.mark.parametrize("text, shape", [
+    ('name: "r" type: "ReLU"', (4, 3, 7, 5)),
+    ('name: "l" type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 }', (5, 4, 6, 5)),
+    ('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', (3, 4, 11, 10)),
+])
+def test_caller_takeover_keeps_the_bits(text, shape, pool_size, monkeypatch):
+    """With the caller taking over unstarted chunks (the default), whichever thread runs a chunk, the
+    results are the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    pool_size(1)
+    one = _layer_pass(text, x, False)
+    pool_size(2)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", True)
+    for _ in range(3):
+        two = _layer_pass(text, x, False)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(one, two, strict=True))
+
+
 # --- the engines at 1 and 2 threads ------------------------------------------------------------------
 
 def _run(text, x, engine, phase=0, num_top=1, seed=0):
