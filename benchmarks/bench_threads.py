@@ -65,7 +65,7 @@ CASES = {
     "relu caffenet conv1 32x96x55²": lambda: layer_case('name: "r" type: "ReLU"', [(32, 96, 55, 55)], True),
     "relu vgg conv1_2 4x64x224²": lambda: layer_case('name: "r" type: "ReLU"', [(4, 64, 224, 224)], True),
     "relu caffenet fc6 32x4096": lambda: layer_case('name: "r" type: "ReLU"', [(32, 4096)], True),
-    "lrn caffenet norm1 32x96x55²": lambda: layer_case(
+    "lrn alexnet norm1 32x96x55²": lambda: layer_case(
         'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(32, 96, 55, 55)]),
     "lrn googlenet norm2 16x192x56²": lambda: layer_case(
         'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(16, 192, 56, 56)]),
