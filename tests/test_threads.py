@@ -6,6 +6,7 @@ The size thresholds (the least work worth a thread, pooling's block of planes, t
 are lowered here so that the small shapes of these tests really run on two threads."""
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ def pool_size(monkeypatch):
     ctx = context.current()
     saved = ctx.switches
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", False)
+    monkeypatch.setattr(threads, "FLAT_BLOCK", 16)
+    monkeypatch.setattr(threads, "MIN_FLAT_ELEMENTS", 0)
     monkeypatch.setattr(pooling, "POOL_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 8)
 
@@ -105,6 +109,54 @@ def test_parallel_for_raises_a_chunks_error_after_all_chunks_end(pool_size):
     assert done == [0]
 
 
+@pytest.mark.parametrize("takes_over", [False, True])
+def test_parallel_for_raises_the_lowest_chunks_error(takes_over, pool_size, monkeypatch):
+    pool_size(3)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", takes_over)
+
+    def body(i0, i1):
+        if i0 > 0:
+            raise KeyError(f"chunk at {i0}")
+    with pytest.raises(KeyError, match="chunk at 3"):
+        threads.parallel_for(9, body)
+
+
+def test_caller_runs_the_chunks_no_worker_started(pool_size, monkeypatch):
+    """With the only worker busy elsewhere, the caller runs every chunk itself rather than wait."""
+    pool_size(2)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", True)
+    release = threading.Event()
+    blocker = threads._executor(2).submit(release.wait, 10)
+    try:
+        seen = []
+        t0 = time.perf_counter()
+        threads.parallel_for(10, lambda a, b: seen.append((a, b, threading.get_ident())))
+        assert time.perf_counter() - t0 < 5          # it did not wait for the blocked worker
+        assert sorted((a, b) for a, b, _ in seen) == [(0, 5), (5, 10)]
+        assert {t for *_, t in seen} == {threading.get_ident()}
+    finally:
+        release.set()
+        blocker.result()
+
+
+@pytest.mark.parametrize("text, shape", [
+    ('name: "r" type: "ReLU"', (4, 3, 7, 5)),
+    ('name: "l" type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 }', (5, 4, 6, 5)),
+    ('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', (3, 4, 11, 10)),
+])
+def test_caller_takeover_keeps_the_bits(text, shape, pool_size, monkeypatch):
+    """With the caller taking over unstarted chunks (the default), whichever thread runs a chunk, the
+    results are the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    pool_size(1)
+    one = _layer_pass(text, x, False)
+    pool_size(2)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", True)
+    for _ in range(3):
+        two = _layer_pass(text, x, False)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(one, two, strict=True))
+
+
 # --- the engines at 1 and 2 threads ------------------------------------------------------------------
 
 def _run(text, x, engine, phase=0, num_top=1, seed=0):
@@ -166,6 +218,256 @@ def test_pooling_bit_identical_at_two_threads(spec, shape, phase, num_top, pool_
 def test_convolution_bit_identical_at_two_threads(case, layer_type, pool_size):
     shape, spec = CONV_CASES[case]
     _compare(conv_text(layer_type, spec), shape, layer_type, pool_size)
+
+
+# --- the element-wise layers and the solver's update at 1 and 2 threads ------------------------------
+
+def _spy_threads(monkeypatch):
+    """The set of thread ids that ran a pool chunk (so a test sees the pass really was split)."""
+    seen = set()
+    inner = threads._run_inner
+
+    def spy(fn, i0, i1):
+        seen.add(threading.get_ident())
+        return inner(fn, i0, i1)
+    monkeypatch.setattr(threads, "_run_inner", spy)
+    return seen
+
+
+def _blobs_of(dtype):
+    """Blobs of ``dtype`` inside the block (float32 is the default)."""
+    import contextlib
+    return backend.float64_blobs() if dtype == np.float64 else contextlib.nullcontext()
+
+
+def _layer_pass(text, x, in_place, bottoms=1, seed=3):
+    """Forward then backward of a fresh layer on ``bottoms`` copies-with-noise of ``x``: the top,
+    every bottom's diff and every parameter diff, as copies."""
+    rng = np.random.default_rng(seed)
+    xs = [x] + [rng.standard_normal(x.shape).astype(x.dtype) for _ in range(bottoms - 1)]
+    layer, bottom, top = make_layer(text, xs, in_place=in_place)
+    layer.forward(bottom, top)
+    out = [top[0].data.copy()]
+    top[0].diff[...] = rng.standard_normal(top[0].shape)
+    for b in layer.blobs:
+        b.diff[...] = 0
+    layer.backward(top, [True] * bottoms, bottom)
+    return out + [b.diff.copy() for b in bottom] + [b.diff.copy() for b in layer.blobs]
+
+
+NEURON_CASES = ['type: "ReLU"', 'type: "ReLU" relu_param { negative_slope: 0.1 }',
+                'type: "ReLU" relu_param { negative_slope: -0.5 }', 'type: "Sigmoid"', 'type: "TanH"',
+                'type: "AbsVal"', 'type: "BNLL"', 'type: "ELU" elu_param { alpha: 0.7 }',
+                'type: "Power" power_param { power: 1.5 scale: 0.5 shift: 2 }',
+                'type: "Exp" exp_param { base: 2 scale: 0.5 }',
+                'type: "Log" log_param { shift: 5 }', 'type: "Clip" clip_param { min: -0.5 max: 0.8 }']
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec", NEURON_CASES)
+def test_neuron_layers_bit_identical_at_two_threads(spec, in_place, dtype, pool_size, monkeypatch):
+    """Forward and backward of the element-wise layers split in flat chunks (an odd count, so the
+    last chunk is short) give the one-thread bits, in place too."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    text = f'name: "act" {spec}'
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = _layer_pass(text, x, in_place)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, in_place)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+ELTWISE_CASES = [('operation: SUM', 2), ('operation: SUM coeff: 0.5 coeff: -2 coeff: 1', 3),
+                 ('operation: PROD', 3), ('operation: PROD stable_prod_grad: false', 2),
+                 ('operation: MAX', 3), ('operation: MAX', 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, bottoms", ELTWISE_CASES)
+def test_eltwise_bit_identical_at_two_threads(spec, bottoms, in_place, dtype, pool_size, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    x[0, 0, 0, :3] = 0          # MAX's ties and PROD's zeros
+    text = f'name: "e" type: "Eltwise" eltwise_param {{ {spec} }}'
+    with _blobs_of(dtype), np.errstate(invalid="ignore", divide="ignore"):    # top / 0: Caffe's NaN
+        pool_size(1)
+        one = _layer_pass(text, x, in_place, bottoms)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, in_place, bottoms)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+LRN_CASES = ['lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }',
+             'lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }',
+             'lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }']
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", LRN_CASES)
+def test_lrn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
+    """LRN split in chunks of images (3 images: chunks of 2 and 1) gives the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal((3, 6, 5, 4)).astype(dtype)
+    text = f'name: "lrn" type: "LRN" {spec}'
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = _layer_pass(text, x, False)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = _layer_pass(text, x, False)
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+NORM_CASES = [
+    ('type: "BatchNorm"', (2, 5, 9, 31)),                            # batch statistics
+    ('type: "BatchNorm" batch_norm_param { use_global_stats: true }', (2, 5, 9, 31)),
+    ('type: "BatchNorm"', (1, 7, 300)),                              # one image, long rows
+    ('type: "Scale"', (2, 5, 9, 31)),
+    ('type: "Scale" scale_param { bias_term: true }', (2, 5, 9, 31)),
+    ('type: "Scale" scale_param { bias_term: true axis: 1 num_axes: 2 }', (3, 4, 5, 70)),
+    ('type: "Scale" scale_param { bias_term: true }', (1, 6, 300)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", NORM_CASES)
+def test_batchnorm_scale_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """Split over channels, the per-channel sums (BatchNorm's statistics and gradient means, Scale's
+    parameter gradients) keep their order: the one-thread bits, running statistics included. Rows of
+    300 values take NumPy's blocked (pairwise) summation."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) * 3 + 1
+    text = f'name: "n" {spec}'
+
+    def run():
+        layer, bottom, top = make_layer(text, [x], in_place=in_place)
+        rng = np.random.default_rng(4)
+        if layer.type == "BatchNorm":
+            layer.blobs[0].data[...] = rng.standard_normal(layer.blobs[0].shape)
+            layer.blobs[1].data[...] = rng.random(layer.blobs[1].shape) + 0.5
+            layer.blobs[2].data[...] = 2.0
+        else:
+            for b in layer.blobs:
+                b.data[...] = rng.standard_normal(b.shape)
+        layer.forward(bottom, top)
+        out = [top[0].data.copy()]
+        top[0].diff[...] = rng.standard_normal(top[0].shape)
+        for b in layer.blobs:
+            b.diff[...] = 0.5
+        layer.backward(top, [True], bottom)
+        return out + [bottom[0].diff.copy()] + [b.data.copy() for b in layer.blobs] + \
+            [b.diff.copy() for b in layer.blobs]
+    with _blobs_of(dtype):
+        pool_size(1)
+        one = run()
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        two = run()
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_dropout_bit_identical_at_two_threads(in_place, dtype, pool_size, monkeypatch):
+    """Same seed, same mask and the same products at two threads (the bits are drawn whole)."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
+    text = 'name: "d" type: "Dropout" dropout_param { dropout_ratio: 0.3 }'
+    with _blobs_of(dtype):
+        pool_size(1)
+        backend.set_random_seed(7)
+        one = _layer_pass(text, x, in_place)
+        pool_size(2)
+        seen = _spy_threads(monkeypatch)
+        backend.set_random_seed(7)
+        two = _layer_pass(text, x, in_place)
+    assert len(seen) == 2 and 0 < np.count_nonzero(one[0]) < x.size
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("spec, with_mean", [
+    ("crop_size: 5 mirror: true scale: 0.25", True),
+    ("crop_size: 5 mirror: true mean_value: 100 mean_value: 110 mean_value: 120", False),
+    ("mirror: true scale: 0.5", True),
+])
+def test_transformer_batch_bit_identical_at_two_threads(spec, with_mean, pool_size, monkeypatch):
+    """The data transformer's per-image crop, flip, mean and scale split over images: the same batch
+    from the same seed, and a bad image is still the first one named."""
+    from google.protobuf import text_format
+    from minicaffe.data.transformer import DataTransformer
+    from minicaffe.errors import DataError
+    from minicaffe.proto import caffe_pb2
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, 8, 9), dtype=np.uint8) for _ in range(5)]
+    mean = rng.random((3, 8, 9)).astype(np.float32) * 100
+
+    def run(imgs):
+        p = text_format.Parse(spec, caffe_pb2.TransformationParameter())
+        t = DataTransformer(p, 0, "data", rng=np.random.default_rng(3))
+        if with_mean:
+            t.mean = mean
+        return t.transform_batch(imgs, where=[f"image {i}" for i in range(len(imgs))])
+    pool_size(1)
+    one = run(images)
+    pool_size(2)
+    seen = _spy_threads(monkeypatch)
+    two = run(images)
+    assert len(seen) == 2 and one.tobytes() == two.tobytes()
+    bad = images[:3] + [images[3][:, :4]] + [images[4][:, :3]]
+    with pytest.raises(DataError, match="image 3"):
+        run(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("solver_type, extra", [
+    ("SGD", "momentum: 0.9 weight_decay: 0.0005"),
+    ("SGD", "momentum: 0.9 weight_decay: 0.001 regularization_type: \"L1\" iter_size: 2"),
+    ("Nesterov", "momentum: 0.9 weight_decay: 0.0005"),
+    ("AdaGrad", "delta: 1e-8 weight_decay: 0.0005"),
+    ("RMSProp", "rms_decay: 0.95 delta: 1e-8 weight_decay: 0.0005"),
+    ("AdaDelta", "momentum: 0.95 delta: 1e-6 weight_decay: 0.0005"),
+    ("Adam", "momentum: 0.9 momentum2: 0.999 delta: 1e-8 weight_decay: 0.0005"),
+])
+def test_solver_update_bit_identical_at_two_threads(solver_type, extra, dtype, pool_size, monkeypatch):
+    """Three steps of each update rule on a (7, 9, 5) weight split in flat chunks: the weights and
+    every history array keep the one-thread bits."""
+    from minicaffe.solvers import updates
+    from minicaffe.proto import caffe_pb2
+    from google.protobuf import text_format
+    param = text_format.Parse(f'type: "{solver_type}" base_lr: 0.01 {extra}', caffe_pb2.SolverParameter())
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((7, 9, 5)).astype(dtype)
+    grads = [rng.standard_normal(w0.shape).astype(dtype) for _ in range(3)]
+
+    def run():
+        rule = getattr(updates, solver_type)(param)
+        w = w0.copy()
+        hist = [np.zeros_like(w) for _ in range(rule.history_sets)]
+        scratch = [np.empty_like(w) for _ in range(1 + rule.scratch)]
+        decay = updates.f32(param.weight_decay)
+        for it, g in enumerate(grads):
+            updates.parameter_step(rule, w, g.copy(), hist, scratch, param.iter_size, decay,
+                                   param.regularization_type, updates.f32(0.01), it)
+        return [w] + hist
+    pool_size(1)
+    one = run()
+    pool_size(2)
+    seen = _spy_threads(monkeypatch)
+    two = run()
+    assert len(seen) == 2
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(a, b), solver_type
 
 
 _PROBE = """

@@ -29,6 +29,7 @@ The pool is rebuilt when the size changes (``context.reload_environment``) or af
 (threads do not survive one). A ``parallel_for`` inside a chunk runs inline, so nested calls never
 wait on the pool.
 """
+import collections
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,21 @@ from . import context as _context
 # Below this many elements of work in all, a pass runs inline: handing a chunk to another thread
 # costs tens of microseconds, what a copy of ~64K float32 values takes.
 MIN_PARALLEL_WORK = 1 << 16
+
+# parallel_for: the caller runs the chunks no worker has started by the time its own is done (tests of
+# the split turn it off, so that each chunk surely runs on a thread of its own)
+CALLER_TAKES_OVER = True
+
+# parallel_flat's chunks start at multiples of this many elements, so every chunk's SIMD loops see
+# the alignment the whole array's loop sees (bit-identity cannot hinge on a loop's unaligned head).
+FLAT_BLOCK = 1 << 12
+
+# Below this many elements (per array) a flat pass runs inline: a ufunc over arrays that are still in
+# cache runs at ~0.1 ns an element, so even 1M elements take ~0.1 ms, the order of handing a chunk to
+# another thread and waiting for it (measured on 2 cores, benchmarks/bench_threads.py: Dropout's
+# backward over 1M values 0.11 ms at one thread, 0.13-0.19 ms at two; an SGD step of 307K parameters
+# 0.82-1.34x; ReLU over 131K values 1.5x slower before it ran inline).
+MIN_FLAT_ELEMENTS = 1 << 21
 
 # The largest OPENBLAS_THREAD_TIMEOUT (2^n cycles of spinning, ~25 us at 16) at which the pool
 # defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
@@ -104,9 +120,16 @@ def chunks(n_items, parts):
 
 def parallel_for(n_items, fn, work=None):
     """``fn(i0, i1)`` over contiguous chunks of ``range(n_items)``, one per thread of the pool; the
-    caller runs the first chunk and waits for the rest (an exception in any chunk is raised here).
+    caller runs the first chunk and waits for the rest (an exception in any chunk is raised here:
+    the lowest chunk's, after every chunk ended).
     Inline (one call ``fn(0, n_items)``) when the pool has one thread, there is one item, ``work``
-    (elements touched in all, when given) is under MIN_PARALLEL_WORK, or this is already a chunk."""
+    (elements touched in all, when given) is under MIN_PARALLEL_WORK, or this is already a chunk.
+
+    With ``CALLER_TAKES_OVER``, a chunk is claimed by whichever thread comes to it first: the caller,
+    done with its own, runs the chunks no worker has started yet. Why: on a machine whose other cores
+    are busy (other processes), a worker may not be scheduled for milliseconds, and the caller would
+    otherwise sit idle waiting for it. The chunks are the same ranges whoever runs them, so results
+    do not change."""
     if n_items <= 0:
         return
     n = size()
@@ -116,18 +139,64 @@ def parallel_for(n_items, fn, work=None):
         return
     parts = chunks(n_items, n)
     pool = _executor(n)
-    futures = [pool.submit(_run_inner, fn, i0, i1) for i0, i1 in parts[1:]]
-    try:
-        _run_inner(fn, *parts[0])
-    finally:
-        errors = []
-        for f in futures:
+    if not CALLER_TAKES_OVER:
+        futures = [pool.submit(_run_inner, fn, i0, i1) for i0, i1 in parts[1:]]
+        try:
+            _run_inner(fn, *parts[0])
+        finally:
+            errors = []
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException as e:      # noqa: B902 -- re-raised below, after every chunk ended
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+        return
+    todo = collections.deque(enumerate(parts))     # popleft is atomic: each chunk is claimed once
+    errors = {}
+
+    def claim():
+        while True:
             try:
-                f.result()
-            except BaseException as e:      # noqa: B902 -- re-raised below, after every chunk ended
-                errors.append(e)
+                k, (i0, i1) = todo.popleft()
+            except IndexError:
+                return
+            try:
+                _run_inner(fn, i0, i1)
+            except BaseException as e:          # noqa: B902 -- re-raised by the caller, lowest chunk first
+                errors[k] = e
+    futures = [pool.submit(claim) for _ in parts[1:]]
+    claim()
+    for f in futures:
+        if not f.cancel():      # a worker that has not even started has nothing left to do
+            f.result()
     if errors:
-        raise errors[0]
+        raise errors[min(errors)]
+
+
+def parallel_flat(n_elements, fn, work=None):
+    """``fn(start, stop)`` over contiguous ranges of ``range(n_elements)`` (of flattened arrays),
+    one per thread, each starting at a multiple of FLAT_BLOCK. ``work``: elements touched in all
+    (default ``n_elements``); inline below MIN_FLAT_ELEMENTS, and where ``parallel_for`` is."""
+    if n_elements < MIN_FLAT_ELEMENTS:
+        fn(0, n_elements)
+        return
+    block = FLAT_BLOCK
+    blocks = -(-n_elements // block)
+    parallel_for(blocks, lambda b0, b1: fn(b0 * block, min(b1 * block, n_elements)),
+                 work=n_elements if work is None else work)
+
+
+def flat_views(*arrays):
+    """The 1-D views of NumPy arrays that are all C-contiguous (writes through them reach the
+    arrays), else None: the caller then runs its pass whole, inline (CuPy arrays, strided views)."""
+    out = []
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+            return None
+        out.append(a.reshape(-1))
+    return out
 
 
 def parallel_copyto(dst, src):

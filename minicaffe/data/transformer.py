@@ -39,7 +39,7 @@ import os
 
 import numpy as np
 
-from ..core import backend
+from ..core import backend, threads
 from ..errors import DataError, NetError
 from ..proto import caffe_pb2
 from ..formats.datum import chw_to_hwc, opencv, datum_to_array, hwc_to_chw
@@ -300,7 +300,9 @@ class DataTransformer:
         if offset is not None:
             offset = offset.astype(np.float32)[:, :, None, None]
         scale = np.float32(self.scale)
-        for i, img in enumerate(images):
+
+        def one(i):
+            img = images[i]
             ci, hi_, wi = img.shape
             if self.crop:
                 if hi_ < self.crop or wi < self.crop:
@@ -341,6 +343,14 @@ class DataTransformer:
                 np.subtract(view, sub, out=out[i])
             if scale != 1:
                 out[i] *= scale
+
+        def part(i0, i1):
+            for i in range(i0, i1):
+                one(i)
+        # images are independent and each writes only its own out[i]: over the thread pool in
+        # chunks of images (a chunk stops at its first bad image and the lowest chunk's error is
+        # raised, so the error still names the first bad image)
+        threads.parallel_for(n, part, work=out.size * 2)
         return out
 
     def plan(self, shapes):

@@ -11,7 +11,7 @@ keeps the reference.
 """
 import math
 
-from ..core import fillers
+from ..core import fillers, threads
 from ..core.blob import Blob
 from ..core.context import Slot
 from ..kernels.im2col import workspace
@@ -68,12 +68,29 @@ class NeuronLayer(Layer):
         if top[0] is bottom[0] and self.backward_needs_input():
             self._saved_input = x.copy()
         self.engine = self.engine_slot.get(self, tuple(x.shape))   # the same, unless the mode changed
-        self.engine.compute(x, top[0].xdata)
+        self._split(self.engine.compute, x, top[0].xdata)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        self.engine.gradient(self.input_data(bottom), top[0].xdata, top[0].xdiff, bottom[0].xdiff)
+        self._split(self.engine.gradient, self.input_data(bottom), top[0].xdata, top[0].xdiff,
+                    bottom[0].xdiff)
+
+    # The reference's pass is element by element (each output element from the same elements of the
+    # inputs, scalar parameters only), so it runs on the thread pool in flat chunks, each chunk the
+    # very same ufuncs on its slices: bit-identical at any thread count. False where a layer's pass
+    # is not (PReLU's per-channel slope broadcasts over the shape; Swish keeps its sigmoid whole).
+    elementwise = True
+
+    def _split(self, fn, *arrays):
+        """``fn(*arrays)``, on the thread pool in flat chunks where it is the reference's element-wise
+        pass over contiguous NumPy arrays, else whole (engines, GPU arrays, strided views)."""
+        flat = threads.flat_views(*arrays) if self.elementwise and self.engine is self else None
+        if flat is None:
+            fn(*arrays)
+            return
+        threads.parallel_flat(flat[0].size, lambda a, b: fn(*(f[a:b] for f in flat)),
+                              work=flat[0].size * len(flat))
 
     def input_data(self, bottom):
         return self._saved_input if self._saved_input is not None else bottom[0].xdata
@@ -117,6 +134,8 @@ class ReLU(NeuronLayer):
 @register("PReLU")
 class PReLU(NeuronLayer):
     """ReLU with a learned negative slope per channel (axis 1) or one shared by all channels."""
+
+    elementwise = False     # the slope broadcasts per channel, and backward is its own
 
     def setup(self, bottom, top):
         p = self.param.prelu_param
@@ -434,6 +453,8 @@ class Clip(NeuronLayer):
 class Swish(NeuronLayer):
     """x · sigmoid(beta · x). The sigmoid of the forward pass is kept for the gradient,
     dy · (beta·y + s·(1 − beta·y)), Caffe's form (it needs only the output and s, so in place works)."""
+
+    elementwise = False     # compute keeps the whole sigmoid for gradient
 
     def setup(self, bottom, top):
         self.beta = float(self.param.swish_param.beta)

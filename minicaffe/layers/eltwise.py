@@ -3,6 +3,9 @@
 This file is the reference (``xp`` code, NumPy or CuPy); on a GPU, two bottoms run as one fused
 kernel, an engine chosen at reshape (``kernels/cuda_elementwise.py``).
 """
+import numpy as np
+
+from ..core import threads
 from ..errors import ShapeError
 from ..kernels import cuda_elementwise, engines
 from ..proto import caffe_pb2
@@ -69,6 +72,15 @@ class Eltwise(Layer):
         """The reference: (the result, as a new array; MAX's winner mask or None)."""
         xp = self.xp
         mask = None
+        flat = threads.flat_views(*xs)
+        if flat is not None:
+            # NumPy: the same operations on flat chunks, over the thread pool (bit-identical)
+            out = np.empty_like(xs[0])
+            mask = np.empty(xs[0].shape, np.int32) if self.op == _Op.MAX else None
+            outs = threads.flat_views(out) + ([] if mask is None else threads.flat_views(mask))
+            threads.parallel_flat(out.size, lambda a, b: self._forward_into(
+                [f[a:b] for f in flat], *(o[a:b] for o in outs)), work=out.size * (len(xs) + len(outs)))
+            return out, mask
         if self.op == _Op.PROD:
             out = xs[0] * xs[1]
             for x in xs[2:]:
@@ -91,8 +103,74 @@ class Eltwise(Layer):
                 mask[better] = k
         return out, mask
 
+    def _forward_into(self, xs, out, mask=None):
+        """forward_arrays' arithmetic, element for element, into ``out`` (and MAX's ``mask``)."""
+        if self.op == _Op.PROD:
+            np.multiply(xs[0], xs[1], out=out)
+            for x in xs[2:]:
+                out *= x
+        elif self.op == _Op.SUM:
+            if self.coeffs[0] != 1.0:
+                np.multiply(xs[0], self.coeffs[0], out=out)
+            else:
+                np.copyto(out, xs[0])
+            for c, x in zip(self.coeffs[1:], xs[1:]):
+                if c == 1.0:
+                    out += x
+                else:
+                    out += c * x
+        else:
+            take_a = xs[0] > xs[1]
+            out[...] = np.where(take_a, xs[0], xs[1])
+            mask[...] = np.where(take_a, 0, 1)
+            for k, x in enumerate(xs[2:], 2):
+                better = x > out
+                np.copyto(out, x, where=better)
+                mask[better] = k
+
+    def _grad_into(self, i, xs, y, dy, mask, g):
+        """The reference gradient of bottom ``i`` (backward's arithmetic) into ``g``."""
+        if self.op == _Op.PROD:
+            if self.stable_prod_grad:
+                others = [xs[j] for j in range(len(xs)) if j != i]
+                np.multiply(others[0], dy, out=g)
+                for o in others[1:]:
+                    g *= o
+            else:
+                np.divide(y, xs[i], out=g)
+                g *= dy
+        elif self.op == _Op.SUM:
+            if self.coeffs[i] != 1.0:
+                np.multiply(dy, self.coeffs[i], out=g)
+            else:
+                np.copyto(g, dy)
+        else:
+            g[...] = 0
+            np.copyto(g, dy, where=mask == i)
+
     def backward(self, top, propagate_down, bottom):
         xp = self.xp
+        wanted = [i for i in range(len(bottom)) if propagate_down[i]]
+        xs = [b.xdata for b in bottom]
+        if self.saved0 is not None:
+            xs[0] = self.saved0
+        flat = threads.flat_views(top[0].xdiff, top[0].xdata, *xs,
+                                  *([] if self.mask is None else [self.mask]))
+        if flat is not None and wanted:
+            # NumPy: every wanted gradient in one pass over flat chunks on the thread pool
+            dy, y, fx = flat[0], flat[1], flat[2:2 + len(xs)]
+            fmask = flat[-1] if self.mask is not None else None
+            grads = {i: np.empty_like(top[0].xdiff) for i in wanted}
+            fg = {i: g.reshape(-1) for i, g in grads.items()}
+
+            def part(a, b):
+                xa = [x[a:b] for x in fx]
+                for i in wanted:
+                    self._grad_into(i, xa, y[a:b], dy[a:b], None if fmask is None else fmask[a:b], fg[i][a:b])
+            threads.parallel_flat(dy.size, part, work=dy.size * (2 + len(wanted)))
+            for i, g in grads.items():
+                bottom[i].xdiff = g
+            return
         dy = top[0].xdiff
         y = top[0].xdata
         grads = {}

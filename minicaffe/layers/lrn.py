@@ -12,6 +12,9 @@ runs as one kernel a pass, an engine chosen at reshape (``kernels/cuda_lrn.py``)
 where it is installed (``kernels/cudnn_lrn.py``).
 """
 
+import numpy as np
+
+from ..core import threads
 from ..errors import ShapeError
 from ..kernels import cuda_lrn, cudnn_lrn, engines
 from ..proto import caffe_pb2
@@ -85,13 +88,43 @@ class LRN(Layer):
             buf = self._buffers[key] = (xp.zeros if zeros else xp.empty)(shape, dtype=dtype)
         return buf
 
-    def _padded(self, shape, axis, dtype, slot="pad"):
+    def _padded(self, shape, axis, dtype, slot="pad", images=slice(None)):
         """A buffer ``size - 1`` longer along ``axis`` whose zero border is never written, and its
-        interior (the view callers fill)."""
+        interior (the view callers fill); ``images``: the part of the batch (axis 0) wanted."""
         pshape = list(shape)
         pshape[axis] += self.size - 1
-        pad = self.buffer(slot, pshape, dtype, zeros=True)
+        pad = self.buffer(slot, pshape, dtype, zeros=True)[images]
         return pad, self._part(pad, axis, self.pre, shape[axis])
+
+    def _slots(self, shape):
+        """(name, shape, zeros) of every buffer the reference's passes use for a ``shape`` batch."""
+        def padded(axis):
+            p = list(shape)
+            p[axis] += self.size - 1
+            return tuple(p)
+        # a net that runs no backward (shared blob memory) keeps neither the scale nor its power
+        out = [] if self.forward_only else [("scale", shape, False), ("pow", shape, False)]
+        if self.within:
+            return out + [("pad", padded(2), True), ("rows", shape, False), ("pad_w", padded(3), True)]
+        return out + [("pad", padded(1), True)]
+
+    def _per_images(self, x, fn, work):
+        """``fn(images)`` (a slice of the batch) over the thread pool in chunks of whole images on
+        NumPy arrays, else once for the whole batch. Images are independent (every window lies in
+        one image), and each chunk uses its own images' part of the whole-batch buffers, all made
+        here first: no chunk adds to (or clears) the buffer table while another reads it."""
+        shape = tuple(x.shape)
+        slots = self._slots(shape)
+        keys = [(n, tuple(sh), x.dtype, self.xp.__name__) for n, sh, _ in slots]
+        missing = [k for k in keys if k not in self._buffers]
+        if missing and len(self._buffers) + len(missing) > 8:
+            self._buffers.clear()
+        for name, sh, zeros in slots:
+            self.buffer(name, sh, x.dtype, zeros)
+        if not isinstance(x, np.ndarray):
+            fn(slice(None))
+            return
+        threads.parallel_for(shape[0], lambda n0, n1: fn(slice(n0, n1)), work=work)
 
     @staticmethod
     def _part(pad, axis, lo, n):
@@ -110,17 +143,19 @@ class LRN(Layer):
             out += self._part(pad, axis, o, n)
         return out
 
-    def _window_sum(self, fill, shape, dtype, out):
-        """out = the window sums of the array that ``fill(view)`` writes into ``view``."""
+    def _window_sum(self, fill, shape, dtype, out, images=slice(None)):
+        """out = the window sums of the array that ``fill(view)`` writes into ``view``; ``shape``:
+        the whole batch's, ``images``: the part of it this call does (``out`` and the view are
+        that part)."""
         if self.within:
-            pad, inner = self._padded(shape, 2, dtype)
+            pad, inner = self._padded(shape, 2, dtype, images=images)
             fill(inner)
-            rows = self.buffer("rows", shape, dtype)
+            rows = self.buffer("rows", shape, dtype)[images]
             self._sum_padded(pad, 2, shape[2], rows)
-            pad, inner = self._padded(shape, 3, dtype, "pad_w")
+            pad, inner = self._padded(shape, 3, dtype, "pad_w", images)
             self.xp.copyto(inner, rows)
             return self._sum_padded(pad, 3, shape[3], out)
-        pad, inner = self._padded(shape, 1, dtype)
+        pad, inner = self._padded(shape, 1, dtype, images=images)
         fill(inner)
         return self._sum_padded(pad, 1, shape[1], out)
 
@@ -136,44 +171,58 @@ class LRN(Layer):
 
     def lrn_forward(self, x, y):
         """scale = shift + sum_scale · Σ x²; y = x / scale^beta. Everything lands in buffers kept
-        between iterations: the squares go straight into the padded buffer, no temporaries."""
+        between iterations: the squares go straight into the padded buffer, no temporaries. On
+        NumPy arrays, in chunks of images over the thread pool. A net that runs no backward (shared
+        blob memory) keeps neither the scale nor its power: both are worked out in the top itself,
+        with the same operations, so the same values."""
+        keep = not self.forward_only
+        if not keep:
+            self._buffers = {k: v for k, v in self._buffers.items() if k[0] not in ("scale", "pow")}
+        self._per_images(x, lambda images: self._forward_images(x, y, images, keep), work=x.size * 6)
+        if keep:
+            self.scale = self.buffer("scale", x.shape, x.dtype)
+            self.scale_pow = self.buffer("pow", x.shape, x.dtype)
+        else:
+            self.scale = self.scale_pow = None
+
+    def _forward_images(self, x, y, images, keep):
         xp = self.xp
         shape, dtype = x.shape, x.dtype
-        # a net that runs no backward (shared blob memory) keeps neither the scale nor its power:
-        # both are worked out in the top itself, with the same operations, so the same values
-        keep = not self.forward_only
-        scale = self.buffer("scale", shape, dtype) if keep else y
-        self._window_sum(lambda view: xp.multiply(x, x, out=view), shape, dtype, scale)
+        xs = x[images]
+        scale = self.buffer("scale", shape, dtype)[images] if keep else y[images]
+        self._window_sum(lambda view: xp.multiply(xs, xs, out=view), shape, dtype, scale, images)
         scale *= self.sum_scale
         scale += self.shift
         # the padded buffer's interior is free again: scratch for the power
-        tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
+        tmp = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad", images)[1]
         if keep:
-            self.scale = scale
-            self.scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype), tmp)
-            xp.divide(x, self.scale_pow, out=y)
+            scale_pow = _pow_into(xp, scale, self.beta, self.buffer("pow", shape, dtype)[images], tmp)
+            xp.divide(xs, scale_pow, out=y[images])
         else:
-            self.scale = self.scale_pow = None
-            self._buffers = {k: v for k, v in self._buffers.items() if k[0] not in ("scale", "pow")}
             _pow_into(xp, scale, self.beta, scale, tmp)
-            xp.divide(x, y, out=y)
+            xp.divide(xs, scale, out=scale)          # scale is this chunk of y
 
     def lrn_backward(self, x, y, dy, dx):
         """dx_i = dy_i·scale_i^(−β) − (2αβ/n)·x_i·Σ_{j: i in window(j)} dy_j·y_j/scale_j,
-        n = size or size²; windows are symmetric, so that sum is one more window sum."""
-        xp = self.xp
-        shape, dtype = dy.shape, dy.dtype
+        n = size or size²; windows are symmetric, so that sum is one more window sum. On NumPy
+        arrays, in chunks of images over the thread pool."""
         if self.scale is None:
             raise self.error("backward needs a forward pass that kept its scale (run forward again "
                              "after unshare_blob_memory())")
+        self._per_images(dy, lambda images: self._backward_images(x, y, dy, dx, images), work=dy.size * 8)
+
+    def _backward_images(self, x, y, dy, dx, images):
+        xp = self.xp
+        shape, dtype = dy.shape, dy.dtype
+        dys, dxs, scale = dy[images], dx[images], self.scale[images]
 
         def ratio(view):
-            xp.multiply(dy, y, out=view)
-            view /= self.scale
+            xp.multiply(dys, y[images], out=view)
+            view /= scale
         # the window sum is built in dx itself, then the padded buffer's free interior holds dy/scale^β
-        acc = self._window_sum(ratio, shape, dtype, dx)
-        acc *= x
+        acc = self._window_sum(ratio, shape, dtype, dxs, images)
+        acc *= x[images]
         acc *= 2.0 * self.beta * self.sum_scale
-        first = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad")[1]
-        xp.divide(dy, self.scale_pow, out=first)
-        xp.subtract(first, acc, out=dx)
+        first = self._padded(shape, 3 if self.within else 1, dtype, "pad_w" if self.within else "pad", images)[1]
+        xp.divide(dys, self.scale_pow[images], out=first)
+        xp.subtract(first, acc, out=dxs)

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from ..core import backend, fillers
+from ..core import backend, fillers, threads
 from ..core.blob import Blob
 from ..errors import ShapeError
 from ..kernels import cuda_normalization, engines
@@ -28,6 +28,19 @@ def _channels_shape(shape, channels):
     for d in shape:
         rest *= d
     return (n, channels, rest // max(n * channels, 1))
+
+
+def _by_channels(channels, arrays, fn, work):
+    """``fn(c0, c1)`` over contiguous ranges of the channel axis (axis 1 of (N, C, S) arrays) on the
+    thread pool when ``arrays`` are all NumPy arrays, else one call ``fn(0, channels)``.
+
+    Each chunk does the whole pass for its channels, per-channel sums included: a channel's sum runs
+    over the same elements with the same strides as the whole array's reduction, so it adds in the
+    same order and every result is bit-identical at any thread count."""
+    if all(isinstance(a, np.ndarray) for a in arrays if a is not None):
+        threads.parallel_for(channels, fn, work=work)
+    else:
+        fn(0, channels)
 
 
 def _out_view(blob, which, shape):
@@ -126,29 +139,43 @@ class BatchNorm(Layer):
             f = 0.0 if f == 0 else 1.0 / f
             mean = self.blobs[0].xdata * f
             var = self.blobs[1].xdata * f
+        if self.use_global_stats:
+            mean, var = mean.reshape(c), var.reshape(c)     # old caffemodels store them as 1x1x1xC
         else:
             m = x3.shape[0] * x3.shape[2]
-            mean = x3.mean(axis=(0, 2))
+            mean = xp.empty(c, dtype=x.dtype)
+            var = xp.empty(c, dtype=x.dtype)
         # x − mean into a buffer kept between iterations (it becomes the normalised output)
         buf = self._x_norm
         if buf is None or buf.shape != x3.shape or buf.dtype != x.dtype or \
                 not isinstance(buf, type(x)):
             buf = xp.empty_like(x3)
-        xp.subtract(x3, mean.reshape(1, c, 1), out=buf)
-        if not self.use_global_stats:
-            var = (buf * buf).mean(axis=(0, 2))
+        inv_std = xp.empty(c, dtype=x.dtype)
+        batch = not self.use_global_stats
+
+        def part(c0, c1):
+            # every step per channel: the statistics, x − mean, 1/std, the scaling and the copy out
+            xs, bs, k = x3[:, c0:c1], buf[:, c0:c1], c1 - c0
+            if batch:
+                mean[c0:c1] = xs.mean(axis=(0, 2))
+            xp.subtract(xs, mean[c0:c1].reshape(1, k, 1), out=bs)
+            if batch:
+                var[c0:c1] = (bs * bs).mean(axis=(0, 2))
+            inv = xp.sqrt(var[c0:c1] + self.eps)
+            xp.reciprocal(inv, out=inv)
+            inv_std[c0:c1] = inv
+            bs *= inv.reshape(1, k, 1)
+            # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
+            y3[:, c0:c1] = bs
+        _by_channels(c, (x3, y3, buf), part, work=x3.size * 3)
+        if batch:
             maf = self.moving_average_fraction
             stats = self.blobs
             stats[2].xdata = stats[2].xdata * maf + 1
             stats[0].xdata = stats[0].xdata * maf + mean
             correction = m / (m - 1) if m > 1 else 1.0
             stats[1].xdata = stats[1].xdata * maf + var * correction
-        inv_std = xp.sqrt(var + self.eps)
-        xp.reciprocal(inv_std, out=inv_std)
-        buf *= inv_std.reshape(1, c, 1)
         self._x_norm, self._inv_std = buf, inv_std
-        # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
-        y3[...] = buf
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -161,18 +188,24 @@ class BatchNorm(Layer):
         """The reference gradient on (N, C, S) arrays (``dx`` may be ``dy``). Global stats:
         dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
         xp = self.xp
-        c = self.channels
-        inv_std = self._inv_std.reshape(1, c, 1)
-        if self.use_global_stats:
-            xp.multiply(dy, inv_std, out=dx)
-            return
         y = self._x_norm
-        mean_dy = dy.mean(axis=(0, 2)).reshape(1, c, 1)
-        mean_dy_y = (dy * y).mean(axis=(0, 2)).reshape(1, c, 1)
-        t = y * mean_dy_y
-        t += mean_dy
-        xp.subtract(dy, t, out=dx)
-        dx *= inv_std
+
+        def part(c0, c1):
+            # per channel: a chunk reads its channels of dy before writing them in dx
+            k = c1 - c0
+            inv_std = self._inv_std[c0:c1].reshape(1, k, 1)
+            dyc, dxc = dy[:, c0:c1], dx[:, c0:c1]
+            if self.use_global_stats:
+                xp.multiply(dyc, inv_std, out=dxc)
+                return
+            yc = y[:, c0:c1]
+            mean_dy = dyc.mean(axis=(0, 2)).reshape(1, k, 1)
+            mean_dy_y = (dyc * yc).mean(axis=(0, 2)).reshape(1, k, 1)
+            t = yc * mean_dy_y
+            t += mean_dy
+            xp.subtract(dyc, t, out=dxc)
+            dxc *= inv_std
+        _by_channels(self.channels, (dy, dx, y), part, work=dy.size * 3)
 
 
 def _canonical_axis(layer, axis, ndim):
@@ -331,11 +364,20 @@ class Scale(Layer):
     def scale_forward(self, x3, s, b, y3, keep_input):
         """The reference forward on (outer, dim, inner) arrays: ``y3 = x3·s (+ b)`` (``y3`` may be
         ``x3``); returns a copy of the input when ``keep_input`` (in place, for the scale's gradient)."""
-        saved = x3.copy() if keep_input else None
+        saved = self.xp.empty_like(x3) if keep_input else None
         dim = self.dims[1]
-        self.xp.multiply(x3, s.reshape(1, dim, 1), out=y3)
-        if b is not None:
-            y3 += b.reshape(1, dim, 1)
+        s = s.reshape(dim)
+        b = None if b is None else b.reshape(dim)
+
+        def part(d0, d1):
+            k = d1 - d0
+            xc, yc = x3[:, d0:d1], y3[:, d0:d1]
+            if saved is not None:
+                saved[:, d0:d1] = xc
+            self.xp.multiply(xc, s[d0:d1].reshape(1, k, 1), out=yc)
+            if b is not None:
+                yc += b[d0:d1].reshape(1, k, 1)
+        _by_channels(dim, (x3, y3), part, work=x3.size * (3 if keep_input else 2))
         return saved
 
     def backward(self, top, propagate_down, bottom):
@@ -360,17 +402,31 @@ class Scale(Layer):
         scale's when ``x`` is given (accumulated into a learned blob, written into bottom[1]'s diff),
         and ``dx = dy·s`` when ``dx`` is given (it may be ``dy``). A learned scale's diff is written,
         not added to, where Caffe writes it (``scale_diff_overwrites``)."""
-        if want_bias:
+        xp = self.xp
+        dim = self.dims[1]
+        gb = xp.empty(dim, dtype=dy.dtype) if want_bias else None
+        gs = xp.empty(dim, dtype=dy.dtype) if x is not None else None
+        s = scale.xdata.reshape(dim)
+
+        def part(d0, d1):
+            # per channel: the sums read dy before dx (which may be dy) is written
+            dyc = dy[:, d0:d1]
+            if gb is not None:
+                gb[d0:d1] = dyc.sum(axis=(0, 2))
+            if gs is not None:
+                gs[d0:d1] = (dyc * x[:, d0:d1]).sum(axis=(0, 2))
+            if dx is not None:
+                xp.multiply(dyc, s[d0:d1].reshape(1, d1 - d0, 1), out=dx[:, d0:d1])
+        _by_channels(dim, (dy, x, dx), part, work=dy.size * 3)
+        if gb is not None:
             bias = self.blobs[self.bias_index]
-            bias.xdiff += dy.sum(axis=(0, 2)).reshape(bias.shape)
-        if x is not None:
-            g = (dy * x).sum(axis=(0, 2)).reshape(scale.shape)
+            bias.xdiff += gb.reshape(bias.shape)
+        if gs is not None:
+            g = gs.reshape(scale.shape)
             if as_bottom or self.scale_diff_overwrites:
                 scale.xdiff = g
             else:
                 scale.xdiff += g
-        if dx is not None:
-            self.xp.multiply(dy, scale.xdata.reshape(1, self.dims[1], 1), out=dx)
 
 
 @register("MVN")

@@ -454,15 +454,11 @@ class Solver:
         for i, blob in enumerate(params):
             g = diffs[i]
             scratch = self._scratch_for(i, g)
-            updates.normalize(g, p.iter_size)
             local_decay = updates.f32(weight_decay * updates.f32(decay_mults[i]))
-            if local_decay:
-                updates.regularize(blob.xdata, g, local_decay, p.regularization_type, scratch[0])
             local_rate = updates.f32(rate * updates.f32(lr_mults[i]))
             hist = [self.history[k * n + i].xdata for k in range(self.rule.history_sets)]
-            self.rule.compute(g, hist, scratch[1:], local_rate, self.iter)
-            w = blob.xdata
-            w -= g
+            updates.parameter_step(self.rule, blob.xdata, g, hist, scratch, p.iter_size, local_decay,
+                                   p.regularization_type, local_rate, self.iter)
         self.iter += 1
 
     def _scratch_for(self, i, g):

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ..core import backend
+from ..core import backend, threads
 from ..core.numeric import f32
 from ..errors import SolverError
 from ..kernels import cuda_updates
@@ -109,6 +109,34 @@ def clip_gradients(diffs, clip):
             g *= scale
         return norm, scale
     return None
+
+
+# --- one parameter's whole step (CPU) --------------------------------------------------------------
+
+def parameter_step(rule, w, g, hist, scratch, iter_size, local_decay, regularization_type, local_rate, it):
+    """``SGDSolver::ApplyUpdate``'s body for one parameter: normalise, regularise, compute the update
+    value into ``g`` (``rule``), ``w -= g``. ``scratch``: regularisation's temporary, then the rule's.
+
+    Every step is element by element, so on NumPy arrays (all C-contiguous) it runs on the thread pool
+    in flat chunks, each chunk the very same operations on its slices: bit-identical at any thread
+    count. Elsewhere (CuPy arrays the fused kernel did not take, strided arrays) it runs whole."""
+    def body(w, g, hist, scratch):
+        normalize(g, iter_size)
+        if local_decay:
+            regularize(w, g, local_decay, regularization_type, scratch[0])
+        rule.compute(g, hist, scratch[1:], local_rate, it)
+        w -= g
+
+    flat = threads.flat_views(w, g, *hist, *scratch)
+    if flat is None:
+        body(w, g, hist, scratch)
+        return
+    k = len(hist)
+
+    def chunk(a, b):
+        part = [f[a:b] for f in flat]
+        body(part[0], part[1], part[2:2 + k], part[2 + k:])
+    threads.parallel_flat(g.size, chunk, work=g.size * len(flat))
 
 
 # --- one launch for every parameter (GPU) --------------------------------------------------------

@@ -1,0 +1,121 @@
+"""The thread pool's gain per layer: each pass timed at one pool thread and at ``--threads`` (default:
+every core), the runs interleaved round by round in one process (so a shared machine's load falls on
+both alike), medians reported.
+
+    python benchmarks/bench_threads.py                      # every case, 2 threads against 1
+    python benchmarks/bench_threads.py --only relu --repeat 15
+
+The pool's size is switched through ``MINICAFFE_THREADS`` and ``context.reload_environment`` between
+runs; BLAS is not involved in these passes.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import minicaffe  # noqa: E402,F401  (before NumPy: OpenBLAS's short spin, as the commands have it)
+import numpy as np  # noqa: E402
+
+from minicaffe.core import context  # noqa: E402
+from minicaffe.solvers import updates  # noqa: E402
+from minicaffe.testing import make_layer  # noqa: E402
+
+
+def layer_case(text, shapes, in_place=False, phase=0):
+    """(forward, backward) closures of a layer on random bottoms of ``shapes``."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    layer, bottom, top = make_layer(text, xs, in_place=in_place, phase=phase)
+    layer.forward(bottom, top)
+    top[0].diff[...] = rng.standard_normal(top[0].shape, dtype=np.float32)
+    down = [True] * len(bottom)
+    return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, down, bottom))
+
+
+def transformer_case(n=32):
+    """The data transformer's crop 227 + mirror + mean file of a batch of 3x256x256 images (CaffeNet's)."""
+    from google.protobuf import text_format
+    from minicaffe.data.transformer import DataTransformer
+    from minicaffe.proto import caffe_pb2
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, 256, 256), dtype=np.uint8) for _ in range(n)]
+    t = DataTransformer(text_format.Parse("crop_size: 227 mirror: true", caffe_pb2.TransformationParameter()), 0, "data")
+    t.mean = rng.random((3, 256, 256)).astype(np.float32) * 255
+    out = np.empty((n, 3, 227, 227), np.float32)
+    return (lambda: t.transform_batch(images, out=out)), None
+
+
+def sgd_case(count):
+    """One SGD step (momentum, L2 decay) of a ``count``-element parameter, as the solver runs it."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(count, dtype=np.float32)
+    g = rng.standard_normal(count, dtype=np.float32) * np.float32(1e-3)
+    hist, scratch = [np.zeros_like(w)], [np.empty_like(w)]
+    rule = updates.SGD(type("P", (), {"momentum": 0.9, "momentum2": 0.999, "delta": 1e-8, "rms_decay": 0.99})())
+
+    def step():
+        updates.parameter_step(rule, w, g, hist, scratch, 1, updates.f32(5e-4), "L2", updates.f32(1e-3), 0)
+    return step, None
+
+
+CASES = {
+    "relu caffenet conv1 32x96x55²": lambda: layer_case('name: "r" type: "ReLU"', [(32, 96, 55, 55)], True),
+    "relu vgg conv1_2 4x64x224²": lambda: layer_case('name: "r" type: "ReLU"', [(4, 64, 224, 224)], True),
+    "relu caffenet fc6 32x4096": lambda: layer_case('name: "r" type: "ReLU"', [(32, 4096)], True),
+    "lrn alexnet norm1 32x96x55²": lambda: layer_case(
+        'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(32, 96, 55, 55)]),
+    "lrn googlenet norm2 16x192x56²": lambda: layer_case(
+        'name: "n" type: "LRN" lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }', [(16, 192, 56, 56)]),
+    "dropout caffenet fc6 32x4096": lambda: layer_case('name: "d" type: "Dropout"', [(32, 4096)], True),
+    "dropout 256x4096 (inline: under 2M)": lambda: layer_case('name: "d" type: "Dropout"', [(256, 4096)], True),
+    "dropout 1024x4096": lambda: layer_case('name: "d" type: "Dropout"', [(1024, 4096)], True),
+    "batchnorm resnet res2 8x256x56²": lambda: layer_case('name: "b" type: "BatchNorm"', [(8, 256, 56, 56)], True),
+    "scale+bias resnet res2 8x256x56²": lambda: layer_case(
+        'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
+    "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
+    "transformer caffenet 32x3x256² crop": transformer_case,
+    "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
+    "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),
+    "sgd caffenet conv3 885K x4 arrays": lambda: sgd_case(384 * 256 * 3 * 3),
+}
+
+
+def set_threads(n):
+    os.environ[context.THREADS_VAR] = str(n)
+    context.reload_environment()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=9, help="rounds (each: one run per thread count)")
+    ap.add_argument("--only", default="", help="cases whose name contains this")
+    args = ap.parse_args()
+    counts = (1, args.threads)
+    print(f"{os.cpu_count()} cores; pool threads {counts[0]} vs {counts[1]}, {args.repeat} interleaved rounds, "
+          f"medians (ms); load average {os.getloadavg()[0]:.2f}")
+    print(f"{'case':34s} {'pass':8s} {'1 thread':>9s} {f'{counts[1]} threads':>10s} {'speed-up':>8s}")
+    for name, make in CASES.items():
+        if args.only and args.only not in name:
+            continue
+        passes = [p for p in zip(("forward", "backward"), make()) if p[1] is not None]
+        for label, fn in passes:
+            times = {n: [] for n in counts}
+            for n in counts:        # warm-up: the pool's threads and every buffer exist before timing
+                set_threads(n)
+                fn()
+            for _ in range(args.repeat):
+                for n in counts:
+                    set_threads(n)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[n].append(time.perf_counter() - t0)
+            a, b = (statistics.median(times[n]) * 1e3 for n in counts)
+            print(f"{name:34s} {label:8s} {a:9.2f} {b:10.2f} {a / b:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
