@@ -234,6 +234,22 @@ def _spy_threads(monkeypatch):
     return seen
 
 
+def _at_one_and_two_threads(run, pool_size, monkeypatch):
+    """``run()`` with a pool of one thread, then of two; checks the second really was split."""
+    pool_size(1)
+    one = run()
+    pool_size(2)
+    seen = _spy_threads(monkeypatch)
+    two = run()
+    assert len(seen) == 2
+    return one, two
+
+
+def _assert_same_bits(one, two, dtype, what):
+    for a, b in zip(one, two, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), what
+
+
 def _blobs_of(dtype):
     """Blobs of ``dtype`` inside the block (float32 is the default)."""
     import contextlib
@@ -272,14 +288,8 @@ def test_neuron_layers_bit_identical_at_two_threads(spec, in_place, dtype, pool_
     x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
     text = f'name: "act" {spec}'
     with _blobs_of(dtype):
-        pool_size(1)
-        one = _layer_pass(text, x, in_place)
-        pool_size(2)
-        seen = _spy_threads(monkeypatch)
-        two = _layer_pass(text, x, in_place)
-    assert len(seen) == 2
-    for a, b in zip(one, two, strict=True):
-        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+        one, two = _at_one_and_two_threads(lambda: _layer_pass(text, x, in_place), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
 
 
 ELTWISE_CASES = [('operation: SUM', 2), ('operation: SUM coeff: 0.5 coeff: -2 coeff: 1', 3),
@@ -295,14 +305,8 @@ def test_eltwise_bit_identical_at_two_threads(spec, bottoms, in_place, dtype, po
     x[0, 0, 0, :3] = 0          # MAX's ties and PROD's zeros
     text = f'name: "e" type: "Eltwise" eltwise_param {{ {spec} }}'
     with _blobs_of(dtype), np.errstate(invalid="ignore", divide="ignore"):    # top / 0: Caffe's NaN
-        pool_size(1)
-        one = _layer_pass(text, x, in_place, bottoms)
-        pool_size(2)
-        seen = _spy_threads(monkeypatch)
-        two = _layer_pass(text, x, in_place, bottoms)
-    assert len(seen) == 2
-    for a, b in zip(one, two, strict=True):
-        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+        one, two = _at_one_and_two_threads(lambda: _layer_pass(text, x, in_place, bottoms), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
 
 
 LRN_CASES = ['lrn_param { local_size: 5 alpha: 0.0001 beta: 0.75 }',
@@ -317,14 +321,8 @@ def test_lrn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
     x = np.random.default_rng(0).standard_normal((3, 6, 5, 4)).astype(dtype)
     text = f'name: "lrn" type: "LRN" {spec}'
     with _blobs_of(dtype):
-        pool_size(1)
-        one = _layer_pass(text, x, False)
-        pool_size(2)
-        seen = _spy_threads(monkeypatch)
-        two = _layer_pass(text, x, False)
-    assert len(seen) == 2
-    for a, b in zip(one, two, strict=True):
-        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+        one, two = _at_one_and_two_threads(lambda: _layer_pass(text, x, False), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
 
 
 NORM_CASES = [
@@ -367,14 +365,8 @@ def test_batchnorm_scale_bit_identical_at_two_threads(spec, shape, in_place, dty
         return out + [bottom[0].diff.copy()] + [b.data.copy() for b in layer.blobs] + \
             [b.diff.copy() for b in layer.blobs]
     with _blobs_of(dtype):
-        pool_size(1)
-        one = run()
-        pool_size(2)
-        seen = _spy_threads(monkeypatch)
-        two = run()
-    assert len(seen) == 2
-    for a, b in zip(one, two, strict=True):
-        assert a.dtype == dtype and a.tobytes() == b.tobytes(), spec
+        one, two = _at_one_and_two_threads(lambda: run(), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -383,15 +375,12 @@ def test_dropout_bit_identical_at_two_threads(in_place, dtype, pool_size, monkey
     """Same seed, same mask and the same products at two threads (the bits are drawn whole)."""
     x = np.random.default_rng(0).standard_normal((2, 3, 7, 5)).astype(dtype)
     text = 'name: "d" type: "Dropout" dropout_param { dropout_ratio: 0.3 }'
+    def run():
+        backend.set_random_seed(7)
+        return _layer_pass(text, x, in_place)
     with _blobs_of(dtype):
-        pool_size(1)
-        backend.set_random_seed(7)
-        one = _layer_pass(text, x, in_place)
-        pool_size(2)
-        seen = _spy_threads(monkeypatch)
-        backend.set_random_seed(7)
-        two = _layer_pass(text, x, in_place)
-    assert len(seen) == 2 and 0 < np.count_nonzero(one[0]) < x.size
+        one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    assert 0 < np.count_nonzero(one[0]) < x.size
     for a, b in zip(one, two, strict=True):
         assert a.dtype == dtype and np.array_equal(a, b)
 
@@ -418,12 +407,8 @@ def test_transformer_batch_bit_identical_at_two_threads(spec, with_mean, pool_si
         if with_mean:
             t.mean = mean
         return t.transform_batch(imgs, where=[f"image {i}" for i in range(len(imgs))])
-    pool_size(1)
-    one = run(images)
-    pool_size(2)
-    seen = _spy_threads(monkeypatch)
-    two = run(images)
-    assert len(seen) == 2 and one.tobytes() == two.tobytes()
+    one, two = _at_one_and_two_threads(lambda: run(images), pool_size, monkeypatch)
+    assert one.tobytes() == two.tobytes()
     bad = images[:3] + [images[3][:, :4]] + [images[4][:, :3]]
     with pytest.raises(DataError, match="image 3"):
         run(bad)
@@ -460,12 +445,7 @@ def test_solver_update_bit_identical_at_two_threads(solver_type, extra, dtype, p
             updates.parameter_step(rule, w, g.copy(), hist, scratch, param.iter_size, decay,
                                    param.regularization_type, updates.f32(0.01), it)
         return [w] + hist
-    pool_size(1)
-    one = run()
-    pool_size(2)
-    seen = _spy_threads(monkeypatch)
-    two = run()
-    assert len(seen) == 2
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
     for a, b in zip(one, two, strict=True):
         assert np.array_equal(a, b), solver_type
 
