@@ -421,7 +421,7 @@ class ChannelsLastConv(Im2colConv):
             return super().forward(x, w, y, grad_src, dw)
         s = self.s
         g = s.geom
-        cg, og, kg, p = s.cin // s.group, s.og, s.kg, s.columns
+        cg, kg, p = s.cin // s.group, s.kg, s.columns
         wp = workspace(np, (s.cout, g.kh, g.kw, cg), w.dtype, _CL_FILTERS)
         np.copyto(wp, w.reshape(s.cout, cg, g.kh, g.kw).transpose(0, 2, 3, 1))
         w2 = wp.reshape(s.cout, kg)

@@ -92,7 +92,8 @@ extern "C" __global__ void __NAME__(const __T__* prob, const __T__* label, const
 '''
 
 
-def _layout(shape, axis):
+def layout(shape, axis):
+    """(outer, classes, inner) of a softmax over ``axis`` of ``shape`` (the cuDNN engine's view too)."""
     outer = int(np.prod(shape[:axis], dtype=np.int64))
     inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
     return outer, int(shape[axis]), inner
@@ -100,14 +101,14 @@ def _layout(shape, axis):
 
 def softmax(x, axis, out):
     """``out`` = softmax of ``x`` along ``axis`` (``out`` may be ``x``); returns ``out``."""
-    outer, c, inner = _layout(x.shape, axis)
+    outer, c, inner = layout(x.shape, axis)
     kern = _cuda.raw_kernel(SOFTMAX, _SOFTMAX_SRC, x.dtype)
     _cuda.launch(kern, outer * inner, x, out, *_cuda.i64(outer * inner, c, inner))
     return out
 
 
 def softmax_backward(y, dy, axis, dx):
-    outer, c, inner = _layout(y.shape, axis)
+    outer, c, inner = layout(y.shape, axis)
     kern = _cuda.raw_kernel(SOFTMAX_BACKWARD, _SOFTMAX_BWD_SRC, y.dtype)
     _cuda.launch(kern, outer * inner, y, dy, dx, *_cuda.i64(outer * inner, c, inner))
     return dx
@@ -116,7 +117,7 @@ def softmax_backward(y, dy, axis, dx):
 def softmax_loss(prob, label, axis, ignore):
     """(sum of the per-position losses, number of counted positions): two device scalars."""
     xp = backend.get_array_module(prob)
-    outer, c, inner = _layout(prob.shape, axis)
+    outer, c, inner = layout(prob.shape, axis)
     label = _cuda.contiguous(xp, label.astype(prob.dtype, copy=False))
     loss = xp.empty(outer * inner, prob.dtype)
     count = xp.empty(outer * inner, prob.dtype)
@@ -130,7 +131,7 @@ def softmax_loss(prob, label, axis, ignore):
 def softmax_loss_backward(prob, label, scale, axis, ignore, dx):
     """``dx`` = (p - onehot(label)) * scale[0] (0 where the label is ignored)."""
     xp = backend.get_array_module(prob)
-    outer, c, inner = _layout(prob.shape, axis)
+    outer, c, inner = layout(prob.shape, axis)
     label = _cuda.contiguous(xp, label.astype(prob.dtype, copy=False))
     scale = xp.ascontiguousarray(scale, dtype=prob.dtype).reshape(1)
     kern = _cuda.raw_kernel(LOSS_BACKWARD, _LOSS_BWD_SRC, prob.dtype)

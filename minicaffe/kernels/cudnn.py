@@ -245,6 +245,14 @@ class Library:
         its owner."""
         return Descriptor(self, kind)
 
+    def tensor4d(self, dtype, n, c, h, w):
+        """A new tensor descriptor of a dense NCHW ``dtype`` array of that shape (every engine's
+        input and output tensors)."""
+        d = Descriptor(self, "Tensor")
+        self.call("cudnnSetTensor4dDescriptor", d.ptr, TENSOR_NCHW, DATA_TYPES[np.dtype(dtype)],
+                  int(n), int(c), int(h), int(w))
+        return d
+
 
 def _destroy_quietly(raw, name, value):
     try:
@@ -294,6 +302,15 @@ def library():
             ctx.cudnn = Missing(f"the cuDNN library lacks a function minicaffe uses ({e})")
             return ctx.cudnn
     return entry[1]
+
+
+def require():
+    """The bound library for an engine being built: ``library()``, where a ``Missing`` (an engine
+    built without cuDNN, which ``applies`` should have prevented) is a RuntimeError with its reason."""
+    lib = library()
+    if isinstance(lib, Missing):
+        raise RuntimeError(f"the cuDNN engine was built without cuDNN: {lib.reason}")
+    return lib
 
 
 def available():

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..core import backend
 from ..core import context as _context
+from . import _cuda
 from . import cudnn as _cudnn
 from .im2col import workspace as _scratch
 
@@ -80,10 +81,8 @@ class _Plan:
         dt = _cudnn.DATA_TYPES[np.dtype(dtype)]
         g = s.geom
         self.lib, self.dtype = lib, np.dtype(dtype)
-        self.x = lib.descriptor("Tensor")
-        lib.call("cudnnSetTensor4dDescriptor", self.x.ptr, _cudnn.TENSOR_NCHW, dt, num, s.cin, *s.in_hw)
-        self.y = lib.descriptor("Tensor")
-        lib.call("cudnnSetTensor4dDescriptor", self.y.ptr, _cudnn.TENSOR_NCHW, dt, num, s.cout, *s.out_hw)
+        self.x = lib.tensor4d(dtype, num, s.cin, *s.in_hw)
+        self.y = lib.tensor4d(dtype, num, s.cout, *s.out_hw)
         self.w = lib.descriptor("Filter")
         lib.call("cudnnSetFilter4dDescriptor", self.w.ptr, dt, _cudnn.TENSOR_NCHW, s.cout, s.cin // s.group,
                  g.kh, g.kw)
@@ -138,9 +137,7 @@ class CudnnConv:
     blob dtype, whose plan is made at build; ``workspace_limit``: bytes (default: the context's)."""
 
     def __init__(self, shape, dtype=np.float32, workspace_limit=None):
-        lib = _cudnn.library()
-        if isinstance(lib, _cudnn.Missing):
-            raise RuntimeError(f"the cuDNN engine was built without cuDNN: {lib.reason}")
+        lib = _cudnn.require()
         self.s, self.lib = shape, lib
         self.limit = _cudnn.workspace_limit() if workspace_limit is None else int(workspace_limit)
         self._plans = {}
@@ -166,7 +163,7 @@ class CudnnConv:
     def _run(self, plan, direction, inputs, out, accumulate):
         """One call of ``direction``: ``out = op(inputs) + (out if accumulate)``."""
         cp = backend.import_cupy()
-        inputs = [a if a.flags.c_contiguous else cp.ascontiguousarray(a) for a in inputs]
+        inputs = [_cuda.contiguous(cp, a) for a in inputs]
         target = out
         if not out.flags.c_contiguous:
             target = cp.ascontiguousarray(out) if accumulate else cp.empty(out.shape, out.dtype)

@@ -29,6 +29,7 @@ import ctypes
 import numpy as np
 
 from ..core import backend
+from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
@@ -45,9 +46,7 @@ class CudnnLRN:
     """LRN's engine interface (``lrn_forward(x, y)``, ``lrn_backward(x, y, dy, dx)``) on cuDNN."""
 
     def __init__(self, layer):
-        lib = _cudnn.library()
-        if isinstance(lib, _cudnn.Missing):
-            raise RuntimeError(f"the cuDNN engine was built without cuDNN: {lib.reason}")
+        lib = _cudnn.require()
         self.lib = lib
         self.lrn = lib.descriptor("LRN")
         lib.call("cudnnSetLRNDescriptor", self.lrn.ptr, layer.size, layer.alpha, layer.beta, layer.k)
@@ -57,16 +56,13 @@ class CudnnLRN:
         key = (tuple(shape), np.dtype(dtype))
         d = self._descs.get(key)
         if d is None:
-            d = self.lib.descriptor("Tensor")
-            self.lib.call("cudnnSetTensor4dDescriptor", d.ptr, _cudnn.TENSOR_NCHW,
-                          _cudnn.DATA_TYPES[np.dtype(dtype)], *shape)
-            self._descs[key] = d
+            d = self._descs[key] = self.lib.tensor4d(dtype, *shape)
         return d
 
     def _call(self, name, inputs, out):
         """``out`` = ``name`` over ``inputs`` (x; or y, dy, x), beta 0: ``out`` is overwritten."""
         cp = backend.import_cupy()
-        inputs = [a if a.flags.c_contiguous else cp.ascontiguousarray(a) for a in inputs]
+        inputs = [_cuda.contiguous(cp, a) for a in inputs]
         target = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
         d = self._desc(out.shape, out.dtype).ptr
         one, zero = _cudnn.scalar(out.dtype, 1.0), _cudnn.scalar(out.dtype, 0.0)

@@ -44,6 +44,7 @@ import numpy as np
 
 from ..core import backend
 from ..proto import caffe_pb2
+from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
@@ -73,9 +74,7 @@ class CudnnPooling:
     """The Pooling engine interface (``pool_forward``/``pool_backward``) on cuDNN."""
 
     def __init__(self, layer):
-        lib = _cudnn.library()
-        if isinstance(lib, _cudnn.Missing):
-            raise RuntimeError(f"the cuDNN engine was built without cuDNN: {lib.reason}")
+        lib = _cudnn.require()
         self.lib = lib
         self.layer = layer
         self.is_max = layer.method == _PP.MAX
@@ -90,20 +89,18 @@ class CudnnPooling:
         plan = self._plans.get(dtype)
         if plan is None:
             L, lib = self.layer, self.lib
-            pool, xd, yd = lib.descriptor("Pooling"), lib.descriptor("Tensor"), lib.descriptor("Tensor")
+            pool = lib.descriptor("Pooling")
             mode = _cudnn.POOLING_MAX_DETERMINISTIC if self.is_max else _cudnn.POOLING_AVERAGE_COUNT_INCLUDE_PADDING
             lib.call("cudnnSetPooling2dDescriptor", pool.ptr, mode, _cudnn.NOT_PROPAGATE_NAN,
                      L.kh, L.kw, L.ph, L.pw, L.sh, L.sw)
             n, c, h, w = L.bottom_shape
-            dt = _cudnn.DATA_TYPES[dtype]
-            lib.call("cudnnSetTensor4dDescriptor", xd.ptr, _cudnn.TENSOR_NCHW, dt, n, c, h, w)
-            lib.call("cudnnSetTensor4dDescriptor", yd.ptr, _cudnn.TENSOR_NCHW, dt, n, c, *L.out_hw)
+            xd, yd = lib.tensor4d(dtype, n, c, h, w), lib.tensor4d(dtype, n, c, *L.out_hw)
             plan = self._plans[dtype] = (pool, xd, yd)
         return plan
 
     def _forward(self, x, y):
         cp = backend.import_cupy()
-        x = x if x.flags.c_contiguous else cp.ascontiguousarray(x)
+        x = _cuda.contiguous(cp, x)
         target = y if y.flags.c_contiguous else cp.empty(y.shape, y.dtype)
         pool, xd, yd = self._plan(x.dtype)
         one, zero = _cudnn.scalar(x.dtype, 1.0), _cudnn.scalar(x.dtype, 0.0)
@@ -135,9 +132,9 @@ class CudnnPooling:
                 self._y_fresh = self.keep_y
         else:
             y = dy                # AVE's gradient reads no y (the module docstring)
-        x = x if x.flags.c_contiguous else cp.ascontiguousarray(x)
-        dy = dy if dy.flags.c_contiguous else cp.ascontiguousarray(dy)
-        y = y if y.flags.c_contiguous else cp.ascontiguousarray(y)
+        x = _cuda.contiguous(cp, x)
+        dy = _cuda.contiguous(cp, dy)
+        y = _cuda.contiguous(cp, y)
         target = dx if dx.flags.c_contiguous else cp.empty(dx.shape, dx.dtype)
         pool, xd, yd = self._plan(dx.dtype)
         one, zero = _cudnn.scalar(dx.dtype, 1.0), _cudnn.scalar(dx.dtype, 0.0)

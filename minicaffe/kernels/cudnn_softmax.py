@@ -16,25 +16,18 @@ import numpy as np
 
 from ..core import backend
 from . import cuda_softmax
+from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
 _INT_MAX = (1 << 31) - 1
 
 
-def _layout(shape, axis):
-    outer = int(np.prod(shape[:axis], dtype=np.int64))
-    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
-    return outer, int(shape[axis]), inner
-
-
 class CudnnSoftmax:
     """The Softmax engine interface (``softmax``/``softmax_backward``, in place allowed) on cuDNN."""
 
     def __init__(self, layer):
-        lib = _cudnn.library()
-        if isinstance(lib, _cudnn.Missing):
-            raise RuntimeError(f"the cuDNN engine was built without cuDNN: {lib.reason}")
+        lib = _cudnn.require()
         self.lib = lib
         self._descs = {}
 
@@ -42,10 +35,7 @@ class CudnnSoftmax:
         key = (tuple(shape), axis, np.dtype(dtype))
         d = self._descs.get(key)
         if d is None:
-            d = self.lib.descriptor("Tensor")
-            self.lib.call("cudnnSetTensor4dDescriptor", d.ptr, _cudnn.TENSOR_NCHW,
-                          _cudnn.DATA_TYPES[np.dtype(dtype)], *_layout(shape, axis), 1)
-            self._descs[key] = d
+            d = self._descs[key] = self.lib.tensor4d(dtype, *cuda_softmax.layout(shape, axis), 1)
         return d
 
     @staticmethod
@@ -55,7 +45,7 @@ class CudnnSoftmax:
     def _call(self, name, inputs, out, axis):
         """``out`` = ``name`` over ``inputs`` (x; or y, dy), beta 0: ``out`` is overwritten."""
         cp = backend.import_cupy()
-        inputs = [a if a.flags.c_contiguous else cp.ascontiguousarray(a) for a in inputs]
+        inputs = [_cuda.contiguous(cp, a) for a in inputs]
         target = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
         d = self._desc(out.shape, axis, out.dtype).ptr
         one, zero = _cudnn.scalar(out.dtype, 1.0), _cudnn.scalar(out.dtype, 0.0)
