@@ -40,6 +40,8 @@ def conv(o, k, s=1, p=0, g=1):
 
 LAYERS = [
     # VGG-16 3x3 convolutions (pad 1)
+    ("vgg conv1_2 3x3 64->64 224²", conv(64, 3, p=1), (64, 224, 224)),
+    ("vgg conv2_1 3x3 64->128 112²", conv(128, 3, p=1), (64, 112, 112)),
     ("vgg conv2_2 3x3 128->128 112²", conv(128, 3, p=1), (128, 112, 112)),
     ("vgg conv3_2 3x3 256->256 56²", conv(256, 3, p=1), (256, 56, 56)),
     ("vgg conv4_2 3x3 512->512 28²", conv(512, 3, p=1), (512, 28, 28)),
@@ -50,6 +52,12 @@ LAYERS = [
     ("gnet 3a/1x1 192->64 28²", conv(64, 1), (192, 28, 28)),
     ("gnet 3a/3x3 96->128 28²", conv(128, 3, p=1), (96, 28, 28)),
     ("gnet 3a/5x5 16->32 28²", conv(32, 5, p=2), (16, 28, 28)),
+    # ResNet-50's 3x3/1 bottleneck convolutions, CaffeNet's conv3
+    ("res 3x3 64->64 56²", conv(64, 3, p=1), (64, 56, 56)),
+    ("res 3x3 128->128 28²", conv(128, 3, p=1), (128, 28, 28)),
+    ("res 3x3 256->256 14²", conv(256, 3, p=1), (256, 14, 14)),
+    ("res 3x3 512->512 7²", conv(512, 3, p=1), (512, 7, 7)),
+    ("alex conv3 3x3 256->384 13²", conv(384, 3, p=1), (256, 13, 13)),
     # AlexNet grouped conv2
     ("alex conv2 5x5 g2 96->256 27²", conv(256, 5, p=2, g=2), (96, 27, 27)),
     # pooling
@@ -188,7 +196,9 @@ def main(argv=None):
                     + ", or substrings of layer names")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch next to minicaffe")
     ap.add_argument("--engines", default="", help="comma list of convolution engines to time side by side, "
-                    "interleaved ('default': DEFAULT's choice; e.g. default,im2col)")
+                    "interleaved ('default': DEFAULT's choice; e.g. default,im2col); build options after a "
+                    "colon, e.g. winograd:tile=2")
+    ap.add_argument("--forward-only", action="store_true", help="time the forward pass alone")
     ap.add_argument("--median", action="store_true", help="report the median run instead of the best")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall (default) or process: CPU time of this process, which time-sharing with "
@@ -246,16 +256,19 @@ def main(argv=None):
                 b.diff[...] = 0
 
         def use(engine):
+            name, _, opts = engine.partition(":")
+            options = {k: int(v) for k, v in (o.split("=") for o in opts.split(";") if o)}
+
             def setup():
                 if kind == "Convolution":
-                    engines.force(layer, None if engine == "default" else engine)
+                    engines.force(layer, None if name == "default" else name, **options)
                     layer.reshape(bottom, top)
             return setup
         variants = conv_engines if kind == "Convolution" else ["default"]
         fns = {}
         for e in variants:
             fns[(e, "fwd")] = (use(e), fwd)
-            fns[(e, "bwd")] = (use(e), bwd)
+            fns[(e, "bwd")] = (use(e), (lambda: None) if args.forward_only else bwd)
         times = interleaved_times(fns, args.repeat, stat, CLOCKS[args.clock])
         use("default")()
         default_name = layer.engine_name if kind == "Convolution" else None

@@ -14,7 +14,7 @@ from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.formats.prototxt import load_net_param
 from minicaffe.core import context
-from minicaffe.kernels import cudnn, engines
+from minicaffe.kernels import cudnn, engines, winograd
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import forward, make_layer
 
@@ -59,6 +59,9 @@ CASES = {
     "pad_h2": ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
     "one_tile": ((2, 2, 3, 3), "num_output: 2 kernel_size: 3"),
     "vgg": ((1, 128, 14, 15), "num_output: 3 kernel_size: 3 pad: 1"),
+    # F(4x4): one image, outputs not multiples of 4 (10x9, 11x8), pad 2 on both axes
+    "batch1_odd": ((1, 5, 10, 9), "num_output: 3 kernel_size: 3 pad: 1"),
+    "pad2": ((2, 3, 9, 6), "num_output: 4 kernel_size: 3 pad: 2"),
     # 1-D, and leading axes flattened into the batch
     "1d": ((2, 3, 9), "num_output: 4 kernel_size: 3 stride: 2 pad: 1 dilation: 2"),
     "axis2": ((2, 3, 4, 6, 5), "num_output: 2 kernel_size: 3 axis: 2 pad: 1"),
@@ -224,26 +227,107 @@ def test_banded_forward_with_any_band_height_matches_the_reference(layer_type, c
     _assert_same(_run(layer, bottom, top, "im2col_bands", {"band_rows": rows}), ref)
 
 
-@pytest.mark.parametrize("case", ["k3p1", "odd", "pad_h2", "one_tile"])
-def test_winograd_in_bands_of_one_tile_row_matches_the_reference(case):
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("band", [1, None])
+@pytest.mark.parametrize("case", ["k3p1", "odd", "pad_h2", "one_tile", "batch1_odd", "pad2"])
+def test_winograd_either_tile_in_any_band_matches_the_reference(case, band, tile):
+    """Both tile sizes forced, in bands of one tile row (ragged) or the default band, on odd
+    output sizes (not multiples of 2 or 4), one image, pads 0, 1 and 2, one tile, in float64."""
     layer, bottom, top = _layer("Convolution", case)
     ref = _run(layer, bottom, top, REF)
-    _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": 1}), ref)
+    _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": band, "tile": tile}), ref)
 
 
+@pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
-def test_winograd_filters_follow_weight_updates(phase):
+def test_winograd_filters_follow_weight_updates(phase, tile):
     """The transformed filters (cached in a TEST net) are redone when the weights change in place,
     as an SGD step changes them."""
     x = np.random.default_rng(11).standard_normal((2, 3, 8, 8)).astype(np.float32)
     layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 4 kernel_size: 3 pad: 1", bias=False),
                                     [x], phase=phase)
-    engines.force(layer, "winograd")
+    engines.force(layer, "winograd", tile=tile)
     first = forward(layer, bottom, top)[0]
-    assert layer.engine_name == "winograd"
+    assert layer.engine_name == "winograd" and layer.engine.tile == tile
     layer.blobs[0].data[...] *= -2
     second = forward(layer, bottom, top)[0]
     np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
+
+
+def test_winograd_filter_cache_follows_the_tile_size():
+    """One cache asked for the other tile size recomputes (its transform has 36 positions, not 16),
+    and ``forward`` reads the tile size from the filters it is given."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 2, 3, 3))
+    x = rng.standard_normal((1, 2, 9, 9))
+    cache = winograd.FilterCache()
+    assert cache.get(w).shape == (16, 3, 2)
+    u4 = cache.get(w, tile=4)
+    assert u4.shape == (36, 3, 2) and u4 is cache.get(w, tile=4)
+    y2, y4 = np.empty((1, 3, 9, 9)), np.empty((1, 3, 9, 9))
+    winograd.forward(x, w, y2, 1, 1, u=winograd.transform_filters(w))
+    winograd.forward(x, w, y4, 1, 1, u=u4.copy())
+    np.testing.assert_allclose(y4, y2, rtol=1e-10, atol=1e-12)
+
+
+def test_winograd_transforms_apply_the_matrices_of_their_points():
+    """The hand-written F(4x4) transforms (``_bt6``, ``_at6``) compute ``B^T d`` and ``A^T m`` with the
+    matrices ``matrices`` derives from the points, and F(2x2)'s points give the classic matrices."""
+    at, _, bt = winograd.matrices(winograd.POINTS[4])
+    eye = list(np.eye(6))
+    r = [np.empty(6) for _ in range(6)]
+    winograd._bt6(eye, r, np.empty(6), np.empty(6))
+    np.testing.assert_array_equal(np.array(r), bt)          # r[i][j] = B^T[i, j]
+    o = [np.empty(6) for _ in range(4)]
+    winograd._at6(eye, o, np.empty(6), np.empty(6), np.empty(6))
+    np.testing.assert_array_equal(np.array(o), at)
+    at2, g2, bt2 = winograd.matrices(winograd.POINTS[2])
+    np.testing.assert_array_equal(bt2, [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, -1, 0, 1]])
+    np.testing.assert_array_equal(g2, [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+    np.testing.assert_array_equal(at2, [[1, 1, 1, 0], [0, 1, -1, 1]])
+
+
+def _winograd_einsum(x, w, points, dtype):
+    """An unbanded Winograd correlation (valid, 4x4 tiles) straight from ``matrices(points)``, every
+    step in ``dtype``: to compare point sets on the same footing."""
+    at, g, bt = (a.astype(dtype) for a in winograd.matrices(points))
+    m = at.shape[0]
+    n, c, h, wd = x.shape
+    th, tw = (h - 2) // m, (wd - 2) // m
+    u = np.einsum("ik,ockl,jl->ijoc", g, w.astype(dtype), g)
+    tiles = np.lib.stride_tricks.sliding_window_view(x.astype(dtype), (m + 2, m + 2), axis=(2, 3))[:, :, ::m, ::m]
+    v = np.einsum("ik,nctskl,jl->ijncts", bt, tiles[:, :, :th, :tw], bt)
+    prod = np.einsum("ijoc,ijncts->ijnots", u, v)
+    out = np.einsum("ki,ijnots,lj->notksl", at, prod, at)
+    return out.reshape(n, w.shape[0], th * m, tw * m)
+
+
+@pytest.mark.parametrize("cin", [64, 512])
+def test_winograd_float32_error_on_vgg_sized_layers(cin):
+    """Float32 F(4x4) against the float64 reference, relative to max|y|, on a VGG-sized channel
+    count (He-initialised weights, unit inputs). Bound: 1e-5, ~170 float32 ulps (6e-8) of max|y|:
+    the tile transforms amplify rounding by the size of their entries (up to 8 in A^T, 2.5 in
+    B^T, products of two of them per tile) on top of a GEMM's over 9 cin terms. Measured here:
+    F(4x4) 0.9-1.5e-6, F(2x2) 3-7e-7, im2col + GEMM 4-7e-7 (64-512 channels). The chosen points
+    0, 1, -1, 1/2, -2 beat the common 0, +-1, +-2 in the same straight-from-the-matrices code
+    (1.9-6.2e-6 against 5.9-9.5e-6)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, cin, 18, 18)).astype(np.float32)
+    w = (rng.standard_normal((16, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want = np.empty((1, 16, 18, 18))
+    winograd.forward(x64, w64, want, 1, 1, tile=2)         # float64: exact to ~1e-15
+    scale = np.abs(want).max()
+    err = {}
+    for tile in (2, 4):
+        y = np.empty((1, 16, 18, 18), np.float32)
+        winograd.forward(x, w, y, 1, 1, tile=tile)
+        err[tile] = np.abs(y - want).max() / scale
+    assert err[4] < 1e-5 and err[2] < 1e-5
+    valid = want[:, :, 1:17, 1:17]
+    mine = np.abs(_winograd_einsum(x, w, winograd.POINTS[4], np.float32) - valid).max()
+    common = np.abs(_winograd_einsum(x, w, (0, 1, -1, 2, -2), np.float32) - valid).max()
+    assert mine < common
 
 
 # --- what DEFAULT picks ---------------------------------------------------------------------------

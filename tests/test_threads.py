@@ -220,6 +220,29 @@ def test_convolution_bit_identical_at_two_threads(case, layer_type, pool_size):
     _compare(conv_text(layer_type, spec), shape, layer_type, pool_size)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_tiles_bit_identical_at_two_threads(tile, dtype, pool_size, monkeypatch):
+    """Winograd's transforms split over channels (F(2x2)) or tile rows (F(4x4)) on the pool: the
+    same bits at 1 and 2 threads, both tile sizes forced, in bands of two tile rows."""
+    x = np.random.default_rng(4).standard_normal((2, 5, 13, 11)).astype(dtype)
+    text = conv_text("Convolution", "num_output: 3 kernel_size: 3 pad: 1")
+
+    def run():
+        with _blobs_of(dtype):
+            layer, bottom, top = make_layer(text, [x], phase=1)
+        rng = np.random.default_rng(5)
+        for b in layer.blobs:
+            b.data[...] = rng.standard_normal(b.shape)
+        engines.force(layer, "winograd", tile=tile, band_rows=2)
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        assert layer.engine.tile == tile
+        return [top[0].data.copy()]
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, f"winograd F({tile}x{tile})")
+
+
 # --- the element-wise layers and the solver's update at 1 and 2 threads ------------------------------
 
 def _spy_threads(monkeypatch):

@@ -441,21 +441,25 @@ class ChannelsLastConv(Im2colConv):
 
 
 class WinogradConv(Im2colConv):
-    """Winograd F(2x2, 3x3) for the forward (``winograd``); the gradients as ``Im2colConv``. The
+    """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward (``winograd``; the tile size from
+    ``winograd.tile_size``, or the ``tile`` option); the gradients as ``Im2colConv``. The
     transformed filters are kept between forwards in a TEST net, whose weights rarely change, and
     redone in scratch space in a TRAIN net, whose weights change every iteration."""
 
-    def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None):
+    def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None,
+                 tile=None):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.train = phase == caffe_pb2.TRAIN
         self.cache = winograd.FilterCache()
         self.band = band_rows
+        self.tile = (tile if tile is not None else
+                     winograd.tile_size(shape.out_hw[0], shape.out_hw[-1], shape.cin, shape.cout))
 
     def _filters(self, w):
         if self.train:
-            scratch = workspace(np, (16,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
+            scratch = workspace(np, ((self.tile + 2) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
             return winograd.transform_filters(w, out=scratch)
-        return self.cache.get(w)
+        return self.cache.get(w, tile=self.tile)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is None or dw is not None:

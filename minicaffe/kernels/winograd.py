@@ -1,28 +1,68 @@
-"""Winograd F(2x2, 3x3) forward for 3x3, stride-1, undilated, ungrouped convolutions (CPU only).
+"""Winograd forward for 3x3, stride-1, undilated, ungrouped convolutions (CPU only), in two tile
+sizes: F(2x2, 3x3) and F(4x4, 3x3).
 
-Each 2x2 block of outputs comes from a 4x4 input tile (tiles overlap by 2): the filters and tiles
-are transformed (``G g G^T``, ``B^T d B``), multiplied elementwise per transform position, which
-over channels is 16 GEMMs ``(cout x cin) @ (cin x tiles)``, and transformed back (``A^T m A``).
-That is 16 multiplies per 2x2 outputs where im2col + GEMM does 36 (Lavin & Gray 2015). The work
-runs a band of tile rows at a time, so its scratch memory stays small (the band size barely
-changes the speed).
+Each m x m block of outputs comes from an (m+2) x (m+2) input tile (tiles overlap by 2): the filters
+and tiles are transformed (``G g G^T``, ``B^T d B``), multiplied elementwise per transform position,
+which over channels is (m+2)^2 GEMMs ``(cout x cin) @ (cin x tiles)``, and transformed back
+(``A^T M A``). Per m x m outputs that is 16 multiplies for F(2x2) and 36 for F(4x4) where im2col +
+GEMM does 36 and 144: 2.25x and 4x fewer (Lavin & Gray 2015). The work runs a band of tile rows at
+a time, so its scratch memory stays small.
 
-Where it pays is the Winograd engine's business (``minicaffe.kernels.conv_engines``); this module
-says only what it can compute (``applies``) and computes it.
+Transform points. F(m, 3) evaluates polynomials at m + 1 finite points and infinity; the matrices
+follow from the points (``matrices``: ``A^T`` the Vandermonde rows, ``G`` the Lagrange weights,
+``B^T`` solved from the bilinear identity and checked exactly in rationals). F(2x2) uses 0, 1, -1.
+F(4x4) uses 0, 1, -1, 1/2, -2 (not the common 0, +-1, +-2): its float32 error against a float64
+reference, in an implementation straight from the matrices, was 2.5-4x smaller at the largest
+element (max|y|-relative 3.7e-6 against 1.6e-5 at 256 input channels, 5.6e-6 against 1.4e-5 at
+512) and 1.5x smaller in RMS, as Barabasz et al. report for points paired as a and 1/a; 0, +-1,
++-1/2 was as bad as +-2 (tests/test_conv_engines.py checks the order, and the engine's error). The price is a denser
+``B^T`` (26 passes for the 6 rows of a tile instead of ~21), small next to the GEMMs.
+
+Transforms. Both are separable: a pass over tile rows, then over tile columns, each written as a
+few NumPy passes (shared subexpressions; scalar multiplies by powers of two and halves) over whole
+arrays of many tiles at once. F(2x2) keeps channels first, the padded input's columns split by
+parity. F(4x4) keeps channels last and each tile's six columns apart (``_source4``), so every pass
+reads and writes runs of ``tw * cin`` values, and transforms one tile row at a time in the
+calling thread's scratch (``_band4``). Measured on one core: channels first, the F(4x4) column
+pass (runs of ``tw`` values) cost 0.7-2.6 ns a value against 0.12-0.36 for long runs; the input's
+transposition to channels last (~3 ns a value) is paid once. Not taken: the 36x36
+``kron(B^T, B^T)`` as one GEMM over gathered tiles (2.7x the element-wise passes: 2592 flops a
+tile where the GEMMs that follow do 72 per output channel); the 6x6 row transform as a GEMM with
+K = 6 (no faster than the element-wise passes: OpenBLAS is memory-bound there too).
+
+Threads. The input transform of a band is split over input channels (F(2x2)) or tile rows
+(F(4x4)), the output transform over output channels or tile rows, the padded copy of the input
+over channels or rows, on the kernels' pool (``core.threads.parallel_for``); each chunk runs the
+same passes on its own part, so the result has the same bits at any thread count. The GEMMs run
+on BLAS's threads.
+
+Which tile size a shape gets is ``tile_size``; where Winograd pays at all is the engine's business
+(``minicaffe.kernels.conv_engines``); this module says what it can compute (``applies``) and
+computes it.
 """
+from fractions import Fraction
+
 import numpy as np
 
+from ..core import threads
 from ..core.context import Slot
 from .im2col import workspace
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _SRC, _ROWS, _TILES = Slot("wino_src"), Slot("wino_rows"), Slot("wino_tiles")
 _PROD, _OUT = Slot("wino_prod"), Slot("wino_out")
+_TMP_A, _TMP_B, _TMP_C, _TMP_D = Slot("wino_tmp_a"), Slot("wino_tmp_b"), Slot("wino_tmp_c"), Slot("wino_tmp_d")
 
-# transformed tiles per band: 16 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
-# tile columns, so each of the 16 GEMMs stays efficient)
+# transformed tiles per band: (m+2)^2 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
+# tile columns, so each GEMM stays efficient)
 BAND_ELEMENTS = 1 << 20
 BAND_MIN_COLUMNS = 512
+
+
+POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
+
+# tile_size: F(4x4) from this many output rows and columns (see tile_size's docstring)
+F4_MIN_SIZE = 14
 
 
 def applies(geom, group):
@@ -31,120 +71,358 @@ def applies(geom, group):
             and group == 1)
 
 
+def tile_size(oh, ow, cin=None, cout=None):
+    """The output tile side (2 or 4) for an ``oh x ow`` output: 4 from F4_MIN_SIZE on both sides,
+    else 2. Why: F(4x4) does 36 products per 16 outputs where F(2x2) does 64, but a map whose side
+    is not a multiple of 4 pays for the padding of its last tile row and column, and a small map
+    gives short runs (and more call overhead) to the transforms' passes. The channel counts are
+    taken for future use; the measurements (docs/performance.md, "Winograd F(4x4,3x3)") showed no
+    shape where they change the choice."""
+    return 4 if min(oh, ow) >= F4_MIN_SIZE else 2
+
+
+def matrices(points):
+    """``(A^T, G, B^T)`` of F(m, 3) for the m + 1 finite ``points`` (and infinity), in float64.
+
+    ``A^T[i, j] = a_j^i`` and ``G[j, k] = a_j^k / prod_{l != j}(a_j - a_l)`` (the infinity column/row
+    picks the leading coefficient), each position's sign flipped where its row of ``G`` starts
+    negative (the transforms below are written for that convention); ``B^T`` is the unique solution of the identity
+    ``sum_j A^T[i, j] G[j, k] B^T[j, l] = [l == i + k]`` (output i of the correlation reads input
+    i + k with filter tap k), solved in float64, rounded to small fractions and checked exactly."""
+    pts = [Fraction(p) for p in points]
+    m, r = len(pts) - 1, 3
+    n = m + r - 1
+    at = [[Fraction(0)] * n for _ in range(m)]
+    g = [[Fraction(0)] * r for _ in range(n)]
+    for j, a in enumerate(pts):
+        norm = Fraction(1)
+        for b in pts[:j] + pts[j + 1:]:
+            norm *= a - b
+        for i in range(m):
+            at[i][j] = a ** i
+        for k in range(r):
+            g[j][k] = a ** k / norm
+    at[m - 1][n - 1] = g[n - 1][r - 1] = Fraction(1)
+    for j in range(n):          # sign convention: each row of G starts positive (B^T's row follows)
+        if next(v for v in g[j] if v) < 0:
+            g[j] = [-v for v in g[j]]
+    eqs = [(i, k) for i in range(m) for k in range(r)]
+    lhs = np.array([[float(at[i][j] * g[j][k]) for j in range(n)] for i, k in eqs])
+    rhs = np.array([[float(l == i + k) for l in range(n)] for i, k in eqs])
+    bt_f = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    bt = [[Fraction(v).limit_denominator(64) for v in row] for row in bt_f]
+    for i, k in eqs:
+        for l in range(n):
+            if sum(at[i][j] * g[j][k] * bt[j][l] for j in range(n)) != (l == i + k):
+                raise AssertionError(f"no exact Winograd transform for points {points}")
+    return tuple(np.array([[float(v) for v in row] for row in mat]) for mat in (at, g, bt))
+
+
+_MATRICES = {m: matrices(p) for m, p in POINTS.items()}
+# vec(G g G^T) = kron(G, G) vec(g): ((m+2)^2, 9), float64
+_KRON = {m: np.kron(g, g) for m, (_, g, _) in _MATRICES.items()}
+
+
+def _tile_of(u):
+    """The tile side of transformed filters ``u`` ((m+2)^2, cout, cin)."""
+    for m in _KRON:
+        if u.shape[0] == (m + 2) ** 2:
+            return m
+    raise ValueError(f"transformed filters of shape {u.shape}: expected 16 or 36 positions first")
+
+
 class FilterCache:
-    """The transformed filters of one layer, recomputed only when the weights change (a compare
-    costs one pass over them, the transform several)."""
+    """The transformed filters of one layer, recomputed only when the weights (or the tile size)
+    change (a compare costs one pass over them, the transform several)."""
 
     def __init__(self):
         self.weights = self.transformed = None
 
-    def get(self, w):
-        if self.weights is None or self.weights.shape != w.shape or self.weights.dtype != w.dtype:
+    def get(self, w, tile=2):
+        n = (tile + 2) ** 2
+        if (self.weights is None or self.weights.shape != w.shape or self.weights.dtype != w.dtype
+                or self.transformed.shape[0] != n):
             self.weights = np.empty_like(w)
-            self.transformed = np.empty((16,) + w.shape[:2], w.dtype)
+            self.transformed = np.empty((n,) + w.shape[:2], w.dtype)
         elif np.array_equal(self.weights, w):
             return self.transformed
         np.copyto(self.weights, w)
         return transform_filters(w, out=self.transformed)
 
 
-def _filter_matrix():
-    g = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-    return np.kron(g, g)            # (16, 9): vec(G g G^T) = kron(G, G) vec(g)
-
-
-_KRON = _filter_matrix()
-
-
-def transform_filters(w, out=None):
-    """(cout, cin, 3, 3) -> (16, cout, cin): ``G g G^T`` flattened over the 4x4 positions, into
-    ``out`` when given (a few thousand filters at a time, so no full-size temporary)."""
+def transform_filters(w, out=None, tile=None):
+    """(cout, cin, 3, 3) -> ((m+2)^2, cout, cin): ``G g G^T`` flattened over the transform positions,
+    into ``out`` when given (its first axis, 16 or 36, then says the tile size; else ``tile``,
+    default 2). One GEMM ``kron(G, G) @ w`` (K = 9) in the weights' dtype, written straight into
+    ``out``: a TRAIN net redoes it every forward, and the float64 version with a transposed copy
+    took as long as VGG conv5's whole F(4x4) forward; its float32 rounding (a few ulps of each
+    transformed weight) is small next to the tile transforms' error."""
     cout, cin = w.shape[0], w.shape[1]
-    w2 = w.reshape(cout * cin, 9)
+    if out is not None:
+        tile = _tile_of(out)
+    elif tile is None:
+        tile = 2
+    kron = _KRON[tile].astype(w.dtype)
     if out is None:
-        out = np.empty((16, cout, cin), w.dtype)
-    out2 = out.reshape(16, cout * cin)
-    step = 1 << 14
-    for i in range(0, cout * cin, step):
-        j = min(cout * cin, i + step)
-        out2[:, i:j] = (w2[i:j] @ _KRON.T.astype(w.dtype, copy=False)).T
+        out = np.empty((kron.shape[0], cout, cin), w.dtype)
+    np.matmul(kron, w.reshape(cout * cin, 9).T, out=out.reshape(kron.shape[0], cout * cin))
     return out
 
 
-def forward(x, w, y, pad_h, pad_w, u=None, band=None):
+def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     """``y[...] = conv(x, w)`` for a 3x3 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh, ow);
-    ``u``: the filters already transformed (``transform_filters``); ``band``: tile rows per band
-    (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
-    num, cin, h, wd = x.shape
+    ``u``: the filters already transformed (``transform_filters``; its size says the tile size);
+    else ``tile`` (2 or 4; default ``tile_size``); ``band``: tile rows per band (default: sized
+    from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
+    num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
-    if u is None:
-        u = transform_filters(w)
-    th, tw = -(-oh // 2), -(-ow // 2)
-    hp = 2 * th + 2
-    # padded input, channels first so the tile matrix is (cin, n * tiles) without another copy, and
-    # columns split into even and odd ones (src[..., p, k] is padded column 2k + p), so the column
-    # transform reads contiguous runs
-    wh = tw + 1
-    src = workspace(np, (cin, num, hp, 2, wh), x.dtype, _SRC)
-    src.fill(0)
-    xt = x.transpose(1, 0, 2, 3)
-    for p in range(2):
-        first = (p - pad_w) % 2                 # first x column landing on parity p
-        count = len(range(first, wd, 2))
-        k0 = (pad_w + first) // 2
-        np.copyto(src[:, :, pad_h:pad_h + h, p, k0:k0 + count], xt[..., first::2])
+    if u is not None:
+        m = _tile_of(u)
+    else:
+        m = tile if tile is not None else tile_size(oh, ow, cin, w.shape[0])
+        u = transform_filters(w, tile=m)
+    u = u.astype(x.dtype, copy=False)
+    th, tw = -(-oh // m), -(-ow // m)
     per_row = num * tw
     if band is None:
-        band = max(BAND_ELEMENTS // (16 * cin * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
+        band = max(BAND_ELEMENTS // ((m + 2) ** 2 * cin * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
     band = min(band, th)
-    for t0 in range(0, th, band):
-        t1 = min(th, t0 + band)
-        _band(src, u, y, t0, t1, tw, oh, ow)
+    if m == 2:
+        src = _source2(x, pad_h, pad_w, th, tw)
+        for t0 in range(0, th, band):
+            _band2(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
+    else:
+        src = _source4(x, pad_h, pad_w, th, tw)
+        for t0 in range(0, th, band):
+            _band4(src, u, y, t0, min(th, t0 + band), oh, ow)
 
 
-def _band(src, u, y, t0, t1, tw, oh, ow):
+def _source2(x, pad_h, pad_w, th, tw):
+    """F(2x2)'s padded input, channels first so the tile matrix is (cin, n * tiles) without another
+    copy, and columns split by parity (src[..., p, k] is padded column 2 k + p), so the column
+    transform reads contiguous runs."""
+    num, cin, h, wd = x.shape
+    src = workspace(np, (cin, num, 2 * th + 2, 2, tw + 1), x.dtype, _SRC)
+    xt = x.transpose(1, 0, 2, 3)
+
+    def fill(c0, c1):
+        s = src[c0:c1]
+        s.fill(0)
+        for p in range(2):
+            first = (p - pad_w) % 2                 # first x column landing on parity p
+            count = len(range(first, wd, 2))
+            k0 = (pad_w + first) // 2
+            np.copyto(s[:, :, pad_h:pad_h + h, p, k0:k0 + count], xt[c0:c1, ..., first::2])
+    threads.parallel_for(cin, fill, work=src.size)
+    return src
+
+
+def _source4(x, pad_h, pad_w, th, tw):
+    """F(4x4)'s padded input, channels last and every tile's six columns apart:
+    ``src[n, r, j, q, c]`` is padded ``x[n, c, r, 4 q + j]`` (the two columns tiles share are
+    stored twice). Why: each pass of both transforms then reads and writes runs of ``tw * cin``
+    contiguous values; with channels first, the column pass reads runs of ``tw`` (7 on a 28-wide
+    map) and cost 4-20x as much per value."""
+    num, cin, h, wd = x.shape
+    hp = 4 * th + 2
+    src = workspace(np, (num, hp, 6, tw, cin), x.dtype, _SRC)
+    xt = x.transpose(0, 2, 3, 1)        # (n, h, w, cin) view
+
+    def fill(r0, r1):
+        s = src[:, r0:r1]
+        a0, a1 = max(r0, pad_h), min(r1, pad_h + h)     # padded rows holding x
+        if a0 >= a1:
+            s.fill(0)
+            return
+        s[:, :a0 - r0].fill(0)
+        s[:, a1 - r0:].fill(0)
+        part = s[:, a0 - r0:a1 - r0]
+        for j in range(4):
+            qa = max(0, -(-(pad_w - j) // 4))                   # tiles whose column j is inside x
+            qb = min(tw, (wd - 1 + pad_w - j) // 4 + 1)
+            if qb <= qa:
+                part[:, :, j].fill(0)
+                continue
+            part[:, :, j, :qa].fill(0)
+            part[:, :, j, qb:].fill(0)
+            x0 = 4 * qa + j - pad_w
+            np.copyto(part[:, :, j, qa:qb], xt[:, a0 - pad_h:a1 - pad_h, x0:x0 + 4 * (qb - qa) - 3:4])
+        # columns 4 and 5 of tile q are columns 0 and 1 of tile q + 1 (zero past the last tile)
+        np.copyto(part[:, :, 4:, :tw - 1], part[:, :, :2, 1:])
+        x0 = 4 * tw - pad_w                                 # x column of the last tile's column 4
+        for j in (4, 5):
+            if 0 <= x0 + j - 4 < wd:
+                np.copyto(part[:, :, j, tw - 1], xt[:, a0 - pad_h:a1 - pad_h, x0 + j - 4])
+            else:
+                part[:, :, j, tw - 1].fill(0)
+    threads.parallel_for(hp, fill, work=src.size)
+    return src
+
+
+def _tmp(slot, shape, dtype):
+    return workspace(np, shape, dtype, slot)
+
+
+def _band2(src, u, y, t0, t1, tw, oh, ow):
     cin, num = src.shape[0], src.shape[1]
     cout = u.shape[1]
     bt = t1 - t0
     wh = src.shape[4]
-    # B^T d B with B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]: rows first ...
+    dt = src.dtype
     rows = [src[:, :, 2 * t0 + i:2 * t1 + i:2] for i in range(4)]   # (cin, n, bt, 2, wh) each
-    t = workspace(np, (4, cin, num, bt, 2, wh), src.dtype, _ROWS)
-    np.subtract(rows[0], rows[2], out=t[0])
-    np.add(rows[1], rows[2], out=t[1])
-    np.subtract(rows[2], rows[1], out=t[2])
-    np.subtract(rows[1], rows[3], out=t[3])
-    # ... then columns, into the 16 tile matrices (cin, n * bt * tw)
-    v = workspace(np, (4, 4, cin, num, bt, tw), src.dtype, _TILES)
-    for k in range(4):
-        c = [t[k][..., j % 2, j // 2:j // 2 + tw] for j in range(4)]
-        np.subtract(c[0], c[2], out=v[k, 0])
-        np.add(c[1], c[2], out=v[k, 1])
-        np.subtract(c[2], c[1], out=v[k, 2])
-        np.subtract(c[1], c[3], out=v[k, 3])
+    t = workspace(np, (4, cin, num, bt, 2, wh), dt, _ROWS)
+    v = workspace(np, (4, 4, cin, num, bt, tw), dt, _TILES)
+
+    def transform_in(c0, c1):
+        # B^T d B with B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,-1,0,1]]: rows first ...
+        r = [a[c0:c1] for a in rows]
+        tc = t[:, c0:c1]
+        np.subtract(r[0], r[2], out=tc[0])
+        np.add(r[1], r[2], out=tc[1])
+        np.subtract(r[2], r[1], out=tc[2])
+        np.subtract(r[3], r[1], out=tc[3])
+        # ... then columns (all four rows at once), into the 16 tile matrices (cin, n * bt * tw)
+        c = [tc[..., j % 2, j // 2:j // 2 + tw] for j in range(4)]
+        vc = v[:, :, c0:c1]
+        np.subtract(c[0], c[2], out=vc[:, 0])
+        np.add(c[1], c[2], out=vc[:, 1])
+        np.subtract(c[2], c[1], out=vc[:, 2])
+        np.subtract(c[3], c[1], out=vc[:, 3])
+    threads.parallel_for(cin, transform_in, work=t.size + v.size)
     cols = num * bt * tw
-    m = workspace(np, (16, cout, cols), src.dtype, _PROD)
+    m = workspace(np, (16, cout, cols), dt, _PROD)
     np.matmul(u, v.reshape(16, cin, cols), out=m)
-    # A^T m A with A^T = [[1,1,1,0],[0,1,-1,-1]]: rows ...
     m = m.reshape(4, 4, cout, num, bt, tw)
-    s = workspace(np, (2, 4, cout, num, bt, tw), src.dtype, _OUT)
-    np.add(m[0], m[1], out=s[0])
-    s[0] += m[2]
-    np.subtract(m[1], m[2], out=s[1])
-    s[1] -= m[3]
-    # ... then columns, straight into y (cropping the last tile row/column of an odd size)
-    for a in range(2):
-        r0 = 2 * t0 + a
-        nr = min(bt, (oh - r0 + 1) // 2)
-        if nr <= 0:
-            continue
-        for b in range(2):
-            nc = (ow - b + 1) // 2
-            out = y[:, :, r0:r0 + 2 * nr:2, b:b + 2 * nc:2].transpose(1, 0, 2, 3)
-            sa = s[a, :, :, :, :nr, :nc]
-            if b == 0:
-                np.add(sa[0], sa[1], out=out)
-                out += sa[2]
-            else:
-                np.subtract(sa[1], sa[2], out=out)
-                out -= sa[3]
+    s = workspace(np, (2, 4, cout, num, bt, tw), dt, _OUT)
+
+    def transform_out(o0, o1):
+        # A^T M A with A^T = [[1,1,1,0],[0,1,-1,1]]: rows ...
+        mc, sc = m[:, :, o0:o1], s[:, :, o0:o1]
+        np.add(mc[0], mc[1], out=sc[0])
+        sc[0] += mc[2]
+        np.subtract(mc[1], mc[2], out=sc[1])
+        sc[1] += mc[3]
+        # ... then columns, straight into y (cropping the last tile row/column of an odd size)
+        for a in range(2):
+            r0 = 2 * t0 + a
+            nr = min(bt, (oh - r0 + 1) // 2)
+            if nr <= 0:
+                continue
+            for b in range(2):
+                nc = (ow - b + 1) // 2
+                out = y[:, o0:o1, r0:r0 + 2 * nr:2, b:b + 2 * nc:2].transpose(1, 0, 2, 3)
+                sa = sc[a, :, :, :, :nr, :nc]
+                if b == 0:
+                    np.add(sa[0], sa[1], out=out)
+                    out += sa[2]
+                else:
+                    np.subtract(sa[1], sa[2], out=out)
+                    out += sa[3]
+    threads.parallel_for(cout, transform_out, work=m.size + s.size)
+
+
+def _bt6(d, r, e, f):
+    """``r[i] = sum_j B^T[i, j] d[j]`` for F(4x4)'s points 0, 1, -1, 1/2, -2: 26 passes; ``e`` and
+    ``f`` scratch (first the shared differences ``d3 - d1`` and ``d4 - d2``). Why not keep ``e`` in
+    ``r[2]`` until it is written: where the ``r[i]`` are interleaved views of one array, NumPy
+    cannot prove two of them disjoint and copies the input of every pass mixing them (2x slower)."""
+    g = f
+    np.subtract(d[3], d[1], out=e)
+    np.subtract(d[4], d[2], out=f)
+    np.multiply(e, -2.0, out=r[3])
+    r[3] -= f                                           # 2 d1 + d2 - 2 d3 - d4
+    np.multiply(e, -0.5, out=r[4])
+    r[4] += f                                           # d1/2 - d2 - d3/2 + d4
+    np.multiply(e, 1.5, out=r[0])
+    r[0] += d[0]
+    r[0] += d[4]                                        # d0 - 1.5 d1 + 1.5 d3 + d4 ...
+    np.multiply(f, 1.5, out=r[5])
+    r[5] += d[1]
+    r[5] += d[5]                                        # d1 - 1.5 d2 + 1.5 d4 + d5 ...
+    np.multiply(d[2], 2.0, out=g)                       # (f no longer needed)
+    r[0] -= g                                           # ... - 2 d2
+    np.multiply(d[3], 2.0, out=g)
+    r[5] -= g                                           # ... - 2 d3
+    np.multiply(d[3], 2.5, out=r[1])
+    r[1] -= d[1]
+    r[1] += d[4]
+    np.multiply(d[2], 0.5, out=g)
+    r[1] += g                                           # -d1 + d2/2 + 2.5 d3 + d4
+    np.multiply(d[2], 2.5, out=r[2])
+    r[2] -= d[1]
+    r[2] -= d[4]
+    np.multiply(d[3], 0.5, out=g)
+    r[2] -= g                                           # -d1 + 2.5 d2 - d3/2 - d4
+
+
+def _at6(mm, o, p, q, g):
+    """``o[i] = sum_j A^T[i, j] mm[j]`` for F(4x4)'s points (rows 1, a, a^2, a^3 over 0, 1, -1,
+    1/2, -2, and infinity); ``p``, ``q``, ``g`` scratch; ``o[i]`` None to skip output i."""
+    np.add(mm[1], mm[2], out=p)
+    np.subtract(mm[1], mm[2], out=q)
+    if o[0] is not None:
+        np.add(p, mm[0], out=o[0])
+        o[0] += mm[3]
+        o[0] += mm[4]
+    if o[1] is not None:
+        np.multiply(mm[3], 0.5, out=o[1])
+        o[1] += q
+        np.multiply(mm[4], 2.0, out=g)
+        o[1] -= g
+    if o[2] is not None:
+        np.multiply(mm[3], 0.25, out=o[2])
+        o[2] += p
+        np.multiply(mm[4], 4.0, out=g)
+        o[2] += g
+    if o[3] is not None:
+        np.multiply(mm[3], 0.125, out=o[3])
+        o[3] += q
+        np.multiply(mm[4], 8.0, out=g)
+        o[3] -= g
+        o[3] += mm[5]
+
+
+def _band4(src, u, y, t0, t1, oh, ow):
+    """Tile rows ``t0:t1`` of F(4x4), channels last: tiles (36, n, rows, tw, cin), GEMMs
+    ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout); both transforms split over
+    the band's tile rows, one tile row at a time (its arrays, ~100 tw cin values, stay in cache)."""
+    num, _, _, tw, cin = src.shape
+    cout = u.shape[1]
+    bt = t1 - t0
+    dt = src.dtype
+    rows = [src[:, 4 * t0 + i:4 * t1 + i:4] for i in range(6)]     # (n, bt, 6, tw, cin) each
+    v = workspace(np, (6, 6, num, bt, tw, cin), dt, _TILES)
+
+    def transform_in(r0, r1):
+        shape = (num, 6, tw, cin)
+        tr = _tmp(_ROWS, (6,) + shape, dt)       # one tile row's rows, in this thread's cache
+        e, f = _tmp(_TMP_A, shape, dt), _tmp(_TMP_B, shape, dt)
+        for r in range(r0, r1):
+            # B^T d B: the rows of every tile (all six columns at once) ...
+            _bt6([a[:, r] for a in rows], tr, e, f)
+            # ... then the columns (all six transformed rows at once), into the 36 tile matrices
+            vr = v[:, :, :, r].transpose(1, 0, 2, 3, 4)
+            _bt6([tr[:, :, j] for j in range(6)], vr, e.reshape(6, num, tw, cin), f.reshape(6, num, tw, cin))
+    threads.parallel_for(bt, transform_in, work=2 * v.size)
+    cols = num * bt * tw
+    m = workspace(np, (36, cols, cout), dt, _PROD)
+    np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
+    m = m.reshape(6, 6, num, bt, tw, cout)
+
+    def transform_out(r0, r1):
+        shape = (6, num, tw, cout)
+        sr = _tmp(_OUT, (4,) + shape, dt)          # one tile row's rows, in this thread's cache
+        p, q, g = _tmp(_TMP_A, shape, dt), _tmp(_TMP_B, shape, dt), _tmp(_TMP_C, shape, dt)
+        p4, q4, g4 = (a.reshape(-1)[:4 * num * tw * cout].reshape(4, num, tw, cout) for a in (p, q, g))
+        out = _tmp(_TMP_D, (4, 4, num, tw, cout), dt)          # (b, a, n, tw, cout)
+        for r in range(r0, r1):
+            # A^T M A: rows (all six columns at once) ...
+            _at6(m[:, :, :, r], sr, p, q, g)
+            # ... then columns (all four rows at once), cropped into y
+            _at6(sr.transpose(1, 0, 2, 3, 4), out, p4, q4, g4)
+            for a in range(min(4, oh - 4 * (t0 + r))):
+                row = 4 * (t0 + r) + a
+                for b in range(4):
+                    nc = (ow - b + 3) // 4
+                    np.copyto(y[:, :, row, b:b + 4 * nc:4], out[b, a, :, :nc].transpose(0, 2, 1))
+    threads.parallel_for(bt, transform_out, work=m.size)
