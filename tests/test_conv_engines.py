@@ -270,21 +270,31 @@ def test_winograd_filter_cache_follows_the_tile_size():
     np.testing.assert_allclose(y4, y2, rtol=1e-10, atol=1e-12)
 
 
-def test_winograd_transforms_apply_the_matrices_of_their_points():
-    """The hand-written F(4x4) transforms (``_bt6``, ``_at6``) compute ``B^T d`` and ``A^T m`` with the
-    matrices ``matrices`` derives from the points, and F(2x2)'s points give the classic matrices."""
-    at, _, bt = winograd.matrices(winograd.POINTS[4])
-    eye = list(np.eye(6))
-    r = [np.empty(6) for _ in range(6)]
-    winograd._bt6(eye, r, np.empty(6), np.empty(6))
-    np.testing.assert_array_equal(np.array(r), bt)          # r[i][j] = B^T[i, j]
-    o = [np.empty(6) for _ in range(4)]
-    winograd._at6(eye, o, np.empty(6), np.empty(6), np.empty(6))
-    np.testing.assert_array_equal(np.array(o), at)
+def test_winograd_f4x4_without_opencv_gives_the_same_bits(monkeypatch):
+    """Where cv2 does not import, the channels-last copy of the input is NumPy's (a pure copy
+    either way: the same bits)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 6, 13, 10)).astype(np.float32)
+    w = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    with_cv2, without = np.empty((2, 4, 13, 10), np.float32), np.empty((2, 4, 13, 10), np.float32)
+    winograd.forward(x, w, with_cv2, 1, 1, tile=4)
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)     # import cv2 raises ImportError
+    winograd.forward(x, w, without, 1, 1, tile=4)
+    assert with_cv2.tobytes() == without.tobytes()
+
+
+def test_winograd_points_give_the_classic_f2x2_matrices():
+    """``matrices`` derives F(2x2)'s transforms from 0, 1, -1 as Lavin & Gray print them (the F(2x2)
+    code is written for these), and F(4x4)'s from its points with every entry a small dyadic
+    fraction except G's (so B^T and A^T are exact in float32)."""
     at2, g2, bt2 = winograd.matrices(winograd.POINTS[2])
     np.testing.assert_array_equal(bt2, [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, -1, 0, 1]])
     np.testing.assert_array_equal(g2, [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
     np.testing.assert_array_equal(at2, [[1, 1, 1, 0], [0, 1, -1, 1]])
+    at4, g4, bt4 = winograd.matrices(winograd.POINTS[4])
+    assert at4.shape == (4, 6) and g4.shape == (6, 3) and bt4.shape == (6, 6)
+    for mat in (at4, bt4):
+        np.testing.assert_array_equal(mat * 8, np.round(mat * 8))
 
 
 def _winograd_einsum(x, w, points, dtype):

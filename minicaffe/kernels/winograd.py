@@ -15,26 +15,27 @@ F(4x4) uses 0, 1, -1, 1/2, -2 (not the common 0, +-1, +-2): its float32 error ag
 reference, in an implementation straight from the matrices, was 2.5-4x smaller at the largest
 element (max|y|-relative 3.7e-6 against 1.6e-5 at 256 input channels, 5.6e-6 against 1.4e-5 at
 512) and 1.5x smaller in RMS, as Barabasz et al. report for points paired as a and 1/a; 0, +-1,
-+-1/2 was as bad as +-2 (tests/test_conv_engines.py checks the order, and the engine's error). The price is a denser
-``B^T`` (26 passes for the 6 rows of a tile instead of ~21), small next to the GEMMs.
++-1/2 was as bad as +-2 (tests/test_conv_engines.py checks the order, and the engine's error).
+The price, a denser ``B^T``, is nothing to a GEMM.
 
-Transforms. Both are separable: a pass over tile rows, then over tile columns, each written as a
-few NumPy passes (shared subexpressions; scalar multiplies by powers of two and halves) over whole
-arrays of many tiles at once. F(2x2) keeps channels first, the padded input's columns split by
-parity. F(4x4) keeps channels last and each tile's six columns apart (``_source4``), so every pass
-reads and writes runs of ``tw * cin`` values, and transforms one tile row at a time in the
-calling thread's scratch (``_band4``). Measured on one core: channels first, the F(4x4) column
-pass (runs of ``tw`` values) cost 0.7-2.6 ns a value against 0.12-0.36 for long runs; the input's
-transposition to channels last (~3 ns a value) is paid once. Not taken: the 36x36
-``kron(B^T, B^T)`` as one GEMM over gathered tiles (2.7x the element-wise passes: 2592 flops a
-tile where the GEMMs that follow do 72 per output channel); the 6x6 row transform as a GEMM with
-K = 6 (no faster than the element-wise passes: OpenBLAS is memory-bound there too).
+Transforms. Both are separable: over the rows of every tile, then over its columns. F(2x2) keeps
+channels first, the padded input's columns split by parity, and writes each side as a few NumPy
+passes over a band's tiles. F(4x4) keeps channels last with each tile's six columns apart
+(``_source4``): one image's tile row is then six (6, 6 tw cin) rows, so each side of each
+transform is a small GEMM with the 6x6 ``B^T`` or 4x6 ``A^T`` over ``tw * cin`` (``tw * cout``)
+contiguous columns (``_band4``). Measured on one core, VGG-sized tile rows: the GEMMs take 0.2x
+the time of the same transforms as element-wise passes (26 a side, shared subexpressions: 1.8
+against 8.0 ms on conv1_2's); element-wise passes channels first, over runs of ``tw`` values,
+cost 0.7-2.6 ns a value. The input's copy to channels last goes through OpenCV's transpose
+(``_transposer``; 5 against 18 ms for NumPy's strided copy on conv1_2's batch of 2). Not taken:
+the 36x36 ``kron(B^T, B^T)`` as one GEMM over gathered tiles (2592 flops a tile where the GEMMs
+that follow do 72 per output channel).
 
 Threads. The input transform of a band is split over input channels (F(2x2)) or tile rows
 (F(4x4)), the output transform over output channels or tile rows, the padded copy of the input
-over channels or rows, on the kernels' pool (``core.threads.parallel_for``); each chunk runs the
-same passes on its own part, so the result has the same bits at any thread count. The GEMMs run
-on BLAS's threads.
+over channels or rows, on the kernels' pool (``core.threads.parallel_for``); each chunk does the
+same operations on its own part, so the result has the same bits at any thread count. The big
+GEMMs run on BLAS's threads.
 
 Which tile size a shape gets is ``tile_size``; where Winograd pays at all is the engine's business
 (``minicaffe.kernels.conv_engines``); this module says what it can compute (``applies``) and
@@ -51,7 +52,7 @@ from .im2col import workspace
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _SRC, _ROWS, _TILES = Slot("wino_src"), Slot("wino_rows"), Slot("wino_tiles")
 _PROD, _OUT = Slot("wino_prod"), Slot("wino_out")
-_TMP_A, _TMP_B, _TMP_C, _TMP_D = Slot("wino_tmp_a"), Slot("wino_tmp_b"), Slot("wino_tmp_c"), Slot("wino_tmp_d")
+_TMP_D, _CHANNELS_LAST = Slot("wino_tmp_d"), Slot("wino_channels_last")
 
 # transformed tiles per band: (m+2)^2 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
 # tile columns, so each GEMM stays efficient)
@@ -220,13 +221,13 @@ def _source2(x, pad_h, pad_w, th, tw):
 def _source4(x, pad_h, pad_w, th, tw):
     """F(4x4)'s padded input, channels last and every tile's six columns apart:
     ``src[n, r, j, q, c]`` is padded ``x[n, c, r, 4 q + j]`` (the two columns tiles share are
-    stored twice). Why: each pass of both transforms then reads and writes runs of ``tw * cin``
-    contiguous values; with channels first, the column pass reads runs of ``tw`` (7 on a 28-wide
-    map) and cost 4-20x as much per value."""
+    stored twice). Why: the six rows of a tile row are then one (6, 6 tw cin) matrix and each
+    transformed row one (6, tw cin) matrix, so both sides of the input transform are GEMMs.
+    Split over padded rows on the pool."""
     num, cin, h, wd = x.shape
     hp = 4 * th + 2
     src = workspace(np, (num, hp, 6, tw, cin), x.dtype, _SRC)
-    xt = x.transpose(0, 2, 3, 1)        # (n, h, w, cin) view
+    transpose = _transposer()
 
     def fill(r0, r1):
         s = src[:, r0:r1]
@@ -237,30 +238,50 @@ def _source4(x, pad_h, pad_w, th, tw):
         s[:, :a0 - r0].fill(0)
         s[:, a1 - r0:].fill(0)
         part = s[:, a0 - r0:a1 - r0]
-        for j in range(4):
-            qa = max(0, -(-(pad_w - j) // 4))                   # tiles whose column j is inside x
-            qb = min(tw, (wd - 1 + pad_w - j) // 4 + 1)
-            if qb <= qa:
-                part[:, :, j].fill(0)
-                continue
-            part[:, :, j, :qa].fill(0)
-            part[:, :, j, qb:].fill(0)
-            x0 = 4 * qa + j - pad_w
-            np.copyto(part[:, :, j, qa:qb], xt[:, a0 - pad_h:a1 - pad_h, x0:x0 + 4 * (qb - qa) - 3:4])
-        # columns 4 and 5 of tile q are columns 0 and 1 of tile q + 1 (zero past the last tile)
-        np.copyto(part[:, :, 4:, :tw - 1], part[:, :, :2, 1:])
-        x0 = 4 * tw - pad_w                                 # x column of the last tile's column 4
-        for j in (4, 5):
-            if 0 <= x0 + j - 4 < wd:
-                np.copyto(part[:, :, j, tw - 1], xt[:, a0 - pad_h:a1 - pad_h, x0 + j - 4])
-            else:
-                part[:, :, j, tw - 1].fill(0)
+        rows = a1 - a0
+        for k in range(num):
+            xk = transpose(x[k, :, a0 - pad_h:a1 - pad_h], (rows, wd, cin), x.dtype)    # (rows, w, cin)
+            for j in range(4):
+                qa = max(0, -(-(pad_w - j) // 4))               # tiles whose column j is inside x
+                qb = min(tw, (wd - 1 + pad_w - j) // 4 + 1)
+                if qb <= qa:
+                    part[k, :, j].fill(0)
+                    continue
+                part[k, :, j, :qa].fill(0)
+                part[k, :, j, qb:].fill(0)
+                x0 = 4 * qa + j - pad_w
+                np.copyto(part[k, :, j, qa:qb], xk[:, x0:x0 + 4 * (qb - qa) - 3:4])
+            # columns 4 and 5 of tile q are columns 0 and 1 of tile q + 1 (zero past the last tile)
+            np.copyto(part[k, :, 4:, :tw - 1], part[k, :, :2, 1:])
+            x0 = 4 * tw - pad_w                             # x column of the last tile's column 4
+            for j in (4, 5):
+                if 0 <= x0 + j - 4 < wd:
+                    np.copyto(part[k, :, j, tw - 1], xk[:, x0 + j - 4])
+                else:
+                    part[k, :, j, tw - 1].fill(0)
     threads.parallel_for(hp, fill, work=src.size)
     return src
 
 
 def _tmp(slot, shape, dtype):
     return workspace(np, shape, dtype, slot)
+
+
+def _transposer():
+    """``f(a, shape, dtype)``: the (c, rows, w) array ``a`` channels last, as ``shape`` (rows, w, c):
+    OpenCV's blocked transpose into this thread's scratch where cv2 imports (3.6x NumPy's strided
+    copy on VGG conv1_2's input: 5 against 18 ms), else a NumPy view that the copies read strided."""
+    try:
+        import cv2
+        cv2.transpose           # a half-removed cv2 folder imports as an empty namespace package
+    except (ImportError, AttributeError):
+        return lambda a, shape, dtype: a.transpose(1, 2, 0)
+
+    def transpose(a, shape, dtype):
+        out = _tmp(_CHANNELS_LAST, shape, dtype)
+        cv2.transpose(a.reshape(a.shape[0], -1), out.reshape(-1, a.shape[0]))
+        return out
+    return transpose
 
 
 def _band2(src, u, y, t0, t1, tw, oh, ow):
@@ -321,88 +342,35 @@ def _band2(src, u, y, t0, t1, tw, oh, ow):
     threads.parallel_for(cout, transform_out, work=m.size + s.size)
 
 
-def _bt6(d, r, e, f):
-    """``r[i] = sum_j B^T[i, j] d[j]`` for F(4x4)'s points 0, 1, -1, 1/2, -2: 26 passes; ``e`` and
-    ``f`` scratch (first the shared differences ``d3 - d1`` and ``d4 - d2``). Why not keep ``e`` in
-    ``r[2]`` until it is written: where the ``r[i]`` are interleaved views of one array, NumPy
-    cannot prove two of them disjoint and copies the input of every pass mixing them (2x slower)."""
-    g = f
-    np.subtract(d[3], d[1], out=e)
-    np.subtract(d[4], d[2], out=f)
-    np.multiply(e, -2.0, out=r[3])
-    r[3] -= f                                           # 2 d1 + d2 - 2 d3 - d4
-    np.multiply(e, -0.5, out=r[4])
-    r[4] += f                                           # d1/2 - d2 - d3/2 + d4
-    np.multiply(e, 1.5, out=r[0])
-    r[0] += d[0]
-    r[0] += d[4]                                        # d0 - 1.5 d1 + 1.5 d3 + d4 ...
-    np.multiply(f, 1.5, out=r[5])
-    r[5] += d[1]
-    r[5] += d[5]                                        # d1 - 1.5 d2 + 1.5 d4 + d5 ...
-    np.multiply(d[2], 2.0, out=g)                       # (f no longer needed)
-    r[0] -= g                                           # ... - 2 d2
-    np.multiply(d[3], 2.0, out=g)
-    r[5] -= g                                           # ... - 2 d3
-    np.multiply(d[3], 2.5, out=r[1])
-    r[1] -= d[1]
-    r[1] += d[4]
-    np.multiply(d[2], 0.5, out=g)
-    r[1] += g                                           # -d1 + d2/2 + 2.5 d3 + d4
-    np.multiply(d[2], 2.5, out=r[2])
-    r[2] -= d[1]
-    r[2] -= d[4]
-    np.multiply(d[3], 0.5, out=g)
-    r[2] -= g                                           # -d1 + 2.5 d2 - d3/2 - d4
-
-
-def _at6(mm, o, p, q, g):
-    """``o[i] = sum_j A^T[i, j] mm[j]`` for F(4x4)'s points (rows 1, a, a^2, a^3 over 0, 1, -1,
-    1/2, -2, and infinity); ``p``, ``q``, ``g`` scratch; ``o[i]`` None to skip output i."""
-    np.add(mm[1], mm[2], out=p)
-    np.subtract(mm[1], mm[2], out=q)
-    if o[0] is not None:
-        np.add(p, mm[0], out=o[0])
-        o[0] += mm[3]
-        o[0] += mm[4]
-    if o[1] is not None:
-        np.multiply(mm[3], 0.5, out=o[1])
-        o[1] += q
-        np.multiply(mm[4], 2.0, out=g)
-        o[1] -= g
-    if o[2] is not None:
-        np.multiply(mm[3], 0.25, out=o[2])
-        o[2] += p
-        np.multiply(mm[4], 4.0, out=g)
-        o[2] += g
-    if o[3] is not None:
-        np.multiply(mm[3], 0.125, out=o[3])
-        o[3] += q
-        np.multiply(mm[4], 8.0, out=g)
-        o[3] -= g
-        o[3] += mm[5]
+def _flat(a, shape):
+    """``a`` reshaped without a copy (a GEMM's ``out`` must be the array itself)."""
+    return np.reshape(a, shape, copy=False)
 
 
 def _band4(src, u, y, t0, t1, oh, ow):
     """Tile rows ``t0:t1`` of F(4x4), channels last: tiles (36, n, rows, tw, cin), GEMMs
-    ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout); both transforms split over
-    the band's tile rows, one tile row at a time (its arrays, ~100 tw cin values, stay in cache)."""
+    ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout). Both transforms work on one
+    image's tile row at a time, split over the band's tile rows, each side of each transform a GEMM
+    with the 6x6 ``B^T`` (4x6 ``A^T``) over ``tw * cin`` (``tw * cout``) contiguous columns: 4-5x
+    faster than the same transforms as element-wise passes (26 a side, shared subexpressions)."""
     num, _, _, tw, cin = src.shape
     cout = u.shape[1]
     bt = t1 - t0
     dt = src.dtype
-    rows = [src[:, 4 * t0 + i:4 * t1 + i:4] for i in range(6)]     # (n, bt, 6, tw, cin) each
+    at, _, bt_m = (np.asarray(a, dt) for a in _MATRICES[4])
     v = workspace(np, (6, 6, num, bt, tw, cin), dt, _TILES)
+    run_in, run_out = tw * cin, tw * cout
 
     def transform_in(r0, r1):
-        shape = (num, 6, tw, cin)
-        tr = _tmp(_ROWS, (6,) + shape, dt)       # one tile row's rows, in this thread's cache
-        e, f = _tmp(_TMP_A, shape, dt), _tmp(_TMP_B, shape, dt)
+        tr = _tmp(_ROWS, (6, 6, tw, cin), dt)          # one tile row of one image: B^T d, (i, j, q, c)
         for r in range(r0, r1):
-            # B^T d B: the rows of every tile (all six columns at once) ...
-            _bt6([a[:, r] for a in rows], tr, e, f)
-            # ... then the columns (all six transformed rows at once), into the 36 tile matrices
-            vr = v[:, :, :, r].transpose(1, 0, 2, 3, 4)
-            _bt6([tr[:, :, j] for j in range(6)], vr, e.reshape(6, num, tw, cin), f.reshape(6, num, tw, cin))
+            row = 4 * (t0 + r)
+            for k in range(num):
+                # B^T d B: the rows of every tile (all six columns at once) ...
+                np.matmul(bt_m, _flat(src[k, row:row + 6], (6, 6 * run_in)), out=_flat(tr, (6, 6 * run_in)))
+                # ... then the columns, into the 36 tile matrices
+                for i in range(6):
+                    np.matmul(bt_m, _flat(tr[i], (6, run_in)), out=_flat(v[i, :, k, r], (6, run_in)))
     threads.parallel_for(bt, transform_in, work=2 * v.size)
     cols = num * bt * tw
     m = workspace(np, (36, cols, cout), dt, _PROD)
@@ -410,19 +378,23 @@ def _band4(src, u, y, t0, t1, oh, ow):
     m = m.reshape(6, 6, num, bt, tw, cout)
 
     def transform_out(r0, r1):
-        shape = (6, num, tw, cout)
-        sr = _tmp(_OUT, (4,) + shape, dt)          # one tile row's rows, in this thread's cache
-        p, q, g = _tmp(_TMP_A, shape, dt), _tmp(_TMP_B, shape, dt), _tmp(_TMP_C, shape, dt)
-        p4, q4, g4 = (a.reshape(-1)[:4 * num * tw * cout].reshape(4, num, tw, cout) for a in (p, q, g))
-        out = _tmp(_TMP_D, (4, 4, num, tw, cout), dt)          # (b, a, n, tw, cout)
+        sr = _tmp(_OUT, (4, 6, tw, cout), dt)           # A^T M of one tile row: (a, j, q, c)
+        out = _tmp(_TMP_D, (4, 4, tw, cout), dt)        # A^T M A: (a, b, q, c)
         for r in range(r0, r1):
-            # A^T M A: rows (all six columns at once) ...
-            _at6(m[:, :, :, r], sr, p, q, g)
-            # ... then columns (all four rows at once), cropped into y
-            _at6(sr.transpose(1, 0, 2, 3, 4), out, p4, q4, g4)
-            for a in range(min(4, oh - 4 * (t0 + r))):
-                row = 4 * (t0 + r) + a
-                for b in range(4):
-                    nc = (ow - b + 3) // 4
-                    np.copyto(y[:, :, row, b:b + 4 * nc:4], out[b, a, :, :nc].transpose(0, 2, 1))
+            for k in range(num):
+                # A^T M A: rows ...
+                for j in range(6):
+                    np.matmul(at, _flat(m[:, j, k, r], (6, run_out)), out=_flat(sr[:, j], (4, run_out)))
+                # ... then columns, into y (channels first; one copy unless the map's edge crops)
+                y0 = 4 * (t0 + r)
+                na = min(4, oh - y0)
+                for a in range(na):
+                    np.matmul(at, _flat(sr[a], (6, run_out)), out=_flat(out[a], (4, run_out)))
+                if na == 4 and ow == 4 * tw:
+                    np.copyto(_flat(y[k, :, y0:y0 + 4], (cout, 4, tw, 4)), out.transpose(3, 0, 2, 1))
+                    continue
+                for a in range(na):
+                    for b in range(4):
+                        nc = (ow - b + 3) // 4
+                        np.copyto(y[k, :, y0 + a, b:b + 4 * nc:4], out[a, b, :nc].T)
     threads.parallel_for(bt, transform_out, work=m.size)
