@@ -353,12 +353,14 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
     ("Convolution", (4, 192, 7, 7), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),     # inception_5b
     ("Convolution", (4, 3, 224, 224), "num_output: 8 kernel_size: 7 stride: 2 pad: 3",
      "im2col_bands"),                                                                                # GoogLeNet conv1
-    ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # CaffeNet conv3
+    ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # CaffeNet conv3
     ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
     ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c
-    ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),  # inception_4b
+    ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4b
+    ("Convolution", (2, 512, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # 32 4x4 tiles
+    ("Convolution", (4, 32, 28, 28), "num_output: 8 kernel_size: 3 pad: 1", "im2col_channels_last"),  # 32 channels
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # VGG conv3
-    ("Convolution", (1, 64, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "im2col_bands"),        # 64 channels
+    ("Convolution", (1, 64, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),            # 64 channels
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 group: 2", "im2col_bands"),
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1 stride: 2", "im2col"),
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 5 pad: 2", "im2col_bands"),
@@ -373,6 +375,19 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
 def test_default_engine_is_the_one_that_pays(layer_type, shape, spec, want):
     layer, _, _ = make_layer(conv_text(layer_type, spec), [np.zeros(shape, np.float32)])
     assert layer.engine_name == want
+
+
+def test_winograd_tile_size_follows_the_batch_tile_count():
+    """DEFAULT's Winograd runs F(4x4) (64 4x4 tiles or more, as the engine needs to be picked);
+    forced on fewer tiles it runs F(2x2), which is ahead of F(4x4) there."""
+    layer, _, _ = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
+                             [np.zeros((4, 128, 14, 14), np.float32)])
+    assert layer.engine_name == "winograd" and layer.engine.tile == 4
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
+                                    [np.zeros((1, 128, 7, 7), np.float32)])
+    engines.force(layer, "winograd")
+    layer.reshape(bottom, top)
+    assert layer.engine_name == "winograd" and layer.engine.tile == 2
 
 
 def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):

@@ -7,8 +7,9 @@ reshape from this table (``engine: CAFFE`` picks the reference):
 ====================  ===========  ==========================================================  =====
 engine                devices      DEFAULT picks it for                                        prio
 ====================  ===========  ==========================================================  =====
-winograd              cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
-                                   maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``
+winograd              cpu          Convolution 3x3/1, no group, >= 64 input channels, output    40
+                                   maps >= 13x13, >= 64 4x4 output tiles per batch (VGG,
+                                   ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -104,11 +105,31 @@ CHANNELS_LAST_MIN_COLUMNS = 1024
 # transpose).
 CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 
-# Where Winograd pays (one thread, batch 4 VGG-16 layers, against im2col + GEMM): 1.3-1.65x from 128
-# input channels on maps of 14x14 and more; 64-channel layers gain nothing (the transforms,
-# memory-bound, cost as much as the GEMM work saved), and CaffeNet's 13x13 conv3 gains under 15%.
-WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_SIZE = 14
+# Where Winograd pays: from WINOGRAD_MIN_CHANNELS input channels, on output maps of WINOGRAD_MIN_SIZE
+# and more, with at least WINOGRAD_MIN_TILES 4x4 output tiles in the batch (the rows of its GEMMs).
+# Forward ms, one thread, CPU time (benchmarks/bench_layers.py --engines default,winograd:tile=2,
+# winograd:tile=4 --forward-only --clock process --median --repeat 7, MINICAFFE_WINOGRAD=0 so that
+# "default" is what DEFAULT picks without Winograd; runs interleaved; docs/performance.md):
+#
+#   layer (batch)               default  F(2x2)  F(4x4)     layer (batch)             default  F(2x2)  F(4x4)
+#   VGG conv1_2 64 224² (2)       113.0   108.2    69.0     VGG conv1_2 (8)             527.2   567.2   331.9
+#   VGG conv2_1 64 112² (2)        50.3    49.6    31.7     VGG conv2_1 (8)             246.2   238.4   141.1
+#   VGG conv2_2 128 112² (2)      113.2    83.7    50.0     VGG conv3_2 256 56² (8)     385.8   274.3   151.7
+#   VGG conv3_2 256 56² (2)        92.8    61.4    37.6     VGG conv4_2 512 28² (8)     321.7   210.9   121.4
+#   VGG conv4_2 512 28² (2)        81.8    54.1    43.6     VGG conv5_2 512 14² (8)      85.3    59.2    52.8
+#   VGG conv5_2 512 14² (2)        21.8    21.0    23.7     ResNet 64 56² (8)            37.7    38.3    32.3
+#   GoogLeNet conv2 64 56² (2)     18.6    17.4    12.7     ResNet 128 28² (8)           27.1    25.5    19.1
+#   GoogLeNet 3a 96 28² (2)         5.8     5.2     5.1     ResNet 256 14² (8)           24.1    20.3    19.3
+#   ResNet 256 14² (2)              6.3     6.5     6.9     ResNet 512 7² (8)            21.8    29.2    28.8
+#   ResNet 512 7² (2)               7.3    13.0    20.0     CaffeNet conv3 256 13² (8)   29.3    26.7    25.6
+#
+# So: 64-channel layers pay too now (the transforms are GEMMs, winograd.py), 1.2-1.75x; 128-512
+# channels 1.3-2.5x, F(4x4) ahead of F(2x2) everywhere it pays; 7x7 maps lose (a 4x4 tile there is
+# 1.3x padding, and few tiles make thin GEMMs); below ~64 tiles (VGG conv5 or ResNet's 14x14 at batch
+# 2: 32 tiles) the GEMMs are too thin to gain.
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_SIZE = 13
+WINOGRAD_MIN_TILES = 64
 
 
 class ConvShape:
@@ -197,9 +218,13 @@ def channels_last_transposed(s):
 
 def winograd_pays(s):
     """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
-    more, unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
-    return (winograd.applies(s.geom, s.group) and s.cin >= WINOGRAD_MIN_CHANNELS
-            and min(s.out_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd)
+    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch, unless MINICAFFE_WINOGRAD=0 (the
+    context's switch, read at start-up)."""
+    if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
+        return False
+    oh, ow = s.out_hw
+    return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE
+            and s.num * -(-oh // 4) * -(-ow // 4) >= WINOGRAD_MIN_TILES and _context.current().switches.winograd)
 
 
 # --- the engines ------------------------------------------------------------------------------------
@@ -453,7 +478,7 @@ class WinogradConv(Im2colConv):
         self.cache = winograd.FilterCache()
         self.band = band_rows
         self.tile = (tile if tile is not None else
-                     winograd.tile_size(shape.out_hw[0], shape.out_hw[-1], shape.cin, shape.cout))
+                     winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1]))
 
     def _filters(self, w):
         if self.train:

@@ -59,11 +59,15 @@ _TMP_D, _CHANNELS_LAST = Slot("wino_tmp_d"), Slot("wino_channels_last")
 BAND_ELEMENTS = 1 << 20
 BAND_MIN_COLUMNS = 512
 
+# F(4x4)'s transform GEMMs (6 x 6 x N) go in column blocks of this many, under OpenBLAS's
+# threshold for using more than one thread (see _small_gemm)
+SMALL_GEMM_COLUMNS = 4096
+
 
 POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
 
-# tile_size: F(4x4) from this many output rows and columns (see tile_size's docstring)
-F4_MIN_SIZE = 14
+# tile_size: F(4x4) from this many 4x4 output tiles in a batch, else F(2x2)
+F4_MIN_TILES = 64
 
 
 def applies(geom, group):
@@ -72,14 +76,15 @@ def applies(geom, group):
             and group == 1)
 
 
-def tile_size(oh, ow, cin=None, cout=None):
-    """The output tile side (2 or 4) for an ``oh x ow`` output: 4 from F4_MIN_SIZE on both sides,
-    else 2. Why: F(4x4) does 36 products per 16 outputs where F(2x2) does 64, but a map whose side
-    is not a multiple of 4 pays for the padding of its last tile row and column, and a small map
-    gives short runs (and more call overhead) to the transforms' passes. The channel counts are
-    taken for future use; the measurements (docs/performance.md, "Winograd F(4x4,3x3)") showed no
-    shape where they change the choice."""
-    return 4 if min(oh, ow) >= F4_MIN_SIZE else 2
+def tile_size(num, oh, ow):
+    """The output tile side (2 or 4) for ``num`` images of ``oh x ow`` outputs: 4 from F4_MIN_TILES
+    4x4 tiles in the batch, else 2. Why (one thread, forward ms, conv_engines' table): F(4x4) was
+    ahead of F(2x2) on every layer from 64 tiles on (VGG, ResNet, GoogLeNet, CaffeNet conv3 at
+    batch 8: 1.04-1.8x), but with fewer tiles its GEMMs get too thin and its padding shows: at
+    batch 2, ResNet's 7x7 13.0 against 20.0 ms, CaffeNet's 13x13 8.6 against 10.7, VGG conv5's
+    14x14 21.0 against 23.7. The engine table leaves those shapes to im2col (faster than both), so
+    F(2x2) runs where the engine is forced on few tiles, or is handed 16-position filters."""
+    return 4 if num * -(-oh // 4) * -(-ow // 4) >= F4_MIN_TILES else 2
 
 
 def matrices(points):
@@ -180,7 +185,7 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     if u is not None:
         m = _tile_of(u)
     else:
-        m = tile if tile is not None else tile_size(oh, ow, cin, w.shape[0])
+        m = tile if tile is not None else tile_size(num, oh, ow)
         u = transform_filters(w, tile=m)
     u = u.astype(x.dtype, copy=False)
     th, tw = -(-oh // m), -(-ow // m)
@@ -347,6 +352,21 @@ def _flat(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
+def _small_gemm(a, b, out):
+    """``out = a @ b`` for a transform matrix ``a`` (6x6 or 4x6) and a (6, N) ``b``, in blocks of at
+    most SMALL_GEMM_COLUMNS columns. Why: OpenBLAS runs a GEMM on all its threads from m*n*k >
+    262144 (4 x 65536), and waking a second thread for a GEMM of ~0.1 ms, thousands of times a
+    forward, made VGG conv4_2's F(4x4) forward 18x slower at two BLAS threads (1145 against 64 ms);
+    blocks under the threshold stay on the calling thread (the kernels' pool splits the work)."""
+    n = b.shape[1]
+    if n <= SMALL_GEMM_COLUMNS:
+        np.matmul(a, b, out=out)
+        return
+    for j in range(0, n, SMALL_GEMM_COLUMNS):
+        k = min(n, j + SMALL_GEMM_COLUMNS)
+        np.matmul(a, b[:, j:k], out=out[:, j:k])
+
+
 def _band4(src, u, y, t0, t1, oh, ow):
     """Tile rows ``t0:t1`` of F(4x4), channels last: tiles (36, n, rows, tw, cin), GEMMs
     ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout). Both transforms work on one
@@ -367,10 +387,10 @@ def _band4(src, u, y, t0, t1, oh, ow):
             row = 4 * (t0 + r)
             for k in range(num):
                 # B^T d B: the rows of every tile (all six columns at once) ...
-                np.matmul(bt_m, _flat(src[k, row:row + 6], (6, 6 * run_in)), out=_flat(tr, (6, 6 * run_in)))
+                _small_gemm(bt_m, _flat(src[k, row:row + 6], (6, 6 * run_in)), _flat(tr, (6, 6 * run_in)))
                 # ... then the columns, into the 36 tile matrices
                 for i in range(6):
-                    np.matmul(bt_m, _flat(tr[i], (6, run_in)), out=_flat(v[i, :, k, r], (6, run_in)))
+                    _small_gemm(bt_m, _flat(tr[i], (6, run_in)), _flat(v[i, :, k, r], (6, run_in)))
     threads.parallel_for(bt, transform_in, work=2 * v.size)
     cols = num * bt * tw
     m = workspace(np, (36, cols, cout), dt, _PROD)
@@ -384,12 +404,12 @@ def _band4(src, u, y, t0, t1, oh, ow):
             for k in range(num):
                 # A^T M A: rows ...
                 for j in range(6):
-                    np.matmul(at, _flat(m[:, j, k, r], (6, run_out)), out=_flat(sr[:, j], (4, run_out)))
+                    _small_gemm(at, _flat(m[:, j, k, r], (6, run_out)), _flat(sr[:, j], (4, run_out)))
                 # ... then columns, into y (channels first; one copy unless the map's edge crops)
                 y0 = 4 * (t0 + r)
                 na = min(4, oh - y0)
                 for a in range(na):
-                    np.matmul(at, _flat(sr[a], (6, run_out)), out=_flat(out[a], (4, run_out)))
+                    _small_gemm(at, _flat(sr[a], (6, run_out)), _flat(out[a], (4, run_out)))
                 if na == 4 and ow == 4 * tw:
                     np.copyto(_flat(y[k, :, y0:y0 + 4], (cout, 4, tw, 4)), out.transpose(3, 0, 2, 1))
                     continue
