@@ -10,11 +10,14 @@ timed next to it (``--no-torch`` to skip).
     python benchmarks/bench_layers.py --batch 2 --only conv --repeat 3
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_layers.py   # one core each
     python benchmarks/bench_layers.py --only "alex conv2" --engines default,im2col --repeat 9 --median
+    python benchmarks/bench_layers.py --only "vgg conv" --engines default,winograd:tile=2,winograd:tile=4 --forward-only
 
 ``--engines`` times each convolution with each named engine (``default``: the one DEFAULT picks)
 in the same process, the runs interleaved round by round, so an engine change is measured A/B on a
-shared machine; ``--median`` reports the median run instead of the best; ``--clock process`` times
-CPU time, which other jobs on a busy machine do not inflate (with one thread everywhere only).
+shared machine (``name:option=value`` passes a build option, integers as such: an engine with and
+without one of its paths); ``--median`` reports the median run instead of the best; ``--clock process`` times
+CPU time, which other jobs on a busy machine do not inflate (with one thread everywhere only);
+``--forward-only`` skips the backward (an engine that changes only the forward).
 """
 import argparse
 import os
@@ -43,7 +46,9 @@ LAYERS = [
     ("vgg conv1_2 3x3 64->64 224²", conv(64, 3, p=1), (64, 224, 224)),
     ("vgg conv2_1 3x3 64->128 112²", conv(128, 3, p=1), (64, 112, 112)),
     ("vgg conv2_2 3x3 128->128 112²", conv(128, 3, p=1), (128, 112, 112)),
+    ("vgg conv3_1 3x3 128->256 56²", conv(256, 3, p=1), (128, 56, 56)),
     ("vgg conv3_2 3x3 256->256 56²", conv(256, 3, p=1), (256, 56, 56)),
+    ("vgg conv4_1 3x3 256->512 28²", conv(512, 3, p=1), (256, 28, 28)),
     ("vgg conv4_2 3x3 512->512 28²", conv(512, 3, p=1), (512, 28, 28)),
     ("vgg conv5_2 3x3 512->512 14²", conv(512, 3, p=1), (512, 14, 14)),
     # GoogLeNet
@@ -99,6 +104,16 @@ def best_time(fn, repeat, warmup=1):
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def engine_spec(spec):
+    """'winograd:data_grad=0:band_rows=2' -> ('winograd', {'data_grad': 0, 'band_rows': 2})."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
 
 
 def interleaved_times(fns, repeat, stat, clock=time.perf_counter):
@@ -196,8 +211,8 @@ def main(argv=None):
                     + ", or substrings of layer names")
     ap.add_argument("--no-torch", action="store_true", help="do not time PyTorch next to minicaffe")
     ap.add_argument("--engines", default="", help="comma list of convolution engines to time side by side, "
-                    "interleaved ('default': DEFAULT's choice; e.g. default,im2col); build options after a "
-                    "colon, e.g. winograd:tile=2")
+                    "interleaved ('default': DEFAULT's choice; e.g. default,im2col); build options after "
+                    "colons, e.g. winograd:tile=2")
     ap.add_argument("--forward-only", action="store_true", help="time the forward pass alone")
     ap.add_argument("--median", action="store_true", help="report the median run instead of the best")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -256,11 +271,9 @@ def main(argv=None):
                 b.diff[...] = 0
 
         def use(engine):
-            name, _, opts = engine.partition(":")
-            options = {k: int(v) for k, v in (o.split("=") for o in opts.split(";") if o)}
-
             def setup():
                 if kind == "Convolution":
+                    name, options = engine_spec(engine)
                     engines.force(layer, None if name == "default" else name, **options)
                     layer.reshape(bottom, top)
             return setup

@@ -124,7 +124,7 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 #   ResNet 512 7² (2)               7.3    13.0    20.0     CaffeNet conv3 256 13² (8)   29.3    26.7    25.6
 #
 # So: 64-channel layers pay too now (the transforms are GEMMs, winograd.py), 1.2-1.75x; 128-512
-# channels 1.3-2.5x, F(4x4) ahead of F(2x2) everywhere it pays; 7x7 maps lose (a 4x4 tile there is
+# channels 1.1-2.65x, F(4x4) ahead of F(2x2) everywhere it pays; 7x7 maps lose (a 4x4 tile there is
 # 1.3x padding, and few tiles make thin GEMMs); below ~64 tiles (VGG conv5 or ResNet's 14x14 at batch
 # 2: 32 tiles) the GEMMs are too thin to gain.
 WINOGRAD_MIN_CHANNELS = 64

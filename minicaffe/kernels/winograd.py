@@ -284,7 +284,10 @@ def _transposer():
 
     def transpose(a, shape, dtype):
         out = _tmp(_CHANNELS_LAST, shape, dtype)
-        cv2.transpose(a.reshape(a.shape[0], -1), out.reshape(-1, a.shape[0]))
+        dst = out.reshape(-1, a.shape[0])
+        got = cv2.transpose(a.reshape(a.shape[0], -1), dst)
+        if got is not dst and not np.shares_memory(got, dst):     # OpenCV made its own array
+            np.copyto(dst, got)
         return out
     return transpose
 
