@@ -10,10 +10,12 @@ timed next to it (``--no-torch`` to skip).
     python benchmarks/bench_layers.py --batch 2 --only conv --repeat 3
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_layers.py   # one core each
     python benchmarks/bench_layers.py --only "alex conv2" --engines default,im2col --repeat 9 --median
+    python benchmarks/bench_layers.py --only vgg --engines winograd:data_grad=0,winograd:data_grad=1
 
 ``--engines`` times each convolution with each named engine (``default``: the one DEFAULT picks)
 in the same process, the runs interleaved round by round, so an engine change is measured A/B on a
-shared machine; ``--median`` reports the median run instead of the best; ``--clock process`` times
+shared machine (``name:option=value`` passes a build option, integers as such: an engine with and
+without one of its paths); ``--median`` reports the median run instead of the best; ``--clock process`` times
 CPU time, which other jobs on a busy machine do not inflate (with one thread everywhere only).
 """
 import argparse
@@ -40,8 +42,12 @@ def conv(o, k, s=1, p=0, g=1):
 
 LAYERS = [
     # VGG-16 3x3 convolutions (pad 1)
+    ("vgg conv1_2 3x3 64->64 224²", conv(64, 3, p=1), (64, 224, 224)),
+    ("vgg conv2_1 3x3 64->128 112²", conv(128, 3, p=1), (64, 112, 112)),
     ("vgg conv2_2 3x3 128->128 112²", conv(128, 3, p=1), (128, 112, 112)),
+    ("vgg conv3_1 3x3 128->256 56²", conv(256, 3, p=1), (128, 56, 56)),
     ("vgg conv3_2 3x3 256->256 56²", conv(256, 3, p=1), (256, 56, 56)),
+    ("vgg conv4_1 3x3 256->512 28²", conv(512, 3, p=1), (256, 28, 28)),
     ("vgg conv4_2 3x3 512->512 28²", conv(512, 3, p=1), (512, 28, 28)),
     ("vgg conv5_2 3x3 512->512 14²", conv(512, 3, p=1), (512, 14, 14)),
     # GoogLeNet
@@ -91,6 +97,16 @@ def best_time(fn, repeat, warmup=1):
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def engine_spec(spec):
+    """'winograd:data_grad=0:band_rows=2' -> ('winograd', {'data_grad': 0, 'band_rows': 2})."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
 
 
 def interleaved_times(fns, repeat, stat, clock=time.perf_counter):
@@ -248,7 +264,8 @@ def main(argv=None):
         def use(engine):
             def setup():
                 if kind == "Convolution":
-                    engines.force(layer, None if engine == "default" else engine)
+                    name, options = engine_spec(engine)
+                    engines.force(layer, None if name == "default" else name, **options)
                     layer.reshape(bottom, top)
             return setup
         variants = conv_engines if kind == "Convolution" else ["default"]

@@ -8,7 +8,10 @@ reshape from this table (``engine: CAFFE`` picks the reference):
 engine                devices      DEFAULT picks it for                                        prio
 ====================  ===========  ==========================================================  =====
 winograd              cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
-                                   maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``
+                                   maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``; its
+                                   data gradient too where that pays (layers that do not widen,
+                                   pad <= 2); Deconvolution 3x3/1 where its forward (a data
+                                   gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -60,6 +63,7 @@ from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, 
 _ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
 _WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
 _CL_FILTERS = _context.Slot("cl_filters")           # weights permuted to (cout, kh, kw, cin/group)
+_WINOGRAD_FLIPPED = _context.Slot("wino_flipped")   # the data gradient's filters before their transform
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -109,6 +113,17 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 # memory-bound, cost as much as the GEMM work saved), and CaffeNet's 13x13 conv3 gains under 15%.
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_SIZE = 14
+
+# Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
+# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): layers that do not widen (cout <= cin)
+# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more. Measured
+# on VGG-16's layers, batch 4, the whole backward (data + weight gradient), Winograd / columns,
+# interleaved medians (docs/performance.md, "Winograd in backward"): 0.85-0.96 at one thread on
+# conv1_2 (64->64, 224²) to conv5_2 (512->512, 14²), 0.92-0.95 at two; widening layers pay less or
+# lose, the more so the fewer channels: conv2_1 (64->128) 1.05-1.38, GoogLeNet's conv2 (64->192)
+# 1.13, conv3_1 (128->256) 0.92-1.11. Why: the transforms' memory traffic grows with dy's ``cout``
+# channels, the col2im they replace with ``cin``, while the GEMM work saved grows with both.
+WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
 
 class ConvShape:
@@ -200,6 +215,20 @@ def winograd_pays(s):
     more, unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     return (winograd.applies(s.geom, s.group) and s.cin >= WINOGRAD_MIN_CHANNELS
             and min(s.out_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd)
+
+
+def winograd_backward_computes(s):
+    """Whether Winograd computes the data gradient: the forward's shapes with pads up to 2 (the
+    gradient's own pad is ``2 - p``)."""
+    return winograd.applies(s.geom, s.group) and s.geom.ph <= 2 and s.geom.pw <= 2
+
+
+def winograd_backward_pays(s):
+    """Where the Winograd data gradient beats col2im(W^T dy): layers that do not widen, from
+    WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more (see the
+    constants), unless MINICAFFE_WINOGRAD=0."""
+    return (winograd_backward_computes(s) and s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin
+            and min(s.in_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd)
 
 
 # --- the engines ------------------------------------------------------------------------------------
@@ -441,15 +470,34 @@ class ChannelsLastConv(Im2colConv):
 
 
 class WinogradConv(Im2colConv):
-    """Winograd F(2x2, 3x3) for the forward (``winograd``); the gradients as ``Im2colConv``. The
-    transformed filters are kept between forwards in a TEST net, whose weights rarely change, and
-    redone in scratch space in a TRAIN net, whose weights change every iteration."""
+    """Winograd F(2x2, 3x3) for the forward (``winograd``) and, with ``data_grad``, for the data
+    gradient; the weight gradient as ``Im2colConv``.
 
-    def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None):
+    The data gradient of a 3x3 stride-1 convolution with pad ``p`` is itself a 3x3 stride-1
+    convolution, of ``dy`` with the filters flipped in both spatial axes and their two channel axes
+    swapped, with pad ``2 - p`` (each input pixel gathers the outputs whose windows cover it, the
+    window seen from the other side): so ``winograd.forward`` computes it, for pads up to 2
+    (``winograd_backward_computes``). Deconvolution's forward is that data gradient, so it gets
+    the same path; its data gradient is the convolution's forward (Winograd when no weight
+    gradient shares the call's column matrix).
+
+    The transformed filters (forward, flipped) are kept between calls in a TEST net, whose weights
+    rarely change, and redone in scratch space in a TRAIN net, whose weights change every iteration.
+    ``data_grad``: None (DEFAULT) uses Winograd for the data gradient where it pays
+    (``winograd_backward_pays``); True or False forces it (True only where it computes)."""
+
+    def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None,
+                 data_grad=None):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.train = phase == caffe_pb2.TRAIN
         self.cache = winograd.FilterCache()
         self.band = band_rows
+        self.flipped_cache = winograd.FilterCache()
+        if data_grad is None:
+            data_grad = winograd_backward_pays(shape)
+        elif data_grad and not winograd_backward_computes(shape):
+            raise ValueError(f"Winograd cannot compute the data gradient of pad {shape.geom.ph}x{shape.geom.pw}")
+        self.data_grad = bool(data_grad)
 
     def _filters(self, w):
         if self.train:
@@ -457,11 +505,29 @@ class WinogradConv(Im2colConv):
             return winograd.transform_filters(w, out=scratch)
         return self.cache.get(w)
 
+    def _flipped_filters(self, w):
+        """The filters of the data gradient: ``w`` (cout, cin, 3, 3) -> (cin, cout, 3, 3), flipped
+        in both spatial axes (a copy, so the transform reads contiguous filters), transformed."""
+        flipped = workspace(np, (w.shape[1], w.shape[0]) + w.shape[2:], w.dtype, _WINOGRAD_FLIPPED)
+        parallel_copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        if self.train:
+            return flipped, self._filters(flipped)
+        return flipped, self.flipped_cache.get(flipped)
+
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is None or dw is not None:
             return super().forward(x, w, y, grad_src, dw)
         g = self.s.geom
         winograd.forward(x, w, y, g.ph, g.pw, u=self._filters(w), band=self.band)
+
+    def backward(self, dy, w, dx=None, x=None, dw=None):
+        if dx is None or not self.data_grad:
+            return super().backward(dy, w, dx, x, dw)
+        if dw is not None:
+            super().backward(dy, w, None, x, dw)
+        g = self.s.geom
+        flipped, u = self._flipped_filters(w)
+        winograd.forward(dy, flipped, dx, 2 - g.ph, 2 - g.pw, u=u, band=self.band)
 
 
 def _device():
@@ -498,12 +564,20 @@ def _register_conv(layer_type):
                     build=lambda layer, **opt: cudnn_conv.CudnnConv(layer.conv, layer.blobs[0].dtype, **opt)))
 
 
-# Winograd computes Convolution's forward only: Deconvolution's forward is a data gradient
+# Winograd: Convolution's forward where it pays and its data gradient where that pays; Deconvolution's
+# forward is a convolution's data gradient, so DEFAULT picks it there where that pays
+def _winograd(layer, **opt):
+    return WinogradConv(layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})
+
+
 register(Engine("Convolution", "winograd", devices=("cpu",), priority=40,
                 applies=lambda layer: winograd_pays(layer.conv),
                 computes=lambda layer: winograd.applies(layer.conv.geom, layer.conv.group),
-                build=lambda layer, **opt: WinogradConv(
-                    layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})))
+                build=_winograd))
+register(Engine("Deconvolution", "winograd", devices=("cpu",), priority=40,
+                applies=lambda layer: winograd_backward_pays(layer.conv),
+                computes=lambda layer: winograd.applies(layer.conv.geom, layer.conv.group),
+                build=_winograd))
 _register_conv("Convolution")
 _register_conv("Deconvolution")
 
