@@ -359,9 +359,6 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # batch < 4
     ("Deconvolution", (4, 8, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),
     ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # widens
-    ("Deconvolution", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "winograd"),
-    ("Deconvolution", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", "im2col"),          # pad > 2
-    ("Deconvolution", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", "im2col"),
     ("Deconvolution", (4, 21, 16, 16), "num_output: 21 kernel_size: 4 stride: 2", "im2col"),       # FCN upscore
     ("Deconvolution", (2, 16, 20, 20), "num_output: 8 kernel_size: 1", "gemm_1x1"),
 ])
@@ -374,13 +371,39 @@ def test_default_engine_is_the_one_that_pays(layer_type, shape, spec, want):
     (256, 256, 1, True), (512, 256, 1, True), (64, 64, 0, True), (128, 128, 2, True),
     (128, 256, 1, False),       # widens: the transforms of dy cost more than the col2im they replace
     (32, 32, 1, False), (256, 256, 3, False)])
-def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want):
+def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, env_switch):
+    """On one thread (measured to pay there only), by shape."""
+    env_switch("OMP_NUM_THREADS", "1")
+    env_switch("MINICAFFE_THREADS", "1")
     layer, bottom, top = make_layer(conv_text("Convolution", f"num_output: {cout} kernel_size: 3 pad: {pad}"),
                                     [np.zeros((1, cin, 16, 16), np.float32)])
     engines.force(layer, "winograd")
     layer.reshape(bottom, top)
     assert layer.engine.data_grad is want
     engines.force(layer, None)
+
+
+@pytest.mark.parametrize("threads,shape,spec,want", [
+    ("1", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "winograd"),
+    ("1", (1, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", "im2col"),           # widens
+    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", "im2col"),            # pad > 2
+    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", "im2col"),
+    ("2", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "im2col")])
+def test_default_deconvolution_takes_winograd_where_its_forward_pays(threads, shape, spec, want, env_switch):
+    """Deconvolution's forward is a convolution's data gradient: Winograd where that pays."""
+    env_switch("OMP_NUM_THREADS", threads)
+    env_switch("MINICAFFE_THREADS", threads)
+    layer, _, _ = make_layer(conv_text("Deconvolution", spec), [np.zeros(shape, np.float32)])
+    assert layer.engine_name == want
+
+
+@pytest.mark.parametrize("blas,pool", [("2", "1"), ("1", "2")])
+def test_default_winograd_data_gradient_stays_off_on_two_threads(blas, pool, env_switch):
+    env_switch("OMP_NUM_THREADS", blas)
+    env_switch("MINICAFFE_THREADS", pool)
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 256 kernel_size: 3 pad: 1"),
+                                    [np.zeros((1, 256, 16, 16), np.float32)])
+    assert layer.engine_name == "winograd" and layer.engine.data_grad is False
 
 
 def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):

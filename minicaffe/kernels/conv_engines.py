@@ -9,9 +9,9 @@ engine                devices      DEFAULT picks it for                         
 ====================  ===========  ==========================================================  =====
 winograd              cpu          Convolution 3x3/1, no group, >= 128 input channels, output   40
                                    maps >= 14x14 (VGG), unless ``MINICAFFE_WINOGRAD=0``; its
-                                   data gradient too where that pays (layers that do not widen,
-                                   pad <= 2); Deconvolution 3x3/1 where its forward (a data
-                                   gradient) pays
+                                   data gradient too where that pays (one thread, layers that do
+                                   not widen, pad <= 2); Deconvolution 3x3/1 where its forward (a
+                                   data gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -48,9 +48,11 @@ Each engine also says where it is *correct* (``computes``), a wider set than whe
 with ``engines.force(layer, name, max_col_elements=1)``.
 """
 
+import os
+
 import numpy as np
 
-from ..core import backend
+from ..core import backend, threads
 from ..core import context as _context
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
@@ -115,14 +117,17 @@ WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_SIZE = 14
 
 # Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
-# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): layers that do not widen (cout <= cin)
-# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more. Measured
-# on VGG-16's layers, batch 4, the whole backward (data + weight gradient), Winograd / columns,
-# interleaved medians (docs/performance.md, "Winograd in backward"): 0.85-0.96 at one thread on
-# conv1_2 (64->64, 224²) to conv5_2 (512->512, 14²), 0.92-0.95 at two; widening layers pay less or
-# lose, the more so the fewer channels: conv2_1 (64->128) 1.05-1.38, GoogLeNet's conv2 (64->192)
-# 1.13, conv3_1 (128->256) 0.92-1.11. Why: the transforms' memory traffic grows with dy's ``cout``
-# channels, the col2im they replace with ``cin``, while the GEMM work saved grows with both.
+# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): on one thread (one BLAS thread, a pool
+# of one), layers that do not widen (cout <= cin) from WINOGRAD_BACKWARD_MIN_CHANNELS input channels
+# on maps of WINOGRAD_MIN_SIZE and more. Measured on VGG-16's layers, batch 4, the whole backward
+# (data + weight gradient), Winograd / columns, interleaved, CPU time, medians of 5-9, two runs
+# (docs/performance.md, "Winograd in backward"): 0.85-0.96 from conv1_2 (64->64, 224²) to conv5_2
+# (512->512, 14²); widening layers pay less or lose, the more so the fewer channels: conv2_1
+# (64->128) 1.05-1.15, GoogLeNet's conv2 (64->192) 1.13, conv3_1 (128->256) 0.92-0.97. Why: the
+# transforms' memory traffic grows with dy's ``cout`` channels, the col2im they replace with
+# ``cin``, while the GEMM work saved grows with both. On two threads it did not pay (1.0-2.0x, best
+# of 11, on the shared 2-core machine): col2im is split over the kernels' pool, Winograd's
+# transforms are not (yet), and its 16 GEMMs per band of tiles each wait for both BLAS threads.
 WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
 
@@ -224,11 +229,18 @@ def winograd_backward_computes(s):
 
 
 def winograd_backward_pays(s):
-    """Where the Winograd data gradient beats col2im(W^T dy): layers that do not widen, from
-    WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more (see the
-    constants), unless MINICAFFE_WINOGRAD=0."""
+    """Where the Winograd data gradient beats col2im(W^T dy): on one thread, layers that do not widen,
+    from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more (see
+    the constants), unless MINICAFFE_WINOGRAD=0."""
     return (winograd_backward_computes(s) and s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin
-            and min(s.in_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd)
+            and min(s.in_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd and _one_thread())
+
+
+def _one_thread():
+    """Whether a convolution runs on one core: one BLAS thread (OMP_NUM_THREADS and co., else the
+    cores) and a kernels' pool of one."""
+    blas = (_context.current().switches.blas_threads or "").strip()
+    return (blas == "1" if blas.isdigit() else (os.cpu_count() or 1) == 1) and threads.size() == 1
 
 
 # --- the engines ------------------------------------------------------------------------------------
