@@ -125,9 +125,10 @@ WINOGRAD_MIN_SIZE = 14
 # (512->512, 14²); widening layers pay less or lose, the more so the fewer channels: conv2_1
 # (64->128) 1.05-1.15, GoogLeNet's conv2 (64->192) 1.13, conv3_1 (128->256) 0.92-0.97. Why: the
 # transforms' memory traffic grows with dy's ``cout`` channels, the col2im they replace with
-# ``cin``, while the GEMM work saved grows with both. On two threads it did not pay (1.0-2.0x, best
-# of 11, on the shared 2-core machine): col2im is split over the kernels' pool, Winograd's
-# transforms are not (yet), and its 16 GEMMs per band of tiles each wait for both BLAS threads.
+# ``cin``, while the GEMM work saved grows with both. On two threads it did not pay (0.81-2.2x in
+# three runs on the shared 2-core machine, slower in 19 of 23 layer-runs): col2im is split over the
+# kernels' pool, Winograd's transforms are not (yet), and its 16 GEMMs per band of tiles each wait
+# for both BLAS threads.
 WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
 
