@@ -11,6 +11,7 @@ timed next to it (``--no-torch`` to skip).
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_layers.py   # one core each
     python benchmarks/bench_layers.py --only "alex conv2" --engines default,im2col --repeat 9 --median
     python benchmarks/bench_layers.py --only "vgg conv" --engines default,winograd:tile=2,winograd:tile=4 --forward-only
+    python benchmarks/bench_layers.py --only vgg --engines winograd:data_grad=0,winograd:data_grad=1
 
 ``--engines`` times each convolution with each named engine (``default``: the one DEFAULT picks)
 in the same process, the runs interleaved round by round, so an engine change is measured A/B on a

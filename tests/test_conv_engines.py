@@ -16,7 +16,7 @@ from minicaffe.formats.prototxt import load_net_param
 from minicaffe.core import context
 from minicaffe.kernels import cudnn, engines, winograd
 from minicaffe.proto import caffe_pb2
-from minicaffe.testing import forward, make_layer
+from minicaffe.testing import check_gradient, forward, make_layer
 
 REF = engines.REFERENCE
 
@@ -62,6 +62,8 @@ CASES = {
     # F(4x4): one image, outputs not multiples of 4 (10x9, 11x8), pad 2 on both axes
     "batch1_odd": ((1, 5, 10, 9), "num_output: 3 kernel_size: 3 pad: 1"),
     "pad2": ((2, 3, 9, 6), "num_output: 4 kernel_size: 3 pad: 2"),
+    # pad 3 (the Winograd data gradient's own pad is 2 - p: from 3 on, the columns do it)
+    "pad3": ((2, 3, 8, 7), "num_output: 2 kernel_size: 3 pad: 3"),
     # 1-D, and leading axes flattened into the batch
     "1d": ((2, 3, 9), "num_output: 4 kernel_size: 3 stride: 2 pad: 1 dilation: 2"),
     "axis2": ((2, 3, 4, 6, 5), "num_output: 2 kernel_size: 3 axis: 2 pad: 1"),
@@ -340,6 +342,89 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
     assert mine < common
 
 
+WINOGRAD_GRAD_CASES = ["k3p1", "odd", "pad_h2", "one_tile", "vgg", "pad2"]
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", WINOGRAD_GRAD_CASES)
+@pytest.mark.parametrize("options", [{}, {"band_rows": 1}])
+def test_winograd_data_gradient_matches_the_reference(layer_type, case, options):
+    """The data gradient as a Winograd convolution of dy with the flipped filters (pads 0, 1, 2, odd
+    sizes, one image, one tile), next to the column weight gradient; for Deconvolution that is its
+    forward, and its own data gradient (weights frozen) the Winograd forward."""
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "winograd", {"data_grad": True, **options}), ref)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["odd", "pad2"])
+def test_winograd_data_gradient_in_float32_matches_the_reference(layer_type, case):
+    """float32 blobs (what nets run): output, data and weight gradients to float32 rounding."""
+    shape, spec = CASES[case]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text(layer_type, spec), [x])
+    dy = rng.standard_normal(top[0].shape).astype(np.float32)
+    got = {}
+    for name, options in ((REF, {}), ("winograd", {"data_grad": True})):
+        engines.force(layer, name, **options)
+        y = forward(layer, bottom, top)[0]
+        assert layer.engine_name == name
+        top[0].diff[...] = dy
+        for b in layer.blobs:
+            b.diff[...] = 0
+        layer.backward(top, [True], bottom)
+        got[name] = [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+    engines.force(layer, None)
+    for g, w in zip(got["winograd"], got[REF]):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_winograd_data_gradient_is_only_forced_where_it_computes():
+    """Pad 3 and more: the data gradient stays on the columns by default and cannot be forced."""
+    layer, bottom, top = _layer("Convolution", "pad3")
+    engines.force(layer, "winograd")
+    layer.reshape(bottom, top)
+    assert layer.engine.data_grad is False
+    engines.force(layer, "winograd", data_grad=True)
+    with pytest.raises(ValueError, match="pad 3x3"):
+        layer.reshape(bottom, top)
+    engines.force(layer, None)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+def test_winograd_data_gradient_passes_the_gradient_check(layer_type):
+    """Central differences through a layer forced onto the Winograd data gradient (Deconvolution:
+    its forward is that path, so its objective itself goes through it)."""
+    x = np.random.default_rng(8).standard_normal((1, 2, 5, 4))
+    text = conv_text(layer_type, "num_output: 2 kernel_size: 3 pad: 1")
+    check_gradient(text, [x], setup_hook=lambda layer, b, t: engines.force(layer, "winograd", data_grad=True))
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
+def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
+    """The transformed flipped filters (cached in a TEST net) are redone when the weights change in
+    place: the data gradient (Deconvolution: the forward) scales with them."""
+    x = np.random.default_rng(12).standard_normal((2, 3, 8, 7)).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text(layer_type, "num_output: 4 kernel_size: 3 pad: 1", bias=False),
+                                    [x], phase=phase)
+    engines.force(layer, "winograd", data_grad=True)
+    results = []
+    for scale in (1.0, -2.0):
+        layer.blobs[0].data[...] *= scale
+        y = forward(layer, bottom, top)[0]
+        assert layer.engine_name == "winograd"
+        top[0].diff[...] = 1.0
+        layer.backward(top, [True], bottom)
+        results.append((y, bottom[0].diff.copy()))
+    for first, second in zip(*results):     # the outputs, then the data gradients
+        np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
+    engines.force(layer, None)
+
+
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
     ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
@@ -368,7 +453,7 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
     ("Convolution", (1, 1024, 14, 14), "num_output: 8 kernel_size: 1 stride: 2", "im2col"),        # ResNet 7²
     ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # batch < 4
     ("Deconvolution", (4, 8, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),
-    ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # no Winograd
+    ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # widens
     ("Deconvolution", (4, 21, 16, 16), "num_output: 21 kernel_size: 4 stride: 2", "im2col"),       # FCN upscore
     ("Deconvolution", (2, 16, 20, 20), "num_output: 8 kernel_size: 1", "gemm_1x1"),
 ])
@@ -388,6 +473,45 @@ def test_winograd_tile_size_follows_the_batch_tile_count():
     engines.force(layer, "winograd")
     layer.reshape(bottom, top)
     assert layer.engine_name == "winograd" and layer.engine.tile == 2
+
+
+@pytest.mark.parametrize("cin,cout,pad,want", [
+    (256, 256, 1, True), (512, 256, 1, True), (64, 64, 0, True), (128, 128, 2, True),
+    (128, 256, 1, False),       # widens: the transforms of dy cost more than the col2im they replace
+    (32, 32, 1, False), (256, 256, 3, False)])
+def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, env_switch):
+    """On one thread (measured to pay there only), by shape."""
+    env_switch("OMP_NUM_THREADS", "1")
+    env_switch("MINICAFFE_THREADS", "1")
+    layer, bottom, top = make_layer(conv_text("Convolution", f"num_output: {cout} kernel_size: 3 pad: {pad}"),
+                                    [np.zeros((1, cin, 16, 16), np.float32)])
+    engines.force(layer, "winograd")
+    layer.reshape(bottom, top)
+    assert layer.engine.data_grad is want
+    engines.force(layer, None)
+
+
+@pytest.mark.parametrize("threads,shape,spec,want", [
+    ("1", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "winograd"),
+    ("1", (1, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", "im2col"),           # widens
+    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", "im2col"),            # pad > 2
+    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", "im2col"),
+    ("2", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "im2col")])
+def test_default_deconvolution_takes_winograd_where_its_forward_pays(threads, shape, spec, want, env_switch):
+    """Deconvolution's forward is a convolution's data gradient: Winograd where that pays."""
+    env_switch("OMP_NUM_THREADS", threads)
+    env_switch("MINICAFFE_THREADS", threads)
+    layer, _, _ = make_layer(conv_text("Deconvolution", spec), [np.zeros(shape, np.float32)])
+    assert layer.engine_name == want
+
+
+@pytest.mark.parametrize("blas,pool", [("2", "1"), ("1", "2")])
+def test_default_winograd_data_gradient_stays_off_on_two_threads(blas, pool, env_switch):
+    env_switch("OMP_NUM_THREADS", blas)
+    env_switch("MINICAFFE_THREADS", pool)
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 256 kernel_size: 3 pad: 1"),
+                                    [np.zeros((1, 256, 32, 32), np.float32)])     # 64 4x4 tiles: forward pays
+    assert layer.engine_name == "winograd" and layer.engine.data_grad is False
 
 
 def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):

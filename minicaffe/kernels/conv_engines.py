@@ -9,7 +9,10 @@ engine                devices      DEFAULT picks it for                         
 ====================  ===========  ==========================================================  =====
 winograd              cpu          Convolution 3x3/1, no group, >= 64 input channels, output    40
                                    maps >= 13x13, >= 64 4x4 output tiles per batch (VGG,
-                                   ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``
+                                   ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
+                                   data gradient too where that pays (layers that do not widen,
+                                   pad <= 2); Deconvolution 3x3/1 where its forward (a data
+                                   gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -46,9 +49,11 @@ Each engine also says where it is *correct* (``computes``), a wider set than whe
 with ``engines.force(layer, name, max_col_elements=1)``.
 """
 
+import os
+
 import numpy as np
 
-from ..core import backend
+from ..core import backend, threads
 from ..core import context as _context
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
@@ -61,6 +66,7 @@ from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, 
 _ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
 _WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
 _CL_FILTERS = _context.Slot("cl_filters")           # weights permuted to (cout, kh, kw, cin/group)
+_WINOGRAD_FLIPPED = _context.Slot("wino_flipped")   # the data gradient's filters before their transform
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
 # images so memory stays bounded (Caffe builds one image at a time; we build as many as fit).
@@ -130,6 +136,21 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 13
 WINOGRAD_MIN_TILES = 64
+
+# Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
+# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): on one thread (one BLAS thread, a pool
+# of one), layers that do not widen (cout <= cin) from WINOGRAD_BACKWARD_MIN_CHANNELS input channels
+# on maps of WINOGRAD_MIN_SIZE and more. Measured on VGG-16's layers, batch 4, the whole backward
+# (data + weight gradient), Winograd / columns, interleaved, CPU time, medians of 5-9, two runs
+# (docs/performance.md, "Winograd in backward"): 0.85-0.96 from conv1_2 (64->64, 224²) to conv5_2
+# (512->512, 14²); widening layers pay less or lose, the more so the fewer channels: conv2_1
+# (64->128) 1.05-1.15, GoogLeNet's conv2 (64->192) 1.13, conv3_1 (128->256) 0.92-0.97. Why: the
+# transforms' memory traffic grows with dy's ``cout`` channels, the col2im they replace with
+# ``cin``, while the GEMM work saved grows with both. On two threads it did not pay (0.81-2.2x in
+# three runs on the shared 2-core machine, slower in 19 of 23 layer-runs): col2im is split over the
+# kernels' pool, Winograd's transforms are not (yet), and its 16 GEMMs per band of tiles each wait
+# for both BLAS threads.
+WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
 
 class ConvShape:
@@ -225,6 +246,27 @@ def winograd_pays(s):
     oh, ow = s.out_hw
     return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE
             and s.num * -(-oh // 4) * -(-ow // 4) >= WINOGRAD_MIN_TILES and _context.current().switches.winograd)
+
+
+def winograd_backward_computes(s):
+    """Whether Winograd computes the data gradient: the forward's shapes with pads up to 2 (the
+    gradient's own pad is ``2 - p``)."""
+    return winograd.applies(s.geom, s.group) and s.geom.ph <= 2 and s.geom.pw <= 2
+
+
+def winograd_backward_pays(s):
+    """Where the Winograd data gradient beats col2im(W^T dy): on one thread, layers that do not widen,
+    from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more (see
+    the constants), unless MINICAFFE_WINOGRAD=0."""
+    return (winograd_backward_computes(s) and s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin
+            and min(s.in_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd and _one_thread())
+
+
+def _one_thread():
+    """Whether a convolution runs on one core: one BLAS thread (OMP_NUM_THREADS and co., else the
+    cores) and a kernels' pool of one."""
+    blas = (_context.current().switches.blas_threads or "").strip()
+    return (blas == "1" if blas.isdigit() else (os.cpu_count() or 1) == 1) and threads.size() == 1
 
 
 # --- the engines ------------------------------------------------------------------------------------
@@ -467,30 +509,67 @@ class ChannelsLastConv(Im2colConv):
 
 class WinogradConv(Im2colConv):
     """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward (``winograd``; the tile size from
-    ``winograd.tile_size``, or the ``tile`` option); the gradients as ``Im2colConv``. The
-    transformed filters are kept between forwards in a TEST net, whose weights rarely change, and
-    redone in scratch space in a TRAIN net, whose weights change every iteration."""
+    ``winograd.tile_size``, or the ``tile`` option) and, with ``data_grad``, for the data gradient;
+    the weight gradient as ``Im2colConv``.
+
+    The data gradient of a 3x3 stride-1 convolution with pad ``p`` is itself a 3x3 stride-1
+    convolution, of ``dy`` with the filters flipped in both spatial axes and their two channel axes
+    swapped, with pad ``2 - p`` (each input pixel gathers the outputs whose windows cover it, the
+    window seen from the other side): so ``winograd.forward`` computes it, for pads up to 2
+    (``winograd_backward_computes``), with the tile size picked for the input's map. Deconvolution's
+    forward is that data gradient, so it gets the same path; its data gradient is the convolution's
+    forward (Winograd when no weight gradient shares the call's column matrix).
+
+    The transformed filters (forward, flipped) are kept between calls in a TEST net, whose weights
+    rarely change, and redone in scratch space in a TRAIN net, whose weights change every iteration.
+    ``data_grad``: None (DEFAULT) uses Winograd for the data gradient where it pays
+    (``winograd_backward_pays``); True or False forces it (True only where it computes)."""
 
     def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None,
-                 tile=None):
+                 tile=None, data_grad=None):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.train = phase == caffe_pb2.TRAIN
         self.cache = winograd.FilterCache()
         self.band = band_rows
         self.tile = (tile if tile is not None else
                      winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1]))
+        self.grad_tile = (tile if tile is not None else
+                          winograd.tile_size(shape.num, shape.in_hw[0], shape.in_hw[-1]))
+        self.flipped_cache = winograd.FilterCache()
+        if data_grad is None:
+            data_grad = winograd_backward_pays(shape)
+        elif data_grad and not winograd_backward_computes(shape):
+            raise ValueError(f"Winograd cannot compute the data gradient of pad {shape.geom.ph}x{shape.geom.pw}")
+        self.data_grad = bool(data_grad)
 
-    def _filters(self, w):
+    def _filters(self, w, tile=None, cache=None):
+        tile = tile or self.tile
         if self.train:
-            scratch = workspace(np, ((self.tile + 2) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
+            scratch = workspace(np, ((tile + 2) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
             return winograd.transform_filters(w, out=scratch)
-        return self.cache.get(w, tile=self.tile)
+        return (cache or self.cache).get(w, tile=tile)
+
+    def _flipped_filters(self, w):
+        """The filters of the data gradient: ``w`` (cout, cin, 3, 3) -> (cin, cout, 3, 3), flipped
+        in both spatial axes (a copy, so the transform reads contiguous filters), transformed."""
+        flipped = workspace(np, (w.shape[1], w.shape[0]) + w.shape[2:], w.dtype, _WINOGRAD_FLIPPED)
+        parallel_copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        return flipped, self._filters(flipped, tile=self.grad_tile, cache=self.flipped_cache)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is None or dw is not None:
             return super().forward(x, w, y, grad_src, dw)
         g = self.s.geom
         winograd.forward(x, w, y, g.ph, g.pw, u=self._filters(w), band=self.band)
+
+    def backward(self, dy, w, dx=None, x=None, dw=None):
+        if dx is None or not self.data_grad:
+            return super().backward(dy, w, dx, x, dw)
+        if dw is not None:
+            super().backward(dy, w, None, x, dw)
+        g = self.s.geom
+        flipped, u = self._flipped_filters(w)
+        winograd.forward(dy, flipped, dx, 2 - g.ph, 2 - g.pw, u=u, band=self.band)
 
 
 def _device():
@@ -527,12 +606,20 @@ def _register_conv(layer_type):
                     build=lambda layer, **opt: cudnn_conv.CudnnConv(layer.conv, layer.blobs[0].dtype, **opt)))
 
 
-# Winograd computes Convolution's forward only: Deconvolution's forward is a data gradient
+# Winograd: Convolution's forward where it pays and its data gradient where that pays; Deconvolution's
+# forward is a convolution's data gradient, so DEFAULT picks it there where that pays
+def _winograd(layer, **opt):
+    return WinogradConv(layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})
+
+
 register(Engine("Convolution", "winograd", devices=("cpu",), priority=40,
                 applies=lambda layer: winograd_pays(layer.conv),
                 computes=lambda layer: winograd.applies(layer.conv.geom, layer.conv.group),
-                build=lambda layer, **opt: WinogradConv(
-                    layer.conv, layer.phase, **{"batch_last": batch_last_pays(layer.conv), **opt})))
+                build=_winograd))
+register(Engine("Deconvolution", "winograd", devices=("cpu",), priority=40,
+                applies=lambda layer: winograd_backward_pays(layer.conv),
+                computes=lambda layer: winograd.applies(layer.conv.geom, layer.conv.group),
+                build=_winograd))
 _register_conv("Convolution")
 _register_conv("Deconvolution")
 
