@@ -66,6 +66,7 @@ class MemoryPlan:
         self.groups, self.buffers, self.keep, self.itemsize = groups, buffers, tuple(keep), itemsize
         self.layers = list(layers)
         self.shared = None      # the SharedBuffers once applied, parallel to the groups' buffers
+        self.trimmed = False    # whether a forward since it was applied gave freed memory back (Net)
 
     @property
     def private_bytes(self):
