@@ -4,8 +4,9 @@ Both sides run ``time`` with Caffe's semantics on the same prototxt: every layer
 layer's backward (``caffe time -model m -iterations n`` and ``minicaffe time --model m --iterations n``),
 each in its own process with the same thread count for BLAS/OpenMP, alternating per net. The nets are
 the TRAIN nets of ``models/*/train_val.prototxt`` with their data layer replaced by an Input layer of
-the net's default batch (as ``bench_nets.py`` builds them; ResNet-50 ships a deploy net only, timed
-with ``force_backward``).
+the net's default training batch (as ``bench_nets.py`` builds them; ResNet-50's BatchNorms therefore
+normalise with the batch's statistics, as in training; before models/resnet50 had a train_val it
+was timed as its deploy net with ``force_backward`` at batch 10).
 
     python benchmarks/bench_caffe.py --caffe "$(bash ../shared/reference-caffe/build.sh | tail -1)"
     python benchmarks/bench_caffe.py --caffe PREFIX --nets lenet,caffenet --iterations 3 --threads 1
@@ -36,12 +37,8 @@ def averages(text):
 
 
 def net_file(name, batch, folder):
-    """The prototxt both tools time: the TRAIN net with an Input layer (a deploy net for DEPLOY_ONLY)."""
-    if name in bench_nets.DEPLOY_ONLY:
-        param = bench_nets.deploy_param(name, batch)
-        param.force_backward = True
-    else:
-        param = bench_nets.train_param(name, batch)
+    """The prototxt both tools time: the TRAIN net with an Input layer."""
+    param = bench_nets.train_param(name, batch)
     path = os.path.join(folder, f"{name}.prototxt")
     bench_nets.write_text(path, param)
     return path
@@ -90,7 +87,7 @@ def main(argv=None):
     print("-" * len(header))
     with tempfile.TemporaryDirectory(prefix="bench_caffe_") as folder:
         for name in nets:
-            batch = args.batch or bench_nets.NETS[name][1]
+            batch = args.batch or bench_nets.default_batch(name, "train")
             model = net_file(name, batch, folder)
             ref = run([caffe_bin, "time", "-model", model, "-iterations", str(args.iterations)], args.threads)
             mc = run([sys.executable, "-m", "minicaffe", "time", "--model", model,

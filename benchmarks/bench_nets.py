@@ -1,6 +1,7 @@
 """Whole-net speed and memory of minicaffe next to PyTorch (CPU) and OpenCV's dnn module.
 
-For each net (LeNet, CaffeNet, GoogLeNet, VGG-16, ResNet-50 from ``models/``):
+For each net (LeNet, CaffeNet, GoogLeNet, VGG-16, ResNet-50 from ``models/``), at the batch of
+issue 15's targets for each mode unless ``--batch`` overrides it (``NETS``):
 
 * **train**: one SGD iteration (forward, backward, momentum update with weight decay, as
   ``caffe.SGDSolver.step(1)``) of the net's ``train_val.prototxt`` (TRAIN phase, its Data layer
@@ -36,16 +37,19 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 NETS = {
-    # name: (model directory, default batch, input shape without the batch)
-    "lenet": ("models/lenet", 64, (1, 28, 28)),
-    "caffenet": ("models/caffenet", 32, (3, 227, 227)),
-    "googlenet": ("models/googlenet", 16, (3, 224, 224)),
-    "vgg16": ("models/vgg/vgg_d", 4, (3, 224, 224)),
-    "resnet50": ("models/resnet50", 10, (3, 224, 224)),
+    # name: (model directory, {mode: default batch}, input shape without the batch); the batches
+    # are issue 15's: inference 10 (VGG-16 2), training CaffeNet 32, GoogLeNet 16, ResNet-50 8,
+    # VGG-16 4
+    "lenet": ("models/lenet", {"train": 64, "infer": 64}, (1, 28, 28)),
+    "caffenet": ("models/caffenet", {"train": 32, "infer": 10}, (3, 227, 227)),
+    "googlenet": ("models/googlenet", {"train": 16, "infer": 10}, (3, 224, 224)),
+    "vgg16": ("models/vgg/vgg_d", {"train": 4, "infer": 2}, (3, 224, 224)),
+    "resnet50": ("models/resnet50", {"train": 8, "infer": 10}, (3, 224, 224)),
 }
-# nets with a deploy.prototxt only (no train_val.prototxt): inference only, and their weights are
-# made here (He's fillers, BatchNorm statistics measured on the input; see ``deploy_weights``)
-DEPLOY_ONLY = ("resnet50",)
+# nets whose weights are made here rather than by their train_val's fillers: a BatchNorm's
+# statistics from a filler are zeros (variance 0), which no 50-layer net survives, so He's
+# fillers are used and each BatchNorm's statistics are measured on the input (``deploy_weights``)
+MEASURED_STATS = ("resnet50",)
 FRAMEWORKS = ("minicaffe", "torch", "opencv")
 DATA_TYPES = ("Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData")
 
@@ -176,6 +180,11 @@ def deploy_weights(net, data, seed=1):
             layer.blobs[2].data[...] = 1.0
 
 
+def default_batch(name, mode):
+    """Issue 15's batch for ``mode`` ("train" or "infer") of net ``name``."""
+    return NETS[name][1][mode]
+
+
 def prepare(args):
     """Build the train net (fillers), save its weights as a caffemodel and deploy prototxt, and
     minicaffe's inference output for the other frameworks to compare with."""
@@ -186,12 +195,12 @@ def prepare(args):
     dp = deploy_param(args.net, args.batch)
     write_text(os.path.join(work, "deploy.prototxt"), dp)
     data, labels = inputs(args.net, args.batch)
-    if args.net in DEPLOY_ONLY:
+    tp = train_param(args.net, args.batch)
+    write_text(os.path.join(work, "train.prototxt"), tp)
+    if args.net in MEASURED_STATS:
         net = caffe.Net(dp, caffe.TEST)
         deploy_weights(net, data)
     else:
-        tp = train_param(args.net, args.batch)
-        write_text(os.path.join(work, "train.prototxt"), tp)
         net = caffe.Net(tp, caffe.TRAIN)
     net.save(os.path.join(work, "weights.caffemodel"))
     del net
@@ -264,13 +273,22 @@ def build_torch(param, weights):
     InnerProduct, Dropout, Concat, Softmax, SoftmaxWithLoss, BatchNorm (global statistics), Scale,
     Eltwise SUM. ReLU runs in place where the prototxt says so (top == bottom), as Caffe does. A
     BatchNorm followed by a Scale on the same blob becomes one ``nn.BatchNorm2d`` with affine
-    weights, as torchvision's ResNet writes it (eval mode: its running statistics).
+    weights (learned, as the Scale's), as torchvision's ResNet writes it: in ``train()`` mode it
+    normalises with the batch's statistics, as Caffe's BatchNorm in TRAIN without
+    ``use_global_stats``; in ``eval()`` mode, and always where the prototxt sets
+    ``use_global_stats: true``, with the stored ones.
     """
     import torch
     import torch.nn.functional as F
     from torch import nn
     from minicaffe.proto import caffe_pb2
     PP = caffe_pb2.PoolingParameter
+
+    class FrozenBatchNorm2d(nn.BatchNorm2d):
+        """``use_global_stats: true``: the stored statistics in training too."""
+
+        def train(self, mode=True):
+            return super().train(False)
 
     class CaffeModule(nn.Module):
         def __init__(self):
@@ -292,7 +310,10 @@ def build_torch(param, weights):
                     nxt = layers[i + 1] if i + 1 < len(layers) else None
                     affine = (nxt is not None and nxt.type == "Scale" and list(nxt.bottom) == list(lp.top)
                               and len(nxt.bottom) == 1)
-                    mod = nn.BatchNorm2d(mean.size, eps=lp.batch_norm_param.eps, affine=affine)
+                    frozen = (lp.batch_norm_param.HasField("use_global_stats")
+                              and lp.batch_norm_param.use_global_stats)
+                    mod = (FrozenBatchNorm2d if frozen else nn.BatchNorm2d)(
+                        mean.size, eps=lp.batch_norm_param.eps, affine=affine)
                     with torch.no_grad():
                         mod.running_mean.copy_(torch.from_numpy(mean.reshape(-1) * f))
                         mod.running_var.copy_(torch.from_numpy(var.reshape(-1) * f))
@@ -304,6 +325,13 @@ def build_torch(param, weights):
                                 mod.bias.copy_(torch.from_numpy(sw[1].reshape(-1)))
                             else:
                                 mod.bias.zero_()
+                                mod.bias.requires_grad_(False)     # a Scale without bias learns none
+                            # the Scale's parameters are learned, with its lr/decay multipliers
+                            for k, tp in enumerate((mod.weight, mod.bias)[:len(sw)]):
+                                spec = nxt.param[k] if k < len(nxt.param) else caffe_pb2.ParamSpec()
+                                self.param_mults.append(
+                                    (tp, spec.lr_mult if spec.HasField("lr_mult") else 1.0,
+                                     spec.decay_mult if spec.HasField("decay_mult") else 1.0))
                     self.mods[key] = mod
                     self.steps.append((mod, list(lp.bottom), list(nxt.top if affine else lp.top), False))
                     continue
@@ -541,15 +569,19 @@ def driver(args):
     print("-" * len(header))
     results = {}
     for net in nets:
-        batch = args.batch or NETS[net][1]
-        with tempfile.TemporaryDirectory(prefix=f"bench_{net}_") as work:
-            prep = spawn("prepare", net, "infer", batch, work, args)
-            if "error" in prep:
-                print(f"{net}: preparing failed: {prep['error']}")
-                continue
+        with tempfile.TemporaryDirectory(prefix=f"bench_{net}_") as top:
+            prepared = {}       # batch -> its work directory (the modes' batches differ)
             for mode in modes:
-                if mode == "train" and net in DEPLOY_ONLY:
-                    print(f"{net:10s} {batch:5d} train  (deploy.prototxt only: inference only)")
+                batch = args.batch or default_batch(net, mode)
+                if batch not in prepared:
+                    work = os.path.join(top, f"batch{batch}")
+                    os.mkdir(work)
+                    prep = spawn("prepare", net, "infer", batch, work, args)
+                    prepared[batch] = None if "error" in prep else work
+                    if "error" in prep:
+                        print(f"{net}: preparing batch {batch} failed: {prep['error']}")
+                work = prepared[batch]
+                if work is None:
                     continue
                 row = {"minicaffe": spawn("minicaffe", net, mode, batch, work, args)}
                 for ref in refs:
@@ -628,7 +660,8 @@ def main(argv=None):
     ap.add_argument("--modes", default="train,infer", help="train, infer or both (default both)")
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                     help="minicaffe and the references to run (default all that import)")
-    ap.add_argument("--batch", type=int, default=0, help="override every net's default batch")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="override every net's default batch (default: issue 15's per net and mode)")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (the best counts)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")

@@ -121,3 +121,84 @@ def test_torch_translation_matches_caffe_semantics():
     with torch.no_grad():
         _, blobs = model({"data": torch.from_numpy(x)})
     np.testing.assert_allclose(blobs["prob"].numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_default_batches_are_the_issue_targets():
+    """Issue 15's targets are at these batches: inference 10 (VGG-16 2), training CaffeNet 32,
+    GoogLeNet 16, ResNet-50 8, VGG-16 4; every net, ResNet-50 included, runs both modes."""
+    bench = _load("bench_nets")
+    want = {"caffenet": (32, 10), "googlenet": (16, 10), "resnet50": (8, 10), "vgg16": (4, 2)}
+    for net, (train, infer) in want.items():
+        assert (bench.default_batch(net, "train"), bench.default_batch(net, "infer")) == (train, infer)
+        assert os.path.exists(os.path.join(ROOT, bench.NETS[net][0], "train_val.prototxt"))
+
+
+def test_resnet50_train_val_is_generated_and_names_the_deploy_layers():
+    """models/resnet50's train_val.prototxt is what make_deploy.py writes (no drift), holds the
+    deploy's parameter layers under the same names (a caffemodel moves between them), and its
+    BatchNorms follow the phase (no use_global_stats), as a Caffe user training ResNet writes it."""
+    spec = importlib.util.spec_from_file_location("make_deploy", os.path.join(ROOT, "models", "resnet50",
+                                                                             "make_deploy.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    from minicaffe.formats.prototxt import filter_net, load_net_param, make_state
+    from minicaffe.proto import caffe_pb2
+    path = os.path.join(ROOT, "models", "resnet50", "train_val.prototxt")
+    with open(path) as f:
+        assert f.read() == str(gen.resnet50_train_val())
+    with open(os.path.join(ROOT, "models", "resnet50", "deploy.prototxt")) as f:
+        assert f.read() == str(gen.resnet50())
+    train = filter_net(load_net_param(path), make_state(caffe_pb2.TRAIN))
+    test = filter_net(load_net_param(path), make_state(caffe_pb2.TEST))
+    deploy = load_net_param(os.path.join(ROOT, "models", "resnet50", "deploy.prototxt"))
+    learned = ("Convolution", "BatchNorm", "Scale", "InnerProduct")
+    names = [lp.name for lp in deploy.layer if lp.type in learned]
+    assert len(names) == 53 * 3 + 1
+    assert [lp.name for lp in train.layer if lp.type in learned] == names
+    assert [lp.type for lp in train.layer][-1] == "SoftmaxWithLoss"
+    assert sorted(lp.type for lp in test.layer if lp.type == "Accuracy") == ["Accuracy"] * 2
+    assert not any(lp.batch_norm_param.HasField("use_global_stats") for lp in train.layer)
+
+
+def test_torch_batchnorm_trains_as_caffe_train_phase():
+    """The PyTorch twin of a BatchNorm + Scale in TRAIN: batch statistics, as Caffe's BatchNorm
+    without use_global_stats, and the Scale's gamma/beta among the parameters the optimiser
+    updates; the loss and the Scale's gradient match minicaffe's."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import minicaffe as caffe
+    from minicaffe.formats.prototxt import load_net_param
+    from minicaffe.net.network import blobproto_to_array
+    bench = _load("bench_nets")
+    text = """
+    layer { name: "data" type: "Input" top: "data" top: "label"
+            input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 } } }
+    layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+            convolution_param { num_output: 5 kernel_size: 3 bias_term: false weight_filler { type: "msra" } } }
+    layer { name: "bn" type: "BatchNorm" bottom: "c" top: "c" }
+    layer { name: "sc" type: "Scale" bottom: "c" top: "c"
+            scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } } }
+    layer { name: "r" type: "ReLU" bottom: "c" top: "c" }
+    layer { name: "fc" type: "InnerProduct" bottom: "c" top: "fc"
+            inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+    """
+    param = load_net_param(text)
+    caffe.set_random_seed(2)
+    net = caffe.Net(param, caffe.TRAIN)
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.standard_normal((4, 3, 6, 6))).astype(np.float32)   # far from zero mean
+    y = np.array([0, 2, 1, 2], np.float32)
+    loss = float(net.forward(data=x, label=y)["loss"])
+    net.backward()
+    weights = {layer.name: [blobproto_to_array(b) for b in layer.blobs]
+               for layer in net.to_proto().layer if len(layer.blobs)}
+    model = bench.build_torch(param, weights).train()
+    learned = {id(t) for t, _, _ in model.param_mults}
+    bn = model.mods["bn"]
+    assert id(bn.weight) in learned and id(bn.bias) in learned
+    out, _ = model({"data": torch.from_numpy(x), "label": torch.from_numpy(y)})
+    out.backward()
+    np.testing.assert_allclose(float(out.detach()), loss, rtol=1e-4)
+    np.testing.assert_allclose(bn.weight.grad.numpy(), net.params["sc"][0].diff.reshape(-1), rtol=1e-3, atol=1e-5)

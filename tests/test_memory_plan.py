@@ -394,3 +394,77 @@ def test_lrn_keeps_no_scale_without_backward(region):
         net.layers[2].backward(net.top_vecs[2], [True], net.bottom_vecs[2])
     assert np.abs(plain.blobs["conv"].diff).max() > 0
     assert np.array_equal(plain.blobs["conv"].diff, shared.blobs["conv"].diff)
+
+
+# --- scratch in layer frames (core/context.py Workspaces.layer_frames) ----------------------------
+
+def test_layer_frames_lay_one_layers_slots_side_by_side_and_the_next_over_them():
+    """Inside a frame the slots one layer asks for never overlap (and a slot asked again, no larger,
+    is the same memory); the next layer's slots start over at the arena's beginning, so the arena is
+    the largest one layer needs, not the sum over slots; outside a frame, and in a nested frame,
+    nothing changes for the caller."""
+    from minicaffe.core.context import Slot, Workspaces
+    ws = Workspaces()
+    a, b, c = Slot("a"), Slot("b"), Slot("c")
+    with ws.layer_frames() as frame:
+        for _ in range(2):          # the first layer grows the arena; the second finds it large enough
+            frame.next_layer()
+            x = ws.get(np, (1000,), np.float32, a)
+            y = ws.get(np, (10, 30), np.float64, b)
+            m = ws.get(np, (77,), np.bool_, c)
+        assert not frame.grew or frame.arena.size >= 4000 + 2400 + 77
+        assert x.base is y.base is m.base                   # one arena
+        assert not np.shares_memory(x, y) and not np.shares_memory(x, m) and not np.shares_memory(y, m)
+        assert np.shares_memory(ws.get(np, (500,), np.float32, a), x)
+        assert y.flags.c_contiguous and y.dtype == np.float64 and y.ctypes.data % 64 == 0
+        frame.next_layer()
+        z = ws.get(np, (1500,), np.float32, c)          # the next layer reuses the first's memory
+        assert np.shares_memory(z, x) and np.shares_memory(z, y)
+        with ws.layer_frames() as inner:                # e.g. a Python layer running another net
+            inner.next_layer()
+            assert not np.shares_memory(ws.get(np, (1500,), np.float32, c), z)
+        size = frame.arena.size
+    assert 4000 + 2400 + 77 <= size < 2 * (4000 + 2400 + 128)
+    outside = ws.get(np, (1000,), np.float32, a)
+    assert not np.shares_memory(outside, x) and ws.get(np, (10,), np.float32, a).base is outside.base
+    with ws.layer_frames() as again:                    # the arena is kept for the next forward
+        again.next_layer()
+        assert np.shares_memory(ws.get(np, (1000,), np.float32, a), x) and not again.grew
+
+
+def test_shared_net_scratch_is_one_arena_no_larger_than_its_largest_layer():
+    """A forward-only (shared memory) GoogLeNet keeps no per-slot scratch on the thread that runs
+    it: one arena, smaller than the per-slot buffers the same forward leaves without sharing, with
+    the same outputs (every model's blobs are compared bit for bit above, frames included)."""
+    from minicaffe.core import context
+    param = small_deploy("models/googlenet/deploy.prototxt")
+    plain, shared = pair(param)
+    inputs = feed(plain)
+    ws = context.current().workspaces
+    ws.clear()
+    plain.forward(**inputs)
+    slots = sum(b.nbytes for b in ws._local.bufs.values())
+    ws.clear()
+    shared.forward(**inputs)
+    assert ws._local.bufs == {}
+    arena = ws._local.arenas[0].nbytes
+    assert 0 < arena < slots, (arena, slots)
+    for name in shared.outputs:
+        np.testing.assert_array_equal(shared.blobs[name].data, plain.blobs[name].data)
+
+
+def test_first_forward_of_a_plan_gives_freed_memory_back(monkeypatch):
+    """The first forward of each applied plan trims the C heap once (context.trim_heap), not every
+    forward; a reshape (a new plan) trims again."""
+    from minicaffe.core import context
+    calls = []
+    monkeypatch.setattr(context, "trim_heap", lambda: calls.append(1) or True)
+    plain, shared = pair(small_deploy("models/lenet/deploy.prototxt"))
+    shared.forward(**feed(shared))
+    shared.forward(**feed(shared))
+    assert len(calls) == 1
+    shape = list(shared.blobs["data"].shape)
+    shared.blobs["data"].reshape([3] + shape[1:])
+    shared.reshape()
+    shared.forward()
+    assert len(calls) == 2

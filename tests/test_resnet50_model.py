@@ -42,15 +42,22 @@ def test_deploy_prototxt_is_what_the_generator_writes(tmp_path):
         assert f.read() == str(make_deploy.resnet50())
 
 
-def test_bench_nets_knows_resnet50_inference_only():
+def test_bench_nets_knows_resnet50_training_and_inference():
+    """Both modes: the deploy net for inference, train_val's TRAIN net (its Data layer an Input
+    layer) for training; the weights come from measured BatchNorm statistics (MEASURED_STATS)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_nets
     finally:
         sys.path.pop(0)
-    assert "resnet50" in bench_nets.NETS and "resnet50" in bench_nets.DEPLOY_ONLY
+    assert "resnet50" in bench_nets.NETS and "resnet50" in bench_nets.MEASURED_STATS
     param = bench_nets.deploy_param("resnet50", 2)
     assert list(param.layer[0].input_param.shape[0].dim) == [2, 3, 224, 224]
+    train = bench_nets.train_param("resnet50", 2)
+    assert train.layer[0].type == "Input" and list(train.layer[0].top) == ["data", "label"]
+    assert list(train.layer[0].input_param.shape[0].dim) == [2, 3, 224, 224]
+    assert train.layer[-1].type == "SoftmaxWithLoss"
+    assert not any(lp.type == "Accuracy" for lp in train.layer)
 
 
 @pytest.mark.slow      # importing torch takes seconds

@@ -5,8 +5,9 @@ Chosen once, when a TEST-phase ``Net`` is built (``plan``), and switched off wit
 
 * **Convolution + BatchNorm (global statistics) + Scale + ReLU**, any non-empty run of the last
   three, each in place on the convolution's top (how Caffe's ResNet prototxts are written). The
-  BatchNorm and Scale are folded into a private copy of the convolution's weights and bias
-  (``w' = w·a``, ``b' = (b − mean)·a + β`` with ``a = γ/√(var+eps)`` per output channel) and the
+  BatchNorm and Scale are folded into the convolution's weights and bias (``w' = w·a``,
+  ``b' = (b − mean)·a + β`` with ``a = γ/√(var+eps)`` per output channel; ``w'`` is made in a
+  scratch buffer at each forward, see ``ConvChain``) and the
   ReLU runs on the convolution's output: one GEMM, one bias pass and one ReLU pass instead of
   the seven or so passes over the activations of the separate layers (BatchNorm's subtract /
   scale / copy, Scale's saved input / multiply / add, ReLU).
@@ -19,11 +20,12 @@ What pycaffe sees stays Caffe's:
   last layer of the chain writes, as without fusion (to float rounding: the folded weights round
   differently, ~1e-6 relative); a chain is fused only when no later layer writes that blob or the
   convolution's bottom, and only when ``forward(start=, end=)`` covers the whole chain.
-* params: ``net.params`` are never touched. The folded copy is remade whenever any source
-  parameter changed: each forward compares them with the copy the fold was made from (one read of
-  the weights, as ``winograd.FilterCache`` does; refolding would cost about the same, the compare
-  keeps the folded array and so the Winograd engine's filter cache valid). So a user (or a solver sharing
-  the weights with this test net) changing params between forwards gets the new params.
+* params: ``net.params`` are never touched. The folded weights are remade from them at every
+  forward (one multiply over the weights, about what comparing them with a kept copy cost), the
+  per-channel factors whenever a BatchNorm / Scale parameter or the bias changed. So a user (or a
+  solver sharing the weights with this test net) changing params between forwards gets the new
+  params, and no copy of the weights is kept (the Winograd engine's filter cache compares the
+  folded values, which are the same from one forward to the next).
 * backward: the separate layers keep state for their gradient (BatchNorm its normalised input,
   Scale a copy of its input), which a fused forward does not fill. The first ``backward`` on a net
   whose forward ran fused chains re-runs those chains unfused (from the convolution's bottom, which
@@ -36,6 +38,10 @@ import numpy as np
 
 from ..core import context as _context
 from ..proto import caffe_pb2
+from .im2col import workspace
+
+# the folded weights of the chain running now (context.Slot: private to this module)
+FOLDED = _context.Slot("folded_weights")
 
 ENV = _context.FUSION_VAR    # read once into the context's switches
 
@@ -53,34 +59,39 @@ class _Chain:
 
 
 class ConvChain(_Chain):
-    """Convolution (+ BatchNorm) (+ Scale) (+ ReLU), the others in place on the convolution's top."""
+    """Convolution (+ BatchNorm) (+ Scale) (+ ReLU), the others in place on the convolution's top.
+
+    The fold is a per-output-channel factor ``a`` and bias ``b``: both small, kept between forwards
+    and remade only when a BatchNorm / Scale parameter or the convolution's bias changed (compared
+    with copies of those, a few thousand values). The folded weights ``w·a`` are NOT kept: every
+    forward writes them into one scratch buffer shared by every chain of the process (the
+    ``FOLDED`` workspace slot, as large as the largest convolution's weights), one multiply over
+    the weights. Keeping them per layer cost a second copy of every convolution's weights, plus a
+    third to notice changes to the weights (about 180 MB on ResNet-50, a third of its inference
+    memory), for about the time the multiply costs (a compare of the weights with their copy)."""
 
     def __init__(self, first, last, bn, scale, relu):
         super().__init__(first, last)
         self.bn, self.scale, self.relu = bn, scale, relu
-        self._sources = None         # copies of the parameters the fold was made from
-        self._folded = None          # (weights, bias or None)
+        self._sources = None         # copies of the small parameters the factors were made from
+        self._factors = None         # (a, bias or None): a float32 (cout, 1, ..., 1)
 
     def _source_arrays(self, net):
-        arrays = [b.xdata for b in net.layers[self.first].blobs]
+        conv = net.layers[self.first]
+        arrays = [conv.blobs[1].xdata] if conv.bias_term else []
         if self.bn is not None:
             arrays += [b.xdata for b in net.layers[self.bn].blobs]
         if self.scale is not None:
             arrays += [b.xdata for b in net.layers[self.scale].blobs]
         return arrays
 
-    def folded(self, net):
-        """(weights, bias or None) with the BatchNorm and Scale folded in; remade when a source
-        parameter changed since the last fold."""
-        if self.bn is None and self.scale is None:
-            # nothing to fold (Convolution + ReLU): the layer's own parameters, so that no copy of
-            # them is held (a copy of every convolution's weights, twice, for GoogLeNet or VGG)
-            conv = net.layers[self.first]
-            return conv.blobs[0].xdata, (conv.blobs[1].xdata if conv.bias_term else None)
+    def factors(self, net):
+        """(a, bias or None): ``y = conv(x, w)·a + bias`` per output channel is the chain's
+        Convolution + BatchNorm + Scale; remade when one of their small parameters changed."""
         arrays = self._source_arrays(net)
         if self._sources is not None and len(self._sources) == len(arrays) and all(
                 s.shape == a.shape and np.array_equal(s, a) for s, a in zip(self._sources, arrays)):
-            return self._folded
+            return self._factors
         conv = net.layers[self.first]
         w = conv.blobs[0].xdata
         cout = w.shape[0]
@@ -101,11 +112,22 @@ class ConvChain(_Chain):
             a, b = a * gamma, b * gamma
             if sc.bias_index is not None:
                 b = b + sc.blobs[sc.bias_index].xdata.reshape(-1)
-        wf = (w * a.reshape((cout,) + (1,) * (w.ndim - 1))).astype(w.dtype)
-        bias = None if (self.bn is None and self.scale is None and not conv.bias_term) else b.astype(w.dtype)
-        self._folded = (wf, bias)
+        self._factors = (a.astype(w.dtype).reshape((cout,) + (1,) * (w.ndim - 1)), b.astype(w.dtype))
         self._sources = [s.copy() for s in arrays]
-        return self._folded
+        return self._factors
+
+    def folded(self, net):
+        """(weights, bias or None) with the BatchNorm and Scale folded in. The weights are a
+        workspace (``FOLDED``): valid until the next chain's fold."""
+        conv = net.layers[self.first]
+        w = conv.blobs[0].xdata
+        if self.bn is None and self.scale is None:
+            # nothing to fold (Convolution + ReLU): the layer's own parameters
+            return w, (conv.blobs[1].xdata if conv.bias_term else None)
+        a, bias = self.factors(net)
+        wf = workspace(np, w.shape, w.dtype, FOLDED)
+        np.multiply(w, a, out=wf)
+        return wf, bias
 
     def run(self, net):
         conv = net.layers[self.first]

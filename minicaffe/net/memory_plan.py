@@ -24,8 +24,11 @@ can check it on any net):
 naming it when its ``data`` is read after ``forward``, instead of giving another blob's values.
 
 Workspaces (the im2col column matrix and the other ``context.Slot`` scratch buffers) are not
-blobs: every convolution of a net already uses the one buffer per slot, so there is nothing to
-plan for them.
+blobs and are not planned here: while a net with an applied plan runs forward (``Net``), its
+thread's host scratch comes from one arena cut anew for each layer (core/context.py's
+``Workspaces.layer_frames``), so the scratch held is the most one layer uses, not the sum of every
+slot's largest. The first forward of each applied plan also hands the memory it freed back to the
+OS (``context.trim_heap``; ``MemoryPlan.trimmed``).
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class MemoryPlan:
         self.groups, self.buffers, self.keep, self.itemsize = groups, buffers, tuple(keep), itemsize
         self.layers = list(layers)
         self.shared = None      # the SharedBuffers once applied, parallel to the groups' buffers
+        self.trimmed = False    # whether a forward since it was applied gave freed memory back (Net)
 
     @property
     def private_bytes(self):

@@ -343,11 +343,27 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         if self._memory is not None and start == 0:
             self._refresh_memory_plan()
+        if self._memory is not None:
+            # a forward-only net: each layer's scratch lies over the previous layer's
+            # (core/context.py's Workspaces.layer_frames), as its blobs share memory
+            with context.current().workspaces.layer_frames() as frame:
+                loss = self._forward_layers(start, end, timings, device_loss, frame)
+            if frame.grew or not self._memory.trimmed:
+                # the first forward of a plan (or one whose scratch grew) has freed what the
+                # plan and the scratch replaced: give it back to the OS (context.trim_heap)
+                context.trim_heap()
+                self._memory.trimmed = True
+            return loss
+        return self._forward_layers(start, end, timings, device_loss, None)
+
+    def _forward_layers(self, start, end, timings, device_loss, frame):
         loss = 0.0
         on_device = device_loss and backend.is_gpu()
         hooks = self._hooks
         li = start
         while li <= end:
+            if frame is not None:
+                frame.next_layer()
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
             if hooks:
                 for fn in hooks["before_forward"]:
