@@ -21,6 +21,7 @@ minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
     python benchmarks/bench_nets.py                        # all nets, default batches
     python benchmarks/bench_nets.py --nets vgg16 --iters 2 --modes train
     python benchmarks/bench_nets.py --quick                # LeNet, one iteration (smoke test)
+    python benchmarks/bench_nets.py --scaling              # + minicaffe at one thread, 1 -> N speed-up
 """
 import argparse
 import json
@@ -591,6 +592,10 @@ def driver(args):
                 results[(net, mode)] = row
                 print(format_row(net, batch, mode, row), flush=True)
                 notes = []
+                if args.scaling and args.threads > 1 and "error" not in row["minicaffe"]:
+                    one = spawn("minicaffe", net, mode, batch, work, argparse.Namespace(**{**vars(args), "threads": 1}))
+                    row["minicaffe_1thread"] = one
+                    notes.append(scaling_note(row["minicaffe"], one, args.threads))
                 for fw, res in row.items():
                     if "error" in res:
                         notes.append(f"    {fw} failed: {res['error']}")
@@ -611,6 +616,16 @@ def driver(args):
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)
     return 0
+
+
+def scaling_note(many, one, threads):
+    """The line under a row with ``--scaling``: minicaffe at one thread, run right after the row, and
+    how much faster the default thread count is (the issue's 1 -> N scaling)."""
+    if "error" in one:
+        return f"    minicaffe at 1 thread failed: {one['error']}"
+    t1, tn = min(one["times"]), min(many["times"])
+    return (f"    minicaffe at 1 thread: {1e3 * t1:.1f} ms (cpu {1e3 * min(one['cpu']):.1f} ms); "
+            f"1 -> {threads} threads: {t1 / max(tn, 1e-9):.2f}x")
 
 
 def _ratio(mc, ref, key="times"):
@@ -665,6 +680,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (the best counts)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")
+    ap.add_argument("--scaling", action="store_true",
+                    help="also time minicaffe at one thread after each row and print the 1 -> N speed-up")
     ap.add_argument("--layers", type=int, default=8, help="slowest layers listed when behind a reference")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--quick", action="store_true", help="LeNet only, 1 iteration, no warm-up (smoke test)")

@@ -46,6 +46,19 @@ def test_bench_nets_quick_minicaffe_only(tmp_path):
     assert res["lenet/infer"]["minicaffe"]["max_diff"] == 0.0
 
 
+def test_bench_nets_scaling_times_one_thread_beside_the_default(tmp_path):
+    """``--scaling`` runs minicaffe again at one thread after each row and prints the speed-up."""
+    out_json = tmp_path / "res.json"
+    out = _run("bench_nets.py", "--quick", "--frameworks", "minicaffe", "--modes", "infer", "--threads", "2",
+               "--scaling", "--json", str(out_json))
+    import json
+    row = json.loads(out_json.read_text())["lenet/infer"]
+    one = row["minicaffe_1thread"]
+    assert "error" not in one and one["times"][0] > 0
+    speedup = one["times"][0] / row["minicaffe"]["times"][0]
+    assert f"1 -> 2 threads: {speedup:.2f}x" in out
+
+
 def test_bench_nets_quick_with_references(tmp_path):
     pytest.importorskip("torch")
     out_json = tmp_path / "res.json"
