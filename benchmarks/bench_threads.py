@@ -24,13 +24,14 @@ from minicaffe.solvers import updates  # noqa: E402
 from minicaffe.testing import make_layer  # noqa: E402
 
 
-def layer_case(text, shapes, in_place=False, phase=0):
+def layer_case(text, shapes, in_place=False, phase=0, num_top=1):
     """(forward, backward) closures of a layer on random bottoms of ``shapes``."""
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-    layer, bottom, top = make_layer(text, xs, in_place=in_place, phase=phase)
+    layer, bottom, top = make_layer(text, xs, in_place=in_place, phase=phase, num_top=num_top)
     layer.forward(bottom, top)
-    top[0].diff[...] = rng.standard_normal(top[0].shape, dtype=np.float32)
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape, dtype=np.float32)
     down = [True] * len(bottom)
     return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, down, bottom))
 
@@ -76,6 +77,15 @@ CASES = {
     "scale+bias resnet res2 8x256x56²": lambda: layer_case(
         'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
     "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
+    "concat googlenet 3b 16x(128+192+96+64)x28²": lambda: layer_case(
+        'name: "c" type: "Concat"', [(16, c, 28, 28) for c in (128, 192, 96, 64)]),
+    "concat googlenet 3b batch 1": lambda: layer_case(
+        'name: "c" type: "Concat"', [(1, c, 28, 28) for c in (128, 192, 96, 64)]),
+    "slice 16x480x28² into 4": lambda: layer_case(
+        'name: "s" type: "Slice" slice_param { slice_point: 128 slice_point: 320 slice_point: 416 }',
+        [(16, 480, 28, 28)], num_top=4),
+    "split backward resnet 8x256x56² 2 tops": lambda: layer_case(
+        'name: "s" type: "Split"', [(8, 256, 56, 56)], num_top=2),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

@@ -481,3 +481,62 @@ def test_openblas_spin_is_set_only_before_numpy_loads(first, user_value, want):
     got = json.loads(out.strip().splitlines()[-1])
     assert got[:2] == list(want[:2])
     assert got[2] == ((os.cpu_count() or 1) if want[2] == "cores" else want[2])
+
+
+# --- the copies and sums of Concat, Slice and Split; Softmax, PReLU, MVN at 1 and 2 threads ----------
+
+def _tops_and_diffs(text, xs, num_top=1, seed=6, in_place=False, phase=0):
+    """Forward, then backward with random top diffs, of a fresh layer on bottoms ``xs``: every top,
+    every bottom's diff and every parameter diff, as copies."""
+    rng = np.random.default_rng(seed)
+    layer, bottom, top = make_layer(text, xs, num_top=num_top, in_place=in_place, phase=phase)
+    layer.forward(bottom, top)
+    out = [t.data.copy() for t in top]
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape)
+    for b in layer.blobs:
+        b.diff[...] = 0.5
+    layer.backward(top, [True] * len(bottom), bottom)
+    return out + [b.diff.copy() for b in bottom] + [b.diff.copy() for b in layer.blobs]
+
+
+CONCAT_CASES = [   # (axis, bottom shapes): several images (split over images), one image (along the axis)
+    (1, [(3, 2, 5, 7), (3, 5, 5, 7), (3, 1, 5, 7)]),
+    (1, [(1, 4, 5, 7), (1, 7, 5, 7)]),
+    (0, [(2, 3, 4), (5, 3, 4)]),
+    (2, [(3, 2, 3, 5), (3, 2, 4, 5)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis, shapes", CONCAT_CASES, ids=range(len(CONCAT_CASES)))
+def test_concat_and_slice_bit_identical_at_two_threads(axis, shapes, dtype, pool_size, monkeypatch):
+    """Concat's copies into its top and back into each bottom's diff, and Slice's (the same pieces
+    the other way), split over images or along the axis, give the one-thread bits; a Slice of the
+    Concat's top gives back the bottoms."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    cat = f'name: "c" type: "Concat" concat_param {{ axis: {axis} }}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(cat, xs), pool_size, monkeypatch)
+        _assert_same_bits(one, two, dtype, cat)
+        assert np.array_equal(one[0], np.concatenate(xs, axis=axis))
+        points = np.cumsum([s[axis] for s in shapes])[:-1]
+        cut = f'name: "s" type: "Slice" slice_param {{ axis: {axis} ' + \
+            " ".join(f"slice_point: {p}" for p in points) + " }"
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(cut, [one[0]], num_top=len(xs)),
+                                           pool_size, monkeypatch)
+        _assert_same_bits(one, two, dtype, cut)
+        assert all(np.array_equal(a, x) for a, x in zip(one, xs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_top", [2, 3])
+def test_split_backward_bit_identical_at_two_threads(num_top, dtype, pool_size, monkeypatch):
+    """Split's sum of its tops' diffs, in flat chunks, adds in the one-thread order."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype)
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(
+            lambda: _tops_and_diffs('name: "s" type: "Split"', [x], num_top=num_top), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, "Split")
+
