@@ -36,6 +36,17 @@ def layer_case(text, shapes, in_place=False, phase=0, num_top=1):
     return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, down, bottom))
 
 
+def softmax_loss_case(shape):
+    """SoftmaxWithLoss on scores of ``shape`` (classes on axis 1) and random integer labels."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    labels = rng.integers(0, shape[1], (shape[0],) + tuple(shape[2:])).astype(np.float32)
+    layer, bottom, top = make_layer('name: "l" type: "SoftmaxWithLoss"', [x, labels])
+    layer.forward(bottom, top)
+    top[0].diff[...] = 1
+    return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, [True, False], bottom))
+
+
 def transformer_case(n=32):
     """The data transformer's crop 227 + mirror + mean file of a batch of 3x256x256 images (CaffeNet's)."""
     from google.protobuf import text_format
@@ -86,6 +97,12 @@ CASES = {
         [(16, 480, 28, 28)], num_top=4),
     "split backward resnet 8x256x56² 2 tops": lambda: layer_case(
         'name: "s" type: "Split"', [(8, 256, 56, 56)], num_top=2),
+    "softmax googlenet 16x1000 (inline)": lambda: layer_case('name: "p" type: "Softmax"', [(16, 1000)]),
+    "softmax 256x1000": lambda: layer_case('name: "p" type: "Softmax"', [(256, 1000)]),
+    "softmax fcn 1x21x500²": lambda: layer_case('name: "p" type: "Softmax"', [(1, 21, 500, 500)]),
+    "softmax fcn 4x21x256²": lambda: layer_case('name: "p" type: "Softmax"', [(4, 21, 256, 256)]),
+    "softmaxloss fcn 1x21x500²": lambda: softmax_loss_case((1, 21, 500, 500)),
+    "softmaxloss googlenet 16x1000 (inline)": lambda: softmax_loss_case((16, 1000)),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

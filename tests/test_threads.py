@@ -540,3 +540,46 @@ def test_split_backward_bit_identical_at_two_threads(num_top, dtype, pool_size, 
             lambda: _tops_and_diffs('name: "s" type: "Split"', [x], num_top=num_top), pool_size, monkeypatch)
     _assert_same_bits(one, two, dtype, "Split")
 
+
+SOFTMAX_CASES = [   # split over images (outer >= threads), over positions (one image), along the last axis
+    ('softmax_param { axis: 1 }', (3, 5, 7, 9)),
+    ('softmax_param { axis: 1 }', (1, 6, 7, 9)),
+    ('softmax_param { axis: -1 }', (4, 3, 37)),
+    ('softmax_param { axis: 2 }', (2, 3, 6, 10)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", SOFTMAX_CASES, ids=range(len(SOFTMAX_CASES)))
+def test_softmax_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """Softmax forward and backward split over images or over positions: the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) * 4
+    text = f'name: "p" type: "Softmax" {spec}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, [x], in_place=in_place),
+                                           pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec, shape", [('', (3, 5, 4, 9)), ('loss_param { ignore_label: 2 }', (1, 5, 7, 9)),
+                                         ('loss_param { ignore_label: 1 normalization: FULL }', (6, 10))])
+def test_softmax_loss_bit_identical_at_two_threads(spec, shape, dtype, pool_size, monkeypatch):
+    """SoftmaxWithLoss: the probabilities and the gradient (label subtracted, ignored positions
+    zeroed, scaled) split over images or positions give the one-thread bits, the loss too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype) * 3
+    labels = rng.integers(0, shape[1], (shape[0],) + shape[2:]).astype(dtype)
+    text = f'name: "l" type: "SoftmaxWithLoss" {spec}'
+
+    def run():
+        layer, bottom, top = make_layer(text, [x, labels], num_top=2)
+        layer.forward(bottom, top)
+        top[0].diff[...] = 0.7
+        layer.backward(top, [True, False], bottom)
+        return [t.data.copy() for t in top] + [bottom[0].diff.copy()]
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
