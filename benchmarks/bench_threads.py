@@ -103,6 +103,9 @@ CASES = {
     "softmax fcn 4x21x256²": lambda: layer_case('name: "p" type: "Softmax"', [(4, 21, 256, 256)]),
     "softmaxloss fcn 1x21x500²": lambda: softmax_loss_case((1, 21, 500, 500)),
     "softmaxloss googlenet 16x1000 (inline)": lambda: softmax_loss_case((16, 1000)),
+    "prelu 8x64x112²": lambda: layer_case('name: "p" type: "PReLU"', [(8, 64, 112, 112)]),
+    "prelu shared 8x64x112²": lambda: layer_case(
+        'name: "p" type: "PReLU" prelu_param { channel_shared: true }', [(8, 64, 112, 112)]),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

@@ -583,3 +583,23 @@ def test_softmax_loss_bit_identical_at_two_threads(spec, shape, dtype, pool_size
         one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
     _assert_same_bits(one, two, dtype, spec)
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", [('', (2, 5, 7, 9)), ('', (9, 3)), ('', (1, 3, 40)),
+                                         ('prelu_param { channel_shared: true }', (2, 5, 7, 9))])
+def test_prelu_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """PReLU split over channels: the output, the input's gradient and the slope's gradient (each
+    channel's sum over its own row, or the shared slope's one sum after the chunks) keep the
+    one-thread bits; 3 channels at 2 threads give chunks of 2 and 1 (a one-channel chunk must sum
+    in the same order as a wider one)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    text = f'name: "p" type: "PReLU" prelu_param {{ filler {{ type: "gaussian" std: 0.5 }} }} {spec}'
+    if spec:
+        text = f'name: "p" type: "PReLU" {spec}'
+    with _blobs_of(dtype):
+        def run():
+            backend.set_random_seed(7)      # the same slopes from the filler
+            return _tops_and_diffs(text, [x], in_place=in_place)
+        one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
