@@ -603,3 +603,16 @@ def test_prelu_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_s
             return _tops_and_diffs(text, [x], in_place=in_place)
         one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
     _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", ['', 'mvn_param { normalize_variance: false }', 'mvn_param { across_channels: true }'])
+def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
+    """MVN split over rows (an image's channel, or an image across channels): each row's means
+    are its own pairwise sums, the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype) * 2 + 1
+    text = f'name: "m" type: "MVN" {spec}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, [x]), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+

@@ -457,24 +457,47 @@ class MVN(Layer):
             top[0].reshape(b.num, b.channels, b.height, b.width)
         self.rows = b.num if self.across_channels else b.num * b.channels
 
+    def _by_rows(self, fn, size, passes):
+        """``fn(r0, r1)`` over ranges of rows: on the thread pool for NumPy arrays of at least
+        ``threads.MIN_FLAT_ELEMENTS``, else one call. Each row's mean is NumPy's pairwise sum over
+        that row alone, the same however the rows are grouped: the same bits at any thread count."""
+        if self.xp is np and size >= threads.MIN_FLAT_ELEMENTS:
+            threads.parallel_for(self.rows, fn, work=size * passes)
+        else:
+            fn(0, self.rows)
+
     def forward(self, bottom, top):
         xp = self.xp
         x = bottom[0].xdata.reshape(self.rows, -1)
-        centred = x - x.mean(axis=1, keepdims=True)
-        if self.normalize_variance:
-            std = xp.sqrt((centred * centred).mean(axis=1, keepdims=True))
-            std += self.eps
-            self._std = std
-            centred /= std
+        centred = xp.empty(x.shape, dtype=x.dtype)
+        std = xp.empty((self.rows, 1), dtype=x.dtype) if self.normalize_variance else None
+
+        def part(r0, r1):
+            xr, c = x[r0:r1], centred[r0:r1]
+            xp.subtract(xr, xr.mean(axis=1, keepdims=True), out=c)
+            if std is not None:
+                sd = xp.sqrt((c * c).mean(axis=1, keepdims=True))
+                sd += self.eps
+                std[r0:r1] = sd
+                c /= sd
+        self._by_rows(part, x.size, 3)
+        self._std = std
         top[0].xdata = centred.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        xp = self.xp
         dy = top[0].xdiff.reshape(self.rows, -1)
-        grad = dy - dy.mean(axis=1, keepdims=True)
-        if self.normalize_variance:
-            y = top[0].xdata.reshape(self.rows, -1)
-            grad -= y * (dy * y).mean(axis=1, keepdims=True)
-            grad /= self._std
+        y = top[0].xdata.reshape(self.rows, -1) if self.normalize_variance else None
+        grad = xp.empty(dy.shape, dtype=dy.dtype)
+
+        def part(r0, r1):
+            d, g = dy[r0:r1], grad[r0:r1]
+            xp.subtract(d, d.mean(axis=1, keepdims=True), out=g)
+            if y is not None:
+                yr = y[r0:r1]
+                g -= yr * (d * yr).mean(axis=1, keepdims=True)
+                g /= self._std[r0:r1]
+        self._by_rows(part, dy.size, 4)
         bottom[0].xdiff = grad.reshape(bottom[0].shape)
