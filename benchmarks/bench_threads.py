@@ -107,6 +107,8 @@ CASES = {
     "prelu shared 8x64x112²": lambda: layer_case(
         'name: "p" type: "PReLU" prelu_param { channel_shared: true }', [(8, 64, 112, 112)]),
     "mvn 8x64x112²": lambda: layer_case('name: "m" type: "MVN"', [(8, 64, 112, 112)]),
+    "innerproduct caffenet fc6 32x9216→4096": lambda: layer_case(
+        'name: "ip" type: "InnerProduct" inner_product_param { num_output: 4096 }', [(32, 256, 6, 6)]),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

@@ -616,3 +616,19 @@ def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
         one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, [x]), pool_size, monkeypatch)
     _assert_same_bits(one, two, dtype, spec)
 
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product_weight_gradient_bit_identical_at_two_threads(transpose, pool_size, monkeypatch):
+    """InnerProduct's accumulation of the weight gradient (``dw += product``, in bands) split in
+    flat chunks: the one-thread bits, over a gradient already holding values."""
+    from minicaffe.layers import inner_product
+    monkeypatch.setattr(inner_product, "WGRAD_BAND_ELEMENTS", 60)     # several bands
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 2)).astype(np.float32)
+    text = f'name: "ip" type: "InnerProduct" inner_product_param {{ num_output: 7 transpose: {str(transpose).lower()} ' \
+           'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }'
+
+    def run():
+        backend.set_random_seed(7)
+        return _tops_and_diffs(text, [x])
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, text)
