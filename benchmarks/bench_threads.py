@@ -47,6 +47,22 @@ def softmax_loss_case(shape):
     return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, [True, False], bottom))
 
 
+def wgrad_accumulate_case(rows, cols):
+    """InnerProduct's accumulation of a weight gradient ``dw += product`` in its bands, without the
+    GEMMs (whose time BLAS's threads decide)."""
+    from minicaffe.layers import inner_product
+    rng = np.random.default_rng(0)
+    dw = rng.standard_normal((rows, cols), dtype=np.float32)
+    band = max(1, inner_product.WGRAD_BAND_ELEMENTS // cols)
+    tmp = rng.standard_normal((band, cols), dtype=np.float32)
+
+    def accumulate():
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            inner_product._add_into(dw[r0:r1], tmp[:r1 - r0])
+    return accumulate, None
+
+
 def transformer_case(n=32):
     """The data transformer's crop 227 + mirror + mean file of a batch of 3x256x256 images (CaffeNet's)."""
     from google.protobuf import text_format
@@ -107,8 +123,9 @@ CASES = {
     "prelu shared 8x64x112²": lambda: layer_case(
         'name: "p" type: "PReLU" prelu_param { channel_shared: true }', [(8, 64, 112, 112)]),
     "mvn 8x64x112²": lambda: layer_case('name: "m" type: "MVN"', [(8, 64, 112, 112)]),
-    "innerproduct caffenet fc6 32x9216→4096": lambda: layer_case(
-        'name: "ip" type: "InnerProduct" inner_product_param { num_output: 4096 }', [(32, 256, 6, 6)]),
+    "innerproduct vgg fc6 dw += band, 4096x25088": lambda: wgrad_accumulate_case(4096, 25088),
+    "crop fcn-32s 1x21x544²→500²": lambda: layer_case(
+        'name: "c" type: "Crop" crop_param { axis: 2 offset: 19 }', [(1, 21, 544, 544), (1, 21, 500, 500)]),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

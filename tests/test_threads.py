@@ -632,3 +632,20 @@ def test_inner_product_weight_gradient_bit_identical_at_two_threads(transpose, p
         return _tops_and_diffs(text, [x])
     one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
     _assert_same_bits(one, two, np.float32, text)
+
+
+@pytest.mark.parametrize("spec, shapes", [
+    ('crop_param { axis: 2 offset: 3 offset: 1 }', [(3, 4, 11, 9), (3, 4, 6, 5)]),      # over images
+    ('crop_param { axis: 2 offset: 2 }', [(1, 5, 11, 9), (1, 5, 6, 5)]),                 # one image: channels
+    ('crop_param { axis: 0 offset: 1 }', [(5, 4, 6, 7), (3, 2, 4, 5)]),
+])
+def test_crop_bit_identical_at_two_threads(spec, shapes, pool_size, monkeypatch):
+    """Crop's copy of the window forward and into the zeroed gradient backward, split over images
+    or channels: the one-thread bits, and the window is the reference's."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    text = f'name: "c" type: "Crop" {spec}'
+    one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, xs), pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, spec)
+    layer, bottom, top = make_layer(text, xs)
+    assert np.array_equal(one[0], xs[0][layer.index])

@@ -44,6 +44,20 @@ def _as3(a, axis):
     return a.reshape(element_count(s[:axis]), s[axis], element_count(s[axis + 1:]))
 
 
+def parallel_copy(dst, src):
+    """``dst[...] = src`` (arrays of one shape, views of bigger ones allowed) on the thread pool for
+    NumPy arrays of at least ``threads.MIN_FLAT_ELEMENTS``: split over the first axis, or over the
+    second when there are fewer images than threads (FCN's one-image crops). Exact: the same bits."""
+    if not (isinstance(dst, np.ndarray) and isinstance(src, np.ndarray)) or dst.ndim == 0 or \
+            dst.size < threads.MIN_FLAT_ELEMENTS:
+        dst[...] = src
+        return
+    axis = 0 if dst.ndim == 1 or dst.shape[0] >= threads.size() else 1
+    lead = (slice(None),) * axis
+    threads.parallel_for(dst.shape[axis], lambda i0, i1: np.copyto(
+        dst[lead + (slice(i0, i1),)], src[lead + (slice(i0, i1),)]), work=2 * dst.size)
+
+
 def copy_parts(dst, axis, parts):
     """Copies between ``dst`` and the pieces of it along ``axis``: ``parts`` is a list of
     ``(start, array, into_dst)``: ``dst[..., start:start + n, ...] = array`` when ``into_dst``, else
@@ -428,13 +442,13 @@ class Crop(Layer):
         top[0].reshape(new)
 
     def forward(self, bottom, top):
-        top[0].xdata[...] = bottom[0].xdata[self.index]
+        parallel_copy(top[0].xdata, bottom[0].xdata[self.index])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         grad = self.xp.zeros(bottom[0].shape, dtype=top[0].xdiff.dtype)
-        grad[self.index] = top[0].xdiff
+        parallel_copy(grad[self.index], top[0].xdiff)
         bottom[0].xdiff = grad
 
 
