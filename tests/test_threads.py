@@ -649,3 +649,22 @@ def test_crop_bit_identical_at_two_threads(spec, shapes, pool_size, monkeypatch)
     _assert_same_bits(one, two, np.float32, spec)
     layer, bottom, top = make_layer(text, xs)
     assert np.array_equal(one[0], xs[0][layer.index])
+
+
+@pytest.mark.parametrize("spec", ['type: "Scale" scale_param { bias_term: true }', 'type: "BatchNorm"'])
+@pytest.mark.parametrize("shape", [(16, 5, 3), (16, 5), (9, 7, 4)])
+def test_per_channel_sums_keep_their_order_with_odd_chunks(spec, shape, pool_size, monkeypatch):
+    """Scale's parameter gradients and BatchNorm's statistics at three threads over 5 or 7 channels
+    (where an even split would leave a thread one channel, whose sum NumPy orders differently):
+    the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3 + 1
+
+    def run():
+        return _tops_and_diffs(f'name: "n" {spec}', [x])
+    pool_size(1)
+    one = run()
+    pool_size(3)
+    seen = _spy_threads(monkeypatch)
+    three = run()
+    assert len(seen) >= 2
+    _assert_same_bits(one, three, np.float32, spec)
