@@ -546,6 +546,7 @@ SOFTMAX_CASES = [   # split over images (outer >= threads), over positions (one 
     ('softmax_param { axis: 1 }', (1, 6, 7, 9)),
     ('softmax_param { axis: -1 }', (4, 3, 37)),
     ('softmax_param { axis: 2 }', (2, 3, 6, 10)),
+    ('softmax_param { axis: 1 }', (1, 12, 3, 11)),   # 33 positions: blocks of 16 and 17 (not 16, 16, 1)
 ]
 
 

@@ -56,9 +56,12 @@ def by_positions(outer, inner, fn, work):
     elif outer >= threads.size():
         threads.parallel_for(outer, lambda o0, o1: fn(slice(o0, o1), slice(None)), work=work)
     else:
+        # the last part takes the remainder: a part one position wide would have NumPy sum its
+        # classes pairwise (the only run left), where wider parts add them one after the other
         block = threads.FLAT_BLOCK
-        threads.parallel_for(-(-inner // block), lambda b0, b1: fn(
-            slice(None), slice(b0 * block, min(b1 * block, inner))), work=work)
+        blocks = max(1, inner // block)
+        threads.parallel_for(blocks, lambda b0, b1: fn(
+            slice(None), slice(b0 * block, inner if b1 == blocks else b1 * block)), work=work)
 
 
 def _as3(arrays, axis):
