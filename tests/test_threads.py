@@ -607,7 +607,8 @@ def test_prelu_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_s
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("spec", ['', 'mvn_param { normalize_variance: false }', 'mvn_param { across_channels: true }'])
+@pytest.mark.parametrize("spec", ['', 'mvn_param { normalize_variance: false }',
+                                  'mvn_param { across_channels: true }'])
 def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
     """MVN split over rows (an image's channel, or an image across channels): each row's means
     are its own pairwise sums, the one-thread bits."""
@@ -625,8 +626,8 @@ def test_inner_product_weight_gradient_bit_identical_at_two_threads(transpose, p
     from minicaffe.layers import inner_product
     monkeypatch.setattr(inner_product, "WGRAD_BAND_ELEMENTS", 60)     # several bands
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 2)).astype(np.float32)
-    text = f'name: "ip" type: "InnerProduct" inner_product_param {{ num_output: 7 transpose: {str(transpose).lower()} ' \
-           'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }'
+    text = 'name: "ip" type: "InnerProduct" inner_product_param { num_output: 7 ' \
+           f'transpose: {str(transpose).lower()} weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}'
 
     def run():
         backend.set_random_seed(7)

@@ -5,8 +5,8 @@ Split, Flatten and Reshape share the bottom's array with the top (as Caffe's Sha
 copy, and the top sees later in-place writes to the bottom. Layers that produce new values write
 into the top's own buffer so storage is reused between iterations.
 
-On NumPy arrays the big copies (Concat and Slice both ways) and Split's sum of diffs run on the
-kernels' thread pool (``core/threads.py``): each chunk copies or adds its own part with the same
+On NumPy arrays the big copies (Concat, Slice and Crop both ways) and Split's sum of diffs run on
+the kernels' thread pool (``core/threads.py``): each chunk copies or adds its own part with the same
 operations, so results are the same bits at any thread count.
 """
 import numpy as np
@@ -134,8 +134,8 @@ class Split(Layer):
         if flat is None:
             self._sum_into(out, diffs)
             return
-        threads.parallel_flat(out.size, lambda a, b: self._sum_into(flat[0][a:b], [f[a:b] for f in flat[1:]]),
-                              work=out.size * (1 + len(diffs)))
+        threads.parallel_flat(out.size, lambda a, b: self._sum_into(
+            flat[0][a:b], [f[a:b] for f in flat[1:]]), work=out.size * (1 + len(diffs)))
 
     def _sum_into(self, out, diffs):
         """``out = diffs[0] + diffs[1] + ...``, added left to right."""
