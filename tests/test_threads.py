@@ -610,8 +610,10 @@ def test_prelu_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_s
 @pytest.mark.parametrize("spec", ['', 'mvn_param { normalize_variance: false }',
                                   'mvn_param { across_channels: true }'])
 def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
-    """MVN split over rows (an image's channel, or an image across channels): each row's means
-    are its own pairwise sums, the one-thread bits."""
+    """MVN split over rows (an image's channel, or an image across channels), in blocks of two or
+    three rows within a chunk: each row's means are its own pairwise sums, the one-thread bits."""
+    from minicaffe.layers import normalization
+    monkeypatch.setattr(normalization, "MVN_BLOCK_ELEMENTS", 150)
     x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype) * 2 + 1
     text = f'name: "m" type: "MVN" {spec}'
     with _blobs_of(dtype):

@@ -437,6 +437,10 @@ class Scale(Layer):
                 scale.xdiff += g
 
 
+# MVN's passes run over blocks of rows of about this many elements (see MVN._by_rows)
+MVN_BLOCK_ELEMENTS = 1 << 16
+
+
 @register("MVN")
 class MVN(Layer):
     """Mean-variance normalisation: subtracts the mean of each (image, channel) — or of each image
@@ -469,10 +473,20 @@ class MVN(Layer):
         """``fn(r0, r1)`` over ranges of rows: on the thread pool for NumPy arrays of at least
         ``threads.MIN_FLAT_ELEMENTS``, else one call. Each row's mean is NumPy's pairwise sum over
         that row alone, the same however the rows are grouped: the same bits at any thread count."""
-        if self.xp is np and size >= threads.MIN_FLAT_ELEMENTS:
-            threads.parallel_for(self.rows, fn, work=size * passes)
-        else:
+        if self.xp is not np:
             fn(0, self.rows)
+            return
+        # within a chunk, blocks of rows of about MVN_BLOCK_ELEMENTS: the temporaries stay in cache,
+        # and two threads do not page in fresh chunk-sized temporaries at once (page faults serialise)
+        per = max(1, MVN_BLOCK_ELEMENTS // max(1, size // max(1, self.rows)))
+
+        def blocks(r0, r1):
+            for b0 in range(r0, r1, per):
+                fn(b0, min(r1, b0 + per))
+        if size >= threads.MIN_FLAT_ELEMENTS:
+            threads.parallel_for(self.rows, blocks, work=size * passes)
+        else:
+            blocks(0, self.rows)
 
     def forward(self, bottom, top):
         xp = self.xp
