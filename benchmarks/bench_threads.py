@@ -24,15 +24,43 @@ from minicaffe.solvers import updates  # noqa: E402
 from minicaffe.testing import make_layer  # noqa: E402
 
 
-def layer_case(text, shapes, in_place=False, phase=0):
+def layer_case(text, shapes, in_place=False, phase=0, num_top=1):
     """(forward, backward) closures of a layer on random bottoms of ``shapes``."""
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-    layer, bottom, top = make_layer(text, xs, in_place=in_place, phase=phase)
+    layer, bottom, top = make_layer(text, xs, in_place=in_place, phase=phase, num_top=num_top)
     layer.forward(bottom, top)
-    top[0].diff[...] = rng.standard_normal(top[0].shape, dtype=np.float32)
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape, dtype=np.float32)
     down = [True] * len(bottom)
     return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, down, bottom))
+
+
+def softmax_loss_case(shape):
+    """SoftmaxWithLoss on scores of ``shape`` (classes on axis 1) and random integer labels."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    labels = rng.integers(0, shape[1], (shape[0],) + tuple(shape[2:])).astype(np.float32)
+    layer, bottom, top = make_layer('name: "l" type: "SoftmaxWithLoss"', [x, labels])
+    layer.forward(bottom, top)
+    top[0].diff[...] = 1
+    return (lambda: layer.forward(bottom, top)), (lambda: layer.backward(top, [True, False], bottom))
+
+
+def wgrad_accumulate_case(rows, cols):
+    """InnerProduct's accumulation of a weight gradient ``dw += product`` in its bands, without the
+    GEMMs (whose time BLAS's threads decide)."""
+    from minicaffe.layers import inner_product
+    rng = np.random.default_rng(0)
+    dw = rng.standard_normal((rows, cols), dtype=np.float32)
+    band = max(1, inner_product.WGRAD_BAND_ELEMENTS // cols)
+    tmp = rng.standard_normal((band, cols), dtype=np.float32)
+
+    def accumulate():
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            inner_product._add_into(dw[r0:r1], tmp[:r1 - r0])
+    return accumulate, None
 
 
 def transformer_case(n=32):
@@ -76,6 +104,28 @@ CASES = {
     "scale+bias resnet res2 8x256x56²": lambda: layer_case(
         'name: "s" type: "Scale" scale_param { bias_term: true }', [(8, 256, 56, 56)], True),
     "eltwise sum resnet res2 8x256x56²": lambda: layer_case('name: "e" type: "Eltwise"', [(8, 256, 56, 56)] * 2),
+    "concat googlenet 3b 16x(128+192+96+64)x28²": lambda: layer_case(
+        'name: "c" type: "Concat"', [(16, c, 28, 28) for c in (128, 192, 96, 64)]),
+    "concat googlenet 3b batch 1": lambda: layer_case(
+        'name: "c" type: "Concat"', [(1, c, 28, 28) for c in (128, 192, 96, 64)]),
+    "slice 16x480x28² into 4": lambda: layer_case(
+        'name: "s" type: "Slice" slice_param { slice_point: 128 slice_point: 320 slice_point: 416 }',
+        [(16, 480, 28, 28)], num_top=4),
+    "split backward resnet 8x256x56² 2 tops": lambda: layer_case(
+        'name: "s" type: "Split"', [(8, 256, 56, 56)], num_top=2),
+    "softmax googlenet 16x1000 (inline)": lambda: layer_case('name: "p" type: "Softmax"', [(16, 1000)]),
+    "softmax 256x1000": lambda: layer_case('name: "p" type: "Softmax"', [(256, 1000)]),
+    "softmax fcn 1x21x500²": lambda: layer_case('name: "p" type: "Softmax"', [(1, 21, 500, 500)]),
+    "softmax fcn 4x21x256²": lambda: layer_case('name: "p" type: "Softmax"', [(4, 21, 256, 256)]),
+    "softmaxloss fcn 1x21x500²": lambda: softmax_loss_case((1, 21, 500, 500)),
+    "softmaxloss googlenet 16x1000 (inline)": lambda: softmax_loss_case((16, 1000)),
+    "prelu 8x64x112²": lambda: layer_case('name: "p" type: "PReLU"', [(8, 64, 112, 112)]),
+    "prelu shared 8x64x112²": lambda: layer_case(
+        'name: "p" type: "PReLU" prelu_param { channel_shared: true }', [(8, 64, 112, 112)]),
+    "mvn 8x64x112²": lambda: layer_case('name: "m" type: "MVN"', [(8, 64, 112, 112)]),
+    "innerproduct vgg fc6 dw += band, 4096x25088": lambda: wgrad_accumulate_case(4096, 25088),
+    "crop fcn-32s 1x21x544²→500²": lambda: layer_case(
+        'name: "c" type: "Crop" crop_param { axis: 2 offset: 19 }', [(1, 21, 544, 544), (1, 21, 500, 500)]),
     "transformer caffenet 32x3x256² crop": transformer_case,
     "sgd vgg fc6 102.8M params": lambda: sgd_case(25088 * 4096),
     "sgd caffenet conv2 307K params (inline)": lambda: sgd_case(256 * 48 * 5 * 5),

@@ -504,3 +504,194 @@ def test_openblas_spin_is_set_only_before_numpy_loads(first, user_value, want):
     got = json.loads(out.strip().splitlines()[-1])
     assert got[:2] == list(want[:2])
     assert got[2] == ((os.cpu_count() or 1) if want[2] == "cores" else want[2])
+
+
+# --- the copies and sums of Concat, Slice and Split; Softmax, PReLU, MVN at 1 and 2 threads ----------
+
+def _tops_and_diffs(text, xs, num_top=1, seed=6, in_place=False, phase=0):
+    """Forward, then backward with random top diffs, of a fresh layer on bottoms ``xs``: every top,
+    every bottom's diff and every parameter diff, as copies."""
+    rng = np.random.default_rng(seed)
+    layer, bottom, top = make_layer(text, xs, num_top=num_top, in_place=in_place, phase=phase)
+    layer.forward(bottom, top)
+    out = [t.data.copy() for t in top]
+    for t in top:
+        t.diff[...] = rng.standard_normal(t.shape)
+    for b in layer.blobs:
+        b.diff[...] = 0.5
+    layer.backward(top, [True] * len(bottom), bottom)
+    return out + [b.diff.copy() for b in bottom] + [b.diff.copy() for b in layer.blobs]
+
+
+CONCAT_CASES = [   # (axis, bottom shapes): several images (split over images), one image (along the axis)
+    (1, [(3, 2, 5, 7), (3, 5, 5, 7), (3, 1, 5, 7)]),
+    (1, [(1, 4, 5, 7), (1, 7, 5, 7)]),
+    (0, [(2, 3, 4), (5, 3, 4)]),
+    (2, [(3, 2, 3, 5), (3, 2, 4, 5)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis, shapes", CONCAT_CASES, ids=range(len(CONCAT_CASES)))
+def test_concat_and_slice_bit_identical_at_two_threads(axis, shapes, dtype, pool_size, monkeypatch):
+    """Concat's copies into its top and back into each bottom's diff, and Slice's (the same pieces
+    the other way), split over images or along the axis, give the one-thread bits; a Slice of the
+    Concat's top gives back the bottoms."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    cat = f'name: "c" type: "Concat" concat_param {{ axis: {axis} }}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(cat, xs), pool_size, monkeypatch)
+        _assert_same_bits(one, two, dtype, cat)
+        assert np.array_equal(one[0], np.concatenate(xs, axis=axis))
+        points = np.cumsum([s[axis] for s in shapes])[:-1]
+        cut = f'name: "s" type: "Slice" slice_param {{ axis: {axis} ' + \
+            " ".join(f"slice_point: {p}" for p in points) + " }"
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(cut, [one[0]], num_top=len(xs)),
+                                           pool_size, monkeypatch)
+        _assert_same_bits(one, two, dtype, cut)
+        assert all(np.array_equal(a, x) for a, x in zip(one, xs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("num_top", [2, 3])
+def test_split_backward_bit_identical_at_two_threads(num_top, dtype, pool_size, monkeypatch):
+    """Split's sum of its tops' diffs, in flat chunks, adds in the one-thread order."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype)
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(
+            lambda: _tops_and_diffs('name: "s" type: "Split"', [x], num_top=num_top), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, "Split")
+
+
+SOFTMAX_CASES = [   # split over images (outer >= threads), over positions (one image), along the last axis
+    ('softmax_param { axis: 1 }', (3, 5, 7, 9)),
+    ('softmax_param { axis: 1 }', (1, 6, 7, 9)),
+    ('softmax_param { axis: -1 }', (4, 3, 37)),
+    ('softmax_param { axis: 2 }', (2, 3, 6, 10)),
+    ('softmax_param { axis: 1 }', (1, 12, 3, 11)),   # 33 positions: blocks of 16 and 17 (not 16, 16, 1)
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", SOFTMAX_CASES, ids=range(len(SOFTMAX_CASES)))
+def test_softmax_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """Softmax forward and backward split over images or over positions: the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) * 4
+    text = f'name: "p" type: "Softmax" {spec}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, [x], in_place=in_place),
+                                           pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec, shape", [('', (3, 5, 4, 9)), ('loss_param { ignore_label: 2 }', (1, 5, 7, 9)),
+                                         ('loss_param { ignore_label: 1 normalization: FULL }', (6, 10))])
+def test_softmax_loss_bit_identical_at_two_threads(spec, shape, dtype, pool_size, monkeypatch):
+    """SoftmaxWithLoss: the probabilities and the gradient (label subtracted, ignored positions
+    zeroed, scaled) split over images or positions give the one-thread bits, the loss too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype) * 3
+    labels = rng.integers(0, shape[1], (shape[0],) + shape[2:]).astype(dtype)
+    text = f'name: "l" type: "SoftmaxWithLoss" {spec}'
+
+    def run():
+        layer, bottom, top = make_layer(text, [x, labels], num_top=2)
+        layer.forward(bottom, top)
+        top[0].diff[...] = 0.7
+        layer.backward(top, [True, False], bottom)
+        return [t.data.copy() for t in top] + [bottom[0].diff.copy()]
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("spec, shape", [('', (2, 5, 7, 9)), ('', (9, 3)), ('', (1, 3, 40)),
+                                         ('prelu_param { channel_shared: true }', (2, 5, 7, 9))])
+def test_prelu_bit_identical_at_two_threads(spec, shape, in_place, dtype, pool_size, monkeypatch):
+    """PReLU split over channels: the output, the input's gradient and the slope's gradient (each
+    channel's sum over its own row, or the shared slope's one sum after the chunks) keep the
+    one-thread bits; 3 channels at 2 threads give chunks of 2 and 1 (a one-channel chunk must sum
+    in the same order as a wider one)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    text = f'name: "p" type: "PReLU" prelu_param {{ filler {{ type: "gaussian" std: 0.5 }} }} {spec}'
+    if spec:
+        text = f'name: "p" type: "PReLU" {spec}'
+    with _blobs_of(dtype):
+        def run():
+            backend.set_random_seed(7)      # the same slopes from the filler
+            return _tops_and_diffs(text, [x], in_place=in_place)
+        one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec", ['', 'mvn_param { normalize_variance: false }',
+                                  'mvn_param { across_channels: true }'])
+def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
+    """MVN split over rows (an image's channel, or an image across channels), in blocks of two or
+    three rows within a chunk: each row's means are its own pairwise sums, the one-thread bits."""
+    from minicaffe.layers import normalization
+    monkeypatch.setattr(normalization, "MVN_BLOCK_ELEMENTS", 150)
+    x = np.random.default_rng(0).standard_normal((3, 5, 7, 9)).astype(dtype) * 2 + 1
+    text = f'name: "m" type: "MVN" {spec}'
+    with _blobs_of(dtype):
+        one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, [x]), pool_size, monkeypatch)
+    _assert_same_bits(one, two, dtype, spec)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_inner_product_weight_gradient_bit_identical_at_two_threads(transpose, pool_size, monkeypatch):
+    """InnerProduct's accumulation of the weight gradient (``dw += product``, in bands) split in
+    flat chunks: the one-thread bits, over a gradient already holding values."""
+    from minicaffe.layers import inner_product
+    monkeypatch.setattr(inner_product, "WGRAD_BAND_ELEMENTS", 60)     # several bands
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 2)).astype(np.float32)
+    text = 'name: "ip" type: "InnerProduct" inner_product_param { num_output: 7 ' \
+           f'transpose: {str(transpose).lower()} weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}'
+
+    def run():
+        backend.set_random_seed(7)
+        return _tops_and_diffs(text, [x])
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, text)
+
+
+@pytest.mark.parametrize("spec, shapes", [
+    ('crop_param { axis: 2 offset: 3 offset: 1 }', [(3, 4, 11, 9), (3, 4, 6, 5)]),      # over images
+    ('crop_param { axis: 2 offset: 2 }', [(1, 5, 11, 9), (1, 5, 6, 5)]),                 # one image: channels
+    ('crop_param { axis: 0 offset: 1 }', [(5, 4, 6, 7), (3, 2, 4, 5)]),
+])
+def test_crop_bit_identical_at_two_threads(spec, shapes, pool_size, monkeypatch):
+    """Crop's copy of the window forward and into the zeroed gradient backward, split over images
+    or channels: the one-thread bits, and the window is the reference's."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    text = f'name: "c" type: "Crop" {spec}'
+    one, two = _at_one_and_two_threads(lambda: _tops_and_diffs(text, xs), pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, spec)
+    layer, bottom, top = make_layer(text, xs)
+    assert np.array_equal(one[0], xs[0][layer.index])
+
+
+@pytest.mark.parametrize("spec", ['type: "Scale" scale_param { bias_term: true }', 'type: "BatchNorm"'])
+@pytest.mark.parametrize("shape", [(16, 5, 3), (16, 5), (9, 7, 4)])
+def test_per_channel_sums_keep_their_order_with_odd_chunks(spec, shape, pool_size, monkeypatch):
+    """Scale's parameter gradients and BatchNorm's statistics at three threads over 5 or 7 channels
+    (where an even split would leave a thread one channel, whose sum NumPy orders differently):
+    the one-thread bits."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3 + 1
+
+    def run():
+        return _tops_and_diffs(f'name: "n" {spec}', [x])
+    pool_size(1)
+    one = run()
+    pool_size(3)
+    seen = _spy_threads(monkeypatch)
+    three = run()
+    assert len(seen) >= 2
+    _assert_same_bits(one, three, np.float32, spec)

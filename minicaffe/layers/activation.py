@@ -11,6 +11,8 @@ keeps the reference.
 """
 import math
 
+import numpy as np
+
 from ..core import fillers, threads
 from ..core.blob import Blob
 from ..core.context import Slot
@@ -166,15 +168,31 @@ class PReLU(NeuronLayer):
     def backward_needs_input(self):
         return True
 
-    def _slope(self, x):
-        # broadcastable against x: (1, C, 1, ...) or a scalar
+    def _by_channels(self, arrays, fn, work):
+        """``fn(c0, c1, views)`` over ranges of channels, ``views`` the (N, C, S) views of
+        ``arrays`` (None ones stay None): on the thread pool for C-contiguous NumPy arrays, else one
+        call over every channel (CuPy arrays, strided views)."""
+        shape = arrays[0].shape
+        n, c = shape[0], shape[1]
+        if all(a is None or (isinstance(a, np.ndarray) and a.flags.c_contiguous) for a in arrays):
+            views = [None if a is None else a.reshape(n, c, -1) for a in arrays]
+            threads.parallel_for(c, lambda c0, c1: fn(c0, c1, views), work=work)
+        else:
+            fn(0, c, [None if a is None else a.reshape(n, c, -1) for a in arrays])
+
+    def _slope3(self):
+        """The slope broadcastable against (N, C, S) views: (1, C, 1), or a scalar when shared."""
         s = self.blobs[0].xdata
-        if self.channel_shared:
-            return s.reshape(())
-        return s.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return s.reshape(()) if self.channel_shared else s.reshape(1, -1, 1)
+
+    def _part(self, s, c0, c1):
+        return s if self.channel_shared else s[:, c0:c1]
 
     def compute(self, x, y):
-        _leaky(self.xp, x, self._slope(x), y)
+        # element by element with the channel's slope: split over channels, the same bits
+        s = self._slope3()
+        self._by_channels((x, y), lambda c0, c1, v: _leaky(
+            self.xp, v[0][:, c0:c1], self._part(s, c0, c1), v[1][:, c0:c1]), work=2 * x.size)
 
     def backward(self, top, propagate_down, bottom):
         self.engine.prelu_gradient(self.input_data(bottom), top[0].xdiff,
@@ -183,17 +201,35 @@ class PReLU(NeuronLayer):
 
     def prelu_gradient(self, x, dy, slope_diff, dx):
         """The reference gradient: ``slope_diff += Σ min(x, 0)·dy`` (per channel, or over all
-        with ``channel_shared``) and ``dx``; either may be None (not wanted). ``dx`` may be ``dy``."""
-        # the slope gradient first: in place, writing dx overwrites dy
+        with ``channel_shared``) and ``dx``; either may be None (not wanted). ``dx`` may be ``dy``.
+
+        Split over channels on the thread pool. The products ``min(x, 0)·dy`` go into a
+        (C, N·S) buffer, each channel a contiguous row, and a channel's sum is its row's sum (NumPy's
+        pairwise order over the row): the same order whichever channels a thread holds, so the
+        gradient has the same bits at any thread count. With ``channel_shared`` the sum of the whole
+        buffer is taken after every chunk ended, on one thread."""
+        xp = self.xp
+        n, c = x.shape[0], x.shape[1]
+        s = self._slope3()
+        neg = None if slope_diff is None else xp.empty((c, n, x.size // max(n * c, 1)), dtype=dy.dtype)
+        g = None if slope_diff is None or self.channel_shared else xp.empty(c, dtype=dy.dtype)
+
+        def part(c0, c1, v):
+            x3, dy3, dx3 = v
+            xc, dyc = x3[:, c0:c1], dy3[:, c0:c1]
+            # the slope gradient first: in place, writing dx overwrites dy
+            if neg is not None:
+                rows = neg[c0:c1].transpose(1, 0, 2)        # (N, k, S) view of the channels' rows
+                xp.minimum(xc, 0, out=rows)
+                rows *= dyc
+                if g is not None:
+                    g[c0:c1] = neg[c0:c1].reshape(c1 - c0, -1).sum(axis=1)
+            if dx3 is not None:
+                _leaky_grad(xp, xc, self._part(s, c0, c1), dyc, dx3[:, c0:c1])
+        self._by_channels((x, dy, dx), part, work=(3 if dx is not None else 2) * x.size)
         if slope_diff is not None:
-            neg = self.xp.minimum(x, 0) * dy
-            if self.channel_shared:
-                g = neg.sum()
-            else:
-                g = neg.reshape(x.shape[0], x.shape[1], -1).sum(axis=(0, 2))
-            slope_diff += g.reshape(slope_diff.shape)
-        if dx is not None:
-            _leaky_grad(self.xp, x, self._slope(x), dy, dx)
+            total = neg.sum() if self.channel_shared else g
+            slope_diff += total.reshape(slope_diff.shape)
 
 
 @register("Sigmoid")

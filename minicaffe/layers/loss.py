@@ -15,6 +15,7 @@ import logging
 
 import numpy as np
 
+from ..core import threads
 from ..errors import ShapeError
 from ..kernels import cuda_softmax, cudnn_softmax, engines  # noqa: F401  (importing registers the engines)
 from ..proto import caffe_pb2
@@ -39,6 +40,38 @@ def softmax(xp, x, axis, out):
     xp.exp(out, out=out)
     out /= out.sum(axis=axis, keepdims=True)
     return out
+
+
+def by_positions(outer, inner, fn, work):
+    """``fn(rows, cols)`` (two slices) over parts of an (outer, classes, inner) layout on the thread
+    pool: ranges of ``outer`` when there are at least as many as threads, else ranges of ``inner``
+    starting at multiples of ``threads.FLAT_BLOCK`` (one image of an FCN's per-pixel softmax). Inline
+    under ``threads.MIN_FLAT_ELEMENTS`` of ``work``.
+
+    Why it keeps the bits: every value of a softmax (and of its gradient) depends only on its own
+    position's column of classes; a part holds whole columns, and a column's max and sum run over the
+    same elements in the same order as in the whole array's reduction."""
+    if work < threads.MIN_FLAT_ELEMENTS:
+        fn(slice(None), slice(None))
+    elif outer >= threads.size():
+        threads.parallel_for(outer, lambda o0, o1: fn(slice(o0, o1), slice(None)), work=work)
+    else:
+        # the last part takes the remainder: a part one position wide would have NumPy sum its
+        # classes pairwise (the only run left), where wider parts add them one after the other
+        block = threads.FLAT_BLOCK
+        blocks = max(1, inner // block)
+        threads.parallel_for(blocks, lambda b0, b1: fn(
+            slice(None), slice(b0 * block, inner if b1 == blocks else b1 * block)), work=work)
+
+
+def _as3(arrays, axis):
+    """C-contiguous NumPy ``arrays`` (one shape) viewed as (outer, classes, inner) around ``axis``,
+    else None (CuPy arrays, strided views: the caller works on them whole)."""
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
+        return None
+    s = arrays[0].shape
+    shape = (element_count(s[:axis]), s[axis], element_count(s[axis + 1:]))
+    return [a.reshape(shape) for a in arrays]
 
 
 def normalizer(mode, outer, inner, valid_count):
@@ -136,9 +169,26 @@ class _SoftmaxEngines:
         self.engine = self.engine_slot.get(self, tuple(bottom[0].shape))
 
     def softmax(self, x, axis, out):
-        return softmax(self.xp, x, axis, out)
+        v = _as3((x, out), axis)
+        if v is None:
+            return softmax(self.xp, x, axis, out)
+        x3, out3 = v
+        by_positions(x3.shape[0], x3.shape[2], lambda r, c: softmax(np, x3[r, :, c], 1, out3[r, :, c]),
+                     work=x.size * 4)
+        return out
 
     def softmax_backward(self, y, dy, axis, dx):
+        v = _as3((y, dy, dx), axis)
+        if v is None:
+            return self._softmax_backward(y, dy, axis, dx)
+        y3, dy3, dx3 = v
+        by_positions(y3.shape[0], y3.shape[2],
+                     lambda r, c: self._softmax_backward(y3[r, :, c], dy3[r, :, c], 1, dx3[r, :, c]),
+                     work=y.size * 4)
+        return dx
+
+    def _softmax_backward(self, y, dy, axis, dx):
+        """``dx = (dy - Σ dy·y)·y`` along ``axis``; ``dx`` may be ``dy`` (read first)."""
         dot = (dy * y).sum(axis=axis, keepdims=True)
         dx[...] = (dy - dot) * y
         return dx
@@ -264,13 +314,23 @@ class SoftmaxWithLoss(_SoftmaxLoss):
                                     self.ignore, bottom[0].xdiff)
             return
         xp = self.xp
-        grad = self.prob.reshape(self.outer, self.classes, self.inner).copy()
-        rows = xp.arange(self.outer)[:, None]
-        cols = xp.arange(self.inner)[None, :]
-        grad[rows, self.labels, cols] -= 1
-        if self.valid is not None:
-            grad *= self.valid[:, None, :]
-        grad *= top[0].xdiff / self.norm
+        prob = self.prob.reshape(self.outer, self.classes, self.inner)
+        grad = xp.empty_like(prob)
+        scale = top[0].xdiff / self.norm
+
+        def part(r, c):
+            # the gradient at positions [r, :, c]: the same operations as on the whole array
+            g = grad[r, :, c]
+            g[...] = prob[r, :, c]
+            labels = self.labels[r, c]
+            g[xp.arange(labels.shape[0])[:, None], labels, xp.arange(labels.shape[1])[None, :]] -= 1
+            if self.valid is not None:
+                g *= self.valid[r, None, c]
+            g *= scale
+        if isinstance(grad, np.ndarray):
+            by_positions(self.outer, self.inner, part, work=grad.size * 3)
+        else:
+            part(slice(None), slice(None))
         bottom[0].xdiff = grad.reshape(bottom[0].shape)
 
 

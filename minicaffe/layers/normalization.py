@@ -36,9 +36,17 @@ def _by_channels(channels, arrays, fn, work):
 
     Each chunk does the whole pass for its channels, per-channel sums included: a channel's sum runs
     over the same elements with the same strides as the whole array's reduction, so it adds in the
-    same order and every result is bit-identical at any thread count."""
-    if all(isinstance(a, np.ndarray) for a in arrays if a is not None):
-        threads.parallel_for(channels, fn, work=work)
+    same order and every result is bit-identical at any thread count.
+
+    A chunk holds two channels at least. Why: NumPy merges the axes of a one-channel (N, 1, S) chunk
+    into one run of N·S values and sums it pairwise, where with two channels or more it adds the N
+    images' partial sums one after the other: another order, other bits (seen with 5 channels on 3
+    threads, chunks of 2, 2 and 1). So the pool gets pairs of channels, the last one taking the odd
+    channel, and fewer than 4 channels run whole."""
+    if all(isinstance(a, np.ndarray) for a in arrays if a is not None) and channels >= 4:
+        pairs = channels // 2
+        threads.parallel_for(pairs, lambda p0, p1: fn(2 * p0, channels if p1 == pairs else 2 * p1),
+                             work=work)
     else:
         fn(0, channels)
 
@@ -429,6 +437,10 @@ class Scale(Layer):
                 scale.xdiff += g
 
 
+# MVN's passes run over blocks of rows of about this many elements (see MVN._by_rows)
+MVN_BLOCK_ELEMENTS = 1 << 16
+
+
 @register("MVN")
 class MVN(Layer):
     """Mean-variance normalisation: subtracts the mean of each (image, channel) — or of each image
@@ -457,24 +469,57 @@ class MVN(Layer):
             top[0].reshape(b.num, b.channels, b.height, b.width)
         self.rows = b.num if self.across_channels else b.num * b.channels
 
+    def _by_rows(self, fn, size, passes):
+        """``fn(r0, r1)`` over ranges of rows: on the thread pool for NumPy arrays of at least
+        ``threads.MIN_FLAT_ELEMENTS``, else one call. Each row's mean is NumPy's pairwise sum over
+        that row alone, the same however the rows are grouped: the same bits at any thread count."""
+        if self.xp is not np:
+            fn(0, self.rows)
+            return
+        # within a chunk, blocks of rows of about MVN_BLOCK_ELEMENTS: the temporaries stay in cache,
+        # and two threads do not page in fresh chunk-sized temporaries at once (page faults serialise)
+        per = max(1, MVN_BLOCK_ELEMENTS // max(1, size // max(1, self.rows)))
+
+        def blocks(r0, r1):
+            for b0 in range(r0, r1, per):
+                fn(b0, min(r1, b0 + per))
+        if size >= threads.MIN_FLAT_ELEMENTS:
+            threads.parallel_for(self.rows, blocks, work=size * passes)
+        else:
+            blocks(0, self.rows)
+
     def forward(self, bottom, top):
         xp = self.xp
         x = bottom[0].xdata.reshape(self.rows, -1)
-        centred = x - x.mean(axis=1, keepdims=True)
-        if self.normalize_variance:
-            std = xp.sqrt((centred * centred).mean(axis=1, keepdims=True))
-            std += self.eps
-            self._std = std
-            centred /= std
+        centred = xp.empty(x.shape, dtype=x.dtype)
+        std = xp.empty((self.rows, 1), dtype=x.dtype) if self.normalize_variance else None
+
+        def part(r0, r1):
+            xr, c = x[r0:r1], centred[r0:r1]
+            xp.subtract(xr, xr.mean(axis=1, keepdims=True), out=c)
+            if std is not None:
+                sd = xp.sqrt((c * c).mean(axis=1, keepdims=True))
+                sd += self.eps
+                std[r0:r1] = sd
+                c /= sd
+        self._by_rows(part, x.size, 3)
+        self._std = std
         top[0].xdata = centred.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        xp = self.xp
         dy = top[0].xdiff.reshape(self.rows, -1)
-        grad = dy - dy.mean(axis=1, keepdims=True)
-        if self.normalize_variance:
-            y = top[0].xdata.reshape(self.rows, -1)
-            grad -= y * (dy * y).mean(axis=1, keepdims=True)
-            grad /= self._std
+        y = top[0].xdata.reshape(self.rows, -1) if self.normalize_variance else None
+        grad = xp.empty(dy.shape, dtype=dy.dtype)
+
+        def part(r0, r1):
+            d, g = dy[r0:r1], grad[r0:r1]
+            xp.subtract(d, d.mean(axis=1, keepdims=True), out=g)
+            if y is not None:
+                yr = y[r0:r1]
+                g -= yr * (d * yr).mean(axis=1, keepdims=True)
+                g /= self._std[r0:r1]
+        self._by_rows(part, dy.size, 4)
         bottom[0].xdiff = grad.reshape(bottom[0].shape)

@@ -4,9 +4,16 @@ Crop, Tile, Reduction (ArgMax, which ranks scores, is with Accuracy in metrics.p
 Split, Flatten and Reshape share the bottom's array with the top (as Caffe's ShareData does): no
 copy, and the top sees later in-place writes to the bottom. Layers that produce new values write
 into the top's own buffer so storage is reused between iterations.
+
+On NumPy arrays the big copies (Concat, Slice and Crop both ways) and Split's sum of diffs run on
+the kernels' thread pool (``core/threads.py``): each chunk copies or adds its own part with the same
+operations, so results are the same bits at any thread count.
 """
+import numpy as np
+
 from ..errors import ShapeError
 from ..proto import caffe_pb2
+from ..core import threads
 from ..core.layer import Layer, register
 from ..core.numeric import element_count
 
@@ -29,6 +36,64 @@ def _no_in_place(layer, bottom, top):
 def _overlap(xp, a, b):
     """Whether two arrays may share memory (then a gradient cannot be written over the other)."""
     return bool(xp.may_share_memory(a, b))
+
+
+def _as3(a, axis):
+    """A C-contiguous ``a`` viewed as (outer, width, inner) around ``axis`` (a view: writes reach ``a``)."""
+    s = a.shape
+    return a.reshape(element_count(s[:axis]), s[axis], element_count(s[axis + 1:]))
+
+
+def parallel_copy(dst, src):
+    """``dst[...] = src`` (arrays of one shape, views of bigger ones allowed) on the thread pool for
+    NumPy arrays of at least ``threads.MIN_FLAT_ELEMENTS``: split over the first axis, or over the
+    second when there are fewer images than threads (FCN's one-image crops). Exact: the same bits."""
+    if not (isinstance(dst, np.ndarray) and isinstance(src, np.ndarray)) or dst.ndim == 0 or \
+            dst.size < threads.MIN_FLAT_ELEMENTS:
+        dst[...] = src
+        return
+    axis = 0 if dst.ndim == 1 or dst.shape[0] >= threads.size() else 1
+    lead = (slice(None),) * axis
+    threads.parallel_for(dst.shape[axis], lambda i0, i1: np.copyto(
+        dst[lead + (slice(i0, i1),)], src[lead + (slice(i0, i1),)]), work=2 * dst.size)
+
+
+def copy_parts(dst, axis, parts):
+    """Copies between ``dst`` and the pieces of it along ``axis``: ``parts`` is a list of
+    ``(start, array, into_dst)``: ``dst[..., start:start + n, ...] = array`` when ``into_dst``, else
+    ``array[...] = dst[..., start:start + n, ...]``. Returns False (nothing done) unless every array is
+    a C-contiguous NumPy array; the caller then copies as before (CuPy arrays: one kernel each).
+
+    Why split this way: Concat's forward and backward, and Slice's, copy every element of big maps
+    (GoogLeNet's inception concats, each forward and backward). With several images (``outer``, the
+    axes before ``axis``) a chunk copies all pieces of its images; with fewer images than threads,
+    each piece is split along ``axis`` instead. A copy is exact, so any split gives the same bits."""
+    arrays = [dst] + [a for _, a, _ in parts]
+    if not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
+        return False
+    d3 = _as3(dst, axis)
+    pieces = []
+    for start, a, into_dst in parts:
+        a3 = _as3(a, axis)
+        d = d3[:, start:start + a3.shape[1]]
+        pieces.append((d, a3) if into_dst else (a3, d))
+    outer = d3.shape[0]
+    total = sum(a.size for _, a, _ in parts)
+    if total < threads.MIN_FLAT_ELEMENTS:     # a copy in cache is faster than handing it to a thread
+        for to, frm in pieces:
+            np.copyto(to, frm)
+        return True
+    work = 2 * total
+    if outer >= threads.size():
+        def by_images(o0, o1):
+            for to, frm in pieces:
+                np.copyto(to[o0:o1], frm[o0:o1])
+        threads.parallel_for(outer, by_images, work=work)
+    else:
+        for to, frm in pieces:
+            threads.parallel_for(to.shape[1], lambda c0, c1, to=to, frm=frm:
+                                 np.copyto(to[:, c0:c1], frm[:, c0:c1]), work=2 * to.size)
+    return True
 
 
 @register("Split")
@@ -63,7 +128,17 @@ class Split(Layer):
                 grad += d
             bottom[0].xdiff = grad
             return
-        # summed straight into the bottom's own diff: no new array per iteration
+        # summed straight into the bottom's own diff: no new array per iteration; on the thread pool
+        # in flat chunks (each element's sum in the same order: the same bits at any thread count)
+        flat = threads.flat_views(out, *diffs)
+        if flat is None:
+            self._sum_into(out, diffs)
+            return
+        threads.parallel_flat(out.size, lambda a, b: self._sum_into(
+            flat[0][a:b], [f[a:b] for f in flat[1:]]), work=out.size * (1 + len(diffs)))
+
+    def _sum_into(self, out, diffs):
+        """``out = diffs[0] + diffs[1] + ...``, added left to right."""
         if len(diffs) == 1:
             self.xp.copyto(out, diffs[0])
         else:
@@ -110,27 +185,37 @@ class Concat(Layer):
             top[0].xdata = bottom[0].xdata
             return
         out = top[0].xdata
+        starts = self._starts(bottom)
+        if copy_parts(out, self.axis, [(s, b.xdata, True) for s, b in zip(starts, bottom)]):
+            return
         lead = (slice(None),) * self.axis
-        start = 0
+        for s, b in zip(starts, bottom):
+            out[lead + (slice(s, s + b.shape[self.axis]),)] = b.xdata
+
+    def _starts(self, bottom):
+        """Where each bottom starts along the concat axis of the top."""
+        out, start = [], 0
         for b in bottom:
-            n = b.shape[self.axis]
-            out[lead + (slice(start, start + n),)] = b.xdata
-            start += n
+            out.append(start)
+            start += b.shape[self.axis]
+        return out
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].xdiff
         lead = (slice(None),) * self.axis
-        start = 0
-        for i, b in enumerate(bottom):
-            n = b.shape[self.axis]
-            if propagate_down[i]:
-                part = dy[lead + (slice(start, start + n),)]
-                out = b.xdiff
-                if _overlap(self.xp, out, dy):
-                    b.xdiff = self.xp.ascontiguousarray(part)
-                else:
-                    self.xp.copyto(out, part)   # the bottom's own diff: no new array per iteration
-            start += n
+        copies = []
+        for i, (start, b) in enumerate(zip(self._starts(bottom), bottom)):
+            if not propagate_down[i]:
+                continue
+            part = dy[lead + (slice(start, start + b.shape[self.axis]),)]
+            out = b.xdiff
+            if _overlap(self.xp, out, dy):
+                b.xdiff = self.xp.ascontiguousarray(part)
+            else:
+                copies.append((start, out, part))   # the bottom's own diff: no new array per iteration
+        if copies and not copy_parts(dy, self.axis, [(s, out, False) for s, out, _ in copies]):
+            for _, out, part in copies:
+                self.xp.copyto(out, part)
 
 
 @register("Slice")
@@ -181,12 +266,16 @@ class Slice(Layer):
         if len(top) == 1:
             top[0].xdata = x
             return
+        # copies, not views: a layer working in place on one top must not change the bottom
+        if copy_parts(x, self.axis, [(s, t.xdata, False) for s, t in zip(self._starts(), top)]):
+            return
         lead = (slice(None),) * self.axis
-        start = 0
-        for t, n in zip(top, self.sizes):
-            # a copy, not a view: a layer working in place on one top must not change the bottom
-            t.xdata[...] = x[lead + (slice(start, start + n),)]
-            start += n
+        for t, s, n in zip(top, self._starts(), self.sizes):
+            t.xdata[...] = x[lead + (slice(s, s + n),)]
+
+    def _starts(self):
+        """Where each top starts along the slice axis of the bottom."""
+        return [sum(self.sizes[:i]) for i in range(len(self.sizes))]
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -194,7 +283,13 @@ class Slice(Layer):
         if len(top) == 1:
             bottom[0].xdiff = top[0].xdiff.copy()
             return
-        bottom[0].xdiff = self.xp.concatenate([t.xdiff for t in top], axis=self.axis)
+        diffs = [t.xdiff for t in top]
+        out = bottom[0].xdiff
+        # into the bottom's own diff (no new array per iteration) unless it shares memory with a top's
+        if out.shape == bottom[0].shape and not any(_overlap(self.xp, out, d) for d in diffs) and \
+                copy_parts(out, self.axis, [(s, d, True) for s, d in zip(self._starts(), diffs)]):
+            return
+        bottom[0].xdiff = self.xp.concatenate(diffs, axis=self.axis)
 
 
 @register("Flatten")
@@ -347,13 +442,13 @@ class Crop(Layer):
         top[0].reshape(new)
 
     def forward(self, bottom, top):
-        top[0].xdata[...] = bottom[0].xdata[self.index]
+        parallel_copy(top[0].xdata, bottom[0].xdata[self.index])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         grad = self.xp.zeros(bottom[0].shape, dtype=top[0].xdiff.dtype)
-        grad[self.index] = top[0].xdiff
+        parallel_copy(grad[self.index], top[0].xdiff)
         bottom[0].xdiff = grad
 
 
