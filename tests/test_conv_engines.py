@@ -479,39 +479,41 @@ def test_winograd_tile_size_follows_the_batch_tile_count():
     (256, 256, 1, True), (512, 256, 1, True), (64, 64, 0, True), (128, 128, 2, True),
     (128, 256, 1, False),       # widens: the transforms of dy cost more than the col2im they replace
     (32, 32, 1, False), (256, 256, 3, False)])
-def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, env_switch):
-    """On one thread (measured to pay there only), by shape."""
-    env_switch("OMP_NUM_THREADS", "1")
-    env_switch("MINICAFFE_THREADS", "1")
+@pytest.mark.parametrize("num", [1, 4])
+def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, num):
+    """By shape: 4 images of 16x16 give the 64 4x4 tiles it needs, one image too few."""
     layer, bottom, top = make_layer(conv_text("Convolution", f"num_output: {cout} kernel_size: 3 pad: {pad}"),
-                                    [np.zeros((1, cin, 16, 16), np.float32)])
+                                    [np.zeros((num, cin, 16, 16), np.float32)])
     engines.force(layer, "winograd")
     layer.reshape(bottom, top)
-    assert layer.engine.data_grad is want
+    assert layer.engine.data_grad is (want and num == 4)
     engines.force(layer, None)
 
 
 @pytest.mark.parametrize("threads,shape,spec,want", [
-    ("1", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "winograd"),
-    ("1", (1, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", "im2col"),           # widens
-    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", "im2col"),            # pad > 2
-    ("1", (1, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", "im2col"),
-    ("2", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", "im2col")])
+    ("1", (4, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", True),
+    ("2", (4, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", True),
+    ("2", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", False),           # 16 tiles
+    ("1", (4, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", False),           # widens
+    ("1", (4, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", False),            # pad > 2
+    ("1", (4, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", False)])
 def test_default_deconvolution_takes_winograd_where_its_forward_pays(threads, shape, spec, want, env_switch):
     """Deconvolution's forward is a convolution's data gradient: Winograd where that pays."""
     env_switch("OMP_NUM_THREADS", threads)
     env_switch("MINICAFFE_THREADS", threads)
     layer, _, _ = make_layer(conv_text("Deconvolution", spec), [np.zeros(shape, np.float32)])
-    assert layer.engine_name == want
+    assert (layer.engine_name == "winograd") is want
 
 
-@pytest.mark.parametrize("blas,pool", [("2", "1"), ("1", "2")])
-def test_default_winograd_data_gradient_stays_off_on_two_threads(blas, pool, env_switch):
+@pytest.mark.parametrize("blas,pool", [("2", "2"), ("2", "1"), ("1", "2")])
+def test_default_winograd_data_gradient_at_any_thread_count(blas, pool, env_switch):
+    """Measured to pay at two threads too once its transforms ran on the kernels' pool (VGG-16
+    forward + backward 0.90x), so the thread count does not decide it."""
     env_switch("OMP_NUM_THREADS", blas)
     env_switch("MINICAFFE_THREADS", pool)
     layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 256 kernel_size: 3 pad: 1"),
-                                    [np.zeros((1, 256, 32, 32), np.float32)])     # 64 4x4 tiles: forward pays
-    assert layer.engine_name == "winograd" and layer.engine.data_grad is False
+                                    [np.zeros((1, 256, 32, 32), np.float32)])     # 64 4x4 tiles
+    assert layer.engine_name == "winograd" and layer.engine.data_grad is True
 
 
 def test_winograd_is_switched_off_by_the_environment_at_reshape(env_switch):

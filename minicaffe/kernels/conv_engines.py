@@ -49,11 +49,9 @@ Each engine also says where it is *correct* (``computes``), a wider set than whe
 with ``engines.force(layer, name, max_col_elements=1)``.
 """
 
-import os
-
 import numpy as np
 
-from ..core import backend, threads
+from ..core import backend
 from ..core import context as _context
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
@@ -138,18 +136,18 @@ WINOGRAD_MIN_SIZE = 13
 WINOGRAD_MIN_TILES = 64
 
 # Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
-# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): on one thread (one BLAS thread, a pool
-# of one), layers that do not widen (cout <= cin) from WINOGRAD_BACKWARD_MIN_CHANNELS input channels
-# on maps of WINOGRAD_MIN_SIZE and more. Measured on VGG-16's layers, batch 4, the whole backward
+# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): layers that do not widen (cout <= cin)
+# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more, with the
+# forward's WINOGRAD_MIN_TILES. Measured on VGG-16's layers, batch 4, one thread, the whole backward
 # (data + weight gradient), Winograd / columns, interleaved, CPU time, medians of 5-9, two runs
 # (docs/performance.md, "Winograd in backward"): 0.85-0.96 from conv1_2 (64->64, 224²) to conv5_2
 # (512->512, 14²); widening layers pay less or lose, the more so the fewer channels: conv2_1
 # (64->128) 1.05-1.15, GoogLeNet's conv2 (64->192) 1.13, conv3_1 (128->256) 0.92-0.97. Why: the
 # transforms' memory traffic grows with dy's ``cout`` channels, the col2im they replace with
-# ``cin``, while the GEMM work saved grows with both. On two threads it did not pay (0.81-2.2x in
-# three runs on the shared 2-core machine, slower in 19 of 23 layer-runs): col2im is split over the
-# kernels' pool, Winograd's transforms are not (yet), and its 16 GEMMs per band of tiles each wait
-# for both BLAS threads.
+# ``cin``, while the GEMM work saved grows with both. At two threads, once the F(4x4) transforms
+# were split over the kernels' pool: VGG-16 forward + backward at batch 4, 2788 ms with it against
+# 3086 ms without (0.90x, medians of 5 interleaved rounds, every round faster, load 1.2), so it is
+# no longer kept to one thread.
 WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
 
@@ -255,18 +253,15 @@ def winograd_backward_computes(s):
 
 
 def winograd_backward_pays(s):
-    """Where the Winograd data gradient beats col2im(W^T dy): on one thread, layers that do not widen,
-    from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more (see
-    the constants), unless MINICAFFE_WINOGRAD=0."""
-    return (winograd_backward_computes(s) and s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin
-            and min(s.in_hw) >= WINOGRAD_MIN_SIZE and _context.current().switches.winograd and _one_thread())
-
-
-def _one_thread():
-    """Whether a convolution runs on one core: one BLAS thread (OMP_NUM_THREADS and co., else the
-    cores) and a kernels' pool of one."""
-    blas = (_context.current().switches.blas_threads or "").strip()
-    return (blas == "1" if blas.isdigit() else (os.cpu_count() or 1) == 1) and threads.size() == 1
+    """Where the Winograd data gradient beats col2im(W^T dy): layers that do not widen, from
+    WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more, with
+    WINOGRAD_MIN_TILES 4x4 tiles of the input's map in the batch (see the constants), unless
+    MINICAFFE_WINOGRAD=0."""
+    if not (winograd_backward_computes(s) and len(s.in_hw) == 2):
+        return False
+    h, w = s.in_hw
+    return (s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin and min(h, w) >= WINOGRAD_MIN_SIZE
+            and s.num * -(-h // 4) * -(-w // 4) >= WINOGRAD_MIN_TILES and _context.current().switches.winograd)
 
 
 # --- the engines ------------------------------------------------------------------------------------
