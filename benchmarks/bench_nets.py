@@ -22,6 +22,7 @@ minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
     python benchmarks/bench_nets.py --nets vgg16 --iters 2 --modes train
     python benchmarks/bench_nets.py --quick                # LeNet, one iteration (smoke test)
     python benchmarks/bench_nets.py --scaling              # + minicaffe at one thread, 1 -> N speed-up
+    python benchmarks/bench_nets.py --numpy-first          # minicaffe imported after NumPy (see below)
 """
 import argparse
 import json
@@ -31,7 +32,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
+# The minicaffe worker imports minicaffe before NumPy, as the ``minicaffe`` commands do (and a script
+# that starts with ``import minicaffe``): minicaffe then loads OpenBLAS with a short idle spin, so the
+# kernels' thread pool gets the cores the GEMMs leave (``minicaffe/core/threads.py``). With
+# ``--numpy-first`` it imports NumPy first, as a script that starts with ``import numpy`` does: a
+# pool of one thread then, unless OPENBLAS_THREAD_TIMEOUT is set.
+if (sys.argv[sys.argv.index("--worker") + 1:][:1] == ["minicaffe"] if "--worker" in sys.argv else False) \
+        and "--numpy-first" not in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import minicaffe  # noqa: E402,F401
+
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -243,6 +254,8 @@ def run_minicaffe(args):
     times, cpu, peak = _loop(step, args.warmup, args.iters)
     res["times"], res["cpu"] = times, cpu
     res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
+    from minicaffe.core import threads
+    res["pool"] = threads.size()
     if args.mode == "infer":
         ref = np.load(os.path.join(work, "output.npy"))
         res["max_diff"] = float(np.abs(net.blobs[net.outputs[0]].data - ref).max())
@@ -461,6 +474,8 @@ def run_torch(args):
     times, cpu, peak = _loop(step, args.warmup, args.iters)
     res["times"], res["cpu"] = times, cpu
     res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
+    from minicaffe.core import threads
+    res["pool"] = threads.size()
     if args.mode == "infer":
         ref = np.load(os.path.join(work, "output.npy"))
         last = model.steps[-1][2][0]
@@ -505,6 +520,8 @@ def spawn(worker, net, mode, batch, workdir, args):
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.no_share_memory:
         cmd.append("--no-share-memory")
+    if args.numpy_first:
+        cmd.append("--numpy-first")
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     # the same thread count for every framework's BLAS / OpenMP pool
@@ -569,6 +586,7 @@ def driver(args):
     print(header)
     print("-" * len(header))
     results = {}
+    pool_said = False
     for net in nets:
         with tempfile.TemporaryDirectory(prefix=f"bench_{net}_") as top:
             prepared = {}       # batch -> its work directory (the modes' batches differ)
@@ -590,6 +608,9 @@ def driver(args):
                         continue
                     row[ref] = spawn(ref, net, mode, batch, work, args)
                 results[(net, mode)] = row
+                if not pool_said and row["minicaffe"].get("pool"):
+                    print(f"(minicaffe's kernels' thread pool: {row['minicaffe']['pool']} thread(s))")
+                    pool_said = True
                 print(format_row(net, batch, mode, row), flush=True)
                 notes = []
                 if args.scaling and args.threads > 1 and "error" not in row["minicaffe"]:
@@ -680,6 +701,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (the best counts)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")
+    ap.add_argument("--numpy-first", action="store_true",
+                    help="minicaffe's worker imports NumPy before minicaffe (a pycaffe-style script): "
+                         "its kernels' thread pool then has one thread unless OPENBLAS_THREAD_TIMEOUT is set")
     ap.add_argument("--scaling", action="store_true",
                     help="also time minicaffe at one thread after each row and print the 1 -> N speed-up")
     ap.add_argument("--layers", type=int, default=8, help="slowest layers listed when behind a reference")

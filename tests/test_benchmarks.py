@@ -59,6 +59,22 @@ def test_bench_nets_scaling_times_one_thread_beside_the_default(tmp_path):
     assert f"1 -> 2 threads: {speedup:.2f}x" in out
 
 
+@pytest.mark.skipif("MINICAFFE_THREADS" in os.environ or "OPENBLAS_THREAD_TIMEOUT" in os.environ,
+                    reason="the pool's size is set from the environment")
+def test_bench_nets_minicaffe_worker_imports_minicaffe_first(tmp_path):
+    """The minicaffe worker imports minicaffe before NumPy, as the ``minicaffe`` commands do, so its
+    kernels' pool has the two threads asked for; ``--numpy-first`` measures a script that imports
+    NumPy first: OpenBLAS keeps its long idle spin and the pool one thread."""
+    import json
+    pools = {}
+    for first in ([], ["--numpy-first"]):
+        out_json = tmp_path / f"res{len(first)}.json"
+        _run("bench_nets.py", "--quick", "--frameworks", "minicaffe", "--modes", "infer", "--threads", "2",
+             *first, "--json", str(out_json))
+        pools[bool(first)] = json.loads(out_json.read_text())["lenet/infer"]["minicaffe"]["pool"]
+    assert pools == {False: 2, True: 1}
+
+
 def test_bench_nets_quick_with_references(tmp_path):
     pytest.importorskip("torch")
     out_json = tmp_path / "res.json"
