@@ -468,3 +468,43 @@ def test_first_forward_of_a_plan_gives_freed_memory_back(monkeypatch):
     shared.reshape()
     shared.forward()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
+def test_lrn_padded_buffers_come_from_the_layer_frames(region, monkeypatch):
+    """In a sharing net LRN's padded buffers come from the layer frames, so two LRN layers use the
+    same memory and keep none of their own (a plain net's LRN keeps its own, as before). Other
+    layers' scratch lands there too, so the zero border is cleared on each call: an arena filled
+    with NaN between forwards changes no bit of the output."""
+    from minicaffe.core import context
+    n = NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 6, 5, 5]))
+    n.conv = L.Convolution(n.data, num_output=6, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))
+    n.norm = L.LRN(n.conv, local_size=5, alpha=1.0, beta=0.75, norm_region=getattr(P.LRN, region))
+    n.conv2 = L.Convolution(n.norm, num_output=8, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))
+    n.norm2 = L.LRN(n.conv2, local_size=3, alpha=0.5, beta=0.6, k=2, norm_region=getattr(P.LRN, region))
+    n.fc = L.InnerProduct(n.norm2, num_output=3, weight_filler=dict(type="xavier"))
+    param = n.to_proto()
+    param.force_backward = False
+    plain, shared = pair(param)
+    x = feed(plain)
+    ws = context.current().workspaces
+    pads, get = [], ws.get
+
+    def spy(xp, shape, dtype, slot):
+        out = get(xp, shape, dtype, slot)
+        if getattr(slot, "name", None) == "LRN pad":
+            pads.append(out)
+        return out
+    monkeypatch.setattr(ws, "get", spy)
+    want = plain.forward(**x)["fc"].copy()
+    assert pads == []                                       # no frames: the plain net's own buffers
+    assert np.array_equal(shared.forward(**x)["fc"], want)
+    assert len(pads) == 2 and np.shares_memory(pads[0], pads[1])
+    names = ("pad", "rows", "pad_w")
+    for name in ("norm", "norm2"):
+        assert not any(k[0] in names for k in shared.layer_dict[name]._buffers)
+        assert any(k[0] == "pad" for k in plain.layer_dict[name]._buffers)
+    ws._local.arenas[0][...] = 0xFF                         # float32 NaN in every scratch byte
+    assert np.array_equal(shared.forward(**x)["fc"], want)
+    assert np.array_equal(plain.forward(**x)["fc"], want)

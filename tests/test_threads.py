@@ -348,6 +348,31 @@ def test_lrn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
     _assert_same_bits(one, two, dtype, spec)
 
 
+@pytest.mark.parametrize("spec", LRN_CASES)
+def test_lrn_in_a_layer_frame_bit_identical_at_two_threads(spec, pool_size, monkeypatch):
+    """A forward-only LRN takes its padded buffers from the layer frame (a sharing net's forward)
+    and clears their border on the calling thread before the chunks run: the one-thread bits at
+    two threads, over NaN left in the frame by an earlier layer, and the bits of its own buffers."""
+    x = np.random.default_rng(0).standard_normal((3, 6, 5, 4)).astype(np.float32)
+    layer, bottom, top = make_layer(f'name: "lrn" type: "LRN" {spec}', [x])
+    layer.forward_only = True
+    ws = context.current().workspaces
+
+    def run():
+        with ws.layer_frames() as frame:
+            frame.next_layer()
+            ws.get(np, (4096,), np.float32, "col")[...] = np.nan       # an earlier layer's scratch
+            frame.next_layer()
+            layer.forward(bottom, top)
+        assert not any(k[0] in ("pad", "rows", "pad_w") for k in layer._buffers)
+        return [top[0].data.copy()]
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, spec)
+    layer.forward(bottom, top)                          # outside a frame: buffers of its own
+    assert any(k[0] == "pad" for k in layer._buffers)
+    assert top[0].data.tobytes() == one[0].tobytes()
+
+
 NORM_CASES = [
     ('type: "BatchNorm"', (2, 5, 9, 31)),                            # batch statistics
     ('type: "BatchNorm" batch_norm_param { use_global_stats: true }', (2, 5, 9, 31)),

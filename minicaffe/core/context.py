@@ -205,6 +205,12 @@ class Workspaces:
             buf = bufs[key] = xp.empty(max(size, 1), dtype=dtype)
         return buf[:size].reshape(shape)
 
+    def framed(self):
+        """Whether this thread runs inside ``layer_frames`` now: host scratch from ``get`` then lies
+        in the frame and lasts only until the next layer starts (layers that would otherwise keep
+        buffers of their own between calls take it from there instead: layers/lrn.py)."""
+        return bool(getattr(self._local, "frames", None))
+
     @contextlib.contextmanager
     def layer_frames(self):
         """Host scratch of this thread from its arena while the block runs; the caller calls the

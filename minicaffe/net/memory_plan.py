@@ -27,7 +27,7 @@ Workspaces (the im2col column matrix and the other ``context.Slot`` scratch buff
 blobs and are not planned here: while a net with an applied plan runs forward (``Net``), its
 thread's host scratch comes from one arena cut anew for each layer (core/context.py's
 ``Workspaces.layer_frames``), so the scratch held is the most one layer uses, not the sum of every
-slot's largest. The first forward of each applied plan also hands the memory it freed back to the
+slot's largest; LRN takes its padded buffers from there too (layers/lrn.py). The first forward of each applied plan also hands the memory it freed back to the
 OS (``context.trim_heap``; ``MemoryPlan.trimmed``).
 """
 from __future__ import annotations
