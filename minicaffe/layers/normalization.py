@@ -51,6 +51,24 @@ def _by_channels(channels, arrays, fn, work):
         fn(0, channels)
 
 
+def _channel_mean(xp, a, b=None, divide=True):
+    """Per-channel means (sums with ``divide=False``) over axes 0 and 2 of (N, k, S) arrays, of
+    ``a`` or of ``a·b``.
+
+    On NumPy through ``einsum``: it sums a row's products as it reads them, where ``(a * b).mean()``
+    wrote and re-read a temporary as big as the input, and it adds faster than ``add.reduce`` over
+    these strided views (8x256x56x56 float32 on this project's 2-core machine: 0.8 against 1.5 ms
+    for the sum, 1.4 against 3.7 for the sum of squares). Its order of addition is another one (the
+    float32 tolerances of the parity tests take it), and it is the same for a channel whatever the
+    width of the chunk it is in (two channels at least, _by_channels), so the bits stay the same at
+    any thread count. Other backends keep the plain reductions."""
+    if xp is np:
+        total = np.einsum("nks->k", a) if b is None else np.einsum("nks,nks->k", a, b)
+        return total / (a.shape[0] * a.shape[2]) if divide else total
+    v = a if b is None else a * b
+    return v.mean(axis=(0, 2)) if divide else v.sum(axis=(0, 2))
+
+
 def _out_view(blob, which, shape):
     """The blob's data or diff reshaped to ``shape`` as a view, so writes land in the blob.
 
@@ -165,10 +183,10 @@ class BatchNorm(Layer):
             # every step per channel: the statistics, x − mean, 1/std, the scaling and the copy out
             xs, bs, k = x3[:, c0:c1], buf[:, c0:c1], c1 - c0
             if batch:
-                mean[c0:c1] = xs.mean(axis=(0, 2))
+                mean[c0:c1] = _channel_mean(xp, xs)
             xp.subtract(xs, mean[c0:c1].reshape(1, k, 1), out=bs)
             if batch:
-                var[c0:c1] = (bs * bs).mean(axis=(0, 2))
+                var[c0:c1] = _channel_mean(xp, bs, bs)
             inv = xp.sqrt(var[c0:c1] + self.eps)
             xp.reciprocal(inv, out=inv)
             inv_std[c0:c1] = inv
@@ -207,8 +225,8 @@ class BatchNorm(Layer):
                 xp.multiply(dyc, inv_std, out=dxc)
                 return
             yc = y[:, c0:c1]
-            mean_dy = dyc.mean(axis=(0, 2)).reshape(1, k, 1)
-            mean_dy_y = (dyc * yc).mean(axis=(0, 2)).reshape(1, k, 1)
+            mean_dy = _channel_mean(xp, dyc).reshape(1, k, 1)
+            mean_dy_y = _channel_mean(xp, dyc, yc).reshape(1, k, 1)
             t = yc * mean_dy_y
             t += mean_dy
             xp.subtract(dyc, t, out=dxc)
@@ -420,9 +438,9 @@ class Scale(Layer):
             # per channel: the sums read dy before dx (which may be dy) is written
             dyc = dy[:, d0:d1]
             if gb is not None:
-                gb[d0:d1] = dyc.sum(axis=(0, 2))
+                gb[d0:d1] = _channel_mean(xp, dyc, divide=False)
             if gs is not None:
-                gs[d0:d1] = (dyc * x[:, d0:d1]).sum(axis=(0, 2))
+                gs[d0:d1] = _channel_mean(xp, dyc, x[:, d0:d1], divide=False)
             if dx is not None:
                 xp.multiply(dyc, s[d0:d1].reshape(1, d1 - d0, 1), out=dx[:, d0:d1])
         _by_channels(dim, (dy, x, dx), part, work=dy.size * 3)
