@@ -228,7 +228,7 @@ def test_batchnorm_loaded_blobs_of_the_wrong_size_are_an_error():
 def test_batchnorm_float32_buffers():
     layer, bottom, top = make_layer('type: "BatchNorm"', [np.random.RandomState(0).randn(4, 3)])
     layer.forward(bottom, top)
-    assert layer._x_norm.dtype == np.float32 and layer._inv_std.dtype == np.float32
+    assert layer._x_centred.dtype == np.float32 and layer._inv_std.dtype == np.float32
     assert all(b.xdata.dtype == np.float32 for b in layer.blobs)
 
 

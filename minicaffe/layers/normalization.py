@@ -94,7 +94,7 @@ class BatchNorm(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
-    allows_in_place = True   # backward reads only its own copy of the normalised values
+    allows_in_place = True   # backward reads only its own copy of x − mean
     fixed_params = True
 
     def __init__(self, param, phase):
@@ -130,7 +130,7 @@ class BatchNorm(Layer):
                                      "batch statistics are not learnable; lr_mult must be 0")
             else:
                 self.param.param.add().lr_mult = 0.0
-        self._x_norm = None
+        self._x_centred = None
         self._inv_std = None
 
     def reshape(self, bottom, top):
@@ -171,8 +171,8 @@ class BatchNorm(Layer):
             m = x3.shape[0] * x3.shape[2]
             mean = xp.empty(c, dtype=x.dtype)
             var = xp.empty(c, dtype=x.dtype)
-        # x − mean into a buffer kept between iterations (it becomes the normalised output)
-        buf = self._x_norm
+        # x − mean into a buffer kept between iterations, for the backward
+        buf = self._x_centred
         if buf is None or buf.shape != x3.shape or buf.dtype != x.dtype or \
                 not isinstance(buf, type(x)):
             buf = xp.empty_like(x3)
@@ -190,9 +190,10 @@ class BatchNorm(Layer):
             inv = xp.sqrt(var[c0:c1] + self.eps)
             xp.reciprocal(inv, out=inv)
             inv_std[c0:c1] = inv
-            bs *= inv.reshape(1, k, 1)
-            # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
-            y3[:, c0:c1] = bs
+            # the buffer keeps x − mean (later in-place layers, Scale and ReLU, overwrite the top);
+            # the backward scales it by 1/std where it needs the normalised values, so the output
+            # is written straight from it (no pass scaling the buffer, no copy of it)
+            xp.multiply(bs, inv.reshape(1, k, 1), out=y3[:, c0:c1])
         _by_channels(c, (x3, y3, buf), part, work=x3.size * 3)
         if batch:
             maf = self.moving_average_fraction
@@ -201,7 +202,7 @@ class BatchNorm(Layer):
             stats[0].xdata = stats[0].xdata * maf + mean
             correction = m / (m - 1) if m > 1 else 1.0
             stats[1].xdata = stats[1].xdata * maf + var * correction
-        self._x_norm, self._inv_std = buf, inv_std
+        self._x_centred, self._inv_std = buf, inv_std
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -212,9 +213,10 @@ class BatchNorm(Layer):
 
     def normalize_backward(self, dy, dx):
         """The reference gradient on (N, C, S) arrays (``dx`` may be ``dy``). Global stats:
-        dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
+        dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std, with y = (x − mean)/std
+        from the kept x − mean: mean(dy·y) = mean(dy·(x − mean))/std."""
         xp = self.xp
-        y = self._x_norm
+        centred = self._x_centred
 
         def part(c0, c1):
             # per channel: a chunk reads its channels of dy before writing them in dx
@@ -224,14 +226,14 @@ class BatchNorm(Layer):
             if self.use_global_stats:
                 xp.multiply(dyc, inv_std, out=dxc)
                 return
-            yc = y[:, c0:c1]
+            cc = centred[:, c0:c1]
             mean_dy = _channel_mean(xp, dyc).reshape(1, k, 1)
-            mean_dy_y = _channel_mean(xp, dyc, yc).reshape(1, k, 1)
-            t = yc * mean_dy_y
+            mean_dy_y = _channel_mean(xp, dyc, cc).reshape(1, k, 1) * inv_std
+            t = cc * (mean_dy_y * inv_std)      # y·mean(dy·y)
             t += mean_dy
             xp.subtract(dyc, t, out=dxc)
             dxc *= inv_std
-        _by_channels(self.channels, (dy, dx, y), part, work=dy.size * 3)
+        _by_channels(self.channels, (dy, dx, centred), part, work=dy.size * 3)
 
 
 def _canonical_axis(layer, axis, ndim):
