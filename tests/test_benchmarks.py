@@ -231,3 +231,13 @@ def test_torch_batchnorm_trains_as_caffe_train_phase():
     out.backward()
     np.testing.assert_allclose(float(out.detach()), loss, rtol=1e-4)
     np.testing.assert_allclose(bn.weight.grad.numpy(), net.params["sc"][0].diff.reshape(-1), rtol=1e-3, atol=1e-5)
+
+
+def test_bench_normalization_ab_tiny():
+    """The A/B of BatchNorm/Scale against another revision's file runs; against this checkout's own
+    file both sides give the same bits."""
+    own = os.path.join(ROOT, "minicaffe", "layers", "normalization.py")
+    out = _run("bench_normalization_ab.py", "--old", own, "--batch", "2", "--rounds", "1",
+               "--shapes", "6x5x5,4x3x3")
+    rows = [line for line in out.splitlines() if line.startswith("| 2x")]
+    assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), out

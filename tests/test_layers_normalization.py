@@ -228,7 +228,7 @@ def test_batchnorm_loaded_blobs_of_the_wrong_size_are_an_error():
 def test_batchnorm_float32_buffers():
     layer, bottom, top = make_layer('type: "BatchNorm"', [np.random.RandomState(0).randn(4, 3)])
     layer.forward(bottom, top)
-    assert layer._x_norm.dtype == np.float32 and layer._inv_std.dtype == np.float32
+    assert layer._x_centred.dtype == np.float32 and layer._inv_std.dtype == np.float32
     assert all(b.xdata.dtype == np.float32 for b in layer.blobs)
 
 
@@ -513,3 +513,22 @@ def test_scale_and_bias_gpu_match_cpu(gpu, text, shape1):
         got = _scale_run(text, bottoms, dy, in_place=in_place)
         for u, v in zip(got, ref):
             np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_sums_by_einsum_are_float32_close_and_independent_of_the_chunk():
+    """BatchNorm's and Scale's per-channel sums (einsum on NumPy) over ResNet-long rows: within
+    float32 rounding of the float64 sums, and each channel's bits the same whether its chunk holds
+    two channels or all of them (what keeps the bits at any thread count)."""
+    from minicaffe.layers.normalization import _channel_mean
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal((3, 6, 3136)) * 3 + 1).astype(np.float32)
+    b = rng.standard_normal((3, 6, 3136)).astype(np.float32)
+    whole_mean, whole_dot = _channel_mean(np, a), _channel_mean(np, a, b, divide=False)
+    assert whole_mean.dtype == np.float32 and whole_dot.dtype == np.float32
+    np.testing.assert_allclose(whole_mean, a.astype(np.float64).mean(axis=(0, 2)), rtol=0, atol=1e-5)
+    exact_dot = (a.astype(np.float64) * b).sum(axis=(0, 2))
+    np.testing.assert_allclose(whole_dot, exact_dot, rtol=0, atol=1e-6 * np.abs(a * b).sum())
+    for c0, c1 in ((0, 2), (2, 4), (4, 6), (0, 4), (2, 6)):
+        assert np.array_equal(_channel_mean(np, a[:, c0:c1]), whole_mean[c0:c1])
+        assert np.array_equal(_channel_mean(np, a[:, c0:c1], b[:, c0:c1], divide=False),
+                              whole_dot[c0:c1])

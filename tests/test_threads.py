@@ -381,6 +381,8 @@ NORM_CASES = [
     ('type: "Scale" scale_param { bias_term: true }', (2, 5, 9, 31)),
     ('type: "Scale" scale_param { bias_term: true axis: 1 num_axes: 2 }', (3, 4, 5, 70)),
     ('type: "Scale" scale_param { bias_term: true }', (1, 6, 300)),
+    ('type: "BatchNorm"', (2, 6, 56, 56)),                           # ResNet's rows (einsum sums)
+    ('type: "Scale" scale_param { bias_term: true }', (2, 6, 56, 56)),
 ]
 
 

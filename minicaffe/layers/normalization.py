@@ -51,6 +51,24 @@ def _by_channels(channels, arrays, fn, work):
         fn(0, channels)
 
 
+def _channel_mean(xp, a, b=None, divide=True):
+    """Per-channel means (sums with ``divide=False``) over axes 0 and 2 of (N, k, S) arrays, of
+    ``a`` or of ``a·b``.
+
+    On NumPy through ``einsum``: it sums a row's products as it reads them, where ``(a * b).mean()``
+    wrote and re-read a temporary as big as the input, and it adds faster than ``add.reduce`` over
+    these strided views (8x256x56x56 float32 on this project's 2-core machine: 0.8 against 1.5 ms
+    for the sum, 1.4 against 3.7 for the sum of squares). Its order of addition is another one (the
+    float32 tolerances of the parity tests take it), and it is the same for a channel whatever the
+    width of the chunk it is in (two channels at least, _by_channels), so the bits stay the same at
+    any thread count. Other backends keep the plain reductions."""
+    if xp is np:
+        total = np.einsum("nks->k", a) if b is None else np.einsum("nks,nks->k", a, b)
+        return total / (a.shape[0] * a.shape[2]) if divide else total
+    v = a if b is None else a * b
+    return v.mean(axis=(0, 2)) if divide else v.sum(axis=(0, 2))
+
+
 def _out_view(blob, which, shape):
     """The blob's data or diff reshaped to ``shape`` as a view, so writes land in the blob.
 
@@ -76,7 +94,7 @@ class BatchNorm(Layer):
 
     exact_num_bottom = 1
     exact_num_top = 1
-    allows_in_place = True   # backward reads only its own copy of the normalised values
+    allows_in_place = True   # backward reads only its own copy of x − mean
     fixed_params = True
 
     def __init__(self, param, phase):
@@ -112,7 +130,7 @@ class BatchNorm(Layer):
                                      "batch statistics are not learnable; lr_mult must be 0")
             else:
                 self.param.param.add().lr_mult = 0.0
-        self._x_norm = None
+        self._x_centred = None
         self._inv_std = None
 
     def reshape(self, bottom, top):
@@ -153,8 +171,8 @@ class BatchNorm(Layer):
             m = x3.shape[0] * x3.shape[2]
             mean = xp.empty(c, dtype=x.dtype)
             var = xp.empty(c, dtype=x.dtype)
-        # x − mean into a buffer kept between iterations (it becomes the normalised output)
-        buf = self._x_norm
+        # x − mean into a buffer kept between iterations, for the backward
+        buf = self._x_centred
         if buf is None or buf.shape != x3.shape or buf.dtype != x.dtype or \
                 not isinstance(buf, type(x)):
             buf = xp.empty_like(x3)
@@ -165,16 +183,17 @@ class BatchNorm(Layer):
             # every step per channel: the statistics, x − mean, 1/std, the scaling and the copy out
             xs, bs, k = x3[:, c0:c1], buf[:, c0:c1], c1 - c0
             if batch:
-                mean[c0:c1] = xs.mean(axis=(0, 2))
+                mean[c0:c1] = _channel_mean(xp, xs)
             xp.subtract(xs, mean[c0:c1].reshape(1, k, 1), out=bs)
             if batch:
-                var[c0:c1] = (bs * bs).mean(axis=(0, 2))
+                var[c0:c1] = _channel_mean(xp, bs, bs)
             inv = xp.sqrt(var[c0:c1] + self.eps)
             xp.reciprocal(inv, out=inv)
             inv_std[c0:c1] = inv
-            bs *= inv.reshape(1, k, 1)
-            # a copy: later in-place layers (Scale, ReLU) overwrite the top, backward needs x_norm
-            y3[:, c0:c1] = bs
+            # the buffer keeps x − mean (later in-place layers, Scale and ReLU, overwrite the top);
+            # the backward scales it by 1/std where it needs the normalised values, so the output
+            # is written straight from it (no pass scaling the buffer, no copy of it)
+            xp.multiply(bs, inv.reshape(1, k, 1), out=y3[:, c0:c1])
         _by_channels(c, (x3, y3, buf), part, work=x3.size * 3)
         if batch:
             maf = self.moving_average_fraction
@@ -183,7 +202,7 @@ class BatchNorm(Layer):
             stats[0].xdata = stats[0].xdata * maf + mean
             correction = m / (m - 1) if m > 1 else 1.0
             stats[1].xdata = stats[1].xdata * maf + var * correction
-        self._x_norm, self._inv_std = buf, inv_std
+        self._x_centred, self._inv_std = buf, inv_std
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -194,9 +213,10 @@ class BatchNorm(Layer):
 
     def normalize_backward(self, dy, dx):
         """The reference gradient on (N, C, S) arrays (``dx`` may be ``dy``). Global stats:
-        dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std."""
+        dx = dy/std. Batch stats: dx = (dy − mean(dy) − mean(dy·y)·y)/std, with y = (x − mean)/std
+        from the kept x − mean: mean(dy·y) = mean(dy·(x − mean))/std."""
         xp = self.xp
-        y = self._x_norm
+        centred = self._x_centred
 
         def part(c0, c1):
             # per channel: a chunk reads its channels of dy before writing them in dx
@@ -206,14 +226,14 @@ class BatchNorm(Layer):
             if self.use_global_stats:
                 xp.multiply(dyc, inv_std, out=dxc)
                 return
-            yc = y[:, c0:c1]
-            mean_dy = dyc.mean(axis=(0, 2)).reshape(1, k, 1)
-            mean_dy_y = (dyc * yc).mean(axis=(0, 2)).reshape(1, k, 1)
-            t = yc * mean_dy_y
+            cc = centred[:, c0:c1]
+            mean_dy = _channel_mean(xp, dyc).reshape(1, k, 1)
+            mean_dy_y = _channel_mean(xp, dyc, cc).reshape(1, k, 1) * inv_std
+            t = cc * (mean_dy_y * inv_std)      # y·mean(dy·y)
             t += mean_dy
             xp.subtract(dyc, t, out=dxc)
             dxc *= inv_std
-        _by_channels(self.channels, (dy, dx, y), part, work=dy.size * 3)
+        _by_channels(self.channels, (dy, dx, centred), part, work=dy.size * 3)
 
 
 def _canonical_axis(layer, axis, ndim):
@@ -420,9 +440,9 @@ class Scale(Layer):
             # per channel: the sums read dy before dx (which may be dy) is written
             dyc = dy[:, d0:d1]
             if gb is not None:
-                gb[d0:d1] = dyc.sum(axis=(0, 2))
+                gb[d0:d1] = _channel_mean(xp, dyc, divide=False)
             if gs is not None:
-                gs[d0:d1] = (dyc * x[:, d0:d1]).sum(axis=(0, 2))
+                gs[d0:d1] = _channel_mean(xp, dyc, x[:, d0:d1], divide=False)
             if dx is not None:
                 xp.multiply(dyc, s[d0:d1].reshape(1, d1 - d0, 1), out=dx[:, d0:d1])
         _by_channels(dim, (dy, x, dx), part, work=dy.size * 3)
