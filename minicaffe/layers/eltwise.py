@@ -71,49 +71,29 @@ class Eltwise(Layer):
     def forward_arrays(self, xs):
         """The reference: (the result, as a new array; MAX's winner mask or None)."""
         xp = self.xp
-        mask = None
+        out = xp.empty(xs[0].shape, xs[0].dtype)
+        mask = xp.empty(xs[0].shape, xp.int32) if self.op == _Op.MAX else None
         flat = threads.flat_views(*xs)
-        if flat is not None:
-            # NumPy: the same operations on flat chunks, over the thread pool (bit-identical)
-            out = np.empty_like(xs[0])
-            mask = np.empty(xs[0].shape, np.int32) if self.op == _Op.MAX else None
-            outs = threads.flat_views(out) + ([] if mask is None else threads.flat_views(mask))
-            threads.parallel_flat(out.size, lambda a, b: self._forward_into(
-                [f[a:b] for f in flat], *(o[a:b] for o in outs)), work=out.size * (len(xs) + len(outs)))
+        if flat is None:
+            self._forward_into(xp, xs, out, mask)
             return out, mask
-        if self.op == _Op.PROD:
-            out = xs[0] * xs[1]
-            for x in xs[2:]:
-                out *= x
-        elif self.op == _Op.SUM:
-            out = xs[0] * self.coeffs[0] if self.coeffs[0] != 1.0 else xs[0].copy()
-            for c, x in zip(self.coeffs[1:], xs[1:]):
-                if c == 1.0:
-                    out += x
-                else:
-                    out += c * x
-        else:
-            a, b = xs[0], xs[1]
-            take_a = a > b
-            out = xp.where(take_a, a, b)
-            mask = xp.where(take_a, 0, 1).astype(xp.int32)
-            for k, x in enumerate(xs[2:], 2):
-                better = x > out
-                out = xp.where(better, x, out)
-                mask[better] = k
+        # NumPy: the same operations on flat chunks, over the thread pool (bit-identical)
+        outs = threads.flat_views(out) + ([] if mask is None else threads.flat_views(mask))
+        threads.parallel_flat(out.size, lambda a, b: self._forward_into(
+            np, [f[a:b] for f in flat], *(o[a:b] for o in outs)), work=out.size * (len(xs) + len(outs)))
         return out, mask
 
-    def _forward_into(self, xs, out, mask=None):
-        """forward_arrays' arithmetic, element for element, into ``out`` (and MAX's ``mask``)."""
+    def _forward_into(self, xp, xs, out, mask=None):
+        """The arithmetic of the forward, element for element, into ``out`` (and MAX's ``mask``)."""
         if self.op == _Op.PROD:
-            np.multiply(xs[0], xs[1], out=out)
+            xp.multiply(xs[0], xs[1], out=out)
             for x in xs[2:]:
                 out *= x
         elif self.op == _Op.SUM:
             if self.coeffs[0] != 1.0:
-                np.multiply(xs[0], self.coeffs[0], out=out)
+                xp.multiply(xs[0], self.coeffs[0], out=out)
             else:
-                np.copyto(out, xs[0])
+                xp.copyto(out, xs[0])
             for c, x in zip(self.coeffs[1:], xs[1:]):
                 if c == 1.0:
                     out += x
@@ -121,11 +101,11 @@ class Eltwise(Layer):
                     out += c * x
         else:
             take_a = xs[0] > xs[1]
-            out[...] = np.where(take_a, xs[0], xs[1])
-            mask[...] = np.where(take_a, 0, 1)
+            out[...] = xp.where(take_a, xs[0], xs[1])
+            mask[...] = xp.where(take_a, 0, 1)
             for k, x in enumerate(xs[2:], 2):
                 better = x > out
-                np.copyto(out, x, where=better)
+                xp.copyto(out, x, where=better)
                 mask[better] = k
 
     def _grad_into(self, i, xs, y, dy, mask, g):
