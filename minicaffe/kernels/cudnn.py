@@ -45,6 +45,7 @@ import numpy as np
 
 from ..core import backend
 from ..core import context as _context
+from . import _cuda
 from . import engines as _engines
 
 # --- enum values (cuDNN 9 headers) ----------------------------------------------------------------
@@ -206,6 +207,24 @@ class Library:
         status = getattr(self.raw, name)(*args)
         if status != STATUS_SUCCESS:
             raise RuntimeError(f"{name} failed: {self.error_string(status)} (cudnnStatus_t {status})")
+
+    def call_into(self, name, modes, inputs, out, out_desc):
+        """``out`` = cuDNN's ``name`` with alpha 1 and beta 0 (overwritten), called as
+        ``name(handle, *modes, &alpha, desc, x, ..., &beta, out_desc, out)``: the shape of the
+        forward and backward calls of the LRN, softmax and pooling engines. ``inputs`` are
+        (descriptor pointer, array) pairs, made contiguous first (and kept alive over the call);
+        a non-contiguous ``out`` receives the result through a contiguous buffer."""
+        cp = backend.import_cupy()
+        arrays = [_cuda.contiguous(cp, a) for _, a in inputs]
+        target = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
+        one, zero = scalar(out.dtype, 1.0), scalar(out.dtype, 0.0)
+        args = [self.handle(cp.cuda.get_current_stream().ptr), *modes, ctypes.byref(one)]
+        for (desc, _), a in zip(inputs, arrays):
+            args += [desc, pointer(a)]
+        self.call(name, *args, ctypes.byref(zero), out_desc, pointer(target))
+        if target is not out:
+            out[...] = target
+        return out
 
     def try_call(self, name, *args):
         """``name(*args)``'s status, for calls whose failure is an answer (an unsupported algorithm)."""

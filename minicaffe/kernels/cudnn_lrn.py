@@ -24,12 +24,8 @@ k 1 or 2) are inside.
 The engine keeps nothing between forward and backward: the layer's ``scale``/``scale_pow`` stay
 unset (they are the reference's and the CUDA engine's buffers).
 """
-import ctypes
-
 import numpy as np
 
-from ..core import backend
-from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
@@ -61,19 +57,9 @@ class CudnnLRN:
 
     def _call(self, name, inputs, out):
         """``out`` = ``name`` over ``inputs`` (x; or y, dy, x), beta 0: ``out`` is overwritten."""
-        cp = backend.import_cupy()
-        inputs = [_cuda.contiguous(cp, a) for a in inputs]
-        target = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
         d = self._desc(out.shape, out.dtype).ptr
-        one, zero = _cudnn.scalar(out.dtype, 1.0), _cudnn.scalar(out.dtype, 0.0)
-        args = [self.lib.handle(cp.cuda.get_current_stream().ptr), self.lrn.ptr, _cudnn.LRN_CROSS_CHANNEL_DIM1,
-                ctypes.byref(one)]
-        for a in inputs:
-            args += [d, _cudnn.pointer(a)]
-        self.lib.call(name, *args, ctypes.byref(zero), d, _cudnn.pointer(target))
-        if target is not out:
-            out[...] = target
-        return out
+        return self.lib.call_into(name, (self.lrn.ptr, _cudnn.LRN_CROSS_CHANNEL_DIM1), [(d, a) for a in inputs],
+                                  out, d)
 
     def lrn_forward(self, x, y):
         self._call("cudnnLRNCrossChannelForward", [x], y)

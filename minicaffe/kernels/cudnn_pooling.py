@@ -38,13 +38,10 @@ maximum cuDNN picks among equal values is not documented; the emulation (tests/c
 takes the first, as Caffe does, and the engine-vs-reference cases use tie-free data. Real cuDNN's
 tie rule is to be confirmed on the GPU run (``tests/test_cudnn.py``'s tie test reports it there).
 """
-import ctypes
-
 import numpy as np
 
 from ..core import backend
 from ..proto import caffe_pb2
-from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
@@ -99,16 +96,8 @@ class CudnnPooling:
         return plan
 
     def _forward(self, x, y):
-        cp = backend.import_cupy()
-        x = _cuda.contiguous(cp, x)
-        target = y if y.flags.c_contiguous else cp.empty(y.shape, y.dtype)
         pool, xd, yd = self._plan(x.dtype)
-        one, zero = _cudnn.scalar(x.dtype, 1.0), _cudnn.scalar(x.dtype, 0.0)
-        self.lib.call("cudnnPoolingForward", self.lib.handle(cp.cuda.get_current_stream().ptr), pool.ptr,
-                      ctypes.byref(one), xd.ptr, _cudnn.pointer(x), ctypes.byref(zero), yd.ptr,
-                      _cudnn.pointer(target))
-        if target is not y:
-            y[...] = target
+        self.lib.call_into("cudnnPoolingForward", (pool.ptr,), [(xd.ptr, x)], y, yd.ptr)
 
     def _saved_y(self, shape, dtype):
         if self._y is None or self._y.shape != tuple(shape) or self._y.dtype != dtype:
@@ -124,7 +113,6 @@ class CudnnPooling:
 
     def pool_backward(self, x, dy, dx):
         """``dx`` = the pooled gradient (overwritten)."""
-        cp = backend.import_cupy()
         if self.is_max:
             y = self._saved_y(dy.shape, dy.dtype)
             if not self._y_fresh:
@@ -132,17 +120,9 @@ class CudnnPooling:
                 self._y_fresh = self.keep_y
         else:
             y = dy                # AVE's gradient reads no y (the module docstring)
-        x = _cuda.contiguous(cp, x)
-        dy = _cuda.contiguous(cp, dy)
-        y = _cuda.contiguous(cp, y)
-        target = dx if dx.flags.c_contiguous else cp.empty(dx.shape, dx.dtype)
         pool, xd, yd = self._plan(dx.dtype)
-        one, zero = _cudnn.scalar(dx.dtype, 1.0), _cudnn.scalar(dx.dtype, 0.0)
-        self.lib.call("cudnnPoolingBackward", self.lib.handle(cp.cuda.get_current_stream().ptr), pool.ptr,
-                      ctypes.byref(one), yd.ptr, _cudnn.pointer(y), yd.ptr, _cudnn.pointer(dy), xd.ptr,
-                      _cudnn.pointer(x), ctypes.byref(zero), xd.ptr, _cudnn.pointer(target))
-        if target is not dx:
-            dx[...] = target
+        self.lib.call_into("cudnnPoolingBackward", (pool.ptr,), [(yd.ptr, y), (yd.ptr, dy), (xd.ptr, x)], dx,
+                           xd.ptr)
 
 
 # above the CUDA kernels (priority 20) wherever cuDNN loads and computes the shape

@@ -10,13 +10,9 @@ A blob beyond cuDNN's int32 element count runs the CuPy kernel (``cuda_softmax``
 SoftmaxWithLoss and InfogainLoss keep the CuPy kernels (``cuda_softmax``): their loss and its
 gradient are fused there, and a cuDNN softmax would only replace one of their launches.
 """
-import ctypes
-
 import numpy as np
 
-from ..core import backend
 from . import cuda_softmax
-from . import _cuda
 from . import cudnn as _cudnn
 from .engines import Engine, register
 
@@ -44,19 +40,9 @@ class CudnnSoftmax:
 
     def _call(self, name, inputs, out, axis):
         """``out`` = ``name`` over ``inputs`` (x; or y, dy), beta 0: ``out`` is overwritten."""
-        cp = backend.import_cupy()
-        inputs = [_cuda.contiguous(cp, a) for a in inputs]
-        target = out if out.flags.c_contiguous else cp.empty(out.shape, out.dtype)
         d = self._desc(out.shape, axis, out.dtype).ptr
-        one, zero = _cudnn.scalar(out.dtype, 1.0), _cudnn.scalar(out.dtype, 0.0)
-        args = [self.lib.handle(cp.cuda.get_current_stream().ptr), _cudnn.SOFTMAX_ACCURATE,
-                _cudnn.SOFTMAX_MODE_CHANNEL, ctypes.byref(one)]
-        for a in inputs:
-            args += [d, _cudnn.pointer(a)]
-        self.lib.call(name, *args, ctypes.byref(zero), d, _cudnn.pointer(target))
-        if target is not out:
-            out[...] = target
-        return out
+        return self.lib.call_into(name, (_cudnn.SOFTMAX_ACCURATE, _cudnn.SOFTMAX_MODE_CHANNEL),
+                                  [(d, a) for a in inputs], out, d)
 
     def softmax(self, x, axis, out):
         """``out`` = softmax of ``x`` along ``axis`` (``out`` may be ``x``)."""
