@@ -37,8 +37,8 @@ import time
 # kernels' thread pool gets the cores the GEMMs leave (``minicaffe/core/threads.py``). With
 # ``--numpy-first`` it imports NumPy first, as a script that starts with ``import numpy`` does: a
 # pool of one thread then, unless OPENBLAS_THREAD_TIMEOUT is set.
-if (sys.argv[sys.argv.index("--worker") + 1:][:1] == ["minicaffe"] if "--worker" in sys.argv else False) \
-        and "--numpy-first" not in sys.argv:
+_WORKER = sys.argv[sys.argv.index("--worker") + 1] if "--worker" in sys.argv[:-1] else None
+if _WORKER == "minicaffe" and "--numpy-first" not in sys.argv:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import minicaffe  # noqa: E402,F401
 
