@@ -885,6 +885,25 @@ def _step_state(fused, spec, float64, monkeypatch, steps=3):
             + [h.data.copy() for h in solver.history])
 
 
+@pytest.mark.parametrize("kernel", sorted(__import__("minicaffe.kernels.cuda_updates").kernels.cuda_updates._KERNELS))
+def test_multi_step_source_declares_no_name_a_rule_uses(kernel):
+    """The multi-tensor kernel pastes each rule's body into its loop: a local of the loop that shares
+    a name with one of the rule's scalars or history arrays silently takes its place there (on an
+    H200, RMSProp's ``decay`` read the weight decay). The stand-in runs a NumPy reference, not this
+    source, so the source is checked here."""
+    import re
+
+    from minicaffe.kernels import cuda_updates
+    ins, outs, body = cuda_updates._KERNELS[kernel]
+    src = cuda_updates._multi_src(kernel).replace(body, "")
+    rule_names = {p.split()[1] for p in (ins + "," + outs).split(",")} - {"g", "lr"}
+    declared = re.findall(r"\b(?:float|double|__T__|long long)\s*\*?\s*(?:const\s+)?(\w+)\s*=", src)
+    # each of the rule's names is declared once (its scalar or its loaded history value), as are g and lr
+    twice = sorted(n for n in rule_names | {"g", "lr"} if declared.count(n) != 1)
+    assert not twice, f"declared other than once: {twice}"
+    assert cuda_updates.NO_CONTRACTION == ("--fmad=false",)
+
+
 @pytest.mark.parametrize("spec,float64", STEP_CASES)
 def test_one_launch_step_is_bit_identical_to_the_per_parameter_step(gpu, monkeypatch, spec, float64):
     """Weights, update values and history after a few steps: the same bits with one launch per step

@@ -33,9 +33,9 @@ def names(base):
     return [f"{base}_{s}" for _, s in _CTYPES.values()]
 
 
-def raw_kernel(base, template, dtype):
+def raw_kernel(base, template, dtype, options=()):
     """The RawKernel ``<base>_<f32|f64>`` compiled from ``template`` (``__T__`` = the C float
-    type, ``__NAME__`` = the kernel name), built on first use and cached."""
+    type, ``__NAME__`` = the kernel name) with NVRTC ``options``, built on first use and cached."""
     ctype, sfx = _CTYPES[np.dtype(dtype)]
     name = f"{base}_{sfx}"
     cp = _cupy()
@@ -43,14 +43,15 @@ def raw_kernel(base, template, dtype):
     kern = _cache.get(key)
     if kern is None:
         src = template.replace("__T__", ctype).replace("__NAME__", name)
-        kern = _cache[key] = cp.RawKernel(src, name)
+        kern = _cache[key] = cp.RawKernel(src, name, options=tuple(options))
     return kern
 
 
-def elementwise_kernel(base, in_params, out_params, operation, dtype):
+def elementwise_kernel(base, in_params, out_params, operation, dtype, options=()):
     """The ElementwiseKernel ``<base>_<f32|f64>``: in the parameter lists ``__D__`` is the dtype
     name (``float32``; a bare ``float`` would mean NumPy's float64 there), in the body ``__T__`` is
-    the C type. Output parameters passed in are updated in place. Built on first use, cached."""
+    the C type. Output parameters passed in are updated in place. ``options``: NVRTC options.
+    Built on first use, cached."""
     ctype, sfx = _CTYPES[np.dtype(dtype)]
     dname = np.dtype(dtype).name
     name = f"{base}_{sfx}"
@@ -60,7 +61,8 @@ def elementwise_kernel(base, in_params, out_params, operation, dtype):
     if kern is None:
         kern = _cache[key] = cp.ElementwiseKernel(in_params.replace("__D__", dname),
                                                   out_params.replace("__D__", dname),
-                                                  operation.replace("__T__", ctype), name)
+                                                  operation.replace("__T__", ctype), name,
+                                                  options=tuple(options))
     return kern
 
 

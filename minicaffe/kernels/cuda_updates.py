@@ -14,11 +14,14 @@ decay; GoogLeNet has 116 parameter blobs, so a step was ~700 launches. Two forms
   blob's device array moved (``MultiStepPlan``), so a step moves nothing to the device.
 
 The arithmetic is the CPU code's, operation for operation, in the parameters' float type; the rule's
-expression is the very text of the per-parameter kernel, so both compile to the same operations (a
-GPU may contract ``a*b + c`` into one fused multiply-add, so results can differ from the CPU's in the
-last bit, the same way for both). Where the per-parameter path rounds a result to memory between two
-launches (the ``iter_size`` scaling, L1's ``sign(w)·decay``, ``w − update``), the multi-tensor kernel
-uses the ``__fmul_rn``/``__fsub_rn`` intrinsics, which the compiler never fuses with a neighbour.
+expression is the very text of the per-parameter kernel. Both forms are compiled with
+``--fmad=false`` (``NO_CONTRACTION``): left to itself NVRTC contracts ``a*b + c`` into a fused
+multiply-add wherever the surrounding code lets it, and the two kernels' surroundings differ, so on
+an H200 Adam and AdaDelta came out one ulp apart between the forms. Where the per-parameter path
+rounds a result to memory between two launches (the ``iter_size`` scaling, L1's ``sign(w)·decay``,
+``w − update``), the multi-tensor kernel also uses the ``__fmul_rn``/``__fsub_rn`` intrinsics.
+The kernel's own locals end in ``_`` where a rule's scalar could share the name (RMSProp's
+``decay`` once read the weight decay there).
 Weight decay is done as the per-parameter path does it on the device: L2 in double, rounded once to
 the float type (``fused_axpy``), L1 as ``g + sign(w)·decay``. ``g`` comes in
 as the gradient and leaves holding the update value, as there.
@@ -35,6 +38,8 @@ ADAGRAD = "minicaffe_adagrad_update"
 RMSPROP = "minicaffe_rmsprop_update"
 ADADELTA = "minicaffe_adadelta_update"
 ADAM = "minicaffe_adam_update"
+
+NO_CONTRACTION = ("--fmad=false",)     # the compile options of every kernel here (module docstring)
 
 # name: (scalar inputs, in-place arrays, body)
 _KERNELS = {
@@ -58,7 +63,7 @@ _KERNELS = {
 
 def _run(name, scalars, arrays):
     ins, outs, body = _KERNELS[name]
-    kern = _cuda.elementwise_kernel(name, ins, outs, body, arrays[0].dtype)
+    kern = _cuda.elementwise_kernel(name, ins, outs, body, arrays[0].dtype, NO_CONTRACTION)
     kern(*_cuda.scalars(arrays[0].dtype, *scalars), *arrays)
 
 
@@ -162,15 +167,15 @@ extern "C" __global__ void __NAME__(const unsigned long long* ptrs, const long l
     __T__* const g_p = (__T__*)ptrs[p * {k} + 1];
     __T__ g = g_p[e];
     if (normalize) g = __NAME___mul(g, iter_scale);
-    const float decay = decays[p];
-    if (decay != 0.0f) {{
+    const float wdecay_ = decays[p];
+    if (wdecay_ != 0.0f) {{
       const __T__ wv = w_p[e];
       if (l1) {{
         __T__ sg = wv > (__T__)0 ? (__T__)1 : (wv < (__T__)0 ? (__T__)-1 : (wv == wv ? (__T__)0 : wv));
-        sg = __NAME___mul(sg, (__T__)decay);
+        sg = __NAME___mul(sg, (__T__)wdecay_);
         g = g + sg;
       }} else {{
-        g = (__T__)__dadd_rn(__dmul_rn((double)wv, (double)decay), (double)g);
+        g = (__T__)__dadd_rn(__dmul_rn((double)wv, (double)wdecay_), (double)g);
       }}
     }}
     __T__ lr = (__T__)(float)(rate * (double)lr_mults[p]);
@@ -228,7 +233,7 @@ def multi_step(rule, plan, rows, lr_mults, decays, rate, correction, iter_scale,
     kernel = KERNEL_OF[rule.type]
     scalars = list(rule_scalars(rule))
     scalars += [0.0] * (MAX_SCALARS - len(scalars))
-    kern = _cuda.raw_kernel(f"{MULTI}_{kernel[len('minicaffe_'):]}", _multi_src(kernel), dtype)
+    kern = _cuda.raw_kernel(f"{MULTI}_{kernel[len('minicaffe_'):]}", _multi_src(kernel), dtype, NO_CONTRACTION)
     _cuda.launch(kern, plan.total, ptrs, offsets, lrs, decs, *_cuda.i64(len(rows), plan.total),
                  np.float64(rate), np.float64(correction or 0.0), np.int64(correction is not None),
                  *_cuda.scalars(dtype, 1.0 if iter_scale is None else iter_scale),
