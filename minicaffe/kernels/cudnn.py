@@ -387,6 +387,18 @@ def pick_algorithm(perfs, limit):
     return None
 
 
+def least_workspace_algorithm(perfs):
+    """The deterministic algorithm of ``perfs`` that succeeded and needs the least workspace, as
+    ``(algo, bytes)``; ``None`` when none did. For shapes where nothing fits the limit: a GPU with
+    room to spare should run them rather than fail at build (on an H200 GoogLeNet's 7x7/2 data
+    gradient at batch 128 with TF32 on had none under 256 MiB)."""
+    ok = [p for p in perfs if p.status == STATUS_SUCCESS and p.determinism == DETERMINISTIC]
+    if not ok:
+        return None
+    best = min(ok, key=lambda p: p.memory)
+    return int(best.algo), int(best.memory)
+
+
 def scalar(dtype, value):
     """``alpha``/``beta`` as cuDNN reads them: a float for float32 data, a double for float64."""
     return (ctypes.c_double if np.dtype(dtype) == np.float64 else ctypes.c_float)(value)

@@ -20,13 +20,17 @@ algorithm of each direction is the first one cuDNN's heuristics (``*_v7``) rank 
 deterministic and fits the workspace limit (``cudnn.pick_algorithm``): deterministic because a
 resumed GPU run must be bit-identical to an uninterrupted one (non-deterministic algorithms add with
 atomics in a varying order), and because the gradients must not depend on the run. Where none in
-the list qualifies, the implicit-GEMM algorithm of that direction (deterministic, little or no
-workspace) runs if cuDNN accepts it. One workspace for every cuDNN convolution of a thread on a
+the list qualifies, the fallback algorithm of that direction runs if it fits; where nothing fits
+(an H200 with TF32 on had no data-gradient algorithm for GoogLeNet's 7x7/2 at batch 128 under
+256 MiB), the deterministic one needing the least workspace runs, with a warning naming the switch
+that raises the limit: the limit keeps memory in check, it should not stop a net that fits the
+card. One workspace for every cuDNN convolution of a thread on a
 device (the context's scratch buffers, slot ``_WORKSPACE``), grown to the largest need met so far:
 the layers' calls follow one another on one stream, so one buffer serves them all, where a buffer
 per layer would hold up to the workspace limit for every convolution of the net at once.
 """
 import ctypes
+import logging
 
 import numpy as np
 
@@ -35,6 +39,8 @@ from ..core import context as _context
 from . import _cuda
 from . import cudnn as _cudnn
 from .im2col import workspace as _scratch
+
+log = logging.getLogger("minicaffe")
 
 # the scratch buffer every cuDNN convolution of a thread shares (see the module docstring)
 _WORKSPACE = _context.Slot("cudnn workspace")
@@ -99,6 +105,8 @@ class _Plan:
             raise RuntimeError(f"cuDNN computes output {got} for a convolution whose output is "
                                f"{(num, s.cout, *s.out_hw)}")
         handle = lib.handle(_stream())
+        self.shape_text = (f"{num}x{s.cin}x{s.in_hw[0]}x{s.in_hw[1]} -> {s.cout}, {g.kh}x{g.kw}/{g.sh}, "
+                           f"{self.dtype.name}")
         self.algo, self.workspace = {}, {}
         for direction in _DIRECTIONS:
             self.algo[direction], self.workspace[direction] = self._choose(handle, direction, limit)
@@ -114,18 +122,39 @@ class _Plan:
         perfs = (_cudnn.AlgoPerf * count)()
         returned = ctypes.c_int()
         self.lib.call(heuristics, handle, *descs, count, ctypes.byref(returned), perfs)
-        algo = _cudnn.pick_algorithm(perfs[:returned.value], limit)
+        perfs = perfs[:returned.value]
+        algo = _cudnn.pick_algorithm(perfs, limit)
         chosen = algo is not None
         if not chosen:
             algo = fallback
+        status, size = self._size(handle, size_query, descs, algo)
+        if chosen or (status == _cudnn.STATUS_SUCCESS and size <= limit):
+            if status != _cudnn.STATUS_SUCCESS:
+                raise RuntimeError(f"cuDNN could not size the workspace of {direction} algorithm {algo}: "
+                                   f"{self.lib.error_string(status)}")
+            return algo, size
+        # nothing fits the limit: the deterministic algorithm needing the least, over the limit
+        options = [(size, algo)] if status == _cudnn.STATUS_SUCCESS else []
+        least = _cudnn.least_workspace_algorithm(perfs)
+        if least is not None:
+            st, sz = self._size(handle, size_query, descs, least[0])
+            if st == _cudnn.STATUS_SUCCESS:
+                options.append((sz, least[0]))
+        if not options:
+            why = self.lib.error_string(status)
+            raise RuntimeError(f"cuDNN offers no deterministic {direction} algorithm for this convolution "
+                               f"(algorithm {algo}: {why})")
+        size, algo = min(options)
+        log.warning("cuDNN: no deterministic %s algorithm of a convolution (%s) fits the %d MiB "
+                     "workspace limit; algorithm %d takes %d MiB (set %s to raise the limit)",
+                     direction, self.shape_text, limit >> 20, algo, -(-size >> 20), _context.CUDNN_WORKSPACE_VAR)
+        return algo, size
+
+    def _size(self, handle, size_query, descs, algo):
+        """(status, bytes) of ``algo``'s workspace."""
         size = ctypes.c_size_t()
         status = self.lib.try_call(size_query, handle, *descs, algo, ctypes.byref(size))
-        if status != _cudnn.STATUS_SUCCESS or (not chosen and size.value > limit):
-            why = (self.lib.error_string(status) if status != _cudnn.STATUS_SUCCESS
-                   else f"it needs {size.value} bytes")
-            raise RuntimeError(f"cuDNN offers no deterministic {direction} algorithm within a {limit} byte "
-                               f"workspace for this convolution (algorithm {algo}: {why})")
-        return algo, size.value
+        return status, size.value
 
 
 def _stream():
