@@ -89,8 +89,32 @@ def test_pick_algorithm_takes_the_first_deterministic_one_within_the_limit():
     assert cudnn.least_workspace_algorithm(perfs[:1] + perfs[2:3]) is None
 
 
+@pytest.mark.parametrize("gib,want_mib", [(80, 2560), (4, 256), (256, 4096), (None, 256)])
+def test_default_workspace_limit_is_a_32nd_of_the_device_within_bounds(monkeypatch, gib, want_mib):
+    """1/32 of the device's memory (an H200's 141 GB gives the 4 GiB cap), never under 256 MiB, and
+    the floor where no device answers."""
+    class Runtime:
+        @staticmethod
+        def getDevice():
+            return 0
+
+        @staticmethod
+        def getDeviceProperties(i):
+            if gib is None:
+                raise RuntimeError("no CUDA device")
+            return {"totalGlobalMem": gib << 30}
+
+    class Cupy:
+        class cuda:
+            runtime = Runtime
+
+    monkeypatch.setattr(cudnn, "_device_memory", {})
+    monkeypatch.setattr(backend, "import_cupy", lambda: Cupy)
+    assert cudnn.default_workspace_limit() == want_mib << 20
+
+
 def test_workspace_limit_from_the_environment(env_switch):
-    assert cudnn.workspace_limit() == cudnn.DEFAULT_WORKSPACE_MB << 20
+    assert cudnn.workspace_limit() == cudnn.default_workspace_limit()
     env_switch("MINICAFFE_CUDNN_WORKSPACE_MB", "1.5")
     assert cudnn.workspace_limit() == 3 << 19
     env_switch("MINICAFFE_CUDNN_WORKSPACE_MB", "lots")

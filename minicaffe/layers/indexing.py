@@ -6,7 +6,8 @@ them (truncation toward zero). Bad indices are one-line errors naming the layer:
 on them (CHECK) or, in release builds, reads out of bounds (Embed's DCHECK).
 
 Gradients that several rows add into one (a repeated index) go through :func:`scatter_add`,
-which sums in index order on NumPy (``np.add.at``) and uses ``cupyx.scatter_add`` on CuPy.
+which sums in index order on NumPy (``np.add.at``) and uses ``cupy.add.at`` on CuPy (``cupyx.scatter_add``
+before CuPy 13).
 """
 import numpy as np
 
@@ -18,8 +19,8 @@ from ..core.layer import Layer, register
 
 def scatter_add(xp, target, indices, values):
     """``target[indices[i]] += values[i]`` for every i, repeated indices summed (unbuffered)."""
-    if xp is np:
-        np.add.at(target, indices, values)
+    if xp is np or hasattr(xp.add, "at"):      # CuPy 13+: ``cupy.add.at`` (cupyx.scatter_add is deprecated)
+        xp.add.at(target, indices, values)
     else:
         import cupyx
         cupyx.scatter_add(target, indices, values)
