@@ -238,6 +238,9 @@ def run_minicaffe(args):
         from minicaffe.formats.prototxt import load_net_param
         sp = solver_param(load_net_param(os.path.join(work, "train.prototxt")))
         sp.weights.append(os.path.join(work, "weights.caffemodel"))
+        # the run's lock (and any snapshot) in its own folder, not the caller's: two benchmarks
+        # started from one directory would otherwise refuse each other's solver
+        sp.snapshot_prefix = os.path.join(work, "snapshot")
         solver = caffe.SGDSolver(sp)
         net = solver.net
         net.blobs["data"].data[...] = data

@@ -136,6 +136,11 @@ class Blob:
             diff = _Synced(shape, self.dtype, self.name, lazy=True)
             self._shape, self._data, self._diff = shape, data, diff
 
+    def private_diff(self) -> None:
+        """Give the diff its own storage again (zeros, made on first use), after it was set to a
+        view of a buffer other blobs share (net/diff_plan.py)."""
+        self._diff = _Synced(self._shape, self.dtype, self.name, lazy=True)
+
     def reshape_like(self, other: Blob) -> None:
         """Take ``other``'s shape (Caffe's ``ReshapeLike``)."""
         self.reshape(other.shape)

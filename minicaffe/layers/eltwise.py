@@ -128,6 +128,17 @@ class Eltwise(Layer):
             g[...] = 0
             np.copyto(g, dy, where=mask == i)
 
+    @staticmethod
+    def _grad_buffer(blob, top):
+        """Where bottom ``blob``'s gradient is written: its own diff when that is a separate
+        C-contiguous array of its own (a solver pass gives it a shared buffer: net/diff_plan.py),
+        else a new array (in place, the bottom's diff is the top's, which every gradient reads)."""
+        d = blob.xdiff
+        dy = top.xdiff
+        if d.flags.c_contiguous and d.shape == dy.shape and not np.may_share_memory(d, dy):
+            return d
+        return np.empty_like(dy)
+
     def backward(self, top, propagate_down, bottom):
         xp = self.xp
         wanted = [i for i in range(len(bottom)) if propagate_down[i]]
@@ -140,7 +151,7 @@ class Eltwise(Layer):
             # NumPy: every wanted gradient in one pass over flat chunks on the thread pool
             dy, y, fx = flat[0], flat[1], flat[2:2 + len(xs)]
             fmask = flat[-1] if self.mask is not None else None
-            grads = {i: np.empty_like(top[0].xdiff) for i in wanted}
+            grads = {i: self._grad_buffer(bottom[i], top[0]) for i in wanted}
             fg = {i: g.reshape(-1) for i, g in grads.items()}
 
             def part(a, b):

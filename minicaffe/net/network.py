@@ -102,6 +102,8 @@ class Net:
         self.name = param.name
         build.NetBuilder(build.prepare(param, state), state.phase, param.force_backward).build().install(self)
         self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
+        self._shared_diffs = None            # the solver's DiffPlan, made at its first backward
+        self._shared_diffs_in_use = False    # planned blobs' diffs are views of its buffers
         log.info("Network initialization done.")
 
     # --- pycaffe-shaped views ------------------------------------------------------------
@@ -400,11 +402,14 @@ class Net:
         return loss
 
     def backward_from_to(self, start: int | None = None, end: int = 0,
-                         timings: dict[int, float] | None = None) -> None:
+                         timings: dict[int, float] | None = None, share_diffs: bool = False) -> None:
         """Back-propagate layers start..end (inclusive, by index, default the last down to the
         first), as Caffe's ``BackwardFromTo``: a loss layer's top diff is seeded with its loss weight,
         layers that feed no loss are skipped. Parameter diffs accumulate (``clear_param_diffs``
-        resets them). ``timings`` (layer index → seconds) is added to when given."""
+        resets them). ``timings`` (layer index → seconds) is added to when given.
+        ``share_diffs`` (whole passes only; what the solver asks for): activation gradients live in
+        buffers shared by those never live together, and a Split's tops' gradients are added into
+        its bottom as they arrive; activation diffs are not kept after the pass (net/diff_plan.py)."""
         start = len(self.layers) - 1 if start is None else start
         if self._memory is not None:
             raise NetError(f"net '{self.name}' shares blob memory (share_memory=True): backward needs every "
@@ -414,6 +419,7 @@ class Net:
             # fused layers kept no state for their gradients: redo them unfused, fuse no more
             self._fusion.unfuse(self)
             self._fusion = None
+        plan = self._diff_plan(share_diffs and start == len(self.layers) - 1 and end == 0)
         for li in range(start, end - 1, -1):
             if hooks:       # as Caffe: the hooks run for every layer, even one that skips backward
                 for fn in hooks["before_backward"]:
@@ -433,7 +439,12 @@ class Net:
                         blob.xdiff = backend.xp().full(blob.shape, w, dtype=blob.dtype)
             t0 = time.perf_counter() if timings is not None else None
             try:
-                layer.backward(top, self._bottom_need_backward[li], bottom)
+                if plan is not None and li in plan.splits:
+                    plan.split_backward(li)
+                else:
+                    layer.backward(top, self._bottom_need_backward[li], bottom)
+                if plan is not None and li in plan.after:
+                    plan.after_layer(self, li)
             except (NetError, MemoryError) as exc:
                 raise_naming_layer(exc, layer)
             if timings is not None:
@@ -448,6 +459,23 @@ class Net:
             if hooks:
                 for fn in hooks["after_backward"]:
                     fn(li)
+
+    def _diff_plan(self, share):
+        """The DiffPlan for this backward pass (made once, its buffers readied) when ``share``;
+        otherwise None, after giving blobs that a shared pass left on shared buffers their own diffs
+        back (a pass that keeps every diff must not write through aliased ones)."""
+        plan = self._shared_diffs
+        if not share:
+            if plan is not None and self._shared_diffs_in_use:
+                plan.release()
+                self._shared_diffs_in_use = False
+            return None
+        if plan is None:
+            from .diff_plan import DiffPlan
+            plan = self._shared_diffs = DiffPlan(self)
+        plan.begin()
+        self._shared_diffs_in_use = True
+        return plan
 
     def _check_finite(self, li, direction, arrays):
         """NumericalError naming the layer, the blob and the pass at the first NaN/infinity (check mode)."""

@@ -387,7 +387,7 @@ class Solver:
                 net.backward_from_to(li, li)
                 sync.after_layer_backward(li)
         else:
-            net.backward_from_to()
+            net.backward_from_to(share_diffs=True)
         return sync.after_backward(loss, last)
 
     def _info(self, fmt, *args):
