@@ -68,7 +68,7 @@ SMALL_GEMM_COLUMNS = 4096
 POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
 
 # tile_size: F(4x4) from this many 4x4 output tiles in a batch, else F(2x2)
-F4_MIN_TILES = 64
+F4_MIN_TILES = 24
 
 
 def applies(geom, group):
@@ -83,8 +83,12 @@ def tile_size(num, oh, ow):
     ahead of F(2x2) on every layer from 64 tiles on (VGG, ResNet, GoogLeNet, CaffeNet conv3 at
     batch 8: 1.04-1.8x), but with fewer tiles its GEMMs get too thin and its padding shows: at
     batch 2, ResNet's 7x7 13.0 against 20.0 ms, CaffeNet's 13x13 8.6 against 10.7, VGG conv5's
-    14x14 21.0 against 23.7. The engine table leaves those shapes to im2col (faster than both), so
-    F(2x2) runs where the engine is forced on few tiles, or is handed 16-position filters."""
+    14x14 21.0 against 23.7. Since the transforms are stacked GEMMs (``_stacked_gemm``), F(4x4)
+    leads from fewer tiles (one thread, CPU ms, TEST phase): ResNet 256->256 14² at batch 2 (32
+    tiles) 6.3 against 7.0, 512->512 7² at batch 4 (16 tiles) 12.7 against 13.7, but not at 4-16
+    tiles everywhere (256->256 14² at batch 1 4.1 against 3.5, 7² at batch 2 12.0 against 10.3):
+    so 4 from 24 tiles, the fewest the engine table picks Winograd for. F(2x2) runs where the
+    engine is forced on fewer tiles, or is handed 16-position filters."""
     return 4 if num * -(-oh // 4) * -(-ow // 4) >= F4_MIN_TILES else 2
 
 
