@@ -150,13 +150,15 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 #   VGG 512->512 14² (2, 32)           0.75       0.98
 #   ResNet 256->256 14² (1, 16)        1.20          -
 #
-# So at one BLAS thread Winograd pays from 24 tiles on maps from 7x7; at more threads, where
-# im2col's one large GEMM splits well over BLAS's threads and Winograd's 36 thin ones do not, from
-# 48 tiles on maps from 13x13 as before (7x7 maps at most break even there).
+# So at one BLAS thread Winograd pays from 24 tiles; at more threads, where im2col's one large GEMM
+# splits well over BLAS's threads and Winograd's 36 thin ones do not, from 48 tiles. Maps from
+# 13x13 either way: 7x7 maps at most break even at two threads, and at one, where they gain
+# (ResNet-50's three 512-channel ones ~9 ms each at batch 10), their filter caches (the transformed
+# filters, 4x the weights, and a copy of the weights) would add 141 MB and take ResNet-50's
+# one-thread inference peak (323 MB) above OpenCV's (463 MB; measured 476 MB with them).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 13
 WINOGRAD_MIN_TILES = 48
-WINOGRAD_ONE_THREAD_MIN_SIZE = 7
 WINOGRAD_ONE_THREAD_MIN_TILES = 24
 
 # The data gradient's thresholds (below): measured before the stacked transforms, unchanged.
@@ -272,16 +274,13 @@ def _blas_threads():
 
 def winograd_pays(s):
     """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
-    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (at one BLAS thread
-    WINOGRAD_ONE_THREAD_MIN_SIZE and WINOGRAD_ONE_THREAD_MIN_TILES), unless MINICAFFE_WINOGRAD=0
-    (the context's switch, read at start-up)."""
+    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
+    one BLAS thread), unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
         return False
     oh, ow = s.out_hw
-    one = _blas_threads() == 1
-    min_size = WINOGRAD_ONE_THREAD_MIN_SIZE if one else WINOGRAD_MIN_SIZE
-    min_tiles = WINOGRAD_ONE_THREAD_MIN_TILES if one else WINOGRAD_MIN_TILES
-    return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= min_size
+    min_tiles = WINOGRAD_ONE_THREAD_MIN_TILES if _blas_threads() == 1 else WINOGRAD_MIN_TILES
+    return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE
             and s.num * -(-oh // 4) * -(-ow // 4) >= min_tiles and _context.current().switches.winograd)
 
 

@@ -27,7 +27,16 @@ contiguous columns (``_band4``). Measured on one core, VGG-sized tile rows: the 
 the time of the same transforms as element-wise passes (26 a side, shared subexpressions: 1.8
 against 8.0 ms on conv1_2's); element-wise passes channels first, over runs of ``tw`` values,
 cost 0.7-2.6 ns a value. The input's copy to channels last goes through OpenCV's transpose
-(``_transposer``; 5 against 18 ms for NumPy's strided copy on conv1_2's batch of 2). Not taken:
+(``_transposer``; 5 against 18 ms for NumPy's strided copy on conv1_2's batch of 2). Each side is
+one ``np.matmul`` over a stack of strided views covering every image and tile row of a chunk
+(``_stacked_gemm``), not a Python loop of a GEMM per image and row: NumPy loops over the stack
+in C with the GIL released, so the pool's threads overlap (the loop of ~3-10 us calls held the GIL
+between calls, and two threads ran it no faster than one) and the call overhead goes. The output
+is written channels last and goes to ``y`` by one OpenCV transpose per image and band, where the
+direct scatter into channels-first ``y`` read with a stride of ``tw * cout`` (24 against 13 us a
+tile row of ResNet's 64->64 56x56). ResNet-50's 3x3 layers at batch 10, forward, old/new: one
+thread (CPU time) 1.50x, 1.48x, 1.20x, 1.15x from 56x56 to 7x7; two threads 1.94x, 1.95x, 1.57x,
+1.11x (docs/performance.md). Not taken:
 the 36x36 ``kron(B^T, B^T)`` as one GEMM over gathered tiles (2592 flops a tile where the GEMMs
 that follow do 72 per output channel).
 
