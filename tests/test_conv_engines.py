@@ -342,6 +342,21 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
     assert mine < common
 
 
+def test_winograd_f4x4_transforms_in_column_blocks_match_a_direct_correlation():
+    """Tile rows wider than ``SMALL_GEMM_COLUMNS`` (65 tiles x 64 channels = 4160 columns a side)
+    go through the stacked transform GEMMs in column blocks, the last one ragged, and an output
+    width (258) that crops the last tile column: float64 against the plain correlation."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 64, 10, 260))
+    w = rng.standard_normal((64, 64, 3, 3))
+    assert 65 * 64 > winograd.SMALL_GEMM_COLUMNS
+    y = np.empty((2, 64, 8, 258))
+    winograd.forward(x, w, y, 0, 0, tile=4)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))     # (n, c, 8, 258, 3, 3)
+    want = np.einsum("nchwkl,ockl->nohw", windows, w, optimize=True)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-10 * np.abs(want).max())
+
+
 WINOGRAD_GRAD_CASES = ["k3p1", "odd", "pad_h2", "one_tile", "vgg", "pad2"]
 
 
@@ -442,7 +457,6 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
     ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c
     ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4b
-    ("Convolution", (2, 512, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # 32 4x4 tiles
     ("Convolution", (4, 32, 28, 28), "num_output: 8 kernel_size: 3 pad: 1", "im2col_channels_last"),  # 32 channels
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # VGG conv3
     ("Convolution", (1, 64, 56, 56), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),            # 64 channels
@@ -451,7 +465,8 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 5 pad: 2", "im2col_bands"),
     ("Convolution", (1, 256, 56, 56), "num_output: 8 kernel_size: 1 stride: 2", "gemm_1x1"),        # ResNet 28²
     ("Convolution", (1, 1024, 14, 14), "num_output: 8 kernel_size: 1 stride: 2", "im2col"),        # ResNet 7²
-    ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # batch < 4
+    ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # 48 tiles
+    ("Convolution", (2, 64, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # 18 tiles
     ("Deconvolution", (4, 8, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),
     ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # widens
     ("Deconvolution", (4, 21, 16, 16), "num_output: 21 kernel_size: 4 stride: 2", "im2col"),       # FCN upscore
@@ -462,8 +477,27 @@ def test_default_engine_is_the_one_that_pays(layer_type, shape, spec, want):
     assert layer.engine_name == want
 
 
+@pytest.mark.parametrize("blas,shape,want", [
+    ("1", (2, 512, 14, 14), True), ("2", (2, 512, 14, 14), False),        # 32 4x4 tiles
+    ("1", (2, 256, 13, 13), True), ("2", (2, 256, 13, 13), False),        # 32 tiles
+    ("1", (1, 512, 14, 14), False),                                       # 16 tiles
+    ("1", (10, 512, 7, 7), False), ("2", (10, 512, 7, 7), False),         # 7x7 maps
+    ("2", (3, 256, 13, 13), True)])                                       # 48 tiles
+def test_default_winograd_threshold_follows_the_blas_thread_count(blas, shape, want, env_switch):
+    """At one BLAS thread Winograd pays from 24 4x4 tiles; at more, where im2col's one GEMM splits
+    well over BLAS's threads, from 48 (conv_engines.WINOGRAD_MIN_TILES); maps from 13x13 either way
+    (7x7 ones would cost more filter-cache memory than they save time); DEFAULT's Winograd then
+    always gets F(4x4)."""
+    env_switch("OMP_NUM_THREADS", blas)
+    layer, _, _ = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
+                             [np.zeros(shape, np.float32)])
+    assert (layer.engine_name == "winograd") is want
+    if want:
+        assert layer.engine.tile == 4
+
+
 def test_winograd_tile_size_follows_the_batch_tile_count():
-    """DEFAULT's Winograd runs F(4x4) (64 4x4 tiles or more, as the engine needs to be picked);
+    """DEFAULT's Winograd runs F(4x4) (24 4x4 tiles or more, as the engine needs to be picked);
     forced on fewer tiles it runs F(2x2), which is ahead of F(4x4) there."""
     layer, _, _ = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
                              [np.zeros((4, 128, 14, 14), np.float32)])

@@ -49,6 +49,8 @@ Each engine also says where it is *correct* (``computes``), a wider set than whe
 with ``engines.force(layer, name, max_col_elements=1)``.
 """
 
+import os
+
 import numpy as np
 
 from ..core import backend
@@ -128,17 +130,45 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 #   ResNet 512 7² (2)               7.3    13.0    20.0     CaffeNet conv3 256 13² (8)   29.3    26.7    25.6
 #
 # So: 64-channel layers pay too now (the transforms are GEMMs, winograd.py), 1.2-1.75x; 128-512
-# channels 1.1-2.65x, F(4x4) ahead of F(2x2) everywhere it pays; 7x7 maps lose (a 4x4 tile there is
-# 1.3x padding, and few tiles make thin GEMMs); below ~64 tiles (VGG conv5 or ResNet's 14x14 at batch
-# 2: 32 tiles) the GEMMs are too thin to gain.
+# channels 1.1-2.65x, F(4x4) ahead of F(2x2) everywhere it pays; 7x7 maps lost (a 4x4 tile there is
+# 1.3x padding, and few tiles make thin GEMMs); below ~64 tiles the GEMMs were too thin to gain.
+#
+# Since the transforms became stacked GEMMs (winograd._stacked_gemm; ResNet-50's 3x3 layers at batch
+# 10 1.1-1.5x faster at one thread, 1.1-1.95x at two), re-measured at fewer tiles: TEST-phase forward,
+# F(4x4) / DEFAULT's im2col engine, interleaved in one process, medians of 11 (one thread, CPU
+# time) or 15 (two threads, wall clock), load 1.5-2.5 from other jobs (docs/performance.md):
+#
+#   layer (batch, 4x4 tiles)         1 thread   2 threads
+#   ResNet 512->512 7² (10, 40)        0.68       0.95
+#   ResNet 512->512 7² (8, 32)         0.81       0.97
+#   ResNet 512->512 7² (6, 24)         0.86       1.15
+#   ResNet 512->512 7² (4, 16)         1.16          -
+#   GoogLeNet 5a 160->320 7² (10, 40)  0.94       1.55
+#   GoogLeNet 5b 192->384 7² (10, 40)  0.86       1.57
+#   ResNet 256->256 14² (3, 48)        0.68       0.79
+#   ResNet 256->256 14² (2, 32)        0.96       1.43
+#   VGG 512->512 14² (2, 32)           0.75       0.98
+#   ResNet 256->256 14² (1, 16)        1.20          -
+#
+# So at one BLAS thread Winograd pays from 24 tiles; at more threads, where im2col's one large GEMM
+# splits well over BLAS's threads and Winograd's 36 thin ones do not, from 48 tiles. Maps from
+# 13x13 either way: 7x7 maps at most break even at two threads, and at one, where they gain
+# (ResNet-50's three 512-channel ones ~9 ms each at batch 10), their filter caches (the transformed
+# filters, 4x the weights, and a copy of the weights) would add 141 MB and take ResNet-50's
+# one-thread inference peak (323 MB) above OpenCV's (463 MB; measured 476 MB with them).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 13
-WINOGRAD_MIN_TILES = 64
+WINOGRAD_MIN_TILES = 48
+WINOGRAD_ONE_THREAD_MIN_TILES = 24
+
+# The data gradient's thresholds (below): measured before the stacked transforms, unchanged.
+WINOGRAD_BACKWARD_MIN_SIZE = 13
+WINOGRAD_BACKWARD_MIN_TILES = 64
 
 # Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
 # ``cout`` channels in, ``cin`` out) against col2im(W^T dy): layers that do not widen (cout <= cin)
-# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more, with the
-# forward's WINOGRAD_MIN_TILES. Measured on VGG-16's layers, batch 4, one thread, the whole backward
+# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more,
+# with WINOGRAD_BACKWARD_MIN_TILES. Measured on VGG-16's layers, batch 4, one thread, the whole backward
 # (data + weight gradient), Winograd / columns, interleaved, CPU time, medians of 5-9, two runs
 # (docs/performance.md, "Winograd in backward"): 0.85-0.96 from conv1_2 (64->64, 224²) to conv5_2
 # (512->512, 14²); widening layers pay less or lose, the more so the fewer channels: conv2_1
@@ -235,15 +265,23 @@ def channels_last_transposed(s):
     return s.og < CHANNELS_LAST_TRANSPOSED_MAX_OUT
 
 
+def _blas_threads():
+    """The BLAS thread count the context's switches name (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or
+    MKL_NUM_THREADS), else the number of cores (OpenBLAS's own default)."""
+    text = (_context.current().switches.blas_threads or "").strip()
+    return int(text) if text.isdigit() and int(text) >= 1 else (os.cpu_count() or 1)
+
+
 def winograd_pays(s):
     """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
-    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch, unless MINICAFFE_WINOGRAD=0 (the
-    context's switch, read at start-up)."""
+    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
+    one BLAS thread), unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
         return False
     oh, ow = s.out_hw
+    min_tiles = WINOGRAD_ONE_THREAD_MIN_TILES if _blas_threads() == 1 else WINOGRAD_MIN_TILES
     return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE
-            and s.num * -(-oh // 4) * -(-ow // 4) >= WINOGRAD_MIN_TILES and _context.current().switches.winograd)
+            and s.num * -(-oh // 4) * -(-ow // 4) >= min_tiles and _context.current().switches.winograd)
 
 
 def winograd_backward_computes(s):
@@ -254,14 +292,14 @@ def winograd_backward_computes(s):
 
 def winograd_backward_pays(s):
     """Where the Winograd data gradient beats col2im(W^T dy): layers that do not widen, from
-    WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and more, with
-    WINOGRAD_MIN_TILES 4x4 tiles of the input's map in the batch (see the constants), unless
+    WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more, with
+    WINOGRAD_BACKWARD_MIN_TILES 4x4 tiles of the input's map in the batch (see the constants), unless
     MINICAFFE_WINOGRAD=0."""
     if not (winograd_backward_computes(s) and len(s.in_hw) == 2):
         return False
     h, w = s.in_hw
-    return (s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin and min(h, w) >= WINOGRAD_MIN_SIZE
-            and s.num * -(-h // 4) * -(-w // 4) >= WINOGRAD_MIN_TILES and _context.current().switches.winograd)
+    return (s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin and min(h, w) >= WINOGRAD_BACKWARD_MIN_SIZE
+            and s.num * -(-h // 4) * -(-w // 4) >= WINOGRAD_BACKWARD_MIN_TILES and _context.current().switches.winograd)
 
 
 # --- the engines ------------------------------------------------------------------------------------

@@ -27,7 +27,16 @@ contiguous columns (``_band4``). Measured on one core, VGG-sized tile rows: the 
 the time of the same transforms as element-wise passes (26 a side, shared subexpressions: 1.8
 against 8.0 ms on conv1_2's); element-wise passes channels first, over runs of ``tw`` values,
 cost 0.7-2.6 ns a value. The input's copy to channels last goes through OpenCV's transpose
-(``_transposer``; 5 against 18 ms for NumPy's strided copy on conv1_2's batch of 2). Not taken:
+(``_transposer``; 5 against 18 ms for NumPy's strided copy on conv1_2's batch of 2). Each side is
+one ``np.matmul`` over a stack of strided views covering every image and tile row of a chunk
+(``_stacked_gemm``), not a Python loop of a GEMM per image and row: NumPy loops over the stack
+in C with the GIL released, so the pool's threads overlap (the loop of ~3-10 us calls held the GIL
+between calls, and two threads ran it no faster than one) and the call overhead goes. The output
+is written channels last and goes to ``y`` by one OpenCV transpose per image and band, where the
+direct scatter into channels-first ``y`` read with a stride of ``tw * cout`` (24 against 13 us a
+tile row of ResNet's 64->64 56x56). ResNet-50's 3x3 layers at batch 10, forward, old/new: one
+thread (CPU time) 1.50x, 1.48x, 1.20x, 1.15x from 56x56 to 7x7; two threads 1.94x, 1.95x, 1.57x,
+1.11x (docs/performance.md). Not taken:
 the 36x36 ``kron(B^T, B^T)`` as one GEMM over gathered tiles (2592 flops a tile where the GEMMs
 that follow do 72 per output channel).
 
@@ -53,6 +62,7 @@ from .im2col import workspace
 _SRC, _ROWS, _TILES = Slot("wino_src"), Slot("wino_rows"), Slot("wino_tiles")
 _PROD, _OUT = Slot("wino_prod"), Slot("wino_out")
 _TMP_D, _CHANNELS_LAST = Slot("wino_tmp_d"), Slot("wino_channels_last")
+_CHANNELS_LAST_OUT = Slot("wino_channels_last_out")
 
 # transformed tiles per band: (m+2)^2 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
 # tile columns, so each GEMM stays efficient)
@@ -60,14 +70,14 @@ BAND_ELEMENTS = 1 << 20
 BAND_MIN_COLUMNS = 512
 
 # F(4x4)'s transform GEMMs (6 x 6 x N) go in column blocks of this many, under OpenBLAS's
-# threshold for using more than one thread (see _small_gemm)
+# threshold for using more than one thread (see _stacked_gemm)
 SMALL_GEMM_COLUMNS = 4096
 
 
 POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
 
 # tile_size: F(4x4) from this many 4x4 output tiles in a batch, else F(2x2)
-F4_MIN_TILES = 64
+F4_MIN_TILES = 24
 
 
 def applies(geom, group):
@@ -82,8 +92,12 @@ def tile_size(num, oh, ow):
     ahead of F(2x2) on every layer from 64 tiles on (VGG, ResNet, GoogLeNet, CaffeNet conv3 at
     batch 8: 1.04-1.8x), but with fewer tiles its GEMMs get too thin and its padding shows: at
     batch 2, ResNet's 7x7 13.0 against 20.0 ms, CaffeNet's 13x13 8.6 against 10.7, VGG conv5's
-    14x14 21.0 against 23.7. The engine table leaves those shapes to im2col (faster than both), so
-    F(2x2) runs where the engine is forced on few tiles, or is handed 16-position filters."""
+    14x14 21.0 against 23.7. Since the transforms are stacked GEMMs (``_stacked_gemm``), F(4x4)
+    leads from fewer tiles (one thread, CPU ms, TEST phase): ResNet 256->256 14² at batch 2 (32
+    tiles) 6.3 against 7.0, 512->512 7² at batch 4 (16 tiles) 12.7 against 13.7, but not at 4-16
+    tiles everywhere (256->256 14² at batch 1 4.1 against 3.5, 7² at batch 2 12.0 against 10.3):
+    so 4 from 24 tiles, the fewest the engine table picks Winograd for. F(2x2) runs where the
+    engine is forced on fewer tiles, or is handed 16-position filters."""
     return 4 if num * -(-oh // 4) * -(-ow // 4) >= F4_MIN_TILES else 2
 
 
@@ -272,24 +286,42 @@ def _tmp(slot, shape, dtype):
     return workspace(np, shape, dtype, slot)
 
 
-def _transposer():
-    """``f(a, shape, dtype)``: the (c, rows, w) array ``a`` channels last, as ``shape`` (rows, w, c):
-    OpenCV's blocked transpose into this thread's scratch where cv2 imports (3.6x NumPy's strided
-    copy on VGG conv1_2's input: 5 against 18 ms), else a NumPy view that the copies read strided."""
+def _opencv():
+    """The cv2 module where it imports (its blocked transpose), else None."""
     try:
         import cv2
         cv2.transpose           # a half-removed cv2 folder imports as an empty namespace package
     except (ImportError, AttributeError):
+        return None
+    return cv2
+
+
+def _transposer():
+    """``f(a, shape, dtype)``: the (c, rows, w) array ``a`` channels last, as ``shape`` (rows, w, c):
+    OpenCV's blocked transpose into this thread's scratch where cv2 imports (3.6x NumPy's strided
+    copy on VGG conv1_2's input: 5 against 18 ms), else a NumPy view that the copies read strided."""
+    if _opencv() is None:
         return lambda a, shape, dtype: a.transpose(1, 2, 0)
 
     def transpose(a, shape, dtype):
         out = _tmp(_CHANNELS_LAST, shape, dtype)
-        dst = out.reshape(-1, a.shape[0])
-        got = cv2.transpose(a.reshape(a.shape[0], -1), dst)
-        if got is not dst and not np.shares_memory(got, dst):     # OpenCV made its own array
-            np.copyto(dst, got)
+        _transpose_into(a.reshape(a.shape[0], -1), out.reshape(-1, a.shape[0]))
         return out
     return transpose
+
+
+def _transpose_into(a, dst, cv2=None):
+    """``dst[...] = a.T`` for a C-contiguous 2-D ``a`` and a 2-D ``dst`` whose rows may be strided
+    (e.g. a band of rows of every channel of one image): OpenCV's blocked transpose (it writes
+    through a row step) where ``cv2`` (default: ``_opencv()``) is the module, else NumPy's strided
+    copy. A pure copy either way: the same bits."""
+    cv2 = cv2 or _opencv()
+    if cv2 is None:
+        np.copyto(dst, a.T)
+        return
+    got = cv2.transpose(a, dst)
+    if got is not dst and not np.shares_memory(got, dst):     # OpenCV made its own array
+        np.copyto(dst, got)
 
 
 def _band2(src, u, y, t0, t1, tw, oh, ow):
@@ -355,69 +387,83 @@ def _flat(a, shape):
     return np.reshape(a, shape, copy=False)
 
 
-def _small_gemm(a, b, out):
-    """``out = a @ b`` for a transform matrix ``a`` (6x6 or 4x6) and a (6, N) ``b``, in blocks of at
-    most SMALL_GEMM_COLUMNS columns. Why: OpenBLAS runs a GEMM on all its threads from m*n*k >
-    262144 (4 x 65536), and waking a second thread for a GEMM of ~0.1 ms, thousands of times a
-    forward, made VGG conv4_2's F(4x4) forward 18x slower at two BLAS threads (1145 against 64 ms);
-    blocks under the threshold stay on the calling thread (the kernels' pool splits the work)."""
-    n = b.shape[1]
+def _stacked_gemm(a, b, out):
+    """``out[..., :, :] = a @ b[..., :, :]`` for a transform matrix ``a`` (6x6 or 4x6) and a stack
+    ``b`` (..., 6, N) of strided matrices, as one ``np.matmul`` per block of at most
+    SMALL_GEMM_COLUMNS columns. Why: NumPy loops over the stack in C (one BLAS call a matrix) with
+    the GIL released throughout, where a Python loop of one call per matrix held the GIL between
+    calls of a few microseconds each: on two pool threads those transforms ran no faster than on
+    one (the threads queued for the GIL). The column blocks: OpenBLAS runs a GEMM on all its threads
+    from m*n*k > 262144 (4 x 65536), and waking a second thread for a GEMM of ~0.1 ms, thousands of
+    times a forward, made VGG conv4_2's F(4x4) forward 18x slower at two BLAS threads (1145 against
+    64 ms); blocks under the threshold stay on the calling thread (the kernels' pool splits the
+    work)."""
+    n = b.shape[-1]
     if n <= SMALL_GEMM_COLUMNS:
         np.matmul(a, b, out=out)
         return
     for j in range(0, n, SMALL_GEMM_COLUMNS):
         k = min(n, j + SMALL_GEMM_COLUMNS)
-        np.matmul(a, b[:, j:k], out=out[:, j:k])
+        np.matmul(a, b[..., j:k], out=out[..., j:k])
 
 
 def _band4(src, u, y, t0, t1, oh, ow):
     """Tile rows ``t0:t1`` of F(4x4), channels last: tiles (36, n, rows, tw, cin), GEMMs
-    ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout). Both transforms work on one
-    image's tile row at a time, split over the band's tile rows, each side of each transform a GEMM
-    with the 6x6 ``B^T`` (4x6 ``A^T``) over ``tw * cin`` (``tw * cout``) contiguous columns: 4-5x
-    faster than the same transforms as element-wise passes (26 a side, shared subexpressions)."""
-    num, _, _, tw, cin = src.shape
+    ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout). Each side of each transform
+    is one stacked GEMM (``_stacked_gemm``) over every image and every tile row of a chunk: the 6x6
+    ``B^T`` (4x6 ``A^T``) times (6, ``tw * cin``) strided views, split over the band's tile rows on
+    the pool. The output lands channels last (n, rows, ow, cout) and goes to ``y`` by one 2-D
+    transpose per image (``_transpose_into``, split over images): the direct scatter into
+    channels-first ``y`` (innermost stride ``tw * cout`` on the read side) cost 2x the two passes
+    (24 against 13 us a tile row of ResNet's 64->64 56x56)."""
+    num, hp, _, tw, cin = src.shape
     cout = u.shape[1]
     bt = t1 - t0
     dt = src.dtype
     at, _, bt_m = (np.asarray(a, dt) for a in _MATRICES[4])
     v = workspace(np, (6, 6, num, bt, tw, cin), dt, _TILES)
     run_in, run_out = tw * cin, tw * cout
+    row_in = 6 * run_in                         # one padded row of src: (6 columns, tw, cin)
+    isz = src.itemsize
+    cols = num * bt * tw
 
     def transform_in(r0, r1):
-        tr = _tmp(_ROWS, (6, 6, tw, cin), dt)          # one tile row of one image: B^T d, (i, j, q, c)
-        for r in range(r0, r1):
-            row = 4 * (t0 + r)
-            for k in range(num):
-                # B^T d B: the rows of every tile (all six columns at once) ...
-                _small_gemm(bt_m, _flat(src[k, row:row + 6], (6, 6 * run_in)), _flat(tr, (6, 6 * run_in)))
-                # ... then the columns, into the 36 tile matrices
-                for i in range(6):
-                    _small_gemm(bt_m, _flat(tr[i], (6, run_in)), _flat(v[i, :, k, r], (6, run_in)))
+        nr = r1 - r0
+        tr = _tmp(_ROWS, (num, nr, 6, 6, run_in), dt)     # B^T d: (image, row, i, j, (q, c))
+        # rows of every tile (all six columns at once): src rows 4 r .. 4 r + 5, overlapping views
+        d = np.lib.stride_tricks.as_strided(
+            src[:, 4 * (t0 + r0):], shape=(num, nr, 6, row_in),
+            strides=(src.strides[0], 4 * src.strides[1], src.strides[1], isz), writeable=False)
+        _stacked_gemm(bt_m, d, _flat(tr, (num, nr, 6, row_in)))
+        # ... then the columns, into the 36 tile matrices (v's rows: image, tile row, tile column)
+        vv = _flat(v[:, :, :, r0:r1], (6, 6, num, nr, run_in)).transpose(2, 3, 0, 1, 4)
+        _stacked_gemm(bt_m, tr, vv)
     threads.parallel_for(bt, transform_in, work=2 * v.size)
-    cols = num * bt * tw
     m = workspace(np, (36, cols, cout), dt, _PROD)
     np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
     m = m.reshape(6, 6, num, bt, tw, cout)
+    y0, y1 = 4 * t0, min(oh, 4 * t1)            # rows of y in this band
+    ycl = _tmp(_CHANNELS_LAST_OUT, (num, 4 * bt, ow, cout), dt)
 
     def transform_out(r0, r1):
-        sr = _tmp(_OUT, (4, 6, tw, cout), dt)           # A^T M of one tile row: (a, j, q, c)
-        out = _tmp(_TMP_D, (4, 4, tw, cout), dt)        # A^T M A: (a, b, q, c)
-        for r in range(r0, r1):
-            for k in range(num):
-                # A^T M A: rows ...
-                for j in range(6):
-                    _small_gemm(at, _flat(m[:, j, k, r], (6, run_out)), _flat(sr[:, j], (4, run_out)))
-                # ... then columns, into y (channels first; one copy unless the map's edge crops)
-                y0 = 4 * (t0 + r)
-                na = min(4, oh - y0)
-                for a in range(na):
-                    _small_gemm(at, _flat(sr[a], (6, run_out)), _flat(out[a], (4, run_out)))
-                if na == 4 and ow == 4 * tw:
-                    np.copyto(_flat(y[k, :, y0:y0 + 4], (cout, 4, tw, 4)), out.transpose(3, 0, 2, 1))
-                    continue
-                for a in range(na):
-                    for b in range(4):
-                        nc = (ow - b + 3) // 4
-                        np.copyto(y[k, :, y0 + a, b:b + 4 * nc:4], out[a, b, :nc].T)
-    threads.parallel_for(bt, transform_out, work=m.size)
+        nr = r1 - r0
+        sr = _tmp(_OUT, (num, nr, 4, 6, run_out), dt)     # A^T M: (image, row, a, j, (q, c))
+        o = _tmp(_TMP_D, (num, nr, 4, 4, tw, cout), dt)   # A^T M A: (image, row, a, b, q, c)
+        mm = _flat(m[:, :, :, r0:r1], (6, 6, num, nr, run_out)).transpose(2, 3, 1, 0, 4)
+        _stacked_gemm(at, mm, sr.transpose(0, 1, 3, 2, 4))
+        _stacked_gemm(at, sr, _flat(o, (num, nr, 4, 4, run_out)))
+        # channels last: ycl[k, 4 r + a, 4 q + b] (the last tile column cropped at the map's edge)
+        yr = ycl[:, 4 * r0:4 * r1].reshape(num, nr, 4, ow, cout)
+        if ow == 4 * tw:
+            np.copyto(yr.reshape(num, nr, 4, tw, 4, cout), o.transpose(0, 1, 2, 4, 3, 5))
+        else:
+            for b in range(4):
+                nc = (ow - b + 3) // 4
+                np.copyto(yr[:, :, :, b::4], o[:, :, :, b, :nc])
+    threads.parallel_for(bt, transform_out, work=2 * m.size)
+    cv2 = _opencv()
+
+    def to_y(k0, k1):
+        for k in range(k0, k1):
+            _transpose_into(ycl[k, :y1 - y0].reshape(-1, cout), _flat(y[k, :, y0:y1], (cout, -1)), cv2)
+    threads.parallel_for(num, to_y, work=num * (y1 - y0) * ow * cout)
