@@ -360,8 +360,9 @@ class Bias(Layer):
 
 # Scale's backward recomputes a BatchNorm's output in blocks of channels of about this many elements
 # (_Normalized), in a scratch buffer of each thread
-NORMALIZED_BLOCK_ELEMENTS = 1 << 18
+NORMALIZED_BLOCK_ELEMENTS = 1 << 20
 _X_NORM = context.Slot("scale_x_norm")
+_X_NORM_ROWS = context.Slot("scale_x_norm_rows")
 
 
 class _Normalized:
@@ -382,12 +383,18 @@ class _Normalized:
         n, _, inner = self.centred.shape
         width = max(2, NORMALIZED_BLOCK_ELEMENTS // max(n * inner, 1))
         workspaces = context.current().workspaces
+        dtype = self.centred.dtype
         b0 = d0
         while b0 < d1:
             b1 = d1 if d1 - b0 < width + 2 else b0 + width    # the last block takes the rest
             k = b1 - b0
-            x = workspaces.get(np, (n, k, inner), self.centred.dtype, _X_NORM)
-            np.multiply(self.centred[:, b0:b1], self.inv_std[b0:b1].reshape(1, k, 1), out=x)
+            x = workspaces.get(np, (n, k, inner), dtype, _X_NORM)
+            # 1/std spelt out along the rows first: NumPy multiplies two contiguous rows about 1.5x
+            # as fast as a row by a broadcast value (the same products: 8x256x56² block by block,
+            # 3.3 -> 2.2 ms on this project's machine), and the rows are an image's worth, not N
+            rows = workspaces.get(np, (1, k, inner), dtype, _X_NORM_ROWS)
+            rows[...] = self.inv_std[b0:b1].reshape(1, k, 1)
+            np.multiply(self.centred[:, b0:b1], rows, out=x)
             out[b0 - d0:b1 - d0] = _channel_mean(np, dy[:, b0 - d0:b1 - d0], x, divide=False)
             b0 = b1
 
