@@ -412,7 +412,7 @@ class Scale(Layer):
     min_num_bottom = 1
     max_num_bottom = 2
     exact_num_top = 1
-    allows_in_place = True   # forward keeps a copy of the input for the scale's gradient
+    allows_in_place = True   # forward keeps its input for the scale's gradient (a copy, or link_producer)
 
     def __init__(self, param, phase):
         super().__init__(param, phase)
