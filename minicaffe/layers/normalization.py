@@ -449,7 +449,7 @@ class Scale(Layer):
         convolution is followed by BatchNorm → Scale → ReLU on one blob): the input is that layer's
         output, which it computed from the ``x − mean`` and ``1/std`` it keeps for its own backward.
         The copy of the input would hold every such blob once more in TRAIN (ResNet-50 at batch 8:
-        about 500 MB)."""
+        53 copies, 323 MB)."""
         self._producer = producer if (isinstance(producer, BatchNorm) and len(bottom) == 1
                                       and top[0] is bottom[0] and producer_top[0] is bottom[0]) \
             else None
