@@ -103,6 +103,10 @@ class Layer:
     # Set on every layer of a net that shares blob memory (net/memory_plan.py), which runs no
     # backward: a layer may then skip keeping what only its backward reads (LRN's scale).
     forward_only = False
+    # Set by the net before each forward of a layer whose ``link_producer`` accepted the layer just
+    # before it: True when that layer's forward ran just before this one, in the same pass, with no
+    # pycaffe hook in between (so the producer's state still describes this layer's input).
+    producer_ran = False
 
     def __init__(self, param, phase):
         self.param = param
@@ -133,6 +137,13 @@ class Layer:
 
     def backward(self, top, propagate_down, bottom):
         """Default: a layer with no gradient. Layers that have one override this."""
+
+    def link_producer(self, producer, producer_top, bottom, top):
+        """Offered once by the net after it is built, with the layer that runs just before this one
+        and the blobs of both. A layer that can use what that layer kept for its own backward,
+        instead of keeping a copy of its input (Scale after BatchNorm: layers/normalization.py),
+        returns True; the net then sets ``producer_ran`` before each of its forwards."""
+        return False
 
     # --- helpers ---------------------------------------------------------------------------
     def allow_force_backward(self, bottom_index):

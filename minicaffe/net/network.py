@@ -104,6 +104,11 @@ class Net:
         self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
         self._shared_diffs = None            # the solver's DiffPlan, made at its first backward
         self._shared_diffs_in_use = False    # planned blobs' diffs are views of its buffers
+        # layers that read what the layer just before them kept (core/layer.py link_producer)
+        self._linked = frozenset(
+            li for li in range(1, len(self.layers))
+            if self.layers[li].link_producer(self.layers[li - 1], self._top[li - 1],
+                                             self._bottom[li], self._top[li]))
         log.info("Network initialization done.")
 
     # --- pycaffe-shaped views ------------------------------------------------------------
@@ -362,11 +367,16 @@ class Net:
         loss = 0.0
         on_device = device_loss and backend.is_gpu()
         hooks = self._hooks
+        linked = self._linked
+        ran = None      # the layer whose forward ran last in this pass, unfused
         li = start
         while li <= end:
             if frame is not None:
                 frame.next_layer()
             layer, bottom, top = self.layers[li], self._bottom[li], self._top[li]
+            if li in linked:
+                # a hook may change the blobs between the two layers: then the layer keeps its copy
+                layer.producer_ran = ran == li - 1 and not hooks
             if hooks:
                 for fn in hooks["before_forward"]:
                     fn(li)
@@ -378,10 +388,12 @@ class Net:
                 if chain is not None and chain.run(self):
                     self._fusion.ran[li] = chain
                     li, layer = chain.last, self.layers[chain.last]
+                    ran = None
                     top = self._top[li]
                 else:
                     layer.reshape(bottom, top)
                     layer.forward(bottom, top)
+                    ran = li
             except (NetError, MemoryError) as exc:
                 raise_naming_layer(exc, layer)
             if timings is not None:
