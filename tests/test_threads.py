@@ -722,3 +722,56 @@ def test_per_channel_sums_keep_their_order_with_odd_chunks(spec, shape, pool_siz
     three = run()
     assert len(seen) >= 2
     _assert_same_bits(one, three, np.float32, spec)
+
+
+@pytest.mark.parametrize("bias,relu", [(True, True), (True, False), (False, True)])
+def test_fused_bias_relu_is_the_whole_array_passes_at_one_and_two_threads(bias, relu, pool_size, monkeypatch):
+    """The fused convolution's epilogue (kernels/fusion.bias_relu, image by image on the pool):
+    the bits of ``y += bias`` then ``max(y, 0)`` over the whole array, at 1 and 2 threads."""
+    from minicaffe.kernels import fusion
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32) if bias else None
+    want = y.copy()
+    if bias:
+        want += b.reshape(1, -1, 1, 1)
+    if relu:
+        np.maximum(want, 0, out=want)
+
+    def run():
+        got = y.copy()
+        fusion.bias_relu(got, b, relu)
+        return [got]
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, "bias_relu")
+    _assert_same_bits(one, [want], np.float32, "bias_relu against the whole-array passes")
+
+
+def test_fused_eltwise_sum_relu_bit_identical_at_two_threads(pool_size, monkeypatch):
+    """Eltwise SUM (with coefficients) + ReLU fused in a TEST net, in flat chunks on the pool: the
+    same bits at 1 and 2 threads as the layers run one by one."""
+    import minicaffe as caffe
+    text = """
+    input: "a" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+    input: "b" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+    input: "c" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
+    layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "s"
+      eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 } }
+    layer { name: "relu" type: "ReLU" bottom: "s" top: "s" }
+    """
+    rng = np.random.default_rng(7)
+    xs = {k: rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for k in "abc"}
+
+    from minicaffe.formats.prototxt import parse_text
+    from minicaffe.proto import caffe_pb2
+
+    def run(fused=True):
+        net = caffe.Net(parse_text(text, caffe_pb2.NetParameter()), caffe.TEST)
+        assert net._fusion is not None and len(net._fusion) == 1
+        if not fused:
+            net._fusion = None
+        out = net.forward(**xs)["s"]
+        return [out.copy()]
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    _assert_same_bits(one, two, np.float32, "fused Eltwise + ReLU")
+    _assert_same_bits(one, run(fused=False), np.float32, "fused against the layers one by one")

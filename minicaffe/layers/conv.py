@@ -20,10 +20,12 @@ honouring ``convolution_param.engine``). Every engine computes what the referenc
 
 Only 1-D and 2-D spatial convolutions are supported (a 1-D one runs as 2-D with height 1).
 """
+import numpy as np
+
 from ..core import backend, fillers
 from ..core.blob import Blob
 from ..errors import ShapeError
-from ..kernels import engines
+from ..kernels import engines, fusion
 from ..kernels.conv_engines import ConvShape       # importing it registers the engines
 from ..kernels.im2col import ConvGeometry
 from ..core.layer import Layer, register
@@ -281,7 +283,11 @@ class _BaseConvolution(Layer):
         return arr.reshape(self.num, self.num_output, *self.top_hw)
 
     def _add_bias(self, y4):
-        y4 += self.blobs[1].xdata.reshape(1, -1, 1, 1)
+        b = self.blobs[1].xdata
+        if isinstance(y4, np.ndarray) and y4.flags.c_contiguous:
+            fusion.bias_relu(y4, b, False)      # image by image on the kernels' pool
+        else:
+            y4 += b.reshape(1, -1, 1, 1)
 
     def _bias_grad(self, dy4):
         self.blobs[1].xdiff += dy4.sum(axis=(0, 2, 3))
