@@ -53,6 +53,25 @@ def test_inner_product_weight_gradient_in_bands_accumulates(monkeypatch):
         np.testing.assert_allclose(layer.blobs[0].diff, start + product, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m,k", [(2, 30), (40, 20000)])
+def test_inner_product_forward_either_gemm_orientation(monkeypatch, m, k):
+    """Small batches run ``(W @ x^T)^T`` (faster in OpenBLAS there), large ones with a long input
+    ``x @ W^T``: both give the layer's product and bias, whichever the rule picks."""
+    from minicaffe.layers import inner_product
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    text = ('type: "InnerProduct" inner_product_param { num_output: 6 weight_filler { type: "gaussian" '
+            'std: 0.1 } bias_filler { type: "gaussian" std: 1 } }')
+    picked = []
+    real = inner_product._weights_first_pays
+    monkeypatch.setattr(inner_product, "_weights_first_pays", lambda m, k: picked.append(real(m, k)) or picked[-1])
+    layer, bottom, top = make_layer(text, [x])
+    y = forward(layer, bottom, top)[0]
+    w, b = (p.data.astype(np.float64) for p in layer.blobs)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T + b, rtol=1e-4, atol=1e-4)
+    assert picked == [m <= 16]
+
+
 def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
     """Backward sums into the bottom's existing diff (no new array each iteration) and gives
     the same values every time."""

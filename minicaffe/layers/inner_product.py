@@ -45,6 +45,14 @@ def _add_into(out, tmp):
     threads.parallel_flat(o.size, lambda a, b: np.add(o[a:b], t[a:b], out=o[a:b]), work=3 * o.size)
 
 
+def _weights_first_pays(m, k):
+    """Whether OpenBLAS computes ``x @ W^T`` faster as ``(W @ x^T)^T`` (then copied out; the output
+    is only ``m`` rows): measured at two threads, it is 1.3-3x faster for ``m`` up to 32 on
+    CaffeNet's and VGG's fc6/fc7/fc8 shapes (4096x9216 at m=10: 28 -> 19 ms; 4096x4096: 13 -> 8 ms),
+    and no faster on VGG's fc6 (K = 25088) at m=32."""
+    return m <= 16 or k <= 16384
+
+
 @register("InnerProduct")
 class InnerProduct(Layer):
     exact_num_bottom = 1
@@ -106,7 +114,10 @@ class InnerProduct(Layer):
         x = bottom[0].xdata.reshape(self.m, self.k)
         w = self.blobs[0].xdata
         y = top[0].xdata.reshape(self.m, self.num_output)
-        xp.matmul(x, w if self.transpose else w.T, out=y)
+        if xp is np and not self.transpose and _weights_first_pays(self.m, self.k):
+            np.copyto(y, np.matmul(w, x.T).T)
+        else:
+            xp.matmul(x, w if self.transpose else w.T, out=y)
         if self.bias_term:
             y += self.blobs[1].xdata.reshape(1, -1)
 
