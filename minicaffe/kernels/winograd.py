@@ -407,6 +407,21 @@ def _stacked_gemm(a, b, out):
         np.matmul(a, b[..., j:k], out=out[..., j:k])
 
 
+# The per-thread temporaries of F(4x4)'s transforms take at most about this many bytes: a chunk of
+# tile rows goes through them in steps of rows (each step still one stacked GEMM over every image).
+# Unbounded, a chunk's temporaries grew with the batch: GoogLeNet's inference peak went from 200 to
+# 226 MB (OpenCV's: 215) with the stacked transforms, and is 214 MB with these steps and the output
+# in the tiles' buffer, at the same speed (bench_nets, batch 10).
+TRANSFORM_STEP_BYTES = 1 << 20
+
+
+def _row_steps(r0, r1, bytes_per_row):
+    """``(a, b)`` steps covering tile rows ``r0:r1``, each about TRANSFORM_STEP_BYTES of temporaries
+    (at least one row)."""
+    step = max(1, TRANSFORM_STEP_BYTES // max(1, bytes_per_row))
+    return [(a, min(r1, a + step)) for a in range(r0, r1, step)]
+
+
 def _band4(src, u, y, t0, t1, oh, ow):
     """Tile rows ``t0:t1`` of F(4x4), channels last: tiles (36, n, rows, tw, cin), GEMMs
     ``(tiles x cin) @ (cin x cout)``, products (36, n, rows, tw, cout). Each side of each transform
@@ -428,6 +443,10 @@ def _band4(src, u, y, t0, t1, oh, ow):
     cols = num * bt * tw
 
     def transform_in(r0, r1):
+        for a, b in _row_steps(r0, r1, num * 36 * run_in * isz):
+            _transform_in(a, b)
+
+    def _transform_in(r0, r1):
         nr = r1 - r0
         tr = _tmp(_ROWS, (num, nr, 6, 6, run_in), dt)     # B^T d: (image, row, i, j, (q, c))
         # rows of every tile (all six columns at once): src rows 4 r .. 4 r + 5, overlapping views
@@ -443,9 +462,18 @@ def _band4(src, u, y, t0, t1, oh, ow):
     np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
     m = m.reshape(6, 6, num, bt, tw, cout)
     y0, y1 = 4 * t0, min(oh, 4 * t1)            # rows of y in this band
-    ycl = _tmp(_CHANNELS_LAST_OUT, (num, 4 * bt, ow, cout), dt)
+    # the channels-last output in the tiles' buffer where it fits (the tiles are dead after the
+    # GEMMs; cout <= 2.25 cin, as in every 3x3 layer of VGG and ResNet and all but GoogLeNet's
+    # conv2): a buffer of its own for every layer added to the peak (TRANSFORM_STEP_BYTES)
+    shape = (num, 4 * bt, ow, cout)
+    need = num * 4 * bt * ow * cout
+    ycl = v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, dt)
 
     def transform_out(r0, r1):
+        for a, b in _row_steps(r0, r1, num * 40 * run_out * isz):
+            _transform_out(a, b)
+
+    def _transform_out(r0, r1):
         nr = r1 - r0
         sr = _tmp(_OUT, (num, nr, 4, 6, run_out), dt)     # A^T M: (image, row, a, j, (q, c))
         o = _tmp(_TMP_D, (num, nr, 4, 4, tw, cout), dt)   # A^T M A: (image, row, a, b, q, c)
