@@ -1,7 +1,8 @@
-"""A solver's backward pass sums split tops' gradients as they arrive, in shared buffers
-(minicaffe/net/diff_plan.py): the same gradients and training as Caffe's per-top diffs summed by
-the Split, less memory, and pycaffe's own backward unchanged."""
+"""A solver's backward pass keeps activation gradients only while they are live, in shared buffers,
+and sums a Split's tops into its bottom as they arrive (minicaffe/net/diff_plan.py): the same
+gradients and training as Caffe's per-top diffs, less memory, and pycaffe's own backward unchanged."""
 import numpy as np
+import pytest
 
 import minicaffe as caffe
 from minicaffe.net import diff_plan
@@ -134,3 +135,56 @@ def test_a_split_whose_top_carries_a_loss_weight_keeps_its_own_backward():
 def test_gpu_training_with_shared_diffs_matches_per_top_diffs(gpu, monkeypatch):
     """The same on the GPU (device buffers; Eltwise's and the Split's device paths)."""
     test_training_with_shared_split_diffs_matches_per_top_diffs(monkeypatch)
+
+
+def _model_solver_step(directory, share, batch):
+    """One SGD step of ``models/<directory>/train_val.prototxt`` (its data layer an Input of random
+    images and labels), with the shared-gradient pass or Caffe's per-top diffs; the update values."""
+    import os
+
+    from minicaffe.formats.prototxt import filter_net, load_net_param, make_state
+    from minicaffe.proto import caffe_pb2
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    param = filter_net(load_net_param(os.path.join(root, "models", directory, "train_val.prototxt")),
+                       make_state(caffe_pb2.TRAIN))
+    net = caffe_pb2.NetParameter(name=param.name)
+    for lp in param.layer:
+        if lp.type == "Data":
+            data = net.layer.add(name=lp.name, type="Input", top=lp.top[:2])
+            data.input_param.shape.add().dim.extend([batch, 3, 224, 224])
+            data.input_param.shape.add().dim.extend([batch])
+        elif lp.type != "Accuracy":
+            net.layer.add().CopyFrom(lp)
+    sp = caffe_pb2.SolverParameter(net_param=net, base_lr=0.01, momentum=0.9, lr_policy="fixed",
+                                   random_seed=5, display=0)
+    solver = caffe.SGDSolver(sp)
+    rng = np.random.default_rng(1)
+    solver.net.blobs["data"].data[...] = rng.standard_normal((batch, 3, 224, 224))
+    solver.net.blobs["label"].data[...] = rng.integers(0, 1000, batch)
+    if not share:
+        orig = solver.net.backward_from_to
+        solver.net.backward_from_to = lambda *a, share_diffs=False, **k: orig(*a, **k)
+    solver.step(1)
+    return {n: [p.diff.copy() for p in ps] for n, ps in solver.net.params.items()}
+
+
+def _assert_same_updates(directory, batch):
+    got, want = _model_solver_step(directory, True, batch), _model_solver_step(directory, False, batch)
+    assert got.keys() == want.keys()
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            scale = float(np.abs(b).max()) or 1.0
+            np.testing.assert_allclose(a / scale, b / scale, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_googlenet_step_matches_per_top_diffs():
+    """GoogLeNet's TRAIN net (four-way splits into Concat branches, auxiliary losses with loss
+    weights, dropout): the same update values as with Caffe's per-top diffs, to float32 rounding
+    (the splits' sums run in another order)."""
+    _assert_same_updates("googlenet", 1)
+
+
+@pytest.mark.slow
+def test_resnet50_step_matches_per_top_diffs():
+    """ResNet-50's TRAIN net (shortcut splits, Eltwise, BatchNorm + Scale in place)."""
+    _assert_same_updates("resnet50", 2)
