@@ -86,12 +86,12 @@ def test_solver_gradients_match_the_per_top_sum():
         for a, b in zip(got[name], want[name]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
     np.testing.assert_allclose(net.blobs["x"].diff, want_x, rtol=1e-6, atol=1e-7)
-    assert net._shared_diffs_in_use
+    assert net._shared_diffs.in_use
 
     # pycaffe's backward again: per-top diffs come back, each its own array, the sums Caffe's
     net.clear_param_diffs()
     net.backward()
-    assert not net._shared_diffs_in_use
+    assert not net._shared_diffs.in_use
     again = _grads(net)
     for name in want:
         for a, b in zip(again[name], want[name]):

@@ -128,8 +128,14 @@ class Split(Layer):
                 grad += d
             bottom[0].xdiff = grad
             return
-        # summed straight into the bottom's own diff: no new array per iteration; on the thread pool
-        # in flat chunks (each element's sum in the same order: the same bits at any thread count)
+        # summed straight into the bottom's own diff: no new array per iteration
+        self.sum_into(out, diffs)
+
+    def sum_into(self, out, diffs):
+        """``out = diffs[0] + diffs[1] + ...`` (``out`` may be ``diffs[0]``: an addition in place), on
+        the thread pool in flat chunks (each element's sum in the same order: the same bits at any
+        thread count). Also how a solver's backward adds each top's gradient as it arrives
+        (net/diff_plan.py)."""
         flat = threads.flat_views(out, *diffs)
         if flat is None:
             self._sum_into(out, diffs)

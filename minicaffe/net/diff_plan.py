@@ -25,14 +25,14 @@ buffer held last; ``release`` gives them private storage back before a pass that
 """
 from collections import defaultdict
 
-from ..core import backend, threads
+from ..core import backend
 
 
 class DiffPlan:
     """For one net: which blobs' diffs share which buffer (``slot_of``; ``span_of``: the layer-index
     range each is live over), and the Splits whose tops' gradients are summed as they arrive
-    (``splits``; ``after[li]``: after layer ``li``'s backward, the (split index, bottom position in
-    ``li``, top) to add)."""
+    (``splits``: split index -> (the Split, its bottom); ``after[li]``: after layer ``li``'s
+    backward, the (split index, top) to add)."""
 
     def __init__(self, net):
         n = len(net.layers)
@@ -66,10 +66,11 @@ class DiffPlan:
                 uses.append((min(users), max(users), t))
             else:
                 b = bottoms[s][0]
-                self.splits[s] = b
+                self.splits[s] = (net.layers[s], b)
                 for first, last, t in uses:
                     j = next(j for j, x in enumerate(bottoms[first]) if x is t)
-                    self.after.setdefault(first, []).append((s, j, t))
+                    if bneed[first][j]:     # else its last writer gives it no gradient: adds nothing
+                        self.after.setdefault(first, []).append((s, t))
                     span[id(t)] = [first, last]
                 # the bottom is written from the first top's gradient on
                 span[id(b)] = [s, max(last for _, last, _ in uses)]
@@ -98,6 +99,7 @@ class DiffPlan:
         self.slot_of = _slots([(lo, hi, b) for b, (lo, hi) in self.span_of.items()])
         self.buffers = {}           # (slot, dtype) -> flat array
         self._count = {}
+        self.in_use = False         # the planned diffs are views of ``buffers`` (since ``begin``)
 
     def begin(self):
         """Before a backward pass: every planned blob's diff becomes a view of its slot's buffer."""
@@ -113,29 +115,31 @@ class DiffPlan:
         for b, slot in self.slot_of.items():
             b.xdiff = self.buffers[(slot, b.dtype)][:b.count].reshape(b.shape)
         self._count = dict.fromkeys(self.splits, 0)
+        self.in_use = True
 
-    def after_layer(self, net, li):
-        """After layer ``li``'s backward: add the gradients it gave split tops into their Splits'
-        bottoms (the first one copied, the rest added)."""
-        for s, j, t in self.after.get(li, ()):
-            if not (net._layer_need_backward[li] and net._bottom_need_backward[li][j]):
-                continue
-            out = self.splits[s].xdiff
+    def after_layer(self, li):
+        """After layer ``li``'s backward (it ran: it needs one): add the gradients it gave split
+        tops into their Splits' bottoms (the first one copied, the rest added)."""
+        for s, t in self.after.get(li, ()):
+            split, bottom = self.splits[s]
+            out = bottom.xdiff
             first = self._count[s] == 0
             self._count[s] += 1
-            _add_into(out, t.xdiff, first)
+            split.sum_into(out, [t.xdiff] if first else [out, t.xdiff])
 
     def split_backward(self, s):
         """The Split at ``s`` in place of its own backward: its bottom already holds the sum; with no
         gradient from any top it is zero (as the sum of untouched zero diffs was)."""
         if self._count[s] == 0:
-            self.splits[s].xdiff.fill(0)
+            self.splits[s][1].xdiff.fill(0)
 
     def release(self):
         """Give the planned blobs private diffs again (zeros, made on first use), before a backward
-        pass that keeps every diff."""
-        for b in self.slot_of:
-            b.private_diff()
+        pass that keeps every diff; nothing when the last pass kept them already."""
+        if self.in_use:
+            for b in self.slot_of:
+                b.private_diff()
+            self.in_use = False
 
 
 def _slots(spans):
@@ -157,23 +161,3 @@ def _slots(spans):
         slot_of[b] = k
     return slot_of
 
-
-def _add_into(out, diff, first):
-    """``out = diff`` (first) or ``out += diff``, in flat chunks on the thread pool (each element's
-    arithmetic is the same at any thread count)."""
-    xp = backend.get_array_module(out)
-    flat = threads.flat_views(out, diff)
-    if flat is None:
-        if first:
-            xp.copyto(out, diff)
-        else:
-            out += diff
-        return
-    fo, fd = flat
-
-    def part(a, b):
-        if first:
-            xp.copyto(fo[a:b], fd[a:b])
-        else:
-            fo[a:b] += fd[a:b]
-    threads.parallel_flat(out.size, part, work=out.size * 2)

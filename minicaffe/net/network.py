@@ -103,7 +103,6 @@ class Net:
         build.NetBuilder(build.prepare(param, state), state.phase, param.force_backward).build().install(self)
         self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
         self._shared_diffs = None            # the solver's DiffPlan, made at its first backward
-        self._shared_diffs_in_use = False    # planned blobs' diffs are views of its buffers
         # layers that read what the layer just before them kept (core/layer.py link_producer)
         self._linked = frozenset(
             li for li in range(1, len(self.layers))
@@ -456,7 +455,7 @@ class Net:
                 else:
                     layer.backward(top, self._bottom_need_backward[li], bottom)
                 if plan is not None and li in plan.after:
-                    plan.after_layer(self, li)
+                    plan.after_layer(li)
             except (NetError, MemoryError) as exc:
                 raise_naming_layer(exc, layer)
             if timings is not None:
@@ -478,15 +477,13 @@ class Net:
         back (a pass that keeps every diff must not write through aliased ones)."""
         plan = self._shared_diffs
         if not share:
-            if plan is not None and self._shared_diffs_in_use:
+            if plan is not None:
                 plan.release()
-                self._shared_diffs_in_use = False
             return None
         if plan is None:
             from .diff_plan import DiffPlan
             plan = self._shared_diffs = DiffPlan(self)
         plan.begin()
-        self._shared_diffs_in_use = True
         return plan
 
     def _check_finite(self, li, direction, arrays):
