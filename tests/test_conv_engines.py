@@ -357,6 +357,19 @@ def test_winograd_f4x4_transforms_in_column_blocks_match_a_direct_correlation():
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-10 * np.abs(want).max())
 
 
+def test_winograd_f4x4_transforms_in_row_steps_give_the_same_bits(monkeypatch):
+    """The transforms' temporaries bounded to one tile row a step (TRANSFORM_STEP_BYTES): the same
+    output, bit for bit, as a whole chunk of rows at once."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 8, 22, 18)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    whole, steps = (np.empty((2, 16, 22, 18), np.float32) for _ in range(2))
+    winograd.forward(x, w, whole, 1, 1, tile=4)
+    monkeypatch.setattr(winograd, "TRANSFORM_STEP_BYTES", 1)
+    winograd.forward(x, w, steps, 1, 1, tile=4)
+    np.testing.assert_array_equal(steps, whole)
+
+
 WINOGRAD_GRAD_CASES = ["k3p1", "odd", "pad_h2", "one_tile", "vgg", "pad2"]
 
 

@@ -50,6 +50,7 @@ Which tile size a shape gets is ``tile_size``; where Winograd pays at all is the
 (``minicaffe.kernels.conv_engines``); this module says what it can compute (``applies``) and
 computes it.
 """
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -415,11 +416,15 @@ def _stacked_gemm(a, b, out):
 TRANSFORM_STEP_BYTES = 1 << 20
 
 
-def _row_steps(r0, r1, bytes_per_row):
-    """``(a, b)`` steps covering tile rows ``r0:r1``, each about TRANSFORM_STEP_BYTES of temporaries
-    (at least one row)."""
+def _in_row_steps(fn, bytes_per_row):
+    """``fn`` for a pool chunk of tile rows ``r0:r1``, run in steps of about TRANSFORM_STEP_BYTES of
+    temporaries (at least one row each)."""
     step = max(1, TRANSFORM_STEP_BYTES // max(1, bytes_per_row))
-    return [(a, min(r1, a + step)) for a in range(r0, r1, step)]
+
+    def chunk(r0, r1):
+        for a in range(r0, r1, step):
+            fn(a, min(r1, a + step))
+    return chunk
 
 
 def _band4(src, u, y, t0, t1, oh, ow):
@@ -443,10 +448,6 @@ def _band4(src, u, y, t0, t1, oh, ow):
     cols = num * bt * tw
 
     def transform_in(r0, r1):
-        for a, b in _row_steps(r0, r1, num * 36 * run_in * isz):
-            _transform_in(a, b)
-
-    def _transform_in(r0, r1):
         nr = r1 - r0
         tr = _tmp(_ROWS, (num, nr, 6, 6, run_in), dt)     # B^T d: (image, row, i, j, (q, c))
         # rows of every tile (all six columns at once): src rows 4 r .. 4 r + 5, overlapping views
@@ -457,7 +458,7 @@ def _band4(src, u, y, t0, t1, oh, ow):
         # ... then the columns, into the 36 tile matrices (v's rows: image, tile row, tile column)
         vv = _flat(v[:, :, :, r0:r1], (6, 6, num, nr, run_in)).transpose(2, 3, 0, 1, 4)
         _stacked_gemm(bt_m, tr, vv)
-    threads.parallel_for(bt, transform_in, work=2 * v.size)
+    threads.parallel_for(bt, _in_row_steps(transform_in, num * 36 * run_in * isz), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
     np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
     m = m.reshape(6, 6, num, bt, tw, cout)
@@ -466,14 +467,10 @@ def _band4(src, u, y, t0, t1, oh, ow):
     # GEMMs; cout <= 2.25 cin, as in every 3x3 layer of VGG and ResNet and all but GoogLeNet's
     # conv2): a buffer of its own for every layer added to the peak (TRANSFORM_STEP_BYTES)
     shape = (num, 4 * bt, ow, cout)
-    need = num * 4 * bt * ow * cout
+    need = math.prod(shape)
     ycl = v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, dt)
 
     def transform_out(r0, r1):
-        for a, b in _row_steps(r0, r1, num * 40 * run_out * isz):
-            _transform_out(a, b)
-
-    def _transform_out(r0, r1):
         nr = r1 - r0
         sr = _tmp(_OUT, (num, nr, 4, 6, run_out), dt)     # A^T M: (image, row, a, j, (q, c))
         o = _tmp(_TMP_D, (num, nr, 4, 4, tw, cout), dt)   # A^T M A: (image, row, a, b, q, c)
@@ -488,7 +485,7 @@ def _band4(src, u, y, t0, t1, oh, ow):
             for b in range(4):
                 nc = (ow - b + 3) // 4
                 np.copyto(yr[:, :, :, b::4], o[:, :, :, b, :nc])
-    threads.parallel_for(bt, transform_out, work=2 * m.size)
+    threads.parallel_for(bt, _in_row_steps(transform_out, num * 40 * run_out * isz), work=2 * m.size)
     cv2 = _opencv()
 
     def to_y(k0, k1):
