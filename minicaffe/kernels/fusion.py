@@ -158,28 +158,20 @@ class EltwiseReluChain(_Chain):
         layer.reshape(bottom, top)
         net.layers[self.last].reshape(net.bottom_vecs[self.last], net.top_vecs[self.last])
         out = top[0].xdata
-        c = layer.coeffs
+
+        def sum_relu(out, xs):
+            # the Eltwise layer's own sum, then ReLU's clip
+            layer.forward_into(np, xs, out)
+            np.maximum(out, 0, out=out)
         flat = threads.flat_views(out, *xs)
         if flat is None:
-            _sum_relu(out, xs, c)
+            sum_relu(out, xs)
             return True
         # in flat chunks on the pool, each chunk summed and clipped while it is in cache (the
         # same operations per element as the whole-array passes)
-        threads.parallel_flat(out.size, lambda a, b: _sum_relu(flat[0][a:b], [f[a:b] for f in flat[1:]], c),
+        threads.parallel_flat(out.size, lambda a, b: sum_relu(flat[0][a:b], [f[a:b] for f in flat[1:]]),
                               work=out.size * (len(xs) + 2))
         return True
-
-
-def _sum_relu(out, xs, c):
-    """``out = max(Σ c_i·x_i, 0)``, as Eltwise SUM and then ReLU compute it."""
-    if c[0] == 1.0 and c[1] == 1.0:
-        np.add(xs[0], xs[1], out=out)
-    else:
-        np.multiply(xs[0], c[0], out=out)
-        out += c[1] * xs[1]
-    for ci, x in zip(c[2:], xs[2:]):
-        out += x if ci == 1.0 else ci * x
-    np.maximum(out, 0, out=out)
 
 
 def bias_relu(y4, bias, relu):

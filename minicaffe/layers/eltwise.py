@@ -75,16 +75,17 @@ class Eltwise(Layer):
         mask = xp.empty(xs[0].shape, xp.int32) if self.op == _Op.MAX else None
         flat = threads.flat_views(*xs)
         if flat is None:
-            self._forward_into(xp, xs, out, mask)
+            self.forward_into(xp, xs, out, mask)
             return out, mask
         # NumPy: the same operations on flat chunks, over the thread pool (bit-identical)
         outs = threads.flat_views(out) + ([] if mask is None else threads.flat_views(mask))
-        threads.parallel_flat(out.size, lambda a, b: self._forward_into(
+        threads.parallel_flat(out.size, lambda a, b: self.forward_into(
             np, [f[a:b] for f in flat], *(o[a:b] for o in outs)), work=out.size * (len(xs) + len(outs)))
         return out, mask
 
-    def _forward_into(self, xp, xs, out, mask=None):
-        """The arithmetic of the forward, element for element, into ``out`` (and MAX's ``mask``)."""
+    def forward_into(self, xp, xs, out, mask=None):
+        """The arithmetic of the forward, element for element, into ``out`` (and MAX's ``mask``);
+        also the sum of the fused Eltwise SUM + ReLU (kernels/fusion.py)."""
         if self.op == _Op.PROD:
             xp.multiply(xs[0], xs[1], out=out)
             for x in xs[2:]:
