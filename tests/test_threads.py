@@ -476,8 +476,12 @@ def test_transformer_batch_bit_identical_at_two_threads(spec, with_mean, pool_si
 ])
 def test_solver_update_bit_identical_at_two_threads(solver_type, extra, dtype, pool_size, monkeypatch):
     """Three steps of each update rule on a (7, 9, 5) weight split in flat chunks: the weights and
-    every history array keep the one-thread bits."""
+    every history array keep the one-thread bits. The NumPy body (compiled kernels off), at two
+    threads in blocks of 40 elements (parameter_step's cache blocks) against whole chunks."""
     from minicaffe.solvers import updates
+    ctx = context.current()
+    monkeypatch.setattr(ctx, "switches", dataclasses.replace(ctx.switches, compiled=False))
+    blocks = iter([1 << 40, 40])
     from minicaffe.proto import caffe_pb2
     from google.protobuf import text_format
     param = text_format.Parse(f'type: "{solver_type}" base_lr: 0.01 {extra}', caffe_pb2.SolverParameter())
@@ -486,6 +490,8 @@ def test_solver_update_bit_identical_at_two_threads(solver_type, extra, dtype, p
     grads = [rng.standard_normal(w0.shape).astype(dtype) for _ in range(3)]
 
     def run():
+        monkeypatch.setattr(updates, "UPDATE_BLOCK", next(blocks))
+        ctx.switches = dataclasses.replace(ctx.switches, compiled=False)
         rule = getattr(updates, solver_type)(param)
         w = w0.copy()
         hist = [np.zeros_like(w) for _ in range(rule.history_sets)]

@@ -12,12 +12,30 @@ import math
 
 import numpy as np
 
-from ..core import backend
+from ..core import backend, threads
 
 
 def _finite(arr):
     """All values finite? One float64 sum: it cannot overflow for float32 data, and NaN/inf propagate."""
     return math.isfinite(float(arr.sum(dtype=np.float64)))
+
+
+def _screening_sum(arr):
+    """A sum of ``arr`` that is NaN or infinite whenever one of its values is (and, rarely, when a
+    float32 sum of finite values overflows: the caller then checks each array exactly with
+    ``_finite``). On the CPU: in the array's own dtype, as partial sums over flat chunks on the
+    kernels' pool. Why: the float64 sum (a cast per element) of VGG-16's 138M gradients took 90-114
+    ms of every 2.5 s training iteration on one thread; this one reads them at memory speed on
+    every thread."""
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+        return arr.sum(dtype=np.float64)
+    flat = arr.reshape(-1)
+    parts = []
+
+    def chunk(a, b):
+        parts.append(float(np.add.reduce(flat[a:b])))   # list.append is atomic: one entry per chunk
+    threads.parallel_flat(flat.size, chunk)
+    return math.fsum(parts) if all(map(math.isfinite, parts)) else math.nan
 
 
 def non_finite_gradient(net):
@@ -26,7 +44,7 @@ def non_finite_gradient(net):
     params = net.learnable_params
     if not params:
         return None
-    total = sum(b.xdiff.sum(dtype=np.float64) for b in params)
+    total = sum(_screening_sum(b.xdiff) for b in params)
     if math.isfinite(float(total)):
         return None
     for (name, k), b in zip(net.learnable_param_names, params):

@@ -1,0 +1,101 @@
+"""The compiled (Numba) kernels against their NumPy twins: the same bits, on one and two threads."""
+import dataclasses
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from minicaffe.core import context, threads
+from minicaffe.kernels import compiled
+from minicaffe.proto import caffe_pb2
+from minicaffe.solvers import updates
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def switches(monkeypatch):
+    """``switches(compiled=..., threads=...)``: the context's switches for the rest of the test."""
+    ctx = context.current()
+    saved = ctx.switches
+    monkeypatch.setattr(threads, "MIN_FLAT_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(threads, "FLAT_BLOCK", 64)
+
+    def set_(**kw):
+        ctx.switches = dataclasses.replace(saved, **kw)
+    yield set_
+    ctx.switches = saved
+
+
+def _steps(solver_type, extra, dtype, grads, w0):
+    param = text_format.Parse(f'type: "{solver_type}" base_lr: 0.01 {extra}', caffe_pb2.SolverParameter())
+    rule = getattr(updates, solver_type)(param)
+    w = w0.copy()
+    hist = [np.zeros_like(w) for _ in range(rule.history_sets)]
+    scratch = [np.empty_like(w) for _ in range(1 + rule.scratch)]
+    decay = updates.f32(param.weight_decay)
+    out = []
+    for it, g0 in enumerate(grads):
+        g = g0.copy()
+        updates.parameter_step(rule, w, g, hist, scratch, param.iter_size, decay,
+                               param.regularization_type, updates.f32(0.01 * (it + 1)), it)
+        out += [w.copy(), g.copy()] + [h.copy() for h in hist]
+    return out
+
+
+def _values(dtype, shape, seed):
+    """Random values with the awkward ones mixed in: signed zeros, tiny, huge, exact halves."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(dtype)
+    flat = a.reshape(-1)
+    flat[::97] = -0.0
+    flat[1::97] = 0.0
+    flat[2::89] *= dtype(1e-30)
+    flat[3::83] *= dtype(1e30)
+    flat[4::79] = dtype(0.5)
+    return a
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("solver_type, extra", [
+    ("SGD", "momentum: 0.9 weight_decay: 0.0005"),
+    ("SGD", "momentum: 0.9"),
+    ("SGD", "momentum: 0.95 weight_decay: 0.001 iter_size: 3"),
+    ("Nesterov", "momentum: 0.9 weight_decay: 0.0005"),
+    ("Nesterov", "momentum: 0.8 iter_size: 2"),
+])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_update_rules_match_their_numpy_twin(solver_type, extra, dtype, pool, switches):
+    """Three steps on 10007 parameters: weights, update values and history bit for bit the NumPy
+    body's, including signed zeros (a skipped decay must not turn -0.0 into +0.0)."""
+    w0 = _values(dtype, (10007,), 1)
+    grads = [_values(dtype, (10007,), 2 + k) for k in range(3)]
+    switches(compiled=False, threads=str(pool))
+    want = _steps(solver_type, extra, dtype, grads, w0)
+    switches(compiled=True, threads=str(pool))
+    assert compiled.enabled()
+    got = _steps(solver_type, extra, dtype, grads, w0)
+    for a, b in zip(want, got, strict=True):
+        assert a.dtype == dtype and a.tobytes() == b.tobytes(), (solver_type, extra)
+
+
+def test_compiled_path_is_taken_and_can_be_switched_off(switches, monkeypatch):
+    """SGD with L2 runs the kernel; L1, the adaptive rules and MINICAFFE_COMPILED=0 run NumPy."""
+    param = caffe_pb2.SolverParameter(momentum=0.9)
+    sgd, adam = updates.SGD(param), updates.Adam(param)
+    switches(compiled=True)
+    assert updates._compiled_kernel(sgd, "L2", np.dtype(np.float32)) is compiled.get(compiled.sgd_step)
+    assert updates._compiled_kernel(sgd, None, np.dtype(np.float64)) is not None
+    assert updates._compiled_kernel(sgd, "L1", np.dtype(np.float32)) is None
+    assert updates._compiled_kernel(adam, "L2", np.dtype(np.float32)) is None
+    assert updates._compiled_kernel(sgd, "L2", np.dtype(np.float16)) is None
+    switches(compiled=False)
+    assert not compiled.enabled()
+    assert updates._compiled_kernel(sgd, "L2", np.dtype(np.float32)) is None
+
+
+def test_switch_reads_the_environment():
+    assert context.Switches.from_environ({}).compiled
+    assert not context.Switches.from_environ({context.COMPILED_VAR: "0"}).compiled
+    assert context.Switches.from_environ({context.COMPILED_VAR: "1"}).compiled
