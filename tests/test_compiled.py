@@ -99,3 +99,19 @@ def test_switch_reads_the_environment():
     assert context.Switches.from_environ({}).compiled
     assert not context.Switches.from_environ({context.COMPILED_VAR: "0"}).compiled
     assert context.Switches.from_environ({context.COMPILED_VAR: "1"}).compiled
+
+
+def test_get_before_enabled_compiles(monkeypatch):
+    """``get`` as the first call into the module (Numba not yet imported by ``enabled``) returns the
+    compiled kernel: the import takes the module's lock, which ``get`` must not be holding then."""
+    import threading
+    monkeypatch.setattr(compiled, "_state", {"numba": None, "tried": False, "compiled": {}})
+    got = []
+    t = threading.Thread(target=lambda: got.append(compiled.get(compiled.sgd_step)), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert got and got[0] is compiled.get(compiled.sgd_step)
+    w = np.ones(8, np.float32)
+    g, h = np.full(8, 2.0, np.float32), np.zeros(8, np.float32)
+    got[0](w, g, h, 0, 8, False, 1.0, 0.0, 0.5, 0.9)
+    assert np.array_equal(h, np.full(8, 1.0, np.float32)) and np.array_equal(w, np.zeros(8, np.float32))

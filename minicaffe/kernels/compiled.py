@@ -59,10 +59,14 @@ def get(fn):
     once per process."""
     got = _state["compiled"].get(fn)
     if got is None:
+        numba = _numba()            # before the lock: it takes the lock itself on first use
         with _lock:
             got = _state["compiled"].get(fn)
             if got is None:
-                got = _numba().njit(nogil=True, cache=True)(fn)
+                try:
+                    got = numba.njit(nogil=True, cache=True)(fn)
+                except RuntimeError:    # no writable cache location (a read-only install, no HOME)
+                    got = numba.njit(nogil=True)(fn)
                 _state["compiled"][fn] = got
     return got
 
