@@ -456,7 +456,7 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
     ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
-    ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_bands"),   # CaffeNet conv1
+    ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_channels_last"),   # CaffeNet conv1
     ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2",
      "im2col_channels_last"),                                                                        # CaffeNet conv2
     ("Convolution", (4, 16, 28, 28), "num_output: 8 kernel_size: 5 pad: 2", "im2col_channels_last"),  # GoogLeNet 3a/5x5
@@ -465,7 +465,7 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     ("Convolution", (4, 112, 14, 14), "num_output: 8 kernel_size: 5 pad: 2", "im2col_batch_last"),   # 784 positions
     ("Convolution", (4, 192, 7, 7), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),     # inception_5b
     ("Convolution", (4, 3, 224, 224), "num_output: 8 kernel_size: 7 stride: 2 pad: 3",
-     "im2col_bands"),                                                                                # GoogLeNet conv1
+     "im2col_channels_last"),                                                                              # GoogLeNet conv1
     ("Convolution", (4, 256, 13, 13), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # CaffeNet conv3
     ("Convolution", (2, 192, 28, 28), "num_output: 8 kernel_size: 1", "gemm_1x1"),                  # GoogLeNet 1x1
     ("Convolution", (4, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # inception_4c

@@ -105,6 +105,16 @@ DIRECT_1X1_MIN_COLUMNS = 196
 # (the GEMMs are too thin); wide maps lose to the bands (GoogLeNet conv1 1.22x, conv2 1.04x).
 CHANNELS_LAST_MIN_COLUMNS = 1024
 
+# The strided first layers over wide maps (channels_last_strided_wide) build their position-major
+# columns in chunks of at least one image and at most about this many elements (4 MiB of float32;
+# one image of GoogLeNet's conv1 is 1.8M): no more memory than the bands' column buffer plus an
+# image's. Forward ms at batch 10, TEST phase, bands against these columns (interleaved, best of 7,
+# benchmarks/bench_layers.py shapes): at two threads (the default here) GoogLeNet/ResNet 7x7/2
+# 37-41 against 29-31, CaffeNet 11x11/4 37-41 against 20-21; at one thread 50 against 48 and 36
+# against 32. Whole-batch columns were no faster and took GoogLeNet's inference peak over OpenCV's.
+# TRAIN, batch 32/16, two threads: CaffeNet conv1 87 -> 58 ms, GoogLeNet conv1 69 -> 50 ms.
+CHANNELS_LAST_WIDE_COL_ELEMENTS = 1 << 20
+
 # The position-major forward (ChannelsLastConv) computes ``columns @ weights^T`` when a group has
 # fewer output channels than this (OpenBLAS is faster that way round on thin outputs: GoogLeNet's
 # 3a/5x5, 32 outputs), ``weights @ columns^T`` otherwise (its output copy is a block copy, not a
@@ -253,11 +263,23 @@ def direct_1x1_pays(s):
 
 
 def channels_last_pays(s):
-    """Kernels larger than 1x1 on maps narrower than COL_BAND_MIN_WIDTH (wide maps keep the bands)
-    with at least CHANNELS_LAST_MIN_COLUMNS output positions in a batch."""
+    """Kernels larger than 1x1 on maps narrower than COL_BAND_MIN_WIDTH with at least
+    CHANNELS_LAST_MIN_COLUMNS output positions in a batch; and strided ones on wide maps
+    (``channels_last_strided_wide``). Other wide maps keep the bands."""
     g = s.geom
-    return ((g.kh > 1 or g.kw > 1) and s.out_hw[1] < COL_BAND_MIN_WIDTH
-            and s.num * s.columns >= CHANNELS_LAST_MIN_COLUMNS)
+    if g.kh == 1 and g.kw == 1:
+        return False
+    if s.out_hw[1] < COL_BAND_MIN_WIDTH:
+        return s.num * s.columns >= CHANNELS_LAST_MIN_COLUMNS
+    return channels_last_strided_wide(s)
+
+
+def channels_last_strided_wide(s):
+    """A strided kernel larger than 1x1 over an output map at least COL_BAND_MIN_WIDTH wide: the
+    first layers of AlexNet/CaffeNet (11x11/4), GoogLeNet and ResNet (7x7/2). Their position-major
+    columns go in chunks of CHANNELS_LAST_WIDE_COL_ELEMENTS (see there)."""
+    g = s.geom
+    return (g.kh > 1 or g.kw > 1) and (g.sh > 1 or g.sw > 1) and s.out_hw[1] >= COL_BAND_MIN_WIDTH
 
 
 def channels_last_transposed(s):
@@ -534,10 +556,15 @@ class ChannelsLastConv(Im2colConv):
                     np.matmul(col[i], w2[go].T, out=rows[:, go])
                 parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
             else:
-                rows = workspace(np, (s.cout, n * p), x.dtype, _ROWS)
+                # one image's (cout, positions) is its output already: no buffer, no copy (the
+                # strided first layers run an image a chunk, and their buffer added to the peak)
+                one = n == 1 and y[n0].flags.c_contiguous
+                rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
                 for i, (go, _) in enumerate(self._groups()):
                     np.matmul(w2[go], col[i].T, out=rows[go])
-                parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(s.cout, n, p).transpose(1, 0, 2))
+                if not one:
+                    parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
+                                    rows.reshape(s.cout, n, p).transpose(1, 0, 2))
 
 
 class WinogradConv(Im2colConv):
@@ -662,7 +689,10 @@ _register_conv("Deconvolution")
 # gradient, which this engine computes as Im2colConv does, so it is registered there for the tests
 # (its frozen-weights data gradient runs the position-major path) and never picked.
 def _channels_last(layer, **opt):
-    return ChannelsLastConv(layer.conv, **{"batch_last": batch_last_pays(layer.conv), **opt})
+    fixed = {"batch_last": batch_last_pays(layer.conv)}
+    if channels_last_strided_wide(layer.conv):
+        fixed["max_col_elements"] = CHANNELS_LAST_WIDE_COL_ELEMENTS
+    return ChannelsLastConv(layer.conv, **{**fixed, **opt})
 
 
 register(Engine("Convolution", "im2col_channels_last", devices=("cpu",), priority=25,
