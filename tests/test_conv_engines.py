@@ -229,12 +229,21 @@ def test_banded_forward_with_any_band_height_matches_the_reference(layer_type, c
     _assert_same(_run(layer, bottom, top, "im2col_bands", {"band_rows": rows}), ref)
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def f4_transforms(request, env_switch):
+    """Winograd F(4x4)'s tile transforms both ways: the compiled loops (kernels/compiled.py) and
+    the NumPy stacked GEMMs (MINICAFFE_COMPILED=0)."""
+    env_switch("MINICAFFE_COMPILED", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("band", [1, None])
 @pytest.mark.parametrize("case", ["k3p1", "odd", "pad_h2", "one_tile", "batch1_odd", "pad2"])
-def test_winograd_either_tile_in_any_band_matches_the_reference(case, band, tile):
+def test_winograd_either_tile_in_any_band_matches_the_reference(case, band, tile, f4_transforms):
     """Both tile sizes forced, in bands of one tile row (ragged) or the default band, on odd
-    output sizes (not multiples of 2 or 4), one image, pads 0, 1 and 2, one tile, in float64."""
+    output sizes (not multiples of 2 or 4), one image, pads 0, 1 and 2, one tile, in float64; F(4x4)
+    with either transform path."""
     layer, bottom, top = _layer("Convolution", case)
     ref = _run(layer, bottom, top, REF)
     _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": band, "tile": tile}), ref)
@@ -342,10 +351,11 @@ def test_winograd_float32_error_on_vgg_sized_layers(cin):
     assert mine < common
 
 
-def test_winograd_f4x4_transforms_in_column_blocks_match_a_direct_correlation():
+def test_winograd_f4x4_transforms_in_column_blocks_match_a_direct_correlation(f4_transforms):
     """Tile rows wider than ``SMALL_GEMM_COLUMNS`` (65 tiles x 64 channels = 4160 columns a side)
     go through the stacked transform GEMMs in column blocks, the last one ragged, and an output
-    width (258) that crops the last tile column: float64 against the plain correlation."""
+    width (258) that crops the last tile column: float64 against the plain correlation (and the
+    compiled transforms on the same shape)."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 64, 10, 260))
     w = rng.standard_normal((64, 64, 3, 3))
@@ -357,9 +367,10 @@ def test_winograd_f4x4_transforms_in_column_blocks_match_a_direct_correlation():
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-10 * np.abs(want).max())
 
 
-def test_winograd_f4x4_transforms_in_row_steps_give_the_same_bits(monkeypatch):
-    """The transforms' temporaries bounded to one tile row a step (TRANSFORM_STEP_BYTES): the same
-    output, bit for bit, as a whole chunk of rows at once."""
+def test_winograd_f4x4_transforms_in_row_steps_give_the_same_bits(monkeypatch, env_switch):
+    """The NumPy transforms' temporaries bounded to one tile row a step (TRANSFORM_STEP_BYTES): the
+    same output, bit for bit, as a whole chunk of rows at once."""
+    env_switch("MINICAFFE_COMPILED", "0")
     rng = np.random.default_rng(12)
     x = rng.standard_normal((2, 8, 22, 18)).astype(np.float32)
     w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
@@ -376,7 +387,7 @@ WINOGRAD_GRAD_CASES = ["k3p1", "odd", "pad_h2", "one_tile", "vgg", "pad2"]
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
 @pytest.mark.parametrize("case", WINOGRAD_GRAD_CASES)
 @pytest.mark.parametrize("options", [{}, {"band_rows": 1}])
-def test_winograd_data_gradient_matches_the_reference(layer_type, case, options):
+def test_winograd_data_gradient_matches_the_reference(layer_type, case, options, f4_transforms):
     """The data gradient as a Winograd convolution of dy with the flipped filters (pads 0, 1, 2, odd
     sizes, one image, one tile), next to the column weight gradient; for Deconvolution that is its
     forward, and its own data gradient (weights frozen) the Winograd forward."""
@@ -685,3 +696,23 @@ def test_im2col_ignores_the_engine_field_as_caffe_does():
     layer, bottom, top = make_layer('name: "col" type: "Im2col" convolution_param { kernel_size: 3 engine: CUDNN }',
                                     [np.zeros((1, 2, 5, 5), np.float32)])
     assert layer.engine_name == "im2col"
+
+
+def test_winograd_f4x4_compiled_transforms_agree_with_the_numpy_ones(env_switch):
+    """The compiled F(4x4) transforms against the NumPy stacked GEMMs, float32, on VGG-like and
+    ragged shapes in several bands: equal to float32 rounding (the two add in other orders), and
+    the compiled output is the same bits at one and two threads (every tile is computed alone)."""
+    rng = np.random.default_rng(13)
+    for n, c, k, h, w in ((2, 64, 32, 30, 27), (3, 16, 24, 9, 14), (1, 8, 8, 4, 5)):
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        wt = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
+        out = {}
+        for mode, threads_ in (("0", "1"), ("1", "1"), ("1", "2")):
+            env_switch("MINICAFFE_COMPILED", mode)
+            env_switch("MINICAFFE_THREADS", threads_)
+            y = np.empty((n, k, h, w), np.float32)
+            winograd.forward(x, wt, y, 1, 1, tile=4, band=2)
+            out[mode, threads_] = y
+        scale = np.abs(out["0", "1"]).max()
+        np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=2e-6 * scale)
+        assert out["1", "1"].tobytes() == out["1", "2"].tobytes()

@@ -1,8 +1,8 @@
 """Compiled CPU kernels (Numba) for passes that NumPy can only run as several whole-array passes.
 
 Why: some CPU work is a chain of element-wise operations, for example the solver's SGD step
-(decay, momentum, update: 13 passes over each parameter). NumPy runs each operation as its own
-pass through memory. At the thread count users run, those passes were bandwidth-bound and did not
+(decay, momentum, update: 13 passes over each parameter) or Winograd's tile transforms (two stacked
+GEMMs and a temporary each). NumPy runs each operation as its own pass through memory. At the thread count users run, those passes were bandwidth-bound and did not
 scale: VGG-16's SGD step took 330 ms of a 2.5 s training iteration on 2 cores. A compiled loop
 reads and writes each element once.
 
@@ -19,7 +19,9 @@ Rules:
 - It does not use Numba's own threads.
 - Every kernel has a NumPy twin, which is the reference: the kernel must give the same bits
   (tests/test_compiled.py). So each product or sum is rounded where NumPy rounds it (no fastmath,
-  no contraction into FMA except where the twin emulates one).
+  no contraction into FMA except where the twin emulates one). The one exception is a twin that
+  adds in BLAS's order (Winograd's transform GEMMs): there the kernel agrees to rounding, and the
+  bits still do not depend on the thread count.
 - ``enabled()`` is False when Numba does not import or ``MINICAFFE_COMPILED=0``. Callers then take
   the NumPy path, with the same results.
 """
@@ -115,3 +117,100 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
         u = dt(one_m * np.float64(hi) + np.float64(old * neg_m))
         g[i] = u
         w[i] = w[i] - u
+
+
+# --- Winograd F(4x4, 3x3) tile transforms (kernels/winograd.py's _band4) ----------------------------
+#
+# The NumPy path computes these transforms as stacked 6x6 GEMMs, which add in BLAS's order. These
+# loops use the transform matrices' few non-zero terms, written out, so they add in another order:
+# they agree with the NumPy path to float32 rounding, and the engine tests check them against the
+# convolution reference as they check every engine. Every tile is computed alone, so the bits do
+# not depend on how the tile rows are split over threads. The innermost loop runs over channels,
+# which are contiguous in both layouts, so it vectorises.
+#
+# B^T (points 0, 1, -1, 1/2, -2; winograd.matrices):
+#   [1 -3/2 -2  3/2  1  0], [0 -1 1/2 5/2 1 0], [0 -1 5/2 -1/2 -1 0],
+#   [0  2   1  -2  -1  0], [0 1/2 -1 -1/2 1 0], [0  1 -3/2 -2  3/2 1]
+# A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]
+
+def winograd4_input(src, v, t0, rows, r0, r1):
+    """Tile rows ``r0:r1`` of a band starting at tile row ``t0`` of ``rows``: ``v[i * 6 + j, tile, c]``
+    = (B^T d B)[i, j] of each tile ``d`` of ``src`` (winograd._source4's layout: (n, padded row,
+    tile column j, tile q, c)), tiles ordered (image, band row, tile column)."""
+    num, _, _, tw, cin = src.shape
+    dt = src.dtype.type
+    h, t1, t2, t5 = dt(0.5), dt(1.5), dt(2.0), dt(2.5)
+    t = np.empty((6, 6, cin), src.dtype)
+    for n in range(num):
+        for r in range(r0, r1):
+            base = 4 * (t0 + r)
+            for q in range(tw):
+                col = (n * rows + r) * tw + q
+                for i in range(6):          # B^T along each of the tile's rows
+                    for c in range(cin):
+                        d0 = src[n, base + i, 0, q, c]
+                        d1 = src[n, base + i, 1, q, c]
+                        d2 = src[n, base + i, 2, q, c]
+                        d3 = src[n, base + i, 3, q, c]
+                        d4 = src[n, base + i, 4, q, c]
+                        d5 = src[n, base + i, 5, q, c]
+                        t[i, 0, c] = d0 - t1 * d1 - t2 * d2 + t1 * d3 + d4
+                        t[i, 1, c] = -d1 + h * d2 + t5 * d3 + d4
+                        t[i, 2, c] = -d1 + t5 * d2 - h * d3 - d4
+                        t[i, 3, c] = t2 * d1 + d2 - t2 * d3 - d4
+                        t[i, 4, c] = h * d1 - d2 - h * d3 + d4
+                        t[i, 5, c] = d1 - t1 * d2 - t2 * d3 + t1 * d4 + d5
+                for j in range(6):          # then down each column
+                    for c in range(cin):
+                        d0, d1, d2 = t[0, j, c], t[1, j, c], t[2, j, c]
+                        d3, d4, d5 = t[3, j, c], t[4, j, c], t[5, j, c]
+                        v[j, col, c] = d0 - t1 * d1 - t2 * d2 + t1 * d3 + d4
+                        v[6 + j, col, c] = -d1 + h * d2 + t5 * d3 + d4
+                        v[12 + j, col, c] = -d1 + t5 * d2 - h * d3 - d4
+                        v[18 + j, col, c] = t2 * d1 + d2 - t2 * d3 - d4
+                        v[24 + j, col, c] = h * d1 - d2 - h * d3 + d4
+                        v[30 + j, col, c] = d1 - t1 * d2 - t2 * d3 + t1 * d4 + d5
+
+
+def winograd4_output(m, ycl, rows, ow, r0, r1):
+    """Tile rows ``r0:r1`` of a band of ``rows``: ``ycl[n, 4 r + a, 4 q + b, k]`` = (A^T M A)[a, b] of
+    each tile's products ``m[:, tile, k]`` (36, tiles, cout), the last tile column cropped at ``ow``."""
+    num = ycl.shape[0]
+    cout = m.shape[2]
+    tw = m.shape[1] // (num * rows)
+    dt = m.dtype.type
+    h, q4, e, f4, t2, e8 = dt(0.5), dt(0.25), dt(0.125), dt(4.0), dt(2.0), dt(8.0)
+    s = np.empty((4, 6, cout), m.dtype)
+    for n in range(num):
+        for r in range(r0, r1):
+            for q in range(tw):
+                col = (n * rows + r) * tw + q
+                for j in range(6):          # A^T down each column
+                    for k in range(cout):
+                        m0, m1, m2 = m[j, col, k], m[6 + j, col, k], m[12 + j, col, k]
+                        m3, m4, m5 = m[18 + j, col, k], m[24 + j, col, k], m[30 + j, col, k]
+                        s[0, j, k] = m0 + m1 + m2 + m3 + m4
+                        s[1, j, k] = m1 - m2 + h * m3 - t2 * m4
+                        s[2, j, k] = m1 + m2 + q4 * m3 + f4 * m4
+                        s[3, j, k] = m1 - m2 + e * m3 - e8 * m4 + m5
+                x0 = 4 * q
+                full = x0 + 3 < ow
+                for a in range(4):          # then along each row, into the channels-last output
+                    y = 4 * r + a
+                    for k in range(cout):
+                        m0, m1, m2 = s[a, 0, k], s[a, 1, k], s[a, 2, k]
+                        m3, m4, m5 = s[a, 3, k], s[a, 4, k], s[a, 5, k]
+                        o0 = m0 + m1 + m2 + m3 + m4
+                        o1 = m1 - m2 + h * m3 - t2 * m4
+                        o2 = m1 + m2 + q4 * m3 + f4 * m4
+                        o3 = m1 - m2 + e * m3 - e8 * m4 + m5
+                        ycl[n, y, x0, k] = o0
+                        if full:
+                            ycl[n, y, x0 + 1, k] = o1
+                            ycl[n, y, x0 + 2, k] = o2
+                            ycl[n, y, x0 + 3, k] = o3
+                        else:
+                            if x0 + 1 < ow:
+                                ycl[n, y, x0 + 1, k] = o1
+                            if x0 + 2 < ow:
+                                ycl[n, y, x0 + 2, k] = o2

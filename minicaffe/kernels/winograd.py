@@ -57,6 +57,7 @@ import numpy as np
 
 from ..core import threads
 from ..core.context import Slot
+from . import compiled
 from .im2col import workspace
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
@@ -436,6 +437,9 @@ def _band4(src, u, y, t0, t1, oh, ow):
     transpose per image (``_transpose_into``, split over images): the direct scatter into
     channels-first ``y`` (innermost stride ``tw * cout`` on the read side) cost 2x the two passes
     (24 against 13 us a tile row of ResNet's 64->64 56x56)."""
+    if src.dtype in (np.float32, np.float64) and compiled.enabled():
+        _band4_compiled(src, u, y, t0, t1, oh, ow)
+        return
     num, hp, _, tw, cin = src.shape
     cout = u.shape[1]
     bt = t1 - t0
@@ -486,6 +490,35 @@ def _band4(src, u, y, t0, t1, oh, ow):
                 nc = (ow - b + 3) // 4
                 np.copyto(yr[:, :, :, b::4], o[:, :, :, b, :nc])
     threads.parallel_for(bt, _in_row_steps(transform_out, num * 40 * run_out * isz), work=2 * m.size)
+    cv2 = _opencv()
+
+    def to_y(k0, k1):
+        for k in range(k0, k1):
+            _transpose_into(ycl[k, :y1 - y0].reshape(-1, cout), _flat(y[k, :, y0:y1], (cout, -1)), cv2)
+    threads.parallel_for(num, to_y, work=num * (y1 - y0) * ow * cout)
+
+
+def _band4_compiled(src, u, y, t0, t1, oh, ow):
+    """``_band4`` with each transform as one compiled pass over the band's tiles
+    (``compiled.winograd4_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
+    vectorised over channels) instead of two stacked GEMMs and a temporary each. The same tiles
+    buffer, GEMMs, channels-last output in the tiles' buffer and transposes into ``y``."""
+    num, _, _, tw, cin = src.shape
+    cout = u.shape[1]
+    bt = t1 - t0
+    dt = src.dtype
+    cols = num * bt * tw
+    v = workspace(np, (36, cols, cin), dt, _TILES)
+    kin = compiled.get(compiled.winograd4_input)
+    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, r0, r1), work=2 * v.size)
+    m = workspace(np, (36, cols, cout), dt, _PROD)
+    np.matmul(v, u.transpose(0, 2, 1), out=m)
+    y0, y1 = 4 * t0, min(oh, 4 * t1)
+    shape = (num, 4 * bt, ow, cout)
+    need = math.prod(shape)
+    ycl = v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, dt)
+    kout = compiled.get(compiled.winograd4_output)
+    threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
     cv2 = _opencv()
 
     def to_y(k0, k1):
