@@ -133,11 +133,11 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
 #   [0  2   1  -2  -1  0], [0 1/2 -1 -1/2 1 0], [0  1 -3/2 -2  3/2 1]
 # A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]
 
-def winograd4_input(src, v, t0, rows, r0, r1):
+def winograd4_input(src, v, t0, rows, tw, r0, r1):
     """Tile rows ``r0:r1`` of a band starting at tile row ``t0`` of ``rows``: ``v[i * 6 + j, tile, c]``
-    = (B^T d B)[i, j] of each tile ``d`` of ``src`` (winograd._source4's layout: (n, padded row,
-    tile column j, tile q, c)), tiles ordered (image, band row, tile column)."""
-    num, _, _, tw, cin = src.shape
+    = (B^T d B)[i, j] of each tile ``d`` of ``src``, the padded input channels last (n, row, column,
+    c; winograd._source_channels_last), tiles ordered (image, band row, tile column)."""
+    num, cin = src.shape[0], src.shape[3]
     dt = src.dtype.type
     h, t1, t2, t5 = dt(0.5), dt(1.5), dt(2.0), dt(2.5)
     t = np.empty((6, 6, cin), src.dtype)
@@ -146,14 +146,15 @@ def winograd4_input(src, v, t0, rows, r0, r1):
             base = 4 * (t0 + r)
             for q in range(tw):
                 col = (n * rows + r) * tw + q
+                x0 = 4 * q
                 for i in range(6):          # B^T along each of the tile's rows
                     for c in range(cin):
-                        d0 = src[n, base + i, 0, q, c]
-                        d1 = src[n, base + i, 1, q, c]
-                        d2 = src[n, base + i, 2, q, c]
-                        d3 = src[n, base + i, 3, q, c]
-                        d4 = src[n, base + i, 4, q, c]
-                        d5 = src[n, base + i, 5, q, c]
+                        d0 = src[n, base + i, x0 + 0, c]
+                        d1 = src[n, base + i, x0 + 1, c]
+                        d2 = src[n, base + i, x0 + 2, c]
+                        d3 = src[n, base + i, x0 + 3, c]
+                        d4 = src[n, base + i, x0 + 4, c]
+                        d5 = src[n, base + i, x0 + 5, c]
                         t[i, 0, c] = d0 - t1 * d1 - t2 * d2 + t1 * d3 + d4
                         t[i, 1, c] = -d1 + h * d2 + t5 * d3 + d4
                         t[i, 2, c] = -d1 + t5 * d2 - h * d3 - d4

@@ -213,6 +213,10 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
         src = _source2(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
             _band2(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
+    elif x.dtype in (np.float32, np.float64) and compiled.enabled():
+        src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
+        for t0 in range(0, th, band):
+            _band4_compiled(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
     else:
         src = _source4(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
@@ -437,9 +441,6 @@ def _band4(src, u, y, t0, t1, oh, ow):
     transpose per image (``_transpose_into``, split over images): the direct scatter into
     channels-first ``y`` (innermost stride ``tw * cout`` on the read side) cost 2x the two passes
     (24 against 13 us a tile row of ResNet's 64->64 56x56)."""
-    if src.dtype in (np.float32, np.float64) and compiled.enabled():
-        _band4_compiled(src, u, y, t0, t1, oh, ow)
-        return
     num, hp, _, tw, cin = src.shape
     cout = u.shape[1]
     bt = t1 - t0
@@ -498,19 +499,48 @@ def _band4(src, u, y, t0, t1, oh, ow):
     threads.parallel_for(num, to_y, work=num * (y1 - y0) * ow * cout)
 
 
-def _band4_compiled(src, u, y, t0, t1, oh, ow):
+def _source_channels_last(x, pad_h, pad_w, hp, wp):
+    """The compiled F(4x4)'s input: ``x`` padded to (n, hp, wp, cin), channels last (the compiled
+    transform reads each tile's 6x6 window there, and its channel loop runs over contiguous
+    values; ``_source4``'s copy of every tile's six columns apart is only for the stacked GEMMs).
+    Each image row goes in by one blocked transpose (OpenCV's, where cv2 imports); split over
+    padded rows on the pool."""
+    num, cin, h, wd = x.shape
+    src = workspace(np, (num, hp, wp, cin), x.dtype, _SRC)
+    cv2 = _opencv()
+
+    def fill(r0, r1):
+        s = src[:, r0:r1]
+        a0, a1 = max(r0, pad_h), min(r1, pad_h + h)     # padded rows holding x
+        if a0 >= a1:
+            s.fill(0)
+            return
+        s[:, :a0 - r0].fill(0)
+        s[:, a1 - r0:].fill(0)
+        part = s[:, a0 - r0:a1 - r0]
+        part[:, :, :pad_w].fill(0)
+        part[:, :, pad_w + wd:].fill(0)
+        for k in range(num):
+            for r in range(a0, a1):
+                _transpose_into(x[k, :, r - pad_h], src[k, r, pad_w:pad_w + wd], cv2)
+    threads.parallel_for(hp, fill, work=src.size)
+    return src
+
+
+def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     """``_band4`` with each transform as one compiled pass over the band's tiles
     (``compiled.winograd4_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
-    vectorised over channels) instead of two stacked GEMMs and a temporary each. The same tiles
-    buffer, GEMMs, channels-last output in the tiles' buffer and transposes into ``y``."""
-    num, _, _, tw, cin = src.shape
+    vectorised over channels) instead of two stacked GEMMs and a temporary each, from a plain
+    padded channels-last input (``_source_channels_last``). The same GEMMs, channels-last output
+    in the tiles' buffer and transposes into ``y``."""
+    num, cin = src.shape[0], src.shape[3]
     cout = u.shape[1]
     bt = t1 - t0
     dt = src.dtype
     cols = num * bt * tw
     v = workspace(np, (36, cols, cin), dt, _TILES)
     kin = compiled.get(compiled.winograd4_input)
-    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, r0, r1), work=2 * v.size)
+    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
     np.matmul(v, u.transpose(0, 2, 1), out=m)
     y0, y1 = 4 * t0, min(oh, 4 * t1)
