@@ -115,3 +115,12 @@ def test_get_before_enabled_compiles(monkeypatch):
     g, h = np.full(8, 2.0, np.float32), np.zeros(8, np.float32)
     got[0](w, g, h, 0, 8, False, 1.0, 0.0, 0.5, 0.9)
     assert np.array_equal(h, np.full(8, 1.0, np.float32)) and np.array_equal(w, np.zeros(8, np.float32))
+
+
+def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
+    switches(compiled=True)
+    assert compiled.warm_up()
+    for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output):
+        assert compiled.get(fn).signatures       # compiled (or loaded) for float32
+    switches(compiled=False)
+    assert not compiled.warm_up()

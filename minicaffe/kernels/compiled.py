@@ -73,6 +73,23 @@ def get(fn):
     return got
 
 
+def warm_up() -> bool:
+    """Import Numba and load each kernel's float32 machine code now (from the disk cache after the
+    first run) instead of at its first use; False when the kernels are off. Why: loading Numba and
+    LLVM takes ~0.5 s and ~110-150 MB of resident memory, most of it the libraries' code (the same
+    for any net), which a benchmark counts with the imports, as it counts PyTorch's and OpenCV's
+    libraries (benchmarks/bench_nets.py)."""
+    if not enabled():
+        return False
+    f = np.zeros(1, np.float32)
+    get(sgd_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
+    get(nesterov_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
+    src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
+    get(winograd4_input)(src, v, 0, 1, 1, 0, 1)
+    get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
+    return True
+
+
 # --- the solver's update rules (solvers/updates.py's NumPy twins, step for step) ---------------------
 #
 # fused_axpy(a, x, y) there is "y = a·x + y rounded once": the float64 product and sum, rounded to
