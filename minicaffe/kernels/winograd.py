@@ -255,14 +255,9 @@ def _source4(x, pad_h, pad_w, th, tw):
     transpose = _transposer()
 
     def fill(r0, r1):
-        s = src[:, r0:r1]
-        a0, a1 = max(r0, pad_h), min(r1, pad_h + h)     # padded rows holding x
-        if a0 >= a1:
-            s.fill(0)
+        a0, a1, part = _rows_holding_x(src, r0, r1, pad_h, h)
+        if part is None:
             return
-        s[:, :a0 - r0].fill(0)
-        s[:, a1 - r0:].fill(0)
-        part = s[:, a0 - r0:a1 - r0]
         rows = a1 - a0
         for k in range(num):
             xk = transpose(x[k, :, a0 - pad_h:a1 - pad_h], (rows, wd, cin), x.dtype)    # (rows, w, cin)
@@ -286,6 +281,20 @@ def _source4(x, pad_h, pad_w, th, tw):
                     part[k, :, j, tw - 1].fill(0)
     threads.parallel_for(hp, fill, work=src.size)
     return src
+
+
+def _rows_holding_x(src, r0, r1, pad_h, h):
+    """Padded rows ``r0:r1`` of a source buffer (axis 1): the padding rows zeroed, and
+    ``(a0, a1, view)`` of the rows ``a0:a1`` that hold ``x``'s rows ``a0 - pad_h:a1 - pad_h``
+    (``view`` None when there are none)."""
+    s = src[:, r0:r1]
+    a0, a1 = max(r0, pad_h), min(r1, pad_h + h)
+    if a0 >= a1:
+        s.fill(0)
+        return a0, a1, None
+    s[:, :a0 - r0].fill(0)
+    s[:, a1 - r0:].fill(0)
+    return a0, a1, s[:, a0 - r0:a1 - r0]
 
 
 def _tmp(slot, shape, dtype):
@@ -510,14 +519,9 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp):
     cv2 = _opencv()
 
     def fill(r0, r1):
-        s = src[:, r0:r1]
-        a0, a1 = max(r0, pad_h), min(r1, pad_h + h)     # padded rows holding x
-        if a0 >= a1:
-            s.fill(0)
+        a0, a1, part = _rows_holding_x(src, r0, r1, pad_h, h)
+        if part is None:
             return
-        s[:, :a0 - r0].fill(0)
-        s[:, a1 - r0:].fill(0)
-        part = s[:, a0 - r0:a1 - r0]
         part[:, :, :pad_w].fill(0)
         part[:, :, pad_w + wd:].fill(0)
         for k in range(num):
