@@ -476,13 +476,7 @@ def _band4(src, u, y, t0, t1, oh, ow):
     m = workspace(np, (36, cols, cout), dt, _PROD)
     np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
     m = m.reshape(6, 6, num, bt, tw, cout)
-    y0, y1 = 4 * t0, min(oh, 4 * t1)            # rows of y in this band
-    # the channels-last output in the tiles' buffer where it fits (the tiles are dead after the
-    # GEMMs; cout <= 2.25 cin, as in every 3x3 layer of VGG and ResNet and all but GoogLeNet's
-    # conv2): a buffer of its own for every layer added to the peak (TRANSFORM_STEP_BYTES)
-    shape = (num, 4 * bt, ow, cout)
-    need = math.prod(shape)
-    ycl = v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, dt)
+    ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
 
     def transform_out(r0, r1):
         nr = r1 - r0
@@ -500,6 +494,23 @@ def _band4(src, u, y, t0, t1, oh, ow):
                 nc = (ow - b + 3) // 4
                 np.copyto(yr[:, :, :, b::4], o[:, :, :, b, :nc])
     threads.parallel_for(bt, _in_row_steps(transform_out, num * 40 * run_out * isz), work=2 * m.size)
+    _into_y(ycl, y, t0, t1, oh)
+
+
+def _channels_last_output(v, shape):
+    """The band's channels-last output (n, rows, ow, cout), in the tiles' buffer ``v`` where it fits
+    (the tiles are dead after the GEMMs; cout <= 2.25 cin, as in every 3x3 layer of VGG and ResNet
+    and all but GoogLeNet's conv2): a buffer of its own for every layer added to the peak
+    (TRANSFORM_STEP_BYTES)."""
+    need = math.prod(shape)
+    return v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, v.dtype)
+
+
+def _into_y(ycl, y, t0, t1, oh):
+    """Tile rows ``t0:t1``'s channels-last output ``ycl`` into ``y``'s rows (channels first), one
+    2-D transpose per image, split over images."""
+    num, _, ow, cout = ycl.shape
+    y0, y1 = 4 * t0, min(oh, 4 * t1)
     cv2 = _opencv()
 
     def to_y(k0, k1):
@@ -547,15 +558,7 @@ def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
     np.matmul(v, u.transpose(0, 2, 1), out=m)
-    y0, y1 = 4 * t0, min(oh, 4 * t1)
-    shape = (num, 4 * bt, ow, cout)
-    need = math.prod(shape)
-    ycl = v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, dt)
+    ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
     kout = compiled.get(compiled.winograd4_output)
     threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
-    cv2 = _opencv()
-
-    def to_y(k0, k1):
-        for k in range(k0, k1):
-            _transpose_into(ycl[k, :y1 - y0].reshape(-1, cout), _flat(y[k, :, y0:y1], (cout, -1)), cv2)
-    threads.parallel_for(num, to_y, work=num * (y1 - y0) * ow * cout)
+    _into_y(ycl, y, t0, t1, oh)
