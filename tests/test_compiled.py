@@ -120,7 +120,41 @@ def test_get_before_enabled_compiles(monkeypatch):
 def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
-    for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output):
+    for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output,
+               compiled.bias_relu_image, compiled.bias_sum_relu_image):
         assert compiled.get(fn).signatures       # compiled (or loaded) for float32
     switches(compiled=False)
     assert not compiled.warm_up()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("has_bias, relu, summed, sum_relu", [
+    (True, True, False, False), (True, False, False, False), (False, True, False, False),
+    (True, False, True, True), (True, True, True, False), (False, False, True, True),
+    (False, False, True, False)])
+def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, sum_relu, dtype, switches):
+    """fusion.image_epilogue's kernels against its NumPy twin (the separate layers' passes): the
+    same bits, NaN and signed zeros included (ReLU is NumPy's maximum(v, 0): -0.0 becomes +0.0)."""
+    from minicaffe.kernels import fusion
+    shape = (3, 5, 4, 7)
+    y0 = _values(dtype, shape, 1)
+    y0.reshape(-1)[5::61] = np.nan
+    r = _values(dtype, shape, 2)
+    r.reshape(-1)[::53] = -0.0
+    bias = _values(dtype, (5,), 3) if has_bias else None
+    got = {}
+    for on in (True, False):
+        switches(compiled=on)
+        y, out = y0.copy(), np.full(shape, 7, dtype)
+        kw = dict(residual=r, out=out, sum_relu=sum_relu) if summed else {}
+        finish = fusion.image_epilogue(y, bias, relu, **kw)
+        finish(0, 1)
+        finish(1, 3)
+        got[on] = (y, out)
+    for a, b in zip(got[True], got[False]):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    y, out = got[False]
+    if summed:
+        assert np.isnan(out).any() and (out != 7).all()
+    if relu or (summed and sum_relu):
+        assert not np.signbit(out if summed and sum_relu else y)[~np.isnan(out if summed and sum_relu else y)].any()

@@ -72,10 +72,11 @@ def test_fused_blocks_match_unfused_in_every_blob(nets):
     fused, plain, x = nets
     assert plain._fusion is None
     kinds = sorted(type(ch).__name__ for ch in fused._fusion.chains.values())
-    assert kinds == ["ConvChain"] * 5 + ["EltwiseReluChain"] * 2
+    # a_branch2c's chain takes in the shortcut's Eltwise and its ReLU; res_b's coefficients are not 1
+    assert kinds == ["ConvChain"] * 4 + ["ConvSumChain", "EltwiseReluChain"]
     fused.forward(data=x)
     plain.forward(data=x)
-    assert len(fused._fusion.ran) == 7
+    assert len(fused._fusion.ran) == 6
     for name in plain.blobs:
         _close(fused.blobs[name].data, plain.blobs[name].data)
     assert float(np.abs(plain.blobs["fc"].data).max()) > 0.1
@@ -173,3 +174,69 @@ def test_forward_only_nets_allocate_no_gradients(nets):
     w = plain.params["b_conv"][0]
     assert w.diff.shape == w.shape and not w.diff.any()
     assert w._diff.allocated
+
+
+SUM_NET = """
+name: "sum"
+layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 3 dim: 6 dim: 5 dim: 5 }} }} }}
+layer {{ name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param {{ num_output: 6 kernel_size: {k} pad: {p} stride: 1
+    weight_filler {{ type: "gaussian" std: 0.3 }} bias_filler {{ type: "gaussian" std: 0.3 }} }} }}
+{conv_relu}
+layer {{ name: "sum" type: "Eltwise" {bottoms} top: "sum" }}
+{sum_relu}
+layer {{ name: "pool" type: "Pooling" bottom: "sum" top: "pool" pooling_param {{ pool: AVE global_pooling: true }} }}
+"""
+
+
+@pytest.mark.parametrize("compiled_on", ["1", "0"])
+@pytest.mark.parametrize("kernel, conv_relu, order, sum_relu", [
+    (1, False, "conv_first", True), (1, True, "data_first", True), (1, True, "conv_first", False),
+    (3, False, "data_first", True)])
+def test_convolution_sum_chain_gives_the_separate_layers_bits(tmp_path, env_switch, kernel, conv_relu, order,
+                                                              sum_relu, compiled_on):
+    """Convolution (+ ReLU) + Eltwise SUM (+ ReLU) as one ConvSumChain: every blob (the convolution's
+    own top too) holds the bits of the separate layers, the compiled epilogue or its NumPy twin, a 1x1
+    engine finishing image by image or a 3x3 one after the whole forward. Without BatchNorm/Scale the
+    weights are the layer's own, so nothing rounds differently."""
+    from minicaffe.core import context
+    env_switch(context.COMPILED_VAR, compiled_on)
+    text = SUM_NET.format(
+        k=kernel, p=kernel // 2,
+        conv_relu='layer { name: "r1" type: "ReLU" bottom: "conv" top: "conv" }' if conv_relu else "",
+        bottoms='bottom: "conv" bottom: "data"' if order == "conv_first" else 'bottom: "data" bottom: "conv"',
+        sum_relu='layer { name: "r2" type: "ReLU" bottom: "sum" top: "sum" }' if sum_relu else "")
+    path = tmp_path / "sum.prototxt"
+    path.write_text(text)
+    x = np.random.default_rng(5).standard_normal((3, 6, 5, 5)).astype(np.float32)
+    x.reshape(-1)[::17] = -0.0
+    got = []
+    for on in ("1", "0"):
+        env_switch(fusion.ENV, on)
+        net = caffe.Net(str(path), caffe.TEST)
+        if got:
+            net.copy_from_proto(got[0][0].to_proto())
+        net.forward(data=x)
+        got.append((net, {k: b.data.copy() for k, b in net.blobs.items()}))
+    (fused, a), (plain, b) = got
+    assert [type(ch).__name__ for ch in fused._fusion.chains.values()] == ["ConvSumChain"]
+    assert list(fused._fusion.ran) == list(fused._fusion.chains)
+    for name in b:
+        assert np.array_equal(a[name].view(np.uint32), b[name].view(np.uint32)), name
+    assert (b["conv"] < 0).any() != conv_relu and (b["sum"] < 0).any() != sum_relu
+
+
+def test_sum_chain_with_shared_memory_runs_fused(tmp_path, env_switch):
+    """With blob memory shared (inference as OpenCV runs it), the Eltwise's top never gets the memory
+    of the convolution's bottom (the plan keeps a chain's blobs live over the whole chain), so the
+    chain runs fused and gives the unshared net's output."""
+    env_switch(fusion.ENV, "1")
+    path = tmp_path / "blocks.prototxt"
+    path.write_text(BLOCKS.replace("force_backward: true", ""))
+    x = np.random.default_rng(0).standard_normal((2, 8, 10, 10)).astype(np.float32)
+    nets = [caffe.Net(str(path), caffe.TEST, share_memory=share) for share in (True, False)]
+    nets[1].copy_from_proto(nets[0].to_proto())
+    for net in nets:
+        net.forward(data=x)
+    assert any(type(ch).__name__ == "ConvSumChain" for ch in nets[0]._fusion.ran.values())
+    np.testing.assert_array_equal(nets[0].blobs["fc"].data, nets[1].blobs["fc"].data)

@@ -294,9 +294,11 @@ class _BaseConvolution(Layer):
 
     # Convolution runs the engine forward and back; Deconvolution the other way round (its forward is
     # the convolution's data gradient), so the loops below are shared and only these two differ.
-    def convolve(self, x, w, out):
+    def convolve(self, x, w, out, finish=None):
         """``out[...]`` = this layer's forward of ``x`` with weights ``w``, no bias (4-D arrays
-        (num, C, H, W)); inference-time fusion calls it with folded weights."""
+        (num, C, H, W)); inference-time fusion calls it with folded weights and its epilogue
+        ``finish(i0, i1)`` for images ``i0..i1`` of ``out`` (kernels/fusion.py), which an engine
+        may run image by image as it goes."""
         raise NotImplementedError
 
     def _run_transposed(self, dy, w, dx, x, dw):
@@ -339,8 +341,15 @@ class Convolution(_BaseConvolution):
             raise self.error(f"kernel {g.kh}x{g.kw}{dil} larger than padded input {hp}x{wp}", ShapeError)
         return g.out_size(*in_hw)
 
-    def convolve(self, x, w, out):
-        self._engine().forward(x, w, y=out)
+    def convolve(self, x, w, out, finish=None):
+        engine = self._engine()
+        if finish is None:
+            engine.forward(x, w, y=out)
+        elif hasattr(engine, "forward_images"):
+            engine.forward_images(x, w, out, finish)
+        else:
+            engine.forward(x, w, y=out)
+            finish(0, out.shape[0])
 
     def _run_transposed(self, dy, w, dx, x, dw):
         self._engine().backward(dy, w, dx=dx, x=x, dw=dw)
@@ -363,8 +372,10 @@ class Deconvolution(_BaseConvolution):
                              f"pad {g.ph}x{g.pw})", ShapeError)
         return oh, ow
 
-    def convolve(self, x, w, out):
+    def convolve(self, x, w, out, finish=None):
         self._engine().backward(x, w, dx=out)
+        if finish is not None:
+            finish(0, out.shape[0])
 
     def _run_transposed(self, dy, w, dx, x, dw):
         self._engine().forward(dy, w, y=dx, grad_src=x, dw=dw)

@@ -11,7 +11,8 @@ can check it on any net):
 * blobs that are views of one another form one *group*: an in-place layer's top is its bottom (the
   same Blob), and a layer with ``tops_view_bottom`` (Split, Flatten, Reshape) makes its tops views
   of its bottom, so they must live in the same memory for as long as any of them is used;
-* a group is live from the first layer that writes or reads one of its blobs to the last one;
+* a group is live from the first layer that writes or reads one of its blobs to the last one
+  (over the whole of a fused chain that uses it: kernels/fusion.py runs a chain's layers as one);
 * groups that must outlive the forward pass are *pinned* to memory of their own: the net's inputs
   (the user fills them before ``forward``) and the tops of layers without bottoms, the net's
   outputs, and the blobs the caller names in ``keep``;
@@ -194,6 +195,15 @@ def plan(net, keep: Iterable[str] = ()) -> MemoryPlan:
             written.add(id(t))
             if not bottoms[li]:
                 groups[find(t)].pinned = True      # an input or generated data: filled outside the plan
+    # a fused chain (kernels/fusion.py) runs its layers as one: every blob it reads or writes is live
+    # over the whole chain (a ConvSumChain writes the Eltwise's top while it still reads the
+    # convolution's bottom)
+    fused = getattr(net, "_fusion", None)
+    for ch in (fused.chains.values() if fused is not None else ()):
+        for li in range(ch.first, ch.last + 1):
+            for b in list(bottoms[li]) + list(tops[li]):
+                g = groups[find(b)]
+                g.first, g.last = min(g.first, ch.first), max(g.last, ch.last)
     held = set(net.inputs) | set(net.outputs) | set(keep)
     for k, b in blobs.items():
         g = groups[find(b)]
