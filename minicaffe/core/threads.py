@@ -97,6 +97,11 @@ def _executor(n):
     return _state["executor"]
 
 
+def inside_chunk():
+    """Whether the calling thread is running a chunk of ``parallel_for`` (nested calls run inline)."""
+    return getattr(_local, "inside", False)
+
+
 def _run_inner(fn, i0, i1):
     _local.inside = True
     try:

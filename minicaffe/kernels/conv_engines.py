@@ -55,7 +55,7 @@ import numpy as np
 
 from ..core import backend
 from ..core import context as _context
-from ..core import threads
+from ..core import blas, threads
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
 from . import cuda_im2col, cudnn_conv, engines, winograd
@@ -494,9 +494,10 @@ class Gemm1x1Conv(Im2colConv):
 
     def forward_images(self, x, w, y, finish):
         """An image's GEMM, then ``finish`` on it while it is in cache (the same GEMM calls as the
-        batched ``matmul`` of ``forward``, so the same bits): ResNet-50's 1x1 layers with their
-        bias, ReLU and Eltwise sum took 17.2 ms on 10x64x56x56 -> 256 as the batched GEMM and the
-        separate passes, 10.0 ms this way (2 cores)."""
+        batched ``matmul`` of ``forward``): ResNet-50's 1x1 layers with their bias, ReLU and
+        Eltwise sum took 17.2 ms on 10x64x56x56 -> 256 as the batched GEMM and the separate
+        passes, 10.0 ms this way (2 cores). The images run side by side on the kernels' pool,
+        each GEMM on one BLAS thread (``blas.parallel_gemms``), so the epilogues run in parallel too."""
         s = self.s
         if s.group != 1 or not isinstance(x, np.ndarray):
             return super().forward_images(x, w, y, finish)
@@ -505,15 +506,19 @@ class Gemm1x1Conv(Im2colConv):
         w2 = w.reshape(s.cout, s.kg)
         y3 = y.reshape(num, s.cout, s.columns)
         strided = g.sh != 1 or g.sw != 1
-        for i in range(num):
-            if strided:
-                src = workspace(np, (s.cin, oh, ow), x.dtype, COL)
-                parallel_copyto(src, x[i, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
-                xi = src.reshape(s.cin, s.columns)
-            else:
-                xi = x[i].reshape(s.cin, s.columns)
-            np.matmul(w2, xi, out=y3[i])
-            finish(i, i + 1)
+
+        def images(i0, i1):
+            for i in range(i0, i1):
+                if strided:
+                    src = workspace(np, (s.cin, oh, ow), x.dtype, COL)     # this thread's own
+                    parallel_copyto(src, x[i, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
+                    xi = src.reshape(s.cin, s.columns)
+                else:
+                    xi = x[i].reshape(s.cin, s.columns)
+                np.matmul(w2, xi, out=y3[i])
+                finish(i, i + 1)
+        # the images side by side on the pool, BLAS at one thread each (core/blas.py)
+        blas.parallel_gemms(num, images)
 
     def _direct_forward(self, x, w, y):
         xp = backend.get_array_module(x)

@@ -55,7 +55,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from ..core import threads
+from ..core import blas, threads
 from ..core.context import Slot
 from . import compiled
 from .im2col import workspace
@@ -223,6 +223,13 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
             _band4(src, u, y, t0, min(th, t0 + band), oh, ow)
 
 
+def _transform_gemms(a, b, out):
+    """``out[k] = a[k] @ b[k]`` for each transform position ``k``: 16 or 36 GEMMs that do not depend
+    on one another, whole GEMMs side by side on the kernels' pool (core/blas.py: 64-channel layers'
+    bands twice as fast on 2 cores as each GEMM split over both)."""
+    blas.parallel_gemms(out.shape[0], lambda k0, k1: np.matmul(a[k0:k1], b[k0:k1], out=out[k0:k1]))
+
+
 def _source2(x, pad_h, pad_w, th, tw):
     """F(2x2)'s padded input, channels first so the tile matrix is (cin, n * tiles) without another
     copy, and columns split by parity (src[..., p, k] is padded column 2 k + p), so the column
@@ -367,7 +374,7 @@ def _band2(src, u, y, t0, t1, tw, oh, ow):
     threads.parallel_for(cin, transform_in, work=t.size + v.size)
     cols = num * bt * tw
     m = workspace(np, (16, cout, cols), dt, _PROD)
-    np.matmul(u, v.reshape(16, cin, cols), out=m)
+    _transform_gemms(u, v.reshape(16, cin, cols), m)
     m = m.reshape(4, 4, cout, num, bt, tw)
     s = workspace(np, (2, 4, cout, num, bt, tw), dt, _OUT)
 
@@ -474,7 +481,7 @@ def _band4(src, u, y, t0, t1, oh, ow):
         _stacked_gemm(bt_m, tr, vv)
     threads.parallel_for(bt, _in_row_steps(transform_in, num * 36 * run_in * isz), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
-    np.matmul(v.reshape(36, cols, cin), u.transpose(0, 2, 1), out=m)
+    _transform_gemms(v.reshape(36, cols, cin), u.transpose(0, 2, 1), m)
     m = m.reshape(6, 6, num, bt, tw, cout)
     ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
 
@@ -557,7 +564,7 @@ def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     kin = compiled.get(compiled.winograd4_input)
     threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
-    np.matmul(v, u.transpose(0, 2, 1), out=m)
+    _transform_gemms(v, u.transpose(0, 2, 1), m)
     ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
     kout = compiled.get(compiled.winograd4_output)
     threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)

@@ -1,0 +1,115 @@
+"""core/blas.py: independent GEMMs side by side on the pool, BLAS at one thread while they run."""
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from minicaffe.core import blas, context, threads
+from minicaffe.kernels import conv_engines
+from minicaffe.kernels.im2col import ConvGeometry
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """``pool(n)``: the kernels' pool has ``n`` threads, each chunk surely on a thread of its own."""
+    ctx = context.current()
+    saved = ctx.switches
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", False)
+
+    def set_size(n):
+        ctx.switches = dataclasses.replace(saved, threads=str(n))
+    yield set_size
+    ctx.switches = saved
+
+
+def _blas_threads():
+    return [lib.num_threads for lib in blas._controllers()]
+
+
+def test_items_run_once_each_on_one_blas_thread_and_the_count_comes_back(pool):
+    if not blas._controllers():
+        pytest.skip("no BLAS library threadpoolctl can reach")
+    pool(2)
+    before = _blas_threads()
+    seen, inside, names = [], [], set()
+    lock = threading.Lock()
+
+    def fn(i0, i1):
+        with lock:
+            seen.extend(range(i0, i1))
+            inside.append(_blas_threads())
+            names.add(threading.current_thread().name)
+    blas.parallel_gemms(7, fn)
+    assert sorted(seen) == list(range(7))
+    assert len(inside) == 2 and all(set(t) == {1} for t in inside)
+    assert len(names) == 2
+    assert _blas_threads() == before
+
+
+def test_overlapping_users_restore_only_when_the_last_ends_and_errors_restore(pool):
+    if not blas._controllers():
+        pytest.skip("no BLAS library threadpoolctl can reach")
+    before = _blas_threads()
+    with blas.one_thread():
+        with blas.one_thread():
+            assert set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {1}
+    assert _blas_threads() == before
+    pool(2)
+
+    def boom(i0, i1):
+        raise ValueError(f"chunk {i0}")
+    with pytest.raises(ValueError, match="chunk 0"):
+        blas.parallel_gemms(4, boom)
+    assert _blas_threads() == before
+
+
+@pytest.mark.parametrize("size, items", [(1, 8), (2, 1)])
+def test_one_thread_or_one_item_is_one_call_on_blas_own_threads(pool, size, items):
+    pool(size)
+    before = _blas_threads()
+    calls = []
+    blas.parallel_gemms(items, lambda i0, i1: calls.append(((i0, i1), _blas_threads())))
+    assert calls == [((0, items), before)]
+
+
+def test_without_a_reachable_blas_nothing_changes(pool, monkeypatch):
+    pool(2)
+    monkeypatch.setitem(blas._state, "controllers", [])
+    calls = []
+    blas.parallel_gemms(6, lambda i0, i1: calls.append((i0, i1)))
+    with blas.one_thread() as limited:
+        assert limited is False
+    assert calls == [(0, 6)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [1, 2])
+def test_1x1_images_side_by_side_give_the_batched_forward_and_each_image_is_finished_once(pool, size, stride):
+    """Gemm1x1Conv.forward_images (an image's GEMM then its epilogue, images split over the pool)
+    against the batched forward; the same bits on every shape we run (see core/blas.py)."""
+    pool(size)
+    rng = np.random.default_rng(4)
+    num, cin, cout, hw = 5, 24, 40, 9
+    x = rng.standard_normal((num, cin, hw, hw)).astype(np.float32)
+    w = rng.standard_normal((cout, cin, 1, 1)).astype(np.float32)
+    geom = ConvGeometry(1, 1, stride, stride, 0, 0, 1, 1)
+    out_hw = ((hw - 1) // stride + 1,) * 2
+    engine = conv_engines.Gemm1x1Conv(conv_engines.ConvShape(geom, 1, cin, cout, (hw, hw), out_hw, num))
+    want = np.empty((num, cout) + out_hw, np.float32)
+    engine.forward(x, w, y=want)
+    got = np.empty_like(want)
+    finished = []
+    lock = threading.Lock()
+
+    def finish(i0, i1):
+        assert not np.isnan(got[i0:i1]).any()      # its GEMM already ran
+        with lock:
+            finished.extend(range(i0, i1))
+    got[...] = np.nan
+    engine.forward_images(x, w, got, finish)
+    assert sorted(finished) == list(range(num))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
