@@ -584,24 +584,35 @@ class ChannelsLastConv(Im2colConv):
         wp = workspace(np, (s.cout, g.kh, g.kw, cg), w.dtype, _CL_FILTERS)
         np.copyto(wp, w.reshape(s.cout, cg, g.kh, g.kw).transpose(0, 2, 3, 1))
         w2 = wp.reshape(s.cout, kg)
-        for n0, n1 in self._chunks(x.shape[0]):
-            n = n1 - n0
-            col = im2col_channels_last(x[n0:n1], g, s.out_hw, s.group).reshape(s.group, n * p, kg)
-            if self.transposed:
-                rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
-                for i, (go, _) in enumerate(self._groups()):
-                    np.matmul(col[i], w2[go].T, out=rows[:, go])
-                parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
-            else:
-                # one image's (cout, positions) is its output already: no buffer, no copy (the
-                # strided first layers run an image a chunk, and their buffer added to the peak)
-                one = n == 1 and y[n0].flags.c_contiguous
-                rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
-                for i, (go, _) in enumerate(self._groups()):
-                    np.matmul(w2[go], col[i].T, out=rows[go])
-                if not one:
-                    parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
-                                    rows.reshape(s.cout, n, p).transpose(1, 0, 2))
+        chunks = list(self._chunks(x.shape[0]))
+
+        def run(k0, k1):
+            for n0, n1 in chunks[k0:k1]:
+                self._forward_chunk(x, w2, y, n0, n1)
+        # several chunks (the strided first layers run an image a chunk): side by side on the
+        # pool, BLAS at one thread each (core/blas.py), each with its thread's own columns
+        blas.parallel_gemms(len(chunks), run)
+
+    def _forward_chunk(self, x, w2, y, n0, n1):
+        s = self.s
+        kg, p = s.kg, s.columns
+        n = n1 - n0
+        col = im2col_channels_last(x[n0:n1], s.geom, s.out_hw, s.group).reshape(s.group, n * p, kg)
+        if self.transposed:
+            rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
+            for i, (go, _) in enumerate(self._groups()):
+                np.matmul(col[i], w2[go].T, out=rows[:, go])
+            parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
+        else:
+            # one image's (cout, positions) is its output already: no buffer, no copy (the
+            # strided first layers run an image a chunk, and their buffer added to the peak)
+            one = n == 1 and y[n0].flags.c_contiguous
+            rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
+            for i, (go, _) in enumerate(self._groups()):
+                np.matmul(w2[go], col[i].T, out=rows[go])
+            if not one:
+                parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
+                                rows.reshape(s.cout, n, p).transpose(1, 0, 2))
 
 
 class WinogradConv(Im2colConv):
