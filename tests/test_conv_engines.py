@@ -501,18 +501,21 @@ def test_default_engine_is_the_one_that_pays(layer_type, shape, spec, want):
     assert layer.engine_name == want
 
 
-@pytest.mark.parametrize("blas,shape,want", [
-    ("1", (2, 512, 14, 14), True), ("2", (2, 512, 14, 14), False),        # 32 4x4 tiles
-    ("1", (2, 256, 13, 13), True), ("2", (2, 256, 13, 13), False),        # 32 tiles
-    ("1", (1, 512, 14, 14), False),                                       # 16 tiles
-    ("1", (10, 512, 7, 7), False), ("2", (10, 512, 7, 7), False),         # 7x7 maps
-    ("2", (3, 256, 13, 13), True)])                                       # 48 tiles
-def test_default_winograd_threshold_follows_the_blas_thread_count(blas, shape, want, env_switch):
+@pytest.mark.parametrize("blas,pool,shape,want", [
+    ("1", "1", (2, 512, 14, 14), True), ("2", "1", (2, 512, 14, 14), False),    # 32 4x4 tiles
+    ("2", "2", (2, 512, 14, 14), True),
+    ("1", "1", (2, 256, 13, 13), True), ("2", "1", (2, 256, 13, 13), False),    # 32 tiles
+    ("2", "2", (2, 256, 13, 13), True),
+    ("1", "1", (1, 512, 14, 14), False), ("2", "2", (1, 512, 14, 14), False),   # 16 tiles
+    ("1", "1", (10, 512, 7, 7), False), ("2", "2", (10, 512, 7, 7), False),     # 7x7 maps
+    ("2", "1", (3, 256, 13, 13), True)])                                        # 48 tiles
+def test_default_winograd_threshold_follows_the_blas_thread_count(blas, pool, shape, want, env_switch):
     """At one BLAS thread Winograd pays from 24 4x4 tiles; at more, where im2col's one GEMM splits
-    well over BLAS's threads, from 48 (conv_engines.WINOGRAD_MIN_TILES); maps from 13x13 either way
-    (7x7 ones would cost more filter-cache memory than they save time); DEFAULT's Winograd then
-    always gets F(4x4)."""
+    well over BLAS's threads, from 48 (conv_engines.WINOGRAD_MIN_TILES), unless the kernels' pool
+    runs the transform GEMMs side by side (from 32); maps from 13x13 either way (7x7 ones would cost
+    more filter-cache memory than they save time); DEFAULT's Winograd then always gets F(4x4)."""
     env_switch("OMP_NUM_THREADS", blas)
+    env_switch("MINICAFFE_THREADS", pool)
     layer, _, _ = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 3 pad: 1"),
                              [np.zeros(shape, np.float32)])
     assert (layer.engine_name == "winograd") is want

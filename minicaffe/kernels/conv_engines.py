@@ -8,7 +8,8 @@ reshape from this table (``engine: CAFFE`` picks the reference):
 engine                devices      DEFAULT picks it for                                        prio
 ====================  ===========  ==========================================================  =====
 winograd              cpu          Convolution 3x3/1, no group, >= 64 input channels, output    40
-                                   maps >= 13x13, >= 64 4x4 output tiles per batch (VGG,
+                                   maps >= 13x13, >= 48 4x4 output tiles per batch (32 when
+                                   the pool splits its GEMMs, 24 at one BLAS thread: VGG,
                                    ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
                                    data gradient too where that pays (layers that do not widen,
                                    pad <= 2); Deconvolution 3x3/1 where its forward (a data
@@ -167,10 +168,17 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 # (ResNet-50's three 512-channel ones ~9 ms each at batch 10), their filter caches (the transformed
 # filters, 4x the weights, and a copy of the weights) would add 141 MB and take ResNet-50's
 # one-thread inference peak (323 MB) above OpenCV's (463 MB; measured 476 MB with them).
+#
+# Since the transform GEMMs run side by side on the kernels' pool, BLAS at one thread each
+# (core/blas.py), Winograd's thin GEMMs run as fast at two threads as at one, and it pays from
+# fewer tiles there too: forward ms, 2 cores, Winograd / columns: VGG 512->512 14² at batch 2
+# (32 tiles) 10.1 / 12.1, 256->256 14² at batch 2 (32) 3.2 / 3.6, 512->512 14² at batch 1 (16)
+# 6.7 / 6.7. So WINOGRAD_SPLIT_MIN_TILES when the pool has more than one thread.
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 13
 WINOGRAD_MIN_TILES = 48
 WINOGRAD_ONE_THREAD_MIN_TILES = 24
+WINOGRAD_SPLIT_MIN_TILES = 32
 
 # The data gradient's thresholds (below): measured before the stacked transforms, unchanged.
 WINOGRAD_BACKWARD_MIN_SIZE = 13
@@ -298,11 +306,17 @@ def _blas_threads():
 def winograd_pays(s):
     """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
     more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
-    one BLAS thread), unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
+    one BLAS thread, WINOGRAD_SPLIT_MIN_TILES when the kernels' pool splits the transform GEMMs),
+    unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
         return False
     oh, ow = s.out_hw
-    min_tiles = WINOGRAD_ONE_THREAD_MIN_TILES if _blas_threads() == 1 else WINOGRAD_MIN_TILES
+    if _blas_threads() == 1:
+        min_tiles = WINOGRAD_ONE_THREAD_MIN_TILES
+    elif threads.size() > 1:
+        min_tiles = WINOGRAD_SPLIT_MIN_TILES       # the transform GEMMs split over the pool
+    else:
+        min_tiles = WINOGRAD_MIN_TILES
     return (s.cin >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= WINOGRAD_MIN_SIZE
             and s.num * -(-oh // 4) * -(-ow // 4) >= min_tiles and _context.current().switches.winograd)
 
@@ -349,6 +363,19 @@ class Im2colConv:
         for g in range(self.s.group):
             yield slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg)
 
+    def _each_group(self, fn):
+        """``fn(i, go, gk)`` for each group ``i`` (its output-channel and column slices). The groups'
+        GEMMs are independent: on the CPU they run side by side on the kernels' pool, BLAS at one
+        thread each (core/blas.py). Large GEMMs already split well over BLAS's threads, so the gain
+        is small: CaffeNet's 2-group layers at batch 32 on 2 cores, forward + backward ms, split /
+        not: conv2 (5x5) 347 / 349, conv4 159 / 167, conv5 116 / 123."""
+        groups = list(enumerate(self._groups()))
+        if self.gpu or len(groups) == 1:
+            for i, (go, gk) in groups:
+                fn(i, go, gk)
+            return
+        blas.parallel_gemms(len(groups), lambda a, b: [fn(i, go, gk) for i, (go, gk) in groups[a:b]])
+
     def _chunks(self, num):
         g = self.s.geom
         step = images_per_chunk(self.s.cin * g.kh * g.kw * self.s.columns, num, self.max_col_elements)
@@ -383,13 +410,15 @@ class Im2colConv:
 
     def _accumulate_wgrad(self, rows, col2, dw):
         dw2 = dw.reshape(self.s.cout, self.s.kg)
-        for go, gk in self._groups():
+
+        def group(i, go, gk):
             if not self.gpu:
                 # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
                 # layers (LeNet's conv2: 2.4 against 3.4 ms) and never slower on large ones
                 dw2[go] += (col2[gk] @ rows[go].T).T
             else:
                 dw2[go] += rows[go] @ col2[gk].T
+        self._each_group(group)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         """``y[...] = conv(x, w)`` when ``y`` is given; ``dw += rows(grad_src) @ cols(x)^T`` when ``dw`` is."""
@@ -405,8 +434,7 @@ class Im2colConv:
             col2 = self._cols(x[n0:n1], last)
             if y is not None:
                 rows = workspace(xp, (s.cout, n * s.columns), x.dtype, _ROWS)
-                for go, gk in self._groups():
-                    xp.matmul(w2[go], col2[gk], out=rows[go])
+                self._each_group(lambda i, go, gk: xp.matmul(w2[go], col2[gk], out=rows[go]))
                 if last:
                     parallel_copyto(y[n0:n1], rows.reshape(s.cout, oh, ow, n).transpose(3, 0, 1, 2))
                 else:
@@ -442,8 +470,7 @@ class Im2colConv:
                 shape = (s.cin, g.kh, g.kw, oh, ow, n) if last else (s.cin, g.kh, g.kw, n, oh, ow)
                 dcol = workspace(xp, shape, dy.dtype, COL)
                 dcol2 = dcol.reshape(s.cin * g.kh * g.kw, n * s.columns)
-                for go, gk in self._groups():
-                    xp.matmul(w2[go].T, rows[go], out=dcol2[gk])
+                self._each_group(lambda i, go, gk: xp.matmul(w2[go].T, rows[go], out=dcol2[gk]))
                 if last:
                     col2im_batch_last(dcol, g, s.in_hw, out=dx[n0:n1])
                 else:
@@ -470,14 +497,19 @@ class BandedConv(Im2colConv):
         k = s.cin * g.kh * g.kw
         w2 = w.reshape(s.cout, s.kg)
         src = padded_source(x, g)
-        for y0 in range(0, oh, self.band):
-            y1 = min(oh, y0 + self.band)
-            cols = (y1 - y0) * ow * num
-            col2 = im2col_rows(src, g, s.out_hw, y0, y1).reshape(k, cols)
-            rows = workspace(np, (s.cout, cols), x.dtype, _ROWS)
-            for go, gk in self._groups():
-                np.matmul(w2[go], col2[gk], out=rows[go])
-            parallel_copyto(y[:, :, y0:y1], rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3))
+        bands = [(y0, min(oh, y0 + self.band)) for y0 in range(0, oh, self.band)]
+
+        def run(b0, b1):
+            for y0, y1 in bands[b0:b1]:
+                cols = (y1 - y0) * ow * num
+                col2 = im2col_rows(src, g, s.out_hw, y0, y1).reshape(k, cols)
+                rows = workspace(np, (s.cout, cols), x.dtype, _ROWS)
+                self._each_group(lambda i, go, gk: np.matmul(w2[go], col2[gk], out=rows[go]))
+                parallel_copyto(y[:, :, y0:y1], rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3))
+        # the bands side by side on the pool, BLAS at one thread each (core/blas.py): VGG's
+        # conv1_1 (3 -> 64 channels, a GEMM of K = 27), 2 cores: batch 2 6.8 -> 5.7 ms, batch 4
+        # 13.7 -> 11.4 ms
+        blas.parallel_gemms(len(bands), run)
 
 
 class Gemm1x1Conv(Im2colConv):
@@ -600,16 +632,14 @@ class ChannelsLastConv(Im2colConv):
         col = im2col_channels_last(x[n0:n1], s.geom, s.out_hw, s.group).reshape(s.group, n * p, kg)
         if self.transposed:
             rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
-            for i, (go, _) in enumerate(self._groups()):
-                np.matmul(col[i], w2[go].T, out=rows[:, go])
+            self._each_group(lambda i, go, gk: np.matmul(col[i], w2[go].T, out=rows[:, go]))
             parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
         else:
             # one image's (cout, positions) is its output already: no buffer, no copy (the
             # strided first layers run an image a chunk, and their buffer added to the peak)
             one = n == 1 and y[n0].flags.c_contiguous
             rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
-            for i, (go, _) in enumerate(self._groups()):
-                np.matmul(w2[go], col[i].T, out=rows[go])
+            self._each_group(lambda i, go, gk: np.matmul(w2[go], col[i].T, out=rows[go]))
             if not one:
                 parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
                                 rows.reshape(s.cout, n, p).transpose(1, 0, 2))
