@@ -121,7 +121,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output,
-               compiled.bias_relu_image, compiled.bias_sum_relu_image):
+               compiled.bias_relu_image, compiled.bias_sum_relu_image, compiled.inner_product_rows):
         assert compiled.get(fn).signatures       # compiled (or loaded) for float32
     switches(compiled=False)
     assert not compiled.warm_up()
@@ -158,3 +158,41 @@ def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, su
         assert np.isnan(out).any() and (out != 7).all()
     if relu or (summed and sum_relu):
         assert not np.signbit(out if summed and sum_relu else y)[~np.isnan(out if summed and sum_relu else y)].any()
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inner_product_rows_agree_with_blas_and_do_not_depend_on_the_thread_count(m, dtype, switches):
+    """The InnerProduct forward at 2-4 rows (compiled.inner_product_rows, its sums reordered as
+    BLAS reorders them): within rounding of the product, the same bits on one and two threads, and
+    the layer takes it only with the kernels on."""
+    import minicaffe as caffe
+    from minicaffe.layers import inner_product
+    rng = np.random.default_rng(m)
+    k, n_out = 300, 37
+    text = f"""
+layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ dim: {m} dim: {k} }} }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param {{ num_output: {n_out} }} }}"""
+    param = text_format.Parse(text, caffe_pb2.NetParameter())
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    got = {}
+    for on, size in [(True, 1), (True, 2), (False, 2)]:
+        switches(compiled=on, threads=str(size))
+        net = caffe.Net(param, caffe.TEST)
+        net.params["ip"][0].data[...] = w
+        net.params["ip"][1].data[...] = b
+        assert inner_product._rows_pay(x, w, np.empty((m, n_out), np.float32)) == on
+        got[(on, size)] = net.forward(x=x)["y"].copy()
+    want = x.astype(np.float64) @ w.astype(np.float64).T + b
+    for y in got.values():
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(got[(True, 1)].view(np.uint32), got[(True, 2)].view(np.uint32))
+    # the kernel alone, in the test's dtype, against the product in float64
+    switches(compiled=True)
+    xd, wd = x.astype(dtype), w.astype(dtype)
+    y = np.empty((m, n_out), dtype)
+    compiled.get(compiled.inner_product_rows)(wd, xd, y, 0, n_out)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, xd.astype(np.float64) @ wd.astype(np.float64).T, rtol=tol, atol=tol * 30)
