@@ -520,7 +520,10 @@ class Gemm1x1Conv(Im2colConv):
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is not None:
-            self._direct_forward(x, w, y)
+            if self.s.group == 1 and isinstance(x, np.ndarray):
+                self.forward_images(x, w, y, None)     # the images side by side on the pool
+            else:
+                self._direct_forward(x, w, y)
         if dw is not None:
             super().forward(x, w, None, grad_src, dw)
 
@@ -529,7 +532,8 @@ class Gemm1x1Conv(Im2colConv):
         batched ``matmul`` of ``forward``): ResNet-50's 1x1 layers with their bias, ReLU and
         Eltwise sum took 17.2 ms on 10x64x56x56 -> 256 as the batched GEMM and the separate
         passes, 10.0 ms this way (2 cores). The images run side by side on the kernels' pool,
-        each GEMM on one BLAS thread (``blas.parallel_gemms``), so the epilogues run in parallel too."""
+        each GEMM on one BLAS thread (``blas.parallel_gemms``), so the epilogues run in parallel too.
+        ``finish`` None: the GEMMs alone (``forward``)."""
         s = self.s
         if s.group != 1 or not isinstance(x, np.ndarray):
             return super().forward_images(x, w, y, finish)
@@ -548,7 +552,8 @@ class Gemm1x1Conv(Im2colConv):
                 else:
                     xi = x[i].reshape(s.cin, s.columns)
                 np.matmul(w2, xi, out=y3[i])
-                finish(i, i + 1)
+                if finish is not None:
+                    finish(i, i + 1)
         # the images side by side on the pool, BLAS at one thread each (core/blas.py)
         blas.parallel_gemms(num, images)
 
@@ -580,7 +585,10 @@ class Gemm1x1Conv(Im2colConv):
             w2 = w.reshape(s.cout, s.kg)
             dy3 = dy.reshape(num, s.cout, s.columns)
             dx3 = dx.reshape(num, s.cin, s.columns)
-            if s.group == 1:
+            if s.group == 1 and xp is np:
+                # an image's GEMM each, side by side on the pool (core/blas.py)
+                blas.parallel_gemms(num, lambda i0, i1: np.matmul(w2.T, dy3[i0:i1], out=dx3[i0:i1]))
+            elif s.group == 1:
                 xp.matmul(w2.T, dy3, out=dx3)
             else:
                 cg = s.cin // s.group
