@@ -578,7 +578,15 @@ class Gemm1x1Conv(Im2colConv):
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
         s = self.s
-        direct = dx is not None and s.geom.sh == 1 and s.geom.sw == 1
+        g = s.geom
+        if dx is not None and (g.sh != 1 or g.sw != 1) and s.group == 1 and isinstance(dy, np.ndarray):
+            # strided: the data gradient is W^T dy at the sampled positions, zero elsewhere (the
+            # column path's col2im adds the same values into a zeroed dx): an image a GEMM into a
+            # buffer, copied into the strided view, side by side on the pool
+            self._strided_data_grad(dy, w, dx)
+            super().backward(dy, w, None, x, dw)
+            return
+        direct = dx is not None and g.sh == 1 and g.sw == 1
         if direct:
             xp = backend.get_array_module(dy)
             num = dy.shape[0]
@@ -595,6 +603,22 @@ class Gemm1x1Conv(Im2colConv):
                 for i, (go, _) in enumerate(self._groups()):
                     dx3[:, i * cg:(i + 1) * cg] = xp.matmul(w2[go].T, dy3[:, go])
         super().backward(dy, w, None if direct else dx, x, dw)
+
+
+    def _strided_data_grad(self, dy, w, dx):
+        s = self.s
+        g, num = s.geom, dy.shape[0]
+        oh, ow = s.out_hw
+        w2t = w.reshape(s.cout, s.kg).T
+        dy3 = dy.reshape(num, s.cout, s.columns)
+
+        def images(i0, i1):
+            buf = workspace(np, (s.cin, oh, ow), dy.dtype, COL)     # this thread's own
+            for i in range(i0, i1):
+                np.matmul(w2t, dy3[i], out=buf.reshape(s.cin, s.columns))
+                dx[i].fill(0)
+                dx[i, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw] = buf
+        blas.parallel_gemms(num, images)
 
 
 class ChannelsLastConv(Im2colConv):
