@@ -131,7 +131,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
 @pytest.mark.parametrize("has_bias, relu, summed, sum_relu", [
     (True, True, False, False), (True, False, False, False), (False, True, False, False),
     (True, False, True, True), (True, True, True, False), (False, False, True, True),
-    (False, False, True, False)])
+    (False, False, True, False)])     # has_bias: with a per-channel scale too
 def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, sum_relu, dtype, switches):
     """fusion.image_epilogue's kernels against its NumPy twin (the separate layers' passes): the
     same bits, NaN and signed zeros included (ReLU is NumPy's maximum(v, 0): -0.0 becomes +0.0)."""
@@ -142,14 +142,16 @@ def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, su
     r = _values(dtype, shape, 2)
     r.reshape(-1)[::53] = -0.0
     bias = _values(dtype, (5,), 3) if has_bias else None
+    scale = _values(dtype, (5,), 4) if has_bias else None      # BatchNorm/Scale's factor, with a bias
     got = {}
     for on in (True, False):
         switches(compiled=on)
         y, out = y0.copy(), np.full(shape, 7, dtype)
         kw = dict(residual=r, out=out, sum_relu=sum_relu) if summed else {}
-        finish = fusion.image_epilogue(y, bias, relu, **kw)
-        finish(0, 1)
-        finish(1, 3)
+        finish = fusion.image_epilogue(y, bias, relu, scale=scale, **kw)
+        with np.errstate(over="ignore"):        # the huge test values overflow to inf: on purpose
+            finish(0, 1)
+            finish(1, 3)
         got[on] = (y, out)
     for a, b in zip(got[True], got[False]):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8))

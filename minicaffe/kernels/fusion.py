@@ -1,31 +1,32 @@
 """Inference-time layer fusion for TEST nets on the CPU, as OpenCV's dnn module does.
 
 Chosen once, when a TEST-phase ``Net`` is built (``plan``), and switched off with
-``MINICAFFE_FUSION=0`` (read at build time, for comparisons). Two patterns are fused:
+``MINICAFFE_FUSION=0`` (read at build time, for comparisons). Three patterns are fused:
 
 * **Convolution + BatchNorm (global statistics) + Scale + ReLU**, any non-empty run of the last
   three, each in place on the convolution's top (how Caffe's ResNet prototxts are written). The
-  BatchNorm and Scale are folded into the convolution's weights and bias (``w' = w·a``,
-  ``b' = (b − mean)·a + β`` with ``a = γ/√(var+eps)`` per output channel; ``w'`` is made in a
-  scratch buffer at each forward, see ``ConvChain``) and the
-  ReLU runs on the convolution's output: one GEMM, one bias pass and one ReLU pass instead of
+  BatchNorm and Scale become one per-output-channel factor and bias (``y = conv(x, w)·a + b`` with
+  ``a = γ/√(var+eps)``, ``b = (bias − mean)·a + β``), applied with the ReLU in one epilogue pass
+  over the convolution's output (``image_epilogue``; an engine computing an image at a time runs it
+  right after that image's GEMM, while the output is in cache): one GEMM and one pass instead of
   the seven or so passes over the activations of the separate layers (BatchNorm's subtract /
   scale / copy, Scale's saved input / multiply / add, ReLU).
+* **Convolution chain + Eltwise SUM (+ ReLU)** (``ConvSumChain``): a ResNet block's last
+  convolution and its shortcut, the sum and ReLU in the same epilogue.
 * **Eltwise SUM + ReLU** in place on the sum: the sum written into the top's own array (no new
   array per forward) and rectified there.
 
 What pycaffe sees stays Caffe's:
 
-* blobs: only in-place chains are fused, so the one blob they touch ends up with the value the
-  last layer of the chain writes, as without fusion (to float rounding: the folded weights round
-  differently, ~1e-6 relative); a chain is fused only when no later layer writes that blob or the
-  convolution's bottom, and only when ``forward(start=, end=)`` covers the whole chain.
-* params: ``net.params`` are never touched. The folded weights are remade from them at every
-  forward (one multiply over the weights, about what comparing them with a kept copy cost), the
-  per-channel factors whenever a BatchNorm / Scale parameter or the bias changed. So a user (or a
-  solver sharing the weights with this test net) changing params between forwards gets the new
-  params, and no copy of the weights is kept (the Winograd engine's filter cache compares the
-  folded values, which are the same from one forward to the next).
+* blobs: every blob a chain touches ends up with the value the last layer writing it writes, as
+  without fusion (to float rounding: the factors are applied as one product and one sum, ~1e-6
+  relative); a chain is fused only when no later layer writes its blobs or the convolution's
+  bottom, and only when ``forward(start=, end=)`` covers the whole chain.
+* params: ``net.params`` are never touched, and no weights are folded or copied: the convolution
+  runs on its own weights and the factors go into the epilogue. The factors are remade whenever a
+  BatchNorm / Scale parameter or the bias changed (compared with copies of those, a few thousand
+  values), so a user (or a solver sharing the weights with this test net) changing params between
+  forwards gets the new params.
 * backward: the separate layers keep state for their gradient (BatchNorm its normalised input,
   Scale a copy of its input), which a fused forward does not fill. The first ``backward`` on a net
   whose forward ran fused chains re-runs those chains unfused (from the convolution's bottom, which
@@ -40,10 +41,6 @@ from ..core import context as _context
 from ..core import threads
 from ..proto import caffe_pb2
 from . import compiled
-from .im2col import workspace
-
-# the folded weights of the chain running now (context.Slot: private to this module)
-FOLDED = _context.Slot("folded_weights")
 
 ENV = _context.FUSION_VAR    # read once into the context's switches
 
@@ -65,12 +62,10 @@ class ConvChain(_Chain):
 
     The fold is a per-output-channel factor ``a`` and bias ``b``: both small, kept between forwards
     and remade only when a BatchNorm / Scale parameter or the convolution's bias changed (compared
-    with copies of those, a few thousand values). The folded weights ``w·a`` are NOT kept: every
-    forward writes them into one scratch buffer shared by every chain of the process (the
-    ``FOLDED`` workspace slot, as large as the largest convolution's weights), one multiply over
-    the weights. Keeping them per layer cost a second copy of every convolution's weights, plus a
-    third to notice changes to the weights (about 180 MB on ResNet-50, a third of its inference
-    memory), for about the time the multiply costs (a compare of the weights with their copy)."""
+    with copies of those, a few thousand values), applied in the convolution's epilogue. Folding
+    ``a`` into the weights instead (``w·a``) cost a multiply over every convolution's weights at
+    each forward (19 ms of ResNet-50's ~550 at batch 10 on 2 cores), or, to keep the folded
+    weights, a second and third copy of them (180 MB on ResNet-50)."""
 
     def __init__(self, first, last, bn, scale, relu):
         super().__init__(first, last)
@@ -118,18 +113,15 @@ class ConvChain(_Chain):
         self._sources = [s.copy() for s in arrays]
         return self._factors
 
-    def folded(self, net):
-        """(weights, bias or None) with the BatchNorm and Scale folded in. The weights are a
-        workspace (``FOLDED``): valid until the next chain's fold."""
+    def epilogue_factors(self, net):
+        """(scale or None, bias or None): per output channel, ``y = conv(x, w)·scale + bias`` is the
+        chain's Convolution + BatchNorm + Scale (its own weights ``w``)."""
         conv = net.layers[self.first]
-        w = conv.blobs[0].xdata
         if self.bn is None and self.scale is None:
-            # nothing to fold (Convolution + ReLU): the layer's own parameters
-            return w, (conv.blobs[1].xdata if conv.bias_term else None)
+            # nothing to fold (Convolution + ReLU): the layer's own bias
+            return None, (conv.blobs[1].xdata if conv.bias_term else None)
         a, bias = self.factors(net)
-        wf = workspace(np, w.shape, w.dtype, FOLDED)
-        np.multiply(w, a, out=wf)
-        return wf, bias
+        return a.reshape(-1), bias
 
     def run(self, net):
         conv = net.layers[self.first]
@@ -139,11 +131,12 @@ class ConvChain(_Chain):
             return False
         for li in range(self.first, self.last + 1):
             net.layers[li].reshape(net.bottom_vecs[li], net.top_vecs[li])
-        wf, bias = self.folded(net)
+        scale, bias = self.epilogue_factors(net)
         x4 = conv.bottom_4d(x)
         y4 = conv.top_4d(top[0].xdata)
-        # the engine the layer chose at reshape, with the bias and ReLU as its epilogue
-        conv.convolve(x4, wf, y4, image_epilogue(y4, bias, self.relu is not None))
+        # the engine the layer chose at reshape, with the factors and ReLU as its epilogue
+        conv.convolve(x4, conv.blobs[0].xdata, y4,
+                      image_epilogue(y4, bias, self.relu is not None, scale=scale))
         return True
 
 
@@ -176,11 +169,11 @@ class ConvSumChain(ConvChain):
         if r.shape != y.shape or np.may_share_memory(out, x) or np.may_share_memory(out, r) \
                 or np.may_share_memory(out, y):
             return False
-        wf, bias = self.folded(net)
+        scale, bias = self.epilogue_factors(net)
         y4 = conv.top_4d(y)
         finish = image_epilogue(y4, bias, self.relu is not None, residual=r.reshape(y4.shape),
-                                out=out.reshape(y4.shape), sum_relu=self.sum_relu is not None)
-        conv.convolve(conv.bottom_4d(x), wf, y4, finish)
+                                out=out.reshape(y4.shape), sum_relu=self.sum_relu is not None, scale=scale)
+        conv.convolve(conv.bottom_4d(x), conv.blobs[0].xdata, y4, finish)
         return True
 
 
@@ -212,46 +205,51 @@ class EltwiseReluChain(_Chain):
         return True
 
 
-def image_epilogue(y4, bias, relu, residual=None, out=None, sum_relu=False):
+def image_epilogue(y4, bias, relu, residual=None, out=None, sum_relu=False, scale=None):
     """``finish(i0, i1)``: images ``i0..i1`` of a convolution's (N, C, H, W) NumPy output ``y4`` get
-    ``+= bias`` per channel, then ``max(·, 0)`` when ``relu``; with ``residual``, then ``out = y4 +
-    residual`` (an Eltwise SUM's top), rectified when ``sum_relu``. None when there is nothing to
-    do. Why per image: an engine that computes an image at a time (Gemm1x1Conv.forward_images) calls
-    it right after the image's GEMM, while the image's output is still in cache, and the compiled
-    kernel (kernels/compiled.py) reads and writes each element once. The NumPy twin runs the
-    separate layers' operations per element (a + b == b + a, so the Eltwise's order does not
-    matter), and so do the kernels: the same bits either way."""
-    if bias is None and not relu and residual is None:
+    ``·= scale`` and ``+= bias`` per channel, then ``max(·, 0)`` when ``relu``; with ``residual``,
+    then ``out = y4 + residual`` (an Eltwise SUM's top), rectified when ``sum_relu``. None when there
+    is nothing to do. Why per image: an engine that computes an image at a time
+    (Gemm1x1Conv.forward_images) calls it right after the image's GEMM, while the image's output is
+    still in cache, and the compiled kernel (kernels/compiled.py) reads and writes each element
+    once. The NumPy twin runs the same operations per element as whole-image passes (a + b == b + a,
+    so the Eltwise's order does not matter), and so do the kernels: the same bits either way."""
+    if bias is None and scale is None and not relu and residual is None:
         return None
     n, c = y4.shape[:2]
     y3 = y4.reshape(n, c, -1)
     r3 = None if residual is None else residual.reshape(n, c, -1)
     o3 = None if out is None else out.reshape(n, c, -1)
     arrays = [y3] + ([] if r3 is None else [r3, o3])
+    factors = [f for f in (bias, scale) if f is not None]
     if compiled.enabled() and y3.dtype in (np.float32, np.float64) \
             and all(a.dtype == y3.dtype and a.flags.c_contiguous for a in arrays) \
-            and (bias is None or bias.dtype == y3.dtype):
-        b1 = (np.zeros(c, y3.dtype) if bias is None
-              else np.ascontiguousarray(bias.reshape(c), dtype=y3.dtype))
-        has_bias = bias is not None
+            and all(f.dtype == y3.dtype for f in factors):
+        zeros = np.zeros(c, y3.dtype)
+        b1 = zeros if bias is None else np.ascontiguousarray(bias.reshape(c))
+        a1 = zeros if scale is None else np.ascontiguousarray(scale.reshape(c))
+        has_bias, has_scale = bias is not None, scale is not None
         if r3 is None:
             kernel = compiled.get(compiled.bias_relu_image)
 
             def finish(i0, i1):
                 for i in range(i0, i1):
-                    kernel(y3[i], b1, has_bias, relu)
+                    kernel(y3[i], a1, has_scale, b1, has_bias, relu)
         else:
             kernel = compiled.get(compiled.bias_sum_relu_image)
 
             def finish(i0, i1):
                 for i in range(i0, i1):
-                    kernel(y3[i], b1, has_bias, relu, r3[i], o3[i], sum_relu)
+                    kernel(y3[i], a1, has_scale, b1, has_bias, relu, r3[i], o3[i], sum_relu)
         return finish
     b2 = None if bias is None else bias.reshape(c, 1)
+    a2 = None if scale is None else scale.reshape(c, 1)
 
     def finish(i0, i1):
         for i in range(i0, i1):
             yi = y3[i]
+            if a2 is not None:
+                np.multiply(yi, a2, out=yi)
             if b2 is not None:
                 np.add(yi, b2, out=yi)
             if relu:
