@@ -198,3 +198,80 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_para
     compiled.get(compiled.inner_product_rows)(wd, xd, y, 0, n_out)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, xd.astype(np.float64) @ wd.astype(np.float64).T, rtol=tol, atol=tol * 30)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_backward_agrees_with_its_twin_and_not_with_the_thread_count(dtype, in_place, switches):
+    """BatchNorm's gradient with batch statistics: the compiled two passes (sums in float64) against
+    the NumPy passes (einsum sums) to rounding, bit-identical at one and two threads, dx = dy too."""
+    import minicaffe as caffe
+    text = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 3 dim: 6 dim: 5 dim: 7 } } }
+layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 6 dim: 5 dim: 7 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "x" top: "%s" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "%s" bottom: "t" top: "l" }
+""" % (("x", "x") if in_place else ("y", "y"))
+    param = text_format.Parse("force_backward: true\n" + text, caffe_pb2.NetParameter())
+    rng = np.random.default_rng(11)
+    x = (3 * rng.standard_normal((3, 6, 5, 7)) + 1).astype(np.float32)
+    target = rng.standard_normal((3, 6, 5, 7)).astype(np.float32)
+    got = {}
+    for on, size in [(True, 1), (True, 2), (False, 1)]:
+        switches(compiled=on, threads=str(size))
+        net = caffe.Net(param, caffe.TRAIN)
+        net.forward(x=x, t=target)
+        net.backward()
+        got[(on, size)] = net.blobs["x"].diff.copy()
+    assert np.array_equal(got[(True, 1)].view(np.uint32), got[(True, 2)].view(np.uint32))
+    np.testing.assert_allclose(got[(True, 1)], got[(False, 1)], rtol=1e-4, atol=1e-6)
+    assert np.abs(got[(False, 1)]).max() > 1e-3
+    # the kernel alone in the test's dtype against the formula in float64
+    switches(compiled=True)
+    dy = rng.standard_normal((3, 6, 35)).astype(dtype)
+    cc = rng.standard_normal((3, 6, 35)).astype(dtype)
+    inv = rng.uniform(0.5, 2, 6).astype(dtype)
+    d64, c64, i64 = (a.astype(np.float64) for a in (dy, cc, inv))
+    want = (d64 - d64.mean(axis=(0, 2), keepdims=True)
+            - c64 * (d64 * c64).mean(axis=(0, 2), keepdims=True) * i64[None, :, None] ** 2) * i64[None, :, None]
+    dx = dy if in_place else np.empty_like(dy)
+    compiled.get(compiled.batch_norm_backward)(dy, cc, inv, dx, 0, 6)
+    np.testing.assert_allclose(dx, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("after_bn", [True, False])
+def test_scale_backward_agrees_with_its_twin_and_not_with_the_thread_count(after_bn, switches):
+    """Scale's gradient (compiled.scale_backward: the bias's and the scale's sums and dx in one pass),
+    in place after a BatchNorm (reading its kept buffers) and alone (its saved input): the NumPy
+    passes' values to rounding, bit-identical at one and two threads."""
+    import minicaffe as caffe
+    first = ('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "x" }' if after_bn else
+             'layer { name: "pre" type: "Power" bottom: "x" top: "x" power_param { shift: 0.5 } }')
+    text = """force_backward: true
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 3 dim: 6 dim: 5 dim: 7 } } }
+layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 6 dim: 5 dim: 7 } } }
+%s
+layer { name: "sc" type: "Scale" bottom: "x" top: "x" scale_param { bias_term: true
+  filler { type: "uniform" min: 0.5 max: 1.5 } bias_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "t" top: "l" }
+""" % first
+    param = text_format.Parse(text, caffe_pb2.NetParameter())
+    rng = np.random.default_rng(12)
+    x = (2 * rng.standard_normal((3, 6, 5, 7)) + 1).astype(np.float32)
+    target = rng.standard_normal((3, 6, 5, 7)).astype(np.float32)
+    got, params = {}, None
+    for on, size in [(True, 1), (True, 2), (False, 1)]:
+        switches(compiled=on, threads=str(size))
+        net = caffe.Net(param, caffe.TRAIN)
+        if params is None:
+            params = [b.data.copy() for b in net.params["sc"]]
+        for b, v in zip(net.params["sc"], params):
+            b.data[...] = v
+        net.forward(x=x, t=target)
+        net.backward()
+        got[(on, size)] = [net.blobs["x"].diff.copy()] + [b.diff.copy() for b in net.params["sc"]]
+    for a, b in zip(got[(True, 1)], got[(True, 2)]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    for a, b in zip(got[(True, 1)], got[(False, 1)]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert np.abs(b).max() > 1e-3

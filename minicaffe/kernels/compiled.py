@@ -40,6 +40,8 @@ _state = {"numba": None, "tried": False, "compiled": {}}
 # Kernels whose twin is a BLAS call (which adds in its own order, not NumPy's): they may reorder
 # their sums (LLVM's 'reassoc', so a dot product vectorises) and fuse multiply-adds ('contract').
 # They agree with the twin to float32 rounding; their bits still do not depend on the thread count.
+# (batch_norm_backward, whose twin sums with einsum, also sums in its own order, in float64, but
+# keeps every other step's rounding: it is not listed here.)
 REASSOCIATES = {"inner_product_rows": {"reassoc", "contract"}}
 
 
@@ -98,6 +100,9 @@ def warm_up() -> bool:
     get(bias_relu_image)(y, b, True, b, True, True)
     get(bias_sum_relu_image)(y, b, True, b, True, True, y.copy(), y.copy(), True)
     get(inner_product_rows)(y, y.copy(), y.copy(), 0, 1)
+    z = np.zeros((1, 1, 1), np.float32)
+    get(batch_norm_backward)(z, z.copy(), b, z.copy(), 0, 1)
+    get(scale_backward)(z, z.copy(), b, b, z.copy(), b.copy(), b.copy(), True, True, True, 0, 1)
     return True
 
 
@@ -307,3 +312,65 @@ def inner_product_rows(w, x, y, o0, o1):
             for j in range(k):
                 acc += w[o, j] * x[i, j]
             y[i, o] = acc
+
+
+# --- BatchNorm's gradient with batch statistics (layers/normalization.py; its twin sums with einsum) -
+
+def batch_norm_backward(dy, centred, inv_std, dx, c0, c1):
+    """Channels ``c0:c1`` of (N, C, S) arrays: ``dx = (dy − mean(dy) − (x − mean)·mean(dy·(x − mean))
+    /std²)/std``, two passes over each channel (its two sums, then ``dx``) where the twin makes about
+    ten whole-array passes with temporaries. ``dx`` may be ``dy``. The sums run in float64, in
+    another order than the twin's ``einsum`` (which NumPy does not fix either): the result agrees
+    with the twin to float32 rounding; everything after the sums rounds as the twin does. Each
+    channel is summed alone, so the bits do not depend on how channels are split over threads."""
+    n, _, s = dy.shape
+    m = n * s
+    dt = dy.dtype.type
+    for c in range(c0, c1):
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(n):
+            for j in range(s):
+                d = dy[i, c, j]
+                s1 += d
+                s2 += d * centred[i, c, j]
+        iv = inv_std[c]
+        mean_dy = dt(s1 / m)
+        k = (dt(s2 / m) * iv) * iv
+        for i in range(n):
+            for j in range(s):
+                t = centred[i, c, j] * k
+                t = t + mean_dy
+                dx[i, c, j] = (dy[i, c, j] - t) * iv
+
+
+# --- Scale's gradient (layers/normalization.py; its twin sums with einsum) ---------------------------
+
+def scale_backward(dy, x, inv_std, s, dx, gb, gs, want_bias, want_scale, want_dx, c0, c1):
+    """Channels ``c0:c1`` of (outer, C, inner) arrays in one pass: ``gb[c] = Σ dy`` (the bias's
+    gradient), ``gs[c] = Σ dy·(x·inv_std[c])`` (the scale's; ``x·inv_std`` is the BatchNorm output
+    the Scale read, rebuilt from what the BatchNorm kept, as the twin does; ``inv_std`` ones when
+    ``x`` is the input itself) and ``dx = dy·s[c]`` (``dx`` may be ``dy``). Each flag says whether
+    its output is wanted. The sums run in float64, in another order than the twin's ``einsum``: they
+    agree to float32 rounding; ``dx`` is the twin's product, bit for bit. Each channel is summed
+    alone: the bits do not depend on how channels are split over threads."""
+    n, _, inner = dy.shape
+    dt = dy.dtype.type
+    for c in range(c0, c1):
+        sb = 0.0
+        ss = 0.0
+        iv = inv_std[c]
+        sc = s[c]
+        for i in range(n):
+            for j in range(inner):
+                d = dy[i, c, j]
+                if want_bias:
+                    sb += d
+                if want_scale:
+                    ss += d * (x[i, c, j] * iv)
+                if want_dx:
+                    dx[i, c, j] = d * sc
+        if want_bias:
+            gb[c] = dt(sb)
+        if want_scale:
+            gs[c] = dt(ss)

@@ -12,7 +12,7 @@ import numpy as np
 from ..core import backend, context, fillers, threads
 from ..core.blob import Blob
 from ..errors import ShapeError
-from ..kernels import cuda_normalization, engines
+from ..kernels import compiled, cuda_normalization, engines
 from ..proto import caffe_pb2
 from ..core.layer import Layer, register
 
@@ -253,6 +253,11 @@ class BatchNorm(Layer):
         from the kept x − mean: mean(dy·y) = mean(dy·(x − mean))/std."""
         xp = self.xp
         centred = self._x_centred
+        if not self.use_global_stats and _compiled_backward_runs(dy, dx, centred, self._inv_std):
+            kernel = compiled.get(compiled.batch_norm_backward)
+            _by_channels(self.channels, (dy, dx, centred),
+                         lambda c0, c1: kernel(dy, centred, self._inv_std, dx, c0, c1), work=dy.size * 3)
+            return
 
         def part(c0, c1):
             # per channel: a chunk reads its channels of dy before writing them in dx
@@ -270,6 +275,27 @@ class BatchNorm(Layer):
             xp.subtract(dyc, t, out=dxc)
             dxc *= inv_std
         _by_channels(self.channels, (dy, dx, centred), part, work=dy.size * 3)
+
+
+def _compiled_scale_backward_runs(dy, x, s, dx):
+    """Whether Scale's gradient runs the compiled one-pass kernel (compiled.scale_backward): the
+    kernels on, NumPy (outer, C, inner) arrays of one float dtype, C-contiguous (the input ``x`` an
+    array or a BatchNorm's ``_Normalized`` buffers)."""
+    src = x.centred if isinstance(x, _Normalized) else x
+    arrays = [a for a in (dy, src, dx, s) if a is not None]
+    if isinstance(x, _Normalized):
+        arrays.append(x.inv_std)
+    return (compiled.enabled() and dy.dtype in (np.float32, np.float64)
+            and all(isinstance(a, np.ndarray) and a.dtype == dy.dtype and a.flags.c_contiguous for a in arrays))
+
+
+def _compiled_backward_runs(dy, dx, centred, inv_std):
+    """Whether BatchNorm's gradient runs the compiled two-pass kernel (compiled.batch_norm_backward):
+    the kernels on, NumPy arrays of one float dtype, (N, C, S) C-contiguous. Measured on 2 cores,
+    ms, kernel / NumPy passes: 8x256x56x56 5.1 / 10.2, 8x512x28x28 2.5 / 5.5, 8x1024x14x14 1.3 / 2.9."""
+    arrays = (dy, dx, centred, inv_std)
+    return (compiled.enabled() and all(isinstance(a, np.ndarray) and a.dtype == dy.dtype and a.flags.c_contiguous
+                                       for a in arrays) and dy.dtype in (np.float32, np.float64))
 
 
 def _canonical_axis(layer, axis, ndim):
@@ -563,6 +589,18 @@ class Scale(Layer):
         gs = xp.empty(dim, dtype=dy.dtype) if x is not None else None
         s = scale.xdata.reshape(dim)
         normalized = x if isinstance(x, _Normalized) else None
+        if xp is np and _compiled_scale_backward_runs(dy, x, s, dx):
+            # one compiled pass per channel block (compiled.scale_backward)
+            src = normalized.centred if normalized is not None else (x if x is not None else dy)
+            inv = normalized.inv_std if normalized is not None else np.ones(dim, dy.dtype)
+            kernel = compiled.get(compiled.scale_backward)
+            none = np.empty(0, dy.dtype)
+            _by_channels(dim, (dy, src, dx), lambda d0, d1: kernel(
+                dy, src, inv, s, dy if dx is None else dx, none if gb is None else gb,
+                none if gs is None else gs, gb is not None, gs is not None, dx is not None, d0, d1),
+                work=dy.size * 3)
+            self._scale_grads(scale, as_bottom, gb, gs)
+            return
 
         def part(d0, d1):
             # per channel: the sums read dy before dx (which may be dy) is written
@@ -577,6 +615,10 @@ class Scale(Layer):
                 xp.multiply(dyc, s[d0:d1].reshape(1, d1 - d0, 1), out=dx[:, d0:d1])
         _by_channels(dim, (dy, x if normalized is None else normalized.centred, dx), part,
                      work=dy.size * 3)
+        self._scale_grads(scale, as_bottom, gb, gs)
+
+    def _scale_grads(self, scale, as_bottom, gb, gs):
+        """Add (or write) the bias's and the scale's per-channel gradients into their diffs."""
         if gb is not None:
             bias = self.blobs[self.bias_index]
             bias.xdiff += gb.reshape(bias.shape)
