@@ -19,11 +19,13 @@ Rules:
 - It does not use Numba's own threads.
 - Every kernel has a NumPy twin, which is the reference: the kernel must give the same bits
   (tests/test_compiled.py). So each product or sum is rounded where NumPy rounds it (no fastmath,
-  no contraction into FMA except where the twin emulates one). The one exception is a twin that
-  adds in BLAS's order (Winograd's transform GEMMs): there the kernel agrees to rounding, and the
-  bits still do not depend on the thread count.
+  no contraction into FMA except where the twin emulates one). The exceptions are twins whose
+  sums run in an order NumPy does not fix: BLAS's (Winograd's transform GEMMs, InnerProduct's
+  few-rows product) and ``einsum``'s (BatchNorm's and Scale's gradients, whose kernels sum in
+  float64). There the kernel agrees to rounding, and the bits still do not depend on the thread
+  count.
 - ``enabled()`` is False when Numba does not import or ``MINICAFFE_COMPILED=0``. Callers then take
-  the NumPy path, with the same results.
+  the NumPy path, with the same results (to rounding, for the exceptions above).
 """
 from __future__ import annotations
 
