@@ -14,7 +14,9 @@ issue 15's targets for each mode unless ``--batch`` overrides it (``NETS``):
 
 Every (framework, net, mode) runs in its own subprocess, so peak memory is that process's own:
 ``VmHWM`` (peak resident set) during the timed iterations minus the resident set after imports.
-Times are the best of ``--iters`` iterations after ``--warmup``; the ratio column is
+Times are the best of ``--iters`` iterations after ``--warmup`` (of every round's, with
+``--rounds N``: each framework runs N times, the frameworks in turn, so a burst of load on a shared
+machine lands on one round of each instead of on one framework's whole run); the ratio column is
 minicaffe / reference (below 1: minicaffe is faster). Where a ratio is above 1 the slowest
 minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
 
@@ -22,6 +24,7 @@ minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
     python benchmarks/bench_nets.py --nets vgg16 --iters 2 --modes train
     python benchmarks/bench_nets.py --quick                # LeNet, one iteration (smoke test)
     python benchmarks/bench_nets.py --scaling              # + minicaffe at one thread, 1 -> N speed-up
+    python benchmarks/bench_nets.py --scaling --rounds 2   # the same, each framework twice in turn
     python benchmarks/bench_nets.py --numpy-first          # minicaffe imported after NumPy (see below)
 """
 import argparse
@@ -586,8 +589,9 @@ def driver(args):
           f"{os.getloadavg()[0]:.1f}")
     if missing:
         print(f"(not available, skipped: {', '.join(missing)})")
-    print(f"best of {args.iters} iteration(s) after {args.warmup} warm-up; memory: peak RSS during the "
-          f"iterations minus RSS after imports\n")
+    rounds = f" in each of {args.rounds} rounds (frameworks in turn)" if args.rounds > 1 else ""
+    print(f"best of {args.iters} iteration(s) after {args.warmup} warm-up{rounds}; memory: peak RSS during "
+          f"the iterations minus RSS after imports\n")
     header = (f"{'net':10s} {'batch':>5s} {'mode':6s} {'mc ms':>8s} {'img/s':>7s} {'cpu ms':>7s} {'MB':>6s}"
               f" | {'torch ms':>8s} {'img/s':>7s} {'cpu ms':>7s} {'MB':>6s} {'ratio':>5s} {'cpu x':>5s}"
               f" {'mem x':>5s} | {'cv ms':>7s} {'img/s':>7s} {'cpu ms':>7s} {'ratio':>5s} {'cpu x':>5s}")
@@ -610,11 +614,14 @@ def driver(args):
                 work = prepared[batch]
                 if work is None:
                     continue
-                row = {"minicaffe": spawn("minicaffe", net, mode, batch, work, args)}
-                for ref in refs:
-                    if ref == "opencv" and mode == "train":
-                        continue
-                    row[ref] = spawn(ref, net, mode, batch, work, args)
+                # rounds: every framework once per round, in turn, so a burst of load on the shared
+                # machine lands on one round of each rather than on one framework's whole run
+                fws = ["minicaffe"] + [r for r in refs if not (r == "opencv" and mode == "train")]
+                runs = {fw: [] for fw in fws}
+                for _ in range(max(1, args.rounds)):
+                    for fw in fws:
+                        runs[fw].append(spawn(fw, net, mode, batch, work, args))
+                row = {fw: merge_rounds(got) for fw, got in runs.items()}
                 results[(net, mode)] = row
                 if not pool_said and row["minicaffe"].get("pool"):
                     mb = row["minicaffe"].get("compiled_mb")
@@ -625,7 +632,9 @@ def driver(args):
                 print(format_row(net, batch, mode, row), flush=True)
                 notes = []
                 if args.scaling and args.threads > 1 and "error" not in row["minicaffe"]:
-                    one = spawn("minicaffe", net, mode, batch, work, argparse.Namespace(**{**vars(args), "threads": 1}))
+                    one_args = argparse.Namespace(**{**vars(args), "threads": 1})
+                    one = merge_rounds([spawn("minicaffe", net, mode, batch, work, one_args)
+                                        for _ in range(max(1, args.rounds))])
                     row["minicaffe_1thread"] = one
                     notes.append(scaling_note(row["minicaffe"], one, args.threads))
                 for fw, res in row.items():
@@ -648,6 +657,22 @@ def driver(args):
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}/{k[1]}": v for k, v in results.items()}, f, indent=1)
     return 0
+
+
+def merge_rounds(runs):
+    """One framework's result over ``--rounds`` runs: every round's iteration times (the best
+    counts), the highest peak memory, the first round's other fields; the first error when every
+    round failed."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    out["times"] = [t for r in ok for t in r.get("times", [])]
+    out["cpu"] = [c for r in ok for c in r.get("cpu", [])]
+    peaks = [r["peak_mb"] for r in ok if r.get("peak_mb") is not None]
+    out["peak_mb"] = max(peaks) if peaks else None
+    out["rounds"] = len(ok)
+    return out
 
 
 def scaling_note(many, one, threads):
@@ -710,6 +735,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0,
                     help="override every net's default batch (default: issue 15's per net and mode)")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (the best counts)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every framework this many times, in turn, and keep the best iteration of all "
+                         "(evens out bursts of load on a shared machine)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")
     ap.add_argument("--numpy-first", action="store_true",

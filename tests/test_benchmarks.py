@@ -59,6 +59,24 @@ def test_bench_nets_scaling_times_one_thread_beside_the_default(tmp_path):
     assert f"1 -> 2 threads: {speedup:.2f}x" in out
 
 
+def test_bench_nets_rounds_run_each_framework_again_and_keep_every_iteration(tmp_path):
+    """``--rounds 2`` runs each framework twice, in turn: the row holds both rounds' iterations (the
+    best counts), the highest peak, and says how many rounds it merged; a failed round is dropped."""
+    out_json = tmp_path / "res.json"
+    out = _run("bench_nets.py", "--quick", "--frameworks", "minicaffe", "--modes", "infer", "--rounds", "2",
+               "--json", str(out_json))
+    import json
+    mc = json.loads(out_json.read_text())["lenet/infer"]["minicaffe"]
+    assert mc["rounds"] == 2 and len(mc["times"]) == 2 and len(mc["cpu"]) == 2
+    assert "in each of 2 rounds" in out
+    merge = _load("bench_nets").merge_rounds
+    got = merge([{"times": [3.0], "cpu": [3.5], "peak_mb": 10, "pool": 2}, {"error": "boom"},
+                 {"times": [2.0, 4.0], "cpu": [2.5, 4.5], "peak_mb": 12}])
+    assert got["times"] == [3.0, 2.0, 4.0] and got["cpu"] == [3.5, 2.5, 4.5]
+    assert got["peak_mb"] == 12 and got["rounds"] == 2 and got["pool"] == 2
+    assert merge([{"error": "boom"}, {"error": "again"}]) == {"error": "boom"}
+
+
 @pytest.mark.skipif("MINICAFFE_THREADS" in os.environ or "OPENBLAS_THREAD_TIMEOUT" in os.environ,
                     reason="the pool's size is set from the environment")
 def test_bench_nets_minicaffe_worker_imports_minicaffe_first(tmp_path):
