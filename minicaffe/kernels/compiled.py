@@ -99,8 +99,7 @@ def warm_up() -> bool:
     get(winograd4_input)(src, v, 0, 1, 1, 0, 1)
     get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
     y, b = np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
-    get(bias_relu_image)(y, b, True, b, True, True)
-    get(bias_sum_relu_image)(y, b, True, b, True, True, y.copy(), y.copy(), True)
+    get(convolution_epilogue)(y, b, True, b, True, True, y.copy(), y.copy(), True, True)
     get(inner_product_rows)(y, y.copy(), y.copy(), 0, 1)
     z = np.zeros((1, 1, 1), np.float32)
     get(batch_norm_backward)(z, z.copy(), b, z.copy(), 0, 1)
@@ -259,27 +258,11 @@ def winograd4_output(m, ycl, rows, ow, r0, r1):
 # ReLU, each element read and written once. The twins run them as whole-image passes. The ReLU is
 # NumPy's ``maximum(v, 0)``: NaN stays NaN, -0.0 and every other value not above 0 becomes +0.0.
 
-def bias_relu_image(y, a, has_scale, b, has_bias, relu):
-    """``y = max(y·a[c] + b[c], 0)`` in place over ``y`` (C, P); each step only when its flag is set
-    (a product, then a sum: rounded twice, as the twin's two passes)."""
-    zero = y.dtype.type(0)
-    for c in range(y.shape[0]):
-        ac, bc = a[c], b[c]
-        for i in range(y.shape[1]):
-            v = y[c, i]
-            if has_scale:
-                v = v * ac
-            if has_bias:
-                v = v + bc
-            if relu and not (v > zero or v != v):
-                v = zero
-            y[c, i] = v
-
-
-def bias_sum_relu_image(y, a, has_scale, b, has_bias, relu, r, out, sum_relu):
-    """``y = max(y·a[c] + b[c], 0)`` in place (the convolution's own top; each step only when its
-    flag is set), then ``out = max(y + r, 0)`` (the Eltwise SUM's top, the ReLU when ``sum_relu``);
-    all (C, P)."""
+def convolution_epilogue(y, a, has_scale, b, has_bias, relu, r, out, summed, sum_relu):
+    """``y = max(y·a[c] + b[c], 0)`` in place over ``y`` (C, P), each step only when its flag is set
+    (a product, then a sum: rounded twice, as the twin's passes); then, when ``summed``,
+    ``out = max(y + r, 0)`` (an Eltwise SUM's top, the ReLU when ``sum_relu``; ``r`` and ``out``
+    (C, P) too, unused otherwise)."""
     zero = y.dtype.type(0)
     for c in range(y.shape[0]):
         ac, bc = a[c], b[c]
@@ -293,10 +276,11 @@ def bias_sum_relu_image(y, a, has_scale, b, has_bias, relu, r, out, sum_relu):
                 if relu and not (v > zero or v != v):
                     v = zero
                 y[c, i] = v
-            v = v + r[c, i]
-            if sum_relu and not (v > zero or v != v):
-                v = zero
-            out[c, i] = v
+            if summed:
+                v = v + r[c, i]
+                if sum_relu and not (v > zero or v != v):
+                    v = zero
+                out[c, i] = v
 
 
 # --- InnerProduct's forward on a few rows (layers/inner_product.py; its twin is BLAS's GEMM) -------

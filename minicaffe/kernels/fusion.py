@@ -229,18 +229,13 @@ def image_epilogue(y4, bias, relu, residual=None, out=None, sum_relu=False, scal
         b1 = zeros if bias is None else np.ascontiguousarray(bias.reshape(c))
         a1 = zeros if scale is None else np.ascontiguousarray(scale.reshape(c))
         has_bias, has_scale = bias is not None, scale is not None
-        if r3 is None:
-            kernel = compiled.get(compiled.bias_relu_image)
+        kernel = compiled.get(compiled.convolution_epilogue)
+        summed = r3 is not None
+        r_or_y, o_or_y = (r3, o3) if summed else (y3, y3)
 
-            def finish(i0, i1):
-                for i in range(i0, i1):
-                    kernel(y3[i], a1, has_scale, b1, has_bias, relu)
-        else:
-            kernel = compiled.get(compiled.bias_sum_relu_image)
-
-            def finish(i0, i1):
-                for i in range(i0, i1):
-                    kernel(y3[i], a1, has_scale, b1, has_bias, relu, r3[i], o3[i], sum_relu)
+        def finish(i0, i1):
+            for i in range(i0, i1):
+                kernel(y3[i], a1, has_scale, b1, has_bias, relu, r_or_y[i], o_or_y[i], summed, sum_relu)
         return finish
     b2 = None if bias is None else bias.reshape(c, 1)
     a2 = None if scale is None else scale.reshape(c, 1)
