@@ -66,6 +66,16 @@ def enabled() -> bool:
     return context.current().switches.compiled and _numba() is not None
 
 
+def runs_on(*arrays) -> bool:
+    """Whether a kernel here may take ``arrays``: the kernels are on, and every one is a
+    C-contiguous NumPy array of the first one's dtype, float32 or float64 (the layouts and types
+    the kernels are written for; the callers take their NumPy path otherwise)."""
+    first = arrays[0]
+    return (isinstance(first, np.ndarray) and first.dtype in (np.float32, np.float64)
+            and all(isinstance(a, np.ndarray) and a.dtype == first.dtype and a.flags.c_contiguous
+                    for a in arrays) and enabled())
+
+
 def get(fn):
     """``fn`` (a module-level function of this module) compiled with ``nogil`` and the on-disk cache,
     once per process."""

@@ -296,7 +296,7 @@ class _BaseConvolution(Layer):
     # the convolution's data gradient), so the loops below are shared and only these two differ.
     def convolve(self, x, w, out, finish=None):
         """``out[...]`` = this layer's forward of ``x`` with weights ``w``, no bias (4-D arrays
-        (num, C, H, W)); inference-time fusion calls it with folded weights and its epilogue
+        (num, C, H, W)); inference-time fusion calls it with the layer's weights and its epilogue
         ``finish(i0, i1)`` for images ``i0..i1`` of ``out`` (kernels/fusion.py), which an engine
         may run image by image as it goes."""
         raise NotImplementedError

@@ -62,9 +62,7 @@ def _rows_pay(x, w, y):
     ROWS_KERNEL_MAX_M rows, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured
     on 2 cores, ms, kernel / BLAS: VGG fc6 (4096x25088) at 2 rows 16.8 / 33.2, at 4 23.7 / 31.7,
     at 8 41.8 / 46.3; 4096x4096 at 2 rows 2.8 / 5.3; at 1 row BLAS's GEMV is as fast (14.5 / 14.8)."""
-    return (2 <= x.shape[0] <= ROWS_KERNEL_MAX_M and x.dtype == w.dtype == y.dtype
-            and x.dtype in (np.float32, np.float64) and x.flags.c_contiguous and w.flags.c_contiguous
-            and y.flags.c_contiguous and compiled.enabled())
+    return 2 <= x.shape[0] <= ROWS_KERNEL_MAX_M and compiled.runs_on(x, w, y)
 
 
 @register("InnerProduct")

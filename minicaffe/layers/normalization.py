@@ -285,17 +285,14 @@ def _compiled_scale_backward_runs(dy, x, s, dx):
     arrays = [a for a in (dy, src, dx, s) if a is not None]
     if isinstance(x, _Normalized):
         arrays.append(x.inv_std)
-    return (compiled.enabled() and dy.dtype in (np.float32, np.float64)
-            and all(isinstance(a, np.ndarray) and a.dtype == dy.dtype and a.flags.c_contiguous for a in arrays))
+    return compiled.runs_on(*arrays)
 
 
 def _compiled_backward_runs(dy, dx, centred, inv_std):
     """Whether BatchNorm's gradient runs the compiled two-pass kernel (compiled.batch_norm_backward):
     the kernels on, NumPy arrays of one float dtype, (N, C, S) C-contiguous. Measured on 2 cores,
     ms, kernel / NumPy passes: 8x256x56x56 5.1 / 10.2, 8x512x28x28 2.5 / 5.5, 8x1024x14x14 1.3 / 2.9."""
-    arrays = (dy, dx, centred, inv_std)
-    return (compiled.enabled() and all(isinstance(a, np.ndarray) and a.dtype == dy.dtype and a.flags.c_contiguous
-                                       for a in arrays) and dy.dtype in (np.float32, np.float64))
+    return compiled.runs_on(dy, dx, centred, inv_std)
 
 
 def _canonical_axis(layer, axis, ndim):
