@@ -205,15 +205,14 @@ class BatchNorm(Layer):
             m = x3.shape[0] * x3.shape[2]
             mean = xp.empty(c, dtype=x.dtype)
             var = xp.empty(c, dtype=x.dtype)
-        # x − mean into a buffer kept between iterations, for the backward; a new one while a Scale
-        # still has to read the last one (lend_normalized)
-        buf = self._x_centred
-        if buf is None or buf.shape != x3.shape or buf.dtype != x.dtype or \
-                not isinstance(buf, type(x)) or self._lent:
-            buf = xp.empty_like(x3)
-        self._lent = False
-        inv_std = xp.empty(c, dtype=x.dtype)
         batch = not self.use_global_stats
+        if batch and compiled.runs_on(x3, y3):
+            # the kernel that runs BatchNorm + Scale + ReLU fused (forward_fused), here without the
+            # other two: a fused chain and these layers one by one give the same bits
+            self._normalize_compiled(x3, y3, None, None, False)
+            return
+        buf = self._centred_buffer(x3)
+        inv_std = xp.empty(c, dtype=x.dtype)
 
         def part(c0, c1):
             # every step per channel: the statistics, x − mean, 1/std, the scaling and the copy out
@@ -232,13 +231,67 @@ class BatchNorm(Layer):
             xp.multiply(bs, inv.reshape(1, k, 1), out=y3[:, c0:c1])
         _by_channels(c, (x3, y3, buf), part, work=x3.size * 3)
         if batch:
-            maf = self.moving_average_fraction
-            stats = self.blobs
-            stats[2].xdata = stats[2].xdata * maf + 1
-            stats[0].xdata = stats[0].xdata * maf + mean
-            correction = m / (m - 1) if m > 1 else 1.0
-            stats[1].xdata = stats[1].xdata * maf + var * correction
+            self.update_running_stats(mean, var, m)
         self._x_centred, self._inv_std = buf, inv_std
+
+    def _centred_buffer(self, x3):
+        """Where the forward writes x − mean, kept for the backward: the last forward's buffer, or a
+        new one while a Scale still has to read that (lend_normalized)."""
+        buf = self._x_centred
+        if buf is None or buf.shape != x3.shape or buf.dtype != x3.dtype or \
+                not isinstance(buf, type(x3)) or self._lent:
+            buf = self.xp.empty_like(x3)
+        self._lent = False
+        return buf
+
+    def _normalize_compiled(self, x3, y3, scale, bias, relu):
+        """The forward with batch statistics as one compiled kernel per channel
+        (compiled.batch_norm_scale_relu), then ``·scale + bias`` (each may be None) and ReLU."""
+        c = self.channels
+        buf = self._centred_buffer(x3)
+        mean, var, inv_std = (np.empty(c, x3.dtype) for _ in range(3))
+        kernel = compiled.get(compiled.batch_norm_scale_relu)
+        s = inv_std if scale is None else scale
+        b = inv_std if bias is None else bias
+        threads.parallel_for(c, lambda c0, c1: kernel(
+            x3, buf, y3, s, b, scale is not None, bias is not None, relu, self.eps, mean, var, inv_std,
+            c0, c1), work=x3.size * 4)
+        self.update_running_stats(mean, var, x3.shape[0] * x3.shape[2])
+        self._x_centred, self._inv_std = buf, inv_std
+
+    def forward_fused(self, x, scale, bias, relu):
+        """This layer's forward in place over the NumPy array ``x``, then a Scale's ``·scale + bias``
+        per channel (``bias`` may be None) and, when ``relu``, ReLU's: BatchNorm + Scale + ReLU in
+        place on one blob as one kernel (kernels/train_fusion.py). The layer's state is what its
+        forward leaves; False, with nothing done, unless this layer uses batch statistics on the
+        CPU and the arrays suit the compiled kernels."""
+        if self.engine is not self or self.use_global_stats or not compiled.runs_on(x):
+            return False        # (a reshaped non-contiguous array would be a copy: writes lost)
+        x3 = x.reshape(_channels_shape(x.shape, self.channels))
+        if not compiled.runs_on(x3, scale, *(() if bias is None else (bias,))) or \
+                scale.size != self.channels or (bias is not None and bias.size != self.channels):
+            return False
+        self._normalize_compiled(x3, x3, scale, bias, relu)
+        self._serial += 1
+        self._wrote = weakref.ref(x)
+        return True
+
+    def holds(self, centred, inv_std, serial):
+        """Whether the buffers a Scale borrowed at forward ``serial`` are this layer's current ones,
+        intact, on its CPU reference path with batch statistics: what its own backward would read."""
+        return (self.engine is self and not self.use_global_stats and centred is self._x_centred
+                and inv_std is self._inv_std and self.normalized_intact(centred, serial))
+
+    def update_running_stats(self, mean, var, m):
+        """Caffe's running sums after a forward with batch statistics over ``m`` values a channel:
+        each blob decays by the moving-average fraction, then adds this batch's mean, its variance
+        made unbiased (× m/(m−1)), and 1 to the weights' sum (also kernels/train_fusion.py)."""
+        maf = self.moving_average_fraction
+        stats = self.blobs
+        stats[2].xdata = stats[2].xdata * maf + 1
+        stats[0].xdata = stats[0].xdata * maf + mean
+        correction = m / (m - 1) if m > 1 else 1.0
+        stats[1].xdata = stats[1].xdata * maf + var * correction
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -477,6 +530,46 @@ class Scale(Layer):
                                       and top[0] is bottom[0] and producer_top[0] is bottom[0]) \
             else None
         return self._producer is not None
+
+    def after_fused_forward(self, producer, x):
+        """The state this layer's forward leaves, in place after BatchNorm ``producer``, when that
+        layer's ``forward_fused`` did this layer's work: it borrows the BatchNorm's buffers for its
+        backward (when its scale learns) instead of keeping a copy of ``x``."""
+        self._release()
+        self._saved_input = None
+        self.producer_ran = False
+        if self.need_param_grad(0):
+            lent = producer.lend_normalized(x, self.dims)
+            self._normalized = None if lent is None else (producer,) + lent
+
+    def backward_fused(self, producer, dy, y, relu):
+        """ReLU's backward (when ``relu``; ``y`` its output), then this layer's and BatchNorm
+        ``producer``'s, all in place on one blob whose diff is ``dy``: one compiled kernel
+        (compiled.batch_norm_scale_relu_backward; kernels/train_fusion.py), the same bits as the
+        three layers' backward one by one. False, with nothing done, unless this layer holds the
+        BatchNorm's current buffers (``BatchNorm.holds``) and the arrays suit the kernels."""
+        normalized = self._normalized
+        if normalized is None or normalized[0] is not producer or not self.need_param_grad(0) \
+                or self.engine is not self or not producer.holds(*normalized[1:]):
+            return False
+        _, centred, inv_std, _ = normalized
+        if dy.shape != y.shape or dy.size != centred.size or not compiled.runs_on(dy, y):
+            return False        # (a reshaped non-contiguous diff would be a copy: writes lost)
+        dy3, y3 = dy.reshape(centred.shape), y.reshape(centred.shape)
+        scale = self.blobs[0]
+        s = scale.xdata.reshape(-1)
+        if not compiled.runs_on(dy3, y3, centred, inv_std, s) or s.size != centred.shape[1]:
+            return False
+        c = centred.shape[1]
+        want_bias = self.bias_index is not None and self.need_param_grad(self.bias_index)
+        gb = np.empty(c if want_bias else 0, dy.dtype)
+        gs = np.empty(c, dy.dtype)
+        kernel = compiled.get(compiled.batch_norm_scale_relu_backward)
+        threads.parallel_for(c, lambda c0, c1: kernel(
+            dy3, y3, centred, inv_std, s, relu, dy3, gb, gs, want_bias, c0, c1), work=dy.size * 4)
+        self._scale_grads(scale, False, gb if want_bias else None, gs)
+        producer.release_normalized(centred)
+        return True
 
     def _release(self):
         if self._normalized is not None:

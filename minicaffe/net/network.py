@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..core import backend, context
-from ..kernels import fusion
+from ..kernels import fusion, train_fusion
 from ..core.blob import Blob
 from ..errors import MinicaffeError, NetError, NumericalError, ShapeError, WeightsError
 from ..fileio import atomic_write
@@ -102,6 +102,8 @@ class Net:
         self.name = param.name
         build.NetBuilder(build.prepare(param, state), state.phase, param.force_backward).build().install(self)
         self._fusion = fusion.plan(self)     # TEST phase only; MINICAFFE_FUSION=0 switches it off
+        # BatchNorm (batch statistics) + Scale (+ ReLU), forward and backward (kernels/train_fusion.py)
+        self._train_fusion = train_fusion.plan(self)
         self._shared_diffs = None            # the solver's DiffPlan, made at its first backward
         # layers that read what the layer just before them kept (core/layer.py link_producer)
         self._linked = frozenset(
@@ -383,9 +385,13 @@ class Net:
             # TEST nets: a chain of layers fused into one (minicaffe/kernels/fusion.py; no loss, same blobs);
             # not while pycaffe hooks are set, which must see every layer
             chain = self._fusion.chain_at(li, end) if self._fusion is not None and not hooks else None
+            kept = chain is None and self._train_fusion is not None and not hooks
+            if kept:    # a chain that leaves its layers the state of their backward
+                chain = self._train_fusion.chain_at(li, end)
             try:
                 if chain is not None and chain.run(self):
-                    self._fusion.ran[li] = chain
+                    if not kept:
+                        self._fusion.ran[li] = chain
                     li, layer = chain.last, self.layers[chain.last]
                     ran = None
                     top = self._top[li]
@@ -431,7 +437,21 @@ class Net:
             self._fusion.unfuse(self)
             self._fusion = None
         plan = self._diff_plan(share_diffs and start == len(self.layers) - 1 and end == 0)
-        for li in range(start, end - 1, -1):
+        chains = self._train_fusion if not hooks else None
+        li = start + 1
+        while li > end:
+            li -= 1
+            chain = chains.backward_chain_at(li, end) if chains is not None else None
+            if chain is not None:
+                t0 = time.perf_counter() if timings is not None else None
+                try:
+                    fused = chain.run_backward(self)
+                except (NetError, MemoryError) as exc:
+                    raise_naming_layer(exc, self.layers[li])
+                if fused:
+                    self._after_fused_backward(chain, plan, timings, t0)
+                    li = chain.first
+                    continue
             if hooks:       # as Caffe: the hooks run for every layer, even one that skips backward
                 for fn in hooks["before_backward"]:
                     fn(li)
@@ -470,6 +490,22 @@ class Net:
             if hooks:
                 for fn in hooks["after_backward"]:
                     fn(li)
+
+    def _after_fused_backward(self, chain, plan, timings, t0):
+        """What the backward loop does after each layer, for a chain run as one (train_fusion): the
+        diff plan's additions, the timing (on the chain's last layer) and the finiteness checks."""
+        for k in range(chain.last, chain.first - 1, -1):
+            if plan is not None and k in plan.after:
+                plan.after_layer(k)
+        if timings is not None:
+            timings[chain.last] = timings.get(chain.last, 0.0) + time.perf_counter() - t0
+        if self.check_finite:
+            for k in range(chain.last, chain.first - 1, -1):
+                layer = self.layers[k]
+                checks = [(f"bottom '{b.name}' diff", b.xdiff) for b in self._bottom[k]]
+                checks += [(f"parameter {j} diff", b.xdiff) for j, b in enumerate(layer.blobs)
+                           if j < len(layer.param_propagate_down) and layer.param_propagate_down[j]]
+                self._check_finite(k, "backward", checks)
 
     def _diff_plan(self, share):
         """The DiffPlan for this backward pass (made once, its buffers readied) when ``share``;

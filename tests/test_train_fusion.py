@@ -1,0 +1,228 @@
+"""BatchNorm (batch statistics) + Scale (+ ReLU) fused in nets that learn (kernels/train_fusion.py).
+
+The fused forward and backward must leave every blob, parameter and diff with the bits the layers
+give one by one (a net with a pycaffe hook runs them so), at any thread count, and must fall back to
+the layers wherever the chain cannot run whole."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import minicaffe as caffe
+from minicaffe.core import context
+from minicaffe.formats.prototxt import parse_text
+from minicaffe.kernels import compiled, train_fusion
+from minicaffe.proto import caffe_pb2
+
+from test_threads import _at_one_and_two_threads, pool_size  # noqa: F401 (fixture)
+from test_scale_after_batchnorm import _assert_same, _state
+
+pytest.importorskip("numba")
+
+NET = """
+name: "bn_chains"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" top: "target"
+  input_param { shape { dim: 3 dim: 3 dim: 12 dim: 10 } shape { dim: 3 dim: 6 dim: 12 dim: 10 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1
+                      weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
+  scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 6 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv2" top: "conv2" }
+layer { name: "scale2" type: "Scale" bottom: "conv2" top: "conv2"
+  scale_param { filler { type: "uniform" min: 0.5 max: 1.5 } } }
+layer { name: "bn3" type: "BatchNorm" bottom: "conv2" top: "bn3" }
+layer { name: "scale3" type: "Scale" bottom: "bn3" top: "bn3"
+  scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } } }
+layer { name: "relu3" type: "ReLU" bottom: "bn3" top: "bn3" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "bn3" bottom: "target" top: "loss" }
+"""
+
+
+def _nets(text=NET):
+    """The net twice with the same weights and inputs: ``fused`` as it runs, ``layers`` with a no-op
+    pycaffe hook (which makes every layer run alone)."""
+    param = parse_text(text, caffe_pb2.NetParameter())
+    fused = caffe.Net(param, caffe.TRAIN)
+    layers = caffe.Net(param, caffe.TRAIN)
+    layers.before_forward(lambda li: None)
+    layers.before_backward(lambda li: None)
+    rng = np.random.default_rng(5)
+    for a, b in zip(fused.layers, layers.layers):
+        for x, y in zip(a.blobs, b.blobs):
+            if a.type != "BatchNorm":
+                x.data[...] = rng.standard_normal(x.shape) * 0.4 + (1 if a.type == "Scale" else 0)
+            y.data[...] = x.data
+    for name in fused.inputs:
+        v = rng.standard_normal(fused.blobs[name].shape) * 2 + 0.5
+        fused.blobs[name].data[...] = v
+        layers.blobs[name].data[...] = v
+    return fused, layers
+
+
+def _count_fused(monkeypatch):
+    """How many chain forwards and backwards ran fused (their run methods returned True)."""
+    counts = {"forward": 0, "backward": 0}
+    run, run_backward = train_fusion.BatchNormScaleChain.run, train_fusion.BatchNormScaleChain.run_backward
+
+    def spy(which, fn):
+        def wrapped(self, net):
+            done = fn(self, net)
+            counts[which] += bool(done)
+            return done
+        return wrapped
+    monkeypatch.setattr(train_fusion.BatchNormScaleChain, "run", spy("forward", run))
+    monkeypatch.setattr(train_fusion.BatchNormScaleChain, "run_backward", spy("backward", run_backward))
+    return counts
+
+
+def _iterations(net, n=2):
+    for _ in range(n):
+        net.clear_param_diffs()
+        net.forward()
+        net.backward()
+
+
+def test_the_chains_are_the_in_place_batchnorm_scale_runs():
+    """bn1+scale1+relu1 and bn2+scale2 are in place on their convolution's top; bn3 writes a top of
+    its own, so bn3, scale3 and relu3 run as layers."""
+    fused, _ = _nets()
+    chains = sorted((c.first, c.last) for c in fused._train_fusion.chains.values())
+    names = fused._layer_names
+    assert [(names[a], names[b]) for a, b in chains] == [("bn1", "relu1"), ("bn2", "scale2")]
+
+
+@pytest.mark.parametrize("share_diffs", [False, True])
+def test_fused_chains_keep_every_bit_of_the_layers_run_alone(share_diffs, pool_size, monkeypatch):  # noqa: F811
+    """Two iterations (running statistics and parameter diffs carried over), at one thread and two:
+    every blob's data and diff and every parameter and its diff have the bits of the same net run
+    layer by layer, and both chains ran fused both ways."""
+    def run():
+        fused, layers = _nets()
+        counts = _count_fused(monkeypatch)
+        for net in (fused, layers):
+            for _ in range(2):
+                net.clear_param_diffs()
+                net.forward()
+                net.backward_from_to(share_diffs=share_diffs)
+        assert counts == {"forward": 4, "backward": 4}
+        if not share_diffs:     # a solver's pass leaves activation diffs in shared buffers
+            _assert_same(_state(fused), _state(layers))
+        return [b.diff.copy() for b in fused.layers[1].blobs] + [fused.blobs["conv1"].data.copy()] + \
+            [b.diff.copy() for layer in fused.layers for b in layer.blobs if layer.type == "Scale"]
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    for a, b in zip(one, two, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert np.abs(one[-1]).max() > 1e-3
+
+
+def test_partial_passes_run_the_layers_and_keep_the_bits(monkeypatch):
+    """A forward or backward range that cuts a chain runs its layers one by one; a fused forward
+    then a backward in pieces, and a forward in pieces then a whole backward, give the layers' bits."""
+    counts = _count_fused(monkeypatch)
+    fused, layers = _nets()
+    for net in (fused, layers):
+        net.forward()
+        net.backward(start="loss", end="scale2")     # cuts bn2+scale2 after its Scale
+        net.backward(start="bn2")
+    _assert_same(_state(fused), _state(layers))
+    assert counts == {"forward": 2, "backward": 1}     # bn1's chain backward ran whole
+    fused, layers = _nets()
+    for net in (fused, layers):
+        net.forward(end="scale1")                       # bn1's chain cut before its ReLU
+        net.forward(start="relu1")
+        net.backward()
+    _assert_same(_state(fused), _state(layers))
+
+
+def test_a_batchnorm_run_again_alone_makes_the_backward_run_the_layers(monkeypatch):
+    """After bn1's forward alone on other values, bn1's gradient reads its new buffers and scale1's
+    its old ones (as the layers do): the chain's backward is not fused."""
+    fused, layers = _nets()
+    counts = _count_fused(monkeypatch)
+    for net in (fused, layers):
+        net.forward()
+        net.blobs["conv1"].data[...] = np.random.default_rng(3).standard_normal(net.blobs["conv1"].shape)
+        net.forward(start="bn1", end="bn1")
+        net.backward()
+    assert counts == {"forward": 2, "backward": 1}      # the fused net's; bn2's chain backward only
+    _assert_same(_state(fused), _state(layers))
+
+
+def test_a_scale_that_does_not_learn_falls_back_to_the_layers(monkeypatch):
+    """scale1 with lr_mult 0 keeps no buffers of the BatchNorm: the chain's forward runs fused (the
+    same bits), its backward as layers."""
+    text = NET.replace('layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"',
+                       'layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" '
+                       'param { lr_mult: 0 } param { lr_mult: 0 }')
+    counts = _count_fused(monkeypatch)
+    fused, layers = _nets(text)
+    _iterations(fused)
+    _iterations(layers)
+    assert counts == {"forward": 4, "backward": 2}
+    _assert_same(_state(fused), _state(layers))
+
+
+def test_without_compiled_kernels_the_layers_run(monkeypatch):
+    """With the compiled kernels off the chains run as layers (their NumPy passes), and agree with
+    the fused chains to float32 rounding."""
+    counts = _count_fused(monkeypatch)
+    fused, _ = _nets()
+    _iterations(fused)
+    ctx = context.current()
+    saved = ctx.switches
+    ctx.switches = dataclasses.replace(saved, compiled=False)
+    try:
+        numpy_net, _ = _nets()
+        _iterations(numpy_net)
+    finally:
+        ctx.switches = saved
+    assert counts == {"forward": 4, "backward": 4}
+    a, b = _state(fused), _state(numpy_net)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+def test_fusion_switched_off_plans_no_chain():
+    ctx = context.current()
+    saved = ctx.switches
+    ctx.switches = dataclasses.replace(saved, fusion=False)
+    try:
+        fused, _ = _nets()
+    finally:
+        ctx.switches = saved
+    assert fused._train_fusion is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_forward_kernel_against_the_formula_and_any_split_of_channels(dtype):
+    """compiled.batch_norm_scale_relu against BatchNorm + Scale + ReLU in float64, in place and
+    not, and the same bits however the channels are split."""
+    rng = np.random.default_rng(8)
+    x = (3 * rng.standard_normal((4, 6, 35)) + 2).astype(dtype)
+    s, b = rng.uniform(0.5, 1.5, 6).astype(dtype), rng.standard_normal(6).astype(dtype)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2), keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=(0, 2), keepdims=True)
+    want = np.maximum((x64 - mean) / np.sqrt(var + 1e-5) * s[None, :, None] + b[None, :, None], 0)
+    kernel = compiled.get(compiled.batch_norm_scale_relu)
+    outs = []
+    for splits, in_place in [((0, 6), True), ((0, 1, 4, 6), False)]:
+        xin = x.copy()
+        y = xin if in_place else np.empty_like(x)
+        centred, stats = np.empty_like(x), [np.empty(6, dtype) for _ in range(3)]
+        for c0, c1 in zip(splits, splits[1:]):
+            kernel(xin, centred, y, s, b, True, True, True, 1e-5, *stats, c0, c1)
+        outs.append([y, centred] + stats)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(stats[0], mean.reshape(6), rtol=tol)
+        np.testing.assert_allclose(stats[1], var.reshape(6), rtol=tol)
+    for a, b_ in zip(*outs):
+        assert a.tobytes() == b_.tobytes()
+    assert (outs[0][0] == 0).any() and (outs[0][0] > 0).any()
