@@ -226,3 +226,45 @@ def test_the_forward_kernel_against_the_formula_and_any_split_of_channels(dtype)
     for a, b_ in zip(*outs):
         assert a.tobytes() == b_.tobytes()
     assert (outs[0][0] == 0).any() and (outs[0][0] > 0).any()
+
+
+RESIDUAL = """
+name: "residual"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" top: "target"
+  input_param { shape { dim: 2 dim: 3 dim: 9 dim: 8 } shape { dim: 2 dim: 6 dim: 9 dim: 8 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1"
+  scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 6 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "bn2" type: "BatchNorm" bottom: "conv2" top: "conv2" }
+layer { name: "scale2" type: "Scale" bottom: "conv2" top: "conv2"
+  scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 } } }
+layer { name: "sum" type: "Eltwise" bottom: "conv1" bottom: "conv2" top: "sum" }
+layer { name: "relu_sum" type: "ReLU" bottom: "sum" top: "sum" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "sum" bottom: "target" top: "loss" }
+"""
+
+
+def test_a_residual_sum_and_relu_run_fused_with_the_layers_bits(monkeypatch):
+    """A ResNet block's Eltwise SUM + ReLU in place on the sum is a forward-only chain (its backward
+    reads the top and its diff, which the fused forward leaves as the layers do): every bit as the
+    layers give it, over two iterations, and the sum lands in the top's own array."""
+    from minicaffe.kernels import fusion
+    ran = []
+    run = fusion.EltwiseReluChain.run
+    monkeypatch.setattr(fusion.EltwiseReluChain, "run", lambda self, net: ran.append(1) or run(self, net))
+    fused, layers = _nets(RESIDUAL)
+    names = fused._layer_names
+    assert sorted((names[c.first], names[c.last]) for c in fused._train_fusion.chains.values()) == \
+        [("bn1", "relu1"), ("bn2", "scale2"), ("sum", "relu_sum")]
+    top = fused.blobs["sum"].data
+    _iterations(fused)
+    _iterations(layers)
+    assert len(ran) == 2 and fused.blobs["sum"].data is top
+    _assert_same(_state(fused), _state(layers))
+    assert (top == 0).any() and (top > 0).any()

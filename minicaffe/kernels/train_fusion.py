@@ -1,4 +1,5 @@
-"""Fusion of BatchNorm (batch statistics) + Scale (+ ReLU) in nets that learn, forward and backward.
+"""Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU), forward and backward;
+Eltwise SUM + ReLU, forward.
 
 Why: Kaiming He's ResNet prototxts follow every convolution with BatchNorm, Scale and (mostly) ReLU,
 all three in place on the convolution's top. Run one by one, they make about nine passes through
@@ -25,6 +26,11 @@ slope, all three in place on one blob, with no loss weight. Run fused only when 
 for covers the whole chain, no pycaffe hook is set, the arrays are C-contiguous NumPy arrays and
 the compiled kernels are on (``compiled.runs_on``); otherwise the layers run one by one.
 ``MINICAFFE_FUSION=0`` switches it off, with the TEST-phase fusion.
+
+A ResNet block's Eltwise SUM + ReLU in place on the sum runs as the TEST phase's
+``fusion.EltwiseReluChain`` (the sum written into the top's own array and rectified there, a chunk
+at a time; the layers allocate a new top each forward and pass over it twice): forward only, as
+neither layer's backward reads anything but the top and its diff, which it leaves as they do.
 """
 import numpy as np
 
@@ -79,11 +85,12 @@ class BatchNormScaleChain:
 
 
 class TrainFusion:
-    """The chains of one net, by first layer index (forward) and by last (backward)."""
+    """The chains of one net, by first layer index (forward) and, for those with a fused backward,
+    by last (backward)."""
 
     def __init__(self, chains):
         self.chains = {ch.first: ch for ch in chains}
-        self.by_last = {ch.last: ch for ch in chains}
+        self.by_last = {ch.last: ch for ch in chains if hasattr(ch, "run_backward")}
 
     def __len__(self):
         return len(self.chains)
@@ -131,7 +138,10 @@ def plan(net):
     chains = []
     li = 0
     while li < len(net.layers):
-        ch = _chain(net, li)
+        # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's
+        # gradient reads the top's diff, the ReLU's the top): the TEST-phase chain serves as it is,
+        # forward only, the sum written into the top's own array and rectified there
+        ch = _chain(net, li) or fusion._eltwise_chain(net, li)
         if ch is not None:
             chains.append(ch)
             li = ch.last + 1
