@@ -268,3 +268,24 @@ def test_a_residual_sum_and_relu_run_fused_with_the_layers_bits(monkeypatch):
     assert len(ran) == 2 and fused.blobs["sum"].data is top
     _assert_same(_state(fused), _state(layers))
     assert (top == 0).any() and (top > 0).any()
+
+
+def test_minicaffe_time_runs_the_chains_backward_fused(monkeypatch):
+    """``minicaffe time`` calls each layer's backward itself (Caffe's loop): where a chain ends it
+    runs the chain's backward fused instead (``Net.fused_backward_at``), timed on its last layer, with
+    the gradients of the layers one by one."""
+    from minicaffe.tools import cli
+    counts = _count_fused(monkeypatch)
+    fused, layers = _nets()
+    assert fused.fused_backward_at(list(fused._layer_names).index("relu1")) is None   # no forward yet
+    fused.forward()
+    layers.forward()
+    timings = {}
+    cli._backward_every_layer(fused, timings)
+    layers.backward()
+    names = list(fused._layer_names)
+    assert counts["backward"] == 2
+    assert names.index("relu1") in timings and names.index("bn1") not in timings
+    for name in ("conv1", "scale1", "conv2", "scale2", "scale3"):
+        for a, b in zip(fused.params[name], layers.params[name]):
+            np.testing.assert_array_equal(a.diff, b.diff, err_msg=name)

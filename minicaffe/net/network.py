@@ -444,11 +444,7 @@ class Net:
             chain = chains.backward_chain_at(li, end) if chains is not None else None
             if chain is not None:
                 t0 = time.perf_counter() if timings is not None else None
-                try:
-                    fused = chain.run_backward(self)
-                except (NetError, MemoryError) as exc:
-                    raise_naming_layer(exc, self.layers[li])
-                if fused:
+                if self.fused_backward_at(li) is not None:
                     self._after_fused_backward(chain, plan, timings, t0)
                     li = chain.first
                     continue
@@ -490,6 +486,21 @@ class Net:
             if hooks:
                 for fn in hooks["after_backward"]:
                     fn(li)
+
+    def fused_backward_at(self, li: int) -> int | None:
+        """Run the backward of the fused chain that ends at layer ``li`` (kernels/train_fusion.py:
+        BatchNorm + Scale + ReLU) as one, where there is one and it can run fused, and return the
+        chain's first layer index; else do nothing and return None. For a tool that calls each
+        layer's backward itself, as ``minicaffe time`` does, so it times the backward a solver runs."""
+        chains = self._train_fusion if not self._hooks else None
+        chain = chains.backward_chain_at(li, 0) if chains is not None else None
+        if chain is None:
+            return None
+        try:
+            fused = chain.run_backward(self)
+        except (NetError, MemoryError) as exc:
+            raise_naming_layer(exc, self.layers[li])
+        return chain.first if fused else None
 
     def _after_fused_backward(self, chain, plan, timings, t0):
         """What the backward loop does after each layer, for a chain run as one (train_fusion): the

@@ -449,19 +449,27 @@ def _backward_every_layer(net, timings):
     (no loss, so no layer "needs" backward) still times every layer's parameter gradients; bottoms are
     propagated only where the net would (``bottom_need_backward``). Doing the same keeps the backward
     figures comparable with Caffe's rather than ~0 ms.
+
+    A chain of layers whose forward ran fused (BatchNorm + Scale + ReLU in a net that learns) runs its
+    backward fused too, as a solver's pass does (``Net.fused_backward_at``), timed on its last layer.
     """
     xp = backend.xp()
     bottoms, tops, weights = net.bottom_vecs, net.top_vecs, net.layer_loss_weights
     need_backward = net.bottom_need_backward
-    for li in range(len(net.layers) - 1, -1, -1):
+    li = len(net.layers) - 1
+    while li >= 0:
         layer, bottom, top = net.layers[li], bottoms[li], tops[li]
         for w, blob in zip(weights[li], top):
             if w:
                 blob.xdiff = xp.full(blob.shape, w, dtype=blob.dtype)
         t0 = _time.perf_counter()
-        layer.backward(top, need_backward[li], bottom)
+        first = net.fused_backward_at(li)
+        if first is None:
+            layer.backward(top, need_backward[li], bottom)
+            first = li
         backend.synchronize()
         timings[li] = timings.get(li, 0.0) + _time.perf_counter() - t0
+        li = first - 1
 
 
 def _print_table(rows, per_iter_ms):
