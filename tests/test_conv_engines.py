@@ -14,7 +14,7 @@ from minicaffe.core import backend
 from minicaffe.errors import NetError
 from minicaffe.formats.prototxt import load_net_param
 from minicaffe.core import context
-from minicaffe.kernels import cudnn, engines, winograd
+from minicaffe.kernels import conv_engines, cudnn, engines, winograd
 from minicaffe.proto import caffe_pb2
 from minicaffe.testing import check_gradient, forward, make_layer
 
@@ -192,6 +192,27 @@ def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name
     per_image = s.cin * s.geom.kh * s.geom.kw * s.columns
     ref = _run(layer, bottom, top, REF)
     _assert_same(_run(layer, bottom, top, name, {"max_col_elements": images * per_image}), ref)
+
+
+@pytest.mark.parametrize("min_columns", [1, 10 ** 9])
+@pytest.mark.parametrize("layer_type,case", [("Convolution", "1x1"), ("Deconvolution", "1x1"),
+                                             ("Convolution", "1x1group2"), ("Convolution", "1x1stride2")])
+def test_gemm_1x1_weight_gradient_image_by_image_matches_the_reference(layer_type, case, min_columns,
+                                                                       monkeypatch):
+    """A stride-1 1x1 layer's weight gradient image by image (wide maps: from
+    PER_IMAGE_WGRAD_MIN_COLUMNS positions) or as one GEMM: the reference's numbers either way, and
+    groups and strides keep the one GEMM."""
+    monkeypatch.setattr(conv_engines, "PER_IMAGE_WGRAD_MIN_COLUMNS", min_columns)
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    batched = []
+    accumulate = conv_engines.Im2colConv._accumulate_wgrad
+    monkeypatch.setattr(conv_engines.Im2colConv, "_accumulate_wgrad",
+                        lambda self, *a: batched.append(1) or accumulate(self, *a))
+    _assert_same(_run(layer, bottom, top, "gemm_1x1"), ref)
+    # Deconvolution's weight gradient reads its bottom as the convolution's output: not this path
+    per_image = min_columns == 1 and case == "1x1" and layer_type == "Convolution"
+    assert bool(batched) != per_image
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
