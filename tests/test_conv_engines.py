@@ -194,6 +194,17 @@ def test_column_engines_in_chunks_of_images_match_the_reference(layer_type, name
     _assert_same(_run(layer, bottom, top, name, {"max_col_elements": images * per_image}), ref)
 
 
+@pytest.mark.parametrize("max_k", [0, 10 ** 9])
+@pytest.mark.parametrize("name,case", [("im2col", "k5s3p2g2"), ("im2col_batch_last", "narrow5g2"),
+                                       ("gemm_1x1", "1x1stride2"), ("winograd", "odd")])
+def test_weight_gradient_either_way_round_matches_the_reference(name, case, max_k, monkeypatch):
+    """The column engines' weight gradient as rows(dy) @ cols(x)^T (chunks of up to
+    WGRAD_ROWS_FIRST_MAX_K positions) or as (cols(x) @ rows(dy)^T)^T: the reference's numbers."""
+    monkeypatch.setattr(conv_engines, "WGRAD_ROWS_FIRST_MAX_K", max_k)
+    layer, bottom, top = _layer("Convolution", case)
+    _assert_same(_run(layer, bottom, top, name), _run(layer, bottom, top, REF))
+
+
 @pytest.mark.parametrize("min_columns", [1, 10 ** 9])
 @pytest.mark.parametrize("layer_type,case", [("Convolution", "1x1"), ("Deconvolution", "1x1"),
                                              ("Convolution", "1x1group2"), ("Convolution", "1x1stride2")])

@@ -66,6 +66,7 @@ from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, 
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
+_WGRAD = _context.Slot("wgrad")                     # a chunk's weight gradient before it is added
 _WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
 _CL_FILTERS = _context.Slot("cl_filters")           # weights permuted to (cout, kh, kw, cin/group)
 _WINOGRAD_FLIPPED = _context.Slot("wino_flipped")   # the data gradient's filters before their transform
@@ -174,6 +175,13 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 # fewer tiles there too: forward ms, 2 cores, Winograd / columns: VGG 512->512 14² at batch 2
 # (32 tiles) 10.1 / 12.1, 256->256 14² at batch 2 (32) 3.2 / 3.6, 512->512 14² at batch 1 (16)
 # 6.7 / 6.7. So WINOGRAD_SPLIT_MIN_TILES when the pool has more than one thread.
+# Im2colConv._accumulate_wgrad: a chunk's weight gradient as rows(dy) @ cols(x)^T into a scratch
+# array, then added, where the chunk has up to this many output positions (the GEMMs' K); with more,
+# as (cols(x) @ rows(dy)^T)^T. Measured on 2 cores, ms, this way / the other: K = 392 (ResNet-50's
+# 7x7 maps at batch 8) 512 x 4608 11.0 / 20.5, 2048 x 512 4.9 / 7.8; K = 1568 (14x14) 256 x 2304
+# 10.6 / 11.7; K = 6272 128 x 1152 12.3 / 11.1; K = 25088 64 x 576 14.3 / 12.8.
+WGRAD_ROWS_FIRST_MAX_K = 4096
+
 # Gemm1x1Conv: a stride-1 1x1 layer's weight gradient image by image (dw += dy_i x_i^T, each GEMM on
 # the blob's own arrays) from this many output positions an image on, instead of one GEMM over the
 # transposed copies of dy and x. Measured on 2 cores, batch 8, ms, per image / one GEMM: ResNet-50's
@@ -417,14 +425,22 @@ class Im2colConv:
 
     def _accumulate_wgrad(self, rows, col2, dw):
         dw2 = dw.reshape(self.s.cout, self.s.kg)
+        rows_first = rows.shape[1] <= WGRAD_ROWS_FIRST_MAX_K
 
         def group(i, go, gk):
-            if not self.gpu:
-                # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
-                # layers (LeNet's conv2: 2.4 against 3.4 ms) and never slower on large ones
-                dw2[go] += (col2[gk] @ rows[go].T).T
-            else:
+            if self.gpu:
                 dw2[go] += rows[go] @ col2[gk].T
+            elif rows_first:
+                # few positions, a large gradient: the product in the gradient's own layout, then
+                # a contiguous add (the other way round wrote a new transposed array and added it
+                # through strides: WGRAD_ROWS_FIRST_MAX_K)
+                part = workspace(np, (self.s.og, self.s.kg), dw.dtype, _WGRAD)   # this thread's own
+                np.matmul(rows[go], col2[gk].T, out=part)
+                dw2[go] += part
+            else:
+                # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
+                # layers (LeNet's conv2: 2.4 against 3.4 ms) and with many positions
+                dw2[go] += (col2[gk] @ rows[go].T).T
         self._each_group(group)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
