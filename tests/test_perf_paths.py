@@ -122,12 +122,22 @@ def _caffe_max_backward_float32(x, dy, k, s, p):
                                         ("kernel_size: 3 stride: 1 pad: 1", 3, 1, 1),
                                         ("kernel_size: 2 stride: 2", 2, 2, 0),
                                         ("kernel_size: 3 stride: 2 pad: 1", 3, 2, 1)])
-def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(spec, k, s, p,
+@pytest.mark.parametrize("kernels", [True, False])
+def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(spec, k, s, p, kernels,
                                                                                 monkeypatch):
-    """The argmax scatter engine (np.add.at over blocks of planes) gives Caffe's float32 sums
-    exactly, ties and overlapping windows included; the reference's per-offset passes give the
-    same values."""
-    from minicaffe.kernels import engines, pooling_engines
+    """The argmax scatter engine (the compiled scatter loop, or np.add.at over blocks of planes with
+    the compiled kernels off) gives Caffe's float32 sums exactly, ties and overlapping windows
+    included; the reference's per-offset passes give the same values."""
+    import dataclasses
+    from minicaffe.core import context
+    from minicaffe.kernels import compiled, engines, pooling_engines
+    if kernels and not compiled.enabled():
+        pytest.skip("no compiled kernels (Numba)")
+    ctx = context.current()
+    monkeypatch.setattr(ctx, "switches", dataclasses.replace(ctx.switches, compiled=kernels))
+    asked = []
+    get = compiled.get
+    monkeypatch.setattr(compiled, "get", lambda fn: asked.append(fn.__name__) or get(fn))
     rng = np.random.default_rng(6)
     x = rng.integers(-2, 2, (2, 5, 9, 11)).astype(np.float32)    # many ties
     monkeypatch.setattr(pooling_engines, "SCATTER_BLOCK_OUTPUTS", 50)    # several blocks, a ragged last one
@@ -144,3 +154,4 @@ def test_max_pooling_scatter_backward_matches_per_offset_passes_and_caffe_order(
         grads[engine] = bottom[0].diff.copy()
     np.testing.assert_array_equal(grads["scatter"], _caffe_max_backward_float32(x, dy, k, s, p))
     np.testing.assert_allclose(grads["caffe"], grads["scatter"], rtol=1e-6, atol=1e-6)
+    assert ("max_pool_scatter" in asked) == kernels

@@ -8,12 +8,15 @@ forward is the reference's (it keeps the argmax codes this backward reads).
 
 ``np.add.at`` is a fast unbuffered scatter-add from NumPy 1.25 on (about 1.5 ns an element); before,
 it is ~50x slower than the per-offset passes, so the engine does not apply there. The blocks are
-split over the kernels' thread pool (``core/threads.py``); each writes only its own planes.
+split over the kernels' thread pool (``core/threads.py``); each writes only its own planes. But
+``np.add.at`` holds the GIL, so the blocks ran one after the other: with the compiled kernels on, the
+same scatter is a compiled loop over planes (``compiled.max_pool_scatter``, the same bits), which
+runs in parallel (ResNet-50's pool1 backward at batch 8, 2 cores: 6.4 -> 2.7 ms).
 """
 import numpy as np
 
 from ..proto import caffe_pb2
-from . import engines
+from . import compiled, engines
 from ..core import threads
 from ..core.context import Slot
 from .im2col import workspace
@@ -54,6 +57,14 @@ class ScatterMaxPooling:
         n, c, h, w = dx.shape
         m, (oh, ow) = n * c, layer.out_hw
         codes = layer.argmax_offsets(x)                    # (m, 1, oh, ow)
+        if compiled.runs_on(dx, dy):
+            # one compiled loop per block of planes, without the GIL (compiled.max_pool_scatter)
+            kernel = compiled.get(compiled.max_pool_scatter)
+            dy3, dx2 = dy.reshape(m, oh, ow), dx.reshape(m, h * w)
+            threads.parallel_for(m, lambda p0, p1: kernel(
+                dy3, codes, self.table, dx2, w, layer.sh, layer.sw, layer.ph, layer.pw, p0, p1),
+                work=dy.size + dx.size)
+            return
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
         dx.fill(0)
