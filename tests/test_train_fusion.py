@@ -8,14 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-import minicaffe as caffe
 from minicaffe.core import context
-from minicaffe.formats.prototxt import parse_text
 from minicaffe.kernels import compiled, train_fusion
-from minicaffe.proto import caffe_pb2
 
 from test_threads import _at_one_and_two_threads, pool_size  # noqa: F401 (fixture)
-from test_scale_after_batchnorm import _assert_same, _state
+from test_scale_after_batchnorm import _assert_same, _state, _nets as _net_pair
 
 pytest.importorskip("numba")
 
@@ -45,23 +42,11 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "bn3" bottom: "target" top: "
 
 
 def _nets(text=NET):
-    """The net twice with the same weights and inputs: ``fused`` as it runs, ``layers`` with a no-op
-    pycaffe hook (which makes every layer run alone)."""
-    param = parse_text(text, caffe_pb2.NetParameter())
-    fused = caffe.Net(param, caffe.TRAIN)
-    layers = caffe.Net(param, caffe.TRAIN)
-    layers.before_forward(lambda li: None)
+    """The net twice with the same weights and inputs (test_scale_after_batchnorm's pair): ``fused``
+    as it runs, ``layers`` with no-op pycaffe hooks on forward and backward, which make every layer
+    run alone."""
+    fused, layers = _net_pair(text)
     layers.before_backward(lambda li: None)
-    rng = np.random.default_rng(5)
-    for a, b in zip(fused.layers, layers.layers):
-        for x, y in zip(a.blobs, b.blobs):
-            if a.type != "BatchNorm":
-                x.data[...] = rng.standard_normal(x.shape) * 0.4 + (1 if a.type == "Scale" else 0)
-            y.data[...] = x.data
-    for name in fused.inputs:
-        v = rng.standard_normal(fused.blobs[name].shape) * 2 + 0.5
-        fused.blobs[name].data[...] = v
-        layers.blobs[name].data[...] = v
     return fused, layers
 
 

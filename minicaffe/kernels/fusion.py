@@ -376,13 +376,20 @@ def plan(net):
     """The Fusion of a built TEST net, or None when there is nothing to fuse or it is switched off."""
     if net.phase != caffe_pb2.TEST or not enabled():
         return None
+    chains = scan_chains(net, lambda li: _conv_chain(net, li) or _eltwise_chain(net, li))
+    return Fusion(chains) if chains else None
+
+
+def scan_chains(net, find):
+    """The chains ``find(li)`` returns (a chain starting at layer ``li``, or None), the layers scanned
+    in order and each scan resumed after the last chain's last layer: chains never overlap."""
     chains = []
     li = 0
     while li < len(net.layers):
-        ch = _conv_chain(net, li) or _eltwise_chain(net, li)
+        ch = find(li)
         if ch is not None:
             chains.append(ch)
             li = ch.last + 1
         else:
             li += 1
-    return Fusion(chains) if chains else None
+    return chains

@@ -135,16 +135,8 @@ def plan(net):
     fuses), or None when there is nothing to fuse or fusion is switched off."""
     if not fusion.enabled():
         return None
-    chains = []
-    li = 0
-    while li < len(net.layers):
-        # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's
-        # gradient reads the top's diff, the ReLU's the top): the TEST-phase chain serves as it is,
-        # forward only, the sum written into the top's own array and rectified there
-        ch = _chain(net, li) or fusion._eltwise_chain(net, li)
-        if ch is not None:
-            chains.append(ch)
-            li = ch.last + 1
-        else:
-            li += 1
+    # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's gradient
+    # reads the top's diff, the ReLU's the top): the TEST-phase chain serves as it is, forward
+    # only, the sum written into the top's own array and rectified there
+    chains = fusion.scan_chains(net, lambda li: _chain(net, li) or fusion._eltwise_chain(net, li))
     return TrainFusion(chains) if chains else None
