@@ -216,14 +216,15 @@ def test_gemm_1x1_weight_gradient_image_by_image_matches_the_reference(layer_typ
     monkeypatch.setattr(conv_engines, "PER_IMAGE_WGRAD_MIN_COLUMNS", min_columns)
     layer, bottom, top = _layer(layer_type, case)
     ref = _run(layer, bottom, top, REF)
-    batched = []
+    positions = []      # each accumulated product's positions (K): one image's, or the batch's
     accumulate = conv_engines.Im2colConv._accumulate_wgrad
     monkeypatch.setattr(conv_engines.Im2colConv, "_accumulate_wgrad",
-                        lambda self, *a: batched.append(1) or accumulate(self, *a))
+                        lambda self, rows, *a: positions.append(rows.shape[1]) or accumulate(self, rows, *a))
     _assert_same(_run(layer, bottom, top, "gemm_1x1"), ref)
     # Deconvolution's weight gradient reads its bottom as the convolution's output: not this path
     per_image = min_columns == 1 and case == "1x1" and layer_type == "Convolution"
-    assert bool(batched) != per_image
+    s = layer.conv
+    assert set(positions) == {s.columns if per_image else s.num * s.columns}
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])

@@ -611,13 +611,13 @@ class Gemm1x1Conv(Im2colConv):
             return
         if dw is not None and g.sh == 1 and g.sw == 1 and s.group == 1 and isinstance(dy, np.ndarray) \
                 and s.columns >= PER_IMAGE_WGRAD_MIN_COLUMNS:
-            # wide maps: no transposed copies of dy and x; one image after the other (BLAS's
-            # threads inside each GEMM), so the sum's order does not depend on the thread count
-            dw2 = dw.reshape(s.cout, s.kg)
+            # wide maps: no transposed copies of dy and x (an image's dy and x are its rows and
+            # columns already); one image after the other (BLAS's threads inside each GEMM), so the
+            # sum's order does not depend on the thread count
             x3 = x.reshape(x.shape[0], s.cin, s.columns)
             dy3 = dy.reshape(dy.shape[0], s.cout, s.columns)
             for i in range(dy.shape[0]):
-                dw2 += (x3[i] @ dy3[i].T).T     # the orientation _accumulate_wgrad found faster
+                self._accumulate_wgrad(dy3[i], x3[i], dw)
             dw = None
         direct = dx is not None and g.sh == 1 and g.sw == 1
         if direct:
@@ -636,7 +636,6 @@ class Gemm1x1Conv(Im2colConv):
                 for i, (go, _) in enumerate(self._groups()):
                     dx3[:, i * cg:(i + 1) * cg] = xp.matmul(w2[go].T, dy3[:, go])
         super().backward(dy, w, None if direct else dx, x, dw)
-
 
     def _strided_data_grad(self, dy, w, dx):
         s = self.s
