@@ -37,7 +37,7 @@ import numpy as np
 from . import fusion
 
 # layer types, by their Caffe names, that make up a chain
-_BATCH_NORM, _SCALE, _RELU = "BatchNorm", "Scale", "ReLU"
+_BATCH_NORM, _SCALE = "BatchNorm", "Scale"
 
 
 class BatchNormScaleChain:

@@ -184,6 +184,11 @@ class BatchNorm(Layer):
 
     def normalize(self, x3, y3):
         """The reference forward: normalise ``x3`` (N, C, S) into ``y3`` (they may share memory)."""
+        if not self.use_global_stats and compiled.runs_on(x3, y3):
+            # the kernel that runs BatchNorm + Scale + ReLU fused (forward_fused), here without the
+            # other two: a fused chain and these layers one by one give the same bits
+            self._normalize_compiled(x3, y3, None, None, False)
+            return
         xp = self.xp
         x = x3
         c = self.channels
@@ -206,11 +211,6 @@ class BatchNorm(Layer):
             mean = xp.empty(c, dtype=x.dtype)
             var = xp.empty(c, dtype=x.dtype)
         batch = not self.use_global_stats
-        if batch and compiled.runs_on(x3, y3):
-            # the kernel that runs BatchNorm + Scale + ReLU fused (forward_fused), here without the
-            # other two: a fused chain and these layers one by one give the same bits
-            self._normalize_compiled(x3, y3, None, None, False)
-            return
         buf = self._centred_buffer(x3)
         inv_std = xp.empty(c, dtype=x.dtype)
 
@@ -265,12 +265,12 @@ class BatchNorm(Layer):
         place on one blob as one kernel (kernels/train_fusion.py). The layer's state is what its
         forward leaves; False, with nothing done, unless this layer uses batch statistics on the
         CPU and the arrays suit the compiled kernels."""
-        if self.engine is not self or self.use_global_stats or not compiled.runs_on(x):
-            return False        # (a reshaped non-contiguous array would be a copy: writes lost)
-        x3 = x.reshape(_channels_shape(x.shape, self.channels))
-        if not compiled.runs_on(x3, scale, *(() if bias is None else (bias,))) or \
+        # (x contiguous: reshaped, a non-contiguous array would be a copy and the writes lost)
+        if self.engine is not self or self.use_global_stats or \
+                not compiled.runs_on(x, scale, *(() if bias is None else (bias,))) or \
                 scale.size != self.channels or (bias is not None and bias.size != self.channels):
             return False
+        x3 = x.reshape(_channels_shape(x.shape, self.channels))
         self._normalize_compiled(x3, x3, scale, bias, relu)
         self._serial += 1
         self._wrote = weakref.ref(x)
@@ -553,13 +553,13 @@ class Scale(Layer):
                 or self.engine is not self or not producer.holds(*normalized[1:]):
             return False
         _, centred, inv_std, _ = normalized
-        if dy.shape != y.shape or dy.size != centred.size or not compiled.runs_on(dy, y):
-            return False        # (a reshaped non-contiguous diff would be a copy: writes lost)
-        dy3, y3 = dy.reshape(centred.shape), y.reshape(centred.shape)
         scale = self.blobs[0]
         s = scale.xdata.reshape(-1)
-        if not compiled.runs_on(dy3, y3, centred, inv_std, s) or s.size != centred.shape[1]:
+        # (dy contiguous: reshaped, a non-contiguous diff would be a copy and the writes lost)
+        if dy.shape != y.shape or dy.size != centred.size or s.size != centred.shape[1] or \
+                not compiled.runs_on(dy, y, centred, inv_std, s):
             return False
+        dy3, y3 = dy.reshape(centred.shape), y.reshape(centred.shape)
         c = centred.shape[1]
         want_bias = self.bias_index is not None and self.need_param_grad(self.bias_index)
         gb = np.empty(c if want_bias else 0, dy.dtype)

@@ -437,16 +437,16 @@ class Net:
             self._fusion.unfuse(self)
             self._fusion = None
         plan = self._diff_plan(share_diffs and start == len(self.layers) - 1 and end == 0)
-        chains = self._train_fusion if not hooks else None
+        fused = self._train_fusion is not None and not hooks
         li = start + 1
         while li > end:
             li -= 1
-            chain = chains.backward_chain_at(li, end) if chains is not None else None
-            if chain is not None:
+            if fused:
                 t0 = time.perf_counter() if timings is not None else None
-                if self.fused_backward_at(li) is not None:
-                    self._after_fused_backward(chain, plan, timings, t0)
-                    li = chain.first
+                first = self.fused_backward_at(li, end)
+                if first is not None:
+                    self._after_fused_backward(first, li, plan, timings, t0)
+                    li = first
                     continue
             if hooks:       # as Caffe: the hooks run for every layer, even one that skips backward
                 for fn in hooks["before_backward"]:
@@ -487,13 +487,14 @@ class Net:
                 for fn in hooks["after_backward"]:
                     fn(li)
 
-    def fused_backward_at(self, li: int) -> int | None:
+    def fused_backward_at(self, li: int, end: int = 0) -> int | None:
         """Run the backward of the fused chain that ends at layer ``li`` (kernels/train_fusion.py:
-        BatchNorm + Scale + ReLU) as one, where there is one and it can run fused, and return the
-        chain's first layer index; else do nothing and return None. For a tool that calls each
-        layer's backward itself, as ``minicaffe time`` does, so it times the backward a solver runs."""
+        BatchNorm + Scale + ReLU) as one, where there is one, a backward down to layer ``end``
+        covers it and it can run fused, and return the chain's first layer index; else do nothing
+        and return None. ``backward_from_to`` uses it, and so can a tool that calls each layer's
+        backward itself, as ``minicaffe time`` does, so it times the backward a solver runs."""
         chains = self._train_fusion if not self._hooks else None
-        chain = chains.backward_chain_at(li, 0) if chains is not None else None
+        chain = chains.backward_chain_at(li, end) if chains is not None else None
         if chain is None:
             return None
         try:
@@ -502,16 +503,17 @@ class Net:
             raise_naming_layer(exc, self.layers[li])
         return chain.first if fused else None
 
-    def _after_fused_backward(self, chain, plan, timings, t0):
-        """What the backward loop does after each layer, for a chain run as one (train_fusion): the
-        diff plan's additions, the timing (on the chain's last layer) and the finiteness checks."""
-        for k in range(chain.last, chain.first - 1, -1):
+    def _after_fused_backward(self, first, last, plan, timings, t0):
+        """What the backward loop does after each layer, for a chain ``first..last`` run as one
+        (train_fusion): the diff plan's additions, the timing (on the chain's last layer) and the
+        finiteness checks."""
+        for k in range(last, first - 1, -1):
             if plan is not None and k in plan.after:
                 plan.after_layer(k)
         if timings is not None:
-            timings[chain.last] = timings.get(chain.last, 0.0) + time.perf_counter() - t0
+            timings[last] = timings.get(last, 0.0) + time.perf_counter() - t0
         if self.check_finite:
-            for k in range(chain.last, chain.first - 1, -1):
+            for k in range(last, first - 1, -1):
                 layer = self.layers[k]
                 checks = [(f"bottom '{b.name}' diff", b.xdiff) for b in self._bottom[k]]
                 checks += [(f"parameter {j} diff", b.xdiff) for j, b in enumerate(layer.blobs)
