@@ -121,6 +121,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output,
+               compiled.winograd4_gradient_tiles, compiled.winograd4_filter_gradient,
                compiled.convolution_epilogue, compiled.inner_product_rows):
         assert compiled.get(fn).signatures       # compiled (or loaded) for float32
     switches(compiled=False)

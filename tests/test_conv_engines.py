@@ -497,6 +497,93 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     engines.force(layer, None)
 
 
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", WINOGRAD_GRAD_CASES + ["pad3", "batch1_odd"])
+@pytest.mark.parametrize("data_grad", [False, True])
+def test_winograd_weight_gradient_matches_the_reference(layer_type, case, data_grad):
+    """The weight gradient through Winograd F(4x4) (pads 0 to 3, odd sizes, one image, one tile),
+    alone and beside either data gradient; for Deconvolution it is its forward's weight gradient,
+    dy and x in each other's places."""
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    data_grad = data_grad and winograd.applies(layer.conv.geom, 1) and layer.conv.geom.ph <= 2 \
+        and layer.conv.geom.pw <= 2
+    _assert_same(_run(layer, bottom, top, "winograd", {"weight_grad": True, "data_grad": data_grad}), ref)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["odd", "pad2", "wide"])
+def test_winograd_weight_gradient_in_float32_matches_the_reference(layer_type, case):
+    """float32 blobs: the weight gradient to float32 rounding (its 36 products sum over the whole
+    batch's tiles, and the transforms scale dy's values by up to 8 before G^T scales them back)."""
+    shape, spec = CASES[case]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text(layer_type, spec), [x])
+    dy = rng.standard_normal(top[0].shape).astype(np.float32)
+    got = {}
+    for name, options in ((REF, {}), ("winograd", {"weight_grad": True})):
+        engines.force(layer, name, **options)
+        forward(layer, bottom, top)
+        assert layer.engine_name == name
+        top[0].diff[...] = dy
+        for b in layer.blobs:
+            b.diff[...] = 0
+        layer.backward(top, [False], bottom)
+        got[name] = layer.blobs[0].diff.copy()
+    engines.force(layer, None)
+    assert got["winograd"].dtype == np.float32
+    np.testing.assert_allclose(got["winograd"], got[REF], rtol=1e-4, atol=2e-6 * float(np.abs(got[REF]).max()))
+
+
+def test_winograd_weight_gradient_passes_the_gradient_check():
+    x = np.random.default_rng(9).standard_normal((2, 2, 6, 5))
+    text = conv_text("Convolution", "num_output: 3 kernel_size: 3 pad: 1")
+    check_gradient(text, [x], setup_hook=lambda layer, b, t: engines.force(layer, "winograd", weight_grad=True))
+
+
+@pytest.mark.parametrize("band", [1, 2, None])
+def test_winograd_weight_gradient_compiled_and_numpy_agree_in_any_band(band, env_switch):
+    """``winograd.weight_gradient`` adds into ``dw``, in bands of tile rows: the compiled kernels
+    against their NumPy twins (equal to float32 rounding: the input tiles' and the filters' twins
+    add in einsum's and BLAS's orders), and the compiled result the same bits at one and two
+    threads; dy's tile transform is the same bits as its twin (the same operations)."""
+    from minicaffe.kernels import compiled
+    rng = np.random.default_rng(14)
+    for n, c, k, h, w, p in ((2, 16, 24, 17, 22, 1), (1, 8, 8, 5, 6, 0), (3, 12, 6, 9, 8, 2)):
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        oh, ow = h + 2 * p - 2, w + 2 * p - 2
+        dy = rng.standard_normal((n, k, oh, ow)).astype(np.float32)
+        start = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
+        out = {}
+        for mode, threads_ in (("0", "1"), ("1", "1"), ("1", "2")):
+            env_switch("MINICAFFE_COMPILED", mode)
+            env_switch("MINICAFFE_THREADS", threads_)
+            dw = start.copy()
+            winograd.weight_gradient(x, dy, dw, p, p, band=band)
+            out[mode, threads_] = dw
+        scale = np.abs(out["0", "1"] - start).max()
+        np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=4e-6 * scale)
+        assert out["1", "1"].tobytes() == out["1", "2"].tobytes()
+        tw, th = -(-ow // 4), -(-oh // 4)
+        rows = min(2, th)
+        tiles = np.empty((36, k, n * rows * tw), np.float32)
+        compiled.get(compiled.winograd4_gradient_tiles)(dy, tiles, th - rows, rows, tw, 0, k)
+        assert tiles.tobytes() == winograd._gradient_tiles_numpy(dy, th - rows, rows, tw).tobytes()
+
+
+def test_winograd_weight_gradient_without_compiled_kernels_takes_the_columns(env_switch, monkeypatch):
+    """With MINICAFFE_COMPILED=0 the engine's weight gradient goes through the columns (the NumPy
+    twins are slower than they are), with the same result to rounding."""
+    layer, bottom, top = _layer("Convolution", "odd")
+    ref = _run(layer, bottom, top, REF)
+    env_switch("MINICAFFE_COMPILED", "0")
+    calls = []
+    monkeypatch.setattr(winograd, "weight_gradient", lambda *a, **k: calls.append(a))
+    _assert_same(_run(layer, bottom, top, "winograd", {"weight_grad": True}), ref)
+    assert calls == []
+
+
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
     ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
@@ -582,6 +669,17 @@ def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, num)
     layer.reshape(bottom, top)
     assert layer.engine.data_grad is (want and num == 4)
     engines.force(layer, None)
+
+
+@pytest.mark.parametrize("shape,want", [
+    ((4, 64, 28, 28), True),           # 196 tiles of a 28x28 map
+    ((3, 64, 28, 28), False),          # 147 tiles
+    ((16, 64, 14, 14), False),         # 256 tiles, but a 14x14 map
+    ((1, 64, 56, 56), True)])
+def test_default_winograd_weight_gradient_where_it_pays(shape, want):
+    layer, _, _ = make_layer(conv_text("Convolution", "num_output: 64 kernel_size: 3 pad: 1"),
+                             [np.zeros(shape, np.float32)])
+    assert layer.engine_name == "winograd" and layer.engine.weight_grad is want
 
 
 @pytest.mark.parametrize("threads,shape,spec,want", [

@@ -59,7 +59,7 @@ from ..core import context as _context
 from ..core import blas, threads
 from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
-from . import cuda_im2col, cudnn_conv, engines, winograd
+from . import compiled, cuda_im2col, cudnn_conv, engines, winograd
 from .engines import Engine, register
 from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_channels_last, im2col_rows,
                      images_per_chunk, padded_source, workspace)
@@ -214,6 +214,17 @@ WINOGRAD_BACKWARD_MIN_TILES = 64
 # no longer kept to one thread.
 WINOGRAD_BACKWARD_MIN_CHANNELS = 64
 
+# Where the weight gradient through Winograd (winograd.weight_gradient; WinogradConv ``weight_grad``)
+# pays against the columns' (im2col + GEMM): from WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4 tiles of the
+# output map in the batch, on maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more. Measured on 2 cores,
+# the layer's whole backward, Winograd weight gradient / columns' (docs/performance.md, "Winograd
+# weight gradient"): VGG-16 at batch 4, 224² to 28² (196 tiles and more) 0.58-0.91; ResNet-50 at
+# batch 8, 56² and 28² 0.71-1.0; GoogLeNet at batch 16, 56² and 28² 0.78-0.96. On 14x14 maps (a 4x4
+# tile grid covers 16x16: 31% of the work is padding) it did not pay reliably: VGG conv5 at 64 tiles
+# 0.80-1.08, ResNet's 256->256 at 128 tiles 0.82-1.25, GoogLeNet's at 256 tiles 0.91-1.20.
+WINOGRAD_WEIGHT_GRAD_MIN_TILES = 192
+WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 20
+
 
 class ConvShape:
     """A (de)convolution as the engines see it, in the convolution's forward orientation: ``num``
@@ -340,6 +351,18 @@ def winograd_backward_computes(s):
     """Whether Winograd computes the data gradient: the forward's shapes with pads up to 2 (the
     gradient's own pad is ``2 - p``)."""
     return winograd.applies(s.geom, s.group) and s.geom.ph <= 2 and s.geom.pw <= 2
+
+
+def winograd_weight_grad_pays(s):
+    """Where the Winograd weight gradient beats the columns': WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4
+    tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more, unless
+    MINICAFFE_WINOGRAD=0. (It runs only where the compiled kernels do:
+    ``WinogradConv._winograd_weight_grad``.)"""
+    if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
+        return False
+    oh, ow = s.out_hw
+    return (min(oh, ow) >= WINOGRAD_WEIGHT_GRAD_MIN_SIZE and _context.current().switches.winograd
+            and s.num * -(-oh // 4) * -(-ow // 4) >= WINOGRAD_WEIGHT_GRAD_MIN_TILES)
 
 
 def winograd_backward_pays(s):
@@ -676,7 +699,7 @@ class ChannelsLastConv(Im2colConv):
             return super().forward(x, w, y, grad_src, dw)
         s = self.s
         g = s.geom
-        cg, kg, p = s.cin // s.group, s.kg, s.columns
+        cg, kg = s.cin // s.group, s.kg
         wp = workspace(np, (s.cout, g.kh, g.kw, cg), w.dtype, _CL_FILTERS)
         np.copyto(wp, w.reshape(s.cout, cg, g.kh, g.kw).transpose(0, 2, 3, 1))
         w2 = wp.reshape(s.cout, kg)
@@ -711,8 +734,9 @@ class ChannelsLastConv(Im2colConv):
 
 class WinogradConv(Im2colConv):
     """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward (``winograd``; the tile size from
-    ``winograd.tile_size``, or the ``tile`` option) and, with ``data_grad``, for the data gradient;
-    the weight gradient as ``Im2colConv``.
+    ``winograd.tile_size``, or the ``tile`` option), with ``data_grad`` for the data gradient and
+    with ``weight_grad`` for the weight gradient (``winograd.weight_gradient``, F(4x4) only, where
+    the compiled kernels run); otherwise as ``Im2colConv``.
 
     The data gradient of a 3x3 stride-1 convolution with pad ``p`` is itself a 3x3 stride-1
     convolution, of ``dy`` with the filters flipped in both spatial axes and their two channel axes
@@ -725,10 +749,12 @@ class WinogradConv(Im2colConv):
     The transformed filters (forward, flipped) are kept between calls in a TEST net, whose weights
     rarely change, and redone in scratch space in a TRAIN net, whose weights change every iteration.
     ``data_grad``: None (DEFAULT) uses Winograd for the data gradient where it pays
-    (``winograd_backward_pays``); True or False forces it (True only where it computes)."""
+    (``winograd_backward_pays``); True or False forces it (True only where it computes).
+    ``weight_grad``: the same for the weight gradient (``winograd_weight_grad_pays``; it computes
+    wherever the forward does)."""
 
     def __init__(self, shape, phase, batch_last=False, max_col_elements=MAX_COL_ELEMENTS, band_rows=None,
-                 tile=None, data_grad=None):
+                 tile=None, data_grad=None, weight_grad=None):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.train = phase == caffe_pb2.TRAIN
         self.cache = winograd.FilterCache()
@@ -743,6 +769,12 @@ class WinogradConv(Im2colConv):
         elif data_grad and not winograd_backward_computes(shape):
             raise ValueError(f"Winograd cannot compute the data gradient of pad {shape.geom.ph}x{shape.geom.pw}")
         self.data_grad = bool(data_grad)
+        self.weight_grad = bool(winograd_weight_grad_pays(shape) if weight_grad is None else weight_grad)
+
+    def _winograd_weight_grad(self, x, dy, dw):
+        """Whether this call's weight gradient goes through Winograd: the option, and the compiled
+        kernels take the arrays (without them the NumPy twins would be slower than the columns)."""
+        return self.weight_grad and compiled.runs_on(x, dy, dw)
 
     def _filters(self, w, tile=None, cache=None):
         tile = tile or self.tile
@@ -759,17 +791,23 @@ class WinogradConv(Im2colConv):
         return flipped, self._filters(flipped, tile=self.grad_tile, cache=self.flipped_cache)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
+        g = self.s.geom
+        if dw is not None and self._winograd_weight_grad(x, grad_src, dw):
+            winograd.weight_gradient(x, grad_src, dw, g.ph, g.pw)        # Deconvolution's weights
+            dw = None
         if y is None or dw is not None:
             return super().forward(x, w, y, grad_src, dw)
-        g = self.s.geom
         winograd.forward(x, w, y, g.ph, g.pw, u=self._filters(w), band=self.band)
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
+        g = self.s.geom
+        if dw is not None and self._winograd_weight_grad(x, dy, dw):
+            winograd.weight_gradient(x, dy, dw, g.ph, g.pw)
+            dw = None
         if dx is None or not self.data_grad:
             return super().backward(dy, w, dx, x, dw)
         if dw is not None:
             super().backward(dy, w, None, x, dw)
-        g = self.s.geom
         flipped, u = self._flipped_filters(w)
         winograd.forward(dy, flipped, dx, 2 - g.ph, 2 - g.pw, u=u, band=self.band)
 

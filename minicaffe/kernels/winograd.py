@@ -66,6 +66,7 @@ _PROD, _OUT = Slot("wino_prod"), Slot("wino_out")
 _TMP_D, _CHANNELS_LAST = Slot("wino_tmp_d"), Slot("wino_channels_last")
 _CHANNELS_LAST_OUT = Slot("wino_channels_last_out")
 _IMAGE_T = Slot("wino_image_t")
+_GRAD = Slot("wino_grad")
 
 # _source_channels_last transposes a whole image at once up to this many values (4 MB of float32)
 IMAGE_TRANSPOSE_ELEMENTS = 1 << 20
@@ -587,3 +588,124 @@ def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     kout = compiled.get(compiled.winograd4_output)
     threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
     _into_y(ycl, y, t0, t1, oh)
+
+
+# --- the weight gradient -------------------------------------------------------------------------
+#
+# dW of a 3x3 stride-1 convolution is a correlation of the padded input with dy: each filter tap
+# (k, l) sums dy[y, x] * xpad[y + k, x + l] over the batch and the map. Seen per 4x4 block of dy,
+# that is F(3x3, 4x4): three outputs (the taps) from a 4-wide "filter" (dy's block) over the same
+# 6x6 window of the input that the forward's output tile reads. Its algorithm is the forward's
+# transposed (the bilinear form y_i = sum_p A^T[i, p] (G g)_p (B^T d)_p read for g): the input's
+# tiles transformed by B^T exactly as in the forward, dy's blocks by A (6x4, A^T's transpose), 36
+# GEMMs (cout x tiles) @ (tiles x cin) that sum over every tile of the batch, and G^T (3x6) on both
+# sides back to the 3x3 taps. The GEMMs do 36 multiply-adds a 4x4 block and channel pair where the
+# columns' GEMM does 144 (4x fewer), and there is no column matrix.
+#
+# Measured against the columns' weight gradient (im2col + GEMM), 2 cores, VGG-16's layers at batch
+# 4, ms: see conv_engines.WINOGRAD_WEIGHT_GRAD_MIN_TILES, which says where it pays.
+
+# A band's transformed tiles (input and dy together) take about WEIGHT_GRAD_BAND_ELEMENTS values,
+# more where that leaves the GEMMs fewer than WEIGHT_GRAD_MIN_COLUMNS tiles to sum over (a thin K
+# costs more than the memory: GoogLeNet's conv2/3x3 at batch 16, 2 tile rows a band, ran at 1.04x
+# the columns' time, 7 rows at 0.84x), at most WEIGHT_GRAD_MAX_ELEMENTS.
+WEIGHT_GRAD_BAND_ELEMENTS = 1 << 22
+WEIGHT_GRAD_MIN_COLUMNS = 1536
+WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
+
+
+def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
+    """``dw += dW`` of a 3x3 stride-1 undilated ungrouped convolution with pads ``pad_h, pad_w``: x
+    (n, cin, h, w), dy (n, cout, oh, ow), dw (cout, cin, 3, 3); F(4x4)'s transforms (see above).
+    ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests pass 1).
+    The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins."""
+    num, cin = x.shape[:2]
+    cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
+    th, tw = -(-oh // 4), -(-ow // 4)
+    per_row = num * tw
+    if band is None:
+        row = 36 * (cin + cout) * per_row
+        band = max(WEIGHT_GRAD_BAND_ELEMENTS // row, -(-WEIGHT_GRAD_MIN_COLUMNS // per_row))
+        band = max(1, min(band, WEIGHT_GRAD_MAX_ELEMENTS // row))
+    band = min(band, th)
+    dt = x.dtype
+    fast = compiled.runs_on(x, dy, dw)
+    src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
+    m = workspace(np, (36, cout, cin), dt, _GRAD)
+    for t0 in range(0, th, band):
+        bt = min(th, t0 + band) - t0
+        cols = num * bt * tw
+        v = workspace(np, (36, cols, cin), dt, _TILES)
+        u = workspace(np, (36, cout, cols), dt, _PROD)
+        if fast:
+            kin, kdy = compiled.get(compiled.winograd4_input), compiled.get(compiled.winograd4_gradient_tiles)
+            threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
+            threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
+        else:
+            np.copyto(v, _input_tiles_numpy(src, t0, bt, tw))
+            np.copyto(u, _gradient_tiles_numpy(dy, t0, bt, tw))
+        _accumulate_products(u, v, m, first=t0 == 0)
+    if fast:
+        g = np.asarray(_MATRICES[4][1], dt)
+        kfg = compiled.get(compiled.winograd4_filter_gradient)
+        threads.parallel_for(cout, lambda o0, o1: kfg(m, g, dw, o0, o1), work=m.size + dw.size)
+    else:
+        _filter_gradient_numpy(m, dw)
+
+
+def _accumulate_products(u, v, m, first):
+    """``m[k] (+)= u[k] @ v[k]`` for the 36 positions, whole GEMMs side by side on the pool (as
+    ``_transform_gemms``); a later band's products go through this thread's scratch and are added
+    while they are in cache."""
+    def gemms(k0, k1):
+        for k in range(k0, k1):
+            if first:
+                np.matmul(u[k], v[k], out=m[k])
+            else:
+                part = workspace(np, m.shape[1:], m.dtype, _OUT)       # this thread's own
+                np.matmul(u[k], v[k], out=part)
+                m[k] += part
+    blas.parallel_gemms(m.shape[0], gemms)
+
+
+def _input_tiles_numpy(src, t0, rows, tw):
+    """Twin of ``compiled.winograd4_input`` (to rounding: einsum adds in its own order): the 36
+    transformed input tiles (36, n * rows * tw, cin) of tile rows ``t0:t0 + rows``."""
+    num, cin = src.shape[0], src.shape[3]
+    s0, s1, s2, s3 = src.strides
+    d = np.lib.stride_tricks.as_strided(src[:, 4 * t0:], shape=(num, rows, tw, 6, 6, cin),
+                                        strides=(s0, 4 * s1, 4 * s2, s1, s2, s3), writeable=False)
+    bt = np.asarray(_MATRICES[4][2], src.dtype)
+    v = np.einsum("ia,jb,nrqabc->ijnrqc", bt, bt, d, optimize=True)
+    return v.reshape(36, num * rows * tw, cin)
+
+
+def _gradient_tiles_numpy(dy, t0, rows, tw):
+    """Twin of ``compiled.winograd4_gradient_tiles``, the same operations on whole arrays (the same
+    bits): (36, cout, n * rows * tw)."""
+    num, cout, oh, ow = dy.shape
+    dt = dy.dtype.type
+    h, q4, e, t2, f4, e8 = dt(0.5), dt(0.25), dt(0.125), dt(2.0), dt(4.0), dt(8.0)
+    pad = np.zeros((num, cout, 4 * rows, 4 * tw), dy.dtype)
+    y0 = 4 * t0
+    part = dy[:, :, y0:min(oh, y0 + 4 * rows)]
+    pad[:, :, :part.shape[2], :ow] = part
+    d = pad.reshape(num, cout, rows, 4, tw, 4)
+
+    def a_side(y0, y1, y2, y3):
+        return (y0, y0 + y1 + y2 + y3, y0 - y1 + y2 - y3, y0 + h * y1 + q4 * y2 + e * y3,
+                y0 - t2 * y1 + f4 * y2 - e8 * y3, y3)
+    t = a_side(*(d[..., b] for b in range(4)))                  # six (n, c, r, a, q)
+    u = np.empty((6, 6, cout, num, rows, tw), dy.dtype)
+    for j in range(6):
+        for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(4)))):
+            u[i, j] = val.transpose(1, 0, 2, 3)
+    return u.reshape(36, cout, num * rows * tw)
+
+
+def _filter_gradient_numpy(m, dw):
+    """Twin of ``compiled.winograd4_filter_gradient`` (to rounding: BLAS's order): ``dw += G^T M G``
+    as one GEMM with kron(G, G)."""
+    cout, cin = m.shape[1], m.shape[2]
+    taps = _KRON[4].T.astype(m.dtype) @ m.reshape(36, cout * cin)          # (9, cout * cin)
+    dw.reshape(cout * cin, 9)[...] += taps.T
