@@ -259,3 +259,15 @@ def test_bench_normalization_ab_tiny():
                "--shapes", "6x5x5,4x3x3")
     rows = [line for line in out.splitlines() if line.startswith("| 2x")]
     assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), out
+
+
+def test_bench_engine_ab_runs_and_names_an_unknown_constant():
+    """The script runs end to end on LeNet (whose 5x5 layers no Winograd threshold moves, so only
+    the whole passes' rows print); a constant no engine module has is a one-line error."""
+    out = _run("bench_engine_ab.py", "--net", "lenet", "--batch", "2", "--rounds", "1",
+               "--set", "WINOGRAD_WEIGHT_GRAD_MIN_TILES=1")
+    assert "| whole backward |" in out and "| whole forward |" in out
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_engine_ab.py"), "--net", "lenet",
+                           "--set", "NO_SUCH_CONSTANT=1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "NO_SUCH_CONSTANT" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,118 @@
+"""A threshold of the convolution engines changed, against this checkout's, on a whole TRAIN net:
+A/B in one process, per layer and for the whole backward.
+
+    python benchmarks/bench_engine_ab.py --net vgg16 --batch 4 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
+    python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 5 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
+
+``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
+``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
+engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
+keep their engines. Why one process: the machine this project is measured on is shared, and
+timings from separate runs move by more than the changes being measured. The two nets run in turn,
+round by round, on the same input; the table gives medians over rounds of each convolution's
+backward (the layers whose engine or engine options differ between the nets) and of the whole
+forward and backward passes.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import minicaffe  # noqa: E402  (before NumPy's threads start: see bench_nets)
+import bench_nets  # noqa: E402
+from minicaffe.kernels import conv_engines, winograd  # noqa: E402
+
+
+def build(path, settings):
+    """A TRAIN net of ``path`` built with the module constants ``settings`` in force, then put back."""
+    saved = []
+    for name, value in settings:
+        mod = conv_engines if hasattr(conv_engines, name) else winograd
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set {name}: neither conv_engines nor winograd has a constant of that name")
+        saved.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, type(getattr(mod, name))(value))
+    try:
+        net = minicaffe.Net(path, minicaffe.TRAIN)
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+    rng = np.random.default_rng(0)
+    for b in net.inputs:
+        net.blobs[b].data[...] = rng.random(net.blobs[b].data.shape)
+    if "label" in net.blobs:
+        net.blobs["label"].data[...] = rng.integers(0, 10, net.blobs["label"].data.shape)
+    net.forward()
+    net.backward()
+    return net
+
+
+def describe(layer):
+    """(engine name, its public bool/int options) of a convolution layer."""
+    engine = getattr(layer, "engine", None)
+    opts = {k: v for k, v in vars(engine).items() if isinstance(v, (bool, int)) and not k.startswith("_")} \
+        if engine is not None else {}
+    return getattr(layer, "engine_name", None), opts
+
+
+def difference(a, b):
+    """What differs between two ``describe`` results, one short text for each side."""
+    if a[0] != b[0]:
+        return str(a[0]), str(b[0])
+    keys = [k for k in a[1] if a[1][k] != b[1].get(k)]
+    return tuple(f"{d[0]} " + " ".join(f"{k}={d[1][k]}" for k in keys) for d in (a, b))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", default="vgg16", choices=sorted(bench_nets.NETS))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", required=True)
+    args = ap.parse_args(argv)
+    settings = [tuple(s.split("=", 1)) for s in args.set]
+    with tempfile.TemporaryDirectory(prefix="engine_ab_") as top:
+        path = os.path.join(top, f"{args.net}_train.prototxt")
+        bench_nets.write_text(path, bench_nets.train_param(args.net, args.batch))
+        nets = {"A": build(path, []), "B": build(path, settings)}
+    per_layer = {k: {} for k in nets}
+    whole = {k: {"forward": [], "backward": []} for k in nets}
+    for r in range(args.rounds):
+        order = list(nets) if r % 2 == 0 else list(nets)[::-1]
+        for k in order:
+            net = nets[k]
+            t0 = time.perf_counter()
+            net.forward()
+            t1 = time.perf_counter()
+            timings = {}
+            net.backward_from_to(timings=timings, share_diffs=True)
+            t2 = time.perf_counter()
+            whole[k]["forward"].append(t1 - t0)
+            whole[k]["backward"].append(t2 - t1)
+            for i, v in timings.items():
+                per_layer[k].setdefault(i, []).append(v)
+    a, b = nets["A"], nets["B"]
+    print(f"{args.net} batch {args.batch}, {args.rounds} rounds; A: this checkout, B: "
+          + ", ".join(f"{n}={v}" for n, v in settings) + "; medians, ms")
+    print("| layer | A engine | B engine | A | B | B / A |\n|---|---|---|---|---|---|")
+    for i, layer in enumerate(a.layers):
+        if layer.type not in ("Convolution", "Deconvolution") or describe(layer) == describe(b.layers[i]):
+            continue
+        ta, tb = (np.median(per_layer[k].get(i, [0.0])) * 1e3 for k in ("A", "B"))
+        ea, eb = difference(describe(layer), describe(b.layers[i]))
+        print(f"| {a._layer_names[i]} | {ea} | {eb} | {ta:.1f} | {tb:.1f} | "
+              f"{tb / ta if ta else float('nan'):.2f} |")
+    for part in ("forward", "backward"):
+        ta, tb = (np.median(whole[k][part]) * 1e3 for k in ("A", "B"))
+        print(f"| whole {part} | | | {ta:.0f} | {tb:.0f} | {tb / ta:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
