@@ -612,7 +612,7 @@ def test_winograd_weight_gradient_without_compiled_kernels_takes_the_columns(env
     ("Convolution", (3, 64, 16, 16), "num_output: 8 kernel_size: 3 pad: 1", "winograd"),           # 48 tiles
     ("Convolution", (2, 64, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),             # 18 tiles
     ("Deconvolution", (4, 8, 12, 12), "num_output: 8 kernel_size: 3 pad: 1", "im2col_batch_last"),
-    ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # widens
+    ("Deconvolution", (1, 128, 14, 14), "num_output: 8 kernel_size: 3 pad: 1", "im2col"),          # 8 channels
     ("Deconvolution", (4, 21, 16, 16), "num_output: 21 kernel_size: 4 stride: 2", "im2col"),       # FCN upscore
     ("Deconvolution", (2, 16, 20, 20), "num_output: 8 kernel_size: 1", "gemm_1x1"),
 ])
@@ -658,7 +658,7 @@ def test_winograd_tile_size_follows_the_batch_tile_count():
 
 @pytest.mark.parametrize("cin,cout,pad,want", [
     (256, 256, 1, True), (512, 256, 1, True), (64, 64, 0, True), (128, 128, 2, True),
-    (128, 256, 1, False),       # widens: the transforms of dy cost more than the col2im they replace
+    (128, 256, 1, True),        # widens: pays since the weight gradient left the columns too
     (32, 32, 1, False), (256, 256, 3, False)])
 @pytest.mark.parametrize("num", [1, 4])
 def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, num):
@@ -686,7 +686,7 @@ def test_default_winograd_weight_gradient_where_it_pays(shape, want):
     ("1", (4, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", True),
     ("2", (4, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", True),
     ("2", (1, 64, 14, 14), "num_output: 128 kernel_size: 3 pad: 1", False),           # 16 tiles
-    ("1", (4, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", False),           # widens
+    ("1", (4, 128, 14, 14), "num_output: 64 kernel_size: 3 pad: 1", True),            # widens
     ("1", (4, 64, 14, 14), "num_output: 64 kernel_size: 3 pad: 3", False),            # pad > 2
     ("1", (4, 64, 14, 14), "num_output: 64 kernel_size: 3 stride: 2 pad: 1", False)])
 def test_default_deconvolution_takes_winograd_where_its_forward_pays(threads, shape, spec, want, env_switch):

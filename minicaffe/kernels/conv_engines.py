@@ -11,9 +11,9 @@ winograd              cpu          Convolution 3x3/1, no group, >= 64 input chan
                                    maps >= 13x13, >= 48 4x4 output tiles per batch (32 when
                                    the pool splits its GEMMs, 24 at one BLAS thread: VGG,
                                    ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
-                                   data gradient too where that pays (layers that do not widen,
-                                   pad <= 2); Deconvolution 3x3/1 where its forward (a data
-                                   gradient) pays
+                                   data gradient too where that pays (pad <= 2), its weight
+                                   gradient on maps >= 20x20; Deconvolution 3x3/1 where its
+                                   forward (a data gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -200,8 +200,7 @@ WINOGRAD_BACKWARD_MIN_SIZE = 13
 WINOGRAD_BACKWARD_MIN_TILES = 64
 
 # Where the data gradient through Winograd pays (WinogradConv ``data_grad``; a convolution of dy,
-# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): layers that do not widen (cout <= cin)
-# from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more,
+# ``cout`` channels in, ``cin`` out) against col2im(W^T dy): from WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more,
 # with WINOGRAD_BACKWARD_MIN_TILES. Measured on VGG-16's layers, batch 4, one thread, the whole backward
 # (data + weight gradient), Winograd / columns, interleaved, CPU time, medians of 5-9, two runs
 # (docs/performance.md, "Winograd in backward"): 0.85-0.96 from conv1_2 (64->64, 224²) to conv5_2
@@ -211,8 +210,16 @@ WINOGRAD_BACKWARD_MIN_TILES = 64
 # ``cin``, while the GEMM work saved grows with both. At two threads, once the F(4x4) transforms
 # were split over the kernels' pool: VGG-16 forward + backward at batch 4, 2788 ms with it against
 # 3086 ms without (0.90x, medians of 5 interleaved rounds, every round faster, load 1.2), so it is
-# no longer kept to one thread.
+# no longer kept to one thread. Widening layers (cout > cin) were left to the columns until the weight
+# gradient moved to Winograd too: their column data gradient then no longer shares the transposed
+# dy with the weight gradient, and measured again (2 cores, the layer's backward, Winograd / columns
+# data gradient, medians of 5 interleaved rounds) Winograd pays there as well: VGG-16 (batch 4)
+# conv2_1 64->128 0.71, conv3_1 0.63, conv4_1 0.64; GoogLeNet (batch 16) conv2/3x3 64->192
+# 0.74-0.81, inception 3a/3b 0.60-0.67, its 14x14 ones 0.69-1.03; CaffeNet (batch 32) conv3 256->384
+# 13x13 0.78. So up to WINOGRAD_BACKWARD_MAX_WIDENING (cout / cin; 3 is the most measured), and
+# ``bench_engine_ab.py --set WINOGRAD_BACKWARD_MAX_WIDENING=1`` measures it against the columns.
 WINOGRAD_BACKWARD_MIN_CHANNELS = 64
+WINOGRAD_BACKWARD_MAX_WIDENING = 3
 
 # Where the weight gradient through Winograd (winograd.weight_gradient; WinogradConv ``weight_grad``)
 # pays against the columns' (im2col + GEMM): from WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4 tiles of the
@@ -366,14 +373,15 @@ def winograd_weight_grad_pays(s):
 
 
 def winograd_backward_pays(s):
-    """Where the Winograd data gradient beats col2im(W^T dy): layers that do not widen, from
+    """Where the Winograd data gradient beats col2im(W^T dy): up to WINOGRAD_BACKWARD_MAX_WIDENING, from
     WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more, with
     WINOGRAD_BACKWARD_MIN_TILES 4x4 tiles of the input's map in the batch (see the constants), unless
     MINICAFFE_WINOGRAD=0."""
     if not (winograd_backward_computes(s) and len(s.in_hw) == 2):
         return False
     h, w = s.in_hw
-    return (s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= s.cin and min(h, w) >= WINOGRAD_BACKWARD_MIN_SIZE
+    return (s.cin >= WINOGRAD_BACKWARD_MIN_CHANNELS and s.cout <= WINOGRAD_BACKWARD_MAX_WIDENING * s.cin
+            and min(h, w) >= WINOGRAD_BACKWARD_MIN_SIZE
             and s.num * -(-h // 4) * -(-w // 4) >= WINOGRAD_BACKWARD_MIN_TILES and _context.current().switches.winograd)
 
 
