@@ -122,7 +122,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd4_input, compiled.winograd4_output,
                compiled.winograd4_gradient_tiles, compiled.winograd4_filter_gradient,
-               compiled.convolution_epilogue, compiled.inner_product_rows):
+               compiled.convolution_epilogue, compiled.inner_product_rows, compiled.inner_product_rows_backward):
         assert compiled.get(fn).signatures       # compiled (or loaded) for float32
     switches(compiled=False)
     assert not compiled.warm_up()
@@ -199,6 +199,42 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_para
     compiled.get(compiled.inner_product_rows)(wd, xd, y, 0, n_out)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, xd.astype(np.float64) @ wd.astype(np.float64).T, rtol=tol, atol=tol * 30)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
+def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
+    """InnerProduct's backward at 2-4 rows as one pass over the weights
+    (compiled.inner_product_rows_backward): the weight gradient added to what it held, the data
+    gradient overwritten, either one alone (the other left as it was); within rounding of the BLAS
+    twin (MINICAFFE_COMPILED=0), the same bits on one and two threads, over several column blocks."""
+    from minicaffe.testing import make_layer
+    want_dw, want_dx = grads
+    rng = np.random.default_rng(m)
+    k, n_out = 4500, 19            # 4500 columns: three of the kernel's blocks, the last ragged
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    dy = rng.standard_normal((m, n_out)).astype(np.float32)
+    dw0 = rng.standard_normal((n_out, k)).astype(np.float32)
+    got = {}
+    for on, size in [(True, 1), (True, 2), (False, 1)]:
+        switches(compiled=on, threads=str(size))
+        layer, bottom, top = make_layer(f'name: "ip" type: "InnerProduct" inner_product_param {{ num_output: {n_out} }}',
+                                        [x], phase=caffe_pb2.TRAIN)
+        layer.blobs[0].data[...] = w
+        layer.blobs[0].diff[...] = dw0
+        layer.param_propagate_down = [want_dw, True]
+        bottom[0].diff[...] = 7.0
+        top[0].diff[...] = dy
+        layer.backward(top, [want_dx], bottom)
+        got[(on, size)] = (layer.blobs[0].diff.copy(), bottom[0].diff.copy())
+    want_w = dw0 + dy.astype(np.float64).T @ x if want_dw else dw0
+    want_x = dy.astype(np.float64) @ w if want_dx else np.full((m, k), 7.0)
+    for dw, dx in got.values():
+        np.testing.assert_allclose(dw, want_w, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dx, want_x, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got[(True, 1)], got[(True, 2)]):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

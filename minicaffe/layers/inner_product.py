@@ -58,7 +58,8 @@ def _weights_first_pays(m, k):
 
 
 def _rows_pay(x, w, y):
-    """Whether the compiled few-rows product runs (``compiled.inner_product_rows``): 2 to
+    """Whether the compiled few-rows products run (``compiled.inner_product_rows`` forward,
+    ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): 2 to
     ROWS_KERNEL_MAX_M rows, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured
     on 2 cores, ms, kernel / BLAS: VGG fc6 (4096x25088) at 2 rows 16.8 / 33.2, at 4 23.7 / 31.7,
     at 8 41.8 / 46.3; 4096x4096 at 2 rows 2.8 / 5.3; at 1 row BLAS's GEMV is as fast (14.5 / 14.8)."""
@@ -140,15 +141,31 @@ class InnerProduct(Layer):
         xp = self.xp
         dy = top[0].xdiff.reshape(self.m, self.num_output)
         w = self.blobs[0].xdata
-        if self.need_param_grad(0):
+        want_dw = self.need_param_grad(0)
+        if xp is np and not self.transpose and (want_dw or propagate_down[0]):
+            x = bottom[0].xdata.reshape(self.m, self.k)
+            dx = bottom[0].xdiff.reshape(self.m, self.k) if propagate_down[0] else None
+            dw = self.blobs[0].xdiff if want_dw else None
+            if _rows_pay(x, w, dy) and compiled.runs_on(*[a for a in (x, dy, dw, dx) if a is not None]):
+                # one pass over the weights for both gradients (compiled.inner_product_rows_backward)
+                kernel = compiled.get(compiled.inner_product_rows_backward)
+                dw_, dx_ = (w if dw is None else dw), (x if dx is None else dx)     # unused stand-ins
+                threads.parallel_for(self.k, lambda j0, j1: kernel(
+                    w, x, dy, dw_, dx_, dw is not None, dx is not None, j0, j1), work=3 * w.size)
+                self._bias_grad(dy)
+                return
+        if want_dw:
             x = bottom[0].xdata.reshape(self.m, self.k)
             dw = self.blobs[0].xdiff
             if self.transpose:
                 _accumulate_product(xp, x.T, dy, dw)
             else:
                 _accumulate_product(xp, dy.T, x, dw)
-        if self.bias_term and self.need_param_grad(1):
-            self.blobs[1].xdiff += dy.sum(axis=0).reshape(self.blobs[1].shape)
+        self._bias_grad(dy)
         if propagate_down[0]:
             dx = bottom[0].xdiff.reshape(self.m, self.k)
             xp.matmul(dy, w.T if self.transpose else w, out=dx)
+
+    def _bias_grad(self, dy):
+        if self.bias_term and self.need_param_grad(1):
+            self.blobs[1].xdiff += dy.sum(axis=0).reshape(self.blobs[1].shape)
