@@ -274,3 +274,40 @@ def test_minicaffe_time_runs_the_chains_backward_fused(monkeypatch):
     for name in ("conv1", "scale1", "conv2", "scale2", "scale3"):
         for a, b in zip(fused.params[name], layers.params[name]):
             np.testing.assert_array_equal(a.diff, b.diff, err_msg=name)
+
+
+CONV_RELU = """
+name: "conv_relu"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" top: "target"
+  input_param { shape { dim: 2 dim: 3 dim: 9 dim: 8 } shape { dim: 2 dim: 5 dim: 4 dim: 3 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 1
+                      weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 5 kernel_size: 3 stride: 2 bias_term: false
+                      weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "relu2" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "relu2" bottom: "target" top: "loss" }
+"""
+
+
+def test_a_convolution_and_its_in_place_relu_run_fused_with_the_layers_bits(monkeypatch):
+    """Convolution + ReLU in place on its top is a forward-only chain, the ReLU applied with the
+    bias image by image: every bit as the layers give it over two iterations. A ReLU into a top of
+    its own (relu2) stays a layer."""
+    from minicaffe.kernels import fusion
+    ran = []
+    run = fusion.ConvChain.run
+    monkeypatch.setattr(fusion.ConvChain, "run", lambda self, net: ran.append(1) or run(self, net))
+    fused, layers = _nets(CONV_RELU)
+    names = fused._layer_names
+    assert sorted((names[c.first], names[c.last]) for c in fused._train_fusion.chains.values()) == \
+        [("conv1", "relu1")]
+    _iterations(fused)
+    _iterations(layers)
+    assert len(ran) == 2
+    _assert_same(_state(fused), _state(layers))
+    top = fused.blobs["conv1"].data
+    assert (top == 0).any() and (top > 0).any()

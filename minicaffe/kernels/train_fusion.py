@@ -1,5 +1,5 @@
 """Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU), forward and backward;
-Eltwise SUM + ReLU, forward.
+Eltwise SUM + ReLU and Convolution + ReLU, forward.
 
 Why: Kaiming He's ResNet prototxts follow every convolution with BatchNorm, Scale and (mostly) ReLU,
 all three in place on the convolution's top. Run one by one, they make about nine passes through
@@ -130,6 +130,24 @@ def _chain(net, li):
     return BatchNormScaleChain(li, last)
 
 
+def _conv_relu_chain(net, li):
+    """A Convolution and a plain ReLU in place on its top, no loss on either: the TEST phase's
+    ``fusion.ConvChain`` with nothing to fold, forward only. The ReLU is applied in the pass that
+    adds the bias, image by image while the image is in cache, instead of as a pass of its own over
+    the whole top; neither layer's backward reads anything the separate forwards would have left
+    otherwise (the convolution reads its bottom, the ReLU its top), and the top has the same bits
+    (``fusion.image_epilogue``'s kernels are the separate passes' twins)."""
+    conv = net.layers[li]
+    if conv.type != "Convolution" or len(net.bottom_vecs[li]) != 1 or len(net.top_vecs[li]) != 1 \
+            or conv.axis != 1 or net.bottom_vecs[li][0] is net.top_vecs[li][0] or li + 1 >= len(net.layers):
+        return None
+    blob = net.top_vecs[li][0]
+    if not (fusion._plain_relu(net.layers[li + 1]) and fusion._in_place_on(net, li + 1, blob)
+            and fusion._no_loss(net, li, li + 1)):
+        return None
+    return fusion.ConvChain(li, li + 1, None, None, li + 1)
+
+
 def plan(net):
     """The TrainFusion of a built net (any phase: a BatchNorm with batch statistics is what it
     fuses), or None when there is nothing to fuse or fusion is switched off."""
@@ -138,5 +156,7 @@ def plan(net):
     # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's gradient
     # reads the top's diff, the ReLU's the top): the TEST-phase chain serves as it is, forward
     # only, the sum written into the top's own array and rectified there
-    chains = fusion.scan_chains(net, lambda li: _chain(net, li) or fusion._eltwise_chain(net, li))
+    # a Convolution + ReLU: the ReLU in the convolution's epilogue, forward only (_conv_relu_chain)
+    chains = fusion.scan_chains(net, lambda li: _chain(net, li) or _conv_relu_chain(net, li)
+                                or fusion._eltwise_chain(net, li))
     return TrainFusion(chains) if chains else None
