@@ -429,26 +429,34 @@ def test_winograd_data_gradient_matches_the_reference(layer_type, case, options,
     _assert_same(_run(layer, bottom, top, "winograd", {"data_grad": True, **options}), ref)
 
 
-@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
-@pytest.mark.parametrize("case", ["odd", "pad2"])
-def test_winograd_data_gradient_in_float32_matches_the_reference(layer_type, case):
-    """float32 blobs (what nets run): output, data and weight gradients to float32 rounding."""
+def _float32_runs(layer_type, case, seed, options, propagate):
+    """float32 blobs (what nets run), the reference and the Winograd engine with ``options`` on the
+    same input and top gradient, parameter gradients from zero: ``{name: [y, bottom diff (when
+    ``propagate``), parameter diffs...]}``."""
     shape, spec = CASES[case]
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     layer, bottom, top = make_layer(conv_text(layer_type, spec), [x])
     dy = rng.standard_normal(top[0].shape).astype(np.float32)
     got = {}
-    for name, options in ((REF, {}), ("winograd", {"data_grad": True})):
-        engines.force(layer, name, **options)
+    for name, opts in ((REF, {}), ("winograd", options)):
+        engines.force(layer, name, **opts)
         y = forward(layer, bottom, top)[0]
         assert layer.engine_name == name
         top[0].diff[...] = dy
         for b in layer.blobs:
             b.diff[...] = 0
-        layer.backward(top, [True], bottom)
-        got[name] = [y, bottom[0].diff.copy()] + [b.diff.copy() for b in layer.blobs]
+        layer.backward(top, [propagate], bottom)
+        got[name] = [y] + ([bottom[0].diff.copy()] if propagate else []) + [b.diff.copy() for b in layer.blobs]
     engines.force(layer, None)
+    return got
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", ["odd", "pad2"])
+def test_winograd_data_gradient_in_float32_matches_the_reference(layer_type, case):
+    """float32 blobs (what nets run): output, data and weight gradients to float32 rounding."""
+    got = _float32_runs(layer_type, case, 4, {"data_grad": True}, True)
     for g, w in zip(got["winograd"], got[REF]):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
@@ -516,22 +524,7 @@ def test_winograd_weight_gradient_matches_the_reference(layer_type, case, data_g
 def test_winograd_weight_gradient_in_float32_matches_the_reference(layer_type, case):
     """float32 blobs: the weight gradient to float32 rounding (its 36 products sum over the whole
     batch's tiles, and the transforms scale dy's values by up to 8 before G^T scales them back)."""
-    shape, spec = CASES[case]
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal(shape).astype(np.float32)
-    layer, bottom, top = make_layer(conv_text(layer_type, spec), [x])
-    dy = rng.standard_normal(top[0].shape).astype(np.float32)
-    got = {}
-    for name, options in ((REF, {}), ("winograd", {"weight_grad": True})):
-        engines.force(layer, name, **options)
-        forward(layer, bottom, top)
-        assert layer.engine_name == name
-        top[0].diff[...] = dy
-        for b in layer.blobs:
-            b.diff[...] = 0
-        layer.backward(top, [False], bottom)
-        got[name] = layer.blobs[0].diff.copy()
-    engines.force(layer, None)
+    got = {name: runs[1] for name, runs in _float32_runs(layer_type, case, 5, {"weight_grad": True}, False).items()}
     assert got["winograd"].dtype == np.float32
     np.testing.assert_allclose(got["winograd"], got[REF], rtol=1e-4, atol=2e-6 * float(np.abs(got[REF]).max()))
 
@@ -540,6 +533,17 @@ def test_winograd_weight_gradient_passes_the_gradient_check():
     x = np.random.default_rng(9).standard_normal((2, 2, 6, 5))
     text = conv_text("Convolution", "num_output: 3 kernel_size: 3 pad: 1")
     check_gradient(text, [x], setup_hook=lambda layer, b, t: engines.force(layer, "winograd", weight_grad=True))
+
+
+def _numpy_compiled_and_two_threads(env_switch, run):
+    """``{(MINICAFFE_COMPILED, MINICAFFE_THREADS): run()}``: the NumPy twins at one thread, the
+    compiled kernels at one and at two."""
+    out = {}
+    for mode, threads_ in (("0", "1"), ("1", "1"), ("1", "2")):
+        env_switch("MINICAFFE_COMPILED", mode)
+        env_switch("MINICAFFE_THREADS", threads_)
+        out[mode, threads_] = run()
+    return out
 
 
 @pytest.mark.parametrize("band", [1, 2, None])
@@ -555,13 +559,11 @@ def test_winograd_weight_gradient_compiled_and_numpy_agree_in_any_band(band, env
         oh, ow = h + 2 * p - 2, w + 2 * p - 2
         dy = rng.standard_normal((n, k, oh, ow)).astype(np.float32)
         start = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
-        out = {}
-        for mode, threads_ in (("0", "1"), ("1", "1"), ("1", "2")):
-            env_switch("MINICAFFE_COMPILED", mode)
-            env_switch("MINICAFFE_THREADS", threads_)
+        def run():
             dw = start.copy()
             winograd.weight_gradient(x, dy, dw, p, p, band=band)
-            out[mode, threads_] = dw
+            return dw
+        out = _numpy_compiled_and_two_threads(env_switch, run)
         scale = np.abs(out["0", "1"] - start).max()
         np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=4e-6 * scale)
         assert out["1", "1"].tobytes() == out["1", "2"].tobytes()
@@ -840,13 +842,11 @@ def test_winograd_f4x4_compiled_transforms_agree_with_the_numpy_ones(env_switch)
     for n, c, k, h, w in ((2, 64, 32, 30, 27), (3, 16, 24, 9, 14), (1, 8, 8, 4, 5)):
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         wt = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
-        out = {}
-        for mode, threads_ in (("0", "1"), ("1", "1"), ("1", "2")):
-            env_switch("MINICAFFE_COMPILED", mode)
-            env_switch("MINICAFFE_THREADS", threads_)
+        def run():
             y = np.empty((n, k, h, w), np.float32)
             winograd.forward(x, wt, y, 1, 1, tile=4, band=2)
-            out[mode, threads_] = y
+            return y
+        out = _numpy_compiled_and_two_threads(env_switch, run)
         scale = np.abs(out["0", "1"]).max()
         np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=2e-6 * scale)
         assert out["1", "1"].tobytes() == out["1", "2"].tobytes()

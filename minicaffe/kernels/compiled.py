@@ -291,7 +291,8 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
     h, q4, e, t2, f4, e8 = dt(0.5), dt(0.25), dt(0.125), dt(2.0), dt(4.0), dt(8.0)
     z = dt(0.0)
     t = np.zeros((4, 6, tw), dy.dtype)      # A^T' along each of the tile rows' four rows
-    full = ow // 4
+    ragged = ow < 4 * tw
+    padded = np.zeros(4 * tw, dy.dtype)     # a row cut by the map's edge, zeros after it
     for n in range(num):
         for c in range(c0, c1):
             for r in range(rows):
@@ -302,8 +303,11 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         t[a, :, :] = z
                         continue
                     row = dy[n, c, y]
+                    if ragged:
+                        padded[:ow] = row
+                        row = padded
                     ta = t[a]
-                    for q in range(full):           # whole blocks: no branch, so it vectorises
+                    for q in range(tw):             # no branch in the loop, so it vectorises
                         y0, y1, y2, y3 = row[4 * q], row[4 * q + 1], row[4 * q + 2], row[4 * q + 3]
                         ta[0, q] = y0
                         ta[1, q] = y0 + y1 + y2 + y3
@@ -311,18 +315,6 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         ta[3, q] = y0 + h * y1 + q4 * y2 + e * y3
                         ta[4, q] = y0 - t2 * y1 + f4 * y2 - e8 * y3
                         ta[5, q] = y3
-                    if full < tw:                   # the last block, cut by the map's edge
-                        x0 = 4 * full
-                        y0 = row[x0]
-                        y1 = row[x0 + 1] if x0 + 1 < ow else z
-                        y2 = row[x0 + 2] if x0 + 2 < ow else z
-                        y3 = z
-                        ta[0, full] = y0
-                        ta[1, full] = y0 + y1 + y2 + y3
-                        ta[2, full] = y0 - y1 + y2 - y3
-                        ta[3, full] = y0 + h * y1 + q4 * y2 + e * y3
-                        ta[4, full] = y0 - t2 * y1 + f4 * y2 - e8 * y3
-                        ta[5, full] = y3
                 for j in range(6):          # then down each column, into every position's run
                     r0, r1, r2, r3 = t[0, j], t[1, j], t[2, j], t[3, j]
                     u0, u1, u2 = u[j, c, col0:col0 + tw], u[6 + j, c, col0:col0 + tw], u[12 + j, c, col0:col0 + tw]

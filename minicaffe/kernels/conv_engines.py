@@ -364,7 +364,7 @@ def winograd_weight_grad_pays(s):
     """Where the Winograd weight gradient beats the columns': WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4
     tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more, unless
     MINICAFFE_WINOGRAD=0. (It runs only where the compiled kernels do:
-    ``WinogradConv._winograd_weight_grad``.)"""
+    ``WinogradConv._weight_grad_left``.)"""
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
         return False
     oh, ow = s.out_hw
@@ -779,10 +779,15 @@ class WinogradConv(Im2colConv):
         self.data_grad = bool(data_grad)
         self.weight_grad = bool(winograd_weight_grad_pays(shape) if weight_grad is None else weight_grad)
 
-    def _winograd_weight_grad(self, x, dy, dw):
-        """Whether this call's weight gradient goes through Winograd: the option, and the compiled
-        kernels take the arrays (without them the NumPy twins would be slower than the columns)."""
-        return self.weight_grad and compiled.runs_on(x, dy, dw)
+    def _weight_grad_left(self, x, dy, dw):
+        """``dw += dW`` through Winograd where this call takes it (the option, and the compiled
+        kernels take the arrays: without them the NumPy twins would be slower than the columns);
+        returns the weight gradient still to compute (``dw``, or None once it is done)."""
+        if dw is None or not (self.weight_grad and compiled.runs_on(x, dy, dw)):
+            return dw
+        g = self.s.geom
+        winograd.weight_gradient(x, dy, dw, g.ph, g.pw)
+        return None
 
     def _filters(self, w, tile=None, cache=None):
         tile = tile or self.tile
@@ -799,23 +804,19 @@ class WinogradConv(Im2colConv):
         return flipped, self._filters(flipped, tile=self.grad_tile, cache=self.flipped_cache)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
-        g = self.s.geom
-        if dw is not None and self._winograd_weight_grad(x, grad_src, dw):
-            winograd.weight_gradient(x, grad_src, dw, g.ph, g.pw)        # Deconvolution's weights
-            dw = None
+        dw = self._weight_grad_left(x, grad_src, dw)        # Deconvolution's weight gradient
         if y is None or dw is not None:
             return super().forward(x, w, y, grad_src, dw)
+        g = self.s.geom
         winograd.forward(x, w, y, g.ph, g.pw, u=self._filters(w), band=self.band)
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
-        g = self.s.geom
-        if dw is not None and self._winograd_weight_grad(x, dy, dw):
-            winograd.weight_gradient(x, dy, dw, g.ph, g.pw)
-            dw = None
+        dw = self._weight_grad_left(x, dy, dw)
         if dx is None or not self.data_grad:
             return super().backward(dy, w, dx, x, dw)
         if dw is not None:
             super().backward(dy, w, None, x, dw)
+        g = self.s.geom
         flipped, u = self._flipped_filters(w)
         winograd.forward(dy, flipped, dx, 2 - g.ph, 2 - g.pw, u=u, band=self.band)
 

@@ -304,11 +304,18 @@ def _no_loss(net, first, last):
     return not any(w for li in range(first, last + 1) for w in weights[li])
 
 
-def _conv_chain(net, li):
+def _plain_conv(net, li):
+    """Whether layer ``li`` is a Convolution a chain can start with: one bottom, one top of its own,
+    channels on axis 1."""
     conv = net.layers[li]
-    if conv.type != "Convolution" or len(net.bottom_vecs[li]) != 1 or len(net.top_vecs[li]) != 1 \
-            or conv.axis != 1 or net.bottom_vecs[li][0] is net.top_vecs[li][0]:
+    return (conv.type == "Convolution" and len(net.bottom_vecs[li]) == 1 and len(net.top_vecs[li]) == 1
+            and conv.axis == 1 and net.bottom_vecs[li][0] is not net.top_vecs[li][0])
+
+
+def _conv_chain(net, li):
+    if not _plain_conv(net, li):
         return None
+    conv = net.layers[li]
     blob = net.top_vecs[li][0]
     channels = conv.num_output
     bn = scale = relu = None

@@ -137,9 +137,7 @@ def _conv_relu_chain(net, li):
     the whole top; neither layer's backward reads anything the separate forwards would have left
     otherwise (the convolution reads its bottom, the ReLU its top), and the top has the same bits
     (``fusion.image_epilogue``'s kernels are the separate passes' twins)."""
-    conv = net.layers[li]
-    if conv.type != "Convolution" or len(net.bottom_vecs[li]) != 1 or len(net.top_vecs[li]) != 1 \
-            or conv.axis != 1 or net.bottom_vecs[li][0] is net.top_vecs[li][0] or li + 1 >= len(net.layers):
+    if not fusion._plain_conv(net, li) or li + 1 >= len(net.layers):
         return None
     blob = net.top_vecs[li][0]
     if not (fusion._plain_relu(net.layers[li + 1]) and fusion._in_place_on(net, li + 1, blob)

@@ -632,13 +632,14 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
     fast = compiled.runs_on(x, dy, dw)
     src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
     m = workspace(np, (36, cout, cin), dt, _GRAD)
+    if fast:
+        kin, kdy = compiled.get(compiled.winograd4_input), compiled.get(compiled.winograd4_gradient_tiles)
     for t0 in range(0, th, band):
         bt = min(th, t0 + band) - t0
         cols = num * bt * tw
         v = workspace(np, (36, cols, cin), dt, _TILES)
         u = workspace(np, (36, cout, cols), dt, _PROD)
         if fast:
-            kin, kdy = compiled.get(compiled.winograd4_input), compiled.get(compiled.winograd4_gradient_tiles)
             threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:

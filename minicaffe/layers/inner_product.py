@@ -141,29 +141,26 @@ class InnerProduct(Layer):
         xp = self.xp
         dy = top[0].xdiff.reshape(self.m, self.num_output)
         w = self.blobs[0].xdata
-        want_dw = self.need_param_grad(0)
-        if xp is np and not self.transpose and (want_dw or propagate_down[0]):
-            x = bottom[0].xdata.reshape(self.m, self.k)
-            dx = bottom[0].xdiff.reshape(self.m, self.k) if propagate_down[0] else None
-            dw = self.blobs[0].xdiff if want_dw else None
-            if _rows_pay(x, w, dy) and compiled.runs_on(*[a for a in (x, dy, dw, dx) if a is not None]):
-                # one pass over the weights for both gradients (compiled.inner_product_rows_backward)
-                kernel = compiled.get(compiled.inner_product_rows_backward)
-                dw_, dx_ = (w if dw is None else dw), (x if dx is None else dx)     # unused stand-ins
-                threads.parallel_for(self.k, lambda j0, j1: kernel(
-                    w, x, dy, dw_, dx_, dw is not None, dx is not None, j0, j1), work=3 * w.size)
-                self._bias_grad(dy)
-                return
-        if want_dw:
-            x = bottom[0].xdata.reshape(self.m, self.k)
-            dw = self.blobs[0].xdiff
+        x = bottom[0].xdata.reshape(self.m, self.k)
+        dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
+        dx = bottom[0].xdiff.reshape(self.m, self.k) if propagate_down[0] else None
+        wanted = [a for a in (dw, dx) if a is not None]
+        if xp is np and not self.transpose and wanted and _rows_pay(x, w, dy) and compiled.runs_on(x, *wanted):
+            # one pass over the weights for both gradients (compiled.inner_product_rows_backward);
+            # w and x stand in for a gradient not wanted (the kernel does not touch it)
+            kernel = compiled.get(compiled.inner_product_rows_backward)
+            dw_, dx_ = (w if dw is None else dw), (x if dx is None else dx)
+            threads.parallel_for(self.k, lambda j0, j1: kernel(
+                w, x, dy, dw_, dx_, dw is not None, dx is not None, j0, j1), work=3 * w.size)
+            self._bias_grad(dy)
+            return
+        if dw is not None:
             if self.transpose:
                 _accumulate_product(xp, x.T, dy, dw)
             else:
                 _accumulate_product(xp, dy.T, x, dw)
         self._bias_grad(dy)
-        if propagate_down[0]:
-            dx = bottom[0].xdiff.reshape(self.m, self.k)
+        if dx is not None:
             xp.matmul(dy, w.T if self.transpose else w, out=dx)
 
     def _bias_grad(self, dy):
