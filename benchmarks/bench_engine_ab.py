@@ -19,14 +19,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import minicaffe  # noqa: E402  (before NumPy's threads start: see bench_nets)
+# minicaffe before NumPy, as the minicaffe commands do: imported after NumPy, OpenBLAS keeps its
+# long idle spin and the kernels' thread pool has one thread (core/threads.py), so the engines
+# would be measured, and chosen, as on one core
+import minicaffe  # noqa: E402
+import numpy as np  # noqa: E402
 import bench_nets  # noqa: E402
+from minicaffe.core import threads  # noqa: E402
 from minicaffe.kernels import conv_engines, winograd  # noqa: E402
 
 
@@ -99,8 +102,8 @@ def main(argv=None):
             for i, v in timings.items():
                 per_layer[k].setdefault(i, []).append(v)
     a, b = nets["A"], nets["B"]
-    print(f"{args.net} batch {args.batch}, {args.rounds} rounds; A: this checkout, B: "
-          + ", ".join(f"{n}={v}" for n, v in settings) + "; medians, ms")
+    print(f"{args.net} batch {args.batch}, {args.rounds} rounds, kernels' pool of {threads.size()} threads; "
+          "A: this checkout, B: " + ", ".join(f"{n}={v}" for n, v in settings) + "; medians, ms")
     print("| layer | A engine | B engine | A | B | B / A |\n|---|---|---|---|---|---|")
     for i, layer in enumerate(a.layers):
         if layer.type not in ("Convolution", "Deconvolution") or describe(layer) == describe(b.layers[i]):
