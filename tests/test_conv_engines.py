@@ -675,8 +675,10 @@ def test_default_winograd_data_gradient_where_it_pays(cin, cout, pad, want, num)
 
 @pytest.mark.parametrize("shape,want", [
     ((4, 64, 28, 28), True),           # 196 tiles of a 28x28 map
-    ((3, 64, 28, 28), False),          # 147 tiles
-    ((16, 64, 14, 14), False),         # 256 tiles, but a 14x14 map
+    ((1, 64, 28, 28), False),          # 49 tiles
+    ((16, 64, 14, 14), True),          # 256 tiles of a 14x14 map
+    ((4, 64, 13, 13), True),           # 64 tiles of a 13x13 map (CaffeNet's conv3)
+    ((3, 64, 14, 14), False),          # 48 tiles
     ((1, 64, 56, 56), True)])
 def test_default_winograd_weight_gradient_where_it_pays(shape, want):
     layer, _, _ = make_layer(conv_text("Convolution", "num_output: 64 kernel_size: 3 pad: 1"),

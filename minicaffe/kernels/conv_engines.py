@@ -226,11 +226,15 @@ WINOGRAD_BACKWARD_MAX_WIDENING = 3
 # output map in the batch, on maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more. Measured on 2 cores,
 # the layer's whole backward, Winograd weight gradient / columns' (docs/performance.md, "Winograd
 # weight gradient"): VGG-16 at batch 4, 224² to 28² (196 tiles and more) 0.58-0.91; ResNet-50 at
-# batch 8, 56² and 28² 0.71-1.0; GoogLeNet at batch 16, 56² and 28² 0.78-0.96. On 14x14 maps (a 4x4
-# tile grid covers 16x16: 31% of the work is padding) it did not pay reliably: VGG conv5 at 64 tiles
-# 0.80-1.08, ResNet's 256->256 at 128 tiles 0.82-1.25, GoogLeNet's at 256 tiles 0.91-1.20.
-WINOGRAD_WEIGHT_GRAD_MIN_TILES = 192
-WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 20
+# batch 8, 56² and 28² 0.71-1.0; GoogLeNet at batch 16, 56² and 28² 0.78-0.96. Those first runs
+# had the kernels' pool at one thread (bench_engine_ab.py imported NumPy before minicaffe), which
+# runs the Winograd transforms on one core, and 14x14 maps (a 4x4 tile grid covers 16x16: 31% of
+# the work is padding) did not pay reliably there. With the pool at two threads they do: VGG conv5
+# at 64 tiles 0.77-0.85, ResNet-50's 256->256 at 128 tiles 0.70-0.90, GoogLeNet's 4a-4e at 256
+# tiles 0.86-1.01, CaffeNet's conv3 (13x13, 512 tiles) 0.81. So from 64 tiles (the fewest
+# measured) on any map the forward's Winograd runs on (WINOGRAD_MIN_SIZE).
+WINOGRAD_WEIGHT_GRAD_MIN_TILES = 64
+WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 13
 
 
 class ConvShape:
