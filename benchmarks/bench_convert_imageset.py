@@ -20,12 +20,13 @@ import sys
 import tempfile
 import time
 
-import cv2
-import lmdb
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# minicaffe before NumPy, as the convert_imageset command does (its pool: core/threads.py)
+import minicaffe  # noqa: E402,F401
+import cv2  # noqa: E402
+import lmdb  # noqa: E402
+import numpy as np  # noqa: E402
 from minicaffe.data import iterate_lmdb  # noqa: E402
 from minicaffe.proto import caffe_pb2  # noqa: E402
 from minicaffe.tools.convert_imageset import convert_imageset  # noqa: E402

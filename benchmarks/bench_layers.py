@@ -25,11 +25,12 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# minicaffe before NumPy, as the minicaffe commands do: after NumPy, the kernels' pool would have
+# one thread (OpenBLAS's long idle spin; core/threads.py)
 import minicaffe  # noqa: E402
+import numpy as np  # noqa: E402
 from minicaffe.kernels import engines  # noqa: E402
 from minicaffe.testing import make_layer  # noqa: E402
 

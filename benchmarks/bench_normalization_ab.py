@@ -19,12 +19,13 @@ import os
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-import minicaffe  # noqa: E402,F401  (before NumPy's threads start: see bench_nets)
+# minicaffe before NumPy, as the minicaffe commands do: after NumPy, the kernels' pool would have
+# one thread (OpenBLAS's long idle spin; core/threads.py)
+import minicaffe  # noqa: E402,F401
+import numpy as np  # noqa: E402
 from minicaffe.core import layer as layer_module  # noqa: E402
 from minicaffe.layers import normalization as new  # noqa: E402
 from minicaffe.testing import make_layer  # noqa: E402
