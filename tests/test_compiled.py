@@ -117,6 +117,32 @@ def test_get_before_enabled_compiles(monkeypatch):
     assert np.array_equal(h, np.full(8, 1.0, np.float32)) and np.array_equal(w, np.zeros(8, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_helpers_sum_in_float64_to_rounding(dtype):
+    """The row sums BatchNorm's and Scale's kernels call (compiled.ROW_HELPERS, vectorised with
+    'reassoc'): against exact sums (math.fsum) of the same rounded products, for every length up to
+    40 (the vector loop's tails) and a long row of values of mixed sign and size."""
+    import math
+    compiled.get(compiled.batch_norm_backward)          # compiles the helpers too
+    rng = np.random.default_rng(5)
+    for n in list(range(41)) + [3137]:
+        a = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, n)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        s = dtype(0.37)
+        prod, scaled = a * b, a * (b * s)        # rounded to the dtype, as the helpers round them
+        out = np.empty_like(a)
+        mu = dtype(0.25)
+        centred = a - mu
+        wide = centred.astype(np.float64)
+        for got, want, scale in ((compiled._row_sum(a), math.fsum(a.astype(np.float64)), np.abs(a).sum()),
+                                 (compiled._row_dot(a, b), math.fsum(prod.astype(np.float64)), np.abs(prod).sum()),
+                                 (compiled._row_scaled_dot(a, b, s), math.fsum(scaled.astype(np.float64)),
+                                  np.abs(scaled).sum()),
+                                 (compiled._row_centre(a, mu, out), math.fsum(wide * wide), (wide * wide).sum())):
+            assert abs(got - want) <= 1e-12 * max(float(scale), 1e-30), (n, got, want)
+        assert np.array_equal(out, centred)
+
+
 def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
