@@ -338,3 +338,39 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "t" top: "l" }
     for a, b in zip(got[(True, 1)], got[(False, 1)]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         assert np.abs(b).max() > 1e-3
+
+
+@pytest.mark.parametrize("spec", ["kernel_size: 3 stride: 2", "kernel_size: 3 stride: 1 pad: 1",
+                                  "kernel_size: 2 stride: 2", "kernel_size: 3 stride: 2 pad: 1",
+                                  "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 0 pad_w: 1",
+                                  "kernel_size: 17 stride: 3 pad: 8"])     # 289 offsets: int32 codes
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_forward_compiled_has_the_numpy_passes_bits(spec, dtype, switches):
+    """Pooling's MAX forward through compiled.max_pool_argmax against the NumPy passes it replaces,
+    TRAIN (maxima and argmax codes, and the MASK top) and TEST (maxima): the same bits, on inputs
+    with ties (small integers), signed zeros, -inf (a window of nothing else) and NaN, at one
+    thread and two."""
+    from minicaffe.testing import make_layer
+    rng = np.random.default_rng(11)
+    x = rng.integers(-2, 3, (2, 3, 19, 20)).astype(dtype)
+    x[0, 0] = -0.0
+    x[0, 1, :7, :7] = -np.inf
+    x[1, 2, 5, 5] = np.nan
+    x[1, 1, 0, :] = 0.0
+    text = f'name: "p" type: "Pooling" pooling_param {{ pool: MAX {spec} }}'
+    runs = {}
+    for on, pool in ((False, 1), (True, 1), (True, 2)):
+        switches(compiled=on, threads=str(pool))
+        for phase, tops in ((caffe_pb2.TRAIN, 2), (caffe_pb2.TEST, 1)):
+            layer, bottom, top = make_layer(text, [x.copy()], num_top=tops, phase=phase)
+            layer.forward(bottom, top)
+            got = [t.data.copy() for t in top]
+            if phase == caffe_pb2.TRAIN:
+                got.append(np.asarray(layer._off).copy())
+            runs[(on, pool, phase)] = got
+    for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+        want = runs[(False, 1, phase)]
+        for key in ((True, 1, phase), (True, 2, phase)):
+            for a, b in zip(want, runs[key], strict=True):
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (spec, key)
+    assert np.isnan(runs[(True, 1, caffe_pb2.TEST)][0]).any()

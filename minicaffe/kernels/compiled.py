@@ -152,6 +152,8 @@ def warm_up() -> bool:
                                         True, 0, 1)
     get(max_pool_scatter)(z, np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.intp), np.zeros((1, 1), np.float32),
                           1, 1, 1, 0, 0, 0, 1)
+    get(max_pool_argmax)(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8),
+                         np.zeros(1, np.intp), np.zeros(1, np.uint8), 0, 1)
     return True
 
 
@@ -665,6 +667,39 @@ def batch_norm_scale_relu_backward(dy, y, centred, inv_std, s, relu, dx, gb, gs,
                 t = cc * k
                 t = t + mean_dy
                 dx[i, c, j] = (g * sc - t) * iv
+
+
+# --- MAX pooling's forward with its argmax (layers/pooling.py; its twin is Pooling._max_forward's
+# four NumPy passes per window offset) -------------------------------------------------------------
+
+def max_pool_argmax(xpad, y, code, starts, start, p0, p1):
+    """Planes ``p0:p1`` of a block: ``y`` (planes, L) = the maximum over the windows, ``code``
+    (planes, L) = the window offset code of each output's first maximum in row-major window order.
+    ``xpad`` (planes, F) holds each plane padded with -inf in phase-plane order, where the values at
+    window offset code ``k`` of the L outputs (in wide order) are the contiguous run
+    ``xpad[p, starts[k]:starts[k] + L]`` (Pooling._window); ``start`` (L,) is the code each output
+    starts from (its window's first real pixel). One pass per offset where the twin makes four
+    (compare, maximum, two on the codes); the same bits: ``y`` follows ``np.maximum(y, v)`` (NaN
+    wins; on a tie the new value, as NumPy returns its second operand) and a code moves to ``k``
+    where ``v > y`` before the update, at least ``start`` (the twin's running maximum of codes)."""
+    n_out = y.shape[1]
+    ninf = y.dtype.type(-np.inf)
+    ct = code.dtype.type
+    for p in range(p0, p1):
+        yr = y[p]
+        cr = code[p]
+        for t in range(n_out):
+            yr[t] = ninf
+            cr[t] = start[t]
+        for k in range(starts.shape[0]):
+            src = xpad[p, starts[k]:starts[k] + n_out]
+            kk = ct(k)
+            for t in range(n_out):
+                v = src[t]
+                yt = yr[t]
+                c = cr[t]
+                cr[t] = (kk if kk > c else c) if v > yt else c
+                yr[t] = yt if (yt > v or yt != yt) else v
 
 
 # --- MAX pooling's backward (kernels/pooling_engines.py; its twin is one np.add.at per block) ------
