@@ -374,3 +374,60 @@ def test_max_pool_forward_compiled_has_the_numpy_passes_bits(spec, dtype, switch
             for a, b in zip(want, runs[key], strict=True):
                 assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (spec, key)
     assert np.isnan(runs[(True, 1, caffe_pb2.TEST)][0]).any()
+
+
+@pytest.mark.parametrize("size,beta", [(5, 0.75), (3, 0.5), (1, 1.0), (5, 1.0), (7, 0.75)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lrn_across_channels_compiled_has_the_numpy_passes_bits(size, beta, dtype, switches):
+    """LRN ACROSS_CHANNELS through compiled.lrn_across_forward/backward against the layer's NumPy
+    passes: the same bits for the top, the bottom's gradient, the kept scale and a forward-only
+    net's top, with 4 channels
+    (a window of 7 wider than them), signed zeros in the gradient and a large value beside small
+    ones, at one thread and two."""
+    from minicaffe.testing import make_layer
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(dtype)
+    x[0, 1, 2, 3] = 1e3
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dy[1] = -0.0
+    dy[2, :, 0] = 0.0
+    text = (f'name: "n" type: "LRN" lrn_param {{ local_size: {size} alpha: 0.7 beta: {beta} k: 1.5 }}')
+    runs = {}
+    for on, pool in ((False, 1), (True, 1), (True, 2)):
+        switches(compiled=on, threads=str(pool))
+        layer, bottom, top = make_layer(text, [x.copy()])
+        layer.forward(bottom, top)
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        runs[(on, pool)] = [top[0].data.copy(), bottom[0].diff.copy(), np.asarray(layer.scale).copy()]
+        # a forward-only net's LRN keeps neither scale nor power (through scratch rows compiled)
+        layer, bottom, top = make_layer(text, [x.copy()])
+        layer.forward_only = True
+        layer.forward(bottom, top)
+        runs[(on, pool)].append(top[0].data.copy())
+    for key in ((True, 1), (True, 2)):
+        for a, b in zip(runs[(False, 1)], runs[key], strict=True):
+            assert a.tobytes() == b.tobytes(), key
+    assert np.abs(runs[(True, 1)][1]).max() > 1e-3
+
+
+def test_lrn_compiled_kernels_run_only_where_they_match(switches, monkeypatch):
+    """The compiled LRN runs for ACROSS_CHANNELS with beta 0.75, 0.5 or 1; another beta and
+    WITHIN_CHANNEL take the NumPy passes."""
+    from minicaffe.testing import make_layer
+    switches(compiled=True)
+    calls = []
+    real = compiled.get
+
+    def spy(fn):
+        if fn in (compiled.lrn_across_forward, compiled.lrn_across_backward):
+            calls.append(fn.__name__)
+        return real(fn)
+    monkeypatch.setattr(compiled, "get", spy)
+    x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
+    for spec, want in (("beta: 0.75", 2), ("beta: 0.6", 0), ("beta: 0.75 norm_region: WITHIN_CHANNEL", 0)):
+        calls.clear()
+        layer, bottom, top = make_layer(f'name: "n" type: "LRN" lrn_param {{ local_size: 3 {spec} }}', [x])
+        layer.forward(bottom, top)
+        layer.backward(top, [True], bottom)
+        assert len(calls) == want, spec

@@ -478,8 +478,11 @@ def test_lrn_padded_buffers_come_from_the_layer_frames(region, monkeypatch):
     """In a sharing net LRN's padded buffers come from the layer frames, so two LRN layers use the
     same memory and keep none of their own (a plain net's LRN keeps its own, as before). Other
     layers' scratch lands there too, so the zero border is cleared on each call: an arena filled
-    with NaN between forwards changes no bit of the output."""
+    with NaN between forwards changes no bit of the output. (The NumPy passes: the compiled
+    ACROSS_CHANNELS kernel takes no buffers, tests/test_compiled.py.)"""
     from minicaffe.core import context
+    from minicaffe.kernels import compiled
+    monkeypatch.setattr(compiled, "enabled", lambda: False)
     n = NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 6, 5, 5]))
     n.conv = L.Convolution(n.data, num_output=6, kernel_size=3, pad=1, weight_filler=dict(type="xavier"))

@@ -352,7 +352,10 @@ def test_lrn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
 def test_lrn_in_a_layer_frame_bit_identical_at_two_threads(spec, pool_size, monkeypatch):
     """A forward-only LRN takes its padded buffers from the layer frame (a sharing net's forward)
     and clears their border on the calling thread before the chunks run: the one-thread bits at
-    two threads, over NaN left in the frame by an earlier layer, and the bits of its own buffers."""
+    two threads, over NaN left in the frame by an earlier layer, and the bits of its own buffers.
+    (The NumPy passes: the compiled ACROSS_CHANNELS kernel takes no buffers, tests/test_compiled.py.)"""
+    from minicaffe.kernels import compiled
+    monkeypatch.setattr(compiled, "enabled", lambda: False)
     x = np.random.default_rng(0).standard_normal((3, 6, 5, 4)).astype(np.float32)
     layer, bottom, top = make_layer(f'name: "lrn" type: "LRN" {spec}', [x])
     layer.forward_only = True

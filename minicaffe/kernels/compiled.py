@@ -58,7 +58,8 @@ REASSOCIATES = {"inner_product_rows": {"reassoc", "contract"},
 # same values calls the same helper, so the fused kernels and the separate layers' give the same
 # bits. The twins sum with einsum, in NumPy's order: they agree to float32 rounding, as before.
 ROW_HELPERS = {"_row_sum": {"reassoc"}, "_row_dot": {"reassoc"}, "_row_scaled_dot": {"reassoc"},
-               "_row_centre": {"reassoc"}}
+               "_row_centre": {"reassoc"},
+               "_lrn_window_sum": set()}      # (a helper too, but every add in order: no flag)
 
 
 def _numba():
@@ -106,7 +107,11 @@ def get(fn):
 
 
 def _jit(numba, fn, fastmath):
-    extra = {"fastmath": fastmath} if fastmath else {}
+    # NumPy's error model: a float division by zero gives inf or nan, as in the twins, where Python's
+    # raises ZeroDivisionError; its check also kept a loop that divides from vectorising (LRN's)
+    extra = {"error_model": "numpy"}
+    if fastmath:
+        extra["fastmath"] = fastmath
     try:
         return numba.njit(nogil=True, cache=True, **extra)(fn)
     except RuntimeError:    # no writable cache location (a read-only install, no HOME)
@@ -152,6 +157,9 @@ def warm_up() -> bool:
                                         True, 0, 1)
     get(max_pool_scatter)(z, np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.intp), np.zeros((1, 1), np.float32),
                           1, 1, 1, 0, 0, 0, 1)
+    z3 = np.zeros((1, 1, 1), np.float32)
+    get(lrn_across_forward)(z3, z3.copy(), z3.copy(), z3.copy(), 1, 1.0, 1.0, 0, True, 0, 1)
+    get(lrn_across_backward)(z3, z3.copy(), z3.copy(), z3 + 1, z3 + 1, z3.copy(), 1, 1.0, 0, 1)
     get(max_pool_argmax)(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8),
                          np.zeros(1, np.intp), np.zeros(1, np.uint8), 0, 1)
     return True
@@ -667,6 +675,122 @@ def batch_norm_scale_relu_backward(dy, y, centred, inv_std, s, relu, dx, gb, gs,
                 t = cc * k
                 t = t + mean_dy
                 dx[i, c, j] = (g * sc - t) * iv
+
+
+# --- LRN across channels (layers/lrn.py; its twin is the layer's NumPy passes) ---------------------
+
+def _lrn_window_sum(ring, first, c_n, out):
+    """``out`` = the sum over the window of rows of channels ``first .. first + size − 1`` in
+    ``ring`` (channel c in row c % size; a channel outside 0..c_n−1 reads the last row, zeros), in
+    the twin's order: the first two rows added, then each next (LRN._sum_padded, whose zero
+    padding these zeros are: a zero added to −0.0 makes +0.0 there too)."""
+    size = ring.shape[0] - 1
+    sp = out.shape[0]
+    rows = np.empty(size, np.intp)
+    for o in range(size):
+        ch = first + o
+        rows[o] = ch % size if 0 <= ch < c_n else size
+    a = ring[rows[0]]
+    if size == 1:
+        for j in range(sp):
+            out[j] = a[j]
+        return
+    b = ring[rows[1]]
+    for j in range(sp):
+        out[j] = a[j] + b[j]
+    for o in range(2, size):
+        r = ring[rows[o]]
+        for j in range(sp):
+            out[j] = out[j] + r[j]
+
+
+def lrn_across_forward(x, scale, pw, y, size, sum_scale, shift, beta_kind, keep, n0, n1):
+    """Images ``n0:n1`` of (N, C, S) arrays: ``scale = shift + sum_scale·Σ x²`` over the ``size``
+    channels centred on each (those outside the image count zero), ``pw = scale^beta`` and
+    ``y = x / pw``; with ``keep`` False neither ``scale`` nor ``pw`` is written (a forward-only
+    net: they go through two scratch rows). ``beta_kind`` is the power the twin takes with square
+    roots (lrn._pow_into): 0 for beta 0.75 (sqrt(s)·sqrt(sqrt(s))), 1 for 0.5, 2 for 1; other betas
+    keep the twin, whose np.power this would not match bit for bit.
+
+    Each channel's squares are made once, into a ring of ``size`` rows, as the window moves down
+    the channels, and the rest is one pass over the image, where the twin makes about fifteen
+    whole-array passes. The same bits: the squares added in the twin's order (a zero for a channel
+    outside the image changes no sum of squares), every step rounded to the dtype as NumPy rounds
+    it, ``sum_scale`` and ``shift`` rounded to the dtype first (NumPy's rule for a Python float)."""
+    _, c_n, sp = x.shape
+    pre = (size - 1) // 2
+    dt = x.dtype.type
+    ss = dt(sum_scale)
+    sh = dt(shift)
+    ring = np.zeros((size + 1, sp), x.dtype)       # the last row: the zeros outside the image
+    rows = np.empty((2, sp), x.dtype)               # scale and power when they are not kept
+    for n in range(n0, n1):
+        for c in range(-pre, c_n):
+            ahead = c + pre
+            if ahead < c_n:
+                sq = ring[ahead % size]
+                xr = x[n, ahead]
+                for j in range(sp):
+                    sq[j] = xr[j] * xr[j]
+            if c < 0:
+                continue
+            acc = scale[n, c] if keep else rows[0]
+            pr = pw[n, c] if keep else rows[1]
+            _lrn_window_sum(ring, c - pre, c_n, acc)
+            # each step a loop of its own, so that each vectorises
+            for j in range(sp):
+                acc[j] = acc[j] * ss
+            for j in range(sp):
+                acc[j] = acc[j] + sh
+            if beta_kind == 0:
+                for j in range(sp):
+                    q = np.sqrt(acc[j])
+                    pr[j] = q * np.sqrt(q)
+            elif beta_kind == 1:
+                for j in range(sp):
+                    pr[j] = np.sqrt(acc[j])
+            else:
+                for j in range(sp):
+                    pr[j] = acc[j]
+            xr = x[n, c]
+            yr = y[n, c]
+            for j in range(sp):
+                yr[j] = xr[j] / pr[j]
+
+
+def lrn_across_backward(x, y, dy, scale, pw, dx, size, coeff, n0, n1):
+    """Images ``n0:n1``: ``dx = dy / pw − coeff·x·Σ dy·y/scale`` over the channel window (the window
+    is symmetric, so the channels whose windows hold c are those of c's own), ``coeff`` =
+    2·beta·sum_scale, rounded to the dtype as NumPy rounds a Python float. The ratios ``dy·y/scale``
+    are made once per channel into a ring of ``size`` rows as the window moves, the sum built in
+    ``dx``'s row; the twin's operations in its order: the same bits."""
+    _, c_n, sp = x.shape
+    pre = (size - 1) // 2
+    dt = x.dtype.type
+    k = dt(coeff)
+    ring = np.zeros((size + 1, sp), x.dtype)       # the last row: the zeros outside the image
+    for n in range(n0, n1):
+        for c in range(-pre, c_n):
+            ahead = c + pre
+            if ahead < c_n:
+                r = ring[ahead % size]
+                dr = dy[n, ahead]
+                yr = y[n, ahead]
+                sr = scale[n, ahead]
+                for j in range(sp):
+                    t = dr[j] * yr[j]
+                    r[j] = t / sr[j]
+            if c < 0:
+                continue
+            acc = dx[n, c]
+            _lrn_window_sum(ring, c - pre, c_n, acc)
+            xr = x[n, c]
+            dr = dy[n, c]
+            pr = pw[n, c]
+            for j in range(sp):
+                t = acc[j] * xr[j]
+                t = t * k
+                acc[j] = dr[j] / pr[j] - t
 
 
 # --- MAX pooling's forward with its argmax (layers/pooling.py; its twin is Pooling._max_forward's
