@@ -484,13 +484,15 @@ def test_winograd_data_gradient_passes_the_gradient_check(layer_type):
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("spec,group", [("num_output: 4 kernel_size: 3 pad: 1", 1),
+                                        ("num_output: 4 kernel_size: 3 pad: 1 group: 2", 2)])
 @pytest.mark.parametrize("phase", [caffe_pb2.TRAIN, caffe_pb2.TEST])
-def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
-    """The transformed flipped filters (cached in a TEST net) are redone when the weights change in
-    place: the data gradient (Deconvolution: the forward) scales with them."""
-    x = np.random.default_rng(12).standard_normal((2, 3, 8, 7)).astype(np.float32)
-    layer, bottom, top = make_layer(conv_text(layer_type, "num_output: 4 kernel_size: 3 pad: 1", bias=False),
-                                    [x], phase=phase)
+def test_winograd_flipped_filters_follow_weight_updates(layer_type, spec, group, phase):
+    """The transformed flipped filters (cached in a TEST net, a pair of caches per group) are redone
+    when the weights change in place: the data gradient (Deconvolution: the forward) scales with
+    them."""
+    x = np.random.default_rng(12).standard_normal((2, 2 * group, 8, 7)).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text(layer_type, spec, bias=False), [x], phase=phase)
     engines.force(layer, "winograd", data_grad=True)
     results = []
     for scale in (1.0, -2.0):
@@ -503,6 +505,34 @@ def test_winograd_flipped_filters_follow_weight_updates(layer_type, phase):
     for first, second in zip(*results):     # the outputs, then the data gradients
         np.testing.assert_allclose(second, -2 * first, rtol=1e-4, atol=1e-5 * np.abs(first).max())
     engines.force(layer, None)
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("spec", ["num_output: 6 kernel_size: 3 pad: 1 group: 2",
+                                  "num_output: 9 kernel_size: 3 group: 3",
+                                  "num_output: 4 kernel_size: 3 pad: 2 group: 2"])
+@pytest.mark.parametrize("tile,weight_grad", [(2, False), (4, False), (4, True)])
+def test_winograd_grouped_runs_group_by_group(layer_type, spec, tile, weight_grad):
+    """A grouped 3x3 layer through Winograd, forward, data gradient and (F(4x4)) weight gradient,
+    each group on its channels' views (copied out for the weight gradient's kernels) with its own
+    filters (CaffeNet's conv4 and conv5)."""
+    x = np.random.default_rng(21).standard_normal((3, 6, 9, 10))
+    with backend.float64_blobs():
+        layer, bottom, top = make_layer(conv_text(layer_type, spec), [x])
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "winograd",
+                      {"data_grad": True, "tile": tile, "weight_grad": weight_grad}), ref)
+
+
+@pytest.mark.parametrize("shape,spec,want", [
+    ((32, 384, 13, 13), "num_output: 384 kernel_size: 3 pad: 1 group: 2", True),      # CaffeNet conv4
+    ((32, 384, 13, 13), "num_output: 256 kernel_size: 3 pad: 1 group: 2", True),      # conv5
+    ((32, 384, 13, 13), "num_output: 64 kernel_size: 3 pad: 1 group: 2", False)])     # 32 outputs a group
+def test_default_winograd_for_wide_groups(shape, spec, want):
+    layer, _, _ = make_layer(conv_text("Convolution", spec), [np.zeros(shape, np.float32)])
+    assert (layer.engine_name == "winograd") is want
+    if want:
+        assert layer.engine.data_grad and layer.engine.weight_grad
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])

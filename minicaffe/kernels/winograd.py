@@ -88,9 +88,9 @@ F4_MIN_TILES = 24
 
 
 def applies(geom, group):
-    """Whether the Winograd forward can compute this convolution."""
-    return (geom.kh == geom.kw == 3 and geom.sh == geom.sw == 1 and geom.dh == geom.dw == 1
-            and group == 1)
+    """Whether the Winograd forward can compute this convolution: 3x3, stride 1, no dilation, in
+    any number of groups (conv_engines.WinogradConv runs a grouped one group by group)."""
+    return geom.kh == geom.kw == 3 and geom.sh == geom.sw == 1 and geom.dh == geom.dw == 1
 
 
 def tile_size(num, oh, ow):
