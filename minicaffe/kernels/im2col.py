@@ -367,18 +367,24 @@ def channels_last_source(x, g, group):
     return src
 
 
+def channels_last_windows(src, geom, out_hw):
+    """The (G·N, oh, ow, kh, kw, C/G) strided view of ``channels_last_source``'s output whose copy
+    is ``im2col_channels_last``'s columns (a view: nothing is copied)."""
+    g = geom
+    oh, ow = out_hw
+    s_gn, s_h, s_w, s_c = src.strides[1:]
+    shape = (src.shape[0] * src.shape[1], oh, ow, g.kh, g.kw, src.shape[4])
+    flat = src.reshape((shape[0],) + src.shape[2:])
+    return _as_strided(np, flat, shape, (s_gn, g.sh * s_h, g.sw * s_w, g.dh * s_h, g.dw * s_w, s_c))
+
+
 def im2col_channels_last(x, geom, out_hw, group=1):
     """Columns of ``x`` (N, C, H, W) position-major, per group: an array (G, N, oh, ow, kh, kw, C/G)
     in the "col" workspace, ``col[g, n, y, x, i, j, c] = x_padded[n, g·C/G + c, y·sh + i·dh,
     x·sw + j·dw]`` (CPU). Group ``g``'s matrix ``col[g].reshape(N·oh·ow, kh·kw·C/G)`` is contiguous,
     its columns ordered (i, j, c): the weights must be permuted to (cout, kh, kw, C/G) to match."""
-    n, c = x.shape[:2]
-    oh, ow = out_hw
-    g = geom
-    src = channels_last_source(x, g, group)
-    shape = (group * n, oh, ow, g.kh, g.kw, c // group)
-    out = workspace(np, shape, x.dtype, COL)
-    s_gn, s_h, s_w, s_c = src.strides[1:]
-    view = _as_strided(np, src, shape, (s_gn, g.sh * s_h, g.sw * s_w, g.dh * s_h, g.dw * s_w, s_c))
+    n = x.shape[0]
+    view = channels_last_windows(channels_last_source(x, geom, group), geom, out_hw)
+    out = workspace(np, view.shape, x.dtype, COL)
     parallel_copyto(out, view)
-    return out.reshape((group, n) + shape[1:])
+    return out.reshape((group, n) + view.shape[1:])
