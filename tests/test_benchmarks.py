@@ -269,11 +269,11 @@ def test_bench_engine_ab_runs_and_names_an_unknown_constant():
     assert "| whole backward |" in out and "| whole forward |" in out
     # minicaffe loads before NumPy there, so its kernels' pool has the threads a minicaffe command
     # gets (imported after NumPy, the pool had one thread and every A/B measured one core's engines)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     expected = subprocess.run([sys.executable, "-c", "import minicaffe; from minicaffe.core import threads; "
                                "print(threads.size())"], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT), timeout=600).stdout.split()[-1]
+                              env=env, timeout=600).stdout.split()[-1]
     assert f"kernels' pool of {expected} threads" in out, out
-    env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_engine_ab.py"), "--net", "lenet",
                            "--set", "NO_SUCH_CONSTANT=1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "NO_SUCH_CONSTANT" in proc.stderr.strip().splitlines()[-1]

@@ -58,8 +58,11 @@ REASSOCIATES = {"inner_product_rows": {"reassoc", "contract"},
 # same values calls the same helper, so the fused kernels and the separate layers' give the same
 # bits. The twins sum with einsum, in NumPy's order: they agree to float32 rounding, as before.
 ROW_HELPERS = {"_row_sum": {"reassoc"}, "_row_dot": {"reassoc"}, "_row_scaled_dot": {"reassoc"},
-               "_row_centre": {"reassoc"},
-               "_lrn_window_sum": set()}      # (a helper too, but every add in order: no flag)
+               "_row_centre": {"reassoc"}}
+
+# Every function the kernels call, by name, with its fastmath flags: compiled before any kernel
+# (_compile_helpers). LRN's window sum is shared by its two kernels and adds in order: no flag.
+HELPERS = {**ROW_HELPERS, "_lrn_window_sum": set()}
 
 
 def _numba():
@@ -100,7 +103,7 @@ def get(fn):
         with _lock:
             got = _state["compiled"].get(fn)
             if got is None:
-                _compile_row_helpers(numba)
+                _compile_helpers(numba)
                 got = _jit(numba, fn, REASSOCIATES.get(fn.__name__))
                 _state["compiled"][fn] = got
     return got
@@ -118,11 +121,11 @@ def _jit(numba, fn, fastmath):
         return numba.njit(nogil=True, **extra)(fn)
 
 
-def _compile_row_helpers(numba):
-    """Put the compiled ROW_HELPERS in this module's namespace, where Numba resolves a kernel's
-    calls to them when it compiles the kernel (under ``_lock``; each once per process)."""
+def _compile_helpers(numba):
+    """Put the compiled HELPERS in this module's namespace, where Numba resolves a kernel's calls
+    to them when it compiles the kernel (under ``_lock``; each once per process)."""
     module = globals()
-    for name, flags in ROW_HELPERS.items():
+    for name, flags in HELPERS.items():
         if not hasattr(module[name], "py_func"):        # not yet a Numba dispatcher
             module[name] = _jit(numba, module[name], flags)
 

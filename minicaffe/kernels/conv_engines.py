@@ -7,12 +7,13 @@ reshape from this table (``engine: CAFFE`` picks the reference):
 ====================  ===========  ==========================================================  =====
 engine                devices      DEFAULT picks it for                                        prio
 ====================  ===========  ==========================================================  =====
-winograd              cpu          Convolution 3x3/1, no group, >= 64 input channels, output    40
+winograd              cpu          Convolution 3x3/1, >= 64 input channels (and, grouped,       40
+                                   >= 64 of each in a group: CaffeNet's conv4/5), output
                                    maps >= 13x13, >= 48 4x4 output tiles per batch (32 when
                                    the pool splits its GEMMs, 24 at one BLAS thread: VGG,
                                    ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
                                    data gradient too where that pays (pad <= 2), its weight
-                                   gradient on maps >= 20x20; Deconvolution 3x3/1 where its
+                                   gradient from 64 4x4 tiles; Deconvolution 3x3/1 where its
                                    forward (a data gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
@@ -363,8 +364,8 @@ def _groups_wide(s):
 
 
 def winograd_pays(s):
-    """3x3/1 ungrouped, from WINOGRAD_MIN_CHANNELS input channels on maps of WINOGRAD_MIN_SIZE and
-    more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
+    """3x3/1, from WINOGRAD_MIN_CHANNELS input channels (a group's, with as many outputs a group:
+    ``_groups_wide``) on maps of WINOGRAD_MIN_SIZE and more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
     one BLAS thread, WINOGRAD_SPLIT_MIN_TILES when the kernels' pool splits the transform GEMMs),
     unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
@@ -769,7 +770,6 @@ class ChannelsLastConv(Im2colConv):
             if not one:
                 parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
                                 rows.reshape(s.cout, n, p).transpose(1, 0, 2))
-
 
     def _forward_image_in_bands(self, x1, w2, out):
         """One image's forward a band of output rows at a time (CHANNELS_LAST_BAND_ELEMENTS of

@@ -190,9 +190,13 @@ class Pooling(Layer):
         last = ((self.kh - 1) // self.sh) * wq + (self.kw - 1) // self.sw + oh * wq
         return hq, wq, max(hq * wq, last)
 
+    def _window_start(self, i, j):
+        """Where window offset (i, j)'s values start in their phase plane (``_window``)."""
+        return (i // self.sh) * self._wq + j // self.sw
+
     def _window(self, arr, i, j):
         """The element at window offset (i, j) of every window: a view (N, C, oh * Wq), wide order."""
-        start = (i // self.sh) * self._wq + j // self.sw
+        start = self._window_start(i, j)
         return arr[:, :, i % self.sh, j % self.sw, start:start + self.out_hw[0] * self._wq]
 
     def _planes(self, buf, h, w):
@@ -265,10 +269,15 @@ class Pooling(Layer):
     def _scratch(self, k, flat, dtype):
         return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, _PAD)
 
+    def _code_type(self):
+        """The argmax codes' type: one byte where every window offset fits (byte arithmetic is ~10x
+        faster than int32)."""
+        return np.uint8 if self.kh * self.kw <= 256 else np.int32
+
     def _codes(self, m, wide_len):
-        """The argmax code array (kept between calls while its shape, type and device hold); one
-        byte per offset code where it fits: byte arithmetic is ~10x faster than int32."""
-        code_type = np.uint8 if self.kh * self.kw <= 256 else np.int32
+        """The argmax code array (kept between calls while its shape, type and device hold), of
+        ``_code_type``."""
+        code_type = self._code_type()
         off = self._off_wide
         if off is None or off.shape != (m, 1, wide_len) or off.dtype != code_type or \
                 get_array_module(off) is not self.xp:
@@ -294,7 +303,7 @@ class Pooling(Layer):
             if argmax:
                 off, code_type = self._codes(m, wide_len)
             else:
-                code_type = np.uint8 if self.kh * self.kw <= 256 else np.int32
+                code_type = self._code_type()
             # start at the first real pixel of each window (so an all -inf window still points
             # inside the image), then move to every strictly larger value in row-major order:
             # the last such move is the first maximum
@@ -303,9 +312,8 @@ class Pooling(Layer):
             j0[:ow] = np.maximum(self.pw - np.arange(ow) * self.sw, 0)
             start = xp.asarray((i0[:, None] * self.kw + j0[None, :]).astype(code_type).reshape(-1))
         if compiled_pass:
-            # where offset (i, j)'s window values start in a padded plane (Pooling._window)
-            starts = np.array([((i % self.sh) * self.sw + j % self.sw) * flat
-                               + (i // self.sh) * self._wq + j // self.sw
+            # where offset (i, j)'s window values start in a block's flattened padded plane
+            starts = np.array([((i % self.sh) * self.sw + j % self.sw) * flat + self._window_start(i, j)
                                for i in range(self.kh) for j in range(self.kw)], np.intp)
             kernel = compiled.get(compiled.max_pool_argmax)
 
