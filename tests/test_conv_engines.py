@@ -57,6 +57,13 @@ CASES = {
     # Winograd's odd sizes and paddings, one output tile, and a shape where it pays
     "odd": ((2, 4, 13, 11), "num_output: 3 kernel_size: 3 pad: 1"),
     "pad_h2": ((2, 3, 7, 8), "num_output: 4 kernel_h: 3 kernel_w: 3 pad_h: 2 pad_w: 0"),
+    # Winograd F(2x2, 5x5): pads 1, 2 and 4 (the data gradient's own pad is 4 - p), odd output
+    # sizes (9x6), uneven pads, groups
+    "k5p2": ((2, 3, 9, 8), "num_output: 4 kernel_size: 5 pad: 2"),
+    "k5odd": ((1, 4, 11, 8), "num_output: 3 kernel_size: 5 pad: 1"),
+    "k5p4": ((2, 2, 6, 7), "num_output: 3 kernel_size: 5 pad: 4"),
+    "k5pad_h3": ((2, 3, 8, 9), "num_output: 4 kernel_h: 5 kernel_w: 5 pad_h: 3 pad_w: 0"),
+    "k5g2": ((3, 4, 10, 9), "num_output: 6 kernel_size: 5 pad: 2 group: 2"),
     "one_tile": ((2, 2, 3, 3), "num_output: 2 kernel_size: 3"),
     "vgg": ((1, 128, 14, 15), "num_output: 3 kernel_size: 3 pad: 1"),
     # F(4x4): one image, outputs not multiples of 4 (10x9, 11x8), pad 2 on both axes
@@ -882,6 +889,103 @@ def test_winograd_f4x4_compiled_transforms_agree_with_the_numpy_ones(env_switch)
         scale = np.abs(out["0", "1"]).max()
         np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=2e-6 * scale)
         assert out["1", "1"].tobytes() == out["1", "2"].tobytes()
+
+
+# --- Winograd F(2x2, 5x5) ---------------------------------------------------------------------------
+
+WINOGRAD5_CASES = ["k5p2", "k5odd", "k5p4", "k5pad_h3", "k5g2", "narrow5"]
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", WINOGRAD5_CASES)
+@pytest.mark.parametrize("band", [1, None])
+def test_winograd_5x5_matches_the_reference(layer_type, case, band, f4_transforms):
+    """5x5 stride-1 kernels through F(2x2, 5x5): forward, data gradient (pads 0 to 4) and weight
+    gradient (F(5x5, 2x2)) against the reference in float64, in bands of one tile row (ragged) or
+    the default, groups, odd sizes; the compiled transforms and the NumPy twins (where the weight
+    gradient takes the columns)."""
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": band, "data_grad": True, "weight_grad": True}),
+                 ref)
+
+
+def test_winograd_5x5_weight_gradient_passes_the_gradient_check():
+    x = np.random.default_rng(19).standard_normal((2, 2, 7, 6))
+    text = conv_text("Convolution", "num_output: 3 kernel_size: 5 pad: 2")
+    check_gradient(text, [x], setup_hook=lambda layer, b, t: engines.force(
+        layer, "winograd", data_grad=True, weight_grad=True))
+
+
+def test_winograd_5x5_shares_the_input_transform_of_f4x4():
+    """F(2x2, 5x5) from the same five points as F(4x4, 3x3): the same 6x6 B^T (so one compiled input
+    transform serves both, tiles 4 or 2 apart), a 2x6 A^T and a 6x5 G (``matrices`` checks the
+    identity exactly)."""
+    at, g, bt = winograd.MATRICES5
+    assert at.shape == (2, 6) and g.shape == (6, 5)
+    np.testing.assert_array_equal(bt, winograd.matrices(winograd.POINTS[4])[2])
+    np.testing.assert_array_equal(at, [[1, 1, 1, 1, 1, 0], [0, 1, -1, .5, -2, 1]])
+
+
+def test_winograd_5x5_float32_error_on_a_caffenet_conv2_group():
+    """Float32 F(2x2, 5x5) against float64, relative to max|y|, on a CaffeNet conv2 group (48 -> 128
+    channels, 27x27, pad 2, He-initialised weights): bound 1e-5 as for F(4x4) (measured ~1e-6)."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((1, 48, 27, 27)).astype(np.float32)
+    w = (rng.standard_normal((128, 48, 5, 5)) * np.sqrt(2 / (25 * 48))).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (2, 2), (2, 2))),
+                                                       (5, 5), axis=(2, 3))
+    want = np.einsum("nchwkl,ockl->nohw", windows, w.astype(np.float64), optimize=True)
+    y = np.empty((1, 128, 27, 27), np.float32)
+    winograd.forward(x, w, y, 2, 2)
+    assert np.abs(y - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(env_switch):
+    """The compiled F(2x2, 5x5) forward and weight gradient against the NumPy twins, float32, on
+    ragged shapes in bands: equal to float32 rounding, the same bits at one and two threads; dy's
+    2x2 tile transform the same bits as its twin."""
+    from minicaffe.kernels import compiled
+    rng = np.random.default_rng(29)
+    for n, c, k, h, w, p in ((2, 16, 24, 17, 22, 2), (1, 8, 8, 5, 6, 1), (3, 12, 6, 9, 8, 4)):
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        wt = rng.standard_normal((k, c, 5, 5)).astype(np.float32)
+        oh, ow = h + 2 * p - 4, w + 2 * p - 4
+        dy = rng.standard_normal((n, k, oh, ow)).astype(np.float32)
+
+        def run():
+            y = np.empty((n, k, oh, ow), np.float32)
+            winograd.forward(x, wt, y, p, p, band=2)
+            dw = np.zeros_like(wt)
+            winograd.weight_gradient(x, dy, dw, p, p, band=2)
+            return np.concatenate([y.ravel(), dw.ravel()])
+        out = _numpy_compiled_and_two_threads(env_switch, run)
+        scale = np.abs(out["0", "1"]).max()
+        np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=4e-6 * scale)
+        assert out["1", "1"].tobytes() == out["1", "2"].tobytes()
+        tw, th = -(-ow // 2), -(-oh // 2)
+        rows = min(2, th)
+        tiles = np.empty((36, k, n * rows * tw), np.float32)
+        compiled.get(compiled.winograd2x5_gradient_tiles)(dy, tiles, th - rows, rows, tw, 0, k)
+        assert tiles.tobytes() == winograd._gradient_tiles2_numpy(dy, th - rows, rows, tw).tobytes()
+
+
+@pytest.mark.parametrize("shape,spec,want", [
+    ((32, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 group: 2", True),     # CaffeNet conv2, TRAIN
+    ((10, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 group: 2", True),     # ... at batch 10
+    ((4, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 group: 2", False),     # 784 tiles
+    ((16, 32, 28, 28), "num_output: 96 kernel_size: 5 pad: 2", True),               # GoogLeNet 3b/5x5
+    ((16, 16, 28, 28), "num_output: 32 kernel_size: 5 pad: 2", False),              # 3a/5x5: thin
+    ((16, 32, 14, 14), "num_output: 128 kernel_size: 5 pad: 2", False),             # 4e/5x5: 14²
+    ((16, 48, 7, 7), "num_output: 128 kernel_size: 5 pad: 2", False),               # 5b/5x5: 7²
+    ((32, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 stride: 2", False)])  # strided
+def test_default_winograd_5x5_where_it_pays(shape, spec, want):
+    """DEFAULT takes F(2x2, 5x5) for the forward and the data gradient where WINOGRAD5_* say (wide
+    groups on maps from 20x20), never its weight gradient."""
+    layer, _, _ = make_layer(conv_text("Convolution", spec), [np.zeros(shape, np.float32)])
+    assert (layer.engine_name == "winograd") is want
+    if want:
+        assert layer.engine.data_grad and not layer.engine.weight_grad and layer.engine.tile == 2
 
 
 @pytest.mark.parametrize("spec", ["num_output: 5 kernel_size: 7 stride: 2 pad: 3",

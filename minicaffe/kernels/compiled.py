@@ -142,11 +142,13 @@ def warm_up() -> bool:
     get(sgd_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
     get(nesterov_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
     src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
-    get(winograd4_input)(src, v, 0, 1, 1, 0, 1)
+    get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
     get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
+    get(winograd2x5_output)(v, np.zeros((1, 2, 2, 1), np.float32), 1, 2, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
-    get(winograd4_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
+    get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
+    get(winograd6_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
     y, b = np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
     get(convolution_epilogue)(y, b, True, b, True, True, y.copy(), y.copy(), True, True)
     get(inner_product_rows)(y, y.copy(), y.copy(), 0, 1)
@@ -214,7 +216,10 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
         w[i] = w[i] - u
 
 
-# --- Winograd F(4x4, 3x3) tile transforms (kernels/winograd.py's _band4) ----------------------------
+# --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (kernels/winograd.py's _band4, _band2x5) ---
+#
+# Both read 6x6 input tiles and use the same five finite points, so their input transform B^T is
+# the same matrix (winograd.matrices): ``winograd6_input`` serves both, tiles ``step`` apart (4 or 2).
 #
 # The NumPy path computes these transforms as stacked 6x6 GEMMs, which add in BLAS's order. These
 # loops use the transform matrices' few non-zero terms, written out, so they add in another order:
@@ -226,22 +231,24 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
 # B^T (points 0, 1, -1, 1/2, -2; winograd.matrices):
 #   [1 -3/2 -2  3/2  1  0], [0 -1 1/2 5/2 1 0], [0 -1 5/2 -1/2 -1 0],
 #   [0  2   1  -2  -1  0], [0 1/2 -1 -1/2 1 0], [0  1 -3/2 -2  3/2 1]
-# A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]
+# A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]  (F(4x4, 3x3))
+# A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 1]                                        (F(2x2, 5x5))
 
-def winograd4_input(src, v, t0, rows, tw, r0, r1):
+def winograd6_input(src, v, t0, rows, tw, r0, r1, step):
     """Tile rows ``r0:r1`` of a band starting at tile row ``t0`` of ``rows``: ``v[i * 6 + j, tile, c]``
-    = (B^T d B)[i, j] of each tile ``d`` of ``src``, the padded input channels last (n, row, column,
-    c; winograd._source_channels_last), tiles ordered (image, band row, tile column)."""
+    = (B^T d B)[i, j] of each 6x6 tile ``d`` of ``src``, the padded input channels last (n, row,
+    column, c; winograd._source_channels_last), tiles ``step`` apart (4: F(4x4, 3x3), 2: F(2x2,
+    5x5)), ordered (image, band row, tile column)."""
     num, cin = src.shape[0], src.shape[3]
     dt = src.dtype.type
     h, t1, t2, t5 = dt(0.5), dt(1.5), dt(2.0), dt(2.5)
     t = np.empty((6, 6, cin), src.dtype)
     for n in range(num):
         for r in range(r0, r1):
-            base = 4 * (t0 + r)
+            base = step * (t0 + r)
             for q in range(tw):
                 col = (n * rows + r) * tw + q
-                x0 = 4 * q
+                x0 = step * q
                 for i in range(6):          # B^T along each of the tile's rows
                     for c in range(cin):
                         d0 = src[n, base + i, x0 + 0, c]
@@ -315,7 +322,7 @@ def winograd4_output(m, ycl, rows, ow, r0, r1):
 # --- Winograd F(4x4, 3x3)'s weight gradient (kernels/winograd.py's weight_gradient) --------------
 #
 # The gradient of the filters is the F(3x3, 4x4) transpose of the forward's algorithm: the input's
-# tiles transformed as in the forward (winograd4_input), dy's 4x4 tiles by A (u = A^T' dy A^T,
+# tiles transformed as in the forward (winograd6_input), dy's 4x4 tiles by A (u = A^T' dy A^T,
 # below), 36 GEMMs over the tiles, and G^T M G back to 3x3. dy stays channels first: a tile row of
 # one channel is contiguous in dy and becomes a contiguous run of every position's (cout, tiles)
 # matrix, the GEMMs' left operand as BLAS reads it fastest (no transposed view: 70 against 54
@@ -369,28 +376,111 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u5[q] = y3
 
 
-def winograd4_filter_gradient(m, g, dw, o0, o1):
+def winograd6_filter_gradient(m, g, dw, o0, o1):
     """Output channels ``o0:o1``: ``dw[o, i] += G^T M G`` of the 36 products ``m[:, o, i]`` (36,
-    cout, cin), ``g`` the forward's 6x3 filter transform G in dw's dtype. Its twin is a GEMM with
-    kron(G, G) (winograd._filter_gradient_numpy), which adds in BLAS's order: they agree to
-    rounding."""
+    cout, cin), ``g`` the forward's 6 x r filter transform G in dw's dtype (r = 3 or 5: dw's taps).
+    Its twin is a GEMM with kron(G, G) (winograd._filter_gradient_numpy), which adds in BLAS's
+    order: they agree to rounding."""
     cin = m.shape[2]
-    s = np.empty((6, 3, cin), m.dtype)      # G^T along each row of M, for every input channel
+    r = g.shape[1]
+    s = np.empty((6, r, cin), m.dtype)      # G^T along each row of M, for every input channel
     for o in range(o0, o1):
         for j in range(6):
-            for k in range(3):
+            for k in range(r):
                 g0, g1, g2 = g[0, k], g[1, k], g[2, k]
                 g3, g4, g5 = g[3, k], g[4, k], g[5, k]
                 for i in range(cin):
                     s[j, k, i] = (g0 * m[j, o, i] + g1 * m[6 + j, o, i] + g2 * m[12 + j, o, i]
                                   + g3 * m[18 + j, o, i] + g4 * m[24 + j, o, i] + g5 * m[30 + j, o, i])
-        for k in range(3):
-            for l in range(3):
+        for k in range(r):
+            for l in range(r):
                 g0, g1, g2 = g[0, l], g[1, l], g[2, l]
                 g3, g4, g5 = g[3, l], g[4, l], g[5, l]
                 for i in range(cin):
                     dw[o, i, k, l] += (g0 * s[0, k, i] + g1 * s[1, k, i] + g2 * s[2, k, i]
                                        + g3 * s[3, k, i] + g4 * s[4, k, i] + g5 * s[5, k, i])
+
+
+# --- Winograd F(2x2, 5x5): the output transform and the weight gradient's dy tiles ------------------
+
+def winograd2x5_output(m, ycl, rows, ow, r0, r1):
+    """Tile rows ``r0:r1`` of a band of ``rows``: ``ycl[n, 2 r + a, 2 q + b, k]`` = (A^T M A)[a, b] of
+    each tile's products ``m[:, tile, k]`` (36, tiles, cout), A^T F(2x2, 5x5)'s 2x6, the last tile
+    column cropped at ``ow``."""
+    num = ycl.shape[0]
+    cout = m.shape[2]
+    tw = m.shape[1] // (num * rows)
+    dt = m.dtype.type
+    h, t2 = dt(0.5), dt(2.0)
+    s = np.empty((2, 6, cout), m.dtype)
+    for n in range(num):
+        for r in range(r0, r1):
+            for q in range(tw):
+                col = (n * rows + r) * tw + q
+                for j in range(6):          # A^T down each column
+                    for k in range(cout):
+                        m0, m1, m2 = m[j, col, k], m[6 + j, col, k], m[12 + j, col, k]
+                        m3, m4, m5 = m[18 + j, col, k], m[24 + j, col, k], m[30 + j, col, k]
+                        s[0, j, k] = m0 + m1 + m2 + m3 + m4
+                        s[1, j, k] = m1 - m2 + h * m3 - t2 * m4 + m5
+                x0 = 2 * q
+                full = x0 + 1 < ow
+                for a in range(2):          # then along each row, into the channels-last output
+                    y = 2 * r + a
+                    for k in range(cout):
+                        m0, m1, m2 = s[a, 0, k], s[a, 1, k], s[a, 2, k]
+                        m3, m4, m5 = s[a, 3, k], s[a, 4, k], s[a, 5, k]
+                        ycl[n, y, x0, k] = m0 + m1 + m2 + m3 + m4
+                        if full:
+                            ycl[n, y, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + m5
+
+
+def winograd2x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
+    """Channels ``c0:c1``: ``u[i * 6 + j, c, (n * rows + r) * tw + q]`` = (A dy A^T)[i, j] of dy's
+    2x2 tile at tile row ``t0 + r``, column ``q`` (zero past the map's edge), A^T F(2x2, 5x5)'s
+    2x6 output transform: the F(5x5, 2x2) weight gradient's dy side (as winograd4_gradient_tiles
+    for 3x3). Its twin is winograd._gradient_tiles2_numpy, the same operations: the same bits."""
+    num, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
+    dt = dy.dtype.type
+    h, t2 = dt(0.5), dt(2.0)
+    z = dt(0.0)
+    t = np.zeros((2, 6, tw), dy.dtype)      # A^T' along each of the tile rows' two rows
+    ragged = ow < 2 * tw
+    padded = np.zeros(2 * tw, dy.dtype)     # a row cut by the map's edge, zeros after it
+    for n in range(num):
+        for c in range(c0, c1):
+            for r in range(rows):
+                col0 = (n * rows + r) * tw
+                for a in range(2):
+                    y = 2 * (t0 + r) + a
+                    if y >= oh:
+                        t[a, :, :] = z
+                        continue
+                    row = dy[n, c, y]
+                    if ragged:
+                        padded[:ow] = row
+                        row = padded
+                    ta = t[a]
+                    for q in range(tw):             # no branch in the loop, so it vectorises
+                        y0, y1 = row[2 * q], row[2 * q + 1]
+                        ta[0, q] = y0
+                        ta[1, q] = y0 + y1
+                        ta[2, q] = y0 - y1
+                        ta[3, q] = y0 + h * y1
+                        ta[4, q] = y0 - t2 * y1
+                        ta[5, q] = y1
+                for j in range(6):          # then down each column, into every position's run
+                    r0, r1 = t[0, j], t[1, j]
+                    u0, u1, u2 = u[j, c, col0:col0 + tw], u[6 + j, c, col0:col0 + tw], u[12 + j, c, col0:col0 + tw]
+                    u3, u4, u5 = u[18 + j, c, col0:col0 + tw], u[24 + j, c, col0:col0 + tw], u[30 + j, c, col0:col0 + tw]
+                    for q in range(tw):
+                        y0, y1 = r0[q], r1[q]
+                        u0[q] = y0
+                        u1[q] = y0 + y1
+                        u2[q] = y0 - y1
+                        u3[q] = y0 + h * y1
+                        u4[q] = y0 - t2 * y1
+                        u5[q] = y1
 
 
 # --- convolution epilogues (kernels/fusion.py's NumPy twins) -----------------------------------------

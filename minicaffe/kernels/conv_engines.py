@@ -13,8 +13,11 @@ winograd              cpu          Convolution 3x3/1, >= 64 input channels (and,
                                    the pool splits its GEMMs, 24 at one BLAS thread: VGG,
                                    ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
                                    data gradient too where that pays (pad <= 2), its weight
-                                   gradient from 64 4x4 tiles; Deconvolution 3x3/1 where its
-                                   forward (a data gradient) pays
+                                   gradient from 64 4x4 tiles; 5x5/1 (F(2x2, 5x5)) forward and
+                                   data gradient on groups of >= 32 -> 96 channels, maps >= 20²,
+                                   >= 1024 2x2 tiles (CaffeNet conv2, GoogLeNet 3b/5x5);
+                                   Deconvolution 3x3/1 and 5x5/1 where its forward (a data
+                                   gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
                                    the CPU from ``DIRECT_1X1_MIN_COLUMNS`` output positions
 im2col_channels_last  cpu          Convolution forward, kernels > 1x1 on maps < 48 wide with    25
@@ -249,6 +252,24 @@ WINOGRAD_BACKWARD_MAX_WIDENING = 3
 WINOGRAD_WEIGHT_GRAD_MIN_TILES = 64
 WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 13
 
+# 5x5 stride-1 kernels through Winograd F(2x2, 5x5) (winograd._forward2x5): the forward and the data
+# gradient where a group has WINOGRAD5_MIN_IN_CHANNELS inputs and WINOGRAD5_MIN_OUT_CHANNELS outputs,
+# on maps of WINOGRAD5_MIN_SIZE and more, with WINOGRAD5_MIN_TILES 2x2 output tiles in the batch.
+# Measured on 2 cores, one layer, medians of 5 interleaved rounds, ms, columns (the engine DEFAULT
+# picked before) / Winograd:
+#   CaffeNet conv2 (96 -> 256, group 2, 27², batch 32) forward 126.1 / 88.7, data gradient
+#   119.5 / 96.4; at batch 10 (TEST) forward 37.2 / 27.4;
+#   GoogLeNet 3b/5x5 (32 -> 96, 28², batch 16) forward 17.9 / 14.9, data gradient 21.3 / 16.1;
+#   not on thinner or smaller layers (GoogLeNet at batch 16): 3a (16 -> 32, 28²) 6.1 / 6.8
+#   forward; 4a-4d (16-32 -> 48-64, 14²) 2.4-4.7 / 3.6-5.1; 4e (32 -> 128, 14²) 6.0 / 5.7 and a
+#   slower data gradient; 5a/5b (7²) 2.1-4.3 / 3.3-4.6.
+# Its weight gradient (F(5x5, 2x2)) computes but does not pay: the whole backward of conv2 243 / 227
+# with / without it, GoogLeNet's 3b 40.6 / 34.3; it runs only when forced (weight_grad=True).
+WINOGRAD5_MIN_IN_CHANNELS = 32
+WINOGRAD5_MIN_OUT_CHANNELS = 96
+WINOGRAD5_MIN_SIZE = 20
+WINOGRAD5_MIN_TILES = 1024
+
 
 class ConvShape:
     """A (de)convolution as the engines see it, in the convolution's forward orientation: ``num``
@@ -363,11 +384,24 @@ def _groups_wide(s):
     return s.group == 1 or s.cout // s.group >= WINOGRAD_MIN_CHANNELS
 
 
+def winograd5_pays(s):
+    """A 5x5/1 layer as wide and as large as WINOGRAD5_MIN_* say (forward and data gradient alike),
+    unless MINICAFFE_WINOGRAD=0."""
+    if not (winograd.applies(s.geom, s.group) and s.geom.kh == 5 and len(s.out_hw) == 2):
+        return False
+    oh, ow = s.out_hw
+    return (s.cin // s.group >= WINOGRAD5_MIN_IN_CHANNELS and s.cout // s.group >= WINOGRAD5_MIN_OUT_CHANNELS
+            and min(oh, ow) >= WINOGRAD5_MIN_SIZE and s.num * -(-oh // 2) * -(-ow // 2) >= WINOGRAD5_MIN_TILES
+            and _context.current().switches.winograd)
+
+
 def winograd_pays(s):
-    """3x3/1, from WINOGRAD_MIN_CHANNELS input channels (a group's, with as many outputs a group:
+    """5x5/1 as ``winograd5_pays`` says; 3x3/1, from WINOGRAD_MIN_CHANNELS input channels (a group's, with as many outputs a group:
     ``_groups_wide``) on maps of WINOGRAD_MIN_SIZE and more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
     one BLAS thread, WINOGRAD_SPLIT_MIN_TILES when the kernels' pool splits the transform GEMMs),
     unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
+    if s.geom.kh == 5:
+        return winograd5_pays(s)
     if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2):
         return False
     oh, ow = s.out_hw
@@ -382,17 +416,18 @@ def winograd_pays(s):
 
 
 def winograd_backward_computes(s):
-    """Whether Winograd computes the data gradient: the forward's shapes with pads up to 2 (the
-    gradient's own pad is ``2 - p``)."""
-    return winograd.applies(s.geom, s.group) and s.geom.ph <= 2 and s.geom.pw <= 2
+    """Whether Winograd computes the data gradient: the forward's shapes with pads up to k - 1 (the
+    gradient's own pad is ``k - 1 - p`` for a k x k kernel)."""
+    g = s.geom
+    return winograd.applies(g, s.group) and g.ph <= g.kh - 1 and g.pw <= g.kw - 1
 
 
 def winograd_weight_grad_pays(s):
     """Where the Winograd weight gradient beats the columns': WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4
     tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more, unless
     MINICAFFE_WINOGRAD=0. (It runs only where the compiled kernels do:
-    ``WinogradConv._weight_grad_left``.)"""
-    if not (winograd.applies(s.geom, s.group) and len(s.out_hw) == 2 and _groups_wide(s)):
+    ``WinogradConv._weight_grad_left``.) Never for 5x5 (see WINOGRAD5_MIN_TILES)."""
+    if not (winograd.applies(s.geom, s.group) and s.geom.kh == 3 and len(s.out_hw) == 2 and _groups_wide(s)):
         return False
     oh, ow = s.out_hw
     return (min(oh, ow) >= WINOGRAD_WEIGHT_GRAD_MIN_SIZE and _context.current().switches.winograd
@@ -403,9 +438,11 @@ def winograd_backward_pays(s):
     """Where the Winograd data gradient beats col2im(W^T dy): up to WINOGRAD_BACKWARD_MAX_WIDENING, from
     WINOGRAD_BACKWARD_MIN_CHANNELS input channels on maps of WINOGRAD_BACKWARD_MIN_SIZE and more, with
     WINOGRAD_BACKWARD_MIN_TILES 4x4 tiles of the input's map in the batch (see the constants), unless
-    MINICAFFE_WINOGRAD=0."""
+    MINICAFFE_WINOGRAD=0; a 5x5 where its forward pays (``winograd5_pays``)."""
     if not (winograd_backward_computes(s) and len(s.in_hw) == 2):
         return False
+    if s.geom.kh == 5:
+        return winograd5_pays(s)
     h, w = s.in_hw
     return (s.cin // s.group >= WINOGRAD_BACKWARD_MIN_CHANNELS and _groups_wide(s)
             and s.cout <= WINOGRAD_BACKWARD_MAX_WIDENING * s.cin
@@ -797,15 +834,16 @@ def _contiguous(a, slot):
 
 
 class WinogradConv(Im2colConv):
-    """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward (``winograd``; the tile size from
-    ``winograd.tile_size``, or the ``tile`` option), with ``data_grad`` for the data gradient and
-    with ``weight_grad`` for the weight gradient (``winograd.weight_gradient``, F(4x4) only, where
-    the compiled kernels run); otherwise as ``Im2colConv``.
+    """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward of a 3x3 kernel (``winograd``; the tile
+    size from ``winograd.tile_size``, or the ``tile`` option), F(2x2, 5x5) for a 5x5 one, with
+    ``data_grad`` for the data gradient and with ``weight_grad`` for the weight gradient
+    (``winograd.weight_gradient``: F(3x3, 4x4) or F(5x5, 2x2), where the compiled kernels run);
+    otherwise as ``Im2colConv``.
 
-    The data gradient of a 3x3 stride-1 convolution with pad ``p`` is itself a 3x3 stride-1
+    The data gradient of a k x k stride-1 convolution with pad ``p`` is itself a k x k stride-1
     convolution, of ``dy`` with the filters flipped in both spatial axes and their two channel axes
-    swapped, with pad ``2 - p`` (each input pixel gathers the outputs whose windows cover it, the
-    window seen from the other side): so ``winograd.forward`` computes it, for pads up to 2
+    swapped, with pad ``k - 1 - p`` (each input pixel gathers the outputs whose windows cover it, the
+    window seen from the other side): so ``winograd.forward`` computes it, for pads up to k - 1
     (``winograd_backward_computes``), with the tile size picked for the input's map. Deconvolution's
     forward is that data gradient, so it gets the same path; its data gradient is the convolution's
     forward (Winograd when no weight gradient shares the call's column matrix).
@@ -822,10 +860,11 @@ class WinogradConv(Im2colConv):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.train = phase == caffe_pb2.TRAIN
         self.band = band_rows
-        self.tile = (tile if tile is not None else
-                     winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1]))
-        self.grad_tile = (tile if tile is not None else
-                          winograd.tile_size(shape.num, shape.in_hw[0], shape.in_hw[-1]))
+        taps = shape.geom.kh
+        self.tile = (tile if tile is not None and taps == 3 else
+                     winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1], taps))
+        self.grad_tile = (tile if tile is not None and taps == 3 else
+                          winograd.tile_size(shape.num, shape.in_hw[0], shape.in_hw[-1], taps))
         # the transformed filters a TEST net keeps, forward and flipped, a pair per group (a grouped
         # layer runs its groups one after the other)
         self.caches = [winograd.FilterCache() for _ in range(shape.group)]
@@ -855,7 +894,7 @@ class WinogradConv(Im2colConv):
     def _filters(self, w, tile=None, cache=None):
         tile = tile or self.tile
         if self.train:
-            scratch = workspace(np, ((tile + 2) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
+            scratch = workspace(np, ((tile + w.shape[-1] - 1) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
             return winograd.transform_filters(w, out=scratch)
         return (cache if cache is not None else self.caches[0]).get(w, tile=tile)
 
@@ -895,7 +934,7 @@ class WinogradConv(Im2colConv):
         g = self.s.geom
         for i, dxg, dyg, wg in self._by_group(dx, dy, w):
             flipped, u = self._flipped_filters(wg, self.flipped_caches[i])
-            winograd.forward(dyg, flipped, dxg, 2 - g.ph, 2 - g.pw, u=u, band=self.band)
+            winograd.forward(dyg, flipped, dxg, g.kh - 1 - g.ph, g.kw - 1 - g.pw, u=u, band=self.band)
 
 
 def _device():

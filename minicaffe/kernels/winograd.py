@@ -1,5 +1,5 @@
-"""Winograd forward for 3x3, stride-1, undilated, ungrouped convolutions (CPU only), in two tile
-sizes: F(2x2, 3x3) and F(4x4, 3x3).
+"""Winograd forward for 3x3, stride-1, undilated convolutions (CPU only), in two tile sizes:
+F(2x2, 3x3) and F(4x4, 3x3); and for 5x5 ones, F(2x2, 5x5) (its own section below).
 
 Each m x m block of outputs comes from an (m+2) x (m+2) input tile (tiles overlap by 2): the filters
 and tiles are transformed (``G g G^T``, ``B^T d B``), multiplied elementwise per transform position,
@@ -88,12 +88,13 @@ F4_MIN_TILES = 24
 
 
 def applies(geom, group):
-    """Whether the Winograd forward can compute this convolution: 3x3, stride 1, no dilation, in
-    any number of groups (conv_engines.WinogradConv runs a grouped one group by group)."""
-    return geom.kh == geom.kw == 3 and geom.sh == geom.sw == 1 and geom.dh == geom.dw == 1
+    """Whether the Winograd forward can compute this convolution: 3x3 or 5x5, stride 1, no
+    dilation, in any number of groups (conv_engines.WinogradConv runs a grouped one group by
+    group)."""
+    return geom.kh == geom.kw and geom.kh in (3, 5) and geom.sh == geom.sw == 1 and geom.dh == geom.dw == 1
 
 
-def tile_size(num, oh, ow):
+def tile_size(num, oh, ow, taps=3):
     """The output tile side (2 or 4) for ``num`` images of ``oh x ow`` outputs: 4 from F4_MIN_TILES
     4x4 tiles in the batch, else 2. Why (one thread, forward ms, conv_engines' table): F(4x4) was
     ahead of F(2x2) on every layer from 64 tiles on (VGG, ResNet, GoogLeNet, CaffeNet conv3 at
@@ -104,12 +105,15 @@ def tile_size(num, oh, ow):
     tiles) 6.3 against 7.0, 512->512 7² at batch 4 (16 tiles) 12.7 against 13.7, but not at 4-16
     tiles everywhere (256->256 14² at batch 1 4.1 against 3.5, 7² at batch 2 12.0 against 10.3):
     so 4 from 24 tiles, the fewest the engine table picks Winograd for. F(2x2) runs where the
-    engine is forced on fewer tiles, or is handed 16-position filters."""
+    engine is forced on fewer tiles, or is handed 16-position filters. A 5x5 kernel (``taps`` 5)
+    has one tile size, 2 (F(2x2, 5x5))."""
+    if taps == 5:
+        return 2
     return 4 if num * -(-oh // 4) * -(-ow // 4) >= F4_MIN_TILES else 2
 
 
-def matrices(points):
-    """``(A^T, G, B^T)`` of F(m, 3) for the m + 1 finite ``points`` (and infinity), in float64.
+def matrices(points, r=3):
+    """``(A^T, G, B^T)`` of F(m, r) for the m + r - 2 finite ``points`` (and infinity), in float64.
 
     ``A^T[i, j] = a_j^i`` and ``G[j, k] = a_j^k / prod_{l != j}(a_j - a_l)`` (the infinity column/row
     picks the leading coefficient), each position's sign flipped where its row of ``G`` starts
@@ -117,8 +121,8 @@ def matrices(points):
     ``sum_j A^T[i, j] G[j, k] B^T[j, l] = [l == i + k]`` (output i of the correlation reads input
     i + k with filter tap k), solved in float64, rounded to small fractions and checked exactly."""
     pts = [Fraction(p) for p in points]
-    m, r = len(pts) - 1, 3
-    n = m + r - 1
+    n = len(pts) + 1
+    m = n - r + 1
     at = [[Fraction(0)] * n for _ in range(m)]
     g = [[Fraction(0)] * r for _ in range(n)]
     for j, a in enumerate(pts):
@@ -149,6 +153,19 @@ _MATRICES = {m: matrices(p) for m, p in POINTS.items()}
 # vec(G g G^T) = kron(G, G) vec(g): ((m+2)^2, 9), float64
 _KRON = {m: np.kron(g, g) for m, (_, g, _) in _MATRICES.items()}
 
+# F(2x2, 5x5): the same five finite points as F(4x4, 3x3), so the same 6x6 input transform B^T
+# (``matrices`` puts the Lagrange weights in G for any r, and the sign convention follows G's first
+# column, 1 / prod(a_j - a_l) in both), 2x6 A^T, 6x5 G. Per 2x2 outputs it multiplies 36 times
+# where im2col + GEMM does 100 (2.78x fewer). Its float32 error against a float64 reference, one
+# tile over 256 input channels: 1.7e-6 of the largest output (0, +-1, +-2: 5.4e-6).
+MATRICES5 = matrices(POINTS[4], r=5)
+_KRON5 = np.kron(MATRICES5[1], MATRICES5[1])        # (36, 25)
+
+
+def _kron_of(taps, tile):
+    """kron(G, G) of the tile size ``tile`` for a ``taps`` x ``taps`` kernel."""
+    return _KRON5 if taps == 5 else _KRON[tile]
+
 
 def _tile_of(u):
     """The tile side of transformed filters ``u`` ((m+2)^2, cout, cin)."""
@@ -166,7 +183,7 @@ class FilterCache:
         self.weights = self.transformed = None
 
     def get(self, w, tile=2):
-        n = (tile + 2) ** 2
+        n = (tile + w.shape[-1] - 1) ** 2
         if (self.weights is None or self.weights.shape != w.shape or self.weights.dtype != w.dtype
                 or self.transformed.shape[0] != n):
             self.weights = np.empty_like(w)
@@ -180,29 +197,33 @@ class FilterCache:
 def transform_filters(w, out=None, tile=None):
     """(cout, cin, 3, 3) -> ((m+2)^2, cout, cin): ``G g G^T`` flattened over the transform positions,
     into ``out`` when given (its first axis, 16 or 36, then says the tile size; else ``tile``,
-    default 2). One GEMM ``kron(G, G) @ w`` (K = 9) in the weights' dtype, written straight into
+    default 2); (cout, cin, 5, 5) -> (36, cout, cin), F(2x2, 5x5)'s. One GEMM ``kron(G, G) @ w`` (K = 9) in the weights' dtype, written straight into
     ``out``: a TRAIN net redoes it every forward, and the float64 version with a transposed copy
     took as long as VGG conv5's whole F(4x4) forward; its float32 rounding (a few ulps of each
     transformed weight) is small next to the tile transforms' error."""
-    cout, cin = w.shape[0], w.shape[1]
-    if out is not None:
+    cout, cin, taps = w.shape[0], w.shape[1], w.shape[-1]
+    if taps == 5:
+        tile = 2
+    elif out is not None:
         tile = _tile_of(out)
     elif tile is None:
         tile = 2
-    kron = _KRON[tile].astype(w.dtype)
+    kron = _kron_of(taps, tile).astype(w.dtype)
     if out is None:
         out = np.empty((kron.shape[0], cout, cin), w.dtype)
-    np.matmul(kron, w.reshape(cout * cin, 9).T, out=out.reshape(kron.shape[0], cout * cin))
+    np.matmul(kron, w.reshape(cout * cin, taps * taps).T, out=out.reshape(kron.shape[0], cout * cin))
     return out
 
 
 def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
-    """``y[...] = conv(x, w)`` for a 3x3 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh, ow);
-    ``u``: the filters already transformed (``transform_filters``; its size says the tile size);
-    else ``tile`` (2 or 4; default ``tile_size``); ``band``: tile rows per band (default: sized
-    from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
+    """``y[...] = conv(x, w)`` for a 3x3 or 5x5 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh,
+    ow); ``u``: the filters already transformed (``transform_filters``; its size says a 3x3's tile
+    size); else ``tile`` (2 or 4; default ``tile_size``; a 5x5 has only 2); ``band``: tile rows per
+    band (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
+    if w.shape[-1] == 5:
+        return _forward2x5(x, w, y, pad_h, pad_w, u, band)
     if u is not None:
         m = _tile_of(u)
     else:
@@ -518,11 +539,11 @@ def _channels_last_output(v, shape):
     return v.reshape(-1)[:need].reshape(shape) if need <= v.size else _tmp(_CHANNELS_LAST_OUT, shape, v.dtype)
 
 
-def _into_y(ycl, y, t0, t1, oh):
-    """Tile rows ``t0:t1``'s channels-last output ``ycl`` into ``y``'s rows (channels first), one
-    2-D transpose per image, split over images."""
+def _into_y(ycl, y, t0, t1, oh, tile=4):
+    """Tile rows ``t0:t1`` (of ``tile`` output rows each)'s channels-last output ``ycl`` into ``y``'s
+    rows (channels first), one 2-D transpose per image, split over images."""
     num, _, ow, cout = ycl.shape
-    y0, y1 = 4 * t0, min(oh, 4 * t1)
+    y0, y1 = tile * t0, min(oh, tile * t1)
     cv2 = _opencv()
 
     def to_y(k0, k1):
@@ -570,7 +591,7 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp):
 
 def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     """``_band4`` with each transform as one compiled pass over the band's tiles
-    (``compiled.winograd4_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
+    (``compiled.winograd6_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
     vectorised over channels) instead of two stacked GEMMs and a temporary each, from a plain
     padded channels-last input (``_source_channels_last``). The same GEMMs, channels-last output
     in the tiles' buffer and transposes into ``y``."""
@@ -580,14 +601,81 @@ def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     dt = src.dtype
     cols = num * bt * tw
     v = workspace(np, (36, cols, cin), dt, _TILES)
-    kin = compiled.get(compiled.winograd4_input)
-    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
+    kin = compiled.get(compiled.winograd6_input)
+    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, 4), work=2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
     ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
     kout = compiled.get(compiled.winograd4_output)
     threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
     _into_y(ycl, y, t0, t1, oh)
+
+
+# --- F(2x2, 5x5) ----------------------------------------------------------------------------------
+#
+# A 5x5 stride-1 kernel: each 2x2 block of outputs from a 6x6 input tile (tiles 2 apart), the same
+# B^T as F(4x4, 3x3) (``winograd6_input`` with step 2), 36 GEMMs over the channels, and the 2x6
+# A^T back. CaffeNet's conv2 (5x5, group 2) and GoogLeNet's 5x5 branches (conv_engines says where it
+# pays).
+
+# F(2x2, 5x5)'s bands: its GEMMs are thin (K = a group's input channels, 48 on CaffeNet's conv2), and
+# its products 9 values an output (36 a 2x2 block), so it wants more tiles a band than F(4x4):
+# CaffeNet's conv2 at batch 32, one group, forward, 2 cores: 2 tile rows a band (the F(4x4) sizing)
+# 57.7 ms, 4 rows 50.4, 7 rows 47.0, all 14 42.2; the pieces on the whole map: 1.4 ms the
+# channels-last source, 4.9 the input transform, 21.0 the GEMMs, 8.3 the output transform, 3.1 the
+# transposes into y.
+BAND5_ELEMENTS = 1 << 22
+BAND5_MIN_COLUMNS = 4096
+
+
+def _forward2x5(x, w, y, pad_h, pad_w, u, band):
+    num, cin = x.shape[:2]
+    oh, ow = y.shape[2], y.shape[3]
+    if u is None:
+        u = transform_filters(w)
+    u = u.astype(x.dtype, copy=False)
+    th, tw = -(-oh // 2), -(-ow // 2)
+    per_row = num * tw
+    if band is None:
+        band = max(BAND5_ELEMENTS // (36 * cin * per_row), -(-BAND5_MIN_COLUMNS // per_row), 1)
+    band = min(band, th)
+    fast = x.dtype in (np.float32, np.float64) and compiled.enabled()
+    src = _source_channels_last(x, pad_h, pad_w, 2 * th + 4, 2 * tw + 4)
+    for t0 in range(0, th, band):
+        _band2x5(src, u, y, t0, min(th, t0 + band), tw, oh, ow, fast)
+
+
+def _band2x5(src, u, y, t0, t1, tw, oh, ow, fast):
+    """Tile rows ``t0:t1`` of F(2x2, 5x5), as ``_band4_compiled`` (the compiled transforms where
+    ``fast``, else their NumPy twins)."""
+    num, cin = src.shape[0], src.shape[3]
+    cout = u.shape[1]
+    bt = t1 - t0
+    dt = src.dtype
+    cols = num * bt * tw
+    v = workspace(np, (36, cols, cin), dt, _TILES)
+    if fast:
+        kin = compiled.get(compiled.winograd6_input)
+        threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, 2), work=2 * v.size)
+    else:
+        np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=2))
+    m = workspace(np, (36, cols, cout), dt, _PROD)
+    _transform_gemms(v, u.transpose(0, 2, 1), m)
+    ycl = _channels_last_output(v, (num, 2 * bt, ow, cout))
+    if fast:
+        kout = compiled.get(compiled.winograd2x5_output)
+        threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
+    else:
+        _output2x5_numpy(m, ycl, bt, tw, ow)
+    _into_y(ycl, y, t0, t1, oh, tile=2)
+
+
+def _output2x5_numpy(m, ycl, rows, tw, ow):
+    """Twin of ``compiled.winograd2x5_output`` (to rounding: einsum adds in its own order)."""
+    num, cout = ycl.shape[0], m.shape[2]
+    at = np.asarray(MATRICES5[0], m.dtype)
+    o = np.einsum("ai,bj,ijnrqk->nraqbk", at, at, m.reshape(6, 6, num, rows, tw, cout), optimize=True)
+    ycl[...] = o.reshape(num, 2 * rows, 2 * tw, cout)[:, :, :ow]
 
 
 # --- the weight gradient -------------------------------------------------------------------------
@@ -615,13 +703,17 @@ WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
 
 
 def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
-    """``dw += dW`` of a 3x3 stride-1 undilated ungrouped convolution with pads ``pad_h, pad_w``: x
-    (n, cin, h, w), dy (n, cout, oh, ow), dw (cout, cin, 3, 3); F(4x4)'s transforms (see above).
+    """``dw += dW`` of a 3x3 or 5x5 stride-1 undilated ungrouped convolution with pads ``pad_h,
+    pad_w``: x (n, cin, h, w), dy (n, cout, oh, ow), dw (cout, cin, k, k); F(4x4, 3x3)'s transforms
+    (see above), or F(2x2, 5x5)'s (dy's 2x2 blocks, input tiles 2 apart: F(5x5, 2x2), 36 multiplies
+    a block and channel pair where the columns' GEMM does 100).
     ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests pass 1).
     The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins."""
     num, cin = x.shape[:2]
     cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
-    th, tw = -(-oh // 4), -(-ow // 4)
+    taps = dw.shape[-1]
+    tile = 2 if taps == 5 else 4
+    th, tw = -(-oh // tile), -(-ow // tile)
     per_row = num * tw
     if band is None:
         row = 36 * (cin + cout) * per_row
@@ -630,25 +722,26 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
     band = min(band, th)
     dt = x.dtype
     fast = compiled.runs_on(x, dy, dw)
-    src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
+    src = _source_channels_last(x, pad_h, pad_w, tile * th + 6 - tile, tile * tw + 6 - tile)
     m = workspace(np, (36, cout, cin), dt, _GRAD)
     if fast:
-        kin, kdy = compiled.get(compiled.winograd4_input), compiled.get(compiled.winograd4_gradient_tiles)
+        kin = compiled.get(compiled.winograd6_input)
+        kdy = compiled.get(compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
     for t0 in range(0, th, band):
         bt = min(th, t0 + band) - t0
         cols = num * bt * tw
         v = workspace(np, (36, cols, cin), dt, _TILES)
         u = workspace(np, (36, cout, cols), dt, _PROD)
         if fast:
-            threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1), work=2 * v.size)
+            threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, tile), work=2 * v.size)
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:
-            np.copyto(v, _input_tiles_numpy(src, t0, bt, tw))
-            np.copyto(u, _gradient_tiles_numpy(dy, t0, bt, tw))
+            np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
+            np.copyto(u, (_gradient_tiles2_numpy if taps == 5 else _gradient_tiles_numpy)(dy, t0, bt, tw))
         _accumulate_products(u, v, m, first=t0 == 0)
     if fast:
-        g = np.asarray(_MATRICES[4][1], dt)
-        kfg = compiled.get(compiled.winograd4_filter_gradient)
+        g = np.asarray((MATRICES5 if taps == 5 else _MATRICES[4])[1], dt)
+        kfg = compiled.get(compiled.winograd6_filter_gradient)
         threads.parallel_for(cout, lambda o0, o1: kfg(m, g, dw, o0, o1), work=m.size + dw.size)
     else:
         _filter_gradient_numpy(m, dw)
@@ -669,13 +762,14 @@ def _accumulate_products(u, v, m, first):
     blas.parallel_gemms(m.shape[0], gemms)
 
 
-def _input_tiles_numpy(src, t0, rows, tw):
-    """Twin of ``compiled.winograd4_input`` (to rounding: einsum adds in its own order): the 36
-    transformed input tiles (36, n * rows * tw, cin) of tile rows ``t0:t0 + rows``."""
+def _input_tiles_numpy(src, t0, rows, tw, step=4):
+    """Twin of ``compiled.winograd6_input`` (to rounding: einsum adds in its own order): the 36
+    transformed input tiles (36, n * rows * tw, cin) of tile rows ``t0:t0 + rows``, tiles ``step``
+    apart."""
     num, cin = src.shape[0], src.shape[3]
     s0, s1, s2, s3 = src.strides
-    d = np.lib.stride_tricks.as_strided(src[:, 4 * t0:], shape=(num, rows, tw, 6, 6, cin),
-                                        strides=(s0, 4 * s1, 4 * s2, s1, s2, s3), writeable=False)
+    d = np.lib.stride_tricks.as_strided(src[:, step * t0:], shape=(num, rows, tw, 6, 6, cin),
+                                        strides=(s0, step * s1, step * s2, s1, s2, s3), writeable=False)
     bt = np.asarray(_MATRICES[4][2], src.dtype)
     v = np.einsum("ia,jb,nrqabc->ijnrqc", bt, bt, d, optimize=True)
     return v.reshape(36, num * rows * tw, cin)
@@ -704,9 +798,31 @@ def _gradient_tiles_numpy(dy, t0, rows, tw):
     return u.reshape(36, cout, num * rows * tw)
 
 
+def _gradient_tiles2_numpy(dy, t0, rows, tw):
+    """Twin of ``compiled.winograd2x5_gradient_tiles``, the same operations on whole arrays (the
+    same bits): (36, cout, n * rows * tw)."""
+    num, cout, oh, ow = dy.shape
+    dt = dy.dtype.type
+    h, t2 = dt(0.5), dt(2.0)
+    pad = np.zeros((num, cout, 2 * rows, 2 * tw), dy.dtype)
+    y0 = 2 * t0
+    part = dy[:, :, y0:min(oh, y0 + 2 * rows)]
+    pad[:, :, :part.shape[2], :ow] = part
+    d = pad.reshape(num, cout, rows, 2, tw, 2)
+
+    def a_side(y0, y1):
+        return (y0, y0 + y1, y0 - y1, y0 + h * y1, y0 - t2 * y1, y1)
+    t = a_side(*(d[..., b] for b in range(2)))                  # six (n, c, r, a, q)
+    u = np.empty((6, 6, cout, num, rows, tw), dy.dtype)
+    for j in range(6):
+        for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(2)))):
+            u[i, j] = val.transpose(1, 0, 2, 3)
+    return u.reshape(36, cout, num * rows * tw)
+
+
 def _filter_gradient_numpy(m, dw):
-    """Twin of ``compiled.winograd4_filter_gradient`` (to rounding: BLAS's order): ``dw += G^T M G``
+    """Twin of ``compiled.winograd6_filter_gradient`` (to rounding: BLAS's order): ``dw += G^T M G``
     as one GEMM with kron(G, G)."""
-    cout, cin = m.shape[1], m.shape[2]
-    taps = _KRON[4].T.astype(m.dtype) @ m.reshape(36, cout * cin)          # (9, cout * cin)
-    dw.reshape(cout * cin, 9)[...] += taps.T
+    cout, cin, k = m.shape[1], m.shape[2], dw.shape[-1]
+    taps = _kron_of(k, 4).T.astype(m.dtype) @ m.reshape(36, cout * cin)          # (k * k, cout * cin)
+    dw.reshape(cout * cin, k * k)[...] += taps.T
