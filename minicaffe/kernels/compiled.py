@@ -234,17 +234,18 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
 # A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]  (F(4x4, 3x3))
 # A^T: [1 1 1 1 1 0], [0 1 -1 1/2 -2 1]                                        (F(2x2, 5x5))
 
-def winograd6_input(src, v, t0, rows, tw, r0, r1, step):
-    """Tile rows ``r0:r1`` of a band starting at tile row ``t0`` of ``rows``: ``v[i * 6 + j, tile, c]``
+def winograd6_input(src, v, t0, rows, tw, i0, i1, step):
+    """Items ``i0:i1`` of a band starting at tile row ``t0`` of ``rows``, item ``n * rows + r`` being
+    image n's tile row r (a pool's chunk of them, ``_tile_row_items``): ``v[i * 6 + j, tile, c]``
     = (B^T d B)[i, j] of each 6x6 tile ``d`` of ``src``, the padded input channels last (n, row,
     column, c; winograd._source_channels_last), tiles ``step`` apart (4: F(4x4, 3x3), 2: F(2x2,
     5x5)), ordered (image, band row, tile column)."""
-    num, cin = src.shape[0], src.shape[3]
+    cin = src.shape[3]
     dt = src.dtype.type
     h, t1, t2, t5 = dt(0.5), dt(1.5), dt(2.0), dt(2.5)
     t = np.empty((6, 6, cin), src.dtype)
-    for n in range(num):
-        for r in range(r0, r1):
+    for n in range(i0 // rows, -(-i1 // rows)):
+        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
             base = step * (t0 + r)
             for q in range(tw):
                 col = (n * rows + r) * tw + q
@@ -275,8 +276,9 @@ def winograd6_input(src, v, t0, rows, tw, r0, r1, step):
                         v[30 + j, col, c] = d1 - t1 * d2 - t2 * d3 + t1 * d4 + d5
 
 
-def winograd4_output(m, ycl, rows, ow, r0, r1):
-    """Tile rows ``r0:r1`` of a band of ``rows``: ``ycl[n, 4 r + a, 4 q + b, k]`` = (A^T M A)[a, b] of
+def winograd4_output(m, ycl, rows, ow, i0, i1):
+    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
+    ``ycl[n, 4 r + a, 4 q + b, k]`` = (A^T M A)[a, b] of
     each tile's products ``m[:, tile, k]`` (36, tiles, cout), the last tile column cropped at ``ow``."""
     num = ycl.shape[0]
     cout = m.shape[2]
@@ -284,8 +286,8 @@ def winograd4_output(m, ycl, rows, ow, r0, r1):
     dt = m.dtype.type
     h, q4, e, f4, t2, e8 = dt(0.5), dt(0.25), dt(0.125), dt(4.0), dt(2.0), dt(8.0)
     s = np.empty((4, 6, cout), m.dtype)
-    for n in range(num):
-        for r in range(r0, r1):
+    for n in range(i0 // rows, -(-i1 // rows)):
+        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
             for q in range(tw):
                 col = (n * rows + r) * tw + q
                 for j in range(6):          # A^T down each column
@@ -403,8 +405,9 @@ def winograd6_filter_gradient(m, g, dw, o0, o1):
 
 # --- Winograd F(2x2, 5x5): the output transform and the weight gradient's dy tiles ------------------
 
-def winograd2x5_output(m, ycl, rows, ow, r0, r1):
-    """Tile rows ``r0:r1`` of a band of ``rows``: ``ycl[n, 2 r + a, 2 q + b, k]`` = (A^T M A)[a, b] of
+def winograd2x5_output(m, ycl, rows, ow, i0, i1):
+    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
+    ``ycl[n, 2 r + a, 2 q + b, k]`` = (A^T M A)[a, b] of
     each tile's products ``m[:, tile, k]`` (36, tiles, cout), A^T F(2x2, 5x5)'s 2x6, the last tile
     column cropped at ``ow``."""
     num = ycl.shape[0]
@@ -413,8 +416,8 @@ def winograd2x5_output(m, ycl, rows, ow, r0, r1):
     dt = m.dtype.type
     h, t2 = dt(0.5), dt(2.0)
     s = np.empty((2, 6, cout), m.dtype)
-    for n in range(num):
-        for r in range(r0, r1):
+    for n in range(i0 // rows, -(-i1 // rows)):
+        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
             for q in range(tw):
                 col = (n * rows + r) * tw + q
                 for j in range(6):          # A^T down each column

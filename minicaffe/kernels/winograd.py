@@ -589,6 +589,14 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp):
     return src
 
 
+def _tile_row_items(num, rows, fn, work):
+    """``fn(i0, i1)`` over the band's (image, tile row) pairs, item ``n * rows + r``, on the kernels'
+    pool. Why not over tile rows alone: a band is a few tile rows (3 on VGG's conv1_2), which two
+    threads split 2 + 1; its ``num * rows`` items split evenly. Every tile is computed alone, so
+    the split changes no bits."""
+    threads.parallel_for(num * rows, fn, work=work)
+
+
 def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     """``_band4`` with each transform as one compiled pass over the band's tiles
     (``compiled.winograd6_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
@@ -602,12 +610,12 @@ def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
     cols = num * bt * tw
     v = workspace(np, (36, cols, cin), dt, _TILES)
     kin = compiled.get(compiled.winograd6_input)
-    threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, 4), work=2 * v.size)
+    _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, 4), 2 * v.size)
     m = workspace(np, (36, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
     ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
     kout = compiled.get(compiled.winograd4_output)
-    threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
+    _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
     _into_y(ycl, y, t0, t1, oh)
 
 
@@ -656,7 +664,7 @@ def _band2x5(src, u, y, t0, t1, tw, oh, ow, fast):
     v = workspace(np, (36, cols, cin), dt, _TILES)
     if fast:
         kin = compiled.get(compiled.winograd6_input)
-        threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, 2), work=2 * v.size)
+        _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, 2), 2 * v.size)
     else:
         np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=2))
     m = workspace(np, (36, cols, cout), dt, _PROD)
@@ -664,7 +672,7 @@ def _band2x5(src, u, y, t0, t1, tw, oh, ow, fast):
     ycl = _channels_last_output(v, (num, 2 * bt, ow, cout))
     if fast:
         kout = compiled.get(compiled.winograd2x5_output)
-        threads.parallel_for(bt, lambda r0, r1: kout(m, ycl, bt, ow, r0, r1), work=2 * m.size)
+        _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
     else:
         _output2x5_numpy(m, ycl, bt, tw, ow)
     _into_y(ycl, y, t0, t1, oh, tile=2)
@@ -733,7 +741,7 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
         v = workspace(np, (36, cols, cin), dt, _TILES)
         u = workspace(np, (36, cout, cols), dt, _PROD)
         if fast:
-            threads.parallel_for(bt, lambda r0, r1: kin(src, v, t0, bt, tw, r0, r1, tile), work=2 * v.size)
+            _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, tile), 2 * v.size)
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:
             np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
