@@ -219,7 +219,8 @@ def test_gemm_1x1_weight_gradient_image_by_image_matches_the_reference(layer_typ
                                                                        monkeypatch):
     """A stride-1 1x1 layer's weight gradient image by image (wide maps: from
     PER_IMAGE_WGRAD_MIN_COLUMNS positions) or as one GEMM: the reference's numbers either way, and
-    groups and strides keep the one GEMM."""
+    groups and strides keep the one GEMM beside a data gradient (alone, the batch goes in
+    WGRAD_PARTS groups: Im2colConv._weight_grad_in_parts)."""
     monkeypatch.setattr(conv_engines, "PER_IMAGE_WGRAD_MIN_COLUMNS", min_columns)
     layer, bottom, top = _layer(layer_type, case)
     ref = _run(layer, bottom, top, REF)
@@ -231,7 +232,10 @@ def test_gemm_1x1_weight_gradient_image_by_image_matches_the_reference(layer_typ
     # Deconvolution's weight gradient reads its bottom as the convolution's output: not this path
     per_image = min_columns == 1 and case == "1x1" and layer_type == "Convolution"
     s = layer.conv
-    assert set(positions) == {s.columns if per_image else s.num * s.columns}
+    group = -(-s.num // conv_engines.WGRAD_PARTS) * s.columns
+    want = {s.columns} if per_image else {s.num * s.columns} if layer_type == "Deconvolution" \
+        else {s.num * s.columns, group}
+    assert set(positions) == want
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
@@ -889,6 +893,43 @@ def test_winograd_f4x4_compiled_transforms_agree_with_the_numpy_ones(env_switch)
         scale = np.abs(out["0", "1"]).max()
         np.testing.assert_allclose(out["1", "1"], out["0", "1"], rtol=0, atol=2e-6 * scale)
         assert out["1", "1"].tobytes() == out["1", "2"].tobytes()
+
+
+@pytest.mark.parametrize("spec,images", [("num_output: 5 kernel_size: 7 stride: 2 pad: 3", 1),    # a chunk an image
+                                         ("num_output: 5 kernel_size: 7 stride: 2 pad: 3", None),
+                                         ("num_output: 6 kernel_size: 3 pad: 1 group: 3", None)])
+def test_weight_gradient_without_a_data_gradient_runs_in_fixed_groups(spec, images, env_switch, monkeypatch):
+    """A first layer's backward (no data gradient): the chunks of images (or the batch, split) in
+    WGRAD_PARTS groups side by side, each into its own partial. The float64 result is the
+    reference's; the float32 bits are the same at one thread and at two (the groups are fixed by the
+    chunks, not by the threads); every group ran."""
+    x = np.random.default_rng(37).standard_normal((6, 3, 15, 14))
+    with backend.float64_blobs():
+        layer, bottom, top = make_layer(conv_text("Convolution", spec), [x])
+    opts = {} if images is None else {"max_col_elements": images * 3 * 49 * 8 * 7}
+    name = "im2col_channels_last"
+    chunks = []
+    real = conv_engines.Im2colConv._weight_grad_in_parts
+    monkeypatch.setattr(conv_engines.Im2colConv, "_weight_grad_in_parts",
+                        lambda self, dy, x, dw, ch: chunks.append(list(ch)) or real(self, dy, x, dw, ch))
+    _assert_same(_run(layer, bottom, top, name, opts), _run(layer, bottom, top, REF))
+    # the weight-gradient-only pass took the groups: 6 chunks of an image, or the batch in chunks of 2
+    assert chunks == [[(n, n + 1) for n in range(6)] if images else [(0, 2), (2, 4), (4, 6)]]
+
+    def float32_weight_gradient():
+        x32 = x.astype(np.float32)
+        lay, bot, tp = make_layer(conv_text("Convolution", spec), [x32])
+        engines.force(lay, name, **opts)
+        forward(lay, bot, tp)
+        tp[0].diff[...] = np.random.default_rng(3).standard_normal(tp[0].shape)
+        lay.blobs[0].diff[...] = 0
+        lay.backward(tp, [False], bot)
+        return lay.blobs[0].diff.copy()
+    got = {}
+    for n in ("1", "2"):
+        env_switch("MINICAFFE_THREADS", n)
+        got[n] = float32_weight_gradient()
+    assert got["1"].tobytes() == got["2"].tobytes()
 
 
 # --- Winograd F(2x2, 5x5) ---------------------------------------------------------------------------
