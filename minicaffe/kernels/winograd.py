@@ -242,7 +242,7 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     elif x.dtype in (np.float32, np.float64) and compiled.enabled():
         src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
         for t0 in range(0, th, band):
-            _band4_compiled(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
+            _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
     else:
         src = _source4(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
@@ -597,26 +597,34 @@ def _tile_row_items(num, rows, fn, work):
     threads.parallel_for(num * rows, fn, work=work)
 
 
-def _band4_compiled(src, u, y, t0, t1, tw, oh, ow):
-    """``_band4`` with each transform as one compiled pass over the band's tiles
-    (``compiled.winograd6_input`` / ``winograd4_output``: the transform matrices' non-zero terms,
-    vectorised over channels) instead of two stacked GEMMs and a temporary each, from a plain
-    padded channels-last input (``_source_channels_last``). The same GEMMs, channels-last output
-    in the tiles' buffer and transposes into ``y``."""
+def _band6(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
+    """Tile rows ``t0:t1`` of a 6x6-tile Winograd (``tile`` 4: F(4x4, 3x3), 2: F(2x2, 5x5)), each
+    transform one compiled pass over the band's tiles (``compiled.winograd6_input`` /
+    ``winograd4_output`` or ``winograd2x5_output``: the transform matrices' non-zero terms,
+    vectorised over channels), from a plain padded channels-last input
+    (``_source_channels_last``); without ``fast`` (F(2x2, 5x5) only: F(4x4)'s NumPy path is
+    ``_band4``) their NumPy twins. The GEMMs, the channels-last output in the tiles' buffer and the
+    transposes into ``y`` are the same either way."""
     num, cin = src.shape[0], src.shape[3]
     cout = u.shape[1]
     bt = t1 - t0
     dt = src.dtype
     cols = num * bt * tw
     v = workspace(np, (36, cols, cin), dt, _TILES)
-    kin = compiled.get(compiled.winograd6_input)
-    _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, 4), 2 * v.size)
+    if fast:
+        kin = compiled.get(compiled.winograd6_input)
+        _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, tile), 2 * v.size)
+    else:
+        np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
     m = workspace(np, (36, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
-    ycl = _channels_last_output(v, (num, 4 * bt, ow, cout))
-    kout = compiled.get(compiled.winograd4_output)
-    _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
-    _into_y(ycl, y, t0, t1, oh)
+    ycl = _channels_last_output(v, (num, tile * bt, ow, cout))
+    if fast:
+        kout = compiled.get(compiled.winograd4_output if tile == 4 else compiled.winograd2x5_output)
+        _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
+    else:
+        _output2x5_numpy(m, ycl, bt, tw, ow)
+    _into_y(ycl, y, t0, t1, oh, tile=tile)
 
 
 # --- F(2x2, 5x5) ----------------------------------------------------------------------------------
@@ -650,32 +658,7 @@ def _forward2x5(x, w, y, pad_h, pad_w, u, band):
     fast = x.dtype in (np.float32, np.float64) and compiled.enabled()
     src = _source_channels_last(x, pad_h, pad_w, 2 * th + 4, 2 * tw + 4)
     for t0 in range(0, th, band):
-        _band2x5(src, u, y, t0, min(th, t0 + band), tw, oh, ow, fast)
-
-
-def _band2x5(src, u, y, t0, t1, tw, oh, ow, fast):
-    """Tile rows ``t0:t1`` of F(2x2, 5x5), as ``_band4_compiled`` (the compiled transforms where
-    ``fast``, else their NumPy twins)."""
-    num, cin = src.shape[0], src.shape[3]
-    cout = u.shape[1]
-    bt = t1 - t0
-    dt = src.dtype
-    cols = num * bt * tw
-    v = workspace(np, (36, cols, cin), dt, _TILES)
-    if fast:
-        kin = compiled.get(compiled.winograd6_input)
-        _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, 2), 2 * v.size)
-    else:
-        np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=2))
-    m = workspace(np, (36, cols, cout), dt, _PROD)
-    _transform_gemms(v, u.transpose(0, 2, 1), m)
-    ycl = _channels_last_output(v, (num, 2 * bt, ow, cout))
-    if fast:
-        kout = compiled.get(compiled.winograd2x5_output)
-        _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
-    else:
-        _output2x5_numpy(m, ycl, bt, tw, ow)
-    _into_y(ycl, y, t0, t1, oh, tile=2)
+        _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 2, fast)
 
 
 def _output2x5_numpy(m, ycl, rows, tw, ow):
