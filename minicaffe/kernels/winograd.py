@@ -197,10 +197,11 @@ class FilterCache:
 def transform_filters(w, out=None, tile=None):
     """(cout, cin, 3, 3) -> ((m+2)^2, cout, cin): ``G g G^T`` flattened over the transform positions,
     into ``out`` when given (its first axis, 16 or 36, then says the tile size; else ``tile``,
-    default 2); (cout, cin, 5, 5) -> (36, cout, cin), F(2x2, 5x5)'s. One GEMM ``kron(G, G) @ w`` (K = 9) in the weights' dtype, written straight into
-    ``out``: a TRAIN net redoes it every forward, and the float64 version with a transposed copy
-    took as long as VGG conv5's whole F(4x4) forward; its float32 rounding (a few ulps of each
-    transformed weight) is small next to the tile transforms' error."""
+    default 2); (cout, cin, 5, 5) -> (36, cout, cin), F(2x2, 5x5)'s. One GEMM ``kron(G, G) @ w``
+    (K = 9 or 25) in the weights' dtype, written straight into ``out``: a TRAIN net redoes it
+    every forward, and the float64 version with a transposed copy took as long as VGG conv5's
+    whole F(4x4) forward; its float32 rounding (a few ulps of each transformed weight) is small
+    next to the tile transforms' error."""
     cout, cin, taps = w.shape[0], w.shape[1], w.shape[-1]
     if taps == 5:
         tile = 2
@@ -645,6 +646,8 @@ BAND5_MIN_COLUMNS = 4096
 
 
 def _forward2x5(x, w, y, pad_h, pad_w, u, band):
+    """``forward`` for a 5x5 kernel: F(2x2, 5x5) in bands of tile rows (BAND5_*), the compiled
+    transforms where they run."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if u is None:
@@ -717,7 +720,8 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
     m = workspace(np, (36, cout, cin), dt, _GRAD)
     if fast:
         kin = compiled.get(compiled.winograd6_input)
-        kdy = compiled.get(compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
+        kdy = compiled.get(compiled.winograd2x5_gradient_tiles if taps == 5
+                           else compiled.winograd4_gradient_tiles)
     for t0 in range(0, th, band):
         bt = min(th, t0 + band) - t0
         cols = num * bt * tw
