@@ -124,9 +124,9 @@ def main(argv=None):
                 if "error" in r:
                     print(f"    {who} failed: {r['error']}")
             if args.rounds > 1:
-                print("    rounds, fwd+bwd: " + "; ".join(
-                    f"{who} " + " ".join("failed" if "error" in r else f"{r['Forward-Backward']:.1f}" for r in rs)
-                    for who, rs in (("caffe", runs[0]), ("minicaffe", runs[1]))))
+                def figures(rs):
+                    return " ".join("failed" if "error" in r else f"{r['Forward-Backward']:.1f}" for r in rs)
+                print(f"    rounds, fwd+bwd: caffe {figures(runs[0])}; minicaffe {figures(runs[1])}")
     return 0
 
 

@@ -411,9 +411,10 @@ def winograd5_pays(s):
 
 
 def winograd_pays(s):
-    """5x5/1 as ``winograd5_pays`` says; 3x3/1, from WINOGRAD_MIN_CHANNELS input channels (a group's, with as many outputs a group:
-    ``_groups_wide``) on maps of WINOGRAD_MIN_SIZE and more, with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at
-    one BLAS thread, WINOGRAD_SPLIT_MIN_TILES when the kernels' pool splits the transform GEMMs),
+    """5x5/1 as ``winograd5_pays`` says; 3x3/1, from WINOGRAD_MIN_CHANNELS input channels (a
+    group's, with as many outputs a group: ``_groups_wide``) on maps of WINOGRAD_MIN_SIZE and more,
+    with WINOGRAD_MIN_TILES 4x4 output tiles in the batch (WINOGRAD_ONE_THREAD_MIN_TILES at one
+    BLAS thread, WINOGRAD_SPLIT_MIN_TILES when the kernels' pool splits the transform GEMMs),
     unless MINICAFFE_WINOGRAD=0 (the context's switch, read at start-up)."""
     if s.geom.kh == 5:
         return winograd5_pays(s)
@@ -442,7 +443,8 @@ def winograd_weight_grad_pays(s):
     tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more, unless
     MINICAFFE_WINOGRAD=0. (It runs only where the compiled kernels do:
     ``WinogradConv._weight_grad_left``.) Never for 5x5 (see WINOGRAD5_MIN_TILES)."""
-    if not (winograd.applies(s.geom, s.group) and s.geom.kh == 3 and len(s.out_hw) == 2 and _groups_wide(s)):
+    if not (winograd.applies(s.geom, s.group) and s.geom.kh == 3 and len(s.out_hw) == 2
+            and _groups_wide(s)):
         return False
     oh, ow = s.out_hw
     return (min(oh, ow) >= WINOGRAD_WEIGHT_GRAD_MIN_SIZE and _context.current().switches.winograd
@@ -949,7 +951,8 @@ class WinogradConv(Im2colConv):
     def _filters(self, w, tile=None, cache=None):
         tile = tile or self.tile
         if self.train:
-            scratch = workspace(np, ((tile + w.shape[-1] - 1) ** 2,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
+            positions = (tile + w.shape[-1] - 1) ** 2
+            scratch = workspace(np, (positions,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
             return winograd.transform_filters(w, out=scratch)
         return (cache if cache is not None else self.caches[0]).get(w, tile=tile)
 
