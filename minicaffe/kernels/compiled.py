@@ -216,7 +216,7 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
         w[i] = w[i] - u
 
 
-# --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (kernels/winograd.py's _band4, _band2x5) ---
+# --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (kernels/winograd.py's _band6) ---
 #
 # Both read 6x6 input tiles and use the same five finite points, so their input transform B^T is
 # the same matrix (winograd.matrices): ``winograd6_input`` serves both, tiles ``step`` apart (4 or 2).

@@ -732,7 +732,7 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:
             np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
-            np.copyto(u, (_gradient_tiles2_numpy if taps == 5 else _gradient_tiles_numpy)(dy, t0, bt, tw))
+            np.copyto(u, _gradient_tiles_numpy(dy, t0, bt, tw, tile))
         _accumulate_products(u, v, m, first=t0 == 0)
     if fast:
         g = np.asarray((MATRICES5 if taps == 5 else _MATRICES[4])[1], dt)
@@ -770,47 +770,30 @@ def _input_tiles_numpy(src, t0, rows, tw, step=4):
     return v.reshape(36, num * rows * tw, cin)
 
 
-def _gradient_tiles_numpy(dy, t0, rows, tw):
-    """Twin of ``compiled.winograd4_gradient_tiles``, the same operations on whole arrays (the same
-    bits): (36, cout, n * rows * tw)."""
+def _gradient_tiles_numpy(dy, t0, rows, tw, tile=4):
+    """Twin of ``compiled.winograd4_gradient_tiles`` (``tile`` 4) and ``winograd2x5_gradient_tiles``
+    (2), the same operations on whole arrays (the same bits): (36, cout, n * rows * tw), dy's
+    ``tile`` x ``tile`` blocks."""
     num, cout, oh, ow = dy.shape
     dt = dy.dtype.type
     h, q4, e, t2, f4, e8 = dt(0.5), dt(0.25), dt(0.125), dt(2.0), dt(4.0), dt(8.0)
-    pad = np.zeros((num, cout, 4 * rows, 4 * tw), dy.dtype)
-    y0 = 4 * t0
-    part = dy[:, :, y0:min(oh, y0 + 4 * rows)]
+    pad = np.zeros((num, cout, tile * rows, tile * tw), dy.dtype)
+    y0 = tile * t0
+    part = dy[:, :, y0:min(oh, y0 + tile * rows)]
     pad[:, :, :part.shape[2], :ow] = part
-    d = pad.reshape(num, cout, rows, 4, tw, 4)
+    d = pad.reshape(num, cout, rows, tile, tw, tile)
 
-    def a_side(y0, y1, y2, y3):
+    def a_side(*ys):        # A (6 x tile) on ``tile`` values
+        if tile == 2:
+            y0, y1 = ys
+            return (y0, y0 + y1, y0 - y1, y0 + h * y1, y0 - t2 * y1, y1)
+        y0, y1, y2, y3 = ys
         return (y0, y0 + y1 + y2 + y3, y0 - y1 + y2 - y3, y0 + h * y1 + q4 * y2 + e * y3,
                 y0 - t2 * y1 + f4 * y2 - e8 * y3, y3)
-    t = a_side(*(d[..., b] for b in range(4)))                  # six (n, c, r, a, q)
+    t = a_side(*(d[..., b] for b in range(tile)))               # six (n, c, r, a, q)
     u = np.empty((6, 6, cout, num, rows, tw), dy.dtype)
     for j in range(6):
-        for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(4)))):
-            u[i, j] = val.transpose(1, 0, 2, 3)
-    return u.reshape(36, cout, num * rows * tw)
-
-
-def _gradient_tiles2_numpy(dy, t0, rows, tw):
-    """Twin of ``compiled.winograd2x5_gradient_tiles``, the same operations on whole arrays (the
-    same bits): (36, cout, n * rows * tw)."""
-    num, cout, oh, ow = dy.shape
-    dt = dy.dtype.type
-    h, t2 = dt(0.5), dt(2.0)
-    pad = np.zeros((num, cout, 2 * rows, 2 * tw), dy.dtype)
-    y0 = 2 * t0
-    part = dy[:, :, y0:min(oh, y0 + 2 * rows)]
-    pad[:, :, :part.shape[2], :ow] = part
-    d = pad.reshape(num, cout, rows, 2, tw, 2)
-
-    def a_side(y0, y1):
-        return (y0, y0 + y1, y0 - y1, y0 + h * y1, y0 - t2 * y1, y1)
-    t = a_side(*(d[..., b] for b in range(2)))                  # six (n, c, r, a, q)
-    u = np.empty((6, 6, cout, num, rows, tw), dy.dtype)
-    for j in range(6):
-        for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(2)))):
+        for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(tile)))):
             u[i, j] = val.transpose(1, 0, 2, 3)
     return u.reshape(36, cout, num * rows * tw)
 
