@@ -190,12 +190,13 @@ def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, su
         assert not np.signbit(out if summed and sum_relu else y)[~np.isnan(out if summed and sum_relu else y)].any()
 
 
-@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("m", [2, 3, 4, 7, 12])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_inner_product_rows_agree_with_blas_and_do_not_depend_on_the_thread_count(m, dtype, switches):
-    """The InnerProduct forward at 2-4 rows (compiled.inner_product_rows, its sums reordered as
-    BLAS reorders them): within rounding of the product, the same bits on one and two threads, and
-    the layer takes it only with the kernels on."""
+    """The InnerProduct forward at 2-12 rows (compiled.inner_product_rows, its sums reordered as
+    BLAS reorders them; 37 outputs and 7 or 12 rows leave ragged groups of four): within rounding
+    of the product, the same bits on one and two threads, and the layer takes it only with the
+    kernels on."""
     import minicaffe as caffe
     from minicaffe.layers import inner_product
     rng = np.random.default_rng(m)
@@ -228,17 +229,19 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_para
     np.testing.assert_allclose(y, xd.astype(np.float64) @ wd.astype(np.float64).T, rtol=tol, atol=tol * 30)
 
 
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 12])
 @pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
 def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
-    """InnerProduct's backward at 2-4 rows as one pass over the weights
-    (compiled.inner_product_rows_backward): the weight gradient added to what it held, the data
-    gradient overwritten, either one alone (the other left as it was); within rounding of the BLAS
-    twin (MINICAFFE_COMPILED=0), the same bits on one and two threads, over several column blocks."""
+    """InnerProduct's backward at 1-12 rows as one pass over the weights
+    (compiled.inner_product_rows_backward; 1, 3 and 7 rows leave a group of four ragged): the
+    weight gradient added to what it held, the data gradient overwritten, either one alone (the
+    other left as it was); within rounding of the BLAS twin (MINICAFFE_COMPILED=0), the same bits
+    on one and two threads, over several column blocks."""
+    from minicaffe.layers import inner_product
     from minicaffe.testing import make_layer
     want_dw, want_dx = grads
     rng = np.random.default_rng(m)
-    k, n_out = 4500, 19            # 4500 columns: three of the kernel's blocks, the last ragged
+    k, n_out = 4500, 19            # 4500 columns: five of the kernel's blocks, the last ragged
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n_out, k)).astype(np.float32)
     dy = rng.standard_normal((m, n_out)).astype(np.float32)
@@ -253,6 +256,7 @@ def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
         layer.param_propagate_down = [want_dw, True]
         bottom[0].diff[...] = 7.0
         top[0].diff[...] = dy
+        assert inner_product._rows_pay(x, w, dy, least=1) == on
         layer.backward(top, [want_dx], bottom)
         got[(on, size)] = (layer.blobs[0].diff.copy(), bottom[0].diff.copy())
     want_w = dw0 + dy.astype(np.float64).T @ x if want_dw else dw0

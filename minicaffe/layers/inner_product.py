@@ -23,8 +23,8 @@ _WGRAD = Slot("wgrad")
 # (fc6 of VGG would otherwise allocate, page in and free a 400 MB array every iteration).
 WGRAD_BAND_ELEMENTS = 1 << 22
 
-# the compiled few-rows forward runs from 2 rows to this many (see _rows_pay)
-ROWS_KERNEL_MAX_M = 4
+# the compiled few-rows kernels run up to this many rows (see _rows_pay)
+ROWS_KERNEL_MAX_M = 12
 
 
 def _accumulate_product(xp, a, b, out):
@@ -57,13 +57,16 @@ def _weights_first_pays(m, k):
     return m <= 16 or k <= 16384
 
 
-def _rows_pay(x, w, y):
+def _rows_pay(x, w, y, least=2):
     """Whether the compiled few-rows products run (``compiled.inner_product_rows`` forward,
-    ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): 2 to
-    ROWS_KERNEL_MAX_M rows, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured
-    on 2 cores, ms, kernel / BLAS: VGG fc6 (4096x25088) at 2 rows 16.8 / 33.2, at 4 23.7 / 31.7,
-    at 8 41.8 / 46.3; 4096x4096 at 2 rows 2.8 / 5.3; at 1 row BLAS's GEMV is as fast (14.5 / 14.8)."""
-    return 2 <= x.shape[0] <= ROWS_KERNEL_MAX_M and compiled.runs_on(x, w, y)
+    ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): ``least``
+    to ROWS_KERNEL_MAX_M rows, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured
+    on 2 cores (Intel Xeon), ms, kernel / BLAS, forward then backward: VGG's fc6 (4096x25088) at 1
+    row 16.1 / 16.6 and 55 / 166, at 4 rows 15.9 / 33.2 and 57 / 148, at 8 32.5 / 33.9 and 109 /
+    150; CaffeNet's fc6 (4096x9216) at 10 rows 15.0 / 15.6 and 58 / 66, at 16 20.2 / 15.2 and 80 /
+    65. So the forward starts at 2 rows (at 1, BLAS's GEMV reads the weights once too) and the
+    backward at 1; both stop at 12."""
+    return least <= x.shape[0] <= ROWS_KERNEL_MAX_M and compiled.runs_on(x, w, y)
 
 
 @register("InnerProduct")
@@ -145,7 +148,8 @@ class InnerProduct(Layer):
         dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
         dx = bottom[0].xdiff.reshape(self.m, self.k) if propagate_down[0] else None
         wanted = [a for a in (dw, dx) if a is not None]
-        if xp is np and not self.transpose and wanted and _rows_pay(x, w, dy) and compiled.runs_on(x, *wanted):
+        if xp is np and not self.transpose and wanted and _rows_pay(x, w, dy, least=1) \
+                and compiled.runs_on(x, *wanted):
             # one pass over the weights for both gradients (compiled.inner_product_rows_backward);
             # w and x stand in for a gradient not wanted (the kernel does not touch it)
             kernel = compiled.get(compiled.inner_product_rows_backward)
