@@ -113,3 +113,67 @@ def test_1x1_images_side_by_side_give_the_batched_forward_and_each_image_is_fini
     engine.forward_images(x, w, got, finish)
     assert sorted(finished) == list(range(num))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
+def test_add_product_adds_one_gemm_into_the_output(dtype, layout):
+    """``add_product``: ``out += a @ b`` with either operand C-contiguous or the transpose of one, in
+    NumPy's own OpenBLAS (the wheel's; skipped where NumPy carries another BLAS). K = 40 is one
+    block of BLAS's sums, so the bits are those of the product added afterwards."""
+    if not blas._numpy_gemms():
+        pytest.skip("NumPy's BLAS is not its wheel's OpenBLAS: add_product returns False there")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((23, 40)).astype(dtype)
+    b = rng.standard_normal((40, 31)).astype(dtype)
+    if layout[0] == "t":
+        a = np.ascontiguousarray(a.T).T
+    if layout[1] == "t":
+        b = np.ascontiguousarray(b.T).T
+    out = rng.standard_normal((23, 31)).astype(dtype)
+    want = out + a @ b
+    assert blas.add_product(a, b, out)
+    assert np.array_equal(out, want)
+
+
+def test_add_product_declines_what_it_cannot_run_and_leaves_the_output():
+    """Strided operands, mixed or integer dtypes and a non-contiguous output return False with
+    ``out`` untouched (the caller keeps its own path); a shape that does not fit is an error."""
+    a, b = np.ones((4, 6), np.float32), np.ones((6, 5), np.float32)
+    out = np.zeros((4, 5), np.float32)
+    assert not blas.add_product(a[:, ::2], b[::2], out)
+    assert not blas.add_product(a.astype(np.float64), b, out)
+    assert not blas.add_product(a.astype(np.int32), b.astype(np.int32), out.astype(np.int32))
+    wide = np.zeros((4, 10), np.float32)
+    assert not blas.add_product(a, b, wide[:, ::2])
+    assert not out.any() and not wide.any()
+    with pytest.raises(ValueError, match="does not fit"):
+        blas.add_product(a, b, np.zeros((4, 4), np.float32))
+
+
+def test_inner_product_weight_gradient_accumulates_through_one_gemm(monkeypatch):
+    """InnerProduct's weight gradient past the compiled rows (here 20 rows) is added by
+    ``add_product`` where it runs, and equals the scratch-and-add path's, both adding to what the
+    gradient held."""
+    from minicaffe.layers import inner_product
+    from minicaffe.proto import caffe_pb2
+    from minicaffe.testing import make_layer
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 50)).astype(np.float32)
+    dy = rng.standard_normal((20, 30)).astype(np.float32)
+    start = rng.standard_normal((30, 50)).astype(np.float32)
+    calls, real = [], blas.add_product
+    got = {}
+    for via_gemm in (True, False):
+        monkeypatch.setattr(blas, "add_product", (lambda *a: calls.append(1) or real(*a)) if via_gemm
+                            else (lambda *a: False))
+        layer, bottom, top = make_layer('name: "ip" type: "InnerProduct" inner_product_param { num_output: 30 }',
+                                        [x], phase=caffe_pb2.TRAIN)
+        layer.blobs[0].diff[...] = start
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        got[via_gemm] = layer.blobs[0].diff.copy(), bottom[0].diff.copy()
+    assert calls and inner_product.ROWS_KERNEL_MAX_M < 20
+    np.testing.assert_allclose(got[True][0], start + dy.astype(np.float64).T @ x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[True][0], got[False][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[True][1], got[False][1])

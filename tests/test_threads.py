@@ -683,9 +683,12 @@ def test_mvn_bit_identical_at_two_threads(spec, dtype, pool_size, monkeypatch):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_inner_product_weight_gradient_bit_identical_at_two_threads(transpose, pool_size, monkeypatch):
     """InnerProduct's accumulation of the weight gradient (``dw += product``, in bands) split in
-    flat chunks: the one-thread bits, over a gradient already holding values."""
+    flat chunks: the one-thread bits, over a gradient already holding values. (That is the path
+    where BLAS's own accumulating GEMM cannot run: tests/test_blas.py tests that one.)"""
+    from minicaffe.core import blas
     from minicaffe.layers import inner_product
     monkeypatch.setattr(inner_product, "WGRAD_BAND_ELEMENTS", 60)     # several bands
+    monkeypatch.setattr(blas, "add_product", lambda a, b, out: False)
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 2)).astype(np.float32)
     text = 'name: "ip" type: "InnerProduct" inner_product_param { num_output: 7 ' \
            f'transpose: {str(transpose).lower()} weight_filler {{ type: "gaussian" }} bias_filler {{ type: "gaussian" }} }}'

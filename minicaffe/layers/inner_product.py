@@ -7,7 +7,7 @@ caffemodels load as they are).
 """
 import numpy as np
 
-from ..core import fillers, threads
+from ..core import blas, fillers, threads
 from ..core.blob import Blob
 from ..errors import ShapeError
 from ..core.context import Slot
@@ -28,7 +28,11 @@ ROWS_KERNEL_MAX_M = 12
 
 
 def _accumulate_product(xp, a, b, out):
-    """``out += a @ b`` through a reused scratch band of rows (NumPy's matmul cannot accumulate)."""
+    """``out += a @ b``: one GEMM with beta = 1 in NumPy's OpenBLAS (``blas.add_product``), or
+    through a reused scratch band of rows where that cannot run (NumPy's matmul cannot
+    accumulate)."""
+    if xp is np and blas.add_product(a, b, out):
+        return
     rows = max(1, min(out.shape[0], WGRAD_BAND_ELEMENTS // max(out.shape[1], 1)))
     for r0 in range(0, out.shape[0], rows):
         r1 = min(out.shape[0], r0 + rows)
@@ -165,7 +169,11 @@ class InnerProduct(Layer):
                 _accumulate_product(xp, dy.T, x, dw)
         self._bias_grad(dy)
         if dx is not None:
-            xp.matmul(dy, w.T if self.transpose else w, out=dx)
+            if xp is np and not self.transpose and _weights_first_pays(self.m, self.k):
+                # as the forward's: (W^T dy^T)^T, CaffeNet's fc6 at batch 32 29 against 41 ms
+                np.copyto(dx, np.matmul(w.T, dy.T).T)
+            else:
+                xp.matmul(dy, w.T if self.transpose else w, out=dx)
 
     def _bias_grad(self, dy):
         if self.bias_term and self.need_param_grad(1):
