@@ -71,9 +71,17 @@ _GRAD = Slot("wino_grad")
 # _source_channels_last transposes a whole image at once up to this many values (4 MB of float32)
 IMAGE_TRANSPOSE_ELEMENTS = 1 << 20
 
-# transformed tiles per band: (m+2)^2 * cin * columns floats at most (then at least BAND_MIN_COLUMNS
-# tile columns, so each GEMM stays efficient)
-BAND_ELEMENTS = 1 << 20
+# a band's transformed tiles and their products: (m+2)^2 * (cin + cout) * columns floats at most
+# (then at least BAND_MIN_COLUMNS tile columns, so each GEMM stays efficient). Why this size: each
+# band is four passes on the kernels' pool (input transform, GEMMs, output transform, copy into y)
+# that wait for one another, and on 64-channel layers the bands were too short for two threads to
+# keep busy. Sized as (m+2)^2 * cin * columns <= 1 << 20 before; F(4x4) on 2 cores (Intel Xeon),
+# ms, before / now, forward and backward: VGG-16's conv1_2 at batch 4 80 / 69 and 157 / 146 (3
+# tile rows a band, now 6), at batch 2 41 / 34 and 81 / 70; ResNet-50's 64-channel 3x3 at batch 8
+# 9.3 / 8.9 and 20.2 / 18.3. No change at one thread, nor on wider layers. Not more: 1 << 23 gave
+# conv1_2 8 rows (64 ms forward) but GoogLeNet's conv2/3x3 (64 -> 192) 6 rows instead of 4 at
+# batch 10, and its inference 12.6 MB more peak memory (220 MB, above OpenCV's 212).
+BAND_ELEMENTS = 6 << 20
 BAND_MIN_COLUMNS = 512
 
 # F(4x4)'s transform GEMMs (6 x 6 x N) go in column blocks of this many, under OpenBLAS's
@@ -234,7 +242,8 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     th, tw = -(-oh // m), -(-ow // m)
     per_row = num * tw
     if band is None:
-        band = max(BAND_ELEMENTS // ((m + 2) ** 2 * cin * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
+        cout = y.shape[1]
+        band = max(BAND_ELEMENTS // ((m + 2) ** 2 * (cin + cout) * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
     band = min(band, th)
     if m == 2:
         src = _source2(x, pad_h, pad_w, th, tw)
