@@ -190,15 +190,17 @@ def test_convolution_epilogues_match_their_numpy_twin(has_bias, relu, summed, su
         assert not np.signbit(out if summed and sum_relu else y)[~np.isnan(out if summed and sum_relu else y)].any()
 
 
-@pytest.mark.parametrize("m", [2, 3, 4, 7, 12])
+@pytest.mark.parametrize("m", [2, 3, 4, 7, 8])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_inner_product_rows_agree_with_blas_and_do_not_depend_on_the_thread_count(m, dtype, switches):
-    """The InnerProduct forward at 2-12 rows (compiled.inner_product_rows, its sums reordered as
-    BLAS reorders them; 37 outputs and 7 or 12 rows leave ragged groups of four): within rounding
-    of the product, the same bits on one and two threads, and the layer takes it only with the
-    kernels on."""
+def test_inner_product_rows_agree_with_blas_and_do_not_depend_on_the_thread_count(m, dtype, switches,
+                                                                                   monkeypatch):
+    """The InnerProduct forward at 2-8 rows (compiled.inner_product_rows, its sums reordered as
+    BLAS reorders them; 37 outputs and 7 rows leave ragged groups of four): within rounding of the
+    product, the same bits on one and two threads, and the layer takes it only with the kernels on
+    (on weights this small only with ROWS_KERNEL_MIN_WEIGHTS lowered)."""
     import minicaffe as caffe
     from minicaffe.layers import inner_product
+    monkeypatch.setattr(inner_product, "ROWS_KERNEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(m)
     k, n_out = 300, 37
     text = f"""
@@ -229,16 +231,17 @@ layer {{ name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_para
     np.testing.assert_allclose(y, xd.astype(np.float64) @ wd.astype(np.float64).T, rtol=tol, atol=tol * 30)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 7, 12])
+@pytest.mark.parametrize("m", [2, 3, 4, 6])
 @pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
-def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
-    """InnerProduct's backward at 1-12 rows as one pass over the weights
-    (compiled.inner_product_rows_backward; 1, 3 and 7 rows leave a group of four ragged): the
-    weight gradient added to what it held, the data gradient overwritten, either one alone (the
-    other left as it was); within rounding of the BLAS twin (MINICAFFE_COMPILED=0), the same bits
-    on one and two threads, over several column blocks."""
+def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches, monkeypatch):
+    """InnerProduct's backward at 2-6 rows as one pass over the weights
+    (compiled.inner_product_rows_backward; 3 and 6 rows leave a group of four ragged): the weight
+    gradient added to what it held, the data gradient overwritten, either one alone (the other
+    left as it was); within rounding of the BLAS twin (MINICAFFE_COMPILED=0), the same bits on one
+    and two threads, over several column blocks."""
     from minicaffe.layers import inner_product
     from minicaffe.testing import make_layer
+    monkeypatch.setattr(inner_product, "ROWS_KERNEL_MIN_WEIGHTS", 0)
     want_dw, want_dx = grads
     rng = np.random.default_rng(m)
     k, n_out = 4500, 19            # 4500 columns: five of the kernel's blocks, the last ragged
@@ -256,7 +259,7 @@ def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
         layer.param_propagate_down = [want_dw, True]
         bottom[0].diff[...] = 7.0
         top[0].diff[...] = dy
-        assert inner_product._rows_pay(x, w, dy, least=1) == on
+        assert inner_product._rows_pay(x, w, dy, inner_product.ROWS_KERNEL_BACKWARD_MAX_M) == on
         layer.backward(top, [want_dx], bottom)
         got[(on, size)] = (layer.blobs[0].diff.copy(), bottom[0].diff.copy())
     want_w = dw0 + dy.astype(np.float64).T @ x if want_dw else dw0
@@ -266,6 +269,22 @@ def test_inner_product_rows_backward_agrees_with_blas(m, grads, switches):
         np.testing.assert_allclose(dx, want_x, rtol=1e-5, atol=1e-4)
     for a, b in zip(got[(True, 1)], got[(True, 2)]):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("m", [1, 5, 9])
+def test_inner_product_rows_backward_kernel_at_any_row_count(m):
+    """The backward kernel itself at 1 row (three zero rows in its group of four) and past four
+    (a second and third group, the weights read once a group): against float64."""
+    rng = np.random.default_rng(m)
+    k, n_out = 2100, 11
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    dy = rng.standard_normal((m, n_out)).astype(np.float32)
+    dw0 = rng.standard_normal((n_out, k)).astype(np.float32)
+    dw, dx = dw0.copy(), np.full((m, k), 7.0, np.float32)
+    compiled.get(compiled.inner_product_rows_backward)(w, x, dy, dw, dx, True, True, 0, k)
+    np.testing.assert_allclose(dw, dw0 + dy.astype(np.float64).T @ x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, dy.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

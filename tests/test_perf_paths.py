@@ -56,8 +56,8 @@ def test_inner_product_weight_gradient_in_bands_accumulates(monkeypatch):
 @pytest.mark.parametrize("m,k", [(14, 30), (40, 20000)])
 def test_inner_product_forward_either_gemm_orientation(monkeypatch, m, k):
     """Small batches run ``(W @ x^T)^T`` (faster in OpenBLAS there), large ones with a long input
-    ``x @ W^T``: both give the layer's product and bias, whichever the rule picks (2-12 rows take
-    the compiled kernel instead: tests/test_compiled.py)."""
+    ``x @ W^T``: both give the layer's product and bias, whichever the rule picks (2-8 rows of
+    large weights take the compiled kernel instead: tests/test_compiled.py)."""
     from minicaffe.layers import inner_product
     rng = np.random.default_rng(3)
     x = rng.standard_normal((m, k)).astype(np.float32)

@@ -23,8 +23,11 @@ _WGRAD = Slot("wgrad")
 # (fc6 of VGG would otherwise allocate, page in and free a 400 MB array every iteration).
 WGRAD_BAND_ELEMENTS = 1 << 22
 
-# the compiled few-rows kernels run up to this many rows (see _rows_pay)
-ROWS_KERNEL_MAX_M = 12
+# the compiled few-rows kernels run up to this many rows (forward, backward), on weights of at
+# least this many values (see _rows_pay)
+ROWS_KERNEL_MAX_M = 8
+ROWS_KERNEL_BACKWARD_MAX_M = 6
+ROWS_KERNEL_MIN_WEIGHTS = 1 << 20
 
 
 def _accumulate_product(xp, a, b, out):
@@ -61,16 +64,19 @@ def _weights_first_pays(m, k):
     return m <= 16 or k <= 16384
 
 
-def _rows_pay(x, w, y, least=2):
+def _rows_pay(x, w, y, most=None):
     """Whether the compiled few-rows products run (``compiled.inner_product_rows`` forward,
-    ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): ``least``
-    to ROWS_KERNEL_MAX_M rows, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured
-    on 2 cores (Intel Xeon), ms, kernel / BLAS, forward then backward: VGG's fc6 (4096x25088) at 1
-    row 16.1 / 16.6 and 55 / 166, at 4 rows 15.9 / 33.2 and 57 / 148, at 8 32.5 / 33.9 and 109 /
-    150; CaffeNet's fc6 (4096x9216) at 10 rows 15.0 / 15.6 and 58 / 66, at 16 20.2 / 15.2 and 80 /
-    65. So the forward starts at 2 rows (at 1, BLAS's GEMV reads the weights once too) and the
-    backward at 1; both stop at 12."""
-    return least <= x.shape[0] <= ROWS_KERNEL_MAX_M and compiled.runs_on(x, w, y)
+    ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): 2 to
+    ``most`` rows (ROWS_KERNEL_MAX_M by default), weights of ROWS_KERNEL_MIN_WEIGHTS values or
+    more, float32/64 C-contiguous arrays of one dtype, the kernels on. Measured on 2 cores (Intel
+    Xeon), ms, kernel / BLAS (the weight gradient through ``blas.add_product``), forward and
+    backward: VGG's fc6 (4096 x 25088) at 4 rows 15.1 / 33.2 and 52 / 98, at 6 28 / 39 and 104 /
+    124, at 8 28 / 33 and 120 / 106, at 12 43 / 39 and 195 / 115; CaffeNet's fc6 (4096 x 9216)
+    at 4 rows 5.2 / 11.4 and 20 / 37, at 8 10.1 / 12.7 and 40 / 38; 4096 x 4096 at 6 rows 3.2 /
+    5.8 and 14 / 19. At 1 row BLAS's own (GEMV) is as fast forward and faster backward (52 / 41);
+    on small weights BLAS is faster (500 x 800 at 2 rows 0.13 / 0.04 and 0.36 / 0.19)."""
+    most = ROWS_KERNEL_MAX_M if most is None else most
+    return 2 <= x.shape[0] <= most and w.size >= ROWS_KERNEL_MIN_WEIGHTS and compiled.runs_on(x, w, y)
 
 
 @register("InnerProduct")
@@ -152,7 +158,7 @@ class InnerProduct(Layer):
         dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
         dx = bottom[0].xdiff.reshape(self.m, self.k) if propagate_down[0] else None
         wanted = [a for a in (dw, dx) if a is not None]
-        if xp is np and not self.transpose and wanted and _rows_pay(x, w, dy, least=1) \
+        if xp is np and not self.transpose and wanted and _rows_pay(x, w, dy, ROWS_KERNEL_BACKWARD_MAX_M) \
                 and compiled.runs_on(x, *wanted):
             # one pass over the weights for both gradients (compiled.inner_product_rows_backward);
             # w and x stand in for a gradient not wanted (the kernel does not touch it)
