@@ -179,20 +179,25 @@ def warm_up() -> bool:
 
 def sgd_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
     """Elements ``a:b`` of one SGD step: normalise, L2 decay, ``h = momentum·h + rate·g``, ``w -= h``;
-    ``g`` ends holding the update value, as the NumPy twin leaves it."""
+    ``g`` ends holding the update value, as the NumPy twin leaves it.
+
+    The loop runs over slices from 0: indexed ``a:b`` directly, each index might be negative, and
+    the wrap-around that Numba adds for that kept LLVM from vectorising the loop (25.7M values, 2
+    cores: 29.5 ms that way, 13.7 this way, the same bits)."""
     dt = w.dtype.type
     s, m = dt(scale), dt(momentum)
-    for i in range(a, b):
-        gi = g[i]
+    ws, gs, hs = w[a:b], g[a:b], h[a:b]
+    for i in range(b - a):
+        gi = gs[i]
         if normalize:
             gi = gi * s
         if decay != 0.0:
-            gi = dt(np.float64(decay) * np.float64(w[i]) + np.float64(gi))
-        hi = h[i] * m
+            gi = dt(np.float64(decay) * np.float64(ws[i]) + np.float64(gi))
+        hi = hs[i] * m
         hi = dt(np.float64(rate) * np.float64(gi) + np.float64(hi))
-        h[i] = hi
-        g[i] = hi
-        w[i] = w[i] - hi
+        hs[i] = hi
+        gs[i] = hi
+        ws[i] = ws[i] - hi
 
 
 def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
@@ -201,19 +206,20 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
     dt = w.dtype.type
     s, m, neg_m = dt(scale), dt(momentum), dt(-momentum)
     one_m = np.float64(np.float32(1.0 + momentum))
-    for i in range(a, b):
-        gi = g[i]
+    ws, gs, hs = w[a:b], g[a:b], h[a:b]       # slices from 0, as in sgd_step: the loop vectorises
+    for i in range(b - a):
+        gi = gs[i]
         if normalize:
             gi = gi * s
         if decay != 0.0:
-            gi = dt(np.float64(decay) * np.float64(w[i]) + np.float64(gi))
-        old = h[i]
+            gi = dt(np.float64(decay) * np.float64(ws[i]) + np.float64(gi))
+        old = hs[i]
         hi = old * m
         hi = dt(np.float64(rate) * np.float64(gi) + np.float64(hi))
-        h[i] = hi
+        hs[i] = hi
         u = dt(one_m * np.float64(hi) + np.float64(old * neg_m))
-        g[i] = u
-        w[i] = w[i] - u
+        gs[i] = u
+        ws[i] = ws[i] - u
 
 
 # --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (kernels/winograd.py's _band6) ---
