@@ -178,5 +178,5 @@ def add_product(a, b, out):
     if m == 0 or n == 0 or k == 0:
         return True
     gemm(_ROW_MAJOR, opa[0], opb[0], m, n, k, 1.0, a.ctypes.data, opa[1], b.ctypes.data, opb[1], 1.0,
-         out.ctypes.data, max(n, 1))
+         out.ctypes.data, n)
     return True

@@ -586,12 +586,14 @@ def inner_product_rows_backward(w, x, dy, dw, dx, want_dw, want_dx, j0, j1):
     step = 1024                     # a block of columns: 4 rows of x and of dx's sums in L1
     zero = dy.dtype.type(0)
     zeros = np.zeros(step, x.dtype)
+    sums = np.empty((4, step), dx.dtype)        # dx's sums of a block, reused block after block
     for b0 in range(j0, j1, step):
         b1 = min(j1, b0 + step)
         nb = b1 - b0
         for g in range(0, m, 4):
             rows = min(4, m - g)
-            acc = np.zeros((4, nb), dx.dtype)
+            acc = sums[:, :nb]
+            acc[:] = 0
             c0, c1, c2, c3 = acc[0], acc[1], acc[2], acc[3]
             x0 = x[g, b0:b1]
             x1 = x[g + 1, b0:b1] if rows > 1 else zeros[:nb]

@@ -588,10 +588,8 @@ class Im2colConv:
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
         """``dx[...] = conv^T(dy, w)`` when ``dx`` is given; ``dw += rows(dy) @ cols(x)^T`` when ``dw`` is."""
-        if dx is None and dw is None:
-            return
         num = dy.shape[0]
-        if dx is None and isinstance(dy, np.ndarray) and num > 1 and WGRAD_PARTS > 1:
+        if dx is None and dw is not None and isinstance(dy, np.ndarray) and num > 1 and WGRAD_PARTS > 1:
             # no data gradient asked for (a net's first layer)
             chunks = list(self._chunks(num))
             if len(chunks) == 1:        # the batch in WGRAD_PARTS chunks, so that every group has one
