@@ -217,25 +217,56 @@ def test_weight_gradient_either_way_round_matches_the_reference(name, case, max_
                                              ("Convolution", "1x1group2"), ("Convolution", "1x1stride2")])
 def test_gemm_1x1_weight_gradient_image_by_image_matches_the_reference(layer_type, case, min_columns,
                                                                        monkeypatch):
-    """A stride-1 1x1 layer's weight gradient image by image (wide maps: from
-    PER_IMAGE_WGRAD_MIN_COLUMNS positions) or as one GEMM: the reference's numbers either way, and
-    groups and strides keep the one GEMM beside a data gradient (alone, the batch goes in
-    WGRAD_PARTS groups: Im2colConv._weight_grad_in_parts)."""
-    monkeypatch.setattr(conv_engines, "PER_IMAGE_WGRAD_MIN_COLUMNS", min_columns)
+    """A 1x1 layer's weight gradient an image's GEMM at a time, BLAS adding into the sum (maps of
+    WGRAD_BY_IMAGE_MIN_COLUMNS positions and more; strided, WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS), or
+    as one GEMM over transposed copies: the reference's numbers either way. Groups keep the one
+    GEMM beside a data gradient (alone, the batch goes in WGRAD_PARTS groups:
+    Im2colConv._weight_grad_in_parts), and so does a Deconvolution, whose weight gradient reads its
+    bottom as the convolution's output."""
+    monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_MIN_COLUMNS", min_columns)
+    monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS", min_columns)
     layer, bottom, top = _layer(layer_type, case)
     ref = _run(layer, bottom, top, REF)
-    positions = []      # each accumulated product's positions (K): one image's, or the batch's
+    positions = []      # each accumulated product's positions (K): the batch's, or a group's
+    by_image = []
     accumulate = conv_engines.Im2colConv._accumulate_wgrad
     monkeypatch.setattr(conv_engines.Im2colConv, "_accumulate_wgrad",
                         lambda self, rows, *a: positions.append(rows.shape[1]) or accumulate(self, rows, *a))
+    real = conv_engines.Gemm1x1Conv._weight_grad_by_image
+    monkeypatch.setattr(conv_engines.Gemm1x1Conv, "_weight_grad_by_image",
+                        lambda self, *a: by_image.append(1) or real(self, *a))
     _assert_same(_run(layer, bottom, top, "gemm_1x1"), ref)
-    # Deconvolution's weight gradient reads its bottom as the convolution's output: not this path
-    per_image = min_columns == 1 and case == "1x1" and layer_type == "Convolution"
     s = layer.conv
+    if min_columns == 1 and case in ("1x1", "1x1stride2") and layer_type == "Convolution":
+        assert len(by_image) == 2 and positions == []       # both gradients; the weights' alone
+        return
+    assert by_image == []
     group = -(-s.num // conv_engines.WGRAD_PARTS) * s.columns
-    want = {s.columns} if per_image else {s.num * s.columns} if layer_type == "Deconvolution" \
-        else {s.num * s.columns, group}
+    want = {s.num * s.columns} if layer_type == "Deconvolution" else {s.num * s.columns, group}
     assert set(positions) == want
+
+
+@pytest.mark.parametrize("spec", ["num_output: 5 kernel_size: 1", "num_output: 5 kernel_size: 1 stride: 2"])
+def test_gemm_1x1_weight_gradient_by_image_has_the_same_bits_at_one_thread_and_two(spec, env_switch,
+                                                                                  monkeypatch):
+    """The images' fixed groups (WGRAD_BY_IMAGE_PARTS), not the threads, order the float32 sums."""
+    monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_MIN_COLUMNS", 1)
+    monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS", 1)
+    x = np.random.default_rng(41).standard_normal((5, 6, 13, 12)).astype(np.float32)
+
+    def weight_gradient():
+        lay, bot, tp = make_layer(conv_text("Convolution", spec), [x])
+        engines.force(lay, "gemm_1x1")
+        forward(lay, bot, tp)
+        tp[0].diff[...] = np.random.default_rng(3).standard_normal(tp[0].shape)
+        lay.blobs[0].diff[...] = 0
+        lay.backward(tp, [True], bot)
+        return lay.blobs[0].diff.copy()
+    got = {}
+    for n in ("1", "2"):
+        env_switch("MINICAFFE_THREADS", n)
+        got[n] = weight_gradient()
+    assert got["1"].tobytes() == got["2"].tobytes()
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])

@@ -155,6 +155,14 @@ def _operand(a):
     return None
 
 
+def adds_products(*arrays):
+    """Whether ``add_product`` can run on C-contiguous arrays like these (NumPy arrays of one dtype
+    that NumPy's OpenBLAS multiplies): a caller picks its path before it has the operands."""
+    import numpy as np
+    return (all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays)
+            and bool(arrays) and arrays[0].dtype in _numpy_gemms())
+
+
 def add_product(a, b, out):
     """``out += a @ b`` as one GEMM with beta = 1; False (nothing done) where it cannot: not NumPy's
     OpenBLAS, a dtype other than float32/64 shared by all three, ``out`` not C-contiguous, or an

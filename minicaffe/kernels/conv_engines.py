@@ -199,12 +199,24 @@ CHANNELS_LAST_TRANSPOSED_MAX_OUT = 64
 # 10.6 / 11.7; K = 6272 128 x 1152 12.3 / 11.1; K = 25088 64 x 576 14.3 / 12.8.
 WGRAD_ROWS_FIRST_MAX_K = 4096
 
-# Gemm1x1Conv: a stride-1 1x1 layer's weight gradient image by image (dw += dy_i x_i^T, each GEMM on
-# the blob's own arrays) from this many output positions an image on, instead of one GEMM over the
-# transposed copies of dy and x. Measured on 2 cores, batch 8, ms, per image / one GEMM: ResNet-50's
-# 56x56 layers 64->256 5.9 / 8.2, 256->64 6.4 / 9.6, 64->64 2.1 / 3.2; 28x28 (784 positions)
-# 6.8 / 6.7, 5.6 / 6.3; 14x14 11.5 / 5.8 (thin GEMMs).
-PER_IMAGE_WGRAD_MIN_COLUMNS = 2048
+# Gemm1x1Conv._weight_grad_by_image: a 1x1 layer's weight gradient as one GEMM an image, BLAS adding
+# into the sum (beta = 1: blas.add_product), the batch in WGRAD_BY_IMAGE_PARTS fixed groups of images
+# side by side on the pool, where an image has WGRAD_BY_IMAGE_MIN_COLUMNS output positions
+# (WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS strided: each image's sampled positions are gathered first);
+# smaller maps keep one GEMM over transposed copies of dy and x (Im2colConv). Before BLAS could add
+# into the sum, maps of 2048 positions and more went an image after the other through a scratch
+# product, the rest through the transposed copies. Measured on 2 cores (Intel Xeon), the weight
+# gradient alone beside a data gradient, ms, medians of 9-15 interleaved: ResNet-50 at batch 8,
+# transposed copies (or, at 56x56, an image after the other) / groups of images: 56x56 64->256
+# 4.6 / 3.9-4.1, 256->64 6.1 / 4.2-4.5, 64->64 1.9 / 1.5; 28x28 128->512 4.8 / 3.7, 512->128 5.0 /
+# 3.9; 14x14 256->1024 4.0 / 3.5; strided 56x56 -> 28x28 256->512 8.6 / 7.5, 256->128 3.5 / 3.0;
+# 28x28 -> 14x14 512->1024 7.2 / 7.0, 1024->512 at 14x14 -> 7x7 2.4 / 3.4 (the gathers cost more
+# than they save: not there); 7x7 512->2048 3.9 / 4.8 (thin GEMMs: not there either). GoogLeNet's
+# 14x14 at batch 16: 480->192 3.0 / 2.6, 512->112 2.5 / 1.9. One image after the other with BLAS's
+# threads inside each GEMM was in between (3.9 at 7x7, 4.1 on 480->192 14x14 at batch 8).
+WGRAD_BY_IMAGE_PARTS = 2
+WGRAD_BY_IMAGE_MIN_COLUMNS = 196
+WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS = 784
 
 # Im2colConv._weight_grad_in_parts: a weight gradient with no data gradient beside it (a net's first
 # layer) runs its chunks of images (the whole batch split in this many, where it is one chunk) in
@@ -685,9 +697,14 @@ class BandedConv(Im2colConv):
 
 class Gemm1x1Conv(Im2colConv):
     """1x1 kernels without padding: the forward is a GEMM per image straight on the blob (on its
-    strided view gathered into a buffer when strided), and with stride 1 the data gradient too: no
-    column matrix, no transposed copy of the output. The weight gradient (and a strided data
-    gradient) as ``Im2colConv``."""
+    strided view gathered into a buffer when strided), and the data gradient too (strided: into a
+    buffer scattered onto the sampled positions): no column matrix, no transposed copy of the
+    output. The weight gradient an image at a time as well on maps large enough
+    (``_weight_grad_by_image``), otherwise as ``Im2colConv``."""
+
+    def __init__(self, shape, *args, **kwargs):
+        super().__init__(shape, *args, **kwargs)
+        self.wgrad_by_image = self._weight_grad_by_image_pays()     # decided once, as engines are
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is not None:
@@ -750,6 +767,9 @@ class Gemm1x1Conv(Im2colConv):
     def backward(self, dy, w, dx=None, x=None, dw=None):
         s = self.s
         g = s.geom
+        if dw is not None and self.wgrad_by_image and blas.adds_products(dy, x, dw):
+            self._weight_grad_by_image(dy, x, dw)
+            dw = None
         if dx is not None and (g.sh != 1 or g.sw != 1) and s.group == 1 and isinstance(dy, np.ndarray):
             # strided: the data gradient is W^T dy at the sampled positions, zero elsewhere (the
             # column path's col2im adds the same values into a zeroed dx): an image a GEMM into a
@@ -757,16 +777,6 @@ class Gemm1x1Conv(Im2colConv):
             self._strided_data_grad(dy, w, dx)
             self._backward_columns(dy, w, None, x, dw)
             return
-        if dw is not None and g.sh == 1 and g.sw == 1 and s.group == 1 and isinstance(dy, np.ndarray) \
-                and s.columns >= PER_IMAGE_WGRAD_MIN_COLUMNS:
-            # wide maps: no transposed copies of dy and x (an image's dy and x are its rows and
-            # columns already); one image after the other (BLAS's threads inside each GEMM), so the
-            # sum's order does not depend on the thread count
-            x3 = x.reshape(x.shape[0], s.cin, s.columns)
-            dy3 = dy.reshape(dy.shape[0], s.cout, s.columns)
-            for i in range(dy.shape[0]):
-                self._accumulate_wgrad(dy3[i], x3[i], dw)
-            dw = None
         direct = dx is not None and g.sh == 1 and g.sw == 1
         if direct:
             xp = backend.get_array_module(dy)
@@ -787,6 +797,53 @@ class Gemm1x1Conv(Im2colConv):
             self._backward_columns(dy, w, None, x, dw)
         else:
             super().backward(dy, w, dx, x, dw)
+
+    def _weight_grad_by_image_pays(self):
+        """One group, and WGRAD_BY_IMAGE_MIN_COLUMNS output positions an image
+        (WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS strided)."""
+        s = self.s
+        strided = s.geom.sh != 1 or s.geom.sw != 1
+        return s.group == 1 and s.columns >= (WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS if strided
+                                              else WGRAD_BY_IMAGE_MIN_COLUMNS)
+
+    def _weight_grad_by_image(self, dy, x, dw):
+        """``dw += sum_i dy_i x_i^T``, an image's GEMM each on the blobs' own arrays (a strided
+        layer's x_i gathered from its sampled positions into a buffer first), BLAS adding into the
+        sum itself (``blas.add_product``, beta = 1): no transposed copies of dy and x, no scratch
+        product. The batch goes in WGRAD_BY_IMAGE_PARTS fixed groups of images side by side on the
+        pool (BLAS at one thread each), each group into its own partial, the partials then added in
+        order: the sums' order is fixed by the batch, not by the thread count. See
+        WGRAD_BY_IMAGE_PARTS for the measurements."""
+        s = self.s
+        g, num = s.geom, dy.shape[0]
+        oh, ow = s.out_hw
+        strided = g.sh != 1 or g.sw != 1
+        x3 = None if strided else x.reshape(num, s.cin, s.columns)
+        dy3 = dy.reshape(num, s.cout, s.columns)
+
+        def images(i0, i1, out):
+            for i in range(i0, i1):
+                if strided:
+                    buf = workspace(np, (s.cin, oh, ow), x.dtype, COL)     # this thread's own
+                    np.copyto(buf, x[i, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw])
+                    xi = buf.reshape(s.cin, s.columns)
+                else:
+                    xi = x3[i]
+                if not blas.add_product(dy3[i], xi.T, out):
+                    out += dy3[i] @ xi.T
+
+        dw2 = dw.reshape(s.cout, s.kg)
+        parts = min(num, WGRAD_BY_IMAGE_PARTS)
+        if parts <= 1:
+            images(0, num, dw2)
+            return
+        bounds = [num * k // parts for k in range(parts + 1)]
+        partial = workspace(np, (parts,) + dw2.shape, dw.dtype, _WGRAD_PARTS)
+        partial.fill(0)
+        blas.parallel_gemms(parts, lambda k0, k1: [images(bounds[k], bounds[k + 1], partial[k])
+                                                    for k in range(k0, k1)])
+        for k in range(parts):
+            dw2 += partial[k]
 
     def _strided_data_grad(self, dy, w, dx):
         s = self.s
