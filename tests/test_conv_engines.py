@@ -963,7 +963,7 @@ def test_weight_gradient_without_a_data_gradient_runs_in_fixed_groups(spec, imag
     assert got["1"].tobytes() == got["2"].tobytes()
 
 
-# --- Winograd F(2x2, 5x5) ---------------------------------------------------------------------------
+# --- Winograd F(2x2, 5x5) and F(3x3, 5x5) -----------------------------------------------------------
 
 WINOGRAD5_CASES = ["k5p2", "k5odd", "k5p4", "k5pad_h3", "k5g2", "narrow5"]
 
@@ -971,15 +971,16 @@ WINOGRAD5_CASES = ["k5p2", "k5odd", "k5p4", "k5pad_h3", "k5g2", "narrow5"]
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
 @pytest.mark.parametrize("case", WINOGRAD5_CASES)
 @pytest.mark.parametrize("band", [1, None])
-def test_winograd_5x5_matches_the_reference(layer_type, case, band, f4_transforms):
-    """5x5 stride-1 kernels through F(2x2, 5x5): forward, data gradient (pads 0 to 4) and weight
-    gradient (F(5x5, 2x2)) against the reference in float64, in bands of one tile row (ragged) or
-    the default, groups, odd sizes; the compiled transforms and the NumPy twins (where the weight
-    gradient takes the columns)."""
+@pytest.mark.parametrize("tile", [2, 3])
+def test_winograd_5x5_matches_the_reference(layer_type, case, band, tile, f4_transforms):
+    """5x5 stride-1 kernels through F(2x2, 5x5) or F(3x3, 5x5) (``tile``): forward, data gradient
+    (pads 0 to 4) and weight gradient (F(5x5, 2x2)) against the reference in float64, in bands of
+    one tile row (ragged) or the default, groups, odd sizes (not multiples of 2 or 3); the compiled
+    transforms and the NumPy twins (where the weight gradient takes the columns)."""
     layer, bottom, top = _layer(layer_type, case)
     ref = _run(layer, bottom, top, REF)
-    _assert_same(_run(layer, bottom, top, "winograd", {"band_rows": band, "data_grad": True, "weight_grad": True}),
-                 ref)
+    options = {"band_rows": band, "data_grad": True, "weight_grad": True, "tile": tile}
+    _assert_same(_run(layer, bottom, top, "winograd", options), ref)
 
 
 def test_winograd_5x5_weight_gradient_passes_the_gradient_check():
@@ -999,9 +1000,20 @@ def test_winograd_5x5_shares_the_input_transform_of_f4x4():
     np.testing.assert_array_equal(at, [[1, 1, 1, 1, 1, 0], [0, 1, -1, .5, -2, 1]])
 
 
-def test_winograd_5x5_float32_error_on_a_caffenet_conv2_group():
-    """Float32 F(2x2, 5x5) against float64, relative to max|y|, on a CaffeNet conv2 group (48 -> 128
-    channels, 27x27, pad 2, He-initialised weights): bound 1e-5 as for F(4x4) (measured ~1e-6)."""
+def test_winograd_3x3_5x5_matrices():
+    """F(3x3, 5x5) from six finite points (POINTS3X5): a 7x7 B^T, a 3x7 A^T and a 7x5 G (``matrices``
+    checks the identity exactly), the A^T the compiled output transform writes out."""
+    at, g, bt = winograd.MATRICES3X5
+    assert at.shape == (3, 7) and g.shape == (7, 5) and bt.shape == (7, 7)
+    np.testing.assert_array_equal(at, [[1, 1, 1, 1, 1, 1, 0], [0, 1, -1, .5, -2, 2, 0], [0, 1, 1, .25, 4, 4, 1]])
+    np.testing.assert_array_equal(bt[3], [0, 4, 0, -5, 0, 1, 0])
+
+
+@pytest.mark.parametrize("tile", [2, 3])
+def test_winograd_5x5_float32_error_on_a_caffenet_conv2_group(tile):
+    """Float32 F(2x2, 5x5) and F(3x3, 5x5) against float64, relative to max|y|, on a CaffeNet conv2
+    group (48 -> 128 channels, 27x27, pad 2, He-initialised weights): bound 1e-5 as for F(4x4)
+    (measured ~1e-6 and ~3e-6)."""
     rng = np.random.default_rng(23)
     x = rng.standard_normal((1, 48, 27, 27)).astype(np.float32)
     w = (rng.standard_normal((128, 48, 5, 5)) * np.sqrt(2 / (25 * 48))).astype(np.float32)
@@ -1009,14 +1021,15 @@ def test_winograd_5x5_float32_error_on_a_caffenet_conv2_group():
                                                        (5, 5), axis=(2, 3))
     want = np.einsum("nchwkl,ockl->nohw", windows, w.astype(np.float64), optimize=True)
     y = np.empty((1, 128, 27, 27), np.float32)
-    winograd.forward(x, w, y, 2, 2)
+    winograd.forward(x, w, y, 2, 2, tile=tile)
     assert np.abs(y - want).max() / np.abs(want).max() < 1e-5
 
 
-def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(env_switch):
-    """The compiled F(2x2, 5x5) forward and weight gradient against the NumPy twins, float32, on
-    ragged shapes in bands: equal to float32 rounding, the same bits at one and two threads; dy's
-    2x2 tile transform the same bits as its twin."""
+@pytest.mark.parametrize("tile", [2, 3])
+def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(tile, env_switch):
+    """The compiled F(2x2, 5x5) or F(3x3, 5x5) forward and the F(5x5, 2x2) weight gradient against
+    the NumPy twins, float32, on ragged shapes in bands: equal to float32 rounding, the same bits at
+    one and two threads; dy's 2x2 tile transform the same bits as its twin."""
     from minicaffe.kernels import compiled
     rng = np.random.default_rng(29)
     for n, c, k, h, w, p in ((2, 16, 24, 17, 22, 2), (1, 8, 8, 5, 6, 1), (3, 12, 6, 9, 8, 4)):
@@ -1027,7 +1040,7 @@ def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(env_switch):
 
         def run():
             y = np.empty((n, k, oh, ow), np.float32)
-            winograd.forward(x, wt, y, p, p, band=2)
+            winograd.forward(x, wt, y, p, p, band=2, tile=tile)
             dw = np.zeros_like(wt)
             winograd.weight_gradient(x, dy, dw, p, p, band=2)
             return np.concatenate([y.ravel(), dw.ravel()])
@@ -1052,12 +1065,15 @@ def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(env_switch):
     ((16, 48, 7, 7), "num_output: 128 kernel_size: 5 pad: 2", False),               # 5b/5x5: 7²
     ((32, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 stride: 2", False)])  # strided
 def test_default_winograd_5x5_where_it_pays(shape, spec, want):
-    """DEFAULT takes F(2x2, 5x5) for the forward and the data gradient where WINOGRAD5_* say (wide
-    groups on maps from 20x20), never its weight gradient."""
+    """DEFAULT takes Winograd for the forward and the data gradient where WINOGRAD5_* say (wide
+    groups on maps from 20x20), never its weight gradient; F(3x3, 5x5) where the compiled kernels
+    run (winograd.tile_size), else F(2x2, 5x5)."""
+    from minicaffe.kernels import compiled
     layer, _, _ = make_layer(conv_text("Convolution", spec), [np.zeros(shape, np.float32)])
     assert (layer.engine_name == "winograd") is want
     if want:
-        assert layer.engine.data_grad and not layer.engine.weight_grad and layer.engine.tile == 2
+        assert layer.engine.data_grad and not layer.engine.weight_grad
+        assert layer.engine.tile == layer.engine.grad_tile == (3 if compiled.enabled() else 2)
 
 
 @pytest.mark.parametrize("spec", ["num_output: 5 kernel_size: 7 stride: 2 pad: 3",

@@ -145,6 +145,9 @@ def warm_up() -> bool:
     get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
     get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
     get(winograd2x5_output)(v, np.zeros((1, 2, 2, 1), np.float32), 1, 2, 0, 1)
+    src7, v7 = np.zeros((1, 7, 7, 1), np.float32), np.zeros((49, 1, 1), np.float32)
+    get(winograd7_input)(src7, v7, 0, 1, 1, 0, 1, 3)
+    get(winograd3x5_output)(v7, np.zeros((1, 3, 3, 1), np.float32), 1, 3, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
@@ -490,6 +493,96 @@ def winograd2x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u3[q] = y0 + h * y1
                         u4[q] = y0 - t2 * y1
                         u5[q] = y1
+
+
+# --- Winograd F(3x3, 5x5): 7x7 input tiles three apart (kernels/winograd.py's _band6) ---------------
+#
+# Six finite points 0, 1, -1, 1/2, -2, 2 (winograd.POINTS3X5): each 3x3 block of outputs from a 7x7
+# input tile, 49 products where F(2x2, 5x5) makes 81 for the same nine outputs (36 per 2x2 block) and
+# im2col + GEMM 225. As above, the matrices' non-zero terms written out, vectorised over channels;
+# the NumPy twins (winograd._input_tiles_numpy, _output_numpy) compute the same transforms as einsums.
+#
+# B^T: [2 -4 -5/2 5 1/2 -1 0], [0 -2 2 9/2 -1/2 -1 0], [0 -2 6 -7/2 -3/2 1 0], [0 4 0 -5 0 1 0],
+#      [0 1 -5/2 0 5/2 -1 0], [0 1 -3/2 -2 3/2 1 0], [0 -2 4 5/2 -5 -1/2 1]
+# A^T: [1 1 1 1 1 1 0], [0 1 -1 1/2 -2 2 0], [0 1 1 1/4 4 4 1]
+
+def winograd7_input(src, v, t0, rows, tw, i0, i1, step):
+    """Items ``i0:i1`` of a band starting at tile row ``t0`` of ``rows`` (item ``n * rows + r`` is
+    image n's tile row r): ``v[i * 7 + j, tile, c]`` = (B^T d B)[i, j] of each 7x7 tile ``d`` of
+    ``src`` (n, row, column, c; channels last), tiles ``step`` (3) apart, ordered (image, band row,
+    tile column)."""
+    cin = src.shape[3]
+    dt = src.dtype.type
+    h, t15, t2, t25, t35, t4, t45, t5, t6 = (dt(0.5), dt(1.5), dt(2.0), dt(2.5), dt(3.5), dt(4.0),
+                                             dt(4.5), dt(5.0), dt(6.0))
+    t = np.empty((7, 7, cin), src.dtype)
+    for n in range(i0 // rows, -(-i1 // rows)):
+        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
+            base = step * (t0 + r)
+            for q in range(tw):
+                col = (n * rows + r) * tw + q
+                x0 = step * q
+                for i in range(7):          # B^T along each of the tile's rows
+                    for c in range(cin):
+                        d0 = src[n, base + i, x0 + 0, c]
+                        d1 = src[n, base + i, x0 + 1, c]
+                        d2 = src[n, base + i, x0 + 2, c]
+                        d3 = src[n, base + i, x0 + 3, c]
+                        d4 = src[n, base + i, x0 + 4, c]
+                        d5 = src[n, base + i, x0 + 5, c]
+                        d6 = src[n, base + i, x0 + 6, c]
+                        t[i, 0, c] = t2 * d0 - t4 * d1 - t25 * d2 + t5 * d3 + h * d4 - d5
+                        t[i, 1, c] = -t2 * d1 + t2 * d2 + t45 * d3 - h * d4 - d5
+                        t[i, 2, c] = -t2 * d1 + t6 * d2 - t35 * d3 - t15 * d4 + d5
+                        t[i, 3, c] = t4 * d1 - t5 * d3 + d5
+                        t[i, 4, c] = d1 - t25 * d2 + t25 * d4 - d5
+                        t[i, 5, c] = d1 - t15 * d2 - t2 * d3 + t15 * d4 + d5
+                        t[i, 6, c] = -t2 * d1 + t4 * d2 + t25 * d3 - t5 * d4 - h * d5 + d6
+                for j in range(7):          # then down each column
+                    for c in range(cin):
+                        d0, d1, d2, d3 = t[0, j, c], t[1, j, c], t[2, j, c], t[3, j, c]
+                        d4, d5, d6 = t[4, j, c], t[5, j, c], t[6, j, c]
+                        v[j, col, c] = t2 * d0 - t4 * d1 - t25 * d2 + t5 * d3 + h * d4 - d5
+                        v[7 + j, col, c] = -t2 * d1 + t2 * d2 + t45 * d3 - h * d4 - d5
+                        v[14 + j, col, c] = -t2 * d1 + t6 * d2 - t35 * d3 - t15 * d4 + d5
+                        v[21 + j, col, c] = t4 * d1 - t5 * d3 + d5
+                        v[28 + j, col, c] = d1 - t25 * d2 + t25 * d4 - d5
+                        v[35 + j, col, c] = d1 - t15 * d2 - t2 * d3 + t15 * d4 + d5
+                        v[42 + j, col, c] = -t2 * d1 + t4 * d2 + t25 * d3 - t5 * d4 - h * d5 + d6
+
+
+def winograd3x5_output(m, ycl, rows, ow, i0, i1):
+    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
+    ``ycl[n, 3 r + a, 3 q + b, k]`` = (A^T M A)[a, b] of each tile's products ``m[:, tile, k]``
+    (49, tiles, cout), A^T F(3x3, 5x5)'s 3x7, the last tile column cropped at ``ow``."""
+    num = ycl.shape[0]
+    cout = m.shape[2]
+    tw = m.shape[1] // (num * rows)
+    dt = m.dtype.type
+    h, q4, t2, f4 = dt(0.5), dt(0.25), dt(2.0), dt(4.0)
+    s = np.empty((3, 7, cout), m.dtype)
+    for n in range(i0 // rows, -(-i1 // rows)):
+        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
+            for q in range(tw):
+                col = (n * rows + r) * tw + q
+                for j in range(7):          # A^T down each column
+                    for k in range(cout):
+                        m0, m1, m2, m3 = m[j, col, k], m[7 + j, col, k], m[14 + j, col, k], m[21 + j, col, k]
+                        m4, m5, m6 = m[28 + j, col, k], m[35 + j, col, k], m[42 + j, col, k]
+                        s[0, j, k] = m0 + m1 + m2 + m3 + m4 + m5
+                        s[1, j, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
+                        s[2, j, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
+                x0 = 3 * q
+                for a in range(3):          # then along each row, into the channels-last output
+                    y = 3 * r + a
+                    for k in range(cout):
+                        m0, m1, m2, m3 = s[a, 0, k], s[a, 1, k], s[a, 2, k], s[a, 3, k]
+                        m4, m5, m6 = s[a, 4, k], s[a, 5, k], s[a, 6, k]
+                        ycl[n, y, x0, k] = m0 + m1 + m2 + m3 + m4 + m5
+                        if x0 + 1 < ow:
+                            ycl[n, y, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
+                        if x0 + 2 < ow:
+                            ycl[n, y, x0 + 2, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
 
 
 # --- convolution epilogues (kernels/fusion.py's NumPy twins) -----------------------------------------

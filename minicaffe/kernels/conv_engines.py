@@ -13,9 +13,10 @@ winograd              cpu          Convolution 3x3/1, >= 64 input channels (and,
                                    the pool splits its GEMMs, 24 at one BLAS thread: VGG,
                                    ResNet, GoogLeNet 3x3s), unless ``MINICAFFE_WINOGRAD=0``; its
                                    data gradient too where that pays (pad <= 2), its weight
-                                   gradient from 64 4x4 tiles; 5x5/1 (F(2x2, 5x5)) forward and
-                                   data gradient on groups of >= 32 -> 96 channels, maps >= 20²,
-                                   >= 1024 2x2 tiles (CaffeNet conv2, GoogLeNet 3b/5x5);
+                                   gradient from 64 4x4 tiles; 5x5/1 (F(3x3, 5x5), F(2x2, 5x5)
+                                   without Numba) forward and data gradient on groups of >= 32
+                                   -> 96 channels, maps >= 20², >= 1024 2x2 tiles (CaffeNet
+                                   conv2, GoogLeNet 3b/5x5);
                                    Deconvolution 3x3/1 and 5x5/1 where its forward (a data
                                    gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
@@ -292,6 +293,16 @@ WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 13
 #   slower data gradient; 5a/5b (7²) 2.1-4.3 / 3.3-4.6.
 # Its weight gradient (F(5x5, 2x2)) computes but does not pay: the whole backward of conv2 243 / 227
 # with / without it, GoogLeNet's 3b 40.6 / 34.3; it runs only when forced (weight_grad=True).
+# Since then the forward and the data gradient go F(3x3, 5x5) where the compiled kernels run
+# (winograd.tile_size): 7x7 input tiles, 49 products a 3x3 block of outputs where F(2x2) makes 81,
+# and CaffeNet's 27x27 maps split into 3x3 tiles with no padding. The layer alone, 2 cores, ms,
+# F(2x2) / F(3x3) (the columns): CaffeNet conv2 at batch 32 forward 71.6 / 44.2 (111.1), data
+# gradient 77.8 / 52.7 (100.2); at batch 10 forward 19.1 / 12.5; GoogLeNet 3b/5x5 at batch 16
+# forward 11.1 / 8.3, data gradient 11.5 / 9.4. The whole CaffeNet at batch 32 (bench_engine_ab.py
+# --set F3X5_MIN_TILES=1000000000, medians of 5 interleaved rounds): forward 244 -> 224 ms, conv2's
+# backward 155 -> 135. The thresholds below were not moved: at 14x14 and below F(3x3) still loses
+# to the columns, and GoogLeNet's thin 3a/5x5 (16 -> 32) gained 0.8 ms in its backward, no more
+# than the noise of the whole net.
 WINOGRAD5_MIN_IN_CHANNELS = 32
 WINOGRAD5_MIN_OUT_CHANNELS = 96
 WINOGRAD5_MIN_SIZE = 20
@@ -946,8 +957,9 @@ def _contiguous(a, slot):
 
 
 class WinogradConv(Im2colConv):
-    """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward of a 3x3 kernel (``winograd``; the tile
-    size from ``winograd.tile_size``, or the ``tile`` option), F(2x2, 5x5) for a 5x5 one, with
+    """Winograd F(4x4, 3x3) or F(2x2, 3x3) for the forward of a 3x3 kernel, F(3x3, 5x5) or F(2x2,
+    5x5) for a 5x5 one (``winograd``; the tile size from ``winograd.tile_size``, or the ``tile``
+    option), with
     ``data_grad`` for the data gradient and with ``weight_grad`` for the weight gradient
     (``winograd.weight_gradient``: F(3x3, 4x4) or F(5x5, 2x2), where the compiled kernels run);
     otherwise as ``Im2colConv``.
@@ -973,10 +985,9 @@ class WinogradConv(Im2colConv):
         self.train = phase == caffe_pb2.TRAIN
         self.band = band_rows
         taps = shape.geom.kh
-        self.tile = (tile if tile is not None and taps == 3 else
-                     winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1], taps))
-        self.grad_tile = (tile if tile is not None and taps == 3 else
-                          winograd.tile_size(shape.num, shape.in_hw[0], shape.in_hw[-1], taps))
+        forced = tile in ((2, 4) if taps == 3 else (2, 3))      # a tile size this kernel has
+        self.tile = (tile if forced else winograd.tile_size(shape.num, shape.out_hw[0], shape.out_hw[-1], taps))
+        self.grad_tile = (tile if forced else winograd.tile_size(shape.num, shape.in_hw[0], shape.in_hw[-1], taps))
         # the transformed filters a TEST net keeps, forward and flipped, a pair per group (a grouped
         # layer runs its groups one after the other)
         self.caches = [winograd.FilterCache() for _ in range(shape.group)]

@@ -1,5 +1,6 @@
 """Winograd forward for 3x3, stride-1, undilated convolutions (CPU only), in two tile sizes:
-F(2x2, 3x3) and F(4x4, 3x3); and for 5x5 ones, F(2x2, 5x5) (its own section below).
+F(2x2, 3x3) and F(4x4, 3x3); and for 5x5 ones, F(2x2, 5x5) and F(3x3, 5x5) (their own section
+below).
 
 Each m x m block of outputs comes from an (m+2) x (m+2) input tile (tiles overlap by 2): the filters
 and tiles are transformed (``G g G^T``, ``B^T d B``), multiplied elementwise per transform position,
@@ -94,6 +95,18 @@ POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
 # tile_size: F(4x4) from this many 4x4 output tiles in a batch, else F(2x2)
 F4_MIN_TILES = 24
 
+# F(3x3, 5x5)'s six finite points. Of the sets tried, the one with the smallest float32 error (one
+# 7x7 tile over 256 input channels against a float64 reference, of the largest output): these
+# 2.7e-6 (F(2x2, 5x5): 2.2e-6); 0, +-1, +-1/2, 2 and its mirrors 8.4e-6 to 9.4e-6; 0, +-1, +-2, 3
+# 2.2e-4.
+POINTS3X5 = (0, 1, -1, Fraction(1, 2), -2, 2)
+
+# tile_size: a 5x5 kernel goes F(3x3, 5x5) from this many 3x3 output tiles in the batch, where the
+# compiled transforms run; F(2x2, 5x5) otherwise.
+# F(3x3) was ahead on every layer measured (conv_engines.WINOGRAD5_*), so from one tile;
+# ``bench_engine_ab.py --set F3X5_MIN_TILES=1000000000`` measures it against F(2x2).
+F3X5_MIN_TILES = 1
+
 
 def applies(geom, group):
     """Whether the Winograd forward can compute this convolution: 3x3 or 5x5, stride 1, no
@@ -103,7 +116,8 @@ def applies(geom, group):
 
 
 def tile_size(num, oh, ow, taps=3):
-    """The output tile side (2 or 4) for ``num`` images of ``oh x ow`` outputs: 4 from F4_MIN_TILES
+    """The output tile side for ``num`` images of ``oh x ow`` outputs. 5x5 (``taps``): 3 (F(3x3,
+    5x5)) from F3X5_MIN_TILES 3x3 tiles where the compiled kernels run, else 2. 3x3: 4 from F4_MIN_TILES
     4x4 tiles in the batch, else 2. Why (one thread, forward ms, conv_engines' table): F(4x4) was
     ahead of F(2x2) on every layer from 64 tiles on (VGG, ResNet, GoogLeNet, CaffeNet conv3 at
     batch 8: 1.04-1.8x), but with fewer tiles its GEMMs get too thin and its padding shows: at
@@ -114,9 +128,9 @@ def tile_size(num, oh, ow, taps=3):
     tiles everywhere (256->256 14² at batch 1 4.1 against 3.5, 7² at batch 2 12.0 against 10.3):
     so 4 from 24 tiles, the fewest the engine table picks Winograd for. F(2x2) runs where the
     engine is forced on fewer tiles, or is handed 16-position filters. A 5x5 kernel (``taps`` 5)
-    has one tile size, 2 (F(2x2, 5x5))."""
+    goes as said first."""
     if taps == 5:
-        return 2
+        return 3 if compiled.enabled() and num * -(-oh // 3) * -(-ow // 3) >= F3X5_MIN_TILES else 2
     return 4 if num * -(-oh // 4) * -(-ow // 4) >= F4_MIN_TILES else 2
 
 
@@ -169,10 +183,23 @@ _KRON = {m: np.kron(g, g) for m, (_, g, _) in _MATRICES.items()}
 MATRICES5 = matrices(POINTS[4], r=5)
 _KRON5 = np.kron(MATRICES5[1], MATRICES5[1])        # (36, 25)
 
+# F(3x3, 5x5): 7x7 input tiles three apart, 3x7 A^T, 7x5 G, 7x7 B^T (POINTS3X5)
+MATRICES3X5 = matrices(POINTS3X5, r=5)
+_KRON3X5 = np.kron(MATRICES3X5[1], MATRICES3X5[1])  # (49, 25)
+
 
 def _kron_of(taps, tile):
     """kron(G, G) of the tile size ``tile`` for a ``taps`` x ``taps`` kernel."""
-    return _KRON5 if taps == 5 else _KRON[tile]
+    if taps == 5:
+        return _KRON3X5 if tile == 3 else _KRON5
+    return _KRON[tile]
+
+
+def _tile5_of(u):
+    """The tile side of a 5x5 kernel's transformed filters ``u`` (36 or 49 positions first)."""
+    if u.shape[0] not in (36, 49):
+        raise ValueError(f"transformed 5x5 filters of shape {u.shape}: expected 36 or 49 positions first")
+    return 2 if u.shape[0] == 36 else 3
 
 
 def _tile_of(u):
@@ -205,14 +232,15 @@ class FilterCache:
 def transform_filters(w, out=None, tile=None):
     """(cout, cin, 3, 3) -> ((m+2)^2, cout, cin): ``G g G^T`` flattened over the transform positions,
     into ``out`` when given (its first axis, 16 or 36, then says the tile size; else ``tile``,
-    default 2); (cout, cin, 5, 5) -> (36, cout, cin), F(2x2, 5x5)'s. One GEMM ``kron(G, G) @ w``
+    default 2); (cout, cin, 5, 5) -> (36, cout, cin), F(2x2, 5x5)'s, or (49, cout, cin), F(3x3,
+    5x5)'s (``tile`` 3, or such an ``out``). One GEMM ``kron(G, G) @ w``
     (K = 9 or 25) in the weights' dtype, written straight into ``out``: a TRAIN net redoes it
     every forward, and the float64 version with a transposed copy took as long as VGG conv5's
     whole F(4x4) forward; its float32 rounding (a few ulps of each transformed weight) is small
     next to the tile transforms' error."""
     cout, cin, taps = w.shape[0], w.shape[1], w.shape[-1]
     if taps == 5:
-        tile = 2
+        tile = _tile5_of(out) if out is not None else (tile or 2)
     elif out is not None:
         tile = _tile_of(out)
     elif tile is None:
@@ -226,13 +254,13 @@ def transform_filters(w, out=None, tile=None):
 
 def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     """``y[...] = conv(x, w)`` for a 3x3 or 5x5 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh,
-    ow); ``u``: the filters already transformed (``transform_filters``; its size says a 3x3's tile
-    size); else ``tile`` (2 or 4; default ``tile_size``; a 5x5 has only 2); ``band``: tile rows per
+    ow); ``u``: the filters already transformed (``transform_filters``; its size says the tile
+    size); else ``tile`` (3x3: 2 or 4, 5x5: 2 or 3; default ``tile_size``); ``band``: tile rows per
     band (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if w.shape[-1] == 5:
-        return _forward2x5(x, w, y, pad_h, pad_w, u, band)
+        return _forward5(x, w, y, pad_h, pad_w, u, band, tile)
     if u is not None:
         m = _tile_of(u)
     else:
@@ -608,77 +636,87 @@ def _tile_row_items(num, rows, fn, work):
 
 
 def _band6(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
-    """Tile rows ``t0:t1`` of a 6x6-tile Winograd (``tile`` 4: F(4x4, 3x3), 2: F(2x2, 5x5)), each
-    transform one compiled pass over the band's tiles (``compiled.winograd6_input`` /
-    ``winograd4_output`` or ``winograd2x5_output``: the transform matrices' non-zero terms,
-    vectorised over channels), from a plain padded channels-last input
-    (``_source_channels_last``); without ``fast`` (F(2x2, 5x5) only: F(4x4)'s NumPy path is
-    ``_band4``) their NumPy twins. The GEMMs, the channels-last output in the tiles' buffer and the
-    transposes into ``y`` are the same either way."""
+    """Tile rows ``t0:t1`` of a 6x6- or 7x7-tile Winograd (``u``'s 36 positions with ``tile`` 4:
+    F(4x4, 3x3), with 2: F(2x2, 5x5); 49 positions: F(3x3, 5x5)), each transform one compiled pass
+    over the band's tiles (``compiled.winograd6_input`` / ``winograd7_input`` and
+    ``winograd4_output``, ``winograd2x5_output`` or ``winograd3x5_output``: the transform matrices'
+    non-zero terms, vectorised over channels), from a plain padded channels-last input
+    (``_source_channels_last``); without ``fast`` (5x5 only: F(4x4)'s NumPy path is ``_band4``)
+    their NumPy twins. The GEMMs, the channels-last output in the tiles' buffer and the transposes
+    into ``y`` are the same either way."""
     num, cin = src.shape[0], src.shape[3]
-    cout = u.shape[1]
+    positions, cout = u.shape[0], u.shape[1]
+    seven = positions == 49
     bt = t1 - t0
     dt = src.dtype
     cols = num * bt * tw
-    v = workspace(np, (36, cols, cin), dt, _TILES)
+    v = workspace(np, (positions, cols, cin), dt, _TILES)
     if fast:
-        kin = compiled.get(compiled.winograd6_input)
+        kin = compiled.get(compiled.winograd7_input if seven else compiled.winograd6_input)
         _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, tile), 2 * v.size)
     else:
-        np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
-    m = workspace(np, (36, cols, cout), dt, _PROD)
+        np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile, n=7 if seven else 6))
+    m = workspace(np, (positions, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
     ycl = _channels_last_output(v, (num, tile * bt, ow, cout))
     if fast:
-        kout = compiled.get(compiled.winograd4_output if tile == 4 else compiled.winograd2x5_output)
+        kout = compiled.get(compiled.winograd3x5_output if seven else
+                            compiled.winograd4_output if tile == 4 else compiled.winograd2x5_output)
         _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
     else:
-        _output2x5_numpy(m, ycl, bt, tw, ow)
+        _output_numpy(m, ycl, bt, tw, ow, (MATRICES3X5 if seven else MATRICES5)[0])
     _into_y(ycl, y, t0, t1, oh, tile=tile)
 
 
-# --- F(2x2, 5x5) ----------------------------------------------------------------------------------
+# --- F(2x2, 5x5) and F(3x3, 5x5) ----------------------------------------------------------------
 #
-# A 5x5 stride-1 kernel: each 2x2 block of outputs from a 6x6 input tile (tiles 2 apart), the same
-# B^T as F(4x4, 3x3) (``winograd6_input`` with step 2), 36 GEMMs over the channels, and the 2x6
-# A^T back. CaffeNet's conv2 (5x5, group 2) and GoogLeNet's 5x5 branches (conv_engines says where it
-# pays).
+# A 5x5 stride-1 kernel: F(2x2, 5x5) takes each 2x2 block of outputs from a 6x6 input tile (tiles 2
+# apart), the same B^T as F(4x4, 3x3) (``winograd6_input`` with step 2), 36 GEMMs over the
+# channels, and the 2x6 A^T back; F(3x3, 5x5) each 3x3 block from a 7x7 tile (tiles 3 apart, six
+# finite points: POINTS3X5), 49 GEMMs and a 3x7 A^T (``winograd7_input``, ``winograd3x5_output``):
+# 5.4 products an output where F(2x2) makes 9. CaffeNet's conv2 (5x5, group 2) and GoogLeNet's 5x5
+# branches (conv_engines says where it pays; ``tile_size`` which).
 
 # F(2x2, 5x5)'s bands: its GEMMs are thin (K = a group's input channels, 48 on CaffeNet's conv2), and
 # its products 9 values an output (36 a 2x2 block), so it wants more tiles a band than F(4x4):
 # CaffeNet's conv2 at batch 32, one group, forward, 2 cores: 2 tile rows a band (the F(4x4) sizing)
 # 57.7 ms, 4 rows 50.4, 7 rows 47.0, all 14 42.2; the pieces on the whole map: 1.4 ms the
 # channels-last source, 4.9 the input transform, 21.0 the GEMMs, 8.3 the output transform, 3.1 the
-# transposes into y.
+# transposes into y. F(3x3) sizes its bands the same way (49 values a tile): on CaffeNet's conv2 one
+# band is the whole map again.
 BAND5_ELEMENTS = 1 << 22
 BAND5_MIN_COLUMNS = 4096
 
 
-def _forward2x5(x, w, y, pad_h, pad_w, u, band):
-    """``forward`` for a 5x5 kernel: F(2x2, 5x5) in bands of tile rows (BAND5_*), the compiled
-    transforms where they run."""
+def _forward5(x, w, y, pad_h, pad_w, u, band, tile=None):
+    """``forward`` for a 5x5 kernel: F(3x3, 5x5) or F(2x2, 5x5) (``u``'s positions, else ``tile``,
+    else ``tile_size``) in bands of tile rows (BAND5_*), the compiled transforms where they run."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if u is None:
-        u = transform_filters(w)
+        u = transform_filters(w, tile=tile or tile_size(num, oh, ow, taps=5))
     u = u.astype(x.dtype, copy=False)
-    th, tw = -(-oh // 2), -(-ow // 2)
+    tile = _tile5_of(u)
+    n = tile + 4
+    th, tw = -(-oh // tile), -(-ow // tile)
     per_row = num * tw
     if band is None:
-        band = max(BAND5_ELEMENTS // (36 * cin * per_row), -(-BAND5_MIN_COLUMNS // per_row), 1)
+        band = max(BAND5_ELEMENTS // (n * n * cin * per_row), -(-BAND5_MIN_COLUMNS // per_row), 1)
     band = min(band, th)
     fast = x.dtype in (np.float32, np.float64) and compiled.enabled()
-    src = _source_channels_last(x, pad_h, pad_w, 2 * th + 4, 2 * tw + 4)
+    src = _source_channels_last(x, pad_h, pad_w, tile * th + 4, tile * tw + 4)
     for t0 in range(0, th, band):
-        _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 2, fast)
+        _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, tile, fast)
 
 
-def _output2x5_numpy(m, ycl, rows, tw, ow):
-    """Twin of ``compiled.winograd2x5_output`` (to rounding: einsum adds in its own order)."""
+def _output_numpy(m, ycl, rows, tw, ow, at):
+    """Twin of ``compiled.winograd2x5_output`` and ``winograd3x5_output`` (``at``: A^T, 2x6 or 3x7;
+    to rounding: einsum adds in its own order)."""
     num, cout = ycl.shape[0], m.shape[2]
-    at = np.asarray(MATRICES5[0], m.dtype)
-    o = np.einsum("ai,bj,ijnrqk->nraqbk", at, at, m.reshape(6, 6, num, rows, tw, cout), optimize=True)
-    ycl[...] = o.reshape(num, 2 * rows, 2 * tw, cout)[:, :, :ow]
+    tile, n = at.shape
+    at = np.asarray(at, m.dtype)
+    o = np.einsum("ai,bj,ijnrqk->nraqbk", at, at, m.reshape(n, n, num, rows, tw, cout), optimize=True)
+    ycl[...] = o.reshape(num, tile * rows, tile * tw, cout)[:, :, :ow]
 
 
 # --- the weight gradient -------------------------------------------------------------------------
@@ -766,17 +804,17 @@ def _accumulate_products(u, v, m, first):
     blas.parallel_gemms(m.shape[0], gemms)
 
 
-def _input_tiles_numpy(src, t0, rows, tw, step=4):
-    """Twin of ``compiled.winograd6_input`` (to rounding: einsum adds in its own order): the 36
-    transformed input tiles (36, n * rows * tw, cin) of tile rows ``t0:t0 + rows``, tiles ``step``
-    apart."""
+def _input_tiles_numpy(src, t0, rows, tw, step=4, n=6):
+    """Twin of ``compiled.winograd6_input`` (``n`` 6) and ``winograd7_input`` (7) (to rounding:
+    einsum adds in its own order): the n*n transformed input tiles (n*n, num * rows * tw, cin) of
+    tile rows ``t0:t0 + rows``, tiles ``step`` apart."""
     num, cin = src.shape[0], src.shape[3]
     s0, s1, s2, s3 = src.strides
-    d = np.lib.stride_tricks.as_strided(src[:, step * t0:], shape=(num, rows, tw, 6, 6, cin),
+    d = np.lib.stride_tricks.as_strided(src[:, step * t0:], shape=(num, rows, tw, n, n, cin),
                                         strides=(s0, step * s1, step * s2, s1, s2, s3), writeable=False)
-    bt = np.asarray(_MATRICES[4][2], src.dtype)
+    bt = np.asarray((MATRICES3X5 if n == 7 else _MATRICES[4])[2], src.dtype)
     v = np.einsum("ia,jb,nrqabc->ijnrqc", bt, bt, d, optimize=True)
-    return v.reshape(36, num * rows * tw, cin)
+    return v.reshape(n * n, num * rows * tw, cin)
 
 
 def _gradient_tiles_numpy(dy, t0, rows, tw, tile=4):
