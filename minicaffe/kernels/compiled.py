@@ -148,6 +148,8 @@ def warm_up() -> bool:
     src7, v7 = np.zeros((1, 7, 7, 1), np.float32), np.zeros((49, 1, 1), np.float32)
     get(winograd7_input)(src7, v7, 0, 1, 1, 0, 1, 3)
     get(winograd3x5_output)(v7, np.zeros((1, 3, 3, 1), np.float32), 1, 3, 0, 1)
+    get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
+    get(winograd7_filter_gradient)(v7, np.zeros((7, 5), np.float32), np.zeros((1, 1, 5, 5), np.float32), 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
@@ -583,6 +585,85 @@ def winograd3x5_output(m, ycl, rows, ow, i0, i1):
                             ycl[n, y, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
                         if x0 + 2 < ow:
                             ycl[n, y, x0 + 2, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
+
+
+def winograd3x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
+    """Channels ``c0:c1``: ``u[i * 7 + j, c, (n * rows + r) * tw + q]`` = (A dy A^T)[i, j] of dy's
+    3x3 tile at tile row ``t0 + r``, column ``q`` (zero past the map's edge), A^T F(3x3, 5x5)'s
+    3x7 output transform: the F(5x5, 3x3) weight gradient's dy side (as winograd2x5_gradient_tiles
+    for 2x2 tiles). Its twin is winograd._gradient_tiles_numpy, the same operations: the same bits."""
+    num, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
+    dt = dy.dtype.type
+    h, q4, t2, f4 = dt(0.5), dt(0.25), dt(2.0), dt(4.0)
+    z = dt(0.0)
+    t = np.zeros((3, 7, tw), dy.dtype)      # A^T' along each of the tile rows' three rows
+    ragged = ow < 3 * tw
+    padded = np.zeros(3 * tw, dy.dtype)     # a row cut by the map's edge, zeros after it
+    for n in range(num):
+        for c in range(c0, c1):
+            for r in range(rows):
+                col0 = (n * rows + r) * tw
+                for a in range(3):
+                    y = 3 * (t0 + r) + a
+                    if y >= oh:
+                        t[a, :, :] = z
+                        continue
+                    row = dy[n, c, y]
+                    if ragged:
+                        padded[:ow] = row
+                        row = padded
+                    ta = t[a]
+                    for q in range(tw):             # no branch in the loop, so it vectorises
+                        y0, y1, y2 = row[3 * q], row[3 * q + 1], row[3 * q + 2]
+                        ta[0, q] = y0
+                        ta[1, q] = y0 + y1 + y2
+                        ta[2, q] = y0 - y1 + y2
+                        ta[3, q] = y0 + h * y1 + q4 * y2
+                        ta[4, q] = y0 - t2 * y1 + f4 * y2
+                        ta[5, q] = y0 + t2 * y1 + f4 * y2
+                        ta[6, q] = y2
+                for j in range(7):          # then down each column, into every position's run
+                    r0, r1, r2 = t[0, j], t[1, j], t[2, j]
+                    u0, u1 = u[j, c, col0:col0 + tw], u[7 + j, c, col0:col0 + tw]
+                    u2, u3 = u[14 + j, c, col0:col0 + tw], u[21 + j, c, col0:col0 + tw]
+                    u4, u5 = u[28 + j, c, col0:col0 + tw], u[35 + j, c, col0:col0 + tw]
+                    u6 = u[42 + j, c, col0:col0 + tw]
+                    for q in range(tw):
+                        y0, y1, y2 = r0[q], r1[q], r2[q]
+                        u0[q] = y0
+                        u1[q] = y0 + y1 + y2
+                        u2[q] = y0 - y1 + y2
+                        u3[q] = y0 + h * y1 + q4 * y2
+                        u4[q] = y0 - t2 * y1 + f4 * y2
+                        u5[q] = y0 + t2 * y1 + f4 * y2
+                        u6[q] = y2
+
+
+def winograd7_filter_gradient(m, g, dw, o0, o1):
+    """Output channels ``o0:o1``: ``dw[o, i] += G^T M G`` of the 49 products ``m[:, o, i]`` (49,
+    cout, cin), ``g`` F(3x3, 5x5)'s 7 x 5 filter transform G in dw's dtype (as
+    winograd6_filter_gradient for 36). Its twin is a GEMM with kron(G, G)
+    (winograd._filter_gradient_numpy): they agree to rounding."""
+    cin = m.shape[2]
+    r = g.shape[1]
+    s = np.empty((7, r, cin), m.dtype)      # G^T along each row of M, for every input channel
+    for o in range(o0, o1):
+        for j in range(7):
+            for k in range(r):
+                g0, g1, g2, g3 = g[0, k], g[1, k], g[2, k], g[3, k]
+                g4, g5, g6 = g[4, k], g[5, k], g[6, k]
+                for i in range(cin):
+                    s[j, k, i] = (g0 * m[j, o, i] + g1 * m[7 + j, o, i] + g2 * m[14 + j, o, i]
+                                  + g3 * m[21 + j, o, i] + g4 * m[28 + j, o, i] + g5 * m[35 + j, o, i]
+                                  + g6 * m[42 + j, o, i])
+        for k in range(r):
+            for l in range(r):
+                g0, g1, g2, g3 = g[0, l], g[1, l], g[2, l], g[3, l]
+                g4, g5, g6 = g[4, l], g[5, l], g[6, l]
+                for i in range(cin):
+                    dw[o, i, k, l] += (g0 * s[0, k, i] + g1 * s[1, k, i] + g2 * s[2, k, i]
+                                       + g3 * s[3, k, i] + g4 * s[4, k, i] + g5 * s[5, k, i]
+                                       + g6 * s[6, k, i])
 
 
 # --- convolution epilogues (kernels/fusion.py's NumPy twins) -----------------------------------------

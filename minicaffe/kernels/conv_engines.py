@@ -16,7 +16,8 @@ winograd              cpu          Convolution 3x3/1, >= 64 input channels (and,
                                    gradient from 64 4x4 tiles; 5x5/1 (F(3x3, 5x5), F(2x2, 5x5)
                                    without Numba) forward and data gradient on groups of >= 32
                                    -> 96 channels, maps >= 20², >= 1024 2x2 tiles (CaffeNet
-                                   conv2, GoogLeNet 3b/5x5);
+                                   conv2, GoogLeNet 3b/5x5), its weight gradient on groups of
+                                   >= 48 -> 128 (CaffeNet conv2);
                                    Deconvolution 3x3/1 and 5x5/1 where its forward (a data
                                    gradient) pays
 gemm_1x1              cpu, gpu     1x1 kernels without padding: stride 1 anywhere, strided on   30
@@ -291,8 +292,9 @@ WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 13
 #   not on thinner or smaller layers (GoogLeNet at batch 16): 3a (16 -> 32, 28²) 6.1 / 6.8
 #   forward; 4a-4d (16-32 -> 48-64, 14²) 2.4-4.7 / 3.6-5.1; 4e (32 -> 128, 14²) 6.0 / 5.7 and a
 #   slower data gradient; 5a/5b (7²) 2.1-4.3 / 3.3-4.6.
-# Its weight gradient (F(5x5, 2x2)) computes but does not pay: the whole backward of conv2 243 / 227
-# with / without it, GoogLeNet's 3b 40.6 / 34.3; it runs only when forced (weight_grad=True).
+# Its weight gradient (F(5x5, 2x2)) computed but did not pay: the whole backward of conv2 243 / 227
+# with / without it, GoogLeNet's 3b 40.6 / 34.3 (now F(5x5, 3x3) where the compiled kernels run,
+# and it pays on CaffeNet's conv2: WINOGRAD5_WEIGHT_GRAD_*).
 # Since then the forward and the data gradient go F(3x3, 5x5) where the compiled kernels run
 # (winograd.tile_size): 7x7 input tiles, 49 products a 3x3 block of outputs where F(2x2) makes 81,
 # and CaffeNet's 27x27 maps split into 3x3 tiles with no padding. The layer alone, 2 cores, ms,
@@ -305,6 +307,18 @@ WINOGRAD_WEIGHT_GRAD_MIN_SIZE = 13
 # than the noise of the whole net.
 WINOGRAD5_MIN_IN_CHANNELS = 32
 WINOGRAD5_MIN_OUT_CHANNELS = 96
+
+# The 5x5 weight gradient through F(5x5, 3x3) (winograd.weight_gradient: the input's 7x7 tiles as in
+# the F(3x3, 5x5) forward, dy's 3x3 blocks, 49 GEMMs summing over the tiles) where the forward pays
+# and a group has WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS inputs and WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS
+# outputs. The weight gradient alone, 2 cores, ms, columns / F(5x5, 3x3): CaffeNet conv2 (48 -> 128
+# a group, 27²) at batch 32 78.6 / 65.0, at batch 16 36.9 / 28.5; GoogLeNet 3b/5x5 (32 -> 96, 28²)
+# at batch 16 10.8 / 11.7, at batch 32 21.3 / 24.8 (its GEMMs' 96 x 32 outputs are too small).
+# F(5x5, 2x2) lost on all four (CaffeNet conv2 at batch 32 106-109). Its float32 error against a
+# float64 reference, of max|dW|, on CaffeNet conv2's shapes at batch 8: 1.4e-5 (F(5x5, 2x2) 5.8e-6,
+# the 3x3 F(3x3, 4x4) 4.3e-6, the columns 4e-7).
+WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS = 48
+WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD5_MIN_SIZE = 20
 WINOGRAD5_MIN_TILES = 1024
 
@@ -462,10 +476,14 @@ def winograd_backward_computes(s):
 
 
 def winograd_weight_grad_pays(s):
-    """Where the Winograd weight gradient beats the columns': WINOGRAD_WEIGHT_GRAD_MIN_TILES 4x4
-    tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more, unless
-    MINICAFFE_WINOGRAD=0. (It runs only where the compiled kernels do:
-    ``WinogradConv._weight_grad_left``.) Never for 5x5 (see WINOGRAD5_MIN_TILES)."""
+    """Where the Winograd weight gradient beats the columns': 3x3, WINOGRAD_WEIGHT_GRAD_MIN_TILES
+    4x4 tiles of the output map in the batch, maps of WINOGRAD_WEIGHT_GRAD_MIN_SIZE and more; 5x5
+    (F(5x5, 3x3)) where the forward pays on groups of WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS ->
+    WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS; unless MINICAFFE_WINOGRAD=0. (It runs only where the
+    compiled kernels do: ``WinogradConv._weight_grad_left``.)"""
+    if s.geom.kh == 5:
+        return (winograd5_pays(s) and s.cin // s.group >= WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS
+                and s.cout // s.group >= WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS)
     if not (winograd.applies(s.geom, s.group) and s.geom.kh == 3 and len(s.out_hw) == 2
             and _groups_wide(s)):
         return False

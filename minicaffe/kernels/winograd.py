@@ -743,50 +743,56 @@ WEIGHT_GRAD_MIN_COLUMNS = 1536
 WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
 
 
-def weight_gradient(x, dy, dw, pad_h, pad_w, band=None):
+def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None):
     """``dw += dW`` of a 3x3 or 5x5 stride-1 undilated ungrouped convolution with pads ``pad_h,
     pad_w``: x (n, cin, h, w), dy (n, cout, oh, ow), dw (cout, cin, k, k); F(4x4, 3x3)'s transforms
-    (see above), or F(2x2, 5x5)'s (dy's 2x2 blocks, input tiles 2 apart: F(5x5, 2x2), 36 multiplies
-    a block and channel pair where the columns' GEMM does 100).
-    ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests pass 1).
-    The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins."""
+    (see above), or for 5x5 F(3x3, 5x5)'s (``tile`` 3: dy's 3x3 blocks, input tiles 3 apart: F(5x5,
+    3x3), 49 multiplies a block and channel pair where the columns' GEMM does 225) or F(2x2,
+    5x5)'s (``tile`` 2: F(5x5, 2x2), 36 where the columns do 100); by default as ``tile_size``
+    says. ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests
+    pass 1). The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins."""
     num, cin = x.shape[:2]
     cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
     taps = dw.shape[-1]
-    tile = 2 if taps == 5 else 4
+    if taps == 5:
+        tile = tile if tile in (2, 3) else tile_size(num, oh, ow, taps=5)
+    else:
+        tile = 4
+    n = tile + taps - 1                     # the input tiles' side: 6, or 7 for F(5x5, 3x3)
+    positions = n * n
     th, tw = -(-oh // tile), -(-ow // tile)
     per_row = num * tw
     if band is None:
-        row = 36 * (cin + cout) * per_row
+        row = positions * (cin + cout) * per_row
         band = max(WEIGHT_GRAD_BAND_ELEMENTS // row, -(-WEIGHT_GRAD_MIN_COLUMNS // per_row))
         band = max(1, min(band, WEIGHT_GRAD_MAX_ELEMENTS // row))
     band = min(band, th)
     dt = x.dtype
     fast = compiled.runs_on(x, dy, dw)
-    src = _source_channels_last(x, pad_h, pad_w, tile * th + 6 - tile, tile * tw + 6 - tile)
-    m = workspace(np, (36, cout, cin), dt, _GRAD)
+    src = _source_channels_last(x, pad_h, pad_w, tile * th + n - tile, tile * tw + n - tile)
+    m = workspace(np, (positions, cout, cin), dt, _GRAD)
     if fast:
-        kin = compiled.get(compiled.winograd6_input)
-        kdy = compiled.get(compiled.winograd2x5_gradient_tiles if taps == 5
-                           else compiled.winograd4_gradient_tiles)
+        kin = compiled.get(compiled.winograd7_input if n == 7 else compiled.winograd6_input)
+        kdy = compiled.get(compiled.winograd3x5_gradient_tiles if tile == 3 else
+                           compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
     for t0 in range(0, th, band):
         bt = min(th, t0 + band) - t0
         cols = num * bt * tw
-        v = workspace(np, (36, cols, cin), dt, _TILES)
-        u = workspace(np, (36, cout, cols), dt, _PROD)
+        v = workspace(np, (positions, cols, cin), dt, _TILES)
+        u = workspace(np, (positions, cout, cols), dt, _PROD)
         if fast:
             _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, tile), 2 * v.size)
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:
-            np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile))
+            np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile, n=n))
             np.copyto(u, _gradient_tiles_numpy(dy, t0, bt, tw, tile))
         _accumulate_products(u, v, m, first=t0 == 0)
+    g = np.asarray((MATRICES3X5 if tile == 3 else MATRICES5 if taps == 5 else _MATRICES[4])[1], dt)
     if fast:
-        g = np.asarray((MATRICES5 if taps == 5 else _MATRICES[4])[1], dt)
-        kfg = compiled.get(compiled.winograd6_filter_gradient)
+        kfg = compiled.get(compiled.winograd7_filter_gradient if n == 7 else compiled.winograd6_filter_gradient)
         threads.parallel_for(cout, lambda o0, o1: kfg(m, g, dw, o0, o1), work=m.size + dw.size)
     else:
-        _filter_gradient_numpy(m, dw)
+        _filter_gradient_numpy(m, dw, g)
 
 
 def _accumulate_products(u, v, m, first):
@@ -818,9 +824,9 @@ def _input_tiles_numpy(src, t0, rows, tw, step=4, n=6):
 
 
 def _gradient_tiles_numpy(dy, t0, rows, tw, tile=4):
-    """Twin of ``compiled.winograd4_gradient_tiles`` (``tile`` 4) and ``winograd2x5_gradient_tiles``
-    (2), the same operations on whole arrays (the same bits): (36, cout, n * rows * tw), dy's
-    ``tile`` x ``tile`` blocks."""
+    """Twin of ``compiled.winograd4_gradient_tiles`` (``tile`` 4), ``winograd2x5_gradient_tiles``
+    (2) and ``winograd3x5_gradient_tiles`` (3), the same operations on whole arrays (the same bits):
+    (36 or 49, cout, n * rows * tw), dy's ``tile`` x ``tile`` blocks."""
     num, cout, oh, ow = dy.shape
     dt = dy.dtype.type
     h, q4, e, t2, f4, e8 = dt(0.5), dt(0.25), dt(0.125), dt(2.0), dt(4.0), dt(8.0)
@@ -830,24 +836,29 @@ def _gradient_tiles_numpy(dy, t0, rows, tw, tile=4):
     pad[:, :, :part.shape[2], :ow] = part
     d = pad.reshape(num, cout, rows, tile, tw, tile)
 
-    def a_side(*ys):        # A (6 x tile) on ``tile`` values
+    def a_side(*ys):        # A (6 x tile, 7 x 3) on ``tile`` values
         if tile == 2:
             y0, y1 = ys
             return (y0, y0 + y1, y0 - y1, y0 + h * y1, y0 - t2 * y1, y1)
+        if tile == 3:
+            y0, y1, y2 = ys
+            return (y0, y0 + y1 + y2, y0 - y1 + y2, y0 + h * y1 + q4 * y2, y0 - t2 * y1 + f4 * y2,
+                    y0 + t2 * y1 + f4 * y2, y2)
         y0, y1, y2, y3 = ys
         return (y0, y0 + y1 + y2 + y3, y0 - y1 + y2 - y3, y0 + h * y1 + q4 * y2 + e * y3,
                 y0 - t2 * y1 + f4 * y2 - e8 * y3, y3)
-    t = a_side(*(d[..., b] for b in range(tile)))               # six (n, c, r, a, q)
-    u = np.empty((6, 6, cout, num, rows, tw), dy.dtype)
-    for j in range(6):
+    t = a_side(*(d[..., b] for b in range(tile)))               # n (n, c, r, a, q), n = 6 or 7
+    n = len(t)
+    u = np.empty((n, n, cout, num, rows, tw), dy.dtype)
+    for j in range(n):
         for i, val in enumerate(a_side(*(t[j][:, :, :, a] for a in range(tile)))):
             u[i, j] = val.transpose(1, 0, 2, 3)
-    return u.reshape(36, cout, num * rows * tw)
+    return u.reshape(n * n, cout, num * rows * tw)
 
 
-def _filter_gradient_numpy(m, dw):
-    """Twin of ``compiled.winograd6_filter_gradient`` (to rounding: BLAS's order): ``dw += G^T M G``
-    as one GEMM with kron(G, G)."""
+def _filter_gradient_numpy(m, dw, g):
+    """Twin of ``compiled.winograd6_filter_gradient`` and ``winograd7_filter_gradient`` (to
+    rounding: BLAS's order): ``dw += G^T M G`` as one GEMM with kron(G, G)."""
     cout, cin, k = m.shape[1], m.shape[2], dw.shape[-1]
-    taps = _kron_of(k, 4).T.astype(m.dtype) @ m.reshape(36, cout * cin)          # (k * k, cout * cin)
+    taps = np.kron(g, g).T @ m.reshape(m.shape[0], cout * cin)          # (k * k, cout * cin)
     dw.reshape(cout * cin, k * k)[...] += taps.T
