@@ -400,6 +400,41 @@ def test_max_pool_forward_compiled_has_the_numpy_passes_bits(spec, dtype, switch
     assert np.isnan(runs[(True, 1, caffe_pb2.TEST)][0]).any()
 
 
+@pytest.mark.parametrize("spec", ["kernel_size: 5 stride: 3", "kernel_size: 3 stride: 2 pad: 1",
+                                  "kernel_size: 2 stride: 2", "kernel_size: 3 stride: 1 pad: 1",
+                                  "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 0 pad_w: 1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ave_pool_compiled_has_the_numpy_passes_bits(spec, dtype, switches):
+    """Pooling's AVE forward and backward through compiled.ave_pool_sum / ave_pool_spread against the
+    NumPy passes per window offset they replace: the same bits for the top and the bottom's
+    gradient (padding, ceil-rounded windows, overlapping and disjoint windows), at one thread and
+    two; and the right numbers (a window's mean) against a plain loop."""
+    from minicaffe.testing import make_layer
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 14, 13)).astype(dtype)
+    text = f'name: "p" type: "Pooling" pooling_param {{ pool: AVE {spec} }}'
+    runs = {}
+    import contextlib
+    from minicaffe.core import backend
+    for on, pool in ((False, 1), (True, 1), (True, 2)):
+        switches(compiled=on, threads=str(pool))
+        with backend.float64_blobs() if dtype == np.float64 else contextlib.nullcontext():
+            layer, bottom, top = make_layer(text, [x.copy()])
+        assert top[0].data.dtype == dtype
+        layer.forward(bottom, top)
+        top[0].diff[...] = rng.standard_normal(top[0].shape) if not runs else runs[(False, 1)][2]
+        layer.backward(top, [True], bottom)
+        runs[(on, pool)] = (top[0].data.copy(), bottom[0].diff.copy(), top[0].diff.copy())
+    for key in ((True, 1), (True, 2)):
+        for a, b in zip(runs[(False, 1)][:2], runs[key][:2]):
+            assert a.tobytes() == b.tobytes(), (spec, key)
+    if spec == "kernel_size: 5 stride: 3":          # no padding, windows inside the image
+        y = runs[(True, 2)][0]
+        want = np.array([[[[x[n, c, 3 * i:3 * i + 5, 3 * j:3 * j + 5].mean() for j in range(y.shape[3])]
+                           for i in range(y.shape[2])] for c in range(3)] for n in range(2)])
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-6 if dtype == np.float32 else 1e-14)
+
+
 @pytest.mark.parametrize("size,beta", [(5, 0.75), (3, 0.5), (1, 1.0), (5, 1.0), (7, 0.75)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lrn_across_channels_compiled_has_the_numpy_passes_bits(size, beta, dtype, switches):

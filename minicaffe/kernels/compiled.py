@@ -170,6 +170,8 @@ def warm_up() -> bool:
     z3 = np.zeros((1, 1, 1), np.float32)
     get(lrn_across_forward)(z3, z3.copy(), z3.copy(), z3.copy(), 1, 1.0, 1.0, 0, True, 0, 1)
     get(lrn_across_backward)(z3, z3.copy(), z3.copy(), z3 + 1, z3 + 1, z3.copy(), 1, 1.0, 0, 1)
+    get(ave_pool_sum)(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros(1, np.intp), 0, 1)
+    get(ave_pool_spread)(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros(1, np.intp), 0, 1)
     get(max_pool_argmax)(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8),
                          np.zeros(1, np.intp), np.zeros(1, np.uint8), 0, 1)
     return True
@@ -1144,6 +1146,42 @@ def max_pool_argmax(xpad, y, code, starts, start, p0, p1):
                 c = cr[t]
                 cr[t] = (kk if kk > c else c) if v > yt else c
                 yr[t] = yt if (yt > v or yt != yt) else v
+
+
+# --- AVE pooling's window sums (layers/pooling.py; the twins are its NumPy passes per offset) --------
+
+def ave_pool_sum(xpad, acc, starts, p0, p1):
+    """Planes ``p0:p1`` of a block: ``acc[p, t]`` = the sum of output ``t``'s window values, added in
+    window-offset order from zero (``xpad``, ``starts``: as ``max_pool_argmax``'s, the padding
+    zero): the twin's ``acc += window`` per offset, the same additions in the same order, so the
+    same bits."""
+    n_out = acc.shape[1]
+    zero = acc.dtype.type(0)
+    for p in range(p0, p1):
+        ar = acc[p]
+        for t in range(n_out):
+            ar[t] = zero
+        for k in range(starts.shape[0]):
+            src = xpad[p, starts[k]:starts[k] + n_out]
+            for t in range(n_out):
+                ar[t] += src[t]
+
+
+def ave_pool_spread(acc, g, starts, p0, p1):
+    """Planes ``p0:p1`` of a block: each output's gradient ``g[p, t]`` (already divided by its
+    window's size) added to every value of its window in the zeroed padded ``acc``, offset after
+    offset: the twin's ``window += g`` per offset, the same bits."""
+    n_out = g.shape[1]
+    zero = acc.dtype.type(0)
+    for p in range(p0, p1):
+        ar = acc[p]
+        for t in range(ar.shape[0]):
+            ar[t] = zero
+        gr = g[p]
+        for k in range(starts.shape[0]):
+            dst = ar[starts[k]:starts[k] + n_out]
+            for t in range(n_out):
+                dst[t] += gr[t]
 
 
 # --- MAX pooling's backward (kernels/pooling_engines.py; its twin is one np.add.at per block) ------

@@ -312,9 +312,7 @@ class Pooling(Layer):
             j0[:ow] = np.maximum(self.pw - np.arange(ow) * self.sw, 0)
             start = xp.asarray((i0[:, None] * self.kw + j0[None, :]).astype(code_type).reshape(-1))
         if compiled_pass:
-            # where offset (i, j)'s window values start in a block's flattened padded plane
-            starts = np.array([((i % self.sh) * self.sw + j % self.sw) * flat + self._window_start(i, j)
-                               for i in range(self.kh) for j in range(self.kw)], np.intp)
+            starts = self._starts()
             kernel = compiled.get(compiled.max_pool_argmax)
 
         def block(b0, b1):
@@ -355,6 +353,23 @@ class Pooling(Layer):
             self._off = self._narrow(off).reshape(n, c, oh, ow)
         self._argmax_valid = argmax
 
+    def _compiled_window_pass(self, a, fn):
+        """The compiled ``fn`` (an AVE pass over a block's window offsets: compiled.ave_pool_sum or
+        ave_pool_spread, the NumPy passes' twins, the same bits) where it runs on ``a``, else None.
+        Why: each NumPy pass over a block moves runs of ``oh * Wq`` values, a few dozen on small
+        maps (GoogLeNet's auxiliary 5x5/3 AVE pools over 14x14: 16 outputs), where NumPy's cost is
+        per run; the compiled loop goes plane by plane."""
+        if self.xp is np and a.dtype in (np.float32, np.float64) and compiled.enabled():
+            return compiled.get(fn)
+        return None
+
+    def _starts(self):
+        """Where each window offset's values start in a block's flattened padded plane (offsets
+        in row-major order: ``_window``)."""
+        flat = self._flat
+        return np.array([((i % self.sh) * self.sw + j % self.sw) * flat + self._window_start(i, j)
+                         for i in range(self.kh) for j in range(self.kw)], np.intp)
+
     def _argmax_wide(self, x):
         """The argmax window-offset codes of ``x`` (wide order), recomputed when the last forward
         skipped them (inference) or another engine ran it: for MAX backward."""
@@ -383,15 +398,19 @@ class Pooling(Layer):
             x2, y2 = x.reshape(m, 1, h, w), y.reshape(m, 1, oh, ow)
             divisor = self._ave_divisor(h, w, x.dtype)
             flat = self._flat
+            kernel = self._compiled_window_pass(x, compiled.ave_pool_sum)
 
             def block(b0, b1):
                 k = b1 - b0
                 xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], 0)
                 acc = workspace(xp, (k, 1, oh * self._wq), x.dtype, _WIDE_Y)
-                acc.fill(0)
-                for i in range(self.kh):
-                    for j in range(self.kw):
-                        acc += self._window(xpad, i, j)
+                if kernel is not None:
+                    kernel(xpad.reshape(k, -1), acc.reshape(k, -1), self._starts(), 0, k)
+                else:
+                    acc.fill(0)
+                    for i in range(self.kh):
+                        for j in range(self.kw):
+                            acc += self._window(xpad, i, j)
                 out = y2[b0:b1]
                 out[...] = self._narrow(acc)
                 out /= divisor
@@ -435,18 +454,25 @@ class Pooling(Layer):
         m, (oh, ow) = n * c, self.out_hw
         dy2, dx2 = dy.reshape(m, 1, oh, ow), dx.reshape(m, 1, h, w)
         flat, wq = self._flat, self._wq
+        kernel = None
         if self.method == _PP.AVE:
             divisor = np.ones((oh, wq), dy.dtype)
             divisor[:, :ow] = self._ave_divisor(h, w, dy.dtype, host=True)
             divisor = xp.asarray(divisor.reshape(-1))
+            kernel = self._compiled_window_pass(dy, compiled.ave_pool_spread)
         else:
             off = self._argmax_wide(x)
 
         def block(b0, b1):
             k = b1 - b0
             acc = self._scratch(k, flat, dy.dtype)
-            acc.fill(0)
             g = self._to_wide(dy2[b0:b1], _WIDE_DY)
+            if kernel is not None:
+                g /= divisor
+                kernel(acc.reshape(k, -1), g.reshape(k, -1), self._starts(), 0, k)
+                self._unpad(acc, dx2[b0:b1])
+                return
+            acc.fill(0)
             if self.method == _PP.AVE:
                 g /= divisor
                 for i in range(self.kh):
