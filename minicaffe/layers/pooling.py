@@ -298,7 +298,8 @@ class Pooling(Layer):
         # four with the codes; the same bits. GoogLeNet's 3x3/2 pools at batch 16, 2 cores, ms,
         # compiled / NumPy: 16x192x56x56 6.5 / 19.9 with the codes (TRAIN), 7.8 for the maxima
         # alone (TEST); 16x480x28x28 5.1 / 14.2 (6.0 TEST).
-        compiled_pass = xp is np and x.dtype in (np.float32, np.float64) and compiled.enabled()
+        kernel = self._compiled_window_pass(x, compiled.max_pool_argmax)
+        compiled_pass = kernel is not None
         if argmax or compiled_pass:
             if argmax:
                 off, code_type = self._codes(m, wide_len)
@@ -311,9 +312,7 @@ class Pooling(Layer):
             j0 = np.zeros(self._wq, np.int64)
             j0[:ow] = np.maximum(self.pw - np.arange(ow) * self.sw, 0)
             start = xp.asarray((i0[:, None] * self.kw + j0[None, :]).astype(code_type).reshape(-1))
-        if compiled_pass:
-            starts = self._starts()
-            kernel = compiled.get(compiled.max_pool_argmax)
+        starts = self._starts() if compiled_pass else None
 
         def block(b0, b1):
             k = b1 - b0
@@ -354,11 +353,11 @@ class Pooling(Layer):
         self._argmax_valid = argmax
 
     def _compiled_window_pass(self, a, fn):
-        """The compiled ``fn`` (an AVE pass over a block's window offsets: compiled.ave_pool_sum or
-        ave_pool_spread, the NumPy passes' twins, the same bits) where it runs on ``a``, else None.
-        Why: each NumPy pass over a block moves runs of ``oh * Wq`` values, a few dozen on small
-        maps (GoogLeNet's auxiliary 5x5/3 AVE pools over 14x14: 16 outputs), where NumPy's cost is
-        per run; the compiled loop goes plane by plane."""
+        """The compiled ``fn`` (a pass over a block's window offsets: compiled.max_pool_argmax,
+        ave_pool_sum or ave_pool_spread, the NumPy passes' twins, the same bits) where it runs on
+        ``a``, else None. Why for AVE: each NumPy pass over a block moves runs of ``oh * Wq``
+        values, a few dozen on small maps (GoogLeNet's auxiliary 5x5/3 AVE pools over 14x14: 16
+        outputs), where NumPy's cost is per run; the compiled loop goes plane by plane."""
         if self.xp is np and a.dtype in (np.float32, np.float64) and compiled.enabled():
             return compiled.get(fn)
         return None
@@ -399,13 +398,14 @@ class Pooling(Layer):
             divisor = self._ave_divisor(h, w, x.dtype)
             flat = self._flat
             kernel = self._compiled_window_pass(x, compiled.ave_pool_sum)
+            starts = self._starts() if kernel is not None else None
 
             def block(b0, b1):
                 k = b1 - b0
                 xpad = self._pad_into(self._scratch(k, flat, x.dtype), x2[b0:b1], 0)
                 acc = workspace(xp, (k, 1, oh * self._wq), x.dtype, _WIDE_Y)
                 if kernel is not None:
-                    kernel(xpad.reshape(k, -1), acc.reshape(k, -1), self._starts(), 0, k)
+                    kernel(xpad.reshape(k, -1), acc.reshape(k, -1), starts, 0, k)
                 else:
                     acc.fill(0)
                     for i in range(self.kh):
@@ -460,6 +460,7 @@ class Pooling(Layer):
             divisor[:, :ow] = self._ave_divisor(h, w, dy.dtype, host=True)
             divisor = xp.asarray(divisor.reshape(-1))
             kernel = self._compiled_window_pass(dy, compiled.ave_pool_spread)
+            starts = self._starts() if kernel is not None else None
         else:
             off = self._argmax_wide(x)
 
@@ -467,19 +468,18 @@ class Pooling(Layer):
             k = b1 - b0
             acc = self._scratch(k, flat, dy.dtype)
             g = self._to_wide(dy2[b0:b1], _WIDE_DY)
-            if kernel is not None:
+            if kernel is not None:          # zeroes acc itself
                 g /= divisor
-                kernel(acc.reshape(k, -1), g.reshape(k, -1), self._starts(), 0, k)
-                self._unpad(acc, dx2[b0:b1])
-                return
-            acc.fill(0)
-            if self.method == _PP.AVE:
+                kernel(acc.reshape(k, -1), g.reshape(k, -1), starts, 0, k)
+            elif self.method == _PP.AVE:
+                acc.fill(0)
                 g /= divisor
                 for i in range(self.kh):
                     for j in range(self.kw):
                         win = self._window(acc, i, j)
                         win += g
             else:
+                acc.fill(0)
                 o = off[b0:b1]
                 hit = workspace(xp, g.shape, np.bool_, _GREATER)
                 part = workspace(xp, g.shape, dy.dtype, _PART)
