@@ -149,11 +149,10 @@ def warm_up() -> bool:
     get(winograd7_input)(src7, v7, 0, 1, 1, 0, 1, 3)
     get(winograd3x5_output)(v7, np.zeros((1, 3, 3, 1), np.float32), 1, 3, 0, 1)
     get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
-    get(winograd7_filter_gradient)(v7, np.zeros((7, 5), np.float32), np.zeros((1, 1, 5, 5), np.float32), 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
-    get(winograd6_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
+    get(winograd_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
     y, b = np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
     get(convolution_epilogue)(y, b, True, b, True, True, y.copy(), y.copy(), True, True)
     get(inner_product_rows)(y, y.copy(), y.copy(), 0, 1)
@@ -391,29 +390,37 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u5[q] = y3
 
 
-def winograd6_filter_gradient(m, g, dw, o0, o1):
-    """Output channels ``o0:o1``: ``dw[o, i] += G^T M G`` of the 36 products ``m[:, o, i]`` (36,
-    cout, cin), ``g`` the forward's 6 x r filter transform G in dw's dtype (r = 3 or 5: dw's taps).
-    Its twin is a GEMM with kron(G, G) (winograd._filter_gradient_numpy), which adds in BLAS's
-    order: they agree to rounding."""
+def winograd_filter_gradient(m, g, dw, o0, o1):
+    """Output channels ``o0:o1``: ``dw[o, i] += G^T M G`` of the n*n products ``m[:, o, i]`` (n*n,
+    cout, cin), ``g`` the forward's n x r filter transform G in dw's dtype: F(4x4, 3x3)'s and
+    F(2x2, 5x5)'s 6 x 3 and 6 x 5, F(3x3, 5x5)'s 7 x 5. Each sum over the n positions adds its
+    products in position order, vectorised over input channels. Its twin is a GEMM with kron(G, G)
+    (winograd._filter_gradient_numpy), which adds in BLAS's order: they agree to rounding."""
+    n, r = g.shape
     cin = m.shape[2]
-    r = g.shape[1]
-    s = np.empty((6, r, cin), m.dtype)      # G^T along each row of M, for every input channel
+    s = np.empty((n, r, cin), m.dtype)      # G^T along each row of M, for every input channel
+    t = np.empty(cin, m.dtype)              # one tap's sum, for every input channel
     for o in range(o0, o1):
-        for j in range(6):
+        for j in range(n):
             for k in range(r):
-                g0, g1, g2 = g[0, k], g[1, k], g[2, k]
-                g3, g4, g5 = g[3, k], g[4, k], g[5, k]
+                g0 = g[0, k]
                 for i in range(cin):
-                    s[j, k, i] = (g0 * m[j, o, i] + g1 * m[6 + j, o, i] + g2 * m[12 + j, o, i]
-                                  + g3 * m[18 + j, o, i] + g4 * m[24 + j, o, i] + g5 * m[30 + j, o, i])
+                    s[j, k, i] = g0 * m[j, o, i]
+                for p in range(1, n):
+                    gp = g[p, k]
+                    for i in range(cin):
+                        s[j, k, i] += gp * m[p * n + j, o, i]
         for k in range(r):
             for l in range(r):
-                g0, g1, g2 = g[0, l], g[1, l], g[2, l]
-                g3, g4, g5 = g[3, l], g[4, l], g[5, l]
+                g0 = g[0, l]
                 for i in range(cin):
-                    dw[o, i, k, l] += (g0 * s[0, k, i] + g1 * s[1, k, i] + g2 * s[2, k, i]
-                                       + g3 * s[3, k, i] + g4 * s[4, k, i] + g5 * s[5, k, i])
+                    t[i] = g0 * s[0, k, i]
+                for p in range(1, n):
+                    gp = g[p, l]
+                    for i in range(cin):
+                        t[i] += gp * s[p, k, i]
+                for i in range(cin):
+                    dw[o, i, k, l] += t[i]
 
 
 # --- Winograd F(2x2, 5x5): the output transform and the weight gradient's dy tiles ------------------
@@ -639,33 +646,6 @@ def winograd3x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u4[q] = y0 - t2 * y1 + f4 * y2
                         u5[q] = y0 + t2 * y1 + f4 * y2
                         u6[q] = y2
-
-
-def winograd7_filter_gradient(m, g, dw, o0, o1):
-    """Output channels ``o0:o1``: ``dw[o, i] += G^T M G`` of the 49 products ``m[:, o, i]`` (49,
-    cout, cin), ``g`` F(3x3, 5x5)'s 7 x 5 filter transform G in dw's dtype (as
-    winograd6_filter_gradient for 36). Its twin is a GEMM with kron(G, G)
-    (winograd._filter_gradient_numpy): they agree to rounding."""
-    cin = m.shape[2]
-    r = g.shape[1]
-    s = np.empty((7, r, cin), m.dtype)      # G^T along each row of M, for every input channel
-    for o in range(o0, o1):
-        for j in range(7):
-            for k in range(r):
-                g0, g1, g2, g3 = g[0, k], g[1, k], g[2, k], g[3, k]
-                g4, g5, g6 = g[4, k], g[5, k], g[6, k]
-                for i in range(cin):
-                    s[j, k, i] = (g0 * m[j, o, i] + g1 * m[7 + j, o, i] + g2 * m[14 + j, o, i]
-                                  + g3 * m[21 + j, o, i] + g4 * m[28 + j, o, i] + g5 * m[35 + j, o, i]
-                                  + g6 * m[42 + j, o, i])
-        for k in range(r):
-            for l in range(r):
-                g0, g1, g2, g3 = g[0, l], g[1, l], g[2, l], g[3, l]
-                g4, g5, g6 = g[4, l], g[5, l], g[6, l]
-                for i in range(cin):
-                    dw[o, i, k, l] += (g0 * s[0, k, i] + g1 * s[1, k, i] + g2 * s[2, k, i]
-                                       + g3 * s[3, k, i] + g4 * s[4, k, i] + g5 * s[5, k, i]
-                                       + g6 * s[6, k, i])
 
 
 # --- convolution epilogues (kernels/fusion.py's NumPy twins) -----------------------------------------

@@ -789,7 +789,7 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None):
         _accumulate_products(u, v, m, first=t0 == 0)
     g = np.asarray((MATRICES3X5 if tile == 3 else MATRICES5 if taps == 5 else _MATRICES[4])[1], dt)
     if fast:
-        kfg = compiled.get(compiled.winograd7_filter_gradient if n == 7 else compiled.winograd6_filter_gradient)
+        kfg = compiled.get(compiled.winograd_filter_gradient)
         threads.parallel_for(cout, lambda o0, o1: kfg(m, g, dw, o0, o1), work=m.size + dw.size)
     else:
         _filter_gradient_numpy(m, dw, g)
@@ -857,8 +857,8 @@ def _gradient_tiles_numpy(dy, t0, rows, tw, tile=4):
 
 
 def _filter_gradient_numpy(m, dw, g):
-    """Twin of ``compiled.winograd6_filter_gradient`` and ``winograd7_filter_gradient`` (to
-    rounding: BLAS's order): ``dw += G^T M G`` as one GEMM with kron(G, G)."""
+    """Twin of ``compiled.winograd_filter_gradient`` (to rounding: BLAS's order): ``dw += G^T M G``
+    as one GEMM with kron(G, G)."""
     cout, cin, k = m.shape[1], m.shape[2], dw.shape[-1]
     taps = np.kron(g, g).T @ m.reshape(m.shape[0], cout * cin)          # (k * k, cout * cin)
     dw.reshape(cout * cin, k * k)[...] += taps.T
