@@ -228,7 +228,7 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
         ws[i] = ws[i] - u
 
 
-# --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (kernels/winograd.py's _band6) ---
+# --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (winograd._band_channels_last) ---
 #
 # Both read 6x6 input tiles and use the same five finite points, so their input transform B^T is
 # the same matrix (winograd.matrices): ``winograd6_input`` serves both, tiles ``step`` apart (4 or 2).
@@ -506,7 +506,7 @@ def winograd2x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u5[q] = y1
 
 
-# --- Winograd F(3x3, 5x5): 7x7 input tiles three apart (kernels/winograd.py's _band6) ---------------
+# --- Winograd F(3x3, 5x5): 7x7 input tiles three apart (winograd._band_channels_last) ---------
 #
 # Six finite points 0, 1, -1, 1/2, -2, 2 (winograd.POINTS3X5): each 3x3 block of outputs from a 7x7
 # input tile, 49 products where F(2x2, 5x5) makes 81 for the same nine outputs (36 per 2x2 block) and

@@ -280,7 +280,7 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
     elif x.dtype in (np.float32, np.float64) and compiled.enabled():
         src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
         for t0 in range(0, th, band):
-            _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
+            _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
     else:
         src = _source4(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
@@ -635,7 +635,7 @@ def _tile_row_items(num, rows, fn, work):
     threads.parallel_for(num * rows, fn, work=work)
 
 
-def _band6(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
+def _band_channels_last(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
     """Tile rows ``t0:t1`` of a 6x6- or 7x7-tile Winograd (``u``'s 36 positions with ``tile`` 4:
     F(4x4, 3x3), with 2: F(2x2, 5x5); 49 positions: F(3x3, 5x5)), each transform one compiled pass
     over the band's tiles (``compiled.winograd6_input`` / ``winograd7_input`` and
@@ -706,7 +706,7 @@ def _forward5(x, w, y, pad_h, pad_w, u, band, tile=None):
     fast = x.dtype in (np.float32, np.float64) and compiled.enabled()
     src = _source_channels_last(x, pad_h, pad_w, tile * th + 4, tile * tw + 4)
     for t0 in range(0, th, band):
-        _band6(src, u, y, t0, min(th, t0 + band), tw, oh, ow, tile, fast)
+        _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, tile, fast)
 
 
 def _output_numpy(m, ycl, rows, tw, ow, at):
