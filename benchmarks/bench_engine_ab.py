@@ -3,11 +3,13 @@ A/B in one process, per layer and for the whole backward.
 
     python benchmarks/bench_engine_ab.py --net vgg16 --batch 4 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 5 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
+    python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 7 --set threads.MIN_FLAT_ELEMENTS=2097152
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
-keep their engines. Why one process: the machine this project is measured on is shared, and
+keep their engines. ``--set threads.NAME=VALUE`` sets a constant of ``minicaffe.core.threads``
+instead, which the passes read as they run: it is in force while net B runs, each round. Why one process: the machine this project is measured on is shared, and
 timings from separate runs move by more than the changes being measured. The two nets run in turn,
 round by round, on the same input; the table gives medians over rounds of each convolution's
 backward (the layers whose engine or engine options differ between the nets) and of the whole
@@ -37,6 +39,8 @@ def build(path, settings):
     """A TRAIN net of ``path`` built with the module constants ``settings`` in force, then put back."""
     saved = []
     for name, value in settings:
+        if name.startswith("threads."):
+            continue            # read as the passes run: set around net B's rounds (main)
         mod = conv_engines if hasattr(conv_engines, name) else winograd
         if not hasattr(mod, name):
             raise SystemExit(f"--set {name}: neither conv_engines nor winograd has a constant of that name")
@@ -55,6 +59,25 @@ def build(path, settings):
     net.forward()
     net.backward()
     return net
+
+
+class RunSettings:
+    """``threads.NAME`` settings in force inside the block, the old values back after it."""
+
+    def __init__(self, settings):
+        self.items = [(name.split(".", 1)[1], value) for name, value in settings if name.startswith("threads.")]
+        for name, _ in self.items:
+            if not hasattr(threads, name):
+                raise SystemExit(f"--set threads.{name}: minicaffe.core.threads has no constant of that name")
+
+    def __enter__(self):
+        self.saved = [(name, getattr(threads, name)) for name, _ in self.items]
+        for name, value in self.items:
+            setattr(threads, name, type(getattr(threads, name))(value))
+
+    def __exit__(self, *exc):
+        for name, value in self.saved:
+            setattr(threads, name, value)
 
 
 def describe(layer):
@@ -85,18 +108,20 @@ def main(argv=None):
         path = os.path.join(top, f"{args.net}_train.prototxt")
         bench_nets.write_text(path, bench_nets.train_param(args.net, args.batch))
         nets = {"A": build(path, []), "B": build(path, settings)}
+    run_settings = {"A": RunSettings([]), "B": RunSettings(settings)}
     per_layer = {k: {} for k in nets}
     whole = {k: {"forward": [], "backward": []} for k in nets}
     for r in range(args.rounds):
         order = list(nets) if r % 2 == 0 else list(nets)[::-1]
         for k in order:
             net = nets[k]
-            t0 = time.perf_counter()
-            net.forward()
-            t1 = time.perf_counter()
-            timings = {}
-            net.backward_from_to(timings=timings, share_diffs=True)
-            t2 = time.perf_counter()
+            with run_settings[k]:
+                t0 = time.perf_counter()
+                net.forward()
+                t1 = time.perf_counter()
+                timings = {}
+                net.backward_from_to(timings=timings, share_diffs=True)
+                t2 = time.perf_counter()
             whole[k]["forward"].append(t1 - t0)
             whole[k]["backward"].append(t2 - t1)
             for i, v in timings.items():

@@ -52,11 +52,15 @@ CALLER_TAKES_OVER = True
 FLAT_BLOCK = 1 << 12
 
 # Below this many elements (per array) a flat pass runs inline: a ufunc over arrays that are still in
-# cache runs at ~0.1 ns an element, so even 1M elements take ~0.1 ms, the order of handing a chunk to
-# another thread and waiting for it (measured on 2 cores, benchmarks/bench_threads.py: Dropout's
-# backward over 1M values 0.11 ms at one thread, 0.13-0.19 ms at two; an SGD step of 307K parameters
-# 0.82-1.34x; ReLU over 131K values 1.5x slower before it ran inline).
-MIN_FLAT_ELEMENTS = 1 << 21
+# cache runs at ~0.1 ns an element, so 256K elements take ~0.03 ms, the order of handing a chunk to
+# another thread and waiting for it (measured on 2 cores, benchmarks/bench_threads.py: ReLU over 131K
+# values 1.5x slower before it ran inline). Inside a net the arrays a pass reads were mostly written
+# several layers before and come from memory, where a second thread pays from a few hundred thousand
+# elements on: at 2M ResNet-50's stage-4 Eltwise and ReLU passes (1.6M
+# values at batch 8) ran on one core, and the training net's forward + backward took 1190 ms
+# against 1166 at 256K (median of 5, A/B in one process; GoogLeNet and CaffeNet within 0.5%, and
+# inference the same or faster).
+MIN_FLAT_ELEMENTS = 1 << 18
 
 # The largest OPENBLAS_THREAD_TIMEOUT (2^n cycles of spinning, ~25 us at 16) at which the pool
 # defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
