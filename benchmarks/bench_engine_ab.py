@@ -4,12 +4,14 @@ A/B in one process, per layer and for the whole backward.
     python benchmarks/bench_engine_ab.py --net vgg16 --batch 4 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 5 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 7 --set threads.MIN_FLAT_ELEMENTS=2097152
+    python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set train_fusion.SUM_RELU_BACKWARD=0
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
-keep their engines. ``--set threads.NAME=VALUE`` sets a constant of ``minicaffe.core.threads``
-instead, which the passes read as they run: it is in force while net B runs, each round. Why one process: the machine this project is measured on is shared, and
+keep their engines. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``) sets a constant of
+``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``) instead, which the passes read as
+they run: it is in force while net B runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is shared, and
 timings from separate runs move by more than the changes being measured. The two nets run in turn,
 round by round, on the same input; the table gives medians over rounds of each convolution's
 backward (the layers whose engine or engine options differ between the nets) and of the whole
@@ -32,14 +34,17 @@ import minicaffe  # noqa: E402
 import numpy as np  # noqa: E402
 import bench_nets  # noqa: E402
 from minicaffe.core import threads  # noqa: E402
-from minicaffe.kernels import conv_engines, winograd  # noqa: E402
+from minicaffe.kernels import conv_engines, train_fusion, winograd  # noqa: E402
+
+# the modules whose constants --set MODULE.NAME=VALUE sets around net B's passes
+RUN_TIME_MODULES = {"threads": threads, "train_fusion": train_fusion}
 
 
 def build(path, settings):
     """A TRAIN net of ``path`` built with the module constants ``settings`` in force, then put back."""
     saved = []
     for name, value in settings:
-        if name.startswith("threads."):
+        if name.split(".", 1)[0] in RUN_TIME_MODULES:
             continue            # read as the passes run: set around net B's rounds (main)
         mod = conv_engines if hasattr(conv_engines, name) else winograd
         if not hasattr(mod, name):
@@ -62,22 +67,30 @@ def build(path, settings):
 
 
 class RunSettings:
-    """``threads.NAME`` settings in force inside the block, the old values back after it."""
+    """``MODULE.NAME`` settings (RUN_TIME_MODULES) in force inside the block, the old values back
+    after it."""
 
     def __init__(self, settings):
-        self.items = [(name.split(".", 1)[1], value) for name, value in settings if name.startswith("threads.")]
-        for name, _ in self.items:
-            if not hasattr(threads, name):
-                raise SystemExit(f"--set threads.{name}: minicaffe.core.threads has no constant of that name")
+        self.items = []
+        for name, value in settings:
+            mod_name, _, const = name.partition(".")
+            mod = RUN_TIME_MODULES.get(mod_name)
+            if mod is None:
+                continue
+            if not hasattr(mod, const):
+                raise SystemExit(f"--set {name}: {mod.__name__} has no constant of that name")
+            old = getattr(mod, const)
+            new = value not in ("0", "false", "False") if isinstance(old, bool) else type(old)(value)
+            self.items.append((mod, const, new))
 
     def __enter__(self):
-        self.saved = [(name, getattr(threads, name)) for name, _ in self.items]
-        for name, value in self.items:
-            setattr(threads, name, type(getattr(threads, name))(value))
+        self.saved = [(mod, const, getattr(mod, const)) for mod, const, _ in self.items]
+        for mod, const, value in self.items:
+            setattr(mod, const, value)
 
     def __exit__(self, *exc):
-        for name, value in self.saved:
-            setattr(threads, name, value)
+        for mod, const, value in self.saved:
+            setattr(mod, const, value)
 
 
 def describe(layer):

@@ -490,3 +490,32 @@ def test_lrn_compiled_kernels_run_only_where_they_match(switches, monkeypatch):
         layer.forward(bottom, top)
         layer.backward(top, [True], bottom)
         assert len(calls) == want, spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("both, keep_dy, coeffs", [(True, True, (1.0, 1.0)), (True, False, (1.0, -0.5)),
+                                                   (False, True, (0.75, 1.0)), (False, False, (1.0, 1.0)),
+                                                   (False, False, (-2.5, 1.0))])
+def test_the_residual_sum_relu_backward_kernel_matches_the_layers_passes(both, keep_dy, coeffs, dtype, switches):
+    """compiled.eltwise_sum_relu_backward against its twin, the ReLU's and the Eltwise's backward
+    passes (activation.ReLU.gradient, Eltwise._grad_into): the same bits, NaN, infinities and
+    signed zeros included (a negative gradient where y <= 0 becomes -0.0)."""
+    switches(compiled=True)
+    n = 1000
+    dy0 = _values(dtype, (n,), 5)
+    dy0[7::101] = np.nan
+    dy0[9::103] = -np.inf
+    y = _values(dtype, (n,), 6)
+    y[11::107] = np.nan
+    # the twin: ReLU's gradient in place, then the Eltwise's gradient of each bottom
+    with np.errstate(invalid="ignore", over="ignore"):     # inf · 0 and the huge values: on purpose
+        want_dy = dy0 * (y > 0)
+        want = [want_dy * c if c != 1.0 else want_dy.copy() for c in coeffs[:1 + both]]
+    dy, g0, g1 = dy0.copy(), np.full(n, 7, dtype), np.full(n, 7, dtype)
+    kernel = compiled.get(compiled.eltwise_sum_relu_backward)
+    for a, b in ((0, 333), (333, n)):           # two chunks, as the pool splits it
+        kernel(dy, y, g0, coeffs[0], g1 if both else g0, coeffs[1], both, keep_dy, a, b)
+    assert g0.tobytes() == want[0].tobytes()
+    assert (g1.tobytes() == want[1].tobytes()) if both else (g1 == 7).all()
+    assert dy.tobytes() == (want_dy if keep_dy else dy0).tobytes()
+    assert np.signbit(want_dy[(y <= 0) & (dy0 < 0)]).all() and np.isnan(want_dy).any()

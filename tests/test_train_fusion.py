@@ -238,24 +238,80 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "sum" bottom: "target" top: "
 """
 
 
-def test_a_residual_sum_and_relu_run_fused_with_the_layers_bits(monkeypatch):
-    """A ResNet block's Eltwise SUM + ReLU in place on the sum is a forward-only chain (its backward
-    reads the top and its diff, which the fused forward leaves as the layers do): every bit as the
-    layers give it, over two iterations, and the sum lands in the top's own array."""
-    from minicaffe.kernels import fusion
-    ran = []
-    run = fusion.EltwiseReluChain.run
-    monkeypatch.setattr(fusion.EltwiseReluChain, "run", lambda self, net: ran.append(1) or run(self, net))
-    fused, layers = _nets(RESIDUAL)
-    names = fused._layer_names
-    assert sorted((names[c.first], names[c.last]) for c in fused._train_fusion.chains.values()) == \
-        [("bn1", "relu1"), ("bn2", "scale2"), ("sum", "relu_sum")]
-    top = fused.blobs["sum"].data
-    _iterations(fused)
-    _iterations(layers)
-    assert len(ran) == 2 and fused.blobs["sum"].data is top
+def _spy_sum_relu(monkeypatch):
+    """How many Eltwise SUM + ReLU forwards and backwards ran fused."""
+    counts = {"forward": 0, "backward": 0}
+    run, run_backward = train_fusion.EltwiseSumReluChain.run, train_fusion.EltwiseSumReluChain.run_backward
+
+    def spy(which, fn):
+        def wrapped(self, net):
+            done = fn(self, net)
+            counts[which] += bool(done)
+            return done
+        return wrapped
+    monkeypatch.setattr(train_fusion.EltwiseSumReluChain, "run", spy("forward", run))
+    monkeypatch.setattr(train_fusion.EltwiseSumReluChain, "run_backward", spy("backward", run_backward))
+    return counts
+
+
+@pytest.mark.parametrize("share_diffs,coeff", [(False, None), (True, None), (False, "coeff: 1 coeff: -0.5"),
+                                               (True, "coeff: 0.75 coeff: 1")])
+def test_a_residual_sum_and_relu_run_fused_with_the_layers_bits(share_diffs, coeff, pool_size, monkeypatch):  # noqa: F811
+    """A ResNet block's Eltwise SUM + ReLU in place on the sum runs as one chain, forward (the sum
+    into the top's own array, rectified there) and backward (the ReLU's gradient and the sum's in
+    one compiled pass): over two iterations, at one thread and two, every parameter diff has the
+    bits of the layers run one by one, and so does every blob and diff where the pass keeps them
+    (not a solver's shared pass). With unit and other coefficients."""
+    text = RESIDUAL if coeff is None else RESIDUAL.replace(
+        'top: "sum" }', f'top: "sum" eltwise_param {{ {coeff} }} }}')
+
+    def run():
+        counts = _spy_sum_relu(monkeypatch)
+        fused, layers = _nets(text)
+        names = fused._layer_names
+        assert sorted((names[c.first], names[c.last]) for c in fused._train_fusion.chains.values()) == \
+            [("bn1", "relu1"), ("bn2", "scale2"), ("sum", "relu_sum")]
+        top = fused.blobs["sum"].data
+        for net in (fused, layers):
+            for _ in range(2):
+                net.clear_param_diffs()
+                net.forward()
+                net.backward_from_to(share_diffs=share_diffs)
+        assert counts == {"forward": 2, "backward": 2} and fused.blobs["sum"].data is top
+        assert (top == 0).any() and (top > 0).any()
+        if not share_diffs:
+            _assert_same(_state(fused), _state(layers))
+        out = []
+        for name in ("conv1", "scale1", "conv2", "scale2"):
+            for a, b in zip(fused.params[name], layers.params[name], strict=True):
+                assert a.diff.tobytes() == b.diff.tobytes(), name
+                out.append(a.diff.copy())
+        assert np.abs(out[0]).max() > 1e-3
+        return out
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    for a, b in zip(one, two, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_residual_sum_that_needs_no_gradient_runs_the_layers(monkeypatch):
+    """Where neither of the sum's bottoms needs a gradient (net inputs, no force_backward) the
+    chain's backward leaves the layers to run (they skip it): every diff as theirs."""
+    text = """
+name: "inputs_sum"
+layer { name: "data" type: "Input" top: "a" top: "b" top: "target"
+  input_param { shape { dim: 2 dim: 3 dim: 4 dim: 5 } shape { dim: 2 dim: 3 dim: 4 dim: 5 }
+                shape { dim: 2 dim: 3 dim: 4 dim: 5 } } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }
+layer { name: "relu_sum" type: "ReLU" bottom: "sum" top: "sum" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "sum" bottom: "target" top: "loss" }
+"""
+    counts = _spy_sum_relu(monkeypatch)
+    fused, layers = _nets(text)
+    for net in (fused, layers):
+        net.forward()
+        net.backward()
+    assert counts == {"forward": 1, "backward": 0}
     _assert_same(_state(fused), _state(layers))
-    assert (top == 0).any() and (top > 0).any()
 
 
 def test_minicaffe_time_runs_the_chains_backward_fused(monkeypatch):

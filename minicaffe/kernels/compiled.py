@@ -141,6 +141,7 @@ def warm_up() -> bool:
     f = np.zeros(1, np.float32)
     get(sgd_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
     get(nesterov_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0)
+    get(eltwise_sum_relu_backward)(f, f.copy(), f.copy(), 1.0, f.copy(), 1.0, True, True, 0, 1)
     src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
     get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
     get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
@@ -226,6 +227,43 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum):
         u = dt(one_m * np.float64(hi) + np.float64(old * neg_m))
         gs[i] = u
         ws[i] = ws[i] - u
+
+
+# --- a residual block's Eltwise SUM + ReLU, backward (train_fusion.EltwiseSumReluChain) -----------
+#
+# The twin is the two layers run one by one: ReLU's ``dy · (y > 0)`` (NumPy casts the mask to the
+# arrays' dtype, 1 or 0, and multiplies: a negative gradient times 0 is -0.0, a NaN stays NaN), then
+# the Eltwise's ``g = d`` or ``g = d · coeff`` per bottom (coeff rounded to the dtype first, as
+# NumPy does with a Python float). Here ``g = d · coeff`` always: times 1 it is ``d``, bit for bit.
+
+def eltwise_sum_relu_backward(dy, y, g0, coeff0, g1, coeff1, both, keep_dy, a, b):
+    """Elements ``a:b``: ``d = dy · (y > 0)``; ``g0 = d · coeff0`` and, when ``both``,
+    ``g1 = d · coeff1``; ``dy = d`` when ``keep_dy`` (what the ReLU leaves in its in-place diff).
+    One loop per case, so each vectorises (slices from 0, as in ``sgd_step``)."""
+    dt = dy.dtype.type
+    one, zero = dt(1), dt(0)
+    k0, k1 = dt(coeff0), dt(coeff1)
+    dys, ys, g0s, g1s = dy[a:b], y[a:b], g0[a:b], g1[a:b]
+    n = b - a
+    if both and keep_dy:
+        for i in range(n):
+            d = dys[i] * (one if ys[i] > 0 else zero)
+            dys[i] = d
+            g0s[i] = d * k0
+            g1s[i] = d * k1
+    elif both:
+        for i in range(n):
+            d = dys[i] * (one if ys[i] > 0 else zero)
+            g0s[i] = d * k0
+            g1s[i] = d * k1
+    elif keep_dy:
+        for i in range(n):
+            d = dys[i] * (one if ys[i] > 0 else zero)
+            dys[i] = d
+            g0s[i] = d * k0
+    else:
+        for i in range(n):
+            g0s[i] = dys[i] * (one if ys[i] > 0 else zero) * k0
 
 
 # --- Winograd tile transforms: F(4x4, 3x3) and F(2x2, 5x5) (winograd._band_channels_last) ---

@@ -1,5 +1,5 @@
-"""Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU), forward and backward;
-Eltwise SUM + ReLU and Convolution + ReLU, forward.
+"""Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU) and Eltwise SUM + ReLU,
+forward and backward; Convolution + ReLU, forward.
 
 Why: Kaiming He's ResNet prototxts follow every convolution with BatchNorm, Scale and (mostly) ReLU,
 all three in place on the convolution's top. Run one by one, they make about nine passes through
@@ -27,14 +27,21 @@ for covers the whole chain, no pycaffe hook is set, the arrays are C-contiguous 
 the compiled kernels are on (``compiled.runs_on``); otherwise the layers run one by one.
 ``MINICAFFE_FUSION=0`` switches it off, with the TEST-phase fusion.
 
-A ResNet block's Eltwise SUM + ReLU in place on the sum runs as the TEST phase's
+A ResNet block's Eltwise SUM + ReLU in place on the sum runs forward as the TEST phase's
 ``fusion.EltwiseReluChain`` (the sum written into the top's own array and rectified there, a chunk
-at a time; the layers allocate a new top each forward and pass over it twice): forward only, as
-neither layer's backward reads anything but the top and its diff, which it leaves as they do.
+at a time; the layers allocate a new top each forward and pass over it twice): neither layer's
+backward reads anything but the top and its diff, which it leaves as they do. Its backward
+(``EltwiseSumReluChain``) is the ReLU's gradient and the sum's in one pass, block by block: the
+layers one by one read the top's diff twice, write it once and write each bottom's gradient.
 """
 import numpy as np
 
-from . import fusion
+from ..core import threads
+from . import compiled, fusion
+
+# EltwiseSumReluChain's backward runs fused (False: the layers one by one, as before; read at each
+# backward, so benchmarks/bench_engine_ab.py can compare both in one process)
+SUM_RELU_BACKWARD = True
 
 # layer types, by their Caffe names, that make up a chain
 _BATCH_NORM, _SCALE = "BatchNorm", "Scale"
@@ -82,6 +89,55 @@ class BatchNormScaleChain:
         if not isinstance(dy, np.ndarray):
             return False
         return net.layers[self.first + 1].backward_fused(net.layers[self.first], dy, y, self.relu)
+
+
+class EltwiseSumReluChain(fusion.EltwiseReluChain):
+    """Eltwise SUM (layer ``first``) + ReLU in place on its top (``last``): the forward as in the
+    TEST phase, and a backward that is both layers' in one pass.
+
+    One compiled loop (``compiled.eltwise_sum_relu_backward``) over flat chunks on the kernels'
+    pool: per element the ReLU's gradient ``dy · (y > 0)``, then each bottom's gradient from it as
+    the Eltwise writes it (a copy, or ``· coeff``), with the layers' bits. The
+    top's diff gets the rectified gradient as the ReLU leaves it, except in a solver's pass where
+    that diff lives in a shared buffer (net/diff_plan.py) and nothing reads it after this layer:
+    then it is not written at all. So a ResNet block's top is read twice from memory (its diff and
+    its data) and each bottom's gradient written once, against the separate layers' three reads
+    and two writes of the top plus the bottoms' writes. On ResNet-50 at batch 8 (2 cores) the
+    blocks' ReLU and Eltwise backward took 63 ms, fused 49, and the whole backward 773 -> 755 ms
+    (medians of 9, both ways in one process: benchmarks/bench_engine_ab.py --set
+    train_fusion.SUM_RELU_BACKWARD=0)."""
+
+    def run_backward(self, net):
+        """The chain's backward; False (nothing done) where the layers must run one by one: a layer
+        that does not propagate down to the sum, more than two bottoms to give a gradient, arrays
+        the compiled kernel does not take, or the kernels off (the layers are its NumPy twin)."""
+        first, last = self.first, self.last
+        need, bneed = net._layer_need_backward, net.bottom_need_backward
+        wanted = [i for i, w in enumerate(bneed[first]) if w]
+        if not (SUM_RELU_BACKWARD and need[first] and need[last] and bneed[last][0] and 1 <= len(wanted) <= 2):
+            return False
+        eltwise = net.layers[first]
+        blob, bottoms = net.top_vecs[first][0], net.bottom_vecs[first]
+        dy, y = blob.xdiff, blob.xdata
+        if not isinstance(dy, np.ndarray):
+            return False
+        grads = [eltwise._grad_buffer(bottoms[i], blob) for i in wanted]
+        if not compiled.runs_on(dy, y, *grads):
+            return False
+        plan = net._shared_diffs
+        keep_dy = net.check_finite or plan is None or not plan.in_use or blob not in plan.slot_of
+        flat = [a.reshape(-1) for a in (dy, y, *grads)]
+        fdy, fy, g0 = flat[:3]
+        g1 = flat[3] if len(grads) == 2 else g0
+        c0 = eltwise.coeffs[wanted[0]]
+        c1 = eltwise.coeffs[wanted[1]] if len(grads) == 2 else 1.0
+        kernel = compiled.get(compiled.eltwise_sum_relu_backward)
+        threads.parallel_flat(fdy.size, lambda a, b: kernel(fdy, fy, g0, c0, g1, c1, len(grads) == 2,
+                                                            keep_dy, a, b),
+                              work=fdy.size * (2 + len(grads)))
+        for i, g in zip(wanted, grads):
+            bottoms[i].xdiff = g
+        return True
 
 
 class TrainFusion:
@@ -146,15 +202,20 @@ def _conv_relu_chain(net, li):
     return fusion.ConvChain(li, li + 1, None, None, li + 1)
 
 
+def _eltwise_sum_relu_chain(net, li):
+    """The TEST phase's Eltwise SUM + ReLU chain, with the backward of EltwiseSumReluChain."""
+    ch = fusion._eltwise_chain(net, li)
+    return None if ch is None else EltwiseSumReluChain(ch.first, ch.last)
+
+
 def plan(net):
     """The TrainFusion of a built net (any phase: a BatchNorm with batch statistics is what it
     fuses), or None when there is nothing to fuse or fusion is switched off."""
     if not fusion.enabled():
         return None
     # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's gradient
-    # reads the top's diff, the ReLU's the top): the TEST-phase chain serves as it is, forward
-    # only, the sum written into the top's own array and rectified there
+    # reads the top's diff, the ReLU's the top): the TEST-phase chain's forward, and one backward
     # a Convolution + ReLU: the ReLU in the convolution's epilogue, forward only (_conv_relu_chain)
     chains = fusion.scan_chains(net, lambda li: _chain(net, li) or _conv_relu_chain(net, li)
-                                or fusion._eltwise_chain(net, li))
+                                or _eltwise_sum_relu_chain(net, li))
     return TrainFusion(chains) if chains else None
