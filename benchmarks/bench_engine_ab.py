@@ -5,13 +5,15 @@ A/B in one process, per layer and for the whole backward.
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 5 --set WINOGRAD_WEIGHT_GRAD_MIN_TILES=1000000000
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 7 --set threads.MIN_FLAT_ELEMENTS=2097152
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set train_fusion.SUM_RELU_BACKWARD=0
+    python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set diff_plan.ALIAS_FIRST_TOP=0
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
-keep their engines. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``) sets a constant of
-``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``) instead, which the passes read as
-they run: it is in force while net B runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is shared, and
+keep their engines. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``, ``diff_plan.NAME``)
+sets a constant of ``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``,
+``minicaffe.net.diff_plan``) instead, which the passes read as they run (a net's diff plan is made
+at its first solver-style pass): it is in force while net B runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is shared, and
 timings from separate runs move by more than the changes being measured. The two nets run in turn,
 round by round, on the same input; the table gives medians over rounds of each convolution's
 backward (the layers whose engine or engine options differ between the nets) and of the whole
@@ -35,9 +37,10 @@ import numpy as np  # noqa: E402
 import bench_nets  # noqa: E402
 from minicaffe.core import threads  # noqa: E402
 from minicaffe.kernels import conv_engines, train_fusion, winograd  # noqa: E402
+from minicaffe.net import diff_plan  # noqa: E402
 
 # the modules whose constants --set MODULE.NAME=VALUE sets around net B's passes
-RUN_TIME_MODULES = {"threads": threads, "train_fusion": train_fusion}
+RUN_TIME_MODULES = {"threads": threads, "train_fusion": train_fusion, "diff_plan": diff_plan}
 
 
 def build(path, settings):

@@ -53,9 +53,20 @@ def test_the_plan_shares_buffers_only_between_gradients_that_are_never_live_toge
     # a split top is live over its own users only: x's third top feeds h alone (layer 5)
     top = net.blobs["x_x_0_split_2"]
     assert plan.span_of[top] == (5, 5)
-    # two diffs in one buffer are never live at one layer
+    # each Split's first-arriving top writes into its bottom's buffer: the one whose user comes
+    # last in the net (x's third, into h; h's second, into sum), live inside the bottom's span
+    assert {name[id(t)] for t in plan.aliased.values()} == {"x_x_0_split_2", "h_h_relu_0_split_1"}
+    aliased = {id(t) for t in plan.aliased.values()}
+    for s, t in plan.aliased.items():
+        bottom = plan.splits[s][1]
+        assert plan.slot_of[t] == plan.slot_of[bottom]
+        lo, hi = plan.span_of[bottom]
+        assert lo <= plan.span_of[t][0] <= plan.span_of[t][1] <= hi
+    # otherwise two diffs in one buffer are never live at one layer
     by_slot = {}
     for b, k in plan.slot_of.items():
+        if id(b) in aliased:
+            continue
         by_slot.setdefault((k, b.dtype), []).append(plan.span_of[b])
     for spans in by_slot.values():
         spans.sort()
@@ -98,6 +109,35 @@ def test_solver_gradients_match_the_per_top_sum():
             np.testing.assert_array_equal(a, b, err_msg=name)
     tops = [b for n, b in net.blobs.items() if "_split_" in n]
     assert len({id(t.diff) for t in tops}) == len(tops)
+
+
+def test_the_first_arriving_top_is_written_into_the_bottom_with_the_same_bits(monkeypatch):
+    """Each Split's first-arriving top writes its gradient into the bottom's own buffer, so a solver
+    pass adds the other tops and copies none (three adds for x's three tops and h's two, against
+    five sums with a copy each for the first), with every gradient's bits as with the copies."""
+    from minicaffe.layers import shape
+    calls = []
+    orig = shape.Split.sum_into
+    monkeypatch.setattr(shape.Split, "sum_into", lambda self, out, diffs: calls.append(len(diffs)) or
+                        orig(self, out, diffs))
+
+    def one_pass(alias):
+        monkeypatch.setattr(diff_plan, "ALIAS_FIRST_TOP", alias)
+        solver = _solver()
+        net = solver.net
+        net.forward()
+        calls.clear()
+        net.clear_param_diffs()
+        net.backward_from_to(share_diffs=True)
+        return sorted(calls), _grads(net), net.blobs["x"].diff.copy()
+
+    got_calls, got, got_x = one_pass(True)
+    want_calls, want, want_x = one_pass(False)
+    assert got_calls == [2, 2, 2] and want_calls == [1, 1, 2, 2, 2]
+    for name in want:
+        for a, b in zip(got[name], want[name], strict=True):
+            assert a.tobytes() == b.tobytes(), name
+    assert got_x.tobytes() == want_x.tobytes() and np.abs(got_x).max() > 0
 
 
 def test_training_with_shared_split_diffs_matches_per_top_diffs(monkeypatch, iters=3):

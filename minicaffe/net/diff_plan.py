@@ -11,7 +11,10 @@ share buffers, and the peak holds only what is live at one time.
 Where one blob feeds several layers, the net has a Split whose tops each get a gradient that the
 Split sums at the end; all of them live together until then (four inception branches: four copies).
 Here each top's gradient is added into the Split's bottom right after the backward of the last layer
-that writes it (its lowest-index user), so it is live over its own users only. The sum then runs in
+that writes it (its lowest-index user), so it is live over its own users only. The top whose
+gradient arrives first is not copied in: its diff is the bottom's buffer (``aliased``), so its
+users write the sum's first term in place (ResNet-50 at batch 8, 2 cores: the backward 783 -> 763
+ms, bench_engine_ab.py --set diff_plan.ALIAS_FIRST_TOP=0). The sum then runs in
 backward order (t_k + ... + t_0 against Caffe's t_0 + ... + t_k: the same value for two tops,
 possibly the last bit apart for three or more).
 
@@ -27,12 +30,18 @@ from collections import defaultdict
 
 from ..core import backend
 
+# a Split's first-arriving top shares its bottom's buffer (False: every top has its own, and the first
+# one is copied into the bottom; read when a net makes its plan, so benchmarks/bench_engine_ab.py can
+# compare both in one process)
+ALIAS_FIRST_TOP = True
+
 
 class DiffPlan:
     """For one net: which blobs' diffs share which buffer (``slot_of``; ``span_of``: the layer-index
     range each is live over), and the Splits whose tops' gradients are summed as they arrive
     (``splits``: split index -> (the Split, its bottom); ``after[li]``: after layer ``li``'s
-    backward, the (split index, top) to add)."""
+    backward, the (split index, top) to add; ``aliased``: split index -> the top whose gradient
+    arrives first, written into the bottom's own buffer)."""
 
     def __init__(self, net):
         n = len(net.layers)
@@ -54,6 +63,7 @@ class DiffPlan:
 
         # Splits summed as their tops' gradients arrive
         self.splits, self.after = {}, {}
+        first_top = {}              # split index -> the top whose gradient reaches the bottom first
         span = {}                   # blob id -> [first layer, last layer] its diff is live over
         for s in range(n):
             if not getattr(net.layers[s], "is_split", False) or any(net._loss_weights[s]):
@@ -67,13 +77,20 @@ class DiffPlan:
             else:
                 b = bottoms[s][0]
                 self.splits[s] = (net.layers[s], b)
+                arriving = []
                 for first, last, t in uses:
                     j = next(j for j, x in enumerate(bottoms[first]) if x is t)
                     if bneed[first][j]:     # else its last writer gives it no gradient: adds nothing
                         self.after.setdefault(first, []).append((s, t))
+                        arriving.append((first, t))
                     span[id(t)] = [first, last]
                 # the bottom is written from the first top's gradient on
                 span[id(b)] = [s, max(last for _, last, _ in uses)]
+                if arriving:
+                    # the top whose gradient arrives first: the highest user index, and of tops
+                    # arriving at one layer the first in after_layer's order
+                    top_first = max(f for f, _ in arriving)
+                    first_top[s] = next(t for f, t in arriving if f == top_first)
 
         # every other blob whose diff is written before it is read
         split_tops = {id(t) for s in self.splits for t in tops[s]}
@@ -95,10 +112,20 @@ class DiffPlan:
             if first_writer in made or not (need[first_writer] and bneed[first_writer][j]):
                 continue
             span[key] = [lo, first_writer]
+        # a Split's first-arriving top writes its gradient straight into the bottom's buffer (where
+        # the bottom has one): its span lies inside the bottom's, the bottom's diff is read only
+        # below the Split and the other tops are added in after it, so the copy that began the sum
+        # is not needed (8x256x56x56 at ResNet-50's stage 2: a read and a write of 25.7 MB a block)
+        self.aliased = {s: t for s, t in first_top.items()
+                        if ALIAS_FIRST_TOP and id(self.splits[s][1]) in span}
+        alias_of = {id(t): self.splits[s][1] for s, t in self.aliased.items()}
         self.span_of = {blob_of[k]: tuple(v) for k, v in span.items()}
-        self.slot_of = _slots([(lo, hi, b) for b, (lo, hi) in self.span_of.items()])
+        self.slot_of = _slots([(lo, hi, b) for b, (lo, hi) in self.span_of.items() if id(b) not in alias_of])
+        for key, bottom in alias_of.items():
+            self.slot_of[blob_of[key]] = self.slot_of[bottom]
         self.buffers = {}           # (slot, dtype) -> flat array
         self._count = {}
+        self._alias_views = {}
         self.in_use = False         # the planned diffs are views of ``buffers`` (since ``begin``)
 
     def begin(self):
@@ -114,17 +141,23 @@ class DiffPlan:
                 self.buffers[key] = xp.empty(size, dtype=key[1])
         for b, slot in self.slot_of.items():
             b.xdiff = self.buffers[(slot, b.dtype)][:b.count].reshape(b.shape)
+        # the aliased tops' diff arrays as handed out: a layer that gives its bottom a new diff
+        # array instead of writing into this one (some device paths do) gets its gradient copied
+        self._alias_views = {s: t.xdiff for s, t in self.aliased.items()}
         self._count = dict.fromkeys(self.splits, 0)
         self.in_use = True
 
     def after_layer(self, li):
         """After layer ``li``'s backward (it ran: it needs one): add the gradients it gave split
-        tops into their Splits' bottoms (the first one copied, the rest added)."""
+        tops into their Splits' bottoms (the first one copied, or already there when that top's
+        diff is the bottom's buffer: ``aliased``; the rest added)."""
         for s, t in self.after.get(li, ()):
             split, bottom = self.splits[s]
             out = bottom.xdiff
             first = self._count[s] == 0
             self._count[s] += 1
+            if first and self.aliased.get(s) is t and t.xdiff is self._alias_views[s]:
+                continue            # written into the bottom's buffer already
             split.sum_into(out, [t.xdiff] if first else [out, t.xdiff])
 
     def split_backward(self, s):
