@@ -112,20 +112,19 @@ class EltwiseSumReluChain(fusion.EltwiseReluChain):
         that does not propagate down to the sum, more than two bottoms to give a gradient, arrays
         the compiled kernel does not take, or the kernels off (the layers are its NumPy twin)."""
         first, last = self.first, self.last
-        need, bneed = net._layer_need_backward, net.bottom_need_backward
+        bneed = net.bottom_need_backward
         wanted = [i for i, w in enumerate(bneed[first]) if w]
-        if not (SUM_RELU_BACKWARD and need[first] and need[last] and bneed[last][0] and 1 <= len(wanted) <= 2):
+        if not (SUM_RELU_BACKWARD and bneed[last][0] and 1 <= len(wanted) <= 2):
             return False
         eltwise = net.layers[first]
         blob, bottoms = net.top_vecs[first][0], net.bottom_vecs[first]
         dy, y = blob.xdiff, blob.xdata
         if not isinstance(dy, np.ndarray):
             return False
-        grads = [eltwise._grad_buffer(bottoms[i], blob) for i in wanted]
+        grads = [eltwise.grad_buffer(bottoms[i], blob) for i in wanted]
         if not compiled.runs_on(dy, y, *grads):
             return False
-        plan = net._shared_diffs
-        keep_dy = net.check_finite or plan is None or not plan.in_use or blob not in plan.slot_of
+        keep_dy = net.check_finite or not net.diff_is_transient(blob)
         flat = [a.reshape(-1) for a in (dy, y, *grads)]
         fdy, fy, g0 = flat[:3]
         g1 = flat[3] if len(grads) == 2 else g0

@@ -130,7 +130,7 @@ class Eltwise(Layer):
             np.copyto(g, dy, where=mask == i)
 
     @staticmethod
-    def _grad_buffer(blob, top):
+    def grad_buffer(blob, top):
         """Where bottom ``blob``'s gradient is written: its own diff when that is a separate
         C-contiguous array of its own (a solver pass gives it a shared buffer: net/diff_plan.py),
         else a new array (in place, the bottom's diff is the top's, which every gradient reads)."""
@@ -152,7 +152,7 @@ class Eltwise(Layer):
             # NumPy: every wanted gradient in one pass over flat chunks on the thread pool
             dy, y, fx = flat[0], flat[1], flat[2:2 + len(xs)]
             fmask = flat[-1] if self.mask is not None else None
-            grads = {i: self._grad_buffer(bottom[i], top[0]) for i in wanted}
+            grads = {i: self.grad_buffer(bottom[i], top[0]) for i in wanted}
             fg = {i: g.reshape(-1) for i, g in grads.items()}
 
             def part(a, b):

@@ -503,6 +503,13 @@ class Net:
             raise_naming_layer(exc, self.layers[li])
         return chain.first if fused else None
 
+    def diff_is_transient(self, blob) -> bool:
+        """Whether ``blob``'s diff is, in the backward pass under way, a shared buffer of a solver's
+        pass (net/diff_plan.py): then no one reads it after the layers that use it, and the pass
+        does not keep it, so a fused backward (kernels/train_fusion.py) need not write it."""
+        plan = self._shared_diffs
+        return plan is not None and plan.in_use and blob in plan.slot_of
+
     def _after_fused_backward(self, first, last, plan, timings, t0):
         """What the backward loop does after each layer, for a chain ``first..last`` run as one
         (train_fusion): the diff plan's additions, the timing (on the chain's last layer) and the
