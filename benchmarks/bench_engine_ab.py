@@ -6,11 +6,13 @@ A/B in one process, per layer and for the whole backward.
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 7 --set threads.MIN_FLAT_ELEMENTS=2097152
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set train_fusion.SUM_RELU_BACKWARD=0
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set diff_plan.ALIAS_FIRST_TOP=0
+    python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 7 --reference Pooling
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
-keep their engines. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``, ``diff_plan.NAME``)
+keep their engines. ``--reference TYPE`` runs net B's layers of that type on their own code (the
+engine table's reference) instead of the engine DEFAULT picks. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``, ``diff_plan.NAME``)
 sets a constant of ``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``,
 ``minicaffe.net.diff_plan``) instead, which the passes read as they run (a net's diff plan is made
 at its first solver-style pass): it is in force while net B runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is shared, and
@@ -36,7 +38,7 @@ import minicaffe  # noqa: E402
 import numpy as np  # noqa: E402
 import bench_nets  # noqa: E402
 from minicaffe.core import threads  # noqa: E402
-from minicaffe.kernels import conv_engines, train_fusion, winograd  # noqa: E402
+from minicaffe.kernels import conv_engines, engines, train_fusion, winograd  # noqa: E402
 from minicaffe.net import diff_plan  # noqa: E402
 
 # the modules whose constants --set MODULE.NAME=VALUE sets around net B's passes
@@ -117,13 +119,20 @@ def main(argv=None):
     ap.add_argument("--net", default="vgg16", choices=sorted(bench_nets.NETS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--reference", action="append", default=[], metavar="TYPE",
+                    help="net B runs every layer of this type on the layer's own code, not its engine")
     args = ap.parse_args(argv)
+    if not args.set and not args.reference:
+        ap.error("nothing to compare: give --set or --reference")
     settings = [tuple(s.split("=", 1)) for s in args.set]
     with tempfile.TemporaryDirectory(prefix="engine_ab_") as top:
         path = os.path.join(top, f"{args.net}_train.prototxt")
         bench_nets.write_text(path, bench_nets.train_param(args.net, args.batch))
         nets = {"A": build(path, []), "B": build(path, settings)}
+    for layer in nets["B"].layers:
+        if layer.type in args.reference:
+            engines.force(layer, engines.REFERENCE)
     run_settings = {"A": RunSettings([]), "B": RunSettings(settings)}
     per_layer = {k: {} for k in nets}
     whole = {k: {"forward": [], "backward": []} for k in nets}
@@ -144,7 +153,8 @@ def main(argv=None):
                 per_layer[k].setdefault(i, []).append(v)
     a, b = nets["A"], nets["B"]
     print(f"{args.net} batch {args.batch}, {args.rounds} rounds, kernels' pool of {threads.size()} threads; "
-          "A: this checkout, B: " + ", ".join(f"{n}={v}" for n, v in settings) + "; medians, ms")
+          "A: this checkout, B: " + ", ".join([f"{n}={v}" for n, v in settings] +
+                                              [f"{t} on its reference" for t in args.reference]) + "; medians, ms")
     print("| layer | A engine | B engine | A | B | B / A |\n|---|---|---|---|---|---|")
     for i, layer in enumerate(a.layers):
         if layer.type not in ("Convolution", "Deconvolution") or describe(layer) == describe(b.layers[i]):
