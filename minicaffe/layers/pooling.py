@@ -265,13 +265,14 @@ class Pooling(Layer):
         # 4 blocks of unequal size ran 1.4x faster at two threads than at one
         pool = threads.size()
         count = -(-m // rows)
-        if pool > 1 and count % pool and m >= pool:
+        work = m * self._flat
+        if pool > 1 and count % pool and m >= pool and work >= threads.MIN_PARALLEL_WORK:   # else inline
             rows = max(1, -(-m // (-(-count // pool) * pool)))
 
         def blocks(k0, k1):    # blocks k0..k1-1, on one thread of the pool
             for b0 in range(k0 * rows, min(m, k1 * rows), rows):
                 fn(b0, min(m, b0 + rows))
-        threads.parallel_for(-(-m // rows), blocks, work=m * self._flat)
+        threads.parallel_for(-(-m // rows), blocks, work=work)
 
     def _scratch(self, k, flat, dtype):
         return workspace(self.xp, (k, 1, self.sh, self.sw, flat), dtype, _PAD)

@@ -503,7 +503,7 @@ class Net:
             raise_naming_layer(exc, self.layers[li])
         return chain.first if fused else None
 
-    def diff_is_transient(self, blob) -> bool:
+    def diff_is_transient(self, blob: Blob) -> bool:
         """Whether ``blob``'s diff is, in the backward pass under way, a shared buffer of a solver's
         pass (net/diff_plan.py): then no one reads it after the layers that use it, and the pass
         does not keep it, so a fused backward (kernels/train_fusion.py) need not write it."""
