@@ -168,6 +168,23 @@ def _loop(step, warmup, iters):
     return times, cpu, (_status_kb("VmHWM") if reset else None)
 
 
+def _solver_loop(solver, warmup, iters):
+    """``_loop`` for a training net: the timed iterations as one ``solver.step(iters)``, as
+    ``minicaffe train`` runs them, each iteration timed from its start to the next one's (a solver
+    callback). Why not ``step(1)`` each: within one call the update leaves the diffs zero for the
+    next iteration (``Solver.apply_update``), where each call of its own clears them first, a pass
+    over every parameter gradient that a training run does once."""
+    solver.step(warmup)
+    reset = reset_peak()
+    marks = []
+    solver.add_callback(lambda: marks.append((time.perf_counter(), time.process_time())), lambda: None)
+    solver.step(iters)
+    marks.append((time.perf_counter(), time.process_time()))
+    times = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    return times, cpu, (_status_kb("VmHWM") if reset else None)
+
+
 def deploy_weights(net, data, seed=1):
     """Weights for a deploy-only net: He (MSRA) normal convolution / fc weights, Scale gamma in
     [0.5, 1) and small beta, and each BatchNorm's global statistics set to the mean and variance of
@@ -253,7 +270,7 @@ def run_minicaffe(args):
         net = solver.net
         net.blobs["data"].data[...] = data
         net.blobs["label"].data[...] = labels
-        step = lambda: solver.step(1)  # noqa: E731
+        step = None
         del caffe_pb2
     else:
         # blobs whose lifetimes do not overlap share memory (only the output is read), unless
@@ -262,7 +279,8 @@ def run_minicaffe(args):
                         weights=os.path.join(work, "weights.caffemodel"), share_memory=not args.no_share_memory)
         net.blobs[net.inputs[0]].data[...] = data
         step = lambda: net.forward()  # noqa: E731
-    times, cpu, peak = _loop(step, args.warmup, args.iters)
+    times, cpu, peak = _loop(step, args.warmup, args.iters) if step is not None else \
+        _solver_loop(solver, args.warmup, args.iters)
     res["times"], res["cpu"] = times, cpu
     res["peak_mb"] = None if peak is None else (peak - base) / 1024.0
     from minicaffe.core import threads

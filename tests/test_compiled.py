@@ -113,7 +113,7 @@ def test_get_before_enabled_compiles(monkeypatch):
     assert got and got[0] is compiled.get(compiled.sgd_step)
     w = np.ones(8, np.float32)
     g, h = np.full(8, 2.0, np.float32), np.zeros(8, np.float32)
-    got[0](w, g, h, 0, 8, False, 1.0, 0.0, 0.5, 0.9)
+    got[0](w, g, h, 0, 8, False, 1.0, 0.0, 0.5, 0.9, False)
     assert np.array_equal(h, np.full(8, 1.0, np.float32)) and np.array_equal(w, np.zeros(8, np.float32))
 
 

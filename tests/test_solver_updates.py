@@ -344,3 +344,30 @@ def test_rules_on_gpu_match_cpu(kind, gpu):
             rule.compute(g, hist, tmp, 0.01, it)
         outs.append(backend.to_host(g))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind, compiled_step", [("SGD", True), ("Nesterov", True), ("Adam", False)])
+def test_a_step_of_many_iterations_clears_the_diffs_in_the_update(kind, compiled_step, monkeypatch):
+    """Within one ``step(n)`` the compiled SGD/Nesterov update leaves the diffs zero, so the next
+    iteration skips ClearParamDiffs (one clear per call, not one per iteration); the last update
+    leaves the update values as Caffe does. The same bits as ``n`` calls of ``step(1)``, which
+    clear every iteration; rules without a compiled step clear every iteration as before."""
+    from minicaffe.kernels import compiled
+    if compiled_step and not compiled.enabled():
+        pytest.skip("the compiled kernels are off")
+    fields = dict(base_lr=0.1, momentum=0.9, lr_policy="fixed", weight_decay=0.01)
+    if kind == "Adam":
+        fields["momentum2"] = 0.999
+    solvers = [make_solver(kind, w0=(1.0, -2.0, 3.0), c=(0.5, 0.25, -1.0), **fields) for _ in range(2)]
+    clears = []
+    for k, s in enumerate(solvers):
+        orig = s.net.clear_param_diffs
+        monkeypatch.setattr(s.net, "clear_param_diffs", lambda orig=orig, k=k: clears.append(k) or orig())
+    solvers[0].step(4)
+    for _ in range(4):
+        solvers[1].step(1)
+    assert clears.count(0) == (1 if compiled_step else 4) and clears.count(1) == 4
+    a, b = (s.net.params["quad"][0] for s in solvers)
+    assert a.data.tobytes() == b.data.tobytes() and a.diff.tobytes() == b.diff.tobytes()
+    assert solvers[0].history[0].data.tobytes() == solvers[1].history[0].data.tobytes()
+    assert np.abs(a.diff).max() > 0          # the last update's values, not zeros

@@ -276,12 +276,15 @@ class Solver:
         last_time, last_iter = time.perf_counter(), self.iter
         self._progress = ProgressBar(total=max(stop_iter - start_iter, 0), unit="iter", desc="train",
                                      enabled=None if self.is_root else False)
+        diffs_clear = False     # the last update left every diff zero (apply_update's clear_diffs)
         try:
             while self.iter < stop_iter:
                 # the generator's state now belongs with this iteration's weights: a failure snapshot uses it
                 self._iter_rng = (self.iter, backend.rng().bit_generator.state, backend.gpu_random_state(),
                                   self._data_positions())
-                self.net.clear_param_diffs()
+                if not diffs_clear:
+                    self.net.clear_param_diffs()
+                diffs_clear = False
                 if p.test_interval and self.iter % p.test_interval == 0 and \
                         (self.iter > 0 or p.test_initialization):
                     if self.is_root:
@@ -325,7 +328,9 @@ class Solver:
                         self._info("%s", line)
                 for _, on_gradients in self._callbacks:
                     on_gradients()
-                self.apply_update()
+                # diffs zeroed by the update, except after this step()'s last one, which leaves the
+                # update values as Caffe does (what a caller reads after step())
+                diffs_clear = self.apply_update(clear_diffs=self.iter + 1 < stop_iter and not p.snapshot_diff)
                 request = self._agree(self._requested_action())
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
                     self.snapshot()
@@ -430,8 +435,14 @@ class Solver:
                 k += 1
         return lines
 
-    def apply_update(self) -> None:
-        """One update from the accumulated gradients (SGDSolver::ApplyUpdate); advances ``iter``."""
+    def apply_update(self, clear_diffs: bool = False) -> bool:
+        """One update from the accumulated gradients (SGDSolver::ApplyUpdate); advances ``iter``.
+
+        Each parameter's diff ends holding its update value, as in Caffe. With ``clear_diffs`` the
+        compiled steps (SGD, Nesterov) leave it zero instead, in the same pass, so the next
+        iteration's ClearParamDiffs can be skipped: ``step`` asks for that on every iteration but
+        its last (VGG-16's 553 MB of diffs took 40 ms to clear on 2 cores). Returns whether every
+        diff was left zero."""
         p = self.param
         before = self.current_step
         rate, self.current_step = learning_rate(p, self.iter, self.current_step)
@@ -450,16 +461,18 @@ class Solver:
         weight_decay = updates.f32(p.weight_decay)
         if updates.fused_step(self.rule, params, diffs, self.history, lr_mults, decay_mults, rate, self.iter, p):
             self.iter += 1          # on the GPU: the loop below as one kernel launch
-            return
+            return False
+        cleared = bool(params)
         for i, blob in enumerate(params):
             g = diffs[i]
             scratch = self._scratch_for(i, g)
             local_decay = updates.f32(weight_decay * updates.f32(decay_mults[i]))
             local_rate = updates.f32(rate * updates.f32(lr_mults[i]))
             hist = [self.history[k * n + i].xdata for k in range(self.rule.history_sets)]
-            updates.parameter_step(self.rule, blob.xdata, g, hist, scratch, p.iter_size, local_decay,
-                                   p.regularization_type, local_rate, self.iter)
+            cleared &= updates.parameter_step(self.rule, blob.xdata, g, hist, scratch, p.iter_size, local_decay,
+                                              p.regularization_type, local_rate, self.iter, clear_diffs)
         self.iter += 1
+        return cleared
 
     def _scratch_for(self, i, g):
         """Temporaries for parameter ``i`` (regularisation + the rule's), kept between iterations."""

@@ -120,9 +120,13 @@ def clip_gradients(diffs, clip):
 # and larger blocks were slower (213-249 ms), smaller ones pay more Python calls per element.
 UPDATE_BLOCK = 1 << 15
 
-def parameter_step(rule, w, g, hist, scratch, iter_size, local_decay, regularization_type, local_rate, it):
+def parameter_step(rule, w, g, hist, scratch, iter_size, local_decay, regularization_type, local_rate, it,
+                   clear_diff=False):
     """``SGDSolver::ApplyUpdate``'s body for one parameter: normalise, regularise, compute the update
     value into ``g`` (``rule``), ``w -= g``. ``scratch``: regularisation's temporary, then the rule's.
+    With ``clear_diff``, where the compiled one-pass step runs, ``g`` is left zero instead of
+    holding the update value (the next iteration's ClearParamDiffs, done in the same pass); returns
+    whether it was.
 
     Every step is element by element, so on NumPy arrays (all C-contiguous) it runs on the thread pool
     in flat chunks, each chunk the very same operations on its slices: bit-identical at any thread
@@ -137,17 +141,18 @@ def parameter_step(rule, w, g, hist, scratch, iter_size, local_decay, regulariza
     flat = threads.flat_views(w, g, *hist, *scratch)
     if flat is None:
         body(w, g, hist, scratch)
-        return
+        return False
     kernel = _compiled_kernel(rule, regularization_type if local_decay else None, g.dtype)
     if kernel is not None:
         normalize_ = iter_size != 1
         scale = f32(1.0 / iter_size) if normalize_ else 1.0
         fw, fg, fh = flat[0], flat[1], flat[2]
+        clear = bool(clear_diff)
         threads.parallel_flat(g.size, lambda a, b: kernel(fw, fg, fh, a, b, normalize_, scale,
                                                           float(local_decay), float(local_rate),
-                                                          float(rule.momentum)),
+                                                          float(rule.momentum), clear),
                               work=g.size * 3)
-        return
+        return clear
     k = len(hist)
 
     def chunk(a, b):
@@ -155,6 +160,7 @@ def parameter_step(rule, w, g, hist, scratch, iter_size, local_decay, regulariza
             part = [f[s:min(b, s + UPDATE_BLOCK)] for f in flat]
             body(part[0], part[1], part[2:2 + k], part[2 + k:])
     threads.parallel_flat(g.size, chunk, work=g.size * len(flat))
+    return False
 
 
 _COMPILED_RULES = {"SGD": compiled.sgd_step, "Nesterov": compiled.nesterov_step}
