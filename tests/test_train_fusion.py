@@ -50,10 +50,10 @@ def _nets(text=NET):
     return fused, layers
 
 
-def _count_fused(monkeypatch):
-    """How many chain forwards and backwards ran fused (their run methods returned True)."""
+def _count_fused(monkeypatch, chain=train_fusion.BatchNormScaleChain):
+    """How many forwards and backwards of ``chain``'s kind ran fused (its run methods returned True)."""
     counts = {"forward": 0, "backward": 0}
-    run, run_backward = train_fusion.BatchNormScaleChain.run, train_fusion.BatchNormScaleChain.run_backward
+    run, run_backward = chain.run, chain.run_backward
 
     def spy(which, fn):
         def wrapped(self, net):
@@ -61,8 +61,8 @@ def _count_fused(monkeypatch):
             counts[which] += bool(done)
             return done
         return wrapped
-    monkeypatch.setattr(train_fusion.BatchNormScaleChain, "run", spy("forward", run))
-    monkeypatch.setattr(train_fusion.BatchNormScaleChain, "run_backward", spy("backward", run_backward))
+    monkeypatch.setattr(chain, "run", spy("forward", run))
+    monkeypatch.setattr(chain, "run_backward", spy("backward", run_backward))
     return counts
 
 
@@ -240,18 +240,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "sum" bottom: "target" top: "
 
 def _spy_sum_relu(monkeypatch):
     """How many Eltwise SUM + ReLU forwards and backwards ran fused."""
-    counts = {"forward": 0, "backward": 0}
-    run, run_backward = train_fusion.EltwiseSumReluChain.run, train_fusion.EltwiseSumReluChain.run_backward
-
-    def spy(which, fn):
-        def wrapped(self, net):
-            done = fn(self, net)
-            counts[which] += bool(done)
-            return done
-        return wrapped
-    monkeypatch.setattr(train_fusion.EltwiseSumReluChain, "run", spy("forward", run))
-    monkeypatch.setattr(train_fusion.EltwiseSumReluChain, "run_backward", spy("backward", run_backward))
-    return counts
+    return _count_fused(monkeypatch, train_fusion.EltwiseSumReluChain)
 
 
 @pytest.mark.parametrize("share_diffs,coeff", [(False, None), (True, None), (False, "coeff: 1 coeff: -0.5"),
