@@ -31,8 +31,8 @@ A ResNet block's Eltwise SUM + ReLU in place on the sum runs forward as the TEST
 ``fusion.EltwiseReluChain`` (the sum written into the top's own array and rectified there, a chunk
 at a time; the layers allocate a new top each forward and pass over it twice): neither layer's
 backward reads anything but the top and its diff, which it leaves as they do. Its backward
-(``EltwiseSumReluChain``) is the ReLU's gradient and the sum's in one pass, block by block: the
-layers one by one read the top's diff twice, write it once and write each bottom's gradient.
+(``EltwiseSumReluChain``) is the ReLU's gradient and the sum's in one compiled pass: the layers
+one by one read the top's diff twice, write it once and write each bottom's gradient.
 """
 import numpy as np
 
@@ -103,7 +103,7 @@ class EltwiseSumReluChain(fusion.EltwiseReluChain):
     then it is not written at all. So a ResNet block's top is read twice from memory (its diff and
     its data) and each bottom's gradient written once, against the separate layers' three reads
     and two writes of the top plus the bottoms' writes. On ResNet-50 at batch 8 (2 cores) the
-    blocks' ReLU and Eltwise backward took 63 ms, fused 49, and the whole backward 773 -> 755 ms
+    blocks' ReLU and Eltwise backward took 63 ms, fused 49, and the whole backward 780 -> 754 ms
     (medians of 9, both ways in one process: benchmarks/bench_engine_ab.py --set
     train_fusion.SUM_RELU_BACKWARD=0)."""
 
