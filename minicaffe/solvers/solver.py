@@ -329,7 +329,8 @@ class Solver:
                 for _, on_gradients in self._callbacks:
                     on_gradients()
                 # diffs zeroed by the update, except after this step()'s last one, which leaves the
-                # update values as Caffe does (what a caller reads after step())
+                # update values as Caffe does (what a caller reads after step()); a stop requested
+                # by a signal ends the call after an earlier update, and leaves them zero
                 diffs_clear = self.apply_update(clear_diffs=self.iter + 1 < stop_iter and not p.snapshot_diff)
                 request = self._agree(self._requested_action())
                 if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
