@@ -253,20 +253,26 @@ def test_gemm_1x1_weight_gradient_by_image_has_the_same_bits_at_one_thread_and_t
     monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_MIN_COLUMNS", 1)
     monkeypatch.setattr(conv_engines, "WGRAD_BY_IMAGE_STRIDED_MIN_COLUMNS", 1)
     x = np.random.default_rng(41).standard_normal((5, 6, 13, 12)).astype(np.float32)
+    one, two = _float32_weight_gradient_at_one_and_two_threads(spec, x, "gemm_1x1", {}, True, env_switch)
+    assert one.tobytes() == two.tobytes()
 
+
+def _float32_weight_gradient_at_one_and_two_threads(spec, x, name, opts, data_grad, env_switch):
+    """A Convolution's float32 weight gradient (``spec`` on input ``x``, engine ``name`` with
+    ``opts``, the data gradient asked for or not) with the kernels' pool at one thread, then at two."""
     def weight_gradient():
-        lay, bot, tp = make_layer(conv_text("Convolution", spec), [x])
-        engines.force(lay, "gemm_1x1")
+        lay, bot, tp = make_layer(conv_text("Convolution", spec), [x.astype(np.float32)])
+        engines.force(lay, name, **opts)
         forward(lay, bot, tp)
         tp[0].diff[...] = np.random.default_rng(3).standard_normal(tp[0].shape)
         lay.blobs[0].diff[...] = 0
-        lay.backward(tp, [True], bot)
+        lay.backward(tp, [data_grad], bot)
         return lay.blobs[0].diff.copy()
-    got = {}
+    got = []
     for n in ("1", "2"):
         env_switch("MINICAFFE_THREADS", n)
-        got[n] = weight_gradient()
-    assert got["1"].tobytes() == got["2"].tobytes()
+        got.append(weight_gradient())
+    return got
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
@@ -946,21 +952,8 @@ def test_weight_gradient_without_a_data_gradient_runs_in_fixed_groups(spec, imag
     _assert_same(_run(layer, bottom, top, name, opts), _run(layer, bottom, top, REF))
     # the weight-gradient-only pass took the groups: 6 chunks of an image, or the batch in chunks of 2
     assert chunks == [[(n, n + 1) for n in range(6)] if images else [(0, 2), (2, 4), (4, 6)]]
-
-    def float32_weight_gradient():
-        x32 = x.astype(np.float32)
-        lay, bot, tp = make_layer(conv_text("Convolution", spec), [x32])
-        engines.force(lay, name, **opts)
-        forward(lay, bot, tp)
-        tp[0].diff[...] = np.random.default_rng(3).standard_normal(tp[0].shape)
-        lay.blobs[0].diff[...] = 0
-        lay.backward(tp, [False], bot)
-        return lay.blobs[0].diff.copy()
-    got = {}
-    for n in ("1", "2"):
-        env_switch("MINICAFFE_THREADS", n)
-        got[n] = float32_weight_gradient()
-    assert got["1"].tobytes() == got["2"].tobytes()
+    one, two = _float32_weight_gradient_at_one_and_two_threads(spec, x, name, opts, False, env_switch)
+    assert one.tobytes() == two.tobytes()
 
 
 # --- Winograd F(2x2, 5x5) and F(3x3, 5x5) -----------------------------------------------------------
