@@ -12,11 +12,12 @@ A/B in one process, per layer and for the whole backward.
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
 keep their engines. ``--reference TYPE`` runs net B's layers of that type on their own code (the
-engine table's reference) instead of the engine DEFAULT picks. ``--set threads.NAME=VALUE`` (or ``train_fusion.NAME``, ``diff_plan.NAME``)
-sets a constant of ``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``,
-``minicaffe.net.diff_plan``) instead, which the passes read as they run (a net's diff plan is made
-at its first solver-style pass): it is in force while net B runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is shared, and
-timings from separate runs move by more than the changes being measured. The two nets run in turn,
+engine table's reference) instead of the engine DEFAULT picks. ``--set threads.NAME=VALUE`` (or
+``train_fusion.NAME``, ``diff_plan.NAME``) sets a constant of ``minicaffe.core.threads``
+(``minicaffe.kernels.train_fusion``, ``minicaffe.net.diff_plan``) instead, which the passes read as
+they run (a net's diff plan is made at its first solver-style pass): it is in force while net B
+runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is
+shared, and timings from separate runs move by more than the changes being measured. The two nets run in turn,
 round by round, on the same input; the table gives medians over rounds of each convolution's
 backward (the layers whose engine or engine options differ between the nets) and of the whole
 forward and backward passes.
