@@ -598,6 +598,54 @@ def test_winograd_weight_gradient_matches_the_reference(layer_type, case, data_g
 
 
 @pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+@pytest.mark.parametrize("case", WINOGRAD_GRAD_CASES + ["pad3", "batch1_odd"])
+def test_winograd_gradients_with_dy_tiles_channels_last_match_the_reference(layer_type, case, monkeypatch):
+    """dy's tiles channels last for every output count (GRAD_TILES_CHANNELS_LAST_MIN_OUT 1): with
+    both gradients through F(4x4, 3x3) the weight gradient reads the data gradient's own padded dy
+    (``shares_dy``; where that dy's padding is too short, as with pad 2, a copy of its own), alone
+    always a copy of its own; the reference's numbers each way. A Deconvolution's weight gradient
+    is its forward's, with a copy of its own."""
+    monkeypatch.setattr(winograd, "GRAD_TILES_CHANNELS_LAST_MIN_OUT", 1)
+    layer, bottom, top = _layer(layer_type, case)
+    ref = _run(layer, bottom, top, REF)
+    g = layer.conv.geom
+    data_grad = winograd.applies(g, 1) and g.ph <= 2 and g.pw <= 2
+    shared = []         # per weight gradient: whether it read the data gradient's dy
+    real = winograd._dy_source
+    monkeypatch.setattr(winograd, "_dy_source", lambda dy, th, tw, given: shared.append(
+        given is not None and real(dy, th, tw, given)[0] is given[0]) or real(dy, th, tw, given))
+    _assert_same(_run(layer, bottom, top, "winograd", {"weight_grad": True, "data_grad": data_grad}), ref)
+    engine = conv_engines.WinogradConv(layer.conv, layer.phase, data_grad=data_grad, weight_grad=True)   # _run's
+    assert engine.grad_tiles_channels_last
+    assert len(shared) == 2         # the weight gradient beside the data gradient, then alone
+    assert shared[1] is False
+    fits = g.ph <= 1 and g.pw <= 1
+    # a Deconvolution's weight gradient runs in its forward (the convolution's), never beside this
+    assert shared[0] is (layer_type == "Convolution" and engine.shares_dy and fits)
+    assert engine.shares_dy is (data_grad and engine.grad_tile == 4)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_winograd_dy_tiles_channels_last_are_the_channels_first_tiles_transposed(pad):
+    """``compiled.winograd4_gradient_tiles_cl`` on dy padded channels last (at the data gradient's
+    offset ``2 - pad``, zeros past the map's edge) gives ``winograd4_gradient_tiles``'s tiles bit
+    for bit, transposed (the same operations on each value), in the whole map and in a last band."""
+    from minicaffe.kernels import compiled
+    rng = np.random.default_rng(15)
+    for n, k, oh, ow in ((2, 24, 17, 22), (1, 16, 5, 6), (3, 20, 9, 8)):
+        dy = rng.standard_normal((n, k, oh, ow)).astype(np.float32)
+        th, tw = -(-oh // 4), -(-ow // 4)
+        off = 2 - pad
+        src = winograd._source_channels_last(dy, off, off, off + 4 * th + 1, off + 4 * tw + 2).copy()
+        for t0, rows in ((0, th), (th - min(2, th), min(2, th))):
+            want = np.empty((36, k, n * rows * tw), np.float32)
+            compiled.get(compiled.winograd4_gradient_tiles)(dy, want, t0, rows, tw, 0, k)
+            got = np.full((36, n * rows * tw, k), np.nan, np.float32)
+            compiled.get(compiled.winograd4_gradient_tiles_cl)(src, off, off, got, t0, rows, tw, 0, n * rows)
+            assert got.transpose(0, 2, 1).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
 @pytest.mark.parametrize("case", ["odd", "pad2", "wide"])
 def test_winograd_weight_gradient_in_float32_matches_the_reference(layer_type, case):
     """float32 blobs: the weight gradient to float32 rounding (its 36 products sum over the whole

@@ -152,6 +152,8 @@ def warm_up() -> bool:
     get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
+    get(winograd4_gradient_tiles_cl)(np.zeros((1, 4, 4, 1), np.float32), 0, 0, np.zeros((36, 1, 1), np.float32),
+                                      0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
     get(winograd_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
     y, b = np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
@@ -429,6 +431,50 @@ def winograd4_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u3[q] = y0 + h * y1 + q4 * y2 + e * y3
                         u4[q] = y0 - t2 * y1 + f4 * y2 - e8 * y3
                         u5[q] = y3
+
+
+def winograd4_gradient_tiles_cl(src, off_h, off_w, u, t0, rows, tw, i0, i1):
+    """``winograd4_gradient_tiles`` from a channels-last dy and into channels-last tiles: items
+    ``i0:i1`` of the band (item ``n * rows + r``: image n, tile row ``t0 + r``), ``u[i * 6 + j,
+    item * tw + q, c]`` = (A dy A^T)[i, j] of channel c's 4x4 tile at that row, column ``q``. dy is
+    read from ``src`` (n, hp, wp, cout), dy[n, c, y, x] at ``src[n, off_h + y, off_w + x, c]``,
+    zeros past the map's edge (``winograd._source_channels_last``'s padding): the data gradient's
+    own padded dy, or one made for this. Why: channels first, a tile row of a 14-wide map is four
+    values (runs of ``tw``); here each of the kernel's loops runs over the channels. The same
+    operations on each value as ``winograd4_gradient_tiles``: the same bits, transposed."""
+    cout = src.shape[3]
+    dt = src.dtype.type
+    h, q4, e, t2, f4, e8 = dt(0.5), dt(0.25), dt(0.125), dt(2.0), dt(4.0), dt(8.0)
+    t = np.empty((4, 6, cout), src.dtype)   # A^T' along each of the tile's four rows
+    for i in range(i0, i1):
+        n = i // rows
+        y = off_h + 4 * (t0 + i - n * rows)
+        for q in range(tw):
+            col = i * tw + q
+            x0 = off_w + 4 * q
+            for a in range(4):
+                s0, s1, s2, s3 = src[n, y + a, x0], src[n, y + a, x0 + 1], src[n, y + a, x0 + 2], src[n, y + a, x0 + 3]
+                ta = t[a]
+                for c in range(cout):
+                    y0, y1, y2, y3 = s0[c], s1[c], s2[c], s3[c]
+                    ta[0, c] = y0
+                    ta[1, c] = y0 + y1 + y2 + y3
+                    ta[2, c] = y0 - y1 + y2 - y3
+                    ta[3, c] = y0 + h * y1 + q4 * y2 + e * y3
+                    ta[4, c] = y0 - t2 * y1 + f4 * y2 - e8 * y3
+                    ta[5, c] = y3
+            for j in range(6):          # then down each column
+                r0, r1, r2, r3 = t[0, j], t[1, j], t[2, j], t[3, j]
+                u0, u1, u2 = u[j, col], u[6 + j, col], u[12 + j, col]
+                u3, u4, u5 = u[18 + j, col], u[24 + j, col], u[30 + j, col]
+                for c in range(cout):
+                    y0, y1, y2, y3 = r0[c], r1[c], r2[c], r3[c]
+                    u0[c] = y0
+                    u1[c] = y0 + y1 + y2 + y3
+                    u2[c] = y0 - y1 + y2 - y3
+                    u3[c] = y0 + h * y1 + q4 * y2 + e * y3
+                    u4[c] = y0 - t2 * y1 + f4 * y2 - e8 * y3
+                    u5[c] = y3
 
 
 def winograd_filter_gradient(m, g, dw, o0, o1):

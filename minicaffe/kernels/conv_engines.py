@@ -1016,12 +1016,19 @@ class WinogradConv(Im2colConv):
             raise ValueError(f"Winograd cannot compute the data gradient of pad {shape.geom.ph}x{shape.geom.pw}")
         self.data_grad = bool(data_grad)
         self.weight_grad = bool(winograd_weight_grad_pays(shape) if weight_grad is None else weight_grad)
+        # dy's tiles for the weight gradient channels last (winograd.grad_tiles_channels_last, read
+        # once here, as the thresholds are), from the data gradient's own padded dy where both run
+        # F(4x4, 3x3) on one group (backward)
+        self.grad_tiles_channels_last = winograd.grad_tiles_channels_last(shape.cout // shape.group)
+        self.shares_dy = (self.grad_tiles_channels_last and self.data_grad and self.weight_grad
+                          and shape.group == 1 and taps == 3 and self.grad_tile == 4)
 
-    def _weight_grad_left(self, x, dy, dw):
+    def _weight_grad_left(self, x, dy, dw, dy_source=None):
         """``dw += dW`` through Winograd where this call takes it (the option, and the compiled
         kernels take the arrays: without them the NumPy twins would be slower than the columns);
-        returns the weight gradient still to compute (``dw``, or None once it is done)."""
-        if dw is None or not (self.weight_grad and compiled.runs_on(x, dy, dw)):
+        returns the weight gradient still to compute (``dw``, or None once it is done).
+        ``dy_source``: the data gradient's padded channels-last dy (one group), for dy's tiles."""
+        if not self._winograd_weight_grad(x, dy, dw):
             return dw
         g = self.s.geom
         for _, xg, dyg, dwg in self._by_group(x, dy, dw):
@@ -1029,8 +1036,12 @@ class WinogradConv(Im2colConv):
                 # the kernels read C-contiguous arrays: each group's channels copied out first
                 xg = _contiguous(xg, _GROUP_X)
                 dyg = _contiguous(dyg, _GROUP_DY)
-            winograd.weight_gradient(xg, dyg, dwg, g.ph, g.pw)
+            winograd.weight_gradient(xg, dyg, dwg, g.ph, g.pw, dy_source=dy_source,
+                                     channels_last=self.grad_tiles_channels_last)
         return None
+
+    def _winograd_weight_grad(self, x, dy, dw):
+        return dw is not None and self.weight_grad and compiled.runs_on(x, dy, dw)
 
     def _filters(self, w, tile=None, cache=None):
         tile = tile or self.tile
@@ -1068,6 +1079,16 @@ class WinogradConv(Im2colConv):
             winograd.forward(xg, wg, yg, g.ph, g.pw, u=self._filters(wg, cache=self.caches[i]), band=self.band)
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
+        if dx is not None and self.shares_dy and self._winograd_weight_grad(x, dy, dw):
+            # the data gradient first: its padded channels-last dy (in winograd.DY_SOURCE, which
+            # the weight gradient's x does not take) is what dy's tiles read
+            g = self.s.geom
+            flipped, u = self._flipped_filters(w, self.flipped_caches[0])
+            src = winograd.forward(dy, flipped, dx, g.kh - 1 - g.ph, g.kw - 1 - g.pw, u=u, band=self.band,
+                                   source_slot=winograd.DY_SOURCE)
+            offsets = None if src is None else (src, g.kh - 1 - g.ph, g.kw - 1 - g.pw)
+            self._weight_grad_left(x, dy, dw, dy_source=offsets)
+            return
         dw = self._weight_grad_left(x, dy, dw)
         if dx is None or not self.data_grad:
             return super().backward(dy, w, dx, x, dw)

@@ -68,6 +68,9 @@ _TMP_D, _CHANNELS_LAST = Slot("wino_tmp_d"), Slot("wino_channels_last")
 _CHANNELS_LAST_OUT = Slot("wino_channels_last_out")
 _IMAGE_T = Slot("wino_image_t")
 _GRAD = Slot("wino_grad")
+# the data gradient's padded channels-last dy, kept for the weight gradient's dy tiles (forward's
+# source_slot, weight_gradient's dy_source): apart from _SRC, which the weight gradient's x takes
+DY_SOURCE = Slot("wino_dy_source")
 
 # _source_channels_last transposes a whole image at once up to this many values (4 MB of float32)
 IMAGE_TRANSPOSE_ELEMENTS = 1 << 20
@@ -252,11 +255,13 @@ def transform_filters(w, out=None, tile=None):
     return out
 
 
-def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
+def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None, source_slot=_SRC):
     """``y[...] = conv(x, w)`` for a 3x3 or 5x5 stride-1 kernel; x (n, cin, h, w), y (n, cout, oh,
     ow); ``u``: the filters already transformed (``transform_filters``; its size says the tile
     size); else ``tile`` (3x3: 2 or 4, 5x5: 2 or 3; default ``tile_size``); ``band``: tile rows per
-    band (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands)."""
+    band (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands). Returns the
+    padded channels-last copy of ``x`` that F(4x4, 3x3)'s compiled path reads (in the workspace
+    ``source_slot``: the data gradient keeps its dy there for ``weight_gradient``), else None."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if w.shape[-1] == 5:
@@ -278,9 +283,10 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None):
         for t0 in range(0, th, band):
             _band2(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
     elif x.dtype in (np.float32, np.float64) and compiled.enabled():
-        src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2)
+        src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2, slot=source_slot)
         for t0 in range(0, th, band):
             _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
+        return src
     else:
         src = _source4(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
@@ -590,7 +596,7 @@ def _into_y(ycl, y, t0, t1, oh, tile=4):
     threads.parallel_for(num, to_y, work=num * (y1 - y0) * ow * cout)
 
 
-def _source_channels_last(x, pad_h, pad_w, hp, wp):
+def _source_channels_last(x, pad_h, pad_w, hp, wp, slot=_SRC):
     """The compiled F(4x4)'s input: ``x`` padded to (n, hp, wp, cin), channels last (the compiled
     transform reads each tile's 6x6 window there, and its channel loop runs over contiguous
     values; ``_source4``'s copy of every tile's six columns apart is only for the stacked GEMMs).
@@ -598,9 +604,10 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp):
     the padded rows, split over images, where an image is at most IMAGE_TRANSPOSE_ELEMENTS (it stays
     in cache between the two) and there are images for every thread of the pool: ResNet-50's
     10x64x56x56 took 4.35 ms with a transpose per row, 1.20 ms this way (2 cores). Else one
-    transpose per image row (without cv2, NumPy's strided copy), split over padded rows."""
+    transpose per image row (without cv2, NumPy's strided copy), split over padded rows. ``slot``:
+    the workspace it goes in."""
     num, cin, h, wd = x.shape
-    src = workspace(np, (num, hp, wp, cin), x.dtype, _SRC)
+    src = workspace(np, (num, hp, wp, cin), x.dtype, slot)
     cv2 = _opencv()
     if cv2 is not None and num >= threads.size() and cin * h * wd <= IMAGE_TRANSPOSE_ELEMENTS:
         def images(k0, k1):
@@ -742,15 +749,40 @@ WEIGHT_GRAD_BAND_ELEMENTS = 1 << 22
 WEIGHT_GRAD_MIN_COLUMNS = 1536
 WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
 
+# F(4x4, 3x3)'s weight gradient takes dy's tiles from a channels-last dy, each loop of the compiled
+# kernel over the output channels (compiled.winograd4_gradient_tiles_cl), where channels first its
+# loops ran over a tile row's tiles (four on a 14-wide map); the data gradient's own padded dy is
+# that source where Winograd computes both (conv_engines.WinogradConv.backward), and the 36 GEMMs
+# read the tiles transposed (3-15% slower GEMMs on these shapes; the tiles 2-3x faster). Measured in
+# whole TRAIN nets, one process, medians, backward with / without (bench_engine_ab.py --set
+# GRAD_TILES_CHANNELS_LAST=0, 2 cores): GoogLeNet batch 16 622 / 659 ms (conv2/3x3 76.1 / 90.6,
+# inception_4e/3x3 19.1 / 24.5), ResNet-50 batch 8 748 / 792 (res2a_branch2b 17.6 / 20.5, the 14x14
+# layers 13.7-14.3 / 15.6-16.3), VGG-16 batch 4 814 / 820. Under GRAD_TILES_CHANNELS_LAST_MIN_OUT
+# output channels (a group's) the loops would be shorter than one AVX-512 vector of float32: the
+# channels-first kernel (not measured; no layer of the four nets is that thin).
+GRAD_TILES_CHANNELS_LAST = 1
+GRAD_TILES_CHANNELS_LAST_MIN_OUT = 16
 
-def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None):
+
+def grad_tiles_channels_last(cout):
+    """Whether F(4x4, 3x3)'s weight gradient of ``cout`` output channels takes dy's tiles channels
+    last (GRAD_TILES_CHANNELS_LAST, GRAD_TILES_CHANNELS_LAST_MIN_OUT)."""
+    return bool(GRAD_TILES_CHANNELS_LAST) and cout >= GRAD_TILES_CHANNELS_LAST_MIN_OUT
+
+
+def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=None, channels_last=None):
     """``dw += dW`` of a 3x3 or 5x5 stride-1 undilated ungrouped convolution with pads ``pad_h,
     pad_w``: x (n, cin, h, w), dy (n, cout, oh, ow), dw (cout, cin, k, k); F(4x4, 3x3)'s transforms
     (see above), or for 5x5 F(3x3, 5x5)'s (``tile`` 3: dy's 3x3 blocks, input tiles 3 apart: F(5x5,
     3x3), 49 multiplies a block and channel pair where the columns' GEMM does 225) or F(2x2,
     5x5)'s (``tile`` 2: F(5x5, 2x2), 36 where the columns do 100); by default as ``tile_size``
     says. ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests
-    pass 1). The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins."""
+    pass 1). The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins.
+
+    ``channels_last`` (default ``grad_tiles_channels_last``; F(4x4, 3x3) on the compiled kernels only):
+    dy's tiles from a channels-last dy (``compiled.winograd4_gradient_tiles_cl``), the products'
+    GEMMs reading them transposed; ``dy_source`` ``(src, off_h, off_w)``: that dy already padded
+    (the data gradient's, ``forward``'s return), else one is made. See GRAD_TILES_CHANNELS_LAST."""
     num, cin = x.shape[:2]
     cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
     taps = dw.shape[-1]
@@ -771,17 +803,26 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None):
     fast = compiled.runs_on(x, dy, dw)
     src = _source_channels_last(x, pad_h, pad_w, tile * th + n - tile, tile * tw + n - tile)
     m = workspace(np, (positions, cout, cin), dt, _GRAD)
-    if fast:
-        kin = compiled.get(compiled.winograd7_input if n == 7 else compiled.winograd6_input)
+    cl = fast and tile == 4 and (grad_tiles_channels_last(cout) if channels_last is None else channels_last)
+    if cl:
+        dsrc, off_h, off_w = _dy_source(dy, th, tw, dy_source)
+        kcl = compiled.get(compiled.winograd4_gradient_tiles_cl)
+    elif fast:
         kdy = compiled.get(compiled.winograd3x5_gradient_tiles if tile == 3 else
                            compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
+    if fast:
+        kin = compiled.get(compiled.winograd7_input if n == 7 else compiled.winograd6_input)
     for t0 in range(0, th, band):
         bt = min(th, t0 + band) - t0
         cols = num * bt * tw
         v = workspace(np, (positions, cols, cin), dt, _TILES)
-        u = workspace(np, (positions, cout, cols), dt, _PROD)
+        u = workspace(np, (positions, cols, cout) if cl else (positions, cout, cols), dt, _PROD)
         if fast:
             _tile_row_items(num, bt, lambda i0, i1: kin(src, v, t0, bt, tw, i0, i1, tile), 2 * v.size)
+        if cl:
+            _tile_row_items(num, bt, lambda i0, i1: kcl(dsrc, off_h, off_w, u, t0, bt, tw, i0, i1), 2 * u.size)
+            u = u.transpose(0, 2, 1)
+        elif fast:
             threads.parallel_for(cout, lambda c0, c1: kdy(dy, u, t0, bt, tw, c0, c1), work=2 * u.size)
         else:
             np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile, n=n))
@@ -793,6 +834,19 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None):
         threads.parallel_for(cout, lambda o0, o1: kfg(m, g, dw, o0, o1), work=m.size + dw.size)
     else:
         _filter_gradient_numpy(m, dw, g)
+
+
+def _dy_source(dy, th, tw, given):
+    """``(src, off_h, off_w)``: dy padded channels-last with zeros past its map's edge to ``4 * th``
+    rows and ``4 * tw`` columns from the offsets: ``given`` where it is that (the data gradient's
+    source of the same dy: its pad ``k - 1 - p`` is the offset), else a copy made in DY_SOURCE."""
+    num, cout, oh, ow = dy.shape
+    if given is not None:
+        src, off_h, off_w = given
+        if (src.shape[0] == num and src.shape[3] == cout and src.dtype == dy.dtype
+                and src.shape[1] >= off_h + 4 * th and src.shape[2] >= off_w + 4 * tw):
+            return src, off_h, off_w
+    return _source_channels_last(dy, 0, 0, 4 * th, 4 * tw, slot=DY_SOURCE), 0, 0
 
 
 def _accumulate_products(u, v, m, first):
