@@ -149,6 +149,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd6_input, compiled.winograd4_output,
                compiled.winograd2x5_output, compiled.winograd2x5_gradient_tiles,
                compiled.winograd4_gradient_tiles, compiled.winograd4_gradient_tiles_cl,
+               compiled.winograd3x5_gradient_tiles_cl,
                compiled.winograd_filter_gradient,
                compiled.convolution_epilogue, compiled.inner_product_rows, compiled.inner_product_rows_backward):
         assert compiled.get(fn).signatures       # compiled (or loaded) for float32

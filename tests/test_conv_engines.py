@@ -626,22 +626,26 @@ def test_winograd_gradients_with_dy_tiles_channels_last_match_the_reference(laye
 
 
 @pytest.mark.parametrize("pad", [0, 1, 2])
-def test_winograd_dy_tiles_channels_last_are_the_channels_first_tiles_transposed(pad):
-    """``compiled.winograd4_gradient_tiles_cl`` on dy padded channels last (at the data gradient's
-    offset ``2 - pad``, zeros past the map's edge) gives ``winograd4_gradient_tiles``'s tiles bit
-    for bit, transposed (the same operations on each value), in the whole map and in a last band."""
+@pytest.mark.parametrize("tile", [4, 3])
+def test_winograd_dy_tiles_channels_last_are_the_channels_first_tiles_transposed(pad, tile):
+    """``compiled.winograd4_gradient_tiles_cl`` (3x3 kernels, 4x4 tiles) and
+    ``winograd3x5_gradient_tiles_cl`` (5x5, 3x3 tiles) on dy padded channels last (at an offset
+    ``pad``, zeros past the map's edge) give the channels-first kernels' tiles bit for bit,
+    transposed (the same operations on each value), in the whole map and in a last band."""
     from minicaffe.kernels import compiled
+    first, last = ((compiled.winograd4_gradient_tiles, compiled.winograd4_gradient_tiles_cl) if tile == 4 else
+                   (compiled.winograd3x5_gradient_tiles, compiled.winograd3x5_gradient_tiles_cl))
+    positions = 36 if tile == 4 else 49
     rng = np.random.default_rng(15)
     for n, k, oh, ow in ((2, 24, 17, 22), (1, 16, 5, 6), (3, 20, 9, 8)):
         dy = rng.standard_normal((n, k, oh, ow)).astype(np.float32)
-        th, tw = -(-oh // 4), -(-ow // 4)
-        off = 2 - pad
-        src = winograd._source_channels_last(dy, off, off, off + 4 * th + 1, off + 4 * tw + 2).copy()
+        th, tw = -(-oh // tile), -(-ow // tile)
+        src = winograd._source_channels_last(dy, pad, pad, pad + tile * th + 1, pad + tile * tw + 2).copy()
         for t0, rows in ((0, th), (th - min(2, th), min(2, th))):
-            want = np.empty((36, k, n * rows * tw), np.float32)
-            compiled.get(compiled.winograd4_gradient_tiles)(dy, want, t0, rows, tw, 0, k)
-            got = np.full((36, n * rows * tw, k), np.nan, np.float32)
-            compiled.get(compiled.winograd4_gradient_tiles_cl)(src, off, off, got, t0, rows, tw, 0, n * rows)
+            want = np.empty((positions, k, n * rows * tw), np.float32)
+            compiled.get(first)(dy, want, t0, rows, tw, 0, k)
+            got = np.full((positions, n * rows * tw, k), np.nan, np.float32)
+            compiled.get(last)(src, pad, pad, got, t0, rows, tw, 0, n * rows)
             assert got.transpose(0, 2, 1).tobytes() == want.tobytes()
 
 
@@ -1013,11 +1017,17 @@ WINOGRAD5_CASES = ["k5p2", "k5odd", "k5p4", "k5pad_h3", "k5g2", "narrow5"]
 @pytest.mark.parametrize("case", WINOGRAD5_CASES)
 @pytest.mark.parametrize("band", [1, None])
 @pytest.mark.parametrize("tile", [2, 3])
-def test_winograd_5x5_matches_the_reference(layer_type, case, band, tile, f4_transforms):
+@pytest.mark.parametrize("dy_channels_last", [False, True])
+def test_winograd_5x5_matches_the_reference(layer_type, case, band, tile, dy_channels_last, f4_transforms,
+                                            monkeypatch):
     """5x5 stride-1 kernels through F(2x2, 5x5) or F(3x3, 5x5) (``tile``): forward, data gradient
-    (pads 0 to 4) and weight gradient (F(5x5, 2x2)) against the reference in float64, in bands of
-    one tile row (ragged) or the default, groups, odd sizes (not multiples of 2 or 3); the compiled
-    transforms and the NumPy twins (where the weight gradient takes the columns)."""
+    (pads 0 to 4) and weight gradient (F(5x5, 2x2) or F(5x5, 3x3), dy's tiles channels first or
+    last: GRAD_TILES_CHANNELS_LAST_MIN_OUT 1, from the data gradient's padded dy where it fits)
+    against the reference in float64, in bands of one tile row (ragged) or the default, groups,
+    odd sizes (not multiples of 2 or 3); the compiled transforms and the NumPy twins (where the
+    weight gradient takes the columns)."""
+    if dy_channels_last:
+        monkeypatch.setattr(winograd, "GRAD_TILES_CHANNELS_LAST_MIN_OUT", 1)
     layer, bottom, top = _layer(layer_type, case)
     ref = _run(layer, bottom, top, REF)
     options = {"band_rows": band, "data_grad": True, "weight_grad": True, "tile": tile}
@@ -1110,14 +1120,14 @@ def test_winograd_5x5_compiled_transforms_agree_with_the_numpy_ones(tile, env_sw
     ((32, 96, 27, 27), "num_output: 256 kernel_size: 5 pad: 2 stride: 2", False)])  # strided
 def test_default_winograd_5x5_where_it_pays(shape, spec, want):
     """DEFAULT takes Winograd for the forward and the data gradient where WINOGRAD5_* say (wide
-    groups on maps from 20x20), its weight gradient on groups of 48 -> 128 channels
-    (WINOGRAD5_WEIGHT_GRAD_*: CaffeNet's conv2, not GoogLeNet's 3b); F(3x3, 5x5) where the
-    compiled kernels run (winograd.tile_size), else F(2x2, 5x5)."""
+    groups on maps from 20x20), its weight gradient on groups of 32 -> 96 channels and more
+    (WINOGRAD5_WEIGHT_GRAD_*: CaffeNet's conv2 and GoogLeNet's 3b); F(3x3, 5x5) where the compiled
+    kernels run (winograd.tile_size), else F(2x2, 5x5)."""
     from minicaffe.kernels import compiled
     layer, _, _ = make_layer(conv_text("Convolution", spec), [np.zeros(shape, np.float32)])
     assert (layer.engine_name == "winograd") is want
     if want:
-        assert layer.engine.data_grad and layer.engine.weight_grad is (shape[1] == 96)
+        assert layer.engine.data_grad and layer.engine.weight_grad
         assert layer.engine.tile == layer.engine.grad_tile == (3 if compiled.enabled() else 2)
 
 

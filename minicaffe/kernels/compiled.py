@@ -152,6 +152,7 @@ def warm_up() -> bool:
     get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
+    get(winograd3x5_gradient_tiles_cl)(np.zeros((1, 3, 3, 1), np.float32), 0, 0, v7.copy().reshape(49, 1, 1), 0, 1, 1, 0, 1)
     get(winograd4_gradient_tiles_cl)(np.zeros((1, 4, 4, 1), np.float32), 0, 0, np.zeros((36, 1, 1), np.float32),
                                       0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
@@ -733,6 +734,49 @@ def winograd3x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
                         u4[q] = y0 - t2 * y1 + f4 * y2
                         u5[q] = y0 + t2 * y1 + f4 * y2
                         u6[q] = y2
+
+
+def winograd3x5_gradient_tiles_cl(src, off_h, off_w, u, t0, rows, tw, i0, i1):
+    """``winograd3x5_gradient_tiles`` from a channels-last dy and into channels-last tiles, as
+    ``winograd4_gradient_tiles_cl`` is for F(4x4, 3x3): items ``i0:i1`` of the band (item ``n *
+    rows + r``), ``u[i * 7 + j, item * tw + q, c]`` = (A dy A^T)[i, j] of channel c's 3x3 tile,
+    dy[n, c, y, x] at ``src[n, off_h + y, off_w + x, c]`` (zeros past the map's edge). The same
+    operations on each value: the same bits, transposed."""
+    cout = src.shape[3]
+    dt = src.dtype.type
+    h, q4, t2, f4 = dt(0.5), dt(0.25), dt(2.0), dt(4.0)
+    t = np.empty((3, 7, cout), src.dtype)   # A^T' along each of the tile's three rows
+    for i in range(i0, i1):
+        n = i // rows
+        y = off_h + 3 * (t0 + i - n * rows)
+        for q in range(tw):
+            col = i * tw + q
+            x0 = off_w + 3 * q
+            for a in range(3):
+                s0, s1, s2 = src[n, y + a, x0], src[n, y + a, x0 + 1], src[n, y + a, x0 + 2]
+                ta = t[a]
+                for c in range(cout):
+                    y0, y1, y2 = s0[c], s1[c], s2[c]
+                    ta[0, c] = y0
+                    ta[1, c] = y0 + y1 + y2
+                    ta[2, c] = y0 - y1 + y2
+                    ta[3, c] = y0 + h * y1 + q4 * y2
+                    ta[4, c] = y0 - t2 * y1 + f4 * y2
+                    ta[5, c] = y0 + t2 * y1 + f4 * y2
+                    ta[6, c] = y2
+            for j in range(7):          # then down each column
+                r0, r1, r2 = t[0, j], t[1, j], t[2, j]
+                u0, u1, u2, u3 = u[j, col], u[7 + j, col], u[14 + j, col], u[21 + j, col]
+                u4, u5, u6 = u[28 + j, col], u[35 + j, col], u[42 + j, col]
+                for c in range(cout):
+                    y0, y1, y2 = r0[c], r1[c], r2[c]
+                    u0[c] = y0
+                    u1[c] = y0 + y1 + y2
+                    u2[c] = y0 - y1 + y2
+                    u3[c] = y0 + h * y1 + q4 * y2
+                    u4[c] = y0 - t2 * y1 + f4 * y2
+                    u5[c] = y0 + t2 * y1 + f4 * y2
+                    u6[c] = y2
 
 
 # --- convolution epilogues (kernels/fusion.py's NumPy twins) -----------------------------------------

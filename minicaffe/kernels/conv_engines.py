@@ -316,9 +316,13 @@ WINOGRAD5_MIN_OUT_CHANNELS = 96
 # at batch 16 10.8 / 11.7, at batch 32 21.3 / 24.8 (its GEMMs' 96 x 32 outputs are too small).
 # F(5x5, 2x2) lost on all four (CaffeNet conv2 at batch 32 106-109). Its float32 error against a
 # float64 reference, of max|dW|, on CaffeNet conv2's shapes at batch 8: 1.4e-5 (F(5x5, 2x2) 5.8e-6,
-# the 3x3 F(3x3, 4x4) 4.3e-6, the columns 4e-7).
-WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS = 48
-WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS = 128
+# the 3x3 F(3x3, 4x4) 4.3e-6, the columns 4e-7). Since dy's tiles run channels last
+# (winograd.GRAD_TILES_CHANNELS_LAST) 3b/5x5 pays too: its whole backward in GoogLeNet at batch 16
+# (bench_engine_ab.py --set WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS=16 --set
+# WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS=32, medians of 5) 24.6 with the columns' weight gradient,
+# 20.5 with F(5x5, 3x3); no other 5x5 layer of the four nets changed engine (48 -> 128 before).
+WINOGRAD5_WEIGHT_GRAD_MIN_IN_CHANNELS = 32
+WINOGRAD5_WEIGHT_GRAD_MIN_OUT_CHANNELS = 96
 WINOGRAD5_MIN_SIZE = 20
 WINOGRAD5_MIN_TILES = 1024
 
@@ -1017,11 +1021,12 @@ class WinogradConv(Im2colConv):
         self.data_grad = bool(data_grad)
         self.weight_grad = bool(winograd_weight_grad_pays(shape) if weight_grad is None else weight_grad)
         # dy's tiles for the weight gradient channels last (winograd.grad_tiles_channels_last, read
-        # once here, as the thresholds are), from the data gradient's own padded dy where both run
-        # F(4x4, 3x3) on one group (backward)
+        # once here, as the thresholds are), from the data gradient's own padded dy (group by
+        # group) where Winograd computes both and the data gradient's tiles keep dy padded channels
+        # last: F(4x4, 3x3), or any 5x5 (backward)
         self.grad_tiles_channels_last = winograd.grad_tiles_channels_last(shape.cout // shape.group)
         self.shares_dy = (self.grad_tiles_channels_last and self.data_grad and self.weight_grad
-                          and shape.group == 1 and taps == 3 and self.grad_tile == 4)
+                          and (taps == 5 or self.grad_tile == 4))
 
     def _weight_grad_left(self, x, dy, dw, dy_source=None):
         """``dw += dW`` through Winograd where this call takes it (the option, and the compiled
@@ -1030,15 +1035,19 @@ class WinogradConv(Im2colConv):
         ``dy_source``: the data gradient's padded channels-last dy (one group), for dy's tiles."""
         if not self._winograd_weight_grad(x, dy, dw):
             return dw
-        g = self.s.geom
         for _, xg, dyg, dwg in self._by_group(x, dy, dw):
-            if self.s.group > 1:
-                # the kernels read C-contiguous arrays: each group's channels copied out first
-                xg = _contiguous(xg, _GROUP_X)
-                dyg = _contiguous(dyg, _GROUP_DY)
-            winograd.weight_gradient(xg, dyg, dwg, g.ph, g.pw, dy_source=dy_source,
-                                     channels_last=self.grad_tiles_channels_last)
+            self._weight_grad_group(xg, dyg, dwg, dy_source)
         return None
+
+    def _weight_grad_group(self, xg, dyg, dwg, dy_source=None):
+        """One group's ``dw += dW`` through Winograd (``dy_source``: that group's padded dy)."""
+        if self.s.group > 1:
+            # the kernels read C-contiguous arrays: each group's channels copied out first
+            xg = _contiguous(xg, _GROUP_X)
+            dyg = _contiguous(dyg, _GROUP_DY)
+        g = self.s.geom
+        winograd.weight_gradient(xg, dyg, dwg, g.ph, g.pw, dy_source=dy_source,
+                                 channels_last=self.grad_tiles_channels_last)
 
     def _winograd_weight_grad(self, x, dy, dw):
         return dw is not None and self.weight_grad and compiled.runs_on(x, dy, dw)
@@ -1080,14 +1089,15 @@ class WinogradConv(Im2colConv):
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
         if dx is not None and self.shares_dy and self._winograd_weight_grad(x, dy, dw):
-            # the data gradient first: its padded channels-last dy (in winograd.DY_SOURCE, which
-            # the weight gradient's x does not take) is what dy's tiles read
+            # a group's data gradient first: its padded channels-last dy (in winograd.DY_SOURCE,
+            # which the weight gradient's x does not take) is what that group's dy tiles read
             g = self.s.geom
-            flipped, u = self._flipped_filters(w, self.flipped_caches[0])
-            src = winograd.forward(dy, flipped, dx, g.kh - 1 - g.ph, g.kw - 1 - g.pw, u=u, band=self.band,
-                                   source_slot=winograd.DY_SOURCE)
-            offsets = None if src is None else (src, g.kh - 1 - g.ph, g.kw - 1 - g.pw)
-            self._weight_grad_left(x, dy, dw, dy_source=offsets)
+            pad_h, pad_w = g.kh - 1 - g.ph, g.kw - 1 - g.pw
+            for (i, dxg, dyg, wg), (_, xg, _, dwg) in zip(self._by_group(dx, dy, w), self._by_group(x, dy, dw)):
+                flipped, u = self._flipped_filters(wg, self.flipped_caches[i])
+                src = winograd.forward(dyg, flipped, dxg, pad_h, pad_w, u=u, band=self.band,
+                                       source_slot=winograd.DY_SOURCE)
+                self._weight_grad_group(xg, dyg, dwg, None if src is None else (src, pad_h, pad_w))
             return
         dw = self._weight_grad_left(x, dy, dw)
         if dx is None or not self.data_grad:

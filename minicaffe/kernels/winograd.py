@@ -260,12 +260,13 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None, source_slot=_SR
     ow); ``u``: the filters already transformed (``transform_filters``; its size says the tile
     size); else ``tile`` (3x3: 2 or 4, 5x5: 2 or 3; default ``tile_size``); ``band``: tile rows per
     band (default: sized from ``BAND_ELEMENTS``; tests pass 1 to reach ragged bands). Returns the
-    padded channels-last copy of ``x`` that F(4x4, 3x3)'s compiled path reads (in the workspace
-    ``source_slot``: the data gradient keeps its dy there for ``weight_gradient``), else None."""
+    padded channels-last copy of ``x`` that F(4x4, 3x3)'s compiled path and the 5x5 tiles read (in
+    the workspace ``source_slot``: the data gradient keeps its dy there for ``weight_gradient``),
+    else None."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if w.shape[-1] == 5:
-        return _forward5(x, w, y, pad_h, pad_w, u, band, tile)
+        return _forward5(x, w, y, pad_h, pad_w, u, band, tile, source_slot)
     if u is not None:
         m = _tile_of(u)
     else:
@@ -695,9 +696,10 @@ BAND5_ELEMENTS = 1 << 22
 BAND5_MIN_COLUMNS = 4096
 
 
-def _forward5(x, w, y, pad_h, pad_w, u, band, tile=None):
+def _forward5(x, w, y, pad_h, pad_w, u, band, tile=None, source_slot=_SRC):
     """``forward`` for a 5x5 kernel: F(3x3, 5x5) or F(2x2, 5x5) (``u``'s positions, else ``tile``,
-    else ``tile_size``) in bands of tile rows (BAND5_*), the compiled transforms where they run."""
+    else ``tile_size``) in bands of tile rows (BAND5_*), the compiled transforms where they run;
+    returns its padded channels-last source (in ``source_slot``)."""
     num, cin = x.shape[:2]
     oh, ow = y.shape[2], y.shape[3]
     if u is None:
@@ -711,9 +713,10 @@ def _forward5(x, w, y, pad_h, pad_w, u, band, tile=None):
         band = max(BAND5_ELEMENTS // (n * n * cin * per_row), -(-BAND5_MIN_COLUMNS // per_row), 1)
     band = min(band, th)
     fast = x.dtype in (np.float32, np.float64) and compiled.enabled()
-    src = _source_channels_last(x, pad_h, pad_w, tile * th + 4, tile * tw + 4)
+    src = _source_channels_last(x, pad_h, pad_w, tile * th + 4, tile * tw + 4, slot=source_slot)
     for t0 in range(0, th, band):
         _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, tile, fast)
+    return src
 
 
 def _output_numpy(m, ycl, rows, tw, ow, at):
@@ -749,11 +752,12 @@ WEIGHT_GRAD_BAND_ELEMENTS = 1 << 22
 WEIGHT_GRAD_MIN_COLUMNS = 1536
 WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
 
-# F(4x4, 3x3)'s weight gradient takes dy's tiles from a channels-last dy, each loop of the compiled
-# kernel over the output channels (compiled.winograd4_gradient_tiles_cl), where channels first its
-# loops ran over a tile row's tiles (four on a 14-wide map); the data gradient's own padded dy is
-# that source where Winograd computes both (conv_engines.WinogradConv.backward), and the 36 GEMMs
-# read the tiles transposed (3-15% slower GEMMs on these shapes; the tiles 2-3x faster). Measured in
+# F(4x4, 3x3)'s and F(3x3, 5x5)'s weight gradients take dy's tiles from a channels-last dy, each
+# loop of the compiled kernel over the output channels (compiled.winograd4_gradient_tiles_cl,
+# winograd3x5_gradient_tiles_cl), where channels first its loops ran over a tile row's tiles (four
+# on a 14-wide map); the data gradient's own padded dy is that source where Winograd computes both
+# (conv_engines.WinogradConv.backward), and the 36 or 49 GEMMs read the tiles transposed (3-15%
+# slower GEMMs on these shapes; the tiles 2-3x faster). Measured in
 # whole TRAIN nets, one process, medians, backward with / without (bench_engine_ab.py --set
 # GRAD_TILES_CHANNELS_LAST=0, 2 cores): GoogLeNet batch 16 622 / 659 ms (conv2/3x3 76.1 / 90.6,
 # inception_4e/3x3 19.1 / 24.5), ResNet-50 batch 8 748 / 792 (res2a_branch2b 17.6 / 20.5, the 14x14
@@ -779,9 +783,9 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=Non
     says. ``band``: tile rows per band (default: sized as WEIGHT_GRAD_BAND_ELEMENTS says; tests
     pass 1). The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins.
 
-    ``channels_last`` (default ``grad_tiles_channels_last``; F(4x4, 3x3) on the compiled kernels only):
-    dy's tiles from a channels-last dy (``compiled.winograd4_gradient_tiles_cl``), the products'
-    GEMMs reading them transposed; ``dy_source`` ``(src, off_h, off_w)``: that dy already padded
+    ``channels_last`` (default ``grad_tiles_channels_last``; F(4x4, 3x3) and F(3x3, 5x5) on the
+    compiled kernels only): dy's tiles from a channels-last dy (``compiled.winograd4_gradient_tiles_cl``,
+    ``winograd3x5_gradient_tiles_cl``), the products' GEMMs reading them transposed; ``dy_source`` ``(src, off_h, off_w)``: that dy already padded
     (the data gradient's, ``forward``'s return), else one is made. See GRAD_TILES_CHANNELS_LAST."""
     num, cin = x.shape[:2]
     cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
@@ -803,10 +807,10 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=Non
     fast = compiled.runs_on(x, dy, dw)
     src = _source_channels_last(x, pad_h, pad_w, tile * th + n - tile, tile * tw + n - tile)
     m = workspace(np, (positions, cout, cin), dt, _GRAD)
-    cl = fast and tile == 4 and (grad_tiles_channels_last(cout) if channels_last is None else channels_last)
+    cl = fast and tile in (3, 4) and (grad_tiles_channels_last(cout) if channels_last is None else channels_last)
     if cl:
-        dsrc, off_h, off_w = _dy_source(dy, th, tw, dy_source)
-        kcl = compiled.get(compiled.winograd4_gradient_tiles_cl)
+        dsrc, off_h, off_w = _dy_source(dy, tile * th, tile * tw, dy_source)
+        kcl = compiled.get(compiled.winograd3x5_gradient_tiles_cl if tile == 3 else compiled.winograd4_gradient_tiles_cl)
     elif fast:
         kdy = compiled.get(compiled.winograd3x5_gradient_tiles if tile == 3 else
                            compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
@@ -836,17 +840,18 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=Non
         _filter_gradient_numpy(m, dw, g)
 
 
-def _dy_source(dy, th, tw, given):
-    """``(src, off_h, off_w)``: dy padded channels-last with zeros past its map's edge to ``4 * th``
-    rows and ``4 * tw`` columns from the offsets: ``given`` where it is that (the data gradient's
-    source of the same dy: its pad ``k - 1 - p`` is the offset), else a copy made in DY_SOURCE."""
+def _dy_source(dy, rows, cols, given):
+    """``(src, off_h, off_w)``: dy padded channels-last with zeros past its map's edge to ``rows``
+    rows and ``cols`` columns from the offsets (the tiles' whole extent): ``given`` where it is
+    that (the data gradient's source of the same dy: its pad ``k - 1 - p`` is the offset), else a
+    copy made in DY_SOURCE."""
     num, cout, oh, ow = dy.shape
     if given is not None:
         src, off_h, off_w = given
         if (src.shape[0] == num and src.shape[3] == cout and src.dtype == dy.dtype
-                and src.shape[1] >= off_h + 4 * th and src.shape[2] >= off_w + 4 * tw):
+                and src.shape[1] >= off_h + rows and src.shape[2] >= off_w + cols):
             return src, off_h, off_w
-    return _source_channels_last(dy, 0, 0, 4 * th, 4 * tw, slot=DY_SOURCE), 0, 0
+    return _source_channels_last(dy, 0, 0, rows, cols, slot=DY_SOURCE), 0, 0
 
 
 def _accumulate_products(u, v, m, first):
