@@ -757,13 +757,14 @@ WEIGHT_GRAD_MAX_ELEMENTS = 1 << 24
 # winograd3x5_gradient_tiles_cl), where channels first its loops ran over a tile row's tiles (four
 # on a 14-wide map); the data gradient's own padded dy is that source where Winograd computes both
 # (conv_engines.WinogradConv.backward), and the 36 or 49 GEMMs read the tiles transposed (3-15%
-# slower GEMMs on these shapes; the tiles 2-3x faster). Measured in
-# whole TRAIN nets, one process, medians, backward with / without (bench_engine_ab.py --set
-# GRAD_TILES_CHANNELS_LAST=0, 2 cores): GoogLeNet batch 16 622 / 659 ms (conv2/3x3 76.1 / 90.6,
-# inception_4e/3x3 19.1 / 24.5), ResNet-50 batch 8 748 / 792 (res2a_branch2b 17.6 / 20.5, the 14x14
-# layers 13.7-14.3 / 15.6-16.3), VGG-16 batch 4 814 / 820. Under GRAD_TILES_CHANNELS_LAST_MIN_OUT
-# output channels (a group's) the loops would be shorter than one AVX-512 vector of float32: the
-# channels-first kernel (not measured; no layer of the four nets is that thin).
+# slower GEMMs on these shapes; the tiles about twice as fast). Measured in whole TRAIN nets, one
+# process, medians, backward with / without (bench_engine_ab.py --set GRAD_TILES_CHANNELS_LAST=0, 2
+# cores): CaffeNet batch 32 397 / 448 ms (conv2 97.5 / 119.7, conv3 50.7 / 64.1), GoogLeNet batch 16
+# 622 / 659 ms (conv2/3x3 76.1 / 90.6, inception_4e/3x3 19.1 / 24.5), ResNet-50 batch 8 748 / 792
+# (res2a_branch2b 17.6 / 20.5, the 14x14 layers 13.7-14.3 / 15.6-16.3), VGG-16 batch 4 814 / 820.
+# Under GRAD_TILES_CHANNELS_LAST_MIN_OUT output channels (a group's) the loops would be shorter than
+# one AVX-512 vector of float32: the channels-first kernel (not measured; no layer of the four nets
+# is that thin).
 GRAD_TILES_CHANNELS_LAST = 1
 GRAD_TILES_CHANNELS_LAST_MIN_OUT = 16
 
