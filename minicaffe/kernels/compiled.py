@@ -152,7 +152,7 @@ def warm_up() -> bool:
     get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
-    get(winograd3x5_gradient_tiles_cl)(np.zeros((1, 3, 3, 1), np.float32), 0, 0, v7.copy().reshape(49, 1, 1), 0, 1, 1, 0, 1)
+    get(winograd3x5_gradient_tiles_cl)(np.zeros((1, 3, 3, 1), np.float32), 0, 0, v7.copy(), 0, 1, 1, 0, 1)
     get(winograd4_gradient_tiles_cl)(np.zeros((1, 4, 4, 1), np.float32), 0, 0, np.zeros((36, 1, 1), np.float32),
                                       0, 1, 1, 0, 1)
     get(winograd2x5_gradient_tiles)(dy[:, :, :2, :2].copy(), np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
@@ -454,7 +454,8 @@ def winograd4_gradient_tiles_cl(src, off_h, off_w, u, t0, rows, tw, i0, i1):
             col = i * tw + q
             x0 = off_w + 4 * q
             for a in range(4):
-                s0, s1, s2, s3 = src[n, y + a, x0], src[n, y + a, x0 + 1], src[n, y + a, x0 + 2], src[n, y + a, x0 + 3]
+                row = src[n, y + a]
+                s0, s1, s2, s3 = row[x0], row[x0 + 1], row[x0 + 2], row[x0 + 3]
                 ta = t[a]
                 for c in range(cout):
                     y0, y1, y2, y3 = s0[c], s1[c], s2[c], s3[c]
@@ -753,7 +754,8 @@ def winograd3x5_gradient_tiles_cl(src, off_h, off_w, u, t0, rows, tw, i0, i1):
             col = i * tw + q
             x0 = off_w + 3 * q
             for a in range(3):
-                s0, s1, s2 = src[n, y + a, x0], src[n, y + a, x0 + 1], src[n, y + a, x0 + 2]
+                row = src[n, y + a]
+                s0, s1, s2 = row[x0], row[x0 + 1], row[x0 + 2]
                 ta = t[a]
                 for c in range(cout):
                     y0, y1, y2 = s0[c], s1[c], s2[c]

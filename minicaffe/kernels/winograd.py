@@ -770,8 +770,9 @@ GRAD_TILES_CHANNELS_LAST_MIN_OUT = 16
 
 
 def grad_tiles_channels_last(cout):
-    """Whether F(4x4, 3x3)'s weight gradient of ``cout`` output channels takes dy's tiles channels
-    last (GRAD_TILES_CHANNELS_LAST, GRAD_TILES_CHANNELS_LAST_MIN_OUT)."""
+    """Whether a weight gradient through F(4x4, 3x3) or F(3x3, 5x5) of ``cout`` output channels (a
+    group's) takes dy's tiles channels last (GRAD_TILES_CHANNELS_LAST,
+    GRAD_TILES_CHANNELS_LAST_MIN_OUT)."""
     return bool(GRAD_TILES_CHANNELS_LAST) and cout >= GRAD_TILES_CHANNELS_LAST_MIN_OUT
 
 
@@ -785,8 +786,9 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=Non
     pass 1). The compiled kernels where they run (``compiled.runs_on``), else their NumPy twins.
 
     ``channels_last`` (default ``grad_tiles_channels_last``; F(4x4, 3x3) and F(3x3, 5x5) on the
-    compiled kernels only): dy's tiles from a channels-last dy (``compiled.winograd4_gradient_tiles_cl``,
-    ``winograd3x5_gradient_tiles_cl``), the products' GEMMs reading them transposed; ``dy_source`` ``(src, off_h, off_w)``: that dy already padded
+    compiled kernels only): dy's tiles from a channels-last dy
+    (``compiled.winograd4_gradient_tiles_cl``, ``winograd3x5_gradient_tiles_cl``), the products'
+    GEMMs reading them transposed; ``dy_source`` ``(src, off_h, off_w)``: that dy already padded
     (the data gradient's, ``forward``'s return), else one is made. See GRAD_TILES_CHANNELS_LAST."""
     num, cin = x.shape[:2]
     cout, oh, ow = dy.shape[1], dy.shape[2], dy.shape[3]
@@ -811,7 +813,8 @@ def weight_gradient(x, dy, dw, pad_h, pad_w, band=None, tile=None, dy_source=Non
     cl = fast and tile in (3, 4) and (grad_tiles_channels_last(cout) if channels_last is None else channels_last)
     if cl:
         dsrc, off_h, off_w = _dy_source(dy, tile * th, tile * tw, dy_source)
-        kcl = compiled.get(compiled.winograd3x5_gradient_tiles_cl if tile == 3 else compiled.winograd4_gradient_tiles_cl)
+        kcl = compiled.get(compiled.winograd3x5_gradient_tiles_cl if tile == 3 else
+                           compiled.winograd4_gradient_tiles_cl)
     elif fast:
         kdy = compiled.get(compiled.winograd3x5_gradient_tiles if tile == 3 else
                            compiled.winograd2x5_gradient_tiles if taps == 5 else compiled.winograd4_gradient_tiles)
