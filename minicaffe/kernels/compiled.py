@@ -159,6 +159,7 @@ def warm_up() -> bool:
     get(winograd_filter_gradient)(v, np.zeros((6, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32), 0, 1)
     y, b = np.zeros((1, 1), np.float32), np.zeros(1, np.float32)
     get(convolution_epilogue)(y, b, True, b, True, True, y.copy(), y.copy(), True, True)
+    get(epilogue_copy)(y, b, True, True, y.copy())
     get(inner_product_rows)(y, y.copy(), y.copy(), 0, 1)
     get(inner_product_rows_backward)(y, y.copy(), y.copy(), y.copy(), y.copy(), True, True, 0, 1)
     z = np.zeros((1, 1, 1), np.float32)
@@ -811,6 +812,23 @@ def convolution_epilogue(y, a, has_scale, b, has_bias, relu, r, out, summed, sum
                 if sum_relu and not (v > zero or v != v):
                     v = zero
                 out[c, i] = v
+
+
+def epilogue_copy(y, b, has_bias, relu, out):
+    """``out = max(y + b[c], 0)`` over (C, P) arrays, the sum only with ``has_bias``, the ReLU
+    only with ``relu``: a stacked 1x1 group's rows copied into a member's top with its bias and
+    ReLU (kernels/stacked_1x1.py), each element read and written once. The twin is NumPy's add
+    (or copy) into ``out``, then its maximum in place: the same bits."""
+    zero = y.dtype.type(0)
+    for c in range(y.shape[0]):
+        bc = b[c]
+        for i in range(y.shape[1]):
+            v = y[c, i]
+            if has_bias:
+                v = v + bc
+            if relu and not (v > zero or v != v):
+                v = zero
+            out[c, i] = v
 
 
 # --- InnerProduct's forward on a few rows (layers/inner_product.py; its twin is BLAS's GEMM) -------

@@ -1,5 +1,6 @@
 """Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU) and Eltwise SUM + ReLU,
-forward and backward; Convolution + ReLU, forward.
+forward and backward; Convolution + ReLU, forward; sibling 1x1 Convolutions on one Split as one
+stacked GEMM, forward and backward (kernels/stacked_1x1.py, whose groups this module's plan runs).
 
 Why: Kaiming He's ResNet prototxts follow every convolution with BatchNorm, Scale and (mostly) ReLU,
 all three in place on the convolution's top. Run one by one, they make about nine passes through
@@ -37,7 +38,7 @@ one by one read the top's diff twice, write it once and write each bottom's grad
 import numpy as np
 
 from ..core import threads
-from . import compiled, fusion
+from . import compiled, fusion, stacked_1x1
 
 # EltwiseSumReluChain's backward runs fused (False: the layers one by one, as before; read at each
 # backward, so benchmarks/bench_engine_ab.py can compare both in one process)
@@ -141,24 +142,38 @@ class EltwiseSumReluChain(fusion.EltwiseReluChain):
 
 class TrainFusion:
     """The chains of one net, by first layer index (forward) and, for those with a fused backward,
-    by last (backward)."""
+    by last (backward); ``backward_only``: entries that have a backward of their own but join
+    another chain's forward (stacked_1x1's members: the forward chain is the member and its ReLU,
+    the backward the member alone, after the ReLU's own)."""
 
-    def __init__(self, chains):
+    def __init__(self, chains, backward_only=(), groups=()):
         self.chains = {ch.first: ch for ch in chains}
-        self.by_last = {ch.last: ch for ch in chains if hasattr(ch, "run_backward")}
+        self.by_last = {ch.last: ch for ch in list(chains) + list(backward_only) if hasattr(ch, "run_backward")}
+        self.groups = list(groups)
 
     def __len__(self):
         return len(self.chains)
 
     def chain_at(self, li, end):
-        """The chain starting at layer ``li`` when a forward up to ``end`` covers it."""
+        """The chain starting at layer ``li`` when a forward up to ``end`` covers it (a chain with
+        ``for_range`` says what it runs over that range)."""
         ch = self.chains.get(li)
+        if ch is not None and hasattr(ch, "for_range"):
+            ch = ch.for_range(end)
         return ch if ch is not None and ch.last <= end else None
 
     def backward_chain_at(self, li, end):
         """The chain ending at layer ``li`` when a backward down to ``end`` covers it."""
         ch = self.by_last.get(li)
+        if ch is not None and hasattr(ch, "for_range"):
+            ch = ch.for_range(end)
         return ch if ch is not None and ch.first >= end else None
+
+    def late_diff_reads(self, net):
+        """(blob, layer index): blobs whose diff a backward reads at a lower layer index than its
+        own layers do, as a stacked group's head reads its tails' top diffs (net/diff_plan.py keeps
+        those diffs live down to there)."""
+        return [(net.top_vecs[m][0], g.head) for g in self.groups for m in g.members[1:]]
 
 
 def _chain(net, li):
@@ -212,9 +227,17 @@ def plan(net):
     fuses), or None when there is nothing to fuse or fusion is switched off."""
     if not fusion.enabled():
         return None
+    # sibling 1x1 convolutions on one Split, stacked (kernels/stacked_1x1.py): each member's forward
+    # chain (with its ReLU) and backward entry
+    groups = stacked_1x1.plan(net)
+    stacked, backward_only = {}, []
+    for g in groups:
+        fwd, bwd = g.chains()
+        stacked.update((ch.first, ch) for ch in fwd)
+        backward_only += bwd
     # an Eltwise SUM + ReLU in place on its top keeps no state for its backward (the sum's gradient
     # reads the top's diff, the ReLU's the top): the TEST-phase chain's forward, and one backward
     # a Convolution + ReLU: the ReLU in the convolution's epilogue, forward only (_conv_relu_chain)
-    chains = fusion.scan_chains(net, lambda li: _chain(net, li) or _conv_relu_chain(net, li)
+    chains = fusion.scan_chains(net, lambda li: stacked.get(li) or _chain(net, li) or _conv_relu_chain(net, li)
                                 or _eltwise_sum_relu_chain(net, li))
-    return TrainFusion(chains) if chains else None
+    return TrainFusion(chains, backward_only, groups) if chains else None

@@ -289,7 +289,9 @@ class _BaseConvolution(Layer):
         else:
             y4 += b.reshape(1, -1, 1, 1)
 
-    def _bias_grad(self, dy4):
+    def bias_grad(self, dy4):
+        """The bias's gradient of the top gradient ``dy4`` (num, C, H, W) added into its diff (also
+        what a stacked 1x1 group runs for each member: kernels/stacked_1x1.py)."""
         self.blobs[1].xdiff += dy4.sum(axis=(0, 2, 3))
 
     # Convolution runs the engine forward and back; Deconvolution the other way round (its forward is
@@ -318,7 +320,7 @@ class _BaseConvolution(Layer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             dy = self.top_4d(t.xdiff)
             if self.bias_term and self.need_param_grad(1):
-                self._bias_grad(dy)
+                self.bias_grad(dy)
             dx = self.bottom_4d(b.xdiff) if propagate_down[i] else None
             if dx is None and dw is None:
                 continue

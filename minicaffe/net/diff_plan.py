@@ -112,6 +112,12 @@ class DiffPlan:
             if first_writer in made or not (need[first_writer] and bneed[first_writer][j]):
                 continue
             span[key] = [lo, first_writer]
+        # a diff that a fused backward reads below its own layers (kernels/train_fusion.py's
+        # late_diff_reads: a stacked 1x1 group's head reads its tails' top diffs) stays live to there
+        fusion = getattr(net, "_train_fusion", None)
+        for b, li in (fusion.late_diff_reads(net) if fusion is not None else ()):
+            if id(b) in span:
+                span[id(b)][0] = min(span[id(b)][0], li)
         # a Split's first-arriving top writes its gradient straight into the bottom's buffer (where
         # the bottom has one): its span lies inside the bottom's, the bottom's diff is read only
         # below the Split and the other tops are added in after it, so the copy that began the sum
@@ -126,6 +132,7 @@ class DiffPlan:
         self.buffers = {}           # (slot, dtype) -> flat array
         self._count = {}
         self._alias_views = {}
+        self._withheld = set()      # (layer, top) whose gradient this pass does not add (withhold)
         self.in_use = False         # the planned diffs are views of ``buffers`` (since ``begin``)
 
     def begin(self):
@@ -145,13 +152,42 @@ class DiffPlan:
         # array instead of writing into this one (some device paths do) gets its gradient copied
         self._alias_views = {s: t.xdiff for s, t in self.aliased.items()}
         self._count = dict.fromkeys(self.splits, 0)
+        self._withheld = set()
         self.in_use = True
+
+    def summed_after(self, li, top):
+        """Whether split top ``top``'s gradient is added into its Split's bottom after layer ``li``."""
+        return any(t is top for _, t in self.after.get(li, ()))
+
+    def withhold(self, li, top):
+        """Layer ``li`` gives split top ``top`` (``summed_after`` it) no gradient this pass: another
+        layer's backward gave the sum (Net.withhold_bottom_gradient); ``after_layer`` adds nothing
+        for it."""
+        self._withheld.add((li, id(top)))
+
+    def take_target(self, li, top):
+        """Where layer ``li`` may add split top ``top``'s gradient straight into the sum (its
+        Split's bottom's diff), as a stacked 1x1 group's head does (kernels/stacked_1x1.py): (that
+        array, False when it is the first gradient to arrive there (to be written, not added)), and
+        the gradient counts as arrived (``after_layer`` adds nothing for it); None where ``top`` is
+        not summed after ``li`` or its diff is the bottom's buffer already (``aliased``)."""
+        for s, t in self.after.get(li, ()):
+            if t is top:
+                if self.aliased.get(s) is t:
+                    return None
+                first = self._count[s] == 0
+                self._count[s] += 1
+                self._withheld.add((li, id(t)))
+                return self.splits[s][1].xdiff, not first
+        return None
 
     def after_layer(self, li):
         """After layer ``li``'s backward (it ran: it needs one): add the gradients it gave split
         tops into their Splits' bottoms (the first one copied, or already there when that top's
         diff is the bottom's buffer: ``aliased``; the rest added)."""
         for s, t in self.after.get(li, ()):
+            if (li, id(t)) in self._withheld:
+                continue            # no gradient of its own: counts as no arrival
             split, bottom = self.splits[s]
             out = bottom.xdiff
             first = self._count[s] == 0

@@ -157,6 +157,11 @@ class Net:
         return [list(ws) for ws in self._loss_weights]
 
     @property
+    def layer_need_backward(self) -> list[bool]:
+        """Per layer: does backward run it (Caffe's ``layer_need_backward()``)."""
+        return self._layer_need_backward
+
+    @property
     def bottom_need_backward(self) -> list[list[bool]]:
         """Per layer, per bottom: does backward propagate into it (Caffe's ``bottom_need_backward()``)."""
         return self._bottom_need_backward
@@ -509,6 +514,42 @@ class Net:
         does not keep it, so a fused backward (kernels/train_fusion.py) need not write it."""
         plan = self._shared_diffs
         return plan is not None and plan.in_use and blob in plan.slot_of
+
+    def begin_shared_backward(self) -> Any:
+        """Ready the activation gradients for a backward pass that a tool runs layer by layer
+        (``minicaffe time``) as a solver's pass keeps them (net/diff_plan.py), and return the
+        DiffPlan: around each layer's backward the tool runs the plan's ``split_backward`` in place
+        of a planned Split's own, then ``after_layer``. None for a net that shares blob memory
+        (it runs no backward)."""
+        if self._memory is not None:
+            return None
+        return self._diff_plan(True)
+
+    def withhold_bottom_gradient(self, li: int) -> bool:
+        """In a solver's pass (net/diff_plan.py): layer ``li``'s backward gives its bottoms no
+        gradient of their own, because another layer's backward gave the sum of theirs
+        (kernels/stacked_1x1.py); the Splits they are tops of add nothing for them. False (nothing
+        withheld) unless every bottom it propagates to is a split top summed that way."""
+        plan = self._shared_diffs
+        if plan is None or not plan.in_use:
+            return False
+        wanted = [b for j, b in enumerate(self._bottom[li]) if self._bottom_need_backward[li][j]]
+        if not wanted or not all(plan.summed_after(li, b) for b in wanted):
+            return False
+        for b in wanted:
+            plan.withhold(li, b)
+        return True
+
+    def bottom_gradient_target(self, li: int) -> tuple[Any, bool] | None:
+        """In a solver's pass (net/diff_plan.py): where layer ``li``'s backward may add its one
+        bottom's gradient straight into the sum its Split makes, instead of writing the bottom's
+        own diff for the Split to add afterwards: (the Split's bottom's diff, whether to add into
+        it; False: the first gradient to arrive, to be written). The gradient then counts as
+        arrived. None: write the bottom's own diff, as always."""
+        plan = self._shared_diffs
+        if plan is None or not plan.in_use or len(self._bottom[li]) != 1:
+            return None
+        return plan.take_target(li, self._bottom[li][0])
 
     def _after_fused_backward(self, first, last, plan, timings, t0):
         """What the backward loop does after each layer, for a chain ``first..last`` run as one

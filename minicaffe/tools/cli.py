@@ -450,12 +450,17 @@ def _backward_every_layer(net, timings):
     propagated only where the net would (``bottom_need_backward``). Doing the same keeps the backward
     figures comparable with Caffe's rather than ~0 ms.
 
-    A chain of layers whose forward ran fused (BatchNorm + Scale + ReLU in a net that learns) runs its
-    backward fused too, as a solver's pass does (``Net.fused_backward_at``), timed on its last layer.
+    What is timed is the backward a solver's pass runs: a chain of layers whose forward ran fused
+    (BatchNorm + Scale + ReLU in a net that learns) runs its backward fused too
+    (``Net.fused_backward_at``), timed on its last layer, and the activation gradients live as that
+    pass keeps them (``Net.begin_shared_backward``, net/diff_plan.py: shared buffers, each split
+    top's gradient added into its Split's bottom as it arrives, which the Split's own time then
+    does not repeat).
     """
     xp = backend.xp()
     bottoms, tops, weights = net.bottom_vecs, net.top_vecs, net.layer_loss_weights
     need_backward = net.bottom_need_backward
+    plan = net.begin_shared_backward()
     li = len(net.layers) - 1
     while li >= 0:
         layer, bottom, top = net.layers[li], bottoms[li], tops[li]
@@ -465,8 +470,15 @@ def _backward_every_layer(net, timings):
         t0 = _time.perf_counter()
         first = net.fused_backward_at(li)
         if first is None:
-            layer.backward(top, need_backward[li], bottom)
+            if plan is not None and li in plan.splits:
+                plan.split_backward(li)
+            else:
+                layer.backward(top, need_backward[li], bottom)
             first = li
+        if plan is not None:
+            for k in range(li, first - 1, -1):
+                if k in plan.after:
+                    plan.after_layer(k)
         backend.synchronize()
         timings[li] = timings.get(li, 0.0) + _time.perf_counter() - t0
         li = first - 1
