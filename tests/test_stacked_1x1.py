@@ -109,6 +109,17 @@ def test_the_plan_groups_the_one_by_one_convolutions_on_one_split(tmp_path):
     g = groups[0]
     assert [names[m] for m in g.members] == ["b1", "b2", "b3"]
     assert [None if r is None else names[r] for r in g.relus] == ["b1_relu", None, "b3_relu"]
+    # a Split whose top a Reshape views is left out: an in-place layer on the view, between the
+    # members, would write the data the tails read
+    viewed = NET.replace('layer { name: "pool" type: "Pooling" bottom: "stem"',
+                         'layer { name: "view" type: "Reshape" bottom: "stem" top: "sv" '
+                         'reshape_param { shape { dim: 0 dim: -1 } } }\n'
+                         'layer { name: "sv_relu" type: "ReLU" bottom: "sv" top: "sv" }\n'
+                         'layer { name: "sv_loss" type: "EuclideanLoss" bottom: "sv" bottom: "sv" top: "l2" }\n'
+                         'layer { name: "pool" type: "Pooling" bottom: "stem"')
+    other = _net(tmp_path, viewed)
+    assert "view" in other.layer_names
+    assert other._train_fusion is None or not other._train_fusion.groups
     # a TEST net is left to the inference fusion
     path = tmp_path / "net.prototxt"
     assert not caffe.Net(str(path), caffe.TEST)._train_fusion or \

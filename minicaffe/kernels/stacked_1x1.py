@@ -14,12 +14,14 @@ How it fits a net whose layers still run one by one (``plan`` finds the groups; 
 as train-fusion chains, kernels/train_fusion.py):
 
 * forward: the group's first member (the lowest layer index, the *head*) computes every member's
-  top when the forward's range reaches the last member: an image's stacked GEMM into a scratch
-  matrix, then each member's rows copied into its top with its bias and, where an in-place ReLU
-  follows the member, rectified (the Convolution + ReLU chain's epilogue). The other members (the
-  *tails*) then do nothing when their turn comes. No layer between them touches a tail's top or
-  bottom (a layer reading a top comes after the layer making it), so that is what their own
-  forward would have written, to the GEMM's rounding.
+  top when the forward's range reaches the last member and its ReLU (``Group.reach``): an image's
+  stacked GEMM into a scratch matrix, then each member's rows copied into its top with its bias
+  and, where an in-place ReLU follows the member, rectified (the Convolution + ReLU chain's
+  epilogue). The other members (the *tails*) then do nothing when their turn comes. A layer
+  between them cannot write a tail's top (a layer reading a top comes after the layer making it)
+  nor its bottom: the net refuses an in-place layer on a split top, and ``plan`` leaves out a
+  Split whose top a Reshape or Flatten views (an in-place layer on the view would write the
+  Split's data). So that is what their own forward would have written, to the GEMM's rounding.
 * backward, in a solver's pass (the one ``Solver.step`` and ``minicaffe time`` run: the Split
   adds its tops' gradients into its bottom as they arrive, net/diff_plan.py), runs from the last
   layer down: each tail, at its turn, takes its bias gradient and leaves the rest to the head
@@ -35,8 +37,9 @@ What pycaffe sees: tops and, in a solver's pass, parameter gradients and the Spl
 layers one by one give them, to the GEMMs' rounding (the stacked GEMM is blocked otherwise).
 
 Members: Convolutions with a 1x1 kernel, stride 1, no padding, one group, that take one top of the
-same Split each, no loss weight, one dtype. Run stacked only when every member's engine is the
-direct 1x1 GEMM at this shape, a map has ``MIN_COLUMNS`` positions, the arrays are C-contiguous
+same Split each, no loss weight, one dtype, on maps of ``MIN_COLUMNS`` positions when the net is
+built. Run stacked only when every member's engine is the direct 1x1 GEMM at this shape, a map
+still has ``MIN_COLUMNS`` positions, the arrays are C-contiguous
 NumPy arrays, the net shares no blob memory, no pycaffe hook is set (the net then runs no chains)
 and the net does not check finiteness (it would read the withheld diffs); otherwise each member
 runs as before. ``STACKED`` (read at each forward and backward) switches it off, so that
@@ -336,7 +339,10 @@ def _relu_after(net, li):
 
 def plan(net):
     """The groups of a built TRAIN-phase net: for each Split, the members among the layers reading
-    its tops, where there are two or more (one dtype). TEST nets are left to kernels/fusion.py."""
+    its tops, where there are two or more (one dtype) on maps of MIN_COLUMNS positions at the
+    net's shape as built (a net reshaped larger later keeps its members one by one), and no layer
+    reading a top is a view of it (Reshape, Flatten: ``tops_view_bottom``). TEST nets are left to
+    kernels/fusion.py."""
     from ..proto import caffe_pb2
     if net.phase != caffe_pb2.TRAIN:
         return []
@@ -348,11 +354,14 @@ def plan(net):
     for s, layer in enumerate(net.layers):
         if not getattr(layer, "is_split", False):
             continue
-        members = []
+        members, viewed = [], False
         for t in net.top_vecs[s]:
             users = reader.get(id(t), [])
             if len(users) == 1 and _member(net, users[0]):
                 members.append(users[0])
+            viewed |= any(getattr(net.layers[u], "tops_view_bottom", False) for u in users)
+        if viewed:
+            continue
         members.sort()
         dtypes = {net.layers[m].blobs[0].xdata.dtype for m in members}
         # maps below MIN_COLUMNS at the shape the net was built with are not planned: the diff plan

@@ -223,8 +223,9 @@ def _eltwise_sum_relu_chain(net, li):
 
 
 def plan(net):
-    """The TrainFusion of a built net (any phase: a BatchNorm with batch statistics is what it
-    fuses), or None when there is nothing to fuse or fusion is switched off."""
+    """The TrainFusion of a built net (any phase: a BatchNorm with batch statistics, an Eltwise SUM +
+    ReLU and a Convolution + ReLU are what it fuses; stacked 1x1 groups in TRAIN nets only), or
+    None when there is nothing to fuse or fusion is switched off."""
     if not fusion.enabled():
         return None
     # sibling 1x1 convolutions on one Split, stacked (kernels/stacked_1x1.py): each member's forward

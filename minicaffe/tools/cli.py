@@ -455,7 +455,8 @@ def _backward_every_layer(net, timings):
     (``Net.fused_backward_at``), timed on its last layer, and the activation gradients live as that
     pass keeps them (``Net.begin_shared_backward``, net/diff_plan.py: shared buffers, each split
     top's gradient added into its Split's bottom as it arrives, which the Split's own time then
-    does not repeat).
+    does not repeat), so a stacked group of 1x1 convolutions (kernels/stacked_1x1.py) runs its
+    backward stacked, timed on its first layer.
     """
     xp = backend.xp()
     bottoms, tops, weights = net.bottom_vecs, net.top_vecs, net.layer_loss_weights
