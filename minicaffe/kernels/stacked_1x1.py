@@ -49,6 +49,7 @@ benchmarks/bench_engine_ab.py can compare both ways in one process.
 import numpy as np
 
 from ..core import blas, context
+from ..proto import caffe_pb2
 from . import compiled, fusion
 from .conv_engines import WGRAD_BY_IMAGE_PARTS
 from .im2col import workspace
@@ -67,13 +68,15 @@ _PARTS = context.Slot("stacked_1x1.parts")   # the weight gradient's partial sum
 
 class Group:
     """Member layer indices ``members`` (ascending: ``members[0]`` is the head) and, per member,
-    the index of the in-place ReLU after it or None (``relus``)."""
+    its own Convolution + ReLU chain or None (``own``: what it runs when the group does not, from
+    train_fusion's plan), whence the index of the in-place ReLU after it or None (``relus``)."""
 
-    def __init__(self, members, relus):
-        self.members, self.relus = list(members), list(relus)
+    def __init__(self, members, own):
+        self.members, self.own = list(members), list(own)
+        self.relus = [None if ch is None else ch.last for ch in self.own]
         self.head = self.members[0]
         # the forward's last layer (a tail's ReLU, or the tail): a stacked forward must reach it
-        self.reach = max(r if r is not None else m for m, r in zip(members, relus))
+        self.reach = max(r if r is not None else m for m, r in zip(self.members, self.relus))
         self.pending = set()        # tails whose top the head's forward computed this pass
         self.deferred = set()       # tails whose gradients the head's backward is to compute
 
@@ -262,7 +265,7 @@ class HeadChain:
         self.group = group
         self.first = group.head
         self.last = group.relus[0] if group.relus[0] is not None else group.head
-        self.alone = _own_chain(self.first, group.relus[0])
+        self.alone = group.own[0]
 
     def for_range(self, end):
         return self if self.group.reach <= end else self.alone
@@ -285,7 +288,7 @@ class TailChain:
         self.group, self.k = group, k
         self.first = group.members[k]
         self.last = group.relus[k] if group.relus[k] is not None else self.first
-        self.alone = _own_chain(self.first, group.relus[k])
+        self.alone = group.own[k]
 
     def run(self, net):
         if self.k in self.group.pending:
@@ -312,11 +315,6 @@ class MemberBackward:
         return self.group.defer(net, self.k)
 
 
-def _own_chain(conv, relu):
-    """The member's own Convolution + ReLU chain (train_fusion's), or None without a ReLU."""
-    return None if relu is None else fusion.ConvChain(conv, relu, None, None, relu)
-
-
 def _member(net, li):
     """Whether layer ``li`` can be a member: a 1x1 Convolution, stride 1, no padding, one group,
     that takes one bottom and makes one top of its own, no loss weight on it."""
@@ -328,23 +326,13 @@ def _member(net, li):
             and layer.group == 1)
 
 
-def _relu_after(net, li):
-    """The index of a plain ReLU in place on layer ``li``'s top right after it (no loss), or None."""
-    blob = net.top_vecs[li][0]
-    r = li + 1
-    if r < len(net.layers) and fusion._plain_relu(net.layers[r]) and fusion._in_place_on(net, r, blob) \
-            and fusion._no_loss(net, r, r):
-        return r
-    return None
-
-
-def plan(net):
+def plan(net, own_chain):
     """The groups of a built TRAIN-phase net: for each Split, the members among the layers reading
     its tops, where there are two or more (one dtype) on maps of MIN_COLUMNS positions at the
     net's shape as built (a net reshaped larger later keeps its members one by one), and no layer
     reading a top is a view of it (Reshape, Flatten: ``tops_view_bottom``). TEST nets are left to
-    kernels/fusion.py."""
-    from ..proto import caffe_pb2
+    kernels/fusion.py. ``own_chain(net, li)``: member ``li``'s own Convolution + ReLU chain, or
+    None (train_fusion's, which the member runs when its group does not)."""
     if net.phase != caffe_pb2.TRAIN:
         return []
     groups = []
@@ -368,5 +356,5 @@ def plan(net):
         # maps below MIN_COLUMNS at the shape the net was built with are not planned: the diff plan
         # would keep the tails' top diffs live for nothing (the run-time tests still apply)
         if len(members) >= 2 and len(dtypes) == 1 and net.layers[members[0]].conv.columns >= MIN_COLUMNS:
-            groups.append(Group(members, [_relu_after(net, m) for m in members]))
+            groups.append(Group(members, [own_chain(net, m) for m in members]))
     return groups

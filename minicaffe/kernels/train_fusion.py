@@ -230,7 +230,7 @@ def plan(net):
         return None
     # sibling 1x1 convolutions on one Split, stacked (kernels/stacked_1x1.py): each member's forward
     # chain (with its ReLU) and backward entry
-    groups = stacked_1x1.plan(net)
+    groups = stacked_1x1.plan(net, _conv_relu_chain)
     stacked, backward_only = {}, []
     for g in groups:
         fwd, bwd = g.chains()
