@@ -53,7 +53,7 @@ def _nets(text=NET):
 def _count_fused(monkeypatch, chain=train_fusion.BatchNormScaleChain):
     """How many forwards and backwards of ``chain``'s kind ran fused (its run methods returned True)."""
     counts = {"forward": 0, "backward": 0}
-    run, run_backward = chain.run, chain.run_backward
+    run, run_backward = getattr(chain, "run", None), chain.run_backward
 
     def spy(which, fn):
         def wrapped(self, net):
@@ -61,7 +61,8 @@ def _count_fused(monkeypatch, chain=train_fusion.BatchNormScaleChain):
             counts[which] += bool(done)
             return done
         return wrapped
-    monkeypatch.setattr(chain, "run", spy("forward", run))
+    if run is not None:         # a backward-only chain has no forward
+        monkeypatch.setattr(chain, "run", spy("forward", run))
     monkeypatch.setattr(chain, "run_backward", spy("backward", run_backward))
     return counts
 
@@ -359,3 +360,112 @@ def test_a_convolution_and_its_in_place_relu_run_fused_with_the_layers_bits(monk
     _assert_same(_state(fused), _state(layers))
     top = fused.blobs["conv1"].data
     assert (top == 0).any() and (top > 0).any()
+
+
+RELU_POOL = """
+name: "relu_pool"
+force_backward: true
+layer { name: "data" type: "Input" top: "data" top: "target"
+  input_param { shape { dim: 2 dim: 3 dim: 11 dim: 9 } shape { dim: 2 dim: 4 dim: 5 dim: 4 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 5 kernel_size: 3 pad: 1
+                      weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 1 } }
+layer { name: "relu_p" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "pool2" type: "Pooling" bottom: "pool1" top: "pool2"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool2" top: "conv2"
+  convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool3" type: "Pooling" bottom: "conv2" top: "pool3"
+  pooling_param { pool: AVE kernel_size: 2 stride: 1 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "pool3" bottom: "target" top: "loss" }
+"""
+
+
+def _relu_pool_chains(net):
+    names = net._layer_names
+    return sorted((names[c.first], names[c.last]) for c in net._train_fusion.by_last.values()
+                  if isinstance(c, train_fusion.ReluMaxPoolChain))
+
+
+@pytest.mark.parametrize("share_diffs", [False, True])
+def test_a_relu_and_its_max_pool_run_backward_as_one_scatter(share_diffs, pool_size, monkeypatch):  # noqa: F811
+    """An in-place ReLU read by a MAX pooling (overlapping windows; padded ones, some of one
+    value) runs its gradient
+    in the pool's scatter: over two iterations, at one thread and two, every parameter diff has the
+    bits of the layers one by one, and every blob and diff too where the pass keeps them. The
+    ReLU's mask matters here: pool2 gives a nonzero gradient to argmaxes that hold a rectified
+    zero, which relu_p's gradient then zeroes. A ReLU followed by AVE pooling (relu2) stays a
+    layer."""
+    def run():
+        counts = _count_fused(monkeypatch, train_fusion.ReluMaxPoolChain)
+        fused, layers = _nets(RELU_POOL)
+        assert _relu_pool_chains(fused) == [("relu1", "pool1"), ("relu_p", "pool2")]
+        pool2 = list(layers._layer_names).index("pool2")
+        unmasked = []
+        layers.after_backward(lambda li: li == pool2 and unmasked.append(layers.blobs["pool1"].diff.copy()))
+        for net in (fused, layers):
+            for _ in range(2):
+                net.clear_param_diffs()
+                net.forward()
+                net.backward_from_to(share_diffs=share_diffs)
+        assert counts["backward"] == 4
+        assert ((unmasked[-1] != 0) & (layers.blobs["pool1"].data == 0)).any()
+        if not share_diffs:
+            _assert_same(_state(fused), _state(layers))
+        out = []
+        for name in ("conv1", "conv2"):
+            for a, b in zip(fused.params[name], layers.params[name], strict=True):
+                np.testing.assert_array_equal(a.diff, b.diff, err_msg=name)
+                out.append(a.diff.copy())
+        assert np.abs(out[0]).max() > 1e-3
+        return out
+    one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
+    for a, b in zip(one, two, strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_the_relu_mask_in_the_scatter_is_its_numpy_twins():
+    """``ScatterMaxPooling.pool_backward(relu=True)``: the compiled scatter and the NumPy one
+    (``np.add.at``, then the mask) give the same bits, which are the pool's gradient rectified
+    where the bottom is not positive."""
+    from minicaffe.kernels import pooling_engines
+    from minicaffe.testing import make_layer, forward
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((2, 3, 9, 8)).astype(np.float32), 0)
+    layer, bottom, top = make_layer('name: "p" type: "Pooling" pooling_param { pool: MAX kernel_size: 3 '
+                                    'stride: 2 pad: 1 }', [x], phase=0)
+    forward(layer, bottom, top)
+    engine = layer.engine
+    assert isinstance(engine, pooling_engines.ScatterMaxPooling) and engine.relu_applies(x, bottom[0].diff)
+    dy = rng.standard_normal(top[0].shape).astype(np.float32)
+    plain, compiled_dx = np.empty_like(x), np.empty_like(x)
+    engine.pool_backward(x, dy, plain)
+    engine.pool_backward(x, dy, compiled_dx, relu=True)
+    ctx = context.current()
+    saved = ctx.switches
+    ctx.switches = dataclasses.replace(saved, compiled=False)
+    try:
+        numpy_dx = np.full_like(x, np.nan)
+        engine.pool_backward(x, dy, numpy_dx, relu=True)
+    finally:
+        ctx.switches = saved
+    assert compiled_dx.tobytes() == numpy_dx.tobytes()
+    np.testing.assert_array_equal(compiled_dx, np.where(x > 0, plain, 0))
+    assert ((plain != 0) & (x == 0)).any()
+
+
+def test_a_relu_before_a_max_pool_that_ends_another_chain_or_has_other_readers_stays_a_layer():
+    """A BatchNorm + Scale + ReLU chain's ReLU keeps that chain's backward; a ReLU whose blob a
+    later layer also reads (through a Split) is not the pool's alone."""
+    text = NET.replace('layer { name: "conv2"', '''layer { name: "pool1" type: "Pooling" bottom: "conv1"
+  top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "relu_s" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "pool_s" type: "Pooling" bottom: "pool1" top: "pool_s" pooling_param { pool: MAX kernel_size: 2 } }
+layer { name: "flat" type: "Flatten" bottom: "pool1" top: "flat" }
+layer { name: "conv2"''')
+    fused, _ = _nets(text)
+    assert _relu_pool_chains(fused) == []

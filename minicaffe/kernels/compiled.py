@@ -170,7 +170,7 @@ def warm_up() -> bool:
     get(batch_norm_scale_relu_backward)(z, z.copy(), z.copy(), b, b, True, z.copy(), b.copy(), b.copy(),
                                         True, 0, 1)
     get(max_pool_scatter)(z, np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.intp), np.zeros((1, 1), np.float32),
-                          1, 1, 1, 0, 0, 0, 1)
+                          1, 1, 1, 0, 0, np.zeros((1, 1), np.float32), False, 0, 1)
     z3 = np.zeros((1, 1, 1), np.float32)
     get(lrn_across_forward)(z3, z3.copy(), z3.copy(), z3.copy(), 1, 1.0, 1.0, 0, True, 0, 1)
     get(lrn_across_backward)(z3, z3.copy(), z3.copy(), z3 + 1, z3 + 1, z3.copy(), 1, 1.0, 0, 1)
@@ -1317,13 +1317,18 @@ def ave_pool_spread(acc, g, starts, p0, p1):
 
 # --- MAX pooling's backward (kernels/pooling_engines.py; its twin is one np.add.at per block) ------
 
-def max_pool_scatter(dy, codes, table, dx, w, sh, sw, ph, pw, p0, p1):
+def max_pool_scatter(dy, codes, table, dx, w, sh, sw, ph, pw, x, relu, p0, p1):
     """Planes ``p0:p1``: ``dx`` (planes, H·W) zeroed, then each output's gradient ``dy`` (planes,
     oh, ow) added at its argmax: the window's top-left corner ``(y·sh − ph)·W + x·sw − pw`` plus
     ``table[code]``, ``codes`` (planes, 1, oh, ow; any strides) the window offset codes. In output
     order, as the twin's ``np.add.at``: the same bits. Why: ``np.add.at`` holds the GIL, so the
     twin's blocks did not run in parallel (ResNet-50's pool1 backward at batch 8: 7.7 ms on one
-    thread, 6.4 on two)."""
+    thread, 6.4 on two).
+
+    ``relu``: also the gradient of a ReLU in place on the pool's bottom ``x`` (planes, H·W), as
+    the twin's ``dx[x <= 0] = 0`` after the scatter: only argmaxes where ``x > 0`` get their
+    gradient (kernels/train_fusion.py's ReluMaxPoolChain; the ReLU's own pass would leave -0.0
+    where a negative sum meets ``x <= 0``, this +0.0)."""
     _, oh, ow = dy.shape
     hw = dx.shape[1]
     zero = dx.dtype.type(0)
@@ -1333,4 +1338,6 @@ def max_pool_scatter(dy, codes, table, dx, w, sh, sw, ph, pw, p0, p1):
         for yy in range(oh):
             row = (yy * sh - ph) * w - pw
             for xx in range(ow):
-                dx[p, row + xx * sw + table[codes[p, 0, yy, xx]]] += dy[p, yy, xx]
+                i = row + xx * sw + table[codes[p, 0, yy, xx]]
+                if not relu or x[p, i] > zero:
+                    dx[p, i] += dy[p, yy, xx]

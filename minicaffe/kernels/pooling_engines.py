@@ -48,22 +48,26 @@ class ScatterMaxPooling:
     def pool_forward(self, x, y, mask):
         self.layer.pool_forward(x, y, mask)
 
-    def pool_backward(self, x, dy, dx):
-        """dx = each output's gradient added at its argmax, in output order."""
+    def pool_backward(self, x, dy, dx, relu=False):
+        """dx = each output's gradient added at its argmax, in output order. ``relu``: the
+        gradient of a ReLU in place on ``x`` too, zero where ``x <= 0`` (``compiled.max_pool_scatter``;
+        callers check ``relu_applies`` first)."""
         layer = self.layer
         if not dx.flags.c_contiguous:
             layer.pool_backward(x, dy, dx)
+            if relu:
+                dx[x <= 0] = 0
             return
         n, c, h, w = dx.shape
         m, (oh, ow) = n * c, layer.out_hw
         codes = layer.argmax_offsets(x)                    # (m, 1, oh, ow)
-        if compiled.runs_on(dx, dy):
+        if compiled.runs_on(dx, dy, x):
             # one compiled loop per block of planes, without the GIL (compiled.max_pool_scatter)
             kernel = compiled.get(compiled.max_pool_scatter)
-            dy3, dx2 = dy.reshape(m, oh, ow), dx.reshape(m, h * w)
+            dy3, dx2, x2 = dy.reshape(m, oh, ow), dx.reshape(m, h * w), x.reshape(m, h * w)
             threads.parallel_for(m, lambda p0, p1: kernel(
-                dy3, codes, self.table, dx2, w, layer.sh, layer.sw, layer.ph, layer.pw, p0, p1),
-                work=dy.size + dx.size)
+                dy3, codes, self.table, dx2, w, layer.sh, layer.sw, layer.ph, layer.pw, x2, relu, p0, p1),
+                work=dy.size + dx.size * (2 if relu else 1))
             return
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
@@ -82,7 +86,15 @@ class ScatterMaxPooling:
                 np.take(self.table, code, out=blk, mode="wrap")
                 blk += self.base[:k]
                 np.add.at(dxf[b0:b1].reshape(-1), blk.reshape(-1), dyf[b0:b1].reshape(-1))
+                if relu:
+                    np.copyto(dxf[b0:b1], 0, where=xf[b0:b1] <= 0)
+        xf = x.reshape(m, h * w)
         threads.parallel_for(blocks, scatter, work=dy.size)
+
+    def relu_applies(self, x, dx):
+        """Whether ``pool_backward`` can take ``relu`` for these arrays (a plain C-contiguous ``x`` of
+        ``dx``'s shape)."""
+        return isinstance(x, np.ndarray) and x.shape == dx.shape and x.flags.c_contiguous
 
 def _scatter_applies(layer):
     return FAST_ADD_AT and layer.method == caffe_pb2.PoolingParameter.MAX and not layer.whole

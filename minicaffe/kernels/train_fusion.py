@@ -38,11 +38,16 @@ one by one read the top's diff twice, write it once and write each bottom's grad
 import numpy as np
 
 from ..core import threads
-from . import compiled, fusion, stacked_1x1
+from ..proto import caffe_pb2
+from . import compiled, fusion, pooling_engines, stacked_1x1
 
 # EltwiseSumReluChain's backward runs fused (False: the layers one by one, as before; read at each
 # backward, so benchmarks/bench_engine_ab.py can compare both in one process)
 SUM_RELU_BACKWARD = True
+
+# ReluMaxPoolChain's backward runs fused (False: the layers one by one; read at each backward, for
+# benchmarks/bench_engine_ab.py)
+RELU_POOL_BACKWARD = True
 
 # layer types, by their Caffe names, that make up a chain
 _BATCH_NORM, _SCALE = "BatchNorm", "Scale"
@@ -140,6 +145,40 @@ class EltwiseSumReluChain(fusion.EltwiseReluChain):
         return True
 
 
+class ReluMaxPoolChain:
+    """A plain ReLU in place on a blob (layer ``first``) whose one reader is a MAX Pooling (``last``,
+    the next layer): the backward of both as the pool's argmax scatter, adding each output's
+    gradient only where the ReLU's output is positive (``ScatterMaxPooling.pool_backward(relu=True)``),
+    and no pass of the ReLU's own. Backward only: the forwards are the layers' (the ReLU's is
+    already in its Convolution's epilogue, ``_conv_relu_chain``).
+
+    Why: the ReLU's backward reads the blob's diff and data and writes the diff, three passes over
+    the largest blobs of the nets whose first layers are Convolution, ReLU, MAX Pooling (CaffeNet's
+    conv1, 32x96x55x55; GoogLeNet's conv1, 16x64x112x112, 17 ms of its backward alone; VGG-16's
+    conv1_2); the scatter touches the blob's diff anyway. Same values as the layers one by one,
+    but for the sign of a zero: the ReLU multiplies a negative sum by 0 and leaves -0.0."""
+
+    def __init__(self, first, last):
+        self.first, self.last = first, last
+
+    def run_backward(self, net):
+        """Both layers' backward; False (nothing done) where they must run one by one: a layer
+        that does not propagate down, a pool engine other than the argmax scatter, arrays it does
+        not take."""
+        need = net.bottom_need_backward
+        if not (RELU_POOL_BACKWARD and need[self.first][0] and need[self.last][0]):
+            return False
+        pool = net.layers[self.last]
+        blob = net.bottom_vecs[self.last][0]
+        engine = pool.engine_slot.get(pool, pool.bottom_shape)
+        x, dx, dy = blob.xdata, blob.xdiff, net.top_vecs[self.last][0].xdiff
+        if not (isinstance(engine, pooling_engines.ScatterMaxPooling) and engine.relu_applies(x, dx)):
+            return False
+        pool.engine = engine
+        engine.pool_backward(x, dy, dx, relu=True)
+        return True
+
+
 class TrainFusion:
     """The chains of one net, by first layer index (forward) and, for those with a fused backward,
     by last (backward); ``backward_only``: entries that have a backward of their own but join
@@ -222,6 +261,24 @@ def _eltwise_sum_relu_chain(net, li):
     return None if ch is None else EltwiseSumReluChain(ch.first, ch.last)
 
 
+def _relu_max_pool_chain(net, li):
+    """A plain ReLU in place on its blob, no loss, and next the blob's one reader, a MAX Pooling
+    (not global) with one top and nothing writing the blob after it: ReluMaxPoolChain."""
+    if li + 1 >= len(net.layers) or not fusion._plain_relu(net.layers[li]):
+        return None
+    blob = net.top_vecs[li][0]
+    pool = net.layers[li + 1]
+    if not (fusion._in_place_on(net, li, blob) and pool.type == "Pooling"
+            and pool.method == caffe_pb2.PoolingParameter.MAX and not pool.whole
+            and len(net.bottom_vecs[li + 1]) == 1 and net.bottom_vecs[li + 1][0] is blob
+            and len(net.top_vecs[li + 1]) == 1 and fusion._no_loss(net, li, li + 1)
+            and not fusion._written_after(net, li + 1, blob)):
+        return None
+    if any(blob is b for bottoms in net.bottom_vecs[li + 2:] for b in bottoms):
+        return None
+    return ReluMaxPoolChain(li, li + 1)
+
+
 def plan(net):
     """The TrainFusion of a built net (any phase: a BatchNorm with batch statistics, an Eltwise SUM +
     ReLU and a Convolution + ReLU are what it fuses; stacked 1x1 groups in TRAIN nets only), or
@@ -241,4 +298,11 @@ def plan(net):
     # a Convolution + ReLU: the ReLU in the convolution's epilogue, forward only (_conv_relu_chain)
     chains = fusion.scan_chains(net, lambda li: stacked.get(li) or _chain(net, li) or _conv_relu_chain(net, li)
                                 or _eltwise_sum_relu_chain(net, li))
-    return TrainFusion(chains, backward_only, groups) if chains else None
+    # a ReLU whose gradient the next layer's MAX pooling scatter applies (ReluMaxPoolChain), where
+    # the ReLU is not the end of another chain's backward (a BatchNorm + Scale + ReLU's)
+    ends = {ch.last for ch in list(chains) + backward_only if hasattr(ch, "run_backward")}
+    for li in range(len(net.layers)):
+        ch = _relu_max_pool_chain(net, li) if li not in ends else None
+        if ch is not None:
+            backward_only.append(ch)
+    return TrainFusion(chains, backward_only, groups) if chains or backward_only else None
