@@ -8,15 +8,16 @@ A/B in one process, per layer and for the whole backward.
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set diff_plan.ALIAS_FIRST_TOP=0
     python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 7 --reference Pooling
     python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 9 --set stacked_1x1.STACKED=0
+    python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 9 --set winograd.OUTPUT_CHANNELS_FIRST=0
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the
 engines read their thresholds when a layer is reshaped, so net A (the checkout's values) and net B
 keep their engines. ``--reference TYPE`` runs net B's layers of that type on their own code (the
 engine table's reference) instead of the engine DEFAULT picks. ``--set threads.NAME=VALUE`` (or
-``train_fusion.NAME``, ``diff_plan.NAME``, ``stacked_1x1.NAME``) sets a constant of
-``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``, ``minicaffe.net.diff_plan``,
-``minicaffe.kernels.stacked_1x1``) instead, which the passes read as
+``train_fusion.NAME``, ``diff_plan.NAME``, ``stacked_1x1.NAME``, ``winograd.NAME``) sets a constant
+of ``minicaffe.core.threads`` (``minicaffe.kernels.train_fusion``, ``minicaffe.net.diff_plan``,
+``minicaffe.kernels.stacked_1x1``, ``minicaffe.kernels.winograd``) instead, which the passes read as
 they run (a net's diff plan is made at its first solver-style pass): it is in force while net B
 runs, each round (a bool: 0 or 1). Why one process: the machine this project is measured on is
 shared, and timings from separate runs move by more than the changes being measured. The two nets run in turn,
@@ -46,7 +47,7 @@ from minicaffe.net import diff_plan  # noqa: E402
 
 # the modules whose constants --set MODULE.NAME=VALUE sets around net B's passes
 RUN_TIME_MODULES = {"threads": threads, "train_fusion": train_fusion, "diff_plan": diff_plan,
-                    "stacked_1x1": stacked_1x1}
+                    "stacked_1x1": stacked_1x1, "winograd": winograd}
 
 
 def build(path, settings):

@@ -88,6 +88,11 @@ IMAGE_TRANSPOSE_ELEMENTS = 1 << 20
 BAND_ELEMENTS = 6 << 20
 BAND_MIN_COLUMNS = 512
 
+# F(4x4, 3x3)'s compiled output transform writes y channels first itself
+# (compiled.winograd4_output_cf), not a channels-last band then transposed (_into_y). Read at each
+# forward (False: the channels-last band and _into_y, for benchmarks/bench_engine_ab.py).
+OUTPUT_CHANNELS_FIRST = True
+
 # F(4x4)'s transform GEMMs (6 x 6 x N) go in column blocks of this many, under OpenBLAS's
 # threshold for using more than one thread (see _stacked_gemm)
 SMALL_GEMM_COLUMNS = 4096
@@ -666,6 +671,11 @@ def _band_channels_last(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
         np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile, n=7 if seven else 6))
     m = workspace(np, (positions, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
+    if fast and tile == 4 and not seven and OUTPUT_CHANNELS_FIRST:
+        # F(4x4, 3x3): straight into y, channels first (compiled.winograd4_output_cf)
+        kcf = compiled.get(compiled.winograd4_output_cf)
+        _tile_row_items(num, bt, lambda i0, i1: kcf(m, y, t0, bt, i0, i1), 2 * m.size)
+        return
     ycl = _channels_last_output(v, (num, tile * bt, ow, cout))
     if fast:
         kout = compiled.get(compiled.winograd3x5_output if seven else
