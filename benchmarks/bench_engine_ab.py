@@ -8,7 +8,6 @@ A/B in one process, per layer and for the whole backward.
     python benchmarks/bench_engine_ab.py --net resnet50 --batch 8 --rounds 9 --set diff_plan.ALIAS_FIRST_TOP=0
     python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 7 --reference Pooling
     python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 9 --set stacked_1x1.STACKED=0
-    python benchmarks/bench_engine_ab.py --net googlenet --batch 16 --rounds 9 --set winograd.OUTPUT_CHANNELS_FIRST=0
 
 ``--set NAME=VALUE`` sets a constant of ``minicaffe.kernels.conv_engines`` (or of
 ``minicaffe.kernels.winograd``, where conv_engines has no such name) while net B is built; the

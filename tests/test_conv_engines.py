@@ -1150,26 +1150,3 @@ def test_channels_last_forward_in_bands_of_rows_matches_the_reference(spec, monk
     _assert_same(_run(layer, bottom, top, "im2col_channels_last", {"max_col_elements": 1, "transposed": False}),
                  ref)
     assert len(ran) >= 3          # every image of the forward went in bands
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_winograd_f4x4_output_straight_into_y_gives_the_channels_last_paths_bits(dtype, monkeypatch, env_switch):
-    """F(4x4, 3x3)'s compiled output transform writing y channels first (OUTPUT_CHANNELS_FIRST:
-    compiled.winograd4_output_cf) against the channels-last band transposed into y (_into_y):
-    the same bits, in whole and one-row bands, on heights and widths that crop the last tiles,
-    at one thread and two."""
-    env_switch("MINICAFFE_COMPILED", "1")
-    rng = np.random.default_rng(21)
-    for n, c, k, h, w in ((2, 16, 24, 13, 14), (3, 8, 5, 9, 7), (1, 4, 3, 4, 5)):
-        x = rng.standard_normal((n, c, h, w)).astype(dtype)
-        wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
-        for band in (None, 1):
-            out = {}
-            for first, size in ((True, "1"), (True, "2"), (False, "2")):
-                monkeypatch.setattr(winograd, "OUTPUT_CHANNELS_FIRST", first)
-                env_switch("MINICAFFE_THREADS", size)
-                y = np.full((n, k, h, w), np.nan, dtype)
-                winograd.forward(x, wt, y, 1, 1, tile=4, band=band)
-                out[first, size] = y
-            assert not np.isnan(out[True, "1"]).any()
-            assert out[True, "1"].tobytes() == out[False, "2"].tobytes() == out[True, "2"].tobytes()

@@ -62,7 +62,7 @@ ROW_HELPERS = {"_row_sum": {"reassoc"}, "_row_dot": {"reassoc"}, "_row_scaled_do
 
 # Every function the kernels call, by name, with its fastmath flags: compiled before any kernel
 # (_compile_helpers). LRN's window sum is shared by its two kernels and adds in order: no flag.
-HELPERS = {**ROW_HELPERS, "_lrn_window_sum": set()}
+HELPERS = {**ROW_HELPERS, "_lrn_window_sum": set(), "_rows_into_channels_first": set()}
 
 
 def _numba():
@@ -144,12 +144,11 @@ def warm_up() -> bool:
     get(eltwise_sum_relu_backward)(f, f.copy(), f.copy(), 1.0, f.copy(), 1.0, True, True, 0, 1)
     src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
     get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
-    get(winograd4_output)(v, np.zeros((1, 4, 4, 1), np.float32), 1, 4, 0, 1)
-    get(winograd4_output_cf)(v, np.zeros((1, 1, 4, 4), np.float32), 0, 1, 0, 1)
-    get(winograd2x5_output)(v, np.zeros((1, 2, 2, 1), np.float32), 1, 2, 0, 1)
+    get(winograd4_output)(v, np.zeros((1, 1, 4, 4), np.float32), 0, 1, 0, 1)
+    get(winograd2x5_output)(v, np.zeros((1, 1, 2, 2), np.float32), 0, 1, 0, 1)
     src7, v7 = np.zeros((1, 7, 7, 1), np.float32), np.zeros((49, 1, 1), np.float32)
     get(winograd7_input)(src7, v7, 0, 1, 1, 0, 1, 3)
-    get(winograd3x5_output)(v7, np.zeros((1, 3, 3, 1), np.float32), 1, 3, 0, 1)
+    get(winograd3x5_output)(v7, np.zeros((1, 1, 3, 3), np.float32), 0, 1, 0, 1)
     get(winograd3x5_gradient_tiles)(np.zeros((1, 1, 3, 3), np.float32), v7.copy(), 0, 1, 1, 0, 1)
     dy = np.zeros((1, 1, 4, 4), np.float32)
     get(winograd4_gradient_tiles)(dy, np.zeros((36, 1, 1), np.float32), 0, 1, 1, 0, 1)
@@ -334,62 +333,18 @@ def winograd6_input(src, v, t0, rows, tw, i0, i1, step):
                         v[30 + j, col, c] = d1 - t1 * d2 - t2 * d3 + t1 * d4 + d5
 
 
-def winograd4_output(m, ycl, rows, ow, i0, i1):
-    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
-    ``ycl[n, 4 r + a, 4 q + b, k]`` = (A^T M A)[a, b] of
-    each tile's products ``m[:, tile, k]`` (36, tiles, cout), the last tile column cropped at ``ow``."""
-    num = ycl.shape[0]
-    cout = m.shape[2]
-    tw = m.shape[1] // (num * rows)
-    dt = m.dtype.type
-    h, q4, e, f4, t2, e8 = dt(0.5), dt(0.25), dt(0.125), dt(4.0), dt(2.0), dt(8.0)
-    s = np.empty((4, 6, cout), m.dtype)
-    for n in range(i0 // rows, -(-i1 // rows)):
-        for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
-            for q in range(tw):
-                col = (n * rows + r) * tw + q
-                for j in range(6):          # A^T down each column
-                    for k in range(cout):
-                        m0, m1, m2 = m[j, col, k], m[6 + j, col, k], m[12 + j, col, k]
-                        m3, m4, m5 = m[18 + j, col, k], m[24 + j, col, k], m[30 + j, col, k]
-                        s[0, j, k] = m0 + m1 + m2 + m3 + m4
-                        s[1, j, k] = m1 - m2 + h * m3 - t2 * m4
-                        s[2, j, k] = m1 + m2 + q4 * m3 + f4 * m4
-                        s[3, j, k] = m1 - m2 + e * m3 - e8 * m4 + m5
-                x0 = 4 * q
-                full = x0 + 3 < ow
-                for a in range(4):          # then along each row, into the channels-last output
-                    y = 4 * r + a
-                    for k in range(cout):
-                        m0, m1, m2 = s[a, 0, k], s[a, 1, k], s[a, 2, k]
-                        m3, m4, m5 = s[a, 3, k], s[a, 4, k], s[a, 5, k]
-                        o0 = m0 + m1 + m2 + m3 + m4
-                        o1 = m1 - m2 + h * m3 - t2 * m4
-                        o2 = m1 + m2 + q4 * m3 + f4 * m4
-                        o3 = m1 - m2 + e * m3 - e8 * m4 + m5
-                        ycl[n, y, x0, k] = o0
-                        if full:
-                            ycl[n, y, x0 + 1, k] = o1
-                            ycl[n, y, x0 + 2, k] = o2
-                            ycl[n, y, x0 + 3, k] = o3
-                        else:
-                            if x0 + 1 < ow:
-                                ycl[n, y, x0 + 1, k] = o1
-                            if x0 + 2 < ow:
-                                ycl[n, y, x0 + 2, k] = o2
-
-
-def winograd4_output_cf(m, y, t0, rows, i0, i1):
-    """``winograd4_output`` into the channels-first output: items ``i0:i1`` (image n's tile row r
-    is item ``n * rows + r``) of a band of ``rows`` tile rows starting at tile row ``t0``, ``y[n,
-    k, 4 (t0 + r) + a, 4 q + b]`` = (A^T M A)[a, b], cropped at ``y``'s height and width. Each
-    item's four output rows are computed as ``winograd4_output`` does (the same terms in the same
-    order: the same bits), vectorised over channels into a buffer of the item's own, then copied
-    into ``y`` a channel row at a time (contiguous stores; the buffer is in cache). Why: the
-    channels-last output and the transposes into ``y`` after it (winograd._into_y) wrote and
-    read the whole output once more; this way a band's output stage took 0.75 against 1.15 ms
-    (GoogLeNet's conv2/3x3 at batch 16, 2 tile rows, 2 cores), 0.85 against 1.26 (16x128x28x28)."""
-    num, cout, oh, ow = y.shape
+def winograd4_output(m, y, t0, rows, i0, i1):
+    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows`` tile
+    rows starting at tile row ``t0``: ``y[n, k, 4 (t0 + r) + a, 4 q + b]`` = (A^T M A)[a, b] of each
+    tile's products ``m[:, tile, k]`` (36, tiles, cout), cropped at ``y``'s height and width, ``y``
+    the channels-first output (n, cout, oh, ow). An item's four output rows are computed
+    vectorised over channels into a buffer of its own, then copied into ``y`` a channel row at a
+    time (``_rows_into_channels_first``: contiguous stores from the buffer in cache). Why: the
+    channels-last band that this wrote before, transposed into ``y`` afterwards (OpenCV's
+    transposes, winograd._into_y, still the NumPy twins' way), wrote and read the whole output
+    once more: a band's output stage took 1.15 ms that way and 0.75 this way (GoogLeNet's
+    conv2/3x3 at batch 16, 2 tile rows, 2 cores), 1.26 and 0.85 on 16x128x28x28."""
+    num, cout = y.shape[0], y.shape[1]
     tw = m.shape[1] // (num * rows)
     dt = m.dtype.type
     h, q4, e, f4, t2, e8 = dt(0.5), dt(0.25), dt(0.125), dt(4.0), dt(2.0), dt(8.0)
@@ -416,12 +371,18 @@ def winograd4_output_cf(m, y, t0, rows, i0, i1):
                         buf[a, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4
                         buf[a, x0 + 2, k] = m1 + m2 + q4 * m3 + f4 * m4
                         buf[a, x0 + 3, k] = m1 - m2 + e * m3 - e8 * m4 + m5
-            for a in range(4):
-                yy = 4 * (t0 + r) + a
-                if yy < oh:
-                    for k in range(cout):
-                        for x in range(ow):
-                            y[n, k, yy, x] = buf[a, x, k]
+            _rows_into_channels_first(buf, y, n, 4 * (t0 + r))
+
+
+def _rows_into_channels_first(buf, y, n, y0):
+    """An output item's rows ``buf`` (rows, columns, cout) into image ``n`` of ``y`` (n, cout, oh,
+    ow) from row ``y0`` on, cropped at ``oh`` and ``ow``: a channel row at a time, contiguous
+    stores (the buffer is in cache)."""
+    _, cout, oh, ow = y.shape
+    for a in range(min(buf.shape[0], oh - y0)):
+        for k in range(cout):
+            for x in range(ow):
+                y[n, k, y0 + a, x] = buf[a, x, k]
 
 
 # --- Winograd F(4x4, 3x3)'s weight gradient (kernels/winograd.py's weight_gradient) --------------
@@ -561,17 +522,17 @@ def winograd_filter_gradient(m, g, dw, o0, o1):
 
 # --- Winograd F(2x2, 5x5): the output transform and the weight gradient's dy tiles ------------------
 
-def winograd2x5_output(m, ycl, rows, ow, i0, i1):
-    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
-    ``ycl[n, 2 r + a, 2 q + b, k]`` = (A^T M A)[a, b] of
-    each tile's products ``m[:, tile, k]`` (36, tiles, cout), A^T F(2x2, 5x5)'s 2x6, the last tile
-    column cropped at ``ow``."""
-    num = ycl.shape[0]
-    cout = m.shape[2]
+
+def winograd2x5_output(m, y, t0, rows, i0, i1):
+    """Items ``i0:i1`` of a band of ``rows`` tile rows from tile row ``t0``: ``y[n, k, 2 (t0 + r) +
+    a, 2 q + b]`` = (A^T M A)[a, b] of each tile's products ``m[:, tile, k]`` (36, tiles, cout), A^T
+    F(2x2, 5x5)'s 2x6, into the channels-first ``y`` through a buffer as ``winograd4_output``."""
+    num, cout = y.shape[0], y.shape[1]
     tw = m.shape[1] // (num * rows)
     dt = m.dtype.type
     h, t2 = dt(0.5), dt(2.0)
     s = np.empty((2, 6, cout), m.dtype)
+    buf = np.empty((2, 2 * tw, cout), m.dtype)
     for n in range(i0 // rows, -(-i1 // rows)):
         for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
             for q in range(tw):
@@ -583,15 +544,13 @@ def winograd2x5_output(m, ycl, rows, ow, i0, i1):
                         s[0, j, k] = m0 + m1 + m2 + m3 + m4
                         s[1, j, k] = m1 - m2 + h * m3 - t2 * m4 + m5
                 x0 = 2 * q
-                full = x0 + 1 < ow
-                for a in range(2):          # then along each row, into the channels-last output
-                    y = 2 * r + a
+                for a in range(2):          # then along each row, into the item's buffer
                     for k in range(cout):
                         m0, m1, m2 = s[a, 0, k], s[a, 1, k], s[a, 2, k]
                         m3, m4, m5 = s[a, 3, k], s[a, 4, k], s[a, 5, k]
-                        ycl[n, y, x0, k] = m0 + m1 + m2 + m3 + m4
-                        if full:
-                            ycl[n, y, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + m5
+                        buf[a, x0, k] = m0 + m1 + m2 + m3 + m4
+                        buf[a, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + m5
+            _rows_into_channels_first(buf, y, n, 2 * (t0 + r))
 
 
 def winograd2x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):
@@ -698,16 +657,17 @@ def winograd7_input(src, v, t0, rows, tw, i0, i1, step):
                         v[42 + j, col, c] = -t2 * d1 + t4 * d2 + t25 * d3 - t5 * d4 - h * d5 + d6
 
 
-def winograd3x5_output(m, ycl, rows, ow, i0, i1):
-    """Items ``i0:i1`` (image n's tile row r is item ``n * rows + r``) of a band of ``rows``:
-    ``ycl[n, 3 r + a, 3 q + b, k]`` = (A^T M A)[a, b] of each tile's products ``m[:, tile, k]``
-    (49, tiles, cout), A^T F(3x3, 5x5)'s 3x7, the last tile column cropped at ``ow``."""
-    num = ycl.shape[0]
-    cout = m.shape[2]
+
+def winograd3x5_output(m, y, t0, rows, i0, i1):
+    """Items ``i0:i1`` of a band of ``rows`` tile rows from tile row ``t0``: ``y[n, k, 3 (t0 + r) +
+    a, 3 q + b]`` = (A^T M A)[a, b] of each tile's products ``m[:, tile, k]`` (49, tiles, cout), A^T
+    F(3x3, 5x5)'s 3x7, into the channels-first ``y`` through a buffer as ``winograd4_output``."""
+    num, cout = y.shape[0], y.shape[1]
     tw = m.shape[1] // (num * rows)
     dt = m.dtype.type
     h, q4, t2, f4 = dt(0.5), dt(0.25), dt(2.0), dt(4.0)
     s = np.empty((3, 7, cout), m.dtype)
+    buf = np.empty((3, 3 * tw, cout), m.dtype)
     for n in range(i0 // rows, -(-i1 // rows)):
         for r in range(max(i0 - n * rows, 0), min(i1 - n * rows, rows)):
             for q in range(tw):
@@ -720,16 +680,14 @@ def winograd3x5_output(m, ycl, rows, ow, i0, i1):
                         s[1, j, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
                         s[2, j, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
                 x0 = 3 * q
-                for a in range(3):          # then along each row, into the channels-last output
-                    y = 3 * r + a
+                for a in range(3):          # then along each row, into the item's buffer
                     for k in range(cout):
                         m0, m1, m2, m3 = s[a, 0, k], s[a, 1, k], s[a, 2, k], s[a, 3, k]
                         m4, m5, m6 = s[a, 4, k], s[a, 5, k], s[a, 6, k]
-                        ycl[n, y, x0, k] = m0 + m1 + m2 + m3 + m4 + m5
-                        if x0 + 1 < ow:
-                            ycl[n, y, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
-                        if x0 + 2 < ow:
-                            ycl[n, y, x0 + 2, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
+                        buf[a, x0, k] = m0 + m1 + m2 + m3 + m4 + m5
+                        buf[a, x0 + 1, k] = m1 - m2 + h * m3 - t2 * m4 + t2 * m5
+                        buf[a, x0 + 2, k] = m1 + m2 + q4 * m3 + f4 * m4 + f4 * m5 + m6
+            _rows_into_channels_first(buf, y, n, 3 * (t0 + r))
 
 
 def winograd3x5_gradient_tiles(dy, u, t0, rows, tw, c0, c1):

@@ -88,11 +88,6 @@ IMAGE_TRANSPOSE_ELEMENTS = 1 << 20
 BAND_ELEMENTS = 6 << 20
 BAND_MIN_COLUMNS = 512
 
-# F(4x4, 3x3)'s compiled output transform writes y channels first itself
-# (compiled.winograd4_output_cf), not a channels-last band then transposed (_into_y). Read at each
-# forward (False: the channels-last band and _into_y, for benchmarks/bench_engine_ab.py).
-OUTPUT_CHANNELS_FIRST = True
-
 # F(4x4)'s transform GEMMs (6 x 6 x N) go in column blocks of this many, under OpenBLAS's
 # threshold for using more than one thread (see _stacked_gemm)
 SMALL_GEMM_COLUMNS = 4096
@@ -653,10 +648,11 @@ def _band_channels_last(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
     F(4x4, 3x3), with 2: F(2x2, 5x5); 49 positions: F(3x3, 5x5)), each transform one compiled pass
     over the band's tiles (``compiled.winograd6_input`` / ``winograd7_input`` and
     ``winograd4_output``, ``winograd2x5_output`` or ``winograd3x5_output``: the transform matrices'
-    non-zero terms, vectorised over channels), from a plain padded channels-last input
-    (``_source_channels_last``); without ``fast`` (5x5 only: F(4x4)'s NumPy path is ``_band4``)
-    their NumPy twins. The GEMMs, the channels-last output in the tiles' buffer and the transposes
-    into ``y`` are the same either way."""
+    non-zero terms, vectorised over channels; the output kernels write ``y`` channels first
+    themselves), from a plain padded channels-last input (``_source_channels_last``); without
+    ``fast`` (5x5 only: F(4x4)'s NumPy path is ``_band4``) their NumPy twins, whose channels-last
+    output goes in the tiles' buffer and is transposed into ``y`` (``_into_y``). The GEMMs are the
+    same either way."""
     num, cin = src.shape[0], src.shape[3]
     positions, cout = u.shape[0], u.shape[1]
     seven = positions == 49
@@ -671,18 +667,14 @@ def _band_channels_last(src, u, y, t0, t1, tw, oh, ow, tile, fast=True):
         np.copyto(v, _input_tiles_numpy(src, t0, bt, tw, step=tile, n=7 if seven else 6))
     m = workspace(np, (positions, cols, cout), dt, _PROD)
     _transform_gemms(v, u.transpose(0, 2, 1), m)
-    if fast and tile == 4 and not seven and OUTPUT_CHANNELS_FIRST:
-        # F(4x4, 3x3): straight into y, channels first (compiled.winograd4_output_cf)
-        kcf = compiled.get(compiled.winograd4_output_cf)
-        _tile_row_items(num, bt, lambda i0, i1: kcf(m, y, t0, bt, i0, i1), 2 * m.size)
-        return
-    ycl = _channels_last_output(v, (num, tile * bt, ow, cout))
     if fast:
+        # straight into y, channels first
         kout = compiled.get(compiled.winograd3x5_output if seven else
                             compiled.winograd4_output if tile == 4 else compiled.winograd2x5_output)
-        _tile_row_items(num, bt, lambda i0, i1: kout(m, ycl, bt, ow, i0, i1), 2 * m.size)
-    else:
-        _output_numpy(m, ycl, bt, tw, ow, (MATRICES3X5 if seven else MATRICES5)[0])
+        _tile_row_items(num, bt, lambda i0, i1: kout(m, y, t0, bt, i0, i1), 2 * m.size)
+        return
+    ycl = _channels_last_output(v, (num, tile * bt, ow, cout))
+    _output_numpy(m, ycl, bt, tw, ow, (MATRICES3X5 if seven else MATRICES5)[0])
     _into_y(ycl, y, t0, t1, oh, tile=tile)
 
 
