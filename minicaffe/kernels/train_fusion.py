@@ -1,6 +1,7 @@
 """Fusion in nets that learn: BatchNorm (batch statistics) + Scale (+ ReLU) and Eltwise SUM + ReLU,
-forward and backward; Convolution + ReLU, forward; sibling 1x1 Convolutions on one Split as one
-stacked GEMM, forward and backward (kernels/stacked_1x1.py, whose groups this module's plan runs).
+forward and backward; Convolution + ReLU, forward; a ReLU + the MAX Pooling that reads it, backward
+(ReluMaxPoolChain); sibling 1x1 Convolutions on one Split as one stacked GEMM, forward and backward
+(kernels/stacked_1x1.py, whose groups this module's plan runs).
 
 Why: Kaiming He's ResNet prototxts follow every convolution with BatchNorm, Scale and (mostly) ReLU,
 all three in place on the convolution's top. Run one by one, they make about nine passes through
