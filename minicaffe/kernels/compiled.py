@@ -522,7 +522,6 @@ def winograd_filter_gradient(m, g, dw, o0, o1):
 
 # --- Winograd F(2x2, 5x5): the output transform and the weight gradient's dy tiles ------------------
 
-
 def winograd2x5_output(m, y, t0, rows, i0, i1):
     """Items ``i0:i1`` of a band of ``rows`` tile rows from tile row ``t0``: ``y[n, k, 2 (t0 + r) +
     a, 2 q + b]`` = (A^T M A)[a, b] of each tile's products ``m[:, tile, k]`` (36, tiles, cout), A^T
@@ -655,7 +654,6 @@ def winograd7_input(src, v, t0, rows, tw, i0, i1, step):
                         v[28 + j, col, c] = d1 - t25 * d2 + t25 * d4 - d5
                         v[35 + j, col, c] = d1 - t15 * d2 - t2 * d3 + t15 * d4 + d5
                         v[42 + j, col, c] = -t2 * d1 + t4 * d2 + t25 * d3 - t5 * d4 - h * d5 + d6
-
 
 
 def winograd3x5_output(m, y, t0, rows, i0, i1):

@@ -71,6 +71,7 @@ class ScatterMaxPooling:
             return
         dyf = dy.reshape(m, oh * ow)
         dxf = dx.reshape(m, h * w)
+        xf = x.reshape(m, h * w)
         dx.fill(0)
         blocks = -(-m // self.rows)
 
@@ -88,7 +89,6 @@ class ScatterMaxPooling:
                 np.add.at(dxf[b0:b1].reshape(-1), blk.reshape(-1), dyf[b0:b1].reshape(-1))
                 if relu:
                     np.copyto(dxf[b0:b1], 0, where=xf[b0:b1] <= 0)
-        xf = x.reshape(m, h * w)
         threads.parallel_for(blocks, scatter, work=dy.size)
 
     def relu_applies(self, x, dx):
