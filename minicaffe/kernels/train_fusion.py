@@ -40,7 +40,7 @@ import numpy as np
 
 from ..core import threads
 from ..proto import caffe_pb2
-from . import compiled, fusion, pooling_engines, stacked_1x1
+from . import compiled, fusion, stacked_1x1
 
 # EltwiseSumReluChain's backward runs fused (False: the layers one by one, as before; read at each
 # backward, so benchmarks/bench_engine_ab.py can compare both in one process)
@@ -149,13 +149,13 @@ class EltwiseSumReluChain(fusion.EltwiseReluChain):
 class ReluMaxPoolChain:
     """A plain ReLU in place on a blob (layer ``first``) whose one reader is a MAX Pooling (``last``,
     the next layer): the backward of both as the pool's argmax scatter, adding each output's
-    gradient only where the ReLU's output is positive (``ScatterMaxPooling.pool_backward(relu=True)``),
-    and no pass of the ReLU's own. Backward only: the forwards are the layers' (the ReLU's is
+    gradient only where the ReLU's output is positive (``Pooling.backward_through_relu``), and no
+    pass of the ReLU's own. Backward only: the forwards are the layers' (the ReLU's is
     already in its Convolution's epilogue, ``_conv_relu_chain``).
 
     Why: the ReLU's backward reads the blob's diff and data and writes the diff, three passes over
     the largest blobs of the nets whose first layers are Convolution, ReLU, MAX Pooling (CaffeNet's
-    conv1, 32x96x55x55; GoogLeNet's conv1, 16x64x112x112, 17 ms of its backward alone; VGG-16's
+    conv1, 32x96x55x55; GoogLeNet's conv1, 16x64x112x112, 7.6 ms of its backward alone; VGG-16's
     conv1_2); the scatter touches the blob's diff anyway. Same values as the layers one by one,
     but for the sign of a zero: the ReLU multiplies a negative sum by 0 and leaves -0.0."""
 
@@ -169,15 +169,8 @@ class ReluMaxPoolChain:
         need = net.bottom_need_backward
         if not (RELU_POOL_BACKWARD and need[self.first][0] and need[self.last][0]):
             return False
-        pool = net.layers[self.last]
-        blob = net.bottom_vecs[self.last][0]
-        engine = pool.engine_slot.get(pool, pool.bottom_shape)
-        x, dx, dy = blob.xdata, blob.xdiff, net.top_vecs[self.last][0].xdiff
-        if not (isinstance(engine, pooling_engines.ScatterMaxPooling) and engine.relu_applies(x, dx)):
-            return False
-        pool.engine = engine
-        engine.pool_backward(x, dy, dx, relu=True)
-        return True
+        last = self.last
+        return net.layers[last].backward_through_relu(net.top_vecs[last], net.bottom_vecs[last])
 
 
 class TrainFusion:

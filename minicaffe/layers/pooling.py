@@ -174,6 +174,18 @@ class Pooling(Layer):
         self.engine = self.engine_slot.get(self, self.bottom_shape)
         self.engine.pool_backward(bottom[0].xdata, top[0].xdiff, bottom[0].xdiff)
 
+    def backward_through_relu(self, top, bottom):
+        """``backward`` and the gradient of a ReLU in place on the bottom in one pass, where the
+        engine takes it (the argmax scatter: ``pool_backward(relu=True)``; kernels/train_fusion.py's
+        ReluMaxPoolChain); False, with nothing done, elsewhere."""
+        self.engine = self.engine_slot.get(self, self.bottom_shape)
+        x, dx = bottom[0].xdata, bottom[0].xdiff
+        relu_applies = getattr(self.engine, "relu_applies", None)
+        if relu_applies is None or not relu_applies(x, dx):
+            return False
+        self.engine.pool_backward(x, top[0].xdiff, dx, relu=True)
+        return True
+
     # --- helpers -----------------------------------------------------------------------------
     # Layout: the padded image is split by row phase (row % sh) and column phase (col % sw), each
     # phase a flat plane of ``Hq x Wq`` values: element (row, col) sits at
