@@ -11,6 +11,7 @@ was timed as its deploy net with ``force_backward`` at batch 10).
     python benchmarks/bench_caffe.py --caffe "$(bash ../shared/reference-caffe/build.sh | tail -1)"
     python benchmarks/bench_caffe.py --caffe PREFIX --nets lenet,caffenet --iterations 3 --threads 1
     python benchmarks/bench_caffe.py --caffe PREFIX --iterations 5 --rounds 3
+    python benchmarks/bench_caffe.py --caffe PREFIX --nets resnet50 --rounds 2 --by-kind
 
 ``--rounds N`` runs the two tools N times each per net, in turn (Caffe, minicaffe, Caffe, ...), and
 keeps each tool's round with the lowest forward + backward average, printing every round's figure
@@ -18,6 +19,17 @@ under the row. Why: on a shared machine either tool's time moved by up to 50% fr
 next (Caffe's CaffeNet: 1266-1893 ms in three runs of one session), so one round per tool compares
 a lucky run with an unlucky one as often as not; the best of several rounds of each is the figure
 least touched by other load, as ``bench_nets.py --rounds`` keeps each framework's best iteration.
+
+``--by-kind`` adds, under each net's row, the kept rounds' per-layer averages (both tools print one
+line a layer) summed by kind of layer: 1x1 convolutions, 3x3 and 5x5 convolutions of stride 1
+(where minicaffe runs Winograd), the other convolutions (first layers, strided), InnerProduct, and
+everything else (normalisation, activations, pooling, Eltwise, Split, loss). Why: the 1x1
+convolutions and InnerProduct are BLAS GEMMs in both tools, from the same kind of OpenBLAS; it
+says how far those kinds hold a net from a ratio, and the last line says what the other kinds would
+have to take, in all, for the net to reach 0.5x with those two as they are. minicaffe times a
+chain of layers it runs as one (BatchNorm + Scale + ReLU, Convolution + ReLU, a stacked group of
+1x1 convolutions) on one of them; the kinds keep such chains within a kind but for a
+Convolution + ReLU's forward, whose ReLU runs in the convolution's epilogue and counts there.
 
 The reference's prefix may also come from $MINICAFFE_REFERENCE_CAFFE. The ratio column is
 minicaffe / Caffe (below 1: minicaffe is faster); the figures are the averages each tool prints.
@@ -37,6 +49,73 @@ sys.path.insert(0, ROOT)
 import bench_nets  # noqa: E402  (the net definitions: one source for both benchmarks)
 
 _AVERAGE = re.compile(r"Average (Forward pass|Backward pass|Forward-Backward): ([0-9.eE+-]+) ms")
+
+
+# a layer's average in a ``time`` log: "<layer>\tforward: 1.23 ms." (both tools)
+_LAYER = re.compile(r"(\S+)\s+(forward|backward): ([0-9.eE+-]+) ms")
+
+# --by-kind's kinds, in the order printed; GEMM_KINDS are BLAS GEMMs in both tools
+KINDS = ("convolution 1x1", "convolution 3x3/5x5, stride 1", "convolution, other", "inner product",
+         "everything else")
+GEMM_KINDS = ("convolution 1x1", "inner product")
+
+
+def layer_times(text):
+    """{layer name: forward + backward ms} from a ``time`` log's per-layer lines."""
+    out = {}
+    for m in _LAYER.finditer(text):
+        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def kind_of(lp):
+    """The kind (KINDS) of a LayerParameter."""
+    if lp.type == "Convolution":
+        cp = lp.convolution_param
+        kh = cp.kernel_h or (cp.kernel_size[0] if cp.kernel_size else 1)
+        kw = cp.kernel_w or (cp.kernel_size[-1] if cp.kernel_size else 1)
+        sh = cp.stride_h or (cp.stride[0] if cp.stride else 1)
+        sw = cp.stride_w or (cp.stride[-1] if cp.stride else 1)
+        if kh == kw == 1:
+            return KINDS[0]
+        if kh == kw and kh in (3, 5) and sh == sw == 1:
+            return KINDS[1]
+        return KINDS[2]
+    return KINDS[3] if lp.type == "InnerProduct" else KINDS[4]
+
+
+def by_kind(param, ref_layers, mc_layers):
+    """{kind: (Caffe ms, minicaffe ms)} over every layer either log names (a layer the prototxt
+    does not name, such as an inserted Split, is "everything else")."""
+    kinds = {lp.name: kind_of(lp) for lp in param.layer}
+    sums = {k: [0.0, 0.0] for k in KINDS}
+    for who, layers in enumerate((ref_layers, mc_layers)):
+        for name, ms in layers.items():
+            sums[kinds.get(name, KINDS[4])][who] += ms
+    return {k: tuple(v) for k, v in sums.items()}
+
+
+def kind_lines(sums):
+    """The --by-kind lines under a net's row."""
+    total_ref = sum(r for r, _ in sums.values())
+    total_mc = sum(m for _, m in sums.values())
+    lines = ["    by kind, forward + backward, sums of the per-layer averages: Caffe / minicaffe ms, ratio, "
+             "share of minicaffe's"]
+    for k in KINDS:
+        r, m = sums[k]
+        if r or m:
+            ratio = f"{m / r:5.2f}" if r else "  n/a"
+            lines.append(f"      {k:31s} {r:8.1f} / {m:8.1f}  {ratio}  {100 * m / max(total_mc, 1e-9):3.0f}%")
+    gemm_ref = sum(sums[k][0] for k in GEMM_KINDS)
+    gemm_mc = sum(sums[k][1] for k in GEMM_KINDS)
+    rest_ref, rest_mc = total_ref - gemm_ref, total_mc - gemm_mc
+    budget = 0.5 * total_ref - gemm_mc
+    if rest_ref > 0:
+        lines.append(f"      at 0.5x of Caffe's {total_ref:.1f} ms, with {' and '.join(GEMM_KINDS)} as they are "
+                     f"({gemm_mc:.1f} ms), the other kinds would have {budget:.1f} ms "
+                     f"({budget / rest_ref:.2f}x Caffe's {rest_ref:.1f}); they take {rest_mc:.1f} "
+                     f"({rest_mc / rest_ref:.2f}x)")
+    return lines
 
 
 def averages(text):
@@ -62,6 +141,7 @@ def run(cmd, threads):
     if proc.returncode != 0 or "Forward-Backward" not in found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-2:]
         return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+    found["layers"] = layer_times(proc.stderr + proc.stdout)
     return found
 
 
@@ -75,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="BLAS/OpenMP threads for both")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run both tools this many times each, in turn, and keep each one's best round")
+    ap.add_argument("--by-kind", action="store_true",
+                    help="under each net, its per-layer times summed by kind of layer (see the module's text)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         print(f"error: --rounds {args.rounds}: give 1 or more", file=sys.stderr)
@@ -127,6 +209,9 @@ def main(argv=None):
                 def figures(rs):
                     return " ".join("failed" if "error" in r else f"{r['Forward-Backward']:.1f}" for r in rs)
                 print(f"    rounds, fwd+bwd: caffe {figures(runs[0])}; minicaffe {figures(runs[1])}")
+            if args.by_kind and "error" not in ref and "error" not in mc:
+                sums = by_kind(bench_nets.train_param(name, batch), ref["layers"], mc["layers"])
+                print("\n".join(kind_lines(sums)), flush=True)
     return 0
 
 

@@ -277,3 +277,49 @@ def test_bench_engine_ab_runs_and_names_an_unknown_constant():
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_engine_ab.py"), "--net", "lenet",
                            "--set", "NO_SUCH_CONSTANT=1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "NO_SUCH_CONSTANT" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_bench_caffe_sorts_layers_into_kinds_and_works_out_the_budget():
+    """``bench_caffe.py --by-kind``: a layer's kind comes from its type and kernel geometry (the
+    forms a prototxt may give them in), a layer the prototxt does not name (an inserted Split) is
+    "everything else", and the last line's budget is 0.5x Caffe's total less the GEMM kinds'
+    minicaffe time."""
+    from google.protobuf import text_format
+    from minicaffe.proto import caffe_pb2
+    bench = _load("bench_caffe")
+    param = text_format.Parse("""
+        layer { name: "c1" type: "Convolution" convolution_param { kernel_size: 7 stride: 2 } }
+        layer { name: "r1" type: "ReLU" }
+        layer { name: "a" type: "Convolution" convolution_param { kernel_size: 1 } }
+        layer { name: "a2" type: "Convolution" convolution_param { kernel_size: 1 stride: 2 } }
+        layer { name: "b" type: "Convolution" convolution_param { kernel_size: 3 pad: 1 } }
+        layer { name: "b2" type: "Convolution" convolution_param { kernel_h: 5 kernel_w: 5 stride_h: 1 } }
+        layer { name: "b3" type: "Convolution" convolution_param { kernel_size: 3 stride: 2 } }
+        layer { name: "b4" type: "Convolution" convolution_param { kernel_h: 1 kernel_w: 3 } }
+        layer { name: "fc" type: "InnerProduct" }
+    """, caffe_pb2.NetParameter())
+    kinds = {lp.name: bench.kind_of(lp) for lp in param.layer}
+    one, wino, other, ip, rest = bench.KINDS
+    assert kinds == {"c1": other, "r1": rest, "a": one, "a2": one, "b": wino, "b2": wino, "b3": other,
+                     "b4": other, "fc": ip}
+    ref = {"c1": 10.0, "r1": 2.0, "a": 20.0, "a2": 5.0, "b": 40.0, "b2": 8.0, "fc": 15.0}
+    mc = {"c1": 9.0, "r1": 1.0, "a": 21.0, "b": 18.0, "fc": 16.0, "x_split": 0.5}
+    sums = bench.by_kind(param, ref, mc)
+    assert sums[one] == (25.0, 21.0) and sums[wino] == (48.0, 18.0) and sums[other] == (10.0, 9.0)
+    assert sums[ip] == (15.0, 16.0) and sums[rest] == (2.0, 1.5)
+    lines = bench.kind_lines(sums)
+    assert len(lines) == 1 + len(bench.KINDS) + 1
+    # 0.5 * 100 - (21 + 16) = 13 ms for the rest, against Caffe's 60 and minicaffe's 28.5
+    assert "would have 13.0 ms (0.22x Caffe's 60.0); they take 28.5 (0.47x)" in lines[-1]
+
+
+def test_bench_caffe_reads_both_tools_per_layer_lines():
+    """The per-layer lines of ``caffe time`` and ``minicaffe time`` (glog prefixes, tabs, names with
+    slashes) give each layer's forward + backward; the averages' lines do not count as layers."""
+    bench = _load("bench_caffe")
+    text = ("I1128 03:04:07.0 20114 caffe.cpp:403]      conv1\tforward: 19.5 ms.\n"
+            "I1128 03:04:07.0 20114 caffe.cpp:406]      conv1\tbackward: 22.25 ms.\n"
+            "I1128 03:04:07.0 20114 cli.py:433] inception_3a/1x1\tforward: 1e-3 ms.\n"
+            "I1128 03:04:07.0 20114 cli.py:437] Average Forward pass: 392.5 ms.\n"
+            "I1128 03:04:07.0 20114 cli.py:439] Average Forward-Backward: 1109.7 ms.\n")
+    assert bench.layer_times(text) == {"conv1": 41.75, "inception_3a/1x1": 1e-3}

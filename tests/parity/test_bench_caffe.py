@@ -48,3 +48,28 @@ def test_bench_caffe_without_a_reference_says_how_to_get_one(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: give --caffe PREFIX") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_caffe_by_kind_sums_each_tools_layers(ref):
+    """``--by-kind``: under the row, each kind LeNet has with both tools' sums, and the budget line;
+    each tool's layer sums are parts of its forward + backward, so they add up to no more than it."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_caffe.py"), "--caffe", ref.prefix,
+                           "--nets", "lenet", "--iterations", "1", "--threads", "1", "--by-kind"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("lenet"))
+    fields = lines[i].replace("|", " ").split()
+    caffe_fb, mc_fb = float(fields[4]), float(fields[7])
+    assert lines[i + 1].strip().startswith("by kind")
+    sums = {}
+    for line in lines[i + 2:i + 5]:
+        # "      <kind, 31 wide> <Caffe ms> / <minicaffe ms>  <ratio>  <share>%"
+        values = line[37:].split()
+        sums[line[:37].strip()] = (float(values[0]), float(values[2]))
+    assert set(sums) == {"convolution 3x3/5x5, stride 1", "inner product", "everything else"}
+    assert all(r > 0 and m > 0 for r, m in sums.values())
+    assert sum(r for r, _ in sums.values()) <= caffe_fb * 1.05
+    assert sum(m for _, m in sums.values()) <= mc_fb * 1.05
+    assert lines[i + 5].strip().startswith("at 0.5x of Caffe's")
