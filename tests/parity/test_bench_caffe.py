@@ -7,15 +7,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_bench_caffe_times_lenet_in_both(ref):
+def _bench_lenet(ref, *args):
+    """bench_caffe.py's stdout lines for LeNet (1 iteration, 1 thread, ``args`` added), and the
+    index of the net's row."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_caffe.py"), "--caffe", ref.prefix,
-                           "--nets", "lenet", "--iterations", "1", "--threads", "1"],
+                           "--nets", "lenet", "--iterations", "1", "--threads", "1", *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("lenet"))
     assert "failed" not in proc.stdout, proc.stdout
-    fields = row.replace("|", " ").split()
+    lines = proc.stdout.splitlines()
+    return lines, next(k for k, line in enumerate(lines) if line.startswith("lenet"))
+
+
+def test_bench_caffe_times_lenet_in_both(ref):
+    lines, i = _bench_lenet(ref)
+    fields = lines[i].replace("|", " ").split()
     caffe_fb, mc_fb, ratio = float(fields[4]), float(fields[7]), float(fields[8])
     assert caffe_fb > 0 and mc_fb > 0
     assert abs(ratio - mc_fb / caffe_fb) < 0.01 + 0.01 * ratio
@@ -24,13 +31,7 @@ def test_bench_caffe_times_lenet_in_both(ref):
 def test_bench_caffe_rounds_keep_each_tools_best(ref):
     """``--rounds 2``: both tools run twice; the row shows each one's lowest forward + backward, and
     the line under it every round's."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_caffe.py"), "--caffe", ref.prefix,
-                           "--nets", "lenet", "--iterations", "1", "--threads", "1", "--rounds", "2"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith("lenet"))
+    lines, i = _bench_lenet(ref, "--rounds", "2")
     fields = lines[i].replace("|", " ").split()
     caffe_fb, mc_fb = float(fields[4]), float(fields[7])
     rounds = lines[i + 1].split(":", 1)[1]
@@ -53,13 +54,7 @@ def test_bench_caffe_without_a_reference_says_how_to_get_one(tmp_path):
 def test_bench_caffe_by_kind_sums_each_tools_layers(ref):
     """``--by-kind``: under the row, each kind LeNet has with both tools' sums, and the budget line;
     each tool's layer sums are parts of its forward + backward, so they add up to no more than it."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_caffe.py"), "--caffe", ref.prefix,
-                           "--nets", "lenet", "--iterations", "1", "--threads", "1", "--by-kind"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith("lenet"))
+    lines, i = _bench_lenet(ref, "--by-kind")
     fields = lines[i].replace("|", " ").split()
     caffe_fb, mc_fb = float(fields[4]), float(fields[7])
     assert lines[i + 1].strip().startswith("by kind")
