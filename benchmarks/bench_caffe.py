@@ -175,8 +175,11 @@ def main(argv=None):
         print(f"error: unknown net '{unknown[0]}' (known: {', '.join(bench_nets.NETS)})", file=sys.stderr)
         return 2
     rounds = f"; the best of {args.rounds} rounds each" if args.rounds > 1 else ""
+    from minicaffe.core import mkl
+    gemm = (f"MKL ({mkl.library_path()})" if mkl.library_path()
+            else "NumPy's BLAS" + (" (MINICAFFE_MKL=0)" if os.environ.get("MINICAFFE_MKL") == "0" else ""))
     print(f"{os.cpu_count()} cores, {args.threads} threads; {args.iterations} iterations each{rounds}; load "
-          f"average {os.getloadavg()[0]:.1f}; averages as each tool prints them (ms)\n")
+          f"average {os.getloadavg()[0]:.1f}; averages as each tool prints them (ms); minicaffe's GEMMs: {gemm}\n")
     header = (f"{'net':10s} {'batch':>5s} | {'caffe fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} | "
               f"{'mc fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} | {'ratio':>5s}")
     print(header)

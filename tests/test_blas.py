@@ -119,8 +119,9 @@ def test_1x1_images_side_by_side_give_the_batched_forward_and_each_image_is_fini
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
 def test_add_product_adds_one_gemm_into_the_output(dtype, layout):
     """``add_product``: ``out += a @ b`` with either operand C-contiguous or the transpose of one, in
-    NumPy's own OpenBLAS (the wheel's; skipped where NumPy carries another BLAS). K = 40 is one
-    block of BLAS's sums, so the bits are those of the product added afterwards."""
+    NumPy's own OpenBLAS (the wheel's; skipped where NumPy carries another BLAS), or MKL where it
+    is installed (core/mkl.py). K = 40 is one block of BLAS's sums, so the bits are those of the
+    same BLAS's product (``blas.matmul``) added afterwards."""
     if not blas._numpy_gemms():
         pytest.skip("NumPy's BLAS is not its wheel's OpenBLAS: add_product returns False there")
     rng = np.random.default_rng(7)
@@ -131,7 +132,7 @@ def test_add_product_adds_one_gemm_into_the_output(dtype, layout):
     if layout[1] == "t":
         b = np.ascontiguousarray(b.T).T
     out = rng.standard_normal((23, 31)).astype(dtype)
-    want = out + a @ b
+    want = out + blas.matmul(a, b)
     assert blas.add_product(a, b, out)
     assert np.array_equal(out, want)
 

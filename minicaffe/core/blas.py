@@ -35,6 +35,7 @@ import ctypes
 import os
 import threading
 
+from . import mkl as _mkl
 from . import threads
 
 _lock = threading.Lock()
@@ -157,10 +158,10 @@ def _operand(a):
 
 def adds_products(*arrays):
     """Whether ``add_product`` can run on C-contiguous arrays like these (NumPy arrays of one dtype
-    that NumPy's OpenBLAS multiplies): a caller picks its path before it has the operands."""
+    that MKL or NumPy's OpenBLAS multiplies): a caller picks its path before it has the operands."""
     import numpy as np
     return (all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays)
-            and bool(arrays) and arrays[0].dtype in _numpy_gemms())
+            and bool(arrays) and (arrays[0].dtype in _mkl.gemms() or arrays[0].dtype in _numpy_gemms()))
 
 
 def add_product(a, b, out):
@@ -180,6 +181,9 @@ def add_product(a, b, out):
     (m, k), (k2, n) = a.shape, b.shape
     if k2 != k or out.shape != (m, n):
         raise ValueError(f"add_product: {a.shape} @ {b.shape} does not fit {out.shape}")
+    mkl_gemm = _mkl.gemms().get(out.dtype)
+    if mkl_gemm is not None and _gemm_into(mkl_gemm, a, b, out, 1.0):
+        return True
     opa, opb = _operand(a), _operand(b)
     if opa is None or opb is None:
         return False
@@ -188,3 +192,102 @@ def add_product(a, b, out):
     gemm(_ROW_MAJOR, opa[0], opb[0], m, n, k, 1.0, a.ctypes.data, opa[1], b.ctypes.data, opb[1], 1.0,
          out.ctypes.data, n)
     return True
+
+
+# --- a @ b through MKL where it is installed (core/mkl.py) ----------------------------------------
+# Why here: every CPU engine's GEMM goes through ``matmul`` (or ``add_product``), so the BLAS that
+# runs it is chosen in one place. MKL's calls are sequential: a GEMM made on a pool thread (an
+# image's, in ``parallel_gemms``) runs whole there, and one made outside the pool is split into a
+# part per pool thread (by rows or columns of the product, whichever is longer) on the pool, as
+# BLAS's own threads would split it. The parts are computed alone, so they need no order.
+
+# products of fewer multiply-adds than this run whole, on the calling thread (splitting one costs
+# ~10-20 us)
+SPLIT_MIN_WORK = 1 << 21
+
+
+def _layout(a):
+    """(transpose flag, leading dimension) of a 2-D NumPy array as a row-major GEMM operand whose
+    rows (or, transposed, columns) are contiguous runs with a positive step between them: a
+    C-contiguous array, its transpose, or a block of rows or columns of either; None otherwise."""
+    item = a.itemsize
+    (m, n), (s0, s1) = a.shape, a.strides
+    if (n <= 1 or s1 == item) and (m <= 1 or (s0 > 0 and s0 % item == 0 and s0 // item >= n)):
+        return _NO_TRANS, max(s0 // item if m > 1 else n, n, 1)
+    if (m <= 1 or s0 == item) and (n <= 1 or (s1 > 0 and s1 % item == 0 and s1 // item >= m)):
+        return _TRANS, max(s1 // item if n > 1 else m, m, 1)
+    return None
+
+
+def _gemm_into(gemm, a, b, out, beta):
+    """``out = a @ b + beta · out`` (2-D NumPy arrays) through ``gemm`` (a cblas ?gemm), split over
+    the pool where it is called outside it and large enough; False (nothing done) where an operand's
+    layout does not fit (``_layout``; ``out`` must have contiguous rows)."""
+    la, lb, lo = _layout(a), _layout(b), _layout(out)
+    if la is None or lb is None or lo is None or lo[0] != _NO_TRANS:
+        return False
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or n == 0:
+        return True
+
+    def part(r0, r1, c0, c1):
+        gemm(_ROW_MAJOR, la[0], lb[0], r1 - r0, c1 - c0, k, 1.0, a[r0:r1].ctypes.data, la[1],
+             b[:, c0:c1].ctypes.data, lb[1], beta, out[r0:r1, c0:c1].ctypes.data, lo[1])
+    pool = threads.size()
+    if pool <= 1 or threads.inside_chunk() or m * n * k < SPLIT_MIN_WORK:
+        part(0, m, 0, n)
+        return True
+    if n >= m:
+        cuts = [n * i // pool for i in range(pool + 1)]
+        threads.parallel_for(pool, lambda i0, i1: [part(0, m, cuts[i], cuts[i + 1]) for i in range(i0, i1)])
+    else:
+        cuts = [m * i // pool for i in range(pool + 1)]
+        threads.parallel_for(pool, lambda i0, i1: [part(cuts[i], cuts[i + 1], 0, n) for i in range(i0, i1)])
+    return True
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` (into ``out`` when given), as ``np.matmul``: through MKL where it is installed
+    (core/mkl.py) and the operands are NumPy arrays of its float types, 2-D, or 3-D stacks (one of
+    them may be 2-D, or a stack of one) whose matrices ``_layout`` takes; a stack's products run
+    side by side on the pool. Everything else goes to ``matmul`` of the arrays' own module (NumPy's,
+    or CuPy's on a GPU)."""
+    import numpy as np
+    gemm = None
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype:
+        gemm = _mkl.gemms().get(a.dtype)
+    if gemm is None:
+        from .backend import get_array_module
+        xp = get_array_module(a)
+        return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
+    if a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.shape[-1] != b.shape[-2]:
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    lead = a.shape[0] if a.ndim == 3 else 1
+    lead_b = b.shape[0] if b.ndim == 3 else 1
+    if lead != lead_b and 1 not in (lead, lead_b):
+        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    stack = max(lead, lead_b) if 3 in (a.ndim, b.ndim) else None
+    shape = ((stack,) if stack is not None else ()) + (a.shape[-2], b.shape[-1])
+    given = out is not None
+    if not given:
+        out = np.empty(shape, a.dtype)
+    elif (type(out) is not np.ndarray or out.shape != shape or out.dtype != a.dtype or not out.flags.writeable
+          or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return np.matmul(a, b, out=out)
+    if stack is None:
+        if _gemm_into(gemm, a, b, out, 0.0):
+            return out
+        return np.matmul(a, b, out=out) if given else np.matmul(a, b)
+
+    def item(arr, i):
+        return arr if arr.ndim == 2 else arr[i if arr.shape[0] > 1 else 0]
+    if stack == 0:
+        return out
+    if not all(_layout(x) is not None for x in (item(a, 0), item(b, 0), out[0])):
+        return np.matmul(a, b, out=out) if given else np.matmul(a, b)
+
+    def items(i0, i1):
+        for i in range(i0, i1):
+            _gemm_into(gemm, item(a, i), item(b, i), out[i], 0.0)
+    threads.parallel_for(stack, items, work=stack * shape[-2] * shape[-1] * 2)
+    return out

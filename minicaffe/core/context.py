@@ -79,6 +79,7 @@ COMM_VAR = "MINICAFFE_COMM"            # "mpi" or "nccl": which library GPU work
 BUCKET_VAR = "MINICAFFE_BUCKET_MB"     # gradient bucket size for ParallelSolvers built without bucket_mb
 THREADS_VAR = "MINICAFFE_THREADS"      # threads of the kernels' pool (core/threads.py)
 COMPILED_VAR = "MINICAFFE_COMPILED"    # 0: the NumPy passes instead of the compiled kernels (kernels/compiled.py)
+MKL_VAR = "MINICAFFE_MKL"              # 0: NumPy's BLAS for the CPU GEMMs even where the mkl package is installed (core/mkl.py)
 CUDNN_VAR = "MINICAFFE_CUDNN"          # 0: never choose the cuDNN engines (comparisons, a broken cuDNN)
 CUDNN_WORKSPACE_VAR = "MINICAFFE_CUDNN_WORKSPACE_MB"   # the largest cuDNN workspace an algorithm may use
 # CuPy's own TF32 switch: the cuDNN engine follows it, so convolutions and GEMMs round alike
@@ -135,6 +136,7 @@ class Switches:
     mpi_world_size: int = 1             # OMPI_COMM_WORLD_SIZE, PMI_SIZE or MV2_COMM_WORLD_SIZE
     threads: str = None                 # MINICAFFE_THREADS: the kernels' thread pool (core/threads.py)
     compiled: bool = True               # MINICAFFE_COMPILED=0: no Numba kernels (kernels/compiled.py)
+    mkl: bool = True                    # MINICAFFE_MKL=0: no MKL GEMMs (core/mkl.py)
     blas_threads: str = None            # OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else MKL_NUM_THREADS
     blas_spin: str = None               # OPENBLAS_THREAD_TIMEOUT
     cudnn: bool = True                  # MINICAFFE_CUDNN=0: the cuDNN engines are never chosen
@@ -152,7 +154,7 @@ class Switches:
                    bucket_mb=env.get(BUCKET_VAR) or None, nccl_uid=env.get(NCCL_UID_VAR),
                    nccl_rank=env.get(NCCL_RANK_VAR), nccl_size=env.get(NCCL_SIZE_VAR),
                    mpi_world_size=mpi_world_size_in(env), threads=env.get(THREADS_VAR) or None,
-                   compiled=_not_off(env, COMPILED_VAR),
+                   compiled=_not_off(env, COMPILED_VAR), mkl=_not_off(env, MKL_VAR),
                    blas_threads=next((env[v] for v in BLAS_THREADS_VARS if env.get(v)), None),
                    blas_spin=env.get(BLAS_SPIN_VAR) or (_BLAS_SPIN_GIVEN if environ is None else None), cudnn=_not_off(env, CUDNN_VAR),
                    cudnn_workspace_mb=env.get(CUDNN_WORKSPACE_VAR) or None, tf32=_flag(env, TF32_VAR),

@@ -593,7 +593,7 @@ class Im2colConv:
                 # a contiguous add (the other way round wrote a new transposed array and added it
                 # through strides: WGRAD_ROWS_FIRST_MAX_K)
                 part = workspace(np, (self.s.og, self.s.kg), dw.dtype, _WGRAD)   # this thread's own
-                np.matmul(rows[go], col2[gk].T, out=part)
+                blas.matmul(rows[go], col2[gk].T, out=part)
                 dw2[go] += part
             else:
                 # (col2 rows^T)^T: OpenBLAS is up to 1.4x faster this way round on small
@@ -615,7 +615,7 @@ class Im2colConv:
             col2 = self._cols(x[n0:n1], last)
             if y is not None:
                 rows = workspace(xp, (s.cout, n * s.columns), x.dtype, _ROWS)
-                self._each_group(lambda i, go, gk: xp.matmul(w2[go], col2[gk], out=rows[go]))
+                self._each_group(lambda i, go, gk: blas.matmul(w2[go], col2[gk], out=rows[go]))
                 if last:
                     parallel_copyto(y[n0:n1], rows.reshape(s.cout, oh, ow, n).transpose(3, 0, 1, 2))
                 else:
@@ -665,7 +665,7 @@ class Im2colConv:
                 shape = (s.cin, g.kh, g.kw, oh, ow, n) if last else (s.cin, g.kh, g.kw, n, oh, ow)
                 dcol = workspace(xp, shape, dy.dtype, COL)
                 dcol2 = dcol.reshape(s.cin * g.kh * g.kw, n * s.columns)
-                self._each_group(lambda i, go, gk: xp.matmul(w2[go].T, rows[go], out=dcol2[gk]))
+                self._each_group(lambda i, go, gk: blas.matmul(w2[go].T, rows[go], out=dcol2[gk]))
                 if last:
                     col2im_batch_last(dcol, g, s.in_hw, out=dx[n0:n1])
                 else:
@@ -720,7 +720,7 @@ class BandedConv(Im2colConv):
                 cols = (y1 - y0) * ow * num
                 col2 = im2col_rows(src, g, s.out_hw, y0, y1).reshape(k, cols)
                 rows = workspace(np, (s.cout, cols), x.dtype, _ROWS)
-                self._each_group(lambda i, go, gk: np.matmul(w2[go], col2[gk], out=rows[go]))
+                self._each_group(lambda i, go, gk: blas.matmul(w2[go], col2[gk], out=rows[go]))
                 parallel_copyto(y[:, :, y0:y1], rows.reshape(s.cout, num, y1 - y0, ow).transpose(1, 0, 2, 3))
         # the bands side by side on the pool, BLAS at one thread each (core/blas.py): VGG's
         # conv1_1 (3 -> 64 channels, a GEMM of K = 27), 2 cores: batch 2 6.8 -> 5.7 ms, batch 4
@@ -772,7 +772,7 @@ class Gemm1x1Conv(Im2colConv):
                     xi = src.reshape(s.cin, s.columns)
                 else:
                     xi = x[i].reshape(s.cin, s.columns)
-                np.matmul(w2, xi, out=y3[i])
+                blas.matmul(w2, xi, out=y3[i])
                 if finish is not None:
                     finish(i, i + 1)
         # the images side by side on the pool, BLAS at one thread each (core/blas.py)
@@ -791,11 +791,11 @@ class Gemm1x1Conv(Im2colConv):
         x3 = src.reshape(num, s.cin, s.columns)
         y3 = y.reshape(num, s.cout, s.columns)
         if s.group == 1:
-            xp.matmul(w2, x3, out=y3)
+            blas.matmul(w2, x3, out=y3)
         else:
             cg = s.cin // s.group
             for i, (go, _) in enumerate(self._groups()):
-                y3[:, go] = xp.matmul(w2[go], x3[:, i * cg:(i + 1) * cg])
+                y3[:, go] = blas.matmul(w2[go], x3[:, i * cg:(i + 1) * cg])
 
     def backward(self, dy, w, dx=None, x=None, dw=None):
         s = self.s
@@ -819,13 +819,13 @@ class Gemm1x1Conv(Im2colConv):
             dx3 = dx.reshape(num, s.cin, s.columns)
             if s.group == 1 and xp is np:
                 # an image's GEMM each, side by side on the pool (core/blas.py)
-                blas.parallel_gemms(num, lambda i0, i1: np.matmul(w2.T, dy3[i0:i1], out=dx3[i0:i1]))
+                blas.parallel_gemms(num, lambda i0, i1: blas.matmul(w2.T, dy3[i0:i1], out=dx3[i0:i1]))
             elif s.group == 1:
-                xp.matmul(w2.T, dy3, out=dx3)
+                blas.matmul(w2.T, dy3, out=dx3)
             else:
                 cg = s.cin // s.group
                 for i, (go, _) in enumerate(self._groups()):
-                    dx3[:, i * cg:(i + 1) * cg] = xp.matmul(w2[go].T, dy3[:, go])
+                    dx3[:, i * cg:(i + 1) * cg] = blas.matmul(w2[go].T, dy3[:, go])
         if direct:
             self._backward_columns(dy, w, None, x, dw)
         else:
@@ -888,7 +888,7 @@ class Gemm1x1Conv(Im2colConv):
         def images(i0, i1):
             buf = workspace(np, (s.cin, oh, ow), dy.dtype, COL)     # this thread's own
             for i in range(i0, i1):
-                np.matmul(w2t, dy3[i], out=buf.reshape(s.cin, s.columns))
+                blas.matmul(w2t, dy3[i], out=buf.reshape(s.cin, s.columns))
                 dx[i].fill(0)
                 dx[i, :, :oh * g.sh:g.sh, :ow * g.sw:g.sw] = buf
         blas.parallel_gemms(num, images)
@@ -941,14 +941,14 @@ class ChannelsLastConv(Im2colConv):
         col = im2col_channels_last(x[n0:n1], s.geom, s.out_hw, s.group).reshape(s.group, n * p, kg)
         if self.transposed:
             rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
-            self._each_group(lambda i, go, gk: np.matmul(col[i], w2[go].T, out=rows[:, go]))
+            self._each_group(lambda i, go, gk: blas.matmul(col[i], w2[go].T, out=rows[:, go]))
             parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
         else:
             # one image's (cout, positions) is its output already: no buffer, no copy (the
             # strided first layers run an image a chunk, and their buffer added to the peak)
             one = n == 1 and y[n0].flags.c_contiguous
             rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
-            self._each_group(lambda i, go, gk: np.matmul(w2[go], col[i].T, out=rows[go]))
+            self._each_group(lambda i, go, gk: blas.matmul(w2[go], col[i].T, out=rows[go]))
             if not one:
                 parallel_copyto(y[n0:n1].reshape(n, s.cout, p),
                                 rows.reshape(s.cout, n, p).transpose(1, 0, 2))
@@ -967,7 +967,7 @@ class ChannelsLastConv(Im2colConv):
             r1 = min(oh, r0 + band)
             cols, rows = col[:r1 - r0], part[:, :(r1 - r0) * ow]
             np.copyto(cols, windows[r0:r1])
-            np.matmul(w2, cols.reshape(-1, s.kg).T, out=rows)
+            blas.matmul(w2, cols.reshape(-1, s.kg).T, out=rows)
             out[:, r0 * ow:r1 * ow] = rows
 
 

@@ -149,7 +149,7 @@ class Group:
         def images(i0, i1):
             y = workspace(np, w.shape[:1] + (cols,), x.dtype, _OUT)      # this thread's own
             for i in range(i0, i1):
-                np.matmul(w, x3[i], out=y)
+                blas.matmul(w, x3[i], out=y)
                 for o, c, top, bias, relu in parts:
                     copy_rows(y[o:o + c], bias, relu, top[i])
         # the images side by side on the pool, BLAS at one thread each (core/blas.py)
@@ -226,7 +226,7 @@ class Group:
                     if dx3 is None:
                         continue
                     if not add_dx:
-                        np.matmul(wt, dy, out=dx3[i])
+                        blas.matmul(wt, dy, out=dx3[i])
                     elif not blas.add_product(wt, dy, dx3[i]):
                         dx3[i] += wt @ dy
         # fixed groups of images side by side (BLAS at one thread each), each into its own partial

@@ -251,7 +251,7 @@ def transform_filters(w, out=None, tile=None):
     kron = _kron_of(taps, tile).astype(w.dtype)
     if out is None:
         out = np.empty((kron.shape[0], cout, cin), w.dtype)
-    np.matmul(kron, w.reshape(cout * cin, taps * taps).T, out=out.reshape(kron.shape[0], cout * cin))
+    blas.matmul(kron, w.reshape(cout * cin, taps * taps).T, out=out.reshape(kron.shape[0], cout * cin))
     return out
 
 
@@ -298,7 +298,7 @@ def _transform_gemms(a, b, out):
     """``out[k] = a[k] @ b[k]`` for each transform position ``k``: 16 or 36 GEMMs that do not depend
     on one another, whole GEMMs side by side on the kernels' pool (core/blas.py: 64-channel layers'
     bands twice as fast on 2 cores as each GEMM split over both)."""
-    blas.parallel_gemms(out.shape[0], lambda k0, k1: np.matmul(a[k0:k1], b[k0:k1], out=out[k0:k1]))
+    blas.parallel_gemms(out.shape[0], lambda k0, k1: blas.matmul(a[k0:k1], b[k0:k1], out=out[k0:k1]))
 
 
 def _source2(x, pad_h, pad_w, th, tw):
@@ -493,11 +493,11 @@ def _stacked_gemm(a, b, out):
     work)."""
     n = b.shape[-1]
     if n <= SMALL_GEMM_COLUMNS:
-        np.matmul(a, b, out=out)
+        blas.matmul(a, b, out=out)
         return
     for j in range(0, n, SMALL_GEMM_COLUMNS):
         k = min(n, j + SMALL_GEMM_COLUMNS)
-        np.matmul(a, b[..., j:k], out=out[..., j:k])
+        blas.matmul(a, b[..., j:k], out=out[..., j:k])
 
 
 # The per-thread temporaries of F(4x4)'s transforms take at most about this many bytes: a chunk of
@@ -867,10 +867,10 @@ def _accumulate_products(u, v, m, first):
     def gemms(k0, k1):
         for k in range(k0, k1):
             if first:
-                np.matmul(u[k], v[k], out=m[k])
+                blas.matmul(u[k], v[k], out=m[k])
             else:
                 part = workspace(np, m.shape[1:], m.dtype, _OUT)       # this thread's own
-                np.matmul(u[k], v[k], out=part)
+                blas.matmul(u[k], v[k], out=part)
                 m[k] += part
     blas.parallel_gemms(m.shape[0], gemms)
 
