@@ -258,6 +258,11 @@ def run_minicaffe(args):
     compiled.warm_up()
     base = _status_kb("VmRSS")
     res = {"compiled_mb": (base - before) / 1024.0}
+    # MKL's libraries too, where the mkl package is installed (core/mkl.py): reported as mkl_mb
+    from minicaffe.core import mkl
+    if mkl.warm_up():
+        res["mkl_mb"] = (_status_kb("VmRSS") - base) / 1024.0
+        base = _status_kb("VmRSS")
     if args.mode == "train":
         from minicaffe.proto import caffe_pb2
         from minicaffe.formats.prototxt import load_net_param
@@ -652,6 +657,8 @@ def driver(args):
                     mb = row["minicaffe"].get("compiled_mb")
                     libs = f"; its compiled kernels' libraries (Numba, LLVM) add {mb:.0f} MB at import," \
                            " not counted in MB, as torch's and cv2's libraries are not" if mb else ""
+                    mkl_mb = row["minicaffe"].get("mkl_mb")
+                    libs += f"; MKL's (its GEMMs) {mkl_mb:.0f} MB, likewise" if mkl_mb is not None else ""
                     print(f"(minicaffe's kernels' thread pool: {row['minicaffe']['pool']} thread(s){libs})")
                     pool_said = True
                 print(format_row(net, batch, mode, row), flush=True)

@@ -229,3 +229,15 @@ def test_real_mkl_agrees_with_numpy_and_not_with_the_thread_count(pool, dtype):
         want = a.astype(np.float64) @ b.astype(np.float64)
         scale = np.abs(want).max()
         assert np.abs(one - want).max() <= (1e-5 if dtype == np.float32 else 1e-13) * scale * np.sqrt(k)
+
+
+def test_warm_up_loads_each_float_type(stand_in):
+    """``mkl.warm_up``: a small product in each float type where MKL is in use (a benchmark then
+    counts its libraries with the imports); False, running nothing, where it is not."""
+    assert mkl.warm_up()
+    assert all(g.calls == [(64, 64, 64)] for g in stand_in.values())
+
+
+def test_warm_up_without_mkl_does_nothing(monkeypatch):
+    monkeypatch.setattr(mkl, "gemms", lambda: {})
+    assert not mkl.warm_up()

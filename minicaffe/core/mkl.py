@@ -98,3 +98,16 @@ def gemms():
 def library_path():
     """The ``libmkl_rt`` in use, or None."""
     return _state["path"] if gemms() else None
+
+
+def warm_up() -> bool:
+    """Load MKL and its kernels for this CPU now (a small product in each float type), instead of at
+    the first GEMM; False where MKL is not in use. Why: its libraries' code is what a benchmark
+    counts with the imports, as it counts PyTorch's and OpenCV's (benchmarks/bench_nets.py)."""
+    import numpy as np
+    from . import blas
+    found = gemms()
+    for dtype in found:
+        a = np.ones((64, 64), dtype)
+        blas.matmul(a, a)
+    return bool(found)
