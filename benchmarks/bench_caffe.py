@@ -176,7 +176,8 @@ def main(argv=None):
         return 2
     rounds = f"; the best of {args.rounds} rounds each" if args.rounds > 1 else ""
     from minicaffe.core import mkl
-    gemm = (f"MKL ({mkl.library_path()})" if mkl.library_path()
+    mkl_path = mkl.library_path()
+    gemm = (f"MKL ({mkl_path})" if mkl_path
             else "NumPy's BLAS" + (" (MINICAFFE_MKL=0)" if os.environ.get("MINICAFFE_MKL") == "0" else ""))
     print(f"{os.cpu_count()} cores, {args.threads} threads; {args.iterations} iterations each{rounds}; load "
           f"average {os.getloadavg()[0]:.1f}; averages as each tool prints them (ms); minicaffe's GEMMs: {gemm}\n")

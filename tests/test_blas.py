@@ -115,6 +115,18 @@ def test_1x1_images_side_by_side_give_the_batched_forward_and_each_image_is_fini
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def operands(rng, dtype, layout, m=23, k=40, n=31):
+    """Random (m, k) and (k, n) GEMM operands; ``layout``'s letters say which is C-contiguous
+    (``n``) and which the transpose of a C-contiguous array (``t``)."""
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    if layout[0] == "t":
+        a = np.ascontiguousarray(a.T).T
+    if layout[1] == "t":
+        b = np.ascontiguousarray(b.T).T
+    return a, b
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["nn", "tn", "nt", "tt"])
 def test_add_product_adds_one_gemm_into_the_output(dtype, layout):
@@ -125,12 +137,7 @@ def test_add_product_adds_one_gemm_into_the_output(dtype, layout):
     if not blas._numpy_gemms():
         pytest.skip("NumPy's BLAS is not its wheel's OpenBLAS: add_product returns False there")
     rng = np.random.default_rng(7)
-    a = rng.standard_normal((23, 40)).astype(dtype)
-    b = rng.standard_normal((40, 31)).astype(dtype)
-    if layout[0] == "t":
-        a = np.ascontiguousarray(a.T).T
-    if layout[1] == "t":
-        b = np.ascontiguousarray(b.T).T
+    a, b = operands(rng, dtype, layout)
     out = rng.standard_normal((23, 31)).astype(dtype)
     want = out + blas.matmul(a, b)
     assert blas.add_product(a, b, out)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from minicaffe.core import blas, context, mkl, threads
+from test_blas import operands
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
@@ -66,16 +67,6 @@ def pool(monkeypatch):
     ctx.switches = saved
 
 
-def _operands(rng, dtype, layout, m=23, k=40, n=31):
-    a = rng.standard_normal((m, k)).astype(dtype)
-    b = rng.standard_normal((k, n)).astype(dtype)
-    if layout[0] == "t":
-        a = np.ascontiguousarray(a.T).T
-    if layout[1] == "t":
-        b = np.ascontiguousarray(b.T).T
-    return a, b
-
-
 def _close(got, want):
     tol = 1e-5 if got.dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(initial=0.0))
@@ -87,7 +78,7 @@ def test_matmul_hands_each_layout_to_the_gemm(stand_in, dtype, layout):
     """C-contiguous operands and transposes of C-contiguous ones go to the GEMM with their flags and
     leading dimensions, with and without ``out``; the product is ``np.matmul``'s."""
     rng = np.random.default_rng(1)
-    a, b = _operands(rng, dtype, layout)
+    a, b = operands(rng, dtype, layout)
     got = blas.matmul(a, b)
     _close(got, np.matmul(a, b))
     out = np.full((23, 31), np.nan, dtype)
@@ -185,7 +176,7 @@ def test_a_large_product_is_split_over_the_pool_and_a_chunks_is_not(stand_in, po
 def test_add_product_goes_to_mkl_first(stand_in):
     """``add_product`` (beta = 1) through MKL where it is there, whatever NumPy's BLAS is."""
     rng = np.random.default_rng(6)
-    a, b = _operands(rng, np.float32, "nt")
+    a, b = operands(rng, np.float32, "nt")
     out = rng.standard_normal((23, 31)).astype(np.float32)
     want = out + a @ b
     assert blas.adds_products(a, out)

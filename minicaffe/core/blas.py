@@ -246,6 +246,13 @@ def _gemm_into(gemm, a, b, out, beta):
     return True
 
 
+def _module_matmul(a, b, out):
+    """``matmul`` of the arrays' own module (NumPy's, or CuPy's on a GPU), into ``out`` when given."""
+    from .backend import get_array_module
+    xp = get_array_module(a)
+    return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
+
+
 def matmul(a, b, out=None):
     """``a @ b`` (into ``out`` when given), as ``np.matmul``: through MKL where it is installed
     (core/mkl.py) and the operands are NumPy arrays of its float types, 2-D, or 3-D stacks (one of
@@ -256,38 +263,31 @@ def matmul(a, b, out=None):
     gemm = None
     if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype:
         gemm = _mkl.gemms().get(a.dtype)
-    if gemm is None:
-        from .backend import get_array_module
-        xp = get_array_module(a)
-        return xp.matmul(a, b) if out is None else xp.matmul(a, b, out=out)
-    if a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.shape[-1] != b.shape[-2]:
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+    if gemm is None or a.ndim not in (2, 3) or b.ndim not in (2, 3) or a.shape[-1] != b.shape[-2]:
+        return _module_matmul(a, b, out)
     lead = a.shape[0] if a.ndim == 3 else 1
     lead_b = b.shape[0] if b.ndim == 3 else 1
     if lead != lead_b and 1 not in (lead, lead_b):
-        return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+        return _module_matmul(a, b, out)
     stack = max(lead, lead_b) if 3 in (a.ndim, b.ndim) else None
     shape = ((stack,) if stack is not None else ()) + (a.shape[-2], b.shape[-1])
-    given = out is not None
-    if not given:
-        out = np.empty(shape, a.dtype)
-    elif (type(out) is not np.ndarray or out.shape != shape or out.dtype != a.dtype or not out.flags.writeable
-          or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
-        return np.matmul(a, b, out=out)
+    if out is not None and (type(out) is not np.ndarray or out.shape != shape or out.dtype != a.dtype
+                            or not out.flags.writeable or np.may_share_memory(out, a)
+                            or np.may_share_memory(out, b)):
+        return _module_matmul(a, b, out)
+    target = np.empty(shape, a.dtype) if out is None else out
     if stack is None:
-        if _gemm_into(gemm, a, b, out, 0.0):
-            return out
-        return np.matmul(a, b, out=out) if given else np.matmul(a, b)
+        return target if _gemm_into(gemm, a, b, target, 0.0) else _module_matmul(a, b, out)
 
     def item(arr, i):
         return arr if arr.ndim == 2 else arr[i if arr.shape[0] > 1 else 0]
     if stack == 0:
-        return out
-    if not all(_layout(x) is not None for x in (item(a, 0), item(b, 0), out[0])):
-        return np.matmul(a, b, out=out) if given else np.matmul(a, b)
+        return target
+    if not all(_layout(x) is not None for x in (item(a, 0), item(b, 0), target[0])):
+        return _module_matmul(a, b, out)
 
     def items(i0, i1):
         for i in range(i0, i1):
-            _gemm_into(gemm, item(a, i), item(b, i), out[i], 0.0)
+            _gemm_into(gemm, item(a, i), item(b, i), target[i], 0.0)
     threads.parallel_for(stack, items, work=stack * shape[-2] * shape[-1] * 2)
-    return out
+    return target
