@@ -1008,6 +1008,33 @@ def test_weight_gradient_without_a_data_gradient_runs_in_fixed_groups(spec, imag
     assert one.tobytes() == two.tobytes()
 
 
+@pytest.mark.parametrize("spec,channels", [("num_output: 5 kernel_size: 7 stride: 2 pad: 3", 3),
+                                           ("num_output: 4 kernel_size: 3 stride: 2", 3),    # (kh, kw, c) == (c, kh, kw)
+                                           ("num_output: 6 kernel_size: 3 stride: 3 pad: 1 group: 2", 4),
+                                           ("num_output: 6 kernel_h: 5 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 2", 2)])
+def test_first_layer_weight_gradient_on_position_major_columns(spec, channels, env_switch, monkeypatch):
+    """A strided first layer's weight gradient (no data gradient: channels_last_strided_wide, made to
+    hold on small maps here) an image's GEMM at a time on the forward's position-major columns,
+    into partials in (cout, kh, kw, C/G) order that are permuted as they are added: the reference's
+    numbers in float64 (square kernels over as many channels as the kernel is wide included, where
+    the wrong permutation would still fit the weights' shape), every image through that path, and
+    the same float32 bits at one thread and at two."""
+    monkeypatch.setattr(conv_engines, "COL_BAND_MIN_WIDTH", 1)
+    x = np.random.default_rng(43).standard_normal((5, channels, 15, 14))
+    with backend.float64_blobs():
+        layer, bottom, top = make_layer(conv_text("Convolution", spec), [x])
+    assert conv_engines.channels_last_strided_wide(layer.conv)
+    images = []
+    real = conv_engines.ChannelsLastConv._chunk_weight_grad
+    monkeypatch.setattr(conv_engines.ChannelsLastConv, "_chunk_weight_grad",
+                        lambda self, dy, x, n0, n1, out: images.extend(range(n0, n1)) or real(self, dy, x, n0, n1, out))
+    _assert_same(_run(layer, bottom, top, "im2col_channels_last"), _run(layer, bottom, top, REF))
+    assert sorted(images) == list(range(5))      # the weights-only backward; the others keep their path
+    one, two = _float32_weight_gradient_at_one_and_two_threads(spec, x, "im2col_channels_last", {}, False,
+                                                                env_switch)
+    assert one.tobytes() == two.tobytes()
+
+
 # --- Winograd F(2x2, 5x5) and F(3x3, 5x5) -----------------------------------------------------------
 
 WINOGRAD5_CASES = ["k5p2", "k5odd", "k5p4", "k5pad_h3", "k5g2", "narrow5"]
