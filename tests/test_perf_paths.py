@@ -73,6 +73,45 @@ def test_inner_product_forward_either_gemm_orientation(monkeypatch, m, k):
     assert picked == [m <= 16]
 
 
+@pytest.mark.parametrize("library,weights_first", [(("openblas", (0, 3, 29)), True), (("openblas", (0, 3, 31)), False),
+                                                    (("mkl", None), False), ((None, None), False)])
+def test_inner_product_data_gradient_orientation_follows_the_gemm_library(monkeypatch, library, weights_first):
+    """The data gradient runs as ``(W^T @ dy^T)^T`` only in NumPy's OpenBLAS before 0.3.31 (small
+    batches, as the forward), else as ``dy @ W``: the same gradients either way."""
+    from minicaffe.core import blas
+    from minicaffe.layers import inner_product
+    monkeypatch.setattr(blas, "gemm_library", lambda: library)
+    picked = []
+    real = inner_product._data_grad_weights_first_pays
+    monkeypatch.setattr(inner_product, "_data_grad_weights_first_pays",
+                        lambda m, k: picked.append(real(m, k)) or picked[-1])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((14, 30)).astype(np.float32)
+    text = ('type: "InnerProduct" inner_product_param { num_output: 6 weight_filler { type: "gaussian" '
+            'std: 0.1 } }')
+    layer, bottom, top = make_layer(text, [x])
+    forward(layer, bottom, top)
+    dy = rng.standard_normal((14, 6)).astype(np.float32)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    w = layer.blobs[0].data.astype(np.float64)
+    np.testing.assert_allclose(bottom[0].diff, dy.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+    assert picked == [weights_first]
+
+
+def test_gemm_library_names_the_blas_that_matmul_runs_in():
+    """MKL where core/mkl.py loaded it, else the OpenBLAS inside NumPy's package with a three-part
+    version, else nothing named."""
+    from minicaffe.core import blas, mkl
+    name, version = blas.gemm_library()
+    if mkl.gemms():
+        assert (name, version) == ("mkl", None)
+    elif blas._numpy_openblas() is not None:
+        assert name == "openblas" and len(version) == 3 and version >= (0, 3, 0)
+    else:
+        assert (name, version) == (None, None)
+
+
 def test_split_and_concat_write_gradients_into_the_bottoms_own_arrays():
     """Backward sums into the bottom's existing diff (no new array each iteration) and gives
     the same values every time."""

@@ -121,14 +121,44 @@ def _numpy_gemms():
     return _state["gemms"]
 
 
-def _bind_gemms():
+def _numpy_openblas():
+    """threadpoolctl's controller of the OpenBLAS inside NumPy's own package, else None."""
     import numpy as np
     home = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
     ours = os.path.join(home, "numpy"), os.path.join(home, "numpy.libs")
     for lib in _controllers():
         path = os.path.abspath(getattr(lib, "filepath", "") or "")
-        if getattr(lib, "internal_api", "") != "openblas" or not path.startswith(ours):
-            continue
+        if getattr(lib, "internal_api", "") == "openblas" and path.startswith(ours):
+            return lib
+    return None
+
+
+def gemm_library():
+    """(name, version) of the library ``matmul`` runs a NumPy float32/float64 GEMM in: ("mkl",
+    None) where core/mkl.py loaded MKL, ("openblas", (0, 3, 31)) for the OpenBLAS inside NumPy's
+    package (its version as threadpoolctl reads it), else (None, None): a BLAS not identified.
+    Why: where two layouts of one product run at different speeds, which one wins changed between
+    libraries and OpenBLAS releases (layers/inner_product.py)."""
+    if _mkl.gemms():
+        return "mkl", None
+    lib = _numpy_openblas()
+    if lib is None:
+        return None, None
+    text = str(getattr(lib, "version", "") or "")
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return "openblas", tuple(parts) if len(parts) == 3 else None
+
+
+def _bind_gemms():
+    import numpy as np
+    lib = _numpy_openblas()
+    if lib is not None:
+        path = os.path.abspath(getattr(lib, "filepath", "") or "")
         try:
             handle = ctypes.CDLL(path)
         except OSError:

@@ -64,6 +64,17 @@ def _weights_first_pays(m, k):
     return m <= 16 or k <= 16384
 
 
+def _data_grad_weights_first_pays(m, k):
+    """Whether the data gradient ``dy @ W`` runs as ``(W^T @ dy^T)^T``, as the forward does: where
+    ``_weights_first_pays``, and only in NumPy's OpenBLAS before 0.3.31 (``blas.gemm_library``).
+    Measured on 2 cores, ms, dy @ W / weights first: OpenBLAS 0.3.29 (NumPy 2.2) CaffeNet's fc6 at
+    batch 32 39.7 / 29.7, fc7 15.9 / 13.4; OpenBLAS 0.3.31 (NumPy 2.4) 22.3 / 22.8 and 7.9 / 10.3;
+    MKL 20.9 / 30.5 and 6.3 / 8.8 (the forward's weights first stays faster in all three: fc6 17.9,
+    17.9, 11.5 against 21.6, 19.4, 15.0)."""
+    lib, version = blas.gemm_library()
+    return lib == "openblas" and version is not None and version < (0, 3, 31) and _weights_first_pays(m, k)
+
+
 def _rows_pay(x, w, y, most=None):
     """Whether the compiled few-rows products run (``compiled.inner_product_rows`` forward,
     ``inner_product_rows_backward`` for both gradients, ``y`` then the top's gradient): 2 to
@@ -175,8 +186,7 @@ class InnerProduct(Layer):
                 _accumulate_product(xp, dy.T, x, dw)
         self._bias_grad(dy)
         if dx is not None:
-            if xp is np and not self.transpose and _weights_first_pays(self.m, self.k):
-                # as the forward's: (W^T dy^T)^T, CaffeNet's fc6 at batch 32 29 against 41 ms
+            if xp is np and not self.transpose and _data_grad_weights_first_pays(self.m, self.k):
                 np.copyto(dx, blas.matmul(w.T, dy.T).T)
             else:
                 blas.matmul(dy, w.T if self.transpose else w, out=dx)
