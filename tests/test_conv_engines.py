@@ -1158,22 +1158,3 @@ def test_default_winograd_5x5_where_it_pays(shape, spec, want):
         assert layer.engine.tile == layer.engine.grad_tile == (3 if compiled.enabled() else 2)
 
 
-@pytest.mark.parametrize("spec", ["num_output: 5 kernel_size: 7 stride: 2 pad: 3",
-                                  "num_output: 4 kernel_size: 3 stride: 3 pad: 1",
-                                  "num_output: 6 kernel_h: 5 kernel_w: 3 stride_h: 2 stride_w: 1 pad_h: 2"])
-def test_channels_last_forward_in_bands_of_rows_matches_the_reference(spec, monkeypatch):
-    """The strided first layers' position-major forward, an image a chunk, a band of output rows at
-    a time (CHANNELS_LAST_BAND_ELEMENTS made small: bands of one to a few rows, the last one
-    short) against the reference, with the gradients as before."""
-    monkeypatch.setattr(conv_engines, "CHANNELS_LAST_BAND_ELEMENTS", 64)
-    x = np.random.default_rng(31).standard_normal((3, 3, 17, 15))
-    with backend.float64_blobs():
-        layer, bottom, top = make_layer(conv_text("Convolution", spec), [x])
-    ran = []
-    real = conv_engines.ChannelsLastConv._forward_image_in_bands
-    monkeypatch.setattr(conv_engines.ChannelsLastConv, "_forward_image_in_bands",
-                        lambda self, *a: ran.append(1) or real(self, *a))
-    ref = _run(layer, bottom, top, REF)
-    _assert_same(_run(layer, bottom, top, "im2col_channels_last", {"max_col_elements": 1, "transposed": False}),
-                 ref)
-    assert len(ran) >= 3          # every image of the forward went in bands

@@ -67,9 +67,8 @@ from ..core.threads import parallel_copyto
 from ..proto import caffe_pb2
 from . import compiled, cuda_im2col, cudnn_conv, engines, winograd
 from .engines import Engine, register
-from .im2col import (COL, channels_last_source, channels_last_windows, col2im, col2im_batch_last, im2col,
-                     im2col_batch_last, im2col_channels_last, im2col_rows, images_per_chunk, padded_source,
-                     workspace)
+from .im2col import (COL, col2im, col2im_batch_last, im2col, im2col_batch_last, im2col_channels_last,
+                     im2col_rows, images_per_chunk, padded_source, workspace)
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
 _ROWS = _context.Slot("rows")                       # a band of output rows before it is scattered
@@ -127,15 +126,6 @@ CHANNELS_LAST_MIN_COLUMNS = 1024
 # TRAIN, batch 32/16, two threads: CaffeNet conv1 87 -> 58 ms, GoogLeNet conv1 69 -> 50 ms.
 CHANNELS_LAST_WIDE_COL_ELEMENTS = 1 << 20
 
-# The strided first layers' position-major forward (an image a chunk) goes a band of output rows
-# at a time, about this many column elements each, where an image's columns are more than twice
-# that: each band's columns are still in cache when its GEMM reads them. GoogLeNet's and
-# ResNet-50's conv1 (7x7/2, 3 -> 64, 112x112 out), one image, BLAS at one thread, ms: the whole
-# image's columns 6.7, bands of 4, 8, 16 and 28 rows 5.2, 5.0, 5.0 and 4.8 (the GEMM alone on
-# columns in cache: 4.8). The layer's forward, 2 cores, medians of 9 interleaved, bands / whole
-# images: ResNet-50 conv1 at batch 10 25.8 / 29.6 ms, GoogLeNet's at batch 16 42.1 / 50.3,
-# CaffeNet's (11x11/4) at batch 32 57.5 / 59.5 and at batch 10 26.5 / 28.9.
-CHANNELS_LAST_BAND_ELEMENTS = 1 << 19
 
 # The position-major forward (ChannelsLastConv) computes ``columns @ weights^T`` when a group has
 # fewer output channels than this (OpenBLAS is faster that way round on thin outputs: GoogLeNet's
@@ -944,10 +934,6 @@ class ChannelsLastConv(Im2colConv):
         s = self.s
         kg, p = s.kg, s.columns
         n = n1 - n0
-        if n == 1 and s.group == 1 and not self.transposed and y[n0].flags.c_contiguous \
-                and p * kg > 2 * CHANNELS_LAST_BAND_ELEMENTS:
-            self._forward_image_in_bands(x[n0:n1], w2, y[n0].reshape(s.cout, p))
-            return
         col = im2col_channels_last(x[n0:n1], s.geom, s.out_hw, s.group).reshape(s.group, n * p, kg)
         if self.transposed:
             rows = workspace(np, (n * p, s.cout), x.dtype, _ROWS)
@@ -955,7 +941,13 @@ class ChannelsLastConv(Im2colConv):
             parallel_copyto(y[n0:n1].reshape(n, s.cout, p), rows.reshape(n, p, s.cout).transpose(0, 2, 1))
         else:
             # one image's (cout, positions) is its output already: no buffer, no copy (the
-            # strided first layers run an image a chunk, and their buffer added to the peak)
+            # strided first layers run an image a chunk, and their buffer added to the peak). An
+            # image's columns whole, not a band of output rows at a time so that a band stays in
+            # cache: since the GEMM writes the output itself the bands were slower or no faster
+            # (medians of 9 interleaved, 2 cores, bands / whole, TRAIN: CaffeNet's conv1 at batch 32
+            # 46.2 / 43.3 ms with OpenBLAS 0.3.31, 44.7 / 39.7 with 0.3.29, 41.3 / 35.8 with MKL;
+            # GoogLeNet's at batch 16 34.3 / 34.9, 31.8 / 31.3, 29.6 / 24.3; ResNet-50's at batch 8
+            # 16.3 / 16.2, 15.4 / 14.6, 13.7 / 12.2)
             one = n == 1 and y[n0].flags.c_contiguous
             rows = y[n0].reshape(s.cout, p) if one else workspace(np, (s.cout, n * p), x.dtype, _ROWS)
             self._each_group(lambda i, go, gk: blas.matmul(w2[go], col[i].T, out=rows[go]))
@@ -996,23 +988,6 @@ class ChannelsLastConv(Im2colConv):
             dw += part.transpose(0, 3, 1, 2)
         else:
             dw += part
-
-    def _forward_image_in_bands(self, x1, w2, out):
-        """One image's forward a band of output rows at a time (CHANNELS_LAST_BAND_ELEMENTS of
-        columns each), so that each band's columns are still in cache when its GEMM reads them;
-        ``out`` the image's (cout, oh·ow) output."""
-        s = self.s
-        oh, ow = s.out_hw
-        windows = channels_last_windows(channels_last_source(x1, s.geom, 1), s.geom, s.out_hw)[0]
-        band = max(1, CHANNELS_LAST_BAND_ELEMENTS // (ow * s.kg))
-        col = workspace(np, (band, ow) + windows.shape[2:], x1.dtype, COL)
-        part = workspace(np, (s.cout, band * ow), x1.dtype, _ROWS)
-        for r0 in range(0, oh, band):
-            r1 = min(oh, r0 + band)
-            cols, rows = col[:r1 - r0], part[:, :(r1 - r0) * ow]
-            np.copyto(cols, windows[r0:r1])
-            blas.matmul(w2, cols.reshape(-1, s.kg).T, out=rows)
-            out[:, r0 * ow:r1 * ow] = rows
 
 
 def _contiguous(a, slot):
