@@ -1156,5 +1156,3 @@ def test_default_winograd_5x5_where_it_pays(shape, spec, want):
     if want:
         assert layer.engine.data_grad and layer.engine.weight_grad
         assert layer.engine.tile == layer.engine.grad_tile == (3 if compiled.enabled() else 2)
-
-
