@@ -121,22 +121,77 @@ def test_parallel_for_raises_the_lowest_chunks_error(takes_over, pool_size, monk
         threads.parallel_for(9, body)
 
 
-def test_caller_runs_the_chunks_no_worker_started(pool_size, monkeypatch):
-    """With the only worker busy elsewhere, the caller runs every chunk itself rather than wait."""
+def test_a_call_while_another_thread_holds_the_pool_runs_inline(pool_size, monkeypatch):
+    """With the pool busy on another thread's call (its worker blocked), a second caller runs
+    every chunk itself rather than wait; the first call ends with all its chunks run once."""
     pool_size(2)
-    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", True)
-    release = threading.Event()
-    blocker = threads._executor(2).submit(release.wait, 10)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", False)
+    release, started = threading.Event(), threading.Event()
+    first = []
+
+    def slow(i0, i1):
+        if i0 > 0:
+            started.set()
+            release.wait(10)
+        first.append((i0, i1))
+    other = threading.Thread(target=threads.parallel_for, args=(10, slow))
+    other.start()
     try:
+        assert started.wait(10)
         seen = []
         t0 = time.perf_counter()
         threads.parallel_for(10, lambda a, b: seen.append((a, b, threading.get_ident())))
         assert time.perf_counter() - t0 < 5          # it did not wait for the blocked worker
-        assert sorted((a, b) for a, b, _ in seen) == [(0, 5), (5, 10)]
-        assert {t for *_, t in seen} == {threading.get_ident()}
+        assert seen == [(0, 10, threading.get_ident())]
     finally:
         release.set()
-        blocker.result()
+        other.join(10)
+    assert sorted(first) == [(0, 5), (5, 10)]
+
+
+@pytest.mark.parametrize("takes_over", [False, True])
+def test_caller_claims_the_chunks_no_thread_started(takes_over, pool_size, monkeypatch):
+    """One worker of three is woken late (a busy machine): with CALLER_TAKES_OVER the caller and the
+    other worker run its chunk, and the call still waits for it to come and go; without, it runs
+    its own chunk when it comes. Every chunk runs once either way."""
+    pool_size(3)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", takes_over)
+    threads.parallel_for(9, lambda a, b: None)          # the pool of three threads is there
+    pool = threads._state["pool"]
+    go = pool.go[1]
+
+    class Late:
+        def release(self):
+            threading.Timer(0.3, go.release).start()
+    pool.go[1] = Late()
+    seen, lock = [], threading.Lock()
+
+    def body(i0, i1):
+        with lock:
+            seen.append((i0, i1, threading.get_ident()))
+    try:
+        threads.parallel_for(9, body)
+    finally:
+        pool.go[1] = go
+    assert sorted((a, b) for a, b, _ in seen) == [(0, 3), (3, 6), (6, 9)]
+    ran_late = any(t == pool.workers[1].ident for *_, t in seen)
+    assert ran_late is not takes_over
+    assert pool.job is None
+
+
+def test_workers_of_a_replaced_pool_end(pool_size):
+    """A pool of another size replaces the old one, whose workers end."""
+    pool_size(3)
+    threads.parallel_for(9, lambda a, b: None)
+    old = threads._state["pool"]
+    workers = old.workers
+    assert len(workers) == 2 and all(t.is_alive() for t in workers)
+    pool_size(2)
+    threads.parallel_for(9, lambda a, b: None)
+    assert threads._state["pool"] is not old
+    for t in workers:
+        t.join(5)
+    assert not any(t.is_alive() for t in workers)
 
 
 @pytest.mark.parametrize("text, shape", [
