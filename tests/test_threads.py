@@ -192,6 +192,15 @@ def test_workers_of_a_replaced_pool_end(pool_size):
     for t in workers:
         t.join(5)
     assert not any(t.is_alive() for t in workers)
+    seen = []           # a caller still holding the replaced pool runs inline, not on its ended workers
+    current = threads._state["pool"], threads._state["key"]
+    threads._state["pool"], threads._state["key"] = old, (3, current[1][1])
+    try:
+        pool_size(3)
+        threads.parallel_for(9, lambda a, b: seen.append((a, b)))
+    finally:
+        threads._state["pool"], threads._state["key"] = current
+    assert seen == [(0, 9)]
 
 
 @pytest.mark.parametrize("text, shape", [

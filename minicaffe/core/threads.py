@@ -104,6 +104,7 @@ class _Pool:
         for lock in self.go + self.done:
             lock.acquire()
         self.job = None
+        self.closed = False
         self.workers = [threading.Thread(target=self._work, args=(i,), name=f"minicaffe_{i}", daemon=True)
                         for i in range(n - 1)]
         for t in self.workers:
@@ -172,6 +173,7 @@ class _Pool:
     def close(self):
         """Let the workers end (the pool is being replaced); waits for a call in flight."""
         with self.busy:
+            self.closed = True
             self.job = None
             for lock in self.go:
                 lock.release()
@@ -240,6 +242,10 @@ def parallel_for(n_items, fn, work=None):
     pool = _pool(n)
     if not pool.busy.acquire(blocking=False):
         # another thread's parallel_for holds the pool: this one runs inline rather than wait
+        fn(0, n_items)
+        return
+    if pool.closed:         # replaced (and its workers ended) since this thread looked it up
+        pool.busy.release()
         fn(0, n_items)
         return
     try:
