@@ -179,6 +179,41 @@ def test_caller_claims_the_chunks_no_thread_started(takes_over, pool_size, monke
     assert pool.job is None
 
 
+def test_an_interrupt_while_waiting_is_raised_after_the_workers_end(pool_size, monkeypatch):
+    """A Ctrl-C (KeyboardInterrupt) that arrives while the caller waits for a worker is raised only
+    once that worker is done, so no worker is still running a chunk when the call returns."""
+    pool_size(2)
+    monkeypatch.setattr(threads, "CALLER_TAKES_OVER", False)
+    threads.parallel_for(4, lambda a, b: None)
+    pool = threads._state["pool"]
+    done = pool.done[0]
+    finished = threading.Event()
+
+    class Interrupted:
+        calls = 0
+
+        def acquire(self):
+            Interrupted.calls += 1
+            if Interrupted.calls == 1:
+                raise KeyboardInterrupt
+            return done.acquire()
+
+    def body(i0, i1):
+        if i0 > 0:
+            time.sleep(0.2)
+            finished.set()
+    pool.done[0] = Interrupted()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            threads.parallel_for(4, body)
+        assert finished.is_set() and Interrupted.calls == 2
+    finally:
+        pool.done[0] = done
+    seen = []
+    threads.parallel_for(4, lambda a, b: seen.append((a, b)))       # the pool still works
+    assert sorted(seen) == [(0, 2), (2, 4)]
+
+
 def test_workers_of_a_replaced_pool_end(pool_size):
     """A pool of another size replaces the old one, whose workers end."""
     pool_size(3)
