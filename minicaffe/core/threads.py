@@ -143,17 +143,15 @@ class _Pool:
                     except IndexError:
                         return
                     one(k)
-            mine = job
         else:
             def job(worker):
                 one(worker + 1)
-            mine = job
         workers = len(parts) - 1
         self.job = job
         for w in range(workers):
             self.go[w].release()
         try:
-            mine(-1)
+            job(-1)                             # the caller's share: part 0, or claims as a worker does
         finally:
             # every worker done before this returns, even if a signal's exception (Ctrl-C) comes
             # while waiting: a worker still running would otherwise signal the next call's wait
