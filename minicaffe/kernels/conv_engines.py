@@ -911,6 +911,8 @@ class ChannelsLastConv(Im2colConv):
     def __init__(self, shape, batch_last=False, transposed=None, max_col_elements=MAX_COL_ELEMENTS):
         super().__init__(shape, batch_last=batch_last, max_col_elements=max_col_elements)
         self.transposed = channels_last_transposed(shape) if transposed is None else bool(transposed)
+        # a weight gradient alone on position-major columns (see _chunk_weight_grad)
+        self.position_major_wgrad = channels_last_strided_wide(shape)
 
     def forward(self, x, w, y=None, grad_src=None, dw=None):
         if y is None or dw is not None:
@@ -965,14 +967,14 @@ class ChannelsLastConv(Im2colConv):
     # 46.3 / 35.6 with MKL; GoogLeNet's at batch 16 31.6 / 29.1 and 30.4 / 25.0; ResNet-50's at
     # batch 8 16.3 / 14.9 and 16.1 / 13.3.
     def _partial_weight_grad_shape(self, dw):
-        if not channels_last_strided_wide(self.s):
+        if not self.position_major_wgrad:
             return dw.shape
         g = self.s.geom
         return (self.s.cout, g.kh, g.kw, self.s.cin // self.s.group)
 
     def _chunk_weight_grad(self, dy, x, n0, n1, out):
         s = self.s
-        if not channels_last_strided_wide(s):
+        if not self.position_major_wgrad:
             return super()._chunk_weight_grad(dy, x, n0, n1, out)
         p, n = s.columns, n1 - n0
         col = im2col_channels_last(x[n0:n1], s.geom, s.out_hw, s.group).reshape(s.group, n, p, s.kg)
@@ -984,7 +986,7 @@ class ChannelsLastConv(Im2colConv):
                     out2[go] += blas.matmul(rows[go], col[i, j])
 
     def _add_partial_weight_grad(self, part, dw):
-        if channels_last_strided_wide(self.s):
+        if self.position_major_wgrad:
             dw += part.transpose(0, 3, 1, 2)
         else:
             dw += part
