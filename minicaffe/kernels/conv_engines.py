@@ -76,7 +76,6 @@ _WGRAD = _context.Slot("wgrad")                     # a chunk's weight gradient 
 _WGRAD_PARTS = _context.Slot("wgrad_parts")         # the partial weight gradients of _weight_grad_in_parts
 _WINOGRAD_FILTERS = _context.Slot("wino_filters")   # transformed filters (the im2col COL is shared)
 _CL_FILTERS = _context.Slot("cl_filters")           # weights permuted to (cout, kh, kw, cin/group)
-_WINOGRAD_FLIPPED = _context.Slot("wino_flipped")   # the data gradient's filters before their transform
 _GROUP_X, _GROUP_DY = _context.Slot("group_x"), _context.Slot("group_dy")   # a group's channels, contiguous
 
 # Largest column matrix (in elements) built at once; bigger batches are processed in chunks of
@@ -1073,20 +1072,21 @@ class WinogradConv(Im2colConv):
     def _winograd_weight_grad(self, x, dy, dw):
         return dw is not None and self.weight_grad and compiled.runs_on(x, dy, dw)
 
-    def _filters(self, w, tile=None, cache=None):
+    def _filters(self, w, tile=None, cache=None, flipped=False):
         tile = tile or self.tile
         if self.train:
             positions = (tile + w.shape[-1] - 1) ** 2
             scratch = workspace(np, (positions,) + w.shape[:2], w.dtype, _WINOGRAD_FILTERS)
-            return winograd.transform_filters(w, out=scratch)
-        return (cache if cache is not None else self.caches[0]).get(w, tile=tile)
+            return winograd.transform_filters(w, out=scratch, flipped=flipped)
+        return (cache if cache is not None else self.caches[0]).get(w, tile=tile, flipped=flipped)
 
     def _flipped_filters(self, w, cache):
         """The filters of the data gradient: ``w`` (cout, cin, 3, 3) -> (cin, cout, 3, 3), flipped
-        in both spatial axes (a copy, so the transform reads contiguous filters), transformed."""
-        flipped = workspace(np, (w.shape[1], w.shape[0]) + w.shape[2:], w.dtype, _WINOGRAD_FLIPPED)
-        parallel_copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        return flipped, self._filters(flipped, tile=self.grad_tile, cache=cache)
+        in both spatial axes, as a view (``winograd.forward`` reads only their shape when handed
+        them transformed), and transformed (``winograd.transform_filters``: the flip goes into the
+        transform, the swap into a transposed view of it)."""
+        flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+        return flipped, self._filters(w, tile=self.grad_tile, cache=cache, flipped=True)
 
     def _by_group(self, a, b, w):
         """(group index, group's view of ``a``'s channels, of ``b``'s, its filters) for each group
