@@ -41,6 +41,11 @@ CASES = {
     # big windows for their stride (a first layer): im2col reads a phase-split source, odd widths
     "k7s2p3": ((2, 3, 15, 14), "num_output: 4 kernel_size: 7 stride: 2 pad: 3"),
     "k5s1x2g2": ((2, 4, 9, 13), "num_output: 4 kernel_size: 5 stride_h: 1 stride_w: 2 pad: 1 group: 2"),
+    # strided kernels that are 3x3 once cut into stride-sized blocks (winograd_space_to_depth):
+    # AlexNet's 11x11/4, a 6x6/2 with uneven pads, a 9x9/3 whose pad takes most of a block
+    "k11s4": ((2, 3, 35, 31), "num_output: 4 kernel_size: 11 stride: 4"),
+    "k6s2p": ((2, 2, 13, 12), "num_output: 3 kernel_size: 6 stride: 2 pad_h: 1 pad_w: 0"),
+    "k9s3p4": ((1, 2, 20, 17), "num_output: 3 kernel_size: 9 stride: 3 pad: 4"),
     "1x1": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1"),
     "1x1group2": ((2, 4, 7, 6), "num_output: 6 kernel_size: 1 group: 2"),
     # strided 1x1 over >= 196 output positions: the direct GEMM on the gathered view (CPU)
@@ -719,7 +724,12 @@ def test_winograd_weight_gradient_without_compiled_kernels_takes_the_columns(env
 # --- what DEFAULT picks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("layer_type,shape,spec,want", [
     ("Convolution", (64, 20, 12, 12), "num_output: 50 kernel_size: 5", "im2col_channels_last"),      # LeNet conv2
-    ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4", "im2col_channels_last"),   # CaffeNet conv1
+    ("Convolution", (4, 3, 227, 227), "num_output: 8 kernel_size: 11 stride: 4",
+     "winograd_space_to_depth"),                                                                     # CaffeNet conv1
+    ("Convolution", (1, 1, 227, 227), "num_output: 8 kernel_size: 11 stride: 4",
+     "winograd_space_to_depth"),                                                                     # 16 channels cut
+    ("Convolution", (4, 3, 227, 227), "num_output: 6 kernel_size: 11 stride: 4 group: 3",
+     "im2col_channels_last"),
     ("Convolution", (4, 96, 27, 27), "num_output: 8 kernel_size: 5 pad: 2 group: 2",
      "im2col_channels_last"),                                                                        # CaffeNet conv2
     ("Convolution", (4, 16, 28, 28), "num_output: 8 kernel_size: 5 pad: 2", "im2col_channels_last"),  # GoogLeNet 3a/5x5
@@ -1156,3 +1166,61 @@ def test_default_winograd_5x5_where_it_pays(shape, spec, want):
     if want:
         assert layer.engine.data_grad and layer.engine.weight_grad
         assert layer.engine.tile == layer.engine.grad_tile == (3 if compiled.enabled() else 2)
+
+
+# --- a strided layer cut into blocks (kernels/space_to_depth.py) ----------------------------------
+@pytest.mark.parametrize("shape,step,pads,rows,cols", [
+    ((2, 3, 35, 31), 4, (0, 0), 10, 10), ((1, 2, 13, 12), 2, (1, 0), 10, 6), ((2, 1, 20, 17), 3, (4, 2), 6, 10)])
+def test_space_to_depth_source_compiled_is_its_numpy_twin(shape, step, pads, rows, cols, env_switch):
+    """The blocked input (zero past the input's edge, rows and columns beyond it or short of it),
+    from the compiled kernel at one and two threads and from the NumPy twin: the same bits; and
+    each value where the definition puts it."""
+    from minicaffe.kernels import space_to_depth
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    out = _numpy_compiled_and_two_threads(
+        env_switch, lambda: space_to_depth.source(x, step, *pads, rows, cols).copy())
+    assert out["1", "1"].tobytes() == out["0", "1"].tobytes() == out["1", "2"].tobytes()
+    src = out["1", "2"]
+    n, c, h, w = shape
+    for (k, i, j, ch, a, b) in [(0, 0, 0, 0, 0, 0), (n - 1, rows - 1, cols - 1, c - 1, step - 1, step - 1),
+                                (n - 1, 2, 1, c - 1, 1, step - 1), (0, 1, 3, 0, step - 1, 0)]:
+        r, q = step * i + a - pads[0], step * j + b - pads[1]
+        want = x[k, ch, r, q] if 0 <= r < h and 0 <= q < w else 0.0
+        assert src[k, i, j, (ch * step + a) * step + b] == want
+
+
+def test_space_to_depth_filters_put_each_tap_in_its_block():
+    """A tap (ky, kx) of the strided kernel is block tap (ky // s, kx // s) of channel (c*s + ky %
+    s)*s + kx % s; the padded taps are zero."""
+    from minicaffe.kernels import space_to_depth
+    w = np.random.default_rng(4).standard_normal((2, 3, 11, 11)).astype(np.float32)
+    blocked = space_to_depth.filters(w, 4)
+    assert blocked.shape == (2, 48, 3, 3)
+    for o, c, ky, kx in [(0, 0, 0, 0), (1, 2, 10, 10), (1, 1, 5, 9), (0, 2, 8, 3)]:
+        assert blocked[o, (c * 4 + ky % 4) * 4 + kx % 4, ky // 4, kx // 4] == w[o, c, ky, kx]
+    assert np.count_nonzero(blocked) == w.size
+
+
+def test_space_to_depth_forward_in_float32_matches_the_reference_at_caffenet_size():
+    """CaffeNet's conv1 shape (fewer images and outputs): the Winograd forward over the blocks
+    against the reference to float32 rounding."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 227, 227)).astype(np.float32)
+    layer, bottom, top = make_layer(conv_text("Convolution", "num_output: 8 kernel_size: 11 stride: 4"), [x])
+    assert layer.engine_name == "winograd_space_to_depth"
+    got = forward(layer, bottom, top)[0].copy()
+    engines.force(layer, REF)
+    want = forward(layer, bottom, top)[0]
+    engines.force(layer, None)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_space_to_depth_without_compiled_kernels_runs_the_columns(env_switch, monkeypatch):
+    """MINICAFFE_COMPILED=0: the engine's forward is ChannelsLastConv's (no blocked source)."""
+    from minicaffe.kernels import space_to_depth
+    layer, bottom, top = _layer("Convolution", "k11s4")
+    ref = _run(layer, bottom, top, REF)
+    env_switch("MINICAFFE_COMPILED", "0")
+    calls = []
+    monkeypatch.setattr(space_to_depth, "source", lambda *a, **k: calls.append(a))
+    _assert_same(_run(layer, bottom, top, "winograd_space_to_depth"), ref)
+    assert calls == []

@@ -145,6 +145,7 @@ def warm_up() -> bool:
     src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
     get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
     get(winograd4_output)(v, np.zeros((1, 1, 4, 4), np.float32), 0, 1, 0, 1)
+    get(space_to_depth_source)(np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 1, 4), np.float32), 2, 0, 0, 0, 1)
     get(winograd2x5_output)(v, np.zeros((1, 1, 2, 2), np.float32), 0, 1, 0, 1)
     src7, v7 = np.zeros((1, 7, 7, 1), np.float32), np.zeros((49, 1, 1), np.float32)
     get(winograd7_input)(src7, v7, 0, 1, 1, 0, 1, 3)
@@ -331,6 +332,30 @@ def winograd6_input(src, v, t0, rows, tw, i0, i1, step):
                         v[18 + j, col, c] = t2 * d1 + d2 - t2 * d3 - d4
                         v[24 + j, col, c] = h * d1 - d2 - h * d3 + d4
                         v[30 + j, col, c] = d1 - t1 * d2 - t2 * d3 + t1 * d4 + d5
+
+
+def space_to_depth_source(x, src, step, pad_h, pad_w, n0, n1):
+    """Images ``n0:n1`` of a strided convolution's input ``x`` (n, cin, h, w) as the stride-1
+    Winograd's padded channels-last source ``src`` (n, rows, cols, cin * step * step): ``src[n, i,
+    j, (c * step + a) * step + b] = x[n, c, step * i + a - pad_h, step * j + b - pad_w]``, zero
+    outside ``x`` (kernels/space_to_depth.py). Its twin: ``space_to_depth.source_numpy``."""
+    num, cin, h, w = x.shape
+    rows, cols = src.shape[1], src.shape[2]
+    zero = src.dtype.type(0)
+    for n in range(n0, n1):
+        for i in range(rows):
+            for a in range(step):
+                r = step * i + a - pad_h
+                inside = 0 <= r < h
+                for j in range(cols):
+                    for c in range(cin):
+                        k = (c * step + a) * step
+                        for b in range(step):
+                            q = step * j + b - pad_w
+                            if inside and 0 <= q < w:
+                                src[n, i, j, k + b] = x[n, c, r, q]
+                            else:
+                                src[n, i, j, k + b] = zero
 
 
 def winograd4_output(m, y, t0, rows, i0, i1):

@@ -295,13 +295,28 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None, source_slot=_SR
             _band2(src, u, y, t0, min(th, t0 + band), tw, oh, ow)
     elif x.dtype in (np.float32, np.float64) and compiled.enabled():
         src = _source_channels_last(x, pad_h, pad_w, 4 * th + 2, 4 * tw + 2, slot=source_slot)
-        for t0 in range(0, th, band):
-            _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
+        forward_channels_last(src, u, y, band)
         return src
     else:
         src = _source4(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
             _band4(src, u, y, t0, min(th, t0 + band), oh, ow)
+
+
+def forward_channels_last(src, u, y, band=None):
+    """F(4x4, 3x3)'s compiled forward from ``src``, the input already padded channels last as
+    ``_source_channels_last`` makes it (n, 4*th + 2, 4*tw + 2, cin) for the output ``y`` (n, cout,
+    oh, ow), th x tw tiles; ``u`` the 36-position transformed filters. ``forward`` calls it with the
+    source of its ``x``; a strided layer cut into blocks (kernels/space_to_depth.py) with its own."""
+    num, cin = src.shape[0], src.shape[3]
+    cout, oh, ow = y.shape[1], y.shape[2], y.shape[3]
+    th, tw = -(-oh // 4), -(-ow // 4)
+    if band is None:
+        per_row = num * tw
+        band = max(BAND_ELEMENTS // (36 * (cin + cout) * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
+    band = min(band, th)
+    for t0 in range(0, th, band):
+        _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
 
 
 def _transform_gemms(a, b, out):
