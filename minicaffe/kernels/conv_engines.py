@@ -811,9 +811,19 @@ class Gemm1x1Conv(Im2colConv):
             for i, (go, _) in enumerate(self._groups()):
                 y3[:, go] = blas.matmul(w2[go], x3[:, i * cg:(i + 1) * cg])
 
-    def backward(self, dy, w, dx=None, x=None, dw=None):
+    def adds_data_gradient(self):
+        """Whether ``backward`` takes ``add_dx``: stride 1, one group, on the CPU."""
+        g = self.s.geom
+        return g.sh == 1 and g.sw == 1 and self.s.group == 1 and not self.gpu
+
+    def backward(self, dy, w, dx=None, x=None, dw=None, add_dx=False):
+        """``add_dx`` (where ``adds_data_gradient``): the data gradient added into ``dx`` (a
+        Split's sum: kernels/train_fusion.Conv1x1SplitSumChain), an image's GEMM with BLAS adding
+        (beta = 1), instead of written."""
         s = self.s
         g = s.geom
+        if add_dx and not (self.adds_data_gradient() and isinstance(dy, np.ndarray)):
+            raise ValueError("this 1x1 engine adds its data gradient only at stride 1, one group, on the CPU")
         if dw is not None and self.wgrad_by_image and blas.adds_products(dy, x, dw):
             self._weight_grad_by_image(dy, x, dw)
             dw = None
@@ -831,7 +841,13 @@ class Gemm1x1Conv(Im2colConv):
             w2 = w.reshape(s.cout, s.kg)
             dy3 = dy.reshape(num, s.cout, s.columns)
             dx3 = dx.reshape(num, s.cin, s.columns)
-            if s.group == 1 and xp is np:
+            if add_dx:
+                def add_images(i0, i1):
+                    for i in range(i0, i1):
+                        if not blas.add_product(w2.T, dy3[i], dx3[i]):
+                            dx3[i] += blas.matmul(w2.T, dy3[i])
+                blas.parallel_gemms(num, add_images)
+            elif s.group == 1 and xp is np:
                 # an image's GEMM each, side by side on the pool (core/blas.py)
                 blas.parallel_gemms(num, lambda i0, i1: blas.matmul(w2.T, dy3[i0:i1], out=dx3[i0:i1]))
             elif s.group == 1:

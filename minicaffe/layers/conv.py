@@ -356,6 +356,25 @@ class Convolution(_BaseConvolution):
     def _run_transposed(self, dy, w, dx, x, dw):
         self._engine().backward(dy, w, dx=dx, x=x, dw=dw)
 
+    def adds_data_gradient(self):
+        """Whether ``backward_into`` can add the data gradient into another array: the engine at
+        this shape does (a 1x1 stride-1 layer's, kernels/conv_engines.Gemm1x1Conv)."""
+        engine = self._engine()
+        return hasattr(engine, "adds_data_gradient") and engine.adds_data_gradient()
+
+    def backward_into(self, top, bottom, dx, add):
+        """This layer's backward with its bottom's gradient written into ``dx`` (``add`` False) or
+        added into it (``add`` True), an array of the bottom's shape, instead of the bottom's own
+        diff: a Split's sum in a solver's pass (kernels/train_fusion.Conv1x1SplitSumChain). Only
+        where ``adds_data_gradient``."""
+        w = self.blobs[0].xdata
+        dw = self.blobs[0].xdiff if self.need_param_grad(0) else None
+        dy = self.top_4d(top[0].xdiff)
+        if self.bias_term and self.need_param_grad(1):
+            self.bias_grad(dy)
+        self._engine().backward(dy, w, dx=self.bottom_4d(dx), x=self.bottom_4d(bottom[0].xdata), dw=dw,
+                                add_dx=add)
+
 
 @register("Deconvolution")
 class Deconvolution(_BaseConvolution):
