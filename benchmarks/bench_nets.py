@@ -26,6 +26,7 @@ minicaffe layers are listed (``Net.forward_from_to(timings=...)``).
     python benchmarks/bench_nets.py --scaling              # + minicaffe at one thread, 1 -> N speed-up
     python benchmarks/bench_nets.py --scaling --rounds 2   # the same, each framework twice in turn
     python benchmarks/bench_nets.py --numpy-first          # minicaffe imported after NumPy (see below)
+    python benchmarks/bench_nets.py --minicaffe-python ../venv-numpy24/bin/python   # minicaffe as installed
 """
 import argparse
 import json
@@ -556,7 +557,8 @@ def worker_main(args):
 # --- the driver -----------------------------------------------------------------------------------
 
 def spawn(worker, net, mode, batch, workdir, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker, "--net", net, "--mode", mode,
+    python = args.minicaffe_python if worker == "minicaffe" and args.minicaffe_python else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--worker", worker, "--net", net, "--mode", mode,
            "--batch", str(batch), "--workdir", workdir, "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--threads", str(args.threads)]
     if args.no_share_memory:
@@ -609,6 +611,13 @@ def driver(args):
     missing = [f for f in frameworks if f != "minicaffe" and f not in refs]
     import minicaffe
     versions = [f"numpy {np.__version__}", f"minicaffe {minicaffe.__version__}"]
+    if args.minicaffe_python:
+        probe = subprocess.run([args.minicaffe_python, "-c", "import numpy; print(numpy.__version__)"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            print(f"error: --minicaffe-python {args.minicaffe_python}: cannot import NumPy there", file=sys.stderr)
+            return 2
+        versions.insert(2, f"minicaffe's workers: {args.minicaffe_python} (numpy {probe.stdout.strip()})")
     if "torch" in refs:
         import torch
         versions.append(f"torch {torch.__version__}")
@@ -772,6 +781,11 @@ def main(argv=None):
                          "(evens out bursts of load on a shared machine)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and OpenCV")
+    ap.add_argument("--minicaffe-python", default=None,
+                    help="the Python that runs minicaffe's workers (default: this one). Why: this venv "
+                         "holds the references' pins (OpenCV 4.12 asks for NumPy < 2.3, so OpenBLAS "
+                         "0.3.29), while `pip install minicaffe` gets NumPy 2.4 and OpenBLAS 0.3.31; "
+                         "pass a venv made by `pip install -e .` to time what users get")
     ap.add_argument("--numpy-first", action="store_true",
                     help="minicaffe's worker imports NumPy before minicaffe (a pycaffe-style script): "
                          "its kernels' thread pool then has one thread unless OPENBLAS_THREAD_TIMEOUT is set")

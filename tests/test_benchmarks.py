@@ -46,6 +46,27 @@ def test_bench_nets_quick_minicaffe_only(tmp_path):
     assert res["lenet/infer"]["minicaffe"]["max_diff"] == 0.0
 
 
+def test_bench_nets_runs_minicaffe_in_the_python_given(tmp_path):
+    """``--minicaffe-python`` runs minicaffe's workers in that interpreter (here a wrapper that
+    records its calls before it runs this one) and names it; one without NumPy is refused."""
+    record = tmp_path / "calls"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {record}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    out = _run("bench_nets.py", "--quick", "--frameworks", "minicaffe", "--modes", "infer",
+               "--minicaffe-python", str(wrapper))
+    assert f"minicaffe's workers: {wrapper}" in out and "lenet" in out
+    calls = record.read_text().splitlines()
+    assert any("--worker minicaffe" in c for c in calls)
+    assert not any("--worker prepare" in c for c in calls)
+    bad = tmp_path / "nonumpy"
+    bad.write_text("#!/bin/sh\nexit 1\n")
+    bad.chmod(0o755)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_nets.py"), "--quick", "--frameworks",
+                           "minicaffe", "--minicaffe-python", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--minicaffe-python" in proc.stderr and "NumPy" in proc.stderr
+
+
 def test_bench_nets_scaling_times_one_thread_beside_the_default(tmp_path):
     """``--scaling`` runs minicaffe again at one thread after each row and prints the speed-up."""
     out_json = tmp_path / "res.json"
