@@ -284,11 +284,7 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None, source_slot=_SR
         u = transform_filters(w, tile=m)
     u = u.astype(x.dtype, copy=False)
     th, tw = -(-oh // m), -(-ow // m)
-    per_row = num * tw
-    if band is None:
-        cout = y.shape[1]
-        band = max(BAND_ELEMENTS // ((m + 2) ** 2 * (cin + cout) * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
-    band = min(band, th)
+    band = _band_rows(band, m, num, cin, y.shape[1], th, tw)
     if m == 2:
         src = _source2(x, pad_h, pad_w, th, tw)
         for t0 in range(0, th, band):
@@ -303,18 +299,24 @@ def forward(x, w, y, pad_h, pad_w, u=None, band=None, tile=None, source_slot=_SR
             _band4(src, u, y, t0, min(th, t0 + band), oh, ow)
 
 
+def _band_rows(band, m, num, cin, cout, th, tw):
+    """Tile rows per band of an F(m x m, 3x3) forward over ``th`` x ``tw`` tiles of ``num`` images:
+    ``band`` when given, else sized from BAND_ELEMENTS (at least BAND_MIN_COLUMNS tiles); at most
+    ``th``."""
+    if band is None:
+        per_row = num * tw
+        band = max(BAND_ELEMENTS // ((m + 2) ** 2 * (cin + cout) * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
+    return min(band, th)
+
+
 def forward_channels_last(src, u, y, band=None):
     """F(4x4, 3x3)'s compiled forward from ``src``, the input already padded channels last as
     ``_source_channels_last`` makes it (n, 4*th + 2, 4*tw + 2, cin) for the output ``y`` (n, cout,
     oh, ow), th x tw tiles; ``u`` the 36-position transformed filters. ``forward`` calls it with the
     source of its ``x``; a strided layer cut into blocks (kernels/space_to_depth.py) with its own."""
-    num, cin = src.shape[0], src.shape[3]
-    cout, oh, ow = y.shape[1], y.shape[2], y.shape[3]
+    oh, ow = y.shape[2], y.shape[3]
     th, tw = -(-oh // 4), -(-ow // 4)
-    if band is None:
-        per_row = num * tw
-        band = max(BAND_ELEMENTS // (36 * (cin + cout) * per_row), -(-BAND_MIN_COLUMNS // per_row), 1)
-    band = min(band, th)
+    band = _band_rows(band, 4, src.shape[0], src.shape[3], y.shape[1], th, tw)
     for t0 in range(0, th, band):
         _band_channels_last(src, u, y, t0, min(th, t0 + band), tw, oh, ow, 4)
 
