@@ -311,19 +311,17 @@ def _relu_max_pool_chain(net, li):
     return ReluMaxPoolChain(li, li + 1)
 
 
-def _split_sum_1x1_chain(net, li):
-    """A Convolution with one bottom, a top of a Split, and a 1x1 stride-1 kernel without padding in
-    one group: Conv1x1SplitSumChain (whether its engine can add is asked at each backward)."""
-    if not fusion._plain_conv(net, li):
+def _split_sum_1x1_chain(net, li, split_tops):
+    """A Convolution with one bottom, a top of a Split (its id in ``split_tops``), and a 1x1
+    stride-1 kernel without padding in one group: Conv1x1SplitSumChain (whether its engine can add
+    is asked at each backward)."""
+    if not fusion._plain_conv(net, li) or id(net.bottom_vecs[li][0]) not in split_tops:
         return None
     conv = net.layers[li]
     g = conv.geom
     if conv.num_spatial != 2 or (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, conv.group) != (1, 1, 1, 1, 0, 0, 1, 1, 1):
         return None
-    x = net.bottom_vecs[li][0]
-    made_by_split = any(getattr(net.layers[k], "is_split", False) and any(t is x for t in net.top_vecs[k])
-                        for k in range(li))
-    return Conv1x1SplitSumChain(li) if made_by_split else None
+    return Conv1x1SplitSumChain(li)
 
 
 def plan(net):
@@ -355,8 +353,10 @@ def plan(net):
     # a 1x1 convolution on a Split's top (no stacked group's member): its data gradient added into
     # the Split's sum (Conv1x1SplitSumChain)
     ends = {ch.last for ch in list(chains) + backward_only if hasattr(ch, "run_backward")}
+    split_tops = {id(t) for li, layer in enumerate(net.layers) if getattr(layer, "is_split", False)
+                  for t in net.top_vecs[li]}
     for li in range(len(net.layers)):
-        ch = _split_sum_1x1_chain(net, li) if li not in ends else None
+        ch = _split_sum_1x1_chain(net, li, split_tops) if li not in ends else None
         if ch is not None:
             backward_only.append(ch)
     return TrainFusion(chains, backward_only, groups) if chains or backward_only else None
