@@ -147,6 +147,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd6_input, compiled.winograd4_output,
+               compiled.space_to_depth_source,
                compiled.winograd2x5_output, compiled.winograd2x5_gradient_tiles,
                compiled.winograd4_gradient_tiles, compiled.winograd4_gradient_tiles_cl,
                compiled.winograd3x5_gradient_tiles_cl,
