@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from minicaffe.core import backend, context, threads
+from minicaffe.core import backend, context, spin, threads
 from minicaffe.errors import MinicaffeError
 from minicaffe.kernels import engines, pooling_engines
 from minicaffe.layers import pooling
@@ -236,6 +236,84 @@ def test_workers_of_a_replaced_pool_end(pool_size):
     finally:
         threads._state["pool"], threads._state["key"] = current
     assert seen == [(0, 9)]
+
+
+def test_spin_loops_poll_for_a_number_and_give_up_after_their_rounds():
+    """core/spin.py's loops: a poll ends True once the number is there, False after its rounds."""
+    loops = spin.loops()
+    if loops is None:
+        pytest.skip("no spin loops here (Numba missing or off)")
+    seqs = np.zeros(16, np.int64)
+    assert not loops.wait_at_least(seqs, 8, 3, 10)
+    seqs[8] = 3
+    assert loops.wait_at_least(seqs, 8, 3, 10) and loops.wait_at_least(seqs, 8, 2, 0)
+    done, go = np.zeros(16, np.int64), np.zeros(16, np.int64)
+    assert not loops.finish_then_wait_above(done, go, 8, 5, 10)
+    assert done[8] == 5 and done.sum() == 5                 # stored where asked, nowhere else
+    go[8] = 5
+    assert not loops.finish_then_wait_above(done, go, 8, 5, 10)      # the same call is not a new one
+    go[8] = 6
+    assert loops.finish_then_wait_above(done, go, 8, 5, 10)
+
+
+def test_spin_loops_off_with_the_compiled_kernels(monkeypatch):
+    ctx = context.current()
+    monkeypatch.setattr(ctx, "switches", dataclasses.replace(ctx.switches, compiled=False))
+    assert spin.loops() is None
+
+
+def _worker_parts(calls, pause=0.0):
+    """For ``calls`` calls of two parts each, whether the second part ran on another thread than
+    the caller's, and its range, with ``pause`` seconds between calls."""
+    out = []
+    for _ in range(calls):
+        got = {}
+        threads.parallel_for(2, lambda a, b: got.update({a: threading.get_ident()}))
+        out.append(got[1] != threading.get_ident() and got[0] == threading.get_ident())
+        if pause:
+            time.sleep(pause)
+    return out
+
+
+@pytest.mark.parametrize("after_part, for_parts, pause", [
+    (5000, 50000, 0.0),         # the worker polling when each call comes
+    (1, 1, 0.005),              # its poll over long before: it sleeps on its lock, as without polling
+    (0, 0, 0.0),                # no polling at all
+])
+def test_the_worker_takes_every_call_whether_it_polls_or_sleeps(after_part, for_parts, pause, pool_size,
+                                                                   monkeypatch):
+    monkeypatch.setattr(threads, "SPIN_AFTER_PART", after_part)
+    monkeypatch.setattr(threads, "SPIN_FOR_PARTS", for_parts)
+    pool_size(2)
+    assert all(_worker_parts(50, pause))
+
+
+def test_a_caller_whose_poll_runs_out_sleeps_until_the_worker_ends(pool_size, monkeypatch):
+    monkeypatch.setattr(threads, "SPIN_FOR_PARTS", 10)
+    pool_size(2)
+    ended = []
+
+    def body(i0, i1):
+        if i0 > 0:
+            time.sleep(0.05)
+            ended.append(i0)
+    for _ in range(3):
+        threads.parallel_for(2, body)
+        assert len(ended) == _ + 1          # the worker's part ended before the call returned
+
+
+def test_a_pool_without_spin_loops_sleeps_on_its_locks(pool_size, monkeypatch):
+    loops = spin.loops
+    monkeypatch.setattr(spin, "loops", lambda: None)
+    pool_size(3)                            # a new pool, built without the loops
+    seen = []
+    threads.parallel_for(2, lambda a, b: seen.append(a))
+    assert threads._state["pool"].spin is None and sorted(seen) == [0, 1]
+    assert all(_worker_parts(20))
+    monkeypatch.setattr(spin, "loops", loops)
+    pool_size(2)
+    threads.parallel_for(2, lambda a, b: None)      # the next tests' pool polls again
+    assert threads._state["pool"].spin is spin.loops()
 
 
 @pytest.mark.parametrize("text, shape", [

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import MinicaffeError
 from . import context as _context
+from . import spin as _spin
 
 # Below this many elements of work in all, a pass runs inline: handing a chunk to another thread
 # costs tens of microseconds, what a copy of ~64K float32 values takes.
@@ -65,6 +66,23 @@ MIN_FLAT_ELEMENTS = 1 << 18
 # defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
 SHORT_BLAS_SPIN = 16
 
+# Spin-waits (core/spin.py). A worker that has finished its part polls this many rounds (~1 ms on
+# the project's machine, ~0.2 us a round) for the next call before it sleeps on its lock: half of
+# ResNet-50's pool calls in a training pass come within 200 us of the one before, 82% within 500 us,
+# 91% within 1 ms. The caller polls up to SPIN_FOR_PARTS rounds (~10 ms) for its workers' ends
+# before it sleeps. 0: sleep on the locks at once, as before. Measured on 2 cores, training passes
+# (forward + backward), medians of 31 interleaved rounds in one process, sleeping / polling, ms:
+# ResNet-50 batch 8 1336.7 / 1321.6, CaffeNet batch 32 685.3 / 670.6. On ResNet-50 the pool calls'
+# time beyond their longest part, summed over a pass, fell from 92.7 to 80.3 ms (469 calls); the
+# rest is the worker's wait for the GIL as it starts, which is a sleep too. Polling for the ends
+# alone, with no poll after a part, gained nothing: the worker then takes the GIL back as the caller
+# wakes, and the caller sleeps on it instead.
+SPIN_AFTER_PART = 5000
+SPIN_FOR_PARTS = 50000
+
+# one int64 sequence number a thread, a cache line apart, so that polling threads do not share one
+_SEQ_STRIDE = 8
+
 _lock = threading.Lock()
 _state = {"key": None, "pool": None}
 _local = threading.local()
@@ -88,7 +106,10 @@ def size():
 
 class _Pool:
     """``n - 1`` worker threads (the caller is the n-th), each asleep on its own lock until a
-    ``parallel_for`` hands it work, then signalling on a second lock that it is done.
+    ``parallel_for`` hands it work, then signalling on a second lock that it is done. With the spin
+    loops (core/spin.py) each side first polls a call number outside the GIL, and takes its lock
+    once the number says the lock is free: a worker for SPIN_AFTER_PART rounds after its part, the
+    caller for SPIN_FOR_PARTS rounds for its workers' ends.
 
     Why not ``concurrent.futures.ThreadPoolExecutor``: a call there builds a future and a work item
     per chunk, goes through the executor's queue and its idle-thread bookkeeping, and the caller
@@ -105,6 +126,12 @@ class _Pool:
             lock.acquire()
         self.job = None
         self.closed = False
+        # spinning (core/spin.py): call k's number goes in go_seq when the workers' locks are
+        # released, and a worker puts it in done_seq once it has released its done lock
+        self.spin = _spin.loops()
+        self.seq = 0
+        self.go_seq = np.zeros(n * _SEQ_STRIDE, np.int64)
+        self.done_seq = np.zeros(n * _SEQ_STRIDE, np.int64)
         self.workers = [threading.Thread(target=self._work, args=(i,), name=f"minicaffe_{i}", daemon=True)
                         for i in range(n - 1)]
         for t in self.workers:
@@ -112,15 +139,20 @@ class _Pool:
 
     def _work(self, i):
         go, done = self.go[i], self.done[i]
+        at = i * _SEQ_STRIDE
         while True:
-            go.acquire()
-            job = self.job
+            go.acquire()        # free already when the poll below saw the next call
+            job, seq = self.job, self.seq
             if job is None:                     # close()
                 return
             try:
                 job(i)
             finally:
                 done.release()
+                if self.spin is not None:
+                    # outside the GIL: say done (the caller may be polling for it), then poll for
+                    # the next call
+                    self.spin.finish_then_wait_above(self.done_seq, self.go_seq, at, seq, max(SPIN_AFTER_PART, 0))
 
     def run(self, parts, fn, takes_over):
         """``fn`` over ``parts``, part 0 on the caller and one part a worker (``takes_over``: each
@@ -148,8 +180,11 @@ class _Pool:
                 one(worker + 1)
         workers = len(parts) - 1
         self.job = job
+        self.seq += 1
+        seq = self.seq
         for w in range(workers):
             self.go[w].release()
+            self.go_seq[w * _SEQ_STRIDE] = seq     # a polling worker sees it with its lock free
         try:
             job(-1)                             # the caller's share: part 0, or claims as a worker does
         finally:
@@ -159,6 +194,9 @@ class _Pool:
             for w in range(workers):
                 while True:
                     try:
+                        if self.spin is not None and SPIN_FOR_PARTS > 0:
+                            # outside the GIL; the lock below is then free, or this sleeps on it
+                            self.spin.wait_at_least(self.done_seq, w * _SEQ_STRIDE, seq, SPIN_FOR_PARTS)
                         self.done[w].acquire()
                         break
                     except BaseException as e:      # noqa: B902 -- re-raised once all are done
@@ -173,8 +211,10 @@ class _Pool:
         with self.busy:
             self.closed = True
             self.job = None
-            for lock in self.go:
+            self.seq += 1
+            for w, lock in enumerate(self.go):
                 lock.release()
+                self.go_seq[w * _SEQ_STRIDE] = self.seq
 
 
 def _pool(n):
