@@ -254,6 +254,10 @@ def test_spin_loops_poll_for_a_number_and_give_up_after_their_rounds():
     assert not loops.finish_then_wait_above(done, go, 8, 5, 10)      # the same call is not a new one
     go[8] = 6
     assert loops.finish_then_wait_above(done, go, 8, 5, 10)
+    assert loops.per_us > 0 and loops.rounds(1000) >= 1000 * loops.per_us - 1 and loops.rounds(0) == 0
+    t0 = time.perf_counter()
+    assert not loops.wait_at_least(seqs, 8, 4, loops.rounds(2000))       # ~2 ms of polls that run out
+    assert 0.0005 < time.perf_counter() - t0 < 0.5
 
 
 def test_spin_loops_off_with_the_compiled_kernels(monkeypatch):
@@ -276,20 +280,20 @@ def _worker_parts(calls, pause=0.0):
 
 
 @pytest.mark.parametrize("after_part, for_parts, pause", [
-    (5000, 50000, 0.0),         # the worker polling when each call comes
+    (1000, 10000, 0.0),         # the worker polling when each call comes
     (1, 1, 0.005),              # its poll over long before: it sleeps on its lock, as without polling
     (0, 0, 0.0),                # no polling at all
 ])
 def test_the_worker_takes_every_call_whether_it_polls_or_sleeps(after_part, for_parts, pause, pool_size,
                                                                    monkeypatch):
-    monkeypatch.setattr(threads, "SPIN_AFTER_PART", after_part)
-    monkeypatch.setattr(threads, "SPIN_FOR_PARTS", for_parts)
+    monkeypatch.setattr(threads, "SPIN_AFTER_PART_US", after_part)
+    monkeypatch.setattr(threads, "SPIN_FOR_PARTS_US", for_parts)
     pool_size(2)
     assert all(_worker_parts(50, pause))
 
 
 def test_a_caller_whose_poll_runs_out_sleeps_until_the_worker_ends(pool_size, monkeypatch):
-    monkeypatch.setattr(threads, "SPIN_FOR_PARTS", 10)
+    monkeypatch.setattr(threads, "SPIN_FOR_PARTS_US", 1)
     pool_size(2)
     ended = []
 

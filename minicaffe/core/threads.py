@@ -66,19 +66,21 @@ MIN_FLAT_ELEMENTS = 1 << 18
 # defaults to the BLAS thread count (measured at 4, OpenBLAS's least).
 SHORT_BLAS_SPIN = 16
 
-# Spin-waits (core/spin.py). A worker that has finished its part polls this many rounds (~1 ms on
-# the project's machine, ~0.2 us a round) for the next call before it sleeps on its lock: half of
-# ResNet-50's pool calls in a training pass come within 200 us of the one before, 82% within 500 us,
-# 91% within 1 ms. The caller polls up to SPIN_FOR_PARTS rounds (~10 ms) for its workers' ends
-# before it sleeps. 0: sleep on the locks at once, as before. Measured on 2 cores, training passes
-# (forward + backward), medians of 31 interleaved rounds in one process, sleeping / polling, ms:
-# ResNet-50 batch 8 1336.7 / 1321.6, CaffeNet batch 32 685.3 / 670.6. On ResNet-50 the pool calls'
-# time beyond their longest part, summed over a pass, fell from 92.7 to 80.3 ms (469 calls); the
-# rest is the worker's wait for the GIL as it starts, which is a sleep too. Polling for the ends
-# alone, with no poll after a part, gained nothing: the worker then takes the GIL back as the caller
-# wakes, and the caller sleeps on it instead.
-SPIN_AFTER_PART = 5000
-SPIN_FOR_PARTS = 50000
+# Spin-waits (core/spin.py), in microseconds. A worker that has finished its part polls this long
+# for the next call before it sleeps on its lock: half of ResNet-50's pool calls in a training pass
+# come within 200 us of the one before, 82% within 500 us, 91% within 1 ms. The caller polls up to
+# SPIN_FOR_PARTS_US for its workers' ends before it sleeps. 0: sleep on the locks at once, as before.
+# Measured on 2 cores, training passes (forward + backward), 11-21 interleaved rounds in one process,
+# sleeping / polling, ms, medians (means): ResNet-50 batch 8 1264.3 / 1231.0 (1273.5 / 1227.3),
+# GoogLeNet batch 16 1063.1 / 1054.2 (1064.3 / 1042.7), CaffeNet batch 32 619.1 / 619.6 (637.9 /
+# 630.1), VGG-16 batch 4 1316.4 / 1325.2 (1337.9 / 1321.2). The pool calls' time beyond their longest
+# part, summed over a pass: ResNet-50 82.4 / 61.9 ms (469 calls), GoogLeNet 67.5 / 52.3 (402),
+# CaffeNet 24.9 / 19.3 (149), VGG-16 67.4 / 57.4 (337). What is left is mostly the worker's wait
+# for the GIL as its part starts (the caller holds it then), which is a sleep too: publishing the
+# call from outside the GIL let the worker start 15 us after it (50 before), but the caller then
+# slept on the GIL instead, and the calls took as long.
+SPIN_AFTER_PART_US = 1000
+SPIN_FOR_PARTS_US = 10000
 
 # one int64 sequence number a thread, a cache line apart, so that polling threads do not share one
 _SEQ_STRIDE = 8
@@ -108,8 +110,8 @@ class _Pool:
     """``n - 1`` worker threads (the caller is the n-th), each asleep on its own lock until a
     ``parallel_for`` hands it work, then signalling on a second lock that it is done. With the spin
     loops (core/spin.py) each side first polls a call number outside the GIL, and takes its lock
-    once the number says the lock is free: a worker for SPIN_AFTER_PART rounds after its part, the
-    caller for SPIN_FOR_PARTS rounds for its workers' ends.
+    once the number says the lock is free: a worker for SPIN_AFTER_PART_US after its part, the
+    caller for SPIN_FOR_PARTS_US for its workers' ends.
 
     Why not ``concurrent.futures.ThreadPoolExecutor``: a call there builds a future and a work item
     per chunk, goes through the executor's queue and its idle-thread bookkeeping, and the caller
@@ -152,7 +154,8 @@ class _Pool:
                 if self.spin is not None:
                     # outside the GIL: say done (the caller may be polling for it), then poll for
                     # the next call
-                    self.spin.finish_then_wait_above(self.done_seq, self.go_seq, at, seq, max(SPIN_AFTER_PART, 0))
+                    self.spin.finish_then_wait_above(self.done_seq, self.go_seq, at, seq,
+                                                     self.spin.rounds(SPIN_AFTER_PART_US))
 
     def run(self, parts, fn, takes_over):
         """``fn`` over ``parts``, part 0 on the caller and one part a worker (``takes_over``: each
@@ -194,9 +197,10 @@ class _Pool:
             for w in range(workers):
                 while True:
                     try:
-                        if self.spin is not None and SPIN_FOR_PARTS > 0:
+                        if self.spin is not None and SPIN_FOR_PARTS_US > 0:
                             # outside the GIL; the lock below is then free, or this sleeps on it
-                            self.spin.wait_at_least(self.done_seq, w * _SEQ_STRIDE, seq, SPIN_FOR_PARTS)
+                            self.spin.wait_at_least(self.done_seq, w * _SEQ_STRIDE, seq,
+                                                    self.spin.rounds(SPIN_FOR_PARTS_US))
                         self.done[w].acquire()
                         break
                     except BaseException as e:      # noqa: B902 -- re-raised once all are done
