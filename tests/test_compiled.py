@@ -143,11 +143,39 @@ def test_row_helpers_sum_in_float64_to_rounding(dtype):
         assert np.array_equal(out, centred)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, pad, extent, channels", [
+    ((3, 5, 7, 9), (1, 1), (9, 11), None),          # a 3x3 layer's source: pad 1, the tiles' extent past it
+    ((2, 4, 6, 6), (0, 0), (8, 8), None),           # a gradient's source: no pad, zeros past the edge
+    ((1, 3, 5, 5), (2, 2), (12, 10), None),         # one image: split over its rows alone
+    ((4, 10, 9, 9), (2, 1), (14, 13), (5, 10)),     # one group's channels of a blob (strided images)
+])
+def test_channels_last_source_matches_its_numpy_twin(shape, pad, extent, channels, dtype, switches):
+    """``compiled.channels_last_source`` against ``winograd._source_channels_last``'s own path: the
+    same bits (a copy), at one and two threads, with the padding zeroed even where the buffer held
+    other values before."""
+    from minicaffe.kernels import winograd
+    x = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    if channels is not None:
+        x = x[:, channels[0]:channels[1]]
+    got = {}
+    for on in (False, True):
+        for size in (1, 2):
+            switches(compiled=on, threads=str(size))
+            winograd._source_channels_last(np.full_like(x, 7.0), *pad, *extent)     # the buffer dirty
+            got[on, size] = winograd._source_channels_last(x, *pad, *extent).copy()
+    want = got[False, 1]
+    assert want.shape == (x.shape[0],) + extent + (x.shape[1],)
+    assert np.array_equal(want[:, pad[0]:pad[0] + x.shape[2], pad[1]:pad[1] + x.shape[3]], x.transpose(0, 2, 3, 1))
+    for key, value in got.items():
+        assert np.array_equal(value, want), key
+
+
 def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd6_input, compiled.winograd4_output,
-               compiled.space_to_depth_source,
+               compiled.space_to_depth_source, compiled.channels_last_source,
                compiled.winograd2x5_output, compiled.winograd2x5_gradient_tiles,
                compiled.winograd4_gradient_tiles, compiled.winograd4_gradient_tiles_cl,
                compiled.winograd3x5_gradient_tiles_cl,

@@ -628,7 +628,9 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp, slot=_SRC):
     """The compiled F(4x4)'s input: ``x`` padded to (n, hp, wp, cin), channels last (the compiled
     transform reads each tile's 6x6 window there, and its channel loop runs over contiguous
     values; ``_source4``'s copy of every tile's six columns apart is only for the stacked GEMMs).
-    Each image goes in by one blocked transpose (OpenCV's) into a scratch image, then one copy into
+    Where the compiled kernels run, one compiled pass (``compiled.channels_last_source``) split over
+    (image, padded row) pairs. Otherwise (its twin) each image goes in by one blocked transpose
+    (OpenCV's) into a scratch image, then one copy into
     the padded rows, split over images, where an image is at most IMAGE_TRANSPOSE_ELEMENTS (it stays
     in cache between the two) and there are images for every thread of the pool: ResNet-50's
     10x64x56x56 took 4.35 ms with a transpose per row, 1.20 ms this way (2 cores). Else one
@@ -636,6 +638,11 @@ def _source_channels_last(x, pad_h, pad_w, hp, wp, slot=_SRC):
     the workspace it goes in."""
     num, cin, h, wd = x.shape
     src = workspace(np, (num, hp, wp, cin), x.dtype, slot)
+    if compiled.runs_on(src) and isinstance(x, np.ndarray) and x.dtype == src.dtype and x.strides[3] == x.itemsize:
+        # x may be a group's channels of a blob (conv_engines.WinogradConv): rows contiguous is enough
+        kernel = compiled.get(compiled.channels_last_source)
+        threads.parallel_for(num * hp, lambda i0, i1: kernel(x, src, pad_h, pad_w, i0, i1), work=x.size + src.size)
+        return src
     cv2 = _opencv()
     if cv2 is not None and num >= threads.size() and cin * h * wd <= IMAGE_TRANSPOSE_ELEMENTS:
         def images(k0, k1):
