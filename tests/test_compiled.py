@@ -1,11 +1,12 @@
 """The compiled (Numba) kernels against their NumPy twins: the same bits, on one and two threads."""
+import contextlib
 import dataclasses
 
 import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from minicaffe.core import context, threads
+from minicaffe.core import backend, context, threads
 from minicaffe.kernels import compiled
 from minicaffe.proto import caffe_pb2
 from minicaffe.solvers import updates
@@ -175,7 +176,7 @@ def test_warm_up_loads_every_kernel_and_follows_the_switch(switches):
     switches(compiled=True)
     assert compiled.warm_up()
     for fn in (compiled.sgd_step, compiled.nesterov_step, compiled.winograd6_input, compiled.winograd4_output,
-               compiled.space_to_depth_source, compiled.channels_last_source,
+               compiled.space_to_depth_source, compiled.channels_last_source, compiled.relu_backward,
                compiled.winograd2x5_output, compiled.winograd2x5_gradient_tiles,
                compiled.winograd4_gradient_tiles, compiled.winograd4_gradient_tiles_cl,
                compiled.winograd3x5_gradient_tiles_cl,
@@ -521,6 +522,41 @@ def test_lrn_compiled_kernels_run_only_where_they_match(switches, monkeypatch):
         layer.forward(bottom, top)
         layer.backward(top, [True], bottom)
         assert len(calls) == want, spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_relu_backward_kernel_matches_its_numpy_twin(in_place, dtype, switches):
+    """A ReLU layer's backward with the kernels on (compiled.relu_backward) and off (the mask and
+    the multiply): the same bits, NaN, infinities and signed zeros included, at one and two
+    threads; and the kernel is what runs when they are on."""
+    from minicaffe.testing import make_layer
+    n = (4, 5, 7, 11)
+    x = _values(dtype, n, 7)
+    dy0 = _values(dtype, n, 8)
+    dy0.reshape(-1)[3::97] = np.nan
+    dy0.reshape(-1)[5::89] = -np.inf
+    x.reshape(-1)[13::101] = np.nan
+    got = {}
+    blobs = backend.float64_blobs() if dtype == np.float64 else contextlib.nullcontext()
+    for on in (False, True):
+        for size in (1, 2):
+            switches(compiled=on, threads=str(size))
+            with blobs:
+                layer, bottom, top = make_layer('name: "r" type: "ReLU"', [x.copy()], in_place=in_place)
+                layer.forward(bottom, top)
+                top[0].diff[...] = dy0
+                with np.errstate(invalid="ignore"):
+                    layer.backward(top, [True], bottom)
+            assert bottom[0].diff.dtype == dtype
+            got[on, size] = bottom[0].diff.copy()
+    want = got[False, 1]
+    with np.errstate(invalid="ignore"):
+        assert want.tobytes() == (dy0 * (np.maximum(x, 0) > 0)).tobytes()
+    assert np.signbit(want[(x <= 0) & (dy0 < 0)]).all()
+    for key, value in got.items():
+        assert value.tobytes() == want.tobytes(), key
+    assert compiled.get(compiled.relu_backward).signatures
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -142,6 +142,7 @@ def warm_up() -> bool:
     get(sgd_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0, False)
     get(nesterov_step)(f, f.copy(), f.copy(), 0, 1, False, 1.0, 0.0, 0.0, 0.0, False)
     get(eltwise_sum_relu_backward)(f, f.copy(), f.copy(), 1.0, f.copy(), 1.0, True, True, 0, 1)
+    get(relu_backward)(f, f.copy(), f.copy(), 0, 1)
     src, v = np.zeros((1, 6, 6, 1), np.float32), np.zeros((36, 1, 1), np.float32)
     get(winograd6_input)(src, v, 0, 1, 1, 0, 1, 4)
     get(winograd4_output)(v, np.zeros((1, 1, 4, 4), np.float32), 0, 1, 0, 1)
@@ -244,6 +245,18 @@ def nesterov_step(w, g, h, a, b, normalize, scale, decay, rate, momentum, clear)
 # arrays' dtype, 1 or 0, and multiplies: a negative gradient times 0 is -0.0, a NaN stays NaN), then
 # the Eltwise's ``g = d`` or ``g = d · coeff`` per bottom (coeff rounded to the dtype first, as
 # NumPy does with a Python float). Here ``g = d · coeff`` always: times 1 it is ``d``, bit for bit.
+
+def relu_backward(y, dy, dx, a, b):
+    """Elements ``a:b`` of a ReLU's gradient (no negative slope): ``dx = dy · (y > 0)``, ``dx`` may be
+    ``dy`` (in place). Its twin: ``layers/activation.ReLU.gradient``'s mask and multiply, whose
+    products this makes with the same bits (a negative gradient times zero is -0.0, NaN stays NaN).
+    Why: the twin writes the mask, then reads it back with ``dy``, two passes; this is one."""
+    dt = dy.dtype.type
+    one, zero = dt(1), dt(0)
+    ys, dys, dxs = y[a:b], dy[a:b], dx[a:b]
+    for i in range(b - a):
+        dxs[i] = dys[i] * (one if ys[i] > 0 else zero)
+
 
 def eltwise_sum_relu_backward(dy, y, g0, coeff0, g1, coeff1, both, keep_dy, a, b):
     """Elements ``a:b``: ``d = dy · (y > 0)``; ``g0 = d · coeff0`` and, when ``both``,

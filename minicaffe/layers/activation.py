@@ -17,7 +17,7 @@ from ..core import fillers, threads
 from ..core.blob import Blob
 from ..core.context import Slot
 from ..kernels.im2col import workspace
-from ..kernels import cuda_activation, cuda_elementwise, engines
+from ..kernels import compiled, cuda_activation, cuda_elementwise, engines
 from ..core.layer import Layer, register
 
 # scratch slots (context.Slot): shared by the code that imports the object, not by a name anyone may pick
@@ -125,7 +125,10 @@ class ReLU(NeuronLayer):
 
     def gradient(self, x, y, dy, dx):
         # in place with slope >= 0, x here is the output, whose sign is the input's
-        if self.slope == 0:
+        if self.slope == 0 and compiled.runs_on(x, dy, dx):
+            # one pass, the same bits as the mask and the multiply below (its twin)
+            compiled.get(compiled.relu_backward)(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), 0, x.size)
+        elif self.slope == 0:
             positive = workspace(self.xp, x.shape, bool, _RELU_MASK)   # no new array per call
             self.xp.greater(x, 0, out=positive)
             self.xp.multiply(dy, positive, out=dx)
