@@ -940,20 +940,24 @@ def test_fused_bias_relu_is_the_whole_array_passes_at_one_and_two_threads(bias, 
     _assert_same_bits(one, [want], np.float32, "bias_relu against the whole-array passes")
 
 
-def test_fused_eltwise_sum_relu_bit_identical_at_two_threads(pool_size, monkeypatch):
-    """Eltwise SUM (with coefficients) + ReLU fused in a TEST net, in flat chunks on the pool: the
-    same bits at 1 and 2 threads as the layers run one by one."""
+@pytest.mark.parametrize("bottoms, param", [
+    ("abc", "eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 }"),
+    ("ab", ""),             # two bottoms, plain sum: the compiled pass (compiled.convolution_epilogue)
+])
+def test_fused_eltwise_sum_relu_bit_identical_at_two_threads(bottoms, param, pool_size, monkeypatch):
+    """Eltwise SUM (with coefficients, or two bottoms plainly) + ReLU fused in a TEST net, in flat
+    chunks on the pool: the same bits at 1 and 2 threads as the layers run one by one, signed
+    zeros and NaN included."""
     import minicaffe as caffe
-    text = """
-    input: "a" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
-    input: "b" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
-    input: "c" input_shape { dim: 2 dim: 3 dim: 8 dim: 8 }
-    layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" bottom: "c" top: "s"
-      eltwise_param { operation: SUM coeff: 1 coeff: -0.5 coeff: 2 } }
-    layer { name: "relu" type: "ReLU" bottom: "s" top: "s" }
+    text = "".join(f'input: "{k}" input_shape {{ dim: 2 dim: 3 dim: 8 dim: 8 }}\n' for k in bottoms) + f"""
+    layer {{ name: "sum" type: "Eltwise" {" ".join(f'bottom: "{k}"' for k in bottoms)} top: "s" {param} }}
+    layer {{ name: "relu" type: "ReLU" bottom: "s" top: "s" }}
     """
     rng = np.random.default_rng(7)
-    xs = {k: rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for k in "abc"}
+    xs = {k: rng.standard_normal((2, 3, 8, 8)).astype(np.float32) for k in bottoms}
+    xs[bottoms[0]].reshape(-1)[::17] = -0.0
+    xs[bottoms[1]].reshape(-1)[::17] = -0.0         # -0 + -0 = -0, which the ReLU makes +0
+    xs[bottoms[0]].reshape(-1)[5::41] = np.nan
 
     from minicaffe.formats.prototxt import parse_text
     from minicaffe.proto import caffe_pb2
@@ -965,6 +969,11 @@ def test_fused_eltwise_sum_relu_bit_identical_at_two_threads(pool_size, monkeypa
             net._fusion = None
         out = net.forward(**xs)["s"]
         return [out.copy()]
+    from minicaffe.kernels import compiled, fusion
+    asked = []
+    real_get = compiled.get
+    monkeypatch.setattr(fusion.compiled, "get", lambda fn: asked.append(fn.__name__) or real_get(fn))
     one, two = _at_one_and_two_threads(run, pool_size, monkeypatch)
     _assert_same_bits(one, two, np.float32, "fused Eltwise + ReLU")
     _assert_same_bits(one, run(fused=False), np.float32, "fused against the layers one by one")
+    assert ("convolution_epilogue" in asked) == (bottoms == "ab" and compiled.enabled())
