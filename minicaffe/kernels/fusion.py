@@ -194,18 +194,16 @@ class EltwiseReluChain(_Chain):
         if flat is None:
             sum_relu(out, xs)
             return True
-        if (layer.op == caffe_pb2.EltwiseParameter.SUM and len(xs) == 2 and tuple(layer.coeffs) == (1.0, 1.0)
-                and compiled.runs_on(out, *xs)):
-            # two bottoms, plain sum: one compiled pass, out = max(x0 + x1, 0), each element read
-            # and written once (the passes below copy, add and clip: the top read and written three
-            # times); the same bits (a + b == b + a, and the kernel clips as NumPy's maximum does)
-            kernel = compiled.get(compiled.convolution_epilogue)
-            none = np.zeros(1, out.dtype)
+        if layer.op == caffe_pb2.EltwiseParameter.SUM and len(xs) == 2 and tuple(layer.coeffs) == (1.0, 1.0):
+            # two bottoms, plain sum: out = max(x0 + x1, 0) as a convolution's residual epilogue
+            # does it (image_epilogue, on each flat chunk): one compiled pass, each element read and
+            # written once, where the passes below copy, add and clip (the top read and written
+            # three times); the same bits (a + b == b + a, and the kernel clips as NumPy's maximum)
             f_out, f0, f1 = flat
 
             def chunk(a, b):
-                kernel(f0[a:b].reshape(1, -1), none, False, none, False, False, f1[a:b].reshape(1, -1),
-                       f_out[a:b].reshape(1, -1), True, True)
+                image_epilogue(f0[a:b].reshape(1, 1, -1), None, False, residual=f1[a:b].reshape(1, 1, -1),
+                               out=f_out[a:b].reshape(1, 1, -1), sum_relu=True)(0, 1)
             threads.parallel_flat(out.size, chunk, work=out.size * 3)
             return True
         # in flat chunks on the pool, each chunk summed and clipped while it is in cache (the
