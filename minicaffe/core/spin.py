@@ -44,6 +44,9 @@ YIELD_EVERY = 1024
 # Arm's yield; nothing elsewhere).
 _load_acquire = _store_release = _pause = None
 
+# the compiled wait_at_least, which finish_then_wait_above calls (set by Loops before it compiles that)
+_wait = None
+
 
 def wait_at_least(seqs, i, value, rounds, yield_):
     """Whether ``seqs[i] >= value`` within ``rounds`` polls (a worker's end: its last finished call)."""
@@ -58,15 +61,10 @@ def wait_at_least(seqs, i, value, rounds, yield_):
 
 def finish_then_wait_above(done, go, i, value, rounds, yield_):
     """Store ``done[i] = value`` (call ``value``'s part is done), then whether ``go[i] > value`` (a
-    later call has come) within ``rounds`` polls."""
+    later call has come) within ``rounds`` polls: the compiled ``wait_at_least`` for ``value + 1``
+    (the numbers are whole)."""
     _store_release(done, i, value)
-    for r in range(rounds):
-        if _load_acquire(go, i) > value:
-            return True
-        _pause()
-        if r % YIELD_EVERY == YIELD_EVERY - 1:
-            yield_()
-    return _load_acquire(go, i) > value
+    return _wait(go, i, value + 1, rounds, yield_)
 
 
 class Loops:
@@ -75,8 +73,9 @@ class Loops:
     rounds a microsecond measured when they were built."""
 
     def __init__(self, numba, yield_):
+        global _wait
         self._yield = yield_
-        self._wait = _jit(numba, wait_at_least)
+        self._wait = _wait = _jit(numba, wait_at_least)
         self._finish = _jit(numba, finish_then_wait_above)
         self.per_us = 1.0
 
